@@ -1,0 +1,266 @@
+"""nanochat-run: compose → validate → plan → freeze → dispatch.
+
+    nanochat-run stage=pretrain model=d12 hardware=1gpu data=fineweb_edu stage.num_iterations=100
+    nanochat-run experiment=cpu_demo
+    nanochat-run -m model.depth=4,6 stage.num_iterations=50        # sweep, one subdir per job
+    nanochat-run ... run.dry_run=true                              # print the plan, create nothing
+
+Hydra composes once, in this process. Nothing here imports torch at module level, so
+`--help`, `--cfg job` and `run.dry_run=true` stay fast.
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from launch import rundir, validate
+from nanochat.common import read_json
+from nanochat.config import STAGE_SCHEMAS, Config, ConfigError, config_from_dict, load_config
+from nanochat.plan import make_plan, plan_rows
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+TRAIN_STAGES = ("pretrain", "mid", "sft", "rl")
+# which stage a chat stage starts from when init_stage is null
+DEFAULT_SOURCE = {"mid": "pretrain", "sft": "mid", "rl": "sft", "eval": "sft"}
+
+
+class _State:
+    failures: list[str] = []
+
+
+def _console():
+    from rich.console import Console
+    return Console(highlight=False)
+
+
+def print_config_error(e: ConfigError) -> None:
+    c = _console()
+    c.print(f"[bold red]ConfigError[/] [bold]{e.key}[/] = {e.value!r}: {e.problem}", soft_wrap=True)
+    c.print(f"  [green]fix:[/] {e.fix}", soft_wrap=True)
+
+
+def print_plan(cfg: Config, plan: Optional[dict], rows: list[tuple[str, str]], run_dir: Optional[Path]) -> None:
+    from rich.table import Table
+    c = _console()
+    t = Table(title=f"nanochat plan: stage={cfg.stage.name} tag={rundir.run_tag(cfg)}", show_header=False)
+    t.add_column("", style="cyan")
+    t.add_column("")
+    for k, v in rows:
+        t.add_row(k, v)
+    if run_dir is not None:
+        t.add_row("run dir", str(run_dir))
+    c.print(t)
+
+
+# --------------------------------------------------------------------------- one stage
+
+def _tokenizer_vocab(cfg: Config) -> Optional[int]:
+    """The tokenizer artifact's vocab size (from its meta.json), without importing torch."""
+    from nanochat.common import get_base_dir
+    meta = get_base_dir(cfg.paths.base_dir) / "tokenizer" / cfg.data.tokenizer / "meta.json"
+    try:
+        return int(read_json(meta)["vocab_size"])
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+
+
+def prepare(cfg: Config) -> tuple[Config, Optional[dict], list[tuple[str, str]]]:
+    """Resolve init_from (and inherit the source model), fill the vocab, make the plan."""
+    name = cfg.stage.name
+    if name != "tokenizer":
+        source_stage = cfg.stage.init_stage or DEFAULT_SOURCE.get(name, "pretrain")
+        source = rundir.resolve_init_from(cfg, source_stage)
+        if source is not None:
+            src_cfg = load_config(str(source / "resolved_config.yaml"))
+            # a later stage trains the checkpoint's architecture, not the one in `model=`
+            cfg = replace(cfg, model=src_cfg.model, stage=replace(cfg.stage, init_from=str(source)))
+        elif name in ("mid", "sft", "rl", "eval"):
+            raise ConfigError("stage.init_from", cfg.stage.init_from,
+                              f"set stage.init_from=<run dir> or latest; the {name} stage needs a checkpoint",
+                              "missing source checkpoint")
+    plan = None
+    if name == "tokenizer":
+        rows = [("data", f"{cfg.data.name} ({cfg.data.source})"), ("vocab_size", f"{cfg.stage.vocab_size:,}"),
+                ("max_chars", f"{cfg.stage.max_chars:,}"), ("doc_cap", f"{cfg.stage.doc_cap:,}"),
+                ("artifact", f"{cfg.paths.base_dir}/tokenizer/{cfg.data.tokenizer}")]
+    else:
+        vocab = cfg.model.vocab_size or _tokenizer_vocab(cfg)
+        if cfg.model.vocab_size is None and vocab is not None:
+            cfg = replace(cfg, model=replace(cfg.model, vocab_size=vocab))
+        p = make_plan(cfg)
+        plan = p.to_dict()
+        rows = plan_rows(p)
+        if name not in TRAIN_STAGES:
+            rows = [r for r in rows if r[0] in ("generation", "depth / width / heads", "vocab (padded)", "params")]
+        if cfg.stage.init_from:
+            rows.append(("init_from", cfg.stage.init_from))
+    return cfg, plan, rows
+
+
+def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[Path]) -> dict:
+    """Validate, plan, freeze and dispatch one stage; returns {'status', 'run_dir', 'result'}."""
+    from launch.dispatch import dispatch
+    cfg, plan, rows = prepare(cfg)
+    if cfg.run.dry_run:
+        print_plan(cfg, plan, rows, None)
+        _console().print(rundir.resolved_yaml(cfg))
+        return {"status": "dry_run", "run_dir": None}
+    validate.check_hardware(cfg)
+    run_dir = Path(cfg.run.dir).expanduser() if cfg.run.dir else (job_dir or rundir.new_run_dir(cfg))
+    run_dir = run_dir.resolve()
+    if cfg.run.skip_if_done and (run_dir / "COMPLETED").exists():
+        print(f"[nanochat] skip: {run_dir} is already COMPLETED (run.skip_if_done=true)", flush=True)
+        return {"status": "completed", "run_dir": str(run_dir), "skipped": True}
+    rundir.check_resume_policy(cfg, run_dir)
+    cfg = replace(cfg, run=replace(cfg.run, dir=str(run_dir)))
+    rundir.freeze(run_dir, cfg, plan or {}, hydra_info["overrides"], hydra_info["choices"], composed)
+    print_plan(cfg, plan, rows, run_dir)
+    if cfg.run.print_config:
+        _console().print(rundir.resolved_yaml(cfg))
+    rc = dispatch(cfg, run_dir, in_process=hydra_info["in_process"])
+    status = rundir.status_of(run_dir)
+    if status == "unknown":  # the worker died before writing a status (killed, crashed at import)
+        status = "failed"
+        from nanochat.lifecycle import write_status
+        write_status(run_dir, "failed", error=f"worker exited with code {rc} without a status")
+    result = None
+    if (run_dir / "result.json").exists():
+        result = read_json(run_dir / "result.json")
+    color = {"completed": "green", "preempted": "yellow"}.get(status, "red")
+    _console().print(f"[bold {color}]{cfg.stage.name} {status}[/] (exit {rc}) → {run_dir}")
+    return {"status": status, "run_dir": str(run_dir), "result": result, "exit_code": rc}
+
+
+def stage_tree(composed: dict, name: str) -> dict:
+    """The config tree for one pipeline stage: its group YAML (or the composed one) + stages.<name>."""
+    if composed.get("stage", {}).get("name") == name:
+        base = dict(composed["stage"])
+    else:
+        path = Path(CONF_DIR) / "stage" / f"{name}.yaml"
+        if not path.exists() or name not in STAGE_SCHEMAS:
+            raise ConfigError("run.pipeline", name, f"use stage names from: {', '.join(STAGE_SCHEMAS)}",
+                              "unknown stage in pipeline")
+        base = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    extra = (composed.get("stages") or {}).get(name) or {}
+    base.update(extra)
+    tree = dict(composed)
+    tree["stage"] = base
+    return tree
+
+
+def run_pipeline(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[Path]) -> dict:
+    """Stages one after another, each in its own run dir, chained through init_from."""
+    produced: dict[str, str] = {}
+    results = []
+    for i, name in enumerate(cfg.run.pipeline):
+        tree = stage_tree(composed, name)
+        tree["run"] = {**tree["run"], "pipeline": None, "dir": None}
+        st = tree["stage"]
+        src = st.get("init_stage") or DEFAULT_SOURCE.get(name)
+        if st.get("init_from") == "latest" and name != "tokenizer":
+            # chain to what this pipeline just produced (newest of the candidate stages)
+            chain = [s for s in ([src] if st.get("init_stage") else ["rl", "sft", "mid", "pretrain"]) if s in produced]
+            if name != "eval" and src in produced:
+                st["init_from"] = produced[src]
+            elif name == "eval" and chain:
+                st["init_from"] = produced[chain[0]]
+        stage_cfg = config_from_dict(tree)
+        sub_dir = (job_dir / f"{i}_{name}") if job_dir is not None else None
+        out = run_stage(stage_cfg, tree, hydra_info, sub_dir)
+        results.append({"stage": name, **out})
+        if out["status"] == "dry_run":
+            continue
+        if out["status"] != "completed":
+            return {"status": out["status"], "stages": results}
+        produced[name] = out["run_dir"]
+    if not cfg.run.dry_run:
+        _write_report(cfg, results)
+    return {"status": "dry_run" if cfg.run.dry_run else "completed", "stages": results}
+
+
+def _write_report(cfg: Config, results: list[dict]) -> None:
+    try:
+        from nanochat.report import write_report
+    except ImportError:
+        return
+    write_report(cfg, results)
+
+
+# --------------------------------------------------------------------------- hydra glue
+
+def _hydra_info() -> tuple[dict, Optional[Path]]:
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    import os
+    under_slurm = "SLURM_JOB_ID" in os.environ
+    info = {
+        "overrides": list(hc.overrides.task),
+        "choices": {k: v for k, v in dict(hc.runtime.choices).items() if not k.startswith("hydra/")},
+        "in_process": not multirun and not under_slurm,
+    }
+    job_dir = Path(hc.runtime.output_dir) if multirun else None
+    return info, job_dir
+
+
+def run_job(dcfg: DictConfig) -> dict:
+    try:
+        composed = OmegaConf.to_container(dcfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        raise ConfigError(str(key), getattr(e, "msg", str(e)), "fix the interpolation or the value it points at",
+                          "cannot resolve") from None
+    composed.pop("hydra", None)
+    cfg = config_from_dict(composed)
+    hydra_info, job_dir = _hydra_info()
+    if cfg.run.pipeline:
+        return run_pipeline(cfg, composed, hydra_info, job_dir)
+    return run_stage(cfg, composed, hydra_info, job_dir)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def _hydra_entry(dcfg: DictConfig) -> Any:
+    """The Hydra task: never raises, never exits (a multirun must survive a bad job)."""
+    try:
+        out = run_job(dcfg)
+    except ConfigError as e:
+        print_config_error(e)
+        _State.failures.append(f"config: {e}")
+        return {"status": "config_error", "error": str(e)}
+    except Exception as e:
+        traceback.print_exc()
+        _State.failures.append(f"{type(e).__name__}: {e}")
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+    if out["status"] not in ("completed", "dry_run"):
+        _State.failures.append(f"{out.get('run_dir')}: {out['status']}")
+    return out
+
+
+def exit_code() -> int:
+    from launch.callbacks import FAILED_JOBS
+    if not _State.failures and not FAILED_JOBS:
+        return 0
+    preempted = all(": preempted" in f for f in _State.failures) and not FAILED_JOBS
+    return 75 if preempted else 1
+
+
+def main() -> None:
+    try:
+        validate.check_slurm_sweep(sys.argv[1:])
+    except ConfigError as e:
+        print_config_error(e)
+        sys.exit(2)
+    _hydra_entry()
+    sys.exit(exit_code())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Run dirs: naming from values, `latest` lookup, and the frozen record of a run.
+
+Nothing here imports torch or Hydra; the Hydra-specific bits (overrides, choices) are
+passed in as plain data by launch/run.py.
+"""
+from __future__ import annotations
+
+import getpass
+import importlib.metadata
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from nanochat.common import atomic_write_json, atomic_write_text
+from nanochat.config import Config, ConfigError, config_to_dict
+from nanochat.lifecycle import list_checkpoints, read_status
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("torch", "hydra-core", "omegaconf", "hydra-submitit-launcher", "submitit", "numpy",
+            "pyarrow", "tiktoken", "rustbpe", "rich", "wandb")
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
+              "SLURM_JOB_NODELIST", "SLURM_NODEID", "SLURM_PROCID", "SLURM_JOB_PARTITION")
+
+
+def run_tag(cfg: Config) -> str:
+    """Tags come from values: `model=d4 model.depth=6` is d6."""
+    return cfg.run.tag or f"d{cfg.model.depth}"
+
+
+def new_run_dir(cfg: Config) -> Path:
+    """<root>/<stage>/<tag>/<timestamp>[-n]: unique even for two runs started in the same second."""
+    base = Path(cfg.run.root).expanduser() / cfg.stage.name / run_tag(cfg)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = base / stamp, 1
+    while path.exists():
+        n += 1
+        path = base / f"{stamp}-{n}"
+    return path
+
+
+def find_latest(root: str | Path, stage: str, tag: str) -> Optional[Path]:
+    """Newest completed run of `stage` with `tag` under `root` (by COMPLETED mtime)."""
+    base = Path(root).expanduser() / stage / tag
+    done = [p.parent for p in base.glob("*/COMPLETED")] if base.is_dir() else []
+    return max(done, key=lambda p: (p / "COMPLETED").stat().st_mtime) if done else None
+
+
+def resolve_init_from(cfg: Config, source_stage: str) -> Optional[Path]:
+    """stage.init_from → a concrete run dir (or None), with errors that say what to run first."""
+    value = cfg.stage.init_from
+    if value in (None, "", "none"):
+        return None
+    if value == "latest":
+        found = find_latest(cfg.run.root, source_stage, run_tag(cfg))
+        if found is None:
+            raise ConfigError(
+                "stage.init_from", value,
+                f"run the `{source_stage}` stage for tag {run_tag(cfg)} first (under run.root={cfg.run.root}), "
+                f"or point stage.init_from at a run dir", f"no completed {source_stage} run found")
+        return found.resolve()
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise ConfigError("stage.init_from", value, "point it at an existing run dir, or use `latest`",
+                          "no such directory")
+    if not (path / "resolved_config.yaml").exists():
+        raise ConfigError("stage.init_from", value, "point it at a run dir made by nanochat-run "
+                          "(it holds resolved_config.yaml)", "not a run dir")
+    if not list_checkpoints(path):
+        raise ConfigError("stage.init_from", value, "point it at a run that saved a checkpoint "
+                          "(checkpoints/step_*)", "the run has no checkpoints")
+    return path.resolve()
+
+
+def check_resume_policy(cfg: Config, run_dir: Path) -> Optional[Path]:
+    """Apply run.resume against the run dir's checkpoints; returns the checkpoint to resume from."""
+    ckpts = list_checkpoints(run_dir)
+    policy = cfg.run.resume
+    if policy == "must" and not ckpts:
+        raise ConfigError("run.resume", policy, f"there is nothing to resume in {run_dir}; use run.resume=auto "
+                          "or point run.dir at a run with checkpoints", "no checkpoint to resume")
+    if policy == "never" and ckpts:
+        raise ConfigError("run.resume", policy, f"{run_dir} already has checkpoints ({ckpts[-1].name}); use "
+                          "run.resume=auto to continue it or a fresh run.dir", "would overwrite checkpoints")
+    return ckpts[-1] if (ckpts and policy != "never") else None
+
+
+# --------------------------------------------------------------------------- freezing
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def git_info() -> dict[str, Any]:
+    sha = _git("rev-parse", "HEAD").strip() or None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"sha": sha, "dirty": bool(status.strip()), "branch": _git("rev-parse", "--abbrev-ref", "HEAD").strip()}
+
+
+def package_versions() -> dict[str, Optional[str]]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def resolved_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def freeze(run_dir: Path, cfg: Config, plan: dict, overrides: list[str], choices: dict,
+           composed: dict, argv: Optional[list[str]] = None) -> dict:
+    """Write resolved_config.yaml, plan.json, meta.json, git.diff and .hydra/ atomically."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = resolved_yaml(cfg)
+    assert "${" not in text, "resolved config still holds an interpolation"
+    git = git_info()
+    meta = {
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "run_dir": str(run_dir.resolve()),
+        "stage": cfg.stage.name,
+        "tag": run_tag(cfg),
+        "argv": list(argv if argv is not None else sys.argv),
+        "overrides": overrides,
+        "choices": choices,
+        "git": git,
+        "hostname": socket.gethostname(),
+        "user": getpass.getuser(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": package_versions(),
+        "slurm": {k: os.environ[k] for k in SLURM_VARS if k in os.environ},
+    }
+    hydra_dir = run_dir / ".hydra"
+    atomic_write_text(hydra_dir / "config.yaml", yaml.safe_dump(composed, sort_keys=False))
+    atomic_write_text(hydra_dir / "overrides.yaml", yaml.safe_dump(overrides))
+    atomic_write_text(hydra_dir / "choices.yaml", yaml.safe_dump(choices))
+    atomic_write_text(run_dir / "resolved_config.yaml", text)
+    atomic_write_json(run_dir / "plan.json", plan)
+    if git["dirty"]:
+        atomic_write_text(run_dir / "git.diff", _git("diff", "HEAD"))
+    atomic_write_json(run_dir / "meta.json", meta)
+    return meta
+
+
+def status_of(run_dir: Path) -> str:
+    return read_status(run_dir)

@@ -1,0 +1,73 @@
+"""Checks that need the outside world (devices, argv, other runs), before anything runs.
+
+Schema checks (unknown keys, types, choices) live in nanochat/config.py; depth-dial
+checks (divisibility, heads) in nanochat/plan.py. All raise ConfigError.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from typing import Optional
+
+from nanochat.config import Config, ConfigError
+
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def check_slurm_sweep(argv: list[str]) -> None:
+    """Refuse sweeping hardware.* under the Slurm launcher.
+
+    The launcher's fields (nodes, gpus_per_node, ...) are resolved ONCE from the master
+    config, so a sweep over hardware would submit every job with the first job's resources.
+    """
+    if not any(a in MULTIRUN_FLAGS for a in argv):
+        return
+    if not any(re.match(r"^hydra/launcher=.*slurm", a) for a in argv):
+        return
+    for a in argv:
+        key, _, value = a.lstrip("+~").partition("=")
+        if (key == "hardware" or key.startswith("hardware.")) and _is_sweep(value):
+            raise ConfigError(key, value,
+                              "run one sweep per hardware setting (e.g. hardware=8gpu), or use the basic launcher",
+                              "cannot sweep hardware.* under hydra/launcher=slurm: Slurm resources "
+                              "(nodes, gpus_per_node) are fixed for the whole sweep")
+
+
+def _is_sweep(value: str) -> bool:
+    return "," in value or re.match(r"^\s*(range|choice|glob|interval)\(", value) is not None
+
+
+def visible_gpus() -> Optional[int]:
+    """Number of CUDA devices without importing torch (None if unknown)."""
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if vis is not None:
+        return len([v for v in vis.split(",") if v.strip() and v.strip() != "-1"])
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+            return len([l for l in out.splitlines() if l.startswith("GPU ")])
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+    return 0
+
+
+def check_hardware(cfg: Config) -> None:
+    hw = cfg.hardware
+    if hw.device == "cuda":
+        n = visible_gpus()
+        if n == 0:
+            raise ConfigError("hardware.device", hw.device, "use hardware=cpu on a machine without GPUs "
+                              "(or check CUDA_VISIBLE_DEVICES / the driver)", "no CUDA device present")
+        if n is not None and hw.nproc_per_node > n:
+            raise ConfigError("hardware.nproc_per_node", hw.nproc_per_node,
+                              f"use at most {n} (the GPUs visible on this node)", f"only {n} GPUs present")
+    elif hw.device == "cpu":
+        cores = os.cpu_count() or 1
+        if hw.nproc_per_node > cores:
+            raise ConfigError("hardware.nproc_per_node", hw.nproc_per_node,
+                              f"use at most {cores} CPU processes on this machine", f"only {cores} CPU cores present")
+    if hw.device == "cpu" and hw.dtype != "float32":
+        raise ConfigError("hardware.dtype", hw.dtype, "use hardware.dtype=float32 on CPU "
+                          "(bf16/fp16 matmuls are ~100x slower there)", "low precision on CPU")

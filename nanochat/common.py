@@ -1,0 +1,136 @@
+"""Small shared helpers: distributed setup, logging on rank 0, atomic writes, base dir.
+
+Importing this module does not import torch (the launcher's fast paths rely on that);
+the functions that need torch import it inside.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def get_base_dir(base_dir: str | None = None) -> Path:
+    """Shared artifacts live here: env NANOCHAT_BASE_DIR beats the config value."""
+    env = os.environ.get("NANOCHAT_BASE_DIR")
+    path = Path(env or base_dir or "~/.cache/nanochat").expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def shared_data_dir(configured: str | None = None) -> Path | None:
+    """The offline public datasets (../shared/data layout), if present."""
+    candidates = [configured, os.environ.get("NANOCHAT_SHARED_DATA"),
+                  str(Path(__file__).resolve().parents[2] / "shared" / "data")]
+    for c in candidates:
+        if c and Path(c).expanduser().is_dir():
+            return Path(c).expanduser()
+    return None
+
+
+# ----------------------------------------------------------------------------- atomic io
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temp file in the same dir, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's env; (0, 0, 1) otherwise."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+    return 0, 0, 1
+
+
+def is_rank0() -> bool:
+    return dist_env()[0] == 0
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def pick_device(device: str) -> str:
+    """Resolve 'auto' to cuda > mps > cpu."""
+    if device != "auto":
+        return device
+    import torch
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def init_distributed(device: str = "cpu", backend: str | None = None, num_threads: int | None = None):
+    """Set up torch.distributed if launched by torchrun; returns (rank, local_rank, world, torch.device).
+
+    CPU ranks share the machine's cores, so each gets cores // local_world threads
+    unless told otherwise (oversubscription makes gloo runs crawl).
+    """
+    import torch
+    import torch.distributed as dist
+    rank, local_rank, world = dist_env()
+    device = pick_device(device)
+    if device == "cpu":
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        threads = num_threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
+        torch.set_num_threads(threads)
+    if world > 1 and not dist.is_initialized():
+        backend = backend or ("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    if device == "cuda":
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device(device)
+    return rank, local_rank, world, dev
+
+
+def cleanup_distributed() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autodetect_dtype(device: str, requested: str):
+    import torch
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+
+
+def log_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

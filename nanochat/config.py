@@ -1,0 +1,368 @@
+"""The schema of the whole config, as plain dataclasses.
+
+Hydra composes YAML in `launch/`; everything in `nanochat/` only ever sees these
+dataclasses. `validate_tree` walks a plain dict (the composed config) against the
+schema and raises `ConfigError` naming the key, the value and the fix, which is
+how typos such as `+model.typo=1` (that Hydra lets through) are caught.
+
+`null` in YAML means "derive it" (see `nanochat/plan.py`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(Exception):
+    """A bad config value: names the key, the value and how to fix it."""
+
+    def __init__(self, key: str, value: Any, fix: str, problem: str = "invalid value"):
+        self.key, self.value, self.fix, self.problem = key, value, fix, problem
+        super().__init__(f"{key}={value!r}: {problem}. Fix: {fix}")
+
+
+# --------------------------------------------------------------------------- groups
+
+@dataclass
+class RunConfig:
+    root: str = "runs"                 # run dirs go under <root>/<stage>/d<depth>/<timestamp>
+    dir: Optional[str] = None          # set by the launcher (or by the user to pin a dir)
+    tag: Optional[str] = None          # derived from values: d<depth>
+    dry_run: bool = False              # print the plan and exit, no run dir
+    resume: str = "auto"               # auto | must | never
+    skip_if_done: bool = False         # skip a job whose dir already holds COMPLETED
+    seed: int = 42
+    pipeline: Optional[list] = None    # list of stage names run one after another
+    print_config: bool = False         # print the resolved config on a real run too
+
+
+@dataclass
+class PathsConfig:
+    base_dir: str = "~/.cache/nanochat"   # shared artifacts: tokenizers, shards, eval bundle
+    eval_bundle: Optional[str] = None     # local CORE bundle dir; null → <base_dir>/eval_bundle
+    shared_data: Optional[str] = None     # local public datasets (../shared/data layout)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"   # disabled | offline | online
+    project: str = "nanochat"
+    name: Optional[str] = None
+
+
+@dataclass
+class ModelConfig:
+    generation: str = "seed"          # seed (Dec 2025 nanochat) | modern (mid 2026)
+    depth: int = 20
+    aspect_ratio: int = 64            # n_embd = aspect_ratio * depth (rounded in modern)
+    head_dim: int = 128
+    n_embd: Optional[int] = None      # null → derived from depth
+    n_head: Optional[int] = None      # null → derived
+    n_kv_head: Optional[int] = None   # null → n_head (no GQA)
+    vocab_size: Optional[int] = None  # null → the tokenizer's vocab (or the generation default)
+    sequence_len: int = 2048
+    softcap: float = 15.0
+    # Later nanochat improvements: null → the generation's default (off in seed, on in modern).
+    rope_base: Optional[float] = None        # seed 10k, modern 100k
+    value_embeds: Optional[bool] = None      # ResFormer value embeddings on alternating layers
+    window_pattern: Optional[str] = None     # seed "L", modern "SSSL"; last layer always full
+    short_window: Optional[int] = None       # null → sequence_len // 2
+    resid_lambdas: Optional[bool] = None
+    x0_lambdas: Optional[bool] = None
+    smear: Optional[bool] = None
+    backout: Optional[bool] = None
+    qk_scale: Optional[float] = None         # seed 1.0, modern 1.2
+    pad_vocab_to: Optional[int] = None       # seed 1, modern 64
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"
+    device: str = "cpu"               # cpu | cuda | mps | auto
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    dtype: str = "float32"            # float32 | bfloat16 | float16
+    device_batch_size: Optional[int] = None   # null → table below / stage default
+    device_batch_table: dict = field(default_factory=dict)  # depth → device batch
+    compile: bool = False
+    num_threads: Optional[int] = None  # torch threads per rank on CPU; null → cores / nproc
+    backend: Optional[str] = None     # gloo | nccl; null → by device
+
+
+@dataclass
+class DataConfig:
+    name: str = "demo"
+    source: str = "demo"              # demo | fineweb_edu | climbmix | local
+    path: Optional[str] = None        # local: dir or glob of parquet/jsonl/txt
+    base_url: Optional[str] = None    # remote shards: base URL (tests point this at 127.0.0.1)
+    num_shards: Optional[int] = None  # remote: how many training shards to fetch (null = all needed)
+    max_shard: Optional[int] = None   # remote: index of the last shard in the repo
+    val_shard: Optional[int] = None   # remote: pinned validation shard index
+    download_workers: int = 4
+    tokenizer: str = "demo"           # name of the tokenizer artifact under <base_dir>/tokenizer/
+    packing: str = "stream"           # stream (seed) | bestfit (BOS-aligned best-fit)
+    tokenizer_threads: int = 2
+    tokenizer_batch_size: int = 128
+    demo_chars: int = 4_000_000       # data=demo: size of the corpus built from the stdlib
+    val_fraction: float = 0.05        # local/demo: fraction of documents held out for val
+
+
+@dataclass
+class StageConfig:
+    """Fields shared by every stage."""
+    name: str = "pretrain"
+    worker: str = "nanochat.stages.pretrain"
+    init_from: Optional[str] = None   # <run dir> | latest | null
+    init_stage: Optional[str] = None  # stage whose runs `latest` searches
+
+
+@dataclass
+class TokenizerStageConfig(StageConfig):
+    vocab_size: int = 65536
+    max_chars: int = 2_000_000_000
+    doc_cap: int = 10_000
+    eval_chars: int = 200_000         # held-out chars per source for compression eval
+
+
+@dataclass
+class TrainStageConfig(StageConfig):
+    total_batch_size: Optional[int] = None       # tokens per optimizer step; null → derive
+    num_iterations: Optional[int] = None         # horizon precedence: this >
+    target_flops: Optional[float] = None         # > this >
+    target_param_data_ratio: Optional[float] = None  # > this (null → generation default)
+    embedding_lr: Optional[float] = None
+    unembedding_lr: Optional[float] = None
+    matrix_lr: Optional[float] = None
+    scalar_lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    adam_beta1: float = 0.8
+    adam_beta2: float = 0.95
+    warmup_ratio: Optional[float] = None
+    warmup_steps: Optional[int] = None
+    warmdown_ratio: Optional[float] = None
+    final_lr_frac: Optional[float] = None
+    muon_ns: str = "newton_schulz"    # newton_schulz | polar_express
+    eval_every: int = 250
+    eval_tokens: int = 20 * 524288
+    sample_every: int = 2000
+    core_every: int = -1              # -1 = off
+    core_max_per_task: int = 500
+    save_every: int = -1              # -1 = only at the end
+    keep_last: int = 2
+    log_every: int = 1
+    grad_clip: float = 0.0
+    max_seq_len: Optional[int] = None
+
+
+@dataclass
+class ChatStageConfig(TrainStageConfig):
+    """mid / sft: conversation mixtures."""
+    mixture: Optional[list] = None    # task specs, e.g. ["smoltalk", "mmlu_aux", "gsm8k"]
+    num_epochs: int = 1
+    eval_metrics_every: int = -1
+    max_examples_per_task: int = -1
+
+
+@dataclass
+class RLStageConfig(TrainStageConfig):
+    num_samples: int = 16
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 50
+    examples_per_step: int = 16
+    pass_at_k_every: int = 60
+    eval_examples: int = 400
+
+
+@dataclass
+class EvalStageConfig(StageConfig):
+    mode: str = "auto"                # auto | base | chat (auto: by the source checkpoint's stage)
+    tasks: Optional[list] = None      # chat tasks; null → all
+    bpb_tokens: int = 10 * 524288
+    core: bool = True
+    max_per_task: int = -1
+    batch_size: int = 8
+    num_samples: int = 1
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_k: int = 50
+
+
+STAGE_SCHEMAS: dict[str, type] = {
+    "tokenizer": TokenizerStageConfig,
+    "pretrain": TrainStageConfig,
+    "mid": ChatStageConfig,
+    "sft": ChatStageConfig,
+    "rl": RLStageConfig,
+    "eval": EvalStageConfig,
+}
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: StageConfig = field(default_factory=TrainStageConfig)
+    experiment: Optional[str] = None  # name of the experiment recipe, if any (informational)
+    sweep: Optional[str] = None
+    stages: dict = field(default_factory=dict)  # pipeline: per-stage overrides, {sft: {num_iterations: 50}}
+
+
+# --------------------------------------------------------------------------- validation
+
+_TOP_KEYS_IGNORED = {"hydra"}  # present only when Hydra adds it
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against annotation `tp`; return the (possibly coerced) value."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(key, value, args[0])
+    if value is None:
+        raise ConfigError(key, value, f"set {key} to a {_type_name(tp)} (null is not allowed here)",
+                          "missing value")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, value, f"use true or false for {key}", "expected a bool")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(key, value, f"use an integer for {key}", "expected an int")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e18 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, value, f"use a number for {key}", "expected a float")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(key, value, f"use a string for {key}", "expected a string")
+    if tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, str):  # allow a,b,c from the command line
+            return [v for v in value.split(",") if v]
+        raise ConfigError(key, value, f"use a list for {key}, e.g. [a,b]", "expected a list")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(key, value, f"use a mapping for {key}", "expected a mapping")
+    return value
+
+
+def _build(cls: type, tree: Any, prefix: str) -> Any:
+    if not isinstance(tree, dict):
+        raise ConfigError(prefix, tree, f"{prefix} must be a group (mapping) of keys", "expected a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in tree if k not in fields]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, fields, n=1)
+        fix = f"did you mean {prefix}.{close[0]}?" if close else \
+            f"remove it; valid keys of {prefix}: {', '.join(sorted(fields))}"
+        raise ConfigError(f"{prefix}.{k}", tree[k], fix, "unknown key")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}"
+        if name not in tree:
+            continue
+        tp = hints[name]
+        value = tree[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _check_value(key, value, tp)
+    return cls(**kwargs)
+
+
+_CHOICES = {
+    "run.resume": ("auto", "must", "never"),
+    "model.generation": ("seed", "modern"),
+    "hardware.dtype": ("float32", "bfloat16", "float16"),
+    "hardware.device": ("cpu", "cuda", "mps", "auto"),
+    "data.source": ("demo", "fineweb_edu", "climbmix", "local"),
+    "data.packing": ("stream", "bestfit"),
+    "wandb.mode": ("disabled", "offline", "online"),
+}
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Validate a plain dict (the composed, resolved config) and build the dataclass."""
+    tree = {k: v for k, v in tree.items() if k not in _TOP_KEYS_IGNORED}
+    stage_tree = tree.get("stage") or {}
+    stage_name = stage_tree.get("name", "pretrain") if isinstance(stage_tree, dict) else "pretrain"
+    if stage_name not in STAGE_SCHEMAS:
+        raise ConfigError("stage.name", stage_name,
+                          f"pick one of: {', '.join(STAGE_SCHEMAS)} (e.g. stage=pretrain)", "unknown stage")
+    top = {f.name for f in dataclasses.fields(Config)}
+    for k in tree:
+        if k not in top:
+            close = difflib.get_close_matches(k, top, n=1)
+            fix = f"did you mean {close[0]}?" if close else f"remove it; top-level keys: {', '.join(sorted(top))}"
+            raise ConfigError(k, tree[k], fix, "unknown key")
+    kwargs = {}
+    for f in dataclasses.fields(Config):
+        if f.name not in tree:
+            continue
+        if f.name == "stage":
+            kwargs["stage"] = _build(STAGE_SCHEMAS[stage_name], tree["stage"], "stage")
+        elif f.name in ("experiment", "sweep"):
+            v = tree[f.name]
+            kwargs[f.name] = None if v is None else str(v)
+        else:
+            tp = typing.get_type_hints(Config)[f.name]
+            kwargs[f.name] = _build(tp, tree[f.name], f.name) if dataclasses.is_dataclass(tp) \
+                else _check_value(f.name, tree[f.name], tp)
+    cfg = Config(**kwargs)
+    for key, choices in _CHOICES.items():
+        v = _get(cfg, key)
+        if v not in choices:
+            raise ConfigError(key, v, f"use one of: {', '.join(choices)}", "invalid choice")
+    for key in ("model.depth", "model.sequence_len", "hardware.nproc_per_node", "hardware.nnodes"):
+        v = _get(cfg, key)
+        if v < 1:
+            raise ConfigError(key, v, f"{key} must be a positive integer", "out of range")
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str) -> Config:
+    """Workers: read a frozen resolved_config.yaml with plain OmegaConf (no Hydra)."""
+    from omegaconf import OmegaConf
+    tree = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return config_from_dict(tree)

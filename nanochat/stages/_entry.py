@@ -1,0 +1,70 @@
+"""Worker entrypoint: `python -m nanochat.stages._entry --config <run_dir>/resolved_config.yaml`.
+
+Every stage module exposes `run(cfg: Config, run_dir: Path) -> dict`. This harness reads
+the frozen config with plain OmegaConf (never Hydra), runs the stage, and on rank 0 writes
+result.json + COMPLETED (completed), or status.json (preempted / failed). The same
+`execute()` runs in-process when the launcher dispatches a single-process job.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+from pathlib import Path
+
+from nanochat.common import dist_env
+from nanochat.config import Config, load_config
+from nanochat.lifecycle import EXIT_PREEMPTED, STOP, Preempted, mark_completed, write_status
+
+
+def execute(cfg: Config, run_dir: Path) -> int:
+    """Run the stage named in cfg.stage.worker; return the process exit code."""
+    rank = dist_env()[0]
+    STOP.signum = None
+    STOP.install()
+    try:
+        module = importlib.import_module(cfg.stage.worker)
+        result = module.run(cfg, Path(run_dir))
+    except Preempted as e:
+        if rank == 0:
+            write_status(run_dir, "preempted", step=e.step, signal=e.signal_name)
+            print(f"[nanochat] preempted at step {e.step} by {e.signal_name}; "
+                  f"resume with run.resume=auto run.dir={run_dir}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        if rank == 0:
+            write_status(run_dir, "failed", error="interrupted (KeyboardInterrupt)")
+        return 130
+    except Exception as e:  # the launcher reports it; keep the traceback in the run dir
+        tb = traceback.format_exc()
+        if rank == 0:
+            write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}", traceback=tb)
+        print(tb, file=sys.stderr, flush=True)
+        return 1
+    finally:
+        STOP.uninstall()
+        _cleanup_dist()
+    if rank == 0:
+        mark_completed(run_dir, result or {})
+    return 0
+
+
+def _cleanup_dist() -> None:
+    if "torch" not in sys.modules:
+        return
+    from nanochat.common import cleanup_distributed
+    cleanup_distributed()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", required=True, help="<run_dir>/resolved_config.yaml")
+    args = ap.parse_args(argv)
+    path = Path(args.config)
+    cfg = load_config(str(path))
+    return execute(cfg, path.parent)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -216,7 +216,7 @@ def param_counts(s: ModelShape) -> dict[str, int]:
     total = wte + matrices + lm_head + value_embeds + gates + scalars + smear
     return dict(total=total, wte=wte, value_embeds=value_embeds, matrices=matrices, lm_head=lm_head,
                 gates=gates, scalars=scalars + smear, embedding=wte + value_embeds,
-                scaling=matrices + lm_head)
+                scaling=matrices + lm_head + gates)  # gates live in the blocks
 
 
 def flops_per_token(s: ModelShape) -> int:

@@ -1,0 +1,205 @@
+"""Pieces every training stage (pretrain, mid, sft, rl) shares.
+
+A stage is a thin loop over these: runtime setup from the config, model + optimizer
+from the frozen plan, schedules as functions of the step, checkpoint/resume, and
+throughput accounting. Keeping them here means resume, preemption and logging
+behave the same in every stage.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from nanochat.checkpoint import latest_checkpoint, load_meta, load_model_state, load_rank_state, \
+    save_checkpoint, set_rng_state
+from nanochat.common import get_base_dir, init_distributed, read_json
+from nanochat.config import Config, config_to_dict
+from nanochat.gpt import GPT, GPTConfig, autocast_ctx, build_model
+from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum, weight_decay_at
+from nanochat.plan import Plan
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    base_dir: Path
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return autocast_ctx(self.device.type, self.dtype)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def setup_runtime(cfg: Config) -> Runtime:
+    hw = cfg.hardware
+    rank, local_rank, world, device = init_distributed(hw.device, hw.backend, hw.num_threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(rank, local_rank, world, device, _DTYPES[hw.dtype], get_base_dir(cfg.paths.base_dir))
+
+
+def load_plan(run_dir: Path) -> Plan:
+    return Plan.from_dict(read_json(Path(run_dir) / "plan.json"))
+
+
+def gpt_config(plan: Plan) -> GPTConfig:
+    return GPTConfig(**plan.model.gpt_config_kwargs())
+
+
+def make_optimizer(model: GPT, plan: Plan, cfg: Config, rt: Runtime):
+    st = cfg.stage
+    return build_optimizer(model, embedding_lr=plan.embedding_lr, unembedding_lr=plan.unembedding_lr,
+                           matrix_lr=plan.matrix_lr, scalar_lr=plan.scalar_lr, weight_decay=plan.weight_decay,
+                           adam_betas=(st.adam_beta1, st.adam_beta2), ns=st.muon_ns,
+                           world_size=rt.world, rank=rt.rank)
+
+
+def apply_schedules(optimizer: Any, step: int, plan: Plan) -> float:
+    """Set this step's LR, Muon momentum and weight decay on every group; returns the LR multiplier."""
+    mult = lr_multiplier(step, plan.num_iterations, plan.warmup_steps, plan.warmdown_steps, plan.final_lr_frac)
+    mom = muon_momentum(step, plan.muon_momentum_start, plan.muon_momentum_end, plan.muon_momentum_steps)
+    wd = weight_decay_at(step, plan.num_iterations, plan.weight_decay, plan.weight_decay_schedule)
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * mult
+        if g["kind"] == "muon":
+            g["momentum"] = mom
+            g["weight_decay"] = wd
+    return mult
+
+
+@dataclass
+class LoopState:
+    """Everything besides tensors that a resumed loop needs to continue exactly."""
+    step: int = 0
+    tokens_seen: int = 0
+    train_time_s: float = 0.0
+    smooth_loss: float = 0.0
+    best_val_bpb: Optional[float] = None
+    last_val_bpb: Optional[float] = None
+    first_val_bpb: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+
+def init_model(plan: Plan, cfg: Config, rt: Runtime, init_from: Optional[str]) -> tuple[GPT, Optional[dict]]:
+    """Fresh model (seeded), or the weights of `init_from`'s last checkpoint."""
+    model = build_model(gpt_config(plan), rt.device, cfg.run.seed)
+    source_meta = None
+    if init_from:
+        ckpt = latest_checkpoint(init_from)
+        if ckpt is None:
+            raise FileNotFoundError(f"stage.init_from={init_from}: no checkpoint in {init_from}/checkpoints")
+        model.load_state_dict(load_model_state(ckpt, rt.device), strict=True)
+        source_meta = load_meta(ckpt)
+    return model, source_meta
+
+
+def try_resume(run_dir: Path, cfg: Config, rt: Runtime, model: GPT, optimizer: Any) -> tuple[LoopState, Optional[dict]]:
+    """Restore model/optimizer/RNG from the run dir's newest checkpoint (run.resume != never).
+
+    Returns the loop state and this rank's loader state (None when starting fresh).
+    """
+    ckpt = latest_checkpoint(run_dir) if cfg.run.resume != "never" else None
+    if ckpt is None:
+        return LoopState(), None
+    meta = load_meta(ckpt)
+    model.load_state_dict(load_model_state(ckpt, rt.device), strict=True)
+    rank_state = load_rank_state(ckpt, rt.rank, rt.device)
+    if rank_state["optim"] is None:
+        raise FileNotFoundError(f"{ckpt}: no optim_rank{rt.rank}.pt; was it saved with a different world size "
+                                f"(now {rt.world})?")
+    optimizer.load_state_dict(rank_state["optim"])
+    if rank_state["rng"] is not None:
+        set_rng_state(rank_state["rng"])
+    state = LoopState(**meta["loop_state"])
+    return state, rank_state["loader"]
+
+
+def save(run_dir: Path, cfg: Config, plan: Plan, rt: Runtime, model: GPT, optimizer: Any,
+         loader_state: Optional[dict], state: LoopState) -> Path:
+    meta = {
+        "stage": cfg.stage.name,
+        "model_config": plan.model.gpt_config_kwargs(),
+        "loop_state": vars(state),
+        "config": config_to_dict(cfg),
+        "plan": plan.to_dict(),
+        "world_size": rt.world,
+    }
+    return save_checkpoint(run_dir, state.step, model=model, optimizer=optimizer, loader_state=loader_state,
+                           meta=meta, rank=rt.rank, keep_last=getattr(cfg.stage, "keep_last", -1))
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.AVG if dist.get_backend() == "nccl" else dist.ReduceOp.SUM)
+        if dist.get_backend() != "nccl":
+            x /= dist.get_world_size()
+    return x
+
+
+# --------------------------------------------------------------------------- throughput
+
+_PEAK_CACHE: dict = {}
+# dense bf16 peak FLOP/s for MFU on known GPUs (by substring of the device name)
+_GPU_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12, "A10": 125e12}
+
+
+def measure_cpu_matmul_flops(n: int = 1024, seconds: float = 0.3) -> float:
+    """This machine's fp32 matmul throughput with the current thread count (the MFU denominator)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    key = (device.type, dtype)
+    if key not in _PEAK_CACHE:
+        if device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            peak = next((v for k, v in _GPU_PEAK.items() if k in name), 312e12)
+            _PEAK_CACHE[key] = peak if dtype != torch.float32 else peak / 2
+        else:
+            _PEAK_CACHE[key] = measure_cpu_matmul_flops()
+    return _PEAK_CACHE[key]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def check_finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"loss is {loss} at step {step}: training diverged. The last good checkpoint is kept; "
+            f"lower the learning rates (stage.matrix_lr / embedding_lr) or check the data, then resume "
+            f"with run.resume=auto")

@@ -94,6 +94,10 @@ def dispatch(cfg: Config, run_dir: Path, in_process: bool) -> int:
     config_path = run_dir / "resolved_config.yaml"
     world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
     if in_process and world == 1:
+        # an inherited RANK/WORLD_SIZE (e.g. inside someone else's torchrun) must not make
+        # this single process believe it is part of a distributed job
+        for k in [k for k in os.environ if k in _DROP_EXACT or k.startswith("TORCHELASTIC_")]:
+            del os.environ[k]
         from nanochat.stages._entry import execute
         return execute(cfg, run_dir)
     env = clean_env()

@@ -76,7 +76,8 @@ def _tokenizer_vocab(cfg: Config) -> Optional[int]:
 def prepare(cfg: Config) -> tuple[Config, Optional[dict], list[tuple[str, str]]]:
     """Resolve init_from (and inherit the source model), fill the vocab, make the plan."""
     name = cfg.stage.name
-    if name != "tokenizer":
+    chained_dry = str(cfg.stage.init_from or "").startswith("pipeline:")  # dry-run of a pipeline
+    if name != "tokenizer" and not chained_dry:
         source_stage = cfg.stage.init_stage or DEFAULT_SOURCE.get(name, "pretrain")
         source = rundir.resolve_init_from(cfg, source_stage)
         if source is not None:
@@ -109,12 +110,13 @@ def prepare(cfg: Config) -> tuple[Config, Optional[dict], list[tuple[str, str]]]
 def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[Path]) -> dict:
     """Validate, plan, freeze and dispatch one stage; returns {'status', 'run_dir', 'result'}."""
     from launch.dispatch import dispatch
+    if not cfg.run.dry_run:  # a dry run may plan for hardware this machine does not have
+        validate.check_hardware(cfg)
     cfg, plan, rows = prepare(cfg)
     if cfg.run.dry_run:
         print_plan(cfg, plan, rows, None)
         _console().print(rundir.resolved_yaml(cfg))
         return {"status": "dry_run", "run_dir": None}
-    validate.check_hardware(cfg)
     run_dir = Path(cfg.run.dir).expanduser() if cfg.run.dir else (job_dir or rundir.new_run_dir(cfg))
     run_dir = run_dir.resolve()
     if cfg.run.skip_if_done and (run_dir / "COMPLETED").exists():
@@ -178,6 +180,7 @@ def run_pipeline(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optiona
         out = run_stage(stage_cfg, tree, hydra_info, sub_dir)
         results.append({"stage": name, **out})
         if out["status"] == "dry_run":
+            produced[name] = f"pipeline:{name}"  # later stages chain to this one's (future) output
             continue
         if out["status"] != "completed":
             return {"status": out["status"], "stages": results}

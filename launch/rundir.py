@@ -31,7 +31,11 @@ SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLUR
 
 def run_tag(cfg: Config) -> str:
     """Tags come from values: `model=d4 model.depth=6` is d6."""
-    return cfg.run.tag or f"d{cfg.model.depth}"
+    if cfg.run.tag:
+        return cfg.run.tag
+    if cfg.stage.name == "tokenizer":  # a tokenizer belongs to its data, not to a model depth
+        return f"tok_{cfg.data.tokenizer}"
+    return f"d{cfg.model.depth}"
 
 
 def new_run_dir(cfg: Config) -> Path:

@@ -1,0 +1,34 @@
+# nanochat-hydra: `make demo` runs the CPU demo pipeline, `make test` runs the test suite.
+PY      ?= python3
+VENV    ?= .venv
+TORCH   ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	# torch first and pinned, so nothing resolves an unpinned (CUDA) torch on CPU machines
+	$(VENV)/bin/pip install -q "$(TORCH)"
+	$(VENV)/bin/pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/nanochat-run experiment=cpu_demo
+
+test: setup
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)
+
+bench: setup
+	$(VENV)/bin/python bench/train_step.py
+	$(VENV)/bin/python bench/loader.py
+	$(VENV)/bin/python bench/tokenizer_train.py
+
+clean:
+	rm -rf runs outputs multirun .pytest_cache

@@ -75,6 +75,35 @@ def run_core(model, tokenizer, cfg: Config, rt: T.Runtime, max_per_task: int, pr
         model.train()
 
 
+class SlotLoader:
+    """One loader per micro-batch slot: slot j of rank r reads data shard r + world·j of world·accum.
+
+    So the global batch of a step is the same documents whatever the split between ranks and
+    gradient accumulation: 2 ranks × accum 1 sees exactly what 1 rank × accum 2 sees.
+    """
+
+    def __init__(self, cfg: Config, plan, rt: T.Runtime, tokenizer, state: Optional[dict]):
+        slots = plan.grad_accum_steps
+        states = (state or {}).get("slots") or [None] * slots
+        if len(states) != slots:
+            raise ValueError(f"checkpoint loader state has {len(states)} slots, this run needs {slots}; "
+                             "resume with the same total_batch_size / device_batch_size / world size")
+        self.loaders = [DataLoader(cfg.data, tokenizer, plan.device_batch_size, plan.sequence_len, "train",
+                                   rt.rank + rt.world * j, rt.world * slots, rt.device, base_dir=rt.base_dir,
+                                   state=states[j]) for j in range(slots)]
+
+    def next(self, slot: int):
+        return next(self.loaders[slot])
+
+    def state_dict(self) -> dict:
+        return {"slots": [l.state_dict() for l in self.loaders]}
+
+    def close(self) -> None:
+        for l in self.loaders:
+            if hasattr(l, "close"):
+                l.close()
+
+
 def run(cfg: Config, run_dir: Path) -> dict:
     rt = T.setup_runtime(cfg)
     plan = T.load_plan(run_dir)
@@ -93,8 +122,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     optimizer = T.make_optimizer(model, plan, cfg, rt)
     state, loader_state = T.try_resume(run_dir, cfg, rt, model, optimizer)
     resumed = state.step > 0 or loader_state is not None
-    train_loader = DataLoader(cfg.data, tokenizer, plan.device_batch_size, plan.sequence_len, "train", rt.rank,
-                              rt.world, rt.device, base_dir=rt.base_dir, state=loader_state)
+    train_loader = SlotLoader(cfg, plan, rt, tokenizer, loader_state)
     train_model = torch.compile(model, dynamic=False) if cfg.hardware.compile else model
     N = plan.num_iterations
     tracker = T_tracker(cfg, run_dir, rt, N, state.step)
@@ -140,8 +168,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
             rt.sync()
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=rt.device)
-            for _ in range(plan.grad_accum_steps):
-                x, y = next(train_loader)
+            for micro in range(plan.grad_accum_steps):
+                x, y = train_loader.next(micro)
                 with rt.autocast():
                     loss = train_model(x, y)
                 loss_sum += loss.detach()
@@ -173,8 +201,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
             tracker.progress(state.step, f"loss {smooth:.3f} | {tok_per_sec:,.0f} tok/s | MFU {mfu * 100:.1f}%")
     finally:
         tracker.close()
-        if hasattr(train_loader, "close"):
-            train_loader.close()
+        train_loader.close()
 
     timed_steps = max(1, N - start_step - 1)
     result = {

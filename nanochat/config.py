@@ -165,6 +165,11 @@ class ChatStageConfig(TrainStageConfig):
     num_epochs: int = 1
     eval_metrics_every: int = -1
     max_examples_per_task: int = -1
+    init_lr_frac: Optional[float] = None      # LRs × this; null → mid 1.0, sft 0.02 (nanochat)
+    examples_per_step: Optional[int] = None   # sft: conversations per optimizer step; null → 32
+    eval_tasks: Optional[list] = None         # tasks scored at the end; null → graded tasks of the mixture
+    eval_examples: int = 100                  # examples per task in that scoring (-1 = all)
+    eval_max_new_tokens: int = 256            # sampling budget per answer in that scoring
 
 
 @dataclass
@@ -176,6 +181,11 @@ class RLStageConfig(TrainStageConfig):
     examples_per_step: int = 16
     pass_at_k_every: int = 60
     eval_examples: int = 400
+    task: str = "gsm8k"               # RL task spec (a task with a reward), e.g. gsm8k | arithmetic
+    num_epochs: int = 1               # horizon when num_iterations is null
+    init_lr_frac: float = 0.05        # LRs × this (nanochat chat_rl)
+    device_batch_size: Optional[int] = None   # sampled sequences per forward pass; null → num_samples
+    eval_num_samples: int = 4         # samples per test question for pass@1..k
 
 
 @dataclass

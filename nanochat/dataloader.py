@@ -1,0 +1,393 @@
+"""Distributed pretraining loader: parquet row groups → tokens → (inputs, targets) batches.
+
+Each rank reads disjoint documents: within every shard, rank r takes row groups
+r, r+W, r+2W, ... (W = world size); a shard with fewer row groups than ranks is
+split by document instead (doc i goes to rank i % W), so small val splits still
+feed every rank. Documents are tokenized with BOS prepended in a background thread,
+which also packs the batches, so `next()` in the training loop only dequeues.
+
+Packing (`data.packing`):
+  stream   concatenate documents, cut B·(T+1)-token windows (nanochat's seed loader):
+           every token is used, rows may start mid-document
+  bestfit  BOS-aligned best fit (nanochat's later loader): every row starts with a
+           document; fill the row with the largest buffered doc that fits, crop the
+           shortest only when none fits. No padding (100% utilization)
+
+Exact resume: the state names documents by position (epoch, shard, row group, doc),
+never by tokens, so it is small JSON. stream keeps (first doc still in the token
+buffer, offset into it); bestfit keeps (last doc read, the docs waiting in the buffer).
+A loader built from `state_dict()` yields exactly the batches the original would have.
+"""
+from __future__ import annotations
+
+import bisect
+import queue
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from nanochat.common import get_base_dir
+from nanochat.config import DataConfig
+from nanochat.dataset import REMOTE_SOURCES, TEXT_COLUMN, ensure_shard, list_shards, open_shard
+
+STATE_VERSION = 1
+_END = object()
+
+Pos = tuple  # (epoch, shard_index, row_group, doc_in_row_group)
+
+
+class DataLoader:
+    """Iterable of (inputs, targets) int64 tensors of shape (batch_size, seq_len) on `device`."""
+
+    def __init__(self, data_cfg: DataConfig, tokenizer: Any, batch_size: int, seq_len: int,
+                 split: str = "train", rank: int = 0, world_size: int = 1, device: Any = "cpu",
+                 base_dir: str | Path | None = None, state: dict | None = None,
+                 buffer_size: int = 1000, prefetch: int = 4, max_epochs: int | None = None):
+        if split not in ("train", "val"):
+            raise ValueError(f"split={split!r}: use 'train' or 'val'")
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size={batch_size}, seq_len={seq_len}: both must be positive")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        if data_cfg.packing not in ("stream", "bestfit"):
+            raise ValueError(f"data.packing={data_cfg.packing!r}: use stream or bestfit")
+        self.cfg = data_cfg
+        self.tokenizer = tokenizer
+        self.B, self.T = batch_size, seq_len
+        self.split, self.rank, self.world = split, rank, world_size
+        self.device = torch.device(device)
+        self.base_dir = get_base_dir(None) if base_dir is None else Path(base_dir).expanduser()
+        self.buffer_size = buffer_size
+        self.prefetch = max(1, prefetch)
+        self.max_epochs = max_epochs
+        self.paths = list_shards(data_cfg, self.base_dir, split, download=False)
+        self.names = [p.name for p in self.paths]
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"data source {data_cfg.name!r} has two shards with the same file name; "
+                             "rename them (the loader state refers to shards by name)")
+        self._index = {n: i for i, n in enumerate(self.names)}
+        self._pipe = _Pipeline(data_cfg, tokenizer, batch_size, seq_len, split, rank, world_size, self.device,
+                               self.base_dir, buffer_size, max_epochs, self.paths)
+        self._state: dict = self._fresh_state()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._queue: queue.Queue | None = None
+        self.batches_yielded = 0
+        if state is not None:
+            self.load_state_dict(state)
+
+    # ------------------------------------------------------------------ public
+    def __iter__(self) -> "DataLoader":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._thread is None:
+            self._start()
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError("data loader thread died without a result")
+        if item is _END:
+            self._queue.put(_END)  # stay exhausted
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise RuntimeError(f"data loader ({self.split}, rank {self.rank}) failed: {item}") from item
+        inputs, targets, state = item
+        self._state = state
+        self.batches_yielded += 1
+        if self.device.type != "cpu":
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+        return inputs, targets
+
+    def state_dict(self) -> dict:
+        """JSON-serializable state after the last batch returned by `next()`."""
+        return {"version": STATE_VERSION, "split": self.split, "rank": self.rank, "world_size": self.world,
+                "packing": self.cfg.packing, "batch_size": self.B, "seq_len": self.T,
+                "buffer_size": self.buffer_size, "vocab_size": self.tokenizer.get_vocab_size(),
+                "batches": self.batches_yielded, **self._state_out(self._state)}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Continue exactly after the batch at which `d` was taken (same rank/world/packing/shape)."""
+        expect = {"version": STATE_VERSION, "split": self.split, "rank": self.rank, "world_size": self.world,
+                  "packing": self.cfg.packing, "batch_size": self.B, "seq_len": self.T,
+                  "buffer_size": self.buffer_size, "vocab_size": self.tokenizer.get_vocab_size()}
+        for k, v in expect.items():
+            if d.get(k) != v:
+                raise ValueError(f"data loader state has {k}={d.get(k)!r} but this loader has {k}={v!r}; "
+                                 "exact resume needs the same split, rank, world size, packing, batch shape "
+                                 "and tokenizer (or start the loader fresh)")
+        self.close()
+        self._state = self._parse_state(d)
+        self.batches_yielded = int(d.get("batches", 0))
+
+    def close(self) -> None:
+        """Stop the background thread (idempotent). Iterating again restarts from the current state."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=10)
+        self._thread, self._queue = None, None
+        self._stop = threading.Event()
+
+    def __del__(self) -> None:
+        try:
+            self._stop.set()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ state
+    def _fresh_state(self) -> dict:
+        if self.cfg.packing == "stream":
+            return {"epoch": 0, "head": None, "offset": 0}
+        return {"epoch": 0, "after": None, "buffer": []}
+
+    def _pos_out(self, p: Pos) -> list:
+        return [p[0], self.names[p[1]], p[2], p[3]]
+
+    def _pos_in(self, p: list) -> Pos:
+        epoch, name, rg, doc = p
+        if name not in self._index:
+            raise ValueError(f"data loader state refers to shard {name!r}, which is not in the "
+                             f"{self.split} split of data {self.cfg.name!r} any more")
+        return (int(epoch), self._index[name], int(rg), int(doc))
+
+    def _state_out(self, st: dict) -> dict:
+        """Positions hold shard indices internally; the saved state names shards by file name."""
+        out = {"epoch": st["epoch"]}
+        if self.cfg.packing == "stream":
+            out.update(head=None if st["head"] is None else self._pos_out(st["head"]), offset=st["offset"])
+        else:
+            out.update(after=None if st["after"] is None else self._pos_out(st["after"]),
+                       buffer=[self._pos_out(p) for p in st["buffer"]])
+        return out
+
+    def _parse_state(self, d: dict) -> dict:
+        if self.cfg.packing == "stream":
+            head = d.get("head")
+            return {"epoch": int(d.get("epoch", 0)), "head": None if head is None else self._pos_in(head),
+                    "offset": int(d.get("offset", 0))}
+        after = d.get("after")
+        return {"epoch": int(d.get("epoch", 0)), "after": None if after is None else self._pos_in(after),
+                "buffer": [self._pos_in(p) for p in d.get("buffer", [])]}
+
+    def _start(self) -> None:
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        # the thread holds only the pipeline, never this object: an unreferenced loader is
+        # garbage collected and its __del__ stops the thread
+        self._thread = threading.Thread(target=self._pipe.produce, args=(self._state, self._stop, self._queue),
+                                        name=f"dataloader-{self.split}-r{self.rank}", daemon=True)
+        self._thread.start()
+
+
+class _Pipeline:
+    """Everything the background thread needs (config, shards, tokenizer), without the loader."""
+
+    def __init__(self, data_cfg: DataConfig, tokenizer: Any, batch_size: int, seq_len: int, split: str,
+                 rank: int, world_size: int, device: torch.device, base_dir: Path, buffer_size: int,
+                 max_epochs: int | None, paths: list[Path]):
+        self.cfg, self.tokenizer = data_cfg, tokenizer
+        self.B, self.T = batch_size, seq_len
+        self.split, self.rank, self.world = split, rank, world_size
+        self.device, self.base_dir = device, base_dir
+        self.buffer_size, self.max_epochs = buffer_size, max_epochs
+        self.paths = paths
+        self.bos = tokenizer.get_bos_token_id()
+
+    # ------------------------------------------------------------------ documents
+    def rank_units(self, pf) -> list[tuple[int, list[int] | None]]:
+        """(row group, doc indices or None for all) this rank owns in one shard."""
+        n_rg = pf.num_row_groups
+        if n_rg >= self.world:
+            return [(rg, None) for rg in range(self.rank, n_rg, self.world)]
+        units, first = [], 0  # fewer row groups than ranks: stride documents across the shard
+        for rg in range(n_rg):
+            n = pf.metadata.row_group(rg).num_rows
+            docs = [i for i in range(n) if (first + i) % self.world == self.rank]
+            first += n
+            if docs:
+                units.append((rg, docs))
+        return units
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer.encode(texts, prepend=self.bos, num_threads=self.cfg.tokenizer_threads)
+
+    def iter_docs(self, start: Pos | None, inclusive: bool, stop: threading.Event) -> Iterator[tuple[Pos, list[int]]]:
+        """(position, tokens) of this rank's documents in order, from `start` on, epoch after epoch."""
+        start = start or (0, 0, 0, 0)
+        epoch = start[0]
+        remote = self.cfg.source in REMOTE_SOURCES
+        fetch = ThreadPoolExecutor(max_workers=1) if remote else None
+        nb = max(1, self.cfg.tokenizer_batch_size)
+        try:
+            while self.max_epochs is None or epoch < self.max_epochs:
+                whole_epoch = epoch > start[0] or start[1:] == (0, 0, 0)
+                got_any = False
+                for si, path in enumerate(self.paths):
+                    if (epoch, si) < start[:2]:
+                        continue
+                    if remote:
+                        ensure_shard(self.cfg, self.base_dir, path)
+                        if si + 1 < len(self.paths):  # fetch the next shard while this one is read
+                            fetch.submit(ensure_shard, self.cfg, self.base_dir, self.paths[si + 1])
+                    pf = open_shard(path)
+                    for rg, wanted in self.rank_units(pf):
+                        if stop.is_set():
+                            return
+                        if (epoch, si, rg) < start[:3]:
+                            continue
+                        texts = pf.read_row_group(rg, columns=[TEXT_COLUMN]).column(0).to_pylist()
+                        idx = wanted if wanted is not None else range(len(texts))
+                        keep = [i for i in idx if texts[i]
+                                and ((epoch, si, rg, i) > start or (inclusive and (epoch, si, rg, i) == start))]
+                        for k in range(0, len(keep), nb):
+                            chunk = keep[k:k + nb]
+                            for i, toks in zip(chunk, self.encode([texts[i] for i in chunk])):
+                                got_any = True
+                                yield (epoch, si, rg, i), toks
+                if whole_epoch and not got_any:
+                    raise ValueError(f"rank {self.rank} of {self.world} gets no documents from the {self.split} "
+                                     f"split of data {self.cfg.name!r} ({len(self.paths)} shard(s)): the corpus "
+                                     "is empty or too small for this many ranks")
+                epoch += 1
+        finally:
+            if fetch is not None:
+                fetch.shutdown(wait=False, cancel_futures=True)
+
+    def read_docs(self, positions: list[Pos]) -> list[list[int]]:
+        """Tokens of specific documents (restoring bestfit's buffer), in the order given."""
+        by_unit: dict[tuple[int, int], list[int]] = {}
+        for _, si, rg, i in positions:
+            by_unit.setdefault((si, rg), []).append(i)
+        found: dict[tuple[int, int, int], list[int]] = {}
+        for (si, rg), docs in sorted(by_unit.items()):
+            ensure_shard(self.cfg, self.base_dir, self.paths[si])
+            texts = open_shard(self.paths[si]).read_row_group(rg, columns=[TEXT_COLUMN]).column(0).to_pylist()
+            uniq = sorted(set(docs))
+            for i, toks in zip(uniq, self.encode([texts[i] for i in uniq])):
+                found[(si, rg, i)] = toks
+        return [found[p[1:]] for p in positions]
+
+    # ------------------------------------------------------------------ packing
+    def stream_batches(self, state: dict, stop: threading.Event) -> Iterator[tuple]:
+        B, T = self.B, self.T
+        need = B * T + 1
+        docs = self.iter_docs(state["head"], inclusive=True, stop=stop)
+        buf: list[int] = []
+        spans: deque = deque()  # [pos, tokens consumed from this doc, doc length] for docs in buf
+        offset = state["offset"]
+        resumed = state["head"] is not None
+        while True:
+            while len(buf) < need:
+                try:
+                    pos, toks = next(docs)
+                except StopIteration:
+                    return
+                if resumed:  # the head doc of a restored state: skip what was already consumed
+                    assert pos == state["head"], "resume position drifted"
+                    toks, resumed = toks[offset:], False
+                    spans.append([pos, offset, offset + len(toks)])
+                else:
+                    spans.append([pos, 0, len(toks)])
+                buf.extend(toks)
+            arr = torch.tensor(buf[:need], dtype=torch.long)
+            del buf[:B * T]
+            n = B * T
+            while n:
+                head = spans[0]
+                rem = head[2] - head[1]
+                if rem <= n:
+                    n -= rem
+                    spans.popleft()
+                else:
+                    head[1] += n
+                    n = 0
+            new_state = {"epoch": spans[0][0][0], "head": spans[0][0], "offset": spans[0][1]}
+            # separate storage for inputs and targets: in-place edits of one must not touch the other
+            yield arr[:-1].view(B, T).clone(), arr[1:].view(B, T).clone(), new_state
+
+    def bestfit_batches(self, state: dict, stop: threading.Event) -> Iterator[tuple]:
+        B, T = self.B, self.T
+        cap = T + 1
+        # the buffer, kept sorted by (length, arrival): best fit and shortest are bisections
+        keys: list[tuple[int, int]] = []
+        items: list[tuple[Pos, list[int]]] = []
+        seq = 0
+
+        def add(pos: Pos, toks: list[int]) -> None:
+            nonlocal seq
+            key = (len(toks), seq)
+            seq += 1
+            j = bisect.bisect_left(keys, key)
+            keys.insert(j, key)
+            items.insert(j, (pos, toks))
+
+        for pos, toks in zip(state["buffer"], self.read_docs(state["buffer"])):
+            add(pos, toks)
+        docs = self.iter_docs(state["after"], inclusive=False, stop=stop)
+        last = state["after"]
+        exhausted = False
+        while True:
+            rows = np.empty((B, cap), dtype=np.int64)
+            for r in range(B):
+                filled = 0
+                while filled < cap:
+                    while len(keys) < self.buffer_size and not exhausted:
+                        try:
+                            last, toks = next(docs)
+                            add(last, toks)
+                        except StopIteration:
+                            exhausted = True
+                    if not keys:
+                        return  # finite epochs ran out: drop the partial batch
+                    remaining = cap - filled
+                    j = bisect.bisect_right(keys, (remaining, float("inf"))) - 1
+                    if j >= 0:  # largest doc that fits; among equal lengths the earliest
+                        j = bisect.bisect_left(keys, (keys[j][0], -1))
+                        _, toks = items.pop(j)
+                        keys.pop(j)
+                        rows[r, filled:filled + len(toks)] = toks
+                        filled += len(toks)
+                    else:       # nothing fits: crop the shortest to fill the row exactly
+                        _, toks = items.pop(0)
+                        keys.pop(0)
+                        rows[r, filled:] = toks[:remaining]
+                        filled = cap
+            order = sorted(range(len(keys)), key=lambda k: keys[k][1])  # arrival order
+            new_state = {"epoch": last[0] if last else 0, "after": last,
+                         "buffer": [items[k][0] for k in order]}
+            t = torch.from_numpy(rows)
+            yield t[:, :-1], t[:, 1:], new_state
+
+    def produce(self, state: dict, stop: threading.Event, q: queue.Queue) -> None:
+        """Thread body: run the packer from `state`, queue (inputs, targets, state after)."""
+        gen = self.stream_batches if self.cfg.packing == "stream" else self.bestfit_batches
+        pin = self.device.type == "cuda"
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            for inputs, targets, new_state in gen(state, stop):
+                inputs, targets = inputs.contiguous(), targets.contiguous()
+                if pin:
+                    inputs, targets = inputs.pin_memory(), targets.pin_memory()
+                if not put((inputs, targets, new_state)):
+                    return
+            put(_END)
+        except BaseException as e:  # surfaced in the training thread by __next__
+            put(e)

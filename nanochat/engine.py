@@ -1,0 +1,184 @@
+"""Batched generation on the model's KV cache, with calculator tool use.
+
+One prompt, N samples: the prompt is prefilled once (batch 1), its cache rows are copied
+into an N-row cache, and the N rows then decode one token per step together. Each step
+yields a column of N tokens and N masks:
+
+    mask 1  the model sampled this token
+    mask 0  the engine forced it: a calculator result (<|output_start|>…<|output_end|>), or
+            padding for a row that already finished (its terminal token repeated)
+
+RL trains only on mask-1 tokens; chat UIs print everything.
+
+Tool use: when a row emits <|python_start|> expr <|python_end|>, the engine decodes `expr`,
+evaluates it with `use_calculator` (arithmetic and `'str'.count('x')` only) and queues
+<|output_start|> result <|output_end|> as forced tokens for that row; the model then
+continues after them as if it had read the tool's answer. A row stops at
+<|assistant_end|> or <|bos|>; the whole generation stops when all rows stopped or after
+`max_tokens` steps (forced tokens count as steps).
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.execution import use_calculator
+from nanochat.gpt import KVCache
+
+
+def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: float = 1.0,
+                      top_k: Optional[int] = None) -> torch.Tensor:
+    """(B, V) logits → (B,) token ids. temperature 0 is greedy; top_k keeps the k largest logits."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float()
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        vals, idx = torch.topk(logits, top_k, dim=-1)
+        probs = F.softmax(vals / temperature, dim=-1)
+        choice = torch.multinomial(probs, 1, generator=rng)
+        return idx.gather(1, choice).squeeze(1)
+    probs = F.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=rng).squeeze(1)
+
+
+class _Row:
+    """Per-sample decoding state: forced tokens waiting, whether we are inside a tool call."""
+
+    def __init__(self) -> None:
+        self.forced: deque[int] = deque()
+        self.in_python = False
+        self.python_tokens: list[int] = []
+        self.done = False
+        self.end_token: int | None = None
+
+
+class Engine:
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        t = tokenizer
+        self.bos = t.get_bos_token_id()
+        self.assistant_end = t.encode_special("<|assistant_end|>")
+        self.python_start = t.encode_special("<|python_start|>")
+        self.python_end = t.encode_special("<|python_end|>")
+        self.output_start = t.encode_special("<|output_start|>")
+        self.output_end = t.encode_special("<|output_end|>")
+
+    def _device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    def _scan_prompt(self, row: _Row, tokens: list[int]) -> None:
+        """A prompt may end inside an open tool call (continuing a cut-off answer): pick it up."""
+        for i in range(len(tokens) - 1, -1, -1):
+            if tokens[i] in (self.python_end, self.assistant_end, self.bos):
+                return
+            if tokens[i] == self.python_start:
+                row.in_python = True
+                row.python_tokens = list(tokens[i + 1:])
+                return
+
+    def _tool_result(self, expr_tokens: list[int]) -> list[int]:
+        """Forced tokens for a finished tool call ([] when the calculator refuses the expression)."""
+        if not expr_tokens:
+            return []
+        result = use_calculator(self.tokenizer.decode(expr_tokens))
+        if result is None:
+            return []
+        return [self.output_start, *self.tokenizer.encode(result), self.output_end]
+
+    @torch.inference_mode()
+    def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: Optional[int] = None,
+                 temperature: float = 1.0, top_k: Optional[int] = None,
+                 seed: int = 42) -> Iterator[tuple[list[int], list[int]]]:
+        """Yield (token_column, token_masks), one entry per sample, once per step.
+
+        max_tokens None = until the model's sequence_len is full.
+        """
+        if not isinstance(tokens, (list, tuple)) or not tokens or not all(isinstance(t, int) for t in tokens):
+            raise ValueError("Engine.generate(tokens=...): give a non-empty list of token ids")
+        if num_samples < 1:
+            raise ValueError(f"Engine.generate(num_samples={num_samples}): must be >= 1")
+        tokens = list(tokens)
+        cfg = self.model.config
+        if max_tokens is None:
+            max_tokens = cfg.sequence_len - len(tokens)
+            if max_tokens < 1:
+                raise ValueError(f"prompt of {len(tokens)} tokens fills the model's sequence_len="
+                                 f"{cfg.sequence_len}; pass max_tokens explicitly")
+        if max_tokens < 1:
+            return
+        limit = getattr(self.model, "rotary_len", None)
+        if limit is not None and len(tokens) + max_tokens > limit:
+            raise ValueError(f"prompt ({len(tokens)}) + max_tokens ({max_tokens}) exceeds the model's "
+                             f"position limit {limit}; lower max_tokens")
+        device = self._device()
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed)
+
+        # prefill the prompt once, then give every sample its own copy of the cache
+        prefill = KVCache.for_model(self.model, batch_size=1, max_len=len(tokens))
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        logits = self.model(ids, kv_cache=prefill)[:, -1, :]
+        cache = KVCache.for_model(self.model, batch_size=num_samples, max_len=len(tokens) + max_tokens)
+        cache.copy_rows_from(prefill, src_row=0)
+        del prefill
+        sampled = sample_next_token(logits.expand(num_samples, -1), rng, temperature, top_k).tolist()
+
+        rows = [_Row() for _ in range(num_samples)]
+        for row in rows:
+            self._scan_prompt(row, tokens)
+        for step in range(max_tokens):
+            if step > 0:
+                logits = self.model(ids, kv_cache=cache)[:, -1, :]
+                sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
+            column, masks = [], []
+            for i, row in enumerate(rows):
+                if row.done:
+                    column.append(row.end_token)
+                    masks.append(0)
+                    continue
+                if row.forced:
+                    token, mask = row.forced.popleft(), 0
+                else:
+                    token, mask = sampled[i], 1
+                column.append(token)
+                masks.append(mask)
+                if token in (self.assistant_end, self.bos):
+                    row.done, row.end_token = True, token
+                elif token == self.python_start:
+                    row.in_python, row.python_tokens = True, []
+                elif token == self.python_end and row.in_python:
+                    row.in_python = False
+                    row.forced.extend(self._tool_result(row.python_tokens))
+                    row.python_tokens = []
+                elif row.in_python:
+                    row.python_tokens.append(token)
+            yield column, masks
+            if all(row.done for row in rows):
+                return
+            ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
+
+    def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
+        """Run `generate` to the end. Returns (sequences, masks) per sample: each sequence is the
+        prompt followed by the generated tokens, without the terminal <|assistant_end|>/<|bos|>;
+        masks mark prompt tokens 0, sampled tokens 1, forced tool-output tokens 0."""
+        results = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        done = [False] * num_samples
+        for column, column_masks in self.generate(tokens, num_samples, **kwargs):
+            for i, (token, mask) in enumerate(zip(column, column_masks)):
+                if done[i]:
+                    continue
+                if token in (self.assistant_end, self.bos):
+                    done[i] = True
+                else:
+                    results[i].append(token)
+                    masks[i].append(mask)
+            if all(done):
+                break
+        return results, masks

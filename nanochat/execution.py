@@ -1,0 +1,350 @@
+"""Running model-written code: a sandbox for HumanEval and a safe calculator for tool use.
+
+`execute_code` runs a program in a *fresh* Python interpreter (not a fork of this
+process: forking a process that holds torch threads can deadlock, and a fork would
+inherit our environment and memory). Inside, before the program runs, a small guard
+applies the limits:
+
+- wall clock: an interval timer in the child plus a hard kill of its process group
+  from the parent; CPU seconds via RLIMIT_CPU as a backstop
+- memory: RLIMIT_AS (address space), so a memory bomb hits MemoryError
+- files: a scratch directory as cwd, RLIMIT_FSIZE on anything written, destructive
+  os / shutil functions replaced by stubs that raise, /proc and /sys unreadable
+- processes: fork / exec / spawn / subprocess disabled, RLIMIT_NPROC where it binds
+- network: a new network namespace when the kernel lets us (then only an unconfigured
+  loopback exists), and the socket constructors replaced by stubs either way
+- environment: the child starts with an empty environment
+
+This is the human-eval "reliability guard" idea: it stops accidents and sloppy code
+that a small model writes, it is not a security boundary against a determined
+adversary (ctypes tricks, etc.). Run untrusted code in a container or VM.
+
+`use_calculator` evaluates the expressions a model writes between
+<|python_start|> and <|python_end|>: arithmetic and `'str'.count('x')` only, by walking
+the AST (nothing is ever passed to `eval`), with a time budget and a cap on number size.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import operator
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+# ----------------------------------------------------------------------------- sandbox
+
+_REPORT_MARK = "\x00NANOCHAT_SANDBOX_REPORT\x00"
+_MAX_CAPTURE = 64 * 1024          # characters of stdout / stderr kept from the program
+_MAX_FILE_BYTES = 16 * 1024 * 1024  # RLIMIT_FSIZE: largest file the program (or its output) may write
+
+
+@dataclass
+class ExecutionResult:
+    success: bool                 # the program ran to the end without raising
+    stdout: str = ""
+    stderr: str = ""
+    error: str | None = None      # "ExcType: message" of what stopped it, if anything
+    timeout: bool = False         # killed for running past `timeout`
+    memory_exceeded: bool = False  # hit the address-space limit
+
+    def __repr__(self) -> str:
+        parts = [f"success={self.success}"]
+        if self.timeout:
+            parts.append("timeout=True")
+        if self.memory_exceeded:
+            parts.append("memory_exceeded=True")
+        if self.error:
+            parts.append(f"error={self.error!r}")
+        if self.stdout:
+            parts.append(f"stdout={self.stdout[:200]!r}")
+        if self.stderr:
+            parts.append(f"stderr={self.stderr[:200]!r}")
+        return f"ExecutionResult({', '.join(parts)})"
+
+
+# The child's program. It reads {"code", "timeout", "max_memory_bytes", ...} as JSON on
+# stdin, locks itself down, runs the code with captured output and prints one report
+# line (after a marker) on its real stdout, which the parent reads from a capped file.
+_RUNNER = r'''
+import sys, os, io, json, signal, builtins, faulthandler
+REPORT_MARK = %(mark)r
+MAX_CAPTURE = %(max_capture)d
+MAX_FILE_BYTES = %(max_file)d
+cfg = json.loads(sys.stdin.read())
+scratch = os.getcwd()
+
+import resource
+def _limit(kind, value):
+    try:
+        soft, hard = resource.getrlimit(kind)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        resource.setrlimit(kind, (value, value if hard == resource.RLIM_INFINITY else hard))
+    except (ValueError, OSError):
+        pass
+if cfg["max_memory_bytes"] and sys.platform != "darwin":  # macOS does not honour RLIMIT_AS
+    _limit(resource.RLIMIT_AS, cfg["max_memory_bytes"])
+    _limit(resource.RLIMIT_DATA, cfg["max_memory_bytes"])
+_limit(resource.RLIMIT_CPU, int(cfg["timeout"]) + 2)
+_limit(resource.RLIMIT_FSIZE, MAX_FILE_BYTES)
+_limit(resource.RLIMIT_CORE, 0)
+if hasattr(signal, "SIGXFSZ"):
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversized writes raise OSError instead of killing us
+
+# a private network namespace (only a down loopback in it); needs privileges, best effort
+net_ns = False
+if sys.platform.startswith("linux"):
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        net_ns = libc.unshare(0x40000000) == 0  # CLONE_NEWNET
+    except Exception:
+        pass
+    sys.modules.pop("ctypes", None)
+
+class TimeoutException(BaseException):
+    pass
+def _on_alarm(signum, frame):
+    raise TimeoutException("timed out")
+signal.signal(signal.SIGALRM, _on_alarm)
+
+def _disabled(name):
+    def stub(*args, **kwargs):
+        raise PermissionError(f"{name} is disabled in the sandbox")
+    stub.__name__ = name.rsplit(".", 1)[-1]
+    return stub
+
+os.environ.clear()  # the parent passed an empty env; drop what the interpreter added
+import shutil, subprocess, socket
+for name in ["kill", "killpg", "system", "putenv", "unsetenv", "remove", "removedirs", "rmdir",
+             "unlink", "rename", "renames", "replace", "truncate", "fchdir", "chdir", "chroot",
+             "setuid", "setgid", "seteuid", "setegid", "setreuid", "setregid", "fchmod", "fchown",
+             "chmod", "chown", "lchown", "lchmod", "lchflags", "chflags", "link", "symlink",
+             "fork", "forkpty", "vfork", "execv", "execve", "execvp", "execvpe", "execl", "execle",
+             "execlp", "execlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle",
+             "spawnlp", "spawnlpe", "posix_spawn", "posix_spawnp", "popen",
+             "setsid", "setpgid", "nice", "plock", "mkfifo", "mknod"]:
+    if hasattr(os, name):
+        setattr(os, name, _disabled("os." + name))
+for name in ["rmtree", "move", "chown", "copyfile", "copy", "copy2", "copytree"]:
+    setattr(shutil, name, _disabled("shutil." + name))
+for name in ["Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"]:
+    setattr(subprocess, name, _disabled("subprocess." + name))
+for name in ["socket", "create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo"]:
+    if hasattr(socket, name):
+        setattr(socket, name, _disabled("socket." + name))
+builtins.help = _disabled("help")
+for mod in ["ctypes", "_ctypes", "_posixsubprocess", "multiprocessing", "resource", "psutil",
+            "ipdb", "joblib", "tkinter", "pty", "_socket", "ssl", "urllib.request", "http.client"]:
+    sys.modules[mod] = None  # `import x` now raises ImportError
+
+_real_open = builtins.open
+def _guarded_open(file, mode="r", *args, **kwargs):
+    if isinstance(file, int):
+        return _real_open(file, mode, *args, **kwargs)
+    path = os.path.realpath(os.fspath(file))
+    if path.startswith(("/proc", "/sys")):
+        raise PermissionError(f"reading {path} is disabled in the sandbox")
+    writing = any(c in mode for c in "wax+")
+    if writing and not (path == scratch or path.startswith(scratch + os.sep)):
+        raise PermissionError(f"writing outside the scratch dir ({path}) is disabled in the sandbox")
+    return _real_open(file, mode, *args, **kwargs)
+builtins.open = _guarded_open
+io.open = _guarded_open
+
+class _Capped(io.StringIO):
+    def write(self, s):
+        room = MAX_CAPTURE - self.tell()
+        if room > 0:
+            super().write(s[:room])
+        return len(s)
+
+out, err = _Capped(), _Capped()
+real_stdout = sys.stdout
+report = {"success": False, "error": None, "timeout": False, "memory_exceeded": False, "net_ns": net_ns}
+sys.stdout, sys.stderr = out, err
+signal.setitimer(signal.ITIMER_REAL, cfg["timeout"])
+try:
+    exec(compile(cfg["code"], "<sandbox>", "exec"), {"__name__": "__main__", "__builtins__": builtins})
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    report["success"] = True
+except TimeoutException:
+    report["timeout"] = True
+    report["error"] = "TimeoutException: timed out"
+except MemoryError as e:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    report["memory_exceeded"] = True
+    report["error"] = "MemoryError: " + str(e)
+except BaseException as e:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    report["error"] = f"{type(e).__name__}: {e}"
+finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    sys.stdout, sys.stderr = real_stdout, sys.__stderr__
+report["stdout"] = out.getvalue()
+report["stderr"] = err.getvalue()
+real_stdout.write(REPORT_MARK + json.dumps(report) + "\n")
+real_stdout.flush()
+os._exit(0)
+''' % {"mark": _REPORT_MARK, "max_capture": _MAX_CAPTURE, "max_file": _MAX_FILE_BYTES}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
+    try:
+        proc.kill()
+    except OSError:
+        pass
+
+
+def _read_capped(path: str) -> str:
+    with open(path, "rb") as f:
+        data = f.read(_MAX_FILE_BYTES)
+    return data.decode("utf-8", errors="replace")
+
+
+def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int | None = 256 * 1024 * 1024) -> ExecutionResult:
+    """Run `code` in a sandboxed, fresh Python process; never raises for anything the code does.
+
+    timeout: wall-clock seconds for the program itself (interpreter start-up not counted).
+    max_memory_bytes: address-space limit of the child (None = no limit).
+    """
+    if timeout <= 0:
+        raise ValueError(f"execute_code(timeout={timeout}): the timeout must be positive seconds")
+    work = tempfile.mkdtemp(prefix="nanochat_sandbox_")
+    scratch = os.path.join(work, "scratch")
+    os.mkdir(scratch)
+    out_path, err_path = os.path.join(work, "stdout"), os.path.join(work, "stderr")
+    payload = json.dumps({"code": code, "timeout": float(timeout), "max_memory_bytes": max_memory_bytes})
+    # -I: isolated mode (no user site, PYTHON* env vars ignored, cwd not on sys.path)
+    cmd = [sys.executable, "-I", "-c", _RUNNER]
+    timed_out = False
+    try:
+        with open(out_path, "wb") as fout, open(err_path, "wb") as ferr:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=fout, stderr=ferr, cwd=scratch,
+                                    env={}, start_new_session=True, close_fds=True)
+            try:
+                proc.stdin.write(payload.encode("utf-8"))
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            # the child's own timer fires at `timeout`; the slack covers interpreter start-up
+            # and code stuck in C (where Python signal handlers cannot run)
+            try:
+                proc.wait(timeout=timeout + 5.0)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            _kill_group(proc)  # also reaps anything the program managed to leave behind
+            proc.wait()
+        raw_out = _read_capped(out_path)
+        raw_err = _read_capped(err_path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    if timed_out:
+        return ExecutionResult(False, error="TimeoutException: killed after the time limit", timeout=True)
+    idx = raw_out.rfind(_REPORT_MARK)
+    if idx < 0:
+        # died without a report: killed by a signal (RLIMIT_CPU → SIGXCPU/SIGKILL, OOM) or os._exit
+        rc = proc.returncode
+        sig = -rc if rc is not None and rc < 0 else None
+        timeout_hit = sig in (getattr(signal, "SIGXCPU", -1), signal.SIGKILL)
+        mem = "MemoryError" in raw_err or "Cannot allocate memory" in raw_err
+        error = f"process exited with code {rc}" + (f" (signal {signal.Signals(sig).name})" if sig else "")
+        return ExecutionResult(False, stdout=raw_out[:_MAX_CAPTURE], stderr=raw_err[-_MAX_CAPTURE:],
+                               error=error, timeout=timeout_hit and not mem, memory_exceeded=mem)
+    try:
+        report = json.loads(raw_out[idx + len(_REPORT_MARK):].splitlines()[0])
+    except (ValueError, IndexError):
+        return ExecutionResult(False, stderr=raw_err[-_MAX_CAPTURE:], error="unreadable sandbox report")
+    return ExecutionResult(
+        success=bool(report["success"]),
+        stdout=report.get("stdout", ""),
+        stderr=report.get("stderr", ""),
+        error=report.get("error"),
+        timeout=bool(report.get("timeout")),
+        memory_exceeded=bool(report.get("memory_exceeded")),
+    )
+
+
+# ----------------------------------------------------------------------------- calculator
+
+_ARITH_CHARS = set("0123456789*+-/.() ")
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+_UNOPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_MAX_EXPR_CHARS = 256
+_MAX_ABS = 10 ** 30  # bigger intermediate numbers mean nonsense, refuse them
+
+
+class _CalcError(Exception):
+    pass
+
+
+def _eval_node(node: ast.AST, deadline: float):
+    if time.monotonic() > deadline:
+        raise _CalcError("timeout")
+    if isinstance(node, ast.Expression):
+        return _eval_node(node.body, deadline)
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float, str):
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        a, b = _eval_node(node.left, deadline), _eval_node(node.right, deadline)
+        if not all(isinstance(v, (int, float)) for v in (a, b)):
+            raise _CalcError("arithmetic on non-numbers")
+        value = _BINOPS[type(node.op)](a, b)
+        if isinstance(value, float) and not math.isfinite(value) or abs(value) > _MAX_ABS:
+            raise _CalcError("number too large")
+        return value
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNOPS:
+        v = _eval_node(node.operand, deadline)
+        if not isinstance(v, (int, float)):
+            raise _CalcError("sign on a non-number")
+        return _UNOPS[type(node.op)](v)
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
+            and not node.keywords and len(node.args) == 1):
+        s, sub = _eval_node(node.func.value, deadline), _eval_node(node.args[0], deadline)
+        if isinstance(s, str) and isinstance(sub, str):
+            return s.count(sub)
+    raise _CalcError(f"not allowed: {type(node).__name__}")
+
+
+def _format_number(value) -> str:
+    """Render like the annotated data does: 4 not 4.0, and no float noise (0.1+0.2 → 0.3)."""
+    if isinstance(value, float):
+        if value.is_integer():
+            return str(int(value))
+        return repr(round(value, 10))
+    return str(value)
+
+
+def use_calculator(expr: str, timeout: float = 1.0) -> str | None:
+    """Evaluate a tool call: plain arithmetic (+ - * / // %, parentheses) or `'text'.count('x')`.
+
+    Returns the result as text, or None for anything else (names, calls, powers, errors).
+    """
+    expr = expr.strip()
+    if not expr or len(expr) > _MAX_EXPR_CHARS:
+        return None
+    if set(expr.replace(",", "")) <= _ARITH_CHARS:
+        expr = expr.replace(",", "")  # thousands separators as in "1,200*3"
+        if "**" in expr:
+            return None
+    try:
+        tree = ast.parse(expr, mode="eval")
+        value = _eval_node(tree, time.monotonic() + timeout)
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError, _CalcError):
+        return None
+    if isinstance(value, str):
+        return None  # a bare string is not a computation
+    return _format_number(value)

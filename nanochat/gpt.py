@@ -1,0 +1,678 @@
+"""The GPT model: nanochat's seed architecture, with every later improvement as a toggle.
+
+Seed (default, Dec 2025 nanochat): token embedding → RMSNorm → blocks → RMSNorm → lm_head.
+Each block is pre-norm attention + pre-norm ReLU² MLP (4× hidden). Attention uses RoPE (no
+learned positions), QK RMSNorm, GQA through `n_kv_head`. Embedding and lm_head are untied,
+RMSNorm has no parameters, there are no biases, logits are soft-capped (`softcap·tanh(z/softcap)`)
+and computed in fp32. Output projections start at zero.
+
+Toggles (each off in the seed generation, on in the modern one):
+  value_embeds    per-layer value embeddings (ResFormer) mixed into V through an input-dependent gate,
+                  on layers with `layer_idx % 2 == (n_layer - 1) % 2`
+  window_pattern  e.g. "SSSL": tiled over layers, S = `short_window` keys, L = full context;
+                  the last layer is always L
+  resid_lambdas   learned per-layer scale on the residual stream entering each block
+  x0_lambdas      learned per-layer mix of the first (normed) embedding x0 into each block's input
+  smear           mixes the previous token's embedding into each position (gate from 24 channels)
+  backout         subtracts a learned multiple of the mid-network residual before the final norm
+  qk_scale        multiplies q and k after QK norm (1.2 → sharper attention)
+  pad_vocab_to    pads embedding/lm_head rows to a multiple (logits are sliced back to vocab_size)
+  rope_base       RoPE base frequency
+
+Parameter layout (V = vocab rounded up to pad_vocab_to, d = n_embd, kvd = n_kv_head·head_dim):
+wte V·d; per layer c_q d·d, c_k d·kvd, c_v d·kvd, c_proj d·d, c_fc d·4d, mlp c_proj 4d·d;
+lm_head d·V; value embeddings V·kvd + gate 32·n_kv_head per VE layer; resid/x0 lambdas n_layer
+each; smear 24 + 1; backout 1. `analytic_num_params` computes this without building the model.
+
+Build with `build_model(config, device, seed)` (meta-device construction, then init).
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VE_GATE_CHANNELS = 32   # value-embedding gate reads this many leading channels of the block input
+SMEAR_CHANNELS = 24     # smear gate reads this many leading channels of the embedding
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 65536
+    n_layer: int = 20
+    n_head: int = 10
+    n_kv_head: int = 10
+    n_embd: int = 1280
+    softcap: float = 15.0             # 0 disables the logit soft cap
+    rope_base: float = 10000.0
+    value_embeds: bool = False
+    window_pattern: str = "L"         # tiled over layers; the last layer is always L
+    short_window: Optional[int] = None  # keys seen by an S layer; None → sequence_len // 2
+    resid_lambdas: bool = False
+    x0_lambdas: bool = False
+    smear: bool = False
+    backout: bool = False
+    qk_scale: float = 1.0
+    pad_vocab_to: int = 1
+
+    def __post_init__(self) -> None:
+        def bad(field: str, fix: str) -> ValueError:
+            return ValueError(f"GPTConfig.{field}={getattr(self, field)!r}: {fix}")
+        for f in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "pad_vocab_to"):
+            if int(getattr(self, f)) < 1:
+                raise bad(f, "must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise bad("n_embd", f"must be divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise bad("n_kv_head", f"must divide n_head={self.n_head}")
+        if self.head_dim % 2:
+            raise bad("n_head", f"head_dim = n_embd/n_head = {self.head_dim} must be even for RoPE")
+        if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
+            raise bad("window_pattern", "use a string of S (short window) and L (full context), e.g. SSSL")
+        if self.short_window is not None and not (1 <= self.short_window):
+            raise bad("short_window", "must be >= 1 (or null for sequence_len // 2)")
+        if self.value_embeds and self.n_embd < VE_GATE_CHANNELS:
+            raise bad("n_embd", f"value_embeds needs n_embd >= {VE_GATE_CHANNELS}")
+        if self.smear and self.n_embd < SMEAR_CHANNELS:
+            raise bad("n_embd", f"smear needs n_embd >= {SMEAR_CHANNELS}")
+        if self.softcap < 0:
+            raise bad("softcap", "must be >= 0 (0 disables it)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_to
+        return ((self.vocab_size + m - 1) // m) * m
+
+    def window_sizes(self) -> list[int]:
+        """Keys each layer attends to (including the query itself); full layers get sequence_len."""
+        short = self.short_window if self.short_window is not None else max(1, self.sequence_len // 2)
+        pat = self.window_pattern.upper()
+        sizes = [short if pat[i % len(pat)] == "S" else self.sequence_len for i in range(self.n_layer)]
+        sizes[-1] = self.sequence_len
+        return [min(w, self.sequence_len) for w in sizes]
+
+
+def has_value_embed(layer_idx: int, n_layer: int) -> bool:
+    """Value embeddings go on every other layer, always including the last one."""
+    return layer_idx % 2 == (n_layer - 1) % 2
+
+
+def analytic_num_params(config: GPTConfig) -> int:
+    """Parameter count from the layout formula (must equal GPT(config).num_params())."""
+    V, d, L = config.padded_vocab_size, config.n_embd, config.n_layer
+    kvd = config.n_kv_head * config.head_dim
+    n = V * d + L * (2 * d * d + 2 * d * kvd + 8 * d * d) + d * V
+    if config.value_embeds:
+        n_ve = sum(has_value_embed(i, L) for i in range(L))
+        n += n_ve * (V * kvd + VE_GATE_CHANNELS * config.n_kv_head)
+    n += L * config.resid_lambdas + L * config.x0_lambdas
+    n += (SMEAR_CHANNELS + 1) * config.smear + config.backout
+    return n
+
+
+# ----------------------------------------------------------------------------- helpers
+
+class _RMSNorm(torch.autograd.Function):
+    """Parameter-free RMSNorm with a lean backward (2 passes forward, 3 backward).
+
+    y = x·rstd, rstd = 1/sqrt(mean(x²) + eps); dx = rstd·(g − y·mean(g·y)).
+    """
+
+    @staticmethod
+    def forward(ctx, x, eps: float):
+        D = x.size(-1)
+        ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+        rstd = torch.rsqrt(ss.square_().div_(D).add_(eps)).to(x.dtype)
+        y = x * rstd
+        ctx.save_for_backward(y, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, rstd = ctx.saved_tensors
+        m = torch.linalg.vecdot(g, y, dim=-1).unsqueeze(-1).div_(y.size(-1))
+        return torch.addcmul(g, y, m, value=-1.0).mul_(rstd), None
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free RMSNorm over the last dim (eps = dtype's machine epsilon, as F.rms_norm)."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _RMSNorm.apply(x, torch.finfo(x.dtype).eps)
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class _ReluSquared(torch.autograd.Function):
+    """relu(h)² saving relu(h) only: backward is 2·relu(h)·g (no separate threshold pass)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        r = torch.relu(h)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, g):
+        (r,) = ctx.saved_tensors
+        return torch.mul(g, r).mul_(2.0)
+
+
+def relu_squared(h: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return F.relu(h).square()
+    return _ReluSquared.apply(h)
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float, device=None) -> torch.Tensor:
+    """RoPE table (seq_len, head_dim // 2, 2) fp32 holding (cos, sin) of position·frequency."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    t = torch.arange(seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    return torch.stack([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) by position·freq_i.
+
+    rope (B|1, T, 1, D/2, 2) from `rotary_tables`. fp32 runs as one complex multiply (one pass
+    forward and backward instead of seven); other dtypes use the real form.
+    """
+    xp = x.unflatten(-1, (-1, 2))
+    if x.dtype == torch.float32 and rope.dtype == torch.float32:
+        y = torch.view_as_complex(xp) * torch.view_as_complex(rope)
+        return torch.view_as_real(y).flatten(-2)
+    cos, sin = rope[..., 0].to(x.dtype), rope[..., 1].to(x.dtype)
+    x1, x2 = xp[..., 0], xp[..., 1]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+def autocast_ctx(device_type: str, dtype: torch.dtype | str):
+    """Mixed-precision context for the training loop: bf16/fp16 autocast on CUDA, nothing otherwise.
+
+    CPU always runs fp32 (bf16 matmuls are ~100× slower than fp32 on CPUs without AMX), so on CPU
+    this returns a null context whatever dtype was asked for.
+    """
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if device_type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.amp.autocast(device_type="cuda", dtype=dtype)
+    return nullcontext()
+
+
+def make_grad_scaler(device_type: str, dtype: torch.dtype | str):
+    """A GradScaler that is enabled only for fp16 on CUDA (bf16/fp32 need none).
+
+    Use: scaler.scale(loss).backward(); scaler.unscale_(opt) (before clipping); scaler.step(opt);
+    scaler.update(). Single process only: with world_size > 1 the per-rank inf checks would diverge.
+    """
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return torch.amp.GradScaler(device_type, enabled=(device_type == "cuda" and dtype == torch.float16))
+
+
+# ----------------------------------------------------------------------------- fused lm_head + loss
+
+class _LinearSoftcapCrossEntropy(torch.autograd.Function):
+    """mean cross-entropy of softcap·tanh(x @ W.T / softcap), ignore_index=-1, fused and chunked.
+
+    The unfused path materializes (N, V) logits and streams them through memory ~15 times
+    (matmul out, /cap, tanh, ·cap, log_softmax, nll, and as many backward). Here small chunks of
+    rows go through the elementwise work while they sit in cache, and the gradient is computed
+    in the forward pass (the loss is a scalar, so backward only rescales it by grad_output).
+    The gradient w.r.t. the logits of a block of rows lands in one buffer, so dx and dW come
+    from a few large GEMMs instead of many skinny ones.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, softcap: float, chunk: int, block_bytes: int):
+        N = x.size(0)
+        V = weight.size(0)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        valid = targets != -1
+        n_valid = valid.sum()
+        any_ignored = not bool(valid.all())
+        tgt = targets.clamp(min=0).unsqueeze(1)
+        capped = softcap > 0
+        # fold 1/cap into the (small) input: (x/cap) @ Wᵀ = z/cap, ready for tanh
+        xs = x * (1.0 / softcap) if capped else x
+        wt = weight.t()
+        row_loss = torch.empty(N, dtype=torch.float32, device=x.device)
+        dx = torch.empty_like(x) if need_grad else None
+        dw = torch.zeros_like(weight) if need_grad else None
+        chunk = max(1, min(chunk, N))
+        R = max(chunk, min(N, block_bytes // (4 * V) // chunk * chunk))   # rows per GEMM block
+        blk_buf = torch.empty(R, V, dtype=torch.float32, device=x.device)
+        e_buf = torch.empty(chunk, V, dtype=torch.float32, device=x.device)
+        for b0 in range(0, N, R):
+            b1 = min(N, b0 + R)
+            blk = blk_buf[:b1 - b0]
+            for i0 in range(b0, b1, chunk):
+                i1 = min(b1, i0 + chunk)
+                z = blk[i0 - b0:i1 - b0]
+                e = e_buf[:i1 - i0]
+                tc = tgt[i0:i1]
+                torch.mm(xs[i0:i1], wt, out=z)
+                if capped:
+                    t = z.tanh_()                              # z is now tanh(z/cap); |logit| <= cap
+                    torch.mul(t, softcap, out=e)
+                    s_t = t.gather(1, tc).squeeze(1) * softcap
+                    e.exp_()                                   # safe without max-shift: e <= exp(cap)
+                    sumexp = e.sum(1)
+                    lse = sumexp.log()
+                else:
+                    t = None
+                    s_t = z.gather(1, tc).squeeze(1)
+                    lse = torch.logsumexp(z, dim=1)
+                    torch.sub(z, lse.unsqueeze(1), out=e).exp_()
+                    sumexp = None
+                torch.sub(lse, s_t, out=row_loss[i0:i1])
+                if not need_grad:
+                    continue
+                if sumexp is not None:
+                    e.mul_(sumexp.reciprocal_().unsqueeze(1))  # softmax
+                e.scatter_add_(1, tc, torch.full(tc.shape, -1.0, dtype=e.dtype, device=e.device))
+                if any_ignored:
+                    e.mul_(valid[i0:i1].unsqueeze(1))
+                if t is not None:
+                    t.mul_(t)
+                    torch.addcmul(e, e, t, value=-1.0, out=z)  # dlogit = dcapped·(1 - tanh²)
+                else:
+                    z.copy_(e)
+            if need_grad:
+                torch.mm(blk, weight, out=dx[b0:b1])
+                dw.addmm_(blk.t(), x[b0:b1])
+        if any_ignored:
+            row_loss.mul_(valid)
+        loss = row_loss.sum() / n_valid
+        if need_grad:
+            ctx.save_for_backward(dx, dw, n_valid)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dx, dw, n_valid = ctx.saved_tensors
+        scale = grad_out / n_valid
+        return dx * scale, dw * scale, None, None, None, None
+
+
+def linear_softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 softcap: float, chunk: int = 32, block_bytes: int = 64 << 20) -> torch.Tensor:
+    """Fused `F.cross_entropy(softcap·tanh((x @ weight.T)/softcap), targets, ignore_index=-1)` (mean).
+
+    x (N, d) fp32, weight (V, d), targets (N,) long. chunk: rows per elementwise pass (keep
+    chunk·V·8 bytes within L2); block_bytes: size of the logit-gradient buffer per GEMM block.
+    """
+    return _LinearSoftcapCrossEntropy.apply(x, weight, targets, softcap, chunk, block_bytes)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+class KVCache:
+    """Preallocated key/value cache for batched inference.
+
+    Layout: `k`, `v` of shape (n_layer, B, n_kv_head, max_len, head_dim); `pos` (B,) long = how many
+    tokens each row holds. `last_x` (B, n_embd) keeps each row's last normed embedding (smear needs it).
+
+    Use:
+        cache = KVCache(batch_size=1, num_kv_heads=cfg.n_kv_head, max_len=L, head_dim=cfg.head_dim,
+                        num_layers=cfg.n_layer, device=dev, dtype=torch.float32, n_embd=cfg.n_embd)
+        logits = model(prompt_ids, kv_cache=cache)        # prefill (B, T): rows advance by T
+        big = KVCache(batch_size=N, ...)                  # same dims
+        big.copy_rows_from(cache, src_row=0)              # N completions of one prompt
+        logits = model(next_ids[:, None], kv_cache=big)   # decode one token per row
+    Rows may sit at different positions (e.g. prompts of different lengths prefilled one by one and
+    copied in with `copy_rows_from(src, src_row, dst_rows=[i])`); every forward appends the same
+    number of tokens T to every row, at positions pos[b] .. pos[b]+T-1.
+    `model(...)` advances `pos` itself; `reset()` empties the cache.
+    """
+
+    def __init__(self, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int, num_layers: int,
+                 device=None, dtype: torch.dtype = torch.float32, n_embd: Optional[int] = None):
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.last_x = torch.zeros(batch_size, n_embd, device=device, dtype=dtype) if n_embd else None
+        self.batch_size, self.max_len = batch_size, max_len
+
+    @classmethod
+    def for_model(cls, model: "GPT", batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None) -> "KVCache":
+        c = model.config
+        dev = model.lm_head.weight.device
+        dtype = dtype or model.lm_head.weight.dtype
+        return cls(batch_size, c.n_kv_head, max_len, c.head_dim, c.n_layer, dev, dtype, c.n_embd)
+
+    def reset(self) -> None:
+        self.pos.zero_()
+
+    def get_pos(self) -> int:
+        """Largest row position (the prefix length when all rows are aligned)."""
+        return int(self.pos.max())
+
+    def copy_rows_from(self, src: "KVCache", src_row: int = 0, dst_rows=None) -> None:
+        """Copy row `src_row` of `src` (keys, values, position) into `dst_rows` (default: all rows)."""
+        if (src.k.shape[0], src.k.shape[2], src.k.shape[4]) != (self.k.shape[0], self.k.shape[2], self.k.shape[4]):
+            raise ValueError("KVCache.copy_rows_from: layer/head/dim shapes differ between caches")
+        rows = range(self.batch_size) if dst_rows is None else dst_rows
+        n = int(src.pos[src_row])
+        if n > self.max_len:
+            raise ValueError(f"KVCache.copy_rows_from: source holds {n} tokens > max_len={self.max_len}")
+        for r in rows:
+            self.k[:, r, :, :n] = src.k[:, src_row, :, :n]
+            self.v[:, r, :, :n] = src.v[:, src_row, :, :n]
+            self.pos[r] = n
+            if self.last_x is not None and src.last_x is not None:
+                self.last_x[r] = src.last_x[src_row]
+
+
+# ----------------------------------------------------------------------------- modules
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        d, kvd = config.n_embd, config.n_kv_head * config.head_dim
+        self.qk_scale = config.qk_scale
+        self.c_q = nn.Linear(d, d, bias=False)
+        self.c_k = nn.Linear(d, kvd, bias=False)
+        self.c_v = nn.Linear(d, kvd, bias=False)
+        self.c_proj = nn.Linear(d, d, bias=False)
+        self.ve_gate = (nn.Linear(VE_GATE_CHANNELS, config.n_kv_head, bias=False)
+                        if config.value_embeds and has_value_embed(layer_idx, config.n_layer) else None)
+
+    def forward(self, x, ve, rope, window: int, kv_cache: Optional[KVCache], attn_mask):
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        # one matmul for q, k, v (same math as three Linears; fewer, larger GEMMs)
+        w = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
+        qkv = F.linear(x, w).view(B, T, H + 2 * Hkv, D)
+        qk, v = qkv[:, :, :H + Hkv], qkv[:, :, H + Hkv:]
+        if ve is not None:
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)
+        qk = apply_rotary(norm(qk), rope)   # QK norm (rotation keeps the RMS, so order is free)
+        q, k = qk[:, :, :H], qk[:, :, H:]
+        # qk_scale multiplies q and k, i.e. the attention logits by qk_scale²: fold it into SDPA's scale
+        scale = self.qk_scale ** 2 / math.sqrt(D)
+        if kv_cache is None:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if window >= T:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hkv != H)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[window], scale=scale,
+                                                   enable_gqa=Hkv != H)
+        else:
+            y = self._attend_cached(q, k, v, window, kv_cache, attn_mask, scale)
+        y = y.transpose(1, 2).reshape(B, T, H * D)
+        return self.c_proj(y)
+
+    def _attend_cached(self, q, k, v, window, cache: KVCache, attn_mask, scale: float):
+        B, T, H, D = q.shape
+        positions, S = attn_mask["positions"], attn_mask["S"]
+        li = self.layer_idx
+        rows = torch.arange(B, device=q.device).unsqueeze(1)
+        # advanced indices (rows, positions) around a slice put (B, T) first: assign in (B, T, H, D)
+        cache.k[li][rows, :, positions] = k.to(cache.k.dtype)
+        cache.v[li][rows, :, positions] = v.to(cache.v.dtype)
+        keys, vals = cache.k[li, :, :, :S], cache.v[li, :, :, :S]
+        mask = attn_mask["mask"][window]
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.to(q.dtype), vals.to(q.dtype),
+                                           attn_mask=mask, scale=scale, enable_gqa=self.n_kv_head != H)
+        return y
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(relu_squared(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, rope, window, kv_cache, attn_mask):
+        x = x + self.attn(norm(x), ve, rope, window, kv_cache, attn_mask)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        V, d, L = config.padded_vocab_size, config.n_embd, config.n_layer
+        kvd = config.n_kv_head * config.head_dim
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(V, d),
+            "h": nn.ModuleList([Block(config, i) for i in range(L)]),
+        })
+        self.lm_head = nn.Linear(d, V, bias=False)
+        self.value_embeds = nn.ModuleDict({
+            str(i): nn.Embedding(V, kvd) for i in range(L) if config.value_embeds and has_value_embed(i, L)
+        })
+        self.resid_lambdas = nn.Parameter(torch.empty(L)) if config.resid_lambdas else None
+        self.x0_lambdas = nn.Parameter(torch.empty(L)) if config.x0_lambdas else None
+        if config.smear:
+            self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.empty(1))
+        else:
+            self.smear_gate, self.smear_lambda = None, None
+        self.backout_lambda = nn.Parameter(torch.empty(1)) if config.backout else None
+        self.windows = config.window_sizes()
+        # RoPE tables: 10× the training length leaves room for long generations; non-persistent
+        # (recomputed by init_weights / init_rotary, never stored in checkpoints)
+        self.rotary_len = config.sequence_len * 10
+        self.register_buffer("rope", rotary_tables(self.rotary_len, config.head_dim, config.rope_base),
+                             persistent=False)
+        self._mask_cache: dict = {}
+        self.fused_loss = True       # chunked lm_head+softcap+CE on CPU (see _LinearSoftcapCrossEntropy)
+        self.loss_chunk = 32
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Deterministic given torch's RNG state. Call after `to_empty` (meta construction)."""
+        d = self.config.n_embd
+        s = 3 ** 0.5 * d ** -0.5   # uniform(-s, s) has std 1/sqrt(d)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)    # gate = 2·sigmoid(0) = 1 at start
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -s, s)
+        if self.resid_lambdas is not None:
+            self.resid_lambdas.fill_(1.0)
+        if self.x0_lambdas is not None:
+            self.x0_lambdas.fill_(0.1)
+        if self.smear_gate is not None:
+            nn.init.zeros_(self.smear_gate.weight)
+            self.smear_lambda.zero_()                        # no smearing at start
+        if self.backout_lambda is not None:
+            self.backout_lambda.fill_(0.2)
+        self.init_rotary()
+
+    @torch.no_grad()
+    def init_rotary(self) -> None:
+        """(Re)compute the RoPE buffers on the model's device (needed after to_empty)."""
+        self.rope = rotary_tables(self.rotary_len, self.config.head_dim, self.config.rope_base,
+                                  device=self.lm_head.weight.device)
+        self._mask_cache = {}
+
+    # ------------------------------------------------------------------ counts
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def num_scaling_params(self) -> int:
+        """Transformer block matrices (incl. value-embedding gates) + lm_head."""
+        return sum(p.numel() for p in self.transformer.h.parameters()) + self.lm_head.weight.numel()
+
+    def estimate_flops(self) -> int:
+        """Training FLOPs per token: 6·(params − embedding tables) + attention 12·L·H·hd·T_eff."""
+        c = self.config
+        emb = self.transformer.wte.weight.numel() + sum(ve.weight.numel() for ve in self.value_embeds.values())
+        attn = sum(12 * c.n_head * c.head_dim * w for w in self.windows)
+        return 6 * (self.num_params() - emb) + attn
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Which optimizer gets what: "matrix" → Muon; the rest → AdamW at their own LRs.
+
+        Keys: matrix (block weights incl. VE gates), embedding (wte), value_embed, lm_head,
+        resid_scalar (resid_lambdas), scalar (x0 lambdas, smear gate + lambda, backout lambda).
+        """
+        scalars = [p for p in (self.x0_lambdas, self.smear_lambda, self.backout_lambda) if p is not None]
+        if self.smear_gate is not None:
+            scalars.insert(1, self.smear_gate.weight)
+        groups = {
+            "matrix": list(self.transformer.h.parameters()),
+            "embedding": [self.transformer.wte.weight],
+            "value_embed": [ve.weight for ve in self.value_embeds.values()],
+            "lm_head": [self.lm_head.weight],
+            "resid_scalar": [self.resid_lambdas] if self.resid_lambdas is not None else [],
+            "scalar": scalars,
+        }
+        n = sum(len(v) for v in groups.values())
+        assert n == len(list(self.parameters())), "param_groups misses a parameter"
+        return groups
+
+    # ------------------------------------------------------------------ forward
+    def _masks(self, T: int, device, kv_cache: Optional[KVCache]):
+        if kv_cache is None:
+            out = {}
+            for w in set(self.windows):
+                if w < T:
+                    key = (T, w, str(device))
+                    if key not in self._mask_cache:
+                        i = torch.arange(T, device=device)
+                        diff = i.unsqueeze(1) - i.unsqueeze(0)
+                        self._mask_cache[key] = (diff >= 0) & (diff < w)
+                    out[w] = self._mask_cache[key]
+            return out
+        # cached inference: each row's new tokens sit at pos[b] + t
+        pos = kv_cache.pos
+        positions = pos.unsqueeze(1) + torch.arange(T, device=device)        # (B, T)
+        S = int(positions.max()) + 1
+        if S > kv_cache.max_len:
+            raise ValueError(f"KVCache overflow: need {S} positions, cache max_len={kv_cache.max_len}")
+        j = torch.arange(S, device=device)
+        diff = positions.unsqueeze(-1) - j                                   # (B, T, S)
+        masks = {w: ((diff >= 0) & (diff < w)).unsqueeze(1) for w in set(self.windows)}
+        return {"positions": positions, "S": S, "mask": masks}
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                kv_cache: Optional[KVCache] = None, loss_reduction: str = "mean"):
+        B, T = idx.shape
+        c = self.config
+        if kv_cache is None and T > self.rotary_len:
+            raise ValueError(f"sequence of {T} tokens exceeds the RoPE table ({self.rotary_len})")
+        masks = self._masks(T, idx.device, kv_cache)
+        if kv_cache is None:
+            rope = self.rope[None, :T, None]
+        else:
+            positions = masks["positions"]
+            if int(positions.max()) >= self.rotary_len:
+                raise ValueError(f"position {int(positions.max())} exceeds the RoPE table ({self.rotary_len})")
+            rope = self.rope[positions].unsqueeze(2)
+
+        x = norm(self.transformer.wte(idx))
+        if self.smear_gate is not None:
+            x = self._smear(x, kv_cache)
+        x0 = x
+        backout_layer = c.n_layer // 2
+        x_mid = None
+        for i, block in enumerate(self.transformer.h):
+            if self.resid_lambdas is not None:
+                x = self.resid_lambdas[i] * x
+            if self.x0_lambdas is not None:
+                x = x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ve, rope, self.windows[i], kv_cache, masks)
+            if i == backout_layer - 1:
+                x_mid = x
+        if self.backout_lambda is not None and x_mid is not None:
+            x = x - self.backout_lambda * x_mid
+        x = norm(x)
+        if kv_cache is not None:
+            kv_cache.pos += T
+
+        V = c.vocab_size
+        W = self.lm_head.weight[:V] if V != c.padded_vocab_size else self.lm_head.weight
+        if targets is not None and loss_reduction == "mean" and self._use_fused_loss(x):
+            return linear_softcap_cross_entropy(x.reshape(B * T, -1), W, targets.reshape(-1),
+                                                c.softcap, self.loss_chunk)
+        logits = F.linear(x, W).float()
+        if c.softcap > 0:
+            logits = c.softcap * torch.tanh(logits / c.softcap)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+
+    def _use_fused_loss(self, x: torch.Tensor) -> bool:
+        # CPU fp32 eager only: on GPU the elementwise passes are cheap, and compile fuses them itself
+        return (self.fused_loss and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.compiler.is_compiling())
+
+    def _smear(self, x: torch.Tensor, kv_cache: Optional[KVCache]) -> torch.Tensor:
+        """x[t] += λ·sigmoid(gate(x[t, :24]))·x[t-1]; position 0 of a sequence has no predecessor."""
+        B, T, d = x.shape
+        g = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))   # (B, T, 1)
+        if kv_cache is None:
+            out = torch.cat([x[:, :1], x[:, 1:] + g[:, 1:] * x[:, :-1]], dim=1)
+        else:
+            prev = torch.cat([kv_cache.last_x.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
+            has_prev = (kv_cache.pos.unsqueeze(1) + torch.arange(T, device=x.device)) > 0   # (B, T)
+            out = x + (g * has_prev.unsqueeze(-1)) * prev
+            kv_cache.last_x.copy_(x[:, -1])
+        return out
+
+    @torch.inference_mode()
+    def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, seed: int = 42):
+        """Simple single-row streaming generation with the KV cache (yields token ids)."""
+        device = self.lm_head.weight.device
+        rng = torch.Generator(device=device).manual_seed(seed)
+        cache = KVCache.for_model(self, 1, len(tokens) + max_tokens)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self(ids, kv_cache=cache)[:, -1, :]
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            if temperature > 0:
+                probs = F.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=rng)
+            else:
+                nxt = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = nxt
+            yield int(nxt.item())
+
+
+def build_model(config: GPTConfig, device, seed: int) -> GPT:
+    """Construct on the meta device (no memory, no init cost), materialize on `device`, init."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    model.init_weights()
+    return model

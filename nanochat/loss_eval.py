@@ -1,0 +1,63 @@
+"""Bits per byte: a validation loss that does not depend on the tokenizer.
+
+Mean cross-entropy per token changes when the vocabulary changes (a bigger vocab packs more
+text into each token), so comparing runs with different tokenizers on loss is meaningless.
+Dividing the summed loss (in nats) by the number of UTF-8 bytes those tokens stand for, and
+converting nats to bits, gives a number that is comparable across tokenizers.
+
+Special tokens (BOS, chat markers) have byte length 0 in `token_bytes`: they are not text, so
+both their loss and their (zero) bytes are left out. Targets of -1 (ignore_index) are skipped.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+@torch.no_grad()
+def evaluate_bpb(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                 steps: int, token_bytes: torch.Tensor) -> float:
+    """Bits per byte of `model` over the first `steps` (x, y) batches of `batches`.
+
+    `model(x, y, loss_reduction="none")` must return the per-token fp32 losses (ignore_index -1).
+    `token_bytes[id]` is the UTF-8 length of token `id` (0 for special tokens).
+    Under torch.distributed every rank evaluates its own batches and the sums are all-reduced,
+    so every rank returns the same number.
+    """
+    if steps < 1:
+        raise ValueError(f"evaluate_bpb: steps={steps}; it must be at least 1")
+    it = iter(batches)
+    device = None
+    total_nats = total_bytes = None
+    for step in range(steps):
+        try:
+            x, y = next(it)
+        except StopIteration:
+            raise ValueError(f"evaluate_bpb: the batch iterator ran out after {step} of {steps} steps; "
+                             f"lower the number of eval tokens or give it more data") from None
+        if device is None:
+            device = y.device
+            token_bytes = token_bytes.to(device)
+            acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no fp64
+            total_nats = torch.zeros((), dtype=acc_dtype, device=device)
+            total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+        losses = model(x, y, loss_reduction="none").reshape(-1).float()
+        y = y.reshape(-1)
+        valid = y >= 0
+        nbytes = torch.where(valid, token_bytes[torch.where(valid, y, torch.zeros_like(y))],
+                             torch.zeros_like(y, dtype=token_bytes.dtype))
+        counted = nbytes > 0
+        # where() rather than a product: an ignored position may carry a nan/inf loss
+        total_nats += torch.where(counted, losses, torch.zeros_like(losses)).sum(dtype=acc_dtype)
+        total_bytes += nbytes.sum(dtype=torch.int64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
+        dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
+    nbytes_total = int(total_bytes.item())
+    if nbytes_total == 0:
+        raise ValueError("evaluate_bpb: the evaluated targets cover 0 bytes (all special or ignored tokens); "
+                         "check token_bytes and the validation data")
+    return float(total_nats.item()) / (math.log(2) * nbytes_total)

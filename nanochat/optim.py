@@ -1,0 +1,335 @@
+"""Optimizers: Muon for the transformer matrices, AdamW for everything else, in one object.
+
+`build_optimizer(model, ...)` returns a `MuonAdamW` (a torch.optim.Optimizer) whose param_groups
+carry `kind` ("muon" | "adamw"), `name`, `lr` and `initial_lr`, so the training loop schedules
+them with the pure functions at the bottom of this file:
+
+    for g in opt.param_groups:
+        g["lr"] = g["initial_lr"] * lr_multiplier(step, ...)
+        if g["kind"] == "muon":
+            g["momentum"] = muon_momentum(step)
+            g["weight_decay"] = weight_decay_at(step, num_iterations, base_wd, "cosine")
+
+Muon: momentum (lerp form) with Nesterov, then the update is orthogonalized with a quintic
+Newton–Schulz iteration (or the Polar Express coefficients, `ns="polar_express"`) and scaled by
+sqrt(max(1, rows/cols)). Same-shape matrices are stacked and orthogonalized in one batched call.
+The orthogonalization runs in fp32 on CPU (bf16 matmuls are ~100× slower there) and bf16 on CUDA.
+
+Distributed (world_size > 1): no DDP wrapper. After backward, `step()` reduce-scatters the
+gradients (average), each rank updates only the parameters it owns and keeps optimizer state
+only for those (ZeRO-2), then all-gathers the new values. AdamW shards every tensor by flat
+element ranges (padded to a multiple of the world size); Muon shards whole matrices of each
+same-shape stack (stacks padded with zero matrices). `state_dict()` holds this rank's shard only;
+load it into an optimizer built with the same model, world size and rank.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+# quintic Newton–Schulz coefficients (Keller Jordan's Muon): fast, not exactly converging to 1
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Polar Express (arXiv 2505.16932), 5 steps, with the 2% safety factor on the initial scaling
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+NS_METHODS = ("newton_schulz", "polar_express")
+
+
+def orthogonalize(G: torch.Tensor, ns: str = "newton_schulz", steps: int = 5,
+                  dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Approximate U·Vᵀ of G = U·S·Vᵀ for a matrix (m, n) or a stack (k, m, n).
+
+    dtype: compute precision; default fp32 on CPU, bf16 on CUDA. Returns G's dtype.
+    """
+    if ns not in NS_METHODS:
+        raise ValueError(f"ns={ns!r}: use one of {', '.join(NS_METHODS)}")
+    if dtype is None:
+        dtype = torch.bfloat16 if G.is_cuda else torch.float32
+    squeeze = G.dim() == 2
+    X = G.unsqueeze(0) if squeeze else G
+    X = X.to(dtype)
+    tall = X.size(-2) > X.size(-1)
+    if tall:   # iterate on the wide orientation: the Gram matrix X·Xᵀ is the smaller one
+        X = X.mT
+    nrm = X.norm(dim=(-2, -1), keepdim=True)
+    if ns == "polar_express":
+        X = X / (nrm * 1.02 + 1e-6)
+        coeffs = POLAR_EXPRESS_COEFFS[:steps]
+        if steps > len(POLAR_EXPRESS_COEFFS):
+            raise ValueError(f"polar_express supports at most {len(POLAR_EXPRESS_COEFFS)} steps, got {steps}")
+    else:
+        X = X / (nrm + 1e-7)
+        coeffs = (NS_COEFFS,) * steps
+    X = X.contiguous()
+    for a, b, c in coeffs:
+        A = torch.bmm(X, X.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)      # b·A + c·A²
+        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)    # a·X + B·X
+    if tall:
+        X = X.mT
+    X = X.to(G.dtype)
+    return X.squeeze(0) if squeeze else X
+
+
+def muon_scale(shape: torch.Size) -> float:
+    """Muon's shape factor: sqrt(max(1, rows/cols))."""
+    return max(1.0, shape[-2] / shape[-1]) ** 0.5
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon + AdamW over explicitly typed groups, optionally ZeRO-2 sharded.
+
+    Each group is a dict with `params`, `kind` ("muon" | "adamw"), `name`, `lr`, `weight_decay`;
+    adamw groups also `betas`, `eps`; muon groups `momentum`, `nesterov`, `ns`, `ns_steps`.
+    """
+
+    def __init__(self, param_groups: list[dict], world_size: int = 1, rank: int = 0, process_group=None):
+        for g in param_groups:
+            if g.get("kind") not in ("muon", "adamw"):
+                raise ValueError(f"param group {g.get('name')!r}: kind={g.get('kind')!r}, use 'muon' or 'adamw'")
+            if g["kind"] == "muon":
+                for p in g["params"]:
+                    if p.dim() != 2:
+                        raise ValueError(f"Muon group {g.get('name')!r} got a {p.dim()}-D parameter "
+                                         f"{tuple(p.shape)}; Muon needs matrices (put it in an AdamW group)")
+                if g.get("ns", "newton_schulz") not in NS_METHODS:
+                    raise ValueError(f"ns={g['ns']!r}: use one of {', '.join(NS_METHODS)}")
+        if world_size < 1 or not (0 <= rank < world_size):
+            raise ValueError(f"rank={rank} world_size={world_size}: need 0 <= rank < world_size")
+        super().__init__(param_groups, defaults={})
+        for g in self.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+            g.setdefault("weight_decay", 0.0)
+            if g["kind"] == "muon":
+                g.setdefault("momentum", 0.95)
+                g.setdefault("nesterov", True)
+                g.setdefault("ns", "newton_schulz")
+                g.setdefault("ns_steps", 5)
+            else:
+                g.setdefault("betas", (0.8, 0.95))
+                g.setdefault("eps", 1e-10)
+        self.world_size, self.rank, self.process_group = world_size, rank, process_group
+        if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"MuonAdamW(world_size={world_size}) needs torch.distributed initialized first")
+
+    # ------------------------------------------------------------------ layout helpers
+    @staticmethod
+    def _buckets(group: dict) -> list[list[torch.Tensor]]:
+        """Muon params grouped by shape, in first-seen order (deterministic on every rank)."""
+        by_shape: dict = defaultdict(list)
+        for p in group["params"]:
+            by_shape[tuple(p.shape)].append(p)
+        return list(by_shape.values())
+
+    def _own_range(self, n: int) -> tuple[int, int, int]:
+        """(start, length, shard) of this rank's slice of n items padded to a multiple of world."""
+        shard = -(-n // self.world_size)
+        start = self.rank * shard
+        return start, max(0, min(shard, n - start)), shard
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.world_size == 1:
+            for g in self.param_groups:
+                if g["kind"] == "adamw":
+                    self._adamw_local(g)
+                else:
+                    for bucket in self._buckets(g):
+                        self._muon_local(g, bucket)
+        else:
+            self._step_distributed()
+        return loss
+
+    # ---- AdamW
+    def _adamw_update(self, g: dict, params: list, grads: list, states: list) -> None:
+        if not params:
+            return
+        beta1, beta2 = g["betas"]
+        lr, wd, eps = g["lr"], g["weight_decay"], g["eps"]
+        for st, p in zip(states, params):
+            if not st:
+                st["step"] = 0
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros_like(p)
+            st["step"] += 1
+        step = states[0]["step"]
+        m = [st["exp_avg"] for st in states]
+        v = [st["exp_avg_sq"] for st in states]
+        if wd != 0:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_lerp_(m, grads, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
+        bc1 = 1 - beta1 ** step
+        bc2 = 1 - beta2 ** step
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, math.sqrt(bc2))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, m, denom, -lr / bc1)
+
+    def _adamw_local(self, g: dict) -> None:
+        params = [p for p in g["params"] if p.grad is not None]
+        self._adamw_update(g, params, [p.grad for p in params], [self.state[p] for p in params])
+
+    # ---- Muon
+    def _muon_update(self, g: dict, key: torch.Tensor, P: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        """Update the stacked params P (k, m, n) in place from stacked grads G (consumed)."""
+        st = self.state[key]
+        if "momentum_buffer" not in st:
+            st["momentum_buffer"] = torch.zeros_like(G)
+        buf = st["momentum_buffer"]
+        mom = g["momentum"]
+        buf.lerp_(G, 1 - mom)
+        upd = G.lerp_(buf, mom) if g["nesterov"] else buf
+        O = orthogonalize(upd, g["ns"], g["ns_steps"])
+        lr, wd = g["lr"], g["weight_decay"]
+        if wd != 0:
+            P.mul_(1 - lr * wd)
+        P.add_(O, alpha=-lr * muon_scale(P.shape))
+        return P
+
+    def _muon_local(self, g: dict, bucket: list) -> None:
+        live = [p for p in bucket if p.grad is not None]
+        if not live:
+            return
+        G = torch.stack([p.grad for p in live])
+        P = torch.stack(live)
+        self._muon_update(g, live[0], P, G)
+        torch._foreach_copy_(live, list(P.unbind(0)))
+
+    # ---- distributed (ZeRO-2)
+    def _step_distributed(self) -> None:
+        W, pg = self.world_size, self.process_group
+        reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        jobs = []   # (kind, group, payload, grad shard, work handle)
+        # 1) launch every reduce-scatter (averaging) up front
+        for g in self.param_groups:
+            if g["kind"] == "adamw":
+                for p in g["params"]:
+                    n = p.numel()
+                    _, _, shard = self._own_range(n)
+                    flat = torch.zeros(shard * W, dtype=p.dtype, device=p.device)
+                    if p.grad is not None:
+                        flat[:n] = p.grad.reshape(-1)
+                    out = torch.empty(shard, dtype=p.dtype, device=p.device)
+                    work = reduce_scatter(out, flat, op=dist.ReduceOp.AVG, group=pg, async_op=True)
+                    jobs.append(("adamw", g, p, out, work))
+            else:
+                for bucket in self._buckets(g):
+                    k = len(bucket)
+                    _, _, shard = self._own_range(k)
+                    G = torch.zeros((shard * W, *bucket[0].shape), dtype=bucket[0].dtype, device=bucket[0].device)
+                    for i, p in enumerate(bucket):
+                        if p.grad is not None:
+                            G[i] = p.grad
+                    out = torch.empty((shard, *bucket[0].shape), dtype=G.dtype, device=G.device)
+                    work = reduce_scatter(out, G, op=dist.ReduceOp.AVG, group=pg, async_op=True)
+                    jobs.append(("muon", g, bucket, out, work))
+        # 2) owners update their shard, 3) all-gather the new values
+        gathers = []
+        for kind, g, payload, gshard, work in jobs:
+            work.wait()
+            if kind == "adamw":
+                p = payload
+                n = p.numel()
+                start, length, shard = self._own_range(n)
+                own = p.view(-1)[start:start + length]
+                self._adamw_update(g, [own], [gshard[:length]], [self.state[p]])
+                send = torch.zeros(shard, dtype=p.dtype, device=p.device)
+                send[:length] = own
+                recv = torch.empty(shard * W, dtype=p.dtype, device=p.device)
+                gathers.append((all_gather(recv, send, group=pg, async_op=True), [p], recv))
+            else:
+                bucket = payload
+                start, length, shard = self._own_range(len(bucket))
+                P = torch.zeros_like(gshard)
+                for j in range(length):
+                    P[j] = bucket[start + j]
+                self._muon_update(g, bucket[0], P, gshard)
+                recv = torch.empty((shard * W, *bucket[0].shape), dtype=P.dtype, device=P.device)
+                gathers.append((all_gather(recv, P, group=pg, async_op=True), bucket, recv))
+        for work, params, recv in gathers:
+            work.wait()
+            if len(params) == 1 and recv.dim() == 1:
+                p = params[0]
+                p.copy_(recv[:p.numel()].view_as(p))
+            else:
+                torch._foreach_copy_(params, list(recv[:len(params)].unbind(0)))
+
+
+def build_optimizer(model, *, embedding_lr: float, unembedding_lr: float, matrix_lr: float,
+                    scalar_lr: float, weight_decay: float = 0.0, adam_betas=(0.8, 0.95),
+                    ns: str = "newton_schulz", world_size: int = 1, rank: int = 0,
+                    adamw_weight_decay: float = 0.0, process_group=None) -> MuonAdamW:
+    """One optimizer for the whole GPT: Muon on block matrices, AdamW on the rest.
+
+    LRs are used as given (the caller applies any width/batch scaling). `weight_decay` is Muon's
+    decoupled weight decay (on the matrices); AdamW groups use `adamw_weight_decay` (default 0).
+    Groups (names): matrix (muon) · embedding · value_embed (at embedding_lr) · lm_head
+    (unembedding_lr) · resid_scalar (scalar_lr·0.01, as nanochat) · scalar (scalar_lr).
+    Empty groups are left out.
+    """
+    pg = model.param_groups()
+    betas = tuple(adam_betas)
+
+    def adamw(name, params, lr):
+        return dict(kind="adamw", name=name, params=params, lr=lr, betas=betas, eps=1e-10,
+                    weight_decay=adamw_weight_decay)
+
+    groups = [
+        dict(kind="muon", name="matrix", params=pg["matrix"], lr=matrix_lr, momentum=0.95, nesterov=True,
+             ns=ns, ns_steps=5, weight_decay=weight_decay),
+        adamw("embedding", pg["embedding"], embedding_lr),
+        adamw("value_embed", pg["value_embed"], embedding_lr),
+        adamw("lm_head", pg["lm_head"], unembedding_lr),
+        adamw("resid_scalar", pg["resid_scalar"], scalar_lr * 0.01),
+        adamw("scalar", pg["scalar"], scalar_lr),
+    ]
+    groups = [g for g in groups if g["params"]]
+    return MuonAdamW(groups, world_size=world_size, rank=rank, process_group=process_group)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def lr_multiplier(step: int, num_iterations: int, warmup_steps: int, warmdown_steps: int,
+                  final_lr_frac: float) -> float:
+    """Linear warmup to 1, flat, then linear warmdown to final_lr_frac at num_iterations."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if warmdown_steps > 0 and step > num_iterations - warmdown_steps:
+        progress = max(0.0, (num_iterations - step) / warmdown_steps)
+        return progress + (1 - progress) * final_lr_frac
+    return 1.0
+
+
+def muon_momentum(step: int, start: float = 0.85, end: float = 0.95, ramp_steps: int = 300) -> float:
+    """Muon momentum ramps linearly from start to end over ramp_steps, then stays."""
+    frac = 1.0 if ramp_steps <= 0 else min(step / ramp_steps, 1.0)
+    return (1 - frac) * start + frac * end
+
+
+def weight_decay_at(step: int, num_iterations: int, base_wd: float, schedule: str = "constant") -> float:
+    """Weight decay at `step`: constant, linear to 0, or cosine to 0 at num_iterations."""
+    frac = min(max(step / max(1, num_iterations), 0.0), 1.0)
+    if schedule == "constant":
+        return base_wd
+    if schedule == "linear":
+        return base_wd * (1 - frac)
+    if schedule == "cosine":
+        return base_wd * 0.5 * (1 + math.cos(math.pi * frac))
+    raise ValueError(f"weight decay schedule={schedule!r}: use constant, linear or cosine")

@@ -1,0 +1,128 @@
+"""The report card of a pipeline: one table with every stage's headline metrics.
+
+`launch/run.py` calls `write_report(cfg, results)` after a pipeline completes; `results` is
+a list of {"stage", "status", "run_dir", "result"} in run order. The table is printed with
+rich and written as markdown to `<run.root>/report.md` (the latest pipeline's card) and to
+`report.md` in the last stage's run dir (kept with that run). `build_report` gives the rows
+without printing, for tests and other front ends.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from nanochat.common import atomic_write_text
+
+
+def _f(x: Any, digits: int = 4) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, (int, float)) else "–"
+
+
+def wall_time_s(run_dir: Optional[str]) -> Optional[float]:
+    """Seconds from the freeze of the run (resolved_config.yaml) to COMPLETED."""
+    if not run_dir:
+        return None
+    d = Path(run_dir)
+    start, end = d / "resolved_config.yaml", d / "COMPLETED"
+    if not (start.exists() and end.exists()):
+        return None
+    return max(0.0, end.stat().st_mtime - start.stat().st_mtime)
+
+
+def _tasks(acc: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
+
+
+def stage_metrics(stage: str, r: Optional[dict]) -> str:
+    """The headline numbers of one stage's result.json as one cell of text."""
+    if not r:
+        return ""
+    parts: list[str] = []
+    if stage == "tokenizer":
+        comp = r.get("compression", {})
+        val = comp.get(f"{r.get('tokenizer')}/val") or next(iter(comp.values()), {})
+        parts.append(f"vocab {r.get('vocab_size'):,}" if r.get("vocab_size") else "")
+        if val:
+            parts.append(f"{val.get('bytes_per_token', 0):.2f} bytes/token")
+    elif stage == "pretrain":
+        if r.get("first_val_bpb") is not None:
+            parts.append(f"val bpb {_f(r.get('first_val_bpb'))} → {_f(r.get('final_val_bpb'))}")
+        if r.get("core") is not None:
+            parts.append(f"CORE {_f(r['core'])}")
+        if r.get("tok_per_sec"):
+            parts.append(f"{r['tok_per_sec']:,.0f} tok/s")
+    elif stage in ("mid", "sft"):
+        if r.get("final_val_loss") is not None:
+            parts.append(f"val loss {_f(r.get('first_val_loss'))} → {_f(r.get('final_val_loss'))}")
+        if r.get("task_accuracy"):
+            parts.append(_tasks(r["task_accuracy"]))
+    elif stage == "rl":
+        if r.get("mean_reward") is not None:
+            parts.append(f"reward {_f(r.get('first_reward'), 3)} → {_f(r.get('mean_reward'), 3)}")
+        for k, v in (r.get("pass_at_k") or {}).items():
+            parts.append(f"{k} {v:.3f}")
+    elif stage == "eval":
+        if r.get("mode") == "base":
+            parts.append(f"bpb train {_f(r.get('train_bpb'))} / val {_f(r.get('val_bpb'))}")
+            if r.get("core") is not None:
+                parts.append(f"CORE {_f(r['core'])} ({r.get('core_tasks_evaluated')}/{r.get('core_tasks_total')} tasks)")
+        else:
+            if r.get("task_accuracy"):
+                parts.append(_tasks(r["task_accuracy"]))
+            if r.get("chatcore") is not None:
+                parts.append(f"ChatCORE {_f(r['chatcore'])}")
+    return " · ".join(p for p in parts if p)
+
+
+def build_report(results: list[dict]) -> list[dict]:
+    rows = []
+    for item in results:
+        rows.append({"stage": item.get("stage", "?"), "status": item.get("status", "?"),
+                     "wall_s": wall_time_s(item.get("run_dir")),
+                     "metrics": stage_metrics(item.get("stage", ""), item.get("result")),
+                     "run_dir": item.get("run_dir") or ""})
+    return rows
+
+
+def _fmt_time(s: Optional[float]) -> str:
+    if s is None:
+        return "–"
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.1f}min"
+
+
+def to_markdown(rows: list[dict], title: str) -> str:
+    total = sum(r["wall_s"] or 0 for r in rows)
+    lines = [f"# {title}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} · total wall time {_fmt_time(total)}",
+             "", "| stage | status | wall time | metrics | run dir |", "|---|---|---|---|---|"]
+    for r in rows:
+        metrics = r["metrics"].replace("|", "\\|")
+        lines.append(f"| {r['stage']} | {r['status']} | {_fmt_time(r['wall_s'])} | {metrics} | `{r['run_dir']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(cfg: Any, results: list[dict]) -> Path:
+    """Print the report card and write report.md (see the module docstring); returns its path."""
+    rows = build_report(results)
+    title = f"nanochat report card ({cfg.experiment or 'pipeline'}, d{cfg.model.depth})"
+    md = to_markdown(rows, title)
+    root = Path(cfg.run.root).expanduser()
+    path = root / "report.md"
+    atomic_write_text(path, md)
+    last = next((r["run_dir"] for r in reversed(rows) if r["run_dir"]), None)
+    if last:
+        atomic_write_text(Path(last) / "report.md", md)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+        t = Table(title=title, show_lines=True)
+        for col in ("stage", "status", "wall time", "metrics"):
+            t.add_column(col, overflow="fold")
+        for r in rows:
+            t.add_row(r["stage"], r["status"], _fmt_time(r["wall_s"]), r["metrics"])
+        c = Console(highlight=False)
+        c.print(t)
+        c.print(f"report: {path}")
+    except ImportError:
+        print(md)
+    return path

@@ -1,0 +1,197 @@
+"""Stage `rl`: on-policy reinforcement learning on a task with a reward (GSM8K by default).
+
+Each step, every rank takes its share of `examples_per_step` training questions and, for
+each, samples `num_samples` answers with the Engine (tool calls run, their outputs are
+forced in). The task's reward scores each answer (0/1 for GSM8K); the advantage of a
+sample is its reward minus the mean reward of its question's samples (no std division,
+no KL, no clipping: nanochat's simplified GRPO, i.e. REINFORCE with a mean baseline). The
+loss is the policy gradient -Σ advantage·log p(token), normalized by the number of sampled
+tokens, over sampled tokens only: prompt, padding and forced tool-output tokens are masked.
+
+pass@k on the first `eval_examples` test questions (`eval_num_samples` samples each) runs
+every `pass_at_k_every` steps and at the end. Runs on one CPU or under torchrun: the
+optimizer reduces the gradients across ranks (no DDP wrapper). Which questions a step uses,
+and the sampling seeds, are functions of the step, so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from nanochat import training as T
+from nanochat.config import Config
+from nanochat.engine import Engine
+from nanochat.lifecycle import STOP, Preempted, stop_requested_all_ranks
+from nanochat.stages.mid import _dist_sum, base_lrs, effective_plan, source_checkpoint_meta, source_tokenizer_name
+from nanochat.tasks import make_task
+from nanochat.tokenizer import get_tokenizer
+
+
+def sample_rollouts(engine: Engine, tokenizer, task, index: int, num_samples: int, max_new_tokens: int,
+                    temperature: float, top_k: Optional[int], seed: int, limit: int):
+    """Sample answers to question `index`: (sequences, masks, rewards, prompt length)."""
+    conv = task[index]
+    prompt = tokenizer.render_for_completion(conv)
+    budget = max(1, min(max_new_tokens, limit - len(prompt)))
+    engine.model.eval()
+    seqs, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=budget,
+                                        temperature=temperature, top_k=top_k, seed=seed)
+    rewards = [float(task.reward(conv, tokenizer.decode(s[len(prompt):]))) for s in seqs]
+    return seqs, masks, rewards, len(prompt)
+
+
+def rollout_tensors(seqs: list[list[int]], masks: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) for a group of samples; targets are -1 except on sampled tokens."""
+    L = max(len(s) for s in seqs) - 1
+    x = torch.full((len(seqs), L), pad, dtype=torch.long)
+    y = torch.full((len(seqs), L), -1, dtype=torch.long)
+    for r, (s, m) in enumerate(zip(seqs, masks)):
+        t = torch.tensor(s, dtype=torch.long)
+        keep = torch.tensor(m[1:], dtype=torch.bool)
+        x[r, :len(s) - 1] = t[:-1]
+        y[r, :len(s) - 1] = torch.where(keep, t[1:], -1)
+    return x.to(device), y.to(device)
+
+
+@torch.no_grad()
+def pass_at_k(model, tokenizer, task, num_examples: int, k: int, max_new_tokens: int, temperature: float,
+              top_k: Optional[int], seed: int, device) -> dict:
+    """{"pass@1".."pass@k"}: fraction of test questions with a correct answer among the first i samples."""
+    import torch.distributed as dist
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    engine = Engine(model, tokenizer)
+    limit = getattr(model, "rotary_len", None) or model.config.sequence_len
+    n = min(num_examples, len(task))
+    hits = torch.zeros(k + 1, dtype=torch.float64, device=device)  # [0] counts questions
+    was_training = model.training
+    for i in range(rank, n, world):
+        _, _, rewards, _ = sample_rollouts(engine, tokenizer, task, i, k, max_new_tokens, temperature, top_k,
+                                           seed + i, limit)
+        hits[0] += 1
+        for j in range(1, k + 1):
+            hits[j] += float(any(r > 0 for r in rewards[:j]))
+    model.train(was_training)
+    hits = _dist_sum(hits)
+    return {f"pass@{j}": float(hits[j] / hits[0].clamp(min=1)) for j in range(1, k + 1)}
+
+
+def run(cfg: Config, run_dir: Path) -> dict:
+    from nanochat.stages.pretrain import T_tracker
+    rt = T.setup_runtime(cfg)
+    plan = T.load_plan(run_dir)
+    st = cfg.stage
+    meta = source_checkpoint_meta(st.init_from)
+    tokenizer = get_tokenizer(rt.base_dir, source_tokenizer_name(cfg, meta))
+    data_dir, base = cfg.paths.shared_data, str(rt.base_dir)
+    train_task = make_task(st.task, "train", data_dir=data_dir, base_dir=base)
+    test_task = make_task(st.task, "test", data_dir=data_dir, base_dir=base)
+    E, S = st.examples_per_step, st.num_samples
+    if E % rt.world:
+        raise ValueError(f"stage.examples_per_step={E} must be a multiple of the world size {rt.world}")
+    dbs = st.device_batch_size or S
+    N = st.num_iterations or max(1, (len(train_task) // E) * st.num_epochs)
+    eplan = effective_plan(plan, cfg, meta, num_iterations=N, total_batch_size=E * S * plan.sequence_len,
+                           device_batch_size=dbs, grad_accum=1, lr_frac=st.init_lr_frac, warmup_ratio=0.0,
+                           warmdown_ratio=1.0, momentum_ramp=False,
+                           horizon_source="num_iterations" if st.num_iterations else f"{st.num_epochs} epoch(s)")
+    model, _ = T.init_model(eplan, cfg, rt, st.init_from)
+    optimizer = T.make_optimizer(model, eplan, cfg, rt)
+    state, loader_state = T.try_resume(run_dir, cfg, rt, model, optimizer)
+    resumed = state.step > 0 or loader_state is not None
+    state.extra["base_lrs"] = base_lrs(cfg, meta, plan)
+    engine = Engine(model, tokenizer)
+    limit = getattr(model, "rotary_len", None) or model.config.sequence_len
+    pad = tokenizer.encode_special("<|assistant_end|>")
+    tracker = T_tracker(cfg, run_dir, rt, N, state.step)
+    tracker.print(f"rl on {st.task}: {len(train_task):,} train questions | {N} steps × {E} questions × {S} samples "
+                  f"| matrix LR {eplan.matrix_lr:.4g}" + (f" | resumed at step {state.step}" if resumed else ""))
+    start_step = state.step
+
+    def evaluate(step: int) -> None:
+        res = pass_at_k(model, tokenizer, test_task, st.eval_examples, st.eval_num_samples, st.max_new_tokens,
+                        st.temperature, st.top_k, cfg.run.seed + 1_000_003, rt.device)
+        state.extra["pass_at_k"] = res
+        tracker.log({"step": step, **{f"val/{k}": v for k, v in res.items()}})
+        tracker.print(f"step {step:05d} | " + " ".join(f"{k} {v:.3f}" for k, v in res.items()))
+
+    try:
+        while True:
+            step = state.step
+            last = step == N
+            fresh = not (resumed and step == start_step)
+            if fresh and (last or (st.pass_at_k_every > 0 and step % st.pass_at_k_every == 0)):
+                evaluate(step)
+            if fresh and step > start_step and (last or (st.save_every > 0 and step % st.save_every == 0)):
+                T.save(run_dir, cfg, eplan, rt, model, optimizer, {"step": step}, state)
+            if last:
+                break
+            if stop_requested_all_ranks(STOP):
+                T.save(run_dir, cfg, eplan, rt, model, optimizer, {"step": step}, state)
+                tracker.print(f"stop signal ({STOP.name or 'peer rank'}): checkpointed at step {step}")
+                raise Preempted(step, STOP.name or "peer")
+
+            # ---- rollouts for this rank's questions, then one policy-gradient step
+            t0 = time.perf_counter()
+            mine = list(range(rt.rank, E, rt.world))
+            reward_sum, sampled_tokens = 0.0, 0
+            groups = []
+            for j in mine:
+                idx = (step * E + j) % len(train_task)
+                seqs, masks, rewards, _ = sample_rollouts(engine, tokenizer, train_task, idx, S, st.max_new_tokens,
+                                                          st.temperature, st.top_k,
+                                                          cfg.run.seed * 1_000_003 + step * E + j, limit)
+                reward_sum += sum(rewards)
+                groups.append((seqs, masks, rewards))
+            model.train()
+            for seqs, masks, rewards in groups:
+                r = torch.tensor(rewards, dtype=torch.float32, device=rt.device)
+                adv = r - r.mean()
+                x, y = rollout_tensors(seqs, masks, pad, rt.device)
+                n_valid = int((y >= 0).sum())
+                sampled_tokens += n_valid
+                if n_valid == 0 or bool((adv == 0).all()):
+                    continue  # nothing sampled, or no signal (all samples scored alike)
+                for b0 in range(0, S, dbs):
+                    xb, yb, ab = x[b0:b0 + dbs], y[b0:b0 + dbs], adv[b0:b0 + dbs]
+                    with rt.autocast():
+                        nll = model(xb, yb, loss_reduction="none").view_as(yb).float()
+                    logp = -nll * (yb >= 0)
+                    # token-level normalization per question, averaged over this rank's questions
+                    loss = -(logp * ab.unsqueeze(1)).sum() / (n_valid * len(mine))
+                    loss.backward()
+            lrm = T.apply_schedules(optimizer, step, eplan)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            totals = _dist_sum(torch.tensor([reward_sum, float(len(mine) * S), float(sampled_tokens)],
+                                            dtype=torch.float64, device=rt.device))
+            mean_reward = float(totals[0] / totals[1])
+            dt = time.perf_counter() - t0
+            state.step = step + 1
+            state.tokens_seen += int(totals[2])
+            state.train_time_s += dt
+            state.extra.setdefault("first_reward", mean_reward)
+            state.extra["last_reward"] = mean_reward
+            state.smooth_loss = 0.9 * state.smooth_loss + 0.1 * mean_reward
+            if state.step % max(1, st.log_every) == 0 or state.step == N:
+                tracker.log({"step": state.step, "train/reward": mean_reward, "lrm": lrm,
+                             "sampled_tokens": int(totals[2]), "dt_ms": dt * 1000,
+                             "train_time_s": state.train_time_s})
+            tracker.progress(state.step, f"reward {mean_reward:.3f} | {dt:.1f}s/step")
+    finally:
+        tracker.close()
+    return {
+        "step": state.step,
+        "task": st.task,
+        "first_reward": state.extra.get("first_reward"),
+        "mean_reward": state.extra.get("last_reward"),
+        "reward_ema": state.smooth_loss / (1 - 0.9 ** state.step) if state.step else None,
+        "pass_at_k": state.extra.get("pass_at_k"),
+        "sampled_tokens": state.tokens_seen,
+        "train_time_s": state.train_time_s,
+        "num_iterations": N,
+        "world_size": rt.world,
+        "num_params": eplan.num_params,
+    }

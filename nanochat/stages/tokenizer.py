@@ -1,0 +1,163 @@
+"""Stage `tokenizer`: train a BPE on `data`, save it by name, evaluate its compression.
+
+    nanochat-run stage=tokenizer data=demo stage.vocab_size=4096 stage.max_chars=20000000
+
+The artifact goes to `<base_dir>/tokenizer/<data.tokenizer>/` where later stages find it.
+Returns the metrics (the harness writes them to result.json): training time, chars/s,
+vocab size, and bytes per token on held-out text of each source, next to GPT-2 / GPT-4
+when tiktoken has those encodings cached locally (skipped with a note otherwise).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from nanochat.common import get_base_dir, print0, shared_data_dir
+from nanochat.config import Config
+from nanochat.dataset import TEXT_COLUMN, iter_texts, open_shard
+from nanochat.tokenizer import tokenizer_dir, train_tokenizer
+
+# tiktoken's reference encodings and the files each one needs in its cache
+_REFERENCE = {
+    "gpt2": ["https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+             "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"],
+    "gpt4": ["https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"],
+}
+_TIKTOKEN_NAME = {"gpt2": "gpt2", "gpt4": "cl100k_base"}
+
+
+def _tiktoken_cache_dir() -> str:
+    return os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
+        os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
+def reference_encodings() -> tuple[dict, dict]:
+    """({name: tiktoken.Encoding}, {name: note}) for the references cached locally; never downloads."""
+    import tiktoken
+    encs, notes = {}, {}
+    cache = _tiktoken_cache_dir()
+    for name, urls in _REFERENCE.items():
+        missing = [u for u in urls if not os.path.isfile(os.path.join(cache, hashlib.sha1(u.encode()).hexdigest()))]
+        if missing:
+            notes[name] = f"skipped: tiktoken {_TIKTOKEN_NAME[name]} is not cached in {cache} (offline)"
+            continue
+        try:
+            encs[name] = tiktoken.get_encoding(_TIKTOKEN_NAME[name])
+        except Exception as e:  # a corrupt cache entry must not fail the stage
+            notes[name] = f"skipped: {type(e).__name__}: {e}"
+    return encs, notes
+
+
+def _take_chars(texts: Iterator[str], n: int) -> str:
+    out, total = [], 0
+    for t in texts:
+        out.append(t[: n - total])
+        total += len(out[-1])
+        if total >= n:
+            break
+    return "\n\n".join(out)
+
+
+def eval_sources(cfg: Config, base_dir: Path) -> dict[str, Callable[[], str]]:
+    """Text per evaluation source, each up to stage.eval_chars.
+
+    `<data>/train` is the text the tokenizer was trained on, `<data>/val` its held-out split;
+    the shared public samples (C4, Common Crawl, Shakespeare) are other distributions.
+    """
+    n = cfg.stage.eval_chars
+    name = cfg.data.name
+    sources: dict[str, Callable[[], str]] = {
+        f"{name}/train": lambda: _take_chars(iter_texts(cfg.data, base_dir, "train", doc_cap=cfg.stage.doc_cap), n),
+        f"{name}/val": lambda: _take_chars(iter_texts(cfg.data, base_dir, "val"), n),
+    }
+    shared = shared_data_dir(cfg.paths.shared_data)
+    if shared is not None:
+        pre = shared / "pretrain"
+        c4 = pre / "parquet" / "shard_00000.parquet"
+        cc = pre / "parquet" / "shard_00001.parquet"
+        txt = pre / "tinyshakespeare.txt"
+        for label, path in (("c4", c4), ("common_crawl", cc)):
+            if path.is_file():
+                sources[label] = (lambda p=path: _take_chars(iter(open_shard(p).read(columns=[TEXT_COLUMN])
+                                                                  .column(0).to_pylist()), n))
+        if txt.is_file():
+            sources["shakespeare"] = lambda: txt.read_text(encoding="utf-8")[:n]
+    return sources
+
+
+def compression_table(tokenizer, sources: dict[str, Callable[[], str]]) -> tuple[dict, dict]:
+    """bytes/token per source for ours and the locally available references."""
+    refs, notes = reference_encodings()
+    table = {}
+    for label, get_text in sources.items():
+        try:
+            text = get_text()
+        except Exception as e:  # e.g. val_fraction=0 means no val split: report, don't fail
+            notes[label] = f"skipped: {type(e).__name__}: {e}"
+            continue
+        if not text:
+            continue
+        nbytes = len(text.encode("utf-8"))
+        row = {"chars": len(text), "bytes": nbytes}
+        ntok = len(tokenizer.encode(text))
+        row["tokens"] = ntok
+        row["bytes_per_token"] = round(nbytes / max(ntok, 1), 4)
+        for rname, enc in refs.items():
+            rt = len(enc.encode_ordinary(text))
+            row[f"{rname}_tokens"] = rt
+            row[f"{rname}_bytes_per_token"] = round(nbytes / max(rt, 1), 4)
+            # > 0: ours compresses better than the reference on this text
+            row[f"vs_{rname}_pct"] = round(100.0 * (rt - ntok) / max(rt, 1), 2)
+        table[label] = row
+    return table, notes
+
+
+def run(cfg: Config, run_dir: Path) -> dict:
+    st = cfg.stage
+    for key in ("vocab_size", "max_chars", "doc_cap", "eval_chars"):
+        if not hasattr(st, key):
+            raise ValueError(f"stage.name={st.name!r} is not the tokenizer stage (no stage.{key}); use stage=tokenizer")
+    if st.max_chars < 1 or st.doc_cap < 1:
+        raise ValueError(f"stage.max_chars={st.max_chars}, stage.doc_cap={st.doc_cap}: both must be positive")
+    base_dir = get_base_dir(cfg.paths.base_dir)
+    out = tokenizer_dir(base_dir, cfg.data.tokenizer)
+    print0(f"[tokenizer] training vocab {st.vocab_size} on data={cfg.data.name} "
+           f"(max_chars={st.max_chars:,}, doc_cap={st.doc_cap:,})")
+    t0 = time.time()
+    texts = iter_texts(cfg.data, base_dir, "train", max_chars=st.max_chars, doc_cap=st.doc_cap)
+    tok = train_tokenizer(texts, st.vocab_size)
+    wall = time.time() - t0  # includes reading (and building/downloading) the corpus
+    tok.save(out, extra_meta={"name": cfg.data.tokenizer, "data": cfg.data.name, "source": cfg.data.source,
+                              "wall_seconds": round(wall, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                              "run_dir": str(run_dir)})
+    m = tok.meta
+    print0(f"[tokenizer] {m['train_chars']:,} chars in {m['train_seconds']:.2f}s "
+           f"({m['chars_per_sec']:,.0f} chars/s), vocab {tok.get_vocab_size()} → {out}")
+    table, notes = compression_table(tok, eval_sources(cfg, base_dir))
+    for label, row in table.items():
+        refs = "  ".join(f"{r}={row[f'{r}_bytes_per_token']}" for r in _REFERENCE if f"{r}_bytes_per_token" in row)
+        print0(f"[tokenizer] {label:>20}: {row['bytes_per_token']:.3f} bytes/token  {refs}")
+    for label, note in notes.items():
+        print0(f"[tokenizer] {label}: {note}")
+    result = {
+        "tokenizer": cfg.data.tokenizer, "path": str(out), "vocab_size": tok.get_vocab_size(),
+        "requested_vocab_size": st.vocab_size, "train_chars": m["train_chars"], "train_docs": m["train_docs"],
+        "train_seconds": m["train_seconds"], "chars_per_sec": m["chars_per_sec"], "wall_seconds": round(wall, 3),
+        "compression": table, "notes": notes,
+    }
+    if "note" in m:
+        result["notes"]["vocab"] = m["note"]
+    if run_dir is not None and Path(run_dir).is_dir():
+        from nanochat.common import atomic_write_json
+        atomic_write_json(Path(run_dir) / "tokenizer_eval.json", result)
+    return result
+
+
+if __name__ == "__main__":  # same as `python -m nanochat.stages._entry --config ...`
+    import sys
+    from nanochat.stages._entry import main
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Chat tasks: conversations for mid-training / SFT / RL, and their graders for evaluation.
+
+Stages name tasks by string through `make_task`:
+
+    make_task("gsm8k", "train")                      GSM8K
+    make_task("arc_easy", "test"), "arc_challenge"   ARC
+    make_task("mmlu", "test")                        MMLU (all subjects); split "train" = auxiliary_train
+    make_task("mmlu_aux", "train")                   MMLU auxiliary_train (other splits → MMLU all/<split>)
+    make_task("humaneval", "test")                   HumanEval (graded in the sandbox)
+    make_task("smoltalk", "train")                   SmolTalk (hub only)
+    make_task("spellingbee", "train", size=2000)     synthetic, from the word list
+    make_task("simplespelling", "train")
+    make_task("arithmetic", "train", max_value=99)   synthetic, fully offline, uses the calculator tool
+    make_task("identity", "train")                   nanochat's identity conversations
+    make_task("customjson:/path/file.jsonl", "train")
+    make_task("spellingbee:size=200,style=tool", "test")   inline keyword arguments
+    make_task({"name": "arithmetic", "size": 500}, "train") a mapping from a config list
+
+Names are case-insensitive and '-' = '_' ("ARC-Easy" works). Split "val"/"validation" maps to the
+task's held-out split. Every task also accepts start/stop/step (a sliced view).
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+from typing import Any, Callable, Mapping
+
+from nanochat.tasks.arc import ARC
+from nanochat.tasks.arithmetic import Arithmetic
+from nanochat.tasks.common import (Conversation, Task, TaskDataError, TaskMixture, TaskSequence, answers_match,
+                                   assistant_text, extract_answer, render_mc)
+from nanochat.tasks.customjson import CustomJSON, identity_conversations
+from nanochat.tasks.gsm8k import GSM8K
+from nanochat.tasks.humaneval import HumanEval
+from nanochat.tasks.mmlu import MMLU
+from nanochat.tasks.smoltalk import SmolTalk
+from nanochat.tasks.spellingbee import SimpleSpelling, SpellingBee
+
+__all__ = ["Task", "TaskMixture", "TaskSequence", "TaskDataError", "Conversation", "render_mc", "extract_answer",
+           "answers_match", "assistant_text", "ARC", "MMLU", "GSM8K", "HumanEval", "SmolTalk", "SpellingBee",
+           "SimpleSpelling", "CustomJSON", "Arithmetic", "make_task", "TASK_NAMES", "CHANCE_ACCURACY"]
+
+
+def _held_out(split: str, have: tuple[str, ...]) -> str:
+    """Map generic split names onto the ones a dataset has."""
+    if split in have:
+        return split
+    if split in ("val", "validation", "test", "dev"):
+        for s in ("validation", "test"):
+            if s in have:
+                return s
+    raise ValueError(f"split={split!r}: this task has splits {have}")
+
+
+def _arc(subset: str):
+    return lambda split, **kw: ARC(subset=subset, split=_held_out(split, ("train", "validation", "test")), **kw)
+
+
+def _mmlu(split: str, **kw):
+    if split == "train":
+        return MMLU(subset="auxiliary_train", split="train", **kw)
+    return MMLU(subset="all", split="validation" if split == "val" else split, **kw)
+
+
+_BUILDERS: dict[str, Callable[..., Task]] = {
+    "arc_easy": _arc("ARC-Easy"),
+    "arc_challenge": _arc("ARC-Challenge"),
+    "mmlu": _mmlu,
+    "mmlu_aux": _mmlu,
+    "mmlu_auxiliary_train": _mmlu,
+    "gsm8k": lambda split, **kw: GSM8K(split=_held_out(split, ("train", "test")), **kw),
+    "humaneval": lambda split, **kw: HumanEval(split=_held_out(split, ("test",)), **kw),
+    "smoltalk": lambda split, **kw: SmolTalk(split=_held_out(split, ("train", "test")), **kw),
+    "spellingbee": lambda split, **kw: SpellingBee(split=_held_out(split, ("train", "test")), **kw),
+    "simplespelling": lambda split, **kw: SimpleSpelling(split=_held_out(split, ("train", "test")), **kw),
+    "arithmetic": lambda split, **kw: Arithmetic(split=_held_out(split, ("train", "test")), **kw),
+    "identity": lambda split, **kw: identity_conversations(**kw),
+    "customjson": lambda split, **kw: CustomJSON(**kw),
+}
+TASK_NAMES = tuple(_BUILDERS)
+
+# accuracy of guessing, for centering (ChatCORE): 4-way multiple choice, 0 for open answers
+CHANCE_ACCURACY = {"arc_easy": 0.25, "arc_challenge": 0.25, "mmlu": 0.25, "gsm8k": 0.0, "humaneval": 0.0,
+                   "spellingbee": 0.0, "simplespelling": 0.0, "arithmetic": 0.0}
+
+
+def normalize_name(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_spec(spec: str | Mapping) -> tuple[str, dict]:
+    """'name', 'name:k=v,k=v', 'customjson:<path>' or {'name': ..., **kwargs} → (name, kwargs)."""
+    if isinstance(spec, Mapping):
+        kw = dict(spec)
+        name = kw.pop("name", None) or kw.pop("task", None)
+        if not name:
+            raise ValueError(f"task spec {dict(spec)!r}: a mapping needs a 'name' key, e.g. {{name: gsm8k}}")
+        return normalize_name(str(name)), kw
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"task spec {spec!r}: use a task name such as 'gsm8k' (known: {', '.join(TASK_NAMES)})")
+    name, sep, arg = spec.partition(":")
+    name = normalize_name(name)
+    if not sep:
+        return name, {}
+    if name == "customjson":
+        return name, {"path": arg}
+    kw = {}
+    for item in arg.split(","):
+        k, eq, v = item.partition("=")
+        if not eq or not k.strip():
+            raise ValueError(f"task spec {spec!r}: options after ':' are key=value pairs, e.g. 'spellingbee:size=200'")
+        kw[k.strip()] = _parse_value(v.strip())
+    return name, kw
+
+
+def make_task(spec: str | Mapping, split: str, data_dir: str | None = None, base_dir: str | None = None,
+              **kw) -> Task:
+    """Build a task from its name (see the module docstring). data_dir: offline data root
+    (default nanochat.common.shared_data_dir()); base_dir: where hub downloads are cached."""
+    name, spec_kw = parse_spec(spec)
+    if name not in _BUILDERS:
+        close = difflib.get_close_matches(name, TASK_NAMES, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown task {name!r}: {hint}known tasks: {', '.join(TASK_NAMES)}, customjson:<path>")
+    kwargs = {**spec_kw, **kw}
+    if name == "customjson":
+        if "path" not in kwargs:
+            raise ValueError("task 'customjson' needs a file: 'customjson:/path/to/file.jsonl'")
+    else:
+        kwargs.update(data_dir=data_dir, base_dir=base_dir)
+    try:
+        return _BUILDERS[name](split, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"task {name!r}: bad options {sorted(kwargs)} ({e})") from e

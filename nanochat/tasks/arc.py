@@ -1,0 +1,62 @@
+"""ARC (AI2 Reasoning Challenge), Easy and Challenge: grade-school science multiple choice.
+
+Local: <data_dir>/arc/ARC-Easy/{train,validation,test}.jsonl (the HF `allenai/ai2_arc` schema).
+Hub: allenai/ai2_arc, config ARC-Easy | ARC-Challenge.
+"""
+from __future__ import annotations
+
+import os
+
+from nanochat.tasks.common import Conversation, Task, hf_parquet_files, load_rows, read_jsonl, \
+    read_parquet_rows, render_mc, resolve_data_dir
+
+SUBSETS = ("ARC-Easy", "ARC-Challenge")
+SPLITS = ("train", "validation", "test")
+
+
+class ARC(Task):
+    def __init__(self, subset: str = "ARC-Easy", split: str = "test", data_dir: str | None = None,
+                 base_dir: str | None = None, path: str | os.PathLike | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if subset not in SUBSETS:
+            raise ValueError(f"ARC subset={subset!r}: use one of {SUBSETS}")
+        if split not in SPLITS:
+            raise ValueError(f"ARC split={split!r}: use one of {SPLITS}")
+        self.subset, self.split = subset, split
+
+        def local():
+            if path is not None:
+                return read_jsonl(path)
+            root = resolve_data_dir(data_dir)
+            f = root / "arc" / subset / f"{split}.jsonl" if root else None
+            return read_jsonl(f) if f and f.exists() else None
+
+        def hub():
+            return read_parquet_rows(hf_parquet_files("allenai/ai2_arc", subset, split, base_dir))
+
+        self.rows = load_rows(f"arc ({subset}/{split})", local, hub,
+                              "put the ARC jsonl files under <shared data>/arc/ or allow hub downloads")
+
+    @property
+    def eval_type(self) -> str:
+        return "categorical"
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def get_example(self, index: int) -> Conversation:
+        row = self.rows[index]
+        letters = list(row["choices"]["label"])
+        answer = row["answerKey"]
+        if answer not in letters:
+            raise ValueError(f"ARC row {row.get('id')}: answerKey {answer!r} not among labels {letters}")
+        return {
+            "messages": [
+                {"role": "user", "content": render_mc(row["question"], letters, row["choices"]["text"])},
+                {"role": "assistant", "content": answer},
+            ],
+            "letters": letters,
+        }
+
+    def evaluate(self, conversation: Conversation, completion: str) -> bool:
+        return completion.strip() == conversation["messages"][-1]["content"]

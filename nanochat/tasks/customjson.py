@@ -1,0 +1,85 @@
+"""Conversations from a JSONL file: one conversation per line, either a JSON array of messages
+or an object {"messages": [...]}. Roles must alternate user/assistant (an optional system
+message may come first); assistant content may be a string or a list of parts.
+
+nanochat's identity conversations use this: `customjson:<path>` or the `identity` task
+(<data_dir>/sft/identity_conversations.jsonl, else downloaded to <base_dir>).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from nanochat.common import get_base_dir
+from nanochat.tasks.common import Conversation, Task, TaskDataError, download_file, open_text, resolve_data_dir
+
+IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
+PART_TYPES = ("text", "python", "python_output")
+
+
+def validate_messages(messages, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: a conversation must be a non-empty list of messages")
+    body = messages[1:] if messages[0].get("role") == "system" else messages
+    if len(body) < 2:
+        raise ValueError(f"{where}: need at least one user and one assistant message")
+    for i, m in enumerate(body):
+        want = "user" if i % 2 == 0 else "assistant"
+        if not isinstance(m, dict) or m.get("role") != want:
+            raise ValueError(f"{where}: message {i} should have role {want!r}, got {m!r:.80}")
+        content = m.get("content")
+        if isinstance(content, list) and want == "assistant":
+            for p in content:
+                if not isinstance(p, dict) or p.get("type") not in PART_TYPES or not isinstance(p.get("text"), str):
+                    raise ValueError(f"{where}: bad assistant part {p!r:.80}; parts are "
+                                     f"{{'type': one of {PART_TYPES}, 'text': str}}")
+        elif not isinstance(content, str):
+            raise ValueError(f"{where}: message {i} content must be a string")
+    return messages
+
+
+class CustomJSON(Task):
+    def __init__(self, path: str | os.PathLike, split: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if not os.path.exists(path):
+            raise TaskDataError(f"customjson: file {path} does not exist; give a JSONL file of conversations")
+        self.path = str(path)
+        self.conversations = []
+        with open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+                messages = obj["messages"] if isinstance(obj, dict) and "messages" in obj else obj
+                self.conversations.append(validate_messages(messages, f"{path}:{lineno}"))
+
+    @property
+    def eval_type(self) -> str:
+        return "generative"
+
+    def num_examples(self) -> int:
+        return len(self.conversations)
+
+    def get_example(self, index: int) -> Conversation:
+        return {"messages": self.conversations[index]}
+
+    def evaluate(self, conversation: Conversation, completion: str) -> bool:
+        raise NotImplementedError("CustomJSON conversations are training data; they have no grader")
+
+
+def identity_conversations(data_dir: str | None = None, base_dir: str | None = None, **kwargs) -> CustomJSON:
+    """nanochat's synthetic identity conversations: the offline copy, else a download (cached)."""
+    root = resolve_data_dir(data_dir)
+    if root and (root / "sft" / "identity_conversations.jsonl").exists():
+        return CustomJSON(root / "sft" / "identity_conversations.jsonl", **kwargs)
+    dest = get_base_dir(base_dir) / "identity_conversations.jsonl"
+    try:
+        download_file(IDENTITY_URL, dest)
+    except TaskDataError as e:
+        raise TaskDataError(f"no data for task 'identity': {e}. Put identity_conversations.jsonl under "
+                            f"<shared data>/sft/ or {dest}") from e
+    return CustomJSON(dest, **kwargs)

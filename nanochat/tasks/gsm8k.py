@@ -1,0 +1,78 @@
+"""GSM8K: grade-school math word problems with calculator annotations.
+
+The reference solutions carry `<<48/2=24>>` annotations. They become tool calls: a
+`python` part with the expression and a `python_output` part with the result, so the
+model learns to call the calculator (the engine evaluates the call at inference time).
+The final answer follows '####'.
+
+Local: <data_dir>/gsm8k/{train,test}.jsonl.  Hub: openai/gsm8k, config main.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from nanochat.tasks.common import Conversation, Task, answers_match, extract_answer, hf_parquet_files, \
+    load_rows, read_jsonl, read_parquet_rows, resolve_data_dir
+
+_CALL_RE = re.compile(r"(<<[^>]*>>)")
+
+
+def solution_to_parts(answer: str) -> list[dict]:
+    """Split a GSM8K solution into text / python / python_output parts."""
+    parts = []
+    for piece in _CALL_RE.split(answer):
+        if not piece:
+            continue
+        if piece.startswith("<<") and piece.endswith(">>"):
+            inner = piece[2:-2]
+            expr, _, result = inner.rpartition("=") if "=" in inner else (inner, "", "")
+            parts.append({"type": "python", "text": expr})
+            parts.append({"type": "python_output", "text": result})
+        else:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+class GSM8K(Task):
+    def __init__(self, split: str = "test", subset: str = "main", data_dir: str | None = None,
+                 base_dir: str | None = None, path: str | os.PathLike | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if split not in ("train", "test"):
+            raise ValueError(f"GSM8K split={split!r}: use train or test")
+        self.split = split
+
+        def local():
+            if path is not None:
+                return read_jsonl(path)
+            root = resolve_data_dir(data_dir)
+            f = root / "gsm8k" / f"{split}.jsonl" if root else None
+            return read_jsonl(f) if f and f.exists() and subset == "main" else None
+
+        def hub():
+            return read_parquet_rows(hf_parquet_files("openai/gsm8k", subset, split, base_dir))
+
+        self.rows = load_rows(f"gsm8k ({split})", local, hub,
+                              "put train.jsonl/test.jsonl under <shared data>/gsm8k/ or allow hub downloads")
+
+    @property
+    def eval_type(self) -> str:
+        return "generative"
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def get_example(self, index: int) -> Conversation:
+        row = self.rows[index]
+        return {"messages": [
+            {"role": "user", "content": row["question"]},
+            {"role": "assistant", "content": solution_to_parts(row["answer"])},
+        ]}
+
+    def reference_answer(self, conversation: Conversation) -> str | None:
+        content = conversation["messages"][-1]["content"]
+        text = content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
+        return extract_answer(text)
+
+    def evaluate(self, conversation: Conversation, completion: str) -> bool:
+        return answers_match(extract_answer(completion), self.reference_answer(conversation))

@@ -1,0 +1,86 @@
+"""HumanEval: 164 Python functions to complete, checked by running their unit tests in the sandbox.
+
+Local: <data_dir>/humaneval/HumanEval.jsonl.gz.  Hub: openai/openai_humaneval (test only).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from nanochat.execution import execute_code
+from nanochat.tasks.common import Conversation, Task, hf_parquet_files, load_rows, read_jsonl, \
+    read_parquet_rows, resolve_data_dir
+
+_FENCE_RE = re.compile(r"```(?:python|py|Python)?\s*\n(.*?)```", re.DOTALL)
+
+
+def extract_imports(prompt: str) -> str:
+    """The import lines at the top of a prompt (completions often drop them)."""
+    lines = []
+    for line in prompt.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("import ", "from ")):
+            lines.append(stripped)
+        elif stripped and not stripped.startswith("#"):
+            break
+    return "\n".join(lines)
+
+
+def extract_program(completion: str) -> str:
+    """The code in the first fenced block if there is one, else the whole completion."""
+    m = _FENCE_RE.search(completion)
+    return m.group(1) if m else completion
+
+
+class HumanEval(Task):
+    def __init__(self, split: str = "test", data_dir: str | None = None, base_dir: str | None = None,
+                 path: str | os.PathLike | None = None, timeout: float = 5.0, **kwargs):
+        super().__init__(**kwargs)
+        if split != "test":
+            raise ValueError(f"HumanEval split={split!r}: HumanEval only has 'test'")
+        self.timeout = timeout
+
+        def local():
+            if path is not None:
+                return read_jsonl(path)
+            root = resolve_data_dir(data_dir)
+            if root is None:
+                return None
+            for name in ("HumanEval.jsonl.gz", "HumanEval.jsonl"):
+                f = root / "humaneval" / name
+                if f.exists():
+                    return read_jsonl(f)
+            return None
+
+        def hub():
+            return read_parquet_rows(hf_parquet_files("openai/openai_humaneval", "openai_humaneval", "test", base_dir))
+
+        self.rows = load_rows("humaneval", local, hub,
+                              "put HumanEval.jsonl.gz under <shared data>/humaneval/ or allow hub downloads")
+
+    @property
+    def eval_type(self) -> str:
+        return "generative"
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def get_example(self, index: int) -> Conversation:
+        row = self.rows[index]
+        return {
+            "messages": [
+                {"role": "user", "content": row["prompt"]},
+                {"role": "assistant", "content": f"{row['prompt']}\n{row['canonical_solution']}"},
+            ],
+            "entry_point": row["entry_point"],
+            "test": row["test"],
+            "task_id": row.get("task_id", str(index)),
+        }
+
+    def build_program(self, conversation: Conversation, completion: str) -> str:
+        imports = extract_imports(conversation["messages"][0]["content"])
+        return "\n\n".join([imports, extract_program(completion), conversation["test"],
+                            f"check({conversation['entry_point']})\n"])
+
+    def evaluate(self, conversation: Conversation, completion: str) -> bool:
+        return execute_code(self.build_program(conversation, completion), timeout=self.timeout).success

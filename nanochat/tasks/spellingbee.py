@@ -1,0 +1,153 @@
+"""Synthetic spelling tasks from an English word list (offline once the list is local).
+
+SpellingBee: "How many r are in strawberry?" The answer spells the word out letter by
+letter with a running count, then double-checks with the calculator tool
+(`'strawberry'.count('r')`) and ends with '#### 3'. SimpleSpelling: "Spell the word: cat"
+→ "cat:c,a,t". Both teach a small model to see the letters inside its tokens.
+
+Examples are generated from the index with a seeded RNG, so a task is an infinite,
+reproducible list (`size` picks how many). Words are split into train and test by a
+hash of the word, so test questions are about words never seen in training.
+
+Word list: <data_dir>/words/words_alpha.txt[.gz], else <base_dir>/words_alpha.txt
+(downloaded from dwyl/english-words), or pass `words=[...]`.
+"""
+from __future__ import annotations
+
+import functools
+import random
+import zlib
+from pathlib import Path
+from typing import Sequence
+
+from nanochat.common import get_base_dir
+from nanochat.tasks.common import Conversation, Task, TaskDataError, answers_match, download_file, \
+    extract_answer, open_text, resolve_data_dir
+
+WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+TEST_SEED_OFFSET = 10_000_000
+TEST_EVERY = 10  # one word in ten (by hash) is held out for test
+
+QUESTION_TEMPLATES = [
+    "How many {letter} are in the word {word}",
+    "How many {letter} are in {word}",
+    "How many times does the letter {letter} appear in {word}",
+    "Count the number of {letter} in {word}",
+    "How many {letter}s does {word} have",
+    "In the word {word}, how many {letter} are there",
+    "What is the count of letter {letter} in {word}",
+    "Count how many times {letter} occurs in {word}",
+]
+
+
+@functools.lru_cache(maxsize=4)
+def _read_words(path: str) -> tuple[str, ...]:
+    with open_text(path) as f:
+        return tuple(w for w in (line.strip().lower() for line in f) if w.isalpha() and w.isascii())
+
+
+def load_words(data_dir: str | None = None, base_dir: str | None = None) -> tuple[str, ...]:
+    root = resolve_data_dir(data_dir)
+    if root is not None:
+        for name in ("words_alpha.txt.gz", "words_alpha.txt"):
+            if (root / "words" / name).exists():
+                return _read_words(str(root / "words" / name))
+    dest = get_base_dir(base_dir) / "words_alpha.txt"
+    try:
+        download_file(WORD_LIST_URL, dest)
+    except TaskDataError as e:
+        raise TaskDataError(f"no word list for the spelling tasks: {e}. Put words_alpha.txt(.gz) under "
+                            f"<shared data>/words/ or {dest}") from e
+    return _read_words(str(dest))
+
+
+def is_test_word(word: str) -> bool:
+    return zlib.crc32(word.encode()) % TEST_EVERY == 0
+
+
+class _WordTask(Task):
+    def __init__(self, split: str = "train", size: int = 1000, words: Sequence[str] | None = None,
+                 min_len: int = 1, max_len: int | None = None, data_dir: str | None = None,
+                 base_dir: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if split not in ("train", "test"):
+            raise ValueError(f"{type(self).__name__} split={split!r}: use train or test")
+        if size < 1:
+            raise ValueError(f"{type(self).__name__} size={size}: must be >= 1")
+        self.split, self.size = split, size
+        pool = words if words is not None else load_words(data_dir, base_dir)
+        want_test = split == "test"
+        self.words = [w for w in pool if min_len <= len(w) <= (max_len or len(w)) and is_test_word(w) == want_test]
+        if not self.words:
+            raise ValueError(f"{type(self).__name__}: no {split} words of length {min_len}..{max_len}")
+
+    def _rng(self, index: int) -> random.Random:
+        return random.Random(index + (TEST_SEED_OFFSET if self.split == "test" else 0))
+
+    @property
+    def eval_type(self) -> str:
+        return "generative"
+
+    def num_examples(self) -> int:
+        return self.size
+
+
+class SpellingBee(_WordTask):
+    """Count a letter in a word. style='full' spells it out then checks with the tool (nanochat);
+    style='tool' answers with the tool call alone (easier for tiny models)."""
+
+    def __init__(self, split: str = "train", size: int = 1000, style: str = "full", **kwargs):
+        if style not in ("full", "tool"):
+            raise ValueError(f"SpellingBee style={style!r}: use 'full' or 'tool'")
+        self.style = style
+        super().__init__(split=split, size=size, **kwargs)
+
+    def get_example(self, index: int) -> Conversation:
+        rng = self._rng(index)
+        word = rng.choice(self.words)
+        # mostly letters that occur (the interesting case), sometimes any letter (answer 0)
+        letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(LETTERS)
+        count = word.count(letter)
+        template = rng.choice(QUESTION_TEMPLATES)
+        if rng.random() < 0.3:
+            template = template.lower()
+        q_letter, q_word = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
+        question = template.format(letter=f"{q_letter}{letter}{q_letter}", word=f"{q_word}{word}{q_word}")
+        if rng.random() < 0.5:
+            question += "?"
+        parts = []
+        if self.style == "full":
+            lines = [f"We need to count the letter '{letter}' in the word '{word}'. First I spell it out:",
+                     f"{word}:{','.join(word)}", "", f"Now I count the '{letter}':"]
+            running = 0
+            for i, ch in enumerate(word, 1):
+                if ch == letter:
+                    running += 1
+                    lines.append(f"{i}:{ch} hit! count={running}")
+                else:
+                    lines.append(f"{i}:{ch}")
+            lines += ["", f"That gives {running}. Let me double check with Python:", "", ""]
+            parts.append({"type": "text", "text": "\n".join(lines)})
+        parts.append({"type": "python", "text": f"'{word}'.count('{letter}')"})
+        parts.append({"type": "python_output", "text": str(count)})
+        tail = "\n\nBoth ways agree. #### " if self.style == "full" else "\n\n#### "
+        parts.append({"type": "text", "text": f"{tail}{count}"})
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
+                "word": word, "letter": letter, "answer": count}
+
+    def evaluate(self, conversation: Conversation, completion: str) -> bool:
+        return answers_match(extract_answer(completion), str(conversation["answer"]))
+
+
+class SimpleSpelling(_WordTask):
+    """Spell a word letter by letter: "Spell the word: cat" → "cat:c,a,t"."""
+
+    def get_example(self, index: int) -> Conversation:
+        word = self._rng(index).choice(self.words)
+        return {"messages": [{"role": "user", "content": f"Spell the word: {word}"},
+                             {"role": "assistant", "content": f"{word}:{','.join(word)}"}],
+                "word": word}
+
+    def evaluate(self, conversation: Conversation, completion: str) -> bool:
+        return completion.strip() == conversation["messages"][-1]["content"]

@@ -1,0 +1,350 @@
+"""Byte-level BPE tokenizer: trained with `rustbpe`, run with `tiktoken`.
+
+Training (rustbpe) learns the merges with the GPT-4 split pattern, except that
+numbers split into groups of at most 2 digits (nanochat's choice for small vocabs).
+Inference uses tiktoken built from the learned mergeable ranks plus our special
+tokens, which is fast and releases the GIL, so batch encoding in threads scales.
+
+Artifact layout, `<base_dir>/tokenizer/<name>/`:
+    tokenizer.tiktoken   one `base64(token bytes) rank` line per mergeable token
+    token_bytes.npy      int32 byte length per token id (0 for special tokens), for bits-per-byte
+    meta.json            vocab_size, pattern, special tokens, training time, chars/s, corpus
+"""
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+SPECIAL_TOKENS = [
+    "<|bos|>",              # every document starts with this
+    "<|user_start|>", "<|user_end|>",
+    "<|assistant_start|>", "<|assistant_end|>",
+    "<|python_start|>", "<|python_end|>",      # assistant calls the python tool
+    "<|output_start|>", "<|output_end|>",      # python tool output back to the assistant
+]
+
+# GPT-4's pattern with \p{N}{1,3} changed to \p{N}{1,2}: fewer number tokens wasted at small vocabs.
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+
+_RANKS_FILE = "tokenizer.tiktoken"
+_BYTES_FILE = "token_bytes.npy"
+_META_FILE = "meta.json"
+
+
+class Tokenizer:
+    """tiktoken encoding + chat rendering. Build with `train_tokenizer` or `Tokenizer.load`."""
+
+    def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = SPLIT_PATTERN,
+                 name: str = "nanochat", meta: dict | None = None):
+        import tiktoken
+        self.mergeable_ranks = mergeable_ranks
+        self.pattern = pattern
+        self.meta = dict(meta or {})
+        offset = len(mergeable_ranks)
+        self.special_tokens = {tok: offset + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        self.enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=mergeable_ranks,
+                                     special_tokens=self.special_tokens)
+        self.bos_token_id = self.special_tokens["<|bos|>"]
+
+    # ------------------------------------------------------------------ basics
+    def get_vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    def get_special_tokens(self) -> list[str]:
+        return list(SPECIAL_TOKENS)
+
+    def get_bos_token_id(self) -> int:
+        return self.bos_token_id
+
+    def encode_special(self, name: str) -> int:
+        if name not in self.special_tokens:
+            raise ValueError(f"unknown special token {name!r}; known: {', '.join(SPECIAL_TOKENS)}")
+        return self.special_tokens[name]
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.enc.decode([token_id])
+
+    def _as_id(self, tok: int | str) -> int:
+        return self.encode_special(tok) if isinstance(tok, str) else int(tok)
+
+    def encode(self, text: str | list[str], prepend: int | str | None = None,
+               append: int | str | None = None, num_threads: int = 8) -> list[int] | list[list[int]]:
+        """Encode ordinary text (special-token strings in the text are NOT parsed as specials).
+
+        A list of strings is encoded in `num_threads` threads and gives a list of lists.
+        `prepend`/`append` take a token id or a special token name such as "<|bos|>".
+        """
+        pre = None if prepend is None else self._as_id(prepend)
+        post = None if append is None else self._as_id(append)
+        if isinstance(text, str):
+            ids = self.enc.encode_ordinary(text)
+            if pre is not None:
+                ids.insert(0, pre)
+            if post is not None:
+                ids.append(post)
+            return ids
+        if not isinstance(text, (list, tuple)):
+            raise TypeError(f"encode() takes a str or a list of str, got {type(text).__name__}")
+        batch = self.enc.encode_ordinary_batch(list(text), num_threads=max(1, num_threads))
+        if pre is not None:
+            for ids in batch:
+                ids.insert(0, pre)
+        if post is not None:
+            for ids in batch:
+                ids.append(post)
+        return batch
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return self.encode(*args, **kwargs)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode(list(ids))
+
+    # ------------------------------------------------------------------ chat
+    def render_conversation(self, conversation: dict, max_tokens: int = 2048) -> tuple[list[int], list[int]]:
+        """Tokenize a conversation; return (ids, mask) where mask=1 marks tokens the model trains on.
+
+        Rules: a leading system message is merged into the first user turn; then roles must
+        alternate user, assistant, user, ...; user turns and python tool outputs are masked out
+        (0); assistant text, python tool calls and `<|assistant_end|>` are trained on (1). The
+        result is truncated to `max_tokens`.
+        """
+        messages = _messages_of(conversation)
+        if messages[0]["role"] == "system":
+            if len(messages) < 2 or messages[1].get("role") != "user":
+                raise ValueError("a system message must be followed by a user message")
+            sys_text = _text_content(messages[0], 0)
+            merged = dict(messages[1])
+            merged["content"] = sys_text + "\n\n" + _text_content(messages[1], 1)
+            messages = [merged] + list(messages[2:])
+
+        ids: list[int] = []
+        mask: list[int] = []
+
+        def add(tokens: int | list[int], m: int) -> None:
+            if isinstance(tokens, int):
+                tokens = [tokens]
+            ids.extend(tokens)
+            mask.extend([m] * len(tokens))
+
+        sp = self.special_tokens
+        add(self.bos_token_id, 0)
+        for i, message in enumerate(messages):
+            expected = "user" if i % 2 == 0 else "assistant"
+            role = message.get("role")
+            if role != expected:
+                raise ValueError(f"message {i} has role {role!r} but {expected!r} was expected: roles must "
+                                 "alternate user/assistant (an optional system message may come first)")
+            content = message.get("content")
+            if role == "user":
+                add(sp["<|user_start|>"], 0)
+                add(self.enc.encode_ordinary(_text_content(message, i)), 0)
+                add(sp["<|user_end|>"], 0)
+                continue
+            add(sp["<|assistant_start|>"], 0)
+            if isinstance(content, str):
+                add(self.enc.encode_ordinary(content), 1)
+            elif isinstance(content, list):
+                for j, part in enumerate(content):
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    text = part.get("text") if isinstance(part, dict) else None
+                    if not isinstance(text, str):
+                        raise ValueError(f"message {i} part {j}: expected {{'type': ..., 'text': str}}, got {part!r}")
+                    body = self.enc.encode_ordinary(text)
+                    if kind == "text":
+                        add(body, 1)
+                    elif kind == "python":       # the model learns to call the tool
+                        add(sp["<|python_start|>"], 1)
+                        add(body, 1)
+                        add(sp["<|python_end|>"], 1)
+                    elif kind == "python_output":  # comes from the tool at inference: not trained on
+                        add(sp["<|output_start|>"], 0)
+                        add(body, 0)
+                        add(sp["<|output_end|>"], 0)
+                    else:
+                        raise ValueError(f"message {i} part {j}: unknown type {kind!r}; "
+                                         "use text, python or python_output")
+            else:
+                raise ValueError(f"message {i}: content must be a str or a list of parts, "
+                                 f"got {type(content).__name__}")
+            add(sp["<|assistant_end|>"], 1)
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def render_for_completion(self, conversation: dict) -> list[int]:
+        """Prompt for generation: drop the last (assistant) message and prime `<|assistant_start|>`."""
+        messages = _messages_of(conversation)
+        if messages[-1].get("role") != "assistant":
+            raise ValueError("render_for_completion expects the last message to be the assistant's "
+                             f"(it is dropped and regenerated), got role {messages[-1].get('role')!r}")
+        conv = copy.deepcopy(dict(conversation))
+        conv["messages"] = list(messages[:-1])
+        ids, _ = self.render_conversation(conv, max_tokens=10**9)
+        ids.append(self.special_tokens["<|assistant_start|>"])
+        return ids
+
+    def visualize(self, ids: list[int], mask: list[int]) -> str:
+        """Debug helper: decoded tokens joined by '|', masked-in tokens marked with '*'."""
+        return "|".join(("*" if m else "") + self.enc.decode([t]) for t, m in zip(ids, mask))
+
+    # ------------------------------------------------------------------ io
+    def token_byte_lengths(self) -> list[int]:
+        """Raw byte length of every token id (0 for special tokens): the bits-per-byte denominator."""
+        lengths = [0] * self.get_vocab_size()
+        for tok, rank in self.mergeable_ranks.items():
+            lengths[rank] = len(tok)
+        return lengths
+
+    def save(self, directory: str | Path, extra_meta: dict | None = None) -> Path:
+        """Write the artifact atomically (files land via tmp + rename); returns the dir."""
+        import numpy as np
+        from nanochat.common import atomic_write_bytes, atomic_write_json, atomic_write_text
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        lines = [f"{base64.b64encode(tok).decode('ascii')} {rank}"
+                 for tok, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])]
+        atomic_write_text(directory / _RANKS_FILE, "\n".join(lines) + "\n")
+        import io
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(self.token_byte_lengths(), dtype=np.int32))
+        atomic_write_bytes(directory / _BYTES_FILE, buf.getvalue())
+        meta = dict(self.meta)
+        meta.update(extra_meta or {})
+        meta.update({"vocab_size": self.get_vocab_size(), "num_merges": len(self.mergeable_ranks) - 256,
+                     "pattern": self.pattern, "special_tokens": self.special_tokens})
+        self.meta = meta
+        atomic_write_json(directory / _META_FILE, meta)  # written last: its presence means complete
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Tokenizer":
+        directory = Path(directory)
+        meta_path, ranks_path = directory / _META_FILE, directory / _RANKS_FILE
+        if not meta_path.is_file() or not ranks_path.is_file():
+            raise FileNotFoundError(f"no tokenizer artifact in {directory} (need {_RANKS_FILE} and {_META_FILE})")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        ranks: dict[bytes, int] = {}
+        for line in ranks_path.read_text(encoding="ascii").splitlines():
+            if line:
+                tok, rank = line.split()
+                ranks[base64.b64decode(tok)] = int(rank)
+        tok = cls(ranks, pattern=meta.get("pattern", SPLIT_PATTERN), name=directory.name, meta=meta)
+        saved = meta.get("special_tokens")
+        if saved and saved != tok.special_tokens:
+            raise ValueError(f"tokenizer in {directory} was saved with special tokens {saved}, "
+                             f"this code expects {tok.special_tokens}; retrain it")
+        return tok
+
+
+def _messages_of(conversation: dict) -> list[dict]:
+    if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
+        raise ValueError("a conversation is a dict {'messages': [{'role': ..., 'content': ...}, ...]}")
+    messages = conversation["messages"]
+    if not messages:
+        raise ValueError("conversation has no messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
+    return messages
+
+
+def _text_content(message: dict, i: int) -> str:
+    content = message["content"]
+    if not isinstance(content, str):
+        raise ValueError(f"message {i} ({message['role']}) content must be a string, got {type(content).__name__}")
+    return content
+
+
+# ---------------------------------------------------------------------- training
+
+def train_tokenizer(text_iterator: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train byte-level BPE with rustbpe; `vocab_size` counts the 256 bytes, merges and specials."""
+    import rustbpe
+    n_special = len(SPECIAL_TOKENS)
+    if vocab_size < 256 + n_special + 1:
+        raise ValueError(f"stage.vocab_size={vocab_size} is too small: need at least "
+                         f"{256 + n_special + 1} (256 byte tokens + {n_special} special tokens + 1 merge)")
+    counted = _CountingIter(text_iterator)
+    t0 = time.time()
+    bpe = rustbpe.Tokenizer()
+    bpe.train_from_iterator(counted, vocab_size - n_special, pattern=SPLIT_PATTERN)
+    seconds = time.time() - t0
+    if counted.chars == 0:
+        raise ValueError("tokenizer training got an empty corpus (no text): check data.* settings")
+    ranks = {bytes(tok): rank for tok, rank in bpe.get_mergeable_ranks()}
+    meta = {"train_seconds": round(seconds, 3), "train_chars": counted.chars, "train_docs": counted.docs,
+            "chars_per_sec": round(counted.chars / max(seconds, 1e-9), 1),
+            "requested_vocab_size": vocab_size}
+    tok = Tokenizer(ranks, pattern=bpe.get_pattern(), meta=meta)
+    if tok.get_vocab_size() < vocab_size:
+        # rustbpe stops early when the corpus has no more pairs to merge; say so rather than hide it
+        tok.meta["note"] = (f"corpus too small for {vocab_size} tokens: learned "
+                            f"{tok.get_vocab_size()} (give more text or a smaller stage.vocab_size)")
+    return tok
+
+
+class _CountingIter:
+    """Wraps the text iterator to count chars and docs seen by the trainer."""
+
+    def __init__(self, it: Iterable[str]):
+        self.it = iter(it)
+        self.chars = 0
+        self.docs = 0
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        text = next(self.it)
+        self.chars += len(text)
+        self.docs += 1
+        return text
+
+
+# ---------------------------------------------------------------------- lookup by name
+
+def tokenizer_dir(base_dir: str | Path, name: str) -> Path:
+    return Path(base_dir).expanduser() / "tokenizer" / name
+
+
+def _missing(base_dir: str | Path, name: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"tokenizer {name!r} not found in {tokenizer_dir(base_dir, name)}. "
+        f"Train it first: `nanochat-run stage=tokenizer data={name}` (or set data.tokenizer to an existing name)")
+
+
+def get_tokenizer(base_dir: str | Path, name: str) -> Tokenizer:
+    """Load the artifact `<base_dir>/tokenizer/<name>/`, with a clear error if it was never trained."""
+    d = tokenizer_dir(base_dir, name)
+    if not (d / _META_FILE).is_file():
+        raise _missing(base_dir, name)
+    return Tokenizer.load(d)
+
+
+def get_token_bytes(base_dir: str | Path, name: str, device: Any = "cpu"):
+    """int32 tensor: byte length of each token id (0 for specials), for bits-per-byte."""
+    import numpy as np
+    import torch
+    d = tokenizer_dir(base_dir, name)
+    path = d / _BYTES_FILE
+    if path.is_file():
+        arr = np.load(path)
+    elif (d / _META_FILE).is_file():
+        arr = np.asarray(get_tokenizer(base_dir, name).token_byte_lengths(), dtype=np.int32)
+    else:
+        raise _missing(base_dir, name)
+    return torch.from_numpy(arr.astype(np.int32)).to(device)
+
+
+def tokenizer_vocab_size(base_dir: str | Path, name: str) -> int | None:
+    """Vocab size from the artifact's meta.json, or None if absent. No torch/tiktoken import."""
+    path = tokenizer_dir(base_dir, name) / _META_FILE
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["vocab_size"])
+    except (FileNotFoundError, KeyError, ValueError):
+        return None

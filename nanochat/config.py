@@ -85,6 +85,7 @@ class HardwareConfig:
     device: str = "cpu"               # cpu | cuda | mps | auto
     nproc_per_node: int = 1
     nnodes: int = 1
+    gpus_per_node: Optional[int] = None  # what Slurm allocates per node (null on CPU: no GPU request)
     dtype: str = "float32"            # float32 | bfloat16 | float16
     device_batch_size: Optional[int] = None   # null → table below / stage default
     device_batch_table: dict = field(default_factory=dict)  # depth → device batch

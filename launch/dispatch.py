@@ -64,11 +64,18 @@ def _slurm_head_node() -> Optional[str]:
 
 
 def run_subprocess(cmd: list[str], env: dict) -> int:
-    """Run the child in its own session and forward stop signals to it; returns its exit code."""
+    """Run the child in its own session and forward stop signals to it; returns its exit code.
+
+    After the child has checkpointed and exited, a SIGUSR2 is passed on to the handler that
+    was installed before ours: under Slurm that is submitit's, which resubmits this job and
+    requeues it, so the run continues from its checkpoint in the same dir.
+    """
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    previous = {}
+    previous: dict = {}
+    received: list[int] = []
 
     def forward(signum, frame):
+        received.append(signum)
         try:
             proc.send_signal(signum)
         except ProcessLookupError:
@@ -82,12 +89,17 @@ def run_subprocess(cmd: list[str], env: dict) -> int:
     try:
         while True:
             try:
-                return proc.wait()
+                rc = proc.wait()
+                break
             except KeyboardInterrupt:  # keep waiting: the child checkpoints and exits
                 continue
     finally:
         for sig, prev in previous.items():
             signal.signal(sig, prev)
+    outer = previous.get(signal.SIGUSR2)
+    if signal.SIGUSR2 in received and callable(outer) and "SLURM_JOB_ID" in os.environ:
+        outer(signal.SIGUSR2, None)  # submitit: checkpoint + requeue (exits this process)
+    return rc
 
 
 def dispatch(cfg: Config, run_dir: Path, in_process: bool) -> int:

@@ -292,7 +292,9 @@ class _Pipeline:
                 except StopIteration:
                     return
                 if resumed:  # the head doc of a restored state: skip what was already consumed
-                    assert pos == state["head"], "resume position drifted"
+                    if pos != state["head"]:
+                        raise ValueError(f"cannot resume: document {state['head']} is gone from the data "
+                                         "(did the shards change since the checkpoint?)")
                     toks, resumed = toks[offset:], False
                     spans.append([pos, offset, offset + len(toks)])
                 else:

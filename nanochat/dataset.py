@@ -60,8 +60,11 @@ def shard_name(index: int) -> str:
 def list_shards(data_cfg: DataConfig, base_dir: str | Path, split: str, download: bool = True) -> list[Path]:
     """Parquet files of `split` ("train" | "val"), building or downloading them as needed.
 
-    For remote sources with `download=False` the paths are returned without fetching them;
-    readers then call `ensure_shard` just before opening each one (the loader does this).
+    Remote sources: all listed paths are returned, and `download=True` fetches them, except
+    when `data.num_shards` is null ("as many as the run needs"): then only the first
+    `data.download_workers` shards are fetched up front and readers fetch the rest lazily
+    with `ensure_shard` (the loader and `iter_texts` do, prefetching the next shard).
+    With `download=False` nothing is fetched.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}: use 'train' or 'val'")
@@ -75,7 +78,8 @@ def list_shards(data_cfg: DataConfig, base_dir: str | Path, split: str, download
         indices = remote_shard_indices(data_cfg, split)
         paths = [remote_dir(data_cfg, base_dir) / shard_name(i) for i in indices]
         if download:
-            download_shards(data_cfg, base_dir, indices)
+            lazy = data_cfg.num_shards is None and split == "train"
+            download_shards(data_cfg, base_dir, indices[:max(1, data_cfg.download_workers)] if lazy else indices)
         return paths
     raise ValueError(f"data.source={source!r}: use one of demo, local, {', '.join(REMOTE_SOURCES)}")
 

@@ -131,8 +131,8 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, eps: float):
         D = x.size(-1)
-        ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
-        rstd = torch.rsqrt(ss.square_().div_(D).add_(eps)).to(x.dtype)
+        ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        rstd = torch.rsqrt(ss.square_().div_(D).add_(eps))
         y = x * rstd
         ctx.save_for_backward(y, rstd)
         return y

@@ -15,6 +15,8 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -270,10 +272,16 @@ def train_tokenizer(text_iterator: Iterable[str], vocab_size: int) -> Tokenizer:
         raise ValueError(f"stage.vocab_size={vocab_size} is too small: need at least "
                          f"{256 + n_special + 1} (256 byte tokens + {n_special} special tokens + 1 merge)")
     counted = _CountingIter(text_iterator)
-    t0 = time.time()
-    bpe = rustbpe.Tokenizer()
-    bpe.train_from_iterator(counted, vocab_size - n_special, pattern=SPLIT_PATTERN)
-    seconds = time.time() - t0
+    log = logging.getLogger("rustbpe")
+    quiet = _EveryTenPercent()
+    log.addFilter(quiet)  # rustbpe logs every 1% of merges; keep every 10%
+    try:
+        t0 = time.time()
+        bpe = rustbpe.Tokenizer()
+        bpe.train_from_iterator(counted, vocab_size - n_special, pattern=SPLIT_PATTERN)
+        seconds = time.time() - t0
+    finally:
+        log.removeFilter(quiet)
     if counted.chars == 0:
         raise ValueError("tokenizer training got an empty corpus (no text): check data.* settings")
     ranks = {bytes(tok): rank for tok, rank in bpe.get_mergeable_ranks()}
@@ -286,6 +294,20 @@ def train_tokenizer(text_iterator: Iterable[str], vocab_size: int) -> Tokenizer:
         tok.meta["note"] = (f"corpus too small for {vocab_size} tokens: learned "
                             f"{tok.get_vocab_size()} (give more text or a smaller stage.vocab_size)")
     return tok
+
+
+class _EveryTenPercent(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.last = -1
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        m = re.match(r"Progress: (\d+)%", record.getMessage())
+        if not m:
+            return True
+        tens = int(m.group(1)) // 10
+        keep, self.last = tens > self.last, max(self.last, tens)
+        return keep
 
 
 class _CountingIter:

@@ -5,12 +5,12 @@
     job_id = sbatch("--wrap", "echo hi", "-o", str(tmp_path / "%j.out"))
     assert wait_job(job_id) == "COMPLETED"
 
-The cluster has no accounting database (no slurmdbd), so `sacct` does not work. Job state
-comes from `scontrol show job`, which keeps finished jobs for MinJobAge=3600 s. submitit
-calls `sacct`, logs "Bypassing sacct error", and sees every job as UNKNOWN: it only knows a
-job is done once the job wrote its result pickle. A job killed before writing it would make
-`job.result()` wait forever, so tests wait with `wait_submitit` (which also watches Slurm's
-state) instead of calling `job.result()` blindly.
+Job state: `.ci/slurm_up.sh` sets up accounting (slurmdbd + MariaDB) by default, so `sacct`
+works and submitit sees real states. With SLURM_UP_ACCOUNTING=0 there is no `sacct`; these
+helpers never use it: they read `scontrol show job`, which keeps finished jobs for
+MinJobAge=3600 s. (Without sacct submitit logs "Bypassing sacct error", sees every job as
+UNKNOWN and only knows a job is done from its result pickle, so a job killed before writing it
+would make `job.result()` wait forever; `wait_submitit` also watches Slurm's state.)
 """
 from __future__ import annotations
 

@@ -222,3 +222,13 @@ def test_bestfit_rows_start_with_bos_and_use_whole_documents(tok, demo_cfg, base
                 assert any(d[:len(last)] == last for d in docs)
     assert n_tokens == 10 * B * (T + 1)  # 100% utilization: no padding anywhere
     assert cropped_rows > 0  # demo docs are longer than a row, so crops do happen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("packing", ["stream", "bestfit"])
+def test_cuda_batches_match_cpu(tok, demo_cfg, base, packing):
+    cfg = _cfg(demo_cfg, packing=packing)
+    cpu = _take(DataLoader(cfg, tok, 2, 64, "train", base_dir=base), 3)
+    gpu = _take(DataLoader(cfg, tok, 2, 64, "train", base_dir=base, device="cuda"), 3)
+    assert all(x.device.type == "cuda" for pair in gpu for x in pair)
+    assert _same(cpu, [(x.cpu(), y.cpu()) for x, y in gpu])

@@ -98,8 +98,8 @@ def server():
 
 
 def _cfg(server, **kw) -> DataConfig:
-    return DataConfig(name="fw", source="fineweb_edu", base_url=server.url, max_shard=N_SHARDS - 1,
-                      download_workers=3, **kw)
+    kw.setdefault("download_workers", 3)
+    return DataConfig(name="fw", source="fineweb_edu", base_url=server.url, max_shard=N_SHARDS - 1, **kw)
 
 
 def test_download_train_and_pinned_val(server, tmp_path):
@@ -119,6 +119,11 @@ def test_download_train_and_pinned_val(server, tmp_path):
     cfg2 = _cfg(server, num_shards=4, val_shard=1)
     assert [p.name for p in list_shards(cfg2, tmp_path, "train", download=False)] == \
         [shard_name(i) for i in (0, 2, 3, 4)]
+    # num_shards=null ("as many as needed"): the first download_workers shards now, the rest lazily
+    lazy_base = tmp_path / "lazy"
+    paths = list_shards(_cfg(server, download_workers=2), lazy_base, "train")
+    assert [p.name for p in paths] == [shard_name(i) for i in range(4)]
+    assert [p.is_file() for p in paths] == [True, True, False, False]
     with pytest.raises(ValueError, match="data.num_shards=5"):
         list_shards(_cfg(server, num_shards=5), tmp_path, "train", download=False)
 
@@ -193,3 +198,23 @@ def test_loader_downloads_lazily_with_retries(server, tmp_path):
     loader.close()
     assert (remote_dir(cfg, tmp_path) / shard_name(0)).is_file()
     assert server.gets[shard_name(0)] == 3
+
+
+def _fetch_in_process(cfg, base, path):
+    ensure_shard(cfg, base, path)
+
+
+def test_concurrent_processes_download_once(server, tmp_path):
+    """Separate processes (ranks, sweep jobs) racing for one shard: still one GET."""
+    import multiprocessing as mp
+    cfg = _cfg(server)
+    path = remote_dir(cfg, tmp_path) / shard_name(1)
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_fetch_in_process, args=(cfg, tmp_path, path)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert server.gets[shard_name(1)] == 1
+    assert path.read_bytes() == server.files[shard_name(1)]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from slurm_cluster import (
-    PARTITION, REPO, cancel, ensure_slurm, job_info, job_state, requeue, sbatch, signal_job, wait_job,
+    PARTITION, REPO, cancel, ensure_slurm, job_info, requeue, sbatch, signal_job, wait_job,
     wait_state, wait_submitit,
 )
 
@@ -75,7 +75,8 @@ def test_submitit_function_returns_value(tmp_path):
     assert res["slurm_job"] == job.job_id == res["job_id"]
     # submitit runs the job with the submitting interpreter (the venv's python), via srun
     assert res["python"] == sys.executable
-    assert job_state(job.job_id) == "COMPLETED"
+    # the result pickle lands just before the process exits: Slurm may still say RUNNING/COMPLETING
+    assert wait_job(job.job_id, timeout=60) == "COMPLETED"
 
 
 def test_submitit_job_array_runs_every_task(tmp_path):
@@ -84,6 +85,34 @@ def test_submitit_job_array_runs_every_task(tmp_path):
     jobs = ex.map_array(_square_on_node, [2, 3])
     assert [wait_submitit(j, timeout=180)["value"] for j in jobs] == [4, 9]
     assert all("_" in j.job_id for j in jobs)  # "<array>_<task>"
+
+
+def _sleep_on_node(seconds: float) -> str:
+    time.sleep(seconds)
+    return "woke up"
+
+
+def _accounting_works() -> bool:
+    out = subprocess.run(["sacct", "-n", "-X", "-S", "now-1minutes"], capture_output=True, text=True, timeout=30)
+    return out.returncode == 0
+
+
+def test_submitit_sees_a_cancelled_job_through_sacct(tmp_path):
+    """With accounting, submitit's own wait (what the Hydra launcher calls) ends with an error
+    for a job killed before it wrote a result, instead of waiting forever."""
+    if not _accounting_works():
+        pytest.skip("no accounting (SLURM_UP_ACCOUNTING=0): submitit cannot see job states")
+    import concurrent.futures
+    import submitit
+    ex = _executor(tmp_path / "submitit")
+    job = ex.submit(_sleep_on_node, 300)
+    wait_state(job.job_id, {"RUNNING"}, timeout=60)
+    cancel(job.job_id)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(job.result)
+        with pytest.raises(submitit.core.utils.UncompletedJobError, match="CANCELLED"):
+            fut.result(timeout=120)
+    assert job.state.startswith("CANCELLED")
 
 
 class CountToN:

@@ -237,3 +237,37 @@ def test_train_on_one_source_measure_on_another():
     for t in (t_c4, t_sh):
         assert t.decode(t.encode(cc)) == cc  # byte-level: any text round-trips, even noisy web pages
         assert bpt(t, cc) > 1.5
+
+
+# ---------------------------------------------------------------------- the stage
+
+def test_tokenizer_stage_run(tmp_path, monkeypatch):
+    from nanochat.config import config_from_dict
+    from nanochat.stages.tokenizer import run
+    monkeypatch.delenv("NANOCHAT_BASE_DIR", raising=False)
+    cfg = config_from_dict({
+        "stage": {"name": "tokenizer", "worker": "nanochat.stages.tokenizer", "vocab_size": 600,
+                  "max_chars": 150_000, "doc_cap": 10_000, "eval_chars": 20_000},
+        "data": {"name": "demo", "source": "demo", "tokenizer": "unit_demo", "demo_chars": 200_000},
+        "paths": {"base_dir": str(tmp_path / "base")},
+    })
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    result = run(cfg, run_dir)
+    assert result["vocab_size"] == 600 and result["train_chars"] == 150_000
+    assert result["chars_per_sec"] > 0 and result["train_seconds"] > 0
+    assert tokenizer_vocab_size(tmp_path / "base", "unit_demo") == 600
+    tok = get_tokenizer(tmp_path / "base", "unit_demo")
+    meta = json.loads((tmp_path / "base" / "tokenizer" / "unit_demo" / "meta.json").read_text())
+    assert meta["train_chars"] == 150_000 and meta["data"] == "demo"
+    comp = result["compression"]
+    assert {"demo/train", "demo/val"} <= set(comp)
+    for label, row in comp.items():
+        assert row["bytes_per_token"] == round(row["bytes"] / row["tokens"], 4)
+        assert row["bytes_per_token"] > 1.0, label
+    if SHARED is not None:
+        assert {"c4", "common_crawl", "shakespeare"} <= set(comp)
+    for ref in ("gpt2", "gpt4"):  # measured when tiktoken has them cached, else a note says why not
+        assert all(f"{ref}_bytes_per_token" in row for row in comp.values()) or "skipped" in result["notes"][ref]
+    assert json.loads((run_dir / "tokenizer_eval.json").read_text())["vocab_size"] == 600
+    assert tok.decode(tok.encode("def f(x):\n    return x")) == "def f(x):\n    return x"

@@ -56,6 +56,23 @@ def rollout_tensors(seqs: list[list[int]], masks: list[list[int]], pad: int, dev
     return x.to(device), y.to(device)
 
 
+def policy_gradient_backward(model, x: torch.Tensor, y: torch.Tensor, advantages: torch.Tensor, device_batch: int,
+                             normalizer: float) -> float:
+    """Accumulate grads of -Σ advantage·log p(sampled token) / normalizer, in chunks of device_batch rows.
+
+    Targets of -1 (prompt, padding, forced tool output) contribute nothing. Returns the loss value.
+    """
+    total = 0.0
+    for b0 in range(0, x.size(0), device_batch):
+        xb, yb, ab = x[b0:b0 + device_batch], y[b0:b0 + device_batch], advantages[b0:b0 + device_batch]
+        nll = model(xb, yb, loss_reduction="none").view_as(yb).float()
+        logp = -nll * (yb >= 0)
+        loss = -(logp * ab.unsqueeze(1)).sum() / normalizer
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
 @torch.no_grad()
 def pass_at_k(model, tokenizer, task, num_examples: int, k: int, max_new_tokens: int, temperature: float,
               top_k: Optional[int], seed: int, device) -> dict:
@@ -154,14 +171,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 sampled_tokens += n_valid
                 if n_valid == 0 or bool((adv == 0).all()):
                     continue  # nothing sampled, or no signal (all samples scored alike)
-                for b0 in range(0, S, dbs):
-                    xb, yb, ab = x[b0:b0 + dbs], y[b0:b0 + dbs], adv[b0:b0 + dbs]
-                    with rt.autocast():
-                        nll = model(xb, yb, loss_reduction="none").view_as(yb).float()
-                    logp = -nll * (yb >= 0)
-                    # token-level normalization per question, averaged over this rank's questions
-                    loss = -(logp * ab.unsqueeze(1)).sum() / (n_valid * len(mine))
-                    loss.backward()
+                # token-level normalization per question, averaged over this rank's questions
+                with rt.autocast():
+                    policy_gradient_backward(model, x, y, adv, dbs, n_valid * len(mine))
             lrm = T.apply_schedules(optimizer, step, eplan)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

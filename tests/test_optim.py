@@ -1,0 +1,216 @@
+"""Muon + AdamW optimizer (single process): math, grouping, state save/load, schedules."""
+import math
+
+import pytest
+import torch
+
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.optim import (MuonAdamW, build_optimizer, lr_multiplier, muon_momentum, muon_scale,
+                            orthogonalize, weight_decay_at)
+
+MODERN = dict(value_embeds=True, window_pattern="SSSL", resid_lambdas=True, x0_lambdas=True,
+              smear=True, backout=True, qk_scale=1.2, pad_vocab_to=64)
+
+
+def tiny(**kw):
+    base = dict(sequence_len=16, vocab_size=97, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+def make_opt(model, **kw):
+    args = dict(embedding_lr=0.1, unembedding_lr=0.01, matrix_lr=0.02, scalar_lr=0.05)
+    args.update(kw)
+    return build_optimizer(model, **args)
+
+
+# ----------------------------------------------------------------------------- Muon math
+
+@pytest.mark.parametrize("shape", [(64, 64), (128, 32), (32, 96), (3, 40, 24)])
+@pytest.mark.parametrize("ns", ["newton_schulz", "polar_express"])
+def test_orthogonalize_is_close_to_semi_orthogonal(shape, ns):
+    g = torch.Generator().manual_seed(0)
+    # a gradient-like matrix with singular values spread over [0.02, 1] (condition number 50)
+    U, _, Vh = torch.linalg.svd(torch.randn(shape, generator=g), full_matrices=False)
+    k = min(shape[-2:])
+    s = torch.logspace(math.log10(0.02), 0, k)[torch.randperm(k, generator=g)]
+    G = U @ torch.diag_embed(s) @ Vh
+    O = orthogonalize(G, ns)
+    assert O.shape == G.shape and O.dtype == torch.float32
+    sv = torch.linalg.svdvals(O)
+    # quintic NS deliberately lands in ~[0.7, 1.2]; Polar Express is tighter
+    lo, hi = (0.6, 1.25) if ns == "newton_schulz" else (0.8, 1.15)
+    assert sv.min() > lo and sv.max() < hi, (sv.min(), sv.max())
+    # and it points where the exact polar factor U·Vᵀ points
+    polar = U @ Vh
+    cos = (O * polar).sum(dim=(-2, -1)) / (O.norm(dim=(-2, -1)) * polar.norm(dim=(-2, -1)))
+    assert (cos > 0.97).all(), cos
+
+
+def test_orthogonalize_rejects_unknown_method():
+    with pytest.raises(ValueError, match="polar_express"):
+        orthogonalize(torch.randn(4, 4), "svd")
+
+
+def test_muon_step_matches_hand_computation():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(32, 8))
+    p0 = p.detach().clone()
+    opt = MuonAdamW([dict(kind="muon", name="m", params=[p], lr=0.1, momentum=0.9, nesterov=True,
+                          weight_decay=0.01)])
+    grads = [torch.randn(32, 8) for _ in range(3)]
+    buf = torch.zeros(32, 8)
+    ref = p0.clone()
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        buf = 0.9 * buf + 0.1 * g
+        upd = 0.1 * g + 0.9 * buf                        # Nesterov: g.lerp(buf, momentum)
+        ref = ref * (1 - 0.1 * 0.01) - 0.1 * muon_scale(ref.shape) * orthogonalize(upd)
+    assert muon_scale(p.shape) == 2.0                    # sqrt(32/8)
+    torch.testing.assert_close(p.detach(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_muon_update_is_semi_orthogonal_in_a_model_step():
+    model = build_model(tiny(), "cpu", 0)
+    opt = make_opt(model, matrix_lr=1.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    idx = torch.randint(0, 97, (8, 17))       # 128 tokens: the (64, 256) gradient has full rank
+    model(idx[:, :-1], idx[:, 1:]).backward()
+    opt.step()
+    # output projections start at zero, so only they get a gradient on step one
+    W = model.transformer.h[0].mlp.c_proj.weight.detach()           # (64, 256): wide, scale 1
+    delta = (W - before["transformer.h.0.mlp.c_proj.weight"]) / -muon_scale(W.shape)
+    sv = torch.linalg.svdvals(delta)
+    assert sv.max() < 1.25 and (sv > 0.5).float().mean() > 0.75, sv
+
+
+# ----------------------------------------------------------------------------- AdamW path
+
+def test_adamw_path_equals_torch_adamw():
+    torch.manual_seed(0)
+    shapes = [(7, 5), (11,), (3, 4, 2)]
+    a = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    groups = lambda ps: [dict(params=ps[:2], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1),
+                         dict(params=ps[2:], lr=0.003, betas=(0.9, 0.99), eps=1e-10, weight_decay=0.0)]
+    ours = MuonAdamW([dict(g, kind="adamw", name=str(i)) for i, g in enumerate(groups(a))])
+    ref = torch.optim.AdamW(groups(b), foreach=False)
+    for step in range(6):
+        for pa, pb in zip(a, b):
+            g = torch.randn(pa.shape)
+            pa.grad, pb.grad = g.clone(), g.clone()
+        if step == 3:   # an LR change mid-run, as the schedule does
+            for o in (ours, ref):
+                o.param_groups[0]["lr"] = 0.005
+        ours.step()
+        ref.step()
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- grouping
+
+@pytest.mark.parametrize("extra", [{}, MODERN], ids=["seed", "modern"])
+def test_build_optimizer_groups_cover_every_param_once(extra):
+    model = build_model(tiny(**extra), "cpu", 0)
+    opt = make_opt(model, weight_decay=0.2, ns="polar_express")
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(seen) == len(set(seen)) == len(list(model.parameters()))
+    by_name = {g["name"]: g for g in opt.param_groups}
+    muon = by_name["matrix"]
+    assert muon["kind"] == "muon" and muon["ns"] == "polar_express" and muon["weight_decay"] == 0.2
+    assert all(p.dim() == 2 for p in muon["params"])
+    block_params = {id(p) for p in model.transformer.h.parameters()}
+    assert {id(p) for p in muon["params"]} == block_params
+    assert by_name["embedding"]["params"][0] is model.transformer.wte.weight
+    assert by_name["lm_head"]["params"][0] is model.lm_head.weight
+    assert by_name["lm_head"]["lr"] == 0.01 and by_name["embedding"]["lr"] == 0.1
+    for g in opt.param_groups:
+        assert g["initial_lr"] == g["lr"]
+        if g["kind"] == "adamw":
+            assert g["betas"] == (0.8, 0.95) and g["weight_decay"] == 0.0
+    if extra:
+        assert {"value_embed", "resid_scalar", "scalar"} <= set(by_name)
+
+
+def test_bad_groups_fail_clearly():
+    with pytest.raises(ValueError, match="Muon needs matrices"):
+        MuonAdamW([dict(kind="muon", name="m", params=[torch.nn.Parameter(torch.randn(4))], lr=0.1)])
+    with pytest.raises(ValueError, match="kind"):
+        MuonAdamW([dict(kind="sgd", name="x", params=[torch.nn.Parameter(torch.randn(4))], lr=0.1)])
+
+
+def test_training_reduces_loss_with_lr_schedule_loop():
+    torch.manual_seed(0)
+    model = build_model(tiny(**MODERN), "cpu", 0)
+    opt = make_opt(model)
+    idx = torch.randint(0, 97, (4, 17))
+    losses = []
+    for step in range(12):
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * lr_multiplier(step, 12, 2, 4, 0.0)
+            if g["kind"] == "muon":
+                g["momentum"] = muon_momentum(step)
+        loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- state
+
+def _train(model, opt, batches):
+    for idx in batches:
+        model(idx[:, :-1], idx[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_state_dict_roundtrip_resumes_exactly(tmp_path):
+    cfg = tiny(**MODERN)
+    batches = [torch.randint(0, 97, (2, 17)) for _ in range(5)]
+    m1 = build_model(cfg, "cpu", 0)
+    o1 = make_opt(m1, weight_decay=0.1)
+    _train(m1, o1, batches[:3])
+    torch.save({"model": m1.state_dict(), "optim": o1.state_dict()}, tmp_path / "ckpt.pt")
+    _train(m1, o1, batches[3:])
+
+    m2 = build_model(cfg, "cpu", 123)                     # different init, then restored
+    o2 = make_opt(m2, weight_decay=0.1)
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    m2.load_state_dict(ck["model"])
+    o2.load_state_dict(ck["optim"])
+    assert o2.param_groups[0]["initial_lr"] == o1.param_groups[0]["initial_lr"]
+    _train(m2, o2, batches[3:])
+    for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def test_lr_multiplier():
+    # 100 steps, 10 warmup, 20 warmdown to 0.1
+    f = lambda s: lr_multiplier(s, 100, 10, 20, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(50) == 1.0 and f(80) == 1.0
+    assert f(90) == pytest.approx(0.5 * 1 + 0.5 * 0.1)
+    assert f(100) == pytest.approx(0.1)
+    assert lr_multiplier(0, 100, 0, 0, 0.0) == 1.0 and lr_multiplier(99, 100, 0, 0, 0.0) == 1.0
+    assert lr_multiplier(100, 100, 0, 20, 0.0) == 0.0
+
+
+def test_muon_momentum_and_weight_decay_schedules():
+    assert muon_momentum(0) == pytest.approx(0.85)
+    assert muon_momentum(150) == pytest.approx(0.90)
+    assert muon_momentum(300) == pytest.approx(0.95) and muon_momentum(10_000) == pytest.approx(0.95)
+    assert weight_decay_at(50, 100, 0.2) == 0.2
+    assert weight_decay_at(50, 100, 0.2, "linear") == pytest.approx(0.1)
+    assert weight_decay_at(0, 100, 0.2, "cosine") == pytest.approx(0.2)
+    assert weight_decay_at(50, 100, 0.2, "cosine") == pytest.approx(0.1)
+    assert weight_decay_at(100, 100, 0.2, "cosine") == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="cosine"):
+        weight_decay_at(1, 10, 0.1, "exp")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from nanochat.config import Config
-from nanochat.lifecycle import STOP_SIGNALS
+from nanochat.lifecycle import EXIT_PREEMPTED, STOP_SIGNALS
 
 _DROP_EXACT = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ROLE_NAME"}
@@ -96,9 +96,16 @@ def run_subprocess(cmd: list[str], env: dict) -> int:
     finally:
         for sig, prev in previous.items():
             signal.signal(sig, prev)
-    outer = previous.get(signal.SIGUSR2)
-    if signal.SIGUSR2 in received and callable(outer) and "SLURM_JOB_ID" in os.environ:
-        outer(signal.SIGUSR2, None)  # submitit: checkpoint + requeue (exits this process)
+    if rc == EXIT_PREEMPTED and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        outer = previous.get(signal.SIGUSR2)
+        if signal.SIGUSR2 in received and callable(outer):
+            outer(signal.SIGUSR2, None)  # submitit: checkpoint + `scontrol requeue`, then exits
+        if signal.SIGTERM in received:
+            # `scontrol requeue` / scancel: Slurm restarts (or ends) the job itself. Returning would
+            # make submitit report this interrupted attempt as the job's result, so leave without one.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_PREEMPTED)
     return rc
 
 

@@ -10,7 +10,6 @@ output is shown). Type `clear` to start a new conversation, `quit` (or Ctrl-D) t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Iterator, Optional

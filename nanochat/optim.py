@@ -30,6 +30,7 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.optim.adamw import adamw as adamw_functional
 
 # quintic Newton–Schulz coefficients (Keller Jordan's Muon): fast, not exactly converging to 1
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -117,6 +118,9 @@ class MuonAdamW(torch.optim.Optimizer):
             else:
                 g.setdefault("betas", (0.8, 0.95))
                 g.setdefault("eps", 1e-10)
+                # torch's fused AdamW kernel; the key also makes load_state_dict put "step" on the
+                # param's device, where the fused kernel wants it
+                g.setdefault("fused", True)
         self.world_size, self.rank, self.process_group = world_size, rank, process_group
         if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(f"MuonAdamW(world_size={world_size}) needs torch.distributed initialized first")
@@ -156,38 +160,31 @@ class MuonAdamW(torch.optim.Optimizer):
 
     # ---- AdamW
     def _adamw_update(self, g: dict, params: list, grads: list, states: list) -> None:
+        """torch's AdamW math (decoupled weight decay, bias correction) through its functional API:
+        the fused kernel (one pass over p, g, m, v) on CPU/CUDA fp32/bf16, foreach elsewhere."""
         if not params:
             return
-        beta1, beta2 = g["betas"]
-        lr, wd, eps = g["lr"], g["weight_decay"], g["eps"]
         for st, p in zip(states, params):
             if not st:
-                st["step"] = 0
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 st["exp_avg"] = torch.zeros_like(p)
                 st["exp_avg_sq"] = torch.zeros_like(p)
-            st["step"] += 1
-        step = states[0]["step"]
-        m = [st["exp_avg"] for st in states]
-        v = [st["exp_avg_sq"] for st in states]
-        if wd != 0:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_lerp_(m, grads, 1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
-        bc1 = 1 - beta1 ** step
-        bc2 = 1 - beta2 ** step
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, math.sqrt(bc2))
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, m, denom, -lr / bc1)
+        beta1, beta2 = g["betas"]
+        fused = (g.get("fused", True) and params[0].device.type in ("cpu", "cuda")
+                 and all(p.dtype == params[0].dtype for p in params))
+        adamw_functional(params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                         [], [st["step"] for st in states], foreach=None if fused else True,
+                         fused=True if fused else None, amsgrad=False, beta1=beta1, beta2=beta2,
+                         lr=g["lr"], weight_decay=g["weight_decay"], eps=g["eps"], maximize=False)
 
     def _adamw_local(self, g: dict) -> None:
         params = [p for p in g["params"] if p.grad is not None]
         self._adamw_update(g, params, [p.grad for p in params], [self.state[p] for p in params])
 
     # ---- Muon
-    def _muon_update(self, g: dict, key: torch.Tensor, P: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-        """Update the stacked params P (k, m, n) in place from stacked grads G (consumed)."""
+    def _muon_update(self, g: dict, key: torch.Tensor, params: list, G: torch.Tensor) -> None:
+        """Update `params` (k matrices, or rows of a (k, m, n) stack) in place from stacked grads G
+        (consumed). Momentum state lives, stacked, under the first param of the bucket."""
         st = self.state[key]
         if "momentum_buffer" not in st:
             st["momentum_buffer"] = torch.zeros_like(G)
@@ -198,18 +195,15 @@ class MuonAdamW(torch.optim.Optimizer):
         O = orthogonalize(upd, g["ns"], g["ns_steps"])
         lr, wd = g["lr"], g["weight_decay"]
         if wd != 0:
-            P.mul_(1 - lr * wd)
-        P.add_(O, alpha=-lr * muon_scale(P.shape))
-        return P
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_add_(params, list(O.unbind(0)), alpha=-lr * muon_scale(G.shape))
 
     def _muon_local(self, g: dict, bucket: list) -> None:
         live = [p for p in bucket if p.grad is not None]
         if not live:
             return
         G = torch.stack([p.grad for p in live])
-        P = torch.stack(live)
-        self._muon_update(g, live[0], P, G)
-        torch._foreach_copy_(live, list(P.unbind(0)))
+        self._muon_update(g, live[0], live, G)
 
     # ---- distributed (ZeRO-2)
     def _step_distributed(self) -> None:
@@ -257,10 +251,10 @@ class MuonAdamW(torch.optim.Optimizer):
             else:
                 bucket = payload
                 start, length, shard = self._own_range(len(bucket))
-                P = torch.zeros_like(gshard)
+                P = torch.zeros_like(gshard)        # this rank's matrices (+ zero padding)
                 for j in range(length):
                     P[j] = bucket[start + j]
-                self._muon_update(g, bucket[0], P, gshard)
+                self._muon_update(g, bucket[0], list(P.unbind(0)), gshard)
                 recv = torch.empty((shard * W, *bucket[0].shape), dtype=P.dtype, device=P.device)
                 gathers.append((all_gather(recv, P, group=pg, async_op=True), bucket, recv))
         for work, params, recv in gathers:

@@ -16,11 +16,10 @@ import pytest
 import torch
 
 from nanochat.common import shared_data_dir
-from nanochat.core_eval import (TaskSpec, centered_accuracy, crop_left, ensure_eval_bundle, evaluate_core,
-                                evaluate_task, fewshot_indices, load_core_tasks, load_task_examples,
-                                prepare_example, render_prompts, score_example, scored_spans, task_order,
-                                write_core_csv,
-                                core_summary)
+from nanochat.core_eval import (centered_accuracy, core_summary, crop_left, ensure_eval_bundle,
+                                evaluate_core, evaluate_task, fewshot_indices, load_core_tasks,
+                                load_task_examples, prepare_example, render_prompts, score_example,
+                                scored_spans, task_order, write_core_csv)
 
 SHARED = shared_data_dir()
 BUNDLE = SHARED / "eval_bundle" if SHARED else None
@@ -29,6 +28,15 @@ needs_bundle = pytest.mark.skipif(BUNDLE is None or not (BUNDLE / "core.yaml").i
 
 
 # ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and stay fast when other jobs share the 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 @pytest.fixture(scope="module")
 def tokenizer():

@@ -28,6 +28,15 @@ def _c4_docs(max_chars):
     return docs
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and stay fast when other jobs share the 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     if SHARED is None:

@@ -87,7 +87,7 @@ def test_pipeline_mid_then_chat_eval_and_report(runs):
     env, root, pre = runs
     out = nanochat_run(
         env, "experiment=tiny", "model.depth=2", "run.pipeline=[mid,eval]", f"+stages.mid.init_from={pre}",
-        "+stages.mid.num_iterations=3", "+stages.mid.eval_every=-1", "+stages.mid.eval_tasks=[]",
+        "+stages.mid.num_iterations=3", "+stages.mid.eval_tokens=2048", "+stages.mid.eval_every=-1", "+stages.mid.eval_tasks=[]",
         '+stages.mid.mixture=["arithmetic:size=100","arc_easy:stop=50"]',
         '+stages.eval.tasks=[arc_easy,"arithmetic:max_value=9"]', "+stages.eval.max_per_task=6",
         "+stages.eval.max_new_tokens=12", f"run.root={root}")

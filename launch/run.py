@@ -30,7 +30,7 @@ from nanochat.plan import make_plan, plan_rows
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 TRAIN_STAGES = ("pretrain", "mid", "sft", "rl")
 # which stage a chat stage starts from when init_stage is null
-DEFAULT_SOURCE = {"mid": "pretrain", "sft": "mid", "rl": "sft", "eval": "sft"}
+DEFAULT_SOURCE = {"mid": "pretrain", "sft": "mid", "rl": "sft", "eval": ["rl", "sft", "mid", "pretrain"]}
 
 
 class _State:
@@ -100,6 +100,12 @@ def prepare(cfg: Config) -> tuple[Config, Optional[dict], list[tuple[str, str]]]
         p = make_plan(cfg)
         plan = p.to_dict()
         rows = plan_rows(p)
+        if name in ("mid", "sft", "rl") and cfg.stage.num_iterations is None:
+            # these stages derive horizon, batch and LRs from their data and the source checkpoint
+            drop = ("iterations", "tokens", "tokens / param", "total FLOPs", "LR embed / unembed / matrix / scalar")
+            rows = [r for r in rows if r[0] not in drop]
+            rows.append(("horizon / LRs", "from num_epochs over the data and the source checkpoint "
+                                          "(written to effective_plan.json)"))
         if name not in TRAIN_STAGES:
             rows = [r for r in rows if r[0] in ("generation", "depth / width / heads", "vocab (padded)", "params")]
         if cfg.stage.init_from:
@@ -169,11 +175,9 @@ def run_pipeline(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optiona
         st = tree["stage"]
         src = st.get("init_stage") or DEFAULT_SOURCE.get(name)
         if st.get("init_from") == "latest" and name != "tokenizer":
-            # chain to what this pipeline just produced (newest of the candidate stages)
-            chain = [s for s in ([src] if st.get("init_stage") else ["rl", "sft", "mid", "pretrain"]) if s in produced]
-            if name != "eval" and src in produced:
-                st["init_from"] = produced[src]
-            elif name == "eval" and chain:
+            # chain to what this pipeline just produced (the newest of the candidate stages)
+            chain = [s for s in ([src] if isinstance(src, str) else src) if s in produced]
+            if chain:
                 st["init_from"] = produced[chain[0]]
         stage_cfg = config_from_dict(tree)
         sub_dir = (job_dir / f"{i}_{name}") if job_dir is not None else None

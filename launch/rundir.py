@@ -56,13 +56,19 @@ def find_latest(root: str | Path, stage: str, tag: str) -> Optional[Path]:
     return max(done, key=lambda p: (p / "COMPLETED").stat().st_mtime) if done else None
 
 
-def resolve_init_from(cfg: Config, source_stage: str) -> Optional[Path]:
-    """stage.init_from → a concrete run dir (or None), with errors that say what to run first."""
+def resolve_init_from(cfg: Config, source_stage: str | list[str]) -> Optional[Path]:
+    """stage.init_from → a concrete run dir (or None), with errors that say what to run first.
+
+    `source_stage` may be a list: `latest` then picks the newest completed run among them.
+    """
     value = cfg.stage.init_from
     if value in (None, "", "none"):
         return None
     if value == "latest":
-        found = find_latest(cfg.run.root, source_stage, run_tag(cfg))
+        stages = [source_stage] if isinstance(source_stage, str) else list(source_stage)
+        hits = [p for p in (find_latest(cfg.run.root, s, run_tag(cfg)) for s in stages) if p is not None]
+        found = max(hits, key=lambda p: (p / "COMPLETED").stat().st_mtime) if hits else None
+        source_stage = " / ".join(stages)
         if found is None:
             raise ConfigError(
                 "stage.init_from", value,

@@ -183,11 +183,12 @@ def rotary_tables(seq_len: int, head_dim: int, base: float, device=None) -> torc
 def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate the interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) by position·freq_i.
 
-    rope (B|1, T, 1, D/2, 2) from `rotary_tables`. fp32 runs as one complex multiply (one pass
-    forward and backward instead of seven); other dtypes use the real form.
+    rope (B|1, T, 1, D/2, 2) from `rotary_tables`. Eager fp32 runs as one complex multiply (one pass
+    forward and backward instead of seven); other dtypes and torch.compile (inductor has no complex
+    codegen, and fuses the real form anyway) use the real form.
     """
     xp = x.unflatten(-1, (-1, 2))
-    if x.dtype == torch.float32 and rope.dtype == torch.float32:
+    if x.dtype == torch.float32 and rope.dtype == torch.float32 and not torch.compiler.is_compiling():
         y = torch.view_as_complex(xp) * torch.view_as_complex(rope)
         return torch.view_as_real(y).flatten(-2)
     cos, sin = rope[..., 0].to(x.dtype), rope[..., 1].to(x.dtype)

@@ -188,6 +188,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
             state.tokens_seen += step_tokens
             if step > start_step:  # the first step pays one-off costs (allocations, compile)
                 state.train_time_s += last_dt
+                state.extra["timed_tokens"] = state.extra.get("timed_tokens", 0) + step_tokens
             beta = 0.9
             state.smooth_loss = beta * state.smooth_loss + (1 - beta) * train_loss
             smooth = state.smooth_loss / (1 - beta ** state.step)  # debiased EMA
@@ -203,7 +204,6 @@ def run(cfg: Config, run_dir: Path) -> dict:
         tracker.close()
         train_loader.close()
 
-    timed_steps = max(1, N - start_step - 1)
     result = {
         "step": state.step,
         "final_val_bpb": state.last_val_bpb,
@@ -214,7 +214,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         "num_params": plan.num_params,
         "flops": float(plan.flops_per_token) * state.tokens_seen,
         "train_time_s": state.train_time_s,
-        "tok_per_sec": (timed_steps * step_tokens / state.train_time_s) if state.train_time_s > 0 else tok_per_sec,
+        "tok_per_sec": state.extra.get("timed_tokens", 0) / state.train_time_s if state.train_time_s > 0 else tok_per_sec,
         "mfu": mfu,
         "peak_memory_mb": T.peak_memory_mb(rt.device),
         "world_size": rt.world,

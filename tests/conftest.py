@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,40 @@ def only_run_dir(root: Path, stage: str = "pretrain") -> Path:
     dirs = [p.parent for p in Path(root).glob(f"{stage}/*/*/resolved_config.yaml")]
     assert len(dirs) == 1, f"expected exactly one {stage} run dir under {root}, found {dirs}"
     return dirs[0]
+
+
+# --------------------------------------------------------------------------- chat-stage sources
+
+def nanochat_run(env: dict, *args: str, timeout: int = 300, module: str = "launch.run") -> subprocess.CompletedProcess:
+    """Run a CLI like a user with `env`; fail with its output when it exits non-zero."""
+    p = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(args)} failed ({p.returncode}):\n"
+                             f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory) -> tuple[dict, Path]:
+    """A 2048-token demo tokenizer and an 8-step depth-2 pretrain run, made once per session."""
+    scratch = tmp_path_factory.mktemp("tiny_source")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(NANOCHAT_BASE_DIR=str(scratch / "base"), NANOCHAT_OFFLINE="1", OMP_NUM_THREADS="1")
+    nanochat_run(env, "stage=tokenizer", "data=demo", "stage.vocab_size=2048", "stage.max_chars=2000000",
+                 f"run.root={scratch}")
+    pre = scratch / "pretrain" / "d2" / "tiny"
+    nanochat_run(env, "experiment=tiny", "model.depth=2", "stage.num_iterations=8", "stage.eval_every=-1",
+                 f"run.root={scratch}", f"run.dir={pre}")
+    return env, pre
+
+
+@pytest.fixture(scope="module")
+def stage_root(tiny_pretrained, tmp_path_factory) -> tuple[dict, Path, Path]:
+    """(env, run root, pretrain run dir): a private run root holding a copy of the tiny pretrain
+    run, so `init_from=latest` in one test module never sees another module's runs."""
+    env, pre = tiny_pretrained
+    root = tmp_path_factory.mktemp("runs")
+    copy = root / "pretrain" / "d2" / pre.name
+    shutil.copytree(pre, copy)
+    return dict(env), root, copy

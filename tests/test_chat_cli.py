@@ -26,13 +26,8 @@ def run(env: dict, args: list[str], stdin: str | None = None, module: str = "nan
 
 
 @pytest.fixture(scope="module")
-def chat_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(root / "base"), "NANOCHAT_OFFLINE": "1"}
-    run(env, ["stage=tokenizer", "data=demo", "stage.vocab_size=2048", "stage.max_chars=2000000",
-              f"run.root={root}"], module="launch.run")
-    run(env, ["experiment=tiny", "model.depth=2", "stage.num_iterations=4", "stage.eval_every=-1",
-              f"run.root={root}"], module="launch.run")
+def chat_run(stage_root):
+    env, root, _ = stage_root
     run(env, ["experiment=tiny", "model.depth=2", "stage=mid", "stage.init_from=latest", "stage.num_iterations=2",
               "stage.eval_every=-1", "stage.eval_tokens=1024", "stage.eval_tasks=[]",
               'stage.mixture=["arithmetic:size=50"]', f"run.root={root}"], module="launch.run")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import nanochat_run
 from nanochat.common import shared_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,25 +27,9 @@ needs_data = pytest.mark.skipif(shared_data_dir() is None,
                                 reason="../shared/data is absent (CORE bundle, ARC, MMLU are read from it offline)")
 
 
-def nanochat_run(env: dict, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "launch.run", *args], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=timeout)
-    if p.returncode != 0:
-        raise AssertionError(f"nanochat-run {' '.join(args)} failed ({p.returncode}):\n"
-                             f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(root / "base"), "NANOCHAT_OFFLINE": "1"}
-    nanochat_run(env, "stage=tokenizer", "data=demo", "stage.vocab_size=2048", "stage.max_chars=2000000",
-                 f"run.root={root}")
-    pre = root / "pre"
-    nanochat_run(env, "experiment=tiny", "model.depth=2", "stage.num_iterations=6", "stage.eval_every=-1",
-                 f"run.root={root}", f"run.dir={pre}")
-    return env, root, pre
+def runs(stage_root):
+    return stage_root
 
 
 @needs_data

@@ -18,31 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import nanochat_run
 from nanochat.common import shared_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
-def nanochat_run(env: dict, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "launch.run", *args], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=timeout)
-    if p.returncode != 0:
-        raise AssertionError(f"nanochat-run {' '.join(args)} failed ({p.returncode}):\n"
-                             f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
-
-
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(root / "base"), "NANOCHAT_OFFLINE": "1"}
-    nanochat_run(env, "stage=tokenizer", "data=demo", "stage.vocab_size=2048", "stage.max_chars=2000000",
-                 f"run.root={root}")
-    run = root / "pre"
-    nanochat_run(env, "experiment=tiny", "model.depth=2", "stage.num_iterations=6", "stage.eval_every=-1",
-                 f"run.root={root}", f"run.dir={run}")
-    return env, root, run
+def source(stage_root):
+    return stage_root
 
 
 RL = ["stage=rl", "model.depth=2", "stage.examples_per_step=2", "stage.num_samples=3", "stage.max_new_tokens=12",

@@ -13,7 +13,10 @@ them with the pure functions at the bottom of this file:
 Muon: momentum (lerp form) with Nesterov, then the update is orthogonalized with a quintic
 Newton–Schulz iteration (or the Polar Express coefficients, `ns="polar_express"`) and scaled by
 sqrt(max(1, rows/cols)). Same-shape matrices are stacked and orthogonalized in one batched call.
-The orthogonalization runs in fp32 on CPU (bf16 matmuls are ~100× slower there) and bf16 on CUDA.
+The orthogonalization runs in fp32 on CPU (bf16 matmuls are ~100× slower there) and bf16 on CUDA;
+in fp32, matrices at least 2:1 evaluate the same polynomial through m×m Gram products
+(`_ns_gram`, ~40% fewer FLOPs for the 4:1 MLP matrices). AdamW is torch's own fused kernel.
+`grad_clip > 0` clips the global gradient norm inside step() (after the cross-rank average).
 
 Distributed (world_size > 1): no DDP wrapper. After backward, `step()` reduce-scatters the
 gradients (average), each rank updates only the parameters it owns and keeps optimizer state
@@ -45,11 +48,32 @@ POLAR_EXPRESS_COEFFS = (
 NS_METHODS = ("newton_schulz", "polar_express")
 
 
+def _ns_gram(X: torch.Tensor, coeffs) -> torch.Tensor:
+    """The same polynomial iteration as the direct form, evaluated on m×m Gram matrices.
+
+    Each step is X ← H·X with H = a·I + b·A + c·A², A = X·Xᵀ. Every H is a polynomial in
+    A₀ = X₀·X₀ᵀ, so X₅ = H₄⋯H₀·X₀ and A_{k+1} = H·A_k·H need only m×m products; X₀ (m, n) is
+    touched twice (A₀ and the final product) instead of twice per step. For n = 4m this is
+    ~25 m³ of matmul instead of 45 m³. fp32 only: the recurrence on A compounds rounding.
+    """
+    A = torch.bmm(X, X.mT)
+    Q = None
+    last = len(coeffs) - 1
+    for i, (a, b, c) in enumerate(coeffs):
+        H = torch.baddbmm(A, A, A, beta=b, alpha=c)           # b·A + c·A²
+        H.diagonal(dim1=-2, dim2=-1).add_(a)                   # + a·I
+        Q = H if Q is None else torch.bmm(H, Q)
+        if i < last:
+            A = torch.bmm(torch.bmm(H, A), H)
+    return torch.bmm(Q, X)
+
+
 def orthogonalize(G: torch.Tensor, ns: str = "newton_schulz", steps: int = 5,
-                  dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                  dtype: Optional[torch.dtype] = None, gram: Optional[bool] = None) -> torch.Tensor:
     """Approximate U·Vᵀ of G = U·S·Vᵀ for a matrix (m, n) or a stack (k, m, n).
 
     dtype: compute precision; default fp32 on CPU, bf16 on CUDA. Returns G's dtype.
+    gram: evaluate through Gram matrices (`_ns_gram`); default: fp32 and aspect ratio >= 2.
     """
     if ns not in NS_METHODS:
         raise ValueError(f"ns={ns!r}: use one of {', '.join(NS_METHODS)}")
@@ -71,10 +95,15 @@ def orthogonalize(G: torch.Tensor, ns: str = "newton_schulz", steps: int = 5,
         X = X / (nrm + 1e-7)
         coeffs = (NS_COEFFS,) * steps
     X = X.contiguous()
-    for a, b, c in coeffs:
-        A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)      # b·A + c·A²
-        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)    # a·X + B·X
+    if gram is None:   # see _ns_gram: pays off for fp32 when the matrix is at least 2:1
+        gram = dtype == torch.float32 and X.size(-1) >= 2 * X.size(-2)
+    if gram:
+        X = _ns_gram(X, coeffs)
+    else:
+        for a, b, c in coeffs:
+            A = torch.bmm(X, X.mT)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)      # b·A + c·A²
+            X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)    # a·X + B·X
     if tall:
         X = X.mT
     X = X.to(G.dtype)
@@ -93,7 +122,8 @@ class MuonAdamW(torch.optim.Optimizer):
     adamw groups also `betas`, `eps`; muon groups `momentum`, `nesterov`, `ns`, `ns_steps`.
     """
 
-    def __init__(self, param_groups: list[dict], world_size: int = 1, rank: int = 0, process_group=None):
+    def __init__(self, param_groups: list[dict], world_size: int = 1, rank: int = 0, process_group=None,
+                 grad_clip: float = 0.0):
         for g in param_groups:
             if g.get("kind") not in ("muon", "adamw"):
                 raise ValueError(f"param group {g.get('name')!r}: kind={g.get('kind')!r}, use 'muon' or 'adamw'")
@@ -122,6 +152,10 @@ class MuonAdamW(torch.optim.Optimizer):
                 # param's device, where the fused kernel wants it
                 g.setdefault("fused", True)
         self.world_size, self.rank, self.process_group = world_size, rank, process_group
+        # clip the global (averaged) gradient norm inside step(): with ZeRO the full gradient
+        # only exists sharded, so clipping before step() would clip each rank's local gradient
+        self.grad_clip = grad_clip
+        self.last_grad_norm: Optional[torch.Tensor] = None   # set by step() when grad_clip > 0
         if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(f"MuonAdamW(world_size={world_size}) needs torch.distributed initialized first")
 
@@ -148,6 +182,9 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.world_size == 1:
+            if self.grad_clip > 0:
+                grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+                self._clip(grads, torch.stack([torch.linalg.vector_norm(x) for x in grads]).square().sum())
             for g in self.param_groups:
                 if g["kind"] == "adamw":
                     self._adamw_local(g)
@@ -157,6 +194,11 @@ class MuonAdamW(torch.optim.Optimizer):
         else:
             self._step_distributed()
         return loss
+
+    def _clip(self, grads: list, sumsq: torch.Tensor) -> None:
+        norm = sumsq.sqrt()
+        self.last_grad_norm = norm
+        torch._foreach_mul_(grads, (self.grad_clip / (norm + 1e-6)).clamp(max=1.0))
 
     # ---- AdamW
     def _adamw_update(self, g: dict, params: list, grads: list, states: list) -> None:
@@ -234,10 +276,19 @@ class MuonAdamW(torch.optim.Optimizer):
                     out = torch.empty((shard, *bucket[0].shape), dtype=G.dtype, device=G.device)
                     work = reduce_scatter(out, G, op=dist.ReduceOp.AVG, group=pg, async_op=True)
                     jobs.append(("muon", g, bucket, out, work))
+        if self.grad_clip > 0:   # needs every shard's contribution before any update
+            for i, job in enumerate(jobs):
+                job[4].wait()
+                jobs[i] = job[:4] + (None,)   # wait once only: a second wait() may copy again
+            shards = [job[3] for job in jobs]
+            sumsq = torch.stack([torch.linalg.vector_norm(x) for x in shards]).square().sum()
+            dist.all_reduce(sumsq, group=pg)   # padding is zero: it adds nothing
+            self._clip(shards, sumsq)
         # 2) owners update their shard, 3) all-gather the new values
         gathers = []
         for kind, g, payload, gshard, work in jobs:
-            work.wait()
+            if work is not None:
+                work.wait()
             if kind == "adamw":
                 p = payload
                 n = p.numel()
@@ -269,14 +320,15 @@ class MuonAdamW(torch.optim.Optimizer):
 def build_optimizer(model, *, embedding_lr: float, unembedding_lr: float, matrix_lr: float,
                     scalar_lr: float, weight_decay: float = 0.0, adam_betas=(0.8, 0.95),
                     ns: str = "newton_schulz", world_size: int = 1, rank: int = 0,
-                    adamw_weight_decay: float = 0.0, process_group=None) -> MuonAdamW:
+                    adamw_weight_decay: float = 0.0, process_group=None, grad_clip: float = 0.0) -> MuonAdamW:
     """One optimizer for the whole GPT: Muon on block matrices, AdamW on the rest.
 
     LRs are used as given (the caller applies any width/batch scaling). `weight_decay` is Muon's
     decoupled weight decay (on the matrices); AdamW groups use `adamw_weight_decay` (default 0).
     Groups (names): matrix (muon) · embedding · value_embed (at embedding_lr) · lm_head
     (unembedding_lr) · resid_scalar (scalar_lr·0.01, as nanochat) · scalar (scalar_lr).
-    Empty groups are left out.
+    Empty groups are left out. grad_clip > 0 clips the global gradient norm inside step()
+    (after the cross-rank average); the pre-clip norm is then in `opt.last_grad_norm`.
     """
     pg = model.param_groups()
     betas = tuple(adam_betas)
@@ -295,7 +347,7 @@ def build_optimizer(model, *, embedding_lr: float, unembedding_lr: float, matrix
         adamw("scalar", pg["scalar"], scalar_lr),
     ]
     groups = [g for g in groups if g["params"]]
-    return MuonAdamW(groups, world_size=world_size, rank=rank, process_group=process_group)
+    return MuonAdamW(groups, world_size=world_size, rank=rank, process_group=process_group, grad_clip=grad_clip)
 
 
 # ----------------------------------------------------------------------------- schedules

@@ -72,7 +72,8 @@ def make_optimizer(model: GPT, plan: Plan, cfg: Config, rt: Runtime):
     return build_optimizer(model, embedding_lr=plan.embedding_lr, unembedding_lr=plan.unembedding_lr,
                            matrix_lr=plan.matrix_lr, scalar_lr=plan.scalar_lr, weight_decay=plan.weight_decay,
                            adam_betas=(st.adam_beta1, st.adam_beta2), ns=st.muon_ns,
-                           world_size=rt.world, rank=rt.rank)
+                           world_size=rt.world, rank=rt.rank,
+                           grad_clip=st.grad_clip)  # clips the global (rank-averaged) norm inside step()
 
 
 def apply_schedules(optimizer: Any, step: int, plan: Plan) -> float:

@@ -47,6 +47,23 @@ def test_orthogonalize_is_close_to_semi_orthogonal(shape, ns):
     assert (cos > 0.97).all(), cos
 
 
+@pytest.mark.parametrize("cond", [1e2, 1e6])
+@pytest.mark.parametrize("ns", ["newton_schulz", "polar_express"])
+def test_gram_form_matches_direct_iteration(cond, ns):
+    """The Gram evaluation (CPU fp32, aspect >= 2) computes the same polynomial as the direct one."""
+    g = torch.Generator().manual_seed(0)
+    U, _, Vh = torch.linalg.svd(torch.randn(3, 48, 160, generator=g), full_matrices=False)
+    G = (U * torch.logspace(-math.log10(cond), 0, 48)) @ Vh
+    G[0] = torch.outer(torch.randn(48, generator=g), torch.randn(160, generator=g))   # rank one
+    ref = orthogonalize(G.double(), ns, dtype=torch.float64, gram=False)
+    for X in (G, G.mT):                      # wide and tall
+        gram = orthogonalize(X, ns, gram=True)
+        want = ref if X is G else ref.mT
+        assert ((gram.double() - want).norm() / want.norm()) < 2e-3
+    assert torch.equal(orthogonalize(G, ns), orthogonalize(G, ns, gram=True))   # the CPU default
+    assert orthogonalize(torch.zeros(2, 8, 32), ns).abs().max() == 0
+
+
 def test_orthogonalize_rejects_unknown_method():
     with pytest.raises(ValueError, match="polar_express"):
         orthogonalize(torch.randn(4, 4), "svd")
@@ -214,3 +231,19 @@ def test_muon_momentum_and_weight_decay_schedules():
     assert weight_decay_at(100, 100, 0.2, "cosine") == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="cosine"):
         weight_decay_at(1, 10, 0.1, "exp")
+
+
+def test_grad_clip_matches_torch_clip_grad_norm():
+    cfg = tiny(**MODERN)
+    idx = torch.randint(0, 97, (2, 17))
+    models = [build_model(cfg, "cpu", 0) for _ in range(2)]
+    opts = [make_opt(models[0], grad_clip=0.01), make_opt(models[1])]
+    for m in models:
+        m(idx[:, :-1], idx[:, 1:]).backward()
+    norm = torch.nn.utils.clip_grad_norm_(models[1].parameters(), 0.01)
+    for o in opts:
+        o.step()
+    torch.testing.assert_close(opts[0].last_grad_norm, norm)
+    assert norm > 0.01
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b)

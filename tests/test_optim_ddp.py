@@ -19,7 +19,8 @@ CFG = dict(sequence_len=16, vocab_size=101, n_layer=3, n_head=2, n_kv_head=1, n_
            value_embeds=True, window_pattern="SL", resid_lambdas=True, x0_lambdas=True, smear=True,
            backout=True, qk_scale=1.2)
 STEPS = 4
-OPT = dict(embedding_lr=0.05, unembedding_lr=0.01, matrix_lr=0.02, scalar_lr=0.05, weight_decay=0.1)
+OPT = dict(embedding_lr=0.05, unembedding_lr=0.01, matrix_lr=0.02, scalar_lr=0.05, weight_decay=0.1,
+           grad_clip=0.05)   # small enough to clip every step: exercises the global-norm path
 
 
 def make_model(seed: int = 0):
@@ -83,7 +84,8 @@ def _worker(rank, world, port, out_dir):
         # state is sharded: this rank holds moments for only its slice of wte
         wte_state = opt.state[model.transformer.wte.weight]["exp_avg"]
         with open(os.path.join(out_dir, f"result_rank{rank}.json"), "w") as f:
-            json.dump({"resume_equal": same, "wte_state_numel": wte_state.numel()}, f)
+            json.dump({"resume_equal": same, "wte_state_numel": wte_state.numel(),
+                       "grad_norm": float(opt.last_grad_norm)}, f)
     finally:
         dist.destroy_process_group()
 
@@ -95,7 +97,8 @@ def test_zero2_two_processes_match_single_process(tmp_path):
     # reference: one process, the whole global batch
     torch.set_num_threads(1)
     ref = make_model(0)
-    train(ref, build_optimizer(ref, **OPT), batches())
+    ref_opt = build_optimizer(ref, **OPT)
+    train(ref, ref_opt, batches())
 
     wte_numel = ref.transformer.wte.weight.numel()
     for rank in range(world):
@@ -105,6 +108,7 @@ def test_zero2_two_processes_match_single_process(tmp_path):
         res = json.loads((tmp_path / f"result_rank{rank}.json").read_text())
         assert res["resume_equal"], f"rank {rank}: resuming from its optimizer shard diverged"
         assert res["wte_state_numel"] == wte_numel // world
+        assert res["grad_norm"] > OPT["grad_clip"]   # clipping was active
     # the run moved the weights (the comparison is not between two untouched inits)
     init = make_model(0)
     assert not torch.allclose(init.lm_head.weight, ref.lm_head.weight)

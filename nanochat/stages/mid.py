@@ -354,8 +354,6 @@ def train_chat(cfg: Config, run_dir: Path, rt: T.Runtime, tokenizer, data: ChatD
                 w = n * rt.world / n_global  # the optimizer averages ranks' gradients
                 (loss * w).backward()
                 loss_sum += loss.detach() * n
-            if st.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), st.grad_clip)
             lrm = T.apply_schedules(optimizer, step, plan)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -174,8 +174,6 @@ def run(cfg: Config, run_dir: Path) -> dict:
                     loss = train_model(x, y)
                 loss_sum += loss.detach()
                 (loss / plan.grad_accum_steps).backward()
-            if st.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), st.grad_clip)
             lrm = T.apply_schedules(optimizer, step, plan)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -148,17 +148,23 @@ def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[P
     return {"status": status, "run_dir": str(run_dir), "result": result, "exit_code": rc}
 
 
-def stage_tree(composed: dict, name: str) -> dict:
-    """The config tree for one pipeline stage: its group YAML (or the composed one) + stages.<name>."""
+def stage_tree(composed: dict, entry: str) -> dict:
+    """The config tree for one pipeline entry: its stage YAML (or the composed one) + stages.<entry>.
+
+    An entry is a stage name, or a label whose `stages.<label>` block names the stage, e.g.
+    `stages: {base_eval: {name: eval, mode: base}}` runs the eval stage a second time.
+    """
+    extra = dict((composed.get("stages") or {}).get(entry) or {})
+    name = extra.get("name", entry)
     if composed.get("stage", {}).get("name") == name:
         base = dict(composed["stage"])
     else:
         path = Path(CONF_DIR) / "stage" / f"{name}.yaml"
         if not path.exists() or name not in STAGE_SCHEMAS:
-            raise ConfigError("run.pipeline", name, f"use stage names from: {', '.join(STAGE_SCHEMAS)}",
-                              "unknown stage in pipeline")
+            raise ConfigError("run.pipeline", entry, f"use stage names from: {', '.join(STAGE_SCHEMAS)}, or a "
+                              f"label with `stages.{entry}.name: <stage>`", "unknown stage in pipeline")
         base = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    extra = (composed.get("stages") or {}).get(name) or {}
+        base["name"] = name
     base.update(extra)
     tree = dict(composed)
     tree["stage"] = base
@@ -169,10 +175,11 @@ def run_pipeline(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optiona
     """Stages one after another, each in its own run dir, chained through init_from."""
     produced: dict[str, str] = {}
     results = []
-    for i, name in enumerate(cfg.run.pipeline):
-        tree = stage_tree(composed, name)
+    for i, entry in enumerate(cfg.run.pipeline):
+        tree = stage_tree(composed, entry)
         tree["run"] = {**tree["run"], "pipeline": None, "dir": None}
         st = tree["stage"]
+        name = st["name"]
         src = st.get("init_stage") or DEFAULT_SOURCE.get(name)
         if st.get("init_from") == "latest" and name != "tokenizer":
             # chain to what this pipeline just produced (the newest of the candidate stages)
@@ -180,9 +187,9 @@ def run_pipeline(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optiona
             if chain:
                 st["init_from"] = produced[chain[0]]
         stage_cfg = config_from_dict(tree)
-        sub_dir = (job_dir / f"{i}_{name}") if job_dir is not None else None
+        sub_dir = (job_dir / f"{i}_{entry}") if job_dir is not None else None
         out = run_stage(stage_cfg, tree, hydra_info, sub_dir)
-        results.append({"stage": name, **out})
+        results.append({"stage": entry, "kind": name, **out})
         if out["status"] == "dry_run":
             produced[name] = f"pipeline:{name}"  # later stages chain to this one's (future) output
             continue

@@ -80,7 +80,7 @@ def build_report(results: list[dict]) -> list[dict]:
     for item in results:
         rows.append({"stage": item.get("stage", "?"), "status": item.get("status", "?"),
                      "wall_s": wall_time_s(item.get("run_dir")),
-                     "metrics": stage_metrics(item.get("stage", ""), item.get("result")),
+                     "metrics": stage_metrics(item.get("kind", item.get("stage", "")), item.get("result")),
                      "run_dir": item.get("run_dir") or ""})
     return rows
 

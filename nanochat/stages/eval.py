@@ -198,7 +198,15 @@ def run_base(cfg: Config, run_dir: Path, rt: T.Runtime, model, tokenizer, tok_na
         log(f"{split} bpb: {bpb:.4f}")
     if st.core:
         from nanochat.core_eval import core_summary, evaluate_core, write_core_csv
-        bundle = bundle_dir(cfg, rt.base_dir)
+        try:
+            bundle = bundle_dir(cfg, rt.base_dir)
+        except Exception as e:
+            if cfg.paths.eval_bundle:  # the user named a bundle: not finding it is an error
+                raise
+            # no local bundle and no network (an offline demo): report bpb, say why CORE is missing
+            log(f"CORE skipped: no eval bundle ({type(e).__name__}: {e}); set paths.eval_bundle=<dir>")
+            result.update(core=None, core_skipped=f"eval bundle unavailable: {e}")
+            return result
         with rt.autocast():
             core = evaluate_core(model, tokenizer, bundle, rt.device, max_per_task=st.max_per_task,
                                  progress=rt.master)

@@ -167,7 +167,7 @@ _PEAK_CACHE: dict = {}
 _GPU_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12, "A10": 125e12}
 
 
-def measure_cpu_matmul_flops(n: int = 2048, reps: int = 4) -> float:
+def measure_cpu_matmul_flops(n: int = 2048, reps: int = 8) -> float:
     """This machine's fp32 matmul throughput with the current thread count (the MFU denominator).
 
     Best of a few square GEMMs, as bench/train_step.py measures it, so the stage's MFU and the
@@ -175,6 +175,7 @@ def measure_cpu_matmul_flops(n: int = 2048, reps: int = 4) -> float:
     """
     a, b = torch.randn(n, n), torch.randn(n, n)
     c = torch.mm(a, b)
+    torch.mm(a, b, out=c)  # warm up (thread pool, caches) before timing
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()

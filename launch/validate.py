@@ -68,6 +68,10 @@ def check_hardware(cfg: Config) -> None:
         if hw.nproc_per_node > cores:
             raise ConfigError("hardware.nproc_per_node", hw.nproc_per_node,
                               f"use at most {cores} CPU processes on this machine", f"only {cores} CPU cores present")
+    if hw.dtype == "float16" and hw.nproc_per_node * hw.nnodes > 1:
+        raise ConfigError("hardware.dtype", hw.dtype, "use hardware.dtype=bfloat16 for multi-process runs "
+                          "(fp16 loss scaling is single-process only: ranks could disagree on skipped steps)",
+                          "fp16 with several processes")
     if hw.device == "cpu" and hw.dtype != "float32":
         raise ConfigError("hardware.dtype", hw.dtype, "use hardware.dtype=float32 on CPU "
                           "(bf16/fp16 matmuls are ~100x slower there)", "low precision on CPU")

@@ -17,6 +17,7 @@ import torch
 from nanochat.config import Config, config_to_dict
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import list_shards
+from nanochat.gpt import make_grad_scaler
 from nanochat.lifecycle import Preempted, STOP, stop_requested_all_ranks
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -124,6 +125,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     resumed = state.step > 0 or loader_state is not None
     train_loader = SlotLoader(cfg, plan, rt, tokenizer, loader_state)
     train_model = torch.compile(model, dynamic=False) if cfg.hardware.compile else model
+    scaler = make_grad_scaler(rt.device.type, rt.dtype)  # a no-op unless fp16 on CUDA
     N = plan.num_iterations
     tracker = T_tracker(cfg, run_dir, rt, N, state.step)
     peak = T.peak_flops(rt.device, rt.dtype)
@@ -173,9 +175,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 with rt.autocast():
                     loss = train_model(x, y)
                 loss_sum += loss.detach()
-                (loss / plan.grad_accum_steps).backward()
+                scaler.scale(loss / plan.grad_accum_steps).backward()
             lrm = T.apply_schedules(optimizer, step, plan)
-            optimizer.step()
+            scaler.step(optimizer)  # unscales first, skips the step on inf/nan grads (fp16)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             train_loss = T.all_reduce_mean(loss_sum / plan.grad_accum_steps).item()
             rt.sync()

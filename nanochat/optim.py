@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -402,16 +402,22 @@ def eval_specs_for(cfg: Config, mixture_names: list) -> list:
     return list(st.eval_tasks) if st.eval_tasks is not None else held_out_specs(mixture_names)
 
 
-def run(cfg: Config, run_dir: Path) -> dict:
+def chat_stage_setup(cfg: Config, run_dir: Path, default_mixture: list):
+    """What mid and sft start with: runtime, plan, source checkpoint meta, its tokenizer, the mixture."""
     rt = T.setup_runtime(cfg)
     plan = T.load_plan(run_dir)
     st = cfg.stage
     meta = source_checkpoint_meta(st.init_from)
     tokenizer = get_tokenizer(rt.base_dir, source_tokenizer_name(cfg, meta))
     log = print if rt.master else (lambda s: None)
-    mixture, names = build_mixture(st.mixture, DEFAULT_MID_MIXTURE, "train", data_dir=cfg.paths.shared_data,
+    mixture, names = build_mixture(st.mixture, default_mixture, "train", data_dir=cfg.paths.shared_data,
                                    base_dir=rt.base_dir, seed=cfg.run.seed, max_per_task=st.max_examples_per_task,
                                    log=log)
+    return rt, plan, st, meta, tokenizer, log, mixture, names
+
+
+def run(cfg: Config, run_dir: Path) -> dict:
+    rt, plan, st, meta, tokenizer, log, mixture, names = chat_stage_setup(cfg, run_dir, DEFAULT_MID_MIXTURE)
     seq = plan.sequence_len
     src_plan = meta.get("plan")
     total = inherit(st.total_batch_size, src_plan, "total_batch_size", plan.total_batch_size)

@@ -18,12 +18,10 @@ from typing import Any, Optional
 
 import torch
 
-from nanochat import training as T
 from nanochat.config import Config
-from nanochat.stages.mid import (ChatData, base_lrs, build_mixture, effective_plan, eval_specs_for, source_checkpoint_meta,
-                                 source_tokenizer_name, train_chat, val_mixture)
+from nanochat.stages.mid import (ChatData, base_lrs, chat_stage_setup, effective_plan, eval_specs_for, train_chat,
+                                 val_mixture)
 from nanochat.tasks.common import Task
-from nanochat.tokenizer import get_tokenizer
 
 # nanochat SFT: ARC-Easy/Challenge train, GSM8K train, SmolTalk 10k, identity, spelling. Optional
 # entries are skipped (with a note) when their data is missing, so the default works offline.
@@ -93,15 +91,7 @@ def sft_batch(plan_dbs: int, examples_per_step: int, world: int) -> tuple[int, i
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
-    rt = T.setup_runtime(cfg)
-    plan = T.load_plan(run_dir)
-    st = cfg.stage
-    meta = source_checkpoint_meta(st.init_from)
-    tokenizer = get_tokenizer(rt.base_dir, source_tokenizer_name(cfg, meta))
-    log = print if rt.master else (lambda s: None)
-    mixture, names = build_mixture(st.mixture, DEFAULT_SFT_MIXTURE, "train", data_dir=cfg.paths.shared_data,
-                                   base_dir=rt.base_dir, seed=cfg.run.seed, max_per_task=st.max_examples_per_task,
-                                   log=log)
+    rt, plan, st, meta, tokenizer, log, mixture, names = chat_stage_setup(cfg, run_dir, DEFAULT_SFT_MIXTURE)
     seq = plan.sequence_len
     examples = st.examples_per_step or DEFAULT_EXAMPLES_PER_STEP
     dbs, accum = sft_batch(plan.device_batch_size, examples, rt.world)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import random
 import zlib
-from pathlib import Path
 from typing import Sequence
 
 from nanochat.common import get_base_dir

@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	# torch first and pinned, so nothing resolves an unpinned (CUDA) torch on CPU machines
-	$(VENV)/bin/pip install -q "$(TORCH)"
+	$(VENV)/bin/pip install -q $(TORCH)
 	$(VENV)/bin/pip install -q -e ".[dev]"
 	touch $@
 

@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from launch import rundir, validate
 from nanochat.common import read_json
+from nanochat.lifecycle import read_status, write_status
 from nanochat.config import STAGE_SCHEMAS, Config, ConfigError, config_from_dict, load_config
 from nanochat.plan import make_plan, plan_rows
 
@@ -63,16 +64,6 @@ def print_plan(cfg: Config, plan: Optional[dict], rows: list[tuple[str, str]], r
 
 # --------------------------------------------------------------------------- one stage
 
-def _tokenizer_vocab(cfg: Config) -> Optional[int]:
-    """The tokenizer artifact's vocab size (from its meta.json), without importing torch."""
-    from nanochat.common import get_base_dir
-    meta = get_base_dir(cfg.paths.base_dir) / "tokenizer" / cfg.data.tokenizer / "meta.json"
-    try:
-        return int(read_json(meta)["vocab_size"])
-    except (FileNotFoundError, KeyError, ValueError):
-        return None
-
-
 def prepare(cfg: Config) -> tuple[Config, Optional[dict], list[tuple[str, str]]]:
     """Resolve init_from (and inherit the source model), fill the vocab, make the plan."""
     name = cfg.stage.name
@@ -94,7 +85,9 @@ def prepare(cfg: Config) -> tuple[Config, Optional[dict], list[tuple[str, str]]]
                 ("max_chars", f"{cfg.stage.max_chars:,}"), ("doc_cap", f"{cfg.stage.doc_cap:,}"),
                 ("artifact", f"{cfg.paths.base_dir}/tokenizer/{cfg.data.tokenizer}")]
     else:
-        vocab = cfg.model.vocab_size or _tokenizer_vocab(cfg)
+        from nanochat.common import get_base_dir
+        from nanochat.tokenizer import tokenizer_vocab_size  # cheap: no torch/tiktoken at import
+        vocab = cfg.model.vocab_size or tokenizer_vocab_size(get_base_dir(cfg.paths.base_dir), cfg.data.tokenizer)
         if cfg.model.vocab_size is None and vocab is not None:
             cfg = replace(cfg, model=replace(cfg.model, vocab_size=vocab))
         p = make_plan(cfg)
@@ -135,10 +128,9 @@ def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[P
     if cfg.run.print_config:
         _console().print(rundir.resolved_yaml(cfg))
     rc = dispatch(cfg, run_dir, in_process=hydra_info["in_process"])
-    status = rundir.status_of(run_dir)
+    status = read_status(run_dir)
     if status == "unknown":  # the worker died before writing a status (killed, crashed at import)
         status = "failed"
-        from nanochat.lifecycle import write_status
         write_status(run_dir, "failed", error=f"worker exited with code {rc} without a status")
     result = None
     if (run_dir / "result.json").exists():

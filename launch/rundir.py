@@ -20,7 +20,7 @@ import yaml
 
 from nanochat.common import atomic_write_json, atomic_write_text
 from nanochat.config import Config, ConfigError, config_to_dict
-from nanochat.lifecycle import list_checkpoints, read_status
+from nanochat.lifecycle import list_checkpoints
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "hydra-core", "omegaconf", "hydra-submitit-launcher", "submitit", "numpy",
@@ -165,6 +165,3 @@ def freeze(run_dir: Path, cfg: Config, plan: dict, overrides: list[str], choices
     atomic_write_json(run_dir / "meta.json", meta)
     return meta
 
-
-def status_of(run_dir: Path) -> str:
-    return read_status(run_dir)

@@ -19,14 +19,9 @@ from typing import Any, Optional
 
 import torch
 
-from nanochat.common import atomic_write_json, atomic_write_text, read_json
+from nanochat.common import atomic_write_json, atomic_write_text, barrier, read_json
 from nanochat.lifecycle import list_checkpoints
 
-
-def _barrier() -> None:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def step_dir_name(step: int) -> str:
@@ -62,7 +57,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, o
         if tmp.exists():
             shutil.rmtree(tmp)  # left over from a kill mid-save
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     if rank == 0:
         state = {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
         _torch_save_atomic(state, tmp / "model.pt")
@@ -72,7 +67,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, o
     if loader_state is not None:
         atomic_write_text(tmp / f"dataloader_rank{rank}.json", json.dumps(loader_state))
     _torch_save_atomic(rng_state(), tmp / f"rng_rank{rank}.pt")
-    _barrier()
+    barrier()
     if rank == 0:
         if final.exists():  # re-saving the same step (e.g. preempted right after a periodic save)
             shutil.rmtree(final)
@@ -80,7 +75,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, o
         if keep_last > 0:
             for old in list_checkpoints(run_dir)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 

@@ -121,6 +121,13 @@ def init_distributed(device: str = "cpu", backend: str | None = None, num_thread
     return rank, local_rank, world, dev
 
 
+def barrier() -> None:
+    """dist.barrier() when running distributed; a no-op in a single process."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def cleanup_distributed() -> None:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():

@@ -22,7 +22,9 @@ from nanochat.common import get_base_dir, init_distributed, read_json
 from nanochat.config import Config, config_to_dict
 from nanochat.gpt import GPT, GPTConfig, autocast_ctx, build_model
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum, weight_decay_at
+from nanochat.lifecycle import STOP, Preempted, stop_requested_all_ranks
 from nanochat.plan import Plan
+from nanochat.tracking import Tracker
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -101,6 +103,12 @@ class LoopState:
     first_val_bpb: Optional[float] = None
     extra: dict = field(default_factory=dict)
 
+    def record_val(self, value: float) -> None:
+        """Keep first / last / best of the stage's validation metric (bpb or loss)."""
+        self.last_val_bpb = value
+        self.first_val_bpb = value if self.first_val_bpb is None else self.first_val_bpb
+        self.best_val_bpb = value if self.best_val_bpb is None else min(self.best_val_bpb, value)
+
 
 def init_model(plan: Plan, cfg: Config, rt: Runtime, init_from: Optional[str]) -> tuple[GPT, Optional[dict]]:
     """Fresh model (seeded), or the weights of `init_from`'s last checkpoint."""
@@ -148,6 +156,22 @@ def save(run_dir: Path, cfg: Config, plan: Plan, rt: Runtime, model: GPT, optimi
     }
     return save_checkpoint(run_dir, state.step, model=model, optimizer=optimizer, loader_state=loader_state,
                            meta=meta, rank=rt.rank, keep_last=getattr(cfg.stage, "keep_last", -1))
+
+
+def make_tracker(cfg: Config, run_dir: Path, rt: Runtime, total: int, start: int) -> Tracker:
+    return Tracker(run_dir, enabled=rt.master, total_steps=total, start_step=start, wandb_mode=cfg.wandb.mode,
+                   wandb_project=cfg.wandb.project, wandb_name=cfg.wandb.name, config=config_to_dict(cfg),
+                   desc=cfg.stage.name)
+
+
+def checkpoint_if_stopped(run_dir: Path, cfg: Config, plan: Plan, rt: Runtime, model: GPT, optimizer: Any,
+                          loader_state: Optional[dict], state: LoopState, tracker: Tracker) -> None:
+    """At a step boundary: if any rank got a stop signal, every rank checkpoints, then raise Preempted."""
+    if not stop_requested_all_ranks(STOP):
+        return
+    save(run_dir, cfg, plan, rt, model, optimizer, loader_state, state)
+    tracker.print(f"stop signal ({STOP.name or 'peer rank'}): checkpointed at step {state.step}")
+    raise Preempted(state.step, STOP.name or "peer")
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from nanochat import training as T
-from nanochat.common import shared_data_dir
+from nanochat.common import barrier, shared_data_dir
 from nanochat.config import Config
 from nanochat.tasks import CHANCE_ACCURACY, TaskDataError, make_task, parse_spec
 
@@ -190,7 +190,7 @@ def run_base(cfg: Config, run_dir: Path, rt: T.Runtime, model, tokenizer, tok_na
     if rt.master:
         for split in ("train", "val"):
             list_shards(cfg.data, rt.base_dir, split)
-    _barrier()
+    barrier()
     result: dict = {"mode": "base"}
     for split in ("train", "val"):
         bpb = split_bpb(model, cfg, tokenizer, token_bytes, split, plan.device_batch_size, seq, st.bpb_tokens, rt)
@@ -244,11 +244,6 @@ def run_chat(cfg: Config, run_dir: Path, rt: T.Runtime, model, tokenizer, log) -
             "task_accuracy": {k: r["accuracy"] for k, r in out["tasks"].items()}, "tasks": out["tasks"],
             "skipped": out["skipped"]}
 
-
-def _barrier() -> None:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def resolve_mode(mode: str, source_stage: str) -> str:

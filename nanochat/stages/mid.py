@@ -23,7 +23,6 @@ import torch
 from nanochat import training as T
 from nanochat.common import atomic_write_json
 from nanochat.config import Config
-from nanochat.lifecycle import STOP, Preempted, stop_requested_all_ranks
 from nanochat.plan import Plan, valid_device_batches
 from nanochat.tasks import TaskDataError, TaskMixture, make_task
 from nanochat.tasks.common import Task
@@ -296,7 +295,6 @@ class ChatData:
 
 def train_chat(cfg: Config, run_dir: Path, rt: T.Runtime, tokenizer, data: ChatData) -> dict:
     """The mid/sft training loop (same structure and checkpoint/resume/preemption as pretrain)."""
-    from nanochat.stages.pretrain import T_tracker
     st = cfg.stage
     plan = data.plan
     if rt.master:
@@ -308,7 +306,7 @@ def train_chat(cfg: Config, run_dir: Path, rt: T.Runtime, tokenizer, data: ChatD
     state.extra["base_lrs"] = data.base_lrs
     loader = data.make_train(loader_state)
     N = plan.num_iterations
-    tracker = T_tracker(cfg, run_dir, rt, N, state.step)
+    tracker = T.make_tracker(cfg, run_dir, rt, N, state.step)
     if resumed:
         tracker.print(f"resumed from step {state.step} of {N}")
     tracker.print(f"{st.name}: {plan.num_params:,} params | {N} steps ({plan.horizon_source}) | "
@@ -323,9 +321,7 @@ def train_chat(cfg: Config, run_dir: Path, rt: T.Runtime, tokenizer, data: ChatD
             fresh = not (resumed and step == start_step)
             if fresh and data.make_val is not None and _due(step, st.eval_every, last):
                 vl = val_loss(model, data.make_val(), data.val_steps, rt)
-                state.last_val_bpb = vl  # LoopState's slots: here the val loss (nats/token)
-                state.first_val_bpb = vl if state.first_val_bpb is None else state.first_val_bpb
-                state.best_val_bpb = vl if state.best_val_bpb is None else min(state.best_val_bpb, vl)
+                state.record_val(vl)  # for mid: the val loss (nats/token)
                 tracker.log({"step": step, "val/loss": vl})
                 tracker.print(f"step {step:05d} | val loss {vl:.4f}")
             if fresh and step > 0 and not last and st.eval_metrics_every > 0 and step % st.eval_metrics_every == 0:
@@ -335,10 +331,7 @@ def train_chat(cfg: Config, run_dir: Path, rt: T.Runtime, tokenizer, data: ChatD
                 T.save(run_dir, cfg, plan, rt, model, optimizer, loader.state_dict(), state)
             if last:
                 break
-            if stop_requested_all_ranks(STOP):
-                T.save(run_dir, cfg, plan, rt, model, optimizer, loader.state_dict(), state)
-                tracker.print(f"stop signal ({STOP.name or 'peer rank'}): checkpointed at step {step}")
-                raise Preempted(step, STOP.name or "peer")
+            T.checkpoint_if_stopped(run_dir, cfg, plan, rt, model, optimizer, loader.state_dict(), state, tracker)
 
             # ---- one optimizer step: loss normalized by the trained tokens of the whole step
             t0 = time.perf_counter()

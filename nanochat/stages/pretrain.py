@@ -14,14 +14,13 @@ from typing import Any, Optional
 
 import torch
 
-from nanochat.config import Config, config_to_dict
+from nanochat.config import Config
+from nanochat.common import barrier
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import list_shards
 from nanochat.gpt import make_grad_scaler
-from nanochat.lifecycle import Preempted, STOP, stop_requested_all_ranks
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.tracking import Tracker
 from nanochat import training as T
 
 SAMPLE_PROMPTS = [
@@ -50,7 +49,7 @@ def val_bpb(model, cfg: Config, plan, rt: T.Runtime, tokenizer, token_bytes, tok
             return evaluate_bpb(model, loader, eval_steps(tokens, plan), token_bytes)
     finally:
         model.train()
-        loader.close() if hasattr(loader, "close") else None
+        loader.close()
 
 
 def samples(model, tokenizer, max_tokens: int = 24) -> list[str]:
@@ -117,7 +116,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     if rt.master:  # build / download the corpus once, before the other ranks look for it
         list_shards(cfg.data, rt.base_dir, "train")
         list_shards(cfg.data, rt.base_dir, "val")
-    _barrier()
+    barrier()
 
     model, _ = T.init_model(plan, cfg, rt, st.init_from)
     optimizer = T.make_optimizer(model, plan, cfg, rt)
@@ -127,7 +126,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     train_model = torch.compile(model, dynamic=False) if cfg.hardware.compile else model
     scaler = make_grad_scaler(rt.device.type, rt.dtype)  # a no-op unless fp16 on CUDA
     N = plan.num_iterations
-    tracker = T_tracker(cfg, run_dir, rt, N, state.step)
+    tracker = T.make_tracker(cfg, run_dir, rt, N, state.step)
     peak = T.peak_flops(rt.device, rt.dtype)
     if resumed:
         tracker.print(f"resumed from step {state.step} of {N}")
@@ -144,9 +143,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
             fresh = not (resumed and step == start_step)  # this step's evals ran before the checkpoint
             if fresh and _due(step, st.eval_every, last):
                 bpb = val_bpb(model, cfg, plan, rt, tokenizer, token_bytes, st.eval_tokens)
-                state.last_val_bpb = bpb
-                state.first_val_bpb = bpb if state.first_val_bpb is None else state.first_val_bpb
-                state.best_val_bpb = bpb if state.best_val_bpb is None else min(state.best_val_bpb, bpb)
+                state.record_val(bpb)
                 tracker.log({"step": step, "val/bpb": bpb})
                 tracker.print(f"step {step:05d} | val bpb {bpb:.4f}")
             if fresh and rt.master and st.sample_every > 0 and _due(step, st.sample_every, last):
@@ -161,10 +158,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 T.save(run_dir, cfg, plan, rt, model, optimizer, train_loader.state_dict(), state)
             if last:
                 break
-            if stop_requested_all_ranks(STOP):
-                T.save(run_dir, cfg, plan, rt, model, optimizer, train_loader.state_dict(), state)
-                tracker.print(f"stop signal ({STOP.name or 'peer rank'}): checkpointed at step {step}")
-                raise Preempted(step, STOP.name or "peer")
+            T.checkpoint_if_stopped(run_dir, cfg, plan, rt, model, optimizer, train_loader.state_dict(), state, tracker)
 
             # ---- one optimizer step
             rt.sync()
@@ -225,13 +219,3 @@ def run(cfg: Config, run_dir: Path) -> dict:
     return result
 
 
-def T_tracker(cfg: Config, run_dir: Path, rt: T.Runtime, total: int, start: int) -> Tracker:
-    return Tracker(run_dir, enabled=rt.master, total_steps=total, start_step=start, wandb_mode=cfg.wandb.mode,
-                   wandb_project=cfg.wandb.project, wandb_name=cfg.wandb.name, config=config_to_dict(cfg),
-                   desc=cfg.stage.name)
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()

@@ -24,7 +24,6 @@ import torch
 from nanochat import training as T
 from nanochat.config import Config
 from nanochat.engine import Engine
-from nanochat.lifecycle import STOP, Preempted, stop_requested_all_ranks
 from nanochat.stages.mid import _dist_sum, base_lrs, effective_plan, source_checkpoint_meta, source_tokenizer_name
 from nanochat.tasks import make_task
 from nanochat.tokenizer import get_tokenizer
@@ -96,7 +95,6 @@ def pass_at_k(model, tokenizer, task, num_examples: int, k: int, max_new_tokens:
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
-    from nanochat.stages.pretrain import T_tracker
     rt = T.setup_runtime(cfg)
     plan = T.load_plan(run_dir)
     st = cfg.stage
@@ -122,7 +120,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     engine = Engine(model, tokenizer)
     limit = getattr(model, "rotary_len", None) or model.config.sequence_len
     pad = tokenizer.encode_special("<|assistant_end|>")
-    tracker = T_tracker(cfg, run_dir, rt, N, state.step)
+    tracker = T.make_tracker(cfg, run_dir, rt, N, state.step)
     tracker.print(f"rl on {st.task}: {len(train_task):,} train questions | {N} steps × {E} questions × {S} samples "
                   f"| matrix LR {eplan.matrix_lr:.4g}" + (f" | resumed at step {state.step}" if resumed else ""))
     start_step = state.step
@@ -145,10 +143,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 T.save(run_dir, cfg, eplan, rt, model, optimizer, {"step": step}, state)
             if last:
                 break
-            if stop_requested_all_ranks(STOP):
-                T.save(run_dir, cfg, eplan, rt, model, optimizer, {"step": step}, state)
-                tracker.print(f"stop signal ({STOP.name or 'peer rank'}): checkpointed at step {step}")
-                raise Preempted(step, STOP.name or "peer")
+            T.checkpoint_if_stopped(run_dir, cfg, eplan, rt, model, optimizer, {"step": step}, state, tracker)
 
             # ---- rollouts for this rank's questions, then one policy-gradient step
             t0 = time.perf_counter()

@@ -70,7 +70,7 @@ class ModelConfig:
     rope_base: Optional[float] = None        # seed 10k, modern 100k
     value_embeds: Optional[bool] = None      # ResFormer value embeddings on alternating layers
     window_pattern: Optional[str] = None     # seed "L", modern "SSSL"; last layer always full
-    short_window: Optional[int] = None       # null → sequence_len // 2
+    short_window: Optional[int] = None       # tokens left of the query on S layers; null → ceil(seq/4/128)·128
     resid_lambdas: Optional[bool] = None
     x0_lambdas: Optional[bool] = None
     smear: Optional[bool] = None

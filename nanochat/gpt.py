@@ -7,21 +7,28 @@ RMSNorm has no parameters, there are no biases, logits are soft-capped (`softcap
 and computed in fp32. Output projections start at zero.
 
 Toggles (each off in the seed generation, on in the modern one):
-  value_embeds    per-layer value embeddings (ResFormer) mixed into V through an input-dependent gate,
-                  on layers with `layer_idx % 2 == (n_layer - 1) % 2`
-  window_pattern  e.g. "SSSL": tiled over layers, S = `short_window` keys, L = full context;
-                  the last layer is always L
+  value_embeds    per-layer value embeddings (ResFormer) mixed into V through an input-dependent gate
+                  3·sigmoid(W·x[:12]) per KV head, on layers with `layer_idx % 2 == (n_layer - 1) % 2`
+  window_pattern  e.g. "SSSL": tiled over layers; an S layer sees `short_window` tokens to its left
+                  plus itself (default ceil(seq/4/128)·128, nanochat's FlashAttention tile rounding),
+                  an L layer `long_window` (None = unlimited); the last layer is always L
   resid_lambdas   learned per-layer scale on the residual stream entering each block
   x0_lambdas      learned per-layer mix of the first (normed) embedding x0 into each block's input
   smear           mixes the previous token's embedding into each position (gate from 24 channels)
-  backout         subtracts a learned multiple of the mid-network residual before the final norm
+  backout         subtracts a learned multiple of the residual after block n_layer//2 before the final norm
   qk_scale        multiplies q and k after QK norm (1.2 → sharper attention)
   pad_vocab_to    pads embedding/lm_head rows to a multiple (logits are sliced back to vocab_size)
   rope_base       RoPE base frequency
+  init_style      "seed" or "modern" (nanochat mid 2026: wte std 0.8, c_fc at 0.4× the bound)
+  rope_bf16       RoPE tables rounded to bf16 (on in the seed generation: nanochat d575940 kept them in bf16)
+
+The modern toggles together are nanochat 92d63d4's model (Jul 2026) exactly, up to the RoPE layout:
+nanochat rotates the two halves of each head, we rotate interleaved pairs; nanochat/interop.py
+permutes the rows of c_q/c_k at the boundary.
 
 Parameter layout (V = vocab rounded up to pad_vocab_to, d = n_embd, kvd = n_kv_head·head_dim):
 wte V·d; per layer c_q d·d, c_k d·kvd, c_v d·kvd, c_proj d·d, c_fc d·4d, mlp c_proj 4d·d;
-lm_head d·V; value embeddings V·kvd + gate 32·n_kv_head per VE layer; resid/x0 lambdas n_layer
+lm_head d·V; value embeddings V·kvd + gate 12·n_kv_head per VE layer; resid/x0 lambdas n_layer
 each; smear 24 + 1; backout 1. `analytic_num_params` computes this without building the model.
 
 Build with `build_model(config, device, seed)` (meta-device construction, then init).
@@ -42,8 +49,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-VE_GATE_CHANNELS = 32   # value-embedding gate reads this many leading channels of the block input
+VE_GATE_CHANNELS = 12   # value-embedding gate reads this many leading channels of the block input
+VE_GATE_SCALE = 3.0     # the gate is VE_GATE_SCALE·sigmoid(.), in (0, 3)
 SMEAR_CHANNELS = 24     # smear gate reads this many leading channels of the embedding
+INIT_STYLES = ("seed", "modern")
+
+
+def default_short_window(sequence_len: int) -> int:
+    """nanochat's short window: a quarter of the context, rounded up to FlashAttention's 128 tile."""
+    return -(-sequence_len // 4 // 128) * 128
 
 
 @dataclass
@@ -58,13 +72,16 @@ class GPTConfig:
     rope_base: float = 10000.0
     value_embeds: bool = False
     window_pattern: str = "L"         # tiled over layers; the last layer is always L
-    short_window: Optional[int] = None  # keys seen by an S layer; None → sequence_len // 2
+    short_window: Optional[int] = None  # tokens left of the query an S layer sees; None → default_short_window
+    long_window: Optional[int] = None   # tokens left of the query an L layer sees; None → unlimited
     resid_lambdas: bool = False
     x0_lambdas: bool = False
     smear: bool = False
     backout: bool = False
     qk_scale: float = 1.0
     pad_vocab_to: int = 1
+    init_style: str = "seed"
+    rope_bf16: bool = False           # round the RoPE cos/sin tables to bf16 (nanochat Dec 2025 did, on every device)
 
     def __post_init__(self) -> None:
         def bad(field: str, fix: str) -> ValueError:
@@ -80,8 +97,12 @@ class GPTConfig:
             raise bad("n_head", f"head_dim = n_embd/n_head = {self.head_dim} must be even for RoPE")
         if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
             raise bad("window_pattern", "use a string of S (short window) and L (full context), e.g. SSSL")
-        if self.short_window is not None and not (1 <= self.short_window):
-            raise bad("short_window", "must be >= 1 (or null for sequence_len // 2)")
+        if self.short_window is not None and not (0 <= self.short_window):
+            raise bad("short_window", "must be >= 0 tokens to the left (or null for ceil(seq/4/128)·128)")
+        if self.long_window is not None and not (0 <= self.long_window):
+            raise bad("long_window", "must be >= 0 tokens to the left (or null for unlimited)")
+        if self.init_style not in INIT_STYLES:
+            raise bad("init_style", f"use one of {INIT_STYLES}")
         if self.value_embeds and self.n_embd < VE_GATE_CHANNELS:
             raise bad("n_embd", f"value_embeds needs n_embd >= {VE_GATE_CHANNELS}")
         if self.smear and self.n_embd < SMEAR_CHANNELS:
@@ -98,13 +119,30 @@ class GPTConfig:
         m = self.pad_vocab_to
         return ((self.vocab_size + m - 1) // m) * m
 
-    def window_sizes(self) -> list[int]:
-        """Keys each layer attends to (including the query itself); full layers get sequence_len."""
-        short = self.short_window if self.short_window is not None else max(1, self.sequence_len // 2)
+    @property
+    def max_positions(self) -> int:
+        """Positions the RoPE table covers (10× the training length leaves room for long generations)."""
+        return 10 * self.sequence_len
+
+    def left_windows(self) -> list[Optional[int]]:
+        """Tokens to the left of the query each layer sees (None = unlimited), nanochat's window_size[0]."""
+        short = self.short_window if self.short_window is not None else default_short_window(self.sequence_len)
         pat = self.window_pattern.upper()
-        sizes = [short if pat[i % len(pat)] == "S" else self.sequence_len for i in range(self.n_layer)]
-        sizes[-1] = self.sequence_len
-        return [min(w, self.sequence_len) for w in sizes]
+        lefts = [short if pat[i % len(pat)] == "S" else self.long_window for i in range(self.n_layer)]
+        lefts[-1] = self.long_window
+        return lefts
+
+    def window_sizes(self) -> list[int]:
+        """Keys each layer attends to, the query itself included (left window + 1).
+
+        An unlimited layer gets `max_positions`, every position the model can reach, so a window
+        >= the number of keys always means plain causal attention.
+        """
+        return [self.max_positions if w is None else min(w + 1, self.max_positions) for w in self.left_windows()]
+
+    def attention_spans(self) -> list[int]:
+        """Keys per query for the FLOP count: nanochat's min(left window, sequence_len) per layer."""
+        return [self.sequence_len if w is None else min(w, self.sequence_len) for w in self.left_windows()]
 
 
 def has_value_embed(layer_idx: int, n_layer: int) -> bool:
@@ -177,12 +215,16 @@ def relu_squared(h: torch.Tensor) -> torch.Tensor:
     return _ReluSquared.apply(h)
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float, device=None) -> torch.Tensor:
-    """RoPE table (seq_len, head_dim // 2, 2) fp32 holding (cos, sin) of position·frequency."""
+def rotary_tables(seq_len: int, head_dim: int, base: float, device=None, bf16: bool = False) -> torch.Tensor:
+    """RoPE table (seq_len, head_dim // 2, 2) fp32 holding (cos, sin) of position·frequency.
+
+    bf16=True rounds the values to bf16 (kept in fp32 storage): nanochat Dec 2025's tables.
+    """
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     t = torch.arange(seq_len, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)
-    return torch.stack([freqs.cos(), freqs.sin()], dim=-1)
+    table = torch.stack([freqs.cos(), freqs.sin()], dim=-1)
+    return table.bfloat16().float() if bf16 else table
 
 
 def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -410,9 +452,9 @@ class CausalSelfAttention(nn.Module):
         qkv = F.linear(x, w).view(B, T, H + 2 * Hkv, D)
         qk, v = qkv[:, :, :H + Hkv], qkv[:, :, H + Hkv:]
         if ve is not None:
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
+            gate = VE_GATE_SCALE * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)
-        qk = apply_rotary(norm(qk), rope)   # QK norm (rotation keeps the RMS, so order is free)
+        qk = norm(apply_rotary(qk, rope))   # RoPE, then QK norm (nanochat's order; bf16 tables do not keep the RMS)
         q, k = qk[:, :, :H], qk[:, :, H:]
         # qk_scale multiplies q and k, i.e. the attention logits by qk_scale²: fold it into SDPA's scale
         scale = self.qk_scale ** 2 / math.sqrt(D)
@@ -489,9 +531,9 @@ class GPT(nn.Module):
         self.windows = config.window_sizes()
         # RoPE tables: 10× the training length leaves room for long generations; non-persistent
         # (recomputed by init_weights / init_rotary, never stored in checkpoints)
-        self.rotary_len = config.sequence_len * 10
-        self.register_buffer("rope", rotary_tables(self.rotary_len, config.head_dim, config.rope_base),
-                             persistent=False)
+        self.rotary_len = config.max_positions
+        self.register_buffer("rope", rotary_tables(self.rotary_len, config.head_dim, config.rope_base,
+                                                   bf16=config.rope_bf16), persistent=False)
         self._mask_cache: dict = {}
         self.fused_loss = True       # chunked lm_head+softcap+CE on CPU (see _LinearSoftcapCrossEntropy)
         self.loss_chunk = 32
@@ -499,36 +541,48 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Deterministic given torch's RNG state. Call after `to_empty` (meta construction)."""
-        d = self.config.n_embd
-        s = 3 ** 0.5 * d ** -0.5   # uniform(-s, s) has std 1/sqrt(d)
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        """Deterministic given torch's RNG state. Call after `to_empty` (meta construction).
+
+        Follows nanochat's init_weights (same distributions, in the same order of RNG draws);
+        init_style "modern" adds 92d63d4's wte std 0.8 and c_fc at 0.4× the uniform bound.
+        """
+        c = self.config
+        modern = c.init_style == "modern"
+        s = 3 ** 0.5 * c.n_embd ** -0.5   # uniform(-s, s) has std 1/sqrt(d)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8 if modern else 1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        fc_bound = s * (0.4 if modern else 1.0)
         for block in self.transformer.h:
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(lin.weight, -s, s)
             nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.uniform_(block.mlp.c_fc.weight, -fc_bound, fc_bound)
             nn.init.zeros_(block.mlp.c_proj.weight)
-            if block.attn.ve_gate is not None:
-                nn.init.zeros_(block.attn.ve_gate.weight)    # gate = 2·sigmoid(0) = 1 at start
-        for ve in self.value_embeds.values():
-            nn.init.uniform_(ve.weight, -s, s)
+        # per-layer scalars: stronger residual and more x0 in early layers, decaying linearly with depth
+        frac = [i / max(c.n_layer - 1, 1) for i in range(c.n_layer)]
         if self.resid_lambdas is not None:
-            self.resid_lambdas.fill_(1.0)
+            self.resid_lambdas.copy_(torch.tensor([1.15 - 0.10 * f for f in frac]))
         if self.x0_lambdas is not None:
-            self.x0_lambdas.fill_(0.1)
+            self.x0_lambdas.copy_(torch.tensor([0.20 - 0.15 * f for f in frac]))
         if self.smear_gate is not None:
-            nn.init.zeros_(self.smear_gate.weight)
             self.smear_lambda.zero_()                        # no smearing at start
         if self.backout_lambda is not None:
             self.backout_lambda.fill_(0.2)
+        if self.smear_gate is not None:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -s, s)
+        for block in self.transformer.h:
+            if block.attn.ve_gate is not None:
+                # small positive weights: the gate starts slightly above its neutral 3·sigmoid(0) = 1.5
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
         self.init_rotary()
 
     @torch.no_grad()
     def init_rotary(self) -> None:
         """(Re)compute the RoPE buffers on the model's device (needed after to_empty)."""
         self.rope = rotary_tables(self.rotary_len, self.config.head_dim, self.config.rope_base,
-                                  device=self.lm_head.weight.device)
+                                  device=self.lm_head.weight.device, bf16=self.config.rope_bf16)
         self._mask_cache = {}
 
     # ------------------------------------------------------------------ counts
@@ -540,11 +594,18 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.transformer.h.parameters()) + self.lm_head.weight.numel()
 
     def estimate_flops(self) -> int:
-        """Training FLOPs per token: 6·(params − embedding tables) + attention 12·L·H·hd·T_eff."""
+        """Training FLOPs per token: 6·(params − embedding tables − scalars) + attention 12·H·hd·T_eff per layer.
+
+        As nanochat: scalars do no matmul, T_eff = min(left window, sequence_len).
+        """
         c = self.config
         emb = self.transformer.wte.weight.numel() + sum(ve.weight.numel() for ve in self.value_embeds.values())
-        attn = sum(12 * c.n_head * c.head_dim * w for w in self.windows)
-        return 6 * (self.num_params() - emb) + attn
+        scalars = sum(p.numel() for p in (self.resid_lambdas, self.x0_lambdas, self.smear_lambda,
+                                          self.backout_lambda) if p is not None)
+        if self.smear_gate is not None:
+            scalars += self.smear_gate.weight.numel()
+        attn = sum(12 * c.n_head * c.head_dim * w for w in c.attention_spans())
+        return 6 * (self.num_params() - emb - scalars) + attn
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Which optimizer gets what: "matrix" → Muon; the rest → AdamW at their own LRs.
@@ -610,7 +671,7 @@ class GPT(nn.Module):
         if self.smear_gate is not None:
             x = self._smear(x, kv_cache)
         x0 = x
-        backout_layer = c.n_layer // 2
+        backout_layer = c.n_layer // 2   # nanochat keeps the residual right after this block
         x_mid = None
         for i, block in enumerate(self.transformer.h):
             if self.resid_lambdas is not None:
@@ -619,7 +680,7 @@ class GPT(nn.Module):
                 x = x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, rope, self.windows[i], kv_cache, masks)
-            if i == backout_layer - 1:
+            if i == backout_layer:
                 x_mid = x
         if self.backout_lambda is not None and x_mid is not None:
             x = x - self.backout_lambda * x_mid

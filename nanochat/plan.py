@@ -26,7 +26,7 @@ GENERATIONS: dict[str, dict[str, Any]] = {
     "seed": dict(
         vocab_size=65536, rope_base=10000.0, value_embeds=False, window_pattern="L",
         resid_lambdas=False, x0_lambdas=False, smear=False, backout=False, qk_scale=1.0,
-        pad_vocab_to=1, target_param_data_ratio=20.0, total_batch_size=524288,
+        pad_vocab_to=1, init_style="seed", rope_bf16=True, target_param_data_ratio=20.0, total_batch_size=524288,
         embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5,
         weight_decay=0.0, weight_decay_schedule="constant",
         warmup_ratio=0.0, warmup_steps=None, warmdown_ratio=0.2, final_lr_frac=0.0,
@@ -34,7 +34,7 @@ GENERATIONS: dict[str, dict[str, Any]] = {
     "modern": dict(
         vocab_size=32768, rope_base=100000.0, value_embeds=True, window_pattern="SSSL",
         resid_lambdas=True, x0_lambdas=True, smear=True, backout=True, qk_scale=1.2,
-        pad_vocab_to=64, target_param_data_ratio=12.0, total_batch_size=None,  # auto
+        pad_vocab_to=64, init_style="modern", rope_bf16=False, target_param_data_ratio=12.0, total_batch_size=None,  # auto
         embedding_lr=0.3, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5,
         weight_decay=0.28, weight_decay_schedule="cosine",
         warmup_ratio=None, warmup_steps=40, warmdown_ratio=0.65, final_lr_frac=0.05,
@@ -45,8 +45,13 @@ MODERN_B_REF = 2 ** 19         # ... with this many tokens per step
 MODERN_BATCH_EXPONENT = 0.383  # B ∝ D^0.383
 MUON_MOMENTUM = (0.85, 0.95, 300)  # start, end, ramp steps
 DEFAULT_DEVICE_BATCH = 32
-VE_GATE_CHANNELS = 32
+VE_GATE_CHANNELS = 12       # nanochat 92d63d4: the value-embedding gate reads 12 channels
 SMEAR_GATE_CHANNELS = 24
+
+
+def default_short_window(sequence_len: int) -> int:
+    """nanochat's short window (tokens left of the query): seq/4 rounded up to the 128 tile."""
+    return -(-sequence_len // 4 // 128) * 128
 
 
 @dataclass
@@ -71,6 +76,9 @@ class ModelShape:
     backout: bool
     qk_scale: float
     pad_vocab_to: int
+    long_window: Optional[int] = None   # tokens left of the query an L layer sees; None = unlimited
+    init_style: str = "seed"
+    rope_bf16: bool = False             # RoPE tables rounded to bf16 (nanochat Dec 2025)
 
     def gpt_config_kwargs(self) -> dict:
         """Keyword arguments for nanochat.gpt.GPTConfig."""
@@ -81,6 +89,7 @@ class ModelShape:
             window_pattern=self.window_pattern, short_window=self.short_window,
             resid_lambdas=self.resid_lambdas, x0_lambdas=self.x0_lambdas, smear=self.smear,
             backout=self.backout, qk_scale=self.qk_scale, pad_vocab_to=self.pad_vocab_to,
+            long_window=self.long_window, init_style=self.init_style, rope_bf16=self.rope_bf16,
         )
 
 
@@ -172,7 +181,10 @@ def model_shape(m: ModelConfig, vocab_size: Optional[int] = None) -> ModelShape:
     if not pattern or set(pattern) - {"S", "L"}:
         raise ConfigError("model.window_pattern", pattern, "use a string of S (short) and L (long), e.g. SSSL",
                           "invalid window pattern")
-    short = m.short_window if m.short_window is not None else max(1, m.sequence_len // 2)
+    short = m.short_window if m.short_window is not None else default_short_window(m.sequence_len)
+    # nanochat's modern L layers are FlashAttention windows of sequence_len tokens to the left;
+    # the seed generation had no windows at all
+    long = m.sequence_len if gen == "modern" else None
     return ModelShape(
         depth=depth, n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head,
         head_dim=head_dim, vocab_size=vocab, padded_vocab_size=padded, sequence_len=m.sequence_len,
@@ -181,17 +193,22 @@ def model_shape(m: ModelConfig, vocab_size: Optional[int] = None) -> ModelShape:
         short_window=short, resid_lambdas=bool(_default(m.resid_lambdas, gen, "resid_lambdas")),
         x0_lambdas=bool(_default(m.x0_lambdas, gen, "x0_lambdas")), smear=bool(_default(m.smear, gen, "smear")),
         backout=bool(_default(m.backout, gen, "backout")), qk_scale=float(_default(m.qk_scale, gen, "qk_scale")),
-        pad_vocab_to=pad,
+        pad_vocab_to=pad, long_window=long, init_style=GENERATIONS[gen]["init_style"],
+        rope_bf16=GENERATIONS[gen]["rope_bf16"],
     )
 
 
 def layer_windows(s: ModelShape) -> list[int]:
-    """Attention window per layer: the pattern tiles over layers, the last layer is always full."""
+    """Keys per query for the FLOP count, per layer: min(tokens to the left, sequence_len).
+
+    The pattern tiles over layers and the last layer is always L (as nanochat's estimate_flops).
+    """
+    long = s.sequence_len if s.long_window is None else min(s.long_window, s.sequence_len)
     wins = []
     for i in range(s.n_layer):
         ch = s.window_pattern[i % len(s.window_pattern)]
-        wins.append(s.sequence_len if ch == "L" else min(s.short_window, s.sequence_len))
-    wins[-1] = s.sequence_len
+        wins.append(long if ch == "L" else min(s.short_window, s.sequence_len))
+    wins[-1] = long
     return wins
 
 
@@ -220,9 +237,12 @@ def param_counts(s: ModelShape) -> dict[str, int]:
 
 
 def flops_per_token(s: ModelShape) -> int:
-    """6·(N − lookup tables) + attention 12·H·head_dim·window summed over layers."""
+    """6·(N − lookup tables − scalars) + attention 12·H·head_dim·window summed over layers.
+
+    Scalars (resid/x0 lambdas, smear gate + lambda, backout) do no matmul: nanochat leaves them out.
+    """
     counts = param_counts(s)
-    dense = counts["total"] - counts["embedding"]
+    dense = counts["total"] - counts["embedding"] - counts["scalars"]
     attn = sum(12 * s.n_head * s.head_dim * w for w in layer_windows(s))
     return 6 * dense + attn
 

@@ -39,7 +39,7 @@ def expected_params(V, d, L, n_head, n_kv, value_embeds=False, resid=False, x0=F
     kvd = n_kv * hd
     n = V * d + d * V + L * (d * d + 2 * d * kvd + d * d + d * 4 * d + 4 * d * d)
     if value_embeds:
-        n += sum(1 for i in range(L) if i % 2 == (L - 1) % 2) * (V * kvd + 32 * n_kv)
+        n += sum(1 for i in range(L) if i % 2 == (L - 1) % 2) * (V * kvd + 12 * n_kv)   # gate reads 12 channels
     return n + L * resid + L * x0 + 25 * smear + backout
 
 
@@ -58,7 +58,7 @@ def test_seed_default_structure_and_d20_count():
     assert not any("norm" in n for n in names)                                # parameter-free RMSNorm
     assert not any(isinstance(m, torch.nn.Embedding) and m is not model.transformer.wte
                    for m in model.modules())                                  # no learned positions
-    assert model.windows == [cfg.sequence_len] * cfg.n_layer                  # full context
+    assert model.windows == [cfg.max_positions] * cfg.n_layer                 # unlimited context
     assert not model.value_embeds and model.resid_lambdas is None and model.smear_gate is None
 
 
@@ -96,7 +96,7 @@ def test_param_count_matches_analytic_formula(depth, toggles):
     # scaling params: block matrices (+ VE gates) + lm_head
     hd = d // n_head
     blocks = depth * (2 * d * d + 2 * d * n_kv * hd + 8 * d * d)
-    gates = sum(1 for i in range(depth) if i % 2 == (depth - 1) % 2) * 32 * n_kv if extra else 0
+    gates = sum(1 for i in range(depth) if i % 2 == (depth - 1) % 2) * 12 * n_kv if extra else 0
     assert model.num_scaling_params() == blocks + gates + d * V
 
 
@@ -108,10 +108,11 @@ def test_estimate_flops_formula():
         emb = cfg.padded_vocab_size * cfg.n_embd
         if cfg.value_embeds:
             emb += 2 * cfg.padded_vocab_size * cfg.n_kv_head * cfg.head_dim   # layers 1 and 3
-        windows = [8, 8, 8, 32] if extra else [32] * 4                          # SSSL, last always L
-        attn = sum(12 * cfg.n_head * cfg.head_dim * w for w in windows)
-        assert model.windows == windows
-        assert model.estimate_flops() == 6 * (model.num_params() - emb) + attn
+        spans = [8, 8, 8, 32] if extra else [32] * 4     # min(tokens to the left, seq); SSSL, last always L
+        attn = sum(12 * cfg.n_head * cfg.head_dim * w for w in spans)
+        assert model.windows == ([9, 9, 9, cfg.max_positions] if extra else [cfg.max_positions] * 4)
+        scalars = (4 + 4 + 24 + 1 + 1) if extra else 0    # resid, x0, smear gate + lambda, backout: no matmul
+        assert model.estimate_flops() == 6 * (model.num_params() - emb - scalars) + attn
     # the published seed figure: d20 at seq 2048
     with torch.device("meta"):
         d20 = GPT(GPTConfig())
@@ -120,10 +121,14 @@ def test_estimate_flops_formula():
 
 
 def test_window_sizes_and_defaults():
-    cfg = tiny(n_layer=6, window_pattern="SSSL")
-    assert cfg.window_sizes() == [16, 16, 16, 32, 16, 32]   # short = seq//2, last layer full
-    cfg = tiny(n_layer=3, window_pattern="S", short_window=5)
-    assert cfg.window_sizes() == [5, 5, 32]
+    # nanochat 92d63d4: S sees ceil(seq/4/128)·128 tokens to its left plus itself, L sequence_len
+    for seq, short in ((32, 128), (2048, 512), (2049, 640), (4096, 1024)):
+        cfg = tiny(sequence_len=seq, n_layer=6, window_pattern="SSSL", long_window=seq)
+        assert cfg.left_windows() == [short, short, short, seq, short, seq]   # last layer always L
+        assert cfg.window_sizes() == [short + 1] * 3 + [seq + 1, short + 1, seq + 1]
+        assert cfg.attention_spans() == [min(short, seq)] * 3 + [seq, min(short, seq), seq]
+    cfg = tiny(n_layer=3, window_pattern="S", short_window=5)   # no long_window: L is unlimited
+    assert cfg.window_sizes() == [6, 6, cfg.max_positions] and cfg.attention_spans() == [5, 5, 32]
 
 
 @pytest.mark.parametrize("kw,field", [
@@ -251,7 +256,10 @@ def test_every_toggle_combination_forward_backward():
 def test_each_toggle_changes_output_and_trains(toggle):
     idx = torch.randint(0, 97, (2, 32))
     tgt = torch.randint(0, 97, (2, 32))
-    on = perturbed(tiny(**{toggle: ON[toggle]}))
+    kw = {toggle: ON[toggle]}
+    if toggle == "window_pattern":
+        kw["short_window"] = 8    # the default (128 tokens) would cover this 32-token context
+    on = perturbed(tiny(**kw))
     off = perturbed(tiny())
     loss_on = on(idx, tgt)
     loss_on.backward()

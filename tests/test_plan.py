@@ -121,3 +121,20 @@ def test_analytic_counts_equal_built_model(model):
     assert m.estimate_flops() == p.flops_per_token
     assert param_counts(p.model)["total"] == sum(t.numel() for t in m.parameters())
     assert flops_per_token(p.model) == p.flops_per_token
+
+
+def test_modern_windows_and_flops_follow_nanochat():
+    """92d63d4: S = ceil(seq/4/128)·128 tokens left, L = seq; FLOPs leave out lookups and scalars."""
+    from nanochat.plan import layer_windows
+    p = plan_for({"depth": 12, "generation": "modern"}, hardware={"device_batch_size": 1})
+    s = p.model
+    assert (s.short_window, s.long_window, s.n_head, s.head_dim) == (512, 2048, 6, 128)
+    assert layer_windows(s) == [512, 512, 512, 2048] * 3
+    c = param_counts(s)
+    n_ve = 6                                      # layers 1, 3, …, 11
+    assert c["gates"] == n_ve * 12 * s.n_kv_head  # the gate reads 12 channels
+    assert c["scalars"] == 12 + 12 + 24 + 1 + 1   # resid, x0, smear gate + lambda, backout
+    dense = c["total"] - s.padded_vocab_size * 768 - n_ve * s.padded_vocab_size * 768 - c["scalars"]
+    assert p.flops_per_token == 6 * dense + 12 * 6 * 128 * (9 * 512 + 3 * 2048)
+    seed = plan_for({"depth": 12}, hardware={"device_batch_size": 1}).model
+    assert seed.long_window is None and seed.rope_bf16 and not s.rope_bf16

@@ -1,0 +1,230 @@
+"""nanochat-import / nanochat-export: nanochat checkpoints in and out of our run dirs.
+
+    nanochat-import SRC [--stage auto|pretrain|mid|sft|rl] [--step N] [--tag T] [key=value ...]
+    nanochat-export RUN_DIR OUT_BASE_DIR [--step N] [--tag T]
+
+Import: SRC is a nanochat checkpoint dir (base_checkpoints/<tag>, mid_checkpoints/<tag>,
+chatsft_checkpoints/<tag>, chatrl_checkpoints/<tag>) or a nanochat base dir (then the newest
+checkpoint of its latest stage). The result is a COMPLETED run dir of ours under run.root, composed
+by Hydra like any nanochat-run (the trailing key=value overrides go to it, e.g. run.root=...,
+paths.base_dir=...), with the model section from the checkpoint, and the tokenizer installed under
+paths.base_dir as `nanochat-<sha12>`. Everything is read and checked before anything is written.
+
+Export writes nanochat's layout under OUT_BASE_DIR (<stage>_checkpoints/<tag>/model_NNNNNN.pt +
+meta_NNNNNN.json, tokenizer/), which nanochat's own scripts load; export then import is bitwise.
+
+The conversion itself is nanochat/interop.py; this module does the files and the config.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional
+
+from launch import rundir
+from nanochat.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def _fail(msg: str) -> int:
+    print(f"[nanochat-interop] error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+# --------------------------------------------------------------------------- config
+
+def compose(overrides: list[str]) -> tuple[Config, dict]:
+    """Compose conf/ with Hydra exactly as nanochat-run would, from these overrides."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        dcfg = hydra_compose(config_name="config", overrides=overrides)
+    tree = OmegaConf.to_container(dcfg, resolve=True)
+    tree.pop("hydra", None)
+    return config_from_dict(tree), tree
+
+
+def model_overrides(kw: dict) -> list[str]:
+    """Our model config for the imported GPT: every field explicit, so nothing re-derives differently."""
+    o = {"generation": "modern" if kw["resid_lambdas"] else "seed", "depth": kw["n_layer"],
+         "n_embd": kw["n_embd"], "n_head": kw["n_head"], "n_kv_head": kw["n_kv_head"],
+         "vocab_size": kw["vocab_size"], "sequence_len": kw["sequence_len"], "softcap": kw["softcap"],
+         "rope_base": kw["rope_base"], "value_embeds": kw["value_embeds"], "window_pattern": kw["window_pattern"],
+         "resid_lambdas": kw["resid_lambdas"], "x0_lambdas": kw["x0_lambdas"], "smear": kw["smear"],
+         "backout": kw["backout"], "qk_scale": kw["qk_scale"], "pad_vocab_to": kw["pad_vocab_to"],
+         "head_dim": kw["n_embd"] // kw["n_head"]}
+    return [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in o.items()]
+
+
+# --------------------------------------------------------------------------- import
+
+def _install_tokenizer(tok, base_dir: Path, name: str) -> Path:
+    """Save our tokenizer artifact under <base_dir>/tokenizer/<name>/ (tmp dir + rename; reuse if equal)."""
+    from nanochat.interop import InteropError
+    from nanochat.tokenizer import Tokenizer, tokenizer_dir
+    final = tokenizer_dir(base_dir, name)
+    if final.exists():
+        have = Tokenizer.load(final)
+        if have.mergeable_ranks != tok.mergeable_ranks or have.pattern != tok.pattern:
+            raise InteropError(f"{final} exists and holds a different tokenizer")
+        return final
+    tmp = final.with_name(f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save(tmp, extra_meta={"source": "nanochat-import"})
+    tmp.replace(final)
+    return final
+
+
+def import_checkpoint(src: str, stage: str = "auto", step: Optional[int] = None, tag: Optional[str] = None,
+                      overrides: Optional[list[str]] = None) -> Path:
+    """Convert one nanochat checkpoint into a completed run dir of ours; returns the run dir."""
+    import torch
+    from nanochat import interop
+    from nanochat.checkpoint import save_checkpoint
+    from nanochat.common import atomic_write_json, get_base_dir
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.lifecycle import mark_completed
+    from nanochat.plan import make_plan
+    from nanochat.training import LoopState
+
+    # ---- read and check everything first: nothing is written until all of it passed
+    source = interop.locate(src, stage, step, tag)
+    nc_meta = interop.load_meta(source.meta_path)
+    kw, state = interop.from_nanochat(interop.load_state(source.model_path), nc_meta["model_config"])
+    tok = interop.load_tokenizer(source.tokenizer_dir, kw["vocab_size"])
+    tok_sha = interop.file_sha256(source.tokenizer_dir / "tokenizer.pkl")
+    tok_name = f"nanochat-{tok_sha[:12]}"
+    user = list(overrides or [])
+    ours = [f"stage={source.stage}", "stage.init_from=null", f"data.tokenizer={tok_name}"] + model_overrides(kw)
+    if source.tag != f"d{kw['n_layer']}":
+        ours.append(f"run.tag={source.tag}")
+    cfg, composed = compose(ours + user)
+    plan = make_plan(cfg)
+    if plan.model.gpt_config_kwargs() != kw:
+        diff = {k: (v, kw.get(k)) for k, v in plan.model.gpt_config_kwargs().items() if kw.get(k) != v}
+        raise interop.InteropError(f"the composed model config does not reproduce the checkpoint's "
+                                   f"architecture (ours, checkpoint): {diff}; drop the model.* overrides")
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**kw))
+    model.to_empty(device="cpu")
+    model.init_rotary()
+    model.load_state_dict(state, strict=True)
+    sources = {"model": source.model_path, "meta": source.meta_path,
+               "tokenizer": source.tokenizer_dir / "tokenizer.pkl"}
+    if (source.tokenizer_dir / "token_bytes.pt").is_file():
+        sources["token_bytes"] = source.tokenizer_dir / "token_bytes.pt"
+    record = {"source": str(src), "base_dir": str(source.base_dir), "stage": source.stage, "tag": source.tag,
+              "step": source.step, "generation": plan.generation,
+              "files": {k: {"path": str(p), "sha256": interop.file_sha256(p)} for k, p in sources.items()},
+              "nanochat_meta": {k: v for k, v in nc_meta.items() if k != "dataloader_state_dict"}}
+
+    # ---- write: the run dir is removed again if anything below fails
+    base_dir = get_base_dir(cfg.paths.base_dir)
+    run_dir = rundir.new_run_dir(cfg).resolve()
+    cfg = replace(cfg, run=replace(cfg.run, dir=str(run_dir)))
+    composed["run"]["dir"] = str(run_dir)
+    argv = ["nanochat-import", *sys.argv[1:]] if sys.argv and "nanochat-import" in sys.argv[0] else None
+    try:
+        _install_tokenizer(tok, base_dir, tok_name)
+        meta = rundir.freeze(run_dir, cfg, plan.to_dict(), ours + user,
+                             {"stage": source.stage, "model": "nanochat-import"}, composed, argv=argv)
+        atomic_write_json(run_dir / "meta.json", {**meta, "nanochat_import": record})
+        ckpt_meta = {"stage": source.stage, "model_config": kw,
+                     "loop_state": vars(LoopState(step=source.step)), "config": config_to_dict(cfg),
+                     "plan": plan.to_dict(), "world_size": 1, "nanochat_import": record}
+        save_checkpoint(run_dir, source.step, model=model, optimizer=None, loader_state=None, meta=ckpt_meta)
+        result = {"stage": source.stage, "step": source.step, "imported_from": str(source.ckpt_dir),
+                  "generation": plan.generation, "num_params": plan.num_params}
+        if isinstance(nc_meta.get("val_bpb"), (int, float)):
+            result["nanochat_val_bpb"] = nc_meta["val_bpb"]
+        mark_completed(run_dir, result)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return run_dir
+
+
+def main_import(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="nanochat-import", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", help="nanochat checkpoint dir (<stage>_checkpoints/<tag>) or nanochat base dir")
+    ap.add_argument("--stage", default="auto", choices=["auto", "pretrain", "mid", "sft", "rl"])
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    ap.add_argument("--tag", default=None, help="nanochat model tag when SRC is a base dir (default: largest dN)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for our run, e.g. run.root=runs")
+    args = ap.parse_args(argv)
+    from nanochat.interop import InteropError
+    try:
+        run_dir = import_checkpoint(args.src, args.stage, args.step, args.tag, args.overrides)
+    except (InteropError, ConfigError) as e:
+        return _fail(str(e))
+    print(f"[nanochat-import] {run_dir}")
+    print(f"  chat:  nanochat-chat {run_dir}")
+    print(f"  eval:  nanochat-run stage=eval stage.init_from={run_dir}")
+    print(f"  sft:   nanochat-run stage=sft stage.init_from={run_dir}")
+    return 0
+
+
+# --------------------------------------------------------------------------- export
+
+def export_run(run_dir: str | Path, out_base: str | Path, step: Optional[int] = None,
+               tag: Optional[str] = None) -> Path:
+    """Write a run's checkpoint (and tokenizer) in nanochat's layout; returns the checkpoint dir."""
+    from nanochat import interop
+    from nanochat.checkpoint import latest_checkpoint, load_meta, load_model_state, step_dir_name
+    from nanochat.common import get_base_dir, read_json
+    from nanochat.tokenizer import get_tokenizer
+    run_dir, out_base = Path(run_dir).expanduser().resolve(), Path(out_base).expanduser().resolve()
+    if not (run_dir / "resolved_config.yaml").is_file():
+        raise interop.InteropError(f"{run_dir}: not a run dir of ours (no resolved_config.yaml)")
+    cfg = load_config(str(run_dir / "resolved_config.yaml"))
+    if cfg.stage.name not in interop.STAGE_DIRS:
+        raise interop.InteropError(f"{run_dir} is a {cfg.stage.name!r} run; export a pretrain/mid/sft/rl run")
+    ckpt = run_dir / "checkpoints" / step_dir_name(step) if step is not None else latest_checkpoint(run_dir)
+    if ckpt is None or not ckpt.is_dir():
+        raise interop.InteropError(f"{run_dir}: no checkpoint {'step ' + str(step) if step is not None else ''} "
+                                   f"in checkpoints/")
+    meta = load_meta(ckpt)
+    model_config, state = interop.to_nanochat(load_model_state(ckpt), meta["model_config"])
+    tok = get_tokenizer(get_base_dir(cfg.paths.base_dir), cfg.data.tokenizer)
+    if tok.get_vocab_size() != model_config["vocab_size"]:
+        raise interop.InteropError(f"tokenizer {cfg.data.tokenizer!r} has {tok.get_vocab_size()} tokens, the "
+                                   f"model {model_config['vocab_size']}")
+    ckpt_step = int(meta.get("step", 0))
+    result = read_json(run_dir / "result.json") if (run_dir / "result.json").is_file() else {}
+    nc_meta = {"step": ckpt_step, "model_config": model_config,
+               "user_config": {"depth": model_config["n_layer"], "max_seq_len": model_config["sequence_len"]},
+               "max_seq_len": model_config["sequence_len"], "exported_from": str(run_dir)}
+    for key in ("val_bpb", "final_val_bpb", "min_val_bpb"):
+        if isinstance(result.get(key), (int, float)):
+            nc_meta["val_bpb"] = result[key]
+            break
+    tag = tag or rundir.run_tag(cfg)
+    interop.check_free(out_base, cfg.stage.name, tag, ckpt_step)     # before writing anything
+    interop.write_tokenizer(tok, out_base / "tokenizer")
+    return interop.write_checkpoint(out_base, cfg.stage.name, tag, ckpt_step, state, nc_meta)
+
+
+def main_export(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="nanochat-export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", help="a run dir of ours with checkpoints (pretrain, mid, sft or rl)")
+    ap.add_argument("out_base_dir", help="nanochat base dir to write into (NANOCHAT_BASE_DIR)")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    ap.add_argument("--tag", default=None, help="nanochat model tag (default: the run's tag, e.g. d20)")
+    args = ap.parse_args(argv)
+    from nanochat.interop import InteropError
+    try:
+        out = export_run(args.run_dir, args.out_base_dir, args.step, args.tag)
+    except (InteropError, ConfigError, FileNotFoundError) as e:
+        return _fail(str(e))
+    print(f"[nanochat-export] {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_import())

@@ -1,0 +1,459 @@
+"""nanochat checkpoints in and out: the only module that knows nanochat's layout.
+
+Pure conversion, both ways, with no Hydra and no run-dir knowledge (launch/interop_cli.py does
+the files). nanochat's `base_train` writes, per stage, under its base dir (NANOCHAT_BASE_DIR):
+
+    base_checkpoints/<tag>/model_NNNNNN.pt   state dict, nanochat's parameter names
+    base_checkpoints/<tag>/meta_NNNNNN.json  {"step", "model_config": {...}, "user_config": {...}, ...}
+    (mid_checkpoints, chatsft_checkpoints, chatrl_checkpoints likewise)
+    tokenizer/tokenizer.pkl                  pickled tiktoken.Encoding (ranks + 9 special tokens)
+    tokenizer/token_bytes.pt                 bytes per token id (0 for specials)
+
+What maps to what:
+- parameter names are the same (transformer.wte, transformer.h.i.attn.c_q …, lm_head, value_embeds.i,
+  resid_lambdas, x0_lambdas, smear_gate, smear_lambda, backout_lambda); `_orig_mod.` (torch.compile)
+  prefixes are dropped; bf16/fp16 tensors become fp32 on import.
+- RoPE: nanochat rotates the two halves of each head, y1 = x1·cos + x2·sin, y2 = −x1·sin + x2·cos
+  (x1 = first half, x2 = second half); we rotate interleaved pairs (a, b) → (a·cos − b·sin,
+  a·sin + b·cos). With a = x1 and b = −x2 ours gives (y1, −y2): the same q·k, the same RMS. So the
+  rows of c_q and c_k are reordered per head (row 2i ← row i, row 2i+1 ← −row D/2+i) and back.
+- generation: a checkpoint with resid_lambdas / value_embeds / smear / backout is nanochat's modern
+  model (Jan–Jul 2026, e.g. 92d63d4); one without is the seed model (Dec 2025, e.g. d575940).
+  The vocab is padded to 64 in the modern model (the rows' count tells).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+STAGE_DIRS = {"pretrain": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+              "rl": "chatrl_checkpoints"}
+STAGE_ORDER = ["pretrain", "mid", "sft", "rl"]          # later stages win when SRC is a base dir
+MODERN_MARKERS = ("resid_lambdas", "x0_lambdas", "smear_lambda", "backout_lambda")
+ORIG_MOD = "_orig_mod."
+
+
+def default_short_window(sequence_len: int) -> int:
+    """nanochat's S window: seq/4 tokens to the left, rounded up to FlashAttention's 128 tile."""
+    return -(-sequence_len // 4 // 128) * 128
+
+
+class InteropError(ValueError):
+    """A nanochat checkpoint (or ours) that cannot be converted; the message names what and why."""
+
+
+@dataclass
+class NanochatArch:
+    """The architecture read off a nanochat checkpoint: meta's model_config + what the weights show."""
+    generation: str            # seed | modern
+    sequence_len: int
+    vocab_size: int
+    padded_vocab_size: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    n_embd: int
+    window_pattern: str
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+# ----------------------------------------------------------------------------- RoPE row order
+
+def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of nanochat's c_q/c_k (half-split RoPE) → ours (interleaved pairs, second of each negated)."""
+    rows, cols = w.shape
+    if rows % n_heads or (rows // n_heads) % 2:
+        raise InteropError(f"cannot split {rows} rows into {n_heads} heads of even size")
+    hd = rows // n_heads
+    h = w.reshape(n_heads, 2, hd // 2, cols)              # (head, half, i, in)
+    out = torch.stack([h[:, 0], -h[:, 1]], dim=2)         # (head, i, pair, in)
+    return out.reshape(rows, cols).contiguous()
+
+
+def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `halves_to_interleaved` (exact: a reorder and a sign flip)."""
+    rows, cols = w.shape
+    if rows % n_heads or (rows // n_heads) % 2:
+        raise InteropError(f"cannot split {rows} rows into {n_heads} heads of even size")
+    hd = rows // n_heads
+    h = w.reshape(n_heads, hd // 2, 2, cols)              # (head, i, pair, in)
+    out = torch.stack([h[:, :, 0], -h[:, :, 1]], dim=1)   # (head, half, i, in)
+    return out.reshape(rows, cols).contiguous()
+
+
+# ----------------------------------------------------------------------------- state dicts
+
+def strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
+    """Drop torch.compile's `_orig_mod.` wherever it sits in a key (nanochat saves compiled models)."""
+    out = {}
+    for k, v in state.items():
+        nk = k.replace(ORIG_MOD, "")
+        if nk in out:
+            raise InteropError(f"key {k!r} collides with another key after removing {ORIG_MOD!r}")
+        out[nk] = v
+    return out
+
+
+def detect_arch(state: dict[str, torch.Tensor], model_config: dict) -> NanochatArch:
+    """Read generation and shapes from meta's model_config and the (prefix-free) state dict."""
+    need = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+    missing = [k for k in need if k not in model_config]
+    if missing:
+        raise InteropError(f"meta model_config lacks {missing}; a nanochat meta_NNNNNN.json has "
+                           f"model_config with {list(need)}")
+    mc = {k: int(model_config[k]) for k in need}
+    if "transformer.wte.weight" not in state:
+        raise InteropError("state dict has no 'transformer.wte.weight': not a nanochat GPT checkpoint")
+    modern = any(k in state for k in MODERN_MARKERS) or any(k.startswith("value_embeds.") for k in state)
+    padded = int(state["transformer.wte.weight"].shape[0])
+    if padded < mc["vocab_size"]:
+        raise InteropError(f"transformer.wte.weight has {padded} rows < model_config.vocab_size="
+                           f"{mc['vocab_size']}")
+    pattern = str(model_config.get("window_pattern", "SSSL" if modern else "L"))
+    return NanochatArch(generation="modern" if modern else "seed", padded_vocab_size=padded,
+                        window_pattern=pattern, **mc)
+
+
+def gpt_config_kwargs(arch: NanochatArch) -> dict:
+    """Our GPTConfig for a nanochat architecture (every toggle explicit)."""
+    modern = arch.generation == "modern"
+    pad = 64 if modern else 1
+    if -(-arch.vocab_size // pad) * pad != arch.padded_vocab_size:
+        raise InteropError(f"transformer.wte.weight has {arch.padded_vocab_size} rows; vocab_size="
+                           f"{arch.vocab_size} padded to {pad} gives {-(-arch.vocab_size // pad) * pad}")
+    return dict(
+        sequence_len=arch.sequence_len, vocab_size=arch.vocab_size, n_layer=arch.n_layer, n_head=arch.n_head,
+        n_kv_head=arch.n_kv_head, n_embd=arch.n_embd, softcap=15.0,
+        rope_base=100000.0 if modern else 10000.0, value_embeds=modern,
+        window_pattern=arch.window_pattern if modern else "L", short_window=default_short_window(arch.sequence_len),
+        long_window=arch.sequence_len if modern else None, resid_lambdas=modern, x0_lambdas=modern,
+        smear=modern, backout=modern, qk_scale=1.2 if modern else 1.0, pad_vocab_to=pad,
+        init_style="modern" if modern else "seed", rope_bf16=not modern,
+    )
+
+
+def _rope_keys(n_layer: int) -> dict[str, str]:
+    """c_q / c_k weight names → which head count reorders them."""
+    out = {}
+    for i in range(n_layer):
+        out[f"transformer.h.{i}.attn.c_q.weight"] = "n_head"
+        out[f"transformer.h.{i}.attn.c_k.weight"] = "n_kv_head"
+    return out
+
+
+def check_against(state: dict[str, torch.Tensor], expected: dict[str, tuple], what: str) -> None:
+    """Every expected key present with its shape, nothing else: an error names each offender."""
+    missing = sorted(set(expected) - set(state))
+    unknown = sorted(set(state) - set(expected))
+    bad_shape = [f"{k}: {tuple(state[k].shape)} (expected {tuple(expected[k])})"
+                 for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != tuple(expected[k])]
+    not_tensor = [k for k in state if not isinstance(state[k], torch.Tensor)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unknown:
+        problems.append(f"unknown keys {unknown}")
+    if bad_shape:
+        problems.append(f"misshapen tensors {bad_shape}")
+    if not_tensor:
+        problems.append(f"non-tensor values at {not_tensor}")
+    if problems:
+        raise InteropError(f"{what}: " + "; ".join(problems))
+
+
+def expected_shapes(cfg_kwargs: dict) -> dict[str, tuple]:
+    """Parameter names and shapes of our GPT for these kwargs (built on the meta device: no memory)."""
+    from nanochat.gpt import GPT, GPTConfig
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**cfg_kwargs))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def from_nanochat(state: dict[str, Any], model_config: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """nanochat state dict + meta model_config → (our GPTConfig kwargs, our fp32 state dict)."""
+    state = strip_prefixes(state)
+    arch = detect_arch(state, model_config)
+    kwargs = gpt_config_kwargs(arch)
+    check_against(state, expected_shapes(kwargs), f"nanochat checkpoint ({arch.generation} layout)")
+    heads = {"n_head": arch.n_head, "n_kv_head": arch.n_kv_head}
+    rope = _rope_keys(arch.n_layer)
+    out = {}
+    for k, v in state.items():
+        t = v.detach().to("cpu", torch.float32)
+        if k in rope:
+            t = halves_to_interleaved(t, heads[rope[k]])
+        out[k] = t.contiguous()
+    return kwargs, out
+
+
+def to_nanochat(state: dict[str, torch.Tensor], cfg_kwargs: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Our state dict + GPTConfig kwargs → (nanochat model_config, nanochat state dict).
+
+    Only architectures nanochat can express convert: its seed or modern model exactly.
+    """
+    state = strip_prefixes(state)
+    c = dict(cfg_kwargs)
+    modern = bool(c.get("resid_lambdas"))
+    seq = c.get("sequence_len")
+    gen = "modern" if modern else "seed"
+    # field → the values nanochat's model of this generation can take (None: the field's default)
+    allowed = {
+        "softcap": (15.0,), "rope_base": (100000.0 if modern else 10000.0,), "value_embeds": (modern,),
+        "resid_lambdas": (modern,), "x0_lambdas": (modern,), "smear": (modern,), "backout": (modern,),
+        "qk_scale": (1.2 if modern else 1.0,), "pad_vocab_to": (64 if modern else 1,),
+        "short_window": (None, default_short_window(seq)) if seq else (None,),
+        # L layers bounded at sequence_len (nanochat modern) differ from unbounded only past it
+        "long_window": (None, seq) if modern else (None,),
+    }
+    if not modern:
+        allowed["window_pattern"] = ("L",)
+    off = [f"{k}={c[k]!r} (nanochat's {gen} model has {' or '.join(repr(v) for v in vals)})"
+           for k, vals in allowed.items() if k in c and c[k] not in vals]
+    if off:
+        raise InteropError("this model has no nanochat equivalent: " + "; ".join(off))
+    check_against(state, expected_shapes(c), "our checkpoint")
+    mc = {k: int(c[k]) for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")}
+    if modern:
+        mc["window_pattern"] = str(c.get("window_pattern", "SSSL"))
+    rope = _rope_keys(mc["n_layer"])
+    heads = {"n_head": mc["n_head"], "n_kv_head": mc["n_kv_head"]}
+    out = {}
+    for k, v in state.items():
+        t = v.detach().to("cpu")
+        if k in rope:
+            t = interleaved_to_halves(t, heads[rope[k]])
+        out[k] = t.contiguous()
+    return mc, out
+
+
+# ----------------------------------------------------------------------------- nanochat's files
+
+_MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
+_DEPTH_RE = re.compile(r"^d(\d+)$")
+
+
+def model_file(step: int) -> str:
+    return f"model_{step:06d}.pt"
+
+
+def meta_file(step: int) -> str:
+    return f"meta_{step:06d}.json"
+
+
+def checkpoint_steps(ckpt_dir: Path) -> list[int]:
+    """Steps with both model_NNNNNN.pt and meta_NNNNNN.json in a nanochat checkpoint dir, ascending."""
+    steps = []
+    for p in ckpt_dir.iterdir() if ckpt_dir.is_dir() else []:
+        m = _MODEL_RE.match(p.name)
+        if m and (ckpt_dir / f"meta_{m.group(1)}.json").is_file():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def stage_of_dir(name: str) -> Optional[str]:
+    """Our stage for a nanochat checkpoint folder name (base_checkpoints → pretrain), or None."""
+    return next((stage for stage, folder in STAGE_DIRS.items() if folder == name), None)
+
+
+@dataclass
+class NanochatSource:
+    """One nanochat checkpoint, located: where its files are and what stage/tag/step it is."""
+    base_dir: Path             # nanochat's base dir (holds tokenizer/)
+    ckpt_dir: Path             # <base>/<stage>_checkpoints/<tag>
+    stage: str                 # ours: pretrain | mid | sft | rl
+    tag: str
+    step: int
+
+    @property
+    def model_path(self) -> Path:
+        return self.ckpt_dir / model_file(self.step)
+
+    @property
+    def meta_path(self) -> Path:
+        return self.ckpt_dir / meta_file(self.step)
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.base_dir / "tokenizer"
+
+
+def _pick_tag(stage_dir: Path, tag: Optional[str]) -> Optional[Path]:
+    """The tag dir to use: the one asked for, else nanochat's choice (largest dN, else newest)."""
+    if tag is not None:
+        return stage_dir / tag if checkpoint_steps(stage_dir / tag) else None
+    tags = [p for p in stage_dir.iterdir() if p.is_dir() and checkpoint_steps(p)] if stage_dir.is_dir() else []
+    if not tags:
+        return None
+    depth = [p for p in tags if _DEPTH_RE.match(p.name)]
+    if depth:
+        return max(depth, key=lambda p: int(p.name[1:]))
+    return max(tags, key=lambda p: p.stat().st_mtime)
+
+
+def locate(src: str | Path, stage: str = "auto", step: Optional[int] = None,
+           tag: Optional[str] = None) -> NanochatSource:
+    """SRC = a checkpoint dir (<stage>_checkpoints/<tag>) or a base dir (its latest stage's newest)."""
+    src = Path(src).expanduser().resolve()
+    if stage not in ("auto", *STAGE_DIRS):
+        raise InteropError(f"--stage={stage!r}: use auto or one of {list(STAGE_DIRS)}")
+    if not src.is_dir():
+        raise InteropError(f"{src}: no such directory; give a nanochat base dir or a checkpoint dir "
+                           f"such as <base>/base_checkpoints/d20")
+    if checkpoint_steps(src):                      # a checkpoint dir
+        ckpt_dir, base = src, src.parent.parent
+        found = stage_of_dir(src.parent.name)
+        if stage == "auto":
+            if found is None:
+                raise InteropError(f"{src}: its parent {src.parent.name!r} is none of {list(STAGE_DIRS.values())}; "
+                                   f"say which stage it is with --stage")
+            stage = found
+    else:                                          # a base dir
+        base = src
+        order = [stage] if stage != "auto" else list(reversed(STAGE_ORDER))
+        ckpt_dir = None
+        for st in order:
+            ckpt_dir = _pick_tag(base / STAGE_DIRS[st], tag)
+            if ckpt_dir is not None:
+                stage = st
+                break
+        if ckpt_dir is None:
+            where = ", ".join(f"{STAGE_DIRS[s]}/{tag or '<tag>'}" for s in order)
+            raise InteropError(f"{src}: no nanochat checkpoint (model_NNNNNN.pt + meta_NNNNNN.json) in {where}")
+    steps = checkpoint_steps(ckpt_dir)
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise InteropError(f"--step={step}: {ckpt_dir} holds steps {steps}")
+    return NanochatSource(base_dir=base, ckpt_dir=ckpt_dir, stage=stage, tag=ckpt_dir.name, step=step)
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    """A nanochat model_NNNNNN.pt (weights only, never arbitrary pickled code)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # truncated / not a torch file / pickled objects
+        raise InteropError(f"{path}: cannot read it as a torch state dict ({type(e).__name__}: {e}); "
+                           f"is the file complete?") from None
+    if not isinstance(state, dict) or not state:
+        raise InteropError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    return state
+
+
+def load_meta(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InteropError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        raise InteropError(f"{path}: no 'model_config' object; is it a nanochat meta_NNNNNN.json?")
+    return meta
+
+
+class _EncodingOnly(pickle.Unpickler):
+    """tokenizer.pkl is a pickled tiktoken.Encoding: allow that class and nothing else."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("tiktoken.core", "Encoding"):
+            return super().find_class(module, name)
+        raise InteropError(f"tokenizer.pkl wants to load {module}.{name}; only tiktoken.core.Encoding is allowed")
+
+
+def load_tokenizer(tok_dir: Path, vocab_size: int):
+    """nanochat's tokenizer/ → our Tokenizer, checked against the model's vocab and our specials."""
+    from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+    pkl = tok_dir / "tokenizer.pkl"
+    if not pkl.is_file():
+        raise InteropError(f"{pkl}: missing; nanochat keeps its tokenizer in <base_dir>/tokenizer/")
+    try:
+        with open(pkl, "rb") as f:
+            enc = _EncodingOnly(f).load()
+    except InteropError:
+        raise
+    except Exception as e:
+        raise InteropError(f"{pkl}: cannot unpickle a tiktoken Encoding ({type(e).__name__}: {e})") from None
+    ranks = dict(enc._mergeable_ranks)
+    specials = dict(enc._special_tokens)
+    want = {t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS)}
+    if specials != want:
+        raise InteropError(f"{pkl}: special tokens {specials} differ from nanochat's {want}")
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise InteropError(f"{pkl}: mergeable ranks are not 0..{len(ranks) - 1}")
+    if enc.n_vocab != vocab_size:
+        raise InteropError(f"{pkl}: the tokenizer has {enc.n_vocab} tokens but the model's vocab_size is "
+                           f"{vocab_size}; use the tokenizer this checkpoint was trained with")
+    tok = Tokenizer(ranks, pattern=enc._pat_str, name="nanochat")
+    tb = tok_dir / "token_bytes.pt"
+    if tb.is_file():
+        try:
+            lengths = torch.load(tb, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise InteropError(f"{tb}: cannot read it ({type(e).__name__}: {e})") from None
+        # nanochat counts the UTF-8 of each token's decoded text (a lone byte of a multi-byte char
+        # counts 3, for U+FFFD), so only its shape and its zeros at the special tokens must agree
+        if (not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (enc.n_vocab,)
+                or bool(lengths[list(want.values())].any())):
+            raise InteropError(f"{tb}: expected {enc.n_vocab} byte lengths with 0 at the special tokens; "
+                               f"it does not belong to tokenizer.pkl")
+    return tok
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def write_tokenizer(tok, tok_dir: Path) -> None:
+    """Our Tokenizer → nanochat's tokenizer/ (tokenizer.pkl + token_bytes.pt), refusing to clobber another."""
+    import tiktoken
+    from nanochat.common import atomic_write_bytes
+    enc = tiktoken.Encoding(name="rustbpe", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks,
+                            special_tokens=tok.special_tokens)
+    pkl = tok_dir / "tokenizer.pkl"
+    if pkl.exists():
+        existing = load_tokenizer(tok_dir, tok.get_vocab_size())
+        if existing.mergeable_ranks != tok.mergeable_ranks or existing.pattern != tok.pattern:
+            raise InteropError(f"{pkl} exists and holds a different tokenizer; export into another base dir")
+        return
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    _save_atomic(torch.tensor(tok.token_byte_lengths(), dtype=torch.int32), tok_dir / "token_bytes.pt")
+    atomic_write_bytes(pkl, pickle.dumps(enc))    # last: its presence means the folder is complete
+
+
+def check_free(out_base: Path, stage: str, tag: str, step: int) -> Path:
+    """The checkpoint dir for (stage, tag), refusing when this step is already there."""
+    d = out_base / STAGE_DIRS[stage] / tag
+    for p in (d / model_file(step), d / meta_file(step)):
+        if p.exists():
+            raise InteropError(f"{p} exists; export into another base dir or pass another --tag")
+    return d
+
+
+def write_checkpoint(out_base: Path, stage: str, tag: str, step: int, state: dict[str, torch.Tensor],
+                     meta: dict) -> Path:
+    """model_NNNNNN.pt + meta_NNNNNN.json into <out_base>/<stage>_checkpoints/<tag>/ (never overwrites)."""
+    from nanochat.common import atomic_write_json
+    d = check_free(out_base, stage, tag, step)
+    model_path, meta_path = d / model_file(step), d / meta_file(step)
+    d.mkdir(parents=True, exist_ok=True)
+    _save_atomic(state, model_path)
+    atomic_write_json(meta_path, meta)
+    return d

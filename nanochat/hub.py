@@ -95,7 +95,8 @@ def _explain(e: BaseException, what: str) -> HubError:
         return HubError(f"{what}: the file is not in the repo. Fix: check the file name / data.max_shard")
     if isinstance(e, E.LocalEntryNotFoundError) and offline():
         return HubError(f"{what}: not in the hub cache {cache_dir()} and offline mode is on. {_OFFLINE_FIX}")
-    return HubError(f"{what}: {type(e).__name__}: {e}. Fix: check the network and HF_ENDPOINT={endpoint()}")
+    why = f"HTTP {status}" if status is not None else type(e).__name__
+    return HubError(f"{what}: {why}: {str(e)[:300]}. Fix: check the network, the URL and HF_ENDPOINT={endpoint()}")
 
 
 def _transient(e: BaseException) -> bool:

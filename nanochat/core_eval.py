@@ -88,8 +88,8 @@ def ensure_eval_bundle(base_dir: str | os.PathLike, configured: str | None = Non
             zip_path = hub.fetch_url(url, base / "downloads", validate=_check_zip, attempts=retries,
                                      backoff=backoff_s)
         except hub.HubError as e:
-            raise RuntimeError(f"could not download the CORE eval bundle: {e}. Fix: check the network, or "
-                               f"download it yourself, unzip it and set paths.eval_bundle=<dir>") from e
+            raise RuntimeError(f"could not download the CORE eval bundle: {e}. Or download it yourself, unzip "
+                               f"it and set paths.eval_bundle=<dir>") from e
         _extract_bundle(zip_path, target)
     return target
 

@@ -43,7 +43,7 @@ class RunConfig:
 @dataclass
 class PathsConfig:
     base_dir: str = "~/.cache/nanochat"   # shared artifacts: tokenizers, shards, eval bundle
-    eval_bundle: Optional[str] = None     # local CORE bundle dir; null → <base_dir>/eval_bundle
+    eval_bundle: Optional[str] = None     # CORE bundle dir, or its zip (URL, hf://datasets/o/n/f.zip); null → download
     shared_data: Optional[str] = None     # local public datasets (../shared/data layout)
 
 

@@ -414,6 +414,9 @@ def remote_listing(data_cfg: DataConfig, base_dir: str | Path) -> tuple[str, lis
         m = json.loads(manifest.read_text())
         return m["commit"], m["files"]
     repo = remote_repo(data_cfg)
+    cached = _listing_from_cache(data_cfg) if hub.offline() else None
+    if cached is not None:
+        return cached
     commit, files = hub.resolve(repo, data_cfg.revision)
     shards = [f for f in files if f.endswith(".parquet")]
     if not shards:
@@ -421,6 +424,20 @@ def remote_listing(data_cfg: DataConfig, base_dir: str | Path) -> tuple[str, lis
                          f"({len(files)} files); pretraining shards are parquet files with a '{TEXT_COLUMN}' column")
     atomic_write_json(manifest, {"repo": repo, "revision": data_cfg.revision, "commit": commit, "files": shards})
     return commit, shards
+
+
+def _listing_from_cache(data_cfg: DataConfig) -> tuple[str, list[str]] | None:
+    """Offline without a pinned listing: a named source (fineweb_edu, climbmix) on its own repo knows
+    its file names, and the hub cache knows the commit its branch pointed at (refs/<revision>),
+    e.g. when another tool filled a shared HF_HUB_CACHE. Any other repo needs its listing pinned."""
+    src = REMOTE_SOURCES[data_cfg.source]
+    if src.repo is None or remote_repo(data_cfg) != src.repo or src.max_shard is None:
+        return None
+    ref = hub.snapshot_dir(src.repo, "x").parents[1] / "refs" / data_cfg.revision
+    if not ref.is_file():
+        return None
+    top = data_cfg.max_shard if data_cfg.max_shard is not None else src.max_shard
+    return ref.read_text().strip(), [shard_name(i) for i in range(top + 1)]
 
 
 def _max_shard(data_cfg: DataConfig, n_files: int) -> int:

@@ -142,6 +142,17 @@ def test_offline_answers_from_the_cache_and_fails_clearly_on_a_miss(server, monk
         list_shards(_cfg(repo="someone/other"), tmp_path, "train")
 
 
+def test_named_source_offline_from_a_shared_cache_without_a_pinned_listing(server, monkeypatch, tmp_path):
+    """Another machine/tool filled HF_HUB_CACHE: fineweb_edu knows its file names, the cache its commit."""
+    commit = server.add_repo("karpathy/fineweb-edu-100b-shuffle", SHARDS)
+    cfg = DataConfig(name="fw", source="fineweb_edu", max_shard=N_SHARDS - 1, num_shards=2)
+    online = list_shards(cfg, tmp_path / "machine_a", "train") + list_shards(cfg, tmp_path / "machine_a", "val")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fresh = tmp_path / "machine_b"  # no pinned listing here
+    assert list_shards(cfg, fresh, "train") + list_shards(cfg, fresh, "val") == online
+    assert online[0].parent.name == commit
+
+
 def _fetch_in_process(cfg, base, path):
     ensure_shard(cfg, base, path)
 

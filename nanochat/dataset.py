@@ -433,7 +433,7 @@ def _listing_from_cache(data_cfg: DataConfig) -> tuple[str, list[str]] | None:
     src = REMOTE_SOURCES[data_cfg.source]
     if src.repo is None or remote_repo(data_cfg) != src.repo or src.max_shard is None:
         return None
-    ref = hub.snapshot_dir(src.repo, "x").parents[1] / "refs" / data_cfg.revision
+    ref = hub.repo_cache_dir(src.repo) / "refs" / data_cfg.revision
     if not ref.is_file():
         return None
     top = data_cfg.max_shard if data_cfg.max_shard is not None else src.max_shard

@@ -67,9 +67,14 @@ def _common_kwargs() -> dict:
     return dict(repo_type=REPO_TYPE, cache_dir=str(cache_dir()), endpoint=endpoint(), token=_token())
 
 
+def repo_cache_dir(repo_id: str) -> Path:
+    """The hub cache's folder of a dataset repo (its documented layout: blobs/ refs/ snapshots/)."""
+    return cache_dir() / f"datasets--{repo_id.replace('/', '--')}"
+
+
 def snapshot_dir(repo_id: str, commit: str) -> Path:
-    """Where the hub cache keeps the files of `repo_id` at `commit` (its documented layout)."""
-    return cache_dir() / f"datasets--{repo_id.replace('/', '--')}" / "snapshots" / commit
+    """Where the hub cache keeps the files of `repo_id` at `commit`."""
+    return repo_cache_dir(repo_id) / "snapshots" / commit
 
 
 # ----------------------------------------------------------------------------- errors
@@ -168,7 +173,7 @@ def _record_ref(repo_id: str, revision: str, commit: str) -> None:
     if revision == commit:
         return
     from nanochat.common import atomic_write_text
-    ref = snapshot_dir(repo_id, commit).parents[1] / "refs" / revision
+    ref = repo_cache_dir(repo_id) / "refs" / revision
     if not ref.is_file() or ref.read_text() != commit:
         atomic_write_text(ref, commit)
 

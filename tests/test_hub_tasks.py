@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import zipfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -162,3 +163,14 @@ def test_eval_bundle_from_a_hub_repo(server, env):
     assert any(p.name == "eval_bundle.zip" for p in (env / "hub_cache").rglob("*"))  # in the hub cache
     assert hub.parse_hub_url(f"{server.endpoint}/datasets/someone/core/resolve/v1/bundles/eval_bundle.zip") == \
         ("someone/core", "v1", "bundles/eval_bundle.zip")
+
+
+def test_datasets_and_huggingface_hub_are_imported_lazily():
+    """`nanochat-run --help`, dry runs and task/dataset imports must not pay for `datasets` (seconds)."""
+    import subprocess
+    import sys
+    code = ("import sys, launch.run, nanochat.dataset, nanochat.tasks, nanochat.core_eval, nanochat.hub; "
+            "print(sorted(m for m in ('datasets', 'huggingface_hub', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"

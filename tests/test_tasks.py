@@ -1,7 +1,6 @@
 """Chat tasks on the real offline data (../shared/data), and the task registry."""
 import collections
 import json
-from pathlib import Path
 
 import pytest
 

@@ -32,7 +32,7 @@ class HubConversations(Task):
         self.rows = load_rows(f"hub:{repo}:{self.config}:{split}",
                               lambda: load_files(path) if path is not None else None,
                               lambda: hub_split(repo, self.config, split),
-                              f"check the repo/config/split names, set HF_TOKEN for a gated dataset, or pass a "
+                              "check the repo/config/split names, set HF_TOKEN for a gated dataset, or pass a "
                               f"local copy with path=<file>")
         names = list(getattr(self.rows, "column_names", None) or (self.rows[0].keys() if len(self.rows) else []))
         if column not in names:

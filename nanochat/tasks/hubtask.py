@@ -33,7 +33,7 @@ class HubConversations(Task):
                               lambda: load_files(path) if path is not None else None,
                               lambda: hub_split(repo, self.config, split),
                               "check the repo/config/split names, set HF_TOKEN for a gated dataset, or pass a "
-                              f"local copy with path=<file>")
+                              "local copy with path=<file>")
         names = list(getattr(self.rows, "column_names", None) or (self.rows[0].keys() if len(self.rows) else []))
         if column not in names:
             raise TaskDataError(f"hub:{repo}:{self.config}:{split} has no {column!r} column (columns: {names}); "

@@ -29,6 +29,7 @@ bench: setup
 	$(VENV)/bin/python bench/train_step.py
 	$(VENV)/bin/python bench/loader.py
 	$(VENV)/bin/python bench/tokenizer_train.py
+	$(VENV)/bin/python bench/download.py
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache

@@ -43,7 +43,7 @@ class RunConfig:
 @dataclass
 class PathsConfig:
     base_dir: str = "~/.cache/nanochat"   # shared artifacts: tokenizers, shards, eval bundle
-    eval_bundle: Optional[str] = None     # local CORE bundle dir; null → <base_dir>/eval_bundle
+    eval_bundle: Optional[str] = None     # CORE bundle dir, or its zip (URL, hf://datasets/o/n/f.zip); null → download
     shared_data: Optional[str] = None     # local public datasets (../shared/data layout)
 
 
@@ -97,9 +97,10 @@ class HardwareConfig:
 @dataclass
 class DataConfig:
     name: str = "demo"
-    source: str = "demo"              # demo | fineweb_edu | climbmix | local
+    source: str = "demo"              # demo | fineweb_edu | climbmix | hub | local
     path: Optional[str] = None        # local: dir or glob of parquet/jsonl/txt
-    base_url: Optional[str] = None    # remote shards: base URL (tests point this at 127.0.0.1)
+    repo: Optional[str] = None        # hub: dataset repo <owner>/<name> of parquet shards (null → the source's)
+    revision: str = "main"            # hub: branch, tag or commit of data.repo
     num_shards: Optional[int] = None  # remote: how many training shards to fetch (null = all needed)
     max_shard: Optional[int] = None   # remote: index of the last shard in the repo
     val_shard: Optional[int] = None   # remote: pinned validation shard index
@@ -316,7 +317,7 @@ _CHOICES = {
     "model.generation": ("seed", "modern"),
     "hardware.dtype": ("float32", "bfloat16", "float16"),
     "hardware.device": ("cpu", "cuda", "mps", "auto"),
-    "data.source": ("demo", "fineweb_edu", "climbmix", "local"),
+    "data.source": ("demo", "fineweb_edu", "climbmix", "hub", "local"),
     "data.packing": ("stream", "bestfit"),
     "wandb.mode": ("disabled", "offline", "online"),
 }

@@ -28,7 +28,6 @@ import random
 import shutil
 import sys
 import tempfile
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,15 +51,23 @@ def _bundle_ok(path: Path) -> bool:
     return (path / "core.yaml").is_file()
 
 
+def _is_reference(configured: str) -> bool:
+    return "://" in configured  # https://…/eval_bundle.zip or hf://datasets/<owner>/<name>/<file>.zip
+
+
 def ensure_eval_bundle(base_dir: str | os.PathLike, configured: str | None = None, *,
-                       url: str = EVAL_BUNDLE_URL, retries: int = 5, backoff_s: float = 2.0,
-                       timeout_s: float = 60.0) -> Path:
+                       url: str = EVAL_BUNDLE_URL, retries: int = 5, backoff_s: float = 2.0) -> Path:
     """The CORE bundle dir: `configured` if it holds core.yaml, else <base_dir>/eval_bundle.
 
-    A missing <base_dir>/eval_bundle is downloaded from `url` (retries with exponential backoff,
-    temp file + rename), checked, and unzipped into a temp dir that is renamed into place, all
-    under a file lock so concurrent ranks/jobs download it once and never see half a bundle.
+    `configured` may also name the bundle's zip: a URL, or a hub file
+    `hf://datasets/<owner>/<name>[@revision]/<file>.zip`. A missing <base_dir>/eval_bundle is
+    fetched through nanochat.hub (hub files into the hub cache, other URLs into
+    <base_dir>/downloads/; locked, retried, checked to be a whole zip, renamed atomically) and
+    unzipped into a temp dir that is renamed into place under a file lock, so concurrent
+    ranks/jobs fetch it once and never see half a bundle.
     """
+    if configured and _is_reference(configured):
+        url, configured = configured, None
     if configured:
         path = Path(configured).expanduser()
         if _bundle_ok(path):
@@ -73,66 +80,28 @@ def ensure_eval_bundle(base_dir: str | os.PathLike, configured: str | None = Non
     if _bundle_ok(target):
         return target
     from filelock import FileLock
+    from nanochat import hub
     with FileLock(str(base / ".eval_bundle.lock")):
         if _bundle_ok(target):  # another process finished it while we waited
             return target
-        zip_path = base / "eval_bundle.zip"
-        _download_zip(url, zip_path, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s)
+        try:
+            zip_path = hub.fetch_url(url, base / "downloads", validate=_check_zip, attempts=retries,
+                                     backoff=backoff_s)
+        except hub.HubError as e:
+            raise RuntimeError(f"could not download the CORE eval bundle: {e}. Or download it yourself, unzip "
+                               f"it and set paths.eval_bundle=<dir>") from e
         _extract_bundle(zip_path, target)
-        zip_path.unlink(missing_ok=True)
     return target
 
 
-class _DownloadError(Exception):
-    pass
-
-
-def _download_zip(url: str, dest: Path, *, retries: int, backoff_s: float, timeout_s: float) -> None:
-    """Fetch `url` to `dest` atomically; retry network errors, 5xx/429 and corrupt zips."""
-    import requests
-    last: Exception | None = None
-    for attempt in range(1, max(1, retries) + 1):
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f, requests.get(url, stream=True, timeout=timeout_s) as r:
-                if r.status_code >= 400:
-                    retryable = r.status_code >= 500 or r.status_code in (408, 429)
-                    err = _DownloadError(f"HTTP {r.status_code} from {url}")
-                    if not retryable:
-                        raise RuntimeError(f"{err}: not retrying. Fix: check the URL, or download the "
-                                           f"bundle yourself, unzip it and set paths.eval_bundle=<dir>")
-                    raise err
-                expected = r.headers.get("Content-Length")
-                got = 0
-                for chunk in r.iter_content(chunk_size=1 << 20):
-                    f.write(chunk)
-                    got += len(chunk)
-                if expected is not None and got != int(expected):
-                    raise _DownloadError(f"incomplete download: {got} of {expected} bytes")
-                f.flush()
-                os.fsync(f.fileno())
-            if not zipfile.is_zipfile(tmp):
-                raise _DownloadError(f"{url} did not return a zip file")
-            with zipfile.ZipFile(tmp) as zf:
-                bad = zf.testzip()
-                if bad is not None:
-                    raise _DownloadError(f"corrupt member {bad!r} in the downloaded zip")
-            os.replace(tmp, dest)
-            return
-        except (requests.RequestException, _DownloadError, zipfile.BadZipFile, OSError) as e:
-            last = e
-            Path(tmp).unlink(missing_ok=True)
-            if attempt < retries:
-                wait = backoff_s * 2 ** (attempt - 1)
-                print(f"eval bundle download attempt {attempt}/{retries} failed ({e}); retrying in "
-                      f"{wait:.1f}s", file=sys.stderr, flush=True)
-                time.sleep(wait)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    raise RuntimeError(f"could not download the CORE eval bundle from {url} after {retries} attempts "
-                       f"(last error: {last}). Fix: check the network, or download it yourself, unzip "
-                       f"it and set paths.eval_bundle=<dir>")
+def _check_zip(path: Path) -> None:
+    """A whole zip, every member's CRC right (a cut download fails here, and is fetched again)."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path.name} is not a zip file")
+    with zipfile.ZipFile(path) as zf:
+        bad = zf.testzip()
+    if bad is not None:
+        raise ValueError(f"corrupt member {bad!r} in {path.name}")
 
 
 def _extract_bundle(zip_path: Path, target: Path) -> None:

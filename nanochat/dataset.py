@@ -3,12 +3,16 @@
 Sources (`data.source`):
   demo         built here, offline, from the Python standard library's docstrings and sources
   local        `data.path`: a dir or glob of parquet (`text` column), jsonl(.gz) (`text` field) or txt
-  fineweb_edu  karpathy/fineweb-edu-100b-shuffle shards from Hugging Face (nanochat's seed data)
-  climbmix     karpathy/climbmix-400b-shuffle shards (nanochat's later data)
+  fineweb_edu  karpathy/fineweb-edu-100b-shuffle on the Hugging Face hub (nanochat's seed data)
+  climbmix     karpathy/climbmix-400b-shuffle (nanochat's later data)
+  hub          any `data.repo=<owner>/<name>` dataset repo of parquet shards
 
 Everything ends up as `list_shards(...) -> [Path]`; the loader reads row groups from those.
-Remote shards are fetched on demand (`ensure_shard`) with retries, a lock per shard, a
-`.partial` file resumed with HTTP Range, validation of the parquet footer, and a rename.
+Hub shards live in the hub cache (HF_HUB_CACHE) and come through `nanochat.hub`
+(huggingface_hub: locks, resumed transfers, HF_TOKEN, HF_HUB_OFFLINE, HF_ENDPOINT). Kept
+here: nanochat's val-shard pin (the last parquet file of the repo, or data.val_shard), a
+pinned listing per repo and revision, parquet footer validation, and fetching ahead
+(`ensure_shard` for the shard being read, the next one in the background).
 """
 from __future__ import annotations
 
@@ -24,13 +28,16 @@ import sys
 import sysconfig
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nanochat import hub
+from nanochat.common import atomic_write_json
 from nanochat.config import DataConfig
 
 TEXT_COLUMN = "text"
@@ -41,13 +48,14 @@ LOCAL_VERSION = 1
 
 @dataclass(frozen=True)
 class RemoteSource:
-    base_url: str
-    max_shard: int           # index of the last shard in the repo (nanochat pins it as val)
+    repo: str | None         # hub dataset repo; None → data.repo must name one
+    max_shard: int | None    # index of the last shard (nanochat pins it as val); None → the last file
 
 
 REMOTE_SOURCES = {
-    "fineweb_edu": RemoteSource("https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main", 1822),
-    "climbmix": RemoteSource("https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main", 6542),
+    "fineweb_edu": RemoteSource("karpathy/fineweb-edu-100b-shuffle", 1822),
+    "climbmix": RemoteSource("karpathy/climbmix-400b-shuffle", 6542),
+    "hub": RemoteSource(None, None),  # any data.repo=<owner>/<name> of parquet shards
 }
 
 
@@ -75,12 +83,7 @@ def list_shards(data_cfg: DataConfig, base_dir: str | Path, split: str, download
     if source == "local":
         return _local_shards(data_cfg, base_dir, split)
     if source in REMOTE_SOURCES:
-        indices = remote_shard_indices(data_cfg, split)
-        paths = [remote_dir(data_cfg, base_dir) / shard_name(i) for i in indices]
-        if download:
-            lazy = data_cfg.num_shards is None and split == "train"
-            download_shards(data_cfg, base_dir, indices[:max(1, data_cfg.download_workers)] if lazy else indices)
-        return paths
+        return _remote_shards(data_cfg, base_dir, split, download)
     raise ValueError(f"data.source={source!r}: use one of demo, local, {', '.join(REMOTE_SOURCES)}")
 
 
@@ -383,97 +386,121 @@ def _local_shards(data_cfg: DataConfig, base_dir: Path, split: str) -> list[Path
     return _split_files(out, split, f"local corpus data.path={data_cfg.path!r}")
 
 
-# ---------------------------------------------------------------------- remote shards
+# ---------------------------------------------------------------------- remote shards (the hub)
 
-def remote_source(data_cfg: DataConfig) -> RemoteSource:
+def remote_repo(data_cfg: DataConfig) -> str:
+    repo = data_cfg.repo or REMOTE_SOURCES[data_cfg.source].repo
+    if not repo or "/" not in repo:
+        raise ValueError(f"data.repo={repo!r}: data.source={data_cfg.source} needs a hub dataset repo "
+                         "data.repo=<owner>/<name> of parquet shards with a 'text' column")
+    return repo
+
+
+def _manifest_path(data_cfg: DataConfig, base_dir: Path) -> Path:
+    name = f"{remote_repo(data_cfg).replace('/', '--')}@{quote(data_cfg.revision, safe='')}.json"
+    return Path(base_dir).expanduser() / "data" / "hub" / name
+
+
+def remote_listing(data_cfg: DataConfig, base_dir: str | Path) -> tuple[str, list[str]]:
+    """(commit, the repo's parquet files in sorted order), pinned on first use.
+
+    The first call asks the hub (one API call) and writes the answer to
+    <base_dir>/data/hub/<owner>--<name>@<revision>.json; later calls, other ranks and offline
+    runs read it, so the shard list (and which shard is val) never moves under a project.
+    Delete the file, or set data.revision, to follow a branch that moved.
+    """
+    manifest = _manifest_path(data_cfg, Path(base_dir))
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        return m["commit"], m["files"]
+    repo = remote_repo(data_cfg)
+    cached = _listing_from_cache(data_cfg) if hub.offline() else None
+    if cached is not None:
+        return cached
+    commit, files = hub.resolve(repo, data_cfg.revision)
+    shards = [f for f in files if f.endswith(".parquet")]
+    if not shards:
+        raise ValueError(f"data.repo={repo!r} (revision {data_cfg.revision}) has no .parquet files "
+                         f"({len(files)} files); pretraining shards are parquet files with a '{TEXT_COLUMN}' column")
+    atomic_write_json(manifest, {"repo": repo, "revision": data_cfg.revision, "commit": commit, "files": shards})
+    return commit, shards
+
+
+def _listing_from_cache(data_cfg: DataConfig) -> tuple[str, list[str]] | None:
+    """Offline without a pinned listing: a named source (fineweb_edu, climbmix) on its own repo knows
+    its file names, and the hub cache knows the commit its branch pointed at (refs/<revision>),
+    e.g. when another tool filled a shared HF_HUB_CACHE. Any other repo needs its listing pinned."""
     src = REMOTE_SOURCES[data_cfg.source]
-    return RemoteSource(data_cfg.base_url or src.base_url,
-                        data_cfg.max_shard if data_cfg.max_shard is not None else src.max_shard)
+    if src.repo is None or remote_repo(data_cfg) != src.repo or src.max_shard is None:
+        return None
+    ref = hub.repo_cache_dir(src.repo) / "refs" / data_cfg.revision
+    if not ref.is_file():
+        return None
+    top = data_cfg.max_shard if data_cfg.max_shard is not None else src.max_shard
+    return ref.read_text().strip(), [shard_name(i) for i in range(top + 1)]
 
 
-def remote_dir(data_cfg: DataConfig, base_dir: str | Path) -> Path:
-    return Path(base_dir).expanduser() / "data" / data_cfg.source
+def _max_shard(data_cfg: DataConfig, n_files: int) -> int:
+    src = REMOTE_SOURCES[data_cfg.source]
+    top = next(m for m in (data_cfg.max_shard, src.max_shard, n_files - 1) if m is not None)
+    if not 0 <= top < n_files:
+        raise ValueError(f"data.max_shard={top}: the repo {remote_repo(data_cfg)} has {n_files} parquet "
+                         f"files (indices 0..{n_files - 1}); set data.max_shard within that range")
+    return top
 
 
-def remote_shard_indices(data_cfg: DataConfig, split: str) -> list[int]:
+def remote_shard_indices(data_cfg: DataConfig, split: str, n_files: int) -> list[int]:
     """val: the pinned shard (data.val_shard, default the last); train: the first num_shards others."""
-    src = remote_source(data_cfg)
-    val = data_cfg.val_shard if data_cfg.val_shard is not None else src.max_shard
-    if not 0 <= val <= src.max_shard:
-        raise ValueError(f"data.val_shard={val}: must be in [0, data.max_shard={src.max_shard}]")
+    top = _max_shard(data_cfg, n_files)
+    val = data_cfg.val_shard if data_cfg.val_shard is not None else top
+    if not 0 <= val <= top:
+        raise ValueError(f"data.val_shard={val}: must be in [0, data.max_shard={top}]")
     if split == "val":
         return [val]
-    available = [i for i in range(src.max_shard + 1) if i != val]
+    available = [i for i in range(top + 1) if i != val]
     n = data_cfg.num_shards if data_cfg.num_shards is not None else len(available)
     if not 1 <= n <= len(available):
         raise ValueError(f"data.num_shards={n}: must be in [1, {len(available)}] for {data_cfg.source} "
-                         f"(max_shard={src.max_shard}, one shard pinned for val)")
+                         f"(max_shard={top}, one shard pinned for val)")
     return available[:n]
 
 
-def download_shards(data_cfg: DataConfig, base_dir: str | Path, indices: list[int]) -> list[Path]:
-    """Fetch shards in parallel (data.download_workers threads); returns their paths."""
-    d = remote_dir(data_cfg, base_dir)
-    paths = [d / shard_name(i) for i in indices]
-    with ThreadPoolExecutor(max_workers=max(1, data_cfg.download_workers)) as pool:
-        list(pool.map(lambda p: ensure_shard(data_cfg, base_dir, p), paths))
+def _remote_shards(data_cfg: DataConfig, base_dir: Path, split: str, download: bool) -> list[Path]:
+    commit, files = remote_listing(data_cfg, base_dir)
+    names = [files[i] for i in remote_shard_indices(data_cfg, split, len(files))]
+    root = hub.snapshot_dir(remote_repo(data_cfg), commit)
+    paths = [root / n for n in names]
+    if download:
+        lazy = data_cfg.num_shards is None and split == "train"
+        want = names[:max(1, data_cfg.download_workers)] if lazy else names
+        missing = [n for n in want if not (root / n).is_file()]
+        hub.download_many(remote_repo(data_cfg), missing, commit, workers=data_cfg.download_workers,
+                          validate=_check_footer, desc=f"{data_cfg.source} {split} shards")
     return paths
 
 
-def ensure_shard(data_cfg: DataConfig, base_dir: str | Path, path: Path,
-                 attempts: int = 5, backoff: float = 0.5) -> Path:
-    """Make sure a remote shard is on disk (no-op for local files); download it if not."""
+def _check_footer(path: Path) -> None:
+    """A shard is usable when pyarrow can read its footer (a truncated file has none)."""
+    pq.ParquetFile(path)
+
+
+def download_shards(data_cfg: DataConfig, base_dir: str | Path, n_train: int) -> list[Path]:
+    """The first `n_train` training shards and the val shard, in parallel with a progress bar."""
+    cfg = replace(data_cfg, num_shards=n_train)
+    return _remote_shards(cfg, Path(base_dir), "train", True) + _remote_shards(cfg, Path(base_dir), "val", True)
+
+
+def ensure_shard(data_cfg: DataConfig, base_dir: str | Path, path: Path) -> Path:
+    """Make sure a listed shard is on disk (no-op for local files and cached shards); fetch it if not."""
     path = Path(path)
     if path.is_file() or data_cfg.source not in REMOTE_SOURCES:
         return path
-    url = f"{remote_source(data_cfg).base_url.rstrip('/')}/{path.name}"
-    return download_file(url, path, attempts=attempts, backoff=backoff)
-
-
-def download_file(url: str, path: Path, attempts: int = 5, backoff: float = 0.5,
-                  timeout: float = 60.0) -> Path:
-    """Download `url` to `path`, safely under concurrency and failures.
-
-    - a file lock per target: several ranks/jobs never fetch the same shard twice
-    - bytes go to `<name>.partial`; a retry resumes it with an HTTP Range request
-    - the result must be a valid parquet file (a truncated body is caught by its footer)
-    - then it is renamed into place; retries back off exponentially (backoff·2^k seconds)
-    """
-    import requests
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    with _file_lock(path.with_name(path.name + ".lock")):
-        if path.is_file():
-            return path  # someone else finished it while we waited for the lock
-        last_err: Exception | None = None
-        for attempt in range(attempts):
-            try:
-                have = partial.stat().st_size if partial.exists() else 0
-                headers = {"Range": f"bytes={have}-"} if have else {}
-                with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
-                    if r.status_code == 416:          # our partial is already complete (or bogus)
-                        have = 0
-                        partial.unlink(missing_ok=True)
-                        raise IOError(f"HTTP 416 for range request on {url}")
-                    r.raise_for_status()
-                    mode = "ab" if (have and r.status_code == 206) else "wb"
-                    with open(partial, mode) as f:
-                        for chunk in r.iter_content(chunk_size=1 << 16):  # small: a cut loses little
-                            f.write(chunk)
-                try:
-                    pq.ParquetFile(partial)
-                except Exception as e:
-                    partial.unlink(missing_ok=True)  # corrupt: start over on the next attempt
-                    raise IOError(f"downloaded {url} is not a valid parquet file ({e})") from e
-                os.replace(partial, path)
-                return path
-            except Exception as e:  # network errors, HTTP 5xx, truncation
-                last_err = e
-                if attempt + 1 < attempts:
-                    time.sleep(backoff * (2 ** attempt))
-        partial.unlink(missing_ok=True)
-        raise RuntimeError(f"failed to download {url} after {attempts} attempts: {last_err}. "
-                           "Check the network or data.base_url") from last_err
+    parts = path.parts
+    if "snapshots" not in parts:
+        raise ValueError(f"{path} is not a hub cache path (.../snapshots/<commit>/<file>)")
+    i = len(parts) - 1 - parts[::-1].index("snapshots")
+    commit, filename = parts[i + 1], "/".join(parts[i + 2:])
+    return hub.download(remote_repo(data_cfg), filename, commit, validate=_check_footer)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -483,15 +510,18 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("-n", "--num-shards", type=int, default=8)
     ap.add_argument("--source", default="fineweb_edu", choices=sorted(REMOTE_SOURCES))
+    ap.add_argument("--repo", default=None, help="hub dataset repo <owner>/<name> (needed for --source hub)")
+    ap.add_argument("--revision", default="main")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--base-dir", default=None)
     a = ap.parse_args(argv)
-    cfg = DataConfig(name=a.source, source=a.source, num_shards=a.num_shards, download_workers=a.workers)
+    cfg = DataConfig(name=a.source, source=a.source, repo=a.repo, revision=a.revision, download_workers=a.workers)
     base = get_base_dir(a.base_dir)
-    idx = remote_shard_indices(cfg, "train") + remote_shard_indices(cfg, "val")
     t0 = time.time()
-    download_shards(cfg, base, idx)
-    print(f"{len(idx)} shards in {remote_dir(cfg, base)} ({time.time() - t0:.1f}s)")
+    paths = download_shards(cfg, base, a.num_shards)
+    mb = sum(p.stat().st_size for p in paths) / 1e6
+    dt = time.time() - t0
+    print(f"{len(paths)} shards ({mb:.0f} MB) in {paths[0].parent} ({dt:.1f}s, {mb / max(dt, 1e-9):.1f} MB/s)")
 
 
 if __name__ == "__main__":

@@ -136,8 +136,10 @@ def test_download_unzips_bundle_atomically(tmp_path):
         # second call: already there, no new request
         assert ensure_eval_bundle(tmp_path, None, url=srv.url) == path
         assert srv.requests == 1
-    # nothing left behind: no zip, no temp files, no extraction dirs
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".eval_bundle.lock") == ["eval_bundle"]
+    # nothing left behind but the bundle and the cached zip: no temp files, no extraction dirs
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".eval_bundle.lock") == ["downloads", "eval_bundle"]
+    assert [p.name for p in (tmp_path / "downloads").rglob("*") if p.is_file() and p.name != ".lock"] == \
+        ["eval_bundle.zip"]
 
 
 def test_download_retries_server_errors_and_truncation(tmp_path):
@@ -145,7 +147,7 @@ def test_download_retries_server_errors_and_truncation(tmp_path):
         path = ensure_eval_bundle(tmp_path, None, url=srv.url, retries=5, backoff_s=0.01)
         assert srv.requests == 4
     assert (path / "eval_data" / "cr" / "copa.jsonl").is_file()
-    assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob(".eval_bundle.extract-*"))
+    assert not list(tmp_path.rglob("*.incomplete")) and not list(tmp_path.glob(".eval_bundle.extract-*"))
 
 
 def test_download_gives_up_with_clear_error(tmp_path):

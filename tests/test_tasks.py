@@ -1,11 +1,6 @@
-"""Chat tasks on the real offline data (../shared/data), the hub loader against a local HTTP
-server that speaks the dataset viewer's /parquet API, and the task registry."""
+"""Chat tasks on the real offline data (../shared/data), and the task registry."""
 import collections
-import gzip
-import http.server
 import json
-import threading
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +9,6 @@ from nanochat.execution import use_calculator
 from nanochat.tasks import (ARC, GSM8K, MMLU, Arithmetic, CustomJSON, HumanEval, SimpleSpelling, SmolTalk,
                             SpellingBee, Task, TaskDataError, TaskMixture, TaskSequence, assistant_text,
                             extract_answer, make_task, render_mc)
-from nanochat.tasks import common as tcommon
 
 DATA = shared_data_dir()
 needs_data = pytest.mark.skipif(DATA is None, reason="offline data ../shared/data (NANOCHAT_SHARED_DATA) is absent")
@@ -284,103 +278,7 @@ def test_smoltalk_local_file_and_missing_error(offline, tmp_path):
         SmolTalk("train", data_dir=tmp_path)
 
 
-# ----------------------------------------------------------------------------- hub loader
-
-def _serve(files: dict, fail_first: int = 0):
-    """A local server speaking the dataset viewer's /parquet listing, serving parquet bytes."""
-    state = {"fails": fail_first, "requests": []}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            state["requests"].append(self.path)
-            if state["fails"] > 0:
-                state["fails"] -= 1
-                self.send_response(503)
-                self.end_headers()
-                return
-            body = files.get(self.path)
-            if callable(body):
-                body = body(self)
-            if body is None:
-                self.send_response(404)
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, state
-
-
-def _parquet_bytes(rows):
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buf)
-    return buf.getvalue()
-
-
-def test_hub_download_with_retry_atomic_cache(monkeypatch, tmp_path):
-    rows = [{"id": f"q{i}", "question": f"Question {i}?",
-             "choices": {"text": ["yes", "no", "maybe"], "label": ["A", "B", "C"]}, "answerKey": "B"}
-            for i in range(7)]
-    part0, part1 = _parquet_bytes(rows[:4]), _parquet_bytes(rows[4:])
-    files = {}
-    server, state = _serve(files, fail_first=2)
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    files["/parquet?dataset=allenai/ai2_arc"] = json.dumps({"parquet_files": [
-        {"dataset": "allenai/ai2_arc", "config": "ARC-Easy", "split": "test", "url": f"{base}/f/0.parquet",
-         "filename": "0000.parquet", "size": len(part0)},
-        {"dataset": "allenai/ai2_arc", "config": "ARC-Easy", "split": "test", "url": f"{base}/f/1.parquet",
-         "filename": "0001.parquet", "size": len(part1)},
-        {"dataset": "allenai/ai2_arc", "config": "ARC-Challenge", "split": "test", "url": f"{base}/f/x.parquet",
-         "filename": "0000.parquet", "size": 1},
-    ]}).encode()
-    files["/f/0.parquet"], files["/f/1.parquet"] = part0, part1
-    monkeypatch.setenv("NANOCHAT_HF_DATASETS_SERVER", base)
-    for var in ("NANOCHAT_BASE_DIR", "NANOCHAT_OFFLINE", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(tcommon, "RETRY_BACKOFF", 0.01)
-    cache = tmp_path / "base"
-    empty = tmp_path / "no_local_data"
-    empty.mkdir()
-    try:
-        task = ARC("ARC-Easy", "test", data_dir=empty, base_dir=str(cache))  # 2 × 503, then success
-        assert len(task) == 7 and task[5]["messages"][1]["content"] == "B"
-        assert "Question 5?" in task[5]["messages"][0]["content"]
-        assert state["requests"][:2] == ["/parquet?dataset=allenai/ai2_arc"] * 2
-        cached = sorted(p.name for p in (cache / "hf" / "allenai__ai2_arc" / "ARC-Easy" / "test").iterdir())
-        assert cached == ["0000_0000.parquet", "0001_0001.parquet", "files.json"]  # no temp files left
-        # second load: from the cache, no request at all
-        n = len(state["requests"])
-        assert len(ARC("ARC-Easy", "test", data_dir=empty, base_dir=str(cache))) == 7
-        assert len(state["requests"]) == n
-        # a missing split is named with what exists
-        with pytest.raises(TaskDataError, match="ARC-Easy"):
-            ARC("ARC-Easy", "validation", data_dir=empty, base_dir=str(cache))
-    finally:
-        server.shutdown()
-
-
-def test_download_failure_leaves_no_partial_file(monkeypatch, tmp_path):
-    server, state = _serve({})  # everything 404
-    monkeypatch.setattr(tcommon, "RETRY_BACKOFF", 0.01)
-    try:
-        dest = tmp_path / "words_alpha.txt"
-        with pytest.raises(TaskDataError, match="404"):
-            tcommon.download_file(f"http://127.0.0.1:{server.server_address[1]}/words.txt", dest)
-        assert list(tmp_path.iterdir()) == []
-        assert len(state["requests"]) == 1  # a 404 is not retried
-    finally:
-        server.shutdown()
+# the hub loader (through a local hub server) is tested in test_hub_tasks.py
 
 
 # ----------------------------------------------------------------------------- registry

@@ -13,6 +13,7 @@ Stages name tasks by string through `make_task`:
     make_task("arithmetic", "train", max_value=99)   synthetic, fully offline, uses the calculator tool
     make_task("identity", "train")                   nanochat's identity conversations
     make_task("customjson:/path/file.jsonl", "train")
+    make_task("hub:HuggingFaceTB/smol-smoltalk:default:train", "train")   any hub dataset of conversations
     make_task("spellingbee:size=200,style=tool", "test")   inline keyword arguments
     make_task({"name": "arithmetic", "size": 500}, "train") a mapping from a config list
 
@@ -32,13 +33,14 @@ from nanochat.tasks.common import (Conversation, Task, TaskDataError, TaskMixtur
 from nanochat.tasks.customjson import CustomJSON, identity_conversations
 from nanochat.tasks.gsm8k import GSM8K
 from nanochat.tasks.humaneval import HumanEval
+from nanochat.tasks.hubtask import HubConversations, parse_hub_source
 from nanochat.tasks.mmlu import MMLU
 from nanochat.tasks.smoltalk import SmolTalk
 from nanochat.tasks.spellingbee import SimpleSpelling, SpellingBee
 
 __all__ = ["Task", "TaskMixture", "TaskSequence", "TaskDataError", "Conversation", "render_mc", "extract_answer",
            "answers_match", "assistant_text", "ARC", "MMLU", "GSM8K", "HumanEval", "SmolTalk", "SpellingBee",
-           "SimpleSpelling", "CustomJSON", "Arithmetic", "make_task", "TASK_NAMES", "CHANCE_ACCURACY"]
+           "SimpleSpelling", "CustomJSON", "HubConversations", "Arithmetic", "make_task", "TASK_NAMES", "CHANCE_ACCURACY"]
 
 
 def _held_out(split: str, have: tuple[str, ...]) -> str:
@@ -76,6 +78,9 @@ _BUILDERS: dict[str, Callable[..., Task]] = {
     "arithmetic": lambda split, **kw: Arithmetic(split=_held_out(split, ("train", "test")), **kw),
     "identity": lambda split, **kw: identity_conversations(**kw),
     "customjson": lambda split, **kw: CustomJSON(**kw),
+    # a split written in the source wins; else the stage's, with "val" meaning the test split
+    "hub": lambda split, source_split=None, **kw: HubConversations(
+        split=source_split or ("test" if split in ("val", "validation") else split), **kw),
 }
 TASK_NAMES = tuple(_BUILDERS)
 
@@ -111,6 +116,8 @@ def parse_spec(spec: str | Mapping) -> tuple[str, dict]:
         return name, {}
     if name == "customjson":
         return name, {"path": arg}
+    if name == "hub":
+        return name, parse_hub_source(arg)
     kw = {}
     for item in arg.split(","):
         k, eq, v = item.partition("=")
@@ -128,11 +135,14 @@ def make_task(spec: str | Mapping, split: str, data_dir: str | None = None, base
     if name not in _BUILDERS:
         close = difflib.get_close_matches(name, TASK_NAMES, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ValueError(f"unknown task {name!r}: {hint}known tasks: {', '.join(TASK_NAMES)}, customjson:<path>")
+        raise ValueError(f"unknown task {name!r}: {hint}known tasks: {', '.join(TASK_NAMES)}, customjson:<path>, "
+                         "hub:<owner>/<name>[:config][:split]")
     kwargs = {**spec_kw, **kw}
     if name == "customjson":
         if "path" not in kwargs:
             raise ValueError("task 'customjson' needs a file: 'customjson:/path/to/file.jsonl'")
+    elif name == "hub" and not kwargs.get("repo"):
+        raise ValueError("task 'hub' needs a dataset: 'hub:<owner>/<name>[:config][:split]'")
     else:
         kwargs.update(data_dir=data_dir, base_dir=base_dir)
     try:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import os
 
-from nanochat.tasks.common import Conversation, Task, hf_parquet_files, load_rows, read_jsonl, \
-    read_parquet_rows, render_mc, resolve_data_dir
+from nanochat.tasks.common import Conversation, Task, hub_split, load_files, load_rows, render_mc, \
+    resolve_data_dir
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
 SPLITS = ("train", "validation", "test")
@@ -26,13 +26,13 @@ class ARC(Task):
 
         def local():
             if path is not None:
-                return read_jsonl(path)
+                return load_files(path)
             root = resolve_data_dir(data_dir)
             f = root / "arc" / subset / f"{split}.jsonl" if root else None
-            return read_jsonl(f) if f and f.exists() else None
+            return load_files(f) if f and f.exists() else None
 
         def hub():
-            return read_parquet_rows(hf_parquet_files("allenai/ai2_arc", subset, split, base_dir))
+            return hub_split("allenai/ai2_arc", subset, split)
 
         self.rows = load_rows(f"arc ({subset}/{split})", local, hub,
                               "put the ARC jsonl files under <shared data>/arc/ or allow hub downloads")

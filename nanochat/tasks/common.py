@@ -8,26 +8,25 @@ Slicing (start/stop/step) is applied by the base class so every task gets `task[
 `len(task)` and views like "the first 500 test questions" for free.
 
 Data loading: each task first looks for the offline copy (the ../shared/data layout, or a
-path the caller gives), then for a cached hub download under <base_dir>/hf/, and only
-then downloads from the Hugging Face hub: the dataset viewer lists the auto-converted
-parquet files of a (dataset, config, split), which are fetched with retries and written
-atomically. No `datasets` package needed. Set NANOCHAT_OFFLINE=1 (or HF_HUB_OFFLINE=1) to
-never touch the network.
+path the caller gives), then goes to the Hugging Face hub: the parquet files of a
+(dataset, config, split) from the hub's parquet export, fetched by huggingface_hub into the
+hub cache (HF_HOME / HF_HUB_CACHE; HF_TOKEN, HF_ENDPOINT honoured). Both are read by one
+function, `load_files` = datasets.load_dataset("json" | "csv" | "parquet" | "text",
+data_files=...). Set NANOCHAT_OFFLINE=1 (or HF_HUB_OFFLINE=1) to never touch the network:
+the hub cache still answers.
 """
 from __future__ import annotations
 
-import csv
 import gzip
 import io
-import json
 import os
 import random
 import re
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from nanochat.common import atomic_write_bytes, get_base_dir, shared_data_dir
+from nanochat import hub
+from nanochat.common import shared_data_dir
 
 Conversation = dict[str, Any]
 
@@ -202,7 +201,7 @@ def assistant_text(message_content: str | list) -> str:
     return "".join(part["text"] for part in message_content)
 
 
-# ----------------------------------------------------------------------------- local files
+# ----------------------------------------------------------------------------- data through `datasets`
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     """The offline data root: an explicit dir, else nanochat.common.shared_data_dir()."""
@@ -219,122 +218,80 @@ def open_text(path: str | os.PathLike):
     return open(path, "r", encoding="utf-8")
 
 
-def read_jsonl(path: str | os.PathLike) -> list[Any]:
-    rows = []
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-    return rows
+def kind_of(path: str | os.PathLike) -> str:
+    """The `datasets` builder for a file: json (.jsonl/.json[.gz]), csv, parquet or text."""
+    name = Path(path).name.lower().removesuffix(".gz")
+    for ext, kind in ((".parquet", "parquet"), (".jsonl", "json"), (".json", "json"), (".csv", "csv")):
+        if name.endswith(ext):
+            return kind
+    return "text"
 
 
-def read_csv_rows(path: str | os.PathLike, header: bool) -> list[list[str]]:
-    with open_text(path) as f:
-        rows = list(csv.reader(f))
-    return rows[1:] if header else rows
+def load_files(files: str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
+               kind: str | None = None, **options: Any):
+    """Local files as one `datasets.Dataset` (Arrow, memory-mapped), via datasets.load_dataset(kind,
+    data_files=...): the one reader of task data, for offline copies and hub downloads alike.
+
+    `kind` defaults to the files' extension (see `kind_of`); `options` go to the builder (e.g.
+    csv column_names). A mapping {name: file} returns a DatasetDict with one split per name.
+    """
+    import datasets  # heavy (≈1 s): imported only when a task really loads data
+    named = isinstance(files, Mapping)
+    listed = dict(files) if named else {"train": [files] if isinstance(files, (str, os.PathLike)) else list(files)}
+    flat = [Path(f) for v in listed.values() for f in ([v] if isinstance(v, (str, os.PathLike)) else v)]
+    if not flat:
+        raise TaskDataError("no files to load")
+    missing = [f for f in flat if not f.is_file()]
+    if missing:
+        raise TaskDataError(f"{missing[0]} does not exist")
+    kind = kind or kind_of(flat[0])
+    data_files = {k: [str(f) for f in ([v] if isinstance(v, (str, os.PathLike)) else v)] for k, v in listed.items()}
+    datasets.logging.set_verbosity_error()  # no "Generating split" chatter for every task file
+    datasets.disable_progress_bars()
+    try:
+        out = datasets.load_dataset(kind, data_files=data_files, **options)
+    except Exception as e:  # the builders raise many kinds; name the file and keep the cause
+        more = f" (+{len(flat) - 1} more)" if len(flat) > 1 else ""
+        raise ValueError(f"{flat[0]}{more}: could not read it as {kind} with datasets.load_dataset "
+                         f"({type(e).__name__}: {str(e)[:300]})") from e
+    return out if named else out["train"]
 
 
-def read_parquet_rows(paths: Sequence[str | os.PathLike]) -> list[dict]:
-    import pyarrow.parquet as pq
-    rows: list[dict] = []
-    for p in paths:
-        rows.extend(pq.read_table(p).to_pylist())
-    return rows
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """The lines of a text file (plain or .gz), through the same `datasets` path."""
+    return load_files(path, kind="text")["text"]
 
 
-# ----------------------------------------------------------------------------- hub downloads
+# ----------------------------------------------------------------------------- the hub
 
-DATASETS_SERVER = "https://datasets-server.huggingface.co"
-RETRY_BACKOFF = 2.0  # seconds before the first retry; doubles each time
+PARQUET_REVISION = "refs/convert/parquet"  # the hub's parquet export of every dataset, config/split/*.parquet
 
 
 def hub_offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("NANOCHAT_OFFLINE", "HF_HUB_OFFLINE"))
+    return hub.offline()
 
 
-def _hf_headers() -> dict:
-    token = os.environ.get("HF_TOKEN")  # only needed for gated datasets; none of ours are
-    return {"Authorization": f"Bearer {token}"} if token else {}
+def hub_split(dataset: str, config: str, split: str):
+    """A (dataset, config, split) from the hub: its parquet files (the hub's parquet export, through
+    the hub cache) loaded with `load_files`, the same reader as local copies."""
+    patterns = [f"{config}/{split}/*.parquet", f"{config}/partial-{split}/*.parquet"]
+    files = hub.snapshot(dataset, patterns, revision=PARQUET_REVISION)
+    if not files:
+        raise TaskDataError(f"hub dataset {dataset} has no parquet files for config={config!r} split={split!r} "
+                            f"(looked for {' or '.join(patterns)} at revision {PARQUET_REVISION})")
+    return load_files(files, kind="parquet")
 
 
-def http_get(url: str, retries: int = 4, timeout: float = 60.0, backoff: float | None = None,
-             headers: dict | None = None) -> bytes:
-    """GET with retries and exponential backoff; 4xx other than 429 fail at once."""
-    import requests
-    backoff = RETRY_BACKOFF if backoff is None else backoff
-    last: Exception | None = None
-    for attempt in range(retries):
-        try:
-            r = requests.get(url, timeout=timeout, headers=headers or {})
-            if r.status_code == 200:
-                return r.content
-            if 400 <= r.status_code < 500 and r.status_code != 429:
-                raise TaskDataError(f"GET {url} → HTTP {r.status_code}: {r.text[:200]}")
-            last = RuntimeError(f"HTTP {r.status_code}")
-        except TaskDataError:
-            raise
-        except requests.RequestException as e:
-            last = e
-            if "NameResolutionError" in str(e) or "Name or service not known" in str(e):
-                break  # no DNS: offline machine, retrying will not help
-        if attempt + 1 < retries:
-            time.sleep(backoff * (2 ** attempt))
-    raise TaskDataError(f"GET {url} failed: {last}")
-
-
-def download_file(url: str, dest: str | os.PathLike, **kwargs) -> Path:
-    """Download once to `dest` (atomic: a partial download is never visible under that name)."""
-    dest = Path(dest)
-    if not dest.exists():
-        atomic_write_bytes(dest, http_get(url, **kwargs))
-    return dest
-
-
-def hf_parquet_files(dataset: str, config: str, split: str, base_dir: str | os.PathLike | None = None,
-                     server: str | None = None) -> list[Path]:
-    """Local paths of the auto-converted parquet files of a hub dataset split, downloaded on first use.
-
-    Cached under <base_dir>/hf/<dataset>/<config>/<split>/ with a `files.json` manifest written
-    last, so an interrupted download is simply redone.
-    """
-    cache = get_base_dir(base_dir) / "hf" / dataset.replace("/", "__") / config / split
-    manifest = cache / "files.json"
-    if manifest.exists():
-        names = json.loads(manifest.read_text())
-        if all((cache / n).exists() for n in names):
-            return [cache / n for n in names]
-    if hub_offline():
-        raise TaskDataError(f"{dataset} ({config}/{split}) is not cached in {cache} and NANOCHAT_OFFLINE is set")
-    server = (server or os.environ.get("NANOCHAT_HF_DATASETS_SERVER") or DATASETS_SERVER).rstrip("/")
-    listing = json.loads(http_get(f"{server}/parquet?dataset={dataset}", headers=_hf_headers()))
-    entries = [e for e in listing.get("parquet_files", []) if e.get("config") == config and e.get("split") == split]
-    if not entries:
-        have = sorted({(e.get("config"), e.get("split")) for e in listing.get("parquet_files", [])})
-        raise TaskDataError(f"hub dataset {dataset} has no parquet files for config={config!r} split={split!r}; "
-                            f"available: {have}")
-    names = []
-    for i, e in enumerate(entries):
-        name = f"{i:04d}_{e.get('filename') or 'data.parquet'}"
-        download_file(e["url"], cache / name, headers=_hf_headers())
-        names.append(name)
-    atomic_write_bytes(manifest, json.dumps(names).encode())
-    return [cache / n for n in names]
-
-
-def load_rows(task: str, local: Callable[[], list | None], hub: Callable[[], list] | None, how_to: str) -> list:
+def load_rows(task: str, local: Callable[[], Sequence | None], hub_fn: Callable[[], Sequence] | None,
+              how_to: str) -> Sequence:
     """Local first, then the hub; a clear TaskDataError naming the task if neither works."""
     rows = local()
     if rows is not None:
         return rows
-    if hub is None:
+    if hub_fn is None:
         raise TaskDataError(f"no data for task {task!r}: {how_to}")
     try:
-        return hub()
-    except (TaskDataError, OSError) as e:
+        return hub_fn()
+    except (TaskDataError, hub.HubError, OSError) as e:
         raise TaskDataError(f"no data for task {task!r}: not found locally and the hub download failed ({e}). "
                             f"{how_to}") from e

@@ -3,15 +3,16 @@ or an object {"messages": [...]}. Roles must alternate user/assistant (an option
 message may come first); assistant content may be a string or a list of parts.
 
 nanochat's identity conversations use this: `customjson:<path>` or the `identity` task
-(<data_dir>/sft/identity_conversations.jsonl, else downloaded to <base_dir>).
+(<data_dir>/sft/identity_conversations.jsonl, else downloaded once to <base_dir>/downloads/).
 """
 from __future__ import annotations
 
 import json
 import os
 
+from nanochat import hub
 from nanochat.common import get_base_dir
-from nanochat.tasks.common import Conversation, Task, TaskDataError, download_file, open_text, resolve_data_dir
+from nanochat.tasks.common import Conversation, Task, TaskDataError, read_lines, resolve_data_dir
 
 IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
 PART_TYPES = ("text", "python", "python_output")
@@ -45,17 +46,19 @@ class CustomJSON(Task):
             raise TaskDataError(f"customjson: file {path} does not exist; give a JSONL file of conversations")
         self.path = str(path)
         self.conversations = []
-        with open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-                messages = obj["messages"] if isinstance(obj, dict) and "messages" in obj else obj
-                self.conversations.append(validate_messages(messages, f"{path}:{lineno}"))
+        # lines through `datasets` (its text builder), parsed here: a line may be a JSON array, and
+        # content may be a string in one message and a list of parts in the next, which no
+        # Arrow schema holds
+        for lineno, line in enumerate(read_lines(path), 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            messages = obj["messages"] if isinstance(obj, dict) and "messages" in obj else obj
+            self.conversations.append(validate_messages(messages, f"{path}:{lineno}"))
 
     @property
     def eval_type(self) -> str:
@@ -76,10 +79,9 @@ def identity_conversations(data_dir: str | None = None, base_dir: str | None = N
     root = resolve_data_dir(data_dir)
     if root and (root / "sft" / "identity_conversations.jsonl").exists():
         return CustomJSON(root / "sft" / "identity_conversations.jsonl", **kwargs)
-    dest = get_base_dir(base_dir) / "identity_conversations.jsonl"
     try:
-        download_file(IDENTITY_URL, dest)
-    except TaskDataError as e:
+        dest = hub.fetch_url(IDENTITY_URL, get_base_dir(base_dir) / "downloads")
+    except hub.HubError as e:
         raise TaskDataError(f"no data for task 'identity': {e}. Put identity_conversations.jsonl under "
-                            f"<shared data>/sft/ or {dest}") from e
+                            f"<shared data>/sft/ or pass customjson:<file>") from e
     return CustomJSON(dest, **kwargs)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import re
 
-from nanochat.tasks.common import Conversation, Task, answers_match, extract_answer, hf_parquet_files, \
-    load_rows, read_jsonl, read_parquet_rows, resolve_data_dir
+from nanochat.tasks.common import Conversation, Task, answers_match, extract_answer, hub_split, load_files, \
+    load_rows, resolve_data_dir
 
 _CALL_RE = re.compile(r"(<<[^>]*>>)")
 
@@ -44,13 +44,13 @@ class GSM8K(Task):
 
         def local():
             if path is not None:
-                return read_jsonl(path)
+                return load_files(path)
             root = resolve_data_dir(data_dir)
             f = root / "gsm8k" / f"{split}.jsonl" if root else None
-            return read_jsonl(f) if f and f.exists() and subset == "main" else None
+            return load_files(f) if f and f.exists() and subset == "main" else None
 
         def hub():
-            return read_parquet_rows(hf_parquet_files("openai/gsm8k", subset, split, base_dir))
+            return hub_split("openai/gsm8k", subset, split)
 
         self.rows = load_rows(f"gsm8k ({split})", local, hub,
                               "put train.jsonl/test.jsonl under <shared data>/gsm8k/ or allow hub downloads")

@@ -8,8 +8,7 @@ import os
 import re
 
 from nanochat.execution import execute_code
-from nanochat.tasks.common import Conversation, Task, hf_parquet_files, load_rows, read_jsonl, \
-    read_parquet_rows, resolve_data_dir
+from nanochat.tasks.common import Conversation, Task, hub_split, load_files, load_rows, resolve_data_dir
 
 _FENCE_RE = re.compile(r"```(?:python|py|Python)?\s*\n(.*?)```", re.DOTALL)
 
@@ -42,18 +41,18 @@ class HumanEval(Task):
 
         def local():
             if path is not None:
-                return read_jsonl(path)
+                return load_files(path)
             root = resolve_data_dir(data_dir)
             if root is None:
                 return None
             for name in ("HumanEval.jsonl.gz", "HumanEval.jsonl"):
                 f = root / "humaneval" / name
                 if f.exists():
-                    return read_jsonl(f)
+                    return load_files(f)
             return None
 
         def hub():
-            return read_parquet_rows(hf_parquet_files("openai/openai_humaneval", "openai_humaneval", "test", base_dir))
+            return hub_split("openai/openai_humaneval", "openai_humaneval", "test")
 
         self.rows = load_rows("humaneval", local, hub,
                               "put HumanEval.jsonl.gz under <shared data>/humaneval/ or allow hub downloads")

@@ -5,10 +5,8 @@ Hub only (it is not in the offline data); a local parquet/jsonl with a `messages
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-from nanochat.tasks.common import Conversation, Task, hf_parquet_files, load_rows, read_jsonl, \
-    read_parquet_rows, resolve_data_dir
+from nanochat.tasks.common import Conversation, Task, hub_split, load_files, load_rows, resolve_data_dir
 from nanochat.tasks.customjson import validate_messages
 
 
@@ -19,22 +17,19 @@ class SmolTalk(Task):
         if split not in ("train", "test"):
             raise ValueError(f"SmolTalk split={split!r}: use train or test")
 
-        def read(p: Path):
-            return read_parquet_rows([p]) if p.suffix == ".parquet" else read_jsonl(p)
-
         def local():
             if path is not None:
-                return read(Path(path))
+                return load_files(path)
             root = resolve_data_dir(data_dir)
             if root is None:
                 return None
             for name in (f"smoltalk/{split}.parquet", f"smoltalk/{split}.jsonl"):
                 if (root / name).exists():
-                    return read(root / name)
+                    return load_files(root / name)
             return None
 
         def hub():
-            return read_parquet_rows(hf_parquet_files("HuggingFaceTB/smol-smoltalk", "default", split, base_dir))
+            return hub_split("HuggingFaceTB/smol-smoltalk", "default", split)
 
         self.rows = load_rows(f"smoltalk ({split})", local, hub,
                               "SmolTalk is only on the HF hub (HuggingFaceTB/smol-smoltalk); allow the download, "

@@ -9,8 +9,8 @@ Examples are generated from the index with a seeded RNG, so a task is an infinit
 reproducible list (`size` picks how many). Words are split into train and test by a
 hash of the word, so test questions are about words never seen in training.
 
-Word list: <data_dir>/words/words_alpha.txt[.gz], else <base_dir>/words_alpha.txt
-(downloaded from dwyl/english-words), or pass `words=[...]`.
+Word list: <data_dir>/words/words_alpha.txt[.gz], else downloaded once (dwyl/english-words) into
+<base_dir>/downloads/ through nanochat.hub, or pass `words=[...]`.
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ import random
 import zlib
 from typing import Sequence
 
+from nanochat import hub
 from nanochat.common import get_base_dir
-from nanochat.tasks.common import Conversation, Task, TaskDataError, answers_match, download_file, \
-    extract_answer, open_text, resolve_data_dir
+from nanochat.tasks.common import Conversation, Task, TaskDataError, answers_match, extract_answer, open_text, \
+    resolve_data_dir
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -52,12 +53,11 @@ def load_words(data_dir: str | None = None, base_dir: str | None = None) -> tupl
         for name in ("words_alpha.txt.gz", "words_alpha.txt"):
             if (root / "words" / name).exists():
                 return _read_words(str(root / "words" / name))
-    dest = get_base_dir(base_dir) / "words_alpha.txt"
     try:
-        download_file(WORD_LIST_URL, dest)
-    except TaskDataError as e:
+        dest = hub.fetch_url(WORD_LIST_URL, get_base_dir(base_dir) / "downloads")
+    except hub.HubError as e:
         raise TaskDataError(f"no word list for the spelling tasks: {e}. Put words_alpha.txt(.gz) under "
-                            f"<shared data>/words/ or {dest}") from e
+                            f"<shared data>/words/ or pass words=[...]") from e
     return _read_words(str(dest))
 
 

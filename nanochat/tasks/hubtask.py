@@ -1,0 +1,54 @@
+"""Conversations from any hub dataset: the task source `hub:<owner>/<name>[:config][:split]`.
+
+The dataset needs a column of conversations (default `messages`: a list of {role, content},
+SmolTalk's schema). Its parquet files come through the same path as every hub task
+(`hub_split`: the hub's parquet export, cached, then datasets.load_dataset("parquet")); a local
+copy can be given with `path=` (json/jsonl/parquet/csv), which is read first.
+"""
+from __future__ import annotations
+
+import os
+
+from nanochat.tasks.common import Conversation, Task, TaskDataError, hub_split, load_files, load_rows
+from nanochat.tasks.customjson import validate_messages
+
+
+def parse_hub_source(arg: str) -> dict:
+    """'<owner>/<name>[:config][:split]' → {"repo", "config", "source_split"} (missing parts → None)."""
+    parts = arg.split(":")
+    if not parts[0] or parts[0].count("/") != 1 or len(parts) > 3:
+        raise ValueError(f"task source 'hub:{arg}': use hub:<owner>/<name>[:config][:split], "
+                         "e.g. hub:HuggingFaceTB/smol-smoltalk:default:train")
+    parts += [None] * (3 - len(parts))
+    return {"repo": parts[0], "config": parts[1] or None, "source_split": parts[2] or None}
+
+
+class HubConversations(Task):
+    def __init__(self, repo: str, config: str | None = None, split: str = "train", column: str = "messages",
+                 path: str | os.PathLike | None = None, data_dir: str | None = None, base_dir: str | None = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.repo, self.config, self.split, self.column = repo, config or "default", split, column
+        self.rows = load_rows(f"hub:{repo}:{self.config}:{split}",
+                              lambda: load_files(path) if path is not None else None,
+                              lambda: hub_split(repo, self.config, split),
+                              "check the repo/config/split names, set HF_TOKEN for a gated dataset, or pass a "
+                              "local copy with path=<file>")
+        names = list(getattr(self.rows, "column_names", None) or (self.rows[0].keys() if len(self.rows) else []))
+        if column not in names:
+            raise TaskDataError(f"hub:{repo}:{self.config}:{split} has no {column!r} column (columns: {names}); "
+                                f"pass column=<name of the conversations column>")
+
+    @property
+    def eval_type(self) -> str:
+        return "generative"
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def get_example(self, index: int) -> Conversation:
+        messages = [{"role": m["role"], "content": m["content"]} for m in self.rows[index][self.column]]
+        return {"messages": validate_messages(messages, f"hub:{self.repo} row {index}")}
+
+    def evaluate(self, conversation: Conversation, completion: str) -> bool:
+        raise NotImplementedError(f"hub:{self.repo} conversations are training data; they have no grader")

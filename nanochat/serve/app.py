@@ -149,7 +149,7 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
         created = int(time.time())
         metrics.request(route, 200)
         if req.stream:
-            return StreamingResponse(_openai_stream(sub, cid, created, len(prompt), request),
+            return StreamingResponse(_openai_stream(sub, cid, created, len(prompt), req.include_usage),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         texts = [[] for _ in sub.seqs]
         reasons: list[Optional[str]] = [None] * len(sub.seqs)
@@ -168,7 +168,7 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
         }
 
     async def _openai_stream(sub: _Submission, cid: str, created: int, prompt_tokens: int,
-                             request: Request) -> AsyncIterator[str]:
+                             include_usage: bool) -> AsyncIterator[str]:
         def chunk(i: int, delta: dict, finish: Optional[str] = None) -> str:
             return _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
                          "model": settings.model_name,
@@ -183,10 +183,12 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
                 yield chunk(i, {}, ev.finish_reason)
             else:
                 yield chunk(i, {"content": _visible(ev)})
-        completion = sum(len(s.tokens) for s in sub.seqs)
-        yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": settings.model_name,
-                    "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                                             "total_tokens": prompt_tokens + completion}})
+        if include_usage:
+            completion = sum(len(s.tokens) for s in sub.seqs)
+            yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                        "model": settings.model_name, "choices": [],
+                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                  "total_tokens": prompt_tokens + completion}})
         yield "data: [DONE]\n\n"
 
     @app.get("/v1/models")

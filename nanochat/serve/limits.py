@@ -11,7 +11,7 @@ Nothing here touches the model; `render_prompt` tokenizes and checks the context
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 ROLES = ("system", "user", "assistant")
@@ -66,7 +66,7 @@ class ChatRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     model: Optional[str] = None
-    extra: dict = field(default_factory=dict)
+    include_usage: bool = False   # stream_options.include_usage: a last chunk with token counts
 
 
 def _number(body: dict, key: str, lo: float, hi: float, integer: bool) -> Optional[float]:
@@ -176,6 +176,10 @@ def parse_chat_request(body: Any, limits: Limits, defaults: Defaults) -> ChatReq
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(f"'stream' must be true or false, got {stream!r}", "stream", "invalid_type")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+        raise RequestError(f"'stream_options' must be {{'include_usage': true|false}}, got {opts!r}",
+                           "stream_options", "invalid_type")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError(f"'model' must be a string, got {model!r}", "model", "invalid_type")
@@ -185,7 +189,8 @@ def parse_chat_request(body: Any, limits: Limits, defaults: Defaults) -> ChatReq
         top_k=defaults.top_k if top_k is None else int(top_k),
         top_p=None if top_p is None or top_p >= 1 else float(top_p),
         max_tokens=defaults.max_tokens if max_tokens is None else int(max_tokens),
-        n=1 if n is None else int(n), seed=seed, stop=stops, stream=stream, model=model)
+        n=1 if n is None else int(n), seed=seed, stop=stops, stream=stream, model=model,
+        include_usage=bool(opts.get("include_usage", False)))
 
 
 def render_prompt(tokenizer, messages: list[dict], context: int) -> list[int]:

@@ -2,6 +2,7 @@
 
     nanochat_requests_total{route, status}     requests answered, by HTTP status
     nanochat_generated_tokens_total            tokens generated (sampled + tool output)
+    nanochat_sequences_finished_total{reason}  stop | length | cancelled | error
     nanochat_queue_depth                       requests waiting for a free KV-cache row
     nanochat_active_sequences                  sequences decoding now
     nanochat_time_to_first_token_seconds       histogram: submit → first token
@@ -24,6 +25,8 @@ class ServerMetrics(Observer):
         r = self.registry
         self.requests = Counter("nanochat_requests", "Requests answered", ["route", "status"], registry=r)
         self.generated = Counter("nanochat_generated_tokens", "Tokens generated", registry=r)
+        self.finished_seqs = Counter("nanochat_sequences_finished", "Sequences ended, by reason", ["reason"],
+                                     registry=r)
         self.queue = Gauge("nanochat_queue_depth", "Requests waiting for a KV-cache row", registry=r)
         self.active = Gauge("nanochat_active_sequences", "Sequences decoding now", registry=r)
         self.ttft = Histogram("nanochat_time_to_first_token_seconds", "Submit to first token",
@@ -43,6 +46,9 @@ class ServerMetrics(Observer):
 
     def queue_depth(self, n: int) -> None:
         self.queue.set(n)
+
+    def finished(self, reason: str) -> None:
+        self.finished_seqs.labels(reason=reason).inc()
 
     def request(self, route: str, status: int) -> None:
         self.requests.labels(route=route, status=str(status)).inc()

@@ -48,7 +48,7 @@ INSIDE = {"python_start": "python", "output_start": "output", "python_end": "tex
 
 
 class QueueFull(Exception):
-    """Every row is busy and the waiting queue is at its limit (HTTP 429)."""
+    """More than `max_queue` choices would wait for a KV-cache row (HTTP 429)."""
 
     def __init__(self, waiting: int, limit: int):
         super().__init__(f"server busy: {waiting} requests waiting (limit {limit}); retry shortly")
@@ -203,6 +203,7 @@ class Observer:
     def inter_token(self, seconds: float) -> None: ...
     def tokens(self, n: int) -> None: ...
     def queue_depth(self, n: int) -> None: ...
+    def finished(self, reason: str) -> None: ...
 
 
 class Scheduler:
@@ -251,7 +252,9 @@ class Scheduler:
         with self._cv:
             if not self._accepting:
                 raise ShuttingDown("server is shutting down")
-            if len(self.waiting) >= self.max_queue and self.free_rows() < len(params):
+            # choices that will wait for a row, counting this request: at most max_queue
+            queued = sum(len(g.seqs) for g in self.waiting) + len(params) - self.free_rows()
+            if queued > self.max_queue:
                 raise QueueFull(len(self.waiting), self.max_queue)
             group = _Group(list(prompt))
             for i, p in enumerate(params):
@@ -311,14 +314,19 @@ class Scheduler:
             groups, self.waiting = list(self.waiting), deque()
         for g in groups:
             for s in g.seqs:
-                s.finish("error" if error else "cancelled", error)
+                self._end(s, "error" if error else "cancelled", error)
         for r, s in enumerate(self.rows):
             if s is not None:
-                s.finish("error" if error else "cancelled", error)
+                self._end(s, "error" if error else "cancelled", error)
                 self.rows[r] = None
 
+    def _end(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:
+        if not seq.finished:
+            self.observer.finished(reason)
+        seq.finish(reason, error)
+
     def _free(self, seq: Sequence, reason: str) -> None:
-        seq.finish(reason)
+        self._end(seq, reason)
         if seq.row is not None:
             self.rows[seq.row] = None
             seq.row = None
@@ -332,7 +340,7 @@ class Scheduler:
             for g in self.waiting:
                 if all(s.cancelled for s in g.seqs):
                     for s in g.seqs:
-                        s.finish("cancelled")
+                        self._end(s, "cancelled")
                 else:
                     keep.append(g)
             self.waiting = keep
@@ -356,7 +364,7 @@ class Scheduler:
         greedy = int(logits.argmax(dim=-1))
         for seq in group.seqs:
             if seq.cancelled:
-                seq.finish("cancelled")
+                self._end(seq, "cancelled")
                 continue
             row = self.rows.index(None)
             self.cache.copy_rows_from(pre, src_row=0, dst_rows=[row])

@@ -105,6 +105,9 @@ def check_serve(cfg: Config) -> None:
                     ("top_k", 1)):
         if getattr(st, key) < lo:
             raise ConfigError(f"stage.{key}", getattr(st, key), f"use a value >= {lo}", "out of range")
+    if st.kv_bucket < 0 or st.kv_bucket % 16:
+        raise ConfigError("stage.kv_bucket", st.kv_bucket, "use a multiple of 16 (e.g. 64), or 0 to pad every "
+                          "decode step to the whole context", "not a multiple of the vector width")
     if not 0 <= st.temperature <= st.max_temperature:
         raise ConfigError("stage.temperature", st.temperature, f"use 0..{st.max_temperature}", "out of range")
     if st.max_tokens > st.max_max_tokens:

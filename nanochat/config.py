@@ -211,6 +211,7 @@ class ServeStageConfig(StageConfig):
     model_name: Optional[str] = None  # id in /v1/models; null → nanochat-<tag>-<stage>
     max_seqs: int = 16                # concurrent sequences (KV-cache rows) per replica
     max_queue: int = 64               # requests waiting for a row per replica; beyond → 429
+    kv_bucket: int = 64               # decode key length padded to a multiple (batch-invariant outputs); 0 = context
     retry_after_s: int = 1            # Retry-After of a 429
     shutdown_grace_s: float = 5.0     # on SIGINT/SIGTERM: in-flight streams get this long to finish
     temperature: float = 0.6          # defaults when a request does not say

@@ -1,6 +1,7 @@
 """The serving scheduler on a real (random-weight) GPT and a freshly trained tokenizer, no HTTP.
 
-- a request's temperature-0 output is the same alone or among 15 others (fixed-shape decode)
+- a request's temperature-0 output is the same alone or among 15 others of other lengths
+  (fixed-shape decode, key length padded to kv_bucket; also with kv_bucket=0)
 - greedy decoding equals the Engine's; seeded sampling repeats; stop strings cut the text
 - streamed text is valid UTF-8 piece by piece, multi-byte characters whole
 - a cancelled sequence frees its row at the next step; a full queue raises QueueFull
@@ -30,7 +31,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    cfg = GPTConfig(sequence_len=96, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
+    cfg = GPTConfig(sequence_len=256, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
     m = build_model(cfg, "cpu", 0)
     with torch.no_grad():  # zero-init projections would make every position alike: perturb them
         g = torch.Generator().manual_seed(0)
@@ -59,11 +60,26 @@ def _collect(sink):
     return "".join(text), reason
 
 
-def test_batched_equals_solo_and_engine(tok, model):
-    sched = Scheduler(model, tok, max_seqs=16, max_queue=16).start()
+class LogitsRecorder(Scheduler):
+    """The real scheduler, also keeping every logits row it samples from (bitwise checks)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.seen: dict[int, list[torch.Tensor]] = {}
+
+    def _sample(self, seq, logits_row, greedy):
+        self.seen.setdefault(seq.id, []).append(logits_row.clone())
+        return super()._sample(seq, logits_row, greedy)
+
+
+@pytest.mark.parametrize("kv_bucket", [64, 0])
+def test_batched_equals_solo_and_engine(tok, model, kv_bucket):
+    sched = LogitsRecorder(model, tok, max_seqs=16, max_queue=16, kv_bucket=kv_bucket).start()
     try:
         bos = tok.get_bos_token_id()
-        prompts = [[bos] + tok.encode(f"request number {i}: " + "abc " * (i % 5)) for i in range(16)]
+        # lengths from ~5 to ~150 tokens: batched, the key length is the longest row's, in other buckets
+        prompts = [[bos] + tok.encode(f"request number {i}: " + "abc def " * (i * 2)) for i in range(16)]
+        assert max(map(len, prompts)) > 2 * 64 and min(map(len, prompts)) < 64
         greedy = SamplingParams(max_tokens=24, temperature=0)
         solo = []
         for p in prompts:
@@ -72,9 +88,15 @@ def test_batched_equals_solo_and_engine(tok, model):
         subs = [_submit(sched, p, [greedy]) for p in prompts]   # all 16 at once: batched decode
         together = [(_collect(sinks[0]), list(seqs[0].tokens)) for seqs, sinks in subs]
         assert together == solo
+        # not just the same argmax: bitwise the same logits at every step, alone or batched
+        ids = sorted(sched.seen)
+        for a, b in zip(ids[:16], ids[16:32]):
+            assert all(torch.equal(x, y) for x, y in zip(sched.seen[a], sched.seen[b]))
         assert sched.steps > 0 and max(len(t) for _, t in solo) == 24
         # the scheduler's greedy tokens are the Engine's (same tool logic, same model)
         ref = next(Engine(model, tok).generate(prompts[3], max_tokens=1, temperature=0))[0][0]
+        if kv_bucket:
+            return  # the rest does not depend on the padding
         assert solo[3][1][0] == ref
         # seeded sampling: same seed → same text, whatever runs beside it
         params = [SamplingParams(max_tokens=20, temperature=1.0, top_k=50, seed=s) for s in (7, 8, 7)]

@@ -12,9 +12,12 @@ thread loops:
 
 Per-request determinism: the decode forward always has the same shape, so a row's numbers never
 depend on how many other requests are running or how long they are: all `max_seqs` rows (idle
-ones fed a dummy token and reset to position 0) plus one sentinel row pinned at the last cache
-position, so the attention always spans the whole cache (CPU attention kernels round
-differently when the key length changes). Prompts are prefilled one by one (batch 1). At temperature 0
+ones fed a dummy token and reset to position 0) plus one sentinel row that pads the key length
+to a multiple of `kv_bucket` (CPU attention kernels vectorize the key axis: with a length that
+is a multiple of the vector width, a row's keys always land in the same lanes, and the extra
+masked keys add exact zeros; bench/serve.py and tests/test_serve_scheduler.py check it).
+`kv_bucket=0` pads to the whole context instead (slower, independent of the kernel).
+Prompts are prefilled one by one (batch 1). At temperature 0
 a request's text is the same alone or among 15 others; at temperature > 0 the same seed gives the
 same text (each sequence samples from its own torch.Generator).
 
@@ -210,7 +213,7 @@ class Scheduler:
     """Continuous batching over one model replica (see the module docstring)."""
 
     def __init__(self, model, tokenizer, max_seqs: int = 16, max_queue: int = 64,
-                 observer: Optional[Observer] = None, name: str = "replica0"):
+                 observer: Optional[Observer] = None, name: str = "replica0", kv_bucket: int = 64):
         if max_seqs < 1:
             raise ValueError(f"Scheduler(max_seqs={max_seqs}): must be >= 1")
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -218,8 +221,11 @@ class Scheduler:
         self.device = model.lm_head.weight.device
         self.context = model.config.sequence_len
         self.max_seqs, self.max_queue = max_seqs, max_queue
+        if kv_bucket < 0:
+            raise ValueError(f"Scheduler(kv_bucket={kv_bucket}): use a multiple of 16 (or 0 = whole context)")
+        self.kv_bucket = kv_bucket
         self.observer = observer or Observer()
-        # one extra sentinel row keeps the key length of every decode step at the full context
+        # one extra sentinel row pads the key length of every decode step (see the module docstring)
         self.cache = KVCache.for_model(model, batch_size=max_seqs + 1, max_len=self.context)
         self.rows: list[Optional[Sequence]] = [None] * max_seqs
         self.waiting: deque[_Group] = deque()
@@ -401,6 +407,12 @@ class Scheduler:
         if len(seq.tokens) >= limit:
             self._free(seq, "length")
 
+    def _padded_keys(self, keys: int) -> int:
+        """The key length of a decode step whose longest row needs `keys`: rounded up to kv_bucket."""
+        if self.kv_bucket == 0:
+            return self.context
+        return min(self.context, -(-keys // self.kv_bucket) * self.kv_bucket)
+
     def _decode_step(self) -> None:
         """One forward over every row (fixed shape), then one token for each active sequence."""
         B = self.max_seqs
@@ -410,7 +422,7 @@ class Scheduler:
         for r, s in active:
             column[r], idle[r] = s.tokens[-1], False
         ids = torch.tensor(column, dtype=torch.long, device=self.device).unsqueeze(1)
-        self.cache.pos[B] = self.context - 1     # the sentinel: attention spans the whole cache
+        self.cache.pos[B] = self._padded_keys(int(self.cache.pos[:B].max()) + 1) - 1   # the sentinel
         logits = self.model(ids, kv_cache=self.cache)[:, -1, :]
         # idle rows (and the sentinel) go back to empty
         self.cache.pos.masked_fill_(torch.tensor(idle, device=self.device), 0)

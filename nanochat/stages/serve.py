@@ -44,7 +44,8 @@ def build_pool(cfg: Config, source: Path, metrics):
         model, tokenizer, meta = load(source, dev)
         if hw.dtype != "float32" and model.lm_head.weight.device.type != "cpu":
             model = model.to(DTYPES[hw.dtype])
-        schedulers.append(Scheduler(model, tokenizer, st.max_seqs, st.max_queue, metrics, name=f"replica{i}"))
+        schedulers.append(Scheduler(model, tokenizer, st.max_seqs, st.max_queue, metrics, name=f"replica{i}",
+                                    kv_bucket=st.kv_bucket))
     return ReplicaPool(schedulers).start(), tokenizer, meta
 
 

@@ -148,3 +148,21 @@ def test_utf8_streams_whole_characters(tok):
     texts = [e.text for e in pieces if e.kind == "text"]
     assert "".join(texts) == text
     assert all("\ufffd" not in t for t in texts)
+
+
+def test_tool_tokens_stream_as_their_own_kinds(tok):
+    sp = tok.encode_special
+    ids = ([*tok.encode("Let me see "), sp("<|python_start|>"), *tok.encode("12*7"), sp("<|python_end|>"),
+            sp("<|output_start|>"), *tok.encode("84"), sp("<|output_end|>"), *tok.encode(" so 84")])
+    events = []
+    seq = Sequence([0], SamplingParams(), events.append, "cpu")
+    names = {sp(n): n for n in tok.get_special_tokens()}
+    for t in ids:
+        seq.emit_token(t, tok, names)
+    seq.finish("stop")
+    by_kind: dict[str, str] = {}
+    for e in events:
+        by_kind[e.kind] = by_kind.get(e.kind, "") + e.text
+    assert by_kind["python"] == "12*7" and by_kind["output"] == "84"
+    assert by_kind["text"] == "Let me see  so 84" and by_kind["python_start"] == "<|python_start|>"
+    assert [e.kind for e in events][-1] == "done"

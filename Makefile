@@ -4,7 +4,7 @@ VENV    ?= .venv
 TORCH   ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench serve clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -19,6 +19,10 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/nanochat-run experiment=cpu_demo
 
+# serve the model `make demo` trained (newest completed rl > sft > mid run under runs/): http://127.0.0.1:8000/
+serve: setup
+	$(VENV)/bin/nanochat-run stage=serve $(SERVE_ARGS)
+
 test: setup
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
@@ -30,6 +34,7 @@ bench: setup
 	$(VENV)/bin/python bench/loader.py
 	$(VENV)/bin/python bench/tokenizer_train.py
 	$(VENV)/bin/python bench/download.py
+	$(VENV)/bin/python bench/serve.py
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache

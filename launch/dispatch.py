@@ -112,6 +112,8 @@ def run_subprocess(cmd: list[str], env: dict) -> int:
 def dispatch(cfg: Config, run_dir: Path, in_process: bool) -> int:
     config_path = run_dir / "resolved_config.yaml"
     world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
+    if cfg.stage.name == "serve":
+        world = 1  # one process; its replicas (one per GPU) are threads, not torchrun ranks
     if in_process and world == 1:
         # an inherited RANK/WORLD_SIZE (e.g. inside someone else's torchrun) must not make
         # this single process believe it is part of a distributed job

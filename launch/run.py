@@ -31,7 +31,8 @@ from nanochat.plan import make_plan, plan_rows
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 TRAIN_STAGES = ("pretrain", "mid", "sft", "rl")
 # which stage a chat stage starts from when init_stage is null
-DEFAULT_SOURCE = {"mid": "pretrain", "sft": "mid", "rl": "sft", "eval": ["rl", "sft", "mid", "pretrain"]}
+DEFAULT_SOURCE = {"mid": "pretrain", "sft": "mid", "rl": "sft", "eval": ["rl", "sft", "mid", "pretrain"],
+                  "serve": ["rl", "sft", "mid"]}
 
 
 class _State:
@@ -70,12 +71,15 @@ def prepare(cfg: Config) -> tuple[Config, Optional[dict], list[tuple[str, str]]]
     chained_dry = str(cfg.stage.init_from or "").startswith("pipeline:")  # dry-run of a pipeline
     if name != "tokenizer" and not chained_dry:
         source_stage = cfg.stage.init_stage or DEFAULT_SOURCE.get(name, "pretrain")
-        source = rundir.resolve_init_from(cfg, source_stage)
+        if name == "serve" and cfg.stage.init_from == "latest" and not cfg.stage.init_stage:
+            source = validate.serve_source(cfg)   # rl > sft > mid, any tag (as nanochat-chat --latest)
+        else:
+            source = rundir.resolve_init_from(cfg, source_stage)
         if source is not None:
             src_cfg = load_config(str(source / "resolved_config.yaml"))
             # a later stage trains the checkpoint's architecture, not the one in `model=`
             cfg = replace(cfg, model=src_cfg.model, stage=replace(cfg.stage, init_from=str(source)))
-        elif name in ("mid", "sft", "rl", "eval"):
+        elif name in ("mid", "sft", "rl", "eval", "serve"):
             raise ConfigError("stage.init_from", cfg.stage.init_from,
                               f"set stage.init_from=<run dir> or latest; the {name} stage needs a checkpoint",
                               "missing source checkpoint")
@@ -101,6 +105,9 @@ def prepare(cfg: Config) -> tuple[Config, Optional[dict], list[tuple[str, str]]]
                                           "(written to effective_plan.json)"))
         if name not in TRAIN_STAGES:
             rows = [r for r in rows if r[0] in ("generation", "depth / width / heads", "vocab (padded)", "params")]
+        if name == "serve":
+            from nanochat.serve.plan import serve_rows
+            rows += serve_rows(cfg, p.model.n_kv_head, p.model.head_dim)
         if cfg.stage.init_from:
             rows.append(("init_from", cfg.stage.init_from))
     return cfg, plan, rows
@@ -109,6 +116,7 @@ def prepare(cfg: Config) -> tuple[Config, Optional[dict], list[tuple[str, str]]]
 def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[Path]) -> dict:
     """Validate, plan, freeze and dispatch one stage; returns {'status', 'run_dir', 'result'}."""
     from launch.dispatch import dispatch
+    validate.check_serve(cfg)
     if not cfg.run.dry_run:  # a dry run may plan for hardware this machine does not have
         validate.check_hardware(cfg)
     cfg, plan, rows = prepare(cfg)

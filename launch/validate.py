@@ -75,3 +75,42 @@ def check_hardware(cfg: Config) -> None:
     if hw.device == "cpu" and hw.dtype != "float32":
         raise ConfigError("hardware.dtype", hw.dtype, "use hardware.dtype=float32 on CPU "
                           "(bf16/fp16 matmuls are ~100x slower there)", "low precision on CPU")
+
+
+def serve_source(cfg: Config):
+    """`stage=serve stage.init_from=latest`: the newest completed rl > sft > mid run under run.root."""
+    from nanochat.chat_cli import CHAT_STAGES, find_latest_chat_run
+    found = find_latest_chat_run(cfg.run.root)
+    if found is None:
+        raise ConfigError("stage.init_from", cfg.stage.init_from,
+                          f"run a chat stage first (make demo, or nanochat-run stage=sft ...) under "
+                          f"run.root={cfg.run.root}, or point stage.init_from at a run dir",
+                          f"no completed {' / '.join(CHAT_STAGES)} run found")
+    return found.resolve()
+
+
+def check_serve(cfg: Config) -> None:
+    """The server runs on one node: one replica per local GPU, threads of one process."""
+    if cfg.stage.name != "serve":
+        return
+    st, hw = cfg.stage, cfg.hardware
+    if hw.nnodes != 1:
+        raise ConfigError("hardware.nnodes", hw.nnodes, "serve on one node (hardware=1gpu or 8gpu); run one "
+                          "server per node behind a load balancer for more", "serve is single-node")
+    if not 0 <= st.port < 65536:
+        raise ConfigError("stage.port", st.port, "use a TCP port in 1..65535 (e.g. 8000; 0 picks a free one)",
+                          "invalid port")
+    for key, lo in (("max_seqs", 1), ("max_queue", 0), ("max_messages", 1), ("max_message_chars", 1),
+                    ("max_total_chars", 1), ("max_top_k", 1), ("max_max_tokens", 1), ("max_tokens", 1),
+                    ("top_k", 1)):
+        if getattr(st, key) < lo:
+            raise ConfigError(f"stage.{key}", getattr(st, key), f"use a value >= {lo}", "out of range")
+    if st.kv_bucket < 0 or st.kv_bucket % 16:
+        raise ConfigError("stage.kv_bucket", st.kv_bucket, "use a multiple of 16 (e.g. 64), or 0 to pad every "
+                          "decode step to the whole context", "not a multiple of the vector width")
+    if not 0 <= st.temperature <= st.max_temperature:
+        raise ConfigError("stage.temperature", st.temperature, f"use 0..{st.max_temperature}", "out of range")
+    if st.max_tokens > st.max_max_tokens:
+        raise ConfigError("stage.max_tokens", st.max_tokens, f"use at most stage.max_max_tokens={st.max_max_tokens}",
+                          "default above the limit")
+

@@ -204,6 +204,29 @@ class EvalStageConfig(StageConfig):
     top_k: int = 50
 
 
+@dataclass
+class ServeStageConfig(StageConfig):
+    """serve: an HTTP chat server (nanochat/serve/); `latest` = newest completed rl > sft > mid run."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: Optional[str] = None  # id in /v1/models; null → nanochat-<tag>-<stage>
+    max_seqs: int = 16                # concurrent sequences (KV-cache rows) per replica
+    max_queue: int = 64               # requests waiting for a row per replica; beyond → 429
+    kv_bucket: int = 64               # decode key length padded to a multiple (batch-invariant outputs); 0 = context
+    retry_after_s: int = 1            # Retry-After of a 429
+    shutdown_grace_s: float = 5.0     # on SIGINT/SIGTERM: in-flight streams get this long to finish
+    temperature: float = 0.6          # defaults when a request does not say
+    top_k: int = 50
+    max_tokens: int = 512
+    seed: int = 42
+    max_messages: int = 500           # abuse limits (nanochat's): HTTP 400 beyond them
+    max_message_chars: int = 8000
+    max_total_chars: int = 32000
+    max_temperature: float = 2.0
+    max_top_k: int = 200
+    max_max_tokens: int = 4096
+
+
 STAGE_SCHEMAS: dict[str, type] = {
     "tokenizer": TokenizerStageConfig,
     "pretrain": TrainStageConfig,
@@ -211,6 +234,7 @@ STAGE_SCHEMAS: dict[str, type] = {
     "sft": ChatStageConfig,
     "rl": RLStageConfig,
     "eval": EvalStageConfig,
+    "serve": ServeStageConfig,
 }
 
 

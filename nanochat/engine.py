@@ -30,8 +30,9 @@ from nanochat.gpt import KVCache
 
 
 def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: float = 1.0,
-                      top_k: Optional[int] = None) -> torch.Tensor:
-    """(B, V) logits → (B,) token ids. temperature 0 is greedy; top_k keeps the k largest logits."""
+                      top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
+    """(B, V) logits → (B,) token ids. temperature 0 is greedy; top_k keeps the k largest logits;
+    top_p (nucleus) keeps the smallest set of tokens whose probability reaches p."""
     if temperature < 0:
         raise ValueError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
     if temperature == 0.0:
@@ -39,15 +40,26 @@ def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: f
     logits = logits.float()
     if top_k is not None and 0 < top_k < logits.size(-1):
         vals, idx = torch.topk(logits, top_k, dim=-1)
-        probs = F.softmax(vals / temperature, dim=-1)
-        choice = torch.multinomial(probs, 1, generator=rng)
-        return idx.gather(1, choice).squeeze(1)
-    probs = F.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=rng).squeeze(1)
+    else:
+        vals, idx = logits, None
+    probs = F.softmax(vals / temperature, dim=-1)
+    if top_p is not None and 0.0 < top_p < 1.0:
+        probs, order = torch.sort(probs, dim=-1, descending=True)
+        # drop a token when the tokens before it already reach top_p (the first one always stays)
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        probs = probs.masked_fill(drop, 0.0)
+        idx = order if idx is None else idx.gather(1, order)
+    choice = torch.multinomial(probs, 1, generator=rng)
+    if idx is None:
+        return choice.squeeze(1)
+    return idx.gather(1, choice).squeeze(1)
 
 
-class _Row:
-    """Per-sample decoding state: forced tokens waiting, whether we are inside a tool call."""
+class RowState:
+    """Per-sequence decoding state: forced tokens waiting, whether we are inside a tool call.
+
+    Shared by `Engine.generate` and the serving scheduler (nanochat/serve/scheduler.py): both
+    feed each sampled token through `Engine.advance`, which applies the calculator tool."""
 
     def __init__(self) -> None:
         self.forced: deque[int] = deque()
@@ -69,10 +81,35 @@ class Engine:
         self.output_start = t.encode_special("<|output_start|>")
         self.output_end = t.encode_special("<|output_end|>")
 
+    def new_row(self, prompt: list[int]) -> RowState:
+        """Decoding state for a sequence that continues `prompt` (which may end inside a tool call)."""
+        row = RowState()
+        self._scan_prompt(row, prompt)
+        return row
+
+    def advance(self, row: RowState, sampled: int) -> tuple[int, int]:
+        """The token this row emits now and its mask: a forced tool-output token (mask 0) if one is
+        queued, else `sampled` (mask 1). Updates the row's tool state and `done`."""
+        if row.forced:
+            token, mask = row.forced.popleft(), 0
+        else:
+            token, mask = sampled, 1
+        if token in (self.assistant_end, self.bos):
+            row.done, row.end_token = True, token
+        elif token == self.python_start:
+            row.in_python, row.python_tokens = True, []
+        elif token == self.python_end and row.in_python:
+            row.in_python = False
+            row.forced.extend(self._tool_result(row.python_tokens))
+            row.python_tokens = []
+        elif row.in_python:
+            row.python_tokens.append(token)
+        return token, mask
+
     def _device(self) -> torch.device:
         return self.model.lm_head.weight.device
 
-    def _scan_prompt(self, row: _Row, tokens: list[int]) -> None:
+    def _scan_prompt(self, row: RowState, tokens: list[int]) -> None:
         """A prompt may end inside an open tool call (continuing a cut-off answer): pick it up."""
         for i in range(len(tokens) - 1, -1, -1):
             if tokens[i] in (self.python_end, self.assistant_end, self.bos):
@@ -129,9 +166,7 @@ class Engine:
         del prefill
         sampled = sample_next_token(logits.expand(num_samples, -1), rng, temperature, top_k).tolist()
 
-        rows = [_Row() for _ in range(num_samples)]
-        for row in rows:
-            self._scan_prompt(row, tokens)
+        rows = [self.new_row(tokens) for _ in range(num_samples)]
         for step in range(max_tokens):
             if step > 0:
                 logits = self.model(ids, kv_cache=cache)[:, -1, :]
@@ -142,22 +177,9 @@ class Engine:
                     column.append(row.end_token)
                     masks.append(0)
                     continue
-                if row.forced:
-                    token, mask = row.forced.popleft(), 0
-                else:
-                    token, mask = sampled[i], 1
+                token, mask = self.advance(row, sampled[i])
                 column.append(token)
                 masks.append(mask)
-                if token in (self.assistant_end, self.bos):
-                    row.done, row.end_token = True, token
-                elif token == self.python_start:
-                    row.in_python, row.python_tokens = True, []
-                elif token == self.python_end and row.in_python:
-                    row.in_python = False
-                    row.forced.extend(self._tool_result(row.python_tokens))
-                    row.python_tokens = []
-                elif row.in_python:
-                    row.python_tokens.append(token)
             yield column, masks
             if all(row.done for row in rows):
                 return

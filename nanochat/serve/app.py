@@ -1,0 +1,266 @@
+"""FastAPI routes: they only translate protocols into scheduler requests and back.
+
+    GET  /                      the web UI (static/index.html)
+    POST /v1/chat/completions   OpenAI-compatible, stream (SSE chat.completion.chunk … [DONE]) or not
+    GET  /v1/models             the served model
+    POST /chat/completions      nanochat's protocol: SSE `data: {"token": ...}` … `data: {"done": true}`
+    GET  /health                ready, replicas, free slots
+    GET  /metrics               Prometheus text format
+
+Bad input → 400 with an OpenAI-style error body (nanochat/serve/limits.py); every row busy and
+the queue full → 429 with Retry-After; shutting down → 503. A client that disconnects cancels
+its sequences, which free their KV-cache rows at the scheduler's next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+from nanochat.serve.limits import ChatRequest, Defaults, Limits, RequestError, parse_chat_request, render_prompt
+from nanochat.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from nanochat.serve.scheduler import Event, QueueFull, ReplicaPool, SamplingParams, ShuttingDown
+
+STATIC = Path(__file__).resolve().parent / "static"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class ServeSettings:
+    model_name: str = "nanochat"
+    retry_after_s: int = 1
+    limits: Limits = None  # type: ignore[assignment]
+    defaults: Defaults = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.limits = self.limits or Limits()
+        self.defaults = self.defaults or Defaults()
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _visible(ev: Event) -> str:
+    """What an OpenAI client sees of an event: its text (tool markers included, as nanochat decodes them)."""
+    return ev.text if ev.kind != "done" else ""
+
+
+class _Submission:
+    """The events of one request's sequences, delivered into the event loop."""
+
+    def __init__(self, pool: ReplicaPool, prompt: list[int], req: ChatRequest, seed_default: int):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        base = seed_default if req.seed is None else req.seed
+        params = [SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
+                                 top_p=req.top_p, seed=base + i, stop=req.stop) for i in range(req.n)]
+        self.seqs = pool.submit(prompt, params, self._sink_for)
+        self.started = time.perf_counter()
+
+    def _sink_for(self, i: int):
+        def sink(ev: Event) -> None:
+            try:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
+            except RuntimeError:  # the event loop is gone (server stopped): nobody is listening
+                pass
+        return sink
+
+    def cancel(self) -> None:
+        for s in self.seqs:
+            s.cancel()
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) until every sequence is done; cancels them if the consumer goes away."""
+        left = len(self.seqs)
+        try:
+            while left:
+                i, ev = await self.queue.get()
+                if ev.kind == "done":
+                    left -= 1
+                yield i, ev
+        finally:
+            self.cancel()   # no-op for finished sequences; frees the rows of a disconnected client
+
+
+def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = None,
+              metrics: Optional[ServerMetrics] = None) -> FastAPI:
+    """The HTTP face of a ReplicaPool (whose schedulers should share `metrics` as their observer)."""
+    settings = settings or ServeSettings()
+    metrics = metrics or ServerMetrics()
+    app = FastAPI(title="nanochat", docs_url=None, redoc_url=None)
+    app.state.pool, app.state.metrics, app.state.settings = pool, metrics, settings
+    app.state.draining = False
+    limits, defaults = settings.limits, settings.defaults
+
+    def error(route: str, e: RequestError) -> JSONResponse:
+        metrics.request(route, e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    async def read_request(request: Request) -> ChatRequest:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise RequestError(f"the request body is {int(declared):,} bytes; the limit is "
+                               f"{limits.max_body_bytes:,}", None, "body_too_large", status=413)
+        raw = await request.body()
+        if len(raw) > limits.max_body_bytes:
+            raise RequestError(f"the request body is {len(raw):,} bytes; the limit is {limits.max_body_bytes:,}",
+                               None, "body_too_large", status=413)
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RequestError(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+        return parse_chat_request(body, limits, defaults)
+
+    def submit(req: ChatRequest) -> tuple[_Submission, list[int]]:
+        if app.state.draining:
+            raise RequestError("the server is shutting down", None, "shutting_down", status=503,
+                               type="server_error")
+        if req.n > pool.max_seqs:
+            raise RequestError(f"'n' is {req.n}; this server decodes at most {pool.max_seqs} sequences "
+                               f"per replica", "n", "out_of_range")
+        prompt = render_prompt(tokenizer, req.messages, pool.context)
+        try:
+            return _Submission(pool, prompt, req, defaults.seed), prompt
+        except QueueFull as e:
+            raise RequestError(str(e), None, "rate_limit_exceeded", status=429, type="rate_limit_error",
+                               headers={"Retry-After": str(settings.retry_after_s)}) from None
+        except ShuttingDown:
+            raise RequestError("the server is shutting down", None, "shutting_down", status=503,
+                               type="server_error") from None
+
+    # ------------------------------------------------------------------ OpenAI
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        route = "/v1/chat/completions"
+        try:
+            req = await read_request(request)
+            sub, prompt = submit(req)
+        except RequestError as e:
+            return error(route, e)
+        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        metrics.request(route, 200)
+        if req.stream:
+            return StreamingResponse(_openai_stream(sub, cid, created, len(prompt), req.include_usage),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        texts = [[] for _ in sub.seqs]
+        reasons: list[Optional[str]] = [None] * len(sub.seqs)
+        async for i, ev in _watch_disconnect(sub, request):
+            if ev.kind == "done":
+                reasons[i] = ev.finish_reason
+            else:
+                texts[i].append(_visible(ev))
+        completion = sum(len(s.tokens) for s in sub.seqs)
+        return {
+            "id": cid, "object": "chat.completion", "created": created, "model": settings.model_name,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(t)},
+                         "finish_reason": reasons[i], "logprobs": None} for i, t in enumerate(texts)],
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion,
+                      "total_tokens": len(prompt) + completion},
+        }
+
+    async def _openai_stream(sub: _Submission, cid: str, created: int, prompt_tokens: int,
+                             include_usage: bool) -> AsyncIterator[str]:
+        def chunk(i: int, delta: dict, finish: Optional[str] = None) -> str:
+            return _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                         "model": settings.model_name,
+                         "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+        for i in range(len(sub.seqs)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for i, ev in sub.events():
+            if ev.kind == "done":
+                if ev.error:
+                    yield _sse({"error": {"message": ev.error, "type": "server_error", "param": None,
+                                          "code": "generation_failed"}})
+                yield chunk(i, {}, ev.finish_reason)
+            else:
+                yield chunk(i, {"content": _visible(ev)})
+        if include_usage:
+            completion = sum(len(s.tokens) for s in sub.seqs)
+            yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                        "model": settings.model_name, "choices": [],
+                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                  "total_tokens": prompt_tokens + completion}})
+        yield "data: [DONE]\n\n"
+
+    @app.get("/v1/models")
+    async def models():
+        metrics.request("/v1/models", 200)
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
+                                            "owned_by": "nanochat"}]}
+
+    # ------------------------------------------------------------------ nanochat's protocol
+    @app.post("/chat/completions")
+    async def nanochat_chat(request: Request):
+        route = "/chat/completions"
+        try:
+            req = await read_request(request)
+            req.n = 1
+            sub, _ = submit(req)
+        except RequestError as e:
+            return error(route, e)
+        metrics.request(route, 200)
+        replica = sub.seqs[0].replica
+
+        async def stream() -> AsyncIterator[str]:
+            async for _, ev in sub.events():
+                if ev.kind == "done":
+                    seq = sub.seqs[0]
+                    took = (seq.last_token_at or time.perf_counter()) - (seq.first_token_at or sub.started)
+                    n = len(seq.tokens)
+                    tps = (n - 1) / took if n > 1 and took > 0 else None
+                    yield _sse({"done": True, "finish_reason": ev.finish_reason, "tokens": n,
+                                "tokens_per_second": tps, **({"error": ev.error} if ev.error else {})})
+                else:
+                    yield _sse({"token": ev.text, "gpu": replica, "kind": ev.kind})
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    # ------------------------------------------------------------------ ops
+    @app.get("/health")
+    async def health():
+        reps = [{"name": s.name, "device": str(s.device), "active": s.active(), "free_rows": s.free_rows(),
+                 "waiting": len(s.waiting), "max_seqs": s.max_seqs} for s in pool.schedulers]
+        ready = not app.state.draining
+        metrics.request("/health", 200 if ready else 503)
+        return JSONResponse({"status": "ok" if ready else "draining", "ready": ready, "model": settings.model_name,
+                             "replicas": reps, "free_slots": pool.free_rows(), "context": pool.context},
+                            status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def prom():
+        metrics.queue.set(pool.waiting())
+        metrics.active.set(sum(s.active() for s in pool.schedulers))
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    return app
+
+
+async def _watch_disconnect(sub: _Submission, request: Request) -> AsyncIterator[tuple[int, Event]]:
+    """A non-streaming request's events; stop (and cancel) when the client goes away meanwhile."""
+    it = sub.events().__aiter__()
+    while True:
+        nxt = asyncio.ensure_future(it.__anext__())
+        while True:
+            done, _ = await asyncio.wait({nxt}, timeout=0.5)
+            if done:
+                break
+            if await request.is_disconnected():
+                nxt.cancel()
+                sub.cancel()
+                return
+        try:
+            yield nxt.result()
+        except StopAsyncIteration:
+            return

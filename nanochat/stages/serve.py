@@ -1,0 +1,112 @@
+"""Stage `serve`: an HTTP chat server over the checkpoint in `stage.init_from` (see nanochat/serve/).
+
+One model replica per device of `hardware` (one per GPU of the node, one on CPU), each with its
+own batching Scheduler thread; uvicorn runs the FastAPI app in the main thread. Prints the URL
+once it listens (`stage.port=0` picks a free port).
+
+SIGINT / SIGTERM: stop accepting (new connections are refused, requests on open connections get
+503), let in-flight streams finish for `stage.shutdown_grace_s`, then cancel what is left (those
+streams end with finish_reason "cancelled"), and return normally: the run is COMPLETED, exit 0.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from nanochat.config import Config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _model_name(cfg: Config, source: Path, meta: dict) -> str:
+    if cfg.stage.model_name:
+        return cfg.stage.model_name
+    return f"nanochat-{source.parent.name}-{meta.get('stage') or source.parent.parent.name}"
+
+
+def build_pool(cfg: Config, source: Path, metrics):
+    """Load one replica per device and start its scheduler: (pool, tokenizer, meta)."""
+    from nanochat.chat_cli import load
+    from nanochat.serve.plan import replica_devices
+    from nanochat.serve.scheduler import ReplicaPool, Scheduler
+    st, hw = cfg.stage, cfg.hardware
+    devices = replica_devices(cfg)
+    if devices[0] == "cpu":
+        torch.set_num_threads(hw.num_threads or os.cpu_count() or 1)
+    schedulers, tokenizer, meta = [], None, {}
+    for i, dev in enumerate(devices):
+        model, tokenizer, meta = load(source, dev)
+        if hw.dtype != "float32" and model.lm_head.weight.device.type != "cpu":
+            model = model.to(DTYPES[hw.dtype])
+        schedulers.append(Scheduler(model, tokenizer, st.max_seqs, st.max_queue, metrics, name=f"replica{i}",
+                                    kv_bucket=st.kv_bucket))
+    return ReplicaPool(schedulers).start(), tokenizer, meta
+
+
+def run(cfg: Config, run_dir: Path) -> dict:
+    from nanochat.serve.app import ServeSettings, build_app
+    from nanochat.serve.limits import Defaults, Limits
+    from nanochat.serve.metrics import ServerMetrics
+
+    st = cfg.stage
+    if not st.init_from:
+        raise ValueError("stage.init_from is not set: the launcher resolves it to a run dir")
+    source = Path(st.init_from)
+    metrics = ServerMetrics()
+    pool, tokenizer, meta = build_pool(cfg, source, metrics)
+    settings = ServeSettings(
+        model_name=_model_name(cfg, source, meta), retry_after_s=st.retry_after_s,
+        limits=Limits(max_messages=st.max_messages, max_message_chars=st.max_message_chars,
+                      max_total_chars=st.max_total_chars, max_temperature=st.max_temperature,
+                      max_top_k=st.max_top_k, max_max_tokens=st.max_max_tokens, max_n=st.max_seqs),
+        defaults=Defaults(temperature=st.temperature, top_k=st.top_k, max_tokens=st.max_tokens, seed=st.seed))
+    app = build_app(pool, tokenizer, settings, metrics)
+    server = _Server(uvicorn.Config(app, host=st.host, port=st.port, log_level="warning", access_log=False,
+                                    timeout_graceful_shutdown=st.shutdown_grace_s + 2.0, lifespan="off"),
+                     app, pool, st.shutdown_grace_s, settings.model_name, source)
+    started = time.time()
+    try:
+        server.run()
+    finally:
+        pool.stop()
+    return {"model": settings.model_name, "source": str(source), "url": server.url,
+            "replicas": len(pool.schedulers), "generated_tokens": sum(s.generated for s in pool.schedulers),
+            "decode_steps": sum(s.steps for s in pool.schedulers), "uptime_s": round(time.time() - started, 3),
+            "stopped_by": server.stopped_by}
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server with the drain-then-cancel shutdown described in the module docstring."""
+
+    def __init__(self, config: uvicorn.Config, app, pool, grace: float, name: str, source: Path):
+        super().__init__(config)
+        self.app, self.pool, self.grace, self.name, self.source = app, pool, grace, name, source
+        self.url = None
+        self.stopped_by = None
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.should_exit or not self.servers:
+            return
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        self.url = f"http://{host}:{port}/"
+        print(f"[nanochat] serving {self.name} ({self.source}) at {self.url}  (OpenAI API: {self.url}v1, "
+              f"{len(self.pool.schedulers)} replica(s) x {self.pool.max_seqs} sequences; Ctrl-C stops)", flush=True)
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.stopped_by is None:
+            self.stopped_by = signal.Signals(sig).name
+            self.app.state.draining = True
+            self.pool.stop_accepting()
+            # after the grace period, cancel what is still running: those streams end cleanly
+            timer = threading.Timer(self.grace, self.pool.stop)
+            timer.daemon = True
+            timer.start()
+            print(f"[nanochat] {self.stopped_by}: draining (up to {self.grace:g}s), then stopping", flush=True)
+        super().handle_exit(sig, frame)

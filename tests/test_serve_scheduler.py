@@ -1,0 +1,168 @@
+"""The serving scheduler on a real (random-weight) GPT and a freshly trained tokenizer, no HTTP.
+
+- a request's temperature-0 output is the same alone or among 15 others of other lengths
+  (fixed-shape decode, key length padded to kv_bucket; also with kv_bucket=0)
+- greedy decoding equals the Engine's; seeded sampling repeats; stop strings cut the text
+- streamed text is valid UTF-8 piece by piece, multi-byte characters whole
+- a cancelled sequence frees its row at the next step; a full queue raises QueueFull
+"""
+from __future__ import annotations
+
+import collections
+import json
+import textwrap
+
+import pytest
+import torch
+
+from nanochat.engine import Engine
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.serve.scheduler import QueueFull, QueueSink, SamplingParams, Scheduler, Sequence
+from nanochat.tokenizer import train_tokenizer
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [collections.__doc__, textwrap.__doc__, json.__doc__, "héllo wörld ✓ naïve café — ok"] * 3
+    return train_tokenizer(texts, 400)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    cfg = GPTConfig(sequence_len=256, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
+    m = build_model(cfg, "cpu", 0)
+    with torch.no_grad():  # zero-init projections would make every position alike: perturb them
+        g = torch.Generator().manual_seed(0)
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return m.eval()
+
+
+def _submit(sched, prompt, params):
+    sinks = []
+
+    def sink_for(i):
+        sinks.append(QueueSink())
+        return sinks[-1]
+    seqs = sched.submit(prompt, params, sink_for)
+    return seqs, sinks
+
+
+def _collect(sink):
+    text, reason = [], None
+    for ev in sink:
+        if ev.kind == "done":
+            reason = ev.finish_reason
+        else:
+            text.append(ev.text)
+    return "".join(text), reason
+
+
+class LogitsRecorder(Scheduler):
+    """The real scheduler, also keeping every logits row it samples from (bitwise checks)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.seen: dict[int, list[torch.Tensor]] = {}
+
+    def _sample(self, seq, logits_row, greedy):
+        self.seen.setdefault(seq.id, []).append(logits_row.clone())
+        return super()._sample(seq, logits_row, greedy)
+
+
+@pytest.mark.parametrize("kv_bucket", [64, 0])
+def test_batched_equals_solo_and_engine(tok, model, kv_bucket):
+    sched = LogitsRecorder(model, tok, max_seqs=16, max_queue=16, kv_bucket=kv_bucket).start()
+    try:
+        bos = tok.get_bos_token_id()
+        # lengths from ~5 to ~150 tokens: batched, the key length is the longest row's, in other buckets
+        prompts = [[bos] + tok.encode(f"request number {i}: " + "abc def " * (i * 2)) for i in range(16)]
+        assert max(map(len, prompts)) > 2 * 64 and min(map(len, prompts)) < 64
+        greedy = SamplingParams(max_tokens=24, temperature=0)
+        solo = []
+        for p in prompts:
+            seqs, sinks = _submit(sched, p, [greedy])
+            solo.append((_collect(sinks[0]), list(seqs[0].tokens)))
+        subs = [_submit(sched, p, [greedy]) for p in prompts]   # all 16 at once: batched decode
+        together = [(_collect(sinks[0]), list(seqs[0].tokens)) for seqs, sinks in subs]
+        assert together == solo
+        # not just the same argmax: bitwise the same logits at every step, alone or batched
+        ids = sorted(sched.seen)
+        for a, b in zip(ids[:16], ids[16:32]):
+            assert all(torch.equal(x, y) for x, y in zip(sched.seen[a], sched.seen[b]))
+        assert sched.steps > 0 and max(len(t) for _, t in solo) == 24
+        # the scheduler's greedy tokens are the Engine's (same tool logic, same model)
+        ref = next(Engine(model, tok).generate(prompts[3], max_tokens=1, temperature=0))[0][0]
+        if kv_bucket:
+            return  # the rest does not depend on the padding
+        assert solo[3][1][0] == ref
+        # seeded sampling: same seed → same text, whatever runs beside it
+        params = [SamplingParams(max_tokens=20, temperature=1.0, top_k=50, seed=s) for s in (7, 8, 7)]
+        _, sinks = _submit(sched, prompts[0], params)
+        a, b, c = (_collect(s)[0] for s in sinks)
+        assert a == c and a != b
+        # a stop string ends the answer before it and reports "stop"
+        full = solo[5][0][0]
+        cut = full[6:9]
+        _, sinks = _submit(sched, prompts[5], [SamplingParams(max_tokens=24, temperature=0, stop=(cut,))])
+        text, reason = _collect(sinks[0])
+        assert reason == "stop" and text == full[:full.index(cut)]
+    finally:
+        sched.stop()
+
+
+def test_cancel_frees_row_and_queue_limit(tok, model):
+    sched = Scheduler(model, tok, max_seqs=1, max_queue=1)   # not started yet: nothing is admitted
+    bos = tok.get_bos_token_id()
+    p = [bos] + tok.encode("hello")
+    long = SamplingParams(max_tokens=90, temperature=0)
+    (s1,), (k1,) = _submit(sched, p, [long])
+    (s2,), (k2,) = _submit(sched, p, [long])       # one row + one waiting: allowed
+    with pytest.raises(QueueFull):
+        _submit(sched, p, [long])
+    sched.start()
+    try:
+        first = next(iter(k1))                      # s1 runs; cancel it mid-answer
+        assert first.kind != "done"
+        s1.cancel()
+        reasons = [ev.finish_reason for ev in k1 if ev.kind == "done"]
+        assert reasons == ["cancelled"] and len(s1.tokens) < 90
+        assert _collect(k2)[1] == "length"          # the freed row went to the waiting request
+        assert sched.idle() and sched.free_rows() == 1
+    finally:
+        sched.stop()
+
+
+def test_utf8_streams_whole_characters(tok):
+    text = "héllo wörld ✓ naïve café — ok"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())            # byte-level pieces: characters span tokens
+    pieces = []
+    seq = Sequence([0], SamplingParams(), lambda ev: pieces.append(ev), "cpu")
+    names = {tok.encode_special(n): n for n in tok.get_special_tokens()}
+    for t in ids:
+        seq.emit_token(t, tok, names)
+    seq.finish("stop")
+    texts = [e.text for e in pieces if e.kind == "text"]
+    assert "".join(texts) == text
+    assert all("\ufffd" not in t for t in texts)
+
+
+def test_tool_tokens_stream_as_their_own_kinds(tok):
+    sp = tok.encode_special
+    ids = ([*tok.encode("Let me see "), sp("<|python_start|>"), *tok.encode("12*7"), sp("<|python_end|>"),
+            sp("<|output_start|>"), *tok.encode("84"), sp("<|output_end|>"), *tok.encode(" so 84")])
+    events = []
+    seq = Sequence([0], SamplingParams(), events.append, "cpu")
+    names = {sp(n): n for n in tok.get_special_tokens()}
+    for t in ids:
+        seq.emit_token(t, tok, names)
+    seq.finish("stop")
+    by_kind: dict[str, str] = {}
+    for e in events:
+        by_kind[e.kind] = by_kind.get(e.kind, "") + e.text
+    assert by_kind["python"] == "12*7" and by_kind["output"] == "84"
+    assert by_kind["text"] == "Let me see  so 84" and by_kind["python_start"] == "<|python_start|>"
+    assert [e.kind for e in events][-1] == "done"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from nanochat.common import dist_env
 from nanochat.config import Config, load_config
-from nanochat.lifecycle import EXIT_PREEMPTED, STOP, Preempted, mark_completed, write_status
+from nanochat.lifecycle import EXIT_PREEMPTED, STOP, Preempted, guard_parent, mark_completed, write_status
 
 
 def execute(cfg: Config, run_dir: Path) -> int:
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True, help="<run_dir>/resolved_config.yaml")
     args = ap.parse_args(argv)
+    guard_parent()  # first, before the slow imports: never outlive the launcher (or torchrun)
     path = Path(args.config)
     cfg = load_config(str(path))
     return execute(cfg, path.parent)

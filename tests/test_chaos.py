@@ -83,3 +83,68 @@ def test_nothing_outlives_a_sigkilled_parent(tmp_path, victim):
     finally:
         launcher.kill()
         launcher.wait()
+
+
+# --------------------------------------------------------------------------- 2. one writer per run dir
+
+_HOLD = textwrap.dedent("""
+    import sys, time
+    from nanochat.runlock import RunLock, WriterLock
+    kind, run_dir = sys.argv[1], sys.argv[2]
+    lock = RunLock(run_dir).acquire() if kind == "launcher" else WriterLock(run_dir).__enter__()
+    print("HELD", flush=True)
+    time.sleep(600)
+""")
+
+
+def _holder(tmp_path: Path, kind: str, run_dir: Path) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", _HOLD, kind, str(run_dir)], cwd=tmp_path, env=_env(),
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "HELD"
+    return p
+
+
+def test_run_lock_refuses_a_live_holder_and_not_a_dead_one(tmp_path):
+    from nanochat.runlock import RunDirBusy, RunLock
+    run_dir = tmp_path / "run"
+    holder = _holder(tmp_path, "launcher", run_dir)
+    try:
+        with pytest.raises(RunDirBusy) as e:
+            RunLock(run_dir).acquire()
+        assert e.value.key == "run.dir" and f"pid {holder.pid}" in str(e.value) and "kill -INT" in e.value.fix
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(run_dir).acquire() as lock:  # the dead holder's lock died with it
+        assert lock.record["pid"] == os.getpid()
+    assert not (run_dir / "run.lock.json").exists()
+
+
+def test_run_lock_waits_for_then_names_live_writers(tmp_path):
+    from nanochat.runlock import RunDirBusy, RunLock
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    worker = _holder(tmp_path, "writer", run_dir)  # a worker whose launcher is gone
+    try:
+        with pytest.raises(RunDirBusy) as e:
+            RunLock(run_dir, wait_writers_s=0.5).acquire()
+        assert str(worker.pid) in e.value.problem and "still writing" in e.value.problem
+    finally:
+        worker.kill()
+        worker.wait()
+    RunLock(run_dir, wait_writers_s=0.5).acquire().release()
+
+
+def test_run_lock_shared_filesystem_rule(tmp_path):
+    """A holder on another host counts while its heartbeat is fresh, and never after it went stale."""
+    import json
+    from nanochat.runlock import HOLDER_NAME, RunDirBusy, RunLock
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    record = {"pid": 4242, "host": "elsewhere-node", "started": time.time() - 50, "argv": ["nanochat-run"]}
+    (run_dir / HOLDER_NAME).write_text(json.dumps({**record, "heartbeat": time.time() - 5}))
+    with pytest.raises(RunDirBusy) as e:
+        RunLock(run_dir, stale_s=60).acquire()
+    assert "elsewhere-node" in e.value.problem and "heartbeat" in e.value.problem
+    (run_dir / HOLDER_NAME).write_text(json.dumps({**record, "heartbeat": time.time() - 120}))
+    RunLock(run_dir, stale_s=60).acquire().release()

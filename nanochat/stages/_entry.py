@@ -15,6 +15,7 @@ from pathlib import Path
 
 from nanochat.common import dist_env
 from nanochat.config import Config, load_config
+from nanochat.runlock import WriterLock
 from nanochat.lifecycle import EXIT_PREEMPTED, STOP, Preempted, guard_parent, mark_completed, write_status
 
 
@@ -23,7 +24,9 @@ def execute(cfg: Config, run_dir: Path) -> int:
     rank = dist_env()[0]
     STOP.signum = None
     STOP.install()
+    writer = WriterLock(run_dir)  # a new launcher sees us as a live writer of this dir
     try:
+        writer.__enter__()
         module = importlib.import_module(cfg.stage.worker)
         result = module.run(cfg, Path(run_dir))
     except Preempted as e:
@@ -42,12 +45,14 @@ def execute(cfg: Config, run_dir: Path) -> int:
             write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}", traceback=tb)
         print(tb, file=sys.stderr, flush=True)
         return 1
+    else:
+        if rank == 0:
+            mark_completed(run_dir, result or {})
+        return 0
     finally:
         STOP.uninstall()
         _cleanup_dist()
-    if rank == 0:
-        mark_completed(run_dir, result or {})
-    return 0
+        writer.__exit__()
 
 
 def _cleanup_dist() -> None:

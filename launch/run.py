@@ -125,7 +125,7 @@ def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[P
     # one writer per run dir: refuse (RunDirBusy names the holder) before anything in it changes
     lock = lock_run_dir(run_dir, cfg.hardware.nnodes)
     try:
-        rundir.check_resume_policy(cfg, run_dir)
+        rundir.check_resume_policy(cfg, run_dir, verify_checkpoints=lock is not None)
         cfg = replace(cfg, run=replace(cfg.run, dir=str(run_dir)))
         rundir.freeze(run_dir, cfg, plan or {}, hydra_info["overrides"], hydra_info["choices"], composed)
         print_plan(cfg, plan, rows, run_dir)

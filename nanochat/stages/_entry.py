@@ -41,9 +41,12 @@ def execute(cfg: Config, run_dir: Path) -> int:
         return 130
     except Exception as e:  # the launcher reports it; keep the traceback in the run dir
         tb = traceback.format_exc()
-        if rank == 0:
-            write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}", traceback=tb)
         print(tb, file=sys.stderr, flush=True)
+        if rank == 0:
+            try:
+                write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}", traceback=tb)
+            except OSError as io:  # e.g. the disk that failed the checkpoint is still full
+                print(f"[nanochat] could not write status.json: {io}", file=sys.stderr, flush=True)
         return 1
     else:
         if rank == 0:

@@ -4,6 +4,7 @@ Every test uses real processes and real signals. The end-to-end ones are marked 
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO
+from conftest import REPO, TINY, losses, read_metrics, run_cli
 
 LINUX = sys.platform.startswith("linux")
 
@@ -148,3 +149,214 @@ def test_run_lock_shared_filesystem_rule(tmp_path):
     assert "elsewhere-node" in e.value.problem and "heartbeat" in e.value.problem
     (run_dir / HOLDER_NAME).write_text(json.dumps({**record, "heartbeat": time.time() - 120}))
     RunLock(run_dir, stale_s=60).acquire().release()
+
+
+# --------------------------------------------------------------------------- end-to-end chaos
+#
+# Tiny real runs (experiment=tiny). Losses of a run that was killed / corrupted / starved of disk
+# and then resumed must equal an uninterrupted run's: bitwise in one process, to 1e-5 with 2 ranks.
+
+N1 = ["stage.num_iterations=6", "stage.save_every=2", "stage.keep_last=3", "stage.eval_every=-1"]
+N2 = ["hardware.nproc_per_node=2", "stage.total_batch_size=2048", "stage.num_iterations=12", "stage.save_every=3",
+      "stage.keep_last=2", "stage.eval_every=-1"]
+
+
+@pytest.fixture(scope="module")
+def ref1(base_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """An uninterrupted one-process run: (run dir, losses)."""
+    d = tmp_path_factory.mktemp("ref1") / "run"
+    run_cli([*TINY, *N1, f"run.dir={d}"], base_dir, d.parent, check=True)
+    return d, losses(d)
+
+
+@pytest.fixture(scope="module")
+def ref2(base_dir, tmp_path_factory) -> dict:
+    """Losses of an uninterrupted 2-rank torchrun run."""
+    d = tmp_path_factory.mktemp("ref2") / "run"
+    run_cli([*TINY, *N2, f"run.dir={d}"], base_dir, d.parent, check=True)
+    return losses(d)
+
+
+def launch(args: list[str], base_dir: Path, cwd: Path, log: Path, env_extra: dict | None = None) -> subprocess.Popen:
+    """nanochat-run as a user starts it, output to a file (a full pipe would stall it)."""
+    env = {**_env(), "NANOCHAT_BASE_DIR": str(base_dir), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "launch.run", *args], cwd=cwd, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def tree(pid: int) -> list[int]:
+    try:
+        return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_launcher(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher only, then check that its whole tree (torchrun, workers) is gone."""
+    pids = tree(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    survivors = wait_gone(pids, timeout=30)
+    assert not survivors, f"processes outlived their SIGKILLed launcher: {survivors}"
+
+
+def wait_until(cond, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError(f"timed out:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+def last_step(run_dir: Path) -> int:
+    try:
+        return max((r["step"] for r in read_metrics(run_dir) if "train/loss" in r), default=0)
+    except (OSError, ValueError):  # not written yet, or a line being written
+        return 0
+
+
+def assert_same_losses(got: dict, want: dict, tol: float) -> None:
+    assert list(got) == list(want), f"steps in metrics.jsonl: {list(got)} != {list(want)}"
+    for s in want:
+        assert got[s] == pytest.approx(want[s], rel=tol, abs=tol) if tol else got[s] == want[s], (s, got[s], want[s])
+
+
+@pytest.mark.slow
+def test_sigkill_launcher_at_random_moments_then_resume(base_dir, tmp_path, ref2):
+    """(a) SIGKILL the launcher of a 2-rank torchrun run at random moments, restart with run.resume=auto
+    each time: nothing survives a kill, and the finished run is the uninterrupted one."""
+    import random
+    seed = int(os.environ.get("NANOCHAT_CHAOS_SEED", time.time()))
+    rng = random.Random(seed)
+    print(f"chaos seed {seed} (NANOCHAT_CHAOS_SEED to replay)")
+    run_dir = tmp_path / "run"
+    args = [*TINY, *N2, f"run.dir={run_dir}", "run.resume=auto"]
+    kills = 0
+    while kills < 5:
+        log = tmp_path / f"attempt{kills}.log"
+        proc = launch(args, base_dir, tmp_path, log)
+        if kills in (0, 3):  # during start-up: before or while torchrun spawns the workers
+            time.sleep(rng.uniform(0.5, 6.0))
+        else:  # during training, at some point after the next step (which may be a checkpoint)
+            target = last_step(run_dir) + 1
+            wait_until(lambda: last_step(run_dir) >= target or proc.poll() is not None, proc, log)
+            time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is not None:
+            break  # it finished before the kill
+        kill_launcher(proc)
+        kills += 1
+    p = run_cli(args, base_dir, tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert (run_dir / "COMPLETED").exists()
+    assert_same_losses(losses(run_dir), ref2, 1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["rank_files", "commit"])
+def test_sigkill_inside_checkpoint_write_leaves_all_or_nothing(base_dir, tmp_path, ref2, point):
+    """(b) Kill the launcher while the step-6 checkpoint is half written (one rank's files on disk, the
+    other's not; or all files written but not renamed into place): step 6 is absent, step 3 whole."""
+    from nanochat.integrity import verify
+    run_dir = tmp_path / "run"
+    args = [*TINY, *N2, f"run.dir={run_dir}"]
+    log = tmp_path / "paused.log"
+    proc = launch(args, base_dir, tmp_path, log, env_extra={"NANOCHAT_TEST_CKPT_PAUSE": f"{point}@6"})
+    wait_until(lambda: bool(list((run_dir / "checkpoints").glob(f".paused_{point}_rank*"))), proc, log)
+    kill_launcher(proc)
+    ck = run_dir / "checkpoints"
+    assert [p.name for p in sorted(ck.glob("step_*"))] == ["step_000003"] and verify(ck / "step_000003") == []
+    p = run_cli([*args, "run.resume=must"], base_dir, tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resumed from step 3" in p.stdout
+    assert_same_losses(losses(run_dir), ref2, 1e-5)
+    assert not list(ck.glob(".tmp_*")) and verify(ck / "step_000012") == []
+
+
+def _cut_to_unfinished(run_dir: Path) -> None:
+    for name in ("COMPLETED", "result.json", "status.json"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+def test_corrupted_newest_checkpoint_falls_back_to_previous(base_dir, tmp_path, ref1):
+    """(d) A truncated newest checkpoint is reported and moved aside, the previous good one resumes
+    (bitwise the same run); run.resume=must refuses instead, with the reason."""
+    import shutil
+    src, want = ref1
+    run_dir = tmp_path / "run"
+    shutil.copytree(src, run_dir)
+    _cut_to_unfinished(run_dir)
+    newest = run_dir / "checkpoints" / "step_000006"
+    with open(newest / "model.pt", "r+b") as f:
+        f.truncate(1000)
+    p = run_cli([*TINY, *N1, f"run.dir={run_dir}", "run.resume=must"], base_dir, tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "run.resume" in out and "model.pt has 1000 bytes" in out, out[-3000:]
+    assert newest.is_dir() and "Traceback" not in out  # refused before anything changed
+    p = run_cli([*TINY, *N1, f"run.dir={run_dir}", "run.resume=auto"], base_dir, tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "step_000006 failed verification" in p.stderr and "resumed from step 4" in p.stdout
+    assert (run_dir / "checkpoints" / "corrupt_step_000006").is_dir()
+    assert_same_losses(losses(run_dir), want, 0)
+
+
+def _can_mount_tmpfs(path: Path) -> bool:
+    if os.geteuid() != 0:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["umount", str(path)], check=True)
+    return ok
+
+
+@pytest.mark.slow
+def test_full_disk_during_checkpoint_keeps_previous_and_resumes(base_dir, tmp_path, ref1):
+    """(c) A real full disk (a small tmpfs): a clear error, the previous checkpoint intact, no temp dir
+    left, and after space is freed the run resumes to the same result."""
+    from nanochat.integrity import verify
+    mnt = tmp_path / "disk"
+    if not _can_mount_tmpfs(mnt):
+        pytest.skip("needs root and mount(2) to make a small tmpfs (a real full disk)")
+    src, want = ref1
+    ckpt_bytes = sum(f.stat().st_size for f in (src / "checkpoints" / "step_000002").iterdir())
+    size_kb = int(ckpt_bytes * 1.5) // 1024  # room for one checkpoint, not for the next one
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mnt)], check=True)
+    try:
+        run_dir = mnt / "run"
+        args = [*TINY, *N1, "stage.keep_last=1", f"run.dir={run_dir}"]
+        p = run_cli(args, base_dir, tmp_path)
+        assert p.returncode != 0
+        status = json.loads((run_dir / "status.json").read_text())
+        assert "CheckpointWriteError" in status["error"] and "disk is full" in status["error"], status
+        assert "step_000002 is intact" in status["error"] and "run.resume=auto" in status["error"]
+        ck = run_dir / "checkpoints"
+        assert [c.name for c in ck.iterdir()] == ["step_000002"] and verify(ck / "step_000002") == []
+        subprocess.run(["mount", "-o", f"remount,size={size_kb * 4}k", str(mnt)], check=True)
+        p = run_cli([*args, "run.resume=auto"], base_dir, tmp_path)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert "resumed from step 2" in p.stdout
+        assert_same_losses(losses(run_dir), want, 0)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+@pytest.mark.slow
+def test_two_launchers_on_one_run_dir_only_one_trains(base_dir, tmp_path, ref1):
+    """(e) Two nanochat-run started at once on the same run.dir: one trains, the other is refused
+    naming the holder, and the run is exactly the uninterrupted one."""
+    _, want = ref1
+    run_dir = tmp_path / "run"
+    args = [*TINY, *N1, f"run.dir={run_dir}"]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [launch(args, base_dir, tmp_path, log) for log in logs]
+    rcs = [p.wait(timeout=900) for p in procs]
+    outs = [log.read_text() for log in logs]
+    refused = [i for i, o in enumerate(outs) if "the run dir is in use by pid" in o]
+    assert len(refused) == 1, outs
+    winner = 1 - refused[0]
+    assert rcs[winner] == 0 and rcs[refused[0]] != 0, (rcs, outs)
+    assert f"pid {procs[winner].pid}" in outs[refused[0]] and "run.dir" in outs[refused[0]]
+    assert_same_losses(losses(run_dir), want, 0)

@@ -95,8 +95,9 @@ def compose_checked(overrides: list[str], config_dir: str, config_name: str = "c
     try:
         dcfg = attempt(overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
-        culprit = overrides[-1] if overrides else "overrides"
-        for o in overrides:
+        named = [o for o in overrides if o in str(e)]  # Hydra usually quotes the override
+        culprit = named[0] if named else (overrides[-1] if overrides else "overrides")
+        for o in ([] if named or len(overrides) < 2 else overrides):
             try:
                 attempt([o])
             except (HydraException, OmegaConfBaseException, ValueError):

@@ -360,3 +360,26 @@ def test_two_launchers_on_one_run_dir_only_one_trains(base_dir, tmp_path, ref1):
     assert rcs[winner] == 0 and rcs[refused[0]] != 0, (rcs, outs)
     assert f"pid {procs[winner].pid}" in outs[refused[0]] and "run.dir" in outs[refused[0]]
     assert_same_losses(losses(run_dir), want, 0)
+
+
+# --------------------------------------------------------------------------- 3. checkpoint integrity (unit)
+
+def test_manifest_catches_truncated_altered_and_missing_files(tmp_path):
+    import torch
+    from nanochat.checkpoint import save_checkpoint
+    from nanochat.integrity import verify
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ck = save_checkpoint(tmp_path, 1, model=model, optimizer=opt, loader_state={"pos": 3}, meta={})
+    assert verify(ck) == [] and not list((tmp_path / "checkpoints").glob(".tmp_*"))
+    manifest = json.loads((ck / "MANIFEST.json").read_text())
+    assert set(manifest["files"]) == {"model.pt", "meta.json", "optim_rank0.pt", "dataloader_rank0.json",
+                                      "rng_rank0.pt"}
+    data = bytearray((ck / "optim_rank0.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (ck / "optim_rank0.pt").write_bytes(bytes(data))
+    (ck / "model.pt").write_bytes((ck / "model.pt").read_bytes()[:100])
+    (ck / "rng_rank0.pt").unlink()
+    problems = " | ".join(verify(ck))
+    assert "optim_rank0.pt does not match" in problems and "model.pt has 100 bytes" in problems
+    assert "rng_rank0.pt is missing" in problems

@@ -3,6 +3,11 @@
 The child gets a cleaned environment: inherited RANK/MASTER_*/TORCHELASTIC_*/SLURM_*
 variables from an outer launcher would otherwise make torchrun or torch.distributed
 join the wrong job.
+
+Process lifetime: nothing outlives the launcher. The child is SIGKILLed by the kernel when the
+launcher dies by any signal (PR_SET_PDEATHSIG, armed between fork and exec), its workers arm
+the same against torchrun and poll their parent (nanochat.lifecycle.guard_parent), and a
+launcher that leaves run_subprocess with the child still alive kills the whole tree.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from nanochat.config import Config
-from nanochat.lifecycle import EXIT_PREEMPTED, STOP_SIGNALS
+from nanochat.lifecycle import EXIT_PREEMPTED, LAUNCHER_PID_ENV, STOP_SIGNALS, die_with_parent_preexec, kill_tree
 
 _DROP_EXACT = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ROLE_NAME"}
@@ -28,6 +33,7 @@ def clean_env(env: Optional[dict] = None) -> dict:
             del env[k]
     # make `python -m nanochat...` resolve to this checkout even without an install
     root = str(Path(__file__).resolve().parents[1])
+    env[LAUNCHER_PID_ENV] = str(os.getpid())  # workers die when this process does
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
@@ -70,7 +76,8 @@ def run_subprocess(cmd: list[str], env: dict) -> int:
     was installed before ours: under Slurm that is submitit's, which resubmits this job and
     requeues it, so the run continues from its checkpoint in the same dir.
     """
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    # own session: a terminal's Ctrl-C reaches only us, and we forward it (the workers checkpoint)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent_preexec(os.getpid()))
     previous: dict = {}
     received: list[int] = []
 
@@ -96,6 +103,8 @@ def run_subprocess(cmd: list[str], env: dict) -> int:
     finally:
         for sig, prev in previous.items():
             signal.signal(sig, prev)
+        if proc.poll() is None:  # leaving by an exception: take the tree down with us
+            kill_tree(proc.pid)
     if rc == EXIT_PREEMPTED and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
         outer = previous.get(signal.SIGUSR2)
         if signal.SIGUSR2 in received and callable(outer):

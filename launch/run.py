@@ -27,6 +27,7 @@ from nanochat.common import read_json
 from nanochat.lifecycle import read_status, write_status
 from nanochat.config import STAGE_SCHEMAS, Config, ConfigError, config_from_dict, load_config
 from nanochat.plan import make_plan, plan_rows
+from nanochat.runlock import lock_run_dir
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 TRAIN_STAGES = ("pretrain", "mid", "sft", "rl")
@@ -129,17 +130,23 @@ def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[P
     if cfg.run.skip_if_done and (run_dir / "COMPLETED").exists():
         print(f"[nanochat] skip: {run_dir} is already COMPLETED (run.skip_if_done=true)", flush=True)
         return {"status": "completed", "run_dir": str(run_dir), "skipped": True}
-    rundir.check_resume_policy(cfg, run_dir)
-    cfg = replace(cfg, run=replace(cfg.run, dir=str(run_dir)))
-    rundir.freeze(run_dir, cfg, plan or {}, hydra_info["overrides"], hydra_info["choices"], composed)
-    print_plan(cfg, plan, rows, run_dir)
-    if cfg.run.print_config:
-        _console().print(rundir.resolved_yaml(cfg))
-    rc = dispatch(cfg, run_dir, in_process=hydra_info["in_process"])
-    status = read_status(run_dir)
-    if status == "unknown":  # the worker died before writing a status (killed, crashed at import)
-        status = "failed"
-        write_status(run_dir, "failed", error=f"worker exited with code {rc} without a status")
+    # one writer per run dir: refuse (RunDirBusy names the holder) before anything in it changes
+    lock = lock_run_dir(run_dir, cfg.hardware.nnodes)
+    try:
+        rundir.check_resume_policy(cfg, run_dir, verify_checkpoints=lock is not None)
+        cfg = replace(cfg, run=replace(cfg.run, dir=str(run_dir)))
+        rundir.freeze(run_dir, cfg, plan or {}, hydra_info["overrides"], hydra_info["choices"], composed)
+        print_plan(cfg, plan, rows, run_dir)
+        if cfg.run.print_config:
+            _console().print(rundir.resolved_yaml(cfg))
+        rc = dispatch(cfg, run_dir, in_process=hydra_info["in_process"])
+        status = read_status(run_dir)
+        if status == "unknown":  # the worker died before writing a status (killed, crashed at import)
+            status = "failed"
+            write_status(run_dir, "failed", error=f"worker exited with code {rc} without a status")
+    finally:
+        if lock is not None:
+            lock.release()
     result = None
     if (run_dir / "result.json").exists():
         result = read_json(run_dir / "result.json")

@@ -20,6 +20,7 @@ import yaml
 
 from nanochat.common import atomic_write_json, atomic_write_text
 from nanochat.config import Config, ConfigError, config_to_dict
+from nanochat.integrity import select_resume_checkpoint, verify
 from nanochat.lifecycle import list_checkpoints
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -85,11 +86,19 @@ def resolve_init_from(cfg: Config, source_stage: str | list[str]) -> Optional[Pa
     if not list_checkpoints(path):
         raise ConfigError("stage.init_from", value, "point it at a run that saved a checkpoint "
                           "(checkpoints/step_*)", "the run has no checkpoints")
+    problems = [] if cfg.run.dry_run else verify(list_checkpoints(path)[-1])  # dry runs stay fast
+    if problems:
+        raise ConfigError("stage.init_from", value, "re-run (or resume) the source run to get a good checkpoint",
+                          f"its newest checkpoint failed verification: {'; '.join(problems)}")
     return path.resolve()
 
 
-def check_resume_policy(cfg: Config, run_dir: Path) -> Optional[Path]:
-    """Apply run.resume against the run dir's checkpoints; returns the checkpoint to resume from."""
+def check_resume_policy(cfg: Config, run_dir: Path, verify_checkpoints: bool = True) -> Optional[Path]:
+    """Apply run.resume against the run dir's checkpoints; returns the checkpoint to resume from.
+
+    Only the run dir's owner verifies (and may move bad checkpoints aside): the other nodes of a
+    multi-node job pass verify_checkpoints=False.
+    """
     ckpts = list_checkpoints(run_dir)
     policy = cfg.run.resume
     if policy == "must" and not ckpts:
@@ -98,7 +107,12 @@ def check_resume_policy(cfg: Config, run_dir: Path) -> Optional[Path]:
     if policy == "never" and ckpts:
         raise ConfigError("run.resume", policy, f"{run_dir} already has checkpoints ({ckpts[-1].name}); use "
                           "run.resume=auto to continue it or a fresh run.dir", "would overwrite checkpoints")
-    return ckpts[-1] if (ckpts and policy != "never") else None
+    if policy == "never" or not ckpts:
+        return None
+    if not verify_checkpoints:
+        return ckpts[-1]
+    # verify checksums newest first: a bad checkpoint is moved aside (auto) or refuses the launch (must)
+    return select_resume_checkpoint(run_dir, policy)
 
 
 # --------------------------------------------------------------------------- freezing

@@ -6,32 +6,118 @@ Layout of one checkpoint:
     optim_rank{r}.pt       this rank's optimizer shard (ZeRO-2: each rank owns different state)
     dataloader_rank{r}.json this rank's loader position (exact resume)
     rng_rank{r}.pt         torch / cuda RNG states
+    manifest_rank{r}.json  SHA-256 and size of every file rank r wrote
+    MANIFEST.json          all ranks' records, written last (nanochat/integrity.py verifies it)
 
-All ranks write into `.tmp_step_XXXXXX/`; after a barrier rank 0 renames it to
-`step_XXXXXX/`, so a kill at any moment leaves either a whole checkpoint or none.
+All-or-nothing: every rank writes into `.tmp_step_XXXXXX/`; the ranks then agree that all of
+them succeeded, rank 0 writes MANIFEST.json and renames the dir to `step_XXXXXX/`, so a kill at
+any moment leaves either a whole checkpoint or none. A failed write on any rank (a full disk)
+discards the temp dir on every rank and raises CheckpointWriteError; earlier checkpoints are
+never touched before the new one is committed.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from nanochat.common import atomic_write_json, atomic_write_text, barrier, read_json
+from nanochat.integrity import write_manifest, write_rank_manifest
 from nanochat.lifecycle import list_checkpoints
-
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def _torch_save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (on some rank); it was discarded, older ones are intact."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _KeepWriteError:
+    """File wrapper for torch.save: torch turns a failed write into a RuntimeError without errno;
+    this keeps the OSError (ENOSPC, EIO, ...) so the caller can say what went wrong."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        out = _KeepWriteError(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _test_pause(point: str, step: int, ckpt_root: Path, rank: int) -> None:
+    """Test-only: NANOCHAT_TEST_CKPT_PAUSE=<point>@<step> parks this rank at `point` of the save of
+    `step` (after touching checkpoints/.paused_<point>_rank<r>) until it is killed, so a chaos
+    test can SIGKILL the run at exactly that moment."""
+    want = os.environ.get("NANOCHAT_TEST_CKPT_PAUSE")
+    if not want or want != f"{point}@{step}":
+        return
+    (ckpt_root / f".paused_{point}_rank{rank}").touch()
+    while True:
+        time.sleep(1)
+
+
+def _agree(error: Optional[str]) -> list[str]:
+    """Every rank's error (None if it succeeded), on every rank: the ranks commit or discard together."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return [error] if error else []
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+
+
+def _describe_write_error(e: OSError, step: int, ckpt_root: Path) -> str:
+    prev = list_checkpoints(ckpt_root.parent)
+    keep = f"the previous checkpoint {prev[-1].name} is intact" if prev else "no earlier checkpoint exists"
+    what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
+    free = ""
+    try:
+        free = f", {shutil.disk_usage(ckpt_root).free / 2**20:.1f} MiB free"
+    except OSError:
+        pass
+    return (f"checkpoint step {step} could not be written: {what} ({e.filename or ckpt_root}{free}); it was "
+            f"discarded and {keep}. Free space under {ckpt_root} (or lower stage.keep_last), then resume "
+            f"with run.resume=auto")
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def rng_state() -> dict:
@@ -53,30 +139,74 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, o
     ckpt_root = Path(run_dir) / "checkpoints"
     final = ckpt_root / step_dir_name(step)
     tmp = ckpt_root / f".tmp_{step_dir_name(step)}"
+    error = None
     if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left over from a kill mid-save
-        tmp.mkdir(parents=True)
-    barrier()
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left over from a kill mid-save
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = _describe_write_error(e, step, ckpt_root)
+    _raise_if_any(_agree(error), tmp, rank)
+
+    try:
+        if rank == _world_size() - 1:
+            _test_pause("rank_files", step, ckpt_root, rank)  # lower ranks are done (or writing)
+        names = []
+        if rank == 0:
+            state = {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
+            _torch_save(state, tmp / "model.pt")
+            atomic_write_json(tmp / "meta.json", {"step": step, **meta})
+            names += ["model.pt", "meta.json"]
+        if optimizer is not None:
+            _torch_save(optimizer.state_dict(), tmp / f"optim_rank{rank}.pt")
+            names.append(f"optim_rank{rank}.pt")
+        if loader_state is not None:
+            atomic_write_text(tmp / f"dataloader_rank{rank}.json", json.dumps(loader_state))
+            names.append(f"dataloader_rank{rank}.json")
+        _torch_save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        names.append(f"rng_rank{rank}.pt")
+        write_rank_manifest(tmp, rank, names)
+    except OSError as e:
+        error = _describe_write_error(e, step, ckpt_root)
+    _raise_if_any(_agree(error), tmp, rank)
+
     if rank == 0:
-        state = {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
-        _torch_save_atomic(state, tmp / "model.pt")
-        atomic_write_json(tmp / "meta.json", {"step": step, **meta})
-    if optimizer is not None:
-        _torch_save_atomic(optimizer.state_dict(), tmp / f"optim_rank{rank}.pt")
-    if loader_state is not None:
-        atomic_write_text(tmp / f"dataloader_rank{rank}.json", json.dumps(loader_state))
-    _torch_save_atomic(rng_state(), tmp / f"rng_rank{rank}.pt")
-    barrier()
-    if rank == 0:
-        if final.exists():  # re-saving the same step (e.g. preempted right after a periodic save)
-            shutil.rmtree(final)
-        tmp.replace(final)
-        if keep_last > 0:
-            for old in list_checkpoints(run_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        try:
+            write_manifest(tmp, step, _world_size())
+            _fsync_dir(tmp)
+            _test_pause("commit", step, ckpt_root, rank)
+            _commit(tmp, final)
+        except OSError as e:
+            error = _describe_write_error(e, step, ckpt_root)
+    _raise_if_any(_agree(error), tmp, rank)
+    if rank == 0 and keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def _raise_if_any(errors: list[str], tmp: Path, rank: int) -> None:
+    if not errors:
+        return
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; nothing points at it
+    raise CheckpointWriteError("; ".join(errors))
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Rename the finished temp dir into place. Re-saving a step (preempted right after a periodic
+    save) moves the old one aside first, so a kill in between still leaves a whole checkpoint."""
+    old = final.with_name(f".old_{final.name}")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -386,11 +387,42 @@ def config_from_dict(tree: dict) -> Config:
         v = _get(cfg, key)
         if v not in choices:
             raise ConfigError(key, v, f"use one of: {', '.join(choices)}", "invalid choice")
-    for key in ("model.depth", "model.sequence_len", "hardware.nproc_per_node", "hardware.nnodes"):
-        v = _get(cfg, key)
-        if v < 1:
-            raise ConfigError(key, v, f"{key} must be a positive integer", "out of range")
+    _check_ranges(cfg)
     return cfg
+
+
+# Numbers that must be > 0 (or >= 0) when set; null still means "derive it". Without these, a 0 or a
+# negative value ends as a ZeroDivisionError deep in plan.py (found by tests/test_config_fuzz.py).
+_POSITIVE = ("model.depth", "model.sequence_len", "model.aspect_ratio", "model.head_dim", "model.n_embd",
+             "model.n_head", "model.n_kv_head", "model.vocab_size", "model.short_window", "model.pad_vocab_to",
+             "model.rope_base", "hardware.nproc_per_node", "hardware.nnodes", "hardware.device_batch_size",
+             "hardware.num_threads", "stage.total_batch_size", "stage.target_flops", "stage.target_param_data_ratio",
+             "stage.vocab_size", "stage.max_chars", "stage.examples_per_step", "stage.num_samples",
+             "stage.device_batch_size", "stage.max_seq_len")
+_NON_NEGATIVE = ("stage.num_iterations", "stage.warmup_steps", "stage.embedding_lr", "stage.unembedding_lr",
+                 "stage.matrix_lr", "stage.scalar_lr", "stage.weight_decay", "stage.warmup_ratio",
+                 "stage.warmdown_ratio", "stage.final_lr_frac", "stage.grad_clip", "stage.init_lr_frac",
+                 "model.softcap", "data.val_fraction")
+_MISSING = object()
+
+
+def _check_ranges(cfg: Config) -> None:
+    for group in ("model", "hardware", "data", "stage", "run"):
+        obj = getattr(cfg, group)
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{group}.{f.name}", v, f"use a finite number for {group}.{f.name}", "not finite")
+    for keys, low, word in ((_POSITIVE, 1e-300, "positive"), (_NON_NEGATIVE, 0, "zero or positive")):
+        for key in keys:
+            group, name = key.split(".")
+            v = getattr(getattr(cfg, group), name, _MISSING)
+            if v is _MISSING or v is None or isinstance(v, bool):
+                continue
+            if v < low:
+                nullable = {f.name: f.default for f in dataclasses.fields(getattr(cfg, group))}.get(name) is None
+                raise ConfigError(key, v, f"{key} must be {word}" + (" (or null to derive it)" if nullable else ""),
+                                  "out of range")
 
 
 def config_to_dict(cfg: Config) -> dict:

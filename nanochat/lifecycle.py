@@ -7,6 +7,7 @@ A run dir ends in one of three states, which the launcher reports and `run.resum
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -113,3 +114,99 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not ck.is_dir():
         return []
     return sorted(p for p in ck.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+# --------------------------------------------------------------------------- process lifetime
+#
+# Nothing of a run may outlive its launcher. The chain is launcher → torchrun → workers (or
+# launcher → worker for a single-process subprocess). Each link asks the kernel to SIGKILL it
+# when its parent dies (PR_SET_PDEATHSIG, Linux), and each worker also polls its parent: the
+# death signal is only armed after fork, so a parent that died in between would go unnoticed.
+# SIGKILL, not SIGTERM: a launcher that died uncleanly cannot report a graceful stop anyway, and
+# checkpoints are atomic, so the next launcher resumes from the last whole one.
+
+PR_SET_PDEATHSIG = 1
+LAUNCHER_PID_ENV = "NANOCHAT_LAUNCHER_PID"   # set by launch/dispatch.py in the child's env
+_libc_prctl = None
+
+
+def _prctl():
+    global _libc_prctl
+    if _libc_prctl is None:
+        import ctypes
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc_prctl = libc.prctl
+    return _libc_prctl
+
+
+def die_with_parent_preexec(parent_pid: int):
+    """A `preexec_fn` for Popen: the child is SIGKILLed when the forking thread's process dies.
+
+    Resolves prctl before the fork, so the child does no loading between fork and exec.
+    The getppid() check closes the race with a parent that died before prctl ran.
+    """
+    import sys
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = _prctl()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return preexec
+
+
+def _parent_is_torchrun(ppid: int) -> bool:
+    try:
+        cmd = Path(f"/proc/{ppid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(b"torch.distributed.run" in c or c.endswith(b"torchrun") for c in cmd)
+
+
+def guard_parent(poll_s: float = 1.0) -> bool:
+    """In a worker started by the launcher (directly or via torchrun): die with the parent.
+
+    Arms PR_SET_PDEATHSIG and starts a daemon thread that SIGKILLs this process once its
+    parent changes (it was reparented, so the parent died). Returns False (and does nothing)
+    when the process was not started by nanochat-run, e.g. a worker run by hand.
+    """
+    import sys
+    import threading
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return False
+    ppid = os.getppid()
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+    expected_ok = _parent_is_torchrun(ppid) if under_torchrun else ppid == int(launcher)
+    _prctl()(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if not expected_ok:  # the parent died before prctl: we are already an orphan
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != ppid:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="nanochat-parent-watchdog", daemon=True).start()
+    return True
+
+
+def kill_tree(pid: int, timeout: float = 10.0) -> None:
+    """SIGKILL a process and all its descendants (torchrun puts each worker in its own session,
+    so a process-group kill would miss them); waits until they are gone."""
+    import psutil
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=timeout)

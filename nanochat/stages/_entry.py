@@ -15,7 +15,8 @@ from pathlib import Path
 
 from nanochat.common import dist_env
 from nanochat.config import Config, load_config
-from nanochat.lifecycle import EXIT_PREEMPTED, STOP, Preempted, mark_completed, write_status
+from nanochat.runlock import WriterLock
+from nanochat.lifecycle import EXIT_PREEMPTED, STOP, Preempted, guard_parent, mark_completed, write_status
 
 
 def execute(cfg: Config, run_dir: Path) -> int:
@@ -23,7 +24,9 @@ def execute(cfg: Config, run_dir: Path) -> int:
     rank = dist_env()[0]
     STOP.signum = None
     STOP.install()
+    writer = WriterLock(run_dir)  # a new launcher sees us as a live writer of this dir
     try:
+        writer.__enter__()
         module = importlib.import_module(cfg.stage.worker)
         result = module.run(cfg, Path(run_dir))
     except Preempted as e:
@@ -38,16 +41,21 @@ def execute(cfg: Config, run_dir: Path) -> int:
         return 130
     except Exception as e:  # the launcher reports it; keep the traceback in the run dir
         tb = traceback.format_exc()
-        if rank == 0:
-            write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}", traceback=tb)
         print(tb, file=sys.stderr, flush=True)
+        if rank == 0:
+            try:
+                write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}", traceback=tb)
+            except OSError as io:  # e.g. the disk that failed the checkpoint is still full
+                print(f"[nanochat] could not write status.json: {io}", file=sys.stderr, flush=True)
         return 1
+    else:
+        if rank == 0:
+            mark_completed(run_dir, result or {})
+        return 0
     finally:
         STOP.uninstall()
         _cleanup_dist()
-    if rank == 0:
-        mark_completed(run_dir, result or {})
-    return 0
+        writer.__exit__()
 
 
 def _cleanup_dist() -> None:
@@ -61,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True, help="<run_dir>/resolved_config.yaml")
     args = ap.parse_args(argv)
+    guard_parent()  # first, before the slow imports: never outlive the launcher (or torchrun)
     path = Path(args.config)
     cfg = load_config(str(path))
     return execute(cfg, path.parent)

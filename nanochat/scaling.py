@@ -149,6 +149,11 @@ def fit_isoflop(budget: float, points: Sequence[Point]) -> IsoFit:
         measured.note = "the parabola opens downward (no valley in the fit): the measured minimum is used"
         return measured
     xv = -c1 / (2 * c2)
+    if not (math.isfinite(xv) and x.min() - 1 <= xv <= x.max() + 1):
+        # a nearly flat parabola puts its vertex decades away: extrapolating that far is meaningless
+        measured.coef = (float(c2), float(c1), float(c0))
+        measured.note = "the fitted optimum lies over a decade outside the sizes run: the measured minimum is used"
+        return measured
     n_opt = 10.0 ** xv
     note = ""
     if not (x.min() <= xv <= x.max()):

@@ -1,19 +1,23 @@
 """Hydra callbacks: the sweep summary written when a multirun ends.
 
 Runs in the launching process after every job returned (also with the Slurm launcher,
-which waits for its jobs), so it reads what the jobs left in their run dirs.
+which waits for its jobs), so it reads what the jobs left in their run dirs. Then:
+- a sweep whose jobs differ in stage.target_flops gets the scaling-law report
+  (nanochat/scaling_report.py → <sweep dir>/scaling/report.md);
+- an Optuna sweep (sweep=lr_search) prints its best trial as a nanochat-run command.
 """
 from __future__ import annotations
 
 import csv
+import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from nanochat.common import read_json
+from nanochat.common import atomic_write_text, read_json
 
 FAILED_JOBS: list[str] = []  # read by launch.run.main to set the exit code
 
@@ -88,3 +92,40 @@ class SweepSummary(Callback):
         bad = [r["job"] for r in rows if r["status"] not in ("completed",)]
         FAILED_JOBS.extend(bad)
         print(f"[nanochat] sweep summary: {path} ({len(rows)} jobs, {len(bad)} not completed)", flush=True)
+        budgets = {r.get("cfg.stage.target_flops") for r in rows} - {None, ""}
+        if len(budgets) >= 2:
+            scaling_report(sweep_dir)
+        if "optuna" in str(config.hydra.sweeper.get("_target_", "")):
+            best_trial_command(sweep_dir, list(config.hydra.overrides.task))
+
+
+def scaling_report(sweep_dir: Path) -> None:
+    """The scaling analysis of a FLOP-budget sweep; a failure here must not fail the sweep."""
+    try:
+        from nanochat.scaling_report import summary_lines, write_report
+        path, res = write_report(sweep_dir)
+    except Exception as e:
+        print(f"[nanochat] scaling report failed: {type(e).__name__}: {e} "
+              f"(rerun: nanochat-scaling {sweep_dir})", flush=True)
+        return
+    for line in summary_lines(res):
+        print(f"[nanochat] {line}", flush=True)
+    print(f"[nanochat] scaling report: {path}", flush=True)
+
+
+def best_trial_command(sweep_dir: Path, task_overrides: list[str]) -> Optional[str]:
+    """Optuna writes optimization_results.yaml after the last trial; turn it into a command."""
+    path = sweep_dir / "optimization_results.yaml"
+    try:
+        best = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        print(f"[nanochat] optuna: no {path} (no trial completed?)", flush=True)
+        return None
+    params = best.get("best_params") or {}
+    keys = set(params)
+    args = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") not in keys]
+    args += [f"{k}={v}" for k, v in params.items()]
+    cmd = "nanochat-run " + " ".join(shlex.quote(a) for a in args)
+    atomic_write_text(sweep_dir / "best_command.txt", cmd + "\n")
+    print(f"[nanochat] optuna best value {best.get('best_value')}: {cmd}", flush=True)
+    return cmd

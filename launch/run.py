@@ -247,22 +247,53 @@ def run_job(dcfg: DictConfig) -> dict:
     return run_stage(cfg, composed, hydra_info, job_dir)
 
 
+# the metric a job returns to Hydra when run.objective is null, by the kind of its (last) stage
+HEADLINE = {"pretrain": "final_val_bpb", "mid": "final_val_loss", "sft": "final_val_loss", "rl": "mean_reward",
+            "eval": "val_bpb"}
+
+
+def objective(out: dict, key: Optional[str], stage: str = "pretrain") -> float:
+    """The job's final metric as a float, for any sweeper to optimise (Optuna: sweep=lr_search).
+
+    A failed job, or one without the metric, returns NaN: Optuna records the trial as failed
+    and carries on; the basic sweeper ignores return values.
+    """
+    if out.get("status") != "completed":
+        return float("nan")
+    last = out["stages"][-1] if "stages" in out else out  # a pipeline: its last stage
+    result = last.get("result") or {}
+    if key is None:
+        key = HEADLINE.get(last.get("kind", stage), "final_val_bpb")
+    value = result.get(key)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        print(f"[nanochat] run.objective={key!r}: not a number in result.json ({value!r}); returning NaN",
+              flush=True)
+        return float("nan")
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_entry(dcfg: DictConfig) -> Any:
-    """The Hydra task: never raises, never exits (a multirun must survive a bad job)."""
+    """The Hydra task: never raises, never exits (a multirun must survive a bad job).
+
+    Returns the job's final metric (`objective`), which is what sweepers optimise.
+    """
+    key = OmegaConf.select(dcfg, "run.objective", default=None)
+    stage = str(OmegaConf.select(dcfg, "stage.name", default="pretrain"))
     try:
         out = run_job(dcfg)
     except ConfigError as e:
         print_config_error(e)
         _State.failures.append(f"config: {e}")
-        return {"status": "config_error", "error": str(e)}
+        return float("nan")
     except Exception as e:
         traceback.print_exc()
         _State.failures.append(f"{type(e).__name__}: {e}")
-        return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        return float("nan")
     if out["status"] not in ("completed", "dry_run"):
         _State.failures.append(f"{out.get('run_dir')}: {out['status']}")
-    return out
+    return objective(out, key, stage)
 
 
 def exit_code() -> int:

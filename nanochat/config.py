@@ -39,6 +39,7 @@ class RunConfig:
     seed: int = 42
     pipeline: Optional[list] = None    # list of stage names run one after another
     print_config: bool = False         # print the resolved config on a real run too
+    objective: Optional[str] = None    # result.json key a multirun job returns to Hydra's sweeper
 
 
 @dataclass

@@ -236,6 +236,23 @@ def param_counts(s: ModelShape) -> dict[str, int]:
                 scaling=matrices + lm_head + gates)  # gates live in the blocks
 
 
+def param_breakdown(s: ModelShape) -> dict[str, int]:
+    """Parameters by role, as scaling-law studies count them (recorded in pretrain's result.json).
+
+    wte (token embedding), value_embeds, lm_head, matrices (everything inside the transformer
+    blocks, value-embedding gates included), scalars (lambdas, smear, backout: outside the blocks),
+    total; and the two other counts a fit may use: non_embedding = total − lookup tables, and
+    matmul = matrices + lm_head (nanochat's "scaling params": the weights every token multiplies).
+    """
+    c = param_counts(s)
+    matrices = c["matrices"] + c["gates"]
+    out = dict(wte=c["wte"], value_embeds=c["value_embeds"], lm_head=c["lm_head"], matrices=matrices,
+               scalars=c["scalars"], total=c["total"])
+    out["non_embedding"] = c["total"] - c["wte"] - c["value_embeds"]
+    out["matmul"] = matrices + c["lm_head"]
+    return out
+
+
 def flops_per_token(s: ModelShape) -> int:
     """6·(N − lookup tables − scalars) + attention 12·H·head_dim·window summed over layers.
 

@@ -4,7 +4,9 @@
 a list of {"stage", "status", "run_dir", "result"} in run order. The table is printed with
 rich and written as markdown to `<run.root>/report.md` (the latest pipeline's card) and to
 `report.md` in the last stage's run dir (kept with that run). `build_report` gives the rows
-without printing, for tests and other front ends.
+without printing, for tests and other front ends. Each training stage also gets a PNG of its
+loss and validation curves against steps and FLOPs (`curves.png` in its run dir, linked below
+the table).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from nanochat.common import atomic_write_text
+
+TRAINING_STAGES = ("pretrain", "mid", "sft", "rl")
 
 
 def _f(x: Any, digits: int = 4) -> str:
@@ -101,11 +105,43 @@ def to_markdown(rows: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_curves(results: list[dict]) -> list[tuple[str, Path]]:
+    """curves.png in each training stage's run dir; (stage, path) for those drawn.
+
+    A figure that cannot be drawn (no metrics, no matplotlib) is left out, never fatal.
+    """
+    out = []
+    for item in results:
+        kind = item.get("kind", item.get("stage", ""))
+        if kind not in TRAINING_STAGES or not item.get("run_dir"):
+            continue
+        try:
+            from nanochat.plots import training_curves
+            path = training_curves(Path(item["run_dir"]), Path(item["run_dir"]) / "curves.png",
+                                   f"{item.get('stage', kind)}: loss and validation")
+        except Exception as e:
+            print(f"[nanochat] report: no curves for {item.get('stage')}: {type(e).__name__}: {e}", flush=True)
+            continue
+        if path is not None:
+            out.append((item.get("stage", kind), path))
+    return out
+
+
+def curves_markdown(curves: list[tuple[str, Path]]) -> str:
+    """Image links by absolute path, like the run dirs in the table (both copies of the card match)."""
+    if not curves:
+        return ""
+    lines = ["", "## Curves", ""]
+    for stage, path in curves:
+        lines += [f"### {stage}", "", f"![{stage} curves]({Path(path).resolve()})", ""]
+    return "\n".join(lines)
+
+
 def write_report(cfg: Any, results: list[dict]) -> Path:
     """Print the report card and write report.md (see the module docstring); returns its path."""
     rows = build_report(results)
     title = f"nanochat report card ({cfg.experiment or 'pipeline'}, d{cfg.model.depth})"
-    md = to_markdown(rows, title)
+    md = to_markdown(rows, title) + curves_markdown(write_curves(results))
     root = Path(cfg.run.root).expanduser()
     path = root / "report.md"
     atomic_write_text(path, md)

@@ -20,6 +20,7 @@ from nanochat.dataloader import DataLoader
 from nanochat.dataset import list_shards
 from nanochat.gpt import make_grad_scaler
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.plan import param_breakdown
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat import training as T
 
@@ -105,6 +106,7 @@ class SlotLoader:
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
+    wall_t0 = time.time()
     rt = T.setup_runtime(cfg)
     plan = T.load_plan(run_dir)
     st = cfg.stage
@@ -149,7 +151,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
             if fresh and rt.master and st.sample_every > 0 and _due(step, st.sample_every, last):
                 for s in samples(model, tokenizer):
                     tracker.print(f"  sample: {s!r}")
-            if fresh and st.core_every > 0 and _due(step, st.core_every, last):
+            # CORE skips step 0, as nanochat does: with core_every > horizon it runs once, at the end
+            if fresh and st.core_every > 0 and (last or step > 0) and _due(step, st.core_every, last):
                 core = run_core(model, tokenizer, cfg, rt, st.core_max_per_task)
                 tracker.log({"step": step, "core": core["core"]})
                 state.extra["core"] = core["core"]
@@ -207,7 +210,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
         "final_train_loss": state.smooth_loss,
         "tokens_seen": state.tokens_seen,
         "num_params": plan.num_params,
+        "params": param_breakdown(plan.model),  # by role, for scaling-law fits (nanochat-scaling)
+        "flops_per_token": plan.flops_per_token,
         "flops": float(plan.flops_per_token) * state.tokens_seen,
+        "target_flops": st.target_flops,
+        "wall_time_s": time.time() - wall_t0,  # this attempt: setup, training, evals
         "train_time_s": state.train_time_s,
         "tok_per_sec": state.extra.get("timed_tokens", 0) / state.train_time_s if state.train_time_s > 0 else tok_per_sec,
         "mfu": mfu,

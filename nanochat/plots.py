@@ -1,0 +1,91 @@
+"""PNG figures with matplotlib's Agg backend (no display needed), written atomically.
+
+Shared by the scaling report (`nanochat/scaling_report.py`) and the pipeline report card
+(`nanochat/report.py`). matplotlib is imported on first use, so importing this module is free.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (safe on headless machines and in worker processes)."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save(fig, path: Path, dpi: int = 110) -> Path:
+    """Write `fig` as PNG via a temporary file + rename, then close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+    os.replace(tmp, path)
+    pyplot().close(fig)
+    return path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl rows; a torn last line (a run killed mid-write) is skipped."""
+    rows = []
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def _flops_per_step(run_dir: Path) -> Optional[float]:
+    """FLOPs of one optimizer step from the run's (effective) plan, when it has one."""
+    for name in ("effective_plan.json", "plan.json"):
+        p = Path(run_dir) / name
+        if p.exists():
+            try:
+                plan = json.loads(p.read_text())
+                return float(plan["flops_per_token"]) * float(plan["total_batch_size"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return None
+
+
+def training_curves(run_dir: Path, out: Path, title: str) -> Optional[Path]:
+    """Train loss and the validation metric against steps (left) and FLOPs (right); None if no data.
+
+    The validation metric is val/bpb (pretrain), val/loss (mid, sft), or the first val/* key (rl).
+    """
+    rows = read_metrics(run_dir)
+    train_key = next((k for k in ("train/loss", "train/reward") if any(k in r for r in rows)), None)
+    val_keys = [k for r in rows for k in r if k.startswith("val/")]
+    val_key = next((k for k in ("val/bpb", "val/loss") if k in val_keys), val_keys[0] if val_keys else None)
+    if train_key is None and val_key is None:
+        return None
+    fps = _flops_per_step(run_dir)
+    plt = pyplot()
+    ncols = 2 if fps else 1
+    fig, axes = plt.subplots(2, ncols, figsize=(5.5 * ncols, 6), squeeze=False)
+    for row, key in enumerate((train_key, val_key)):
+        pts = [(r["step"], r[key]) for r in rows if key and key in r and "step" in r]
+        for col in range(ncols):
+            ax = axes[row][col]
+            if not pts:
+                ax.set_visible(False)
+                continue
+            xs = [s for s, _ in pts] if col == 0 else [s * fps for s, _ in pts]
+            ax.plot(xs, [v for _, v in pts], marker="o" if len(pts) < 30 else None, ms=3,
+                    color="C0" if row == 0 else "C1")
+            ax.set_xlabel("step" if col == 0 else "FLOPs")
+            ax.set_ylabel(key)
+            if col == 1:
+                ax.set_xscale("log" if min(xs) > 0 else "linear")
+            ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return save(fig, out)

@@ -22,7 +22,8 @@
 #     namespace, the filesystem otherwise shared),
 #     its own slurmd (port 6828, spool /var/lib/nc2node/spool/<node>), pinned to its own CPU
 #     (taskset) and advertised as CPUs=1: the node's CPU share.
-#   - partition `two` with both nodes. SlurmdTimeout=15 s: a node whose slurmd stops answering is
+#   - partition `debug` with both nodes (the name slurm_up.sh uses, so hydra/launcher=slurm needs no
+#     change). SlurmdTimeout=15 s: a node whose slurmd stops answering is
 #     DOWN (and its jobs NODE_FAIL → requeued) within ~15-25 s instead of the default 300 s.
 #     ReturnToService=2: a restarted slurmd brings its node back. KillWait=5, cred_expire=10.
 # Needs root, iproute2 (ip), util-linux (unshare, taskset) and the Slurm packages (slurm_up.sh
@@ -206,7 +207,7 @@ $accounting
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 SlurmdParameters=config_overrides
-${node_lines}PartitionName=two Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP
+${node_lines}PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP
 EOF
 )
 conf_changed=0

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from nanochat.config import Config
+from nanochat.config import Config, ConfigError
 from nanochat.lifecycle import EXIT_PREEMPTED, STOP_SIGNALS
 
 _DROP_EXACT = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
@@ -32,35 +32,86 @@ def clean_env(env: Optional[dict] = None) -> dict:
     return env
 
 
+DEFAULT_RDZV_PORT = 29500
+
+
+def node_rank(cfg: Config) -> int:
+    """This launcher's node in a multi-node job: hardware.node_rank, else $SLURM_NODEID, else 0 on one node."""
+    hw = cfg.hardware
+    if hw.nnodes == 1:
+        return 0
+    if hw.node_rank is not None:
+        return hw.node_rank
+    if os.environ.get("SLURM_NODEID", "").isdigit():
+        return int(os.environ["SLURM_NODEID"])
+    raise ConfigError("hardware.node_rank", None,
+                      f"start one launcher per node with hardware.node_rank=0..{hw.nnodes - 1} and the same "
+                      "hardware.rdzv_endpoint=<node 0 address>:<port>, or submit with hydra/launcher=slurm",
+                      f"hardware.nnodes={hw.nnodes} outside Slurm needs a node rank")
+
+
+def rdzv_endpoint(cfg: Config) -> tuple[str, int]:
+    """(host, port) where node 0 hosts the rendezvous store.
+
+    host: hardware.rdzv_endpoint, else the first node of the Slurm allocation. port: the one
+    given, else 29500 + job id % 1000 under Slurm (two jobs sharing a head node do not collide;
+    every node of a job derives the same one), else 29500.
+    """
+    ep = cfg.hardware.rdzv_endpoint
+    host, port = (ep or ""), None
+    if ep and ":" in ep:
+        host, _, p = ep.rpartition(":")
+        if not p.isdigit() or not 0 < int(p) < 65536:
+            raise ConfigError("hardware.rdzv_endpoint", ep, "write host:port with a port in 1..65535, or just host",
+                              "bad port")
+        port = int(p)
+    host = host or os.environ.get("NANOCHAT_RDZV_HOST") or _slurm_head_node() or ""
+    if not host:
+        raise ConfigError("hardware.rdzv_endpoint", ep, "set hardware.rdzv_endpoint=<node 0 address>[:port] "
+                          "on every node", f"hardware.nnodes={cfg.hardware.nnodes} without Slurm needs node 0's address")
+    if port is None:
+        job = os.environ.get("SLURM_JOB_ID", "")
+        port = DEFAULT_RDZV_PORT + (int(job) % 1000 if job.isdigit() else 0)
+    return host, port
+
+
 def torchrun_command(cfg: Config, config_path: Path, run_dir: Path) -> list[str]:
     hw = cfg.hardware
+    node = node_rank(cfg)
+    # one log dir per node: every node has a local rank 0, and the other nodes' logs must survive
+    log_dir = run_dir / "torchrun" if hw.nnodes == 1 else run_dir / "torchrun" / f"node{node}"
     cmd = [sys.executable, "-m", "torch.distributed.run",
            f"--nproc_per_node={hw.nproc_per_node}",
            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2",
-           f"--log-dir={run_dir / 'torchrun'}", "--tee=3"]
+           f"--log-dir={log_dir}", "--tee=3"]
     if hw.nnodes > 1:
-        # one launcher task per node (Slurm), c10d rendezvous on the first node of the allocation
-        head = os.environ.get("NANOCHAT_RDZV_HOST") or _slurm_head_node() or "localhost"
-        cmd += [f"--nnodes={hw.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={head}:29500",
-                f"--rdzv-id={os.environ.get('SLURM_JOB_ID', 'nanochat')}"]
-        if "SLURM_NODEID" in os.environ:
-            cmd.append(f"--node-rank={os.environ['SLURM_NODEID']}")
+        # static rendezvous: the node rank is known (Slurm or hardware.node_rank), so global rank
+        # 0 (the one that writes) is always on node 0, which hosts the store at the endpoint
+        host, port = rdzv_endpoint(cfg)
+        cmd += [f"--nnodes={hw.nnodes}", f"--node-rank={node}", "--rdzv-backend=static",
+                f"--master-addr={host}", f"--master-port={port}"]
+        if hw.dist_timeout_s is not None:  # how long node 0 waits for the others to join
+            cmd.append(f"--rdzv-conf=timeout={hw.dist_timeout_s}")
     else:
         cmd.append("--standalone")
     cmd += ["-m", "nanochat.stages._entry", "--config", str(config_path)]
+    if config_path.parent != run_dir:
+        cmd += ["--run-dir", str(run_dir)]
     return cmd
 
 
-def _slurm_head_node() -> Optional[str]:
-    nodelist = os.environ.get("SLURM_JOB_NODELIST")
-    if not nodelist:
-        return None
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=10).stdout.split()
-        return out[0] if out else None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
+def node_config(cfg: Config, run_dir: Path) -> Path:
+    """The frozen config this node's workers read. Node 0 froze the run dir; a node > 0 writes
+    nothing there but its own copy under torchrun/node<k>/ (no race with node 0's freeze)."""
+    node = node_rank(cfg)
+    if node == 0:
+        return run_dir / "resolved_config.yaml"
+    from launch.rundir import resolved_yaml
+    from nanochat.common import atomic_write_text
+    path = run_dir / "torchrun" / f"node{node}" / "resolved_config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, resolved_yaml(cfg))
+    return path
 
 
 def run_subprocess(cmd: list[str], env: dict) -> int:
@@ -110,7 +161,7 @@ def run_subprocess(cmd: list[str], env: dict) -> int:
 
 
 def dispatch(cfg: Config, run_dir: Path, in_process: bool) -> int:
-    config_path = run_dir / "resolved_config.yaml"
+    config_path = node_config(cfg, run_dir)
     world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
     if in_process and world == 1:
         # an inherited RANK/WORLD_SIZE (e.g. inside someone else's torchrun) must not make

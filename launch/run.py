@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from launch import rundir, validate
 from nanochat.common import read_json
-from nanochat.lifecycle import read_status, write_status
+from nanochat.lifecycle import EXIT_PREEMPTED, read_status, write_status
 from nanochat.config import STAGE_SCHEMAS, Config, ConfigError, config_from_dict, load_config
 from nanochat.plan import make_plan, plan_rows
 
@@ -108,7 +108,7 @@ def prepare(cfg: Config) -> tuple[Config, Optional[dict], list[tuple[str, str]]]
 
 def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[Path]) -> dict:
     """Validate, plan, freeze and dispatch one stage; returns {'status', 'run_dir', 'result'}."""
-    from launch.dispatch import dispatch
+    from launch.dispatch import dispatch, node_rank
     if not cfg.run.dry_run:  # a dry run may plan for hardware this machine does not have
         validate.check_hardware(cfg)
     cfg, plan, rows = prepare(cfg)
@@ -121,13 +121,21 @@ def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[P
     if cfg.run.skip_if_done and (run_dir / "COMPLETED").exists():
         print(f"[nanochat] skip: {run_dir} is already COMPLETED (run.skip_if_done=true)", flush=True)
         return {"status": "completed", "run_dir": str(run_dir), "skipped": True}
+    node = node_rank(cfg)  # > 0 only on the other nodes of a multi-node job
     rundir.check_resume_policy(cfg, run_dir)
     cfg = replace(cfg, run=replace(cfg.run, dir=str(run_dir)))
-    rundir.freeze(run_dir, cfg, plan or {}, hydra_info["overrides"], hydra_info["choices"], composed)
+    if node == 0:  # one writer per run dir: node 0 freezes it, its global rank 0 writes the rest
+        rundir.freeze(run_dir, cfg, plan or {}, hydra_info["overrides"], hydra_info["choices"], composed)
     print_plan(cfg, plan, rows, run_dir)
     if cfg.run.print_config:
         _console().print(rundir.resolved_yaml(cfg))
     rc = dispatch(cfg, run_dir, in_process=hydra_info["in_process"])
+    if node > 0:
+        # node 0 reports the run (Slurm: the launcher reads task 0's result); this node only says
+        # how its own ranks ended, without touching status files rank 0 may still be writing
+        status = {0: "completed", EXIT_PREEMPTED: "preempted"}.get(rc, "failed")
+        print(f"[nanochat] node {node}: ranks exited {rc} ({status}) → {run_dir}", flush=True)
+        return {"status": status, "run_dir": str(run_dir), "result": None, "exit_code": rc, "node_rank": node}
     status = read_status(run_dir)
     if status == "unknown":  # the worker died before writing a status (killed, crashed at import)
         status = "failed"

@@ -23,8 +23,9 @@
 #     its own slurmd (port 6828, spool /var/lib/nc2node/spool/<node>), pinned to its own CPU
 #     (taskset) and advertised as CPUs=1: the node's CPU share.
 #   - partition `debug` with both nodes (the name slurm_up.sh uses, so hydra/launcher=slurm needs no
-#     change). SlurmdTimeout=15 s: a node whose slurmd stops answering is
-#     DOWN (and its jobs NODE_FAIL → requeued) within ~15-25 s instead of the default 300 s.
+#     change). SlurmdTimeout=30 s: a node whose slurmd stops answering is DOWN (its jobs NODE_FAIL,
+#     then requeued) within ~30-40 s instead of the default 300 s; longer than the tests'
+#     hardware.dist_timeout_s=15, so the surviving ranks record the failure themselves first.
 #     ReturnToService=2: a restarted slurmd brings its node back. KillWait=5, cred_expire=10.
 # Needs root, iproute2 (ip), util-linux (unshare, taskset) and the Slurm packages (slurm_up.sh
 # installs those). Exits 3 when the kernel refuses network namespaces (tests skip on that).
@@ -202,7 +203,7 @@ ReturnToService=2
 MinJobAge=3600
 KillWait=5
 InactiveLimit=0
-SlurmdTimeout=15
+SlurmdTimeout=30
 $accounting
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none

@@ -102,13 +102,14 @@ def torchrun_command(cfg: Config, config_path: Path, run_dir: Path) -> list[str]
 
 def node_config(cfg: Config, run_dir: Path) -> Path:
     """The frozen config this node's workers read. Node 0 froze the run dir; a node > 0 writes
-    nothing there but its own copy under torchrun/node<k>/ (no race with node 0's freeze)."""
+    nothing there but its own copy, torchrun/node<k>/frozen_config.yaml (no race with node 0's freeze)."""
     node = node_rank(cfg)
     if node == 0:
         return run_dir / "resolved_config.yaml"
     from launch.rundir import resolved_yaml
     from nanochat.common import atomic_write_text
-    path = run_dir / "torchrun" / f"node{node}" / "resolved_config.yaml"
+    # not resolved_config.yaml: that name marks a run dir (sweep summaries, `latest`)
+    path = run_dir / "torchrun" / f"node{node}" / "frozen_config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, resolved_yaml(cfg))
     return path

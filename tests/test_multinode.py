@@ -71,7 +71,7 @@ def test_two_launchers_on_loopback(base_dir, workdir, reference):
     # one writer: node 0 froze the run dir; node 1 kept only its config copy and its logs
     meta = json.loads((run_dir / "meta.json").read_text())
     assert "hardware.node_rank=0" in meta["argv"]
-    assert (run_dir / "torchrun" / "node1" / "resolved_config.yaml").exists()
+    assert (run_dir / "torchrun" / "node1" / "frozen_config.yaml").exists()
     for k in (0, 1):
         logs = list((run_dir / "torchrun" / f"node{k}").glob("*/attempt_0/0/stdout.log"))
         assert logs, f"node {k} kept no torchrun log"
@@ -152,6 +152,7 @@ def test_two_node_sweep_on_slurm(cluster, base_dir, workdir, reference):
     for k in (0, 1):
         assert list((run_dir / "torchrun" / f"node{k}").glob("*/attempt_0/0/stdout.log")), f"no logs of node {k}"
     logs = "".join(f.read_text() for f in (sweep / ".submitit").glob("*/*_1_log.out"))
+    assert "hostname=nc2n1" in logs  # task 1 ran in the other namespace: its rank reached node 0 over the veth
     assert "node 1: ranks exited 0 (completed)" in logs
 
 

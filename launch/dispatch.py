@@ -11,10 +11,10 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from nanochat.config import Config, ConfigError
-from nanochat.lifecycle import EXIT_PREEMPTED, STOP_SIGNALS
+from nanochat.lifecycle import EXIT_PREEMPTED, STOP_SIGNALS, read_status
 
 _DROP_EXACT = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ROLE_NAME"}
@@ -115,7 +115,7 @@ def node_config(cfg: Config, run_dir: Path) -> Path:
     return path
 
 
-def run_subprocess(cmd: list[str], env: dict) -> int:
+def run_subprocess(cmd: list[str], env: dict, preempted: Optional[Callable[[], bool]] = None) -> int:
     """Run the child in its own session and forward stop signals to it; returns its exit code.
 
     After the child has checkpointed and exited, a SIGUSR2 is passed on to the handler that
@@ -148,6 +148,8 @@ def run_subprocess(cmd: list[str], env: dict) -> int:
     finally:
         for sig, prev in previous.items():
             signal.signal(sig, prev)
+    if rc != EXIT_PREEMPTED and received and preempted is not None and preempted():
+        rc = EXIT_PREEMPTED  # torchrun exits 1 on any signal it handles, whatever its ranks returned
     if rc == EXIT_PREEMPTED and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
         outer = previous.get(signal.SIGUSR2)
         if signal.SIGUSR2 in received and callable(outer):
@@ -176,4 +178,10 @@ def dispatch(cfg: Config, run_dir: Path, in_process: bool) -> int:
         cmd = [sys.executable, "-m", "nanochat.stages._entry", "--config", str(config_path)]
     else:
         cmd = torchrun_command(cfg, config_path, run_dir)
-    return run_subprocess(cmd, env)
+    node = node_rank(cfg)
+
+    def preempted() -> bool:
+        # rank 0's status says so; a node > 0 cannot see it reliably yet (rank 0 may still be
+        # writing it) and was told to stop like every node, so its ranks count as preempted
+        return node > 0 or read_status(run_dir) == "preempted"
+    return run_subprocess(cmd, env, preempted=preempted if world > 1 else None)

@@ -161,7 +161,7 @@ def test_two_node_sweep_on_slurm(cluster, base_dir, workdir, reference):
 def test_two_node_job_preempted_resumes(cluster, base_dir, workdir, how):
     from slurm_2node import scancel, scontrol
     sweep = workdir / "sweep"
-    n = 40
+    n = 16
     p = _launch([*COMMON, f"stage.num_iterations={n}", "stage.save_every=-1", f"hydra.sweep.dir={sweep}"],
                 base_dir, workdir)
     job = _job_id(sweep, p)
@@ -185,9 +185,10 @@ def test_node_death_fails_resumable(cluster, base_dir, workdir):
     collective with a peer that sends nothing, fails after hardware.dist_timeout_s=15 and marks the
     run failed; Slurm marks the node DOWN after SlurmdTimeout=30 s (+ a 10 s ping interval) and
     ends the job NODE_FAIL. The run dir keeps its checkpoint; the same command resumes it."""
+    from nanochat.lifecycle import read_status
     from slurm_2node import NODES, job_state, kill_node, netns_pids, revive_node, scancel
     sweep = workdir / "sweep"
-    n = 40
+    n = 16
     args = [*COMMON, f"stage.num_iterations={n}", "stage.save_every=5", "hardware.dist_timeout_s=15",
             f"hydra.sweep.dir={sweep}"]
     p = _launch(args, base_dir, workdir)
@@ -199,14 +200,13 @@ def test_node_death_fails_resumable(cluster, base_dir, workdir):
     try:
         bound = 120  # SlurmdTimeout 30 + ping interval 10 + KillWait 5, with slack for a loaded machine
         while time.monotonic() - t0 < bound:
-            status = json.loads((run_dir / "status.json").read_text()).get("status")
-            if job_state(job) != "RUNNING" and status == "failed":
+            if job_state(job) != "RUNNING" and read_status(run_dir) == "failed":
                 break
             time.sleep(1)
         took = time.monotonic() - t0
         state = job_state(job)
-        status = json.loads((run_dir / "status.json").read_text())
-        assert state != "RUNNING" and status["status"] == "failed", (state, status, took)
+        status = read_status(run_dir)
+        assert state != "RUNNING" and status == "failed", (state, status, took)
         print(f"node death → job {state}, run failed after {took:.0f}s")
         # nothing of the job is left hanging on the surviving node (only its slurmd)
         deadline = time.monotonic() + 30

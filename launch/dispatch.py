@@ -100,6 +100,18 @@ def torchrun_command(cfg: Config, config_path: Path, run_dir: Path) -> list[str]
     return cmd
 
 
+def _slurm_head_node() -> Optional[str]:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=10).stdout.split()
+        return out[0] if out else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
 def node_config(cfg: Config, run_dir: Path) -> Path:
     """The frozen config this node's workers read. Node 0 froze the run dir; a node > 0 writes
     nothing there but its own copy, torchrun/node<k>/frozen_config.yaml (no race with node 0's freeze)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,8 +21,6 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY, losses, run_cli
-
-pytestmark = [pytest.mark.slow]
 
 # depth 2, 2 ranks × 8 rows × 128 tokens = one 2048-token global batch per step
 COMMON = [*TINY, "model.depth=2", "stage.total_batch_size=2048", "stage.eval_every=-1", "hardware.num_threads=1"]
@@ -54,6 +53,34 @@ def reference(base_dir, tmp_path_factory) -> dict[int, float]:
     return losses(d / "run")
 
 
+def test_node_rank_and_endpoint(monkeypatch):
+    """The rank/endpoint arithmetic every launcher does before it starts torchrun."""
+    from launch.dispatch import node_rank, rdzv_endpoint, torchrun_command
+    from nanochat.config import Config, ConfigError, HardwareConfig
+    for k in ("SLURM_NODEID", "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "NANOCHAT_RDZV_HOST"):
+        monkeypatch.delenv(k, raising=False)
+    cfg = Config(hardware=HardwareConfig(nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.1:1234"))
+    assert node_rank(cfg) == 1 and rdzv_endpoint(cfg) == ("10.0.0.1", 1234)
+    cmd = torchrun_command(cfg, Path("/r/torchrun/node1/frozen_config.yaml"), Path("/r"))
+    assert {"--nnodes=2", "--node-rank=1", "--rdzv-backend=static", "--master-addr=10.0.0.1",
+            "--master-port=1234", "--log-dir=/r/torchrun/node1"} <= set(cmd)
+    assert cmd[-2:] == ["--run-dir", "/r"]
+    # under Slurm: node rank from SLURM_NODEID, head node from the launcher's setup line, a per-job port
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "4321")
+    monkeypatch.setenv("NANOCHAT_RDZV_HOST", "nc2n0")
+    cfg = Config(hardware=HardwareConfig(nnodes=2))
+    assert node_rank(cfg) == 1 and rdzv_endpoint(cfg) == ("nc2n0", 29500 + 321)
+    with pytest.raises(ConfigError, match="port"):
+        rdzv_endpoint(Config(hardware=HardwareConfig(nnodes=2, rdzv_endpoint="h:99999")))
+    assert node_rank(Config(hardware=HardwareConfig(nnodes=1, node_rank=None))) == 0
+    monkeypatch.delenv("NANOCHAT_RDZV_HOST")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "nc2n[0-1]")  # the head node then comes from the nodelist
+    if shutil.which("scontrol"):
+        assert rdzv_endpoint(cfg)[0] == "nc2n0"
+
+
+@pytest.mark.slow
 def test_two_launchers_on_loopback(base_dir, workdir, reference):
     run_dir = workdir / "run"
     port = _free_port()
@@ -78,6 +105,7 @@ def test_two_launchers_on_loopback(base_dir, workdir, reference):
     assert "step 00004" in "".join(l.read_text() for l in (run_dir / "torchrun" / "node0").rglob("stdout.log"))
 
 
+@pytest.mark.slow
 def test_multinode_without_slurm_needs_node_rank(base_dir, workdir):
     p = run_cli([*COMMON, "stage.num_iterations=1", "hardware.nnodes=2", f"run.dir={workdir / 'r'}"], base_dir, workdir)
     assert p.returncode != 0
@@ -91,10 +119,15 @@ def test_multinode_without_slurm_needs_node_rank(base_dir, workdir):
 
 @pytest.fixture(scope="module")
 def cluster():
-    from slurm_2node import ensure_2node
+    """The two-node cluster; torn down after the module when this fixture built it."""
+    from slurm_2node import SCRIPT, ensure_2node, nodes_ready
+    was_up = nodes_ready()
     reason = ensure_2node()
     if reason:
         pytest.skip(reason)
+    yield
+    if not was_up:
+        subprocess.run(["bash", str(SCRIPT), "--down"], capture_output=True, timeout=120)
 
 
 def _launch(args: list[str], base_dir: Path, cwd: Path) -> subprocess.Popen:
@@ -133,6 +166,7 @@ def _steps(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_two_node_sweep_on_slurm(cluster, base_dir, workdir, reference):
     """A 2-job depth sweep, each job spanning both namespaced nodes; depth 2 equals the 1-node curve."""
     sweep = workdir / "sweep"
@@ -157,6 +191,7 @@ def test_two_node_sweep_on_slurm(cluster, base_dir, workdir, reference):
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["usr2", "requeue"])
 def test_two_node_job_preempted_resumes(cluster, base_dir, workdir, how):
     from slurm_2node import scancel, scontrol
@@ -180,6 +215,7 @@ def test_two_node_job_preempted_resumes(cluster, base_dir, workdir, how):
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_node_death_fails_resumable(cluster, base_dir, workdir):
     """Node 1 dies mid-job (link down, then every process in it killed). Bounds: rank 0, stuck in a
     collective with a peer that sends nothing, fails after hardware.dist_timeout_s=15 and marks the

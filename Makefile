@@ -4,7 +4,7 @@ VENV    ?= .venv
 TORCH   ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench serve clean
+.PHONY: setup demo test test-fast bench serve clean slurm-2node slurm-2node-down
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -35,6 +35,13 @@ bench: setup
 	$(VENV)/bin/python bench/tokenizer_train.py
 	$(VENV)/bin/python bench/download.py
 	$(VENV)/bin/python bench/serve.py
+
+# the two-node Slurm test cluster (network namespaces; root, after .ci/slurm_up.sh)
+slurm-2node:
+	bash .ci/slurm_2node.sh
+
+slurm-2node-down:
+	bash .ci/slurm_2node.sh --down
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache

@@ -16,10 +16,11 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from nanochat.config import Config
-from nanochat.lifecycle import EXIT_PREEMPTED, LAUNCHER_PID_ENV, STOP_SIGNALS, die_with_parent_preexec, kill_tree
+from nanochat.config import Config, ConfigError
+from nanochat.lifecycle import (EXIT_PREEMPTED, LAUNCHER_PID_ENV, STOP_SIGNALS, die_with_parent_preexec,
+                                kill_tree, read_status)
 
 _DROP_EXACT = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ROLE_NAME"}
@@ -38,22 +39,71 @@ def clean_env(env: Optional[dict] = None) -> dict:
     return env
 
 
+DEFAULT_RDZV_PORT = 29500
+
+
+def node_rank(cfg: Config) -> int:
+    """This launcher's node in a multi-node job: hardware.node_rank, else $SLURM_NODEID, else 0 on one node."""
+    hw = cfg.hardware
+    if hw.nnodes == 1:
+        return 0
+    if hw.node_rank is not None:
+        return hw.node_rank
+    if os.environ.get("SLURM_NODEID", "").isdigit():
+        return int(os.environ["SLURM_NODEID"])
+    raise ConfigError("hardware.node_rank", None,
+                      f"start one launcher per node with hardware.node_rank=0..{hw.nnodes - 1} and the same "
+                      "hardware.rdzv_endpoint=<node 0 address>:<port>, or submit with hydra/launcher=slurm",
+                      f"hardware.nnodes={hw.nnodes} outside Slurm needs a node rank")
+
+
+def rdzv_endpoint(cfg: Config) -> tuple[str, int]:
+    """(host, port) where node 0 hosts the rendezvous store.
+
+    host: hardware.rdzv_endpoint, else the first node of the Slurm allocation. port: the one
+    given, else 29500 + job id % 1000 under Slurm (two jobs sharing a head node do not collide;
+    every node of a job derives the same one), else 29500.
+    """
+    ep = cfg.hardware.rdzv_endpoint
+    host, port = (ep or ""), None
+    if ep and ":" in ep:
+        host, _, p = ep.rpartition(":")
+        if not p.isdigit() or not 0 < int(p) < 65536:
+            raise ConfigError("hardware.rdzv_endpoint", ep, "write host:port with a port in 1..65535, or just host",
+                              "bad port")
+        port = int(p)
+    host = host or os.environ.get("NANOCHAT_RDZV_HOST") or _slurm_head_node() or ""
+    if not host:
+        raise ConfigError("hardware.rdzv_endpoint", ep, "set hardware.rdzv_endpoint=<node 0 address>[:port] "
+                          "on every node", f"hardware.nnodes={cfg.hardware.nnodes} without Slurm needs node 0's address")
+    if port is None:
+        job = os.environ.get("SLURM_JOB_ID", "")
+        port = DEFAULT_RDZV_PORT + (int(job) % 1000 if job.isdigit() else 0)
+    return host, port
+
+
 def torchrun_command(cfg: Config, config_path: Path, run_dir: Path) -> list[str]:
     hw = cfg.hardware
+    node = node_rank(cfg)
+    # one log dir per node: every node has a local rank 0, and the other nodes' logs must survive
+    log_dir = run_dir / "torchrun" if hw.nnodes == 1 else run_dir / "torchrun" / f"node{node}"
     cmd = [sys.executable, "-m", "torch.distributed.run",
            f"--nproc_per_node={hw.nproc_per_node}",
            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2",
-           f"--log-dir={run_dir / 'torchrun'}", "--tee=3"]
+           f"--log-dir={log_dir}", "--tee=3"]
     if hw.nnodes > 1:
-        # one launcher task per node (Slurm), c10d rendezvous on the first node of the allocation
-        head = os.environ.get("NANOCHAT_RDZV_HOST") or _slurm_head_node() or "localhost"
-        cmd += [f"--nnodes={hw.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={head}:29500",
-                f"--rdzv-id={os.environ.get('SLURM_JOB_ID', 'nanochat')}"]
-        if "SLURM_NODEID" in os.environ:
-            cmd.append(f"--node-rank={os.environ['SLURM_NODEID']}")
+        # static rendezvous: the node rank is known (Slurm or hardware.node_rank), so global rank
+        # 0 (the one that writes) is always on node 0, which hosts the store at the endpoint
+        host, port = rdzv_endpoint(cfg)
+        cmd += [f"--nnodes={hw.nnodes}", f"--node-rank={node}", "--rdzv-backend=static",
+                f"--master-addr={host}", f"--master-port={port}"]
+        if hw.dist_timeout_s is not None:  # how long node 0 waits for the others to join
+            cmd.append(f"--rdzv-conf=timeout={hw.dist_timeout_s}")
     else:
         cmd.append("--standalone")
     cmd += ["-m", "nanochat.stages._entry", "--config", str(config_path)]
+    if config_path.parent != run_dir:
+        cmd += ["--run-dir", str(run_dir)]
     return cmd
 
 
@@ -69,7 +119,22 @@ def _slurm_head_node() -> Optional[str]:
         return None
 
 
-def run_subprocess(cmd: list[str], env: dict) -> int:
+def node_config(cfg: Config, run_dir: Path) -> Path:
+    """The frozen config this node's workers read. Node 0 froze the run dir; a node > 0 writes
+    nothing there but its own copy, torchrun/node<k>/frozen_config.yaml (no race with node 0's freeze)."""
+    node = node_rank(cfg)
+    if node == 0:
+        return run_dir / "resolved_config.yaml"
+    from launch.rundir import resolved_yaml
+    from nanochat.common import atomic_write_text
+    # not resolved_config.yaml: that name marks a run dir (sweep summaries, `latest`)
+    path = run_dir / "torchrun" / f"node{node}" / "frozen_config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, resolved_yaml(cfg))
+    return path
+
+
+def run_subprocess(cmd: list[str], env: dict, preempted: Optional[Callable[[], bool]] = None) -> int:
     """Run the child in its own session and forward stop signals to it; returns its exit code.
 
     After the child has checkpointed and exited, a SIGUSR2 is passed on to the handler that
@@ -105,6 +170,8 @@ def run_subprocess(cmd: list[str], env: dict) -> int:
             signal.signal(sig, prev)
         if proc.poll() is None:  # leaving by an exception: take the tree down with us
             kill_tree(proc.pid)
+    if rc != EXIT_PREEMPTED and received and preempted is not None and preempted():
+        rc = EXIT_PREEMPTED  # torchrun exits 1 on any signal it handles, whatever its ranks returned
     if rc == EXIT_PREEMPTED and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
         outer = previous.get(signal.SIGUSR2)
         if signal.SIGUSR2 in received and callable(outer):
@@ -119,7 +186,7 @@ def run_subprocess(cmd: list[str], env: dict) -> int:
 
 
 def dispatch(cfg: Config, run_dir: Path, in_process: bool) -> int:
-    config_path = run_dir / "resolved_config.yaml"
+    config_path = node_config(cfg, run_dir)
     world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
     if cfg.stage.name == "serve":
         world = 1  # one process; its replicas (one per GPU) are threads, not torchrun ranks
@@ -135,4 +202,10 @@ def dispatch(cfg: Config, run_dir: Path, in_process: bool) -> int:
         cmd = [sys.executable, "-m", "nanochat.stages._entry", "--config", str(config_path)]
     else:
         cmd = torchrun_command(cfg, config_path, run_dir)
-    return run_subprocess(cmd, env)
+    node = node_rank(cfg)
+
+    def preempted() -> bool:
+        # rank 0's status says so; a node > 0 cannot see it reliably yet (rank 0 may still be
+        # writing it) and was told to stop like every node, so its ranks count as preempted
+        return node > 0 or read_status(run_dir) == "preempted"
+    return run_subprocess(cmd, env, preempted=preempted if world > 1 else None)

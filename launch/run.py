@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from launch import rundir, validate
 from nanochat.common import read_json
-from nanochat.lifecycle import read_status, write_status
+from nanochat.lifecycle import EXIT_PREEMPTED, read_status, write_status
 from nanochat.config import STAGE_SCHEMAS, Config, ConfigError, config_from_dict, load_config
 from nanochat.plan import make_plan, plan_rows
 from nanochat.runlock import lock_run_dir
@@ -116,7 +116,7 @@ def prepare(cfg: Config) -> tuple[Config, Optional[dict], list[tuple[str, str]]]
 
 def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[Path]) -> dict:
     """Validate, plan, freeze and dispatch one stage; returns {'status', 'run_dir', 'result'}."""
-    from launch.dispatch import dispatch
+    from launch.dispatch import dispatch, node_rank
     validate.check_serve(cfg)
     if not cfg.run.dry_run:  # a dry run may plan for hardware this machine does not have
         validate.check_hardware(cfg)
@@ -130,16 +130,25 @@ def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[P
     if cfg.run.skip_if_done and (run_dir / "COMPLETED").exists():
         print(f"[nanochat] skip: {run_dir} is already COMPLETED (run.skip_if_done=true)", flush=True)
         return {"status": "completed", "run_dir": str(run_dir), "skipped": True}
-    # one writer per run dir: refuse (RunDirBusy names the holder) before anything in it changes
-    lock = lock_run_dir(run_dir, cfg.hardware.nnodes)
+    node = node_rank(cfg)  # > 0 only on the other nodes of a multi-node job
+    # one writer per run dir: node 0's launcher holds the lock (RunDirBusy names the holder) before
+    # anything in it changes; the other nodes of the same job must not be refused by it
+    lock = lock_run_dir(run_dir, cfg.hardware.nnodes) if node == 0 else None
     try:
         rundir.check_resume_policy(cfg, run_dir, verify_checkpoints=lock is not None)
         cfg = replace(cfg, run=replace(cfg.run, dir=str(run_dir)))
-        rundir.freeze(run_dir, cfg, plan or {}, hydra_info["overrides"], hydra_info["choices"], composed)
+        if node == 0:  # node 0 freezes the run dir, its global rank 0 writes the rest
+            rundir.freeze(run_dir, cfg, plan or {}, hydra_info["overrides"], hydra_info["choices"], composed)
         print_plan(cfg, plan, rows, run_dir)
         if cfg.run.print_config:
             _console().print(rundir.resolved_yaml(cfg))
         rc = dispatch(cfg, run_dir, in_process=hydra_info["in_process"])
+        if node > 0:
+            # node 0 reports the run (Slurm: the launcher reads task 0's result); this node only says
+            # how its own ranks ended, without touching status files rank 0 may still be writing
+            status = {0: "completed", EXIT_PREEMPTED: "preempted"}.get(rc, "failed")
+            print(f"[nanochat] node {node}: ranks exited {rc} ({status}) → {run_dir}", flush=True)
+            return {"status": status, "run_dir": str(run_dir), "result": None, "exit_code": rc, "node_rank": node}
         status = read_status(run_dir)
         if status == "unknown":  # the worker died before writing a status (killed, crashed at import)
             status = "failed"

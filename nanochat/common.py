@@ -95,11 +95,13 @@ def pick_device(device: str) -> str:
     return "cpu"
 
 
-def init_distributed(device: str = "cpu", backend: str | None = None, num_threads: int | None = None):
+def init_distributed(device: str = "cpu", backend: str | None = None, num_threads: int | None = None,
+                     timeout_s: int | None = None):
     """Set up torch.distributed if launched by torchrun; returns (rank, local_rank, world, torch.device).
 
     CPU ranks share the machine's cores, so each gets cores // local_world threads
-    unless told otherwise (oversubscription makes gloo runs crawl).
+    unless told otherwise (oversubscription makes gloo runs crawl). `timeout_s` bounds every
+    collective: a rank whose peer vanished (a dead node) fails after it instead of hanging.
     """
     import torch
     import torch.distributed as dist
@@ -113,7 +115,11 @@ def init_distributed(device: str = "cpu", backend: str | None = None, num_thread
         backend = backend or ("nccl" if device == "cuda" else "gloo")
         if device == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        kwargs = {}
+        if timeout_s is not None:
+            import datetime
+            kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, **kwargs)
     if device == "cuda":
         dev = torch.device("cuda", local_rank)
     else:

@@ -94,6 +94,11 @@ class HardwareConfig:
     compile: bool = False
     num_threads: Optional[int] = None  # torch threads per rank on CPU; null → cores / nproc
     backend: Optional[str] = None     # gloo | nccl; null → by device
+    # multi-node (nnodes > 1). Under Slurm all three may stay null; without it, start one
+    # launcher per node with node_rank=0..nnodes-1 and the same rdzv_endpoint (node 0's address).
+    node_rank: Optional[int] = None   # null → $SLURM_NODEID
+    rdzv_endpoint: Optional[str] = None  # host[:port] of node 0; null → first node of the allocation
+    dist_timeout_s: Optional[int] = None  # collective/rendezvous timeout; null → torch's (gloo 30 min)
 
 
 @dataclass
@@ -389,6 +394,13 @@ def config_from_dict(tree: dict) -> Config:
         if v not in choices:
             raise ConfigError(key, v, f"use one of: {', '.join(choices)}", "invalid choice")
     _check_ranges(cfg)
+    hw = cfg.hardware
+    if hw.node_rank is not None and not 0 <= hw.node_rank < hw.nnodes:
+        raise ConfigError("hardware.node_rank", hw.node_rank, f"use 0..{hw.nnodes - 1} (hardware.nnodes={hw.nnodes})",
+                          "out of range")
+    if hw.dist_timeout_s is not None and hw.dist_timeout_s < 1:
+        raise ConfigError("hardware.dist_timeout_s", hw.dist_timeout_s, "use a positive number of seconds, "
+                          "or null for torch's default", "out of range")
     return cfg
 
 

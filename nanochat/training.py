@@ -54,7 +54,7 @@ class Runtime:
 
 def setup_runtime(cfg: Config) -> Runtime:
     hw = cfg.hardware
-    rank, local_rank, world, device = init_distributed(hw.device, hw.backend, hw.num_threads)
+    rank, local_rank, world, device = init_distributed(hw.device, hw.backend, hw.num_threads, hw.dist_timeout_s)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

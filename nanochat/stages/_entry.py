@@ -68,11 +68,12 @@ def _cleanup_dist() -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True, help="<run_dir>/resolved_config.yaml")
+    ap.add_argument("--run-dir", default=None, help="default: the config's dir (node > 0 keeps its copy elsewhere)")
     args = ap.parse_args(argv)
     guard_parent()  # first, before the slow imports: never outlive the launcher (or torchrun)
     path = Path(args.config)
     cfg = load_config(str(path))
-    return execute(cfg, path.parent)
+    return execute(cfg, Path(args.run_dir) if args.run_dir else path.parent)
 
 
 if __name__ == "__main__":

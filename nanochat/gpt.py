@@ -34,13 +34,14 @@ scale. Under torch.compile or on GPU the plain ops are used (same math).
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nanochat.attention import cached_attention, causal_attention, resolve_backend
 
 VE_GATE_CHANNELS = 32   # value-embedding gate reads this many leading channels of the block input
 SMEAR_CHANNELS = 24     # smear gate reads this many leading channels of the embedding
@@ -199,30 +200,6 @@ def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     cos, sin = rope[..., 0].to(x.dtype), rope[..., 1].to(x.dtype)
     x1, x2 = xp[..., 0], xp[..., 1]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-
-
-def autocast_ctx(device_type: str, dtype: torch.dtype | str):
-    """Mixed-precision context for the training loop: bf16/fp16 autocast on CUDA, nothing otherwise.
-
-    CPU always runs fp32 (bf16 matmuls are ~100× slower than fp32 on CPUs without AMX), so on CPU
-    this returns a null context whatever dtype was asked for.
-    """
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if device_type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        return torch.amp.autocast(device_type="cuda", dtype=dtype)
-    return nullcontext()
-
-
-def make_grad_scaler(device_type: str, dtype: torch.dtype | str):
-    """A GradScaler that is enabled only for fp16 on CUDA (bf16/fp32 need none).
-
-    Use: scaler.scale(loss).backward(); scaler.unscale_(opt) (before clipping); scaler.step(opt);
-    scaler.update(). Single process only: with world_size > 1 the per-rank inf checks would diverge.
-    """
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return torch.amp.GradScaler(device_type, enabled=(device_type == "cuda" and dtype == torch.float16))
 
 
 # ----------------------------------------------------------------------------- fused lm_head + loss
@@ -418,11 +395,7 @@ class CausalSelfAttention(nn.Module):
         scale = self.qk_scale ** 2 / math.sqrt(D)
         if kv_cache is None:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            if window >= T:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hkv != H)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[window], scale=scale,
-                                                   enable_gqa=Hkv != H)
+            y = causal_attention(q, k, v, window, scale, attn_mask["backend"], attn_mask.get(window))
         else:
             y = self._attend_cached(q, k, v, window, kv_cache, attn_mask, scale)
         y = y.transpose(1, 2).reshape(B, T, H * D)
@@ -437,10 +410,7 @@ class CausalSelfAttention(nn.Module):
         cache.k[li][rows, :, positions] = k.to(cache.k.dtype)
         cache.v[li][rows, :, positions] = v.to(cache.v.dtype)
         keys, vals = cache.k[li, :, :, :S], cache.v[li, :, :, :S]
-        mask = attn_mask["mask"][window]
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.to(q.dtype), vals.to(q.dtype),
-                                           attn_mask=mask, scale=scale, enable_gqa=self.n_kv_head != H)
-        return y
+        return cached_attention(q.transpose(1, 2), keys, vals, positions, window, scale)
 
 
 class MLP(nn.Module):
@@ -465,6 +435,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    attn_backend = "auto"   # hardware.attention: auto | sdpa | flex | flash (nanochat/attention.py)
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -570,9 +542,10 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ forward
     def _masks(self, T: int, device, kv_cache: Optional[KVCache]):
         if kv_cache is None:
-            out = {}
+            # nanochat/attention.py picks the kernel; only the sdpa backend needs dense window masks
+            out = {"backend": resolve_backend(self.attn_backend, torch.device(device).type)}
             for w in set(self.windows):
-                if w < T:
+                if w < T and out["backend"] == "sdpa":
                     key = (T, w, str(device))
                     if key not in self._mask_cache:
                         i = torch.arange(T, device=device)
@@ -586,10 +559,7 @@ class GPT(nn.Module):
         S = int(positions.max()) + 1
         if S > kv_cache.max_len:
             raise ValueError(f"KVCache overflow: need {S} positions, cache max_len={kv_cache.max_len}")
-        j = torch.arange(S, device=device)
-        diff = positions.unsqueeze(-1) - j                                   # (B, T, S)
-        masks = {w: ((diff >= 0) & (diff < w)).unsqueeze(1) for w in set(self.windows)}
-        return {"positions": positions, "S": S, "mask": masks}
+        return {"positions": positions, "S": S}   # per-row window masks: attention.cached_attention
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 kv_cache: Optional[KVCache] = None, loss_reduction: str = "mean"):

@@ -7,7 +7,6 @@ behave the same in every stage.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,14 +19,12 @@ from nanochat.checkpoint import latest_checkpoint, load_meta, load_model_state, 
     save_checkpoint, set_rng_state
 from nanochat.common import get_base_dir, init_distributed, read_json
 from nanochat.config import Config, config_to_dict
-from nanochat.gpt import GPT, GPTConfig, autocast_ctx, build_model
+from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum, weight_decay_at
 from nanochat.lifecycle import STOP, Preempted, stop_requested_all_ranks
 from nanochat.plan import Plan
+from nanochat.precision import Precision
 from nanochat.tracking import Tracker
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class Runtime:
@@ -35,17 +32,20 @@ class Runtime:
     local_rank: int
     world: int
     device: torch.device
-    dtype: torch.dtype
+    precision: Precision             # autocast dtype, loss scaling (nanochat/precision.py)
     base_dir: Path
 
     @property
     def master(self) -> bool:
         return self.rank == 0
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute (autocast) dtype; fp32 when no autocast runs."""
+        return self.precision.compute_dtype
+
     def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return autocast_ctx(self.device.type, self.dtype)
+        return self.precision.autocast()
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -58,7 +58,8 @@ def setup_runtime(cfg: Config) -> Runtime:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(rank, local_rank, world, device, _DTYPES[hw.dtype], get_base_dir(cfg.paths.base_dir))
+    precision = Precision.resolve(device.type, hw.dtype)
+    return Runtime(rank, local_rank, world, device, precision, get_base_dir(cfg.paths.base_dir))
 
 
 def load_plan(run_dir: Path) -> Plan:

@@ -18,7 +18,6 @@ from nanochat.config import Config
 from nanochat.common import barrier
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import list_shards
-from nanochat.gpt import make_grad_scaler
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat import training as T
@@ -124,7 +123,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     resumed = state.step > 0 or loader_state is not None
     train_loader = SlotLoader(cfg, plan, rt, tokenizer, loader_state)
     train_model = torch.compile(model, dynamic=False) if cfg.hardware.compile else model
-    scaler = make_grad_scaler(rt.device.type, rt.dtype)  # a no-op unless fp16 on CUDA
+    scaler = rt.precision.grad_scaler()  # a no-op unless fp16 on CUDA
     N = plan.num_iterations
     tracker = T.make_tracker(cfg, run_dir, rt, N, state.step)
     peak = T.peak_flops(rt.device, rt.dtype)

@@ -82,14 +82,15 @@ class Precision:
             return nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.compute_dtype)
 
-    def grad_scaler(self) -> torch.amp.GradScaler:
+    def grad_scaler(self, **kwargs: Any) -> torch.amp.GradScaler:
         """Enabled only for fp16; disabled, its scale/step/update are plain pass-throughs.
 
         Use: scaler.scale(loss).backward(); scaler.step(opt) (unscales first and skips the step if
         any grad is inf/nan); scaler.update(). Single process only: with several ranks the per-rank
         inf checks could disagree, so launch/validate.py refuses fp16 with world_size > 1.
+        kwargs go to torch.amp.GradScaler (init_scale, growth_interval, ...).
         """
-        return torch.amp.GradScaler(self.device_type, enabled=self.needs_grad_scaler)
+        return torch.amp.GradScaler(self.device_type, enabled=self.needs_grad_scaler, **kwargs)
 
     # ---------------------------------------------------------------- checks
     def check_master_weights(self, model: torch.nn.Module) -> None:

@@ -14,7 +14,7 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 
 class ConfigError(Exception):
@@ -87,8 +87,12 @@ class HardwareConfig:
     nnodes: int = 1
     gpus_per_node: Optional[int] = None  # what Slurm allocates per node (null on CPU: no GPU request)
     dtype: str = "float32"            # float32 | bfloat16 | float16
-    device_batch_size: Optional[int] = None   # null → table below / stage default
+    # null → table below / stage default; auto → the largest power of two that fits (a short
+    # fwd+bwd+step probe at launch, nanochat/batch_size.py), recorded in plan.json
+    device_batch_size: Optional[Union[int, str]] = None
     device_batch_table: dict = field(default_factory=dict)  # depth → device batch
+    auto_batch_memory_gb: Optional[float] = None  # memory the auto probe may fill; null → the device's
+    attention: str = "auto"           # auto | sdpa | flex | flash (nanochat/attention.py)
     compile: bool = False
     num_threads: Optional[int] = None  # torch threads per rank on CPU; null → cores / nproc
     backend: Optional[str] = None     # gloo | nccl; null → by device
@@ -243,7 +247,13 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _check_value(key, value, args[0])
+        first = None
+        for a in args:  # the first member type that accepts the value wins
+            try:
+                return _check_value(key, value, a)
+            except ConfigError as e:
+                first = first or e
+        raise first
     if value is None:
         raise ConfigError(key, value, f"set {key} to a {_type_name(tp)} (null is not allowed here)",
                           "missing value")
@@ -316,6 +326,7 @@ _CHOICES = {
     "model.generation": ("seed", "modern"),
     "hardware.dtype": ("float32", "bfloat16", "float16"),
     "hardware.device": ("cpu", "cuda", "mps", "auto"),
+    "hardware.attention": ("auto", "sdpa", "flex", "flash"),
     "data.source": ("demo", "fineweb_edu", "climbmix", "local"),
     "data.packing": ("stream", "bestfit"),
     "wandb.mode": ("disabled", "offline", "online"),
@@ -365,6 +376,15 @@ def config_from_dict(tree: dict) -> Config:
         v = _get(cfg, key)
         if v < 1:
             raise ConfigError(key, v, f"{key} must be a positive integer", "out of range")
+    dbs = cfg.hardware.device_batch_size
+    if dbs is not None and dbs != "auto" and not (isinstance(dbs, int) and dbs >= 1):
+        raise ConfigError("hardware.device_batch_size", dbs,
+                          "use a positive integer, auto (probe the largest that fits), or null (the table)",
+                          "invalid device batch size")
+    mem = cfg.hardware.auto_batch_memory_gb
+    if mem is not None and mem <= 0:
+        raise ConfigError("hardware.auto_batch_memory_gb", mem, "use a positive number of GiB, or null",
+                          "out of range")
     return cfg
 
 

@@ -114,6 +114,7 @@ class LoopState:
 def init_model(plan: Plan, cfg: Config, rt: Runtime, init_from: Optional[str]) -> tuple[GPT, Optional[dict]]:
     """Fresh model (seeded), or the weights of `init_from`'s last checkpoint."""
     model = build_model(gpt_config(plan), rt.device, cfg.run.seed)
+    model.attn_backend = cfg.hardware.attention
     source_meta = None
     if init_from:
         ckpt = latest_checkpoint(init_from)

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import torch
 
+from nanochat.batch_size import explain_oom
 from nanochat.config import Config
 from nanochat.common import barrier
 from nanochat.dataloader import DataLoader
@@ -163,14 +164,15 @@ def run(cfg: Config, run_dir: Path) -> dict:
             rt.sync()
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=rt.device)
-            for micro in range(plan.grad_accum_steps):
-                x, y = train_loader.next(micro)
-                with rt.autocast():
-                    loss = train_model(x, y)
-                loss_sum += loss.detach()
-                scaler.scale(loss / plan.grad_accum_steps).backward()
-            lrm = T.apply_schedules(optimizer, step, plan)
-            scaler.step(optimizer)  # unscales first, skips the step on inf/nan grads (fp16)
+            with explain_oom(plan.device_batch_size, plan.grad_accum_steps):  # OOM → which batch to try
+                for micro in range(plan.grad_accum_steps):
+                    x, y = train_loader.next(micro)
+                    with rt.autocast():
+                        loss = train_model(x, y)
+                    loss_sum += loss.detach()
+                    scaler.scale(loss / plan.grad_accum_steps).backward()
+                lrm = T.apply_schedules(optimizer, step, plan)
+                scaler.step(optimizer)  # unscales first, skips the step on inf/nan grads (fp16)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             train_loss = T.all_reduce_mean(loss_sum / plan.grad_accum_steps).item()

@@ -110,7 +110,8 @@ class Precision:
     def describe(self) -> str:
         extra = f" ({'; '.join(self.notes)})" if self.notes else ""
         scaler = " + GradScaler" if self.needs_grad_scaler else ""
-        return f"{self.device_type} {self.name} autocast{scaler}, fp32 master weights/logits/optimizer{extra}"
+        mode = f"{self.name} autocast" if self.autocast_enabled else "fp32 (no autocast)"
+        return f"{self.device_type} {mode}{scaler}, fp32 master weights/logits/optimizer{extra}"
 
 
 def _states(optimizer: Any) -> Iterable[dict]:

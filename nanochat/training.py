@@ -189,8 +189,6 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- throughput
 
 _PEAK_CACHE: dict = {}
-# dense bf16 peak FLOP/s for MFU on known GPUs (by substring of the device name)
-_GPU_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12, "A10": 125e12}
 
 
 def measure_cpu_matmul_flops(n: int = 2048, reps: int = 8) -> float:
@@ -214,8 +212,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     key = (device.type, dtype)
     if key not in _PEAK_CACHE:
         if device.type == "cuda":
-            name = torch.cuda.get_device_name(device)
-            peak = next((v for k, v in _GPU_PEAK.items() if k in name), 312e12)
+            from nanochat.gpus import bf16_peak_flops  # dense bf16 table with sources
+            peak = bf16_peak_flops(torch.cuda.get_device_name(device)) or 312e12
             _PEAK_CACHE[key] = peak if dtype != torch.float32 else peak / 2
         else:
             _PEAK_CACHE[key] = measure_cpu_matmul_flops()

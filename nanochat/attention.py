@@ -196,14 +196,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
 
 
 def cached_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, positions: torch.Tensor,
-                     window: int, scale: float) -> torch.Tensor:
+                     window: int, scale: float, min_position: Optional[int] = None) -> torch.Tensor:
     """Attention of new queries q (B, H, T, D) at `positions` (B, T) over the cache keys/vals (B, Hkv, S, D).
 
     Row b's query t sees cache slots j with positions[b, t] - window < j <= positions[b, t].
     Only the slots some row's window reaches are read (decode cost ~ window, not S).
+    min_position: positions.min() if the caller has it (saves a device sync per layer).
     """
     S = keys.size(-2)
-    lo = max(0, int(positions.min()) - window + 1)
+    first = int(positions.min()) if min_position is None else min_position
+    lo = max(0, first - window + 1)
     j = torch.arange(lo, S, device=q.device)
     diff = positions.unsqueeze(-1) - j                                     # (B, T, S - lo)
     mask = ((diff >= 0) & (diff < window)).unsqueeze(1)                    # (B, 1, T, S - lo)

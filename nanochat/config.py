@@ -248,7 +248,8 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
         if value is None:
             return None
         first = None
-        for a in args:  # the first member type that accepts the value wins
+        # str last: typing caches Unions ignoring order, so Union[int, str] may list str first
+        for a in sorted(args, key=lambda a: a is str):
             try:
                 return _check_value(key, value, a)
             except ConfigError as e:

@@ -410,7 +410,7 @@ class CausalSelfAttention(nn.Module):
         cache.k[li][rows, :, positions] = k.to(cache.k.dtype)
         cache.v[li][rows, :, positions] = v.to(cache.v.dtype)
         keys, vals = cache.k[li, :, :, :S], cache.v[li, :, :, :S]
-        return cached_attention(q.transpose(1, 2), keys, vals, positions, window, scale)
+        return cached_attention(q.transpose(1, 2), keys, vals, positions, window, scale, attn_mask["min_pos"])
 
 
 class MLP(nn.Module):
@@ -559,7 +559,8 @@ class GPT(nn.Module):
         S = int(positions.max()) + 1
         if S > kv_cache.max_len:
             raise ValueError(f"KVCache overflow: need {S} positions, cache max_len={kv_cache.max_len}")
-        return {"positions": positions, "S": S}   # per-row window masks: attention.cached_attention
+        # per-row window masks are built by attention.cached_attention
+        return {"positions": positions, "S": S, "min_pos": int(positions.min())}
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 kv_cache: Optional[KVCache] = None, loss_reduction: str = "mean"):

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from nanochat.gpt import GPTConfig, autocast_ctx, build_model  # noqa: E402
+from nanochat.gpt import GPTConfig, build_model  # noqa: E402
+from nanochat.precision import Precision  # noqa: E402
 from nanochat.optim import build_optimizer  # noqa: E402
 
 MODERN = dict(value_embeds=True, window_pattern="SSSL", resid_lambdas=True, x0_lambdas=True,
@@ -71,7 +72,7 @@ def bench(arch: str, args, peak: float) -> dict:
     accum = args.total_batch // tokens_per_micro
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, cfg.vocab_size, (accum, args.device_batch, args.seq + 1), generator=g).to(device)
-    ctx = autocast_ctx(torch.device(device).type, args.dtype)
+    ctx = Precision.resolve(torch.device(device).type, args.dtype).autocast()
 
     def train_step():
         t0 = time.perf_counter()

@@ -96,6 +96,9 @@ def prepare(cfg: Config) -> tuple[Config, Optional[dict], list[tuple[str, str]]]
         if cfg.model.vocab_size is None and vocab is not None:
             cfg = replace(cfg, model=replace(cfg.model, vocab_size=vocab))
         p = make_plan(cfg)
+        if cfg.hardware.device_batch_size == "auto" and not cfg.run.dry_run and name in TRAIN_STAGES:
+            from launch.probe import probe_device_batch
+            p = make_plan(cfg, probe=probe_device_batch(cfg, p))
         plan = p.to_dict()
         rows = plan_rows(p)
         if name in ("mid", "sft", "rl") and cfg.stage.num_iterations is None:

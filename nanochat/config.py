@@ -15,7 +15,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 
 class ConfigError(Exception):
@@ -89,8 +89,12 @@ class HardwareConfig:
     nnodes: int = 1
     gpus_per_node: Optional[int] = None  # what Slurm allocates per node (null on CPU: no GPU request)
     dtype: str = "float32"            # float32 | bfloat16 | float16
-    device_batch_size: Optional[int] = None   # null → table below / stage default
+    # null → table below / stage default; auto → the largest power of two that fits (a short
+    # fwd+bwd+step probe at launch, nanochat/batch_size.py), recorded in plan.json
+    device_batch_size: Optional[Union[int, str]] = None
     device_batch_table: dict = field(default_factory=dict)  # depth → device batch
+    auto_batch_memory_gb: Optional[float] = None  # memory the auto probe may fill; null → the device's
+    attention: str = "auto"           # auto | sdpa | flex | flash (nanochat/attention.py)
     compile: bool = False
     num_threads: Optional[int] = None  # torch threads per rank on CPU; null → cores / nproc
     backend: Optional[str] = None     # gloo | nccl; null → by device
@@ -275,7 +279,14 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _check_value(key, value, args[0])
+        first = None
+        # str last: typing caches Unions ignoring order, so Union[int, str] may list str first
+        for a in sorted(args, key=lambda a: a is str):
+            try:
+                return _check_value(key, value, a)
+            except ConfigError as e:
+                first = first or e
+        raise first
     if value is None:
         raise ConfigError(key, value, f"set {key} to a {_type_name(tp)} (null is not allowed here)",
                           "missing value")
@@ -348,6 +359,7 @@ _CHOICES = {
     "model.generation": ("seed", "modern"),
     "hardware.dtype": ("float32", "bfloat16", "float16"),
     "hardware.device": ("cpu", "cuda", "mps", "auto"),
+    "hardware.attention": ("auto", "sdpa", "flex", "flash"),
     "data.source": ("demo", "fineweb_edu", "climbmix", "hub", "local"),
     "data.packing": ("stream", "bestfit"),
     "wandb.mode": ("disabled", "offline", "online"),
@@ -401,6 +413,15 @@ def config_from_dict(tree: dict) -> Config:
     if hw.dist_timeout_s is not None and hw.dist_timeout_s < 1:
         raise ConfigError("hardware.dist_timeout_s", hw.dist_timeout_s, "use a positive number of seconds, "
                           "or null for torch's default", "out of range")
+    dbs = cfg.hardware.device_batch_size
+    if dbs is not None and dbs != "auto" and not (isinstance(dbs, int) and dbs >= 1):
+        raise ConfigError("hardware.device_batch_size", dbs,
+                          "use a positive integer, auto (probe the largest that fits), or null (the table)",
+                          "invalid device batch size")
+    mem = cfg.hardware.auto_batch_memory_gb
+    if mem is not None and mem <= 0:
+        raise ConfigError("hardware.auto_batch_memory_gb", mem, "use a positive number of GiB, or null",
+                          "out of range")
     return cfg
 
 

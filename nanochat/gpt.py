@@ -41,13 +41,14 @@ scale. Under torch.compile or on GPU the plain ops are used (same math).
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nanochat.attention import cached_attention, causal_attention, resolve_backend
 
 VE_GATE_CHANNELS = 12   # value-embedding gate reads this many leading channels of the block input
 VE_GATE_SCALE = 3.0     # the gate is VE_GATE_SCALE·sigmoid(.), in (0, 3)
@@ -243,30 +244,6 @@ def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
 
-def autocast_ctx(device_type: str, dtype: torch.dtype | str):
-    """Mixed-precision context for the training loop: bf16/fp16 autocast on CUDA, nothing otherwise.
-
-    CPU always runs fp32 (bf16 matmuls are ~100× slower than fp32 on CPUs without AMX), so on CPU
-    this returns a null context whatever dtype was asked for.
-    """
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if device_type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        return torch.amp.autocast(device_type="cuda", dtype=dtype)
-    return nullcontext()
-
-
-def make_grad_scaler(device_type: str, dtype: torch.dtype | str):
-    """A GradScaler that is enabled only for fp16 on CUDA (bf16/fp32 need none).
-
-    Use: scaler.scale(loss).backward(); scaler.unscale_(opt) (before clipping); scaler.step(opt);
-    scaler.update(). Single process only: with world_size > 1 the per-rank inf checks would diverge.
-    """
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return torch.amp.GradScaler(device_type, enabled=(device_type == "cuda" and dtype == torch.float16))
-
-
 # ----------------------------------------------------------------------------- fused lm_head + loss
 
 class _LinearSoftcapCrossEntropy(torch.autograd.Function):
@@ -460,11 +437,7 @@ class CausalSelfAttention(nn.Module):
         scale = self.qk_scale ** 2 / math.sqrt(D)
         if kv_cache is None:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            if window >= T:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hkv != H)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[window], scale=scale,
-                                                   enable_gqa=Hkv != H)
+            y = causal_attention(q, k, v, window, scale, attn_mask["backend"], attn_mask.get(window))
         else:
             y = self._attend_cached(q, k, v, window, kv_cache, attn_mask, scale)
         y = y.transpose(1, 2).reshape(B, T, H * D)
@@ -479,10 +452,7 @@ class CausalSelfAttention(nn.Module):
         cache.k[li][rows, :, positions] = k.to(cache.k.dtype)
         cache.v[li][rows, :, positions] = v.to(cache.v.dtype)
         keys, vals = cache.k[li, :, :, :S], cache.v[li, :, :, :S]
-        mask = attn_mask["mask"][window]
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.to(q.dtype), vals.to(q.dtype),
-                                           attn_mask=mask, scale=scale, enable_gqa=self.n_kv_head != H)
-        return y
+        return cached_attention(q.transpose(1, 2), keys, vals, positions, window, scale, attn_mask["min_pos"])
 
 
 class MLP(nn.Module):
@@ -507,6 +477,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    attn_backend = "auto"   # hardware.attention: auto | sdpa | flex | flash (nanochat/attention.py)
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -631,9 +603,10 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ forward
     def _masks(self, T: int, device, kv_cache: Optional[KVCache]):
         if kv_cache is None:
-            out = {}
+            # nanochat/attention.py picks the kernel; only the sdpa backend needs dense window masks
+            out = {"backend": resolve_backend(self.attn_backend, torch.device(device).type)}
             for w in set(self.windows):
-                if w < T:
+                if w < T and out["backend"] == "sdpa":
                     key = (T, w, str(device))
                     if key not in self._mask_cache:
                         i = torch.arange(T, device=device)
@@ -647,10 +620,8 @@ class GPT(nn.Module):
         S = int(positions.max()) + 1
         if S > kv_cache.max_len:
             raise ValueError(f"KVCache overflow: need {S} positions, cache max_len={kv_cache.max_len}")
-        j = torch.arange(S, device=device)
-        diff = positions.unsqueeze(-1) - j                                   # (B, T, S)
-        masks = {w: ((diff >= 0) & (diff < w)).unsqueeze(1) for w in set(self.windows)}
-        return {"positions": positions, "S": S, "mask": masks}
+        # per-row window masks are built by attention.cached_attention
+        return {"positions": positions, "S": S, "min_pos": int(positions.min())}
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 kv_cache: Optional[KVCache] = None, loss_reduction: str = "mean"):

@@ -126,6 +126,7 @@ class Plan:
     muon_momentum_end: float
     muon_momentum_steps: int
     notes: list = field(default_factory=list)
+    device_batch_probe: Optional[dict] = None  # hardware.device_batch_size=auto: the probe's trials
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -296,17 +297,49 @@ def grad_accum(total: int, device_batch: int, seq_len: int, world: int) -> int:
     return total // per_step
 
 
-def _device_batch(cfg: Config, depth: int) -> int:
-    hw = cfg.hardware
-    if hw.device_batch_size is not None:
-        return hw.device_batch_size
-    table = {int(k): int(v) for k, v in (hw.device_batch_table or {}).items()}
+def power_of_two_batches(total: int, seq_len: int, world: int) -> list[int]:
+    """Power-of-two device batches whose micro-step divides `total` tokens, largest first."""
+    per = seq_len * world
+    if total % per:
+        return []
+    most = total // per          # grad_accum 1
+    out, b = [], 1
+    while b <= most and most % b == 0:
+        out.append(b)
+        b *= 2
+    return out[::-1]
+
+
+def _table_batch(cfg: Config, depth: int) -> int:
+    table = {int(k): int(v) for k, v in (cfg.hardware.device_batch_table or {}).items()}
     fits = [k for k in table if k >= depth]
     return table[min(fits)] if fits else (table[max(table)] if table else DEFAULT_DEVICE_BATCH)
 
 
-def make_plan(cfg: Config, vocab_size: Optional[int] = None) -> Plan:
-    """All derived numbers for `cfg`; `vocab_size` is the tokenizer's when model.vocab_size is null."""
+def _device_batch(cfg: Config, depth: int) -> int:
+    hw = cfg.hardware
+    if hw.device_batch_size is not None and hw.device_batch_size != "auto":
+        return hw.device_batch_size
+    return _table_batch(cfg, depth)
+
+
+def auto_batch_candidates(cfg: Config, total: int, seq: int, world: int) -> list[int]:
+    """What hardware.device_batch_size=auto may pick (largest first); a ConfigError if nothing can."""
+    cands = power_of_two_batches(total, seq, world)
+    if not cands:
+        raise ConfigError("hardware.device_batch_size", "auto",
+                          f"make stage.total_batch_size a multiple of sequence_len × world = {seq * world}, "
+                          "or set hardware.device_batch_size to an integer",
+                          f"no power-of-two device batch divides total_batch_size={total}")
+    return cands
+
+
+def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dict] = None) -> Plan:
+    """All derived numbers for `cfg`; `vocab_size` is the tokenizer's when model.vocab_size is null.
+
+    probe: the result of nanochat.batch_size.find_device_batch when hardware.device_batch_size=auto
+    (the launcher runs it on a real run); without it an auto plan shows a placeholder from the table.
+    """
     m = cfg.model
     gen = m.generation
     g = GENERATIONS[gen]
@@ -331,6 +364,15 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None) -> Plan:
         total = g["total_batch_size"]
 
     dbs = _device_batch(cfg, m.depth)
+    if cfg.hardware.device_batch_size == "auto":
+        cands = auto_batch_candidates(cfg, total, seq, world)
+        if probe is not None:
+            dbs = int(probe["device_batch_size"])
+            notes.append(f"device_batch_size auto → {dbs} (probe: {probe_summary(probe)})")
+        else:
+            dbs = next((b for b in cands if b <= dbs), cands[-1])
+            notes.append(f"device_batch_size auto: probed on a real run (candidates {cands}); "
+                         f"{dbs} shown until then")
     if dbs * seq * world > total:  # tiny runs: shrink the micro-batch instead of failing
         valid = valid_device_batches(total, seq, world, limit=dbs)
         if valid:
@@ -386,7 +428,20 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None) -> Plan:
         lr_scale_dmodel=dscale, lr_scale_batch=bscale, warmup_steps=warmup, warmdown_steps=warmdown,
         final_lr_frac=final, muon_momentum_start=MUON_MOMENTUM[0], muon_momentum_end=MUON_MOMENTUM[1],
         muon_momentum_steps=MUON_MOMENTUM[2], notes=notes,
+        device_batch_probe=probe if cfg.hardware.device_batch_size == "auto" else None,
     )
+
+
+def probe_summary(probe: dict) -> str:
+    """'64 OOM, 32 fits (11.2 GiB peak)' from a probe result."""
+    parts = []
+    for t in probe.get("trials", []):
+        if t["fits"]:
+            peak = f" ({t['peak_gib']:.2f} GiB peak)" if t.get("peak_gib") is not None else ""
+            parts.append(f"{t['batch']} fits{peak}")
+        else:
+            parts.append(f"{t['batch']} {t['reason']}")
+    return ", ".join(parts)
 
 
 def plan_rows(p: Plan) -> list[tuple[str, str]]:

@@ -7,7 +7,6 @@ behave the same in every stage.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,14 +19,12 @@ from nanochat.checkpoint import latest_checkpoint, load_meta, load_model_state, 
     save_checkpoint, set_rng_state
 from nanochat.common import get_base_dir, init_distributed, read_json
 from nanochat.config import Config, config_to_dict
-from nanochat.gpt import GPT, GPTConfig, autocast_ctx, build_model
+from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum, weight_decay_at
 from nanochat.lifecycle import STOP, Preempted, stop_requested_all_ranks
 from nanochat.plan import Plan
+from nanochat.precision import Precision
 from nanochat.tracking import Tracker
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class Runtime:
@@ -35,17 +32,20 @@ class Runtime:
     local_rank: int
     world: int
     device: torch.device
-    dtype: torch.dtype
+    precision: Precision             # autocast dtype, loss scaling (nanochat/precision.py)
     base_dir: Path
 
     @property
     def master(self) -> bool:
         return self.rank == 0
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute (autocast) dtype; fp32 when no autocast runs."""
+        return self.precision.compute_dtype
+
     def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return autocast_ctx(self.device.type, self.dtype)
+        return self.precision.autocast()
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -58,7 +58,8 @@ def setup_runtime(cfg: Config) -> Runtime:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(rank, local_rank, world, device, _DTYPES[hw.dtype], get_base_dir(cfg.paths.base_dir))
+    precision = Precision.resolve(device.type, hw.dtype)
+    return Runtime(rank, local_rank, world, device, precision, get_base_dir(cfg.paths.base_dir))
 
 
 def load_plan(run_dir: Path) -> Plan:
@@ -113,6 +114,7 @@ class LoopState:
 def init_model(plan: Plan, cfg: Config, rt: Runtime, init_from: Optional[str]) -> tuple[GPT, Optional[dict]]:
     """Fresh model (seeded), or the weights of `init_from`'s last checkpoint."""
     model = build_model(gpt_config(plan), rt.device, cfg.run.seed)
+    model.attn_backend = cfg.hardware.attention
     source_meta = None
     if init_from:
         ckpt = latest_checkpoint(init_from)
@@ -187,8 +189,6 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- throughput
 
 _PEAK_CACHE: dict = {}
-# dense bf16 peak FLOP/s for MFU on known GPUs (by substring of the device name)
-_GPU_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12, "A10": 125e12}
 
 
 def measure_cpu_matmul_flops(n: int = 2048, reps: int = 8) -> float:
@@ -212,8 +212,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     key = (device.type, dtype)
     if key not in _PEAK_CACHE:
         if device.type == "cuda":
-            name = torch.cuda.get_device_name(device)
-            peak = next((v for k, v in _GPU_PEAK.items() if k in name), 312e12)
+            from nanochat.gpus import bf16_peak_flops  # dense bf16 table with sources
+            peak = bf16_peak_flops(torch.cuda.get_device_name(device)) or 312e12
             _PEAK_CACHE[key] = peak if dtype != torch.float32 else peak / 2
         else:
             _PEAK_CACHE[key] = measure_cpu_matmul_flops()

@@ -14,11 +14,11 @@ from typing import Any, Optional
 
 import torch
 
+from nanochat.batch_size import explain_oom
 from nanochat.config import Config
 from nanochat.common import barrier
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import list_shards
-from nanochat.gpt import make_grad_scaler
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.plan import param_breakdown
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -126,7 +126,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     resumed = state.step > 0 or loader_state is not None
     train_loader = SlotLoader(cfg, plan, rt, tokenizer, loader_state)
     train_model = torch.compile(model, dynamic=False) if cfg.hardware.compile else model
-    scaler = make_grad_scaler(rt.device.type, rt.dtype)  # a no-op unless fp16 on CUDA
+    scaler = rt.precision.grad_scaler()  # a no-op unless fp16 on CUDA
     N = plan.num_iterations
     tracker = T.make_tracker(cfg, run_dir, rt, N, state.step)
     peak = T.peak_flops(rt.device, rt.dtype)
@@ -167,14 +167,15 @@ def run(cfg: Config, run_dir: Path) -> dict:
             rt.sync()
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=rt.device)
-            for micro in range(plan.grad_accum_steps):
-                x, y = train_loader.next(micro)
-                with rt.autocast():
-                    loss = train_model(x, y)
-                loss_sum += loss.detach()
-                scaler.scale(loss / plan.grad_accum_steps).backward()
-            lrm = T.apply_schedules(optimizer, step, plan)
-            scaler.step(optimizer)  # unscales first, skips the step on inf/nan grads (fp16)
+            with explain_oom(plan.device_batch_size, plan.grad_accum_steps):  # OOM → which batch to try
+                for micro in range(plan.grad_accum_steps):
+                    x, y = train_loader.next(micro)
+                    with rt.autocast():
+                        loss = train_model(x, y)
+                    loss_sum += loss.detach()
+                    scaler.scale(loss / plan.grad_accum_steps).backward()
+                lrm = T.apply_schedules(optimizer, step, plan)
+                scaler.step(optimizer)  # unscales first, skips the step on inf/nan grads (fp16)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             train_loss = T.all_reduce_mean(loss_sum / plan.grad_accum_steps).item()

@@ -1,0 +1,476 @@
+"""Prove the GPU path on this machine: one PASS/FAIL/SKIP line per check, the figures, a JSON line.
+
+    python bench/gpu_check.py                       # a CUDA machine (all GPUs; < 8 min on one GPU)
+    python bench/gpu_check.py --device cpu --quick  # the same logic on a CPU (~1 min), as tests do
+    python bench/gpu_check.py --only attention,kv_decode --json-out figures.json
+
+Checks
+  train_step    pretrain steps of d12/d20 (seed + modern, bf16, compiled + eager): tok/s, MFU against
+                the GPU's dense bf16 peak (nanochat/gpus.py), peak memory; d20 seed compiled MFU
+                target 45% on H100/H200. CPU: small depths in fp32, eager (MFU vs measured fp32 matmul).
+  bf16_vs_fp32  20 steps of a small model on fixed data in fp32 and under bf16 autocast: the loss
+                curves agree within BF16_TOL nats.
+  kv_decode     prefill + token-by-token decode with the KV cache == the full forward (modern model).
+  attention     every attention backend here vs the reference math, forward and backward, sliding
+                windows included; on CUDA "auto" must not be the dense-mask SDPA, and the time of a
+                window layer by flex vs dense SDPA is printed.
+  precision     the policy this device resolves to; fp16 GradScaler skips a step on inf grads.
+  auto_batch    hardware.device_batch_size=auto's probe for d20 (a tiny model on CPU).
+  torchrun      the torchrun path (NCCL on CUDA with every GPU, gloo on CPU): ranks agree after steps.
+  compile_cache compile time cold (empty inductor cache) and warm (second process, same cache), and
+                that the warm run hits the FX graph cache. CPU: only with --compile (slow here).
+The last line printed is {"gpu_check": {...}} with every figure, for comparing machines.
+Exit code 0 when nothing FAILed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from nanochat import attention as A  # noqa: E402
+from nanochat.gpt import GPTConfig, KVCache, build_model  # noqa: E402
+from nanochat.optim import build_optimizer  # noqa: E402
+from nanochat.precision import Precision  # noqa: E402
+
+BF16_TOL = 0.1          # nats: max |loss_bf16 - loss_fp32| over 20 steps of a small model
+MFU_TARGET = 0.45       # d20 seed, compiled, one H100/H200
+MODERN = dict(value_embeds=True, window_pattern="SSSL", resid_lambdas=True, x0_lambdas=True, smear=True,
+              backout=True, qk_scale=1.2, pad_vocab_to=64, rope_base=100000.0)
+
+
+class Skip(Exception):
+    pass
+
+
+def gpt_config(depth: int, generation: str, seq: int, vocab: int) -> GPTConfig:
+    """nanochat's depth dial (the plan's formulas, kept local so the script needs no config)."""
+    if generation == "seed":
+        d = 64 * depth
+        n_head = max(1, (d + 127) // 128)
+        while d % n_head or (d // n_head) % 2:
+            n_head += 1
+        return GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=d)
+    d = ((depth * 64 + 127) // 128) * 128
+    return GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=depth, n_head=d // 128, n_kv_head=d // 128,
+                     n_embd=d, **MODERN)
+
+
+def optimizer_for(model):
+    return build_optimizer(model, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.2,
+                           weight_decay=0.0)
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def peak_flops(dev: torch.device, precision: Precision) -> tuple[float, str]:
+    if dev.type == "cuda":
+        from nanochat.gpus import bf16_peak_flops
+        name = torch.cuda.get_device_name(dev)
+        peak = bf16_peak_flops(name)
+        if peak is None:
+            return measured_matmul_flops(dev, torch.bfloat16), f"{name} (not in table: measured bf16 matmul)"
+        return (peak if precision.autocast_enabled else peak / 2), f"{name} table"
+    return measured_matmul_flops(dev, torch.float32), "cpu measured fp32 matmul"
+
+
+def measured_matmul_flops(dev: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        sync(dev)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_train_step(args, dev, precision) -> dict:
+    if args.quick or dev.type != "cuda":
+        grid = [(2, "seed", False), (2, "modern", False)] + ([(2, "seed", True)] if args.compile else [])
+        seq, vocab, batch, steps = 64, 512, 2, 2
+    else:
+        grid = [(12, "seed", False), (12, "seed", True), (12, "modern", False), (12, "modern", True),
+                (20, "seed", True), (20, "modern", True)]
+        seq, vocab, batch, steps = 2048, 65536, args.device_batch, 8
+    peak, peak_src = peak_flops(dev, precision)
+    figures, ok = {"peak_flops": peak, "peak_source": peak_src}, True
+    for depth, gen, compiled in grid:
+        key = f"d{depth}_{gen}_{'compiled' if compiled else 'eager'}"
+        cfg = gpt_config(depth, gen, seq, vocab)
+        model = build_model(cfg, dev, 0)
+        opt = optimizer_for(model)
+        fwd = torch.compile(model, dynamic=False) if compiled else model
+        x = torch.randint(0, vocab, (batch, seq + 1), device=dev, generator=torch.Generator(dev).manual_seed(0))
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        times, losses = [], []
+        warm = 2 if dev.type == "cuda" else 1
+        for i in range(steps + warm):    # warm-up steps (compile, allocator, autotune)
+            sync(dev)
+            t0 = time.perf_counter()
+            with precision.autocast():
+                loss = fwd(x[:, :-1], x[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            sync(dev)
+            if i >= warm:
+                times.append(time.perf_counter() - t0)
+        dt = sorted(times)[len(times) // 2]
+        tok_s = batch * seq / dt
+        flops_per_token = model.estimate_flops()
+        mfu = flops_per_token * tok_s / peak
+        mem = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
+        finite = all(torch.isfinite(torch.tensor(losses)))
+        ok &= finite
+        figures[key] = {"tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4), "step_ms": round(dt * 1e3, 2),
+                        "peak_mem_gib": round(mem, 2) if mem is not None else None, "batch": batch, "seq": seq,
+                        "params": model.num_params(), "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)]}
+        print(f"    {key:22s} {tok_s:12,.0f} tok/s  MFU {mfu * 100:5.1f}%  step {dt * 1e3:8.1f} ms"
+              + (f"  peak {mem:.1f} GiB" if mem is not None else ""), flush=True)
+        del model, opt, fwd
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    target = figures.get("d20_seed_compiled")
+    if target and any(k in torch.cuda.get_device_name(dev) for k in ("H100", "H200")):
+        figures["mfu_target"] = MFU_TARGET
+        figures["mfu_target_met"] = target["mfu"] >= MFU_TARGET
+        ok &= figures["mfu_target_met"]
+    return {"ok": ok, **figures}
+
+
+def check_bf16_vs_fp32(args, dev, precision) -> dict:
+    cfg = gpt_config(1 if args.quick else 4, "seed", 32 if args.quick else 512, 256 if args.quick else 8192)
+    batch = 2 if args.quick else 16
+    g = torch.Generator().manual_seed(0)
+    # 4 fixed batches, cycled: the model can learn them, so both curves must fall (and agree)
+    data = torch.randint(0, cfg.vocab_size, (4, batch, cfg.sequence_len + 1), generator=g).to(dev)
+    bf16 = Precision(dev.type, torch.bfloat16)   # on CPU too: the check is about the math, not the speed
+    curves = {}
+    for name, pol in (("fp32", Precision(dev.type)), ("bf16", bf16)):
+        model = build_model(cfg, dev, 0)
+        model.fused_loss = False                  # the same (plain) loss path under both policies
+        opt = optimizer_for(model)
+        curve = []
+        for step in range(20):
+            with pol.autocast():
+                loss = model(data[step % 4, :, :-1], data[step % 4, :, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            curve.append(loss.item())
+        pol.check_master_weights(model)
+        pol.check_optimizer_states(opt)
+        curves[name] = curve
+    diff = max(abs(a - b) for a, b in zip(curves["fp32"], curves["bf16"]))
+    print(f"    loss fp32 {curves['fp32'][0]:.3f}→{curves['fp32'][-1]:.3f}  bf16 {curves['bf16'][0]:.3f}→"
+          f"{curves['bf16'][-1]:.3f}  max |Δ| {diff:.4f} (tol {BF16_TOL})", flush=True)
+    return {"ok": diff <= BF16_TOL and curves["fp32"][-1] < curves["fp32"][0], "max_abs_diff": round(diff, 5),
+            "tolerance": BF16_TOL, "fp32_last": round(curves["fp32"][-1], 4), "bf16_last": round(curves["bf16"][-1], 4)}
+
+
+def check_kv_decode(args, dev, precision) -> dict:
+    cfg = GPTConfig(sequence_len=64, vocab_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=64 if args.quick else 128,
+                    **dict(MODERN, short_window=16))
+    model = build_model(cfg, dev, 0)
+    with torch.no_grad():
+        g = torch.Generator(dev).manual_seed(1)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, device=dev))
+    out, ok = {}, True
+    idx = torch.randint(0, 256, (3, 48), device=dev, generator=torch.Generator(dev).manual_seed(2))
+    policies = [("fp32", Precision(dev.type), 1e-4)] + ([("bf16", precision, 0.15)] if precision.autocast_enabled else [])
+    for name, pol, tol in policies:
+        with torch.no_grad(), pol.autocast():
+            full = model(idx)
+            cache = KVCache.for_model(model, batch_size=3, max_len=48)
+            steps = [model(idx[:, :20], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache) for t in range(20, 48)]
+        diff = (torch.cat(steps, 1) - full).abs().max().item()
+        out[f"{name}_max_abs_diff"] = diff
+        ok &= diff <= tol
+        print(f"    {name}: decode vs full forward max |Δ| {diff:.2e} (tol {tol})", flush=True)
+    return {"ok": ok, **out}
+
+
+def check_attention(args, dev, precision) -> dict:
+    backends = A.available_backends(dev.type)
+    out, ok = {"backends": backends, "auto": A.resolve_backend("auto", dev.type)}, True
+    if dev.type == "cuda":
+        ok &= out["auto"] != "sdpa"        # windows must not run as dense masked SDPA on a GPU
+    T, D = (128, 32) if args.quick or dev.type != "cuda" else (2048, 128)
+    dtypes = [torch.float32] + ([torch.bfloat16] if dev.type == "cuda" else [])
+    for backend in backends:
+        for dtype in dtypes:
+            for window in (1, T // 8, T):
+                g = torch.Generator(dev).manual_seed(window)
+                q, k, v = (torch.randn(2, h, T, D, device=dev, generator=g, dtype=dtype) for h in (4, 2, 2))
+                grad = A.supports_backward(backend, dev.type)
+                for t in (q, k, v):
+                    t.requires_grad_(grad)
+                y = A.causal_attention(q, k, v, window, D ** -0.5, backend)
+                ref = A.reference_attention(q.detach(), k.detach(), v.detach(), window, D ** -0.5).float()
+                tol = 2e-5 if dtype == torch.float32 else 3e-2
+                err = (y.float() - ref).abs().max().item()
+                key = f"{backend}_{str(dtype)[6:]}_w{window}"
+                out[key + "_fwd_err"] = err
+                ok &= err <= tol * 10
+                if grad:
+                    gq = torch.autograd.grad(y.float().square().sum(), q)[0]
+                    q64 = q.detach().double().requires_grad_(True)
+                    r = A.reference_attention(q64, k.detach().double(), v.detach().double(), window, D ** -0.5)
+                    rq = torch.autograd.grad(r.square().sum(), q64)[0]
+                    # relative to the gradient's size (floored: a window of 1 has zero dq)
+                    berr = ((gq.double() - rq).abs().max() / rq.abs().max().clamp(min=1.0)).item()
+                    out[key + "_bwd_rel_err"] = berr
+                    ok &= berr <= (1e-4 if dtype == torch.float32 else 5e-2)
+    if dev.type == "cuda" and "flex" in backends:  # the point of block masks: a window costs ~window/T
+        q, k, v = (torch.randn(8, 16, 2048, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        for name, be in (("dense_sdpa", "sdpa"), ("flex", "flex")):
+            for _ in range(3):
+                A.causal_attention(q, k, v, 256, 128 ** -0.5, be)
+            sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(10):
+                A.causal_attention(q, k, v, 256, 128 ** -0.5, be)
+            sync(dev)
+            out[f"window256_T2048_{name}_ms"] = (time.perf_counter() - t0) * 100
+        print(f"    window 256 of T 2048: dense SDPA {out['window256_T2048_dense_sdpa_ms']:.2f} ms, "
+              f"flex {out['window256_T2048_flex_ms']:.2f} ms", flush=True)
+    print(f"    backends {backends}, auto → {out['auto']}, worst fwd err "
+          f"{max(v for k, v in out.items() if k.endswith('_fwd_err')):.2e}", flush=True)
+    return {"ok": ok, **out}
+
+
+def check_precision(args, dev, precision) -> dict:
+    out = {"policy": precision.describe()}
+    if dev.type == "cuda":
+        out["bf16_supported"] = torch.cuda.is_bf16_supported(including_emulation=False)
+    fp16 = Precision(dev.type, torch.float16)
+    model = build_model(gpt_config(1, "seed", 32, 256), dev, 0)
+    model.fused_loss = False
+    opt = optimizer_for(model)
+    scaler = fp16.grad_scaler(init_scale=2.0 ** 30)   # far past fp16's range: the first steps overflow
+    x = torch.randint(0, 256, (2, 33), device=dev)
+    skipped, stepped = 0, False
+    for _ in range(40):
+        before = [p.detach().clone() for p in model.parameters()]
+        scale = scaler.get_scale()
+        with fp16.autocast():
+            loss = model(x[:, :-1], x[:, 1:])
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        moved = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        if scaler.get_scale() < scale:
+            skipped += 1
+            if moved:
+                return {"ok": False, "error": "a step with inf grads changed the weights", **out}
+        else:
+            stepped = moved
+            break
+    out.update(skipped_steps=skipped, final_scale=scaler.get_scale())
+    print(f"    {out['policy']}; fp16 scaler skipped {skipped} overflowing steps, then stepped", flush=True)
+    return {"ok": skipped >= 1 and stepped, **out}
+
+
+def check_auto_batch(args, dev, precision) -> dict:
+    from nanochat.batch_size import find_device_batch
+    from nanochat.plan import power_of_two_batches
+    if args.quick or dev.type != "cuda":
+        kw = dict(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+        res = find_device_batch(kw, 64, [1024, 256, 64], dev.type, "float32", memory_gb=0.1)
+    else:
+        cfg = gpt_config(20, "seed", 2048, 65536)
+        kw = {k: getattr(cfg, k) for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")}
+        res = find_device_batch(kw, 2048, power_of_two_batches(2 ** 19, 2048, 1), "cuda", "bfloat16")
+    trials = ", ".join(f"{t['batch']}:{'fits' if t['fits'] else t['reason']}" for t in res["trials"])
+    print(f"    device_batch_size auto → {res['device_batch_size']} ({trials})", flush=True)
+    return {"ok": res["device_batch_size"] is not None, "device_batch_size": res["device_batch_size"],
+            "trials": [{k: t[k] for k in ("batch", "fits", "peak_gib", "seconds")} for t in res["trials"]]}
+
+
+def check_torchrun(args, dev, precision) -> dict:
+    n = torch.cuda.device_count() if dev.type == "cuda" else (1 if args.quick else 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               str(Path(__file__).resolve()), "--worker", "ddp", "--device", dev.type, "--out", tmp]
+        cmd += ["--quick"] if args.quick else []
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        wall = time.perf_counter() - t0
+        reports = [json.loads(f.read_text()) for f in sorted(Path(tmp).glob("rank*.json"))]
+    if p.returncode != 0 or len(reports) != n:
+        return {"ok": False, "world_size": n, "error": (p.stdout + p.stderr)[-1500:]}
+    agree = all(r["param_checksum"] == reports[0]["param_checksum"] for r in reports)
+    backend = reports[0]["backend"]
+    print(f"    torchrun world {n} ({backend}): {len(reports)} ranks, params agree {agree}, {wall:.1f} s", flush=True)
+    return {"ok": agree and all(r["finite"] for r in reports), "world_size": n, "backend": backend,
+            "wall_s": round(wall, 2), "losses_rank0": reports[0]["losses"]}
+
+
+def ddp_worker(args) -> None:
+    """Under torchrun: init the process group, a few steps of the sharded optimizer, report."""
+    import torch.distributed as dist
+    from nanochat.common import init_distributed
+    rank, local_rank, world, dev = init_distributed(args.device)
+    if not dist.is_initialized():  # world 1 too: prove the backend (NCCL on a GPU) initializes
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    t = torch.ones((), device=dev) * (rank + 1)
+    dist.all_reduce(t)
+    assert t.item() == world * (world + 1) / 2, "all_reduce gave the wrong sum"
+    model = build_model(gpt_config(1 if args.quick else 2, "modern", 64, 256), dev, 0)
+    opt = build_optimizer(model, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.2,
+                          weight_decay=0.0, world_size=world, rank=rank)
+    policy = Precision.resolve(dev.type, "bfloat16")
+    g = torch.Generator().manual_seed(rank)
+    losses = []
+    for _ in range(3):
+        x = torch.randint(0, 256, (2, 65), generator=g).to(dev)
+        with policy.autocast():
+            loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()        # the sharded optimizer reduce-scatters grads and all-gathers params itself
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    checksum = sum(p.double().sum().item() for p in model.parameters())
+    backend = dist.get_backend() if dist.is_initialized() else "none"
+    Path(args.out, f"rank{rank}.json").write_text(json.dumps(
+        {"rank": rank, "world": world, "backend": backend, "losses": losses, "param_checksum": round(checksum, 6),
+         "finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses))}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_compile_cache(args, dev, precision) -> dict:
+    if dev.type != "cuda" and not args.compile:
+        raise Skip("torch.compile on CPU is slow here; pass --compile to include it")
+    with tempfile.TemporaryDirectory() as cache:
+        runs = []
+        for attempt in ("cold", "warm"):
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "compile", "--device", dev.type]
+            if args.quick:
+                cmd.append("--quick")
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+            if p.returncode != 0 or not lines:
+                return {"ok": False, "error": (p.stdout + p.stderr)[-1500:]}
+            runs.append(json.loads(lines[-1]))
+    cold, warm = runs
+    print(f"    first compiled step: cold {cold['first_step_s']:.1f} s, warm {warm['first_step_s']:.1f} s; "
+          f"warm FX-graph cache hits {warm['fxgraph_cache_hit']}, misses {warm['fxgraph_cache_miss']}", flush=True)
+    return {"ok": warm["fxgraph_cache_hit"] > 0 and cold["matches_eager"] and warm["matches_eager"],
+            "cold_first_step_s": cold["first_step_s"], "warm_first_step_s": warm["first_step_s"],
+            "warm_cache_hits": warm["fxgraph_cache_hit"], "warm_cache_misses": warm["fxgraph_cache_miss"]}
+
+
+def compile_worker(args) -> None:
+    from torch._dynamo.utils import counters
+    dev = torch.device("cuda" if args.device == "cuda" else "cpu")
+    depth, seq, vocab, batch = (1, 64, 256, 2) if args.quick or dev.type != "cuda" else (12, 2048, 65536, 8)
+    model = build_model(gpt_config(depth, "seed", seq, vocab), dev, 0)
+    precision = Precision.resolve(dev.type, "bfloat16")
+    x = torch.randint(0, vocab, (batch, seq + 1), device=dev, generator=torch.Generator(dev).manual_seed(0))
+    with torch.no_grad(), precision.autocast():
+        ref = model(x[:, :-1], x[:, 1:]).item()
+    compiled = torch.compile(model, dynamic=False)
+    sync(dev)
+    t0 = time.perf_counter()
+    with precision.autocast():
+        loss = compiled(x[:, :-1], x[:, 1:])
+    loss.backward()
+    sync(dev)
+    first = time.perf_counter() - t0
+    tol = 1e-4 if not precision.autocast_enabled else 2e-2
+    print(json.dumps({"first_step_s": round(first, 2), "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
+                      "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
+                      "matches_eager": abs(loss.item() - ref) <= tol * max(1.0, abs(ref))}), flush=True)
+
+
+CHECKS = {"train_step": check_train_step, "bf16_vs_fp32": check_bf16_vs_fp32, "kv_decode": check_kv_decode,
+          "attention": check_attention, "precision": check_precision, "auto_batch": check_auto_batch,
+          "torchrun": check_torchrun, "compile_cache": check_compile_cache}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--quick", action="store_true", help="small models and few steps (CPU: about a minute)")
+    ap.add_argument("--compile", action="store_true", help="on CPU, include the torch.compile checks")
+    ap.add_argument("--device-batch", type=int, default=16, help="sequences per step in the d12/d20 train steps")
+    ap.add_argument("--only", default="", help="comma-separated checks to run (default: all)")
+    ap.add_argument("--json-out", default="", help="also write the final JSON to this file")
+    ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker == "ddp":
+        ddp_worker(args)
+        return 0
+    if args.worker == "compile":
+        compile_worker(args)
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --device cpu --quick to check the logic on this CPU", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda:0" if args.device == "cuda" else "cpu")
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    precision = Precision.resolve(dev.type, "bfloat16")
+    names = [n for n in args.only.split(",") if n] or list(CHECKS)
+    unknown = [n for n in names if n not in CHECKS]
+    if unknown:
+        print(f"--only: unknown check(s) {unknown}; choose from {', '.join(CHECKS)}", file=sys.stderr)
+        return 2
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(f"gpu_check on {device_name} (torch {torch.__version__}, {precision.describe()})", flush=True)
+    results, t_all = {}, time.perf_counter()
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            res = CHECKS[name](args, dev, precision)
+            status = "PASS" if res.pop("ok") else "FAIL"
+        except Skip as e:
+            res, status = {"reason": str(e)}, "SKIP"
+        except Exception as e:  # a crash is a FAIL of that check, the others still run
+            res, status = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}, "FAIL"
+        res["seconds"] = round(time.perf_counter() - t0, 2)
+        results[name] = {"status": status, **res}
+        detail = f" ({res.get('reason') or res.get('error', '')})" if status != "PASS" else ""
+        print(f"{status} {name} [{res['seconds']:.1f} s]{detail}", flush=True)
+    summary = {"device": device_name, "torch": torch.__version__, "quick": args.quick,
+               "seconds": round(time.perf_counter() - t_all, 1),
+               "passed": sum(r["status"] == "PASS" for r in results.values()),
+               "failed": [n for n, r in results.items() if r["status"] == "FAIL"],
+               "skipped": [n for n, r in results.items() if r["status"] == "SKIP"], "checks": results}
+    line = json.dumps({"gpu_check": summary}, default=str)
+    if args.json_out:
+        Path(args.json_out).write_text(line + "\n")
+    print(line, flush=True)
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Causal self-attention kernels: which backend runs, and the call itself.
+
+Backends (q, k, v in SDPA layout (B, H, T, D); k/v may have fewer heads: GQA):
+  sdpa   torch's scaled_dot_product_attention. Full-context layers use `is_causal` (flash /
+         memory-efficient kernels on GPU); sliding-window layers pass a dense (T, T) boolean mask,
+         which costs full attention. Fine on CPU, so "auto" never picks it on a GPU with windows.
+  flex   FlexAttention with a block mask: blocks outside the window are skipped, so an S layer
+         costs ~window/T of a full one. Compiled (torch.compile) on GPU: eager flex is an unfused
+         reference that materializes the scores. Full-context layers still go to SDPA's flash kernel.
+         On CPU torch has no flex backward: there flex runs inference only and training uses the
+         dense mask (same math; CPU attention cost is dominated by the matmuls anyway).
+  flash  the flash-attention package (FA3 `flash_attn_interface` on Hopper, else FA2 `flash_attn`)
+         with its native `window_size`; bf16/fp16 only, so fp32 calls go to flex instead.
+
+`resolve_backend("auto", device_type)` → flash if installed on CUDA, else flex on CUDA, else sdpa.
+`reference_attention` is the plain softmax math the tests and bench/gpu_check.py compare against.
+
+The KV-cache path (`cached_attention`) is SDPA with an explicit per-row mask for every backend:
+a decode step has T=1..few queries, its cost is reading the cache, and only the keys a window can
+see are read (the cache is sliced to the union of the rows' windows).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "flex", "flash")
+CHOICES = ("auto",) + BACKENDS
+
+
+# ----------------------------------------------------------------------------- choice
+
+@functools.lru_cache(maxsize=None)
+def _flash_func() -> Optional[Callable]:
+    """The installed flash-attention function (FA3 first), or None."""
+    try:
+        from flash_attn_interface import flash_attn_func  # FA3 (Hopper)
+        return flash_attn_func
+    except ImportError:
+        pass
+    try:
+        from flash_attn import flash_attn_func  # FA2 (Ampere+)
+        return flash_attn_func
+    except ImportError:
+        return None
+
+
+def _has_flex() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def available_backends(device_type: str) -> list[str]:
+    """Backends that can run on this machine for `device_type` (cpu | cuda | mps)."""
+    out = ["sdpa"]
+    if _has_flex() and device_type in ("cpu", "cuda"):
+        out.append("flex")
+    if device_type == "cuda" and _flash_func() is not None:
+        out.append("flash")
+    return out
+
+
+_RESOLVED: dict = {}
+
+
+def resolve_backend(preference: str, device_type: str) -> str:
+    """Map hardware.attention (auto | sdpa | flex | flash) to a backend that exists here (memoized:
+    the model calls this every forward, also under torch.compile)."""
+    key = (preference, device_type)
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _resolve(preference, device_type)
+    return _RESOLVED[key]
+
+
+def _resolve(preference: str, device_type: str) -> str:
+    if preference not in CHOICES:
+        raise ValueError(f"hardware.attention={preference!r}: use one of {', '.join(CHOICES)}")
+    have = available_backends(device_type)
+    if preference == "auto":
+        if device_type == "cuda":
+            return "flash" if "flash" in have else "flex"
+        return "sdpa"
+    if preference not in have:
+        fix = "pip install flash-attn (CUDA only)" if preference == "flash" else "use hardware.attention=auto"
+        raise ValueError(f"hardware.attention={preference!r} is not available on {device_type} "
+                         f"(available: {', '.join(have)}); {fix}")
+    return preference
+
+
+# ----------------------------------------------------------------------------- masks
+
+def window_mask(T: int, window: int, device=None) -> torch.Tensor:
+    """(T, T) bool: query i sees keys j with i - window < j <= i (window counts the query itself)."""
+    i = torch.arange(T, device=device)
+    diff = i.unsqueeze(1) - i.unsqueeze(0)
+    return (diff >= 0) & (diff < window)
+
+
+_BLOCK_MASKS: dict = {}
+
+
+def block_mask(T: int, window: int, device) -> "torch.nn.attention.flex_attention.BlockMask":
+    """FlexAttention block mask of a causal sliding window of `window` keys (cached per T/window/device)."""
+    key = (T, window, str(device))
+    if key not in _BLOCK_MASKS:
+        _BLOCK_MASKS[key] = _build_block_mask(T, window, device)
+    return _BLOCK_MASKS[key]
+
+
+@torch.compiler.disable  # built eagerly once; a compiled model then reads it from the cache
+def _build_block_mask(T: int, window: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def sliding(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    return create_block_mask(sliding, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    # flex and flash are not autocast-aware (SDPA is): run them in autocast's dtype by hand
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return q.dtype
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex() -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q, k, v, window: int, scale: float) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+    T = q.size(-2)
+    bm = block_mask(T, window, q.device)
+    # on GPU always the compiled kernel (inside a compiled model dynamo traces it either way)
+    fn = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=k.size(1) != q.size(1))
+
+
+def _flash(q, k, v, window: int, scale: float) -> torch.Tensor:
+    fn = _flash_func()
+    T = q.size(-2)
+    left = window - 1 if window < T else -1
+    # flash takes (B, T, H, D); the transposes below are views of the projections' layout
+    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True,
+             window_size=(left, 0))
+    if isinstance(out, tuple):  # some FA3 builds return (out, lse)
+        out = out[0]
+    return out.transpose(1, 2)
+
+
+def _needs_grad(*ts: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+def supports_backward(backend: str, device_type: str) -> bool:
+    """Whether `backend` runs its own backward kernel on `device_type` (flex on CPU: forward only)."""
+    return not (backend == "flex" and device_type == "cpu")
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float,
+                     backend: str = "sdpa", dense_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal attention of q (B, H, T, D) over k, v (B, Hkv, T, D), each query seeing `window` keys.
+
+    window >= T means full causal attention. dense_mask: the (T, T) window mask for the sdpa
+    backend (built by the caller once per forward); built here when not given.
+    """
+    T = q.size(-2)
+    gqa = k.size(1) != q.size(1)
+    dt = _compute_dtype(q)
+    if backend == "flash" and dt in (torch.float16, torch.bfloat16):
+        return _flash(q.to(dt), k.to(dt), v.to(dt), window, scale)
+    if window >= T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if backend in ("flex", "flash") and not (q.device.type == "cpu" and _needs_grad(q, k, v)):
+        return _flex(q.to(dt), k.to(dt), v.to(dt), window, scale)   # flash in fp32 → flex
+    # sdpa, or flex training on CPU (FlexAttention has no CPU backward): the dense window mask
+    if dense_mask is None:
+        dense_mask = window_mask(T, window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask, scale=scale, enable_gqa=gqa)
+
+
+def cached_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, positions: torch.Tensor,
+                     window: int, scale: float, min_position: Optional[int] = None) -> torch.Tensor:
+    """Attention of new queries q (B, H, T, D) at `positions` (B, T) over the cache keys/vals (B, Hkv, S, D).
+
+    Row b's query t sees cache slots j with positions[b, t] - window < j <= positions[b, t].
+    Only the slots some row's window reaches are read (decode cost ~ window, not S).
+    min_position: positions.min() if the caller has it (saves a device sync per layer).
+    """
+    S = keys.size(-2)
+    first = int(positions.min()) if min_position is None else min_position
+    lo = max(0, first - window + 1)
+    j = torch.arange(lo, S, device=q.device)
+    diff = positions.unsqueeze(-1) - j                                     # (B, T, S - lo)
+    mask = ((diff >= 0) & (diff < window)).unsqueeze(1)                    # (B, 1, T, S - lo)
+    k, v = keys[:, :, lo:S].to(q.dtype), vals[:, :, lo:S].to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.size(1) != q.size(1))
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                        scale: Optional[float] = None) -> torch.Tensor:
+    """The textbook math in fp64: softmax(q·kᵀ·scale + mask)·v, GQA by repeating kv heads."""
+    T, D = q.size(-2), q.size(-1)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    rep = q.size(1) // k.size(1)
+    k64 = k.double().repeat_interleave(rep, dim=1)
+    v64 = v.double().repeat_interleave(rep, dim=1)
+    s = (q.double() @ k64.transpose(-1, -2)) * scale
+    s = s.masked_fill(~window_mask(T, window, q.device), float("-inf"))
+    return (torch.softmax(s, dim=-1) @ v64).to(q.dtype)

@@ -429,7 +429,7 @@ def config_from_dict(tree: dict) -> Config:
 # negative value ends as a ZeroDivisionError deep in plan.py (found by tests/test_config_fuzz.py).
 _POSITIVE = ("model.depth", "model.sequence_len", "model.aspect_ratio", "model.head_dim", "model.n_embd",
              "model.n_head", "model.n_kv_head", "model.vocab_size", "model.short_window", "model.pad_vocab_to",
-             "model.rope_base", "hardware.nproc_per_node", "hardware.nnodes", "hardware.device_batch_size",
+             "model.rope_base", "hardware.nproc_per_node", "hardware.nnodes",
              "hardware.num_threads", "stage.total_batch_size", "stage.target_flops", "stage.target_param_data_ratio",
              "stage.vocab_size", "stage.max_chars", "stage.examples_per_step", "stage.num_samples",
              "stage.device_batch_size", "stage.max_seq_len")
@@ -451,7 +451,7 @@ def _check_ranges(cfg: Config) -> None:
         for key in keys:
             group, name = key.split(".")
             v = getattr(getattr(cfg, group), name, _MISSING)
-            if v is _MISSING or v is None or isinstance(v, bool):
+            if v is _MISSING or v is None or isinstance(v, (bool, str)):  # "auto" is checked by its own rule
                 continue
             if v < low:
                 nullable = {f.name: f.default for f in dataclasses.fields(getattr(cfg, group))}.get(name) is None

@@ -295,7 +295,9 @@ def test_full_queue_is_429_with_retry_after(stage_root):
         else:
             os.environ["NANOCHAT_BASE_DIR"] = old
     metrics = ServerMetrics()
-    pool = ReplicaPool([Scheduler(model, tok, max_seqs=1, max_queue=1, observer=metrics)]).start()
+    # not started yet: nothing decodes, so the row and the queue stay exactly as full as the probe
+    # below makes them (a tiny model may end its answer faster than a probe can follow)
+    pool = ReplicaPool([Scheduler(model, tok, max_seqs=1, max_queue=1, observer=metrics)])
     app = build_app(pool, tok, ServeSettings(model_name="tiny", retry_after_s=3), metrics)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -318,6 +320,7 @@ def test_full_queue_is_429_with_retry_after(stage_root):
                 assert r.json()["error"]["type"] == "rate_limit_error"
                 r = c.post(url + "chat/completions", json=body)
                 assert r.status_code == 429
+                pool.start()
                 first.read(), second.read()
             r = c.post(url + "v1/chat/completions", json={**body, "stream": False, "max_tokens": 4})
             assert r.status_code == 200   # rows free again

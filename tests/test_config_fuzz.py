@@ -76,7 +76,7 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-@settings(max_examples=int(os.environ.get("NANOCHAT_FUZZ_EXAMPLES", 200)), deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=int(os.environ.get("NANOCHAT_FUZZ_EXAMPLES", 80)), deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(st.lists(overrides(), min_size=1, max_size=5))
 def test_random_overrides_end_in_a_plan_or_a_named_config_error(ovs):

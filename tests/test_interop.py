@@ -11,7 +11,10 @@ import torch.nn.functional as F
 from nanochat import interop
 from nanochat.gpt import GPT, GPTConfig
 
-FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "nanochat_checkpoints"
+from nanochat.common import shared_data_dir
+
+_SHARED = shared_data_dir()  # ../shared/data next to the checkout, or $NANOCHAT_SHARED_DATA
+FIXTURES = (_SHARED if _SHARED is not None else Path("/nonexistent/shared/data")) / "nanochat_checkpoints"
 REVISIONS = ["d575940_d2", "92d63d4_d2"]
 
 

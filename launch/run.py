@@ -20,7 +20,6 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from launch import rundir, validate
 from nanochat.common import read_json
@@ -245,13 +244,7 @@ def _hydra_info() -> tuple[dict, Optional[Path]]:
 
 
 def run_job(dcfg: DictConfig) -> dict:
-    try:
-        composed = OmegaConf.to_container(dcfg, resolve=True)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "config"
-        raise ConfigError(str(key), getattr(e, "msg", str(e)), "fix the interpolation or the value it points at",
-                          "cannot resolve") from None
-    composed.pop("hydra", None)
+    composed = validate.resolved_tree(dcfg)
     cfg = config_from_dict(composed)
     hydra_info, job_dir = _hydra_info()
     if cfg.run.pipeline:

@@ -124,7 +124,6 @@ def compose_checked(overrides: list[str], config_dir: str, config_name: str = "c
     naming the override that caused them (found by composing each override alone)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     def attempt(ovs: list[str]):
@@ -145,6 +144,14 @@ def compose_checked(overrides: list[str], config_dir: str, config_name: str = "c
         raise ConfigError(_override_key(culprit) or culprit, culprit,
                           "write overrides as key=value or group=option (nanochat-run --help lists the groups; "
                           "`+key=value` adds a key, `~key` deletes one)", f"Hydra refused it: {first}") from None
+    return resolved_tree(dcfg)
+
+
+def resolved_tree(dcfg) -> dict:
+    """The composed config as a plain dict, interpolations resolved, without the `hydra` node;
+    an interpolation that cannot resolve is a ConfigError naming its key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
     try:
         tree = OmegaConf.to_container(dcfg, resolve=True)
     except OmegaConfBaseException as e:

@@ -29,6 +29,9 @@ from nanochat.plan import make_plan, plan_rows
 from nanochat.runlock import lock_run_dir
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# Sweep job dirs are named after their overrides; a path value (paths.base_dir=/data/x) would
+# otherwise nest each job several dirs deep. Registered at import, so Slurm workers have it too.
+OmegaConf.register_new_resolver("dirname_safe", lambda s: str(s).replace("/", "_"), replace=True)
 TRAIN_STAGES = ("pretrain", "mid", "sft", "rl")
 # which stage a chat stage starts from when init_stage is null
 DEFAULT_SOURCE = {"mid": "pretrain", "sft": "mid", "rl": "sft", "eval": ["rl", "sft", "mid", "pretrain"],

@@ -4,7 +4,7 @@ Two estimates of how the compute-optimal model size N and token count D grow wit
 FLOP budget C, as in Hoffmann et al. 2022 ("Chinchilla"):
 
 - Approach 2 (isoFLOP profiles): at each budget, a quadratic in log10 N through the
-  final losses; its vertex is N_opt(C). Power laws N_opt = k_N·C^a and D_opt = k_D·C^b
+  final losses of the sizes up to 2 steps either side of the measured minimum; its vertex is N_opt(C). Power laws N_opt = k_N·C^a and D_opt = k_D·C^b
   through the optima give the exponents; bootstrap over runs gives their intervals.
 - Approach 3 (parametric): L(N, D) = E + A/N^α + B/D^β fitted to every run with a Huber
   loss on log L, minimised by L-BFGS from a grid of starting points (Besiroglu et al. 2024,
@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 HUBER_DELTA = 1e-3  # on log-loss residuals, as Hoffmann et al. and Besiroglu et al.
+FIT_REACH = 2       # approach 2's parabola: the sizes up to 2 steps either side of each budget's minimum
 
 
 @dataclass
@@ -50,6 +51,7 @@ class IsoFit:
     coef: Optional[tuple] = None      # (c2, c1, c0): loss = c2·x² + c1·x + c0, x = log10 N
     valley: bool = False              # the measured minimum is not at either end of the sizes
     note: str = ""
+    fit_range: Optional[tuple] = None # (smallest N, largest N) of the runs the parabola went through
 
     @property
     def tokens_per_param(self) -> float:
@@ -142,8 +144,9 @@ def fit_isoflop(budget: float, points: Sequence[Point]) -> IsoFit:
     if len({p.params for p in pts}) < 3:
         measured.note = f"{len(pts)} run(s) of distinct size < 3: no parabola, the measured minimum is used"
         return measured
-    x = np.log10([p.params for p in pts])
-    c2, c1, c0 = np.polyfit(x, losses, 2)
+    near = _window(pts, best.params)
+    x = np.log10([p.params for p in near])
+    c2, c1, c0 = np.polyfit(x, [p.loss for p in near], 2)
     if c2 <= 0:
         measured.coef = (float(c2), float(c1), float(c0))
         measured.note = "the parabola opens downward (no valley in the fit): the measured minimum is used"
@@ -159,7 +162,22 @@ def fit_isoflop(budget: float, points: Sequence[Point]) -> IsoFit:
     if not (x.min() <= xv <= x.max()):
         note = "the fitted optimum lies outside the sizes run (extrapolated): widen the size range"
     return IsoFit(budget, len(pts), float(n_opt), _tokens_at(pts, n_opt, budget),
-                  float(c0 - c1 * c1 / (4 * c2)), "quadratic", (float(c2), float(c1), float(c0)), valley, note)
+                  float(c0 - c1 * c1 / (4 * c2)), "quadratic", (float(c2), float(c1), float(c0)), valley, note,
+                  fit_range=(near[0].params, near[-1].params))
+
+
+def _window(pts: Sequence[Point], n_best: float) -> list[Point]:
+    """The runs of the sizes up to FIT_REACH steps either side of the measured minimum (by size).
+    A parabola is only a good model of an isoFLOP curve near its bottom: far from it the loss
+    of a model trained for a handful of steps is dominated by optimisation noise, and one such
+    point can tilt a whole-range fit or open it downward."""
+    sizes = sorted({p.params for p in pts})
+    i = sizes.index(n_best)
+    lo, hi = max(0, i - FIT_REACH), min(len(sizes), i + FIT_REACH + 1)
+    while hi - lo < 3:  # a minimum at an end: still three sizes for a parabola
+        lo, hi = (lo - 1, hi) if hi == len(sizes) else (lo, hi + 1)
+    keep = set(sizes[lo:hi])
+    return [p for p in pts if p.params in keep]
 
 
 def fit_power_law(budgets: Sequence[float], values: Sequence[float]) -> Optional[PowerLaw]:
@@ -289,12 +307,25 @@ def lbfgs(fun, x0: np.ndarray, args: tuple = (), memory: int = 10, max_iter: int
     return x, f
 
 
+# A fit is only kept inside these bounds. With few budgets (or a bootstrap resample that drew
+# a handful of distinct runs) the loss surface has a ridge along which α and log A grow
+# together without bound; such a "fit" explains nothing and overflows exp(log A).
+MAX_EXPONENT = 5.0
+MAX_LOG_COEF = 200.0
+
+
+def _plausible(theta: np.ndarray) -> bool:
+    a, b, e, al, be = theta
+    return bool(np.all(np.isfinite(theta)) and max(a, b, e) < MAX_LOG_COEF
+                and 0 < al < MAX_EXPONENT and 0 < be < MAX_EXPONENT)
+
+
 def _lbfgs(starts, logn, logd, logl, delta: float) -> tuple[Optional[np.ndarray], float]:
-    """The best L-BFGS result over the starting points."""
+    """The best plausible L-BFGS result over the starting points (None when none is)."""
     best, best_f = None, float("inf")
     for x0 in starts:
         x, fx = lbfgs(_objective, x0, (logn, logd, logl, delta))
-        if np.all(np.isfinite(x)) and fx < best_f:
+        if _plausible(x) and fx < best_f:
             best, best_f = x, float(fx)
     return best, best_f
 

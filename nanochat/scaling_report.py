@@ -197,7 +197,9 @@ def fig_isoflop(a2: S.Approach2, pts: Sequence[S.Point], a3: Optional[S.Approach
         xs = np.linspace(math.log10(min(ns)) - 0.1, math.log10(max(ns)) + 0.1, 100)
         if fit.coef is not None and fit.method == "quadratic":
             c2, c1, c0 = fit.coef
-            ax.plot(10 ** xs, c2 * xs ** 2 + c1 * xs + c0, color=col, lw=1.2, ls="--")
+            lo, hi = fit.fit_range or (min(ns), max(ns))
+            xq = np.linspace(math.log10(lo) - 0.1, math.log10(hi) + 0.1, 100)  # where it was fitted
+            ax.plot(10 ** xq, c2 * xq ** 2 + c1 * xq + c0, color=col, lw=1.2, ls="--")
         if a3 is not None:
             n = 10 ** xs
             d = fit.budget / (a3.flops_per_param_token * n)
@@ -290,8 +292,12 @@ def analyse(sweep_dir: Path, kind: str = DEFAULT_KIND, budget: Optional[float] =
             notes.append(f"C = {f.budget:.3g}: {f.note}")
     notes += a2.notes
     a3 = S.approach3(pts, n_boot=max(0, n_boot // 2), seed=seed)
-    if a3 is None:
+    if a3 is None and len(pts) < 5:
         notes.append(f"{len(pts)} usable run(s): the parametric fit L(N, D) needs at least 5")
+    elif a3 is None:
+        notes.append(f"the parametric fit L(N, D) found no plausible optimum (every start ran off to an exponent "
+                     f"≥ {S.MAX_EXPONENT:g} or a coefficient ≥ e^{S.MAX_LOG_COEF:g}): the sizes do not constrain "
+                     "it; add budgets or sizes around the optimum")
     budgets = [f.budget for f in a2.fits]
     if budget is None:
         budget = 10 * max(budgets) if budgets else (10 * max(p.flops for p in pts if p.flops) if
@@ -327,7 +333,10 @@ def render(res: dict, figures: dict) -> str:
                   "```bash", s["command"], "```"]
         L.append("")
     if a2.fits:
-        L += ["## Approach 2: isoFLOP profiles", "", "| budget C | runs | N_opt | D_opt | tokens/param | bpb at opt | "
+        L += ["## Approach 2: isoFLOP profiles", "",
+              f"At each budget a quadratic in log10 N through the sizes up to {S.FIT_REACH} steps either side "
+              "of the measured minimum; its vertex is the optimum. A valley: the measured minimum is not at either end.", "",
+              "| budget C | runs | N_opt | D_opt | tokens/param | bpb at opt | "
               "fit | valley |", "|---|---|---|---|---|---|---|---|"]
         for f in a2.fits:
             L.append(f"| {f.budget:.3g} | {f.n_points} | {f.n_opt:,.0f} | {f.d_opt:,.0f} | {f.tokens_per_param:.2f} | "

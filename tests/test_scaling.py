@@ -77,6 +77,49 @@ def test_downward_parabola_and_too_few_points_use_the_measured_minimum():
     assert S.predict(1e16, S.approach2(hill[:2], n_boot=0), None) is None
 
 
+def test_isoflop_parabola_ignores_runs_far_from_the_minimum():
+    # a clean bowl around N = 1e4, plus a far-off model trained for a handful of steps whose loss
+    # is noise (below the bowl): a parabola through every run is tilted by it
+    bowl = [(n, 3.0 + 0.5 * (np.log10(n) - 4.0) ** 2) for n in np.logspace(3, 5, 5)]
+    runs = [S.Point(params=n, tokens=1e10 / n, loss=l, budget=1e15) for n, l in bowl + [(10 ** 6.5, 3.4)]]
+    c2, c1, _ = np.polyfit(np.log10([p.params for p in runs]), [p.loss for p in runs], 2)
+    assert abs(-c1 / (2 * c2) - 4.0) > 0.1  # what a whole-range fit would say
+    f = S.fit_isoflop(1e15, runs)
+    assert f.method == "quadratic" and f.valley and f.n_opt == pytest.approx(1e4, rel=1e-6)
+    assert f.fit_range == (pytest.approx(1e3), pytest.approx(1e5))  # 2 sizes either side; not 10^6.5
+    edge = S.fit_isoflop(1e15, runs[2:])  # minimum at the smallest size: still 3 sizes in the fit
+    assert not edge.valley and edge.fit_range == (pytest.approx(1e4), pytest.approx(10 ** 5))
+
+
+# A real CPU isoFLOP grid (aspect 8, d1-d6, 3 budgets): (C, N matmul, D, val bpb, FLOPs). Its
+# bootstrap resamples drive an unbounded L-BFGS onto a ridge (α ≈ 27, log A ≈ 225) that once
+# overflowed exp(log A) and crashed the report.
+CPU_GRID = [
+    (4e10, 4864, 962560, 2.9608, 3.992e10), (4e10, 14336, 294912, 3.1094, 3.986e10),
+    (4e10, 33024, 131072, 3.3454, 4.047e10), (4e10, 65536, 69632, 4.1063, 4.107e10),
+    (4e10, 116480, 40960, 3.6016, 4.121e10), (4e10, 190464, 24576, 3.5005, 3.896e10),
+    (1.2e11, 4864, 2891776, 2.9469, 1.199e11), (1.2e11, 14336, 888832, 2.8200, 1.201e11),
+    (1.2e11, 33024, 389120, 2.9381, 1.201e11), (1.2e11, 65536, 204800, 3.2166, 1.208e11),
+    (1.2e11, 116480, 118784, 3.3163, 1.195e11), (1.2e11, 190464, 73728, 4.0202, 1.169e11),
+    (3.6e11, 4864, 8679424, 2.8828, 3.6e11), (3.6e11, 14336, 2662400, 2.7297, 3.599e11),
+    (3.6e11, 33024, 1167360, 2.7418, 3.604e11), (3.6e11, 65536, 610304, 2.8246, 3.6e11),
+    (3.6e11, 116480, 356352, 2.9249, 3.585e11), (3.6e11, 190464, 225280, 3.1083, 3.571e11),
+]
+
+
+def test_runaway_parametric_fits_are_rejected_not_overflowed():
+    pts = [S.Point(params=n, tokens=d, loss=l, budget=c, flops=f) for c, n, d, l, f in CPU_GRID]
+    resample = [pts[i] for i in (1, 5, 8, 7, 7, 0, 0, 2, 0, 12, 9, 11, 4, 11, 13, 6, 8, 17)]
+    args = (np.log([p.params for p in resample]), np.log([p.tokens for p in resample]),
+            np.log([p.loss for p in resample]), S.HUBER_DELTA)
+    x, _ = S.lbfgs(S._objective, np.array([15.0, 5.0, 1.0, 2.0, 0.5]), args)
+    assert not S._plausible(x) and x[3] > S.MAX_EXPONENT  # the raw optimiser does run away here
+    assert S.approach3(resample, n_boot=0) is None  # every start runs away: no fit, not a crash
+    fit = S.approach3(pts, n_boot=3)
+    assert fit is not None and 0 < fit.alpha < S.MAX_EXPONENT and 0 < fit.beta < S.MAX_EXPONENT
+    assert len(fit.ci) == 5 and all(np.isfinite(v) for ci in fit.ci.values() for v in ci)
+
+
 # --------------------------------------------------------------------------- the reader on run dirs
 
 def _fake_run(sweep: Path, name: str, depth: int, budget: float, n: float, d: float, loss: float | None,

@@ -51,6 +51,17 @@ def test_experiment_glob_multirun_dry_run(base_dir, workdir):
     assert p.stdout.count("nanochat plan") >= n
 
 
+def test_sweep_job_dirs_stay_flat_with_path_overrides(base_dir, workdir):
+    """A path value in an override (paths.base_dir=/a/b) must not nest the job dir under /a/b."""
+    sweep = workdir / "sweep_paths"
+    p = run_cli(["-m", "experiment=tiny", "run.dry_run=true", f"paths.base_dir={base_dir}", "model.depth=1,2",
+                 f"hydra.sweep.dir={sweep}"], base_dir, workdir)
+    assert p.returncode == 0, p.stdout + p.stderr
+    jobs = sorted(d.name for d in sweep.iterdir() if d.is_dir())
+    assert len(jobs) == 2 and all("/" not in j and f"paths.base_dir={str(base_dir).replace('/', '_')}" in j
+                                  for j in jobs), jobs
+
+
 def test_model_group_names_each_depth():
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         for d in (4, 6, 8, 12, 16, 20, 26, 32):

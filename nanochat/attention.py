@@ -83,11 +83,14 @@ def resolve_backend(preference: str, device_type: str) -> str:
 def _resolve(preference: str, device_type: str) -> str:
     if preference not in CHOICES:
         raise ValueError(f"hardware.attention={preference!r}: use one of {', '.join(CHOICES)}")
-    have = available_backends(device_type)
+    # sdpa needs no probe: probing flex imports torch._dynamo (seconds of start-up on a small CPU)
     if preference == "auto":
         if device_type == "cuda":
-            return "flash" if "flash" in have else "flex"
+            return "flash" if _flash_func() is not None else "flex"
         return "sdpa"
+    if preference == "sdpa":
+        return "sdpa"
+    have = available_backends(device_type)
     if preference not in have:
         fix = "pip install flash-attn (CUDA only)" if preference == "flash" else "use hardware.attention=auto"
         raise ValueError(f"hardware.attention={preference!r} is not available on {device_type} "
@@ -111,11 +114,13 @@ def block_mask(T: int, window: int, device) -> "torch.nn.attention.flex_attentio
     """FlexAttention block mask of a causal sliding window of `window` keys (cached per T/window/device)."""
     key = (T, window, str(device))
     if key not in _BLOCK_MASKS:
-        _BLOCK_MASKS[key] = _build_block_mask(T, window, device)
+        # built eagerly once; a compiled model then reads it from the cache. torch.compiler.disable
+        # is applied here, not as a decorator: it imports torch._dynamo (~2 s on a small CPU), which
+        # every process that imports this module would otherwise pay
+        _BLOCK_MASKS[key] = torch.compiler.disable(_build_block_mask)(T, window, device)
     return _BLOCK_MASKS[key]
 
 
-@torch.compiler.disable  # built eagerly once; a compiled model then reads it from the cache
 def _build_block_mask(T: int, window: int, device):
     from torch.nn.attention.flex_attention import create_block_mask
 

@@ -476,6 +476,13 @@ class Block(nn.Module):
         return x + self.mlp(norm(x))
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """An embedding left uninitialised, like every other parameter here (init_weights sets them all).
+    nn.Embedding's own normal_ init, run on the meta device, imports torch._dynamo: ~2 s of start-up
+    on a small CPU for every process that builds a model."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class GPT(nn.Module):
     attn_backend = "auto"   # hardware.attention: auto | sdpa | flex | flash (nanochat/attention.py)
 
@@ -485,12 +492,12 @@ class GPT(nn.Module):
         V, d, L = config.padded_vocab_size, config.n_embd, config.n_layer
         kvd = config.n_kv_head * config.head_dim
         self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(V, d),
+            "wte": _embedding(V, d),
             "h": nn.ModuleList([Block(config, i) for i in range(L)]),
         })
         self.lm_head = nn.Linear(d, V, bias=False)
         self.value_embeds = nn.ModuleDict({
-            str(i): nn.Embedding(V, kvd) for i in range(L) if config.value_embeds and has_value_embed(i, L)
+            str(i): _embedding(V, kvd) for i in range(L) if config.value_embeds and has_value_embed(i, L)
         })
         self.resid_lambdas = nn.Parameter(torch.empty(L)) if config.resid_lambdas else None
         self.x0_lambdas = nn.Parameter(torch.empty(L)) if config.x0_lambdas else None
@@ -502,10 +509,10 @@ class GPT(nn.Module):
         self.backout_lambda = nn.Parameter(torch.empty(1)) if config.backout else None
         self.windows = config.window_sizes()
         # RoPE tables: 10× the training length leaves room for long generations; non-persistent
-        # (recomputed by init_weights / init_rotary, never stored in checkpoints)
+        # (computed by init_weights / init_rotary, never stored in checkpoints). Left empty here:
+        # computing them on the meta device would import torch._dynamo (seconds of start-up)
         self.rotary_len = config.max_positions
-        self.register_buffer("rope", rotary_tables(self.rotary_len, config.head_dim, config.rope_base,
-                                                   bf16=config.rope_bf16), persistent=False)
+        self.register_buffer("rope", torch.empty(self.rotary_len, config.head_dim // 2, 2), persistent=False)
         self._mask_cache: dict = {}
         self.fused_loss = True       # chunked lm_head+softcap+CE on CPU (see _LinearSoftcapCrossEntropy)
         self.loss_chunk = 32

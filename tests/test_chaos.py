@@ -233,11 +233,12 @@ def test_sigkill_launcher_at_random_moments_then_resume(base_dir, tmp_path, ref2
     print(f"chaos seed {seed} (NANOCHAT_CHAOS_SEED to replay)")
     run_dir = tmp_path / "run"
     args = [*TINY, *N2, f"run.dir={run_dir}", "run.resume=auto"]
+    n_kills = int(os.environ.get("NANOCHAT_CHAOS_KILLS", 3))  # more for a soak: NANOCHAT_CHAOS_KILLS=20
     kills = 0
-    while kills < 5:
+    while kills < n_kills:
         log = tmp_path / f"attempt{kills}.log"
         proc = launch(args, base_dir, tmp_path, log)
-        if kills in (0, 3):  # during start-up: before or while torchrun spawns the workers
+        if kills in (0, n_kills - 1):  # during start-up: before or while torchrun spawns the workers
             time.sleep(rng.uniform(0.5, 6.0))
         else:  # during training, at some point after the next step (which may be a checkpoint)
             target = last_step(run_dir) + 1

@@ -375,3 +375,20 @@ def test_torch_compile_on_cpu_matches_eager():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, gref[n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_building_and_running_a_model_does_not_import_dynamo():
+    """torch._dynamo costs ~2 s of start-up on a small CPU. Only an optimizer (torch.optim imports
+    it) or torch.compile should pay it: not chat, eval or serve, which build a model and run it."""
+    import subprocess
+    import sys
+    code = ("import sys, torch\n"
+            "from nanochat.gpt import GPTConfig, build_model\n"
+            "cfg = GPTConfig(sequence_len=32, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,"
+            " value_embeds=True, window_pattern='SL', short_window=8)\n"
+            "m = build_model(cfg, 'cpu', 0)\n"
+            "with torch.no_grad(): m(torch.zeros(1, 16, dtype=torch.long))\n"
+            "print(sorted(k for k in sys.modules if k.startswith('torch._dynamo')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout[-500:]

@@ -230,7 +230,7 @@ def _wait_for_step(run_dir_glob, step: int, proc, timeout: float = 240) -> Path:
 def test_signal_preempts_then_resume_continues(base_dir, workdir, sig, nproc):
     """A stop signal to the launcher reaches the workers, which checkpoint and exit as 'preempted'."""
     run_dir = workdir / "run"
-    args = [*TINY, f"hardware.nproc_per_node={nproc}", "stage.num_iterations=60", "stage.total_batch_size=2048",
+    args = [*TINY, f"hardware.nproc_per_node={nproc}", "stage.num_iterations=30", "stage.total_batch_size=2048",
             "stage.eval_every=-1", f"run.dir={run_dir}"]
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "launch.run", *args], cwd=workdir, env=env,
@@ -242,10 +242,10 @@ def test_signal_preempts_then_resume_continues(base_dir, workdir, sig, nproc):
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "preempted", status
     stopped = status["step"]
-    assert 2 <= stopped < 60
+    assert 2 <= stopped < 30
     assert (run_dir / "checkpoints" / f"step_{stopped:06d}").is_dir()
     assert not (run_dir / "COMPLETED").exists()
     p = run_cli([*args[:-1], f"run.dir={run_dir}", "run.resume=auto"], base_dir, workdir)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "resumed from step" in p.stdout
-    assert sorted(losses(run_dir)) == list(range(1, 61))
+    assert sorted(losses(run_dir)) == list(range(1, 31))

@@ -192,23 +192,31 @@ def test_two_node_sweep_on_slurm(cluster, base_dir, workdir, reference):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["usr2", "requeue"])
-def test_two_node_job_preempted_resumes(cluster, base_dir, workdir, how):
+def test_two_node_job_preempted_twice_resumes(cluster, base_dir, workdir):
+    """USR2 (what Slurm sends signal_delay_s before the time limit), then, once the requeued job has
+    resumed and trained on, `scontrol requeue` (an admin / the scheduler): one job, three attempts,
+    one clean curve in the same run dir."""
     from slurm_2node import scancel, scontrol
     sweep = workdir / "sweep"
-    n = 16
+    n = 20
     p = _launch([*COMMON, f"stage.num_iterations={n}", "stage.save_every=-1", f"hydra.sweep.dir={sweep}"],
                 base_dir, workdir)
     job = _job_id(sweep, p)
     run_dir = _wait_steps(sweep, 3, p)
-    if how == "usr2":
-        scancel("--signal=USR2", job)  # what Slurm sends signal_delay_s before the time limit
-    else:
-        scontrol("requeue", job)       # an admin / the scheduler requeues the job
+    scancel("--signal=USR2", job)
+    # save_every=-1: the only checkpoint before the end is the one the preemption writes
+    deadline = time.monotonic() + 300
+    while not list((run_dir / "checkpoints").glob("step_*")):
+        assert time.monotonic() < deadline and p.poll() is None, "no preemption checkpoint"
+        time.sleep(0.5)
+    first = int(next((run_dir / "checkpoints").glob("step_*")).name.split("_")[1])
+    assert first < n - 3, f"USR2 came too late to test a second preemption (step {first} of {n})"
+    _wait_steps(sweep, first + 2, p)  # the second attempt resumed and trains
+    scontrol("requeue", job)
     out, _ = p.communicate(timeout=900)
     assert p.returncode == 0, out[-4000:]
     assert (run_dir / "COMPLETED").exists()
-    assert _steps(run_dir) == list(range(1, n + 1))  # one clean curve across both attempts
+    assert _steps(run_dir) == list(range(1, n + 1))  # one clean curve across the three attempts
     logs = "".join(f.read_text() for f in (sweep / ".submitit").glob("*/*_log.out"))
     assert "resumed from step" in logs
     assert len(list(sweep.glob("*/resolved_config.yaml"))) == 1

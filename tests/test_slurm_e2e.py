@@ -72,24 +72,31 @@ def _wait_steps(run_glob, n: int, proc, timeout: float = 300) -> Path:
     raise AssertionError("training did not start in time")
 
 
-@pytest.mark.parametrize("how", ["usr2", "requeue"])
-def test_preempted_job_requeues_and_resumes(slurm, base_dir, workdir, how):
+def test_preempted_job_requeues_and_resumes_twice(slurm, base_dir, workdir):
+    """USR2 (what Slurm sends before a time limit / preemption), then, once the requeued job has
+    resumed and trained on, `scontrol requeue` (an admin or the scheduler): one clean curve."""
     sweep = workdir / "sweep"
-    n = 120
+    n = 40
     p = _launch([*TINY, "model.depth=2", f"stage.num_iterations={n}", "stage.eval_every=-1",
-                 f"hydra.sweep.dir={sweep}"], base_dir, workdir)
+                 "stage.save_every=-1", f"hydra.sweep.dir={sweep}"], base_dir, workdir)
     job = _job_id(sweep)
     run_dir = _wait_steps(lambda: list(sweep.glob("*/metrics.jsonl")), 3, p)
-    if how == "usr2":
-        signal_job(job, "USR2")    # what Slurm sends before a time limit / preemption
-    else:
-        requeue(job)               # an admin or the scheduler requeues the job
+    signal_job(job, "USR2")
+    # save_every=-1: the only checkpoint before the end is the one the preemption writes
+    deadline = time.time() + 300
+    while not list((run_dir / "checkpoints").glob("step_*")):
+        assert time.time() < deadline and p.poll() is None, "no preemption checkpoint"
+        time.sleep(0.2)
+    first = int(next((run_dir / "checkpoints").glob("step_*")).name.split("_")[1])
+    assert first < n - 5, f"USR2 came too late to test a second preemption (step {first} of {n})"
+    _wait_steps(lambda: [run_dir / "metrics.jsonl"], first + 2, p)  # the second attempt resumed and trains
+    requeue(job)
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out[-4000:]
     assert (run_dir / "COMPLETED").exists()
     steps = [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in l]
-    assert steps == list(range(1, n + 1))  # one clean curve across the two attempts
+    assert steps == list(range(1, n + 1))  # one clean curve across the three attempts
     logs = "".join(f.read_text() for f in (sweep / ".submitit").glob("*/*_log.out"))
     assert "resumed from step" in logs
     assert len(list(run_dir.parent.glob("*/resolved_config.yaml"))) == 1  # same dir, not a new one

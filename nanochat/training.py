@@ -98,6 +98,7 @@ class LoopState:
     step: int = 0
     tokens_seen: int = 0
     train_time_s: float = 0.0
+    wall_time_s: float = 0.0          # every attempt up to the last checkpoint (setup, training, evals)
     smooth_loss: float = 0.0
     best_val_bpb: Optional[float] = None
     last_val_bpb: Optional[float] = None

@@ -245,7 +245,15 @@ def test_signal_preempts_then_resume_continues(base_dir, workdir, sig, nproc):
     assert 2 <= stopped < 30
     assert (run_dir / "checkpoints" / f"step_{stopped:06d}").is_dir()
     assert not (run_dir / "COMPLETED").exists()
+    before = json.loads((run_dir / "checkpoints" / f"step_{stopped:06d}" / "meta.json").read_text())
+    first_wall = before["loop_state"]["wall_time_s"]
+    assert first_wall > 0
+    t0 = time.time()
     p = run_cli([*args[:-1], f"run.dir={run_dir}", "run.resume=auto"], base_dir, workdir)
+    second = time.time() - t0
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "resumed from step" in p.stdout
     assert sorted(losses(run_dir)) == list(range(1, 31))
+    # result.json's wall time covers both attempts (the first up to its checkpoint), not the last one only
+    wall = json.loads((run_dir / "result.json").read_text())["wall_time_s"]
+    assert first_wall < wall < first_wall + second

@@ -136,6 +136,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                   f"{plan.sequence_len}×{rt.world}×{plan.grad_accum_steps} | {N} steps | peak {peak / 1e9:.0f} GFLOP/s")
 
     start_step = state.step
+    wall_before = state.wall_time_s  # earlier attempts (0 on a fresh run): result.json covers them all
     step_tokens = plan.total_batch_size
     last_dt, tok_per_sec, mfu = 0.0, 0.0, 0.0
     try:
@@ -157,6 +158,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 tracker.log({"step": step, "core": core["core"]})
                 state.extra["core"] = core["core"]
                 tracker.print(f"step {step:05d} | CORE {core['core']:.4f} ({core['tasks_evaluated']} tasks)")
+            state.wall_time_s = wall_before + (time.time() - wall_t0)  # what a checkpoint saved now carries
             if fresh and step > start_step and (last or (st.save_every > 0 and step % st.save_every == 0)):
                 T.save(run_dir, cfg, plan, rt, model, optimizer, train_loader.state_dict(), state)
             if last:
@@ -215,7 +217,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         "flops_per_token": plan.flops_per_token,
         "flops": float(plan.flops_per_token) * state.tokens_seen,
         "target_flops": st.target_flops,
-        "wall_time_s": time.time() - wall_t0,  # this attempt: setup, training, evals
+        "wall_time_s": wall_before + (time.time() - wall_t0),  # all attempts: setup, training, evals
         "train_time_s": state.train_time_s,
         "tok_per_sec": state.extra.get("timed_tokens", 0) / state.train_time_s if state.train_time_s > 0 else tok_per_sec,
         "mfu": mfu,

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def preemption_checkpoint_step(run_dir: Path, proc, timeout: float = 300) -> int:
+    """Wait for the first checkpoint of a run started with stage.save_every=-1 (so the only one
+    before the end is what a preemption writes) and return its step."""
+    deadline = time.monotonic() + timeout
+    while not list((run_dir / "checkpoints").glob("step_*")):
+        assert time.monotonic() < deadline and proc.poll() is None, "no preemption checkpoint"
+        time.sleep(0.2)
+    return int(next((run_dir / "checkpoints").glob("step_*")).name.split("_")[1])
 
 
 def only_run_dir(root: Path, stage: str = "pretrain") -> Path:

@@ -15,9 +15,8 @@ import functools
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Mapping, Optional
 
 from slurm_cluster import TERMINAL_STATES, ensure_slurm
 
@@ -83,18 +82,6 @@ def job_state(job_id: str) -> Optional[str]:
     return None
 
 
-def wait_state(job_id: str, states: Iterable[str], timeout: float = 120) -> str:
-    wanted = set(states)
-    deadline = time.monotonic() + timeout
-    state = None
-    while time.monotonic() < deadline:
-        state = job_state(job_id)
-        if state in wanted:
-            return state
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job_id} is {state}, not in {sorted(wanted)}, after {timeout:.0f}s")
-
-
 def scontrol(*args: str) -> None:
     out = _run(["scontrol", *args])
     if out.returncode != 0:
@@ -131,5 +118,5 @@ def revive_node(node: str) -> None:
         raise RuntimeError(f"{SCRIPT} could not bring {node} back:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
 
 
-__all__ = ["CONF", "NODES", "IFNAME", "TERMINAL_STATES", "cluster_env", "ensure_2node", "job_state", "wait_state",
+__all__ = ["CONF", "NODES", "IFNAME", "TERMINAL_STATES", "cluster_env", "ensure_2node", "job_state",
            "scontrol", "scancel", "kill_node", "revive_node", "netns_pids", "nodes_ready"]

@@ -1,6 +1,5 @@
 """GPT model: structure, counts, causality, KV cache, toggles, fused paths, determinism."""
 import itertools
-import math
 
 import pytest
 import torch

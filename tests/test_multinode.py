@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, losses, run_cli
+from conftest import REPO, TINY, losses, preemption_checkpoint_step, run_cli
 
 # depth 2, 2 ranks × 8 rows × 128 tokens = one 2048-token global batch per step
 COMMON = [*TINY, "model.depth=2", "stage.total_batch_size=2048", "stage.eval_every=-1", "hardware.num_threads=1"]
@@ -204,12 +204,7 @@ def test_two_node_job_preempted_twice_resumes(cluster, base_dir, workdir):
     job = _job_id(sweep, p)
     run_dir = _wait_steps(sweep, 3, p)
     scancel("--signal=USR2", job)
-    # save_every=-1: the only checkpoint before the end is the one the preemption writes
-    deadline = time.monotonic() + 300
-    while not list((run_dir / "checkpoints").glob("step_*")):
-        assert time.monotonic() < deadline and p.poll() is None, "no preemption checkpoint"
-        time.sleep(0.5)
-    first = int(next((run_dir / "checkpoints").glob("step_*")).name.split("_")[1])
+    first = preemption_checkpoint_step(run_dir, p)
     assert first < n - 3, f"USR2 came too late to test a second preemption (step {first} of {n})"
     _wait_steps(sweep, first + 2, p)  # the second attempt resumed and trains
     scontrol("requeue", job)

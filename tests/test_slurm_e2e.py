@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, preemption_checkpoint_step
 from slurm_cluster import ensure_slurm, requeue, signal_job
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -82,12 +82,7 @@ def test_preempted_job_requeues_and_resumes_twice(slurm, base_dir, workdir):
     job = _job_id(sweep)
     run_dir = _wait_steps(lambda: list(sweep.glob("*/metrics.jsonl")), 3, p)
     signal_job(job, "USR2")
-    # save_every=-1: the only checkpoint before the end is the one the preemption writes
-    deadline = time.time() + 300
-    while not list((run_dir / "checkpoints").glob("step_*")):
-        assert time.time() < deadline and p.poll() is None, "no preemption checkpoint"
-        time.sleep(0.2)
-    first = int(next((run_dir / "checkpoints").glob("step_*")).name.split("_")[1])
+    first = preemption_checkpoint_step(run_dir, p)
     assert first < n - 5, f"USR2 came too late to test a second preemption (step {first} of {n})"
     _wait_steps(lambda: [run_dir / "metrics.jsonl"], first + 2, p)  # the second attempt resumed and trains
     requeue(job)

@@ -590,18 +590,20 @@ class GPT(nn.Module):
         """Which optimizer gets what: "matrix" → Muon; the rest → AdamW at their own LRs.
 
         Keys: matrix (block weights incl. VE gates), embedding (wte), value_embed, lm_head,
-        resid_scalar (resid_lambdas), scalar (x0 lambdas, smear gate + lambda, backout lambda).
+        resid_scalar (resid_lambdas), x0_scalar (x0_lambdas), gate_scalar (smear gate + lambda,
+        backout lambda): nanochat 92d63d4's setup_optimizer groups.
         """
-        scalars = [p for p in (self.x0_lambdas, self.smear_lambda, self.backout_lambda) if p is not None]
+        gates = [p for p in (self.smear_lambda, self.backout_lambda) if p is not None]
         if self.smear_gate is not None:
-            scalars.insert(1, self.smear_gate.weight)
+            gates.insert(0, self.smear_gate.weight)
         groups = {
             "matrix": list(self.transformer.h.parameters()),
             "embedding": [self.transformer.wte.weight],
             "value_embed": [ve.weight for ve in self.value_embeds.values()],
             "lm_head": [self.lm_head.weight],
             "resid_scalar": [self.resid_lambdas] if self.resid_lambdas is not None else [],
-            "scalar": scalars,
+            "x0_scalar": [self.x0_lambdas] if self.x0_lambdas is not None else [],
+            "gate_scalar": gates,
         }
         n = sum(len(v) for v in groups.values())
         assert n == len(list(self.parameters())), "param_groups misses a parameter"

@@ -211,13 +211,13 @@ def effective_plan(plan: Plan, cfg: Config, source_meta: dict, *, num_iterations
     wu = min(wu, N)
     wd_steps = min(round((st.warmdown_ratio if st.warmdown_ratio is not None else warmdown_ratio) * N), N - wu)
     final = st.final_lr_frac if st.final_lr_frac is not None else 0.0
-    mom = (plan.muon_momentum_start, plan.muon_momentum_end) if momentum_ramp else (0.95, 0.95)
+    mom = (0.85, 0.95) if momentum_ramp else (0.95, 0.95)   # chat stages: 0.85 → 0.95 over 300, no warmdown leg
     return dataclasses.replace(
         plan, num_iterations=N, horizon_source=horizon_source, total_batch_size=total_batch_size,
         device_batch_size=device_batch_size, grad_accum_steps=grad_accum, total_tokens=N * total_batch_size,
         total_flops=float(plan.flops_per_token) * N * total_batch_size, weight_decay=wd,
         warmup_steps=wu, warmdown_steps=wd_steps, final_lr_frac=final, muon_momentum_start=mom[0],
-        muon_momentum_end=mom[1], notes=list(plan.notes) + [f"{cfg.stage.name}: LRs × {lr_frac}"], **lrs)
+        muon_momentum_end=mom[1], muon_momentum_steps=300, muon_momentum_final=None, notes=list(plan.notes) + [f"{cfg.stage.name}: LRs × {lr_frac}"], **lrs)
 
 
 # --------------------------------------------------------------------------- the loop

@@ -79,6 +79,10 @@ class ModelConfig:
     backout: Optional[bool] = None
     qk_scale: Optional[float] = None         # seed 1.0, modern 1.2
     pad_vocab_to: Optional[int] = None       # seed 1, modern 64
+    # fp8 training (torchao.float8) of the Linear layers nanochat converts: null | tensorwise | rowwise.
+    # Needs an fp8 GPU (compute capability >= 8.9) unless fp8_emulate (CPU tests). Checkpoints stay fp32.
+    fp8: Optional[str] = None
+    fp8_emulate: bool = False
 
 
 @dataclass
@@ -430,6 +434,12 @@ def config_from_dict(tree: dict) -> Config:
         if v not in choices:
             raise ConfigError(key, v, f"use one of: {', '.join(choices)}", "invalid choice")
     _check_ranges(cfg)
+    if cfg.model.fp8 not in (None, "tensorwise", "rowwise"):
+        raise ConfigError("model.fp8", cfg.model.fp8, "use null, tensorwise (faster) or rowwise (more accurate)",
+                          "unknown fp8 recipe")
+    if cfg.model.fp8_emulate and cfg.model.fp8 is None:
+        raise ConfigError("model.fp8_emulate", True, "set model.fp8=tensorwise|rowwise too, or drop fp8_emulate",
+                          "emulation without fp8")
     hw = cfg.hardware
     if hw.node_rank is not None and not 0 <= hw.node_rank < hw.nnodes:
         raise ConfigError("hardware.node_rank", hw.node_rank, f"use 0..{hw.nnodes - 1} (hardware.nnodes={hw.nnodes})",

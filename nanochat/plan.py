@@ -155,6 +155,8 @@ class Plan:
     optimizer: str = "seed"         # the optimizer recipe (OPTIMIZER_RECIPES) the settings start from
     optim: dict = field(default_factory=dict)  # resolved recipe keys → nanochat.optim.build_optimizer(settings=)
     grad_clip: float = 0.0          # global gradient-norm clip inside the optimizer step (0 = off)
+    fp8: Optional[str] = None       # model.fp8: tensorwise | rowwise training matmuls (torchao)
+    fp8_layers: int = 0             # how many Linear layers that converts (fp8_layers)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -282,13 +284,39 @@ def param_breakdown(s: ModelShape) -> dict[str, int]:
     return out
 
 
-def flops_per_token(s: ModelShape) -> int:
-    """6·(N − lookup tables − scalars) + attention 12·H·head_dim·window summed over layers.
+def linear_layers(s: ModelShape) -> dict[str, tuple[int, int]]:
+    """Every nn.Linear of the built GPT: name → (in_features, out_features)."""
+    d, kvd = s.n_embd, s.n_kv_head * s.head_dim
+    out: dict[str, tuple[int, int]] = {}
+    for i in range(s.n_layer):
+        a = f"transformer.h.{i}.attn"
+        out.update({f"{a}.c_q": (d, s.n_head * s.head_dim), f"{a}.c_k": (d, kvd), f"{a}.c_v": (d, kvd),
+                    f"{a}.c_proj": (s.n_head * s.head_dim, d)})
+        if s.value_embeds and has_value_embed(i, s.n_layer):
+            out[f"{a}.ve_gate"] = (VE_GATE_CHANNELS, s.n_kv_head)
+        out[f"transformer.h.{i}.mlp.c_fc"] = (d, 4 * d)
+        out[f"transformer.h.{i}.mlp.c_proj"] = (4 * d, d)
+    out["lm_head"] = (d, s.padded_vocab_size)
+    if s.smear:
+        out["smear_gate"] = (SMEAR_GATE_CHANNELS, 1)
+    return out
 
-    Scalars (resid/x0 lambdas, smear gate + lambda, backout) do no matmul: nanochat leaves them out.
+
+def fp8_layers(s: ModelShape) -> list[str]:
+    """The Linear layers fp8 training converts: nanochat 92d63d4's rule (precision.fp8_filter) on the
+    analytic shapes: both dims divisible by 16, the smaller at least 128."""
+    return [n for n, (i, o) in linear_layers(s).items() if i % 16 == 0 and o % 16 == 0 and min(i, o) >= 128]
+
+
+def flops_per_token(s: ModelShape) -> int:
+    """6·(N − lookup tables − lambdas) + attention 12·H·head_dim·window summed over layers.
+
+    As nanochat 92d63d4 counts it (6 × every Linear weight): the resid/x0/smear/backout lambdas do no
+    matmul; the smear gate (a 24→1 Linear) does.
     """
     counts = param_counts(s)
-    dense = counts["total"] - counts["embedding"] - counts["scalars"]
+    smear_gate = SMEAR_GATE_CHANNELS if s.smear else 0
+    dense = counts["total"] - counts["embedding"] - counts["scalars"] + smear_gate
     attn = sum(12 * s.n_head * s.head_dim * w for w in layer_windows(s))
     return 6 * dense + attn
 
@@ -513,6 +541,12 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
     warmdown = min(round(wd_ratio * steps), steps - warmup)
     final = st.final_lr_frac if st.final_lr_frac is not None else g["final_lr_frac"]
     optimizer, optim = optimizer_settings(st, gen, shape)
+    fp8 = fp8_layers(shape) if m.fp8 else []
+    if m.fp8 and not fp8:
+        raise ConfigError("model.fp8", m.fp8, "drop model.fp8 for a model this small, or make it wider "
+                          "(model.n_embd a multiple of 16 and >= 128)",
+                          f"no Linear layer qualifies (n_embd={shape.n_embd}: fp8 needs both dims divisible "
+                          f"by 16 and the smaller >= 128)")
 
     return Plan(
         generation=gen, model=shape, num_params=counts["total"], num_embedding_params=counts["embedding"],
@@ -529,6 +563,7 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
         muon_momentum_final=optim.pop("muon_momentum_final"), notes=notes,
         device_batch_probe=probe if cfg.hardware.device_batch_size == "auto" else None,
         optimizer=optimizer, optim=optim, grad_clip=default_grad_clip(st, gen),
+        fp8=m.fp8, fp8_layers=len(fp8),
     )
 
 
@@ -572,6 +607,8 @@ def plan_rows(p: Plan) -> list[tuple[str, str]]:
         ("weight decay", f"{p.weight_decay:.4g} ({p.weight_decay_schedule})"),
         ("warmup / warmdown steps", f"{p.warmup_steps} / {p.warmdown_steps} → {p.final_lr_frac}"),
     ]
+    if p.fp8:
+        rows.append(("fp8", f"{p.fp8}: {p.fp8_layers} of {len(linear_layers(s))} Linear layers (torchao)"))
     rows += optimizer_rows(p)
     rows += [("note", x) for x in p.notes]
     return rows

@@ -541,8 +541,8 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
     warmdown = min(round(wd_ratio * steps), steps - warmup)
     final = st.final_lr_frac if st.final_lr_frac is not None else g["final_lr_frac"]
     optimizer, optim = optimizer_settings(st, gen, shape)
-    fp8 = fp8_layers(shape) if m.fp8 else []
-    if m.fp8 and not fp8:
+    fp8 = fp8_layers(shape) if m.fp8 and st.name == "pretrain" else []   # only pretraining converts (nanochat)
+    if m.fp8 and st.name == "pretrain" and not fp8:
         raise ConfigError("model.fp8", m.fp8, "drop model.fp8 for a model this small, or make it wider "
                           "(model.n_embd a multiple of 16 and >= 128)",
                           f"no Linear layer qualifies (n_embd={shape.n_embd}: fp8 needs both dims divisible "
@@ -563,7 +563,7 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
         muon_momentum_final=optim.pop("muon_momentum_final"), notes=notes,
         device_batch_probe=probe if cfg.hardware.device_batch_size == "auto" else None,
         optimizer=optimizer, optim=optim, grad_clip=default_grad_clip(st, gen),
-        fp8=m.fp8, fp8_layers=len(fp8),
+        fp8=m.fp8 if fp8 else None, fp8_layers=len(fp8),
     )
 
 

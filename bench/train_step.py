@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from nanochat.gpt import GPTConfig, build_model  # noqa: E402
 from nanochat.precision import Precision  # noqa: E402
 from nanochat.optim import build_optimizer  # noqa: E402
+from nanochat.plan import OPTIMIZER_RECIPES  # noqa: E402
 
 MODERN = dict(value_embeds=True, window_pattern="SSSL", resid_lambdas=True, x0_lambdas=True,
               smear=True, backout=True, qk_scale=1.2, pad_vocab_to=64, rope_base=100000.0)
@@ -63,8 +64,13 @@ def bench(arch: str, args, peak: float) -> dict:
     model = build_model(cfg, device, seed=0)
     d = cfg.n_embd
     lr_scale = (d / 768) ** -0.5
-    opt = build_optimizer(model, embedding_lr=0.3 * lr_scale, unembedding_lr=0.004 * lr_scale,
-                          matrix_lr=0.02, scalar_lr=0.5 * lr_scale, weight_decay=0.0, ns=args.ns)
+    # the generation's optimizer recipe (modern: nanochat 92d63d4's NorMuon, cautious decay, per-group AdamW)
+    settings = {k: v for k, v in OPTIMIZER_RECIPES[arch].items() if not k.startswith("muon_momentum")}
+    if args.ns:
+        settings["muon_ns"] = args.ns
+    opt = build_optimizer(model, embedding_lr=0.3 * lr_scale, unembedding_lr=0.008 * lr_scale,
+                          matrix_lr=0.02, scalar_lr=0.5, weight_decay=0.28 if arch == "modern" else 0.0,
+                          settings=settings)
     fwd_model = torch.compile(model, dynamic=False) if args.compile else model
     tokens_per_micro = args.device_batch * args.seq
     if args.total_batch % tokens_per_micro:
@@ -123,7 +129,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--ns", default="newton_schulz", choices=["newton_schulz", "polar_express"])
+    ap.add_argument("--ns", default=None, choices=["newton_schulz", "polar_express"],
+                    help="Muon orthogonalization (default: the generation's recipe)")
     ap.add_argument("--gqa", action="store_true", help="n_kv_head = n_head // 2")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--profile", action="store_true")

@@ -264,3 +264,49 @@ def test_grad_clip_matches_torch_clip_grad_norm():
     assert norm > 0.01
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- recipes in the plan
+
+def _plan(model=None, **stage):
+    from nanochat.config import config_from_dict
+    from nanochat.plan import make_plan
+    tree = {"model": {"depth": 4, **(model or {})}, "stage": {"name": "pretrain", "num_iterations": 10, **stage},
+            "hardware": {"device_batch_size": 1}}
+    return make_plan(config_from_dict(tree))
+
+
+def test_recipe_keys_resolve_per_generation_and_show_in_the_dry_run():
+    from nanochat.plan import plan_rows
+    modern, seed = _plan({"generation": "modern"}), _plan()
+    assert modern.optimizer == "modern" and modern.optim["normuon"] and modern.optim["cautious_wd"]
+    assert modern.optim["lm_head_betas"] == [0.8, 0.96] and modern.optim["gate_lr"] == 0.2
+    assert (modern.muon_momentum_end, modern.muon_momentum_steps, modern.muon_momentum_final) == (0.97, 400, 0.9)
+    assert modern.grad_clip == 0 and seed.grad_clip == 1.0      # d575940's base_train clips at 1.0
+    assert seed.optimizer == "seed" and not seed.optim["normuon"] and seed.optim["muon_ns"] == "newton_schulz"
+    assert (seed.muon_momentum_end, seed.muon_momentum_steps, seed.muon_momentum_final) == (0.95, 300, None)
+    rows = dict(plan_rows(modern))
+    assert "NorMuon" in rows["optimizer"] and "cautious" in rows["optimizer"]
+    assert rows["AdamW lm_head"].endswith("betas (0.8, 0.96), wd 0.01") and "AdamW x0_scalar" in rows
+    assert "AdamW x0_scalar" not in dict(plan_rows(seed))        # the seed model has no x0 lambdas
+    # per run: one refinement off, or the Dec-2025 optimizer on the modern model
+    off = _plan({"generation": "modern"}, normuon=False, cautious_wd=False)
+    assert not off.optim["normuon"] and not off.optim["cautious_wd"] and off.optim["muon_equilibrate"]
+    old = _plan({"generation": "modern"}, optimizer="seed")
+    assert old.optim == {**seed.optim} and old.muon_momentum_end == 0.95
+
+
+@pytest.mark.parametrize("model,stage,key", [
+    ({}, {"x0_betas": [0.9, 0.95]}, "stage.x0_betas"),                      # seed model: no x0 lambdas
+    ({}, {"gate_lr": 0.1}, "stage.gate_lr"),                                # ... no smear / backout
+    ({"generation": "modern"}, {"normuon": False, "muon_beta2": 0.8}, "stage.muon_beta2"),
+    ({}, {"muon_ns_safety": 1.05}, "stage.muon_ns_safety"),                 # Newton–Schulz has none
+    ({}, {"optimizer": "adam"}, "stage.optimizer"),
+    ({"generation": "modern"}, {"lm_head_betas": [0.8]}, "stage.lm_head_betas"),
+    ({"generation": "modern"}, {"muon_momentum_final": 1.2}, "stage.muon_momentum_start"),
+])
+def test_optimizer_keys_that_do_not_apply_are_config_errors(model, stage, key):
+    from nanochat.config import ConfigError
+    with pytest.raises(ConfigError) as e:
+        _plan(model, **stage)
+    assert e.value.key == key and "Fix:" in str(e.value)

@@ -79,7 +79,7 @@ def fp32_losses():
     return train(build_model(tiny_cfg(), "cpu", 0), 20, batches(20))[1]
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", pytest.param("rowwise", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_emulated_fp8_run_tracks_the_fp32_run(recipe, fp32_losses):
     """20 steps: fp8 (e4m3 forward, e5m2 gradients, ~2-3 significant bits less than bf16) stays within
     0.1 nats of fp32 at every step (measured: 0.035 tensorwise, 0.046 rowwise, while the loss falls

@@ -297,3 +297,49 @@ def test_bad_input_one_line_errors_nothing_written(tiny, tmp_path):
     assert not (tmp_path / "pretrain").exists()
     ok = cli(env, "main_export", str(run), str(full), "--format", "hf", "--force")
     assert ok.returncode == 0 and (full / "config.json").exists() and not (full / "keep.txt").exists()
+
+
+# ----------------------------------------------------------------------------- transformers serve
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_transformers_serve_greedy_chat_equals_ours(tiny):
+    """`transformers serve OUT_DIR` on a loopback port: one greedy chat completion equals our Engine's."""
+    import urllib.request
+    env, run, tok, native, _ = tiny
+    from nanochat.checkpoint import load_model_from_run
+    model, _ = load_model_from_run(run, "cpu")
+    messages = [{"role": "user", "content": "Hello there, who are you?"}]
+    prompt = tok.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+    want = tok.decode(engine_greedy(model, tok, prompt, 16))
+    exe = Path(sys.executable).with_name("transformers")
+    port = _free_port()
+    proc = subprocess.Popen([str(exe), "serve", str(native), "--host", "127.0.0.1", "--port", str(port),
+                             "--device", "cpu", "--dtype", "float32"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "transformers serve did not come up"
+                time.sleep(0.5)
+        body = json.dumps({"model": str(native), "messages": messages, "max_tokens": 16, "temperature": 0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                     headers={"content-type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(req, timeout=120).read())
+        assert reply["choices"][0]["message"]["content"] == want
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

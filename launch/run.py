@@ -123,6 +123,7 @@ def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[P
     """Validate, plan, freeze and dispatch one stage; returns {'status', 'run_dir', 'result'}."""
     from launch.dispatch import dispatch, node_rank
     validate.check_serve(cfg)
+    validate.check_harness(cfg)
     if not cfg.run.dry_run:  # a dry run may plan for hardware this machine does not have
         validate.check_hardware(cfg)
     cfg, plan, rows = prepare(cfg)

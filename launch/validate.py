@@ -115,6 +115,21 @@ def check_serve(cfg: Config) -> None:
                           "default above the limit")
 
 
+def check_harness(cfg: Config) -> None:
+    """stage.harness.tasks: known task names whose local data is there (before any run dir is made)."""
+    if cfg.stage.name != "eval" or not cfg.stage.harness.tasks:
+        return
+    from nanochat.harness import HarnessError, resolve_data_dir, task_configs
+    h = cfg.stage.harness
+    try:
+        task_configs(list(h.tasks), resolve_data_dir(h.data_dir, cfg.paths.shared_data))
+    except HarnessError as e:
+        raise ConfigError("stage.harness.tasks", list(h.tasks), str(e), "task cannot run here") from None
+    if h.limit is not None and h.limit < 1:
+        raise ConfigError("stage.harness.limit", h.limit, "use a positive number of examples, or null for all",
+                          "out of range")
+
+
 def _override_key(override: str) -> str:
     return override.lstrip("+~").partition("=")[0]
 

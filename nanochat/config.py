@@ -202,6 +202,17 @@ class RLStageConfig(TrainStageConfig):
 
 
 @dataclass
+class HarnessConfig:
+    """lm-evaluation-harness through our model (nanochat/harness.py); empty tasks → not run."""
+    tasks: list = field(default_factory=list)   # arc_easy arc_challenge mmlu gsm8k
+    limit: Optional[int] = None       # examples per task (null → all)
+    num_fewshot: Optional[int] = None  # null → each task's own default
+    batch_size: int = 16
+    max_gen_toks: int = 256
+    data_dir: Optional[str] = None    # local task data (arc/ mmlu/ gsm8k/); null → paths.shared_data
+
+
+@dataclass
 class EvalStageConfig(StageConfig):
     mode: str = "auto"                # auto | base | chat (auto: by the source checkpoint's stage)
     tasks: Optional[list] = None      # chat tasks; null → all
@@ -213,6 +224,7 @@ class EvalStageConfig(StageConfig):
     max_new_tokens: int = 512
     temperature: float = 0.0
     top_k: int = 50
+    harness: HarnessConfig = field(default_factory=HarnessConfig)  # tasks set → lm-eval runs instead
 
 
 @dataclass

@@ -73,7 +73,7 @@ def stage_metrics(stage: str, r: Optional[dict]) -> str:
                 parts.append(f"CORE {_f(r['core'])} ({r.get('core_tasks_evaluated')}/{r.get('core_tasks_total')} tasks)")
         else:
             if r.get("task_accuracy"):
-                parts.append(_tasks(r["task_accuracy"]))
+                parts.append(("lm-eval " if r.get("mode") == "harness" else "") + _tasks(r["task_accuracy"]))
             if r.get("chatcore") is not None:
                 parts.append(f"ChatCORE {_f(r['chatcore'])}")
     return " · ".join(p for p in parts if p)

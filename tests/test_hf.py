@@ -343,3 +343,95 @@ def test_transformers_serve_greedy_chat_equals_ours(tiny):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# ----------------------------------------------------------------------------- lm-evaluation-harness
+
+def _data_dir() -> str:
+    if _SHARED is None or not (_SHARED / "arc" / "ARC-Easy" / "test.jsonl").is_file():
+        pytest.skip("../shared/data/arc absent (see its README)")
+    return str(_SHARED)
+
+
+def test_lm_eval_arc_easy_ours_equals_hf_on_export(tiny):
+    """arc_easy through our lm-eval model class == lm-eval's own `hf` model on the exported dir."""
+    pytest.importorskip("lm_eval", reason="lm-eval is the [eval] extra")
+    from nanochat.checkpoint import load_model_from_run
+    from nanochat.harness import evaluate, make_lm_class, task_configs
+    _, run, tok, native, _ = tiny
+    cfgs = task_configs(["arc_easy"], _data_dir())
+    model, _ = load_model_from_run(run, "cpu")
+    ours = evaluate(make_lm_class()(model, tok, batch_size=16), cfgs, limit=40)["results"]["arc_easy"]
+    theirs = evaluate("hf", cfgs, limit=40, batch_size=8,
+                      model_args={"pretrained": str(native), "dtype": "float32", "device": "cpu"})["results"]["arc_easy"]
+    for metric in ("acc,none", "acc_norm,none"):
+        assert abs(ours[metric] - theirs[metric]) * 40 <= 1 + 1e-9, (metric, ours, theirs)
+
+
+@pytest.mark.parametrize("kind", ["seed", "modern"])
+def test_lm_eval_requests_match_direct_scoring(tiny, kind):
+    """loglikelihood / loglikelihood_rolling equal the model's own log-probs (batched, padded); greedy
+    generate_until equals the Engine's greedy tokens cut at the stop string; a stop signal between
+    batches raises Preempted."""
+    pytest.importorskip("lm_eval", reason="lm-eval is the [eval] extra")
+    from lm_eval.api.instance import Instance
+    from nanochat.harness import make_lm_class
+    from nanochat.lifecycle import STOP, Preempted
+    _, _, tok, _, _ = tiny
+    model = random_model(tok.get_vocab_size(), **(SEED_GQA if kind == "seed" else MODERN_GQA))
+    lm = make_lm_class()(model, tok, batch_size=2, max_gen_toks=12)
+    texts = ["The cat sat on the mat.", "def f(x):\n    return x * 2\n", "A long line " * 30]
+    inst = lambda kind_, args: Instance(request_type=kind_, doc={}, arguments=args, idx=0)
+
+    def direct(ids: list[int], n: int) -> float:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids[:-1]])).float(), -1)[0]
+        return float(sum(logp[i - 1, ids[i]] for i in range(len(ids) - n, len(ids))))
+
+    pairs = [("The cat sat", " on the mat."), ("def f(x):", "\n    return x * 2\n"), ("A long", " line" * 60)]
+    ll = lm.loglikelihood([inst("loglikelihood", p) for p in pairs])
+    for (ctx, cont), (score, _) in zip(pairs, ll):
+        c, whole = lm.tok_encode(ctx), lm.tok_encode(ctx + cont)      # lm-eval: context ids + the rest of whole
+        assert score == pytest.approx(direct(c + whole[len(c):], len(whole) - len(c)), rel=1e-6, abs=1e-4)
+    rolling = lm.loglikelihood_rolling([inst("loglikelihood_rolling", (t,)) for t in texts[:2]])
+    for t, score in zip(texts, rolling):
+        ids = [tok.get_bos_token_id()] + tok.encode(t)
+        assert score == pytest.approx(direct(ids, len(ids) - 1), rel=1e-6, abs=1e-4)
+    prompt = "Question: what is two plus two?\nAnswer:"
+    got = lm.generate_until([inst("generate_until", (prompt, {"until": ["\n\n"], "max_gen_toks": 12}))] * 3)
+    want = tok.decode(engine_greedy(model, tok, lm.tok_encode(prompt), 12)).split("\n\n")[0]
+    assert got == [want] * 3
+    STOP.signum = 15
+    try:
+        with pytest.raises(Preempted):
+            lm.loglikelihood([inst("loglikelihood", (t[:10], t[10:])) for t in texts])
+    finally:
+        STOP.signum = None
+
+
+def test_eval_stage_harness_run_and_errors(tiny, tmp_path):
+    """`nanochat-run stage=eval stage.harness.tasks=[...] stage.harness.limit=N`: result.json, harness.json;
+    a task with no definition or no local data is a ConfigError before any run dir exists."""
+    pytest.importorskip("lm_eval", reason="lm-eval is the [eval] extra")
+    data = _data_dir()
+    env, run, _, _, _ = tiny
+    env = dict(env, NANOCHAT_SHARED_DATA=data)
+    args = [f"stage=eval", f"stage.init_from={run}", f"run.root={tmp_path}"]
+    p = subprocess.run([sys.executable, "-m", "launch.run", *args, "stage.harness.tasks=[arc_easy,gsm8k]",
+                        "stage.harness.limit=3", "stage.harness.num_fewshot=1"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    run_dir = next(tmp_path.glob("eval/*/*/COMPLETED")).parent
+    result = json.loads((run_dir / "result.json").read_text())
+    harness = json.loads((run_dir / "harness.json").read_text())
+    assert result["mode"] == "harness" and set(result["harness"]["results"]) == {"arc_easy", "gsm8k"}
+    assert "acc_stderr,none" in result["harness"]["results"]["arc_easy"]
+    assert harness["lm_eval_version"] == "0.4.13" and len(harness["config_hash"]["arc_easy"]) == 64
+    assert harness["results"]["arc_easy"]["sample_len"] == 3
+    for bad, needle in ((["stage.harness.tasks=[humaneval]"], "no local definition"),
+                        (["stage.harness.tasks=[arc_easy]", f"stage.harness.data_dir={tmp_path}"], "arc/ARC-Easy")):
+        p = subprocess.run([sys.executable, "-m", "launch.run", *args, *bad], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode != 0 and needle in p.stdout + p.stderr, p.stdout + p.stderr
+        assert "Traceback" not in p.stderr
+    assert len(list(tmp_path.glob("eval/*/*"))) == 1

@@ -7,7 +7,9 @@ tiktoken's BPE (ours) and the `tokenizers` library's BPE agree when:
   loop on the token with only lower ranks allowed (it must end in exactly two parts);
 - `ignore_merges=True`: tiktoken takes a whole pre-token that is in the vocab as one token before
   merging, so must the HF model.
-Special tokens are added after the mergeable ranks, in our order, so their ids are ours.
+Special tokens are added after the mergeable ranks, in our order, so their ids are ours. Like every
+nanochat document, `tokenizer(text)` starts with <|bos|> (`add_special_tokens=False` leaves it out), so
+lm-eval's `--model hf` scores the same ids as our own model class (nanochat/harness.py).
 
 The chat template renders exactly what `Tokenizer.render_conversation` tokenizes (bos, a leading system
 message merged into the first user turn with a blank line, <|python_start|>…<|python_end|> tool calls and
@@ -103,7 +105,7 @@ def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[str, str]]:
 
 def to_hf_tokenizer(tok: Tokenizer):
     """A transformers `PreTrainedTokenizerFast` whose ids equal ours (text and special tokens)."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as RawTokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -122,8 +124,12 @@ def to_hf_tokenizer(tok: Tokenizer):
     for s in SPECIAL_TOKENS:
         if raw.token_to_id(s) != tok.special_tokens[s]:
             raise ValueError(f"special token {s} got id {raw.token_to_id(s)}, ours is {tok.special_tokens[s]}")
+    # every nanochat document starts with <|bos|>: tokenizer(text) adds it (add_special_tokens=False does not)
+    bos = tok.special_tokens[BOS]
+    raw.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, bos)])
     hf = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                 add_bos_token=False, add_eos_token=False, clean_up_tokenization_spaces=False,
+                                 add_bos_token=True, add_eos_token=False, clean_up_tokenization_spaces=False,
                                  model_max_length=None)
     hf.chat_template = CHAT_TEMPLATE
     return hf

@@ -269,7 +269,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
     log = print if rt.master else (lambda s: None)
     mode = resolve_mode(st.mode, source_stage)
     log(f"eval ({mode}) of {st.init_from} (a {source_stage} checkpoint at step {meta.get('step')})")
-    if mode == "base":
+    if st.harness.tasks:                     # lm-evaluation-harness (nanochat/harness.py)
+        from nanochat.harness import run_stage
+        result = run_stage(model, tokenizer, st.harness, cfg.paths.shared_data, run_dir, rt.master, log)
+    elif mode == "base":
         result = run_base(cfg, run_dir, rt, model, tokenizer, tok_name, log)
     else:
         result = run_chat(cfg, run_dir, rt, model, tokenizer, log)

@@ -16,8 +16,9 @@ Between batches the preemption flag (nanochat/lifecycle.py) is checked: a stop s
 like a training step would (evaluations are requeued, not resumed).
 
 Tasks (`LOCAL_TASKS`) are lm-eval task configs equal to lm-eval's own arc_easy / arc_challenge / gsm8k yaml
-(and mmlu as a group of its 57 subjects), except that `custom_dataset` reads the local copies in
-`data_dir` (../shared/data: arc/, mmlu/cais_mmlu/, gsm8k/) instead of downloading.
+(and mmlu as a group of its 57 subjects, humaneval graded in our sandbox, nanochat/execution.py, instead of
+`evaluate`'s code_eval), except that `custom_dataset` reads the local copies in `data_dir` (../shared/data:
+arc/, mmlu/cais_mmlu/, gsm8k/, humaneval/) instead of downloading.
 """
 from __future__ import annotations
 
@@ -67,6 +68,26 @@ def load_mmlu_subject(data_dir: str, subject: str, **_: Any):
     return _dataset({s: _mmlu_rows(d / s / f"{subject}_{s}.csv", subject) for s in ("test", "dev")})
 
 
+def load_humaneval(data_dir: str, **_: Any):
+    import gzip
+    path = Path(data_dir) / "humaneval" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return _dataset({"test": rows})
+
+
+def humaneval_programs(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
+    """lm-eval's humaneval filter: the prompt followed by each completion."""
+    return [[doc["prompt"] + r for r in resp] for resp, doc in zip(resps, docs)]
+
+
+def pass_at_1(references: list[str], predictions: list[list[str]], **_: Any) -> float:
+    """1.0 when the first completion passes the task's tests, run in our sandbox (nanochat/execution.py)
+    instead of lm-eval's `evaluate` code_eval metric (which downloads its script)."""
+    from nanochat.execution import execute_code
+    return float(execute_code(predictions[0][0] + "\n\n" + references[0] + "\n", timeout=10.0).success)
+
+
 def mmlu_subjects(data_dir: str) -> list[str]:
     return sorted(p.name[:-len("_test.csv")] for p in (Path(data_dir) / "mmlu" / "cais_mmlu" / "test").glob("*_test.csv"))
 
@@ -104,6 +125,19 @@ def _gsm8k(data_dir: str) -> dict:
             "metadata": {"version": 3.0}}
 
 
+def _humaneval(data_dir: str) -> dict:
+    return {"task": "humaneval", "custom_dataset": load_humaneval, "dataset_kwargs": {"data_dir": data_dir},
+            "unsafe_code": True, "output_type": "generate_until", "test_split": "test", "doc_to_text": "{{prompt}}",
+            "doc_to_target": "{{test}}\ncheck({{entry_point}})",
+            "metric_list": [{"metric": pass_at_1, "aggregation": "mean", "higher_is_better": True}],
+            "generation_kwargs": {"until": ["\nclass", "\ndef", "\n#", "\nif", "\nprint"], "max_gen_toks": 1024,
+                                  "do_sample": False},
+            "repeats": 1, "num_fewshot": 0,
+            "filter_list": [{"name": "create_test", "filter": [{"function": "custom",
+                                                                 "filter_fn": humaneval_programs}]}],
+            "metadata": {"version": 1.0}}
+
+
 def _mmlu(data_dir: str) -> dict:
     subjects = mmlu_subjects(data_dir)
     tasks = [{"task": f"mmlu_{s}", "custom_dataset": load_mmlu_subject,
@@ -130,6 +164,7 @@ LOCAL_TASKS: dict[str, LocalTask] = {
     "arc_challenge": LocalTask(lambda d: _arc("arc_challenge", "ARC-Challenge", d), "arc/ARC-Challenge/test.jsonl"),
     "gsm8k": LocalTask(_gsm8k, "gsm8k/test.jsonl"),
     "mmlu": LocalTask(_mmlu, "mmlu/cais_mmlu/test"),
+    "humaneval": LocalTask(_humaneval, "humaneval/HumanEval.jsonl.gz"),
 }
 
 
@@ -315,8 +350,8 @@ def make_lm_class():
                         done[r] = True
                         continue
                     gen[r].append(t)
-                    text = self.tok.decode(gen[r])
-                    if len(gen[r]) >= max_new[r] or any(s in text for s in until[r]):
+                    tail = self.tok.decode(gen[r][-32:])     # a stop string ends in the last tokens
+                    if len(gen[r]) >= max_new[r] or any(s and s in tail for s in until[r]):
                         done[r] = True
                 if all(done):
                     break
@@ -354,7 +389,7 @@ def run_stage(model, tokenizer, hcfg, shared_data: Optional[str], run_dir: Path,
     main = {t: m for t, m in out["results"].items() if t in hcfg.tasks}
     return {"mode": "harness", "harness": {**out, "results": main},
             "task_accuracy": {t: v for t, m in main.items()
-                              if (v := m.get("acc,none", m.get("exact_match,strict-match"))) is not None}}
+                              if (v := m.get("acc,none", m.get("exact_match,strict-match", m.get("pass_at_1,create_test")))) is not None}}
 
 
 def run_harness(model, tokenizer, tasks: list[str], data_dir: Optional[str], *, limit: Optional[int] = None,
@@ -379,7 +414,7 @@ def evaluate(lm: Any, configs: list[dict], **kwargs: Any) -> dict:
     kwargs.setdefault("bootstrap_iters", 1000)
     return simple_evaluate(model=lm, tasks=[build_task(c) for c in configs],
                            task_manager=TaskManager(include_defaults=False), log_samples=False,
-                           verbosity="WARNING", **kwargs)
+                           verbosity="WARNING", confirm_run_unsafe_code=True, **kwargs)
 
 
 def build_task(cfg: dict):

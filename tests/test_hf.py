@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 import os
 import socket
 import subprocess
@@ -18,7 +17,6 @@ import torch
 from nanochat.common import shared_data_dir
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig, build_model
-from nanochat.hf import convert
 from nanochat.hf.export import export_run, read_hf_dir, remote_code_sources, write_hf_dir
 from nanochat.tokenizer import Tokenizer
 
@@ -428,7 +426,7 @@ def test_eval_stage_harness_run_and_errors(tiny, tmp_path):
     assert "acc_stderr,none" in result["harness"]["results"]["arc_easy"]
     assert harness["lm_eval_version"] == "0.4.13" and len(harness["config_hash"]["arc_easy"]) == 64
     assert harness["results"]["arc_easy"]["sample_len"] == 3
-    for bad, needle in ((["stage.harness.tasks=[humaneval]"], "no local definition"),
+    for bad, needle in ((["stage.harness.tasks=[hellaswag]"], "no local definition"),
                         (["stage.harness.tasks=[arc_easy]", f"stage.harness.data_dir={tmp_path}"], "arc/ARC-Easy")):
         p = subprocess.run([sys.executable, "-m", "launch.run", *args, *bad], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=120)

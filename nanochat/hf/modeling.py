@@ -111,4 +111,4 @@ class NanochatHydraForCausalLM(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, use_cache=True, **kwargs):
         if isinstance(cache, GrowingKVCache):
             input_ids = input_ids[:, cache.length:]
-        return {"input_ids": input_ids, "cache": cache, "attention_mask": None, "use_cache": use_cache}
+        return {"input_ids": input_ids, "cache": cache, "attention_mask": attention_mask, "use_cache": use_cache}

@@ -308,10 +308,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_transformers_serve_greedy_chat_equals_ours(tiny):
-    """`transformers serve OUT_DIR` on a loopback port: one greedy chat completion equals our Engine's."""
+@pytest.mark.parametrize("which", ["native", "remote"])
+def test_transformers_serve_greedy_chat_equals_ours(tiny, which):
+    """`transformers serve OUT_DIR` on a loopback port: one greedy chat completion equals our Engine's
+    (transformers' nanochat type, and our remote code with --trust-remote-code)."""
     import urllib.request
-    env, run, tok, native, _ = tiny
+    env, run, tok, native, remote = tiny
+    out_dir = native if which == "native" else remote
     from nanochat.checkpoint import load_model_from_run
     model, _ = load_model_from_run(run, "cpu")
     messages = [{"role": "user", "content": "Hello there, who are you?"}]
@@ -319,8 +322,9 @@ def test_transformers_serve_greedy_chat_equals_ours(tiny):
     want = tok.decode(engine_greedy(model, tok, prompt, 16))
     exe = Path(sys.executable).with_name("transformers")
     port = _free_port()
-    proc = subprocess.Popen([str(exe), "serve", str(native), "--host", "127.0.0.1", "--port", str(port),
-                             "--device", "cpu", "--dtype", "float32"], env=env, stdout=subprocess.PIPE,
+    extra = ["--trust-remote-code"] if which == "remote" else []
+    proc = subprocess.Popen([str(exe), "serve", str(out_dir), "--host", "127.0.0.1", "--port", str(port),
+                             "--device", "cpu", "--dtype", "float32", *extra], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -332,7 +336,7 @@ def test_transformers_serve_greedy_chat_equals_ours(tiny):
             except OSError:
                 assert time.monotonic() < deadline, "transformers serve did not come up"
                 time.sleep(0.5)
-        body = json.dumps({"model": str(native), "messages": messages, "max_tokens": 16, "temperature": 0}).encode()
+        body = json.dumps({"model": str(out_dir), "messages": messages, "max_tokens": 16, "temperature": 0}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
                                      headers={"content-type": "application/json"})
         reply = json.loads(urllib.request.urlopen(req, timeout=120).read())

@@ -106,7 +106,9 @@ def to_remote(kw: dict, state: dict[str, torch.Tensor], specials: dict[str, int]
     c = GPTConfig(**kw)
     ids = special_ids(specials)
     config = {
-        "architectures": [REMOTE_ARCH], "model_type": REMOTE_TYPE,
+        # no "architectures": `transformers serve` looks those up as transformers attributes, and falls back
+        # to AutoModelForCausalLM (auto_map, trust_remote_code) only without them
+        "model_type": REMOTE_TYPE,
         "auto_map": {"AutoConfig": f"{REMOTE_MODULE}.NanochatHydraConfig",
                      "AutoModelForCausalLM": f"{REMOTE_MODULE}.{REMOTE_ARCH}"},
         # the usual names, for tools that read them (serving engines size caches from these)

@@ -204,7 +204,7 @@ class RLStageConfig(TrainStageConfig):
 @dataclass
 class HarnessConfig:
     """lm-evaluation-harness through our model (nanochat/harness.py); empty tasks → not run."""
-    tasks: list = field(default_factory=list)   # arc_easy arc_challenge mmlu gsm8k
+    tasks: list = field(default_factory=list)   # arc_easy arc_challenge mmlu gsm8k humaneval
     limit: Optional[int] = None       # examples per task (null → all)
     num_fewshot: Optional[int] = None  # null → each task's own default
     batch_size: int = 16

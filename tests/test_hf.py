@@ -432,6 +432,8 @@ def test_eval_stage_harness_run_and_errors(tiny, tmp_path):
     assert "acc_stderr,none" in result["harness"]["results"]["arc_easy"]
     assert harness["lm_eval_version"] == "0.4.13" and len(harness["config_hash"]["arc_easy"]) == 64
     assert harness["results"]["arc_easy"]["sample_len"] == 3
+    from nanochat.report import stage_metrics
+    assert "lm-eval arc_easy" in stage_metrics("eval", result)
     for bad, needle in ((["stage.harness.tasks=[hellaswag]"], "no local definition"),
                         (["stage.harness.tasks=[arc_easy]", f"stage.harness.data_dir={tmp_path}"], "arc/ARC-Easy")):
         p = subprocess.run([sys.executable, "-m", "launch.run", *args, *bad], cwd=REPO, env=env,

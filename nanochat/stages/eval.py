@@ -11,6 +11,9 @@ answer letters at the end of the prompt, in batches; generative ones (GSM8K, Hum
 spelling, arithmetic) by sampling with the Engine (tool use included). ChatCORE is the
 mean over tasks of the centered accuracy (acc - chance) / (1 - chance), chance 0.25 for
 4-way multiple choice and 0 for open answers.
+
+Harness (`stage.harness.tasks=[...]` set): lm-evaluation-harness through our model instead of the above
+(nanochat/harness.py); writes harness.json.
 """
 from __future__ import annotations
 
@@ -267,9 +270,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
     tok_name = (meta.get("config") or {}).get("data", {}).get("tokenizer") or cfg.data.tokenizer
     tokenizer = get_tokenizer(rt.base_dir, tok_name)
     log = print if rt.master else (lambda s: None)
-    mode = resolve_mode(st.mode, source_stage)
+    mode = "harness" if st.harness.tasks else resolve_mode(st.mode, source_stage)
     log(f"eval ({mode}) of {st.init_from} (a {source_stage} checkpoint at step {meta.get('step')})")
-    if st.harness.tasks:                     # lm-evaluation-harness (nanochat/harness.py)
+    if mode == "harness":                    # lm-evaluation-harness (nanochat/harness.py)
         from nanochat.harness import run_stage
         result = run_stage(model, tokenizer, st.harness, cfg.paths.shared_data, run_dir, rt.master, log)
     elif mode == "base":

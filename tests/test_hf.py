@@ -441,3 +441,21 @@ def test_eval_stage_harness_run_and_errors(tiny, tmp_path):
         assert p.returncode != 0 and needle in p.stdout + p.stderr, p.stdout + p.stderr
         assert "Traceback" not in p.stderr
     assert len(list(tmp_path.glob("eval/*/*"))) == 1
+
+
+def test_import_native_dir_without_our_record(tiny, tmp_path):
+    """A `nanochat` dir that did not come from us (no nanochat_hydra record in config.json) imports as the seed
+    generation, weights bitwise."""
+    import shutil
+    env, run, _, native, _ = tiny
+    src = tmp_path / "foreign"
+    shutil.copytree(native, src)
+    config = json.loads((src / "config.json").read_text())
+    config.pop("nanochat_hydra")
+    (src / "config.json").write_text(json.dumps(config))
+    target = tmp_path / "imported"
+    p = cli(env, "main_import", str(src), f"run.root={tmp_path}", f"run.dir={target}")
+    assert p.returncode == 0, p.stderr
+    from nanochat.checkpoint import latest_checkpoint, load_model_state
+    a, b = load_model_state(latest_checkpoint(run)), load_model_state(latest_checkpoint(target))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -124,14 +124,22 @@ def to_remote(kw: dict, state: dict[str, torch.Tensor], specials: dict[str, int]
 # ----------------------------------------------------------------------------- in
 
 def seed_kwargs_from_native(config: dict) -> dict:
-    """GPTConfig kwargs for a `nanochat` config.json without our record (e.g. a hub checkpoint)."""
+    """GPTConfig kwargs for a `nanochat` config.json without our record (e.g. a checkpoint converted by
+    hand): nanochat's seed model (interop.gpt_config_kwargs) with the config's soft cap and RoPE base."""
+    from nanochat.interop import NanochatArch, gpt_config_kwargs
+    try:
+        arch = NanochatArch(generation="seed", sequence_len=int(config.get("max_position_embeddings", 2048)),
+                            vocab_size=int(config["vocab_size"]), padded_vocab_size=int(config["vocab_size"]),
+                            n_layer=int(config["num_hidden_layers"]), n_head=int(config["num_attention_heads"]),
+                            n_kv_head=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+                            n_embd=int(config["hidden_size"]), window_pattern="L")
+    except KeyError as e:
+        raise InteropError(f"config.json lacks {e.args[0]!r}, which a nanochat model config has") from None
+    kw = gpt_config_kwargs(arch)
     cap = config.get("final_logit_softcapping")
     rope = config.get("rope_parameters") or {}
-    return dict(sequence_len=int(config.get("max_position_embeddings", 2048)), vocab_size=int(config["vocab_size"]),
-                n_layer=int(config["num_hidden_layers"]), n_head=int(config["num_attention_heads"]),
-                n_kv_head=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
-                n_embd=int(config["hidden_size"]), softcap=float(cap) if cap else 0.0,
-                rope_base=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))), rope_bf16=True)
+    kw.update(softcap=float(cap) if cap else 0.0, rope_base=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    return kw
 
 
 def from_hf(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -229,7 +229,7 @@ def make_lm_class():
         """lm-eval's view of our GPT + tokenizer (see the module docstring)."""
 
         def __init__(self, model=None, tokenizer=None, batch_size: int = 16, max_gen_toks: int = 256,
-                     add_bos_token: bool = True, run_dir: Optional[str] = None, device: str = "cpu"):
+                     add_bos_token: bool = True, run_dir: Optional[str] = None, device: str = "cpu", **_: Any):
             super().__init__()
             if model is None:                   # lm-eval's model_args: run_dir=...
                 from nanochat.chat_cli import load
@@ -240,7 +240,6 @@ def make_lm_class():
             self.add_bos_token = add_bos_token
             self.bos = tokenizer.get_bos_token_id()
             self.stops = {tokenizer.encode_special("<|assistant_end|>"), self.bos}
-            self.batches = 0
 
         # -- lm-eval's interface
         @property
@@ -268,7 +267,6 @@ def make_lm_class():
             return self.tok.decode(ids)
 
         def _between_batches(self) -> None:
-            self.batches += 1
             if STOP.requested:
                 raise Preempted(0, STOP.name)
 

@@ -274,7 +274,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     log(f"eval ({mode}) of {st.init_from} (a {source_stage} checkpoint at step {meta.get('step')})")
     if mode == "harness":                    # lm-evaluation-harness (nanochat/harness.py)
         from nanochat.harness import run_stage
-        result = run_stage(model, tokenizer, st.harness, cfg.paths.shared_data, run_dir, rt.master, log)
+        with rt.autocast():
+            result = run_stage(model, tokenizer, st.harness, cfg.paths.shared_data, run_dir, rt.master, log)
     elif mode == "base":
         result = run_base(cfg, run_dir, rt, model, tokenizer, tok_name, log)
     else:

@@ -77,18 +77,6 @@ def check_hardware(cfg: Config) -> None:
                           "(bf16/fp16 matmuls are ~100x slower there)", "low precision on CPU")
 
 
-def serve_source(cfg: Config):
-    """`stage=serve stage.init_from=latest`: the newest completed rl > sft > mid run under run.root."""
-    from nanochat.chat_cli import CHAT_STAGES, find_latest_chat_run
-    found = find_latest_chat_run(cfg.run.root)
-    if found is None:
-        raise ConfigError("stage.init_from", cfg.stage.init_from,
-                          f"run a chat stage first (make demo, or nanochat-run stage=sft ...) under "
-                          f"run.root={cfg.run.root}, or point stage.init_from at a run dir",
-                          f"no completed {' / '.join(CHAT_STAGES)} run found")
-    return found.resolve()
-
-
 def check_serve(cfg: Config) -> None:
     """The server runs on one node: one replica per local GPU, threads of one process."""
     if cfg.stage.name != "serve":

@@ -130,7 +130,11 @@ class StageConfig:
     name: str = "pretrain"
     worker: str = "nanochat.stages.pretrain"
     init_from: Optional[str] = None   # <run dir> | latest | null
-    init_stage: Optional[str] = None  # stage whose runs `latest` searches
+    init_stage: Optional[str] = None  # stage whose runs `latest` searches (null → newest of `sources`)
+    # the stage contract (conf/stage/<name>.yaml declares it; nanochat/stage_plan.py applies it)
+    sources: Optional[list] = None    # stages whose runs this one may start from; null → none
+    source_tag: str = "same"          # same: `latest` looks at runs with this run's tag | any
+    planner: str = "nanochat.stage_plan.train_plan"  # function deriving the plan (dry run == run)
 
 
 @dataclass
@@ -160,7 +164,7 @@ class TrainStageConfig(StageConfig):
     final_lr_frac: Optional[float] = None
     muon_ns: str = "newton_schulz"    # newton_schulz | polar_express
     eval_every: int = 250
-    eval_tokens: int = 20 * 524288
+    eval_tokens: Optional[int] = 20 * 524288  # null → scaled to the run (chat stages)
     sample_every: int = 2000
     core_every: int = -1              # -1 = off
     core_max_per_task: int = 500
@@ -183,6 +187,10 @@ class ChatStageConfig(TrainStageConfig):
     eval_tasks: Optional[list] = None         # tasks scored at the end; null → graded tasks of the mixture
     eval_examples: int = 100                  # examples per task in that scoring (-1 = all)
     eval_max_new_tokens: int = 256            # sampling budget per answer in that scoring
+    load_optimizer: bool = False              # warm-start optimizer state from the source checkpoint
+    chatcore_every: Optional[int] = None      # ChatCORE every N steps + at the end (-1 off; null: modern sft 200)
+    chatcore_max_cat: int = -1                # problems per categorical ChatCORE task (-1 = all)
+    chatcore_max_sample: int = 24             # problems per generative ChatCORE task
 
 
 @dataclass

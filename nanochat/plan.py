@@ -127,6 +127,10 @@ class Plan:
     muon_momentum_steps: int
     notes: list = field(default_factory=list)
     device_batch_probe: Optional[dict] = None  # hardware.device_batch_size=auto: the probe's trials
+    eval_tokens: Optional[int] = None          # validation tokens per pass
+    source: Optional[str] = None               # the run this stage starts from (init_from)
+    inherited: dict = field(default_factory=dict)  # plan key → where its value came from (source run)
+    stage: dict = field(default_factory=dict)  # stage-specific derived values (mixture, packing, ...)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -429,6 +433,7 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
         final_lr_frac=final, muon_momentum_start=MUON_MOMENTUM[0], muon_momentum_end=MUON_MOMENTUM[1],
         muon_momentum_steps=MUON_MOMENTUM[2], notes=notes,
         device_batch_probe=probe if cfg.hardware.device_batch_size == "auto" else None,
+        eval_tokens=getattr(st, "eval_tokens", None),
     )
 
 

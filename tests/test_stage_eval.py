@@ -53,7 +53,7 @@ def test_categorical_batched_equals_single(runs):
     if shared_data_dir() is None:
         pytest.skip("../shared/data is absent (ARC)")
     from nanochat.checkpoint import load_model_from_run
-    from nanochat.stages.eval import score_categorical
+    from nanochat.chat_eval import score_categorical
     from nanochat.tasks import make_task
     from nanochat.tokenizer import get_tokenizer
     env, _, pre = runs

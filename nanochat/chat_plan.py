@@ -202,8 +202,6 @@ def _rows(p: Plan, cfg: Config, source: Optional[SourceRun], extra: list) -> lis
     """plan.py's rows, each value that came from the source marked `(inherited: key, ...)`."""
     rows = []
     for name, value in plan_rows(p):
-        if name == "tokens / param":
-            continue
         for prefix, keys in ROW_KEYS.items():
             got = [k for k in keys if k in p.inherited]
             if name.startswith(prefix) and got:
@@ -305,6 +303,9 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules, probe:
         (st.warmup_ratio if st.warmup_ratio is not None else rules.warmup_ratio) * N)
     wu = min(wu, N)
     wdn = min(round((st.warmdown_ratio if st.warmdown_ratio is not None else rules.warmdown_ratio) * N), N - wu)
+    if st.load_optimizer and not source.has_optimizer_state():  # nanochat warns and continues too
+        inh.notes.append(f"WARNING: stage.load_optimizer=true but {source.checkpoint or source.path} has no "
+                         f"optimizer state; the optimizer starts fresh")
     micro = dbs * seq * world
     chatcore_every = st.chatcore_every if st.chatcore_every is not None else rules.chatcore_every
     p = replace(

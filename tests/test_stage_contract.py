@@ -287,3 +287,25 @@ def test_bad_sources_are_refused_before_work(modern):
         f.unlink()
     p = nanochat_run(env, *SFT, f"stage.init_from={bare}", f"run.root={root}", "run.dry_run=true")
     assert "WARNING" in p.stdout and "no optimizer state" in p.stdout
+
+
+@pytest.mark.slow
+def test_rl_and_chat_eval_read_a_modern_sft_run(modern):
+    env, root, _ = modern
+    sft = root / "sft_modern"
+    if not (sft / "COMPLETED").exists():
+        pytest.skip("needs the SFT run of test_modern_sft_dry_run_is_the_run")
+    rl = root / "rl_modern"
+    nanochat_run(env, "stage=rl", "hardware=cpu", "data=demo", f"stage.init_from={sft}", "stage.task=\"arithmetic:max_value=9\"",
+                 "stage.num_iterations=1", "stage.examples_per_step=2", "stage.num_samples=2", "stage.max_new_tokens=8",
+                 "stage.eval_examples=2", "stage.eval_num_samples=1", f"run.root={root}", f"run.dir={rl}")
+    plan = json.loads((rl / "plan.json").read_text())
+    base = json.loads((sft / "plan.json").read_text())["stage"]["base_lrs"]
+    assert plan["generation"] == "modern" and plan["source"] == str(sft)
+    assert plan["matrix_lr"] == pytest.approx(0.05 * base["matrix_lr"])  # the SFT's base LRs × rl's 0.05
+    ev = root / "eval_modern"
+    nanochat_run(env, "stage=eval", "hardware=cpu", "data=demo", f"stage.init_from={sft}",
+                 'stage.tasks=["arithmetic:max_value=9"]', "stage.max_per_task=2", "stage.max_new_tokens=8",
+                 f"run.root={root}", f"run.dir={ev}")
+    r = json.loads((ev / "result.json").read_text())
+    assert r["mode"] == "chat" and r["source_stage"] == "sft" and "arithmetic" in r["task_accuracy"]

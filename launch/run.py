@@ -165,6 +165,9 @@ def run_pipeline(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optiona
     """Stages one after another, each in its own run dir, chained through init_from."""
     produced: dict[str, str] = {}
     results = []
+    if not cfg.run.dry_run:   # bad input in any entry (fp8 on a CPU, too many GPUs) fails before the first runs
+        for entry in cfg.run.pipeline:
+            validate.check_hardware(config_from_dict(stage_tree(composed, entry)))
     for i, entry in enumerate(cfg.run.pipeline):
         tree = stage_tree(composed, entry)
         tree["run"] = {**tree["run"], "pipeline": None, "dir": None}

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from nanochat.config import Config, ConfigError
-from nanochat.plan import GENERATIONS, MUON_MOMENTUM, Plan, make_plan, plan_rows, valid_device_batches
+from nanochat.plan import GENERATIONS, Plan, make_plan, plan_rows, valid_device_batches
 from nanochat.stage_plan import SourceRun, StagePlan, fill_vocab, source_rows
 
 # Default mixtures. Entries marked optional (True) are skipped, with a note, when their data is
@@ -44,6 +44,7 @@ GRADED = ("arc_easy", "arc_challenge", "mmlu", "mmlu_aux", "mmlu_auxiliary_train
           "spellingbee", "simplespelling", "arithmetic")
 SEED_SFT_EXAMPLES_PER_STEP = 32
 EVAL_TOKENS_CAP = 20 * 524288          # nanochat's pretraining default per validation pass
+CHAT_MOMENTUM = (0.85, 0.95, 300)     # chat_sft / mid_train: Muon momentum ramp, no warmdown leg
 LR_KEYS = ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")
 MODERN_SFT_INHERITED_LRS = ("embedding_lr", "unembedding_lr", "matrix_lr")  # as 92d63d4's chat_sft
 
@@ -63,9 +64,9 @@ class ChatRules:
     chatcore_every: int = -1
 
 
-MID = ChatRules(1.0, 0.0, 0.2, 0.0, MUON_MOMENTUM, None, "tokens", "stream", DEFAULT_MID_MIXTURE)
+MID = ChatRules(1.0, 0.0, 0.2, 0.0, CHAT_MOMENTUM, None, "tokens", "stream", DEFAULT_MID_MIXTURE)
 SEED_SFT = ChatRules(0.02, 0.0, 1.0, 0.0, (0.95, 0.95, 0), None, "examples", "pad", SEED_SFT_MIXTURE)
-MODERN_SFT = ChatRules(0.8, 0.0, 0.5, 0.0, MUON_MOMENTUM, 0.0, "tokens", "bestfit", MODERN_SFT_MIXTURE, 200)
+MODERN_SFT = ChatRules(0.8, 0.0, 0.5, 0.0, CHAT_MOMENTUM, 0.0, "tokens", "bestfit", MODERN_SFT_MIXTURE, 200)
 
 
 # --------------------------------------------------------------------------- mixtures (no torch)
@@ -308,14 +309,17 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules, probe:
                          f"optimizer state; the optimizer starts fresh")
     micro = dbs * seq * world
     chatcore_every = st.chatcore_every if st.chatcore_every is not None else rules.chatcore_every
+    mom = tuple(v if v is not None else r for v, r in zip(
+        (getattr(st, "muon_momentum_start", None), getattr(st, "muon_momentum_end", None),
+         getattr(st, "muon_momentum_ramp", None)), rules.momentum))
     p = replace(
         base, sequence_len=seq, device_batch_size=dbs, total_batch_size=total, grad_accum_steps=accum,
         num_iterations=N, horizon_source=horizon, total_tokens=N * total,
         total_flops=float(base.flops_per_token) * N * total, tokens_per_param=N * total / base.num_params,
         weight_decay=wd, weight_decay_schedule="constant", warmup_steps=wu, warmdown_steps=wdn,
         final_lr_frac=st.final_lr_frac if st.final_lr_frac is not None else rules.final_lr_frac,
-        muon_momentum_start=rules.momentum[0], muon_momentum_end=rules.momentum[1],
-        muon_momentum_steps=rules.momentum[2], lr_scale_batch=1.0,
+        muon_momentum_start=mom[0], muon_momentum_end=mom[1],
+        muon_momentum_steps=mom[2], muon_momentum_final=None, lr_scale_batch=1.0,
         notes=[f"{st.name} ({'modern' if modern else source.generation} rules): LRs × {frac}"] + inh.notes,
         eval_tokens=eval_tokens_for(st.eval_tokens, N * total, micro),
         source=str(source.path), inherited=inh.inherited,
@@ -327,7 +331,7 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules, probe:
     extra = [("mixture", f"{len(mixture):,} conversations: {', '.join(map(str, names))}"),
              ("packing", rules.packing + (f" ({examples} conversations / step)" if examples else "")),
              ("validation", f"{p.eval_tokens:,} tokens per pass (every {st.eval_every} steps)"),
-             ("momentum", f"{rules.momentum[0]} → {rules.momentum[1]} over {rules.momentum[2]} steps"),
+             ("momentum", f"{mom[0]} → {mom[1]} over {mom[2]} steps"),
              ("optimizer state", "from the source checkpoint" + ("" if source.has_optimizer_state() else
                                   " (none there: fresh)") if st.load_optimizer else "fresh"),
              ("ChatCORE every", str(chatcore_every))]
@@ -379,7 +383,8 @@ def rl_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = No
                 num_iterations=N, horizon_source=horizon, total_tokens=N * total,
                 total_flops=float(base.flops_per_token) * N * total, tokens_per_param=N * total / base.num_params,
                 weight_decay=wd, weight_decay_schedule="constant", warmup_steps=0, warmdown_steps=N,
-                final_lr_frac=0.0, muon_momentum_start=0.95, muon_momentum_end=0.95, lr_scale_batch=1.0,
+                final_lr_frac=0.0, muon_momentum_start=0.95, muon_momentum_end=0.95, muon_momentum_final=None,
+                lr_scale_batch=1.0,
                 notes=[f"rl: LRs × {st.init_lr_frac}"] + inh.notes, source=str(source.path),
                 inherited=inh.inherited, stage={"task": st.task, "base_lrs": lrs0, "source_stage": source.stage,
                                                 "tokenizer": source_tokenizer(cfg, source)},

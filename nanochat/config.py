@@ -79,6 +79,10 @@ class ModelConfig:
     backout: Optional[bool] = None
     qk_scale: Optional[float] = None         # seed 1.0, modern 1.2
     pad_vocab_to: Optional[int] = None       # seed 1, modern 64
+    # fp8 training (torchao.float8) of the Linear layers nanochat converts: null | tensorwise | rowwise.
+    # Needs an fp8 GPU (compute capability >= 8.9) unless fp8_emulate (CPU tests). Checkpoints stay fp32.
+    fp8: Optional[str] = None
+    fp8_emulate: bool = False
 
 
 @dataclass
@@ -162,7 +166,31 @@ class TrainStageConfig(StageConfig):
     warmup_steps: Optional[int] = None
     warmdown_ratio: Optional[float] = None
     final_lr_frac: Optional[float] = None
-    muon_ns: str = "newton_schulz"    # newton_schulz | polar_express
+    # Optimizer recipe (nanochat/optim.py): null → the one of `optimizer`, itself null → model.generation's
+    # (seed = nanochat d575940, Dec 2025; modern = nanochat 92d63d4). Each key shown in the dry run.
+    optimizer: Optional[str] = None   # seed | modern
+    muon_ns: Optional[str] = None     # newton_schulz (seed) | polar_express (modern)
+    muon_ns_safety: Optional[float] = None   # Polar Express input scale 1/(‖G‖·this): 1.01
+    muon_equilibrate: Optional[bool] = None  # MuonEq row equilibration (modern on)
+    muon_renorm: Optional[bool] = None       # Muon+ Frobenius renormalisation (modern on)
+    normuon: Optional[bool] = None           # NorMuon variance reduction (modern on)
+    muon_beta2: Optional[float] = None       # NorMuon second-moment EMA: 0.9
+    cautious_wd: Optional[bool] = None       # Muon weight decay only where update and weight agree in sign
+    muon_momentum_start: Optional[float] = None   # 0.85
+    muon_momentum_end: Optional[float] = None     # after the ramp: seed 0.95, modern 0.97
+    muon_momentum_ramp: Optional[int] = None      # ramp steps: seed 300, modern 400
+    muon_momentum_final: Optional[float] = None   # modern: end → this through the LR warmdown (0.90)
+    lm_head_betas: Optional[list] = None          # AdamW per group; null → the recipe's (modern below,
+    lm_head_wd: Optional[float] = None            # seed: adam_beta1/2 and weight decay 0 everywhere)
+    embedding_betas: Optional[list] = None        # modern [0.8, 0.995], wd 0.001
+    embedding_wd: Optional[float] = None
+    value_embed_lr_frac: Optional[float] = None   # × embedding_lr: modern 0.5, seed 1
+    value_embed_betas: Optional[list] = None      # modern [0.8, 0.995], wd 0.01
+    value_embed_wd: Optional[float] = None
+    resid_lr_frac: Optional[float] = None         # × scalar_lr: 0.01
+    resid_wd: Optional[float] = None              # modern 0.05
+    x0_betas: Optional[list] = None               # modern [0.96, 0.95]
+    gate_lr: Optional[float] = None               # smear gate/lambda + backout lambda: modern fixed 0.2
     eval_every: int = 250
     eval_tokens: Optional[int] = 20 * 524288  # null → scaled to the run (chat stages)
     sample_every: int = 2000
@@ -171,7 +199,7 @@ class TrainStageConfig(StageConfig):
     save_every: int = -1              # -1 = only at the end
     keep_last: int = 2
     log_every: int = 1
-    grad_clip: float = 0.0
+    grad_clip: Optional[float] = None  # global grad-norm clip (0 = off); null → seed pretrain 1.0 (d575940), else 0
     max_seq_len: Optional[int] = None
 
 
@@ -414,6 +442,12 @@ def config_from_dict(tree: dict) -> Config:
         if v not in choices:
             raise ConfigError(key, v, f"use one of: {', '.join(choices)}", "invalid choice")
     _check_ranges(cfg)
+    if cfg.model.fp8 not in (None, "tensorwise", "rowwise"):
+        raise ConfigError("model.fp8", cfg.model.fp8, "use null, tensorwise (faster) or rowwise (more accurate)",
+                          "unknown fp8 recipe")
+    if cfg.model.fp8_emulate and cfg.model.fp8 is None:
+        raise ConfigError("model.fp8_emulate", True, "set model.fp8=tensorwise|rowwise too, or drop fp8_emulate",
+                          "emulation without fp8")
     hw = cfg.hardware
     if hw.node_rank is not None and not 0 <= hw.node_rank < hw.nnodes:
         raise ConfigError("hardware.node_rank", hw.node_rank, f"use 0..{hw.nnodes - 1} (hardware.nnodes={hw.nnodes})",

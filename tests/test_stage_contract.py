@@ -136,22 +136,36 @@ def test_bestfit_truncates_a_conversation_longer_than_a_row():
 
 # --------------------------------------------------------------------------- optimizer warm start (fast)
 
-def test_optimizer_warm_start_carries_state_not_lrs(tmp_path):
+@pytest.mark.parametrize("generation", ["seed", "modern"])
+def test_optimizer_warm_start_carries_state_not_lrs(tmp_path, generation):
+    """Whatever state the generation's optimizer keeps (momentum, Adam moments, NorMuon second moments)."""
     import torch
     from nanochat import training as T
     from nanochat.chat_train import warm_start_optimizer
     from nanochat.checkpoint import save_checkpoint
+    from nanochat.config import ModelConfig, TrainStageConfig
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.optim import build_optimizer
+    from nanochat.plan import model_shape
     from nanochat.precision import Precision
     torch.manual_seed(0)
-    cfg = GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
-    model = GPT(cfg)
+    shape = model_shape(ModelConfig(generation=generation, depth=2, aspect_ratio=32, head_dim=16, sequence_len=16,
+                                    vocab_size=64))
+    model = GPT(GPTConfig(**shape.gpt_config_kwargs()))
     model.init_weights()
+    settings = None
+    try:  # the recipe of the generation's optimizer, where the optimizer module has recipes
+        from nanochat.plan import optimizer_settings
+        settings = optimizer_settings(TrainStageConfig(name="sft"), generation, shape)[1]
+        for k in ("muon_momentum_start", "muon_momentum_end", "muon_momentum_ramp", "muon_momentum_final"):
+            settings.pop(k, None)
+    except ImportError:
+        pass
 
     def opt(lr):
         return build_optimizer(model, embedding_lr=lr, unembedding_lr=lr, matrix_lr=lr, scalar_lr=lr,
-                               weight_decay=0.0, adam_betas=(0.8, 0.95), ns="newton_schulz", world_size=1, rank=0)
+                               weight_decay=0.0, adam_betas=(0.8, 0.95), world_size=1, rank=0,
+                               **({"settings": settings} if settings is not None else {}))
     src = opt(0.01)
     x = torch.randint(0, 64, (2, 16))
     for _ in range(2):

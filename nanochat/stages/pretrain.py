@@ -22,6 +22,7 @@ from nanochat.dataset import list_shards
 from nanochat.lifecycle import EvalInterrupted
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.plan import param_breakdown
+from nanochat.precision import convert_fp8, fp8_disabled
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat import training as T
 
@@ -47,7 +48,7 @@ def val_bpb(model, cfg: Config, plan, rt: T.Runtime, tokenizer, token_bytes, tok
                         rt.device, base_dir=rt.base_dir)
     model.eval()
     try:
-        with rt.autocast():
+        with rt.autocast(), fp8_disabled(model):   # evaluations in the compute dtype, as nanochat
             return evaluate_bpb(model, loader, eval_steps(tokens, plan), token_bytes)
     finally:
         model.train()
@@ -60,7 +61,8 @@ def samples(model, tokenizer, max_tokens: int = 24) -> list[str]:
     bos = tokenizer.get_bos_token_id()
     for prompt in SAMPLE_PROMPTS:
         ids = tokenizer.encode(prompt, prepend=bos)
-        gen = list(model.generate(ids, max_tokens=max_tokens, temperature=0.0))
+        with fp8_disabled(model):
+            gen = list(model.generate(ids, max_tokens=max_tokens, temperature=0.0))
         out.append(prompt + tokenizer.decode(gen))
     model.train()
     return out
@@ -71,7 +73,7 @@ def run_core(model, tokenizer, cfg: Config, rt: T.Runtime, max_per_task: int, pr
     bundle = ensure_eval_bundle(rt.base_dir, cfg.paths.eval_bundle)
     model.eval()
     try:
-        with rt.autocast():
+        with rt.autocast(), fp8_disabled(model):
             return evaluate_core(model, tokenizer, bundle, rt.device, max_per_task=max_per_task, progress=progress)
     finally:
         model.train()
@@ -122,6 +124,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
     barrier()
 
     model, _ = T.init_model(plan, cfg, rt, st.init_from)
+    if cfg.model.fp8:   # before the optimizer and compile, as nanochat; the weights stay fp32 Parameters
+        fp8_names = convert_fp8(model, cfg.model.fp8, emulate=cfg.model.fp8_emulate)
+        if rt.master:
+            print(f"fp8 ({cfg.model.fp8}{', emulated' if cfg.model.fp8_emulate else ''}): "
+                  f"{len(fp8_names)} Linear layers converted")
     optimizer = T.make_optimizer(model, plan, cfg, rt)
     state, loader_state = T.try_resume(run_dir, cfg, rt, model, optimizer)
     resumed = state.step > 0 or loader_state is not None

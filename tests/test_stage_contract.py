@@ -327,3 +327,20 @@ def test_rl_and_chat_eval_read_a_modern_sft_run(modern):
                  f"run.root={root}", f"run.dir={ev}")
     r = json.loads((ev / "result.json").read_text())
     assert r["mode"] == "chat" and r["source_stage"] == "sft" and "arithmetic" in r["task_accuracy"]
+
+
+def test_modern_sft_default_mixture_offline(base_dir, monkeypatch):
+    """SmolTalk + MMLU auxiliary_train ×3 + GSM8K train ×4; what is missing offline is skipped with a note."""
+    from nanochat.chat_plan import MODERN_SFT_MIXTURE, build_mixture
+    from nanochat.common import shared_data_dir
+    if shared_data_dir() is None:
+        pytest.skip("../shared/data is absent: the offline default mixture needs its task files")
+    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
+    notes = []
+    mix, names = build_mixture(None, MODERN_SFT_MIXTURE, "train", data_dir=None, base_dir=base_dir, seed=0,
+                               log=notes.append)
+    assert names.count("gsm8k") == 4
+    have_aux = names.count("mmlu_aux")
+    assert have_aux in (0, 3) and (have_aux == 3 or any("mmlu_aux" in n for n in notes))
+    assert "smoltalk" in names or any("smoltalk" in n for n in notes)  # hub-only: a note, not an error
+    assert len(mix) >= 4 * 7000  # GSM8K train (7,473 rows) four times over

@@ -150,7 +150,7 @@ def stage_tree(composed: dict, entry: str) -> dict:
         base = dict(composed["stage"])
     else:
         path = Path(CONF_DIR) / "stage" / f"{name}.yaml"
-        if not path.exists() or name not in STAGE_SCHEMAS:
+        if not path.exists():
             raise ConfigError("run.pipeline", entry, f"use stage names from: {', '.join(STAGE_SCHEMAS)}, or a "
                               f"label with `stages.{entry}.name: <stage>`", "unknown stage in pipeline")
         base = OmegaConf.to_container(OmegaConf.load(path), resolve=True)

@@ -139,6 +139,7 @@ class StageConfig:
     sources: Optional[list] = None    # stages whose runs this one may start from; null → none
     source_tag: str = "same"          # same: `latest` looks at runs with this run's tag | any
     planner: str = "nanochat.stage_plan.train_plan"  # function deriving the plan (dry run == run)
+    schema: Optional[str] = None      # a stage not in STAGE_SCHEMAS: whose keys it has (e.g. mid)
 
 
 @dataclass
@@ -414,9 +415,13 @@ def config_from_dict(tree: dict) -> Config:
     tree = {k: v for k, v in tree.items() if k not in _TOP_KEYS_IGNORED}
     stage_tree = tree.get("stage") or {}
     stage_name = stage_tree.get("name", "pretrain") if isinstance(stage_tree, dict) else "pretrain"
-    if stage_name not in STAGE_SCHEMAS:
+    # a new stage reuses the schema of one of these (its YAML says `schema: mid`), so adding one
+    # touches only its module and its YAML
+    schema = stage_name if stage_name in STAGE_SCHEMAS else (stage_tree or {}).get("schema")
+    if schema not in STAGE_SCHEMAS:
         raise ConfigError("stage.name", stage_name,
-                          f"pick one of: {', '.join(STAGE_SCHEMAS)} (e.g. stage=pretrain)", "unknown stage")
+                          f"pick one of: {', '.join(STAGE_SCHEMAS)} (e.g. stage=pretrain), or give a new stage's "
+                          f"YAML `schema: <one of those>`", "unknown stage")
     top = {f.name for f in dataclasses.fields(Config)}
     for k in tree:
         if k not in top:
@@ -428,7 +433,7 @@ def config_from_dict(tree: dict) -> Config:
         if f.name not in tree:
             continue
         if f.name == "stage":
-            kwargs["stage"] = _build(STAGE_SCHEMAS[stage_name], tree["stage"], "stage")
+            kwargs["stage"] = _build(STAGE_SCHEMAS[schema], tree["stage"], "stage")
         elif f.name in ("experiment", "sweep"):
             v = tree[f.name]
             kwargs[f.name] = None if v is None else str(v)

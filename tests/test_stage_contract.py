@@ -344,3 +344,25 @@ def test_modern_sft_default_mixture_offline(base_dir, monkeypatch):
     assert have_aux in (0, 3) and (have_aux == 3 or any("mmlu_aux" in n for n in notes))
     assert "smoltalk" in names or any("smoltalk" in n for n in notes)  # hub-only: a note, not an error
     assert len(mix) >= 4 * 7000  # GSM8K train (7,473 rows) four times over
+
+
+@pytest.mark.slow
+def test_adding_a_stage_is_one_module_and_its_yaml(stage_root, tmp_path):
+    """A new stage from outside the repo: its YAML (on hydra.searchpath) and its worker module."""
+    env, root, pre = stage_root
+    (tmp_path / "conf" / "stage").mkdir(parents=True)
+    mid = yaml.safe_load((REPO / "conf" / "stage" / "mid.yaml").read_text())
+    mid.update(name="distill", worker="distill_stage", schema="mid", sources=["pretrain"],
+               planner="nanochat.chat_plan.mid_plan")
+    (tmp_path / "conf" / "stage" / "distill.yaml").write_text(yaml.safe_dump(mid))
+    (tmp_path / "distill_stage.py").write_text(
+        "from nanochat.chat_train import ChatRun, train_chat\n\n"
+        "def run(cfg, run_dir):\n    return {**train_chat(ChatRun(cfg, run_dir)), 'distilled': True}\n")
+    env = {**env, "PYTHONPATH": f"{tmp_path}{os.pathsep}{env.get('PYTHONPATH', '')}"}
+    run = root / "distill_run"
+    out = nanochat_run(env, "experiment=tiny", "model.depth=2", "stage=distill", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+                       f"stage.init_from={pre}", "stage.num_iterations=2", "stage.eval_every=-1", "stage.eval_tasks=[]",
+                       'stage.mixture=["arithmetic:size=50"]', f"run.root={root}", f"run.dir={run}").stdout
+    assert "stage=distill" in out
+    r = json.loads((run / "result.json").read_text())
+    assert r["distilled"] and r["step"] == 2

@@ -40,13 +40,22 @@ def task_key(spec: Any) -> str:
 
 # --------------------------------------------------------------------------- chat scoring
 
+def _between(progress: Optional[EvalProgress], done: int) -> None:
+    """Between two batches: the stop check (EvalInterrupted on a signal), and progress when asked."""
+    if progress is not None:
+        progress.step(done)
+    else:
+        check_stop()
+
+
 @torch.no_grad()
-def score_categorical(model, tokenizer, task, indices: list[int], device, batch_size: int = 8) -> int:
+def score_categorical(model, tokenizer, task, indices: list[int], device, batch_size: int = 8,
+                      progress: Optional[EvalProgress] = None) -> int:
     """Correct answers among `indices`: argmax over the answer letters' logits after the prompt."""
     limit = getattr(model, "rotary_len", None)
     correct = 0
     for b0 in range(0, len(indices), batch_size):
-        check_stop()
+        _between(progress, b0)
         convs = [task[i] for i in indices[b0:b0 + batch_size]]
         prompts = [tokenizer.render_for_completion(c) for c in convs]
         if limit:
@@ -74,14 +83,14 @@ def score_categorical(model, tokenizer, task, indices: list[int], device, batch_
 @torch.no_grad()
 def score_generative(model, tokenizer, task, indices: list[int], *, num_samples: int = 1,
                      max_new_tokens: int = 256, temperature: float = 0.0, top_k: Optional[int] = 50,
-                     seed: int = 42) -> int:
+                     seed: int = 42, progress: Optional[EvalProgress] = None) -> int:
     """Correct answers among `indices`: an example counts if any of its samples is right (pass@k)."""
     from nanochat.engine import Engine
     engine = Engine(model, tokenizer)
     limit = getattr(model, "rotary_len", None) or model.config.sequence_len
     correct = 0
-    for i in indices:
-        check_stop()
+    for n, i in enumerate(indices):
+        _between(progress, n)
         conv = task[i]
         prompt = tokenizer.render_for_completion(conv)
         budget = min(max_new_tokens, limit - len(prompt))
@@ -127,12 +136,13 @@ def evaluate_chat_tasks(model, tokenizer, specs: list, device, *, max_per_task: 
             n = len(task) if max_per_task is None or max_per_task < 0 else min(len(task), max_per_task)
             indices = list(range(rank, n, world))
             t0 = time.time()
+            progress = EvalProgress(name, len(indices), log)  # a line every 10 s, and the stop check
             if task.eval_type == "categorical":
-                correct = score_categorical(model, tokenizer, task, indices, device, batch_size)
+                correct = score_categorical(model, tokenizer, task, indices, device, batch_size, progress)
             else:
                 correct = score_generative(model, tokenizer, task, indices, num_samples=num_samples,
                                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                           seed=seed)
+                                           seed=seed, progress=progress)
             correct, total = _sum_all([correct, len(indices)], device)
             acc = correct / max(1.0, total)
             chance = CHANCE_ACCURACY.get(name, 0.25 if task.eval_type == "categorical" else 0.0)

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
-
-import torch
 
 from nanochat import training as T
 from nanochat.common import barrier, shared_data_dir

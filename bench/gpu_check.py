@@ -19,6 +19,10 @@ Checks
   torchrun      the torchrun path (NCCL on CUDA with every GPU, gloo on CPU): ranks agree after steps.
   compile_cache compile time cold (empty inductor cache) and warm (second process, same cache), and
                 that the warm run hits the FX graph cache. CPU: only with --compile (slow here).
+  fp8           model.fp8 (torchao.float8) on nanochat's layers: 20 steps of a d4 (width 256) in fp8
+                tensorwise vs bf16 agree within FP8_TOL nats; on fp8 GPUs (compute capability >= 8.9)
+                the d24 speedrun model's compiled step in fp8 vs bf16: tok/s of both and the speedup
+                (PASS needs fp8 faster). CPU: the loss check in emulation only (no fp8 speed there).
 The last line printed is {"gpu_check": {...}} with every figure, for comparing machines.
 Exit code 0 when nothing FAILed.
 """
@@ -42,9 +46,11 @@ import torch  # noqa: E402
 from nanochat import attention as A  # noqa: E402
 from nanochat.gpt import GPTConfig, KVCache, build_model  # noqa: E402
 from nanochat.optim import build_optimizer  # noqa: E402
-from nanochat.precision import Precision  # noqa: E402
+from nanochat.plan import OPTIMIZER_RECIPES  # noqa: E402
+from nanochat.precision import Precision, convert_fp8, fp8_supported  # noqa: E402
 
 BF16_TOL = 0.1          # nats: max |loss_bf16 - loss_fp32| over 20 steps of a small model
+FP8_TOL = 0.15          # nats: max |loss_fp8 - loss_bf16| over 20 steps of a d4 (CPU emulation: ~0.05)
 MFU_TARGET = 0.45       # d20 seed, compiled, one H100/H200
 MODERN = dict(value_embeds=True, window_pattern="SSSL", resid_lambdas=True, x0_lambdas=True, smear=True,
               backout=True, qk_scale=1.2, pad_vocab_to=64, rope_base=100000.0)
@@ -68,8 +74,11 @@ def gpt_config(depth: int, generation: str, seq: int, vocab: int) -> GPTConfig:
 
 
 def optimizer_for(model):
+    """The generation's optimizer recipe (nanochat 92d63d4's for modern models: NorMuon, per-group AdamW)."""
+    recipe = OPTIMIZER_RECIPES["modern" if model.config.resid_lambdas else "seed"]
+    settings = {k: v for k, v in recipe.items() if not k.startswith("muon_momentum")}
     return build_optimizer(model, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.2,
-                           weight_decay=0.0)
+                           weight_decay=0.0, settings=settings)
 
 
 def sync(dev: torch.device) -> None:
@@ -409,9 +418,85 @@ def compile_worker(args) -> None:
                       "matches_eager": abs(loss.item() - ref) <= tol * max(1.0, abs(ref))}), flush=True)
 
 
+def _fp8_curve(cfg, dev, policy, fp8: bool, data, emulate: bool) -> list[float]:
+    model = build_model(cfg, dev, 0)
+    if fp8:
+        convert_fp8(model, "tensorwise", emulate=emulate)
+    opt = optimizer_for(model)
+    curve = []
+    for step in range(20):
+        with policy.autocast():
+            loss = model(data[step % 4, :, :-1], data[step % 4, :, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        curve.append(loss.item())
+    return curve
+
+
+def _fp8_step_time(depth, dev, precision, fp8: bool, batch: int) -> tuple[float, float]:
+    cfg = gpt_config(depth, "modern", 2048, 32768)
+    model = build_model(cfg, dev, 0)
+    if fp8:
+        convert_fp8(model, "tensorwise")
+    opt = optimizer_for(model)
+    fwd = torch.compile(model, dynamic=False)
+    x = torch.randint(0, 32768, (batch, 2049), device=dev, generator=torch.Generator(dev).manual_seed(0))
+    times = []
+    for i in range(8):
+        sync(dev)
+        t0 = time.perf_counter()
+        with precision.autocast():
+            loss = fwd(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(dev)
+        if i >= 3:   # compile and autotune first
+            times.append(time.perf_counter() - t0)
+    del model, opt, fwd
+    torch.cuda.empty_cache()
+    dt = sorted(times)[len(times) // 2]
+    return batch * 2048 / dt, loss.item()
+
+
+def check_fp8(args, dev, precision) -> dict:
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        raise Skip("torchao is not installed (pip install '.[fp8]')")
+    hw = fp8_supported(dev)
+    if dev.type == "cuda" and not hw:
+        raise Skip(f"{torch.cuda.get_device_name(dev)} has no fp8 matmuls (compute capability < 8.9)")
+    quick = args.quick or dev.type != "cuda"
+    cfg = gpt_config(2 if quick else 4, "modern", 64 if quick else 512, 512 if quick else 8192)
+    if quick:
+        cfg = GPTConfig(**{**cfg.__dict__, "n_embd": 128, "n_head": 1, "n_kv_head": 1})
+    batch = 2 if quick else 16
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, cfg.vocab_size, (4, batch, cfg.sequence_len + 1), generator=g).to(dev)
+    bf16 = Precision(dev.type, torch.bfloat16) if dev.type == "cuda" else Precision(dev.type)
+    ref = _fp8_curve(cfg, dev, bf16, False, data, emulate=not hw)
+    got = _fp8_curve(cfg, dev, bf16, True, data, emulate=not hw)
+    diff = max(abs(a - b) for a, b in zip(ref, got))
+    out = {"emulated": not hw, "max_abs_diff": round(diff, 5), "tolerance": FP8_TOL,
+           "ref_first_last": [round(ref[0], 4), round(ref[-1], 4)], "fp8_first_last": [round(got[0], 4), round(got[-1], 4)]}
+    ok = diff <= FP8_TOL and got[-1] < got[0] and all(torch.isfinite(torch.tensor(got)))
+    print(f"    loss {bf16.name} {ref[0]:.3f}→{ref[-1]:.3f}  fp8 {got[0]:.3f}→{got[-1]:.3f}  max |Δ| {diff:.4f} "
+          f"(tol {FP8_TOL}{', emulated' if not hw else ''})", flush=True)
+    if hw and not args.quick:
+        base, _ = _fp8_step_time(24, dev, precision, False, args.device_batch)
+        fast, last = _fp8_step_time(24, dev, precision, True, args.device_batch)
+        out.update(d24_bf16_tok_per_s=round(base, 1), d24_fp8_tok_per_s=round(fast, 1),
+                   d24_fp8_speedup=round(fast / base, 3), d24_fp8_loss=round(last, 4))
+        ok &= fast > base and torch.isfinite(torch.tensor(last)).item()
+        print(f"    d24 compiled: bf16 {base:,.0f} tok/s  fp8 {fast:,.0f} tok/s  ({fast / base:.2f}×)", flush=True)
+    return {"ok": ok, **out}
+
+
 CHECKS = {"train_step": check_train_step, "bf16_vs_fp32": check_bf16_vs_fp32, "kv_decode": check_kv_decode,
           "attention": check_attention, "precision": check_precision, "auto_batch": check_auto_batch,
-          "torchrun": check_torchrun, "compile_cache": check_compile_cache}
+          "torchrun": check_torchrun, "compile_cache": check_compile_cache, "fp8": check_fp8}
 
 
 def main() -> int:

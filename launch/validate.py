@@ -53,16 +53,47 @@ def visible_gpus() -> Optional[int]:
     return 0
 
 
+def gpu_compute_caps() -> Optional[list[tuple[int, int]]]:
+    """Compute capability of each visible GPU from nvidia-smi (no torch import); None if unknown."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout
+        return [tuple(int(x) for x in line.strip().split(".")) for line in out.splitlines() if line.strip()]
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+
+
+def check_fp8(cfg: Config) -> None:
+    """model.fp8 needs fp8 matmuls (NVIDIA compute capability >= 8.9) unless it is emulated."""
+    m, hw = cfg.model, cfg.hardware
+    if not m.fp8 or m.fp8_emulate:
+        return
+    fix = ("set model.fp8=null, or model.fp8_emulate=true to emulate it on this machine "
+           "(slow: for tests and development)")
+    if hw.device != "cuda":
+        raise ConfigError("model.fp8", m.fp8, fix, f"fp8 training needs an NVIDIA GPU with fp8 matmuls "
+                          f"(compute capability >= 8.9: Ada, Hopper, Blackwell); hardware.device={hw.device}")
+    caps = gpu_compute_caps()
+    old = [c for c in (caps or []) if c < (8, 9)]
+    if old:
+        raise ConfigError("model.fp8", m.fp8, fix, f"this GPU (compute capability {old[0][0]}.{old[0][1]}) has "
+                          f"no fp8 matmuls; they need 8.9 or newer (Ada, Hopper, Blackwell)")
+
+
 def check_hardware(cfg: Config) -> None:
     hw = cfg.hardware
+    check_fp8(cfg)
     if hw.device == "cuda":
         n = visible_gpus()
         if n == 0:
             raise ConfigError("hardware.device", hw.device, "use hardware=cpu on a machine without GPUs "
                               "(or check CUDA_VISIBLE_DEVICES / the driver)", "no CUDA device present")
         if n is not None and hw.nproc_per_node > n:
+            one = " (or experiment=speedrun_1gpu: the same recipe on one GPU)" if cfg.experiment == "speedrun" else ""
             raise ConfigError("hardware.nproc_per_node", hw.nproc_per_node,
-                              f"use at most {n} (the GPUs visible on this node)", f"only {n} GPUs present")
+                              f"use at most {n} (the GPUs visible on this node){one}", f"only {n} GPUs present")
     elif hw.device == "cpu":
         cores = os.cpu_count() or 1
         if hw.nproc_per_node > cores:
@@ -75,18 +106,6 @@ def check_hardware(cfg: Config) -> None:
     if hw.device == "cpu" and hw.dtype != "float32":
         raise ConfigError("hardware.dtype", hw.dtype, "use hardware.dtype=float32 on CPU "
                           "(bf16/fp16 matmuls are ~100x slower there)", "low precision on CPU")
-
-
-def serve_source(cfg: Config):
-    """`stage=serve stage.init_from=latest`: the newest completed rl > sft > mid run under run.root."""
-    from nanochat.chat_cli import CHAT_STAGES, find_latest_chat_run
-    found = find_latest_chat_run(cfg.run.root)
-    if found is None:
-        raise ConfigError("stage.init_from", cfg.stage.init_from,
-                          f"run a chat stage first (make demo, or nanochat-run stage=sft ...) under "
-                          f"run.root={cfg.run.root}, or point stage.init_from at a run dir",
-                          f"no completed {' / '.join(CHAT_STAGES)} run found")
-    return found.resolve()
 
 
 def check_serve(cfg: Config) -> None:

@@ -79,6 +79,10 @@ class ModelConfig:
     backout: Optional[bool] = None
     qk_scale: Optional[float] = None         # seed 1.0, modern 1.2
     pad_vocab_to: Optional[int] = None       # seed 1, modern 64
+    # fp8 training (torchao.float8) of the Linear layers nanochat converts: null | tensorwise | rowwise.
+    # Needs an fp8 GPU (compute capability >= 8.9) unless fp8_emulate (CPU tests). Checkpoints stay fp32.
+    fp8: Optional[str] = None
+    fp8_emulate: bool = False
 
 
 @dataclass
@@ -130,7 +134,12 @@ class StageConfig:
     name: str = "pretrain"
     worker: str = "nanochat.stages.pretrain"
     init_from: Optional[str] = None   # <run dir> | latest | null
-    init_stage: Optional[str] = None  # stage whose runs `latest` searches
+    init_stage: Optional[str] = None  # stage whose runs `latest` searches (null → newest of `sources`)
+    # the stage contract (conf/stage/<name>.yaml declares it; nanochat/stage_plan.py applies it)
+    sources: Optional[list] = None    # stages whose runs this one may start from; null → none
+    source_tag: str = "same"          # same: `latest` looks at runs with this run's tag | any
+    planner: str = "nanochat.stage_plan.train_plan"  # function deriving the plan (dry run == run)
+    schema: Optional[str] = None      # a stage not in STAGE_SCHEMAS: whose keys it has (e.g. mid)
 
 
 @dataclass
@@ -158,16 +167,40 @@ class TrainStageConfig(StageConfig):
     warmup_steps: Optional[int] = None
     warmdown_ratio: Optional[float] = None
     final_lr_frac: Optional[float] = None
-    muon_ns: str = "newton_schulz"    # newton_schulz | polar_express
+    # Optimizer recipe (nanochat/optim.py): null → the one of `optimizer`, itself null → model.generation's
+    # (seed = nanochat d575940, Dec 2025; modern = nanochat 92d63d4). Each key shown in the dry run.
+    optimizer: Optional[str] = None   # seed | modern
+    muon_ns: Optional[str] = None     # newton_schulz (seed) | polar_express (modern)
+    muon_ns_safety: Optional[float] = None   # Polar Express input scale 1/(‖G‖·this): 1.01
+    muon_equilibrate: Optional[bool] = None  # MuonEq row equilibration (modern on)
+    muon_renorm: Optional[bool] = None       # Muon+ Frobenius renormalisation (modern on)
+    normuon: Optional[bool] = None           # NorMuon variance reduction (modern on)
+    muon_beta2: Optional[float] = None       # NorMuon second-moment EMA: 0.9
+    cautious_wd: Optional[bool] = None       # Muon weight decay only where update and weight agree in sign
+    muon_momentum_start: Optional[float] = None   # 0.85
+    muon_momentum_end: Optional[float] = None     # after the ramp: seed 0.95, modern 0.97
+    muon_momentum_ramp: Optional[int] = None      # ramp steps: seed 300, modern 400
+    muon_momentum_final: Optional[float] = None   # modern: end → this through the LR warmdown (0.90)
+    lm_head_betas: Optional[list] = None          # AdamW per group; null → the recipe's (modern below,
+    lm_head_wd: Optional[float] = None            # seed: adam_beta1/2 and weight decay 0 everywhere)
+    embedding_betas: Optional[list] = None        # modern [0.8, 0.995], wd 0.001
+    embedding_wd: Optional[float] = None
+    value_embed_lr_frac: Optional[float] = None   # × embedding_lr: modern 0.5, seed 1
+    value_embed_betas: Optional[list] = None      # modern [0.8, 0.995], wd 0.01
+    value_embed_wd: Optional[float] = None
+    resid_lr_frac: Optional[float] = None         # × scalar_lr: 0.01
+    resid_wd: Optional[float] = None              # modern 0.05
+    x0_betas: Optional[list] = None               # modern [0.96, 0.95]
+    gate_lr: Optional[float] = None               # smear gate/lambda + backout lambda: modern fixed 0.2
     eval_every: int = 250
-    eval_tokens: int = 20 * 524288
+    eval_tokens: Optional[int] = 20 * 524288  # null → scaled to the run (chat stages)
     sample_every: int = 2000
     core_every: int = -1              # -1 = off
     core_max_per_task: int = 500
     save_every: int = -1              # -1 = only at the end
     keep_last: int = 2
     log_every: int = 1
-    grad_clip: float = 0.0
+    grad_clip: Optional[float] = None  # global grad-norm clip (0 = off); null → seed pretrain 1.0 (d575940), else 0
     max_seq_len: Optional[int] = None
 
 
@@ -183,6 +216,10 @@ class ChatStageConfig(TrainStageConfig):
     eval_tasks: Optional[list] = None         # tasks scored at the end; null → graded tasks of the mixture
     eval_examples: int = 100                  # examples per task in that scoring (-1 = all)
     eval_max_new_tokens: int = 256            # sampling budget per answer in that scoring
+    load_optimizer: bool = False              # warm-start optimizer state from the source checkpoint
+    chatcore_every: Optional[int] = None      # ChatCORE every N steps + at the end (-1 off; null: modern sft 200)
+    chatcore_max_cat: int = -1                # problems per categorical ChatCORE task (-1 = all)
+    chatcore_max_sample: int = 24             # problems per generative ChatCORE task
 
 
 @dataclass
@@ -390,9 +427,13 @@ def config_from_dict(tree: dict) -> Config:
     tree = {k: v for k, v in tree.items() if k not in _TOP_KEYS_IGNORED}
     stage_tree = tree.get("stage") or {}
     stage_name = stage_tree.get("name", "pretrain") if isinstance(stage_tree, dict) else "pretrain"
-    if stage_name not in STAGE_SCHEMAS:
+    # a new stage reuses the schema of one of these (its YAML says `schema: mid`), so adding one
+    # touches only its module and its YAML
+    schema = stage_name if stage_name in STAGE_SCHEMAS else (stage_tree or {}).get("schema")
+    if schema not in STAGE_SCHEMAS:
         raise ConfigError("stage.name", stage_name,
-                          f"pick one of: {', '.join(STAGE_SCHEMAS)} (e.g. stage=pretrain)", "unknown stage")
+                          f"pick one of: {', '.join(STAGE_SCHEMAS)} (e.g. stage=pretrain), or give a new stage's "
+                          f"YAML `schema: <one of those>`", "unknown stage")
     top = {f.name for f in dataclasses.fields(Config)}
     for k in tree:
         if k not in top:
@@ -404,7 +445,7 @@ def config_from_dict(tree: dict) -> Config:
         if f.name not in tree:
             continue
         if f.name == "stage":
-            kwargs["stage"] = _build(STAGE_SCHEMAS[stage_name], tree["stage"], "stage")
+            kwargs["stage"] = _build(STAGE_SCHEMAS[schema], tree["stage"], "stage")
         elif f.name in ("experiment", "sweep"):
             v = tree[f.name]
             kwargs[f.name] = None if v is None else str(v)
@@ -418,6 +459,12 @@ def config_from_dict(tree: dict) -> Config:
         if v not in choices:
             raise ConfigError(key, v, f"use one of: {', '.join(choices)}", "invalid choice")
     _check_ranges(cfg)
+    if cfg.model.fp8 not in (None, "tensorwise", "rowwise"):
+        raise ConfigError("model.fp8", cfg.model.fp8, "use null, tensorwise (faster) or rowwise (more accurate)",
+                          "unknown fp8 recipe")
+    if cfg.model.fp8_emulate and cfg.model.fp8 is None:
+        raise ConfigError("model.fp8_emulate", True, "set model.fp8=tensorwise|rowwise too, or drop fp8_emulate",
+                          "emulation without fp8")
     hw = cfg.hardware
     if hw.node_rank is not None and not 0 <= hw.node_rank < hw.nnodes:
         raise ConfigError("hardware.node_rank", hw.node_rank, f"use 0..{hw.nnodes - 1} (hardware.nnodes={hw.nnodes})",

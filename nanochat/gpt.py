@@ -424,9 +424,12 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, ve, rope, window: int, kv_cache: Optional[KVCache], attn_mask):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        # one matmul for q, k, v (same math as three Linears; fewer, larger GEMMs)
-        w = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
-        qkv = F.linear(x, w).view(B, T, H + 2 * Hkv, D)
+        if type(self.c_q) is nn.Linear:
+            # one matmul for q, k, v (same math as three Linears; fewer, larger GEMMs)
+            w = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
+            qkv = F.linear(x, w).view(B, T, H + 2 * Hkv, D)
+        else:   # converted layers (fp8, precision.convert_fp8) do their own matmul
+            qkv = torch.cat([self.c_q(x), self.c_k(x), self.c_v(x)], dim=-1).view(B, T, H + 2 * Hkv, D)
         qk, v = qkv[:, :, :H + Hkv], qkv[:, :, H + Hkv:]
         if ve is not None:
             gate = VE_GATE_SCALE * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
@@ -575,14 +578,13 @@ class GPT(nn.Module):
     def estimate_flops(self) -> int:
         """Training FLOPs per token: 6·(params − embedding tables − scalars) + attention 12·H·hd·T_eff per layer.
 
-        As nanochat: scalars do no matmul, T_eff = min(left window, sequence_len).
+        As nanochat 92d63d4 (6 × every Linear's weight): the lambdas do no matmul, the smear gate
+        (a 24→1 Linear) does; T_eff = min(left window, sequence_len).
         """
         c = self.config
         emb = self.transformer.wte.weight.numel() + sum(ve.weight.numel() for ve in self.value_embeds.values())
         scalars = sum(p.numel() for p in (self.resid_lambdas, self.x0_lambdas, self.smear_lambda,
                                           self.backout_lambda) if p is not None)
-        if self.smear_gate is not None:
-            scalars += self.smear_gate.weight.numel()
         attn = sum(12 * c.n_head * c.head_dim * w for w in c.attention_spans())
         return 6 * (self.num_params() - emb - scalars) + attn
 
@@ -590,18 +592,20 @@ class GPT(nn.Module):
         """Which optimizer gets what: "matrix" → Muon; the rest → AdamW at their own LRs.
 
         Keys: matrix (block weights incl. VE gates), embedding (wte), value_embed, lm_head,
-        resid_scalar (resid_lambdas), scalar (x0 lambdas, smear gate + lambda, backout lambda).
+        resid_scalar (resid_lambdas), x0_scalar (x0_lambdas), gate_scalar (smear gate + lambda,
+        backout lambda): nanochat 92d63d4's setup_optimizer groups.
         """
-        scalars = [p for p in (self.x0_lambdas, self.smear_lambda, self.backout_lambda) if p is not None]
+        gates = [p for p in (self.smear_lambda, self.backout_lambda) if p is not None]
         if self.smear_gate is not None:
-            scalars.insert(1, self.smear_gate.weight)
+            gates.insert(0, self.smear_gate.weight)
         groups = {
             "matrix": list(self.transformer.h.parameters()),
             "embedding": [self.transformer.wte.weight],
             "value_embed": [ve.weight for ve in self.value_embeds.values()],
             "lm_head": [self.lm_head.weight],
             "resid_scalar": [self.resid_lambdas] if self.resid_lambdas is not None else [],
-            "scalar": scalars,
+            "x0_scalar": [self.x0_lambdas] if self.x0_lambdas is not None else [],
+            "gate_scalar": gates,
         }
         n = sum(len(v) for v in groups.values())
         assert n == len(list(self.parameters())), "param_groups misses a parameter"
@@ -668,10 +672,13 @@ class GPT(nn.Module):
 
         V = c.vocab_size
         W = self.lm_head.weight[:V] if V != c.padded_vocab_size else self.lm_head.weight
-        if targets is not None and loss_reduction == "mean" and self._use_fused_loss(x):
+        if type(self.lm_head) is not nn.Linear:   # converted (fp8): its own matmul over the padded rows
+            logits = self.lm_head(x)[..., :V].float()
+        elif targets is not None and loss_reduction == "mean" and self._use_fused_loss(x):
             return linear_softcap_cross_entropy(x.reshape(B * T, -1), W, targets.reshape(-1),
                                                 c.softcap, self.loss_chunk)
-        logits = F.linear(x, W).float()
+        else:
+            logits = F.linear(x, W).float()
         if c.softcap > 0:
             logits = c.softcap * torch.tanh(logits / c.softcap)
         if targets is None:

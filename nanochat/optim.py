@@ -7,23 +7,48 @@ them with the pure functions at the bottom of this file:
     for g in opt.param_groups:
         g["lr"] = g["initial_lr"] * lr_multiplier(step, ...)
         if g["kind"] == "muon":
-            g["momentum"] = muon_momentum(step)
+            g["momentum"] = muon_momentum(step, ...)
             g["weight_decay"] = weight_decay_at(step, num_iterations, base_wd, "cosine")
 
-Muon: momentum (lerp form) with Nesterov, then the update is orthogonalized with a quintic
-Newton–Schulz iteration (or the Polar Express coefficients, `ns="polar_express"`) and scaled by
-sqrt(max(1, rows/cols)). Same-shape matrices are stacked and orthogonalized in one batched call.
-The orthogonalization runs in fp32 on CPU (bf16 matmuls are ~100× slower there) and bf16 on CUDA;
-in fp32, matrices at least 2:1 evaluate the same polynomial through m×m Gram products
-(`_ns_gram`, ~40% fewer FLOPs for the 4:1 MLP matrices). AdamW is torch's own fused kernel.
+Two recipes share the one Muon loop below; each refinement is a key of the Muon group, off by
+default (nanochat d575940, Dec 2025) and all on in nanochat 92d63d4's (mid 2026; the values of
+both recipes are plan.OPTIMIZER_RECIPES, passed to `build_optimizer(settings=...)`):
+
+  1. momentum (lerp form), Nesterov: buf ← lerp(buf, G, 1−μ); U ← lerp(G, buf, μ)
+  2. `equilibrate` (MuonEq): every row of U rescaled to the mean row norm ‖U‖_F/√rows
+  3. orthogonalize: quintic Newton–Schulz (`ns="newton_schulz"`, Keller Jordan's coefficients) or
+     Polar Express (`ns="polar_express"`, arXiv 2505.16932, input scaled by 1/(‖U‖_F·`ns_safety`))
+  4. `renorm` (Muon+): Frobenius norm snapped to √min(rows, cols), that of a semi-orthogonal matrix
+  5. `normuon` (NorMuon): a factored second moment (one value per row, or per column for wide
+     matrices: reduced over the longer dimension) with EMA `beta2` rescales the update per
+     neuron, keeping its total norm
+  6. update with lr·sqrt(max(1, rows/cols)); decoupled weight decay with that same LR, `cautious`
+     = only where update and weight agree in sign: p ← p − lr_eff·(O + wd·p·[O·p ≥ 0])
+
+Same-shape matrices are stacked and updated in one batched call. The orthogonalization runs in
+fp32 on CPU (bf16 matmuls are ~100× slower there) and bf16 on CUDA; in fp32, matrices at least
+2:1 evaluate the same polynomial through m×m Gram products (`_ns_gram`, ~40% fewer FLOPs for the
+4:1 MLP matrices). AdamW is torch's own fused kernel (decoupled weight decay, bias correction).
 `grad_clip > 0` clips the global gradient norm inside step() (after the cross-rank average).
+
+Optimizer state (what `state_dict()` holds, torch's standard layout keyed by parameter index):
+  AdamW param p:  step (0-D fp32), exp_avg, exp_avg_sq — shaped like p, or like this rank's flat
+                  slice of p when sharded
+  Muon bucket (all same-shape matrices of a group), under the bucket's FIRST param:
+                  momentum_buffer (k, rows, cols) and, once normuon ran, second_momentum_buffer
+                  (k, rows, 1) for rows ≥ cols else (k, 1, cols); k = the bucket's size, or this
+                  rank's share of it when sharded
+A state without second_momentum_buffer (e.g. from a run without NorMuon) starts it at zero, so a
+checkpoint of one recipe warm-starts the other. Group hyperparameters come back with the state;
+a caller that wants new ones (a new stage) sets `lr`/`initial_lr`/… on the groups after loading.
 
 Distributed (world_size > 1): no DDP wrapper. After backward, `step()` reduce-scatters the
 gradients (average), each rank updates only the parameters it owns and keeps optimizer state
 only for those (ZeRO-2), then all-gathers the new values. AdamW shards every tensor by flat
 element ranges (padded to a multiple of the world size); Muon shards whole matrices of each
-same-shape stack (stacks padded with zero matrices). `state_dict()` holds this rank's shard only;
-load it into an optimizer built with the same model, world size and rank.
+same-shape stack (stacks padded with zero matrices; every Muon step above is per matrix, so the
+shards compute exactly what one rank would). `state_dict()` holds this rank's shard only; load it
+into an optimizer built with the same model, world size and rank.
 """
 from __future__ import annotations
 
@@ -35,9 +60,11 @@ import torch
 import torch.distributed as dist
 from torch.optim.adamw import adamw as adamw_functional
 
+from nanochat.plan import adamw_group_settings   # pure Python: the AdamW groups' lr / betas / weight decay
+
 # quintic Newton–Schulz coefficients (Keller Jordan's Muon): fast, not exactly converging to 1
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
-# Polar Express (arXiv 2505.16932), 5 steps, with the 2% safety factor on the initial scaling
+# Polar Express (arXiv 2505.16932): num_iters 5, safety_factor 2e-2, cushion 2 (nanochat 92d63d4's)
 POLAR_EXPRESS_COEFFS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -46,6 +73,7 @@ POLAR_EXPRESS_COEFFS = (
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
 NS_METHODS = ("newton_schulz", "polar_express")
+PE_SAFETY = 1.01   # Polar Express input scaling X / (‖X‖_F·1.01 + 1e-6), as nanochat 92d63d4
 
 
 def _ns_gram(X: torch.Tensor, coeffs) -> torch.Tensor:
@@ -69,10 +97,12 @@ def _ns_gram(X: torch.Tensor, coeffs) -> torch.Tensor:
 
 
 def orthogonalize(G: torch.Tensor, ns: str = "newton_schulz", steps: int = 5,
-                  dtype: Optional[torch.dtype] = None, gram: Optional[bool] = None) -> torch.Tensor:
+                  dtype: Optional[torch.dtype] = None, gram: Optional[bool] = None,
+                  safety: float = PE_SAFETY) -> torch.Tensor:
     """Approximate U·Vᵀ of G = U·S·Vᵀ for a matrix (m, n) or a stack (k, m, n).
 
     dtype: compute precision; default fp32 on CPU, bf16 on CUDA. Returns G's dtype.
+    safety: Polar Express scales its input by 1/(‖G‖_F·safety) (Newton–Schulz by 1/‖G‖_F).
     gram: evaluate through Gram matrices (`_ns_gram`); default: fp32 and aspect ratio >= 2.
     """
     if ns not in NS_METHODS:
@@ -87,7 +117,7 @@ def orthogonalize(G: torch.Tensor, ns: str = "newton_schulz", steps: int = 5,
         X = X.mT
     nrm = X.norm(dim=(-2, -1), keepdim=True)
     if ns == "polar_express":
-        X = X / (nrm * 1.02 + 1e-6)
+        X = X / (nrm * safety + 1e-6)
         coeffs = POLAR_EXPRESS_COEFFS[:steps]
         if steps > len(POLAR_EXPRESS_COEFFS):
             raise ValueError(f"polar_express supports at most {len(POLAR_EXPRESS_COEFFS)} steps, got {steps}")
@@ -115,11 +145,50 @@ def muon_scale(shape: torch.Size) -> float:
     return max(1.0, shape[-2] / shape[-1]) ** 0.5
 
 
+def equilibrate_rows(X: torch.Tensor) -> torch.Tensor:
+    """MuonEq (arXiv 2603.28254): each row rescaled to the mean row norm ‖X‖_F/√rows, so the
+    spectrum entering the orthogonalization is better conditioned. Returns a new tensor."""
+    Xf = X.float()
+    target = Xf.norm(dim=(-2, -1), keepdim=True) / (X.size(-2) ** 0.5)
+    row_norm = Xf.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return X * (target / row_norm).to(X.dtype)
+
+
+def renorm_frobenius(X: torch.Tensor) -> torch.Tensor:
+    """Muon+ (arXiv 2602.21545): Frobenius norm snapped to √min(rows, cols), the norm of an exactly
+    semi-orthogonal matrix (corrects the polar iteration's under-convergence)."""
+    target = min(X.size(-2), X.size(-1)) ** 0.5
+    return X * (target / X.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)).to(X.dtype)
+
+
+def normuon_dim(shape) -> int:
+    """NorMuon reduces over the longer dimension: per row (dim -1) when rows >= cols, else per column."""
+    return -1 if shape[-2] >= shape[-1] else -2
+
+
+def normuon_(O: torch.Tensor, second: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon (arXiv 2510.05491) variance reduction of an orthogonalized update O (k, m, n).
+
+    `second` (k, m, 1) or (k, 1, n) is the EMA of O²'s mean over the longer dim (updated in place);
+    O is rescaled per neuron by its inverse square root, then back to O's Frobenius norm.
+    """
+    red = normuon_dim(O.shape)
+    size = O.size(red)
+    v_mean = O.float().square().mean(dim=red, keepdim=True)
+    v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * size).sqrt()
+    second.lerp_(v_mean.to(second.dtype), 1 - beta2)
+    step = second.clamp_min(1e-10).rsqrt()
+    v_norm_new = ((v_mean * size) * step.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    return O * (step * (v_norm / v_norm_new.clamp_min(1e-10))).to(O.dtype)
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Muon + AdamW over explicitly typed groups, optionally ZeRO-2 sharded.
 
     Each group is a dict with `params`, `kind` ("muon" | "adamw"), `name`, `lr`, `weight_decay`;
-    adamw groups also `betas`, `eps`; muon groups `momentum`, `nesterov`, `ns`, `ns_steps`.
+    adamw groups also `betas`, `eps`; muon groups `momentum`, `nesterov`, `ns`, `ns_steps`,
+    `ns_safety`, `equilibrate`, `renorm`, `normuon`, `beta2`, `cautious` (module docstring; the
+    defaults are the Dec-2025 recipe: all refinements off).
     """
 
     def __init__(self, param_groups: list[dict], world_size: int = 1, rank: int = 0, process_group=None,
@@ -145,6 +214,10 @@ class MuonAdamW(torch.optim.Optimizer):
                 g.setdefault("nesterov", True)
                 g.setdefault("ns", "newton_schulz")
                 g.setdefault("ns_steps", 5)
+                g.setdefault("ns_safety", PE_SAFETY)
+                for k in ("equilibrate", "renorm", "normuon", "cautious"):
+                    g.setdefault(k, False)
+                g.setdefault("beta2", 0.9)
             else:
                 g.setdefault("betas", (0.8, 0.95))
                 g.setdefault("eps", 1e-10)
@@ -224,28 +297,42 @@ class MuonAdamW(torch.optim.Optimizer):
         self._adamw_update(g, params, [p.grad for p in params], [self.state[p] for p in params])
 
     # ---- Muon
-    def _muon_update(self, g: dict, key: torch.Tensor, params: list, G: torch.Tensor) -> None:
-        """Update `params` (k matrices, or rows of a (k, m, n) stack) in place from stacked grads G
-        (consumed). Momentum state lives, stacked, under the first param of the bucket."""
+    def _muon_update(self, g: dict, key: torch.Tensor, P: torch.Tensor, G: torch.Tensor) -> None:
+        """Update the stacked matrices P (k, m, n) in place from their stacked grads G (consumed).
+        State lives, stacked, under `key` (the bucket's first param); steps as in the module docstring."""
         st = self.state[key]
         if "momentum_buffer" not in st:
             st["momentum_buffer"] = torch.zeros_like(G)
         buf = st["momentum_buffer"]
         mom = g["momentum"]
         buf.lerp_(G, 1 - mom)
-        upd = G.lerp_(buf, mom) if g["nesterov"] else buf
-        O = orthogonalize(upd, g["ns"], g["ns_steps"])
-        lr, wd = g["lr"], g["weight_decay"]
+        U = G.lerp_(buf, mom) if g["nesterov"] else buf
+        if g["equilibrate"]:
+            U = equilibrate_rows(U)
+        O = orthogonalize(U, g["ns"], g["ns_steps"], safety=g["ns_safety"])
+        if g["renorm"]:
+            O = renorm_frobenius(O)
+        if g["normuon"]:
+            if "second_momentum_buffer" not in st:
+                shape = list(G.shape)
+                shape[normuon_dim(G.shape)] = 1
+                st["second_momentum_buffer"] = torch.zeros(shape, dtype=G.dtype, device=G.device)
+            O = normuon_(O, st["second_momentum_buffer"], g["beta2"])
+        lr = g["lr"] * muon_scale(G.shape)
+        wd = g["weight_decay"]
         if wd != 0:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_add_(params, list(O.unbind(0)), alpha=-lr * muon_scale(G.shape))
+            decay = P * (O * P >= 0) if g["cautious"] else P
+            P.sub_(O * lr + decay * (lr * wd))
+        else:
+            P.sub_(O * lr)
 
     def _muon_local(self, g: dict, bucket: list) -> None:
         live = [p for p in bucket if p.grad is not None]
         if not live:
             return
-        G = torch.stack([p.grad for p in live])
-        self._muon_update(g, live[0], live, G)
+        P = torch.stack(live)
+        self._muon_update(g, live[0], P, torch.stack([p.grad for p in live]))
+        torch._foreach_copy_(live, list(P.unbind(0)))
 
     # ---- distributed (ZeRO-2)
     def _step_distributed(self) -> None:
@@ -305,7 +392,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 P = torch.zeros_like(gshard)        # this rank's matrices (+ zero padding)
                 for j in range(length):
                     P[j] = bucket[start + j]
-                self._muon_update(g, bucket[0], list(P.unbind(0)), gshard)
+                self._muon_update(g, bucket[0], P, gshard)
                 recv = torch.empty((shard * W, *bucket[0].shape), dtype=P.dtype, device=P.device)
                 gathers.append((all_gather(recv, P, group=pg, async_op=True), bucket, recv))
         for work, params, recv in gathers:
@@ -317,35 +404,49 @@ class MuonAdamW(torch.optim.Optimizer):
                 torch._foreach_copy_(params, list(recv[:len(params)].unbind(0)))
 
 
+# The recipe keys `build_optimizer(settings=...)` reads: the same names as the config's stage.* keys
+# (nanochat/config.py) and plan.OPTIMIZER_RECIPES, which holds each generation's values. A key
+# left out keeps the Dec-2025 behaviour (refinement off, adam_betas, adamw_weight_decay).
+SETTING_KEYS = ("muon_ns", "muon_ns_safety", "muon_equilibrate", "muon_renorm", "normuon", "muon_beta2",
+                "cautious_wd", "lm_head_betas", "lm_head_wd", "embedding_betas", "embedding_wd",
+                "value_embed_lr_frac", "value_embed_betas", "value_embed_wd", "resid_lr_frac", "resid_wd",
+                "x0_betas", "gate_lr")
+
+
 def build_optimizer(model, *, embedding_lr: float, unembedding_lr: float, matrix_lr: float,
                     scalar_lr: float, weight_decay: float = 0.0, adam_betas=(0.8, 0.95),
-                    ns: str = "newton_schulz", world_size: int = 1, rank: int = 0,
-                    adamw_weight_decay: float = 0.0, process_group=None, grad_clip: float = 0.0) -> MuonAdamW:
+                    ns: Optional[str] = None, world_size: int = 1, rank: int = 0,
+                    adamw_weight_decay: float = 0.0, process_group=None, grad_clip: float = 0.0,
+                    settings: Optional[dict] = None) -> MuonAdamW:
     """One optimizer for the whole GPT: Muon on block matrices, AdamW on the rest.
 
     LRs are used as given (the caller applies any width/batch scaling). `weight_decay` is Muon's
-    decoupled weight decay (on the matrices); AdamW groups use `adamw_weight_decay` (default 0).
-    Groups (names): matrix (muon) · embedding · value_embed (at embedding_lr) · lm_head
-    (unembedding_lr) · resid_scalar (scalar_lr·0.01, as nanochat) · scalar (scalar_lr).
-    Empty groups are left out. grad_clip > 0 clips the global gradient norm inside step()
-    (after the cross-rank average); the pre-clip norm is then in `opt.last_grad_norm`.
+    decoupled weight decay (on the matrices). Groups (names = GPT.param_groups keys):
+      matrix        Muon, matrix_lr (bucketed by shape inside the group)
+      embedding     embedding_lr                      betas, wd: embedding_betas, embedding_wd
+      value_embed   embedding_lr × value_embed_lr_frac            value_embed_betas, value_embed_wd
+      lm_head       unembedding_lr                                lm_head_betas, lm_head_wd
+      resid_scalar  scalar_lr × resid_lr_frac (0.01)              resid_wd
+      x0_scalar     scalar_lr                                     x0_betas
+      gate_scalar   gate_lr, else scalar_lr (smear gate + lambda, backout lambda)
+    `settings` holds those recipe keys and the Muon ones (SETTING_KEYS; plan.OPTIMIZER_RECIPES has
+    nanochat d575940's and 92d63d4's values); unset → adam_betas / adamw_weight_decay / refinement
+    off. `ns` (legacy) is muon_ns. Empty groups are left out. grad_clip > 0 clips the global
+    gradient norm inside step() (after the cross-rank average); the pre-clip norm is then in
+    `opt.last_grad_norm`.
     """
+    s = {k: v for k, v in (settings or {}).items() if v is not None}
+    unknown = set(s) - set(SETTING_KEYS)
+    if unknown:
+        raise ValueError(f"unknown optimizer setting(s) {sorted(unknown)}; known: {', '.join(SETTING_KEYS)}")
     pg = model.param_groups()
-    betas = tuple(adam_betas)
-
-    def adamw(name, params, lr):
-        return dict(kind="adamw", name=name, params=params, lr=lr, betas=betas, eps=1e-10,
-                    weight_decay=adamw_weight_decay)
-
-    groups = [
-        dict(kind="muon", name="matrix", params=pg["matrix"], lr=matrix_lr, momentum=0.95, nesterov=True,
-             ns=ns, ns_steps=5, weight_decay=weight_decay),
-        adamw("embedding", pg["embedding"], embedding_lr),
-        adamw("value_embed", pg["value_embed"], embedding_lr),
-        adamw("lm_head", pg["lm_head"], unembedding_lr),
-        adamw("resid_scalar", pg["resid_scalar"], scalar_lr * 0.01),
-        adamw("scalar", pg["scalar"], scalar_lr),
-    ]
+    adamw = adamw_group_settings(embedding_lr, unembedding_lr, scalar_lr, s, adam_betas, adamw_weight_decay)
+    groups = [dict(kind="muon", name="matrix", params=pg["matrix"], lr=matrix_lr, momentum=0.95, nesterov=True,
+                   ns=s.get("muon_ns", ns or "newton_schulz"), ns_steps=5, ns_safety=s.get("muon_ns_safety", PE_SAFETY),
+                   equilibrate=bool(s.get("muon_equilibrate", False)), renorm=bool(s.get("muon_renorm", False)),
+                   normuon=bool(s.get("normuon", False)), beta2=s.get("muon_beta2", 0.9),
+                   cautious=bool(s.get("cautious_wd", False)), weight_decay=weight_decay)]
+    groups += [dict(kind="adamw", name=name, params=pg[name], eps=1e-10, **a) for name, a in adamw.items()]
     groups = [g for g in groups if g["params"]]
     return MuonAdamW(groups, world_size=world_size, rank=rank, process_group=process_group, grad_clip=grad_clip)
 
@@ -363,10 +464,22 @@ def lr_multiplier(step: int, num_iterations: int, warmup_steps: int, warmdown_st
     return 1.0
 
 
-def muon_momentum(step: int, start: float = 0.85, end: float = 0.95, ramp_steps: int = 300) -> float:
-    """Muon momentum ramps linearly from start to end over ramp_steps, then stays."""
-    frac = 1.0 if ramp_steps <= 0 else min(step / ramp_steps, 1.0)
-    return (1 - frac) * start + frac * end
+def muon_momentum(step: int, start: float = 0.85, end: float = 0.95, ramp_steps: int = 300,
+                  final: Optional[float] = None, warmdown_steps: int = 0, num_iterations: int = 0) -> float:
+    """Muon momentum: linear from start to end over ramp_steps, then end; with `final`, linear from
+    end to final over the LR warmdown (its last `warmdown_steps` of `num_iterations`).
+
+    The ramp wins where the two overlap (nanochat 92d63d4's get_muon_momentum): seed 0.85→0.95
+    over 300; modern 0.85→0.97 over 400, then 0.97→0.90 through the warmdown.
+    """
+    if ramp_steps > 0 and step < ramp_steps:
+        frac = step / ramp_steps
+        return (1 - frac) * start + frac * end
+    warmdown_start = num_iterations - warmdown_steps
+    if final is not None and warmdown_steps > 0 and step >= warmdown_start:
+        progress = (step - warmdown_start) / warmdown_steps
+        return end * (1 - progress) + final * progress
+    return end
 
 
 def weight_decay_at(step: int, num_iterations: int, base_wd: float, schedule: str = "constant") -> float:

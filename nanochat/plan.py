@@ -27,7 +27,7 @@ GENERATIONS: dict[str, dict[str, Any]] = {
         vocab_size=65536, rope_base=10000.0, value_embeds=False, window_pattern="L",
         resid_lambdas=False, x0_lambdas=False, smear=False, backout=False, qk_scale=1.0,
         pad_vocab_to=1, init_style="seed", rope_bf16=True, target_param_data_ratio=20.0, total_batch_size=524288,
-        embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5,
+        embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5, optimizer="seed",
         weight_decay=0.0, weight_decay_schedule="constant",
         warmup_ratio=0.0, warmup_steps=None, warmdown_ratio=0.2, final_lr_frac=0.0,
     ),
@@ -35,7 +35,7 @@ GENERATIONS: dict[str, dict[str, Any]] = {
         vocab_size=32768, rope_base=100000.0, value_embeds=True, window_pattern="SSSL",
         resid_lambdas=True, x0_lambdas=True, smear=True, backout=True, qk_scale=1.2,
         pad_vocab_to=64, init_style="modern", rope_bf16=False, target_param_data_ratio=12.0, total_batch_size=None,  # auto
-        embedding_lr=0.3, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5,
+        embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5, optimizer="modern",
         weight_decay=0.28, weight_decay_schedule="cosine",
         warmup_ratio=None, warmup_steps=40, warmdown_ratio=0.65, final_lr_frac=0.05,
     ),
@@ -43,7 +43,31 @@ GENERATIONS: dict[str, dict[str, Any]] = {
 MODERN_REF_DEPTH = 12          # the modern rules are calibrated at d12 ...
 MODERN_B_REF = 2 ** 19         # ... with this many tokens per step
 MODERN_BATCH_EXPONENT = 0.383  # B ∝ D^0.383
-MUON_MOMENTUM = (0.85, 0.95, 300)  # start, end, ramp steps
+# The optimizer of each generation (nanochat/optim.py reads these keys; `stage.<key>` overrides one).
+# seed = nanochat d575940 (Dec 2025): plain Muon (Newton–Schulz), one AdamW setting for every group.
+# modern = nanochat 92d63d4: GPT.setup_optimizer's groups and base_train's momentum schedule.
+# Betas null → [stage.adam_beta1, stage.adam_beta2]; weight decay null → 0.
+OPTIMIZER_RECIPES: dict[str, dict[str, Any]] = {
+    "seed": dict(
+        muon_ns="newton_schulz", muon_ns_safety=None, muon_equilibrate=False, muon_renorm=False, normuon=False,
+        muon_beta2=None, cautious_wd=False, muon_momentum_start=0.85, muon_momentum_end=0.95,
+        muon_momentum_ramp=300, muon_momentum_final=None,
+        lm_head_betas=None, lm_head_wd=None, embedding_betas=None, embedding_wd=None, value_embed_lr_frac=1.0,
+        value_embed_betas=None, value_embed_wd=None, resid_lr_frac=0.01, resid_wd=None, x0_betas=None, gate_lr=None,
+    ),
+    "modern": dict(
+        muon_ns="polar_express", muon_ns_safety=1.01, muon_equilibrate=True, muon_renorm=True, normuon=True,
+        muon_beta2=0.9, cautious_wd=True, muon_momentum_start=0.85, muon_momentum_end=0.97,
+        muon_momentum_ramp=400, muon_momentum_final=0.90,
+        lm_head_betas=[0.8, 0.96], lm_head_wd=0.01, embedding_betas=[0.8, 0.995], embedding_wd=0.001,
+        value_embed_lr_frac=0.5, value_embed_betas=[0.8, 0.995], value_embed_wd=0.01, resid_lr_frac=0.01,
+        resid_wd=0.05, x0_betas=[0.96, 0.95], gate_lr=0.2,
+    ),
+}
+# recipe keys that only mean something when the model has that parameter (ModelShape field)
+RECIPE_NEEDS = {"value_embed_lr_frac": "value_embeds", "value_embed_betas": "value_embeds",
+                "value_embed_wd": "value_embeds", "resid_lr_frac": "resid_lambdas", "resid_wd": "resid_lambdas",
+                "x0_betas": "x0_lambdas", "gate_lr": "smear"}
 DEFAULT_DEVICE_BATCH = 32
 VE_GATE_CHANNELS = 12       # nanochat 92d63d4: the value-embedding gate reads 12 channels
 SMEAR_GATE_CHANNELS = 24
@@ -127,6 +151,16 @@ class Plan:
     muon_momentum_steps: int
     notes: list = field(default_factory=list)
     device_batch_probe: Optional[dict] = None  # hardware.device_batch_size=auto: the probe's trials
+    muon_momentum_final: Optional[float] = None  # modern: end → this through the LR warmdown
+    optimizer: str = "seed"         # the optimizer recipe (OPTIMIZER_RECIPES) the settings start from
+    optim: dict = field(default_factory=dict)  # resolved recipe keys → nanochat.optim.build_optimizer(settings=)
+    grad_clip: float = 0.0          # global gradient-norm clip inside the optimizer step (0 = off)
+    fp8: Optional[str] = None       # model.fp8: tensorwise | rowwise training matmuls (torchao)
+    fp8_layers: int = 0             # how many Linear layers that converts (fp8_layers)
+    eval_tokens: Optional[int] = None          # validation tokens per pass
+    source: Optional[str] = None               # the run this stage starts from (init_from)
+    inherited: dict = field(default_factory=dict)  # plan key → where its value came from (source run)
+    stage: dict = field(default_factory=dict)  # stage-specific derived values (mixture, packing, ...)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -254,13 +288,39 @@ def param_breakdown(s: ModelShape) -> dict[str, int]:
     return out
 
 
-def flops_per_token(s: ModelShape) -> int:
-    """6·(N − lookup tables − scalars) + attention 12·H·head_dim·window summed over layers.
+def linear_layers(s: ModelShape) -> dict[str, tuple[int, int]]:
+    """Every nn.Linear of the built GPT: name → (in_features, out_features)."""
+    d, kvd = s.n_embd, s.n_kv_head * s.head_dim
+    out: dict[str, tuple[int, int]] = {}
+    for i in range(s.n_layer):
+        a = f"transformer.h.{i}.attn"
+        out.update({f"{a}.c_q": (d, s.n_head * s.head_dim), f"{a}.c_k": (d, kvd), f"{a}.c_v": (d, kvd),
+                    f"{a}.c_proj": (s.n_head * s.head_dim, d)})
+        if s.value_embeds and has_value_embed(i, s.n_layer):
+            out[f"{a}.ve_gate"] = (VE_GATE_CHANNELS, s.n_kv_head)
+        out[f"transformer.h.{i}.mlp.c_fc"] = (d, 4 * d)
+        out[f"transformer.h.{i}.mlp.c_proj"] = (4 * d, d)
+    out["lm_head"] = (d, s.padded_vocab_size)
+    if s.smear:
+        out["smear_gate"] = (SMEAR_GATE_CHANNELS, 1)
+    return out
 
-    Scalars (resid/x0 lambdas, smear gate + lambda, backout) do no matmul: nanochat leaves them out.
+
+def fp8_layers(s: ModelShape) -> list[str]:
+    """The Linear layers fp8 training converts: nanochat 92d63d4's rule (precision.fp8_filter) on the
+    analytic shapes: both dims divisible by 16, the smaller at least 128."""
+    return [n for n, (i, o) in linear_layers(s).items() if i % 16 == 0 and o % 16 == 0 and min(i, o) >= 128]
+
+
+def flops_per_token(s: ModelShape) -> int:
+    """6·(N − lookup tables − lambdas) + attention 12·H·head_dim·window summed over layers.
+
+    As nanochat 92d63d4 counts it (6 × every Linear weight): the resid/x0/smear/backout lambdas do no
+    matmul; the smear gate (a 24→1 Linear) does.
     """
     counts = param_counts(s)
-    dense = counts["total"] - counts["embedding"] - counts["scalars"]
+    smear_gate = SMEAR_GATE_CHANNELS if s.smear else 0
+    dense = counts["total"] - counts["embedding"] - counts["scalars"] + smear_gate
     attn = sum(12 * s.n_head * s.head_dim * w for w in layer_windows(s))
     return 6 * dense + attn
 
@@ -332,6 +392,75 @@ def auto_batch_candidates(cfg: Config, total: int, seq: int, world: int) -> list
                           "or set hardware.device_batch_size to an integer",
                           f"no power-of-two device batch divides total_batch_size={total}")
     return cands
+
+
+def optimizer_settings(st: TrainStageConfig, generation: str, shape: ModelShape) -> tuple[str, dict]:
+    """(recipe name, every recipe key resolved): stage.<key> over OPTIMIZER_RECIPES[stage.optimizer or
+    the generation's]. A key set for a parameter this model lacks, or for a refinement that is off,
+    is a ConfigError naming the key and the fix."""
+    name = st.optimizer or GENERATIONS[generation]["optimizer"]
+    if name not in OPTIMIZER_RECIPES:
+        raise ConfigError("stage.optimizer", name, f"use one of: {', '.join(OPTIMIZER_RECIPES)} (or null for "
+                          f"model.generation's)", "unknown optimizer recipe")
+    out = {}
+    for key, default in OPTIMIZER_RECIPES[name].items():
+        given = getattr(st, key, None)
+        if given is not None and key in RECIPE_NEEDS and not getattr(shape, RECIPE_NEEDS[key]):
+            raise ConfigError(f"stage.{key}", given, f"drop it, or turn the parameter on (model.{RECIPE_NEEDS[key]}"
+                              f"=true / model.generation=modern)", f"this model has no {RECIPE_NEEDS[key]}")
+        out[key] = given if given is not None else default
+        if out[key] is None and key.endswith("_betas"):
+            out[key] = [st.adam_beta1, st.adam_beta2]
+        if out[key] is None and key.endswith("_wd"):
+            out[key] = 0.0
+    for key in ("lm_head_betas", "embedding_betas", "value_embed_betas", "x0_betas"):
+        b = out[key]
+        if b is not None and (len(b) != 2 or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b)):
+            raise ConfigError(f"stage.{key}", b, "use two numbers in [0, 1), e.g. [0.8, 0.95]", "invalid betas")
+    if out["muon_ns"] not in ("newton_schulz", "polar_express"):
+        raise ConfigError("stage.muon_ns", out["muon_ns"], "use newton_schulz or polar_express", "unknown method")
+    if st.muon_ns_safety is not None and out["muon_ns"] != "polar_express":
+        raise ConfigError("stage.muon_ns_safety", st.muon_ns_safety, "drop it, or set stage.muon_ns=polar_express",
+                          "only Polar Express scales its input by a safety factor")
+    if st.muon_beta2 is not None and not out["normuon"]:
+        raise ConfigError("stage.muon_beta2", st.muon_beta2, "drop it, or set stage.normuon=true",
+                          "NorMuon is off, so there is no second moment")
+    if out["muon_beta2"] is not None and not 0 <= out["muon_beta2"] < 1:
+        raise ConfigError("stage.muon_beta2", out["muon_beta2"], "use a number in [0, 1), e.g. 0.9", "out of range")
+    if not 0 <= out["muon_momentum_start"] < 1 or not 0 <= out["muon_momentum_end"] < 1 or \
+            (out["muon_momentum_final"] is not None and not 0 <= out["muon_momentum_final"] < 1):
+        raise ConfigError("stage.muon_momentum_start", out["muon_momentum_start"],
+                          "Muon momenta (start, end, final) must be in [0, 1)", "out of range")
+    if out["muon_momentum_ramp"] < 0:
+        raise ConfigError("stage.muon_momentum_ramp", out["muon_momentum_ramp"], "use 0 or more steps", "out of range")
+    return name, out
+
+
+def adamw_group_settings(embedding_lr: float, unembedding_lr: float, scalar_lr: float, settings: dict,
+                         adam_betas=(0.8, 0.95), default_wd: float = 0.0) -> dict[str, dict]:
+    """Each AdamW group's lr, betas and weight decay (GPT.param_groups names) from the base LRs and the
+    recipe keys; unset keys → adam_betas / default_wd. nanochat.optim.build_optimizer builds from this,
+    the dry run prints it."""
+    s = {k: v for k, v in settings.items() if v is not None}
+    betas = lambda key: tuple(s.get(key, adam_betas)) if key else tuple(adam_betas)
+    wd = lambda key: s.get(key, default_wd) if key else default_wd
+    return {
+        "embedding": dict(lr=embedding_lr, betas=betas("embedding_betas"), weight_decay=wd("embedding_wd")),
+        "value_embed": dict(lr=embedding_lr * s.get("value_embed_lr_frac", 1.0), betas=betas("value_embed_betas"),
+                            weight_decay=wd("value_embed_wd")),
+        "lm_head": dict(lr=unembedding_lr, betas=betas("lm_head_betas"), weight_decay=wd("lm_head_wd")),
+        "resid_scalar": dict(lr=scalar_lr * s.get("resid_lr_frac", 0.01), betas=betas(None),
+                             weight_decay=wd("resid_wd")),
+        "x0_scalar": dict(lr=scalar_lr, betas=betas("x0_betas"), weight_decay=wd(None)),
+        "gate_scalar": dict(lr=s.get("gate_lr", scalar_lr), betas=betas(None), weight_decay=wd(None)),
+    }
+
+
+def default_grad_clip(st: TrainStageConfig, generation: str) -> float:
+    """stage.grad_clip, else nanochat's: d575940's base_train clips at 1.0 (its mid/SFT do not); 92d63d4 does not."""
+    if st.grad_clip is not None:
+        return st.grad_clip
+    return 1.0 if generation == "seed" and st.name == "pretrain" else 0.0
 
 
 def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dict] = None) -> Plan:
@@ -415,6 +544,13 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
     wd_ratio = st.warmdown_ratio if st.warmdown_ratio is not None else g["warmdown_ratio"]
     warmdown = min(round(wd_ratio * steps), steps - warmup)
     final = st.final_lr_frac if st.final_lr_frac is not None else g["final_lr_frac"]
+    optimizer, optim = optimizer_settings(st, gen, shape)
+    fp8 = fp8_layers(shape) if m.fp8 and st.name == "pretrain" else []   # only pretraining converts (nanochat)
+    if m.fp8 and st.name == "pretrain" and not fp8:
+        raise ConfigError("model.fp8", m.fp8, "drop model.fp8 for a model this small, or make it wider "
+                          "(model.n_embd a multiple of 16 and >= 128)",
+                          f"no Linear layer qualifies (n_embd={shape.n_embd}: fp8 needs both dims divisible "
+                          f"by 16 and the smaller >= 128)")
 
     return Plan(
         generation=gen, model=shape, num_params=counts["total"], num_embedding_params=counts["embedding"],
@@ -426,9 +562,13 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
         matrix_lr=lr("matrix_lr", False), scalar_lr=lr("scalar_lr", False),
         weight_decay=wd, weight_decay_schedule=g["weight_decay_schedule"],
         lr_scale_dmodel=dscale, lr_scale_batch=bscale, warmup_steps=warmup, warmdown_steps=warmdown,
-        final_lr_frac=final, muon_momentum_start=MUON_MOMENTUM[0], muon_momentum_end=MUON_MOMENTUM[1],
-        muon_momentum_steps=MUON_MOMENTUM[2], notes=notes,
+        final_lr_frac=final, muon_momentum_start=optim.pop("muon_momentum_start"),
+        muon_momentum_end=optim.pop("muon_momentum_end"), muon_momentum_steps=optim.pop("muon_momentum_ramp"),
+        muon_momentum_final=optim.pop("muon_momentum_final"), notes=notes,
         device_batch_probe=probe if cfg.hardware.device_batch_size == "auto" else None,
+        optimizer=optimizer, optim=optim, grad_clip=default_grad_clip(st, gen),
+        fp8=m.fp8 if fp8 else None, fp8_layers=len(fp8),
+        eval_tokens=getattr(st, "eval_tokens", None),
     )
 
 
@@ -472,5 +612,36 @@ def plan_rows(p: Plan) -> list[tuple[str, str]]:
         ("weight decay", f"{p.weight_decay:.4g} ({p.weight_decay_schedule})"),
         ("warmup / warmdown steps", f"{p.warmup_steps} / {p.warmdown_steps} → {p.final_lr_frac}"),
     ]
+    if p.fp8:
+        rows.append(("fp8", f"{p.fp8}: {p.fp8_layers} of {len(linear_layers(s))} Linear layers (torchao)"))
+    rows += optimizer_rows(p)
     rows += [("note", x) for x in p.notes]
+    return rows
+
+
+def optimizer_rows(p: Plan) -> list[tuple[str, str]]:
+    """The optimizer as the run builds it: Muon settings, then every AdamW group the model has."""
+    o = p.optim
+    if not o:   # a plan.json from before the recipes
+        return []
+    s = p.model
+    flags = [k for k, on in (("MuonEq", o.get("muon_equilibrate")), ("Muon+", o.get("muon_renorm")),
+                             ("NorMuon β2 " + str(o.get("muon_beta2")), o.get("normuon")),
+                             ("cautious wd", o.get("cautious_wd"))) if on]
+    ns = o.get("muon_ns", "newton_schulz")
+    if ns == "polar_express":
+        ns += f" (safety {o.get('muon_ns_safety')})"
+    mom = f"{p.muon_momentum_start} → {p.muon_momentum_end} over {p.muon_momentum_steps}"
+    if p.muon_momentum_final is not None:
+        mom += f", → {p.muon_momentum_final} through warmdown"
+    rows = [("optimizer", f"{p.optimizer}: Muon {ns}" + (" + " + ", ".join(flags) if flags else "")),
+            ("Muon lr / momentum", f"{p.matrix_lr:.4g} × sqrt(max(1, rows/cols)) / {mom}"),
+            ("grad clip", f"{p.grad_clip:g}" if p.grad_clip > 0 else "off")]
+    present = {"embedding": True, "value_embed": s.value_embeds, "lm_head": True, "resid_scalar": s.resid_lambdas,
+               "x0_scalar": s.x0_lambdas, "gate_scalar": s.smear or s.backout}
+    groups = adamw_group_settings(p.embedding_lr, p.unembedding_lr, p.scalar_lr, o)
+    for name, g in groups.items():
+        if present[name]:
+            rows.append((f"AdamW {name}", f"lr {g['lr']:.4g}, betas ({g['betas'][0]}, {g['betas'][1]}), "
+                                          f"wd {g['weight_decay']:g}"))
     return rows

@@ -6,6 +6,10 @@
                         is on autocast's fp32 list)
     optimizer states    fp32 (they are allocated like the fp32 master params)
     loss scaling        a GradScaler only for fp16 (bf16 has fp32's exponent range; fp32 needs none)
+    fp8 (model.fp8)     training matmuls of the Linear layers nanochat 92d63d4's base_train converts
+                        (`fp8_filter`), through torchao.float8 (tensorwise or rowwise dynamic scaling);
+                        the weights stay fp32 parameters, so checkpoints, eval, serve and export never
+                        see fp8; evaluation runs with the layers swapped back (`fp8_disabled`)
 
 Build it once per process with `Precision.resolve(device_type, hardware.dtype)`; every stage uses
 `policy.autocast()` around forward passes and `policy.grad_scaler()` for the backward/step.
@@ -15,11 +19,12 @@ exercise the autocast and loss-scaling logic on a CPU.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Iterable, Optional
+from typing import Any, ContextManager, Iterable, Iterator, Optional
 
 import torch
+import torch.nn as nn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MASTER_DTYPE = torch.float32
@@ -116,3 +121,72 @@ class Precision:
 
 def _states(optimizer: Any) -> Iterable[dict]:
     return [s for s in optimizer.state.values() if isinstance(s, dict)]
+
+
+# ----------------------------------------------------------------------------- fp8 (torchao.float8)
+
+FP8_RECIPES = ("tensorwise", "rowwise")
+FP8_MIN_DIM = 128   # nanochat 92d63d4's base_train: smaller layers gain nothing from fp8
+
+
+def fp8_filter(mod: nn.Module, fqn: str = "") -> bool:
+    """nanochat 92d63d4's rule: a Linear whose in/out features divide by 16 (the fp8 GEMM needs it)
+    and whose smaller side is at least 128 (value-embedding and smear gates stay as they are)."""
+    if not isinstance(mod, nn.Linear):
+        return False
+    if mod.in_features % 16 or mod.out_features % 16:
+        return False
+    return min(mod.in_features, mod.out_features) >= FP8_MIN_DIM
+
+
+def fp8_layer_names(model: nn.Module) -> list[str]:
+    """Names of the Linear layers `convert_fp8` converts."""
+    return [n for n, m in model.named_modules() if fp8_filter(m, n)]
+
+
+def fp8_supported(device: torch.device | str) -> bool:
+    """fp8 matmuls (torch._scaled_mm): NVIDIA GPUs of compute capability 8.9+ (Ada, Hopper, Blackwell)."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def is_fp8(mod: nn.Module) -> bool:
+    return type(mod).__name__ == "Float8Linear"
+
+
+def convert_fp8(model: nn.Module, recipe: str, emulate: bool = False) -> list[str]:
+    """Swap the `fp8_filter` Linear layers for torchao Float8Linear (dynamic `recipe` scaling); returns
+    their names. The Parameters are kept (same objects, fp32), so an optimizer built before or after
+    sees the same tensors and state_dict() is unchanged. emulate: fp8 casts in plain PyTorch (CPU tests)."""
+    if recipe not in FP8_RECIPES:
+        raise ValueError(f"model.fp8={recipe!r}: use one of {', '.join(FP8_RECIPES)}")
+    import dataclasses
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training   # heavy: only when asked
+    config = Float8LinearConfig.from_recipe_name(recipe)
+    if emulate:
+        config = dataclasses.replace(config, emulate=True)
+    names = fp8_layer_names(model)
+    convert_to_float8_training(model, config=config, module_filter_fn=fp8_filter)
+    return names
+
+
+@contextmanager
+def fp8_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the block with plain nn.Linear in place of every Float8Linear (sharing the weights), as
+    nanochat evaluates in bf16; restores them afterwards. A no-op for a model without fp8."""
+    swapped = []
+    for name, mod in list(model.named_modules()):
+        if is_fp8(mod):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            plain = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
+            plain.weight = mod.weight
+            if mod.bias is not None:
+                plain.bias = mod.bias
+            setattr(parent, attr, plain)
+            swapped.append((parent, attr, mod))
+    try:
+        yield
+    finally:
+        for parent, attr, mod in swapped:
+            setattr(parent, attr, mod)

@@ -71,18 +71,20 @@ def gpt_config(plan: Plan) -> GPTConfig:
 
 
 def make_optimizer(model: GPT, plan: Plan, cfg: Config, rt: Runtime):
+    """The plan's optimizer: its LRs, Muon weight decay, recipe (plan.optim) and grad clip, sharded over ranks."""
     st = cfg.stage
     return build_optimizer(model, embedding_lr=plan.embedding_lr, unembedding_lr=plan.unembedding_lr,
                            matrix_lr=plan.matrix_lr, scalar_lr=plan.scalar_lr, weight_decay=plan.weight_decay,
-                           adam_betas=(st.adam_beta1, st.adam_beta2), ns=st.muon_ns,
+                           adam_betas=(st.adam_beta1, st.adam_beta2), settings=plan.optim,
                            world_size=rt.world, rank=rt.rank,
-                           grad_clip=st.grad_clip)  # clips the global (rank-averaged) norm inside step()
+                           grad_clip=plan.grad_clip)  # clips the global (rank-averaged) norm inside step()
 
 
 def apply_schedules(optimizer: Any, step: int, plan: Plan) -> float:
     """Set this step's LR, Muon momentum and weight decay on every group; returns the LR multiplier."""
     mult = lr_multiplier(step, plan.num_iterations, plan.warmup_steps, plan.warmdown_steps, plan.final_lr_frac)
-    mom = muon_momentum(step, plan.muon_momentum_start, plan.muon_momentum_end, plan.muon_momentum_steps)
+    mom = muon_momentum(step, plan.muon_momentum_start, plan.muon_momentum_end, plan.muon_momentum_steps,
+                        plan.muon_momentum_final, plan.warmdown_steps, plan.num_iterations)
     wd = weight_decay_at(step, plan.num_iterations, plan.weight_decay, plan.weight_decay_schedule)
     for g in optimizer.param_groups:
         g["lr"] = g["initial_lr"] * mult
@@ -175,6 +177,15 @@ def checkpoint_if_stopped(run_dir: Path, cfg: Config, plan: Plan, rt: Runtime, m
     save(run_dir, cfg, plan, rt, model, optimizer, loader_state, state)
     tracker.print(f"stop signal ({STOP.name or 'peer rank'}): checkpointed at step {state.step}")
     raise Preempted(state.step, STOP.name or "peer")
+
+
+def dist_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a copy; x itself is unchanged); x when not distributed."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,8 @@ def test_estimate_flops_formula():
         spans = [8, 8, 8, 32] if extra else [32] * 4     # min(tokens to the left, seq); SSSL, last always L
         attn = sum(12 * cfg.n_head * cfg.head_dim * w for w in spans)
         assert model.windows == ([9, 9, 9, cfg.max_positions] if extra else [cfg.max_positions] * 4)
-        scalars = (4 + 4 + 24 + 1 + 1) if extra else 0    # resid, x0, smear gate + lambda, backout: no matmul
+        scalars = (4 + 4 + 1 + 1) if extra else 0    # resid, x0, smear, backout lambdas: no matmul (the
+                                                     # 24 → 1 smear gate is a Linear: nanochat 92d63d4 counts it)
         assert model.estimate_flops() == 6 * (model.num_params() - emb - scalars) + attn
     # the published seed figure: d20 at seq 2048
     with torch.device("meta"):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nanochat.gpt import GPTConfig, build_model
+from nanochat.plan import OPTIMIZER_RECIPES
 from nanochat.optim import (MuonAdamW, build_optimizer, lr_multiplier, muon_momentum, muon_scale,
                             orthogonalize, weight_decay_at)
 
@@ -83,7 +84,8 @@ def test_muon_step_matches_hand_computation():
         opt.step()
         buf = 0.9 * buf + 0.1 * g
         upd = 0.1 * g + 0.9 * buf                        # Nesterov: g.lerp(buf, momentum)
-        ref = ref * (1 - 0.1 * 0.01) - 0.1 * muon_scale(ref.shape) * orthogonalize(upd)
+        lr = 0.1 * muon_scale(ref.shape)                 # decay uses the update's LR (nanochat 92d63d4)
+        ref = ref - lr * (orthogonalize(upd) + 0.01 * ref)
     assert muon_scale(p.shape) == 2.0                    # sqrt(32/8)
     torch.testing.assert_close(p.detach(), ref, rtol=1e-5, atol=1e-6)
 
@@ -148,7 +150,7 @@ def test_build_optimizer_groups_cover_every_param_once(extra):
         if g["kind"] == "adamw":
             assert g["betas"] == (0.8, 0.95) and g["weight_decay"] == 0.0
     if extra:
-        assert {"value_embed", "resid_scalar", "scalar"} <= set(by_name)
+        assert {"value_embed", "resid_scalar", "x0_scalar", "gate_scalar"} <= set(by_name)
 
 
 def test_bad_groups_fail_clearly():
@@ -187,18 +189,22 @@ def _train(model, opt, batches):
         opt.zero_grad(set_to_none=True)
 
 
-def test_state_dict_roundtrip_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("recipe", ["seed", "modern"])
+def test_state_dict_roundtrip_resumes_exactly(tmp_path, recipe):
     cfg = tiny(**MODERN)
     batches = [torch.randint(0, 97, (2, 17)) for _ in range(5)]
+    settings = {k: v for k, v in OPTIMIZER_RECIPES[recipe].items() if not k.startswith("muon_momentum")}
     m1 = build_model(cfg, "cpu", 0)
-    o1 = make_opt(m1, weight_decay=0.1)
+    o1 = make_opt(m1, weight_decay=0.1, settings=settings)
     _train(m1, o1, batches[:3])
     torch.save({"model": m1.state_dict(), "optim": o1.state_dict()}, tmp_path / "ckpt.pt")
     _train(m1, o1, batches[3:])
 
     m2 = build_model(cfg, "cpu", 123)                     # different init, then restored
-    o2 = make_opt(m2, weight_decay=0.1)
+    o2 = make_opt(m2, weight_decay=0.1, settings=settings)
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    if recipe == "modern":   # NorMuon's factored second moment is part of the saved state
+        assert any("second_momentum_buffer" in st for st in ck["optim"]["state"].values())
     m2.load_state_dict(ck["model"])
     o2.load_state_dict(ck["optim"])
     assert o2.param_groups[0]["initial_lr"] == o1.param_groups[0]["initial_lr"]
@@ -218,6 +224,17 @@ def test_lr_multiplier():
     assert f(100) == pytest.approx(0.1)
     assert lr_multiplier(0, 100, 0, 0, 0.0) == 1.0 and lr_multiplier(99, 100, 0, 0, 0.0) == 1.0
     assert lr_multiplier(100, 100, 0, 20, 0.0) == 0.0
+
+
+def test_modern_muon_momentum_schedule():
+    """nanochat 92d63d4's base_train: 0.85 → 0.97 over 400 steps, then 0.97 → 0.90 through the warmdown."""
+    f = lambda s: muon_momentum(s, 0.85, 0.97, 400, final=0.90, warmdown_steps=650, num_iterations=1000)
+    assert f(0) == pytest.approx(0.85) and f(200) == pytest.approx(0.91)
+    assert f(349) == pytest.approx(0.91 + 0.06 * 149 / 200)   # still ramping inside the warmdown: ramp wins
+    assert f(400) == pytest.approx(0.97 * (1 - 50 / 650) + 0.90 * 50 / 650)
+    assert f(1000) == pytest.approx(0.90)
+    g = lambda s: muon_momentum(s, 0.85, 0.97, 400, final=0.90, warmdown_steps=100, num_iterations=1000)
+    assert g(600) == pytest.approx(0.97) and g(950) == pytest.approx(0.935)
 
 
 def test_muon_momentum_and_weight_decay_schedules():

@@ -19,8 +19,10 @@ from nanochat.config import Config
 from nanochat.common import barrier
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import list_shards
+from nanochat.lifecycle import EvalInterrupted
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.plan import param_breakdown
+from nanochat.precision import convert_fp8, fp8_disabled
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat import training as T
 
@@ -46,7 +48,7 @@ def val_bpb(model, cfg: Config, plan, rt: T.Runtime, tokenizer, token_bytes, tok
                         rt.device, base_dir=rt.base_dir)
     model.eval()
     try:
-        with rt.autocast():
+        with rt.autocast(), fp8_disabled(model):   # evaluations in the compute dtype, as nanochat
             return evaluate_bpb(model, loader, eval_steps(tokens, plan), token_bytes)
     finally:
         model.train()
@@ -59,7 +61,8 @@ def samples(model, tokenizer, max_tokens: int = 24) -> list[str]:
     bos = tokenizer.get_bos_token_id()
     for prompt in SAMPLE_PROMPTS:
         ids = tokenizer.encode(prompt, prepend=bos)
-        gen = list(model.generate(ids, max_tokens=max_tokens, temperature=0.0))
+        with fp8_disabled(model):
+            gen = list(model.generate(ids, max_tokens=max_tokens, temperature=0.0))
         out.append(prompt + tokenizer.decode(gen))
     model.train()
     return out
@@ -70,7 +73,7 @@ def run_core(model, tokenizer, cfg: Config, rt: T.Runtime, max_per_task: int, pr
     bundle = ensure_eval_bundle(rt.base_dir, cfg.paths.eval_bundle)
     model.eval()
     try:
-        with rt.autocast():
+        with rt.autocast(), fp8_disabled(model):
             return evaluate_core(model, tokenizer, bundle, rt.device, max_per_task=max_per_task, progress=progress)
     finally:
         model.train()
@@ -121,6 +124,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
     barrier()
 
     model, _ = T.init_model(plan, cfg, rt, st.init_from)
+    if cfg.model.fp8:   # before the optimizer and compile, as nanochat; the weights stay fp32 Parameters
+        fp8_names = convert_fp8(model, cfg.model.fp8, emulate=cfg.model.fp8_emulate)
+        if rt.master:
+            print(f"fp8 ({cfg.model.fp8}{', emulated' if cfg.model.fp8_emulate else ''}): "
+                  f"{len(fp8_names)} Linear layers converted")
     optimizer = T.make_optimizer(model, plan, cfg, rt)
     state, loader_state = T.try_resume(run_dir, cfg, rt, model, optimizer)
     resumed = state.step > 0 or loader_state is not None
@@ -144,20 +152,25 @@ def run(cfg: Config, run_dir: Path) -> dict:
             step = state.step
             last = step == N
             fresh = not (resumed and step == start_step)  # this step's evals ran before the checkpoint
-            if fresh and _due(step, st.eval_every, last):
-                bpb = val_bpb(model, cfg, plan, rt, tokenizer, token_bytes, st.eval_tokens)
-                state.record_val(bpb)
-                tracker.log({"step": step, "val/bpb": bpb})
-                tracker.print(f"step {step:05d} | val bpb {bpb:.4f}")
-            if fresh and rt.master and st.sample_every > 0 and _due(step, st.sample_every, last):
-                for s in samples(model, tokenizer):
-                    tracker.print(f"  sample: {s!r}")
-            # CORE skips step 0, as nanochat does: with core_every > horizon it runs once, at the end
-            if fresh and st.core_every > 0 and (last or step > 0) and _due(step, st.core_every, last):
-                core = run_core(model, tokenizer, cfg, rt, st.core_max_per_task)
-                tracker.log({"step": step, "core": core["core"]})
-                state.extra["core"] = core["core"]
-                tracker.print(f"step {step:05d} | CORE {core['core']:.4f} ({core['tasks_evaluated']} tasks)")
+            try:
+                if fresh and _due(step, st.eval_every, last):
+                    bpb = val_bpb(model, cfg, plan, rt, tokenizer, token_bytes, st.eval_tokens or plan.eval_tokens)
+                    state.record_val(bpb)
+                    tracker.log({"step": step, "val/bpb": bpb})
+                    tracker.print(f"step {step:05d} | val bpb {bpb:.4f}")
+                if fresh and rt.master and st.sample_every > 0 and _due(step, st.sample_every, last):
+                    for s in samples(model, tokenizer):
+                        tracker.print(f"  sample: {s!r}")
+                # CORE skips step 0, as nanochat does: with core_every > horizon it runs once, at the end
+                if fresh and st.core_every > 0 and (last or step > 0) and _due(step, st.core_every, last):
+                    core = run_core(model, tokenizer, cfg, rt, st.core_max_per_task)
+                    tracker.log({"step": step, "core": core["core"]})
+                    state.extra["core"] = core["core"]
+                    tracker.print(f"step {step:05d} | CORE {core['core']:.4f} ({core['tasks_evaluated']} tasks)")
+            except EvalInterrupted:  # a stop signal inside an evaluation: checkpoint this step, exit
+                T.checkpoint_if_stopped(run_dir, cfg, plan, rt, model, optimizer, train_loader.state_dict(), state,
+                                        tracker)
+                raise
             state.wall_time_s = wall_before + (time.time() - wall_t0)  # what a checkpoint saved now carries
             if fresh and step > start_step and (last or (st.save_every > 0 and step % st.save_every == 0)):
                 T.save(run_dir, cfg, plan, rt, model, optimizer, train_loader.state_dict(), state)

@@ -12,8 +12,8 @@ definitions that read local data.
 - generate_until: prompts of a batch are prefilled one by one into rows of one KV cache and decoded
   together, a token per step, sampled with the Engine's sampler; a row stops at <|assistant_end|>,
   <|bos|>, one of the request's `until` strings, or max_gen_toks.
-Between batches the preemption flag (nanochat/lifecycle.py) is checked: a stop signal raises Preempted,
-like a training step would (evaluations are requeued, not resumed).
+Between batches the preemption flag (nanochat/lifecycle.py) is checked: a stop signal raises EvalInterrupted
+as in every long evaluation (the eval stage exits 75 and is rerun, not resumed).
 
 Tasks (`LOCAL_TASKS`) are lm-eval task configs equal to lm-eval's own arc_easy / arc_challenge / gsm8k yaml
 (and mmlu as a group of its 57 subjects, humaneval graded in our sandbox, nanochat/execution.py, instead of
@@ -223,7 +223,7 @@ def make_lm_class():
 
     from nanochat.engine import sample_next_token
     from nanochat.gpt import KVCache
-    from nanochat.lifecycle import STOP, Preempted
+    from nanochat.lifecycle import check_stop
 
     class _NanochatLM(_lm_base()):
         """lm-eval's view of our GPT + tokenizer (see the module docstring)."""
@@ -267,8 +267,7 @@ def make_lm_class():
             return self.tok.decode(ids)
 
         def _between_batches(self) -> None:
-            if STOP.requested:
-                raise Preempted(0, STOP.name)
+            check_stop()        # EvalInterrupted: the eval stage exits 75 (preempted, rerun it)
 
         def _dev(self):
             return self.model.lm_head.weight.device

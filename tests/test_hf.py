@@ -376,11 +376,11 @@ def test_lm_eval_arc_easy_ours_equals_hf_on_export(tiny):
 def test_lm_eval_requests_match_direct_scoring(tiny, kind):
     """loglikelihood / loglikelihood_rolling equal the model's own log-probs (batched, padded); greedy
     generate_until equals the Engine's greedy tokens cut at the stop string; a stop signal between
-    batches raises Preempted."""
+    batches raises EvalInterrupted."""
     pytest.importorskip("lm_eval", reason="lm-eval is the [eval] extra")
     from lm_eval.api.instance import Instance
     from nanochat.harness import make_lm_class
-    from nanochat.lifecycle import STOP, Preempted
+    from nanochat.lifecycle import STOP, EvalInterrupted
     _, _, tok, _, _ = tiny
     model = random_model(tok.get_vocab_size(), **(SEED_GQA if kind == "seed" else MODERN_GQA))
     lm = make_lm_class()(model, tok, batch_size=2, max_gen_toks=12)
@@ -407,7 +407,7 @@ def test_lm_eval_requests_match_direct_scoring(tiny, kind):
     assert got == [want] * 3
     STOP.signum = 15
     try:
-        with pytest.raises(Preempted):
+        with pytest.raises(EvalInterrupted):
             lm.loglikelihood([inst("loglikelihood", (t[:10], t[10:])) for t in texts])
     finally:
         STOP.signum = None

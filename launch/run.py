@@ -24,18 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 from launch import rundir, validate
 from nanochat.common import read_json
 from nanochat.lifecycle import EXIT_PREEMPTED, read_status, write_status
-from nanochat.config import STAGE_SCHEMAS, Config, ConfigError, config_from_dict, load_config
-from nanochat.plan import make_plan, plan_rows
+from nanochat.config import STAGE_SCHEMAS, Config, ConfigError, config_from_dict
 from nanochat.runlock import lock_run_dir
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 # Sweep job dirs are named after their overrides; a path value (paths.base_dir=/data/x) would
 # otherwise nest each job several dirs deep. Registered at import, so Slurm workers have it too.
 OmegaConf.register_new_resolver("dirname_safe", lambda s: str(s).replace("/", "_"), replace=True)
-TRAIN_STAGES = ("pretrain", "mid", "sft", "rl")
-# which stage a chat stage starts from when init_stage is null
-DEFAULT_SOURCE = {"mid": "pretrain", "sft": "mid", "rl": "sft", "eval": ["rl", "sft", "mid", "pretrain"],
-                  "serve": ["rl", "sft", "mid"]}
 
 
 class _State:
@@ -69,60 +64,35 @@ def print_plan(cfg: Config, plan: Optional[dict], rows: list[tuple[str, str]], r
 # --------------------------------------------------------------------------- one stage
 
 def prepare(cfg: Config) -> tuple[Config, Optional[dict], list[tuple[str, str]]]:
-    """Resolve init_from (and inherit the source model), fill the vocab, make the plan."""
-    name = cfg.stage.name
-    chained_dry = str(cfg.stage.init_from or "").startswith("pipeline:")  # dry-run of a pipeline
-    if name != "tokenizer" and not chained_dry:
-        source_stage = cfg.stage.init_stage or DEFAULT_SOURCE.get(name, "pretrain")
-        if name == "serve" and cfg.stage.init_from == "latest" and not cfg.stage.init_stage:
-            source = validate.serve_source(cfg)   # rl > sft > mid, any tag (as nanochat-chat --latest)
-        else:
-            source = rundir.resolve_init_from(cfg, source_stage)
-        if source is not None:
-            src_cfg = load_config(str(source / "resolved_config.yaml"))
-            # a later stage trains the checkpoint's architecture, not the one in `model=`
-            cfg = replace(cfg, model=src_cfg.model, stage=replace(cfg.stage, init_from=str(source)))
-        elif name in ("mid", "sft", "rl", "eval", "serve"):
+    """Resolve the source run (the stage's `sources` rule), then the stage's planner makes the plan.
+
+    No stage is named here: conf/stage/<name>.yaml declares `sources`, `source_tag` and `planner`
+    (nanochat/stage_plan.py). The dry run prints what this returns; a real run freezes it.
+    """
+    from nanochat import stage_plan as SP
+    source = None
+    chained_dry = str(cfg.stage.init_from or "").startswith("pipeline:")  # dry run of a pipeline
+    if cfg.stage.sources and not chained_dry:
+        path = rundir.resolve_init_from(cfg, SP.source_candidates(cfg), any_tag=cfg.stage.source_tag == "any")
+        if path is None:
             raise ConfigError("stage.init_from", cfg.stage.init_from,
-                              f"set stage.init_from=<run dir> or latest; the {name} stage needs a checkpoint",
-                              "missing source checkpoint")
-    plan = None
-    if name == "tokenizer":
-        rows = [("data", f"{cfg.data.name} ({cfg.data.source})"), ("vocab_size", f"{cfg.stage.vocab_size:,}"),
-                ("max_chars", f"{cfg.stage.max_chars:,}"), ("doc_cap", f"{cfg.stage.doc_cap:,}"),
-                ("artifact", f"{cfg.paths.base_dir}/tokenizer/{cfg.data.tokenizer}")]
-    else:
-        from nanochat.common import get_base_dir
-        from nanochat.tokenizer import tokenizer_vocab_size  # cheap: no torch/tiktoken at import
-        vocab = cfg.model.vocab_size or tokenizer_vocab_size(get_base_dir(cfg.paths.base_dir), cfg.data.tokenizer)
-        if cfg.model.vocab_size is None and vocab is not None:
-            cfg = replace(cfg, model=replace(cfg.model, vocab_size=vocab))
-        p = make_plan(cfg)
-        if cfg.hardware.device_batch_size == "auto" and not cfg.run.dry_run and name in TRAIN_STAGES:
-            from launch.probe import probe_device_batch
-            p = make_plan(cfg, probe=probe_device_batch(cfg, p))
-        plan = p.to_dict()
-        rows = plan_rows(p)
-        if name in ("mid", "sft", "rl") and cfg.stage.num_iterations is None:
-            # these stages derive horizon, batch and LRs from their data and the source checkpoint
-            drop = ("iterations", "tokens", "tokens / param", "total FLOPs", "LR embed / unembed / matrix / scalar")
-            rows = [r for r in rows if r[0] not in drop]
-            rows.append(("horizon / LRs", "from num_epochs over the data and the source checkpoint "
-                                          "(written to effective_plan.json)"))
-        if name not in TRAIN_STAGES:
-            rows = [r for r in rows if r[0] in ("generation", "depth / width / heads", "vocab (padded)", "params")]
-        if name == "serve":
-            from nanochat.serve.plan import serve_rows
-            rows += serve_rows(cfg, p.model.n_kv_head, p.model.head_dim)
-        if cfg.stage.init_from:
-            rows.append(("init_from", cfg.stage.init_from))
-    return cfg, plan, rows
+                              f"set stage.init_from=<run dir> or latest; the {cfg.stage.name} stage starts from a "
+                              f"run of: {', '.join(cfg.stage.sources)}", "missing source checkpoint")
+        source = SP.load_source(path)
+        SP.check_source(cfg, source)
+        cfg = SP.with_source_model(cfg, source)
+    sp = SP.call_planner(cfg, source)
+    if sp.wants_probe and not cfg.run.dry_run:  # hardware.device_batch_size=auto on a real run
+        from launch.probe import probe_device_batch
+        sp = SP.call_planner(cfg, source, probe=probe_device_batch(cfg, sp.plan))
+    return cfg, (sp.plan.to_dict() if sp.plan is not None else None), sp.rows
 
 
 def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[Path]) -> dict:
     """Validate, plan, freeze and dispatch one stage; returns {'status', 'run_dir', 'result'}."""
     from launch.dispatch import dispatch, node_rank
     validate.check_serve(cfg)
+    validate.check_harness(cfg)
     if not cfg.run.dry_run:  # a dry run may plan for hardware this machine does not have
         validate.check_hardware(cfg)
     cfg, plan, rows = prepare(cfg)
@@ -181,7 +151,7 @@ def stage_tree(composed: dict, entry: str) -> dict:
         base = dict(composed["stage"])
     else:
         path = Path(CONF_DIR) / "stage" / f"{name}.yaml"
-        if not path.exists() or name not in STAGE_SCHEMAS:
+        if not path.exists():
             raise ConfigError("run.pipeline", entry, f"use stage names from: {', '.join(STAGE_SCHEMAS)}, or a "
                               f"label with `stages.{entry}.name: <stage>`", "unknown stage in pipeline")
         base = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
@@ -202,23 +172,25 @@ def run_pipeline(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optiona
     for i, entry in enumerate(cfg.run.pipeline):
         tree = stage_tree(composed, entry)
         tree["run"] = {**tree["run"], "pipeline": None, "dir": None}
-        st = tree["stage"]
-        name = st["name"]
-        src = st.get("init_stage") or DEFAULT_SOURCE.get(name)
-        if st.get("init_from") == "latest" and name != "tokenizer":
-            # chain to what this pipeline just produced (the newest of the candidate stages)
-            chain = [s for s in ([src] if isinstance(src, str) else src) if s in produced]
-            if chain:
-                st["init_from"] = produced[chain[0]]
         stage_cfg = config_from_dict(tree)
+        name = stage_cfg.stage.name
+        if stage_cfg.stage.init_from == "latest" and stage_cfg.stage.sources:
+            from nanochat.stage_plan import source_candidates
+            # chain to what this pipeline produced last among the stages this one starts from
+            chain = [s for s in reversed(produced) if s in source_candidates(stage_cfg)]
+            if chain:
+                tree["stage"]["init_from"] = produced[chain[0]]
+                stage_cfg = config_from_dict(tree)
         sub_dir = (job_dir / f"{i}_{entry}") if job_dir is not None else None
         out = run_stage(stage_cfg, tree, hydra_info, sub_dir)
         results.append({"stage": entry, "kind": name, **out})
         if out["status"] == "dry_run":
+            produced.pop(name, None)
             produced[name] = f"pipeline:{name}"  # later stages chain to this one's (future) output
             continue
         if out["status"] != "completed":
             return {"status": out["status"], "stages": results}
+        produced.pop(name, None)  # re-inserted: dict order is the order stages finished
         produced[name] = out["run_dir"]
     if not cfg.run.dry_run:
         _write_report(cfg, results)

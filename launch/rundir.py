@@ -51,29 +51,33 @@ def new_run_dir(cfg: Config) -> Path:
 
 
 def find_latest(root: str | Path, stage: str, tag: str) -> Optional[Path]:
-    """Newest completed run of `stage` with `tag` under `root` (by COMPLETED mtime)."""
-    base = Path(root).expanduser() / stage / tag
-    done = [p.parent for p in base.glob("*/COMPLETED")] if base.is_dir() else []
+    """Newest completed run of `stage` with `tag` (`*`: any tag) under `root` (by COMPLETED mtime)."""
+    base = Path(root).expanduser() / stage
+    done = [p.parent for p in base.glob(f"{tag}/*/COMPLETED")] if base.is_dir() else []
     return max(done, key=lambda p: (p / "COMPLETED").stat().st_mtime) if done else None
 
 
-def resolve_init_from(cfg: Config, source_stage: str | list[str]) -> Optional[Path]:
+def resolve_init_from(cfg: Config, source_stage: str | list[str], any_tag: bool = False) -> Optional[Path]:
     """stage.init_from → a concrete run dir (or None), with errors that say what to run first.
 
-    `source_stage` may be a list: `latest` then picks the newest completed run among them.
+    `source_stage` may be a list: `latest` then picks the newest completed run among them with
+    this run's tag; with any_tag, the newest run of the first stage in the list that has one.
     """
     value = cfg.stage.init_from
     if value in (None, "", "none"):
         return None
     if value == "latest":
         stages = [source_stage] if isinstance(source_stage, str) else list(source_stage)
-        hits = [p for p in (find_latest(cfg.run.root, s, run_tag(cfg)) for s in stages) if p is not None]
+        if any_tag:
+            hits = next(([p] for p in (find_latest(cfg.run.root, s, "*") for s in stages) if p is not None), [])
+        else:
+            hits = [p for p in (find_latest(cfg.run.root, s, run_tag(cfg)) for s in stages) if p is not None]
         found = max(hits, key=lambda p: (p / "COMPLETED").stat().st_mtime) if hits else None
         source_stage = " / ".join(stages)
         if found is None:
             raise ConfigError(
                 "stage.init_from", value,
-                f"run the `{source_stage}` stage for tag {run_tag(cfg)} first (under run.root={cfg.run.root}), "
+                f"run the `{source_stage}` stage{'' if any_tag else ' for tag ' + run_tag(cfg)} first (under run.root={cfg.run.root}), "
                 f"or point stage.init_from at a run dir", f"no completed {source_stage} run found")
         return found.resolve()
     path = Path(value).expanduser()

@@ -108,18 +108,6 @@ def check_hardware(cfg: Config) -> None:
                           "(bf16/fp16 matmuls are ~100x slower there)", "low precision on CPU")
 
 
-def serve_source(cfg: Config):
-    """`stage=serve stage.init_from=latest`: the newest completed rl > sft > mid run under run.root."""
-    from nanochat.chat_cli import CHAT_STAGES, find_latest_chat_run
-    found = find_latest_chat_run(cfg.run.root)
-    if found is None:
-        raise ConfigError("stage.init_from", cfg.stage.init_from,
-                          f"run a chat stage first (make demo, or nanochat-run stage=sft ...) under "
-                          f"run.root={cfg.run.root}, or point stage.init_from at a run dir",
-                          f"no completed {' / '.join(CHAT_STAGES)} run found")
-    return found.resolve()
-
-
 def check_serve(cfg: Config) -> None:
     """The server runs on one node: one replica per local GPU, threads of one process."""
     if cfg.stage.name != "serve":
@@ -144,6 +132,21 @@ def check_serve(cfg: Config) -> None:
     if st.max_tokens > st.max_max_tokens:
         raise ConfigError("stage.max_tokens", st.max_tokens, f"use at most stage.max_max_tokens={st.max_max_tokens}",
                           "default above the limit")
+
+
+def check_harness(cfg: Config) -> None:
+    """stage.harness.tasks: known task names whose local data is there (before any run dir is made)."""
+    if cfg.stage.name != "eval" or not cfg.stage.harness.tasks:
+        return
+    from nanochat.harness import HarnessError, resolve_data_dir, task_configs
+    h = cfg.stage.harness
+    try:
+        task_configs(list(h.tasks), resolve_data_dir(h.data_dir, cfg.paths.shared_data))
+    except HarnessError as e:
+        raise ConfigError("stage.harness.tasks", list(h.tasks), str(e), "task cannot run here") from None
+    if h.limit is not None and h.limit < 1:
+        raise ConfigError("stage.harness.limit", h.limit, "use a positive number of examples, or null for all",
+                          "out of range")
 
 
 def _override_key(override: str) -> str:

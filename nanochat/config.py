@@ -134,7 +134,12 @@ class StageConfig:
     name: str = "pretrain"
     worker: str = "nanochat.stages.pretrain"
     init_from: Optional[str] = None   # <run dir> | latest | null
-    init_stage: Optional[str] = None  # stage whose runs `latest` searches
+    init_stage: Optional[str] = None  # stage whose runs `latest` searches (null → newest of `sources`)
+    # the stage contract (conf/stage/<name>.yaml declares it; nanochat/stage_plan.py applies it)
+    sources: Optional[list] = None    # stages whose runs this one may start from; null → none
+    source_tag: str = "same"          # same: `latest` looks at runs with this run's tag | any
+    planner: str = "nanochat.stage_plan.train_plan"  # function deriving the plan (dry run == run)
+    schema: Optional[str] = None      # a stage not in STAGE_SCHEMAS: whose keys it has (e.g. mid)
 
 
 @dataclass
@@ -188,7 +193,7 @@ class TrainStageConfig(StageConfig):
     x0_betas: Optional[list] = None               # modern [0.96, 0.95]
     gate_lr: Optional[float] = None               # smear gate/lambda + backout lambda: modern fixed 0.2
     eval_every: int = 250
-    eval_tokens: int = 20 * 524288
+    eval_tokens: Optional[int] = 20 * 524288  # null → scaled to the run (chat stages)
     sample_every: int = 2000
     core_every: int = -1              # -1 = off
     core_max_per_task: int = 500
@@ -211,6 +216,10 @@ class ChatStageConfig(TrainStageConfig):
     eval_tasks: Optional[list] = None         # tasks scored at the end; null → graded tasks of the mixture
     eval_examples: int = 100                  # examples per task in that scoring (-1 = all)
     eval_max_new_tokens: int = 256            # sampling budget per answer in that scoring
+    load_optimizer: bool = False              # warm-start optimizer state from the source checkpoint
+    chatcore_every: Optional[int] = None      # ChatCORE every N steps + at the end (-1 off; null: modern sft 200)
+    chatcore_max_cat: int = -1                # problems per categorical ChatCORE task (-1 = all)
+    chatcore_max_sample: int = 24             # problems per generative ChatCORE task
 
 
 @dataclass
@@ -230,6 +239,17 @@ class RLStageConfig(TrainStageConfig):
 
 
 @dataclass
+class HarnessConfig:
+    """lm-evaluation-harness through our model (nanochat/harness.py); empty tasks → not run."""
+    tasks: list = field(default_factory=list)   # arc_easy arc_challenge mmlu gsm8k humaneval
+    limit: Optional[int] = None       # examples per task (null → all)
+    num_fewshot: Optional[int] = None  # null → each task's own default
+    batch_size: int = 16
+    max_gen_toks: int = 256
+    data_dir: Optional[str] = None    # local task data (arc/ mmlu/ gsm8k/); null → paths.shared_data
+
+
+@dataclass
 class EvalStageConfig(StageConfig):
     mode: str = "auto"                # auto | base | chat (auto: by the source checkpoint's stage)
     tasks: Optional[list] = None      # chat tasks; null → all
@@ -241,6 +261,7 @@ class EvalStageConfig(StageConfig):
     max_new_tokens: int = 512
     temperature: float = 0.0
     top_k: int = 50
+    harness: HarnessConfig = field(default_factory=HarnessConfig)  # tasks set → lm-eval runs instead
 
 
 @dataclass
@@ -406,9 +427,13 @@ def config_from_dict(tree: dict) -> Config:
     tree = {k: v for k, v in tree.items() if k not in _TOP_KEYS_IGNORED}
     stage_tree = tree.get("stage") or {}
     stage_name = stage_tree.get("name", "pretrain") if isinstance(stage_tree, dict) else "pretrain"
-    if stage_name not in STAGE_SCHEMAS:
+    # a new stage reuses the schema of one of these (its YAML says `schema: mid`), so adding one
+    # touches only its module and its YAML
+    schema = stage_name if stage_name in STAGE_SCHEMAS else (stage_tree or {}).get("schema")
+    if schema not in STAGE_SCHEMAS:
         raise ConfigError("stage.name", stage_name,
-                          f"pick one of: {', '.join(STAGE_SCHEMAS)} (e.g. stage=pretrain)", "unknown stage")
+                          f"pick one of: {', '.join(STAGE_SCHEMAS)} (e.g. stage=pretrain), or give a new stage's "
+                          f"YAML `schema: <one of those>`", "unknown stage")
     top = {f.name for f in dataclasses.fields(Config)}
     for k in tree:
         if k not in top:
@@ -420,7 +445,7 @@ def config_from_dict(tree: dict) -> Config:
         if f.name not in tree:
             continue
         if f.name == "stage":
-            kwargs["stage"] = _build(STAGE_SCHEMAS[stage_name], tree["stage"], "stage")
+            kwargs["stage"] = _build(STAGE_SCHEMAS[schema], tree["stage"], "stage")
         elif f.name in ("experiment", "sweep"):
             v = tree[f.name]
             kwargs[f.name] = None if v is None else str(v)

@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat.common import atomic_write_text
+from nanochat.lifecycle import check_stop
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -353,6 +354,7 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task_spec: TaskSpec, exampl
     pad_id = tokenizer.get_bos_token_id()
     correct = torch.zeros(n, dtype=torch.float32, device=device)
     for idx in range(rank, n, world):
+        check_stop()  # a preemption is acted on between examples, not after the whole task
         seqs, starts, ends = prepare_example(tokenizer, task_spec, pool, idx, max_len, seed)
         ok = score_example(model, seqs, starts, ends, task_spec.task_type, pool[idx].get("gold"), pad_id,
                            device)

@@ -68,6 +68,42 @@ class StopFlag:
 STOP = StopFlag()
 
 
+# --------------------------------------------------------------------------- long evaluations
+#
+# A validation pass, CORE, ChatCORE, the chat eval stage or an lm-eval harness run can take
+# minutes; Slurm kills 30 s (KillWait) after SIGTERM. So every evaluation loop calls
+# `check_stop()` between batches: it raises EvalInterrupted, the training loop around it
+# checkpoints at its step boundary and exits 75 (preempted, resumable), a plain eval exits 75.
+
+class EvalInterrupted(Exception):
+    """A stop signal arrived during an evaluation; raised between two of its batches."""
+
+    def __init__(self, signal_name: str = ""):
+        super().__init__(f"evaluation interrupted by {signal_name or 'a stop signal'}")
+        self.signal_name = signal_name
+
+
+def check_stop(flag: StopFlag = STOP) -> None:
+    """Call between batches of any long evaluation: raises EvalInterrupted if a stop signal arrived."""
+    if flag.requested:
+        raise EvalInterrupted(flag.name)
+
+
+class EvalProgress:
+    """`label: i/n` on the console every `every_s` seconds, and the stop check, between batches."""
+
+    def __init__(self, label: str, total: int, log: Any = print, every_s: float = 10.0):
+        self.label, self.total, self.log, self.every_s = label, total, log, every_s
+        self.t0 = self.last = time.time()
+
+    def step(self, done: int) -> None:
+        check_stop()
+        now = time.time()
+        if self.log is not None and now - self.last >= self.every_s and done < self.total:
+            self.last = now
+            self.log(f"  {self.label}: {done}/{self.total} ({now - self.t0:.0f}s)")
+
+
 def stop_requested_all_ranks(flag: StopFlag = STOP) -> bool:
     """True on every rank if any rank got a stop signal (ranks must agree on the step)."""
     local = flag.requested

@@ -16,6 +16,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from nanochat.lifecycle import check_stop
+
 
 @torch.no_grad()
 def evaluate_bpb(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -33,6 +35,7 @@ def evaluate_bpb(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, t
     device = None
     total_nats = total_bytes = None
     for step in range(steps):
+        check_stop()  # between batches: a preemption does not wait for the whole pass
         try:
             x, y = next(it)
         except StopIteration:

@@ -157,6 +157,10 @@ class Plan:
     grad_clip: float = 0.0          # global gradient-norm clip inside the optimizer step (0 = off)
     fp8: Optional[str] = None       # model.fp8: tensorwise | rowwise training matmuls (torchao)
     fp8_layers: int = 0             # how many Linear layers that converts (fp8_layers)
+    eval_tokens: Optional[int] = None          # validation tokens per pass
+    source: Optional[str] = None               # the run this stage starts from (init_from)
+    inherited: dict = field(default_factory=dict)  # plan key → where its value came from (source run)
+    stage: dict = field(default_factory=dict)  # stage-specific derived values (mixture, packing, ...)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -564,6 +568,7 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
         device_batch_probe=probe if cfg.hardware.device_batch_size == "auto" else None,
         optimizer=optimizer, optim=optim, grad_clip=default_grad_clip(st, gen),
         fp8=m.fp8 if fp8 else None, fp8_layers=len(fp8),
+        eval_tokens=getattr(st, "eval_tokens", None),
     )
 
 

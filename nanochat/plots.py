@@ -57,10 +57,33 @@ def _flops_per_step(run_dir: Path) -> Optional[float]:
     return None
 
 
+def debiased_ema(values: list[float], beta: float = 0.9) -> list[float]:
+    """nanochat's smoothed train loss: an EMA with its start-up bias divided out (1 - beta^n)."""
+    out, ema = [], 0.0
+    for n, v in enumerate(values, 1):
+        ema = beta * ema + (1 - beta) * v
+        out.append(ema / (1 - beta ** n))
+    return out
+
+
+def log_ticks(ax, lo: float, hi: float, n: int = 4) -> None:
+    """At most n labelled ticks on a log axis, spread evenly, no minor labels (which overlap when
+    the range spans less than a decade, as a short run's FLOPs do)."""
+    from matplotlib import ticker
+    if hi <= lo:
+        return
+    ticks = [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
+    ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(ticker.FixedFormatter([f"{t:.2g}" for t in ticks]))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def training_curves(run_dir: Path, out: Path, title: str) -> Optional[Path]:
     """Train loss and the validation metric against steps (left) and FLOPs (right); None if no data.
 
-    The validation metric is val/bpb (pretrain), val/loss (mid, sft), or the first val/* key (rl).
+    The train loss is drawn as nanochat reports it, a debiased EMA (the line), with the raw
+    per-step values as faint points behind it. The validation metric is val/bpb (pretrain),
+    val/loss (mid, sft), or the first val/* key (rl).
     """
     rows = read_metrics(run_dir)
     train_key = next((k for k in ("train/loss", "train/reward") if any(k in r for r in rows)), None)
@@ -79,13 +102,21 @@ def training_curves(run_dir: Path, out: Path, title: str) -> Optional[Path]:
             if not pts:
                 ax.set_visible(False)
                 continue
+            if col == 1:  # FLOPs on a log axis: step 0 (no FLOPs yet) has no place on it
+                pts = [(s, v) for s, v in pts if s > 0] or pts
             xs = [s for s, _ in pts] if col == 0 else [s * fps for s, _ in pts]
-            ax.plot(xs, [v for _, v in pts], marker="o" if len(pts) < 30 else None, ms=3,
-                    color="C0" if row == 0 else "C1")
+            ys = [v for _, v in pts]
+            if row == 0:  # raw values faint, the debiased EMA as the curve
+                ax.plot(xs, ys, ".", ms=4, alpha=0.3, color="C0", label="raw")
+                ax.plot(xs, debiased_ema(ys), color="C0", lw=1.6, label="EMA (debiased, β=0.9)")
+                ax.legend(fontsize=7, loc="upper right", frameon=False)
+            else:
+                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, color="C1")
             ax.set_xlabel("step" if col == 0 else "FLOPs")
             ax.set_ylabel(key)
-            if col == 1:
-                ax.set_xscale("log" if min(xs) > 0 else "linear")
+            if col == 1 and min(xs) > 0:
+                ax.set_xscale("log")
+                log_ticks(ax, min(xs), max(xs))
             ax.grid(alpha=0.3)
     fig.suptitle(title)
     return save(fig, out)

@@ -6,10 +6,12 @@ rich and written as markdown to `<run.root>/report.md` (the latest pipeline's ca
 `report.md` in the last stage's run dir (kept with that run). `build_report` gives the rows
 without printing, for tests and other front ends. Each training stage also gets a PNG of its
 loss and validation curves against steps and FLOPs (`curves.png` in its run dir, linked below
-the table).
+the table by a path relative to the report, so a moved runs folder keeps its pictures), and
+`report.html` next to each report.md is the same card for a browser.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -73,7 +75,7 @@ def stage_metrics(stage: str, r: Optional[dict]) -> str:
                 parts.append(f"CORE {_f(r['core'])} ({r.get('core_tasks_evaluated')}/{r.get('core_tasks_total')} tasks)")
         else:
             if r.get("task_accuracy"):
-                parts.append(_tasks(r["task_accuracy"]))
+                parts.append(("lm-eval " if r.get("mode") == "harness" else "") + _tasks(r["task_accuracy"]))
             if r.get("chatcore") is not None:
                 parts.append(f"ChatCORE {_f(r['chatcore'])}")
     return " · ".join(p for p in parts if p)
@@ -95,13 +97,21 @@ def _fmt_time(s: Optional[float]) -> str:
     return f"{s:.0f}s" if s < 120 else f"{s / 60:.1f}min"
 
 
-def to_markdown(rows: list[dict], title: str) -> str:
+def _rel(path: str | Path, base: Optional[Path]) -> str:
+    """`path` relative to the report's dir, so a copied or moved runs folder keeps its links."""
+    if not path or base is None:
+        return str(path)
+    return os.path.relpath(Path(path).resolve(), Path(base).resolve())
+
+
+def to_markdown(rows: list[dict], title: str, base: Optional[Path] = None) -> str:
     total = sum(r["wall_s"] or 0 for r in rows)
     lines = [f"# {title}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} · total wall time {_fmt_time(total)}",
              "", "| stage | status | wall time | metrics | run dir |", "|---|---|---|---|---|"]
     for r in rows:
         metrics = r["metrics"].replace("|", "\\|")
-        lines.append(f"| {r['stage']} | {r['status']} | {_fmt_time(r['wall_s'])} | {metrics} | `{r['run_dir']}` |")
+        lines.append(f"| {r['stage']} | {r['status']} | {_fmt_time(r['wall_s'])} | {metrics} | "
+                     f"`{_rel(r['run_dir'], base)}` |")
     return "\n".join(lines) + "\n"
 
 
@@ -127,27 +137,43 @@ def write_curves(results: list[dict]) -> list[tuple[str, Path]]:
     return out
 
 
-def curves_markdown(curves: list[tuple[str, Path]]) -> str:
-    """Image links by absolute path, like the run dirs in the table (both copies of the card match)."""
+def curves_markdown(curves: list[tuple[str, Path]], base: Optional[Path] = None) -> str:
+    """Image links relative to the report's dir (`base`), like the run dirs in its table."""
     if not curves:
         return ""
     lines = ["", "## Curves", ""]
     for stage, path in curves:
-        lines += [f"### {stage}", "", f"![{stage} curves]({Path(path).resolve()})", ""]
+        lines += [f"### {stage}", "", f"![{stage} curves]({_rel(path, base)})", ""]
     return "\n".join(lines)
+
+
+def to_html(rows: list[dict], title: str, curves: list[tuple[str, Path]], base: Path) -> str:
+    """The same card as a self-contained HTML page (open it in a browser); links relative to `base`."""
+    from html import escape
+    head = "".join(f"<th>{c}</th>" for c in ("stage", "status", "wall time", "metrics", "run dir"))
+    body = "".join(
+        f"<tr><td>{escape(r['stage'])}</td><td>{escape(r['status'])}</td><td>{_fmt_time(r['wall_s'])}</td>"
+        f"<td>{escape(r['metrics'])}</td><td><code>{escape(_rel(r['run_dir'], base))}</code></td></tr>" for r in rows)
+    imgs = "".join(f"<h3>{escape(stage)}</h3><img src=\"{escape(_rel(path, base))}\" alt=\"{escape(stage)} curves\">"
+                   for stage, path in curves)
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+             "padding:4px 8px;text-align:left}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{escape(title)}</title><style>{style}</style>"
+            f"</head><body><h1>{escape(title)}</h1><table><tr>{head}</tr>{body}</table>"
+            + (f"<h2>Curves</h2>{imgs}" if curves else "") + "</body></html>\n")
 
 
 def write_report(cfg: Any, results: list[dict]) -> Path:
     """Print the report card and write report.md (see the module docstring); returns its path."""
     rows = build_report(results)
     title = f"nanochat report card ({cfg.experiment or 'pipeline'}, d{cfg.model.depth})"
-    md = to_markdown(rows, title) + curves_markdown(write_curves(results))
+    curves = write_curves(results)
     root = Path(cfg.run.root).expanduser()
     path = root / "report.md"
-    atomic_write_text(path, md)
     last = next((r["run_dir"] for r in reversed(rows) if r["run_dir"]), None)
-    if last:
-        atomic_write_text(Path(last) / "report.md", md)
+    for d in [root] + ([Path(last)] if last else []):  # each copy links relative to where it lies
+        atomic_write_text(d / "report.md", to_markdown(rows, title, d) + curves_markdown(curves, d))
+        atomic_write_text(d / "report.html", to_html(rows, title, curves, d))
     try:
         from rich.console import Console
         from rich.table import Table
@@ -160,5 +186,5 @@ def write_report(cfg: Any, results: list[dict]) -> Path:
         c.print(t)
         c.print(f"report: {path}")
     except ImportError:
-        print(md)
+        print((root / "report.md").read_text())
     return path

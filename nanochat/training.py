@@ -179,6 +179,15 @@ def checkpoint_if_stopped(run_dir: Path, cfg: Config, plan: Plan, rt: Runtime, m
     raise Preempted(state.step, STOP.name or "peer")
 
 
+def dist_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a copy; x itself is unchanged); x when not distributed."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():

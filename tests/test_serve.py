@@ -420,4 +420,4 @@ def test_dry_run_prints_serve_plan(stage_root, tmp_path):
     assert "8 × (cuda:0" in p.stdout and "8 sequences per replica" in p.stdout and "KV cache" in p.stdout
     bad = subprocess.run([sys.executable, "-m", "launch.run", "stage=serve", "run.dry_run=true",
                           f"run.root={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "no completed rl / sft / mid run" in bad.stdout + bad.stderr
+    assert bad.returncode != 0 and "no completed rl / sft / mid / pretrain run" in bad.stdout + bad.stderr

@@ -114,7 +114,7 @@ def _tokenizer(env_root):
 
 
 def test_sft_loader_never_all_padding(env_root):
-    from nanochat.stages.sft import PaddedChatLoader
+    from nanochat.chat_data import PaddedChatLoader
     from nanochat.tasks import TaskMixture, make_task
     tok = _tokenizer(env_root)
     long_user = {"messages": [{"role": "user", "content": "tell me " * 200},
@@ -144,7 +144,7 @@ def test_sft_loader_never_all_padding(env_root):
 
 def test_sft_loss_finite_on_real_model(env_root):
     from nanochat.checkpoint import load_model_from_run
-    from nanochat.stages.sft import PaddedChatLoader
+    from nanochat.chat_data import PaddedChatLoader
     from nanochat.tasks import TaskMixture, make_task
     env, root = env_root
     tok = _tokenizer(env_root)
@@ -160,7 +160,7 @@ def test_sft_loss_finite_on_real_model(env_root):
 
 
 def test_packed_loader_state_resumes_exactly(env_root):
-    from nanochat.stages.mid import PackedChatLoader
+    from nanochat.chat_data import PackedChatLoader
     from nanochat.tasks import TaskMixture, make_task
     tok = _tokenizer(env_root)
     task = TaskMixture([make_task("arithmetic:size=50", "train"), make_task("simplespelling:size=50", "train")])
@@ -180,8 +180,8 @@ def test_packed_loader_state_resumes_exactly(env_root):
 
 
 def test_default_mixture_offline(env_root):
-    from nanochat.stages.mid import DEFAULT_MID_MIXTURE, build_mixture
-    from nanochat.stages.sft import DEFAULT_SFT_MIXTURE
+    from nanochat.chat_plan import DEFAULT_MID_MIXTURE, build_mixture
+    from nanochat.chat_plan import SEED_SFT_MIXTURE as DEFAULT_SFT_MIXTURE
     if shared_data_dir() is None:
         pytest.skip("../shared/data is absent: the offline default mixture needs its task files")
     env, _ = env_root
@@ -197,7 +197,8 @@ def test_default_mixture_offline(env_root):
                                    base_dir=env["NANOCHAT_BASE_DIR"], seed=0, log=notes.append)
         assert "arc_easy" in names
         # an explicitly requested task without data is an error that names it
-        with pytest.raises(ValueError, match="smoltalk"):
+        from nanochat.config import ConfigError
+        with pytest.raises(ConfigError, match="smoltalk"):
             build_mixture(["smoltalk"], [], "train", data_dir=None, base_dir=env["NANOCHAT_BASE_DIR"], seed=0)
     finally:
         os.environ.pop("NANOCHAT_OFFLINE", None)

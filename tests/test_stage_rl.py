@@ -31,7 +31,8 @@ def source(stage_root):
 
 
 RL = ["stage=rl", "model.depth=2", "stage.examples_per_step=2", "stage.num_samples=3", "stage.max_new_tokens=12",
-      "stage.eval_examples=2", "stage.eval_num_samples=2", "stage.temperature=1.0"]
+      "stage.eval_examples=2", "stage.eval_num_samples=2", "stage.temperature=1.0",
+      "stage.sources=[sft,mid,pretrain]"]  # the tiny pretrain run stands in for an SFT run (saves minutes)
 
 
 def test_rollout_targets_mask_forced_tokens():

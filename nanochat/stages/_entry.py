@@ -16,7 +16,8 @@ from pathlib import Path
 from nanochat.common import dist_env
 from nanochat.config import Config, load_config
 from nanochat.runlock import WriterLock
-from nanochat.lifecycle import EXIT_PREEMPTED, STOP, Preempted, guard_parent, mark_completed, write_status
+from nanochat.lifecycle import (EXIT_PREEMPTED, STOP, EvalInterrupted, Preempted, guard_parent, mark_completed,
+                                write_status)
 
 
 def execute(cfg: Config, run_dir: Path) -> int:
@@ -34,6 +35,12 @@ def execute(cfg: Config, run_dir: Path) -> int:
             write_status(run_dir, "preempted", step=e.step, signal=e.signal_name)
             print(f"[nanochat] preempted at step {e.step} by {e.signal_name}; "
                   f"resume with run.resume=auto run.dir={run_dir}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    except EvalInterrupted as e:  # a stage with no training state (eval): nothing to save, rerun it
+        if rank == 0:
+            write_status(run_dir, "preempted", step=0, signal=e.signal_name, during="evaluation")
+            print(f"[nanochat] preempted during evaluation by {e.signal_name}; rerun with run.resume=auto "
+                  f"run.dir={run_dir}", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
     except KeyboardInterrupt:
         if rank == 0:

@@ -11,149 +11,19 @@ answer letters at the end of the prompt, in batches; generative ones (GSM8K, Hum
 spelling, arithmetic) by sampling with the Engine (tool use included). ChatCORE is the
 mean over tasks of the centered accuracy (acc - chance) / (1 - chance), chance 0.25 for
 4-way multiple choice and 0 for open answers.
+
+Harness (`stage.harness.tasks=[...]` set): lm-evaluation-harness through our model instead of the above
+(nanochat/harness.py); writes harness.json.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
-
-import torch
 
 from nanochat import training as T
 from nanochat.common import barrier, shared_data_dir
 from nanochat.config import Config
-from nanochat.tasks import CHANCE_ACCURACY, TaskDataError, make_task, parse_spec
-
-DEFAULT_CHAT_TASKS = ["arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spellingbee", "simplespelling",
-                      "arithmetic"]
-
-
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _sum_all(values: list[float], device) -> list[float]:
-    import torch.distributed as dist
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def task_key(spec: Any) -> str:
-    return parse_spec(spec)[0]
-
-
-# --------------------------------------------------------------------------- chat scoring
-
-@torch.no_grad()
-def score_categorical(model, tokenizer, task, indices: list[int], device, batch_size: int = 8) -> int:
-    """Correct answers among `indices`: argmax over the answer letters' logits after the prompt."""
-    limit = getattr(model, "rotary_len", None)
-    correct = 0
-    for b0 in range(0, len(indices), batch_size):
-        convs = [task[i] for i in indices[b0:b0 + batch_size]]
-        prompts = [tokenizer.render_for_completion(c) for c in convs]
-        if limit:
-            prompts = [p[-limit:] for p in prompts]
-        L = max(len(p) for p in prompts)
-        ids = torch.zeros((len(prompts), L), dtype=torch.long, device=device)
-        for r, p in enumerate(prompts):
-            ids[r, :len(p)] = torch.tensor(p, dtype=torch.long)
-        logits = model(ids)  # (B, L, V); right padding: position len-1 only sees the prompt
-        for r, (conv, p) in enumerate(zip(convs, prompts)):
-            letters = conv["letters"]
-            letter_ids = []
-            for letter in letters:
-                enc = tokenizer.encode(letter)
-                if len(enc) != 1:
-                    raise ValueError(f"answer letter {letter!r} is {len(enc)} tokens in this tokenizer; "
-                                     "categorical scoring needs single-token letters")
-                letter_ids.append(enc[0])
-            scores = logits[r, len(p) - 1, letter_ids]
-            pred = letters[int(scores.argmax())]
-            correct += bool(task.evaluate(conv, pred))
-    return correct
-
-
-@torch.no_grad()
-def score_generative(model, tokenizer, task, indices: list[int], *, num_samples: int = 1,
-                     max_new_tokens: int = 256, temperature: float = 0.0, top_k: Optional[int] = 50,
-                     seed: int = 42) -> int:
-    """Correct answers among `indices`: an example counts if any of its samples is right (pass@k)."""
-    from nanochat.engine import Engine
-    engine = Engine(model, tokenizer)
-    limit = getattr(model, "rotary_len", None) or model.config.sequence_len
-    correct = 0
-    for i in indices:
-        conv = task[i]
-        prompt = tokenizer.render_for_completion(conv)
-        budget = min(max_new_tokens, limit - len(prompt))
-        if budget < 1:
-            continue  # the prompt alone fills the model's positions: counted as wrong
-        seqs, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=budget,
-                                        temperature=temperature, top_k=top_k, seed=seed + i)
-        completions = [tokenizer.decode(s[len(prompt):]) for s in seqs]
-        correct += any(bool(task.evaluate(conv, c)) for c in completions)
-    return correct
-
-
-def centered(accuracy: float, chance: float) -> float:
-    return (accuracy - chance) / (1.0 - chance)
-
-
-def evaluate_chat_tasks(model, tokenizer, specs: list, device, *, max_per_task: int = -1,
-                        data_dir: Optional[str] = None, base_dir: Any = None,
-                        log: Callable[[str], None] = print, batch_size: int = 8, num_samples: int = 1,
-                        max_new_tokens: int = 256, temperature: float = 0.0, top_k: Optional[int] = 50,
-                        seed: int = 42, required: bool = False) -> dict:
-    """Score a chat model on each task spec (held-out split); ranks split the examples.
-
-    Returns {"tasks": {name: {accuracy, correct, total, eval_type, chance, centered, seconds}},
-             "chatcore": mean centered accuracy (None when no task ran), "skipped": {name: reason}}.
-    A task whose data is missing is skipped (named in "skipped"), or raises with required=True.
-    """
-    rank, world = _dist()
-    was_training = model.training
-    model.eval()
-    out: dict = {"tasks": {}, "skipped": {}}
-    try:
-        for spec in specs:
-            name = task_key(spec)
-            try:
-                task = make_task(spec, "test", data_dir=data_dir, base_dir=str(base_dir) if base_dir else None)
-            except (TaskDataError, OSError) as e:
-                if required:
-                    raise
-                out["skipped"][name] = str(e)[:200]
-                log(f"eval: skipping {name} (no data: {str(e)[:120]})")
-                continue
-            n = len(task) if max_per_task is None or max_per_task < 0 else min(len(task), max_per_task)
-            indices = list(range(rank, n, world))
-            t0 = time.time()
-            if task.eval_type == "categorical":
-                correct = score_categorical(model, tokenizer, task, indices, device, batch_size)
-            else:
-                correct = score_generative(model, tokenizer, task, indices, num_samples=num_samples,
-                                           max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                           seed=seed)
-            correct, total = _sum_all([correct, len(indices)], device)
-            acc = correct / max(1.0, total)
-            chance = CHANCE_ACCURACY.get(name, 0.25 if task.eval_type == "categorical" else 0.0)
-            out["tasks"][name] = {"accuracy": acc, "correct": int(correct), "total": int(total),
-                                  "eval_type": task.eval_type, "chance": chance, "centered": centered(acc, chance),
-                                  "seconds": round(time.time() - t0, 2)}
-    finally:
-        model.train(was_training)
-    tasks = out["tasks"]
-    out["chatcore"] = sum(r["centered"] for r in tasks.values()) / len(tasks) if tasks else None
-    out["chatcore_tasks"] = list(tasks)
-    return out
-
+from nanochat.chat_eval import DEFAULT_CHAT_TASKS, evaluate_chat_tasks
 
 # --------------------------------------------------------------------------- base scoring
 
@@ -267,9 +137,13 @@ def run(cfg: Config, run_dir: Path) -> dict:
     tok_name = (meta.get("config") or {}).get("data", {}).get("tokenizer") or cfg.data.tokenizer
     tokenizer = get_tokenizer(rt.base_dir, tok_name)
     log = print if rt.master else (lambda s: None)
-    mode = resolve_mode(st.mode, source_stage)
+    mode = "harness" if st.harness.tasks else resolve_mode(st.mode, source_stage)
     log(f"eval ({mode}) of {st.init_from} (a {source_stage} checkpoint at step {meta.get('step')})")
-    if mode == "base":
+    if mode == "harness":                    # lm-evaluation-harness (nanochat/harness.py)
+        from nanochat.harness import run_stage
+        with rt.autocast():
+            result = run_stage(model, tokenizer, st.harness, cfg.paths.shared_data, run_dir, rt.master, log)
+    elif mode == "base":
         result = run_base(cfg, run_dir, rt, model, tokenizer, tok_name, log)
     else:
         result = run_chat(cfg, run_dir, rt, model, tokenizer, log)

@@ -19,6 +19,7 @@ from nanochat.config import Config
 from nanochat.common import barrier
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import list_shards
+from nanochat.lifecycle import EvalInterrupted
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.plan import param_breakdown
 from nanochat.precision import convert_fp8, fp8_disabled
@@ -151,20 +152,25 @@ def run(cfg: Config, run_dir: Path) -> dict:
             step = state.step
             last = step == N
             fresh = not (resumed and step == start_step)  # this step's evals ran before the checkpoint
-            if fresh and _due(step, st.eval_every, last):
-                bpb = val_bpb(model, cfg, plan, rt, tokenizer, token_bytes, st.eval_tokens)
-                state.record_val(bpb)
-                tracker.log({"step": step, "val/bpb": bpb})
-                tracker.print(f"step {step:05d} | val bpb {bpb:.4f}")
-            if fresh and rt.master and st.sample_every > 0 and _due(step, st.sample_every, last):
-                for s in samples(model, tokenizer):
-                    tracker.print(f"  sample: {s!r}")
-            # CORE skips step 0, as nanochat does: with core_every > horizon it runs once, at the end
-            if fresh and st.core_every > 0 and (last or step > 0) and _due(step, st.core_every, last):
-                core = run_core(model, tokenizer, cfg, rt, st.core_max_per_task)
-                tracker.log({"step": step, "core": core["core"]})
-                state.extra["core"] = core["core"]
-                tracker.print(f"step {step:05d} | CORE {core['core']:.4f} ({core['tasks_evaluated']} tasks)")
+            try:
+                if fresh and _due(step, st.eval_every, last):
+                    bpb = val_bpb(model, cfg, plan, rt, tokenizer, token_bytes, st.eval_tokens or plan.eval_tokens)
+                    state.record_val(bpb)
+                    tracker.log({"step": step, "val/bpb": bpb})
+                    tracker.print(f"step {step:05d} | val bpb {bpb:.4f}")
+                if fresh and rt.master and st.sample_every > 0 and _due(step, st.sample_every, last):
+                    for s in samples(model, tokenizer):
+                        tracker.print(f"  sample: {s!r}")
+                # CORE skips step 0, as nanochat does: with core_every > horizon it runs once, at the end
+                if fresh and st.core_every > 0 and (last or step > 0) and _due(step, st.core_every, last):
+                    core = run_core(model, tokenizer, cfg, rt, st.core_max_per_task)
+                    tracker.log({"step": step, "core": core["core"]})
+                    state.extra["core"] = core["core"]
+                    tracker.print(f"step {step:05d} | CORE {core['core']:.4f} ({core['tasks_evaluated']} tasks)")
+            except EvalInterrupted:  # a stop signal inside an evaluation: checkpoint this step, exit
+                T.checkpoint_if_stopped(run_dir, cfg, plan, rt, model, optimizer, train_loader.state_dict(), state,
+                                        tracker)
+                raise
             state.wall_time_s = wall_before + (time.time() - wall_t0)  # what a checkpoint saved now carries
             if fresh and step > start_step and (last or (st.save_every > 0 and step % st.save_every == 0)):
                 T.save(run_dir, cfg, plan, rt, model, optimizer, train_loader.state_dict(), state)

@@ -24,7 +24,7 @@ import torch
 from nanochat import training as T
 from nanochat.config import Config
 from nanochat.engine import Engine
-from nanochat.stages.mid import _dist_sum, base_lrs, effective_plan, source_checkpoint_meta, source_tokenizer_name
+from nanochat.lifecycle import EvalInterrupted, check_stop
 from nanochat.tasks import make_task
 from nanochat.tokenizer import get_tokenizer
 
@@ -84,39 +84,32 @@ def pass_at_k(model, tokenizer, task, num_examples: int, k: int, max_new_tokens:
     hits = torch.zeros(k + 1, dtype=torch.float64, device=device)  # [0] counts questions
     was_training = model.training
     for i in range(rank, n, world):
+        check_stop()  # a preemption is acted on between questions, not after the whole pass
         _, _, rewards, _ = sample_rollouts(engine, tokenizer, task, i, k, max_new_tokens, temperature, top_k,
                                            seed + i, limit)
         hits[0] += 1
         for j in range(1, k + 1):
             hits[j] += float(any(r > 0 for r in rewards[:j]))
     model.train(was_training)
-    hits = _dist_sum(hits)
+    hits = T.dist_sum(hits)
     return {f"pass@{j}": float(hits[j] / hits[0].clamp(min=1)) for j in range(1, k + 1)}
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
     rt = T.setup_runtime(cfg)
-    plan = T.load_plan(run_dir)
+    eplan = T.load_plan(run_dir)  # nanochat/chat_plan.py's rl_plan: horizon, LRs × init_lr_frac
     st = cfg.stage
-    meta = source_checkpoint_meta(st.init_from)
-    tokenizer = get_tokenizer(rt.base_dir, source_tokenizer_name(cfg, meta))
+    tokenizer = get_tokenizer(rt.base_dir, eplan.stage.get("tokenizer") or cfg.data.tokenizer)
     data_dir, base = cfg.paths.shared_data, str(rt.base_dir)
     train_task = make_task(st.task, "train", data_dir=data_dir, base_dir=base)
     test_task = make_task(st.task, "test", data_dir=data_dir, base_dir=base)
     E, S = st.examples_per_step, st.num_samples
-    if E % rt.world:
-        raise ValueError(f"stage.examples_per_step={E} must be a multiple of the world size {rt.world}")
-    dbs = st.device_batch_size or S
-    N = st.num_iterations or max(1, (len(train_task) // E) * st.num_epochs)
-    eplan = effective_plan(plan, cfg, meta, num_iterations=N, total_batch_size=E * S * plan.sequence_len,
-                           device_batch_size=dbs, grad_accum=1, lr_frac=st.init_lr_frac, warmup_ratio=0.0,
-                           warmdown_ratio=1.0, momentum_ramp=False,
-                           horizon_source="num_iterations" if st.num_iterations else f"{st.num_epochs} epoch(s)")
+    dbs, N = eplan.device_batch_size, eplan.num_iterations
     model, _ = T.init_model(eplan, cfg, rt, st.init_from)
     optimizer = T.make_optimizer(model, eplan, cfg, rt)
     state, loader_state = T.try_resume(run_dir, cfg, rt, model, optimizer)
     resumed = state.step > 0 or loader_state is not None
-    state.extra["base_lrs"] = base_lrs(cfg, meta, plan)
+    state.extra["base_lrs"] = eplan.stage.get("base_lrs", {})
     engine = Engine(model, tokenizer)
     limit = getattr(model, "rotary_len", None) or model.config.sequence_len
     pad = tokenizer.encode_special("<|assistant_end|>")
@@ -138,7 +131,12 @@ def run(cfg: Config, run_dir: Path) -> dict:
             last = step == N
             fresh = not (resumed and step == start_step)
             if fresh and (last or (st.pass_at_k_every > 0 and step % st.pass_at_k_every == 0)):
-                evaluate(step)
+                try:
+                    evaluate(step)
+                except EvalInterrupted:  # checkpoint at this step boundary, exit preempted
+                    T.checkpoint_if_stopped(run_dir, cfg, eplan, rt, model, optimizer, {"step": step}, state,
+                                            tracker)
+                    raise
             if fresh and step > start_step and (last or (st.save_every > 0 and step % st.save_every == 0)):
                 T.save(run_dir, cfg, eplan, rt, model, optimizer, {"step": step}, state)
             if last:
@@ -172,7 +170,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
             lrm = T.apply_schedules(optimizer, step, eplan)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            totals = _dist_sum(torch.tensor([reward_sum, float(len(mine) * S), float(sampled_tokens)],
+            totals = T.dist_sum(torch.tensor([reward_sum, float(len(mine) * S), float(sampled_tokens)],
                                             dtype=torch.float64, device=rt.device))
             mean_reward = float(totals[0] / totals[1])
             dt = time.perf_counter() - t0

@@ -1,0 +1,393 @@
+"""Plans of the chat stages (mid, sft, rl): what they inherit from their source run, in pure Python.
+
+One function per stage turns (config, source run) into the Plan the run trains with; the
+launcher prints it for `run.dry_run=true` and freezes it as plan.json, and the worker reads
+it back, so the numbers shown are the numbers used. Which rules apply is the source's
+generation:
+
+- seed (nanochat, Dec 2025): mid keeps the source's LRs and batch (warmdown 20%); sft trains
+  `examples_per_step` (32) whole conversations per step, LRs × 0.02, linear decay to 0.
+- modern (nanochat 92d63d4's chat_sft): sequence length, device batch, total batch and the
+  embedding / unembedding / matrix LRs come from the source run (an explicit value wins, and
+  is named); LRs × init_lr_frac 0.8, warmdown the last 50% to 0, weight decay 0 (pretraining
+  already decayed it to 0), Muon momentum 0.85 → 0.95 over 300 steps; batches are token rows
+  packed best-fit from whole conversations (each row starts at a BOS).
+
+The horizon when `stage.num_iterations` is null is `num_epochs` over the rendered tokens of
+the mixture (chat rows) or over the questions (rl), counted here, before any work.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
+
+from nanochat.config import Config, ConfigError
+from nanochat.plan import GENERATIONS, Plan, make_plan, plan_rows, valid_device_batches
+from nanochat.stage_plan import SourceRun, StagePlan, fill_vocab, source_rows
+
+# Default mixtures. Entries marked optional (True) are skipped, with a note, when their data is
+# neither local nor downloadable, so the defaults work offline with ../shared/data.
+DEFAULT_MID_MIXTURE = [
+    ("smoltalk", True), ("mmlu_aux", True), ("arc_easy", True), ("arc_challenge", True), ("gsm8k", True),
+    ("identity", True), ("identity", True), ("simplespelling:size=20000", False),
+    ("spellingbee:size=8000", False), ("arithmetic:size=8000", False),
+]
+SEED_SFT_MIXTURE = [  # nanochat Dec 2025: ARC train, GSM8K train, SmolTalk 10k, identity, spelling
+    ("arc_easy", True), ("arc_challenge", True), ("gsm8k", True), ("smoltalk:stop=10000", True),
+    ("identity", True), ("simplespelling:size=300", False), ("spellingbee:size=300", False),
+    ("arithmetic:size=300", False),
+]
+MODERN_SFT_MIXTURE = [("smoltalk", True)] + [("mmlu_aux", True)] * 3 + [("gsm8k", True)] * 4  # 92d63d4
+GRADED = ("arc_easy", "arc_challenge", "mmlu", "mmlu_aux", "mmlu_auxiliary_train", "gsm8k", "humaneval",
+          "spellingbee", "simplespelling", "arithmetic")
+SEED_SFT_EXAMPLES_PER_STEP = 32
+EVAL_TOKENS_CAP = 20 * 524288          # nanochat's pretraining default per validation pass
+CHAT_MOMENTUM = (0.85, 0.95, 300)     # chat_sft / mid_train: Muon momentum ramp, no warmdown leg
+LR_KEYS = ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")
+MODERN_SFT_INHERITED_LRS = ("embedding_lr", "unembedding_lr", "matrix_lr")  # as 92d63d4's chat_sft
+
+
+@dataclass(frozen=True)
+class ChatRules:
+    """One stage's recipe for one generation."""
+    lr_frac: float                     # LRs × this (stage.init_lr_frac overrides)
+    warmup_ratio: float
+    warmdown_ratio: float
+    final_lr_frac: float
+    momentum: tuple                    # Muon momentum (start, end, ramp steps)
+    weight_decay: Optional[float]      # None: the source's
+    batching: str                      # tokens: total_batch_size tokens per step | examples: whole rows
+    packing: str                       # stream | bestfit | pad (see nanochat/chat_data.py)
+    mixture: list
+    chatcore_every: int = -1
+
+
+MID = ChatRules(1.0, 0.0, 0.2, 0.0, CHAT_MOMENTUM, None, "tokens", "stream", DEFAULT_MID_MIXTURE)
+SEED_SFT = ChatRules(0.02, 0.0, 1.0, 0.0, (0.95, 0.95, 0), None, "examples", "pad", SEED_SFT_MIXTURE)
+MODERN_SFT = ChatRules(0.8, 0.0, 0.5, 0.0, CHAT_MOMENTUM, 0.0, "tokens", "bestfit", MODERN_SFT_MIXTURE, 200)
+
+
+# --------------------------------------------------------------------------- mixtures (no torch)
+
+def spec_name(spec: Any) -> str:
+    from nanochat.tasks import parse_spec
+    return parse_spec(spec)[0]
+
+
+def build_mixture(specs: Optional[list], default: list, split: str, *, data_dir: Optional[str], base_dir: Any,
+                  seed: int, max_per_task: int = -1, log: Callable[[str], None] = print):
+    """(TaskMixture, names) from config specs (every one required) or a default (optional ones skipped)."""
+    from nanochat.tasks import TaskDataError, TaskMixture, make_task
+    entries = [(s, False) for s in specs] if specs else list(default)
+    tasks, names = [], []
+    for spec, optional in entries:
+        try:
+            task = make_task(spec, split, data_dir=data_dir, base_dir=str(base_dir))
+        except (TaskDataError, OSError) as e:
+            if not optional:
+                raise ConfigError("stage.mixture", spec, "make its data available (paths.shared_data) or drop it "
+                                  "from stage.mixture", f"no data ({str(e)[:160]})") from None
+            log(f"mixture: skipping {spec!r} (no data: {str(e)[:120]})")
+            continue
+        if max_per_task > 0 and len(task) > max_per_task:
+            task.stop = task.start + max_per_task * task.step
+        tasks.append(task)
+        names.append(spec if isinstance(spec, str) else dict(spec))
+    if not tasks:
+        raise ConfigError("stage.mixture", [s for s, _ in entries], "set stage.mixture to tasks available "
+                          "offline, e.g. [arithmetic, spellingbee]", "no task of the mixture has data")
+    return TaskMixture(tasks, seed=seed), names
+
+
+def held_out_specs(specs: list) -> list:
+    """The graded tasks of a mixture, for validation and scoring on their held-out split."""
+    out = []
+    for spec in specs:
+        name = spec_name(spec)
+        if name not in GRADED:
+            continue
+        if name in ("mmlu_aux", "mmlu_auxiliary_train"):
+            spec = "mmlu"
+        if spec not in out:
+            out.append(spec)
+    return out
+
+
+def count_tokens(task: Any, tokenizer: Any, max_tokens: int, sample: int = 20000) -> int:
+    """Rendered tokens in a mixture (exact up to `sample` conversations, else estimated from a sample)."""
+    n = len(task)
+    idx = range(n) if n <= sample else range(0, n, max(1, n // sample))
+    total = sum(len(tokenizer.render_conversation(task[i], max_tokens=max_tokens)[0]) for i in idx)
+    return total if n <= sample else int(total * n / len(idx))
+
+
+def source_tokenizer(cfg: Config, source: SourceRun) -> str:
+    return source.config.data.tokenizer or cfg.data.tokenizer
+
+
+def check_tokenizer(cfg: Config, source: SourceRun) -> None:
+    """The tokenizer artifact must still match the source model's vocabulary."""
+    from nanochat.common import get_base_dir
+    from nanochat.tokenizer import tokenizer_vocab_size
+    name = source_tokenizer(cfg, source)
+    have = tokenizer_vocab_size(get_base_dir(cfg.paths.base_dir), name)
+    want = (source.plan.get("model") or {}).get("vocab_size") or source.config.model.vocab_size
+    if have is None:
+        raise ConfigError("data.tokenizer", name, f"train it first (nanochat-run stage=tokenizer "
+                          f"data.tokenizer={name}) or set paths.base_dir to where it lives",
+                          f"the source run {source.path} was trained with tokenizer {name!r}, not found")
+    if want is not None and have != want:
+        raise ConfigError("data.tokenizer", name, f"use the tokenizer the source was trained with (vocab {want:,}), "
+                          f"or start from a run trained with this one", f"vocab {have:,} does not match the source "
+                          f"model's vocab {want:,} ({source.generation} generation)")
+
+
+# --------------------------------------------------------------------------- inheritance
+
+def _src_lrs(source: SourceRun, modern_sft: bool) -> dict:
+    """The source's LRs to start from.
+
+    modern sft (92d63d4): the LRs the source was configured with before its batch scaling
+    (nanochat's user_config), i.e. an explicit stage value or the generation default × the
+    AdamW width scale; scalar_lr is not inherited there. Otherwise: the unscaled LRs the
+    source stage itself started from (its base_lrs), else its plan's.
+    """
+    sp = source.plan
+    if modern_sft:
+        gen = GENERATIONS[source.generation]
+        st = source.config.stage
+        out = {}
+        for k in MODERN_SFT_INHERITED_LRS:
+            v = getattr(st, k, None)
+            adam = k != "matrix_lr"
+            out[k] = v if v is not None else gen[k] * (sp.get("lr_scale_dmodel", 1.0) if adam else 1.0)
+        return out  # scalar_lr: not inherited (chat_sft's optimizer default, without batch scaling)
+    base = (sp.get("stage") or {}).get("base_lrs") or {}
+    return {k: base.get(k, sp.get(k)) for k in LR_KEYS}
+
+
+class Inheritance:
+    """Picks each value: the stage's explicit setting, else the source's; records which and why."""
+
+    def __init__(self, source: Optional[SourceRun]):
+        self.source = source
+        self.inherited: dict[str, str] = {}
+        self.notes: list[str] = []
+
+    def pick(self, key: str, explicit: Any, from_source: Any, fallback: Any, cfg_key: str) -> Any:
+        if explicit is not None:
+            if from_source is not None and explicit != from_source:
+                self.notes.append(f"{cfg_key}={explicit} overrides the source's {from_source}")
+            return explicit
+        if from_source is not None:
+            self.inherited[key] = f"{self.source.stage} run" if self.source else "source"
+            return from_source
+        return fallback
+
+
+def eval_tokens_for(explicit: Optional[int], total_tokens: int, micro: int) -> int:
+    """Validation tokens per pass: stage.eval_tokens, else 5% of the run's tokens (one micro-step at least)."""
+    if explicit is not None:
+        return max(micro, explicit)
+    want = min(EVAL_TOKENS_CAP, total_tokens // 20)
+    return max(micro, want // micro * micro)
+
+
+ROW_KEYS = {"batch": ("total_batch_size", "device_batch_size"), "sequence_len": ("sequence_len",),
+            "LR": LR_KEYS, "weight decay": ("weight_decay",)}
+
+
+def _rows(p: Plan, cfg: Config, source: Optional[SourceRun], extra: list) -> list[tuple[str, str]]:
+    """plan.py's rows, each value that came from the source marked `(inherited: key, ...)`."""
+    rows = []
+    for name, value in plan_rows(p):
+        for prefix, keys in ROW_KEYS.items():
+            got = [k for k in keys if k in p.inherited]
+            if name.startswith(prefix) and got:
+                value += f"  (inherited: {', '.join(got)})"
+        rows.append((name, value))
+    return rows + extra + source_rows(cfg, source)
+
+
+def _pending(cfg: Config, source: Optional[SourceRun]) -> Optional[StagePlan]:
+    """A dry-run pipeline: the source is planned but not trained yet, so the numbers wait for it."""
+    if source is not None:
+        return None
+    cfg = fill_vocab(cfg)
+    p = make_plan(replace(cfg, stage=replace(cfg.stage, num_iterations=cfg.stage.num_iterations or 1)))
+    rows = [r for r in plan_rows(p) if r[0] in ("generation", "depth / width / heads", "vocab (padded)", "params")]
+    rows.append(("horizon / batch / LRs", "derived from the source run once the pipeline has trained it"))
+    return StagePlan(None, rows + source_rows(cfg, source))
+
+
+# --------------------------------------------------------------------------- planners
+
+def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules, probe: Optional[dict] = None) -> StagePlan:
+    """mid / sft: inherit from the source, count the mixture, derive the horizon, batch and schedule."""
+    pending = _pending(cfg, source)
+    if pending is not None:
+        return pending
+    from nanochat.common import get_base_dir
+    from nanochat.tokenizer import get_tokenizer
+    check_tokenizer(cfg, source)
+    st, hw = cfg.stage, cfg.hardware
+    sp = source.plan
+    modern = rules is MODERN_SFT
+    inh = Inheritance(source)
+    world = hw.nproc_per_node * hw.nnodes
+    base = make_plan(replace(cfg, stage=replace(cfg.stage, num_iterations=1, total_batch_size=None)))
+    seq = inh.pick("sequence_len", st.max_seq_len, sp.get("sequence_len"), base.sequence_len, "stage.max_seq_len")
+    if seq > base.model.sequence_len:
+        raise ConfigError("stage.max_seq_len", seq, f"use at most the model's sequence_len={base.model.sequence_len}",
+                          "longer than the source model's context")
+    explicit_dbs = hw.device_batch_size if isinstance(hw.device_batch_size, int) else None
+    if rules.batching == "examples":
+        examples = st.examples_per_step or SEED_SFT_EXAMPLES_PER_STEP
+        if examples % world:
+            raise ConfigError("stage.examples_per_step", examples, f"use a multiple of the world size {world}",
+                              "does not split evenly over the ranks")
+        per_rank = examples // world
+        cap = min(explicit_dbs or base.device_batch_size, per_rank)
+        dbs = max(d for d in range(1, cap + 1) if per_rank % d == 0)
+        accum, total = per_rank // dbs, examples * seq
+    else:
+        examples = None
+        total = inh.pick("total_batch_size", st.total_batch_size, sp.get("total_batch_size"), base.total_batch_size,
+                         "stage.total_batch_size")
+        if modern:  # 92d63d4 inherits the device batch too, and refuses one that does not divide
+            dbs = inh.pick("device_batch_size", explicit_dbs, sp.get("device_batch_size"), base.device_batch_size,
+                           "hardware.device_batch_size")
+            if total % (dbs * seq * world):
+                valid = valid_device_batches(total, seq, world, limit=dbs)
+                raise ConfigError("hardware.device_batch_size", dbs,
+                                  f"set hardware.device_batch_size to one of {valid[-4:] or [1]} or stage.total_batch_"
+                                  f"size to a multiple of {dbs * seq * world}",
+                                  f"total_batch_size={total:,} (from the source) does not divide into device_batch_"
+                                  f"size={dbs} × sequence_len={seq} × world={world}")
+        else:
+            dbs = explicit_dbs or base.device_batch_size
+            if total % (dbs * seq * world):  # tiny runs: the largest device batch that divides
+                valid = valid_device_batches(total, seq, world, limit=dbs)
+                if not valid:
+                    raise ConfigError("stage.total_batch_size", total, f"use a multiple of sequence_len × world = "
+                                      f"{seq * world}", "does not divide into whole micro-batches")
+                dbs = valid[-1]
+        accum = total // (dbs * seq * world)
+    # the source's LRs, × this stage's fraction
+    src_lrs = _src_lrs(source, modern)
+    fallback = {k: getattr(base, k) for k in LR_KEYS}
+    if modern:
+        fallback["scalar_lr"] = GENERATIONS[source.generation]["scalar_lr"]
+    lrs0 = {k: inh.pick(k, getattr(st, k), src_lrs.get(k), fallback[k], f"stage.{k}") for k in LR_KEYS}
+    frac = st.init_lr_frac if st.init_lr_frac is not None else rules.lr_frac
+    wd = st.weight_decay if st.weight_decay is not None else (
+        rules.weight_decay if rules.weight_decay is not None else
+        inh.pick("weight_decay", None, sp.get("weight_decay"), base.weight_decay, "stage.weight_decay"))
+    # horizon
+    base_dir = get_base_dir(cfg.paths.base_dir)
+    mixture, names = build_mixture(st.mixture, rules.mixture, "train", data_dir=cfg.paths.shared_data,
+                                   base_dir=base_dir, seed=cfg.run.seed, max_per_task=st.max_examples_per_task,
+                                   log=lambda s: None)
+    if st.num_iterations:
+        N, horizon = st.num_iterations, "num_iterations"
+    elif rules.batching == "examples":
+        N = max(1, math.ceil(st.num_epochs * len(mixture) / examples))
+        horizon = f"{st.num_epochs} epoch(s) of {len(mixture):,} conversations"
+    else:
+        tok = get_tokenizer(base_dir, source_tokenizer(cfg, source))
+        tokens = count_tokens(mixture, tok, max(2048, seq + 1) if rules.packing == "stream" else seq + 1)
+        N = max(1, math.ceil(st.num_epochs * tokens / total))
+        horizon = f"{st.num_epochs} epoch(s) of {tokens:,} tokens"
+    wu = st.warmup_steps if st.warmup_steps is not None else round(
+        (st.warmup_ratio if st.warmup_ratio is not None else rules.warmup_ratio) * N)
+    wu = min(wu, N)
+    wdn = min(round((st.warmdown_ratio if st.warmdown_ratio is not None else rules.warmdown_ratio) * N), N - wu)
+    if st.load_optimizer and not source.has_optimizer_state():  # nanochat warns and continues too
+        inh.notes.append(f"WARNING: stage.load_optimizer=true but {source.checkpoint or source.path} has no "
+                         f"optimizer state; the optimizer starts fresh")
+    micro = dbs * seq * world
+    chatcore_every = st.chatcore_every if st.chatcore_every is not None else rules.chatcore_every
+    mom = tuple(v if v is not None else r for v, r in zip(
+        (getattr(st, "muon_momentum_start", None), getattr(st, "muon_momentum_end", None),
+         getattr(st, "muon_momentum_ramp", None)), rules.momentum))
+    p = replace(
+        base, sequence_len=seq, device_batch_size=dbs, total_batch_size=total, grad_accum_steps=accum,
+        num_iterations=N, horizon_source=horizon, total_tokens=N * total,
+        total_flops=float(base.flops_per_token) * N * total, tokens_per_param=N * total / base.num_params,
+        weight_decay=wd, weight_decay_schedule="constant", warmup_steps=wu, warmdown_steps=wdn,
+        final_lr_frac=st.final_lr_frac if st.final_lr_frac is not None else rules.final_lr_frac,
+        muon_momentum_start=mom[0], muon_momentum_end=mom[1],
+        muon_momentum_steps=mom[2], muon_momentum_final=None, lr_scale_batch=1.0,
+        notes=[f"{st.name} ({'modern' if modern else source.generation} rules): LRs × {frac}"] + inh.notes,
+        eval_tokens=eval_tokens_for(st.eval_tokens, N * total, micro),
+        source=str(source.path), inherited=inh.inherited,
+        stage={"mixture": names, "conversations": len(mixture), "packing": rules.packing,
+               "examples_per_step": examples, "lr_frac": frac, "base_lrs": lrs0,
+               "load_optimizer": bool(st.load_optimizer), "chatcore_every": chatcore_every,
+               "source_stage": source.stage, "tokenizer": source_tokenizer(cfg, source)},
+        **{k: v * frac for k, v in lrs0.items()})
+    extra = [("mixture", f"{len(mixture):,} conversations: {', '.join(map(str, names))}"),
+             ("packing", rules.packing + (f" ({examples} conversations / step)" if examples else "")),
+             ("validation", f"{p.eval_tokens:,} tokens per pass (every {st.eval_every} steps)"),
+             ("momentum", f"{mom[0]} → {mom[1]} over {mom[2]} steps"),
+             ("optimizer state", "from the source checkpoint" + ("" if source.has_optimizer_state() else
+                                  " (none there: fresh)") if st.load_optimizer else "fresh"),
+             ("ChatCORE every", str(chatcore_every))]
+    return StagePlan(p, _rows(p, cfg, source, extra))
+
+
+def mid_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = None) -> StagePlan:
+    return chat_plan(cfg, source, MID)
+
+
+def sft_rules(source: Optional[SourceRun], cfg: Config) -> ChatRules:
+    gen = source.generation if source is not None else cfg.model.generation
+    return MODERN_SFT if gen == "modern" else SEED_SFT
+
+
+def sft_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = None) -> StagePlan:
+    return chat_plan(cfg, source, sft_rules(source, cfg))
+
+
+def rl_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = None) -> StagePlan:
+    """rl: questions × samples per step; LRs of the source (its unscaled ones) × init_lr_frac, decay to 0."""
+    pending = _pending(cfg, source)
+    if pending is not None:
+        return pending
+    from nanochat.tasks import make_task
+    check_tokenizer(cfg, source)
+    st, hw = cfg.stage, cfg.hardware
+    world = hw.nproc_per_node * hw.nnodes
+    E, S = st.examples_per_step, st.num_samples
+    if E % world:
+        raise ConfigError("stage.examples_per_step", E, f"use a multiple of the world size {world}",
+                          "does not split evenly over the ranks")
+    base = make_plan(replace(cfg, stage=replace(cfg.stage, num_iterations=1, total_batch_size=None)))
+    inh = Inheritance(source)
+    src_lrs = _src_lrs(source, False)
+    lrs0 = {k: inh.pick(k, getattr(st, k), src_lrs.get(k), getattr(base, k), f"stage.{k}") for k in LR_KEYS}
+    wd = inh.pick("weight_decay", st.weight_decay, source.plan.get("weight_decay"), base.weight_decay,
+                  "stage.weight_decay")
+    if st.num_iterations:
+        N, horizon = st.num_iterations, "num_iterations"
+    else:
+        from nanochat.common import get_base_dir
+        n = len(make_task(st.task, "train", data_dir=cfg.paths.shared_data,
+                          base_dir=str(get_base_dir(cfg.paths.base_dir))))
+        N, horizon = max(1, (n // E) * st.num_epochs), f"{st.num_epochs} epoch(s) of {n:,} questions"
+    seq = base.sequence_len
+    total = E * S * seq
+    p = replace(base, device_batch_size=st.device_batch_size or S, total_batch_size=total, grad_accum_steps=1,
+                num_iterations=N, horizon_source=horizon, total_tokens=N * total,
+                total_flops=float(base.flops_per_token) * N * total, tokens_per_param=N * total / base.num_params,
+                weight_decay=wd, weight_decay_schedule="constant", warmup_steps=0, warmdown_steps=N,
+                final_lr_frac=0.0, muon_momentum_start=0.95, muon_momentum_end=0.95, muon_momentum_final=None,
+                lr_scale_batch=1.0,
+                notes=[f"rl: LRs × {st.init_lr_frac}"] + inh.notes, source=str(source.path),
+                inherited=inh.inherited, stage={"task": st.task, "base_lrs": lrs0, "source_stage": source.stage,
+                                                "tokenizer": source_tokenizer(cfg, source)},
+                **{k: v * st.init_lr_frac for k, v in lrs0.items()})
+    extra = [("rollouts", f"{E} questions × {S} samples per step, ≤ {st.max_new_tokens} new tokens"),
+             ("task", st.task)]
+    return StagePlan(p, _rows(p, cfg, source, extra))

@@ -1,0 +1,267 @@
+"""The training loop the chat stages (mid, sft) share, over the plan the launcher froze.
+
+The run dir's plan.json is already the stage's plan (nanochat/chat_plan.py derived it from
+the source run: horizon, batch, inherited LRs, schedule, packing); this module builds the
+loaders it names, warm-starts the optimizer when asked, and runs the same step structure,
+checkpoint / resume / preemption and metrics as pretraining. Evaluations inside the loop
+(validation loss, task scores, ChatCORE) yield to a stop signal between batches: the run
+then checkpoints at the step boundary and exits preempted.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from nanochat import training as T
+from nanochat.chat_data import LOADERS
+from nanochat.chat_eval import chatcore, evaluate_chat_tasks
+from nanochat.chat_plan import build_mixture, held_out_specs
+from nanochat.common import atomic_write_json
+from nanochat.config import Config
+from nanochat.lifecycle import EvalInterrupted, EvalProgress, Preempted
+from nanochat.plan import Plan
+from nanochat.tokenizer import get_tokenizer
+
+VAL_PER_TASK = 200
+
+
+def _due(step: int, every: int, last: bool) -> bool:
+    return last or (every > 0 and step % every == 0)
+
+
+@torch.no_grad()
+def val_loss(model, loader, steps: int, rt: T.Runtime, log: Optional[Callable[[str], None]] = None) -> float:
+    """Mean cross-entropy (nats) per trained (assistant) token over `steps` batches, all ranks."""
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=rt.device)
+    count = torch.zeros((), dtype=torch.float64, device=rt.device)
+    progress = EvalProgress("validation", steps, log)
+    try:
+        for i in range(steps):
+            progress.step(i)
+            x, y = next(loader)
+            with rt.autocast():
+                losses = model(x, y, loss_reduction="none").reshape(-1).float()
+            valid = y.reshape(-1) >= 0
+            total += torch.where(valid, losses, torch.zeros_like(losses)).sum(dtype=torch.float64)
+            count += valid.sum()
+    finally:
+        model.train()
+    total, count = T.dist_sum(total), T.dist_sum(count)
+    return float(total / count.clamp(min=1))
+
+
+def val_mixture(specs: list, cfg: Config, base_dir: Path, log: Callable[[str], None]):
+    """Held-out conversations of the graded mixture tasks (at most VAL_PER_TASK each)."""
+    from nanochat.tasks import TaskDataError, TaskMixture, make_task
+    tasks = []
+    for spec in held_out_specs(specs):
+        try:
+            t = make_task(spec, "test", data_dir=cfg.paths.shared_data, base_dir=str(base_dir))
+        except (TaskDataError, OSError, ValueError) as e:
+            log(f"validation: skipping {spec!r} ({str(e)[:100]})")
+            continue
+        t.stop = t.start + min(len(t), VAL_PER_TASK) * t.step
+        tasks.append(t)
+    return TaskMixture(tasks, seed=cfg.run.seed) if tasks else None
+
+
+def warm_start_optimizer(optimizer: Any, source: str, rt: T.Runtime, log: Callable[[str], None]) -> bool:
+    """Carry the source checkpoint's optimizer state (momentum, second moments, ...) into `optimizer`.
+
+    Generic over state_dict(): every group keeps this stage's settings (LRs, initial LRs, momentum,
+    weight decay: the source's are at the end of its schedule), only per-parameter state moves.
+    A source without optimizer state for this rank (or saved with another world size or another
+    optimizer layout) warns and continues with a fresh optimizer, as nanochat does.
+    """
+    from nanochat.checkpoint import latest_checkpoint, load_meta, load_rank_state
+    ckpt = latest_checkpoint(source)
+    state = load_rank_state(ckpt, rt.rank, rt.device)["optim"] if ckpt is not None else None
+    src_world = load_meta(ckpt).get("world_size", rt.world) if ckpt is not None else rt.world
+    why = None
+    if state is None:
+        why = f"{ckpt} has no optimizer state (optim_rank{rt.rank}.pt)"
+    elif src_world != rt.world:
+        why = f"{ckpt} was saved by {src_world} ranks, this run has {rt.world} (optimizer state is sharded per rank)"
+    if why is None:
+        ours = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        try:
+            optimizer.load_state_dict(state)
+        except (ValueError, KeyError, RuntimeError) as e:
+            why = f"its optimizer state does not fit this optimizer ({e})"
+        else:
+            for group, keep in zip(optimizer.param_groups, ours):
+                group.update(keep)
+            log(f"optimizer: state warm-started from {ckpt} (LRs and schedules are this stage's)")
+            return True
+    log(f"WARNING: stage.load_optimizer=true but {why}; starting with a fresh optimizer")
+    return False
+
+
+class ChatRun:
+    """What a chat stage trains with, built from the frozen plan."""
+
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.rt = T.setup_runtime(cfg)
+        self.plan: Plan = T.load_plan(run_dir)
+        self.log = print if self.rt.master else (lambda s: None)
+        extra = self.plan.stage
+        self.tokenizer = get_tokenizer(self.rt.base_dir, extra.get("tokenizer") or cfg.data.tokenizer)
+        st = cfg.stage
+        default = [(s, True) for s in extra["mixture"]]
+        self.mixture, self.names = build_mixture(st.mixture, default, "train", data_dir=cfg.paths.shared_data,
+                                                 base_dir=self.rt.base_dir, seed=cfg.run.seed,
+                                                 max_per_task=st.max_examples_per_task, log=self.log)
+        self.val = val_mixture(self.names, cfg, self.rt.base_dir, self.log)
+        self.loader_cls = LOADERS[extra["packing"]]
+
+    def loader(self, task, state: Optional[dict] = None):
+        p, rt = self.plan, self.rt
+        return self.loader_cls(task, self.tokenizer, p.device_batch_size, p.sequence_len, rt.rank, rt.world,
+                               rt.device, state)
+
+    def eval_specs(self) -> list:
+        st = self.cfg.stage
+        return list(st.eval_tasks) if st.eval_tasks is not None else held_out_specs(self.names)
+
+
+def task_scores(run: ChatRun, model) -> dict:
+    """Accuracy per graded task (held-out split), scored like the chat eval stage."""
+    st, rt = run.cfg.stage, run.rt
+    specs = run.eval_specs()
+    if not specs:
+        return {}
+    out = evaluate_chat_tasks(model, run.tokenizer, specs, rt.device, max_per_task=st.eval_examples,
+                              data_dir=run.cfg.paths.shared_data, base_dir=rt.base_dir, log=run.log,
+                              max_new_tokens=st.eval_max_new_tokens, batch_size=8, seed=run.cfg.run.seed)
+    return out["tasks"]
+
+
+def train_chat(run: ChatRun) -> dict:
+    """The mid/sft training loop (same structure and checkpoint/resume/preemption as pretrain)."""
+    cfg, run_dir, rt, plan = run.cfg, run.run_dir, run.rt, run.plan
+    st = cfg.stage
+    if rt.master:
+        atomic_write_json(run_dir / "effective_plan.json", plan.to_dict())
+    model, _ = T.init_model(plan, cfg, rt, st.init_from)
+    optimizer = T.make_optimizer(model, plan, cfg, rt)
+    state, loader_state = T.try_resume(run_dir, cfg, rt, model, optimizer)
+    resumed = state.step > 0 or loader_state is not None
+    if not resumed and st.load_optimizer:
+        warm_start_optimizer(optimizer, st.init_from, rt, run.log)
+    state.extra["base_lrs"] = plan.stage.get("base_lrs", {})
+    loader = run.loader(run.mixture, loader_state)
+    N = plan.num_iterations
+    val_steps = max(1, (plan.eval_tokens or 0) // (plan.device_batch_size * plan.sequence_len * rt.world))
+    chatcore_every = plan.stage.get("chatcore_every", -1) or -1
+    tracker = T.make_tracker(cfg, run_dir, rt, N, state.step)
+    if resumed:
+        tracker.print(f"resumed from step {state.step} of {N}")
+    tracker.print(f"{st.name}: {plan.num_params:,} params | {N} steps ({plan.horizon_source}) | "
+                  f"{plan.grad_accum_steps} micro-batches of {plan.device_batch_size}×{plan.sequence_len} per rank "
+                  f"× {rt.world} ranks ({plan.stage.get('packing')}) | matrix LR {plan.matrix_lr:.4g} | "
+                  f"{len(run.mixture):,} conversations")
+
+    def stop_during_eval() -> None:  # a stop signal arrived inside an evaluation: checkpoint, exit
+        T.checkpoint_if_stopped(run_dir, cfg, plan, rt, model, optimizer, loader.state_dict(), state, tracker)
+
+    start_step = state.step
+    scores: dict = {}
+    try:
+        while True:
+            step = state.step
+            last = step == N
+            fresh = not (resumed and step == start_step)
+            try:
+                if fresh and run.val is not None and _due(step, st.eval_every, last):
+                    tracker.print(f"step {step:05d} | validation: {val_steps} batches")
+                    vl = val_loss(model, run.loader(run.val), val_steps, rt, tracker.print)
+                    state.record_val(vl)  # the val loss (nats per assistant token)
+                    tracker.log({"step": step, "val/loss": vl})
+                    tracker.print(f"step {step:05d} | val loss {vl:.4f}")
+                if fresh and chatcore_every > 0 and (last or (step > 0 and step % chatcore_every == 0)):
+                    cc = chatcore(model, run.tokenizer, rt.device, max_cat=st.chatcore_max_cat,
+                                  max_sample=st.chatcore_max_sample, data_dir=cfg.paths.shared_data,
+                                  base_dir=rt.base_dir, log=tracker.print, seed=cfg.run.seed)
+                    if cc["chatcore"] is not None:
+                        state.extra["chatcore"] = cc["chatcore"]
+                        tracker.log({"step": step, "chatcore": cc["chatcore"],
+                                     **{f"chatcore/{k}": v["accuracy"] for k, v in cc["tasks"].items()}})
+                        tracker.print(f"step {step:05d} | ChatCORE {cc['chatcore']:.4f}")
+                if fresh and step > 0 and not last and st.eval_metrics_every > 0 \
+                        and step % st.eval_metrics_every == 0:
+                    s = task_scores(run, model)
+                    tracker.log({"step": step, **{f"task/{k}": v["accuracy"] for k, v in s.items()}})
+            except EvalInterrupted:
+                stop_during_eval()
+                raise
+            if fresh and step > start_step and (last or (st.save_every > 0 and step % st.save_every == 0)):
+                T.save(run_dir, cfg, plan, rt, model, optimizer, loader.state_dict(), state)
+            if last:
+                break
+            T.checkpoint_if_stopped(run_dir, cfg, plan, rt, model, optimizer, loader.state_dict(), state, tracker)
+
+            # ---- one optimizer step: loss normalized by the trained tokens of the whole step
+            t0 = time.perf_counter()
+            batches = [next(loader) for _ in range(plan.grad_accum_steps)]
+            counts = [int((y >= 0).sum()) for _, y in batches]
+            n_global = float(T.dist_sum(torch.tensor(float(sum(counts)), device=rt.device)))
+            loss_sum = torch.zeros((), device=rt.device)
+            for (x, y), n in zip(batches, counts):
+                if n == 0:
+                    continue
+                with rt.autocast():
+                    loss = model(x, y)
+                w = n * rt.world / n_global  # the optimizer averages ranks' gradients
+                (loss * w).backward()
+                loss_sum += loss.detach() * n
+            lrm = T.apply_schedules(optimizer, step, plan)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            train_loss = float(T.dist_sum(loss_sum)) / n_global
+            rt.sync()
+            dt = time.perf_counter() - t0
+            T.check_finite(train_loss, step + 1)
+            state.step = step + 1
+            state.tokens_seen += int(n_global)
+            state.train_time_s += dt
+            beta = 0.9
+            state.smooth_loss = beta * state.smooth_loss + (1 - beta) * train_loss
+            smooth = state.smooth_loss / (1 - beta ** state.step)
+            if state.step % max(1, st.log_every) == 0 or state.step == N:
+                tracker.log({"step": state.step, "train/loss": train_loss, "train/loss_smooth": smooth,
+                             "lr": plan.matrix_lr * lrm, "lrm": lrm, "trained_tokens": int(n_global),
+                             "dt_ms": dt * 1000, "train_time_s": state.train_time_s})
+            tracker.progress(state.step, f"loss {smooth:.3f} | {n_global / max(dt, 1e-9):,.0f} tok/s")
+        try:
+            scores = task_scores(run, model)
+        except EvalInterrupted as e:  # trained and saved at step N: a resume only redoes these scores
+            raise Preempted(state.step, e.signal_name) from None
+        if scores:
+            tracker.log({"step": state.step, **{f"task/{k}": v["accuracy"] for k, v in scores.items()}})
+            for k, v in scores.items():
+                tracker.print(f"  {k}: {v['accuracy']:.3f} ({v['correct']}/{v['total']})")
+    finally:
+        tracker.close()
+    return {
+        "step": state.step,
+        "final_val_loss": state.last_val_bpb,
+        "best_val_loss": state.best_val_bpb,
+        "first_val_loss": state.first_val_bpb,
+        "final_train_loss": state.smooth_loss / (1 - 0.9 ** max(1, state.step)) if state.step else None,
+        "trained_tokens": state.tokens_seen,
+        "num_params": plan.num_params,
+        "train_time_s": state.train_time_s,
+        "task_accuracy": {k: v["accuracy"] for k, v in scores.items()},
+        "tasks": scores,
+        "chatcore": state.extra.get("chatcore"),
+        "mixture": run.names,
+        "num_iterations": N,
+        "world_size": rt.world,
+        "peak_memory_mb": T.peak_memory_mb(rt.device),
+        "source": plan.source,
+    }

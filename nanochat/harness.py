@@ -1,0 +1,441 @@
+"""lm-evaluation-harness on our own model: an lm-eval model class over GPT + Engine, and task
+definitions that read local data.
+
+    run_harness(model, tokenizer, harness_cfg, data_dir, log) → {"results", "lm_eval_version", ...}
+
+`NanochatLM` (registered in lm-eval as `nanochat`) answers lm-eval's three request types with our model:
+- loglikelihood: lm-eval's TemplateLM splits (context, continuation) into tokens; we prepend <|bos|> (every
+  nanochat document starts with it; the exported tokenizer.json does the same, so `--model hf` on an
+  export sees the same ids), left-truncate to the model's sequence_len and score batches of requests
+  (sorted by length, right-padded: a causal model never sees the padding of a row).
+- loglikelihood_rolling: lm-eval's disjoint rolling windows of sequence_len, summed.
+- generate_until: prompts of a batch are prefilled one by one into rows of one KV cache and decoded
+  together, a token per step, sampled with the Engine's sampler; a row stops at <|assistant_end|>,
+  <|bos|>, one of the request's `until` strings, or max_gen_toks.
+Between batches the preemption flag (nanochat/lifecycle.py) is checked: a stop signal raises EvalInterrupted
+as in every long evaluation (the eval stage exits 75 and is rerun, not resumed).
+
+Tasks (`LOCAL_TASKS`) are lm-eval task configs equal to lm-eval's own arc_easy / arc_challenge / gsm8k yaml
+(and mmlu as a group of its 57 subjects, humaneval graded in our sandbox, nanochat/execution.py, instead of
+`evaluate`'s code_eval), except that `custom_dataset` reads the local copies in `data_dir` (../shared/data:
+arc/, mmlu/cais_mmlu/, gsm8k/, humaneval/) instead of downloading.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+
+class HarnessError(ValueError):
+    """A harness task that cannot run here (unknown, or its local data is missing); the message says which."""
+
+
+# ----------------------------------------------------------------------------- local data
+
+def _jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _dataset(splits: dict[str, list[dict]]):
+    import datasets
+    return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
+
+
+def load_arc(data_dir: str, subset: str, **_: Any):
+    d = Path(data_dir) / "arc" / subset
+    return _dataset({s: _jsonl(d / f"{s}.jsonl") for s in ("train", "validation", "test")})
+
+
+def load_gsm8k(data_dir: str, **_: Any):
+    d = Path(data_dir) / "gsm8k"
+    return _dataset({s: _jsonl(d / f"{s}.jsonl") for s in ("train", "test")})
+
+
+def _mmlu_rows(path: Path, subject: str) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return [{"question": r["question"], "subject": subject,
+                 "choices": [r["choice0"], r["choice1"], r["choice2"], r["choice3"]], "answer": int(r["answer"])}
+                for r in csv.DictReader(f)]
+
+
+def load_mmlu_subject(data_dir: str, subject: str, **_: Any):
+    d = Path(data_dir) / "mmlu" / "cais_mmlu"
+    return _dataset({s: _mmlu_rows(d / s / f"{subject}_{s}.csv", subject) for s in ("test", "dev")})
+
+
+def load_humaneval(data_dir: str, **_: Any):
+    import gzip
+    path = Path(data_dir) / "humaneval" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return _dataset({"test": rows})
+
+
+def humaneval_programs(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
+    """lm-eval's humaneval filter: the prompt followed by each completion."""
+    return [[doc["prompt"] + r for r in resp] for resp, doc in zip(resps, docs)]
+
+
+def pass_at_1(references: list[str], predictions: list[list[str]], **_: Any) -> float:
+    """1.0 when the first completion passes the task's tests, run in our sandbox (nanochat/execution.py)
+    instead of lm-eval's `evaluate` code_eval metric (which downloads its script)."""
+    from nanochat.execution import execute_code
+    return float(execute_code(predictions[0][0] + "\n\n" + references[0] + "\n", timeout=10.0).success)
+
+
+def mmlu_subjects(data_dir: str) -> list[str]:
+    return sorted(p.name[:-len("_test.csv")] for p in (Path(data_dir) / "mmlu" / "cais_mmlu" / "test").glob("*_test.csv"))
+
+
+# ----------------------------------------------------------------------------- task configs
+
+_ACC = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
+
+
+def _arc(name: str, subset: str, data_dir: str) -> dict:
+    return {"task": name, "custom_dataset": load_arc, "dataset_kwargs": {"data_dir": data_dir, "subset": subset},
+            "output_type": "multiple_choice", "training_split": "train", "validation_split": "validation",
+            "test_split": "test", "doc_to_text": "Question: {{question}}\nAnswer:",
+            "doc_to_target": "{{choices.label.index(answerKey)}}", "doc_to_choice": "{{choices.text}}",
+            "metric_list": _ACC + [{"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+            "metadata": {"version": 1.0}}
+
+
+def _gsm8k(data_dir: str) -> dict:
+    return {"task": "gsm8k", "custom_dataset": load_gsm8k, "dataset_kwargs": {"data_dir": data_dir},
+            "output_type": "generate_until", "training_split": "train", "fewshot_split": "train",
+            "test_split": "test", "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_target": "{{answer}}",
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+                             "ignore_case": True, "ignore_punctuation": False,
+                             "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"]}],
+            "generation_kwargs": {"until": ["Question:", "</s>", "<|im_end|>"], "do_sample": False,
+                                  "temperature": 0.0},
+            "repeats": 1, "num_fewshot": 5,
+            "filter_list": [
+                {"name": "strict-match", "filter": [{"function": "regex", "regex_pattern": "#### (\\-?[0-9\\.\\,]+)"},
+                                                    {"function": "take_first"}]},
+                {"name": "flexible-extract", "filter": [{"function": "regex", "group_select": -1,
+                                                         "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)"},
+                                                        {"function": "take_first"}]}],
+            "metadata": {"version": 3.0}}
+
+
+def _humaneval(data_dir: str) -> dict:
+    return {"task": "humaneval", "custom_dataset": load_humaneval, "dataset_kwargs": {"data_dir": data_dir},
+            "unsafe_code": True, "output_type": "generate_until", "test_split": "test", "doc_to_text": "{{prompt}}",
+            "doc_to_target": "{{test}}\ncheck({{entry_point}})",
+            "metric_list": [{"metric": pass_at_1, "aggregation": "mean", "higher_is_better": True}],
+            "generation_kwargs": {"until": ["\nclass", "\ndef", "\n#", "\nif", "\nprint"], "max_gen_toks": 1024,
+                                  "do_sample": False},
+            "repeats": 1, "num_fewshot": 0,
+            "filter_list": [{"name": "create_test", "filter": [{"function": "custom",
+                                                                 "filter_fn": humaneval_programs}]}],
+            "metadata": {"version": 1.0}}
+
+
+def _mmlu(data_dir: str) -> dict:
+    subjects = mmlu_subjects(data_dir)
+    tasks = [{"task": f"mmlu_{s}", "custom_dataset": load_mmlu_subject,
+              "dataset_kwargs": {"data_dir": data_dir, "subject": s}, "test_split": "test", "fewshot_split": "dev",
+              "fewshot_config": {"sampler": "first_n"}, "output_type": "multiple_choice",
+              "description": f"The following are multiple choice questions (with answers) about "
+                             f"{s.replace('_', ' ')}.\n\n",
+              "doc_to_text": "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\n"
+                             "D. {{choices[3]}}\nAnswer:",
+              "doc_to_choice": ["A", "B", "C", "D"], "doc_to_target": "answer", "metric_list": _ACC,
+              "metadata": {"version": 1.0}} for s in subjects]
+    return {"group": "mmlu", "task": tasks, "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
+            "metadata": {"version": 2}}
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    build: Callable[[str], dict]
+    needs: str                      # path under data_dir that must exist
+
+
+LOCAL_TASKS: dict[str, LocalTask] = {
+    "arc_easy": LocalTask(lambda d: _arc("arc_easy", "ARC-Easy", d), "arc/ARC-Easy/test.jsonl"),
+    "arc_challenge": LocalTask(lambda d: _arc("arc_challenge", "ARC-Challenge", d), "arc/ARC-Challenge/test.jsonl"),
+    "gsm8k": LocalTask(_gsm8k, "gsm8k/test.jsonl"),
+    "mmlu": LocalTask(_mmlu, "mmlu/cais_mmlu/test"),
+    "humaneval": LocalTask(_humaneval, "humaneval/HumanEval.jsonl.gz"),
+}
+
+
+def resolve_data_dir(data_dir: Optional[str], shared_data: Optional[str]) -> Optional[str]:
+    """stage.harness.data_dir, else the shared data dir (paths.shared_data or ../shared/data)."""
+    from nanochat.common import shared_data_dir
+    if data_dir:
+        return data_dir
+    found = shared_data_dir(shared_data)
+    return str(found) if found is not None else None
+
+
+def task_configs(names: list[str], data_dir: Optional[str]) -> list[dict]:
+    """lm-eval config dicts for `names`, checked against the local data first (no torch, no lm_eval)."""
+    unknown = [n for n in names if n not in LOCAL_TASKS]
+    if unknown:
+        raise HarnessError(f"stage.harness.tasks: {unknown} have no local definition here; "
+                           f"use some of {sorted(LOCAL_TASKS)}")
+    if data_dir is None:
+        raise HarnessError("stage.harness.data_dir: no local task data found (../shared/data is absent); "
+                           "point stage.harness.data_dir at a folder with arc/, mmlu/, gsm8k/")
+    out = []
+    for n in names:
+        need = Path(data_dir) / LOCAL_TASKS[n].needs
+        if not need.exists():
+            raise HarnessError(f"stage.harness.tasks: {n} needs {need}, which is missing; "
+                               f"set stage.harness.data_dir to a folder that has it")
+        out.append(LOCAL_TASKS[n].build(str(data_dir)))
+    return out
+
+
+def config_hash(cfg: Any) -> str:
+    """sha256 of a task's config as lm-eval reports it (functions by qualified name)."""
+    def default(o: Any) -> str:
+        return getattr(o, "__qualname__", None) or repr(o)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=default).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- the model class
+
+def _lm_base():
+    from lm_eval.api.model import TemplateLM
+    return TemplateLM
+
+
+def make_lm_class():
+    """Build (once) and register the lm-eval model class; lm_eval is imported only when asked for."""
+    global NanochatLM
+    if "NanochatLM" in globals():
+        return NanochatLM
+    import torch
+    import torch.nn.functional as F
+    import lm_eval.models  # noqa: F401  (fills lm-eval's registry first: it only does so while empty)
+    from lm_eval.api.registry import register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from nanochat.engine import sample_next_token
+    from nanochat.gpt import KVCache
+    from nanochat.lifecycle import check_stop
+
+    class _NanochatLM(_lm_base()):
+        """lm-eval's view of our GPT + tokenizer (see the module docstring)."""
+
+        def __init__(self, model=None, tokenizer=None, batch_size: int = 16, max_gen_toks: int = 256,
+                     add_bos_token: bool = True, run_dir: Optional[str] = None, device: str = "cpu", **_: Any):
+            super().__init__()
+            if model is None:                   # lm-eval's model_args: run_dir=...
+                from nanochat.chat_cli import load
+                model, tokenizer, _ = load(run_dir, device)
+            self.model, self.tok = model.eval(), tokenizer
+            self.batch_size_ = int(batch_size)
+            self.max_gen_toks = int(max_gen_toks)
+            self.add_bos_token = add_bos_token
+            self.bos = tokenizer.get_bos_token_id()
+            self.stops = {tokenizer.encode_special("<|assistant_end|>"), self.bos}
+
+        # -- lm-eval's interface
+        @property
+        def eot_token_id(self) -> int:
+            return self.tok.encode_special("<|assistant_end|>")
+
+        @property
+        def prefix_token_id(self) -> int:
+            return self.bos
+
+        @property
+        def max_length(self) -> int:
+            return int(self.model.config.sequence_len)
+
+        @property
+        def tokenizer_name(self) -> str:
+            return "nanochat"
+
+        def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kw) -> list[int]:
+            ids = self.tok.encode(string)
+            bos = self.add_bos_token if add_special_tokens is None else add_special_tokens
+            return [self.bos] + ids if bos and (not ids or ids[0] != self.bos) else ids
+
+        def tok_decode(self, ids: list[int]) -> str:
+            return self.tok.decode(ids)
+
+        def _between_batches(self) -> None:
+            check_stop()        # EvalInterrupted: the eval stage exits 75 (preempted, rerun it)
+
+        def _dev(self):
+            return self.model.lm_head.weight.device
+
+        @torch.inference_mode()
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw) -> list[tuple[float, bool]]:
+            L = self.max_length
+            items = []
+            for i, (_, ctx, cont) in enumerate(requests):
+                whole = (ctx + cont)[-(L + 1):]
+                items.append((i, whole[:-1], len(cont)))
+            order = sorted(range(len(items)), key=lambda j: -len(items[j][1]))
+            out: list[Optional[tuple[float, bool]]] = [None] * len(items)
+            for b0 in range(0, len(order), self.batch_size_):
+                batch = [items[j] for j in order[b0:b0 + self.batch_size_]]
+                T = max(len(x[1]) for x in batch)
+                idx = torch.zeros(len(batch), T, dtype=torch.long)
+                for r, (_, inp, _) in enumerate(batch):
+                    idx[r, :len(inp)] = torch.tensor(inp)
+                logp = F.log_softmax(self.model(idx.to(self._dev())).float(), dim=-1)
+                for r, (i, inp, n) in enumerate(batch):
+                    cont = torch.tensor(requests[i][2][-n:] if n else [], dtype=torch.long, device=logp.device)
+                    rows = logp[r, len(inp) - n:len(inp)]
+                    greedy = bool((rows.argmax(-1) == cont).all())
+                    out[i] = (float(rows.gather(1, cont[:, None]).sum()), greedy)
+                self._between_batches()
+            return out   # type: ignore[return-value]
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+            out = []
+            for (string,) in [r.args for r in requests]:
+                windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                    self.tok.encode(string), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                    context_len=1)]
+                scores = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows])
+                out.append(sum(s for s, _ in scores))
+            return out
+
+        @torch.inference_mode()
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            out: list[Optional[str]] = [None] * len(requests)
+            args = [r.args for r in requests]
+            order = sorted(range(len(args)), key=lambda j: -len(args[j][0]))
+            for b0 in range(0, len(order), self.batch_size_):
+                idxs = order[b0:b0 + self.batch_size_]
+                texts = self._generate_batch([args[j][0] for j in idxs], [dict(args[j][1]) for j in idxs])
+                for j, t in zip(idxs, texts):
+                    out[j] = t
+                self._between_batches()
+            return out   # type: ignore[return-value]
+
+        def _generate_batch(self, contexts: list[str], kwargs: list[dict]) -> list[str]:
+            """Prefill each prompt into its own row of one KV cache, then decode all rows together."""
+            model, dev = self.model, self._dev()
+            until = [list(k.get("until") or []) if not isinstance(k.get("until"), str) else [k["until"]] for k in kwargs]
+            max_new = [int(k.get("max_gen_toks", self.max_gen_toks)) for k in kwargs]
+            temps = [float(k.get("temperature", 0.0)) if k.get("do_sample", False) else 0.0 for k in kwargs]
+            # prompts may run past sequence_len (few-shot): keep what the RoPE table reaches with the answer
+            reach = int(getattr(model, "rotary_len", self.max_length))
+            prompts = [self.tok_encode(c)[-max(1, reach - m):] for c, m in zip(contexts, max_new)]
+            steps = max(max_new)
+            cache = KVCache.for_model(model, len(prompts), max(len(p) for p in prompts) + steps)
+            last = torch.empty(len(prompts), model.config.vocab_size, device=dev)
+            for r, p in enumerate(prompts):
+                one = KVCache.for_model(model, 1, len(p))
+                last[r] = model(torch.tensor([p], device=dev), kv_cache=one)[0, -1]
+                cache.copy_rows_from(one, 0, [r])
+            rng = torch.Generator(device=dev).manual_seed(1234)
+            gen: list[list[int]] = [[] for _ in prompts]
+            done = [False] * len(prompts)
+            for step in range(steps):
+                nxt = [int(sample_next_token(last[r:r + 1], rng, temps[r])[0]) for r in range(len(prompts))]
+                for r, t in enumerate(nxt):
+                    if done[r]:
+                        continue
+                    if t in self.stops:
+                        done[r] = True
+                        continue
+                    gen[r].append(t)
+                    tail = self.tok.decode(gen[r][-32:])     # a stop string ends in the last tokens
+                    if len(gen[r]) >= max_new[r] or any(s and s in tail for s in until[r]):
+                        done[r] = True
+                if all(done):
+                    break
+                last = model(torch.tensor(nxt, device=dev)[:, None], kv_cache=cache)[:, -1]
+            texts = []
+            for r, g in enumerate(gen):
+                text = self.tok.decode(g)
+                for s in until[r]:
+                    if s:
+                        text = text.split(s)[0]
+                texts.append(text)
+            return texts
+
+    register_model("nanochat")(_NanochatLM)
+    NanochatLM = _NanochatLM
+    return NanochatLM
+
+
+# ----------------------------------------------------------------------------- running it
+
+def run_stage(model, tokenizer, hcfg, shared_data: Optional[str], run_dir: Path, master: bool,
+              log: Callable[[str], None] = print) -> dict:
+    """The eval stage's harness mode: run on rank 0, write harness.json, return result.json's part."""
+    from nanochat.common import atomic_write_json
+    data_dir = resolve_data_dir(hcfg.data_dir, shared_data)
+    task_configs(list(hcfg.tasks), data_dir)              # fail early, on every rank, with the reason
+    if not master:
+        return {"mode": "harness"}
+    out = run_harness(model, tokenizer, list(hcfg.tasks), data_dir, limit=hcfg.limit, num_fewshot=hcfg.num_fewshot,
+                      batch_size=hcfg.batch_size, max_gen_toks=hcfg.max_gen_toks, log=log)
+    atomic_write_json(Path(run_dir) / "harness.json", out)
+    for task, m in out["results"].items():
+        if not task.startswith("mmlu_"):
+            log(f"{task:>15}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "sample_len"))
+    main = {t: m for t, m in out["results"].items() if t in hcfg.tasks}
+    return {"mode": "harness", "harness": {**out, "results": main},
+            "task_accuracy": {t: v for t, m in main.items()
+                              if (v := m.get("acc,none", m.get("exact_match,strict-match", m.get("pass_at_1,create_test")))) is not None}}
+
+
+def run_harness(model, tokenizer, tasks: list[str], data_dir: Optional[str], *, limit: Optional[int] = None,
+                num_fewshot: Optional[int] = None, batch_size: int = 16, max_gen_toks: int = 256,
+                log: Callable[[str], None] = print) -> dict:
+    """lm-eval's simple_evaluate on `tasks` through our model; returns a JSON-able summary."""
+    import importlib.metadata as md
+    import os
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    configs = task_configs(list(tasks), data_dir)
+    lm = make_lm_class()(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks)
+    res = evaluate(lm, configs, limit=limit, num_fewshot=num_fewshot)
+    return summarize(res, md.version("lm-eval"))
+
+
+def evaluate(lm: Any, configs: list[dict], **kwargs: Any) -> dict:
+    """simple_evaluate with only our task definitions registered (lm-eval's own, which download, are not
+    indexed: a dict named like one of them would otherwise be merged into it). `lm` is an LM object or
+    a registered model name (kwargs then carry model_args, e.g. for `hf`)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    kwargs.setdefault("bootstrap_iters", 1000)
+    return simple_evaluate(model=lm, tasks=[build_task(c) for c in configs],
+                           task_manager=TaskManager(include_defaults=False), log_samples=False,
+                           verbosity="WARNING", confirm_run_unsafe_code=True, **kwargs)
+
+
+def build_task(cfg: dict):
+    """An lm-eval Task (or Group of Tasks) from one of our config dicts."""
+    from lm_eval.api.group import Group
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.config.group import GroupConfig
+    if "group" not in cfg:
+        return ConfigurableTask(config=dict(cfg))
+    children = [ConfigurableTask(config=dict(c)) for c in cfg["task"]]
+    group = Group.from_config(GroupConfig(group=cfg["group"], task=[c["task"] for c in cfg["task"]],
+                                          aggregate_metric_list=cfg.get("aggregate_metric_list"),
+                                          metadata=cfg.get("metadata")))
+    for child in children:
+        group.add(child)
+    return group
+
+
+def summarize(res: dict, version: str) -> dict:
+    """Each task's (and group's) metrics with stderr, lm-eval's version, each task's config hash."""
+    results = {}
+    for task, metrics in res["results"].items():
+        results[task] = {k: float(v) if k != "sample_len" else int(v) for k, v in metrics.items()
+                         if k != "alias" and isinstance(v, (int, float))}
+    return {"lm_eval_version": version, "results": results,
+            "config_hash": {t: config_hash(c) for t, c in (res.get("configs") or {}).items()},
+            "n_samples": res.get("n-samples", {}), "versions": res.get("versions", {})}

@@ -61,11 +61,12 @@ class ChatRules:
     packing: str                       # stream | bestfit | pad (see nanochat/chat_data.py)
     mixture: list
     chatcore_every: int = -1
+    load_optimizer: bool = False       # warm-start the optimizer from the source (stage.load_optimizer overrides)
 
 
 MID = ChatRules(1.0, 0.0, 0.2, 0.0, CHAT_MOMENTUM, None, "tokens", "stream", DEFAULT_MID_MIXTURE)
 SEED_SFT = ChatRules(0.02, 0.0, 1.0, 0.0, (0.95, 0.95, 0), None, "examples", "pad", SEED_SFT_MIXTURE)
-MODERN_SFT = ChatRules(0.8, 0.0, 0.5, 0.0, CHAT_MOMENTUM, 0.0, "tokens", "bestfit", MODERN_SFT_MIXTURE, 200)
+MODERN_SFT = ChatRules(0.8, 0.0, 0.5, 0.0, CHAT_MOMENTUM, 0.0, "tokens", "bestfit", MODERN_SFT_MIXTURE, 200, True)
 
 
 # --------------------------------------------------------------------------- mixtures (no torch)
@@ -303,7 +304,8 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules, probe:
         (st.warmup_ratio if st.warmup_ratio is not None else rules.warmup_ratio) * N)
     wu = min(wu, N)
     wdn = min(round((st.warmdown_ratio if st.warmdown_ratio is not None else rules.warmdown_ratio) * N), N - wu)
-    if st.load_optimizer and not source.has_optimizer_state():  # nanochat warns and continues too
+    load_opt = st.load_optimizer if st.load_optimizer is not None else rules.load_optimizer
+    if load_opt and not source.has_optimizer_state():  # nanochat warns and continues too
         inh.notes.append(f"WARNING: stage.load_optimizer=true but {source.checkpoint or source.path} has no "
                          f"optimizer state; the optimizer starts fresh")
     micro = dbs * seq * world
@@ -324,7 +326,7 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules, probe:
         source=str(source.path), inherited=inh.inherited,
         stage={"mixture": names, "conversations": len(mixture), "packing": rules.packing,
                "examples_per_step": examples, "lr_frac": frac, "base_lrs": lrs0,
-               "load_optimizer": bool(st.load_optimizer), "chatcore_every": chatcore_every,
+               "load_optimizer": bool(load_opt), "chatcore_every": chatcore_every,
                "source_stage": source.stage, "tokenizer": source_tokenizer(cfg, source)},
         **{k: v * frac for k, v in lrs0.items()})
     extra = [("mixture", f"{len(mixture):,} conversations: {', '.join(map(str, names))}"),
@@ -332,7 +334,7 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules, probe:
              ("validation", f"{p.eval_tokens:,} tokens per pass (every {st.eval_every} steps)"),
              ("momentum", f"{mom[0]} → {mom[1]} over {mom[2]} steps"),
              ("optimizer state", "from the source checkpoint" + ("" if source.has_optimizer_state() else
-                                  " (none there: fresh)") if st.load_optimizer else "fresh"),
+                                  " (none there: fresh)") if load_opt else "fresh"),
              ("ChatCORE every", str(chatcore_every))]
     return StagePlan(p, _rows(p, cfg, source, extra))
 

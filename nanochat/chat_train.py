@@ -151,7 +151,7 @@ def train_chat(run: ChatRun) -> dict:
     optimizer = T.make_optimizer(model, plan, cfg, rt)
     state, loader_state = T.try_resume(run_dir, cfg, rt, model, optimizer)
     resumed = state.step > 0 or loader_state is not None
-    if not resumed and st.load_optimizer:
+    if not resumed and plan.stage.get("load_optimizer"):
         warm_start_optimizer(optimizer, st.init_from, rt, run.log)
     state.extra["base_lrs"] = plan.stage.get("base_lrs", {})
     loader = run.loader(run.mixture, loader_state)

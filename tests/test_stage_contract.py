@@ -225,7 +225,7 @@ def _table(stdout: str) -> dict[str, str]:
 
 SFT = ["experiment=tiny", "stage=sft", MIX, "stage.num_iterations=null", "stage.total_batch_size=null",
        "hardware.device_batch_size=null", "stage.eval_tokens=null", "stage.eval_every=4", "stage.chatcore_every=-1",
-       "stage.eval_examples=2", "stage.eval_max_new_tokens=4", "stage.load_optimizer=true", "stage.save_every=-1"]
+       "stage.eval_examples=2", "stage.eval_max_new_tokens=4", "stage.save_every=-1"]  # load_optimizer: modern default (on)
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """The serve plan: replicas, devices, KV-cache memory. Pure Python (no torch), for dry runs."""
 from __future__ import annotations
 
+import os
+
 from nanochat.config import Config
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -30,7 +32,11 @@ def serve_rows(cfg: Config, n_kv_head: int, head_dim: int) -> list[tuple[str, st
         ("serve", f"http://{st.host}:{st.port if st.port else '<free port>'}/  (OpenAI API at /v1, "
                   f"nanochat SSE at /chat/completions)"),
         ("replicas", f"{len(devs)} × ({', '.join(devs)}), {cfg.hardware.dtype}"),
-        ("batching", f"{st.max_seqs} sequences per replica, queue {st.max_queue} (then 429)"),
+        ("batching", f"{st.max_seqs} sequences per replica in tiles of {st.decode_tile}, queue {st.max_queue} "
+                     f"(then 429); prefill {st.prefill_rows} prompts × {st.prefill_chunk} tokens per forward"),
+        ("prefix cache", f"{st.prefix_cache_mb:g} MiB per replica (LRU)" if st.prefix_cache_mb else "off"),
+        ("api key", "required (Authorization: Bearer) on /v1/* and /chat/completions"
+                    if (st.api_key or os.environ.get("NANOCHAT_API_KEY")) else "none (open)"),
         ("context", f"{cfg.model.sequence_len} tokens; KV cache {kv_text} per replica"),
         ("defaults", f"temperature {st.temperature}, top_k {st.top_k}, max_tokens {st.max_tokens}"),
         ("limits", f"{st.max_messages} messages, {st.max_message_chars:,} chars each, {st.max_total_chars:,} total; "

@@ -45,7 +45,9 @@ def build_pool(cfg: Config, source: Path, metrics):
         if hw.dtype != "float32" and model.lm_head.weight.device.type != "cpu":
             model = model.to(DTYPES[hw.dtype])
         schedulers.append(Scheduler(model, tokenizer, st.max_seqs, st.max_queue, metrics, name=f"replica{i}",
-                                    kv_bucket=st.kv_bucket))
+                                    kv_bucket=st.kv_bucket, decode_tile=st.decode_tile,
+                                    prefill_rows=st.prefill_rows, prefill_chunk=st.prefill_chunk,
+                                    prefix_cache_mb=st.prefix_cache_mb))
     return ReplicaPool(schedulers).start(), tokenizer, meta
 
 

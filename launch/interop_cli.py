@@ -2,6 +2,7 @@
 
     nanochat-import SRC [--stage auto|pretrain|mid|sft|rl] [--step N] [--tag T] [key=value ...]
     nanochat-export RUN_DIR OUT_BASE_DIR [--step N] [--tag T]
+    nanochat-export RUN_DIR OUT_DIR --format hf [--dtype float32|bfloat16] [--step N] [--force] [--remote-code]
 
 Import: SRC is a nanochat checkpoint dir (base_checkpoints/<tag>, mid_checkpoints/<tag>,
 chatsft_checkpoints/<tag>, chatrl_checkpoints/<tag>) or a nanochat base dir (then the newest
@@ -10,10 +11,16 @@ by Hydra like any nanochat-run (the trailing key=value overrides go to it, e.g. 
 paths.base_dir=...), with the model section from the checkpoint, and the tokenizer installed under
 paths.base_dir as `nanochat-<sha12>`. Everything is read and checked before anything is written.
 
+SRC may also be a Hugging Face transformers dir written by `nanochat-export --format hf` (model type
+`nanochat` or our remote-code `nanochat_hydra`); `run.dir=...` names the run dir to create.
+
 Export writes nanochat's layout under OUT_BASE_DIR (<stage>_checkpoints/<tag>/model_NNNNNN.pt +
 meta_NNNNNN.json, tokenizer/), which nanochat's own scripts load; export then import is bitwise.
 
-The conversion itself is nanochat/interop.py; this module does the files and the config.
+`--format hf` writes a transformers model dir instead (nanochat/hf/export.py: config.json, safetensors,
+tokenizer.json + chat template, model card; remote code for what transformers' nanochat type cannot run).
+
+The conversions themselves are nanochat/interop.py and nanochat/hf/; this module does the CLI and the config.
 """
 from __future__ import annotations
 
@@ -79,29 +86,67 @@ def _install_tokenizer(tok, base_dir: Path, name: str) -> Path:
     return final
 
 
-def import_checkpoint(src: str, stage: str = "auto", step: Optional[int] = None, tag: Optional[str] = None,
-                      overrides: Optional[list[str]] = None) -> Path:
-    """Convert one nanochat checkpoint into a completed run dir of ours; returns the run dir."""
-    import torch
+def _read_nanochat(src: str, stage: str, step: Optional[int], tag: Optional[str]):
+    """(kw, state, tokenizer, tokenizer name, stage, tag, step, record) of a nanochat checkpoint."""
     from nanochat import interop
-    from nanochat.checkpoint import save_checkpoint
-    from nanochat.common import atomic_write_json, get_base_dir
-    from nanochat.gpt import GPT, GPTConfig
-    from nanochat.lifecycle import mark_completed
-    from nanochat.plan import make_plan
-    from nanochat.training import LoopState
-
-    # ---- read and check everything first: nothing is written until all of it passed
     source = interop.locate(src, stage, step, tag)
     nc_meta = interop.load_meta(source.meta_path)
     kw, state = interop.from_nanochat(interop.load_state(source.model_path), nc_meta["model_config"])
     tok = interop.load_tokenizer(source.tokenizer_dir, kw["vocab_size"])
     tok_sha = interop.file_sha256(source.tokenizer_dir / "tokenizer.pkl")
-    tok_name = f"nanochat-{tok_sha[:12]}"
+    sources = {"model": source.model_path, "meta": source.meta_path,
+               "tokenizer": source.tokenizer_dir / "tokenizer.pkl"}
+    if (source.tokenizer_dir / "token_bytes.pt").is_file():
+        sources["token_bytes"] = source.tokenizer_dir / "token_bytes.pt"
+    record = {"source": str(src), "base_dir": str(source.base_dir), "stage": source.stage, "tag": source.tag,
+              "step": source.step,
+              "files": {k: {"path": str(p), "sha256": interop.file_sha256(p)} for k, p in sources.items()},
+              "nanochat_meta": {k: v for k, v in nc_meta.items() if k != "dataloader_state_dict"}}
+    extra = {"nanochat_val_bpb": nc_meta["val_bpb"]} if isinstance(nc_meta.get("val_bpb"), (int, float)) else {}
+    return (kw, state, tok, f"nanochat-{tok_sha[:12]}", source.stage, source.tag, source.step, record,
+            str(source.ckpt_dir), extra)
+
+
+def _read_hf(src: str, stage: str, step: Optional[int], tag: Optional[str]):
+    """The same for a transformers dir (model type `nanochat` or our remote-code `nanochat_hydra`)."""
+    from nanochat import interop
+    from nanochat.hf.export import read_hf_dir
+    hf_dir = Path(src).expanduser().resolve()
+    kw, state, tok, config = read_hf_dir(hf_dir)
+    rec = config.get("nanochat_hydra") or {}
+    if stage == "auto":
+        stage = rec.get("stage") if rec.get("stage") in interop.STAGE_DIRS else "pretrain"
+    step = step if step is not None else int(rec.get("step", 0))
+    files = {f: {"path": str(hf_dir / f), "sha256": interop.file_sha256(hf_dir / f)}
+             for f in sorted(p.name for p in hf_dir.iterdir() if p.suffix in (".json", ".safetensors"))}
+    record = {"source": str(src), "stage": stage, "step": step, "model_type": config.get("model_type"),
+              "files": files}
+    tok_sha = interop.file_sha256(hf_dir / "tokenizer.json")
+    return (kw, state, tok, f"hf-{tok_sha[:12]}", stage, tag or f"d{kw['n_layer']}", step, record, str(hf_dir), {})
+
+
+def import_checkpoint(src: str, stage: str = "auto", step: Optional[int] = None, tag: Optional[str] = None,
+                      overrides: Optional[list[str]] = None) -> Path:
+    """Convert one nanochat checkpoint or transformers dir into a completed run dir of ours; returns it."""
+    import torch
+    from nanochat import interop
+    from nanochat.checkpoint import save_checkpoint
+    from nanochat.common import atomic_write_json, get_base_dir
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.hf.export import is_hf_dir
+    from nanochat.lifecycle import mark_completed
+    from nanochat.plan import make_plan
+    from nanochat.training import LoopState
+
+    # ---- read and check everything first: nothing is written until all of it passed
+    if stage not in ("auto", *interop.STAGE_DIRS):
+        raise interop.InteropError(f"--stage={stage!r}: use auto or one of {list(interop.STAGE_DIRS)}")
+    reader = _read_hf if is_hf_dir(src) else _read_nanochat
+    kw, state, tok, tok_name, src_stage, src_tag, src_step, record, origin, extra = reader(src, stage, step, tag)
     user = list(overrides or [])
-    ours = [f"stage={source.stage}", "stage.init_from=null", f"data.tokenizer={tok_name}"] + model_overrides(kw)
-    if source.tag != f"d{kw['n_layer']}":
-        ours.append(f"run.tag={source.tag}")
+    ours = [f"stage={src_stage}", "stage.init_from=null", f"data.tokenizer={tok_name}"] + model_overrides(kw)
+    if src_tag != f"d{kw['n_layer']}":
+        ours.append(f"run.tag={src_tag}")
     cfg, composed = compose(ours + user)
     plan = make_plan(cfg)
     if plan.model.gpt_config_kwargs() != kw:
@@ -113,34 +158,32 @@ def import_checkpoint(src: str, stage: str = "auto", step: Optional[int] = None,
     model.to_empty(device="cpu")
     model.init_rotary()
     model.load_state_dict(state, strict=True)
-    sources = {"model": source.model_path, "meta": source.meta_path,
-               "tokenizer": source.tokenizer_dir / "tokenizer.pkl"}
-    if (source.tokenizer_dir / "token_bytes.pt").is_file():
-        sources["token_bytes"] = source.tokenizer_dir / "token_bytes.pt"
-    record = {"source": str(src), "base_dir": str(source.base_dir), "stage": source.stage, "tag": source.tag,
-              "step": source.step, "generation": plan.generation,
-              "files": {k: {"path": str(p), "sha256": interop.file_sha256(p)} for k, p in sources.items()},
-              "nanochat_meta": {k: v for k, v in nc_meta.items() if k != "dataloader_state_dict"}}
+    record["generation"] = plan.generation
+    if cfg.run.dir:                                # run.dir= names the run dir (a new or empty one)
+        run_dir = Path(cfg.run.dir).expanduser().resolve()
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise interop.InteropError(f"run.dir={cfg.run.dir}: exists and is not empty; import into a new dir")
+    else:
+        run_dir = None
+    source_stage, source_step = src_stage, src_step
 
     # ---- write: the run dir is removed again if anything below fails
     base_dir = get_base_dir(cfg.paths.base_dir)
-    run_dir = rundir.new_run_dir(cfg).resolve()
+    run_dir = run_dir or rundir.new_run_dir(cfg).resolve()
     cfg = replace(cfg, run=replace(cfg.run, dir=str(run_dir)))
     composed["run"]["dir"] = str(run_dir)
     argv = ["nanochat-import", *sys.argv[1:]] if sys.argv and "nanochat-import" in sys.argv[0] else None
     try:
         _install_tokenizer(tok, base_dir, tok_name)
         meta = rundir.freeze(run_dir, cfg, plan.to_dict(), ours + user,
-                             {"stage": source.stage, "model": "nanochat-import"}, composed, argv=argv)
+                             {"stage": source_stage, "model": "nanochat-import"}, composed, argv=argv)
         atomic_write_json(run_dir / "meta.json", {**meta, "nanochat_import": record})
-        ckpt_meta = {"stage": source.stage, "model_config": kw,
-                     "loop_state": vars(LoopState(step=source.step)), "config": config_to_dict(cfg),
+        ckpt_meta = {"stage": source_stage, "model_config": kw,
+                     "loop_state": vars(LoopState(step=source_step)), "config": config_to_dict(cfg),
                      "plan": plan.to_dict(), "world_size": 1, "nanochat_import": record}
-        save_checkpoint(run_dir, source.step, model=model, optimizer=None, loader_state=None, meta=ckpt_meta)
-        result = {"stage": source.stage, "step": source.step, "imported_from": str(source.ckpt_dir),
-                  "generation": plan.generation, "num_params": plan.num_params}
-        if isinstance(nc_meta.get("val_bpb"), (int, float)):
-            result["nanochat_val_bpb"] = nc_meta["val_bpb"]
+        save_checkpoint(run_dir, source_step, model=model, optimizer=None, loader_state=None, meta=ckpt_meta)
+        result = {"stage": source_stage, "step": source_step, "imported_from": origin,
+                  "generation": plan.generation, "num_params": plan.num_params, **extra}
         mark_completed(run_dir, result)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -213,13 +256,30 @@ def main_export(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="nanochat-export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", help="a run dir of ours with checkpoints (pretrain, mid, sft or rl)")
-    ap.add_argument("out_base_dir", help="nanochat base dir to write into (NANOCHAT_BASE_DIR)")
+    ap.add_argument("out_dir", help="--format nanochat: nanochat base dir to write into (NANOCHAT_BASE_DIR); "
+                                    "--format hf: the transformers model dir to create")
+    ap.add_argument("--format", default="nanochat", help="nanochat (default) | hf (Hugging Face transformers)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     ap.add_argument("--tag", default=None, help="nanochat model tag (default: the run's tag, e.g. d20)")
+    ap.add_argument("--dtype", default="float32", help="hf: weights dtype, float32 (default) | bfloat16")
+    ap.add_argument("--force", action="store_true", help="hf: replace a non-empty OUT_DIR")
+    ap.add_argument("--remote-code", action="store_true",
+                    help="hf: ship our model code (trust_remote_code) even when transformers' nanochat type fits; "
+                         "exact for the seed generation's bf16 RoPE tables (automatic for the modern generation)")
+    ap.add_argument("--max-shard-mb", type=int, default=5 * 1024,
+                    help="hf: split model.safetensors into shards of at most this many MiB (default 5120)")
     args = ap.parse_args(argv)
     from nanochat.interop import InteropError
+    if args.format not in ("nanochat", "hf"):
+        return _fail(f"--format {args.format!r}: use nanochat or hf")
     try:
-        out = export_run(args.run_dir, args.out_base_dir, args.step, args.tag)
+        if args.format == "hf":
+            from nanochat.hf.export import export_run as export_hf
+            out = export_hf(args.run_dir, args.out_dir, dtype=args.dtype, step=args.step, force=args.force,
+                            remote_code=True if args.remote_code else None,
+                            max_shard_bytes=args.max_shard_mb * 1024 * 1024)
+        else:
+            out = export_run(args.run_dir, args.out_dir, args.step, args.tag)
     except (InteropError, ConfigError, FileNotFoundError) as e:
         return _fail(str(e))
     print(f"[nanochat-export] {out}")

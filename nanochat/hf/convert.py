@@ -1,0 +1,182 @@
+"""Our GPT ↔ Hugging Face transformers: configs and weight names, both ways (pure, no files).
+
+Two targets:
+- `nanochat` (transformers' own NanoChatForCausalLM, since 5.0): nanochat's Dec-2025 architecture,
+  so only a seed-generation model fits (no value embeddings, windows, lambdas, smear, backout,
+  qk_scale 1). Weights are renamed (below); c_q/c_k rows go from our interleaved RoPE pairs to the
+  half-split layout (nanochat/interop.py's permutation: transformers' NanoChat rotate_half is nanochat's);
+  padded vocab rows are dropped; rms_norm_eps is fp32's machine epsilon (what our parameter-free
+  RMSNorm uses) and final_logit_softcapping our softcap. One thing is not expressible: the seed
+  generation rounds its RoPE tables to bf16, transformers computes them in fp32 (README, "Hugging Face
+  ecosystem", gives the size of the difference); `remote_code=True` exports such a model exactly.
+- `nanochat_hydra` (remote code, `trust_remote_code=True`): any of our configurations, run by our own
+  nanochat/gpt.py shipped in the export (nanochat/hf/modeling.py wraps it); weights keep our names
+  under `model.` and our layout.
+
+Both config.json files carry `nanochat_hydra: {"gpt_config": {...}}`, our full GPTConfig, so an import
+restores every toggle; a `nanochat` dir from elsewhere gets the seed generation's.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from nanochat.interop import InteropError, halves_to_interleaved, interleaved_to_halves
+
+NATIVE_TYPE = "nanochat"
+REMOTE_TYPE = "nanochat_hydra"
+REMOTE_ARCH = "NanochatHydraForCausalLM"
+REMOTE_MODULE = "modeling_nanochat_hydra"
+FP32_EPS = float(torch.finfo(torch.float32).eps)
+
+# our name (per layer, after "transformer.h.{i}.") → transformers' (after "model.layers.{i}.")
+_LAYER_NAMES = {
+    "attn.c_q.weight": "self_attn.q_proj.weight",
+    "attn.c_k.weight": "self_attn.k_proj.weight",
+    "attn.c_v.weight": "self_attn.v_proj.weight",
+    "attn.c_proj.weight": "self_attn.o_proj.weight",
+    "mlp.c_fc.weight": "mlp.fc1.weight",
+    "mlp.c_proj.weight": "mlp.fc2.weight",
+}
+
+
+def native_blockers(kw: dict) -> list[str]:
+    """Why transformers' NanoChat cannot run this GPTConfig (field=value (needs ...)); [] if it can."""
+    from nanochat.gpt import GPTConfig
+    c = GPTConfig(**kw)
+    out = [f"{f}={getattr(c, f)!r} (needs False)" for f in ("value_embeds", "resid_lambdas", "x0_lambdas",
+                                                             "smear", "backout") if getattr(c, f)]
+    if c.qk_scale != 1.0:
+        out.append(f"qk_scale={c.qk_scale!r} (needs 1.0)")
+    if any(w is not None for w in c.left_windows()):
+        out.append(f"window_pattern={c.window_pattern!r} / long_window={c.long_window!r} (needs full-context "
+                   f"layers: window_pattern=L, long_window=null)")
+    return out
+
+
+def special_ids(tok_special: dict[str, int]) -> dict[str, Any]:
+    bos, end = tok_special["<|bos|>"], tok_special["<|assistant_end|>"]
+    return {"bos_token_id": bos, "eos_token_id": [end, bos], "pad_token_id": bos}
+
+
+# ----------------------------------------------------------------------------- out
+
+def to_native(kw: dict, state: dict[str, torch.Tensor], specials: dict[str, int]) -> tuple[dict, dict]:
+    """(config.json dict, state dict) for transformers' NanoChatForCausalLM."""
+    blockers = native_blockers(kw)
+    if blockers:
+        raise InteropError("transformers' nanochat model type cannot express " + "; ".join(blockers)
+                           + "; export with --remote-code (ships our model code, trust_remote_code=True)")
+    from nanochat.gpt import GPTConfig
+    c = GPTConfig(**kw)
+    V = c.vocab_size
+    ids = special_ids(specials)
+    config = {
+        "architectures": ["NanoChatForCausalLM"], "model_type": NATIVE_TYPE,
+        "vocab_size": V, "hidden_size": c.n_embd, "intermediate_size": 4 * c.n_embd,
+        "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head,
+        "head_dim": c.head_dim, "max_position_embeddings": c.sequence_len, "hidden_act": "relu2",
+        "rms_norm_eps": FP32_EPS, "rope_parameters": {"rope_type": "default", "rope_theta": float(c.rope_base)},
+        "final_logit_softcapping": float(c.softcap) if c.softcap > 0 else None,
+        "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": False, "use_cache": True,
+        "bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"][0],
+        "pad_token_id": ids["pad_token_id"],
+    }
+    out = {"model.embed_tokens.weight": state["transformer.wte.weight"][:V],
+           "lm_head.weight": state["lm_head.weight"][:V]}
+    for i in range(c.n_layer):
+        for ours, theirs in _LAYER_NAMES.items():
+            t = state[f"transformer.h.{i}.{ours}"]
+            if ours == "attn.c_q.weight":
+                t = interleaved_to_halves(t, c.n_head)
+            elif ours == "attn.c_k.weight":
+                t = interleaved_to_halves(t, c.n_kv_head)
+            out[f"model.layers.{i}.{theirs}"] = t
+    unused = set(state) - {f"transformer.h.{i}.{k}" for i in range(c.n_layer) for k in _LAYER_NAMES} \
+        - {"transformer.wte.weight", "lm_head.weight"}
+    if unused:
+        raise InteropError(f"weights {sorted(unused)} have no place in transformers' nanochat model")
+    return config, out
+
+
+def to_remote(kw: dict, state: dict[str, torch.Tensor], specials: dict[str, int]) -> tuple[dict, dict]:
+    """(config.json dict, state dict) for our remote-code model (any GPTConfig)."""
+    from nanochat.gpt import GPTConfig
+    c = GPTConfig(**kw)
+    ids = special_ids(specials)
+    config = {
+        "architectures": [REMOTE_ARCH], "model_type": REMOTE_TYPE,
+        "auto_map": {"AutoConfig": f"{REMOTE_MODULE}.NanochatHydraConfig",
+                     "AutoModelForCausalLM": f"{REMOTE_MODULE}.{REMOTE_ARCH}"},
+        # the usual names, for tools that read them (serving engines size caches from these)
+        "vocab_size": c.vocab_size, "hidden_size": c.n_embd, "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
+        "max_position_embeddings": c.max_positions, "tie_word_embeddings": False, "use_cache": True,
+        "bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"][0],
+        "pad_token_id": ids["pad_token_id"],
+    }
+    return config, {f"model.{k}": v for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------- in
+
+def seed_kwargs_from_native(config: dict) -> dict:
+    """GPTConfig kwargs for a `nanochat` config.json without our record (e.g. a hub checkpoint)."""
+    cap = config.get("final_logit_softcapping")
+    rope = config.get("rope_parameters") or {}
+    return dict(sequence_len=int(config.get("max_position_embeddings", 2048)), vocab_size=int(config["vocab_size"]),
+                n_layer=int(config["num_hidden_layers"]), n_head=int(config["num_attention_heads"]),
+                n_kv_head=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+                n_embd=int(config["hidden_size"]), softcap=float(cap) if cap else 0.0,
+                rope_base=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))), rope_bf16=True)
+
+
+def from_hf(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(GPTConfig kwargs, our fp32 state dict) from an exported dir's config.json + weights."""
+    from nanochat.gpt import GPTConfig
+    mtype = config.get("model_type")
+    record = (config.get("nanochat_hydra") or {}).get("gpt_config")
+    if mtype == REMOTE_TYPE:
+        if record is None:
+            raise InteropError("config.json has model_type nanochat_hydra but no nanochat_hydra.gpt_config")
+        kw = dict(record)
+        out = {}
+        for k, v in state.items():
+            if not k.startswith("model."):
+                raise InteropError(f"weight {k!r} is not under 'model.' (expected our remote-code layout)")
+            out[k[len("model."):]] = v.to(torch.float32).contiguous()
+        return kw, out
+    if mtype != NATIVE_TYPE:
+        raise InteropError(f"config.json model_type={mtype!r}: nanochat-import takes {NATIVE_TYPE!r} "
+                           f"(transformers' NanoChat) or {REMOTE_TYPE!r} (our remote code) dirs")
+    kw = dict(record) if record is not None else seed_kwargs_from_native(config)
+    c = GPTConfig(**kw)
+    if native_blockers(kw):
+        raise InteropError(f"config.json nanochat_hydra.gpt_config is not a native model: {native_blockers(kw)}")
+    inverse = {v: k for k, v in _LAYER_NAMES.items()}
+    out: dict[str, torch.Tensor] = {}
+    pad = c.padded_vocab_size - c.vocab_size
+
+    def vocab_rows(t: torch.Tensor) -> torch.Tensor:     # the export dropped padded rows: restore zeros
+        return torch.cat([t, t.new_zeros(pad, t.size(1))]) if pad else t
+
+    for k, v in state.items():
+        v = v.to(torch.float32)
+        if k == "model.embed_tokens.weight":
+            out["transformer.wte.weight"] = vocab_rows(v)
+        elif k == "lm_head.weight":
+            out["lm_head.weight"] = vocab_rows(v)
+        elif k.startswith("model.layers."):
+            i, rest = k[len("model.layers."):].split(".", 1)
+            if rest not in inverse:
+                raise InteropError(f"weight {k!r} has no counterpart in our model")
+            t = v
+            if rest == "self_attn.q_proj.weight":
+                t = halves_to_interleaved(v, c.n_head)
+            elif rest == "self_attn.k_proj.weight":
+                t = halves_to_interleaved(v, c.n_kv_head)
+            out[f"transformer.h.{i}.{inverse[rest]}"] = t
+        else:
+            raise InteropError(f"weight {k!r} has no counterpart in our model")
+    return kw, {k: v.contiguous() for k, v in out.items()}

@@ -6,6 +6,11 @@
     POST /chat/completions      nanochat's protocol: SSE `data: {"token": ...}` … `data: {"done": true}`
     GET  /health                ready, replicas, free slots
     GET  /metrics               Prometheus text format
+    GET  /docs, /openapi.json   the API's schema (request/response bodies: nanochat/serve/schema.py)
+
+With an API key (`stage.api_key` or NANOCHAT_API_KEY), /v1/* and /chat/completions answer 401 unless
+the request carries `Authorization: Bearer <key>` (compared in constant time); /, /health, /metrics
+and the docs stay open.
 
 Bad input → 400 with an OpenAI-style error body (nanochat/serve/limits.py); every row busy and
 the queue full → 429 with Retry-After; shutting down → 503. A client that disconnects cancels
@@ -14,6 +19,7 @@ its sequences, which free their KV-cache rows at the scheduler's next step.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -25,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from nanochat.serve.limits import ChatRequest, Defaults, Limits, RequestError, parse_chat_request, render_prompt
+from nanochat.serve import schema
 from nanochat.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from nanochat.serve.scheduler import Event, QueueFull, ReplicaPool, SamplingParams, ShuttingDown
 
@@ -38,6 +45,7 @@ class ServeSettings:
     retry_after_s: int = 1
     limits: Limits = None  # type: ignore[assignment]
     defaults: Defaults = None  # type: ignore[assignment]
+    api_key: Optional[str] = None   # required as `Authorization: Bearer <key>` on /v1/* and /chat/completions
 
     def __post_init__(self) -> None:
         self.limits = self.limits or Limits()
@@ -95,14 +103,26 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
     """The HTTP face of a ReplicaPool (whose schedulers should share `metrics` as their observer)."""
     settings = settings or ServeSettings()
     metrics = metrics or ServerMetrics()
-    app = FastAPI(title="nanochat", docs_url=None, redoc_url=None)
+    app = FastAPI(title="nanochat", description="OpenAI-compatible chat completions and nanochat's streaming "
+                  "protocol over one model (nanochat-hydra `stage=serve`).", redoc_url=None)
     app.state.pool, app.state.metrics, app.state.settings = pool, metrics, settings
     app.state.draining = False
     limits, defaults = settings.limits, settings.defaults
+    key = settings.api_key.encode() if settings.api_key else None
+    openai_req, nanochat_req = schema.request_models(limits, pool.max_seqs)
 
     def error(route: str, e: RequestError) -> JSONResponse:
         metrics.request(route, e.status)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    def check_key(request: Request) -> None:
+        """401 unless the request carries the API key (constant-time comparison)."""
+        if key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key):
+            raise RequestError("missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
+                               None, "invalid_api_key", status=401, headers={"WWW-Authenticate": "Bearer"})
 
     async def read_request(request: Request) -> ChatRequest:
         declared = request.headers.get("content-length")
@@ -137,10 +157,14 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
                                type="server_error") from None
 
     # ------------------------------------------------------------------ OpenAI
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_responses(
+        {"application/json": schema.ChatCompletion, "text/event-stream": schema.ChatCompletionChunk},
+        "the answer: JSON, or with `stream` an event stream of chat.completion.chunk objects ending in "
+        "`data: [DONE]`", key is not None, body=True, queue=True), openapi_extra=_body("ChatCompletionRequest"))
     async def chat_completions(request: Request):
         route = "/v1/chat/completions"
         try:
+            check_key(request)
             req = await read_request(request)
             sub, prompt = submit(req)
         except RequestError as e:
@@ -191,17 +215,26 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
                                   "total_tokens": prompt_tokens + completion}})
         yield "data: [DONE]\n\n"
 
-    @app.get("/v1/models")
-    async def models():
+    @app.get("/v1/models", responses=_responses({"application/json": schema.ModelList}, "the served model",
+                                                 key is not None))
+    async def models(request: Request):
+        try:
+            check_key(request)
+        except RequestError as e:
+            return error("/v1/models", e)
         metrics.request("/v1/models", 200)
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
                                             "owned_by": "nanochat"}]}
 
     # ------------------------------------------------------------------ nanochat's protocol
-    @app.post("/chat/completions")
+    @app.post("/chat/completions", responses=_responses(
+        {"text/event-stream": schema.NanochatEvent}, "an event stream: `data: {\"token\": ...}` events, then "
+        "`data: {\"done\": true, ...}`", key is not None, body=True, queue=True),
+        openapi_extra=_body("NanochatChatRequest"))
     async def nanochat_chat(request: Request):
         route = "/chat/completions"
         try:
+            check_key(request)
             req = await read_request(request)
             req.n = 1
             sub, _ = submit(req)
@@ -224,7 +257,8 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
         return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
     # ------------------------------------------------------------------ ops
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": schema.Health, "description": "ready"},
+                                   503: {"model": schema.Health, "description": "shutting down"}})
     async def health():
         reps = [{"name": s.name, "device": str(s.device), "active": s.active(), "free_rows": s.free_rows(),
                  "waiting": len(s.waiting), "max_seqs": s.max_seqs} for s in pool.schedulers]
@@ -234,17 +268,63 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
                              "replicas": reps, "free_slots": pool.free_rows(), "context": pool.context},
                             status_code=200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prom():
         metrics.queue.set(pool.waiting())
         metrics.active.set(sum(s.active() for s in pool.schedulers))
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
+    def openapi() -> dict:
+        """FastAPI's schema plus the request bodies (the routes parse them themselves, for
+        nanochat's error messages) and the bearer scheme when a key is set."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+            from pydantic.json_schema import models_json_schema
+            doc = get_openapi(title=app.title, version="1", description=app.description, routes=app.routes)
+            bodies = [(openai_req, "validation"), (nanochat_req, "validation")]
+            bodies += [(m, "serialization") for m in (schema.ChatCompletion, schema.ChatCompletionChunk,
+                                                      schema.NanochatEvent, schema.ModelList, schema.ErrorResponse)]
+            _, defs = models_json_schema(bodies, ref_template="#/components/schemas/{model}")
+            components = doc.setdefault("components", {})
+            components.setdefault("schemas", {}).update(defs["$defs"])
+            schema.patch_schema(components["schemas"], limits)
+            if key is not None:
+                components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                for path in ("/v1/chat/completions", "/v1/models", "/chat/completions"):
+                    for op in doc["paths"][path].values():
+                        op["security"] = [{"bearer": []}]
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+def _body(model: str) -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}}}
+
+
+def _responses(ok: dict, what: str, auth: bool, body: bool = False, queue: bool = False) -> dict:
+    """OpenAPI responses of a route: 200 in the given media types, and its error statuses."""
+    out: dict = {200: {"description": what, "content": {
+        media: {"schema": {"$ref": f"#/components/schemas/{m.__name__}"}} for media, m in ok.items()}}}
+    err = {"model": schema.ErrorResponse}
+    if body:
+        out[400] = {**err, "description": "bad input: the message names the field and the limit"}
+        out[413] = {**err, "description": "the request body is larger than the limit"}
+    if auth:
+        out[401] = {**err, "description": "missing or incorrect API key (Authorization: Bearer <key>)"}
+    if queue:
+        out[429] = {**err, "description": "every row busy and the queue full; retry after Retry-After seconds",
+                    "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}}
+        out[503] = {**err, "description": "the server is shutting down"}
+    return out
 
 
 async def _watch_disconnect(sub: _Submission, request: Request) -> AsyncIterator[tuple[int, Event]]:

@@ -168,3 +168,31 @@ def test_api_key_with_openai_3(api_server):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ok" in r.stdout
+
+
+def test_web_ui_asks_for_the_key_once(api_server):
+    """The UI in headless Chromium: a 401 makes it ask for the key (once), kept in sessionStorage."""
+    import shutil
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.path.exists(chromium):
+        pytest.skip(f"Chromium is not installed ({chromium}); .ci/run installs Debian's chromium package")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=args, headless=True)
+        page = browser.new_page()
+        asked, errors = [], []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("dialog", lambda d: (asked.append(d.message), d.accept(KEY)))
+        page.goto(api_server)
+        page.fill("#input", "Hello there")
+        page.press("#input", "Enter")
+        page.wait_for_selector(".msg.assistant .stats", timeout=60_000)
+        assert len(asked) == 1 and "API key" in asked[0]
+        assert page.evaluate("sessionStorage.getItem('nanochat_api_key')") == KEY
+        page.fill("#input", "And then?")
+        page.press("#input", "Enter")
+        page.wait_for_function("document.querySelectorAll('.msg.assistant .stats').length === 2", timeout=60_000)
+        assert len(asked) == 1 and not errors, (asked, errors)   # asked once, not again
+        browser.close()

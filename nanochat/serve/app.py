@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -61,11 +62,38 @@ def _visible(ev: Event) -> str:
     return ev.text if ev.kind != "done" else ""
 
 
+class _Mailbox:
+    """Events from scheduler threads into the event loop, one wake-up per batch (not per token):
+    a decode step streams a token to every active sequence, and waking the loop for each would
+    cost a system call and a loop turn per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, tuple[int, Event]]] = []
+
+    def post(self, queue: asyncio.Queue, item: tuple[int, Event]) -> None:
+        with self.lock:
+            self.pending.append((queue, item))
+            if len(self.pending) > 1:
+                return                      # a flush is already scheduled
+        try:
+            self.loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:                # the event loop is gone (server stopped): nobody is listening
+            pass
+
+    def _flush(self) -> None:
+        with self.lock:
+            items, self.pending = self.pending, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class _Submission:
     """The events of one request's sequences, delivered into the event loop."""
 
-    def __init__(self, pool: ReplicaPool, prompt: list[int], req: ChatRequest, seed_default: int):
-        self.loop = asyncio.get_running_loop()
+    def __init__(self, pool: ReplicaPool, prompt: list[int], req: ChatRequest, seed_default: int, mailbox: _Mailbox):
+        self.mailbox = mailbox
         self.queue: asyncio.Queue = asyncio.Queue()
         base = seed_default if req.seed is None else req.seed
         params = [SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
@@ -75,27 +103,32 @@ class _Submission:
 
     def _sink_for(self, i: int):
         def sink(ev: Event) -> None:
-            try:
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
-            except RuntimeError:  # the event loop is gone (server stopped): nobody is listening
-                pass
+            self.mailbox.post(self.queue, (i, ev))
         return sink
 
     def cancel(self) -> None:
         for s in self.seqs:
             s.cancel()
 
-    async def events(self) -> AsyncIterator[tuple[int, Event]]:
-        """(choice index, event) until every sequence is done; cancels them if the consumer goes away."""
+    async def batches(self) -> AsyncIterator[list[tuple[int, Event]]]:
+        """Lists of (choice index, event), as many as have arrived, until every sequence is done
+        (a stream writes each list at once); cancels the sequences if the consumer goes away."""
         left = len(self.seqs)
         try:
             while left:
-                i, ev = await self.queue.get()
-                if ev.kind == "done":
-                    left -= 1
-                yield i, ev
+                batch = [await self.queue.get()]
+                while not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                left -= sum(ev.kind == "done" for _, ev in batch)
+                yield batch
         finally:
             self.cancel()   # no-op for finished sequences; frees the rows of a disconnected client
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) one by one (see batches)."""
+        async for batch in self.batches():
+            for item in batch:
+                yield item
 
 
 def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = None,
@@ -107,6 +140,7 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
                   "protocol over one model (nanochat-hydra `stage=serve`).", redoc_url=None)
     app.state.pool, app.state.metrics, app.state.settings = pool, metrics, settings
     app.state.draining = False
+    app.state.mailbox = None   # made on the first request, in the server's event loop
     limits, defaults = settings.limits, settings.defaults
     key = settings.api_key.encode() if settings.api_key else None
     openai_req, nanochat_req = schema.request_models(limits, pool.max_seqs)
@@ -148,7 +182,9 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
                                f"per replica", "n", "out_of_range")
         prompt = render_prompt(tokenizer, req.messages, pool.context)
         try:
-            return _Submission(pool, prompt, req, defaults.seed), prompt
+            if app.state.mailbox is None:
+                app.state.mailbox = _Mailbox(asyncio.get_running_loop())
+            return _Submission(pool, prompt, req, defaults.seed, app.state.mailbox), prompt
         except QueueFull as e:
             raise RequestError(str(e), None, "rate_limit_exceeded", status=429, type="rate_limit_error",
                                headers={"Retry-After": str(settings.retry_after_s)}) from None
@@ -197,16 +233,18 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
             return _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
                          "model": settings.model_name,
                          "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}]})
-        for i in range(len(sub.seqs)):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        async for i, ev in sub.events():
-            if ev.kind == "done":
-                if ev.error:
-                    yield _sse({"error": {"message": ev.error, "type": "server_error", "param": None,
-                                          "code": "generation_failed"}})
-                yield chunk(i, {}, ev.finish_reason)
-            else:
-                yield chunk(i, {"content": _visible(ev)})
+        yield "".join(chunk(i, {"role": "assistant", "content": ""}) for i in range(len(sub.seqs)))
+        async for batch in sub.batches():
+            frames = []
+            for i, ev in batch:
+                if ev.kind == "done":
+                    if ev.error:
+                        frames.append(_sse({"error": {"message": ev.error, "type": "server_error", "param": None,
+                                                      "code": "generation_failed"}}))
+                    frames.append(chunk(i, {}, ev.finish_reason))
+                else:
+                    frames.append(chunk(i, {"content": _visible(ev)}))
+            yield "".join(frames)
         if include_usage:
             completion = sum(len(s.tokens) for s in sub.seqs)
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
@@ -243,17 +281,19 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
         metrics.request(route, 200)
         replica = sub.seqs[0].replica
 
+        def frame(ev: Event) -> str:
+            if ev.kind != "done":
+                return _sse({"token": ev.text, "gpu": replica, "kind": ev.kind})
+            seq = sub.seqs[0]
+            took = (seq.last_token_at or time.perf_counter()) - (seq.first_token_at or sub.started)
+            n = len(seq.tokens)
+            tps = (n - 1) / took if n > 1 and took > 0 else None
+            return _sse({"done": True, "finish_reason": ev.finish_reason, "tokens": n,
+                         "tokens_per_second": tps, **({"error": ev.error} if ev.error else {})})
+
         async def stream() -> AsyncIterator[str]:
-            async for _, ev in sub.events():
-                if ev.kind == "done":
-                    seq = sub.seqs[0]
-                    took = (seq.last_token_at or time.perf_counter()) - (seq.first_token_at or sub.started)
-                    n = len(seq.tokens)
-                    tps = (n - 1) / took if n > 1 and took > 0 else None
-                    yield _sse({"done": True, "finish_reason": ev.finish_reason, "tokens": n,
-                                "tokens_per_second": tps, **({"error": ev.error} if ev.error else {})})
-                else:
-                    yield _sse({"token": ev.text, "gpu": replica, "kind": ev.kind})
+            async for batch in sub.batches():
+                yield "".join(frame(ev) for _, ev in batch)
         return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
     # ------------------------------------------------------------------ ops

@@ -17,10 +17,12 @@ def replica_devices(cfg: Config) -> list[str]:
 
 
 def kv_cache_bytes(cfg: Config, n_kv_head: int, head_dim: int) -> int:
-    """Keys + values of one replica: n_layer × (max_seqs + 1 sentinel) rows × context × kv heads × head_dim."""
+    """Keys + values of one replica: n_layer × rows × positions × kv heads × head_dim, for the decode
+    cache (max_seqs + 1 sentinel rows × context) and the prefill cache (prefill_rows + 1 rows, at
+    least a tile, × context + 32); the prefix cache comes on top (stage.prefix_cache_mb)."""
     m, st = cfg.model, cfg.stage
-    per = 2 * m.depth * (st.max_seqs + 1) * m.sequence_len * n_kv_head * head_dim
-    return per * DTYPE_BYTES.get(cfg.hardware.dtype, 4)
+    rows = (st.max_seqs + 1) * m.sequence_len + max(st.prefill_rows + 1, st.decode_tile) * (m.sequence_len + 32)
+    return 2 * m.depth * rows * n_kv_head * head_dim * DTYPE_BYTES.get(cfg.hardware.dtype, 4)
 
 
 def serve_rows(cfg: Config, n_kv_head: int, head_dim: int) -> list[tuple[str, str]]:

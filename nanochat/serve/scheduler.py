@@ -253,7 +253,7 @@ class Scheduler:
 
     def __init__(self, model, tokenizer, max_seqs: int = 16, max_queue: int = 64,
                  observer: Optional[Observer] = None, name: str = "replica0", kv_bucket: int = 64,
-                 decode_tile: int = 4, prefill_rows: int = 4, prefill_chunk: int = 256,
+                 decode_tile: int = 4, prefill_rows: int = 16, prefill_chunk: int = 256,
                  prefix_cache_mb: float = 256.0):
         if max_seqs < 1:
             raise ValueError(f"Scheduler(max_seqs={max_seqs}): must be >= 1")

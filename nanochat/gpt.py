@@ -631,7 +631,10 @@ class GPT(nn.Module):
         return {"positions": positions, "S": S, "min_pos": int(positions.min())}
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None, loss_reduction: str = "mean"):
+                kv_cache: Optional[KVCache] = None, loss_reduction: str = "mean",
+                logits_at: Optional[torch.Tensor] = None):
+        """logits_at (B,): only each row's logits at that index of T (B, 1, V), e.g. a prefill's
+        last real token; the lm_head then skips the other positions."""
         B, T = idx.shape
         c = self.config
         if kv_cache is None and T > self.rotary_len:
@@ -665,6 +668,8 @@ class GPT(nn.Module):
         x = norm(x)
         if kv_cache is not None:
             kv_cache.pos += T
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)
 
         V = c.vocab_size
         W = self.lm_head.weight[:V] if V != c.padded_vocab_size else self.lm_head.weight

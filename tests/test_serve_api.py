@@ -196,3 +196,25 @@ def test_web_ui_asks_for_the_key_once(api_server):
         page.wait_for_function("document.querySelectorAll('.msg.assistant .stats').length === 2", timeout=60_000)
         assert len(asked) == 1 and not errors, (asked, errors)   # asked once, not again
         browser.close()
+
+
+@pytest.mark.slow
+def test_peer_bench_short_mode(tmp_path):
+    """bench/serve.py --peer transformers --short: both servers answer every request in full, and the
+    last line is one JSON object with the peer's figures and the ratios (no timing asserted)."""
+    pytest.importorskip("transformers", reason="the peer is the bench extra: transformers[serving]==5.25.0")
+    exe = os.path.join(os.path.dirname(sys.executable), "transformers")
+    if not os.path.exists(exe):
+        pytest.skip("the `transformers` CLI is not installed (bench extra)")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(repo, "bench", "serve.py"), "--peer", "transformers", "--short",
+                        "--threads", "1"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert last["peer"]["name"].startswith("transformers serve")
+    assert last["short_requests"] == 0 and last["peer"]["short_requests"] == 0
+    assert last["requests"] == last["peer"]["requests"] > 0
+    for key in ("ratio_single_stream_tok_s", "ratio_agg4", "ratio_ttft_ms_p95", "ratio_single_vs_engine"):
+        assert last[key] > 0, key
+    assert set(last["multi_turn"]) == {"cache_on", "cache_off"}
+    assert "ours/peer" in r.stdout

@@ -452,15 +452,17 @@ class Scheduler:
         # rows [0, n) of the prefill cache plus a sentinel row; at least decode_tile rows (see docstring)
         n = max(busy[-1][0] + 2, min(self.tile, self.pre.batch_size))
         ids = torch.zeros(n, T, dtype=torch.long)
+        last = torch.zeros(n, dtype=torch.long)   # each row's last real token: the only logits computed
         chunks = {}
         for i, g in busy:
             chunks[i] = g.prompt[g.done:g.done + min(T, self.prefill_chunk)]
             ids[i, :len(chunks[i])] = torch.tensor(chunks[i])
+            last[i] = len(chunks[i]) - 1
         # every prefill forward attends over the same key length, the whole prefill cache: the CPU
         # attention kernel's key blocks then always line up (a key length padded to kv_bucket is not
         # enough for prefill: queries past 128 round differently for key lengths 192 and 256)
         self.pre.pos[n - 1] = self.pre.max_len - T
-        logits = self.model(ids.to(self.device), kv_cache=_rows_view(self.pre, n))
+        logits = self.model(ids.to(self.device), kv_cache=_rows_view(self.pre, n), logits_at=last.to(self.device))
         self.prefill_steps += 1
         self.pre.pos[:n] = 0   # free rows and the sentinel go back to empty; busy rows are set below
         for i, g in busy:
@@ -469,7 +471,7 @@ class Scheduler:
             if self.pre.last_x is not None:   # right padding ran past the last real token (smear's input)
                 self.pre.last_x[i] = self._embed(g.prompt[g.done - 1])
             if g.done == len(g.prompt):
-                self._finish_prefill(g, i, logits[i, len(chunks[i]) - 1:len(chunks[i])])
+                self._finish_prefill(g, i, logits[i, -1:])
 
     def _embed(self, token: int) -> torch.Tensor:
         """What the model keeps of a row's last token for smear (GPT.forward: norm(wte(idx)))."""

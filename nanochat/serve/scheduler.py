@@ -228,6 +228,7 @@ class Observer:
 # CPU attention (flash, for CPU) splits the queries of a forward into blocks of 32 (64, 256 for long
 # inputs); a block of fewer than MIN_ROWS queries takes a matrix-vector path with other rounding.
 Q_BLOCK, MIN_ROWS = 32, 4
+SHORT_KEYS = 128   # key length of a prefill forward whose chunks all end within it (see _prefill_step)
 
 
 def _chunk_shape(tokens: int) -> int:
@@ -458,10 +459,12 @@ class Scheduler:
             chunks[i] = g.prompt[g.done:g.done + min(T, self.prefill_chunk)]
             ids[i, :len(chunks[i])] = torch.tensor(chunks[i])
             last[i] = len(chunks[i]) - 1
-        # every prefill forward attends over the same key length, the whole prefill cache: the CPU
-        # attention kernel's key blocks then always line up (a key length padded to kv_bucket is not
-        # enough for prefill: queries past 128 round differently for key lengths 192 and 256)
-        self.pre.pos[n - 1] = self.pre.max_len - T
+        # prefill forwards attend over one of two key lengths: SHORT_KEYS while every row's chunk ends
+        # within it, else the whole prefill cache. The CPU attention kernel's key blocks then line up:
+        # a key length padded to kv_bucket is not enough here (queries past 128 round differently for
+        # key lengths 192, 256 and 512), while queries below 128 agree for 128 and the whole cache
+        keys = max(g.done for _, g in busy) + T
+        self.pre.pos[n - 1] = (SHORT_KEYS if keys <= SHORT_KEYS else self.pre.max_len) - T
         logits = self.model(ids.to(self.device), kv_cache=_rows_view(self.pre, n), logits_at=last.to(self.device))
         self.prefill_steps += 1
         self.pre.pos[:n] = 0   # free rows and the sentinel go back to empty; busy rows are set below

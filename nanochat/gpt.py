@@ -633,8 +633,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 kv_cache: Optional[KVCache] = None, loss_reduction: str = "mean",
                 logits_at: Optional[torch.Tensor] = None):
-        """logits_at (B,): only each row's logits at that index of T (B, 1, V), e.g. a prefill's
-        last real token; the lm_head then skips the other positions."""
+        """logits_at (B,) or (B, k): only each row's logits at those indices of T (B, k, V), e.g. a
+        prefill's last real token; the lm_head then skips the other positions."""
         B, T = idx.shape
         c = self.config
         if kv_cache is None and T > self.rotary_len:
@@ -669,7 +669,8 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         if logits_at is not None:
-            x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)
+            at = logits_at if logits_at.dim() == 2 else logits_at.unsqueeze(1)
+            x = x[torch.arange(B, device=x.device).unsqueeze(1), at]
 
         V = c.vocab_size
         W = self.lm_head.weight[:V] if V != c.padded_vocab_size else self.lm_head.weight

@@ -280,8 +280,7 @@ class Scheduler:
         # one spare row: the sentinel that pads the key length when every row of a step is busy
         self.cache = KVCache.for_model(model, batch_size=max_seqs + 1, max_len=self.context)
         # the prefill cache has room for a last chunk padded to its shape (see _chunk_shape)
-        self.pre = KVCache.for_model(model, batch_size=max(self.prefill_rows + 1, decode_tile),
-                                     max_len=self.context + Q_BLOCK)
+        self.pre = KVCache.for_model(model, batch_size=self.prefill_rows + 1, max_len=self.context + Q_BLOCK)
         self.rows: list[Optional[Sequence]] = [None] * max_seqs
         self.prefilling: list[Optional[_Group]] = [None] * self.prefill_rows
         self.waiting: deque[_Group] = deque()
@@ -450,10 +449,11 @@ class Scheduler:
             return
         T = min(self.prefill_chunk, max(len(g.prompt) - g.done for _, g in busy))
         T = _chunk_shape(T)
-        # rows [0, n) of the prefill cache plus a sentinel row; at least decode_tile rows (see docstring)
-        n = max(busy[-1][0] + 2, min(self.tile, self.pre.batch_size))
+        # rows [0, n) of the prefill cache, the last one the sentinel; T >= MIN_ROWS keeps every
+        # matrix product at >= MIN_ROWS rows, and so does taking MIN_ROWS logits per row
+        n = busy[-1][0] + 2
         ids = torch.zeros(n, T, dtype=torch.long)
-        last = torch.zeros(n, dtype=torch.long)   # each row's last real token: the only logits computed
+        last = torch.zeros(n, dtype=torch.long)   # each row's last real token: the logits it needs
         chunks = {}
         for i, g in busy:
             chunks[i] = g.prompt[g.done:g.done + min(T, self.prefill_chunk)]
@@ -465,7 +465,8 @@ class Scheduler:
         # key lengths 192, 256 and 512), while queries below 128 agree for 128 and the whole cache
         keys = max(g.done for _, g in busy) + T
         self.pre.pos[n - 1] = (SHORT_KEYS if keys <= SHORT_KEYS else self.pre.max_len) - T
-        logits = self.model(ids.to(self.device), kv_cache=_rows_view(self.pre, n), logits_at=last.to(self.device))
+        at = (last.unsqueeze(1) - torch.arange(MIN_ROWS - 1, -1, -1)).clamp(min=0)   # (n, MIN_ROWS), last one last
+        logits = self.model(ids.to(self.device), kv_cache=_rows_view(self.pre, n), logits_at=at.to(self.device))
         self.prefill_steps += 1
         self.pre.pos[:n] = 0   # free rows and the sentinel go back to empty; busy rows are set below
         for i, g in busy:

@@ -218,3 +218,16 @@ def test_peer_bench_short_mode(tmp_path):
         assert last[key] > 0, key
     assert set(last["multi_turn"]) == {"cache_on", "cache_off"}
     assert "ours/peer" in r.stdout
+
+
+def test_api_key_from_config_or_env_and_open_host_warning(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from nanochat.stages.serve import api_key
+    monkeypatch.delenv("NANOCHAT_API_KEY", raising=False)
+    cfg = lambda host, key=None: SimpleNamespace(stage=SimpleNamespace(host=host, api_key=key))   # noqa: E731
+    assert api_key(cfg("127.0.0.1")) is None and "WARNING" not in capsys.readouterr().out
+    assert api_key(cfg("0.0.0.0")) is None and "without an API key" in capsys.readouterr().out
+    assert api_key(cfg("0.0.0.0", "k1")) == "k1" and "WARNING" not in capsys.readouterr().out
+    monkeypatch.setenv("NANOCHAT_API_KEY", "k2")
+    assert api_key(cfg("0.0.0.0")) == "k2" and api_key(cfg("::1", "k1")) == "k1"

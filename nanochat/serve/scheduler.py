@@ -25,13 +25,17 @@ a row's numbers must not depend on its neighbours. Three things make that so:
     self-check at start-up compares a `decode_tile`-row forward with a full-width one, and if
     they differ bitwise, e.g. on a GPU whose GEMM picks kernels by shape, the scheduler falls
     back to computing all rows every step, one prompt per prefill, no prefix cache);
-  - the key length of every forward is padded to a multiple of `kv_bucket` by a sentinel row
-    (an idle row, or the spare one) placed at that position: CPU attention kernels vectorize the
-    key axis, so with a length that is a multiple of the vector width a row's keys land in the
-    same lanes, and the extra masked keys add exact zeros (`kv_bucket=0` pads to the context);
+  - the key length of every forward is set by a sentinel row (an idle row, or the spare one)
+    placed at that position: a decode step's is padded to a multiple of `kv_bucket` (CPU
+    attention kernels vectorize the key axis, so with a length that is a multiple of the vector
+    width a row's keys land in the same lanes, and the extra masked keys add exact zeros;
+    `kv_bucket=0` pads to the context); a prefill's is 128 or the whole prefill cache (see
+    _prefill_step), and its chunks are right-padded so no query block of the attention kernel
+    has fewer than MIN_ROWS rows;
   - a prompt's keys/values are always computed by prefill (never by decode steps), so a prefix
-    taken from the cache is bitwise what prefilling it again would give.
-tests/test_serve_scheduler.py checks all three.
+    taken from the cache is bitwise what prefilling it again would give, however the prompt was
+    cut into chunks or batched with others.
+tests/test_serve_scheduler.py checks all three (logits bitwise, alone / batched / cached / chunked).
 
 Text streams as valid UTF-8: token bytes go through an incremental decoder, so a character split
 across tokens is sent once it is complete. Tool tokens are sent as their own events (`kind`

@@ -273,6 +273,11 @@ class ServeStageConfig(StageConfig):
     max_seqs: int = 16                # concurrent sequences (KV-cache rows) per replica
     max_queue: int = 64               # requests waiting for a row per replica; beyond → 429
     kv_bucket: int = 64               # decode key length padded to a multiple (batch-invariant outputs); 0 = context
+    decode_tile: int = 4              # a decode step computes the rows in use, in tiles of this many rows
+    prefill_rows: int = 16            # prompts prefilled together in one forward
+    prefill_chunk: int = 256          # prompt tokens per prefill forward (decode steps run between chunks)
+    prefix_cache_mb: float = 256.0    # keys/values of earlier prompts reused by later ones; 0 = off
+    api_key: Optional[str] = None     # require `Authorization: Bearer <key>` on /v1/* and /chat/completions
     retry_after_s: int = 1            # Retry-After of a 429
     shutdown_grace_s: float = 5.0     # on SIGINT/SIGTERM: in-flight streams get this long to finish
     temperature: float = 0.6          # defaults when a request does not say

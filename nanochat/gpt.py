@@ -635,7 +635,10 @@ class GPT(nn.Module):
         return {"positions": positions, "S": S, "min_pos": int(positions.min())}
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None, loss_reduction: str = "mean"):
+                kv_cache: Optional[KVCache] = None, loss_reduction: str = "mean",
+                logits_at: Optional[torch.Tensor] = None):
+        """logits_at (B,) or (B, k): only each row's logits at those indices of T (B, k, V), e.g. a
+        prefill's last real token; the lm_head then skips the other positions."""
         B, T = idx.shape
         c = self.config
         if kv_cache is None and T > self.rotary_len:
@@ -669,6 +672,9 @@ class GPT(nn.Module):
         x = norm(x)
         if kv_cache is not None:
             kv_cache.pos += T
+        if logits_at is not None:
+            at = logits_at if logits_at.dim() == 2 else logits_at.unsqueeze(1)
+            x = x[torch.arange(B, device=x.device).unsqueeze(1), at]
 
         V = c.vocab_size
         W = self.lm_head.weight[:V] if V != c.padded_vocab_size else self.lm_head.weight

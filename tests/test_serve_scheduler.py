@@ -166,3 +166,75 @@ def test_tool_tokens_stream_as_their_own_kinds(tok):
     assert by_kind["python"] == "12*7" and by_kind["output"] == "84"
     assert by_kind["text"] == "Let me see  so 84" and by_kind["python_start"] == "<|python_start|>"
     assert [e.kind for e in events][-1] == "done"
+
+
+def _logits_of(sched, prompts, params):
+    """Run the prompts one after the other; the text and every sampled-from logits row of each."""
+    out = []
+    for p in prompts:
+        seqs, sinks = _submit(sched, p, [params])
+        text = _collect(sinks[0])
+        out.append((text, [x for x in sched.seen[seqs[0].id]]))
+    return out
+
+
+def test_prefix_cache_and_chunked_prefill_give_identical_outputs(tok, model):
+    """A multi-turn conversation reuses its history's keys/values; the logits stay bitwise the same
+    as with no cache, as with 32-token prefill chunks, and as with prompts prefilled one at a time."""
+    bos = tok.get_bos_token_id()
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    plain = LogitsRecorder(model, tok, max_seqs=4, prefix_cache_mb=0, prefill_rows=1).start()
+    cached = LogitsRecorder(model, tok, max_seqs=4, prefix_cache_mb=64, prefill_chunk=32).start()
+    try:
+        assert plain.tiled and cached.tiled     # this CPU: row-independent products (else: fallback, no cache)
+        turns, prompt = [], [bos]
+        for i in range(5):                       # each turn re-sends the history plus its answer
+            prompt = prompt + tok.encode(f" user turn {i}: tell me about abc def number {i * 7}")
+            seqs, sinks = _submit(plain, prompt, [greedy])
+            _collect(sinks[0])
+            turns.append(list(prompt))
+            prompt = prompt + list(seqs[0].tokens)
+        assert len(turns[-1]) > 3 * 32
+        a = _logits_of(plain, turns, greedy)
+        b = _logits_of(cached, turns, greedy)
+        assert [t for t, _ in a] == [t for t, _ in b]
+        assert all(torch.equal(x, y) for (_, la), (_, lb) in zip(a, b) for x, y in zip(la, lb))
+        st = cached.prefix.stats()
+        assert st["hits"] >= 4 and st["reused_tokens"] >= sum(len(t) for t in turns[:-1]) - 16 * 4
+        # several prompts prefilled together (right-padded into one forward) give the same numbers
+        subs = [_submit(cached, p, [greedy]) for p in turns]
+        together = [(_collect(sinks[0]), [x for x in cached.seen[seqs[0].id]]) for seqs, sinks in subs]
+        assert all(torch.equal(x, y) for (_, la), (_, lb) in zip(a, together) for x, y in zip(la, lb))
+        assert cached.prefill_steps < plain.prefill_steps + len(turns) * 4
+    finally:
+        plain.stop()
+        cached.stop()
+
+
+def test_prefix_cache_evicts_least_recently_used_within_budget(tok, model):
+    from nanochat.serve.prefix_cache import PrefixCache
+    kv = lambda n: torch.ones(2, 1, n, 32)      # noqa: E731  (layers, kv heads, tokens, head dim)
+    per_token = 2 * 2 * 32 * 4                  # k and v, float32
+    cache = PrefixCache(budget_bytes=100 * per_token, block=16)
+    a, b, c = list(range(40)), list(range(100, 140)), list(range(200, 240))
+    assert cache.insert(a, kv(40), kv(40)) and cache.insert(b, kv(40), kv(40))
+    assert cache.lookup(a + [7, 8], limit=41)[1] == 32          # block-aligned, a use: `a` is now newest
+    assert cache.insert(c, kv(40), kv(40))                       # over budget: evicts b (least recently used)
+    assert cache.used <= cache.budget and cache.evictions == 1
+    assert cache.lookup(b + [1], limit=41)[0] is None
+    assert cache.lookup(a[:20] + [9] * 20, limit=40)[1] == 16    # a shared beginning is reused too
+    assert cache.lookup(c, limit=39)[1] == 32 and cache.lookup([5] * 40, limit=39)[0] is None
+    assert not cache.insert(list(range(500)), kv(500), kv(500))   # larger than the whole budget: not stored
+    assert not PrefixCache(0).insert(a, kv(40), kv(40))          # budget 0: off
+    # in the scheduler: a budget of one conversation keeps the newest and evicts the rest
+    bos = tok.get_bos_token_id()
+    sched = Scheduler(model, tok, max_seqs=2, prefix_cache_mb=0.05)
+    sched.start()
+    try:
+        for i in range(4):
+            p = [bos] + tok.encode(f"conversation {i}: " + "abc def " * 8)
+            _collect(_submit(sched, p, [SamplingParams(max_tokens=2, temperature=0)])[1][0])
+        st = sched.prefix.stats()
+        assert st["evictions"] >= 2 and st["bytes"] <= st["budget_bytes"] and st["entries"] >= 1
+    finally:
+        sched.stop()

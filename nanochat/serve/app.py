@@ -6,6 +6,11 @@
     POST /chat/completions      nanochat's protocol: SSE `data: {"token": ...}` … `data: {"done": true}`
     GET  /health                ready, replicas, free slots
     GET  /metrics               Prometheus text format
+    GET  /docs, /openapi.json   the API's schema (request/response bodies: nanochat/serve/schema.py)
+
+With an API key (`stage.api_key` or NANOCHAT_API_KEY), /v1/* and /chat/completions answer 401 unless
+the request carries `Authorization: Bearer <key>` (compared in constant time); /, /health, /metrics
+and the docs stay open.
 
 Bad input → 400 with an OpenAI-style error body (nanochat/serve/limits.py); every row busy and
 the queue full → 429 with Retry-After; shutting down → 503. A client that disconnects cancels
@@ -14,7 +19,9 @@ its sequences, which free their KV-cache rows at the scheduler's next step.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from nanochat.serve.limits import ChatRequest, Defaults, Limits, RequestError, parse_chat_request, render_prompt
+from nanochat.serve import schema
 from nanochat.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from nanochat.serve.scheduler import Event, QueueFull, ReplicaPool, SamplingParams, ShuttingDown
 
@@ -38,6 +46,7 @@ class ServeSettings:
     retry_after_s: int = 1
     limits: Limits = None  # type: ignore[assignment]
     defaults: Defaults = None  # type: ignore[assignment]
+    api_key: Optional[str] = None   # required as `Authorization: Bearer <key>` on /v1/* and /chat/completions
 
     def __post_init__(self) -> None:
         self.limits = self.limits or Limits()
@@ -53,11 +62,38 @@ def _visible(ev: Event) -> str:
     return ev.text if ev.kind != "done" else ""
 
 
+class _Mailbox:
+    """Events from scheduler threads into the event loop, one wake-up per batch (not per token):
+    a decode step streams a token to every active sequence, and waking the loop for each would
+    cost a system call and a loop turn per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, tuple[int, Event]]] = []
+
+    def post(self, queue: asyncio.Queue, item: tuple[int, Event]) -> None:
+        with self.lock:
+            self.pending.append((queue, item))
+            if len(self.pending) > 1:
+                return                      # a flush is already scheduled
+        try:
+            self.loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:                # the event loop is gone (server stopped): nobody is listening
+            pass
+
+    def _flush(self) -> None:
+        with self.lock:
+            items, self.pending = self.pending, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class _Submission:
     """The events of one request's sequences, delivered into the event loop."""
 
-    def __init__(self, pool: ReplicaPool, prompt: list[int], req: ChatRequest, seed_default: int):
-        self.loop = asyncio.get_running_loop()
+    def __init__(self, pool: ReplicaPool, prompt: list[int], req: ChatRequest, seed_default: int, mailbox: _Mailbox):
+        self.mailbox = mailbox
         self.queue: asyncio.Queue = asyncio.Queue()
         base = seed_default if req.seed is None else req.seed
         params = [SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
@@ -67,27 +103,32 @@ class _Submission:
 
     def _sink_for(self, i: int):
         def sink(ev: Event) -> None:
-            try:
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
-            except RuntimeError:  # the event loop is gone (server stopped): nobody is listening
-                pass
+            self.mailbox.post(self.queue, (i, ev))
         return sink
 
     def cancel(self) -> None:
         for s in self.seqs:
             s.cancel()
 
-    async def events(self) -> AsyncIterator[tuple[int, Event]]:
-        """(choice index, event) until every sequence is done; cancels them if the consumer goes away."""
+    async def batches(self) -> AsyncIterator[list[tuple[int, Event]]]:
+        """Lists of (choice index, event), as many as have arrived, until every sequence is done
+        (a stream writes each list at once); cancels the sequences if the consumer goes away."""
         left = len(self.seqs)
         try:
             while left:
-                i, ev = await self.queue.get()
-                if ev.kind == "done":
-                    left -= 1
-                yield i, ev
+                batch = [await self.queue.get()]
+                while not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                left -= sum(ev.kind == "done" for _, ev in batch)
+                yield batch
         finally:
             self.cancel()   # no-op for finished sequences; frees the rows of a disconnected client
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) one by one (see batches)."""
+        async for batch in self.batches():
+            for item in batch:
+                yield item
 
 
 def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = None,
@@ -95,14 +136,27 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
     """The HTTP face of a ReplicaPool (whose schedulers should share `metrics` as their observer)."""
     settings = settings or ServeSettings()
     metrics = metrics or ServerMetrics()
-    app = FastAPI(title="nanochat", docs_url=None, redoc_url=None)
+    app = FastAPI(title="nanochat", description="OpenAI-compatible chat completions and nanochat's streaming "
+                  "protocol over one model (nanochat-hydra `stage=serve`).", redoc_url=None)
     app.state.pool, app.state.metrics, app.state.settings = pool, metrics, settings
     app.state.draining = False
+    app.state.mailbox = None   # made on the first request, in the server's event loop
     limits, defaults = settings.limits, settings.defaults
+    key = settings.api_key.encode() if settings.api_key else None
+    openai_req, nanochat_req = schema.request_models(limits, pool.max_seqs)
 
     def error(route: str, e: RequestError) -> JSONResponse:
         metrics.request(route, e.status)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    def check_key(request: Request) -> None:
+        """401 unless the request carries the API key (constant-time comparison)."""
+        if key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key):
+            raise RequestError("missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
+                               None, "invalid_api_key", status=401, headers={"WWW-Authenticate": "Bearer"})
 
     async def read_request(request: Request) -> ChatRequest:
         declared = request.headers.get("content-length")
@@ -128,7 +182,9 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
                                f"per replica", "n", "out_of_range")
         prompt = render_prompt(tokenizer, req.messages, pool.context)
         try:
-            return _Submission(pool, prompt, req, defaults.seed), prompt
+            if app.state.mailbox is None:
+                app.state.mailbox = _Mailbox(asyncio.get_running_loop())
+            return _Submission(pool, prompt, req, defaults.seed, app.state.mailbox), prompt
         except QueueFull as e:
             raise RequestError(str(e), None, "rate_limit_exceeded", status=429, type="rate_limit_error",
                                headers={"Retry-After": str(settings.retry_after_s)}) from None
@@ -137,10 +193,14 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
                                type="server_error") from None
 
     # ------------------------------------------------------------------ OpenAI
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_responses(
+        {"application/json": schema.ChatCompletion, "text/event-stream": schema.ChatCompletionChunk},
+        "the answer: JSON, or with `stream` an event stream of chat.completion.chunk objects ending in "
+        "`data: [DONE]`", key is not None, body=True, queue=True), openapi_extra=_body("ChatCompletionRequest"))
     async def chat_completions(request: Request):
         route = "/v1/chat/completions"
         try:
+            check_key(request)
             req = await read_request(request)
             sub, prompt = submit(req)
         except RequestError as e:
@@ -173,16 +233,18 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
             return _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
                          "model": settings.model_name,
                          "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}]})
-        for i in range(len(sub.seqs)):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        async for i, ev in sub.events():
-            if ev.kind == "done":
-                if ev.error:
-                    yield _sse({"error": {"message": ev.error, "type": "server_error", "param": None,
-                                          "code": "generation_failed"}})
-                yield chunk(i, {}, ev.finish_reason)
-            else:
-                yield chunk(i, {"content": _visible(ev)})
+        yield "".join(chunk(i, {"role": "assistant", "content": ""}) for i in range(len(sub.seqs)))
+        async for batch in sub.batches():
+            frames = []
+            for i, ev in batch:
+                if ev.kind == "done":
+                    if ev.error:
+                        frames.append(_sse({"error": {"message": ev.error, "type": "server_error", "param": None,
+                                                      "code": "generation_failed"}}))
+                    frames.append(chunk(i, {}, ev.finish_reason))
+                else:
+                    frames.append(chunk(i, {"content": _visible(ev)}))
+            yield "".join(frames)
         if include_usage:
             completion = sum(len(s.tokens) for s in sub.seqs)
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
@@ -191,17 +253,26 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
                                   "total_tokens": prompt_tokens + completion}})
         yield "data: [DONE]\n\n"
 
-    @app.get("/v1/models")
-    async def models():
+    @app.get("/v1/models", responses=_responses({"application/json": schema.ModelList}, "the served model",
+                                                 key is not None))
+    async def models(request: Request):
+        try:
+            check_key(request)
+        except RequestError as e:
+            return error("/v1/models", e)
         metrics.request("/v1/models", 200)
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
                                             "owned_by": "nanochat"}]}
 
     # ------------------------------------------------------------------ nanochat's protocol
-    @app.post("/chat/completions")
+    @app.post("/chat/completions", responses=_responses(
+        {"text/event-stream": schema.NanochatEvent}, "an event stream: `data: {\"token\": ...}` events, then "
+        "`data: {\"done\": true, ...}`", key is not None, body=True, queue=True),
+        openapi_extra=_body("NanochatChatRequest"))
     async def nanochat_chat(request: Request):
         route = "/chat/completions"
         try:
+            check_key(request)
             req = await read_request(request)
             req.n = 1
             sub, _ = submit(req)
@@ -210,21 +281,24 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
         metrics.request(route, 200)
         replica = sub.seqs[0].replica
 
+        def frame(ev: Event) -> str:
+            if ev.kind != "done":
+                return _sse({"token": ev.text, "gpu": replica, "kind": ev.kind})
+            seq = sub.seqs[0]
+            took = (seq.last_token_at or time.perf_counter()) - (seq.first_token_at or sub.started)
+            n = len(seq.tokens)
+            tps = (n - 1) / took if n > 1 and took > 0 else None
+            return _sse({"done": True, "finish_reason": ev.finish_reason, "tokens": n,
+                         "tokens_per_second": tps, **({"error": ev.error} if ev.error else {})})
+
         async def stream() -> AsyncIterator[str]:
-            async for _, ev in sub.events():
-                if ev.kind == "done":
-                    seq = sub.seqs[0]
-                    took = (seq.last_token_at or time.perf_counter()) - (seq.first_token_at or sub.started)
-                    n = len(seq.tokens)
-                    tps = (n - 1) / took if n > 1 and took > 0 else None
-                    yield _sse({"done": True, "finish_reason": ev.finish_reason, "tokens": n,
-                                "tokens_per_second": tps, **({"error": ev.error} if ev.error else {})})
-                else:
-                    yield _sse({"token": ev.text, "gpu": replica, "kind": ev.kind})
+            async for batch in sub.batches():
+                yield "".join(frame(ev) for _, ev in batch)
         return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
     # ------------------------------------------------------------------ ops
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": schema.Health, "description": "ready"},
+                                   503: {"model": schema.Health, "description": "shutting down"}})
     async def health():
         reps = [{"name": s.name, "device": str(s.device), "active": s.active(), "free_rows": s.free_rows(),
                  "waiting": len(s.waiting), "max_seqs": s.max_seqs} for s in pool.schedulers]
@@ -234,17 +308,63 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
                              "replicas": reps, "free_slots": pool.free_rows(), "context": pool.context},
                             status_code=200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prom():
         metrics.queue.set(pool.waiting())
         metrics.active.set(sum(s.active() for s in pool.schedulers))
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
+    def openapi() -> dict:
+        """FastAPI's schema plus the request bodies (the routes parse them themselves, for
+        nanochat's error messages) and the bearer scheme when a key is set."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+            from pydantic.json_schema import models_json_schema
+            doc = get_openapi(title=app.title, version="1", description=app.description, routes=app.routes)
+            bodies = [(openai_req, "validation"), (nanochat_req, "validation")]
+            bodies += [(m, "serialization") for m in (schema.ChatCompletion, schema.ChatCompletionChunk,
+                                                      schema.NanochatEvent, schema.ModelList, schema.ErrorResponse)]
+            _, defs = models_json_schema(bodies, ref_template="#/components/schemas/{model}")
+            components = doc.setdefault("components", {})
+            components.setdefault("schemas", {}).update(defs["$defs"])
+            schema.patch_schema(components["schemas"], limits)
+            if key is not None:
+                components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                for path in ("/v1/chat/completions", "/v1/models", "/chat/completions"):
+                    for op in doc["paths"][path].values():
+                        op["security"] = [{"bearer": []}]
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+def _body(model: str) -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}}}
+
+
+def _responses(ok: dict, what: str, auth: bool, body: bool = False, queue: bool = False) -> dict:
+    """OpenAPI responses of a route: 200 in the given media types, and its error statuses."""
+    out: dict = {200: {"description": what, "content": {
+        media: {"schema": {"$ref": f"#/components/schemas/{m.__name__}"}} for media, m in ok.items()}}}
+    err = {"model": schema.ErrorResponse}
+    if body:
+        out[400] = {**err, "description": "bad input: the message names the field and the limit"}
+        out[413] = {**err, "description": "the request body is larger than the limit"}
+    if auth:
+        out[401] = {**err, "description": "missing or incorrect API key (Authorization: Bearer <key>)"}
+    if queue:
+        out[429] = {**err, "description": "every row busy and the queue full; retry after Retry-After seconds",
+                    "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}}
+        out[503] = {**err, "description": "the server is shutting down"}
+    return out
 
 
 async def _watch_disconnect(sub: _Submission, request: Request) -> AsyncIterator[tuple[int, Event]]:

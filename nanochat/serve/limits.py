@@ -176,7 +176,8 @@ def parse_chat_request(body: Any, limits: Limits, defaults: Defaults) -> ChatReq
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(f"'stream' must be true or false, got {stream!r}", "stream", "invalid_type")
-    opts = body.get("stream_options") or {}
+    opts = body.get("stream_options")
+    opts = {} if opts is None else opts
     if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
         raise RequestError(f"'stream_options' must be {{'include_usage': true|false}}, got {opts!r}",
                            "stream_options", "invalid_type")

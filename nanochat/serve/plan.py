@@ -1,6 +1,8 @@
 """The serve plan: replicas, devices, KV-cache memory. Pure Python (no torch), for dry runs."""
 from __future__ import annotations
 
+import os
+
 from nanochat.config import Config
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -15,10 +17,12 @@ def replica_devices(cfg: Config) -> list[str]:
 
 
 def kv_cache_bytes(cfg: Config, n_kv_head: int, head_dim: int) -> int:
-    """Keys + values of one replica: n_layer × (max_seqs + 1 sentinel) rows × context × kv heads × head_dim."""
+    """Keys + values of one replica: n_layer × rows × positions × kv heads × head_dim, for the decode
+    cache (max_seqs + 1 sentinel rows × context) and the prefill cache (prefill_rows + 1 rows ×
+    context + 32); the prefix cache comes on top (stage.prefix_cache_mb)."""
     m, st = cfg.model, cfg.stage
-    per = 2 * m.depth * (st.max_seqs + 1) * m.sequence_len * n_kv_head * head_dim
-    return per * DTYPE_BYTES.get(cfg.hardware.dtype, 4)
+    rows = (st.max_seqs + 1) * m.sequence_len + (st.prefill_rows + 1) * (m.sequence_len + 32)
+    return 2 * m.depth * rows * n_kv_head * head_dim * DTYPE_BYTES.get(cfg.hardware.dtype, 4)
 
 
 def serve_rows(cfg: Config, n_kv_head: int, head_dim: int) -> list[tuple[str, str]]:
@@ -30,7 +34,11 @@ def serve_rows(cfg: Config, n_kv_head: int, head_dim: int) -> list[tuple[str, st
         ("serve", f"http://{st.host}:{st.port if st.port else '<free port>'}/  (OpenAI API at /v1, "
                   f"nanochat SSE at /chat/completions)"),
         ("replicas", f"{len(devs)} × ({', '.join(devs)}), {cfg.hardware.dtype}"),
-        ("batching", f"{st.max_seqs} sequences per replica, queue {st.max_queue} (then 429)"),
+        ("batching", f"{st.max_seqs} sequences per replica in tiles of {st.decode_tile}, queue {st.max_queue} "
+                     f"(then 429); prefill {st.prefill_rows} prompts × {st.prefill_chunk} tokens per forward"),
+        ("prefix cache", f"{st.prefix_cache_mb:g} MiB per replica (LRU)" if st.prefix_cache_mb else "off"),
+        ("api key", "required (Authorization: Bearer) on /v1/* and /chat/completions"
+                    if (st.api_key or os.environ.get("NANOCHAT_API_KEY")) else "none (open)"),
         ("context", f"{cfg.model.sequence_len} tokens; KV cache {kv_text} per replica"),
         ("defaults", f"temperature {st.temperature}, top_k {st.top_k}, max_tokens {st.max_tokens}"),
         ("limits", f"{st.max_messages} messages, {st.max_message_chars:,} chars each, {st.max_total_chars:,} total; "

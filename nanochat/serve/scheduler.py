@@ -1,25 +1,41 @@
 """The serving scheduler: one model replica, every active sequence in one forward per decode step.
 
-A replica owns a KV cache with `max_seqs` rows; each active sequence holds one row. A background
-thread loops:
+A replica owns a KV cache with `max_seqs` rows (+1 spare); each decoding sequence holds one row.
+A background thread loops:
 
     1. drop cancelled sequences (client gone) and free their rows
-    2. admit waiting requests while rows are free: prefill the prompt alone (batch 1), sample the
-       first token, copy the prompt's keys/values into a free row (one prefill for all `n` choices)
-    3. one decode forward over ALL rows: every active sequence advances by one token
+    2. prefill: up to `prefill_rows` waiting prompts advance together by one chunk of at most
+       `prefill_chunk` tokens in one forward (right-padded to the longest); a long prompt takes
+       several loop turns, so decode steps keep running between its chunks. A prompt starts from
+       the longest prefix the prefix cache holds for it (nanochat/serve/prefix_cache.py). When a
+       prompt is complete its keys/values go into the prefix cache, are copied into free rows (one
+       per choice) and the first token is sampled
+    3. one decode forward over the rows in use: every active sequence advances by one token
     4. per sequence: sample with its own generator and settings, apply the calculator tool
        (nanochat.engine.Engine.advance), stream the text; a finished sequence frees its row
 
-Per-request determinism: the decode forward always has the same shape, so a row's numbers never
-depend on how many other requests are running or how long they are: all `max_seqs` rows (idle
-ones fed a dummy token and reset to position 0) plus one sentinel row that pads the key length
-to a multiple of `kv_bucket` (CPU attention kernels vectorize the key axis: with a length that
-is a multiple of the vector width, a row's keys always land in the same lanes, and the extra
-masked keys add exact zeros; bench/serve.py and tests/test_serve_scheduler.py check it).
-`kv_bucket=0` pads to the whole context instead (slower, independent of the kernel).
-Prompts are prefilled one by one (batch 1). At temperature 0
-a request's text is the same alone or among 15 others; at temperature > 0 the same seed gives the
-same text (each sequence samples from its own torch.Generator).
+Cost follows the active rows: rows are handed out lowest first and kept packed (a finishing
+sequence's row is refilled by moving the highest one down), and a decode step computes only the
+first `ceil(active / decode_tile) * decode_tile` rows (fixed-size tiles of rows).
+
+Per-request determinism (temperature 0: the same text alone or among 15 others; a seed repeats):
+a row's numbers must not depend on its neighbours. Three things make that so:
+  - matrix products are row-wise the same whatever the number of rows once there are at least
+    `decode_tile` of them (the CPU GEMM kernels switch to a matrix-vector path below ~4 rows; a
+    self-check at start-up compares a `decode_tile`-row forward with a full-width one, and if
+    they differ bitwise, e.g. on a GPU whose GEMM picks kernels by shape, the scheduler falls
+    back to computing all rows every step, one prompt per prefill, no prefix cache);
+  - the key length of every forward is set by a sentinel row (an idle row, or the spare one)
+    placed at that position: a decode step's is padded to a multiple of `kv_bucket` (CPU
+    attention kernels vectorize the key axis, so with a length that is a multiple of the vector
+    width a row's keys land in the same lanes, and the extra masked keys add exact zeros;
+    `kv_bucket=0` pads to the context); a prefill's is 128 or the whole prefill cache (see
+    _prefill_step), and its chunks are right-padded so no query block of the attention kernel
+    has fewer than MIN_ROWS rows;
+  - a prompt's keys/values are always computed by prefill (never by decode steps), so a prefix
+    taken from the cache is bitwise what prefilling it again would give, however the prompt was
+    cut into chunks or batched with others.
+tests/test_serve_scheduler.py checks all three (logits bitwise, alone / batched / cached / chunked).
 
 Text streams as valid UTF-8: token bytes go through an incremental decoder, so a character split
 across tokens is sent once it is complete. Tool tokens are sent as their own events (`kind`
@@ -42,7 +58,8 @@ from typing import Callable, Optional
 import torch
 
 from nanochat.engine import Engine, RowState, sample_next_token
-from nanochat.gpt import KVCache
+from nanochat.gpt import KVCache, norm
+from nanochat.serve.prefix_cache import PrefixCache
 
 TOOL_KINDS = {"<|python_start|>": "python_start", "<|python_end|>": "python_end",
               "<|output_start|>": "output_start", "<|output_end|>": "output_end"}
@@ -197,6 +214,8 @@ class _Group:
     """One request: a prompt and its `n` sequences (prefilled once)."""
     prompt: list[int]
     seqs: list[Sequence] = field(default_factory=list)
+    done: int = 0          # prompt tokens whose keys/values are in its prefill row
+    reused: int = 0        # of which taken from the prefix cache
 
 
 class Observer:
@@ -207,27 +226,67 @@ class Observer:
     def tokens(self, n: int) -> None: ...
     def queue_depth(self, n: int) -> None: ...
     def finished(self, reason: str) -> None: ...
+    def prefix_reuse(self, tokens: int, prompt_tokens: int) -> None: ...
+
+
+# CPU attention (flash, for CPU) splits the queries of a forward into blocks of 32 (64, 256 for long
+# inputs); a block of fewer than MIN_ROWS queries takes a matrix-vector path with other rounding.
+Q_BLOCK, MIN_ROWS = 32, 4
+SHORT_KEYS = 128   # key length of a prefill forward whose chunks all end within it (see _prefill_step)
+
+
+def _chunk_shape(tokens: int) -> int:
+    """The query length a prefill chunk of `tokens` runs at (right-padded), so that no query block of
+    the attention kernel has fewer than MIN_ROWS rows: then a token's keys/values are bitwise the same
+    however the prompt was cut into chunks or batched with others."""
+    if tokens <= Q_BLOCK:
+        return max(MIN_ROWS, tokens)
+    return -(-tokens // Q_BLOCK) * Q_BLOCK
+
+
+def _rows_view(cache: KVCache, n: int) -> KVCache:
+    """The first n rows of `cache` as a KVCache of views: a forward on it writes into `cache`."""
+    view = KVCache.__new__(KVCache)
+    view.k, view.v, view.pos = cache.k[:, :n], cache.v[:, :n], cache.pos[:n]
+    view.last_x = cache.last_x[:n] if cache.last_x is not None else None
+    view.batch_size, view.max_len = n, cache.max_len
+    return view
 
 
 class Scheduler:
     """Continuous batching over one model replica (see the module docstring)."""
 
     def __init__(self, model, tokenizer, max_seqs: int = 16, max_queue: int = 64,
-                 observer: Optional[Observer] = None, name: str = "replica0", kv_bucket: int = 64):
+                 observer: Optional[Observer] = None, name: str = "replica0", kv_bucket: int = 64,
+                 decode_tile: int = 4, prefill_rows: int = 16, prefill_chunk: int = 256,
+                 prefix_cache_mb: float = 256.0):
         if max_seqs < 1:
             raise ValueError(f"Scheduler(max_seqs={max_seqs}): must be >= 1")
+        if kv_bucket < 0:
+            raise ValueError(f"Scheduler(kv_bucket={kv_bucket}): use a multiple of 16 (or 0 = whole context)")
+        for key, v in (("decode_tile", decode_tile), ("prefill_rows", prefill_rows), ("prefill_chunk", prefill_chunk)):
+            if v < 1:
+                raise ValueError(f"Scheduler({key}={v}): must be >= 1")
+        if prefix_cache_mb < 0:
+            raise ValueError(f"Scheduler(prefix_cache_mb={prefix_cache_mb}): must be >= 0 (0 = no prefix cache)")
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.engine = Engine(model, tokenizer)
         self.device = model.lm_head.weight.device
         self.context = model.config.sequence_len
         self.max_seqs, self.max_queue = max_seqs, max_queue
-        if kv_bucket < 0:
-            raise ValueError(f"Scheduler(kv_bucket={kv_bucket}): use a multiple of 16 (or 0 = whole context)")
         self.kv_bucket = kv_bucket
         self.observer = observer or Observer()
-        # one extra sentinel row pads the key length of every decode step (see the module docstring)
+        self.tile, self.prefill_chunk = decode_tile, prefill_chunk
+        # tiles need row-invariant matrix products; without them every step computes every row (see docstring)
+        self.tiled = self._rows_are_independent()
+        self.prefill_rows = prefill_rows if self.tiled else 1
+        self.prefix = PrefixCache(int(prefix_cache_mb * 2 ** 20) if self.tiled else 0)
+        # one spare row: the sentinel that pads the key length when every row of a step is busy
         self.cache = KVCache.for_model(model, batch_size=max_seqs + 1, max_len=self.context)
+        # the prefill cache has room for a last chunk padded to its shape (see _chunk_shape)
+        self.pre = KVCache.for_model(model, batch_size=self.prefill_rows + 1, max_len=self.context + Q_BLOCK)
         self.rows: list[Optional[Sequence]] = [None] * max_seqs
+        self.prefilling: list[Optional[_Group]] = [None] * self.prefill_rows
         self.waiting: deque[_Group] = deque()
         self.special_names = {tokenizer.encode_special(n): n for n in tokenizer.get_special_tokens()}
         self.end_tokens = {self.engine.assistant_end, self.engine.bos}
@@ -236,7 +295,21 @@ class Scheduler:
         self._accepting = True
         self._thread: Optional[threading.Thread] = None
         self.steps = 0
+        self.prefill_steps = 0
         self.generated = 0
+
+    @torch.inference_mode()
+    def _rows_are_independent(self) -> bool:
+        """Is a row's forward bitwise the same in a `decode_tile`-row batch as in a full-width one?"""
+        wide = max(self.max_seqs + 1, 2 * self.tile)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        ids = torch.randint(0, self.model.config.vocab_size, (wide, 9), generator=g).to(self.device)
+        out = []
+        for b in sorted({*range(self.tile, wide, self.tile), wide}):   # every width a step can have
+            cache = KVCache.for_model(self.model, batch_size=b, max_len=16)
+            pre = self.model(ids[:b, :8], kv_cache=cache)[0]
+            out.append((pre, self.model(ids[:b, 8:], kv_cache=cache)[0]))
+        return all(torch.equal(a, b) for first in out[:1] for o in out[1:] for a, b in zip(first, o))
 
     # -------------------------------------------------------------- public API (any thread)
     def start(self) -> "Scheduler":
@@ -259,7 +332,7 @@ class Scheduler:
             if not self._accepting:
                 raise ShuttingDown("server is shutting down")
             # choices that will wait for a row, counting this request: at most max_queue
-            queued = sum(len(g.seqs) for g in self.waiting) + len(params) - self.free_rows()
+            queued = sum(len(g.seqs) for g in self.waiting) + len(params) - self._unreserved_rows()
             if queued > self.max_queue:
                 raise QueueFull(len(self.waiting), self.max_queue)
             group = _Group(list(prompt))
@@ -273,12 +346,17 @@ class Scheduler:
     def free_rows(self) -> int:
         return sum(r is None for r in self.rows)
 
+    def _unreserved_rows(self) -> int:
+        """Free rows not promised to a prompt being prefilled."""
+        return self.free_rows() - sum(len(g.seqs) for g in self.prefilling if g is not None)
+
     def active(self) -> int:
         return self.max_seqs - self.free_rows()
 
     def load(self) -> int:
         """Rows in use plus choices waiting: the router sends new work to the least loaded replica."""
-        return self.active() + sum(len(g.seqs) for g in self.waiting)
+        return (self.active() + sum(len(g.seqs) for g in self.waiting)
+                + sum(len(g.seqs) for g in self.prefilling if g is not None))
 
     def stop_accepting(self) -> None:
         with self._cv:
@@ -294,7 +372,7 @@ class Scheduler:
             self._thread.join(timeout)
 
     def idle(self) -> bool:
-        return self.active() == 0 and not self.waiting
+        return self.active() == 0 and not self.waiting and not any(self.prefilling)
 
     # -------------------------------------------------------------- the loop (scheduler thread)
     def _loop(self) -> None:
@@ -302,12 +380,12 @@ class Scheduler:
             with torch.inference_mode():
                 while True:
                     with self._cv:
-                        while not self._stopping and not self.waiting and self.active() == 0:
+                        while not self._stopping and self.idle():
                             self._cv.wait(0.5)
                         if self._stopping:
                             break
                     self._drop_cancelled()
-                    self._admit()
+                    self._prefill_step()
                     if self.active():
                         self._decode_step()
         except Exception as e:  # a bug must not hang every client: end their streams with the error
@@ -318,6 +396,8 @@ class Scheduler:
     def _fail_all(self, error: Optional[str]) -> None:
         with self._cv:
             groups, self.waiting = list(self.waiting), deque()
+        groups += [g for g in self.prefilling if g is not None]
+        self.prefilling = [None] * self.prefill_rows
         for g in groups:
             for s in g.seqs:
                 self._end(s, "error" if error else "cancelled", error)
@@ -341,6 +421,11 @@ class Scheduler:
         for s in self.rows:
             if s is not None and s.cancelled:
                 self._free(s, "cancelled")
+        for i, g in enumerate(self.prefilling):
+            if g is not None and all(s.cancelled for s in g.seqs):
+                for s in g.seqs:
+                    self._end(s, "cancelled")
+                self.prefilling[i] = None
         with self._cv:
             keep = deque()
             for g in self.waiting:
@@ -351,32 +436,83 @@ class Scheduler:
                     keep.append(g)
             self.waiting = keep
 
-    def _admit(self) -> None:
-        """Prefill waiting prompts into free rows, oldest first, while whole groups fit."""
-        while True:
-            with self._cv:
-                if not self.waiting or self.free_rows() < len(self.waiting[0].seqs):
-                    self.observer.queue_depth(len(self.waiting))
-                    return
-                group = self.waiting.popleft()
-                self.observer.queue_depth(len(self.waiting))
-            self._prefill(group)
+    # -------------------------------------------------------------- prefill
+    def _prefill_step(self) -> None:
+        """Start waiting prompts (oldest first, while their rows are free), then advance every
+        prompt being prefilled by one chunk in one forward over the prefill cache."""
+        with self._cv:
+            while self.waiting and None in self.prefilling:
+                if self._unreserved_rows() < len(self.waiting[0].seqs):
+                    break
+                slot = self.prefilling.index(None)
+                self.prefilling[slot] = group = self.waiting.popleft()
+                self._start_prefill(group, slot)
+            self.observer.queue_depth(len(self.waiting))
+        busy = [(i, g) for i, g in enumerate(self.prefilling) if g is not None]
+        if not busy:
+            return
+        T = min(self.prefill_chunk, max(len(g.prompt) - g.done for _, g in busy))
+        T = _chunk_shape(T)
+        # rows [0, n) of the prefill cache, the last one the sentinel; T >= MIN_ROWS keeps every
+        # matrix product at >= MIN_ROWS rows, and so does taking MIN_ROWS logits per row
+        n = busy[-1][0] + 2
+        ids = torch.zeros(n, T, dtype=torch.long)
+        last = torch.zeros(n, dtype=torch.long)   # each row's last real token: the logits it needs
+        chunks = {}
+        for i, g in busy:
+            chunks[i] = g.prompt[g.done:g.done + min(T, self.prefill_chunk)]
+            ids[i, :len(chunks[i])] = torch.tensor(chunks[i])
+            last[i] = len(chunks[i]) - 1
+        # prefill forwards attend over one of two key lengths: SHORT_KEYS while every row's chunk ends
+        # within it, else the whole prefill cache. The CPU attention kernel's key blocks then line up:
+        # a key length padded to kv_bucket is not enough here (queries past 128 round differently for
+        # key lengths 192, 256 and 512), while queries below 128 agree for 128 and the whole cache
+        keys = max(g.done for _, g in busy) + T
+        self.pre.pos[n - 1] = (SHORT_KEYS if keys <= SHORT_KEYS else self.pre.max_len) - T
+        at = (last.unsqueeze(1) - torch.arange(MIN_ROWS - 1, -1, -1)).clamp(min=0)   # (n, MIN_ROWS), last one last
+        logits = self.model(ids.to(self.device), kv_cache=_rows_view(self.pre, n), logits_at=at.to(self.device))
+        self.prefill_steps += 1
+        self.pre.pos[:n] = 0   # free rows and the sentinel go back to empty; busy rows are set below
+        for i, g in busy:
+            g.done += len(chunks[i])
+            self.pre.pos[i] = g.done
+            if self.pre.last_x is not None:   # right padding ran past the last real token (smear's input)
+                self.pre.last_x[i] = self._embed(g.prompt[g.done - 1])
+            if g.done == len(g.prompt):
+                self._finish_prefill(g, i, logits[i, -1:])
 
-    def _prefill(self, group: _Group) -> None:
-        prompt = group.prompt
-        pre = KVCache.for_model(self.model, batch_size=1, max_len=len(prompt))
-        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        logits = self.model(ids, kv_cache=pre)[:, -1, :]
+    def _embed(self, token: int) -> torch.Tensor:
+        """What the model keeps of a row's last token for smear (GPT.forward: norm(wte(idx)))."""
+        return norm(self.model.transformer.wte(torch.tensor([token], device=self.device)))[0]
+
+    def _start_prefill(self, group: _Group, slot: int) -> None:
+        """Put the longest cached prefix of the prompt (at least one token left to compute) in `slot`."""
+        entry, n = self.prefix.lookup(group.prompt, limit=len(group.prompt) - 1)
+        if entry is not None:
+            self.pre.k[:, slot, :, :n] = entry.k[:, :, :n]
+            self.pre.v[:, slot, :, :n] = entry.v[:, :, :n]
+            if self.pre.last_x is not None:
+                self.pre.last_x[slot] = self._embed(group.prompt[n - 1])
+        self.pre.pos[slot] = n
+        group.done = group.reused = n
+        self.observer.prefix_reuse(n, len(group.prompt))
+
+    def _finish_prefill(self, group: _Group, slot: int, logits: torch.Tensor) -> None:
+        """The prompt is in the prefill row: cache it, copy it into one row per choice, sample."""
+        L = len(group.prompt)
+        self.prefix.insert(group.prompt, self.pre.k[:, slot, :, :L], self.pre.v[:, slot, :, :L])
         greedy = int(logits.argmax(dim=-1))
         for seq in group.seqs:
             if seq.cancelled:
                 self._end(seq, "cancelled")
                 continue
             row = self.rows.index(None)
-            self.cache.copy_rows_from(pre, src_row=0, dst_rows=[row])
+            self.cache.copy_rows_from(self.pre, src_row=slot, dst_rows=[row])
             self.rows[row], seq.row = seq, row
-            seq.state = self.engine.new_row(prompt)
+            seq.state = self.engine.new_row(group.prompt)
             self._accept(seq, self._sample(seq, logits, greedy))
+        self.prefilling[slot] = None
+        self.pre.pos[slot] = 0
 
     def _sample(self, seq: Sequence, logits_row: torch.Tensor, greedy: int) -> int:
         p = seq.params
@@ -407,25 +543,49 @@ class Scheduler:
         if len(seq.tokens) >= limit:
             self._free(seq, "length")
 
+    # -------------------------------------------------------------- decode
     def _padded_keys(self, keys: int) -> int:
         """The key length of a decode step whose longest row needs `keys`: rounded up to kv_bucket."""
         if self.kv_bucket == 0:
             return self.context
         return min(self.context, -(-keys // self.kv_bucket) * self.kv_bucket)
 
+    def _compact(self) -> None:
+        """Move the highest busy row into the lowest free one while that saves a tile."""
+        tiles = lambda rows: -(-rows // self.tile)   # noqa: E731
+        while True:
+            busy = [r for r, s in enumerate(self.rows) if s is not None]
+            if not busy or tiles(busy[-1] + 1) == tiles(len(busy)):
+                return
+            hi, lo = busy[-1], self.rows.index(None)
+            self.cache.copy_rows_from(self.cache, src_row=hi, dst_rows=[lo])
+            self.cache.pos[hi] = 0
+            seq = self.rows[hi]
+            self.rows[lo], self.rows[hi], seq.row = seq, None, lo
+
     def _decode_step(self) -> None:
-        """One forward over every row (fixed shape), then one token for each active sequence."""
-        B = self.max_seqs
-        active = [(r, s) for r, s in enumerate(self.rows) if s is not None]
-        column = [0] * (B + 1)
-        idle = [True] * (B + 1)
+        """One forward over the tiles in use (all rows when not tiled), then one token per active sequence."""
+        if self.tiled:
+            self._compact()
+            busy = max(r for r, s in enumerate(self.rows) if s is not None) + 1
+            n = min(self.max_seqs, -(-busy // self.tile) * self.tile)
+            idle = [r for r in range(n) if self.rows[r] is None]
+            sentinel = idle[-1] if idle else n
+            n = max(n, sentinel + 1, min(self.tile, self.max_seqs + 1))   # never fewer rows than a tile
+        else:   # today's fixed shape: every row plus the spare
+            n = sentinel = self.max_seqs
+            n += 1
+        active = [(r, s) for r, s in enumerate(self.rows[:n]) if s is not None]
+        column = [0] * n
         for r, s in active:
-            column[r], idle[r] = s.tokens[-1], False
-        ids = torch.tensor(column, dtype=torch.long, device=self.device).unsqueeze(1)
-        self.cache.pos[B] = self._padded_keys(int(self.cache.pos[:B].max()) + 1) - 1   # the sentinel
-        logits = self.model(ids, kv_cache=self.cache)[:, -1, :]
+            column[r] = s.tokens[-1]
+        ids = torch.tensor(column, dtype=torch.long).unsqueeze(1).to(self.device)
+        self.cache.pos[sentinel] = self._padded_keys(max(int(self.cache.pos[r]) for r, _ in active) + 1) - 1
+        logits = self.model(ids, kv_cache=_rows_view(self.cache, n))[:, -1, :]
         # idle rows (and the sentinel) go back to empty
-        self.cache.pos.masked_fill_(torch.tensor(idle, device=self.device), 0)
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[[r for r, _ in active]] = True
+        self.cache.pos[:n].masked_fill_(~keep.to(self.device), 0)
         greedy = logits.argmax(dim=-1).tolist()
         self.steps += 1
         for r, s in active:

@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import uvicorn
@@ -28,6 +29,18 @@ def _model_name(cfg: Config, source: Path, meta: dict) -> str:
     if cfg.stage.model_name:
         return cfg.stage.model_name
     return f"nanochat-{source.parent.name}-{meta.get('stage') or source.parent.parent.name}"
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def api_key(cfg: Config) -> Optional[str]:
+    """stage.api_key, else env NANOCHAT_API_KEY, else None (open); warns when others can reach an open server."""
+    key = cfg.stage.api_key or os.environ.get("NANOCHAT_API_KEY") or None
+    if key is None and cfg.stage.host not in LOOPBACK:
+        print(f"[nanochat] WARNING: serving on {cfg.stage.host} without an API key: anyone who can reach this "
+              f"port can use the model. Set stage.api_key=... or NANOCHAT_API_KEY.", flush=True)
+    return key
 
 
 def build_pool(cfg: Config, source: Path, metrics):
@@ -45,7 +58,9 @@ def build_pool(cfg: Config, source: Path, metrics):
         if hw.dtype != "float32" and model.lm_head.weight.device.type != "cpu":
             model = model.to(DTYPES[hw.dtype])
         schedulers.append(Scheduler(model, tokenizer, st.max_seqs, st.max_queue, metrics, name=f"replica{i}",
-                                    kv_bucket=st.kv_bucket))
+                                    kv_bucket=st.kv_bucket, decode_tile=st.decode_tile,
+                                    prefill_rows=st.prefill_rows, prefill_chunk=st.prefill_chunk,
+                                    prefix_cache_mb=st.prefix_cache_mb))
     return ReplicaPool(schedulers).start(), tokenizer, meta
 
 
@@ -65,7 +80,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         limits=Limits(max_messages=st.max_messages, max_message_chars=st.max_message_chars,
                       max_total_chars=st.max_total_chars, max_temperature=st.max_temperature,
                       max_top_k=st.max_top_k, max_max_tokens=st.max_max_tokens, max_n=st.max_seqs),
-        defaults=Defaults(temperature=st.temperature, top_k=st.top_k, max_tokens=st.max_tokens, seed=st.seed))
+        defaults=Defaults(temperature=st.temperature, top_k=st.top_k, max_tokens=st.max_tokens, seed=st.seed),
+        api_key=api_key(cfg))
     app = build_app(pool, tokenizer, settings, metrics)
     server = _Server(uvicorn.Config(app, host=st.host, port=st.port, log_level="warning", access_log=False,
                                     timeout_graceful_shutdown=st.shutdown_grace_s + 2.0, lifespan="off"),

@@ -179,15 +179,7 @@ def check_bf16_vs_fp32(args, dev, precision) -> dict:
     for name, pol in (("fp32", Precision(dev.type)), ("bf16", bf16)):
         model = build_model(cfg, dev, 0)
         model.fused_loss = False                  # the same (plain) loss path under both policies
-        opt = optimizer_for(model)
-        curve = []
-        for step in range(20):
-            with pol.autocast():
-                loss = model(data[step % 4, :, :-1], data[step % 4, :, 1:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            curve.append(loss.item())
+        curve, opt = _train_curve(model, pol, data)
         pol.check_master_weights(model)
         pol.check_optimizer_states(opt)
         curves[name] = curve
@@ -418,20 +410,25 @@ def compile_worker(args) -> None:
                       "matches_eager": abs(loss.item() - ref) <= tol * max(1.0, abs(ref))}), flush=True)
 
 
-def _fp8_curve(cfg, dev, policy, fp8: bool, data, emulate: bool) -> list[float]:
-    model = build_model(cfg, dev, 0)
-    if fp8:
-        convert_fp8(model, "tensorwise", emulate=emulate)
+def _train_curve(model, policy, data, steps: int = 20):
+    """`steps` optimizer steps cycling over the fixed batches in `data`; (losses, optimizer)."""
     opt = optimizer_for(model)
     curve = []
-    for step in range(20):
+    for step in range(steps):
         with policy.autocast():
-            loss = model(data[step % 4, :, :-1], data[step % 4, :, 1:])
+            loss = model(data[step % len(data), :, :-1], data[step % len(data), :, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         curve.append(loss.item())
-    return curve
+    return curve, opt
+
+
+def _fp8_curve(cfg, dev, policy, fp8: bool, data, emulate: bool) -> list[float]:
+    model = build_model(cfg, dev, 0)
+    if fp8:
+        convert_fp8(model, "tensorwise", emulate=emulate)
+    return _train_curve(model, policy, data)[0]
 
 
 def _fp8_step_time(depth, dev, precision, fp8: bool, batch: int) -> tuple[float, float]:

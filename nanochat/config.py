@@ -134,7 +134,8 @@ class StageConfig:
     name: str = "pretrain"
     worker: str = "nanochat.stages.pretrain"
     init_from: Optional[str] = None   # <run dir> | latest | null
-    init_stage: Optional[str] = None  # stage whose runs `latest` searches (null → newest of `sources`)
+    init_stage: Optional[str] = None  # stage whose runs `latest` searches (null → default_source, else newest of `sources`)
+    default_source: Optional[dict] = None  # model.generation → the stage `latest` reads (sft: seed mid, modern pretrain)
     # the stage contract (conf/stage/<name>.yaml declares it; nanochat/stage_plan.py applies it)
     sources: Optional[list] = None    # stages whose runs this one may start from; null → none
     source_tag: str = "same"          # same: `latest` looks at runs with this run's tag | any

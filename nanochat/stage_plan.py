@@ -75,7 +75,9 @@ def planner_for(cfg: Config) -> Planner:
 
 
 def source_candidates(cfg: Config) -> list[str]:
-    """The stages whose runs `init_from=latest` searches: stage.init_stage, else stage.sources."""
+    """The stages whose runs `init_from=latest` searches: stage.init_stage, else the generation's
+    stage.default_source (sft: a modern model starts from pretrain as chat_sft does, a seed one from mid),
+    else every stage of stage.sources (the newest run wins)."""
     st = cfg.stage
     accepted = list(st.sources or [])
     if st.init_stage:
@@ -84,7 +86,8 @@ def source_candidates(cfg: Config) -> list[str]:
                               f"the {st.name} stage starts from a run of: {', '.join(accepted)}",
                               "a source stage this stage does not accept")
         return [st.init_stage]
-    return accepted
+    default = (st.default_source or {}).get(cfg.model.generation)
+    return [default] if default else accepted
 
 
 def check_source(cfg: Config, source: SourceRun) -> None:

@@ -73,6 +73,20 @@ def test_every_stage_declares_its_contract():
         assert st["source_tag"] in ("same", "any")
         cfg = config_from_dict({"stage": st})
         assert callable(planner_for(cfg)), path.name
+        assert set((st.get("default_source") or {}).values()) <= set(st["sources"] or []), path.name
+
+
+def test_sft_latest_source_follows_the_generation():
+    """chat_sft (modern) reads the base run; Dec-2025 SFT (seed) the mid run; init_stage overrides both."""
+    from nanochat.config import ConfigError, config_from_dict
+    from nanochat.stage_plan import source_candidates
+    st = yaml.safe_load((REPO / "conf" / "stage" / "sft.yaml").read_text())
+    cfg = lambda gen, **kw: config_from_dict({"stage": {**st, **kw}, "model": {"generation": gen}})
+    assert source_candidates(cfg("modern")) == ["pretrain"]
+    assert source_candidates(cfg("seed")) == ["mid"]
+    assert source_candidates(cfg("modern", init_stage="mid")) == ["mid"]
+    with pytest.raises(ConfigError, match="stage.init_stage"):
+        source_candidates(cfg("seed", init_stage="rl"))
 
 
 # --------------------------------------------------------------------------- packing (fast)

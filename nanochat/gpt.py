@@ -374,6 +374,7 @@ class KVCache:
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.last_x = torch.zeros(batch_size, n_embd, device=device, dtype=dtype) if n_embd else None
         self.batch_size, self.max_len = batch_size, max_len
+        self.min_keys = 0   # forwards attend over at least this many slots (serving pads the key length)
 
     @classmethod
     def for_model(cls, model: "GPT", batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None) -> "KVCache":
@@ -628,7 +629,7 @@ class GPT(nn.Module):
         # cached inference: each row's new tokens sit at pos[b] + t
         pos = kv_cache.pos
         positions = pos.unsqueeze(1) + torch.arange(T, device=device)        # (B, T)
-        S = int(positions.max()) + 1
+        S = max(int(positions.max()) + 1, kv_cache.min_keys)   # slots past a row's position are masked
         if S > kv_cache.max_len:
             raise ValueError(f"KVCache overflow: need {S} positions, cache max_len={kv_cache.max_len}")
         # per-row window masks are built by attention.cached_attention

@@ -18,10 +18,10 @@ def replica_devices(cfg: Config) -> list[str]:
 
 def kv_cache_bytes(cfg: Config, n_kv_head: int, head_dim: int) -> int:
     """Keys + values of one replica: n_layer × rows × positions × kv heads × head_dim, for the decode
-    cache (max_seqs + 1 sentinel rows × context) and the prefill cache (prefill_rows + 1 rows ×
+    cache (max(max_seqs, decode_tile) rows × context) and the prefill cache (prefill_rows rows ×
     context + 32); the prefix cache comes on top (stage.prefix_cache_mb)."""
     m, st = cfg.model, cfg.stage
-    rows = (st.max_seqs + 1) * m.sequence_len + (st.prefill_rows + 1) * (m.sequence_len + 32)
+    rows = max(st.max_seqs, st.decode_tile) * m.sequence_len + st.prefill_rows * (m.sequence_len + 32)
     return 2 * m.depth * rows * n_kv_head * head_dim * DTYPE_BYTES.get(cfg.hardware.dtype, 4)
 
 

@@ -1,6 +1,6 @@
 """The serving scheduler: one model replica, every active sequence in one forward per decode step.
 
-A replica owns a KV cache with `max_seqs` rows (+1 spare); each decoding sequence holds one row.
+A replica owns a KV cache with `max_seqs` rows; each decoding sequence holds one row.
 A background thread loops:
 
     1. drop cancelled sequences (client gone) and free their rows
@@ -25,9 +25,10 @@ a row's numbers must not depend on its neighbours. Three things make that so:
     self-check at start-up compares a `decode_tile`-row forward with a full-width one, and if
     they differ bitwise, e.g. on a GPU whose GEMM picks kernels by shape, the scheduler falls
     back to computing all rows every step, one prompt per prefill, no prefix cache);
-  - the key length of every forward is set by a sentinel row (an idle row, or the spare one)
-    placed at that position: a decode step's is padded to a multiple of `kv_bucket` (CPU
-    attention kernels vectorize the key axis, so with a length that is a multiple of the vector
+  - the key length of every forward is set explicitly (KVCache.min_keys, not by an extra row:
+    a 17th row crosses the GEMM's row blocks, the matrix products of 17 rows take ~25% longer
+    than those of 16, and a lone prompt's prefill ~1.5x as long): a decode step's is padded
+    to a multiple of `kv_bucket` (CPU attention kernels vectorize the key axis, so with a length that is a multiple of the vector
     width a row's keys land in the same lanes, and the extra masked keys add exact zeros;
     `kv_bucket=0` pads to the context); a prefill's is 128 or the whole prefill cache (see
     _prefill_step), and its chunks are right-padded so no query block of the attention kernel
@@ -244,9 +245,11 @@ def _chunk_shape(tokens: int) -> int:
     return -(-tokens // Q_BLOCK) * Q_BLOCK
 
 
-def _rows_view(cache: KVCache, n: int) -> KVCache:
-    """The first n rows of `cache` as a KVCache of views: a forward on it writes into `cache`."""
+def _rows_view(cache: KVCache, n: int, keys: int = 0) -> KVCache:
+    """The first n rows of `cache` as a KVCache of views: a forward on it writes into `cache` and
+    attends over at least `keys` slots."""
     view = KVCache.__new__(KVCache)
+    view.min_keys = keys
     view.k, view.v, view.pos = cache.k[:, :n], cache.v[:, :n], cache.pos[:n]
     view.last_x = cache.last_x[:n] if cache.last_x is not None else None
     view.batch_size, view.max_len = n, cache.max_len
@@ -281,10 +284,10 @@ class Scheduler:
         self.tiled = self._rows_are_independent()
         self.prefill_rows = prefill_rows if self.tiled else 1
         self.prefix = PrefixCache(int(prefix_cache_mb * 2 ** 20) if self.tiled else 0)
-        # one spare row: the sentinel that pads the key length when every row of a step is busy
-        self.cache = KVCache.for_model(model, batch_size=max_seqs + 1, max_len=self.context)
+        # at least a tile of rows: a decode step never runs fewer (see _rows_are_independent)
+        self.cache = KVCache.for_model(model, batch_size=max(max_seqs, decode_tile), max_len=self.context)
         # the prefill cache has room for a last chunk padded to its shape (see _chunk_shape)
-        self.pre = KVCache.for_model(model, batch_size=self.prefill_rows + 1, max_len=self.context + Q_BLOCK)
+        self.pre = KVCache.for_model(model, batch_size=self.prefill_rows, max_len=self.context + Q_BLOCK)
         self.rows: list[Optional[Sequence]] = [None] * max_seqs
         self.prefilling: list[Optional[_Group]] = [None] * self.prefill_rows
         self.waiting: deque[_Group] = deque()
@@ -453,9 +456,9 @@ class Scheduler:
             return
         T = min(self.prefill_chunk, max(len(g.prompt) - g.done for _, g in busy))
         T = _chunk_shape(T)
-        # rows [0, n) of the prefill cache, the last one the sentinel; T >= MIN_ROWS keeps every
-        # matrix product at >= MIN_ROWS rows, and so does taking MIN_ROWS logits per row
-        n = busy[-1][0] + 2
+        # rows [0, n) of the prefill cache; T >= MIN_ROWS keeps every matrix product at >= MIN_ROWS
+        # rows, and so does taking MIN_ROWS logits per row
+        n = busy[-1][0] + 1
         ids = torch.zeros(n, T, dtype=torch.long)
         last = torch.zeros(n, dtype=torch.long)   # each row's last real token: the logits it needs
         chunks = {}
@@ -468,11 +471,11 @@ class Scheduler:
         # a key length padded to kv_bucket is not enough here (queries past 128 round differently for
         # key lengths 192, 256 and 512), while queries below 128 agree for 128 and the whole cache
         keys = max(g.done for _, g in busy) + T
-        self.pre.pos[n - 1] = (SHORT_KEYS if keys <= SHORT_KEYS else self.pre.max_len) - T
+        keys = SHORT_KEYS if keys <= SHORT_KEYS else self.pre.max_len
         at = (last.unsqueeze(1) - torch.arange(MIN_ROWS - 1, -1, -1)).clamp(min=0)   # (n, MIN_ROWS), last one last
-        logits = self.model(ids.to(self.device), kv_cache=_rows_view(self.pre, n), logits_at=at.to(self.device))
+        logits = self.model(ids.to(self.device), kv_cache=_rows_view(self.pre, n, keys), logits_at=at.to(self.device))
         self.prefill_steps += 1
-        self.pre.pos[:n] = 0   # free rows and the sentinel go back to empty; busy rows are set below
+        self.pre.pos[:n] = 0   # free rows go back to empty; busy rows are set below
         for i, g in busy:
             g.done += len(chunks[i])
             self.pre.pos[i] = g.done
@@ -568,21 +571,17 @@ class Scheduler:
         if self.tiled:
             self._compact()
             busy = max(r for r, s in enumerate(self.rows) if s is not None) + 1
-            n = min(self.max_seqs, -(-busy // self.tile) * self.tile)
-            idle = [r for r in range(n) if self.rows[r] is None]
-            sentinel = idle[-1] if idle else n
-            n = max(n, sentinel + 1, min(self.tile, self.max_seqs + 1))   # never fewer rows than a tile
-        else:   # today's fixed shape: every row plus the spare
-            n = sentinel = self.max_seqs
-            n += 1
+            n = max(self.tile, min(self.max_seqs, -(-busy // self.tile) * self.tile))   # never fewer than a tile
+        else:   # one fixed shape: every row
+            n = self.cache.batch_size
         active = [(r, s) for r, s in enumerate(self.rows[:n]) if s is not None]
         column = [0] * n
         for r, s in active:
             column[r] = s.tokens[-1]
         ids = torch.tensor(column, dtype=torch.long).unsqueeze(1).to(self.device)
-        self.cache.pos[sentinel] = self._padded_keys(max(int(self.cache.pos[r]) for r, _ in active) + 1) - 1
-        logits = self.model(ids, kv_cache=_rows_view(self.cache, n))[:, -1, :]
-        # idle rows (and the sentinel) go back to empty
+        keys = self._padded_keys(max(int(self.cache.pos[r]) for r, _ in active) + 1)
+        logits = self.model(ids, kv_cache=_rows_view(self.cache, n, keys))[:, -1, :]
+        # idle rows go back to empty
         keep = torch.zeros(n, dtype=torch.bool)
         keep[[r for r, _ in active]] = True
         self.cache.pos[:n].masked_fill_(~keep.to(self.device), 0)

@@ -112,6 +112,24 @@ def measured_matmul_flops(dev: torch.device, dtype: torch.dtype, n: int = 1024, 
 
 # ----------------------------------------------------------------------------- checks
 
+def _timed_steps(fwd, opt, x, precision, dev, steps: int, warm: int) -> tuple[float, list[float]]:
+    """`warm` untimed then `steps` timed training steps on batch x; (median step seconds, every loss)."""
+    times, losses = [], []
+    for i in range(steps + warm):
+        sync(dev)
+        t0 = time.perf_counter()
+        with precision.autocast():
+            loss = fwd(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        sync(dev)
+        if i >= warm:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], losses
+
+
 def check_train_step(args, dev, precision) -> dict:
     if args.quick or dev.type != "cuda":
         grid = [(2, "seed", False), (2, "modern", False)] + ([(2, "seed", True)] if args.compile else [])
@@ -131,21 +149,7 @@ def check_train_step(args, dev, precision) -> dict:
         x = torch.randint(0, vocab, (batch, seq + 1), device=dev, generator=torch.Generator(dev).manual_seed(0))
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        times, losses = [], []
-        warm = 2 if dev.type == "cuda" else 1
-        for i in range(steps + warm):    # warm-up steps (compile, allocator, autotune)
-            sync(dev)
-            t0 = time.perf_counter()
-            with precision.autocast():
-                loss = fwd(x[:, :-1], x[:, 1:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            sync(dev)
-            if i >= warm:
-                times.append(time.perf_counter() - t0)
-        dt = sorted(times)[len(times) // 2]
+        dt, losses = _timed_steps(fwd, opt, x, precision, dev, steps, warm=2 if dev.type == "cuda" else 1)
         tok_s = batch * seq / dt
         flops_per_token = model.estimate_flops()
         mfu = flops_per_token * tok_s / peak
@@ -439,22 +443,10 @@ def _fp8_step_time(depth, dev, precision, fp8: bool, batch: int) -> tuple[float,
     opt = optimizer_for(model)
     fwd = torch.compile(model, dynamic=False)
     x = torch.randint(0, 32768, (batch, 2049), device=dev, generator=torch.Generator(dev).manual_seed(0))
-    times = []
-    for i in range(8):
-        sync(dev)
-        t0 = time.perf_counter()
-        with precision.autocast():
-            loss = fwd(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(dev)
-        if i >= 3:   # compile and autotune first
-            times.append(time.perf_counter() - t0)
+    dt, losses = _timed_steps(fwd, opt, x, precision, dev, steps=5, warm=3)   # compile and autotune first
     del model, opt, fwd
     torch.cuda.empty_cache()
-    dt = sorted(times)[len(times) // 2]
-    return batch * 2048 / dt, loss.item()
+    return batch * 2048 / dt, losses[-1]
 
 
 def check_fp8(args, dev, precision) -> dict:

@@ -27,11 +27,8 @@ def _dist() -> tuple[int, int]:
 
 
 def _sum_all(values: list[float], device) -> list[float]:
-    import torch.distributed as dist
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    from nanochat.training import dist_sum
+    return dist_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
 def task_key(spec: Any) -> str:

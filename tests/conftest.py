@@ -2,6 +2,7 @@
 helper that runs `nanochat-run` the way a user does (a subprocess of `python -m launch.run`)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -105,3 +106,22 @@ def stage_root(tiny_pretrained, tmp_path_factory) -> tuple[dict, Path, Path]:
     copy = root / "pretrain" / "d2" / pre.name
     shutil.copytree(pre, copy)
     return dict(env), root, copy
+
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@contextlib.contextmanager
+def headless_chromium():
+    """A Playwright browser on Debian's chromium (no browser download); skips the test when either is missing."""
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.path.exists(chromium):
+        pytest.skip(f"Chromium is not installed ({chromium}); .ci/run installs Debian's chromium package")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()

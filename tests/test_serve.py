@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -33,7 +32,6 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 class ServerProcess:
@@ -334,13 +332,8 @@ def test_full_queue_is_429_with_retry_after(stage_root):
 # --------------------------------------------------------------------------- web UI
 
 def test_web_ui_in_headless_chromium(server, tmp_path):
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"Chromium is not installed ({CHROMIUM}); .ci/run installs Debian's chromium package")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"]
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
+    from conftest import headless_chromium
+    with headless_chromium() as browser:
         page = browser.new_page()
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -378,7 +371,6 @@ def test_web_ui_in_headless_chromium(server, tmp_path):
         shot = tmp_path / "nanochat_ui.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 1000 and not errors, errors
-        browser.close()
 
 
 # --------------------------------------------------------------------------- lifecycle (last: stops the server)

@@ -172,15 +172,8 @@ def test_api_key_with_openai_3(api_server):
 
 def test_web_ui_asks_for_the_key_once(api_server):
     """The UI in headless Chromium: a 401 makes it ask for the key (once), kept in sessionStorage."""
-    import shutil
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    if not os.path.exists(chromium):
-        pytest.skip(f"Chromium is not installed ({chromium}); .ci/run installs Debian's chromium package")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"]
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=args, headless=True)
+    from conftest import headless_chromium
+    with headless_chromium() as browser:
         page = browser.new_page()
         asked, errors = [], []
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -195,7 +188,6 @@ def test_web_ui_asks_for_the_key_once(api_server):
         page.press("#input", "Enter")
         page.wait_for_function("document.querySelectorAll('.msg.assistant .stats').length === 2", timeout=60_000)
         assert len(asked) == 1 and not errors, (asked, errors)   # asked once, not again
-        browser.close()
 
 
 @pytest.mark.slow

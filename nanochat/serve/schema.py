@@ -34,6 +34,10 @@ class ErrorResponse(BaseModel):
 
 # --------------------------------------------------------------------------- responses
 
+# None while a streamed answer goes on; why it ended otherwise
+FinishReason = Optional[Literal["stop", "length", "cancelled", "error"]]
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"]
     content: str
@@ -42,7 +46,7 @@ class ChatMessageOut(BaseModel):
 class Choice(BaseModel):
     index: int
     message: ChatMessageOut
-    finish_reason: Optional[Literal["stop", "length", "cancelled", "error"]]
+    finish_reason: FinishReason
     logprobs: None = None
 
 
@@ -70,7 +74,7 @@ class ChunkDelta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
-    finish_reason: Optional[Literal["stop", "length", "cancelled", "error"]]
+    finish_reason: FinishReason
     logprobs: None = None
 
 

@@ -29,7 +29,7 @@ import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from launch import rundir
 from nanochat.config import Config, ConfigError, config_from_dict, config_to_dict, load_config

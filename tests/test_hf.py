@@ -216,7 +216,7 @@ def test_sharded_bf16_export_loads(tiny, tmp_path):
                  max_shard_bytes=200_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    hf = hf_load(tmp_path, remote=False)
+    hf_load(tmp_path, remote=False)   # transformers loads the sharded dir
     kw, state, _, _ = read_hf_dir(tmp_path)
     for k, v in model.state_dict().items():
         if k != "rope":
@@ -420,7 +420,7 @@ def test_eval_stage_harness_run_and_errors(tiny, tmp_path):
     data = _data_dir()
     env, run, _, _, _ = tiny
     env = dict(env, NANOCHAT_SHARED_DATA=data)
-    args = [f"stage=eval", f"stage.init_from={run}", f"run.root={tmp_path}"]
+    args = ["stage=eval", f"stage.init_from={run}", f"run.root={tmp_path}"]
     p = subprocess.run([sys.executable, "-m", "launch.run", *args, "stage.harness.tasks=[arc_easy,gsm8k]",
                         "stage.harness.limit=3", "stage.harness.num_fewshot=1"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)

@@ -111,7 +111,7 @@ def test_gqa_must_divide():
      "window_pattern": "SL", "sequence_len": 64},
 ])
 def test_analytic_counts_equal_built_model(model):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from nanochat.gpt import GPTConfig, build_model
     model = {"sequence_len": 64, **model}
     p = plan_for(model, {"total_batch_size": 64 * 2, "num_iterations": 1}, {"device_batch_size": 2})

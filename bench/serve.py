@@ -39,6 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nanochat.config import ServeStageConfig  # noqa: E402
+
 DEMO = dict(sequence_len=512, vocab_size=4096, n_layer=4, n_head=2, n_kv_head=2, n_embd=256)
 MAX_SEQS = 16     # our rows per replica; the peer gets the same KV capacity (MAX_SEQS × context tokens)
 CB_BLOCK = 32     # the peer's KV block size (tokens)
@@ -89,12 +91,13 @@ def serve_only(args) -> None:
     from nanochat.serve.app import ServeSettings, build_app
     from nanochat.serve.metrics import ServerMetrics
     from nanochat.serve.scheduler import ReplicaPool, Scheduler
-    torch.set_num_threads(args.threads)
+    sys.setswitchinterval(float(os.environ.get("SWI", "0.005")))
+    torch.set_num_threads(1)   # as the serve stage: the scheduler's thread runs the model (nanochat/stages/serve.py)
     model, tok = load_model(args)
     metrics = ServerMetrics()
     pool = ReplicaPool([Scheduler(model, tok, max_seqs=MAX_SEQS, max_queue=64, observer=metrics,
-                                  prefix_cache_mb=args.prefix_cache_mb)]).start()
-    app = build_app(pool, tok, ServeSettings(model_name="bench"), metrics)
+                                  prefix_cache_mb=args.prefix_cache_mb, threads=int(os.environ.get("SCHED_THREADS", args.threads)))]).start()
+    app = build_app(pool, tok, ServeSettings(model_name="bench", stream_interval_ms=args.stream_interval_ms), metrics)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", lifespan="off")
 
 
@@ -103,8 +106,10 @@ def engine_tok_s(args, prompt: list[int]) -> float:
     import torch
 
     from nanochat.engine import Engine
+    from nanochat.packed import pack_for_inference
     torch.set_num_threads(args.threads)
     model, tok = load_model(args)
+    pack_for_inference(model)   # as the server's model (nanochat/packed.py)
     eng = Engine(model, tok)
     best: dict[int, float] = {}
     short = max(2, args.tokens // 4)
@@ -311,6 +316,8 @@ def main() -> None:
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--prefix-cache-mb", type=float, default=256.0, help=argparse.SUPPRESS)
+    ap.add_argument("--stream-interval-ms", type=float, default=ServeStageConfig.stream_interval_ms,
+                    help="our server's stage.stream_interval_ms (default: the stage's)")
     args = ap.parse_args()
     args.streams = (1, 4, 8, 16)
     if args.short:
@@ -329,7 +336,8 @@ def main() -> None:
                                                         {"role": "assistant", "content": ""}]})
         eng = engine_tok_s(args, first)
         print(f"engine single stream (batch 1, no server): {eng:8.1f} tok/s", flush=True)
-        ours_cmd = [sys.executable, __file__, "--serve-only", "--port={port}", f"--threads={args.threads}"]
+        ours_cmd = [sys.executable, __file__, "--serve-only", "--port={port}", f"--threads={args.threads}",
+                    f"--stream-interval-ms={args.stream_interval_ms}"]
         ours_cmd += [f"--run={args.run}"] if args.run else [f"--model-dir={tmp}"]
         peer_cmd = None
         if args.peer == "transformers":

@@ -122,7 +122,7 @@ def check_serve(cfg: Config) -> None:
     for key, lo in (("max_seqs", 1), ("max_queue", 0), ("max_messages", 1), ("max_message_chars", 1),
                     ("max_total_chars", 1), ("max_top_k", 1), ("max_max_tokens", 1), ("max_tokens", 1),
                     ("top_k", 1), ("decode_tile", 1), ("prefill_rows", 1), ("prefill_chunk", 1),
-                    ("prefix_cache_mb", 0)):
+                    ("prefix_cache_mb", 0), ("stream_interval_ms", 0)):
         if getattr(st, key) < lo:
             raise ConfigError(f"stage.{key}", getattr(st, key), f"use a value >= {lo}", "out of range")
     if st.kv_bucket < 0 or st.kv_bucket % 16:

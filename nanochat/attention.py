@@ -15,9 +15,10 @@ Backends (q, k, v in SDPA layout (B, H, T, D); k/v may have fewer heads: GQA):
 `resolve_backend("auto", device_type)` → flash if installed on CUDA, else flex on CUDA, else sdpa.
 `reference_attention` is the plain softmax math the tests and bench/gpu_check.py compare against.
 
-The KV-cache path (`cached_attention`) is SDPA with an explicit per-row mask for every backend:
-a decode step has T=1..few queries, its cost is reading the cache, and only the keys a window can
-see are read (the cache is sliced to the union of the rows' windows).
+The KV-cache path (`cached_attention`) uses an explicit per-row mask for every backend: SDPA for a
+prefill, plain products for a decode step (one query per row; row-invariant, see there). Its cost
+is reading the cache, and only the keys a window can see are read (the cache is sliced to the union
+of the rows' windows).
 """
 from __future__ import annotations
 
@@ -200,22 +201,49 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask, scale=scale, enable_gqa=gqa)
 
 
+def cached_window(positions: torch.Tensor, window: int, S: int,
+                  min_position: Optional[int] = None) -> tuple[int, torch.Tensor]:
+    """(lo, mask) for `cached_attention`: the first cache slot any row's window reaches, and the
+    (B, 1, T, S - lo) bool mask of the slots each query sees. One per window per forward: every layer
+    with that window shares it."""
+    first = int(positions.min()) if min_position is None else min_position
+    lo = max(0, first - window + 1)
+    diff = positions.unsqueeze(-1) - torch.arange(lo, S, device=positions.device)   # (B, T, S - lo)
+    return lo, ((diff >= 0) & (diff < window)).unsqueeze(1)
+
+
 def cached_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, positions: torch.Tensor,
-                     window: int, scale: float, min_position: Optional[int] = None) -> torch.Tensor:
+                     window: int, scale: float, min_position: Optional[int] = None,
+                     slots: Optional[tuple[int, torch.Tensor]] = None) -> torch.Tensor:
     """Attention of new queries q (B, H, T, D) at `positions` (B, T) over the cache keys/vals (B, Hkv, S, D).
 
     Row b's query t sees cache slots j with positions[b, t] - window < j <= positions[b, t].
     Only the slots some row's window reaches are read (decode cost ~ window, not S).
     min_position: positions.min() if the caller has it (saves a device sync per layer).
+    slots: `cached_window(...)` if the caller built it already (once per forward, not per layer).
+
+    One query per row (a decode step) runs as plain products instead of SDPA: CPU SDPA splits a
+    single query's keys across threads when there are few rows, so a row's rounding would depend on
+    how many rows run with it; the products are row-wise the same for any number of rows (and
+    faster at this size). Prefill (several queries) stays on SDPA.
     """
     S = keys.size(-2)
-    first = int(positions.min()) if min_position is None else min_position
-    lo = max(0, first - window + 1)
-    j = torch.arange(lo, S, device=q.device)
-    diff = positions.unsqueeze(-1) - j                                     # (B, T, S - lo)
-    mask = ((diff >= 0) & (diff < window)).unsqueeze(1)                    # (B, 1, T, S - lo)
+    lo, mask = slots if slots is not None else cached_window(positions, window, S, min_position)
     k, v = keys[:, :, lo:S].to(q.dtype), vals[:, :, lo:S].to(q.dtype)
+    if q.size(-2) == 1:
+        return _decode_attention(q, k, v, mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.size(1) != q.size(1))
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """softmax(q·kᵀ·scale, masked)·v for q (B, H, 1, D); the query heads sharing a kv head (GQA) go
+    through one product as rows of a (B, Hkv, H/Hkv, D) block."""
+    B, H, _, D = q.shape
+    Hkv = k.size(1)
+    qg = q.reshape(B, Hkv, H // Hkv, D)
+    s = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale).masked_fill_(~mask, float("-inf"))   # (B, Hkv, H/Hkv, S)
+    return torch.matmul(torch.softmax(s, dim=-1), v).view(B, H, 1, D)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,

@@ -274,10 +274,11 @@ class ServeStageConfig(StageConfig):
     max_seqs: int = 16                # concurrent sequences (KV-cache rows) per replica
     max_queue: int = 64               # requests waiting for a row per replica; beyond → 429
     kv_bucket: int = 64               # decode key length padded to a multiple (batch-invariant outputs); 0 = context
-    decode_tile: int = 4              # a decode step computes the rows in use, in tiles of this many rows
+    decode_tile: int = 1              # a decode step computes the rows in use, at least this many
     prefill_rows: int = 16            # prompts prefilled together in one forward
     prefill_chunk: int = 256          # prompt tokens per prefill forward (decode steps run between chunks)
     prefix_cache_mb: float = 256.0    # keys/values of earlier prompts reused by later ones; 0 = off
+    stream_interval_ms: float = 20.0  # streamed tokens go out at most this often, joined per choice; 0 = each
     api_key: Optional[str] = None     # require `Authorization: Bearer <key>` on /v1/* and /chat/completions
     retry_after_s: int = 1            # Retry-After of a 429
     shutdown_grace_s: float = 5.0     # on SIGINT/SIGTERM: in-flight streams get this long to finish

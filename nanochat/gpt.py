@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.attention import cached_attention, causal_attention, resolve_backend
+from nanochat.attention import cached_attention, cached_window, causal_attention, resolve_backend
 
 VE_GATE_CHANNELS = 12   # value-embedding gate reads this many leading channels of the block input
 VE_GATE_SCALE = 3.0     # the gate is VE_GATE_SCALE·sigmoid(.), in (0, 3)
@@ -166,6 +166,12 @@ def analytic_num_params(config: GPTConfig) -> int:
 
 # ----------------------------------------------------------------------------- helpers
 
+def _rms_norm_forward(x: torch.Tensor, eps: float, with_rstd: bool = False):
+    ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    rstd = torch.rsqrt(ss.square_().div_(x.size(-1)).add_(eps))
+    return (x * rstd, rstd) if with_rstd else x * rstd
+
+
 class _RMSNorm(torch.autograd.Function):
     """Parameter-free RMSNorm with a lean backward (2 passes forward, 3 backward).
 
@@ -174,10 +180,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, eps: float):
-        D = x.size(-1)
-        ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        rstd = torch.rsqrt(ss.square_().div_(D).add_(eps))
-        y = x * rstd
+        y, rstd = _rms_norm_forward(x, eps, with_rstd=True)
         ctx.save_for_backward(y, rstd)
         return y
 
@@ -191,6 +194,8 @@ class _RMSNorm(torch.autograd.Function):
 def norm(x: torch.Tensor) -> torch.Tensor:
     """Parameter-free RMSNorm over the last dim (eps = dtype's machine epsilon, as F.rms_norm)."""
     if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not torch.is_grad_enabled():   # inference: the same ops without the autograd Function's overhead
+            return _rms_norm_forward(x, torch.finfo(x.dtype).eps)
         return _RMSNorm.apply(x, torch.finfo(x.dtype).eps)
     return F.rms_norm(x, (x.size(-1),))
 
@@ -213,6 +218,9 @@ class _ReluSquared(torch.autograd.Function):
 def relu_squared(h: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return F.relu(h).square()
+    if not torch.is_grad_enabled():   # inference: _ReluSquared.forward's ops without the autograd overhead
+        r = torch.relu(h)
+        return r * r
     return _ReluSquared.apply(h)
 
 
@@ -421,11 +429,14 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(d, d, bias=False)
         self.ve_gate = (nn.Linear(VE_GATE_CHANNELS, config.n_kv_head, bias=False)
                         if config.value_embeds and has_value_embed(layer_idx, config.n_layer) else None)
+        self.c_qkv = None   # one prepacked q/k/v product for inference (nanochat/packed.py)
 
     def forward(self, x, ve, rope, window: int, kv_cache: Optional[KVCache], attn_mask):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        if type(self.c_q) is nn.Linear:
+        if self.c_qkv is not None:
+            qkv = self.c_qkv(x).view(B, T, H + 2 * Hkv, D)
+        elif type(self.c_q) is nn.Linear:
             # one matmul for q, k, v (same math as three Linears; fewer, larger GEMMs)
             w = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
             qkv = F.linear(x, w).view(B, T, H + 2 * Hkv, D)
@@ -456,7 +467,8 @@ class CausalSelfAttention(nn.Module):
         cache.k[li][rows, :, positions] = k.to(cache.k.dtype)
         cache.v[li][rows, :, positions] = v.to(cache.v.dtype)
         keys, vals = cache.k[li, :, :, :S], cache.v[li, :, :, :S]
-        return cached_attention(q.transpose(1, 2), keys, vals, positions, window, scale, attn_mask["min_pos"])
+        return cached_attention(q.transpose(1, 2), keys, vals, positions, window, scale, attn_mask["min_pos"],
+                                attn_mask["slots"][window])
 
 
 class MLP(nn.Module):
@@ -629,11 +641,14 @@ class GPT(nn.Module):
         # cached inference: each row's new tokens sit at pos[b] + t
         pos = kv_cache.pos
         positions = pos.unsqueeze(1) + torch.arange(T, device=device)        # (B, T)
-        S = max(int(positions.max()) + 1, kv_cache.min_keys)   # slots past a row's position are masked
+        last = int(positions.max())
+        S = max(last + 1, kv_cache.min_keys)   # slots past a row's position are masked
         if S > kv_cache.max_len:
             raise ValueError(f"KVCache overflow: need {S} positions, cache max_len={kv_cache.max_len}")
-        # per-row window masks are built by attention.cached_attention
-        return {"positions": positions, "S": S, "min_pos": int(positions.min())}
+        # per-row window masks: one per distinct window, shared by the layers with that window
+        first = int(positions.min())
+        slots = {w: cached_window(positions, w, S, first) for w in set(self.windows)}
+        return {"positions": positions, "S": S, "min_pos": first, "max_pos": last, "slots": slots}
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 kv_cache: Optional[KVCache] = None, loss_reduction: str = "mean",
@@ -649,8 +664,8 @@ class GPT(nn.Module):
             rope = self.rope[None, :T, None]
         else:
             positions = masks["positions"]
-            if int(positions.max()) >= self.rotary_len:
-                raise ValueError(f"position {int(positions.max())} exceeds the RoPE table ({self.rotary_len})")
+            if masks["max_pos"] >= self.rotary_len:
+                raise ValueError(f"position {masks['max_pos']} exceeds the RoPE table ({self.rotary_len})")
             rope = self.rope[positions].unsqueeze(2)
 
         x = norm(self.transformer.wte(idx))

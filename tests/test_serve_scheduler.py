@@ -213,19 +213,29 @@ def test_prefix_cache_and_chunked_prefill_give_identical_outputs(tok, model):
 
 def test_prefix_cache_evicts_least_recently_used_within_budget(tok, model):
     from nanochat.serve.prefix_cache import PrefixCache
-    kv = lambda n: torch.ones(2, 1, n, 32)      # noqa: E731  (layers, kv heads, tokens, head dim)
-    per_token = 2 * 2 * 32 * 4                  # k and v, float32
-    cache = PrefixCache(budget_bytes=100 * per_token, block=16)
+    kv = lambda n: torch.randn(2, 1, n, 32)     # noqa: E731  (layers, kv heads, tokens, head dim)
+    per_block = 2 * 2 * 16 * 32 * 4             # k and v of 16 tokens, float32
+    cache = PrefixCache(budget_bytes=5 * per_block, block=16)   # a pool of 5 blocks
     a, b, c = list(range(40)), list(range(100, 140)), list(range(200, 240))
-    assert cache.insert(a, kv(40), kv(40)) and cache.insert(b, kv(40), kv(40))
-    assert cache.lookup(a + [7, 8], limit=41)[1] == 32          # block-aligned, a use: `a` is now newest
-    assert cache.insert(c, kv(40), kv(40))                       # over budget: evicts b (least recently used)
-    assert cache.used <= cache.budget and cache.evictions == 1
-    assert cache.lookup(b + [1], limit=41)[0] is None
-    assert cache.lookup(a[:20] + [9] * 20, limit=40)[1] == 16    # a shared beginning is reused too
-    assert cache.lookup(c, limit=39)[1] == 32 and cache.lookup([5] * 40, limit=39)[0] is None
-    assert not cache.insert(list(range(500)), kv(500), kv(500))   # larger than the whole budget: not stored
-    assert not PrefixCache(0).insert(a, kv(40), kv(40))          # budget 0: off
+    ka, va = kv(40), kv(40)
+    assert cache.insert(a, ka, va) == 2 and cache.insert(b, kv(40), kv(40)) == 2    # whole blocks only
+    assert len(cache.lookup(a + [7, 8], limit=41)) == 2          # block-aligned, a use: `a` is now newest
+    # what comes back is bitwise what went in
+    blocks = cache.lookup(a, limit=39)
+    k_out, v_out = torch.zeros(2, 1, 32, 32), torch.zeros(2, 1, 32, 32)
+    cache.read(blocks, k_out, v_out)
+    assert torch.equal(k_out, ka[:, :, :32]) and torch.equal(v_out, va[:, :, :32])
+    # a longer prompt with the same beginning stores only its new blocks (shared prefix)
+    assert cache.insert(a + list(range(900, 908)), kv(48), kv(48)) == 1 and cache.stats()["blocks"] == 5
+    assert cache.insert(c, kv(40), kv(40)) == 2                  # full: evicts b's blocks (least recently used)
+    assert cache.used <= cache.budget and cache.evictions == 2
+    assert cache.lookup(b + [1], limit=41) == []
+    assert len(cache.lookup(a[:20] + [9] * 20, limit=40)) == 1   # a shared beginning is reused too
+    assert len(cache.lookup(c, limit=39)) == 2 and cache.lookup([5] * 40, limit=39) == []
+    assert cache.insert(list(range(500, 600)), kv(100), kv(100)) <= 5   # larger than the pool: what fits
+    assert cache.used <= cache.budget
+    assert PrefixCache(0).insert(a, kv(40), kv(40)) == 0          # budget 0: off
+    assert PrefixCache(per_block - 1).insert(a, kv(40), kv(40)) == 0   # not even one block: off
     # in the scheduler: a budget of one conversation keeps the newest and evicts the rest
     bos = tok.get_bos_token_id()
     sched = Scheduler(model, tok, max_seqs=2, prefix_cache_mb=0.05)
@@ -235,6 +245,6 @@ def test_prefix_cache_evicts_least_recently_used_within_budget(tok, model):
             p = [bos] + tok.encode(f"conversation {i}: " + "abc def " * 8)
             _collect(_submit(sched, p, [SamplingParams(max_tokens=2, temperature=0)])[1][0])
         st = sched.prefix.stats()
-        assert st["evictions"] >= 2 and st["bytes"] <= st["budget_bytes"] and st["entries"] >= 1
+        assert st["evictions"] >= 2 and st["bytes"] <= st["budget_bytes"] and st["blocks"] >= 1
     finally:
         sched.stop()

@@ -47,6 +47,7 @@ class ServeSettings:
     limits: Limits = None  # type: ignore[assignment]
     defaults: Defaults = None  # type: ignore[assignment]
     api_key: Optional[str] = None   # required as `Authorization: Bearer <key>` on /v1/* and /chat/completions
+    stream_interval_ms: float = 0.0  # streamed tokens go out at most this often, joined per choice (_Mailbox)
 
     def __post_init__(self) -> None:
         self.limits = self.limits or Limits()
@@ -63,30 +64,60 @@ def _visible(ev: Event) -> str:
 
 
 class _Mailbox:
-    """Events from scheduler threads into the event loop, one wake-up per batch (not per token):
-    a decode step streams a token to every active sequence, and waking the loop for each would
-    cost a system call and a loop turn per token."""
+    """Events from scheduler threads into the event loop, one wake-up per batch (not per token).
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+    A decode step streams a token to every active sequence; waking the loop for each would cost a
+    system call and a loop turn per token. Beyond that, the loop is woken at most once per
+    `interval` seconds (stage.stream_interval_ms): the tokens that arrived meanwhile go out as one
+    chunk per choice, so the HTTP work (here and in the client) follows the interval, not the token
+    rate, and stays off the cores the model runs on. A stream's first event is never held back
+    (time to first token)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float = 0.0):
+        self.loop, self.interval = loop, interval
         self.lock = threading.Lock()
         self.pending: list[tuple[asyncio.Queue, tuple[int, Event]]] = []
+        self.armed = False          # a flush is scheduled
+        self.last = 0.0             # time.monotonic() of the last flush
 
-    def post(self, queue: asyncio.Queue, item: tuple[int, Event]) -> None:
+    def post(self, queue: asyncio.Queue, item: tuple[int, Event], urgent: bool = False) -> None:
         with self.lock:
             self.pending.append((queue, item))
-            if len(self.pending) > 1:
+            if self.armed and not urgent:
                 return                      # a flush is already scheduled
+            self.armed = True
+            delay = 0.0 if urgent else self.interval - (time.monotonic() - self.last)
         try:
-            self.loop.call_soon_threadsafe(self._flush)
+            self.loop.call_soon_threadsafe(self._arm, delay)
         except RuntimeError:                # the event loop is gone (server stopped): nobody is listening
             pass
+
+    def _arm(self, delay: float) -> None:
+        if delay > 0:
+            self.loop.call_later(delay, self._flush)
+        else:
+            self._flush()
 
     def _flush(self) -> None:
         with self.lock:
             items, self.pending = self.pending, []
+            self.armed, self.last = False, time.monotonic()
         for queue, item in items:
             queue.put_nowait(item)
+
+
+def _merged(batch: list[tuple[int, Event]]) -> list[tuple[int, Event]]:
+    """Consecutive events of one choice and kind joined into one (one chunk for a stretch of tokens)."""
+    out: list[tuple[int, Event]] = []
+    last: dict[int, int] = {}   # choice -> index in out of its latest event
+    for i, ev in batch:
+        j = last.get(i)
+        if j is not None and ev.kind != "done" and out[j][1].kind == ev.kind:
+            out[j] = (i, Event(ev.kind, out[j][1].text + ev.text))
+            continue
+        last[i] = len(out)
+        out.append((i, ev))
+    return out
 
 
 class _Submission:
@@ -102,8 +133,11 @@ class _Submission:
         self.started = time.perf_counter()
 
     def _sink_for(self, i: int):
+        first = [True]
+
         def sink(ev: Event) -> None:
-            self.mailbox.post(self.queue, (i, ev))
+            self.mailbox.post(self.queue, (i, ev), urgent=first[0])   # a first token goes out at once
+            first[0] = False
         return sink
 
     def cancel(self) -> None:
@@ -120,7 +154,7 @@ class _Submission:
                 while not self.queue.empty():
                     batch.append(self.queue.get_nowait())
                 left -= sum(ev.kind == "done" for _, ev in batch)
-                yield batch
+                yield _merged(batch)
         finally:
             self.cancel()   # no-op for finished sequences; frees the rows of a disconnected client
 
@@ -183,7 +217,7 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
         prompt = render_prompt(tokenizer, req.messages, pool.context)
         try:
             if app.state.mailbox is None:
-                app.state.mailbox = _Mailbox(asyncio.get_running_loop())
+                app.state.mailbox = _Mailbox(asyncio.get_running_loop(), settings.stream_interval_ms / 1000)
             return _Submission(pool, prompt, req, defaults.seed, app.state.mailbox), prompt
         except QueueFull as e:
             raise RequestError(str(e), None, "rate_limit_exceeded", status=429, type="rate_limit_error",

@@ -60,6 +60,7 @@ import torch
 
 from nanochat.engine import Engine, RowState, sample_next_token
 from nanochat.gpt import KVCache, norm
+from nanochat.packed import pack_for_inference
 from nanochat.serve.prefix_cache import PrefixCache
 
 TOOL_KINDS = {"<|python_start|>": "python_start", "<|python_end|>": "python_end",
@@ -261,8 +262,8 @@ class Scheduler:
 
     def __init__(self, model, tokenizer, max_seqs: int = 16, max_queue: int = 64,
                  observer: Optional[Observer] = None, name: str = "replica0", kv_bucket: int = 64,
-                 decode_tile: int = 4, prefill_rows: int = 16, prefill_chunk: int = 256,
-                 prefix_cache_mb: float = 256.0):
+                 decode_tile: int = 1, prefill_rows: int = 16, prefill_chunk: int = 256,
+                 prefix_cache_mb: float = 256.0, threads: Optional[int] = None):
         if max_seqs < 1:
             raise ValueError(f"Scheduler(max_seqs={max_seqs}): must be >= 1")
         if kv_bucket < 0:
@@ -273,19 +274,24 @@ class Scheduler:
         if prefix_cache_mb < 0:
             raise ValueError(f"Scheduler(prefix_cache_mb={prefix_cache_mb}): must be >= 0 (0 = no prefix cache)")
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.threads = threads
         self.engine = Engine(model, tokenizer)
         self.device = model.lm_head.weight.device
         self.context = model.config.sequence_len
         self.max_seqs, self.max_queue = max_seqs, max_queue
         self.kv_bucket = kv_bucket
         self.observer = observer or Observer()
-        self.tile, self.prefill_chunk = decode_tile, prefill_chunk
-        # tiles need row-invariant matrix products; without them every step computes every row (see docstring)
-        self.tiled = self._rows_are_independent()
+        self.prefill_chunk = prefill_chunk
+        # prepacked products are row-invariant at any number of rows (nanochat/packed.py); tiles need
+        # row invariance, without it every step computes every row (see the docstring)
+        self.packed = pack_for_inference(model)
+        self.tile = self._pick_tile(decode_tile)
+        self.tiled = self.tile is not None
+        self.tile = self.tile or decode_tile
         self.prefill_rows = prefill_rows if self.tiled else 1
         self.prefix = PrefixCache(int(prefix_cache_mb * 2 ** 20) if self.tiled else 0)
         # at least a tile of rows: a decode step never runs fewer (see _rows_are_independent)
-        self.cache = KVCache.for_model(model, batch_size=max(max_seqs, decode_tile), max_len=self.context)
+        self.cache = KVCache.for_model(model, batch_size=max(max_seqs, self.tile), max_len=self.context)
         # the prefill cache has room for a last chunk padded to its shape (see _chunk_shape)
         self.pre = KVCache.for_model(model, batch_size=self.prefill_rows, max_len=self.context + Q_BLOCK)
         self.rows: list[Optional[Sequence]] = [None] * max_seqs
@@ -301,16 +307,26 @@ class Scheduler:
         self.prefill_steps = 0
         self.generated = 0
 
+    def _pick_tile(self, wanted: int) -> Optional[int]:
+        """The smallest row tile, from `wanted` (then 4), whose rows are row-invariant; None if none is."""
+        for tile in dict.fromkeys((wanted, max(wanted, MIN_ROWS))):
+            if self._rows_are_independent(tile):
+                return tile
+        return None
+
     @torch.inference_mode()
-    def _rows_are_independent(self) -> bool:
-        """Is a row's forward bitwise the same in a `decode_tile`-row batch as in a full-width one?"""
-        wide = max(self.max_seqs + 1, 2 * self.tile)
+    def _rows_are_independent(self, tile: int) -> bool:
+        """Is a row's forward (a prefill, then a decode step over a padded key length) bitwise the same
+        at every width a step can have with tiles of `tile` rows?"""
+        wide = max(self.max_seqs + 1, 2 * tile)
         g = torch.Generator(device="cpu").manual_seed(0)
         ids = torch.randint(0, self.model.config.vocab_size, (wide, 9), generator=g).to(self.device)
+        keys = self._padded_keys(9)
         out = []
-        for b in sorted({*range(self.tile, wide, self.tile), wide}):   # every width a step can have
-            cache = KVCache.for_model(self.model, batch_size=b, max_len=16)
+        for b in sorted({*range(tile, wide, tile), wide}):   # every width a step can have
+            cache = KVCache.for_model(self.model, batch_size=b, max_len=max(16, keys))
             pre = self.model(ids[:b, :8], kv_cache=cache)[0]
+            cache.min_keys = keys
             out.append((pre, self.model(ids[:b, 8:], kv_cache=cache)[0]))
         return all(torch.equal(a, b) for first in out[:1] for o in out[1:] for a, b in zip(first, o))
 
@@ -379,6 +395,8 @@ class Scheduler:
 
     # -------------------------------------------------------------- the loop (scheduler thread)
     def _loop(self) -> None:
+        if self.threads:   # intra-op threads are set per OS thread: this one runs the model
+            torch.set_num_threads(self.threads)
         try:
             with torch.inference_mode():
                 while True:
@@ -490,10 +508,10 @@ class Scheduler:
 
     def _start_prefill(self, group: _Group, slot: int) -> None:
         """Put the longest cached prefix of the prompt (at least one token left to compute) in `slot`."""
-        entry, n = self.prefix.lookup(group.prompt, limit=len(group.prompt) - 1)
-        if entry is not None:
-            self.pre.k[:, slot, :, :n] = entry.k[:, :, :n]
-            self.pre.v[:, slot, :, :n] = entry.v[:, :, :n]
+        blocks = self.prefix.lookup(group.prompt, limit=len(group.prompt) - 1)
+        n = len(blocks) * self.prefix.block
+        if blocks:
+            self.prefix.read(blocks, self.pre.k[:, slot, :, :n], self.pre.v[:, slot, :, :n])
             if self.pre.last_x is not None:
                 self.pre.last_x[slot] = self._embed(group.prompt[n - 1])
         self.pre.pos[slot] = n
@@ -502,8 +520,6 @@ class Scheduler:
 
     def _finish_prefill(self, group: _Group, slot: int, logits: torch.Tensor) -> None:
         """The prompt is in the prefill row: cache it, copy it into one row per choice, sample."""
-        L = len(group.prompt)
-        self.prefix.insert(group.prompt, self.pre.k[:, slot, :, :L], self.pre.v[:, slot, :, :L])
         greedy = int(logits.argmax(dim=-1))
         for seq in group.seqs:
             if seq.cancelled:
@@ -514,6 +530,9 @@ class Scheduler:
             self.rows[row], seq.row = seq, row
             seq.state = self.engine.new_row(group.prompt)
             self._accept(seq, self._sample(seq, logits, greedy))
+        # cached after the first tokens went out (time to first token); only its new blocks are copied
+        L = len(group.prompt)
+        self.prefix.insert(group.prompt, self.pre.k[:, slot, :, :L], self.pre.v[:, slot, :, :L])
         self.prefilling[slot] = None
         self.pre.pos[slot] = 0
 

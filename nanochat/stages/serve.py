@@ -50,8 +50,13 @@ def build_pool(cfg: Config, source: Path, metrics):
     from nanochat.serve.scheduler import ReplicaPool, Scheduler
     st, hw = cfg.stage, cfg.hardware
     devices = replica_devices(cfg)
+    threads = None
     if devices[0] == "cpu":
-        torch.set_num_threads(hw.num_threads or os.cpu_count() or 1)
+        # the model runs in the scheduler's thread with all the cores; this (HTTP) thread stays on one:
+        # once an OpenMP pool of several threads has run here, it competes with the scheduler's for the
+        # cores and a decode step takes ~2x as long
+        threads = hw.num_threads or os.cpu_count() or 1
+        torch.set_num_threads(1)
     schedulers, tokenizer, meta = [], None, {}
     for i, dev in enumerate(devices):
         model, tokenizer, meta = load(source, dev)
@@ -60,7 +65,7 @@ def build_pool(cfg: Config, source: Path, metrics):
         schedulers.append(Scheduler(model, tokenizer, st.max_seqs, st.max_queue, metrics, name=f"replica{i}",
                                     kv_bucket=st.kv_bucket, decode_tile=st.decode_tile,
                                     prefill_rows=st.prefill_rows, prefill_chunk=st.prefill_chunk,
-                                    prefix_cache_mb=st.prefix_cache_mb))
+                                    prefix_cache_mb=st.prefix_cache_mb, threads=threads))
     return ReplicaPool(schedulers).start(), tokenizer, meta
 
 
@@ -77,6 +82,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     pool, tokenizer, meta = build_pool(cfg, source, metrics)
     settings = ServeSettings(
         model_name=_model_name(cfg, source, meta), retry_after_s=st.retry_after_s,
+        stream_interval_ms=st.stream_interval_ms,
         limits=Limits(max_messages=st.max_messages, max_message_chars=st.max_message_chars,
                       max_total_chars=st.max_total_chars, max_temperature=st.max_temperature,
                       max_top_k=st.max_top_k, max_max_tokens=st.max_max_tokens, max_n=st.max_seqs),

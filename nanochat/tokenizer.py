@@ -13,7 +13,6 @@ Artifact layout, `<base_dir>/tokenizer/<name>/`:
 from __future__ import annotations
 
 import base64
-import copy
 import json
 import logging
 import re
@@ -184,8 +183,7 @@ class Tokenizer:
         if messages[-1].get("role") != "assistant":
             raise ValueError("render_for_completion expects the last message to be the assistant's "
                              f"(it is dropped and regenerated), got role {messages[-1].get('role')!r}")
-        conv = copy.deepcopy(dict(conversation))
-        conv["messages"] = list(messages[:-1])
+        conv = {**conversation, "messages": list(messages[:-1])}   # render_conversation does not mutate
         ids, _ = self.render_conversation(conv, max_tokens=10**9)
         ids.append(self.special_tokens["<|assistant_start|>"])
         return ids

@@ -169,7 +169,7 @@ def test_16_concurrent_streams_equal_solo(server):
             async def watch():
                 while True:
                     seen_active.append((await client.get(server.url + "health")).json()["replicas"][0]["active"])
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.01)
             watcher = asyncio.ensure_future(watch())
             together = await asyncio.gather(*[_stream_text(client, server.url, b) for b in bodies])
             watcher.cancel()

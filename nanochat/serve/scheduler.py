@@ -362,6 +362,12 @@ class Scheduler:
             self._cv.notify()
         return group.seqs
 
+    def _can_start(self) -> bool:
+        """Is a waiting prompt ready to start prefilling (a prefill slot and its rows free)?"""
+        with self._cv:
+            return (bool(self.waiting) and None in self.prefilling
+                    and self._unreserved_rows() >= len(self.waiting[0].seqs))
+
     def free_rows(self) -> int:
         return sum(r is None for r in self.rows)
 
@@ -407,6 +413,8 @@ class Scheduler:
                             break
                     self._drop_cancelled()
                     self._prefill_step()
+                    if self._can_start():   # prompts arrived during that prefill: start them first (TTFT)
+                        continue
                     if self.active():
                         self._decode_step()
         except Exception as e:  # a bug must not hang every client: end their streams with the error
@@ -489,7 +497,7 @@ class Scheduler:
         # a key length padded to kv_bucket is not enough here (queries past 128 round differently for
         # key lengths 192, 256 and 512), while queries below 128 agree for 128 and the whole cache
         keys = max(g.done for _, g in busy) + T
-        keys = SHORT_KEYS if keys <= SHORT_KEYS else self.pre.max_len
+        keys = -(-keys // Q_BLOCK) * Q_BLOCK if keys <= SHORT_KEYS else self.pre.max_len
         at = (last.unsqueeze(1) - torch.arange(MIN_ROWS - 1, -1, -1)).clamp(min=0)   # (n, MIN_ROWS), last one last
         logits = self.model(ids.to(self.device), kv_cache=_rows_view(self.pre, n, keys), logits_at=at.to(self.device))
         self.prefill_steps += 1

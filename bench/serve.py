@@ -91,12 +91,11 @@ def serve_only(args) -> None:
     from nanochat.serve.app import ServeSettings, build_app
     from nanochat.serve.metrics import ServerMetrics
     from nanochat.serve.scheduler import ReplicaPool, Scheduler
-    sys.setswitchinterval(float(os.environ.get("SWI", "0.005")))
     torch.set_num_threads(1)   # as the serve stage: the scheduler's thread runs the model (nanochat/stages/serve.py)
     model, tok = load_model(args)
     metrics = ServerMetrics()
     pool = ReplicaPool([Scheduler(model, tok, max_seqs=MAX_SEQS, max_queue=64, observer=metrics,
-                                  prefix_cache_mb=args.prefix_cache_mb, threads=int(os.environ.get("SCHED_THREADS", args.threads)))]).start()
+                                  prefix_cache_mb=args.prefix_cache_mb, threads=args.threads, warmup=True)]).start()
     app = build_app(pool, tok, ServeSettings(model_name="bench", stream_interval_ms=args.stream_interval_ms), metrics)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", lifespan="off")
 

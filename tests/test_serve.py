@@ -45,6 +45,18 @@ class ServerProcess:
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._read, daemon=True).start()
         self.url = self._wait_url(timeout=240)
+        self._wait_ready(timeout=120)
+
+    def _wait_ready(self, timeout: float) -> None:
+        """/health answers 503 "warming" until the idle-time warm-up has run every prefill shape."""
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            r = httpx.get(self.url + "health", timeout=10)
+            if r.status_code == 200:
+                return
+            assert r.json()["status"] == "warming", r.text
+            time.sleep(0.1)
+        raise AssertionError("server never became ready")
 
     def _read(self) -> None:
         for line in self.proc.stdout:

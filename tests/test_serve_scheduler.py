@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import textwrap
+import time
 
 import pytest
 import torch
@@ -248,3 +249,29 @@ def test_prefix_cache_evicts_least_recently_used_within_budget(tok, model):
         assert st["evictions"] >= 2 and st["bytes"] <= st["budget_bytes"] and st["blocks"] >= 1
     finally:
         sched.stop()
+
+
+def test_idle_warm_up_runs_every_prefill_shape_once(tok, model):
+    """warmup=True: while idle the scheduler runs each prefill shape once (CPU kernels are built on
+    the first product of a shape); requests are served meanwhile and their outputs do not change."""
+    bos = tok.get_bos_token_id()
+    p = [bos] + tok.encode("warm me up " * 3)
+    cold = Scheduler(model, tok, max_seqs=4, warmup=False).start()
+    warm = Scheduler(model, tok, max_seqs=4, warmup=True, prefill_chunk=4096)   # chunks are capped by the context
+    try:
+        assert not cold.warming and warm.warming and len(warm._warm) == len(warm._warm_shapes())
+        shapes = warm._warm_shapes()
+        assert (1, 8) in shapes and all(T % 8 == 0 for _, T in shapes) and max(n for n, _ in shapes) == warm.prefill_rows
+        assert max(T for _, T in shapes) <= model.config.sequence_len
+        warm.start()
+        greedy = SamplingParams(max_tokens=16, temperature=0)
+        got = _collect(_submit(warm, p, [greedy])[1][0])          # served while (or after) warming
+        assert got == _collect(_submit(cold, p, [greedy])[1][0])
+        t0 = time.time()
+        while warm.warming and time.time() - t0 < 60:
+            time.sleep(0.05)
+        assert not warm.warming and warm.idle()
+        assert _collect(_submit(warm, p, [greedy])[1][0]) == got
+    finally:
+        cold.stop()
+        warm.stop()

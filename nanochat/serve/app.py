@@ -379,13 +379,15 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
 
     # ------------------------------------------------------------------ ops
     @app.get("/health", responses={200: {"model": schema.Health, "description": "ready"},
-                                   503: {"model": schema.Health, "description": "shutting down"}})
+                                   503: {"model": schema.Health, "description": "warming up (first start) or shutting down"}})
     async def health():
         reps = [{"name": s.name, "device": str(s.device), "active": s.active(), "free_rows": s.free_rows(),
                  "waiting": len(s.waiting), "max_seqs": s.max_seqs} for s in pool.schedulers]
-        ready = not app.state.draining
+        warming = any(s.warming for s in pool.schedulers)   # requests are served meanwhile, just not at full speed
+        ready = not app.state.draining and not warming
+        status = "draining" if app.state.draining else "warming" if warming else "ok"
         metrics.request("/health", 200 if ready else 503)
-        return JSONResponse({"status": "ok" if ready else "draining", "ready": ready, "model": settings.model_name,
+        return JSONResponse({"status": status, "ready": ready, "model": settings.model_name,
                              "replicas": reps, "free_slots": pool.free_rows(), "context": pool.context},
                             status_code=200 if ready else 503)
 

@@ -234,16 +234,16 @@ class Observer:
 # CPU attention (flash, for CPU) splits the queries of a forward into blocks of 32 (64, 256 for long
 # inputs); a block of fewer than MIN_ROWS queries takes a matrix-vector path with other rounding.
 Q_BLOCK, MIN_ROWS = 32, 4
+CHUNK_STEP = 8   # prefill chunks are padded to a multiple of this many tokens (>= MIN_ROWS)
 SHORT_KEYS = 128   # key length of a prefill forward whose chunks all end within it (see _prefill_step)
 
 
 def _chunk_shape(tokens: int) -> int:
-    """The query length a prefill chunk of `tokens` runs at (right-padded), so that no query block of
-    the attention kernel has fewer than MIN_ROWS rows: then a token's keys/values are bitwise the same
-    however the prompt was cut into chunks or batched with others."""
-    if tokens <= Q_BLOCK:
-        return max(MIN_ROWS, tokens)
-    return -(-tokens // Q_BLOCK) * Q_BLOCK
+    """The query length a prefill chunk of `tokens` runs at: right-padded to a multiple of CHUNK_STEP.
+    The attention kernel's query blocks (32 rows, 64 from 192) then never have fewer than MIN_ROWS
+    rows, so a token's keys/values are bitwise the same however the prompt was cut into chunks or
+    batched with others; and the few distinct shapes are quick to warm up (see _warm_step)."""
+    return -(-max(tokens, 1) // CHUNK_STEP) * CHUNK_STEP
 
 
 def _rows_view(cache: KVCache, n: int, keys: int = 0) -> KVCache:
@@ -263,7 +263,7 @@ class Scheduler:
     def __init__(self, model, tokenizer, max_seqs: int = 16, max_queue: int = 64,
                  observer: Optional[Observer] = None, name: str = "replica0", kv_bucket: int = 64,
                  decode_tile: int = 1, prefill_rows: int = 16, prefill_chunk: int = 256,
-                 prefix_cache_mb: float = 256.0, threads: Optional[int] = None):
+                 prefix_cache_mb: float = 256.0, threads: Optional[int] = None, warmup: bool = False):
         if max_seqs < 1:
             raise ValueError(f"Scheduler(max_seqs={max_seqs}): must be >= 1")
         if kv_bucket < 0:
@@ -284,7 +284,8 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         # prepacked products are row-invariant at any number of rows (nanochat/packed.py); tiles need
         # row invariance, without it every step computes every row (see the docstring)
-        self.packed = pack_for_inference(model)
+        pack_for_inference(model)
+        self.packed_model = getattr(model, "packed_for_inference", False)
         self.tile = self._pick_tile(decode_tile)
         self.tiled = self.tile is not None
         self.tile = self.tile or decode_tile
@@ -303,6 +304,8 @@ class Scheduler:
         self._stopping = False
         self._accepting = True
         self._thread: Optional[threading.Thread] = None
+        # idle-time warm-up (warmup=True): shapes left to run, smallest first (popped from the end)
+        self._warm = list(reversed(self._warm_shapes())) if warmup and self.packed_model else []
         self.steps = 0
         self.prefill_steps = 0
         self.generated = 0
@@ -396,6 +399,11 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    @property
+    def warming(self) -> bool:
+        """Idle-time warm-up shapes are still to run (/health reports not ready until they have)."""
+        return bool(self._warm)
+
     def idle(self) -> bool:
         return self.active() == 0 and not self.waiting and not any(self.prefilling)
 
@@ -407,10 +415,13 @@ class Scheduler:
             with torch.inference_mode():
                 while True:
                     with self._cv:
-                        while not self._stopping and self.idle():
+                        while not self._stopping and self.idle() and not self._warm:
                             self._cv.wait(0.5)
                         if self._stopping:
                             break
+                    if self.idle():
+                        self._warm_step()
+                        continue
                     self._drop_cancelled()
                     self._prefill_step()
                     if self._can_start():   # prompts arrived during that prefill: start them first (TTFT)
@@ -421,6 +432,24 @@ class Scheduler:
             self._fail_all(f"{type(e).__name__}: {e}")
             raise
         self._fail_all(None)
+
+    def _warm_shapes(self) -> list[tuple[int, int]]:
+        """Prefill shapes (rows, query length) to run once while idle: every chunk shape of one prompt,
+        then short prompts prefilled together (the start-up self-check already ran every decode width)."""
+        one = sorted({_chunk_shape(t) for t in range(1, min(self.prefill_chunk, self.context - 1) + 1)})
+        short = [T for T in one if T <= Q_BLOCK]
+        return [(1, T) for T in one] + [(n, T) for n in range(2, self.prefill_rows + 1) for T in short]
+
+    def _warm_step(self) -> None:
+        """One idle-time prefill forward of a shape not run yet (on the free prefill rows): CPU matrix
+        products build their kernels on the first product of each shape (~3 ms per forward shape on
+        the demo model), which would otherwise land on some request's time to first token."""
+        n, T = self._warm.pop()
+        keys = -(-T // Q_BLOCK) * Q_BLOCK if T <= SHORT_KEYS else self.pre.max_len
+        at = torch.arange(T - MIN_ROWS, T, device=self.device).clamp(min=0).expand(n, MIN_ROWS)
+        self.model(torch.zeros(n, T, dtype=torch.long, device=self.device),
+                   kv_cache=_rows_view(self.pre, n, keys), logits_at=at)
+        self.pre.pos[:n] = 0
 
     def _fail_all(self, error: Optional[str]) -> None:
         with self._cv:
@@ -648,6 +677,11 @@ class ReplicaPool:
 
     def waiting(self) -> int:
         return sum(len(s.waiting) for s in self.schedulers)
+
+    @property
+    def warming(self) -> bool:
+        """Idle-time warm-up shapes are still to run (/health reports not ready until they have)."""
+        return bool(self._warm)
 
     def idle(self) -> bool:
         return all(s.idle() for s in self.schedulers)

@@ -114,7 +114,7 @@ class NanochatEvent(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "draining"]
+    status: Literal["ok", "warming", "draining"]
     ready: bool
     model: str
     replicas: list[dict[str, Any]]

@@ -65,7 +65,8 @@ def build_pool(cfg: Config, source: Path, metrics):
         schedulers.append(Scheduler(model, tokenizer, st.max_seqs, st.max_queue, metrics, name=f"replica{i}",
                                     kv_bucket=st.kv_bucket, decode_tile=st.decode_tile,
                                     prefill_rows=st.prefill_rows, prefill_chunk=st.prefill_chunk,
-                                    prefix_cache_mb=st.prefix_cache_mb, threads=threads))
+                                    prefix_cache_mb=st.prefix_cache_mb, threads=threads,
+                                    warmup=True))
     return ReplicaPool(schedulers).start(), tokenizer, meta
 
 

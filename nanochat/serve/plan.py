@@ -34,9 +34,13 @@ def serve_rows(cfg: Config, n_kv_head: int, head_dim: int) -> list[tuple[str, st
         ("serve", f"http://{st.host}:{st.port if st.port else '<free port>'}/  (OpenAI API at /v1, "
                   f"nanochat SSE at /chat/completions)"),
         ("replicas", f"{len(devs)} × ({', '.join(devs)}), {cfg.hardware.dtype}"),
-        ("batching", f"{st.max_seqs} sequences per replica in tiles of {st.decode_tile}, queue {st.max_queue} "
-                     f"(then 429); prefill {st.prefill_rows} prompts × {st.prefill_chunk} tokens per forward"),
-        ("prefix cache", f"{st.prefix_cache_mb:g} MiB per replica (LRU)" if st.prefix_cache_mb else "off"),
+        ("batching", f"{st.max_seqs} sequences per replica, a step computes the rows in use (at least "
+                     f"{st.decode_tile}), queue {st.max_queue} (then 429); prefill {st.prefill_rows} prompts × "
+                     f"{st.prefill_chunk} tokens per forward"),
+        ("prefix cache", f"{st.prefix_cache_mb:g} MiB per replica (16-token blocks, LRU)" if st.prefix_cache_mb
+                         else "off"),
+        ("streaming", f"tokens sent at most every {st.stream_interval_ms:g} ms, several per chunk"
+                      if st.stream_interval_ms else "a chunk per token"),
         ("api key", "required (Authorization: Bearer) on /v1/* and /chat/completions"
                     if (st.api_key or os.environ.get("NANOCHAT_API_KEY")) else "none (open)"),
         ("context", f"{cfg.model.sequence_len} tokens; KV cache {kv_text} per replica"),

@@ -1,38 +1,43 @@
 """The serving scheduler: one model replica, every active sequence in one forward per decode step.
 
 A replica owns a KV cache with `max_seqs` rows; each decoding sequence holds one row.
-A background thread loops:
+A background thread (which runs the model, with `threads` intra-op threads) loops:
 
     1. drop cancelled sequences (client gone) and free their rows
     2. prefill: up to `prefill_rows` waiting prompts advance together by one chunk of at most
        `prefill_chunk` tokens in one forward (right-padded to the longest); a long prompt takes
        several loop turns, so decode steps keep running between its chunks. A prompt starts from
        the longest prefix the prefix cache holds for it (nanochat/serve/prefix_cache.py). When a
-       prompt is complete its keys/values go into the prefix cache, are copied into free rows (one
-       per choice) and the first token is sampled
+       prompt is complete its keys/values are copied into free rows (one per choice), the first
+       token is sampled and sent, and then its new blocks go into the prefix cache. Prompts that
+       arrived meanwhile are started before the next decode step (time to first token)
     3. one decode forward over the rows in use: every active sequence advances by one token
     4. per sequence: sample with its own generator and settings, apply the calculator tool
        (nanochat.engine.Engine.advance), stream the text; a finished sequence frees its row
+    5. while idle (warmup=True): run one prefill shape not run yet (see _warm_step)
 
 Cost follows the active rows: rows are handed out lowest first and kept packed (a finishing
 sequence's row is refilled by moving the highest one down), and a decode step computes only the
-first `ceil(active / decode_tile) * decode_tile` rows (fixed-size tiles of rows).
+first `ceil(active / tile) * tile` rows. With the model's linear layers prepacked
+(nanochat/packed.py, a CPU with oneDNN) the tile is one row.
 
 Per-request determinism (temperature 0: the same text alone or among 15 others; a seed repeats):
 a row's numbers must not depend on its neighbours. Three things make that so:
-  - matrix products are row-wise the same whatever the number of rows once there are at least
-    `decode_tile` of them (the CPU GEMM kernels switch to a matrix-vector path below ~4 rows; a
-    self-check at start-up compares a `decode_tile`-row forward with a full-width one, and if
-    they differ bitwise, e.g. on a GPU whose GEMM picks kernels by shape, the scheduler falls
-    back to computing all rows every step, one prompt per prefill, no prefix cache);
-  - the key length of every forward is set explicitly (KVCache.min_keys, not by an extra row:
-    a 17th row crosses the GEMM's row blocks, the matrix products of 17 rows take ~25% longer
-    than those of 16, and a lone prompt's prefill ~1.5x as long): a decode step's is padded
-    to a multiple of `kv_bucket` (CPU attention kernels vectorize the key axis, so with a length that is a multiple of the vector
-    width a row's keys land in the same lanes, and the extra masked keys add exact zeros;
-    `kv_bucket=0` pads to the context); a prefill's is 128 or the whole prefill cache (see
-    _prefill_step), and its chunks are right-padded so no query block of the attention kernel
-    has fewer than MIN_ROWS rows;
+  - matrix products are row-wise the same whatever the number of rows: prepacked oneDNN products
+    are at any count, the default CPU GEMM once there are at least 4 rows (it switches to a
+    matrix-vector path below). A self-check at start-up compares forwards (a prefill, then a decode
+    step) at every width a step can have with tiles of `decode_tile` rows, then of 4; if neither
+    holds bitwise (e.g. a GPU whose GEMM picks kernels by shape), the scheduler falls back to
+    computing all rows every step, one prompt per prefill, no prefix cache. A decode step's
+    attention is plain products (nanochat/attention.py), not SDPA, whose CPU kernel splits a lone
+    query's keys across threads when there are few rows;
+  - the key length of every forward is set explicitly (KVCache.min_keys, not by an extra row,
+    which would cross the GEMM's row blocks): a decode step's is padded to a multiple of
+    `kv_bucket` (CPU kernels vectorize the key axis, so with a length that is a multiple of the
+    vector width a row's keys land in the same lanes, and the extra masked keys add exact zeros;
+    `kv_bucket=0` pads to the context); a prefill's is a multiple of 32 up to 128, else the whole
+    prefill cache (see _prefill_step), and its chunks are padded to a multiple of 8 tokens so no
+    query block of the attention kernel has fewer than MIN_ROWS rows;
   - a prompt's keys/values are always computed by prefill (never by decode steps), so a prefix
     taken from the cache is bitwise what prefilling it again would give, however the prompt was
     cut into chunks or batched with others.
@@ -521,10 +526,10 @@ class Scheduler:
             chunks[i] = g.prompt[g.done:g.done + min(T, self.prefill_chunk)]
             ids[i, :len(chunks[i])] = torch.tensor(chunks[i])
             last[i] = len(chunks[i]) - 1
-        # prefill forwards attend over one of two key lengths: SHORT_KEYS while every row's chunk ends
-        # within it, else the whole prefill cache. The CPU attention kernel's key blocks then line up:
-        # a key length padded to kv_bucket is not enough here (queries past 128 round differently for
-        # key lengths 192, 256 and 512), while queries below 128 agree for 128 and the whole cache
+        # prefill key lengths: a multiple of 32 while every row's chunk ends within SHORT_KEYS, else the
+        # whole prefill cache. The CPU attention kernel's key blocks then line up: queries past 128
+        # round differently for key lengths of about 224-352 than for 512, while queries below 128
+        # agree for every multiple of 32 up to 128 and for the whole cache (measured, and tested)
         keys = max(g.done for _, g in busy) + T
         keys = -(-keys // Q_BLOCK) * Q_BLOCK if keys <= SHORT_KEYS else self.pre.max_len
         at = (last.unsqueeze(1) - torch.arange(MIN_ROWS - 1, -1, -1)).clamp(min=0)   # (n, MIN_ROWS), last one last
@@ -556,7 +561,7 @@ class Scheduler:
         self.observer.prefix_reuse(n, len(group.prompt))
 
     def _finish_prefill(self, group: _Group, slot: int, logits: torch.Tensor) -> None:
-        """The prompt is in the prefill row: cache it, copy it into one row per choice, sample."""
+        """The prompt is in the prefill row: copy it into one row per choice, sample, then cache it."""
         greedy = int(logits.argmax(dim=-1))
         for seq in group.seqs:
             if seq.cancelled:
@@ -635,12 +640,13 @@ class Scheduler:
         for r, s in active:
             column[r] = s.tokens[-1]
         ids = torch.tensor(column, dtype=torch.long).unsqueeze(1).to(self.device)
-        keys = self._padded_keys(max(int(self.cache.pos[r]) for r, _ in active) + 1)
+        # a row holds its prompt and all but its last token (read on the host: no tensor reads per row)
+        keys = self._padded_keys(max(len(s.prompt) + len(s.tokens) for _, s in active))
         logits = self.model(ids, kv_cache=_rows_view(self.cache, n, keys))[:, -1, :]
-        # idle rows go back to empty
-        keep = torch.zeros(n, dtype=torch.bool)
-        keep[[r for r, _ in active]] = True
-        self.cache.pos[:n].masked_fill_(~keep.to(self.device), 0)
+        if len(active) < n:   # idle rows (untiled, or a tile's spare rows) go back to empty
+            keep = torch.zeros(n, dtype=torch.bool)
+            keep[[r for r, _ in active]] = True
+            self.cache.pos[:n].masked_fill_(~keep.to(self.device), 0)
         greedy = logits.argmax(dim=-1).tolist()
         self.steps += 1
         for r, s in active:

@@ -114,6 +114,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except FileNotFoundError as e:
         print(f"nanochat-chat: {e}", file=sys.stderr)
         return 2
+    from nanochat.packed import pack_for_inference
+    pack_for_inference(model)   # CPU: oneDNN-prepacked linear layers (a no-op elsewhere)
     session = ChatSession(model, tokenizer, args.temperature, args.top_k, args.max_tokens, args.seed)
     if args.prompt is not None:
         for piece in session.reply(args.prompt):

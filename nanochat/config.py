@@ -273,7 +273,7 @@ class ServeStageConfig(StageConfig):
     model_name: Optional[str] = None  # id in /v1/models; null → nanochat-<tag>-<stage>
     max_seqs: int = 16                # concurrent sequences (KV-cache rows) per replica
     max_queue: int = 64               # requests waiting for a row per replica; beyond → 429
-    kv_bucket: int = 64               # decode key length padded to a multiple (batch-invariant outputs); 0 = context
+    kv_bucket: int = 16               # decode key length padded to a multiple (batch-invariant outputs); 0 = context
     decode_tile: int = 1              # a decode step computes the rows in use, at least this many
     prefill_rows: int = 16            # prompts prefilled together in one forward
     prefill_chunk: int = 256          # prompt tokens per prefill forward (decode steps run between chunks)

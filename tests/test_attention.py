@@ -116,3 +116,26 @@ def test_model_backends_agree_and_kv_decode_equals_full_forward(backend):
         steps = [model(idx[:, :9], kv_cache=cache)]          # prefill past the short window
         steps += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(9, 24)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_attention_is_row_and_padding_invariant():
+    """A decode step (one query per row) gives bitwise the same output for a row whatever the other
+    rows and however far the key length is padded (multiples of 16, as the serving scheduler pads)."""
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, D, S = 5, 4, 2, 32, 256
+    q = torch.randn(B, H, 1, D, generator=g)
+    k, v = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    positions = torch.tensor([[3], [40], [100], [150], [230]])
+    ref = A.cached_attention(q, k, v, positions, window=S, scale=0.2)
+    for b in range(B):   # the math, in fp64: row b's query sees keys 0..positions[b] of its kv head
+        n = int(positions[b]) + 1
+        kk = k[b, :, :n].double().repeat_interleave(H // Hkv, dim=0)
+        vv = v[b, :, :n].double().repeat_interleave(H // Hkv, dim=0)
+        want = torch.softmax(q[b].double() @ kk.transpose(-1, -2) * 0.2, dim=-1) @ vv
+        torch.testing.assert_close(ref[b], want.float(), rtol=1e-5, atol=1e-5)
+    for keys in range(240, S + 1, 16):
+        assert torch.equal(A.cached_attention(q, k[:, :, :keys], v[:, :, :keys], positions, S, 0.2), ref)
+    for b in range(B):
+        keys = -(-(int(positions[b]) + 1) // 16) * 16
+        alone = A.cached_attention(q[b:b + 1], k[b:b + 1, :, :keys], v[b:b + 1, :, :keys], positions[b:b + 1], S, 0.2)
+        assert torch.equal(alone, ref[b:b + 1])

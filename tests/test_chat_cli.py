@@ -45,6 +45,8 @@ def test_one_shot_streams_the_engine_greedy_answer(chat_run):
     finally:
         os.environ.pop("NANOCHAT_BASE_DIR")
     assert meta["stage"] == "mid"
+    from nanochat.packed import pack_for_inference
+    pack_for_inference(model)   # as the CLI does
     session = ChatSession(model, tok, temperature=0.0, max_tokens=20)
     pieces = list(session.reply("What is 2 + 3?"))
     conv = {"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": ""}]}

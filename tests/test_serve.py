@@ -422,6 +422,11 @@ def test_dry_run_prints_serve_plan(stage_root, tmp_path):
     p = nanochat_run(env, "stage=serve", f"stage.init_from={pre}", "run.dry_run=true", "stage.max_seqs=8",
                      "hardware=8gpu", f"run.root={root}")
     assert "8 × (cuda:0" in p.stdout and "8 sequences per replica" in p.stdout and "KV cache" in p.stdout
+    assert "tokens sent at most every 20 ms" in p.stdout and "16-token blocks" in p.stdout
+    neg = subprocess.run([sys.executable, "-m", "launch.run", "stage=serve", "run.dry_run=true", f"run.root={root}",
+                          f"stage.init_from={pre}", "stage.stream_interval_ms=-5"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert neg.returncode != 0 and "stage.stream_interval_ms" in neg.stdout + neg.stderr
     bad = subprocess.run([sys.executable, "-m", "launch.run", "stage=serve", "run.dry_run=true",
                           f"run.root={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "no completed rl / sft / mid / pretrain run" in bad.stdout + bad.stderr

@@ -73,7 +73,7 @@ class LogitsRecorder(Scheduler):
         return super()._sample(seq, logits_row, greedy)
 
 
-@pytest.mark.parametrize("kv_bucket", [64, 0])
+@pytest.mark.parametrize("kv_bucket", [16, 64, 0])
 def test_batched_equals_solo_and_engine(tok, model, kv_bucket):
     sched = LogitsRecorder(model, tok, max_seqs=16, max_queue=16, kv_bucket=kv_bucket).start()
     try:

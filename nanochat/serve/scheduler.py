@@ -266,7 +266,7 @@ class Scheduler:
     """Continuous batching over one model replica (see the module docstring)."""
 
     def __init__(self, model, tokenizer, max_seqs: int = 16, max_queue: int = 64,
-                 observer: Optional[Observer] = None, name: str = "replica0", kv_bucket: int = 64,
+                 observer: Optional[Observer] = None, name: str = "replica0", kv_bucket: int = 16,
                  decode_tile: int = 1, prefill_rows: int = 16, prefill_chunk: int = 256,
                  prefix_cache_mb: float = 256.0, threads: Optional[int] = None, warmup: bool = False):
         if max_seqs < 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import textwrap
 import time
 
@@ -275,3 +276,31 @@ def test_idle_warm_up_runs_every_prefill_shape_once(tok, model):
     finally:
         cold.stop()
         warm.stop()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to run the model on 2 threads")
+def test_prefill_with_a_core_fewer_while_requests_arrive_changes_nothing(tok, model, monkeypatch):
+    """While requests are arriving, a prefill runs with one intra-op thread fewer (the HTTP thread
+    gets a core): a start-up check on the scheduler thread verifies that this changes no bit, and
+    the logits are the same whichever thread count prefilled the prompt."""
+    import nanochat.serve.scheduler as S
+    sched = LogitsRecorder(model, tok, max_seqs=8, threads=2).start()
+    try:
+        bos = tok.get_bos_token_id()
+        prompts = [[bos] + tok.encode(f"prompt {i}: " + "abc def " * (3 * i + 1)) for i in range(8)]
+        greedy = SamplingParams(max_tokens=8, temperature=0)
+        monkeypatch.setattr(S, "ARRIVING_S", 0.0)      # never: every prefill on 2 threads
+        solo = []
+        for p in prompts:                               # one at a time
+            solo.append(_submit(sched, p, [greedy]))
+            _collect(solo[-1][1][0])
+        assert sched.yield_core                         # this CPU: prefill bitwise the same on 1 thread
+        monkeypatch.setattr(S, "ARRIVING_S", 3600.0)   # always: every prefill on 1 thread
+        together = [_submit(sched, p, [greedy]) for p in prompts]
+        for seqs, sinks in together:
+            _collect(sinks[0])
+        for (a, _), (b, _) in zip(solo, together):
+            la, lb = sched.seen[a[0].id], sched.seen[b[0].id]
+            assert len(la) == len(lb) == 8 and all(torch.equal(x, y) for x, y in zip(la, lb))
+    finally:
+        sched.stop()

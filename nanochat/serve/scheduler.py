@@ -240,6 +240,7 @@ class Observer:
 # inputs); a block of fewer than MIN_ROWS queries takes a matrix-vector path with other rounding.
 Q_BLOCK, MIN_ROWS = 32, 4
 CHUNK_STEP = 8   # prefill chunks are padded to a multiple of this many tokens (>= MIN_ROWS)
+ARRIVING_S = 0.003  # a prefill this soon after a submit runs with a core fewer (requests still arriving)
 SHORT_KEYS = 128   # key length of a prefill forward whose chunks all end within it (see _prefill_step)
 
 
@@ -311,6 +312,8 @@ class Scheduler:
         self._thread: Optional[threading.Thread] = None
         # idle-time warm-up (warmup=True): shapes left to run, smallest first (popped from the end)
         self._warm = list(reversed(self._warm_shapes())) if warmup and self.packed_model else []
+        self._last_submit = 0.0
+        self.yield_core = False   # set on the scheduler thread (see _loop)
         self.steps = 0
         self.prefill_steps = 0
         self.generated = 0
@@ -337,6 +340,21 @@ class Scheduler:
             cache.min_keys = keys
             out.append((pre, self.model(ids[:b, 8:], kv_cache=cache)[0]))
         return all(torch.equal(a, b) for first in out[:1] for o in out[1:] for a, b in zip(first, o))
+
+    @torch.inference_mode()
+    def _threads_are_interchangeable(self) -> bool:
+        """Is a prefill bitwise the same with one intra-op thread fewer? (Run on the scheduler thread:
+        a pool of several threads started on the HTTP thread would compete with this one's.)"""
+        g = torch.Generator(device="cpu").manual_seed(1)
+        ids = torch.randint(0, self.model.config.vocab_size, (3, 24), generator=g).to(self.device)
+        out = []
+        for n in (self.threads, self.threads - 1):
+            torch.set_num_threads(n)
+            cache = KVCache.for_model(self.model, batch_size=3, max_len=32)
+            cache.min_keys = 32
+            out.append((self.model(ids, kv_cache=cache), cache.k.clone(), cache.v.clone()))
+        torch.set_num_threads(self.threads)
+        return all(torch.equal(a, b) for a, b in zip(*out))
 
     # -------------------------------------------------------------- public API (any thread)
     def start(self) -> "Scheduler":
@@ -366,6 +384,7 @@ class Scheduler:
             for i, p in enumerate(params):
                 group.seqs.append(Sequence(group.prompt, p, sink_for(i), self.device))
             self.waiting.append(group)
+            self._last_submit = time.perf_counter()
             self.observer.queue_depth(len(self.waiting))
             self._cv.notify()
         return group.seqs
@@ -414,9 +433,10 @@ class Scheduler:
 
     # -------------------------------------------------------------- the loop (scheduler thread)
     def _loop(self) -> None:
-        if self.threads:   # intra-op threads are set per OS thread: this one runs the model
-            torch.set_num_threads(self.threads)
         try:
+            if self.threads:   # intra-op threads are set per OS thread: this one runs the model
+                torch.set_num_threads(self.threads)
+                self.yield_core = self.threads > 1 and self._threads_are_interchangeable()
             with torch.inference_mode():
                 while True:
                     with self._cv:
@@ -428,7 +448,13 @@ class Scheduler:
                         self._warm_step()
                         continue
                     self._drop_cancelled()
-                    self._prefill_step()
+                    if self.yield_core and time.perf_counter() - self._last_submit < ARRIVING_S:
+                        # requests are still arriving: leave a core to the HTTP thread receiving them
+                        torch.set_num_threads(self.threads - 1)
+                        self._prefill_step()
+                        torch.set_num_threads(self.threads)
+                    else:
+                        self._prefill_step()
                     if self._can_start():   # prompts arrived during that prefill: start them first (TTFT)
                         continue
                     if self.active():

@@ -5,7 +5,8 @@ weights unless --run) it prints, for each server, run one after the other on thi
   - single-stream decode tokens/s (one streaming client; by difference of a long and a short request)
   - aggregate tokens/s at 1, 4, 8 and 16 concurrent streaming clients
   - time to first token, p50 / p95 over the 16-stream requests
-and, for ours only, the Engine's own single-stream rate (no server, batch 1) and a multi-turn figure:
+and, for ours only, the Engine's own single-stream rate (no server, batch 1, the model packed as the
+server's is: nanochat/packed.py) and a multi-turn figure:
 TTFT of turn 10 of a conversation over turn 1's, with the prefix cache on and off.
 Then the ratios ours / peer. The last line is one JSON object with every figure (`peer`, `ratio_*`).
 

@@ -383,7 +383,7 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
     async def health():
         reps = [{"name": s.name, "device": str(s.device), "active": s.active(), "free_rows": s.free_rows(),
                  "waiting": len(s.waiting), "max_seqs": s.max_seqs} for s in pool.schedulers]
-        warming = any(s.warming for s in pool.schedulers)   # requests are served meanwhile, just not at full speed
+        warming = pool.warming   # requests are served meanwhile, just not at full speed
         ready = not app.state.draining and not warming
         status = "draining" if app.state.draining else "warming" if warming else "ok"
         metrics.request("/health", 200 if ready else 503)

@@ -48,7 +48,7 @@ class PrefixCache:
         return len(self.lru) * self.block_bytes
 
     def _blocks(self, tokens, limit: int):
-        """(key index, block tokens) of each whole block of tokens[:limit]."""
+        """The tokens of each whole block of tokens[:limit], in order."""
         B = self.block
         return [tuple(tokens[i:i + B]) for i in range(0, limit - B + 1, B)]
 

@@ -291,10 +291,8 @@ class Scheduler:
         # prepacked products are row-invariant at any number of rows (nanochat/packed.py); tiles need
         # row invariance, without it every step computes every row (see the docstring)
         pack_for_inference(model)
-        self.packed_model = getattr(model, "packed_for_inference", False)
-        self.tile = self._pick_tile(decode_tile)
-        self.tiled = self.tile is not None
-        self.tile = self.tile or decode_tile
+        tile = self._pick_tile(decode_tile)
+        self.tiled, self.tile = tile is not None, tile or decode_tile
         self.prefill_rows = prefill_rows if self.tiled else 1
         self.prefix = PrefixCache(int(prefix_cache_mb * 2 ** 20) if self.tiled else 0)
         # at least a tile of rows: a decode step never runs fewer (see _rows_are_independent)
@@ -311,7 +309,8 @@ class Scheduler:
         self._accepting = True
         self._thread: Optional[threading.Thread] = None
         # idle-time warm-up (warmup=True): shapes left to run, smallest first (popped from the end)
-        self._warm = list(reversed(self._warm_shapes())) if warmup and self.packed_model else []
+        self._warm = (list(reversed(self._warm_shapes()))
+                      if warmup and getattr(model, "packed_for_inference", False) else [])
         self._last_submit = 0.0
         self.yield_core = False   # set on the scheduler thread (see _loop)
         self.steps = 0
@@ -390,8 +389,8 @@ class Scheduler:
         return group.seqs
 
     def _can_start(self) -> bool:
-        """Is a waiting prompt ready to start prefilling (a prefill slot and its rows free)?"""
-        with self._cv:
+        """Can the oldest waiting prompt start prefilling (a prefill slot and its rows free)?"""
+        with self._cv:   # re-entrant: _prefill_step calls this holding it
             return (bool(self.waiting) and None in self.prefilling
                     and self._unreserved_rows() >= len(self.waiting[0].seqs))
 
@@ -476,7 +475,7 @@ class Scheduler:
         products build their kernels on the first product of each shape (~3 ms per forward shape on
         the demo model), which would otherwise land on some request's time to first token."""
         n, T = self._warm.pop()
-        keys = -(-T // Q_BLOCK) * Q_BLOCK if T <= SHORT_KEYS else self.pre.max_len
+        keys = self._prefill_keys(T)
         at = torch.arange(T - MIN_ROWS, T, device=self.device).clamp(min=0).expand(n, MIN_ROWS)
         self.model(torch.zeros(n, T, dtype=torch.long, device=self.device),
                    kv_cache=_rows_view(self.pre, n, keys), logits_at=at)
@@ -530,9 +529,7 @@ class Scheduler:
         """Start waiting prompts (oldest first, while their rows are free), then advance every
         prompt being prefilled by one chunk in one forward over the prefill cache."""
         with self._cv:
-            while self.waiting and None in self.prefilling:
-                if self._unreserved_rows() < len(self.waiting[0].seqs):
-                    break
+            while self._can_start():
                 slot = self.prefilling.index(None)
                 self.prefilling[slot] = group = self.waiting.popleft()
                 self._start_prefill(group, slot)
@@ -552,12 +549,7 @@ class Scheduler:
             chunks[i] = g.prompt[g.done:g.done + min(T, self.prefill_chunk)]
             ids[i, :len(chunks[i])] = torch.tensor(chunks[i])
             last[i] = len(chunks[i]) - 1
-        # prefill key lengths: a multiple of 32 while every row's chunk ends within SHORT_KEYS, else the
-        # whole prefill cache. The CPU attention kernel's key blocks then line up: queries past 128
-        # round differently for key lengths of about 224-352 than for 512, while queries below 128
-        # agree for every multiple of 32 up to 128 and for the whole cache (measured, and tested)
-        keys = max(g.done for _, g in busy) + T
-        keys = -(-keys // Q_BLOCK) * Q_BLOCK if keys <= SHORT_KEYS else self.pre.max_len
+        keys = self._prefill_keys(max(g.done for _, g in busy) + T)
         at = (last.unsqueeze(1) - torch.arange(MIN_ROWS - 1, -1, -1)).clamp(min=0)   # (n, MIN_ROWS), last one last
         logits = self.model(ids.to(self.device), kv_cache=_rows_view(self.pre, n, keys), logits_at=at.to(self.device))
         self.prefill_steps += 1
@@ -569,6 +561,14 @@ class Scheduler:
                 self.pre.last_x[i] = self._embed(g.prompt[g.done - 1])
             if g.done == len(g.prompt):
                 self._finish_prefill(g, i, logits[i, -1:])
+
+    def _prefill_keys(self, end: int) -> int:
+        """The key length of a prefill forward whose chunks end by `end`: a multiple of 32 up to
+        SHORT_KEYS, else the whole prefill cache. The CPU attention kernel's key blocks then line up:
+        queries past 128 round differently for key lengths of about 224-352 than for 512, while
+        queries below 128 agree for every multiple of 32 up to 128 and for the whole cache (measured,
+        and tested)."""
+        return -(-end // Q_BLOCK) * Q_BLOCK if end <= SHORT_KEYS else self.pre.max_len
 
     def _embed(self, token: int) -> torch.Tensor:
         """What the model keeps of a row's last token for smear (GPT.forward: norm(wte(idx)))."""
@@ -712,8 +712,8 @@ class ReplicaPool:
 
     @property
     def warming(self) -> bool:
-        """Idle-time warm-up shapes are still to run (/health reports not ready until they have)."""
-        return bool(self._warm)
+        """A replica's idle-time warm-up is still running (/health reports not ready until it is done)."""
+        return any(s.warming for s in self.schedulers)
 
     def idle(self) -> bool:
         return all(s.idle() for s in self.schedulers)

@@ -179,7 +179,9 @@ def _pick_heads(n_embd: int, head_dim: int) -> int:
     want = max(1, math.ceil(n_embd / head_dim))
     if n_embd % want == 0 and (n_embd // want) % 2 == 0:
         return want
-    valid = [h for h in range(1, n_embd + 1) if n_embd % h == 0 and (n_embd // h) % 2 == 0]
+    # divisors in pairs up to sqrt(n_embd): a fuzzed depth can make n_embd huge
+    divisors = {d for i in range(1, math.isqrt(n_embd) + 1) if n_embd % i == 0 for d in (i, n_embd // i)}
+    valid = [h for h in divisors if (n_embd // h) % 2 == 0]
     return min(valid, key=lambda h: (abs(n_embd / h - head_dim), -h))
 
 

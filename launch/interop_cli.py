@@ -136,7 +136,7 @@ def import_checkpoint(src: str, stage: str = "auto", step: Optional[int] = None,
     from nanochat.hf.export import is_hf_dir
     from nanochat.lifecycle import mark_completed
     from nanochat.plan import make_plan
-    from nanochat.training import LoopState
+    from nanochat.loop import LoopState
 
     # ---- read and check everything first: nothing is written until all of it passed
     if stage not in ("auto", *interop.STAGE_DIRS):

@@ -1,35 +1,30 @@
-"""The training loop the chat stages (mid, sft) share, over the plan the launcher froze.
+"""What the chat stages (mid, sft) train with, over the plan the launcher froze.
 
 The run dir's plan.json is already the stage's plan (nanochat/chat_plan.py derived it from
 the source run: horizon, batch, inherited LRs, schedule, packing); this module builds the
-loaders it names, warm-starts the optimizer when asked, and runs the same step structure,
-checkpoint / resume / preemption and metrics as pretraining. Evaluations inside the loop
-(validation loss, task scores, ChatCORE) yield to a stop signal between batches: the run
-then checkpoints at the step boundary and exits preempted.
+loaders it names, warm-starts the optimizer when asked, and gives the one training loop
+(nanochat/loop.py: checkpoint / resume / preemption / metrics, as pretraining) its step and
+its evaluations (validation loss, task scores, ChatCORE). Evaluations yield to a stop signal
+between batches: the run then checkpoints at the step boundary and exits preempted.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from nanochat import training as T
+from nanochat import loop as L, training as T
 from nanochat.chat_data import LOADERS
 from nanochat.chat_eval import chatcore, evaluate_chat_tasks
 from nanochat.chat_plan import build_mixture, held_out_specs
 from nanochat.common import atomic_write_json
 from nanochat.config import Config
-from nanochat.lifecycle import EvalInterrupted, EvalProgress, Preempted
+from nanochat.lifecycle import EvalProgress
 from nanochat.plan import Plan
 from nanochat.tokenizer import get_tokenizer
 
 VAL_PER_TASK = 200
-
-
-def _due(step: int, every: int, last: bool) -> bool:
-    return last or (every > 0 and step % every == 0)
 
 
 @torch.no_grad()
@@ -106,9 +101,8 @@ class ChatRun:
 
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
-        self.rt = T.setup_runtime(cfg)
-        self.plan: Plan = T.load_plan(run_dir)
-        self.log = print if self.rt.master else (lambda s: None)
+        self.loop = L.Loop(cfg, run_dir)
+        self.rt, self.plan, self.log = self.loop.rt, self.loop.plan, self.loop.log
         extra = self.plan.stage
         self.tokenizer = get_tokenizer(self.rt.base_dir, extra.get("tokenizer") or cfg.data.tokenizer)
         st = cfg.stage
@@ -141,127 +135,81 @@ def task_scores(run: ChatRun, model) -> dict:
     return out["tasks"]
 
 
+def train_step(model, optimizer, batches: list, rt: T.Runtime) -> tuple[float, int]:
+    """One optimizer step over `batches`, the loss normalized by the trained tokens of the whole step.
+
+    Returns (mean loss per trained token, trained tokens), both over all ranks.
+    """
+    counts = [int((y >= 0).sum()) for _, y in batches]
+    n_global = float(T.dist_sum(torch.tensor(float(sum(counts)), device=rt.device)))
+    loss_sum = torch.zeros((), device=rt.device)
+    for (x, y), n in zip(batches, counts):
+        if n == 0:
+            continue
+        with rt.autocast():
+            loss = model(x, y)
+        w = n * rt.world / n_global  # the optimizer averages ranks' gradients
+        (loss * w).backward()
+        loss_sum += loss.detach() * n
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(T.dist_sum(loss_sum)) / n_global, int(n_global)
+
+
 def train_chat(run: ChatRun) -> dict:
-    """The mid/sft training loop (same structure and checkpoint/resume/preemption as pretrain)."""
-    cfg, run_dir, rt, plan = run.cfg, run.run_dir, run.rt, run.plan
+    """The mid/sft stage: its model, data and evaluations over the one loop (nanochat/loop.py)."""
+    cfg, run_dir, rt, plan, loop = run.cfg, run.run_dir, run.rt, run.plan, run.loop
     st = cfg.stage
     if rt.master:
         atomic_write_json(run_dir / "effective_plan.json", plan.to_dict())
     model, _ = T.init_model(plan, cfg, rt, st.init_from)
     optimizer = T.make_optimizer(model, plan, cfg, rt)
-    state, loader_state = T.try_resume(run_dir, cfg, rt, model, optimizer)
-    resumed = state.step > 0 or loader_state is not None
-    if not resumed and plan.stage.get("load_optimizer"):
+    loader_state = loop.resume(model, optimizer)
+    if not loop.resumed and plan.stage.get("load_optimizer"):
         warm_start_optimizer(optimizer, st.init_from, rt, run.log)
-    state.extra["base_lrs"] = plan.stage.get("base_lrs", {})
+    loop.state.extra["base_lrs"] = plan.stage.get("base_lrs", {})
     loader = run.loader(run.mixture, loader_state)
-    N = plan.num_iterations
     val_steps = max(1, (plan.eval_tokens or 0) // (plan.device_batch_size * plan.sequence_len * rt.world))
     chatcore_every = plan.stage.get("chatcore_every", -1) or -1
-    tracker = T.make_tracker(cfg, run_dir, rt, N, state.step)
-    if resumed:
-        tracker.print(f"resumed from step {state.step} of {N}")
-    tracker.print(f"{st.name}: {plan.num_params:,} params | {N} steps ({plan.horizon_source}) | "
-                  f"{plan.grad_accum_steps} micro-batches of {plan.device_batch_size}×{plan.sequence_len} per rank "
-                  f"× {rt.world} ranks ({plan.stage.get('packing')}) | matrix LR {plan.matrix_lr:.4g} | "
-                  f"{len(run.mixture):,} conversations")
-
-    def stop_during_eval() -> None:  # a stop signal arrived inside an evaluation: checkpoint, exit
-        T.checkpoint_if_stopped(run_dir, cfg, plan, rt, model, optimizer, loader.state_dict(), state, tracker)
-
-    start_step = state.step
     scores: dict = {}
-    try:
-        while True:
-            step = state.step
-            last = step == N
-            fresh = not (resumed and step == start_step)
-            try:
-                if fresh and run.val is not None and _due(step, st.eval_every, last):
-                    tracker.print(f"step {step:05d} | validation: {val_steps} batches")
-                    vl = val_loss(model, run.loader(run.val), val_steps, rt, tracker.print)
-                    state.record_val(vl)  # the val loss (nats per assistant token)
-                    tracker.log({"step": step, "val/loss": vl})
-                    tracker.print(f"step {step:05d} | val loss {vl:.4f}")
-                if fresh and chatcore_every > 0 and (last or (step > 0 and step % chatcore_every == 0)):
-                    cc = chatcore(model, run.tokenizer, rt.device, max_cat=st.chatcore_max_cat,
-                                  max_sample=st.chatcore_max_sample, data_dir=cfg.paths.shared_data,
-                                  base_dir=rt.base_dir, log=tracker.print, seed=cfg.run.seed)
-                    if cc["chatcore"] is not None:
-                        state.extra["chatcore"] = cc["chatcore"]
-                        tracker.log({"step": step, "chatcore": cc["chatcore"],
-                                     **{f"chatcore/{k}": v["accuracy"] for k, v in cc["tasks"].items()}})
-                        tracker.print(f"step {step:05d} | ChatCORE {cc['chatcore']:.4f}")
-                if fresh and step > 0 and not last and st.eval_metrics_every > 0 \
-                        and step % st.eval_metrics_every == 0:
-                    s = task_scores(run, model)
-                    tracker.log({"step": step, **{f"task/{k}": v["accuracy"] for k, v in s.items()}})
-            except EvalInterrupted:
-                stop_during_eval()
-                raise
-            if fresh and step > start_step and (last or (st.save_every > 0 and step % st.save_every == 0)):
-                T.save(run_dir, cfg, plan, rt, model, optimizer, loader.state_dict(), state)
-            if last:
-                break
-            T.checkpoint_if_stopped(run_dir, cfg, plan, rt, model, optimizer, loader.state_dict(), state, tracker)
 
-            # ---- one optimizer step: loss normalized by the trained tokens of the whole step
-            t0 = time.perf_counter()
-            batches = [next(loader) for _ in range(plan.grad_accum_steps)]
-            counts = [int((y >= 0).sum()) for _, y in batches]
-            n_global = float(T.dist_sum(torch.tensor(float(sum(counts)), device=rt.device)))
-            loss_sum = torch.zeros((), device=rt.device)
-            for (x, y), n in zip(batches, counts):
-                if n == 0:
-                    continue
-                with rt.autocast():
-                    loss = model(x, y)
-                w = n * rt.world / n_global  # the optimizer averages ranks' gradients
-                (loss * w).backward()
-                loss_sum += loss.detach() * n
-            lrm = T.apply_schedules(optimizer, step, plan)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            train_loss = float(T.dist_sum(loss_sum)) / n_global
-            rt.sync()
-            dt = time.perf_counter() - t0
-            T.check_finite(train_loss, step + 1)
-            state.step = step + 1
-            state.tokens_seen += int(n_global)
-            state.train_time_s += dt
-            beta = 0.9
-            state.smooth_loss = beta * state.smooth_loss + (1 - beta) * train_loss
-            smooth = state.smooth_loss / (1 - beta ** state.step)
-            if state.step % max(1, st.log_every) == 0 or state.step == N:
-                tracker.log({"step": state.step, "train/loss": train_loss, "train/loss_smooth": smooth,
-                             "lr": plan.matrix_lr * lrm, "lrm": lrm, "trained_tokens": int(n_global),
-                             "dt_ms": dt * 1000, "train_time_s": state.train_time_s})
-            tracker.progress(state.step, f"loss {smooth:.3f} | {n_global / max(dt, 1e-9):,.0f} tok/s")
-        try:
-            scores = task_scores(run, model)
-        except EvalInterrupted as e:  # trained and saved at step N: a resume only redoes these scores
-            raise Preempted(state.step, e.signal_name) from None
-        if scores:
-            tracker.log({"step": state.step, **{f"task/{k}": v["accuracy"] for k, v in scores.items()}})
-            for k, v in scores.items():
-                tracker.print(f"  {k}: {v['accuracy']:.3f} ({v['correct']}/{v['total']})")
-    finally:
-        tracker.close()
-    return {
-        "step": state.step,
-        "final_val_loss": state.last_val_bpb,
-        "best_val_loss": state.best_val_bpb,
-        "first_val_loss": state.first_val_bpb,
-        "final_train_loss": state.smooth_loss / (1 - 0.9 ** max(1, state.step)) if state.step else None,
-        "trained_tokens": state.tokens_seen,
-        "num_params": plan.num_params,
-        "train_time_s": state.train_time_s,
-        "task_accuracy": {k: v["accuracy"] for k, v in scores.items()},
-        "tasks": scores,
-        "chatcore": state.extra.get("chatcore"),
-        "mixture": run.names,
-        "num_iterations": N,
-        "world_size": rt.world,
-        "peak_memory_mb": T.peak_memory_mb(rt.device),
-        "source": plan.source,
-    }
+    def step(_: int) -> L.StepOut:
+        loss, n = train_step(model, optimizer, [next(loader) for _ in range(plan.grad_accum_steps)], rt)
+        return L.StepOut(loss, n, {"trained_tokens": n})
+
+    def validation(step: int) -> dict:
+        loop.tracker.print(f"step {step:05d} | validation: {val_steps} batches")
+        return {"val/loss": val_loss(model, run.loader(run.val), val_steps, rt, loop.tracker.print)}
+
+    def chat_core(_: int) -> dict:
+        cc = chatcore(model, run.tokenizer, rt.device, max_cat=st.chatcore_max_cat, max_sample=st.chatcore_max_sample,
+                      data_dir=cfg.paths.shared_data, base_dir=rt.base_dir, log=loop.tracker.print, seed=cfg.run.seed)
+        if cc["chatcore"] is None:
+            return {}
+        return {"chatcore": cc["chatcore"], **{f"chatcore/{k}": v["accuracy"] for k, v in cc["tasks"].items()}}
+
+    def tasks(_: int, final: bool = False) -> dict:
+        s = task_scores(run, model)
+        if final:
+            scores.update(s)
+            for k, v in s.items():
+                loop.tracker.print(f"  {k}: {v['accuracy']:.3f} ({v['correct']}/{v['total']})")
+        return {f"task/{k}": v["accuracy"] for k, v in s.items()}
+
+    evals = [L.Evaluation("val_loss", validation, every=st.eval_every)] if run.val is not None else []
+    evals += [L.Evaluation("chatcore", chat_core, every=chatcore_every, first=False, last=chatcore_every > 0),
+              L.Evaluation("task", tasks, every=st.eval_metrics_every, first=False, last=False),
+              L.Evaluation("task", lambda s: tasks(s, final=True), final=True)]
+    header = (f"{st.name}: {plan.num_params:,} params | {plan.num_iterations} steps ({plan.horizon_source}) | "
+              f"{plan.grad_accum_steps} micro-batches of {plan.device_batch_size}×{plan.sequence_len} per rank "
+              f"× {rt.world} ranks ({plan.stage.get('packing')}) | matrix LR {plan.matrix_lr:.4g} | "
+              f"{len(run.mixture):,} conversations")
+    loop.run(step, evals, loader.state_dict, header=header, val_key="val/loss")
+    s = loop.state
+    return {**loop.result(),
+            "final_val_loss": s.val_last, "best_val_loss": s.val_best, "first_val_loss": s.val_first,
+            "task_accuracy": {k: v["accuracy"] for k, v in scores.items()},
+            "tasks": scores,
+            "chatcore": s.evals.get("chatcore", {}).get("chatcore"),
+            "mixture": run.names,
+            "source": plan.source}

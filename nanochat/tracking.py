@@ -88,7 +88,7 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step"))
 
-    def progress(self, step: int, info: str) -> None:
+    def progress(self, step: int, info: str, stats: Optional[dict] = None) -> None:
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
 

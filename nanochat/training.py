@@ -1,30 +1,26 @@
 """Pieces every training stage (pretrain, mid, sft, rl) shares.
 
-A stage is a thin loop over these: runtime setup from the config, model + optimizer
-from the frozen plan, schedules as functions of the step, checkpoint/resume, and
-throughput accounting. Keeping them here means resume, preemption and logging
-behave the same in every stage.
+Runtime setup from the config, model + optimizer from the frozen plan, schedules as
+functions of the step, and throughput accounting. The loop itself (resume, evaluations,
+saving, preemption, logging, the result) is nanochat/loop.py.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from nanochat.checkpoint import latest_checkpoint, load_meta, load_model_state, load_rank_state, \
-    save_checkpoint, set_rng_state
+from nanochat.checkpoint import latest_checkpoint, load_meta, load_model_state
 from nanochat.common import get_base_dir, init_distributed, read_json
-from nanochat.config import Config, config_to_dict
+from nanochat.config import Config
 from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum, weight_decay_at
-from nanochat.lifecycle import STOP, Preempted, stop_requested_all_ranks
 from nanochat.plan import Plan
 from nanochat.precision import Precision
-from nanochat.tracking import Tracker
 
 @dataclass
 class Runtime:
@@ -94,26 +90,6 @@ def apply_schedules(optimizer: Any, step: int, plan: Plan) -> float:
     return mult
 
 
-@dataclass
-class LoopState:
-    """Everything besides tensors that a resumed loop needs to continue exactly."""
-    step: int = 0
-    tokens_seen: int = 0
-    train_time_s: float = 0.0
-    wall_time_s: float = 0.0          # every attempt up to the last checkpoint (setup, training, evals)
-    smooth_loss: float = 0.0
-    best_val_bpb: Optional[float] = None
-    last_val_bpb: Optional[float] = None
-    first_val_bpb: Optional[float] = None
-    extra: dict = field(default_factory=dict)
-
-    def record_val(self, value: float) -> None:
-        """Keep first / last / best of the stage's validation metric (bpb or loss)."""
-        self.last_val_bpb = value
-        self.first_val_bpb = value if self.first_val_bpb is None else self.first_val_bpb
-        self.best_val_bpb = value if self.best_val_bpb is None else min(self.best_val_bpb, value)
-
-
 def init_model(plan: Plan, cfg: Config, rt: Runtime, init_from: Optional[str]) -> tuple[GPT, Optional[dict]]:
     """Fresh model (seeded), or the weights of `init_from`'s last checkpoint."""
     model = build_model(gpt_config(plan), rt.device, cfg.run.seed)
@@ -126,57 +102,6 @@ def init_model(plan: Plan, cfg: Config, rt: Runtime, init_from: Optional[str]) -
         model.load_state_dict(load_model_state(ckpt, rt.device), strict=True)
         source_meta = load_meta(ckpt)
     return model, source_meta
-
-
-def try_resume(run_dir: Path, cfg: Config, rt: Runtime, model: GPT, optimizer: Any) -> tuple[LoopState, Optional[dict]]:
-    """Restore model/optimizer/RNG from the run dir's newest checkpoint (run.resume != never).
-
-    Returns the loop state and this rank's loader state (None when starting fresh).
-    """
-    ckpt = latest_checkpoint(run_dir) if cfg.run.resume != "never" else None
-    if ckpt is None:
-        return LoopState(), None
-    meta = load_meta(ckpt)
-    model.load_state_dict(load_model_state(ckpt, rt.device), strict=True)
-    rank_state = load_rank_state(ckpt, rt.rank, rt.device)
-    if rank_state["optim"] is None:
-        raise FileNotFoundError(f"{ckpt}: no optim_rank{rt.rank}.pt; was it saved with a different world size "
-                                f"(now {rt.world})?")
-    optimizer.load_state_dict(rank_state["optim"])
-    if rank_state["rng"] is not None:
-        set_rng_state(rank_state["rng"])
-    state = LoopState(**meta["loop_state"])
-    return state, rank_state["loader"]
-
-
-def save(run_dir: Path, cfg: Config, plan: Plan, rt: Runtime, model: GPT, optimizer: Any,
-         loader_state: Optional[dict], state: LoopState) -> Path:
-    meta = {
-        "stage": cfg.stage.name,
-        "model_config": plan.model.gpt_config_kwargs(),
-        "loop_state": vars(state),
-        "config": config_to_dict(cfg),
-        "plan": plan.to_dict(),
-        "world_size": rt.world,
-    }
-    return save_checkpoint(run_dir, state.step, model=model, optimizer=optimizer, loader_state=loader_state,
-                           meta=meta, rank=rt.rank, keep_last=getattr(cfg.stage, "keep_last", -1))
-
-
-def make_tracker(cfg: Config, run_dir: Path, rt: Runtime, total: int, start: int) -> Tracker:
-    return Tracker(run_dir, enabled=rt.master, total_steps=total, start_step=start, wandb_mode=cfg.wandb.mode,
-                   wandb_project=cfg.wandb.project, wandb_name=cfg.wandb.name, config=config_to_dict(cfg),
-                   desc=cfg.stage.name)
-
-
-def checkpoint_if_stopped(run_dir: Path, cfg: Config, plan: Plan, rt: Runtime, model: GPT, optimizer: Any,
-                          loader_state: Optional[dict], state: LoopState, tracker: Tracker) -> None:
-    """At a step boundary: if any rank got a stop signal, every rank checkpoints, then raise Preempted."""
-    if not stop_requested_all_ranks(STOP):
-        return
-    save(run_dir, cfg, plan, rt, model, optimizer, loader_state, state)
-    tracker.print(f"stop signal ({STOP.name or 'peer rank'}): checkpointed at step {state.step}")
-    raise Preempted(state.step, STOP.name or "peer")
 
 
 def dist_sum(x: torch.Tensor) -> torch.Tensor:

@@ -84,7 +84,7 @@ def test_rl_single_process_and_resume(source, monkeypatch):
     r = json.loads((run / "result.json").read_text())
     assert r["step"] == 4 and set(r["pass_at_k"]) == {"pass@1", "pass@2"}
     assert 0 <= r["pass_at_k"]["pass@1"] <= r["pass_at_k"]["pass@2"] <= 1
-    assert r["sampled_tokens"] > 0
+    assert r["tokens_seen"] > 0  # sampled tokens
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in rows if "train/reward" in m] == [1, 2, 3, 4]
     assert sum("val/pass@1" in m for m in rows) == 3  # steps 0, 2, 4

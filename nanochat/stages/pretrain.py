@@ -8,9 +8,8 @@ exactly the batches and updates an uninterrupted run would have made.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -19,12 +18,11 @@ from nanochat.config import Config
 from nanochat.common import barrier
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import list_shards
-from nanochat.lifecycle import EvalInterrupted
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.plan import param_breakdown
 from nanochat.precision import convert_fp8, fp8_disabled
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat import training as T
+from nanochat import loop as L, training as T
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -32,10 +30,6 @@ SAMPLE_PROMPTS = [
     "If yesterday was Friday, then tomorrow will be",
     "The opposite of hot is",
 ]
-
-
-def _due(step: int, every: int, last: bool) -> bool:
-    return last or (every > 0 and step % every == 0)
 
 
 def eval_steps(tokens: int, plan) -> int:
@@ -95,9 +89,16 @@ class SlotLoader:
         self.loaders = [DataLoader(cfg.data, tokenizer, plan.device_batch_size, plan.sequence_len, "train",
                                    rt.rank + rt.world * j, rt.world * slots, rt.device, base_dir=rt.base_dir,
                                    state=states[j]) for j in range(slots)]
+        self.slot = 0
 
-    def next(self, slot: int):
-        return next(self.loaders[slot])
+    def __iter__(self) -> "SlotLoader":
+        return self
+
+    def __next__(self):
+        """The next slot's batch: a step's grad_accum micro-batches come from slots 0, 1, ... in turn."""
+        batch = next(self.loaders[self.slot])
+        self.slot = (self.slot + 1) % len(self.loaders)
+        return batch
 
     def state_dict(self) -> dict:
         return {"slots": [l.state_dict() for l in self.loaders]}
@@ -108,11 +109,32 @@ class SlotLoader:
                 l.close()
 
 
+def train_step(model, optimizer, batches: Iterator, plan, rt: T.Runtime, scaler: Any = None) -> float:
+    """One optimizer step over plan.grad_accum_steps micro-batches of `batches`; the mean loss over ranks.
+
+    The caller sets this step's schedules first (training.apply_schedules). `scaler` is the
+    precision's GradScaler (fp16 on CUDA); None steps the optimizer directly.
+    """
+    accum = plan.grad_accum_steps
+    loss_sum = torch.zeros((), device=rt.device)
+    for _ in range(accum):
+        x, y = next(batches)
+        with rt.autocast():
+            loss = model(x, y)
+        loss_sum += loss.detach()
+        (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
+    if scaler is not None:
+        scaler.step(optimizer)  # unscales first, skips the step on inf/nan grads (fp16)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return T.all_reduce_mean(loss_sum / accum).item()
+
+
 def run(cfg: Config, run_dir: Path) -> dict:
-    wall_t0 = time.time()
-    rt = T.setup_runtime(cfg)
-    plan = T.load_plan(run_dir)
-    st = cfg.stage
+    loop = L.Loop(cfg, run_dir)
+    rt, plan, st = loop.rt, loop.plan, cfg.stage
     tokenizer = get_tokenizer(rt.base_dir, cfg.data.tokenizer)
     if tokenizer.get_vocab_size() > plan.model.padded_vocab_size:
         raise ValueError(f"model.vocab_size={plan.model.vocab_size} is smaller than the tokenizer "
@@ -126,119 +148,47 @@ def run(cfg: Config, run_dir: Path) -> dict:
     model, _ = T.init_model(plan, cfg, rt, st.init_from)
     if cfg.model.fp8:   # before the optimizer and compile, as nanochat; the weights stay fp32 Parameters
         fp8_names = convert_fp8(model, cfg.model.fp8, emulate=cfg.model.fp8_emulate)
-        if rt.master:
-            print(f"fp8 ({cfg.model.fp8}{', emulated' if cfg.model.fp8_emulate else ''}): "
-                  f"{len(fp8_names)} Linear layers converted")
+        loop.log(f"fp8 ({cfg.model.fp8}{', emulated' if cfg.model.fp8_emulate else ''}): "
+                 f"{len(fp8_names)} Linear layers converted")
     optimizer = T.make_optimizer(model, plan, cfg, rt)
-    state, loader_state = T.try_resume(run_dir, cfg, rt, model, optimizer)
-    resumed = state.step > 0 or loader_state is not None
-    train_loader = SlotLoader(cfg, plan, rt, tokenizer, loader_state)
+    train_loader = SlotLoader(cfg, plan, rt, tokenizer, loop.resume(model, optimizer))
     train_model = torch.compile(model, dynamic=False) if cfg.hardware.compile else model
     scaler = rt.precision.grad_scaler()  # a no-op unless fp16 on CUDA
-    N = plan.num_iterations
-    tracker = T.make_tracker(cfg, run_dir, rt, N, state.step)
-    peak = T.peak_flops(rt.device, rt.dtype)
-    if resumed:
-        tracker.print(f"resumed from step {state.step} of {N}")
-    tracker.print(f"params {plan.num_params:,} | {plan.total_batch_size:,} tokens/step = {plan.device_batch_size}×"
-                  f"{plan.sequence_len}×{rt.world}×{plan.grad_accum_steps} | {N} steps | peak {peak / 1e9:.0f} GFLOP/s")
 
-    start_step = state.step
-    wall_before = state.wall_time_s  # earlier attempts (0 on a fresh run): result.json covers them all
-    step_tokens = plan.total_batch_size
-    last_dt, tok_per_sec, mfu = 0.0, 0.0, 0.0
+    def step(_: int) -> L.StepOut:
+        with explain_oom(plan.device_batch_size, plan.grad_accum_steps):  # OOM → which batch to try
+            loss = train_step(train_model, optimizer, train_loader, plan, rt, scaler)
+        return L.StepOut(loss, plan.total_batch_size)
+
+    def core(_: int) -> dict:
+        out = run_core(model, tokenizer, cfg, rt, st.core_max_per_task)
+        loop.tracker.print(f"CORE over {out['tasks_evaluated']} tasks")
+        return {"core": out["core"]}
+
+    def sample(_: int) -> dict:
+        for s in samples(model, tokenizer):
+            loop.tracker.print(f"  sample: {s!r}")
+        return {}
+
+    evals = [L.Evaluation("val_bpb", lambda _: {"val/bpb": val_bpb(model, cfg, plan, rt, tokenizer, token_bytes,
+                                                                   st.eval_tokens or plan.eval_tokens)},
+                          every=st.eval_every)]
+    if rt.master:
+        evals.append(L.Evaluation("samples", sample, every=st.sample_every, last=st.sample_every > 0))
+    # CORE skips step 0, as nanochat does: with core_every > horizon it runs once, at the end
+    evals.append(L.Evaluation("core", core, every=st.core_every, first=False, last=st.core_every > 0))
+    header = (f"params {plan.num_params:,} | {plan.total_batch_size:,} tokens/step = {plan.device_batch_size}×"
+              f"{plan.sequence_len}×{rt.world}×{plan.grad_accum_steps} | {plan.num_iterations} steps")
     try:
-        while True:
-            step = state.step
-            last = step == N
-            fresh = not (resumed and step == start_step)  # this step's evals ran before the checkpoint
-            try:
-                if fresh and _due(step, st.eval_every, last):
-                    bpb = val_bpb(model, cfg, plan, rt, tokenizer, token_bytes, st.eval_tokens or plan.eval_tokens)
-                    state.record_val(bpb)
-                    tracker.log({"step": step, "val/bpb": bpb})
-                    tracker.print(f"step {step:05d} | val bpb {bpb:.4f}")
-                if fresh and rt.master and st.sample_every > 0 and _due(step, st.sample_every, last):
-                    for s in samples(model, tokenizer):
-                        tracker.print(f"  sample: {s!r}")
-                # CORE skips step 0, as nanochat does: with core_every > horizon it runs once, at the end
-                if fresh and st.core_every > 0 and (last or step > 0) and _due(step, st.core_every, last):
-                    core = run_core(model, tokenizer, cfg, rt, st.core_max_per_task)
-                    tracker.log({"step": step, "core": core["core"]})
-                    state.extra["core"] = core["core"]
-                    tracker.print(f"step {step:05d} | CORE {core['core']:.4f} ({core['tasks_evaluated']} tasks)")
-            except EvalInterrupted:  # a stop signal inside an evaluation: checkpoint this step, exit
-                T.checkpoint_if_stopped(run_dir, cfg, plan, rt, model, optimizer, train_loader.state_dict(), state,
-                                        tracker)
-                raise
-            state.wall_time_s = wall_before + (time.time() - wall_t0)  # what a checkpoint saved now carries
-            if fresh and step > start_step and (last or (st.save_every > 0 and step % st.save_every == 0)):
-                T.save(run_dir, cfg, plan, rt, model, optimizer, train_loader.state_dict(), state)
-            if last:
-                break
-            T.checkpoint_if_stopped(run_dir, cfg, plan, rt, model, optimizer, train_loader.state_dict(), state, tracker)
-
-            # ---- one optimizer step
-            rt.sync()
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=rt.device)
-            with explain_oom(plan.device_batch_size, plan.grad_accum_steps):  # OOM → which batch to try
-                for micro in range(plan.grad_accum_steps):
-                    x, y = train_loader.next(micro)
-                    with rt.autocast():
-                        loss = train_model(x, y)
-                    loss_sum += loss.detach()
-                    scaler.scale(loss / plan.grad_accum_steps).backward()
-                lrm = T.apply_schedules(optimizer, step, plan)
-                scaler.step(optimizer)  # unscales first, skips the step on inf/nan grads (fp16)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            train_loss = T.all_reduce_mean(loss_sum / plan.grad_accum_steps).item()
-            rt.sync()
-            last_dt = time.perf_counter() - t0
-            T.check_finite(train_loss, step + 1)
-
-            state.step = step + 1
-            state.tokens_seen += step_tokens
-            if step > start_step:  # the first step pays one-off costs (allocations, compile)
-                state.train_time_s += last_dt
-                state.extra["timed_tokens"] = state.extra.get("timed_tokens", 0) + step_tokens
-            beta = 0.9
-            state.smooth_loss = beta * state.smooth_loss + (1 - beta) * train_loss
-            smooth = state.smooth_loss / (1 - beta ** state.step)  # debiased EMA
-            tok_per_sec = step_tokens / last_dt
-            mfu = plan.flops_per_token * tok_per_sec / (peak * rt.world)
-            if state.step % max(1, st.log_every) == 0 or state.step == N:
-                tracker.log({"step": state.step, "train/loss": train_loss, "train/loss_smooth": smooth,
-                             "lr": plan.matrix_lr * lrm, "lrm": lrm, "tok_per_sec": tok_per_sec, "mfu": mfu,
-                             "dt_ms": last_dt * 1000, "tokens": state.tokens_seen,
-                             "train_time_s": state.train_time_s})
-            tracker.progress(state.step, f"loss {smooth:.3f} | {tok_per_sec:,.0f} tok/s | MFU {mfu * 100:.1f}%")
+        loop.run(step, evals, train_loader.state_dict, header=header, val_key="val/bpb",
+                 flops_per_token=plan.flops_per_token)
     finally:
-        tracker.close()
         train_loader.close()
-
-    result = {
-        "step": state.step,
-        "final_val_bpb": state.last_val_bpb,
-        "best_val_bpb": state.best_val_bpb,
-        "first_val_bpb": state.first_val_bpb,
-        "final_train_loss": state.smooth_loss,
-        "tokens_seen": state.tokens_seen,
-        "num_params": plan.num_params,
-        "params": param_breakdown(plan.model),  # by role, for scaling-law fits (nanochat-scaling)
-        "flops_per_token": plan.flops_per_token,
-        "flops": float(plan.flops_per_token) * state.tokens_seen,
-        "target_flops": st.target_flops,
-        "wall_time_s": wall_before + (time.time() - wall_t0),  # all attempts: setup, training, evals
-        "train_time_s": state.train_time_s,
-        "tok_per_sec": state.extra.get("timed_tokens", 0) / state.train_time_s if state.train_time_s > 0 else tok_per_sec,
-        "mfu": mfu,
-        "peak_memory_mb": T.peak_memory_mb(rt.device),
-        "world_size": rt.world,
-    }
-    if "core" in state.extra:
-        result["core"] = state.extra["core"]
-    return result
-
-
+    s = loop.state
+    return {**loop.result(),
+            "final_val_bpb": s.val_last, "best_val_bpb": s.val_best, "first_val_bpb": s.val_first,
+            "params": param_breakdown(plan.model),  # by role, for scaling-law fits (nanochat-scaling)
+            "flops_per_token": plan.flops_per_token,
+            "flops": float(plan.flops_per_token) * s.tokens_seen,
+            "target_flops": st.target_flops,
+            **({"core": s.evals["core"]["core"]} if "core" in s.evals else {})}

@@ -15,16 +15,15 @@ and the sampling seeds, are functions of the step, so a resumed run continues ex
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from nanochat import training as T
+from nanochat import loop as L, training as T
 from nanochat.config import Config
 from nanochat.engine import Engine
-from nanochat.lifecycle import EvalInterrupted, check_stop
+from nanochat.lifecycle import check_stop
 from nanochat.tasks import make_task
 from nanochat.tokenizer import get_tokenizer
 
@@ -96,9 +95,8 @@ def pass_at_k(model, tokenizer, task, num_examples: int, k: int, max_new_tokens:
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
-    rt = T.setup_runtime(cfg)
-    eplan = T.load_plan(run_dir)  # nanochat/chat_plan.py's rl_plan: horizon, LRs × init_lr_frac
-    st = cfg.stage
+    loop = L.Loop(cfg, run_dir)
+    rt, eplan, st = loop.rt, loop.plan, cfg.stage  # eplan: nanochat/chat_plan.py's rl_plan (horizon, LRs)
     tokenizer = get_tokenizer(rt.base_dir, eplan.stage.get("tokenizer") or cfg.data.tokenizer)
     data_dir, base = cfg.paths.shared_data, str(rt.base_dir)
     train_task = make_task(st.task, "train", data_dir=data_dir, base_dir=base)
@@ -107,96 +105,59 @@ def run(cfg: Config, run_dir: Path) -> dict:
     dbs, N = eplan.device_batch_size, eplan.num_iterations
     model, _ = T.init_model(eplan, cfg, rt, st.init_from)
     optimizer = T.make_optimizer(model, eplan, cfg, rt)
-    state, loader_state = T.try_resume(run_dir, cfg, rt, model, optimizer)
-    resumed = state.step > 0 or loader_state is not None
+    loop.resume(model, optimizer)
+    state = loop.state
     state.extra["base_lrs"] = eplan.stage.get("base_lrs", {})
     engine = Engine(model, tokenizer)
     limit = getattr(model, "rotary_len", None) or model.config.sequence_len
     pad = tokenizer.encode_special("<|assistant_end|>")
-    tracker = T.make_tracker(cfg, run_dir, rt, N, state.step)
-    tracker.print(f"rl on {st.task}: {len(train_task):,} train questions | {N} steps × {E} questions × {S} samples "
-                  f"| matrix LR {eplan.matrix_lr:.4g}" + (f" | resumed at step {state.step}" if resumed else ""))
-    start_step = state.step
 
-    def evaluate(step: int) -> None:
+    def step(step: int) -> L.StepOut:
+        """Rollouts for this rank's questions, then one policy-gradient step."""
+        mine = list(range(rt.rank, E, rt.world))
+        reward_sum, sampled_tokens = 0.0, 0
+        groups = []
+        for j in mine:
+            idx = (step * E + j) % len(train_task)
+            seqs, masks, rewards, _ = sample_rollouts(engine, tokenizer, train_task, idx, S, st.max_new_tokens,
+                                                      st.temperature, st.top_k,
+                                                      cfg.run.seed * 1_000_003 + step * E + j, limit)
+            reward_sum += sum(rewards)
+            groups.append((seqs, masks, rewards))
+        model.train()
+        for seqs, masks, rewards in groups:
+            r = torch.tensor(rewards, dtype=torch.float32, device=rt.device)
+            adv = r - r.mean()
+            x, y = rollout_tensors(seqs, masks, pad, rt.device)
+            n_valid = int((y >= 0).sum())
+            sampled_tokens += n_valid
+            if n_valid == 0 or bool((adv == 0).all()):
+                continue  # nothing sampled, or no signal (all samples scored alike)
+            # token-level normalization per question, averaged over this rank's questions
+            with rt.autocast():
+                policy_gradient_backward(model, x, y, adv, dbs, n_valid * len(mine))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        totals = T.dist_sum(torch.tensor([reward_sum, float(len(mine) * S), float(sampled_tokens)],
+                                        dtype=torch.float64, device=rt.device))
+        mean_reward = float(totals[0] / totals[1])
+        state.extra.setdefault("first_reward", mean_reward)
+        state.extra["last_reward"] = mean_reward
+        return L.StepOut(mean_reward, int(totals[2]), {"sampled_tokens": int(totals[2])})
+
+    def evaluate(_: int) -> dict:
         res = pass_at_k(model, tokenizer, test_task, st.eval_examples, st.eval_num_samples, st.max_new_tokens,
                         st.temperature, st.top_k, cfg.run.seed + 1_000_003, rt.device)
-        state.extra["pass_at_k"] = res
-        tracker.log({"step": step, **{f"val/{k}": v for k, v in res.items()}})
-        tracker.print(f"step {step:05d} | " + " ".join(f"{k} {v:.3f}" for k, v in res.items()))
+        return {f"val/{k}": v for k, v in res.items()}
 
-    try:
-        while True:
-            step = state.step
-            last = step == N
-            fresh = not (resumed and step == start_step)
-            if fresh and (last or (st.pass_at_k_every > 0 and step % st.pass_at_k_every == 0)):
-                try:
-                    evaluate(step)
-                except EvalInterrupted:  # checkpoint at this step boundary, exit preempted
-                    T.checkpoint_if_stopped(run_dir, cfg, eplan, rt, model, optimizer, {"step": step}, state,
-                                            tracker)
-                    raise
-            if fresh and step > start_step and (last or (st.save_every > 0 and step % st.save_every == 0)):
-                T.save(run_dir, cfg, eplan, rt, model, optimizer, {"step": step}, state)
-            if last:
-                break
-            T.checkpoint_if_stopped(run_dir, cfg, eplan, rt, model, optimizer, {"step": step}, state, tracker)
-
-            # ---- rollouts for this rank's questions, then one policy-gradient step
-            t0 = time.perf_counter()
-            mine = list(range(rt.rank, E, rt.world))
-            reward_sum, sampled_tokens = 0.0, 0
-            groups = []
-            for j in mine:
-                idx = (step * E + j) % len(train_task)
-                seqs, masks, rewards, _ = sample_rollouts(engine, tokenizer, train_task, idx, S, st.max_new_tokens,
-                                                          st.temperature, st.top_k,
-                                                          cfg.run.seed * 1_000_003 + step * E + j, limit)
-                reward_sum += sum(rewards)
-                groups.append((seqs, masks, rewards))
-            model.train()
-            for seqs, masks, rewards in groups:
-                r = torch.tensor(rewards, dtype=torch.float32, device=rt.device)
-                adv = r - r.mean()
-                x, y = rollout_tensors(seqs, masks, pad, rt.device)
-                n_valid = int((y >= 0).sum())
-                sampled_tokens += n_valid
-                if n_valid == 0 or bool((adv == 0).all()):
-                    continue  # nothing sampled, or no signal (all samples scored alike)
-                # token-level normalization per question, averaged over this rank's questions
-                with rt.autocast():
-                    policy_gradient_backward(model, x, y, adv, dbs, n_valid * len(mine))
-            lrm = T.apply_schedules(optimizer, step, eplan)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            totals = T.dist_sum(torch.tensor([reward_sum, float(len(mine) * S), float(sampled_tokens)],
-                                            dtype=torch.float64, device=rt.device))
-            mean_reward = float(totals[0] / totals[1])
-            dt = time.perf_counter() - t0
-            state.step = step + 1
-            state.tokens_seen += int(totals[2])
-            state.train_time_s += dt
-            state.extra.setdefault("first_reward", mean_reward)
-            state.extra["last_reward"] = mean_reward
-            state.smooth_loss = 0.9 * state.smooth_loss + 0.1 * mean_reward
-            if state.step % max(1, st.log_every) == 0 or state.step == N:
-                tracker.log({"step": state.step, "train/reward": mean_reward, "lrm": lrm,
-                             "sampled_tokens": int(totals[2]), "dt_ms": dt * 1000,
-                             "train_time_s": state.train_time_s})
-            tracker.progress(state.step, f"reward {mean_reward:.3f} | {dt:.1f}s/step")
-    finally:
-        tracker.close()
-    return {
-        "step": state.step,
-        "task": st.task,
-        "first_reward": state.extra.get("first_reward"),
-        "mean_reward": state.extra.get("last_reward"),
-        "reward_ema": state.smooth_loss / (1 - 0.9 ** state.step) if state.step else None,
-        "pass_at_k": state.extra.get("pass_at_k"),
-        "sampled_tokens": state.tokens_seen,
-        "train_time_s": state.train_time_s,
-        "num_iterations": N,
-        "world_size": rt.world,
-        "num_params": eplan.num_params,
-    }
+    header = (f"rl on {st.task}: {len(train_task):,} train questions | {N} steps × {E} questions × {S} samples "
+              f"| matrix LR {eplan.matrix_lr:.4g}")
+    loop.run(step, [L.Evaluation("pass@k", evaluate, every=st.pass_at_k_every)], lambda: {"step": state.step},
+             header=header, metric="reward")
+    pass_k = state.evals.get("pass@k")
+    return {**loop.result(),
+            "task": st.task,
+            "first_reward": state.extra.get("first_reward"),
+            "mean_reward": state.extra.get("last_reward"),   # the last step's
+            "reward_ema": state.smoothed(),                  # the debiased EMA of the steps' mean reward
+            "pass_at_k": {k[len("val/"):]: v for k, v in pass_k.items()} if pass_k else None}

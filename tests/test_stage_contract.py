@@ -352,6 +352,19 @@ def test_modern_sft_dry_run_is_the_run(modern):
 
 
 @pytest.mark.slow
+def test_seed_default_sft_takes_a_modern_pretrain_run(modern, tmp_path):
+    """The issue's case end to end: a modern pretrain run alone, then `stage=sft` with the seed default (mid):
+    `latest` takes the pretrain run, the plan says so, and the source's generation (modern) picks the rules."""
+    env, _, src = modern
+    root = tmp_path / "runs"
+    shutil.copytree(src, root / "pretrain" / "d2" / "modern")
+    dry = _table(nanochat_run({**env, "COLUMNS": "400"}, *SFT, "model.depth=2", f"run.root={root}",
+                              "run.dry_run=true").stdout)
+    assert dry["source"].startswith("no completed mid run for tag d2: starting from the newest pretrain run"), dry
+    assert "pretrain, modern" in dry["init_from"] and dry["generation"].startswith("modern"), dry
+
+
+@pytest.mark.slow
 def test_bad_sources_are_refused_before_work(modern):
     env, root, src = modern
     env = {**env, "COLUMNS": "400"}

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from nanochat.config import Config, ConfigError
 
 if TYPE_CHECKING:
-    from nanochat.stage_plan import SourceRun, StagePlan
+    from nanochat.stage_plan import StagePlan
 
 
 @dataclass(frozen=True)

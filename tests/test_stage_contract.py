@@ -85,6 +85,17 @@ def test_every_stage_declares_its_contract():
         assert type(config_from_dict({"stage": tree}).stage) is found[tree["name"]].schema, path.name
 
 
+def test_runs_frozen_with_the_old_yaml_keys_still_load(tmp_path):
+    """Run dirs made when YAML named worker/planner/sources stay readable as sources; the launcher refuses the keys."""
+    from nanochat.config import ConfigError, config_from_dict, load_config
+    old = {"stage": {"name": "sft", "worker": "nanochat.stages.sft", "planner": "nanochat.chat_plan.sft_plan",
+                     "sources": ["pretrain", "mid"], "default_source": {"seed": "mid"}, "source_tag": "same"}}
+    (tmp_path / "resolved_config.yaml").write_text(yaml.safe_dump(old))
+    assert load_config(str(tmp_path / "resolved_config.yaml")).stage.name == "sft"
+    with pytest.raises(ConfigError, match="stage.worker"):
+        config_from_dict(old)
+
+
 def test_sweep_objective_is_the_declared_headline():
     import math
     from launch.run import objective

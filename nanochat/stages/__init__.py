@@ -67,13 +67,16 @@ def stages() -> dict[str, Stage]:
         bad = [st for st in found if not isinstance(st, Stage)]
         if bad:
             raise TypeError(f"{bad[0]!r} is not a nanochat.stages.Stage")
+        names = [st.name for st in found]
+        if len(set(names)) < len(names):  # an installed package must not silently replace a stage
+            raise TypeError(f"stage {[n for n in names if names.count(n) > 1][0]!r} is declared twice")
         _FOUND.update((st.name, st) for st in found)
     return _FOUND
 
 
 def stage(name: Any) -> Stage:
-    try:
-        return stages()[name]
-    except (KeyError, TypeError):
-        raise ConfigError("stage.name", name, f"pick one of: {', '.join(stages())} (stage=<name>), or declare "
-                          f"one (README: Adding a stage)", "unknown stage") from None
+    found = stages()
+    if not isinstance(name, str) or name not in found:
+        raise ConfigError("stage.name", name, f"pick one of: {', '.join(found)} (stage=<name>), or declare one "
+                          f"(README: Adding a stage)", "unknown stage")
+    return found[name]

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 from nanochat.config import Config, ConfigError
 from nanochat.lifecycle import (EXIT_PREEMPTED, LAUNCHER_PID_ENV, STOP_SIGNALS, die_with_parent_preexec,
                                 kill_tree, read_status)
+from nanochat.stages import stage
 
 _DROP_EXACT = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ROLE_NAME"}
@@ -188,8 +189,8 @@ def run_subprocess(cmd: list[str], env: dict, preempted: Optional[Callable[[], b
 def dispatch(cfg: Config, run_dir: Path, in_process: bool) -> int:
     config_path = node_config(cfg, run_dir)
     world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
-    if cfg.stage.name == "serve":
-        world = 1  # one process; its replicas (one per GPU) are threads, not torchrun ranks
+    if stage(cfg.stage.name).one_process:
+        world = 1  # e.g. serve: its replicas (one per GPU) are threads, not torchrun ranks
     if in_process and world == 1:
         # an inherited RANK/WORLD_SIZE (e.g. inside someone else's torchrun) must not make
         # this single process believe it is part of a distributed job

@@ -115,7 +115,7 @@ def _read_hf(src: str, stage: str, step: Optional[int], tag: Optional[str]):
     kw, state, tok, config = read_hf_dir(hf_dir)
     rec = config.get("nanochat_hydra") or {}
     if stage == "auto":
-        stage = rec.get("stage") if rec.get("stage") in interop.STAGE_DIRS else "pretrain"
+        stage = rec.get("stage") if rec.get("stage") in interop.STAGE_DIRS else interop.STAGE_ORDER[0]  # base
     step = step if step is not None else int(rec.get("step", 0))
     files = {f: {"path": str(hf_dir / f), "sha256": interop.file_sha256(hf_dir / f)}
              for f in sorted(p.name for p in hf_dir.iterdir() if p.suffix in (".json", ".safetensors"))}
@@ -195,7 +195,8 @@ def main_import(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="nanochat-import", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="nanochat checkpoint dir (<stage>_checkpoints/<tag>) or nanochat base dir")
-    ap.add_argument("--stage", default="auto", choices=["auto", "pretrain", "mid", "sft", "rl"])
+    ap.add_argument("--stage", default="auto", help="auto, or which stage of nanochat's the checkpoint "
+                    "is (nanochat.interop.STAGE_DIRS; auto reads it from SRC)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     ap.add_argument("--tag", default=None, help="nanochat model tag when SRC is a base dir (default: largest dN)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for our run, e.g. run.root=runs")

@@ -75,7 +75,7 @@ def reproduce(run_dir: Path, overrides: list[str], resume: bool, strict: bool) -
         tree["run"]["root"] = str(run_dir.parents[2])  # new dir next to the original: <root>/<stage>/<tag>/
     if resume:
         tree["run"]["resume"] = "must"
-    cfg = config_from_dict(tree)
+    cfg = config_from_dict(tree, frozen=True)
     _, plan, _ = prepare(cfg)
     saved_plan = run_dir / "plan.json"
     if plan and saved_plan.exists():

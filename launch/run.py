@@ -24,8 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from launch import rundir, validate
 from nanochat.common import read_json
 from nanochat.lifecycle import EXIT_PREEMPTED, read_status, write_status
-from nanochat.config import STAGE_SCHEMAS, Config, ConfigError, config_from_dict
+from nanochat.config import Config, ConfigError, config_from_dict
 from nanochat.runlock import lock_run_dir
+from nanochat.stages import stage, stages
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 # Sweep job dirs are named after their overrides; a path value (paths.base_dir=/data/x) would
@@ -64,35 +65,42 @@ def print_plan(cfg: Config, plan: Optional[dict], rows: list[tuple[str, str]], r
 # --------------------------------------------------------------------------- one stage
 
 def prepare(cfg: Config) -> tuple[Config, Optional[dict], list[tuple[str, str]]]:
-    """Resolve the source run (the stage's `sources` rule), then the stage's planner makes the plan.
+    """Resolve the source run (the stage's declared sources), then the stage's planner makes the plan.
 
-    No stage is named here: conf/stage/<name>.yaml declares `sources`, `source_tag` and `planner`
-    (nanochat/stage_plan.py). The dry run prints what this returns; a real run freezes it.
+    No stage is named here: each declares its sources and planner (nanochat/stages/<name>.py). The
+    dry run prints what this returns; a real run freezes it.
     """
     from nanochat import stage_plan as SP
-    source = None
-    chained_dry = str(cfg.stage.init_from or "").startswith("pipeline:")  # dry run of a pipeline
-    if cfg.stage.sources and not chained_dry:
-        path = rundir.resolve_init_from(cfg, SP.source_candidates(cfg), any_tag=cfg.stage.source_tag == "any")
+    st = stage(cfg.stage.name)
+    source, rows = None, []
+    if str(cfg.stage.init_from or "").startswith("pipeline:"):
+        pass  # the dry run of a pipeline: the source is an earlier entry's future run
+    elif st.sources:
+        path, note = rundir.resolve_source(cfg, st)
         if path is None:
             raise ConfigError("stage.init_from", cfg.stage.init_from,
-                              f"set stage.init_from=<run dir> or latest; the {cfg.stage.name} stage starts from a "
-                              f"run of: {', '.join(cfg.stage.sources)}", "missing source checkpoint")
+                              f"set stage.init_from=<run dir> or latest; the {st.name} stage starts from a "
+                              f"run of: {', '.join(st.sources)}", "missing source checkpoint")
         source = SP.load_source(path)
-        SP.check_source(cfg, source)
+        SP.check_source(st, source)
         cfg = SP.with_source_model(cfg, source)
-    sp = SP.call_planner(cfg, source)
+        rows = [("source", note)] if note else []
+    elif cfg.stage.init_from not in (None, "", "none"):
+        raise ConfigError("stage.init_from", cfg.stage.init_from, "drop stage.init_from (set it to null)",
+                          f"the {st.name} stage starts from no run")
+    sp = st.planner(cfg, source)
     if sp.wants_probe and not cfg.run.dry_run:  # hardware.device_batch_size=auto on a real run
         from launch.probe import probe_device_batch
-        sp = SP.call_planner(cfg, source, probe=probe_device_batch(cfg, sp.plan))
-    return cfg, (sp.plan.to_dict() if sp.plan is not None else None), sp.rows
+        sp = st.planner(cfg, source, probe=probe_device_batch(cfg, sp.plan))
+    return cfg, (sp.plan.to_dict() if sp.plan is not None else None), sp.rows + rows
 
 
 def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[Path]) -> dict:
     """Validate, plan, freeze and dispatch one stage; returns {'status', 'run_dir', 'result'}."""
     from launch.dispatch import dispatch, node_rank
-    validate.check_serve(cfg)
-    validate.check_harness(cfg)
+    check = stage(cfg.stage.name).check
+    if check is not None:
+        check(cfg)
     if not cfg.run.dry_run:  # a dry run may plan for hardware this machine does not have
         validate.check_hardware(cfg)
     cfg, plan, rows = prepare(cfg)
@@ -152,7 +160,7 @@ def stage_tree(composed: dict, entry: str) -> dict:
     else:
         path = Path(CONF_DIR) / "stage" / f"{name}.yaml"
         if not path.exists():
-            raise ConfigError("run.pipeline", entry, f"use stage names from: {', '.join(STAGE_SCHEMAS)}, or a "
+            raise ConfigError("run.pipeline", entry, f"use stage names from: {', '.join(stages())}, or a "
                               f"label with `stages.{entry}.name: <stage>`", "unknown stage in pipeline")
         base = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         base["name"] = name
@@ -174,13 +182,15 @@ def run_pipeline(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optiona
         tree["run"] = {**tree["run"], "pipeline": None, "dir": None}
         stage_cfg = config_from_dict(tree)
         name = stage_cfg.stage.name
-        if stage_cfg.stage.init_from == "latest" and stage_cfg.stage.sources:
-            from nanochat.stage_plan import source_candidates
-            # chain to what this pipeline produced last among the stages this one starts from
-            chain = [s for s in reversed(produced) if s in source_candidates(stage_cfg)]
-            if chain:
-                tree["stage"]["init_from"] = produced[chain[0]]
-                stage_cfg = config_from_dict(tree)
+        if stage_cfg.stage.init_from == "latest":
+            # chain to what this pipeline produced last among the stages this one prefers to start from,
+            # else among the others it accepts
+            for group in stage(name).source_order(stage_cfg):
+                chain = [s for s in reversed(produced) if s in group]
+                if chain:
+                    tree["stage"]["init_from"] = produced[chain[0]]
+                    stage_cfg = config_from_dict(tree)
+                    break
         sub_dir = (job_dir / f"{i}_{entry}") if job_dir is not None else None
         out = run_stage(stage_cfg, tree, hydra_info, sub_dir)
         results.append({"stage": entry, "kind": name, **out})
@@ -230,13 +240,9 @@ def run_job(dcfg: DictConfig) -> dict:
     return run_stage(cfg, composed, hydra_info, job_dir)
 
 
-# the metric a job returns to Hydra when run.objective is null, by the kind of its (last) stage
-HEADLINE = {"pretrain": "final_val_bpb", "mid": "final_val_loss", "sft": "final_val_loss", "rl": "mean_reward",
-            "eval": "val_bpb"}
-
-
-def objective(out: dict, key: Optional[str], stage: str = "pretrain") -> float:
-    """The job's final metric as a float, for any sweeper to optimise (Optuna: sweep=lr_search).
+def objective(out: dict, key: Optional[str], stage_name: str) -> float:
+    """The job's final metric as a float, for any sweeper to optimise (Optuna: sweep=lr_search):
+    run.objective, else the headline its (last) stage declares.
 
     A failed job, or one without the metric, returns NaN: Optuna records the trial as failed
     and carries on; the basic sweeper ignores return values.
@@ -245,8 +251,9 @@ def objective(out: dict, key: Optional[str], stage: str = "pretrain") -> float:
         return float("nan")
     last = out["stages"][-1] if "stages" in out else out  # a pipeline: its last stage
     result = last.get("result") or {}
-    if key is None:
-        key = HEADLINE.get(last.get("kind", stage), "final_val_bpb")
+    key = key or stage(last.get("kind", stage_name)).headline
+    if key is None:  # a stage without a headline (tokenizer, serve)
+        return float("nan")
     value = result.get(key)
     try:
         return float(value)
@@ -263,7 +270,7 @@ def _hydra_entry(dcfg: DictConfig) -> Any:
     Returns the job's final metric (`objective`), which is what sweepers optimise.
     """
     key = OmegaConf.select(dcfg, "run.objective", default=None)
-    stage = str(OmegaConf.select(dcfg, "stage.name", default="pretrain"))
+    stage_name = str(OmegaConf.select(dcfg, "stage.name"))
     try:
         out = run_job(dcfg)
     except ConfigError as e:
@@ -276,7 +283,7 @@ def _hydra_entry(dcfg: DictConfig) -> Any:
         return float("nan")
     if out["status"] not in ("completed", "dry_run"):
         _State.failures.append(f"{out.get('run_dir')}: {out['status']}")
-    return objective(out, key, stage)
+    return objective(out, key, stage_name)
 
 
 def exit_code() -> int:

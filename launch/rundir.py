@@ -22,6 +22,7 @@ from nanochat.common import atomic_write_json, atomic_write_text
 from nanochat.config import Config, ConfigError, config_to_dict
 from nanochat.integrity import select_resume_checkpoint, verify
 from nanochat.lifecycle import list_checkpoints
+from nanochat.stages import Stage, stage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "hydra-core", "omegaconf", "hydra-submitit-launcher", "submitit", "numpy",
@@ -31,12 +32,11 @@ SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLUR
 
 
 def run_tag(cfg: Config) -> str:
-    """Tags come from values: `model=d4 model.depth=6` is d6."""
+    """Tags come from values: `model=d4 model.depth=6` is d6 (a stage may declare its own rule)."""
     if cfg.run.tag:
         return cfg.run.tag
-    if cfg.stage.name == "tokenizer":  # a tokenizer belongs to its data, not to a model depth
-        return f"tok_{cfg.data.tokenizer}"
-    return f"d{cfg.model.depth}"
+    rule = stage(cfg.stage.name).tag
+    return rule(cfg) if rule else f"d{cfg.model.depth}"
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -57,29 +57,47 @@ def find_latest(root: str | Path, stage: str, tag: str) -> Optional[Path]:
     return max(done, key=lambda p: (p / "COMPLETED").stat().st_mtime) if done else None
 
 
-def resolve_init_from(cfg: Config, source_stage: str | list[str], any_tag: bool = False) -> Optional[Path]:
-    """stage.init_from → a concrete run dir (or None), with errors that say what to run first.
+def _newest(cfg: Config, stages: list[str], any_tag: bool) -> Optional[Path]:
+    """Newest completed run among `stages` with this run's tag; any_tag: of the first stage that has one."""
+    if any_tag:
+        return next((p for p in (find_latest(cfg.run.root, s, "*") for s in stages) if p is not None), None)
+    hits = [p for p in (find_latest(cfg.run.root, s, run_tag(cfg)) for s in stages) if p is not None]
+    return max(hits, key=lambda p: (p / "COMPLETED").stat().st_mtime) if hits else None
 
-    `source_stage` may be a list: `latest` then picks the newest completed run among them with
-    this run's tag; with any_tag, the newest run of the first stage in the list that has one.
-    """
+
+def resolve_source(cfg: Config, st: Stage) -> tuple[Optional[Path], Optional[str]]:
+    """stage.init_from → (the run dir the stage starts from or None, a note for the plan when `latest`
+    took another source than the preferred one), with errors that name every way out."""
     value = cfg.stage.init_from
     if value in (None, "", "none"):
-        return None
-    if value == "latest":
-        stages = [source_stage] if isinstance(source_stage, str) else list(source_stage)
-        if any_tag:
-            hits = next(([p] for p in (find_latest(cfg.run.root, s, "*") for s in stages) if p is not None), [])
-        else:
-            hits = [p for p in (find_latest(cfg.run.root, s, run_tag(cfg)) for s in stages) if p is not None]
-        found = max(hits, key=lambda p: (p / "COMPLETED").stat().st_mtime) if hits else None
-        source_stage = " / ".join(stages)
-        if found is None:
-            raise ConfigError(
-                "stage.init_from", value,
-                f"run the `{source_stage}` stage{'' if any_tag else ' for tag ' + run_tag(cfg)} first (under run.root={cfg.run.root}), "
-                f"or point stage.init_from at a run dir", f"no completed {source_stage} run found")
-        return found.resolve()
+        return None, None
+    if value != "latest":
+        return _checked_run_dir(cfg, value), None
+    first, rest = st.source_order(cfg)
+    any_tag = st.source_tag == "any"
+    found = _newest(cfg, first, any_tag)
+    if found is not None:
+        return found.resolve(), None
+    where = "" if any_tag else f" for tag {run_tag(cfg)}"
+    other = _newest(cfg, rest, any_tag)
+    if other is not None:
+        return other.resolve(), (f"no completed {first[0]} run{where}: starting from the newest "
+                                 f"{other.parents[1].name} run, whose generation picks the rules "
+                                 f"(stage.init_stage={first[0]} insists on {first[0]})")
+    names = " / ".join(first + rest)
+    have = [s for s in st.sources if s not in first and _newest(cfg, [s], any_tag)]
+    ways = [f"run the {' or '.join(first + rest)} stage{where} first (under run.root={cfg.run.root})",
+            "or point stage.init_from at a run dir"]
+    if len(st.sources) > 1:
+        ways.append(f"or name the source stage with stage.init_stage={'|'.join(st.sources)}"
+                    + (f" ({', '.join(have)} has a run)" if have else ""))
+    if len(set(st.default_source.values())) > 1 and not cfg.stage.init_stage:
+        ways.append("or set model.generation, which picks the source `latest` prefers ("
+                    + ", ".join(f"{g}: {s}" for g, s in st.default_source.items()) + ")")
+    raise ConfigError("stage.init_from", value, "; ".join(ways), f"no completed {names} run found{where}")
+
+
+def _checked_run_dir(cfg: Config, value: str) -> Path:
     path = Path(value).expanduser()
     if not path.is_dir():
         raise ConfigError("stage.init_from", value, "point it at an existing run dir, or use `latest`",

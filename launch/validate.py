@@ -108,48 +108,6 @@ def check_hardware(cfg: Config) -> None:
                           "(bf16/fp16 matmuls are ~100x slower there)", "low precision on CPU")
 
 
-def check_serve(cfg: Config) -> None:
-    """The server runs on one node: one replica per local GPU, threads of one process."""
-    if cfg.stage.name != "serve":
-        return
-    st, hw = cfg.stage, cfg.hardware
-    if hw.nnodes != 1:
-        raise ConfigError("hardware.nnodes", hw.nnodes, "serve on one node (hardware=1gpu or 8gpu); run one "
-                          "server per node behind a load balancer for more", "serve is single-node")
-    if not 0 <= st.port < 65536:
-        raise ConfigError("stage.port", st.port, "use a TCP port in 1..65535 (e.g. 8000; 0 picks a free one)",
-                          "invalid port")
-    for key, lo in (("max_seqs", 1), ("max_queue", 0), ("max_messages", 1), ("max_message_chars", 1),
-                    ("max_total_chars", 1), ("max_top_k", 1), ("max_max_tokens", 1), ("max_tokens", 1),
-                    ("top_k", 1), ("decode_tile", 1), ("prefill_rows", 1), ("prefill_chunk", 1),
-                    ("prefix_cache_mb", 0), ("stream_interval_ms", 0)):
-        if getattr(st, key) < lo:
-            raise ConfigError(f"stage.{key}", getattr(st, key), f"use a value >= {lo}", "out of range")
-    if st.kv_bucket < 0 or st.kv_bucket % 16:
-        raise ConfigError("stage.kv_bucket", st.kv_bucket, "use a multiple of 16 (e.g. 64), or 0 to pad every "
-                          "decode step to the whole context", "not a multiple of the vector width")
-    if not 0 <= st.temperature <= st.max_temperature:
-        raise ConfigError("stage.temperature", st.temperature, f"use 0..{st.max_temperature}", "out of range")
-    if st.max_tokens > st.max_max_tokens:
-        raise ConfigError("stage.max_tokens", st.max_tokens, f"use at most stage.max_max_tokens={st.max_max_tokens}",
-                          "default above the limit")
-
-
-def check_harness(cfg: Config) -> None:
-    """stage.harness.tasks: known task names whose local data is there (before any run dir is made)."""
-    if cfg.stage.name != "eval" or not cfg.stage.harness.tasks:
-        return
-    from nanochat.harness import HarnessError, resolve_data_dir, task_configs
-    h = cfg.stage.harness
-    try:
-        task_configs(list(h.tasks), resolve_data_dir(h.data_dir, cfg.paths.shared_data))
-    except HarnessError as e:
-        raise ConfigError("stage.harness.tasks", list(h.tasks), str(e), "task cannot run here") from None
-    if h.limit is not None and h.limit < 1:
-        raise ConfigError("stage.harness.limit", h.limit, "use a positive number of examples, or null for all",
-                          "out of range")
-
-
 def _override_key(override: str) -> str:
     return override.lstrip("+~").partition("=")[0]
 

@@ -130,17 +130,10 @@ class DataConfig:
 
 @dataclass
 class StageConfig:
-    """Fields shared by every stage."""
+    """Fields shared by every stage (its declaration, nanochat/stages/<name>.py, names its own schema)."""
     name: str = "pretrain"
-    worker: str = "nanochat.stages.pretrain"
     init_from: Optional[str] = None   # <run dir> | latest | null
-    init_stage: Optional[str] = None  # stage whose runs `latest` searches (null → default_source, else newest of `sources`)
-    default_source: Optional[dict] = None  # model.generation → the stage `latest` reads (sft: seed mid, modern pretrain)
-    # the stage contract (conf/stage/<name>.yaml declares it; nanochat/stage_plan.py applies it)
-    sources: Optional[list] = None    # stages whose runs this one may start from; null → none
-    source_tag: str = "same"          # same: `latest` looks at runs with this run's tag | any
-    planner: str = "nanochat.stage_plan.train_plan"  # function deriving the plan (dry run == run)
-    schema: Optional[str] = None      # a stage not in STAGE_SCHEMAS: whose keys it has (e.g. mid)
+    init_stage: Optional[str] = None  # the source stage `latest` reads (null → the stage's default, see README)
 
 
 @dataclass
@@ -294,17 +287,6 @@ class ServeStageConfig(StageConfig):
     max_max_tokens: int = 4096
 
 
-STAGE_SCHEMAS: dict[str, type] = {
-    "tokenizer": TokenizerStageConfig,
-    "pretrain": TrainStageConfig,
-    "mid": ChatStageConfig,
-    "sft": ChatStageConfig,
-    "rl": RLStageConfig,
-    "eval": EvalStageConfig,
-    "serve": ServeStageConfig,
-}
-
-
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -429,18 +411,19 @@ def _get(cfg: Config, dotted: str) -> Any:
     return obj
 
 
-def config_from_dict(tree: dict) -> Config:
-    """Validate a plain dict (the composed, resolved config) and build the dataclass."""
+# stage keys of run dirs frozen before stages were declared in Python: dropped when such a run is read
+RETIRED_STAGE_KEYS = ("worker", "planner", "sources", "default_source", "source_tag", "schema")
+
+
+def config_from_dict(tree: dict, frozen: bool = False) -> Config:
+    """Validate a plain dict (the composed, resolved config; frozen: a run dir's) and build the dataclass."""
+    from nanochat.stages import stage  # the stage's declaration owns its schema
     tree = {k: v for k, v in tree.items() if k not in _TOP_KEYS_IGNORED}
     stage_tree = tree.get("stage") or {}
-    stage_name = stage_tree.get("name", "pretrain") if isinstance(stage_tree, dict) else "pretrain"
-    # a new stage reuses the schema of one of these (its YAML says `schema: mid`), so adding one
-    # touches only its module and its YAML
-    schema = stage_name if stage_name in STAGE_SCHEMAS else (stage_tree or {}).get("schema")
-    if schema not in STAGE_SCHEMAS:
-        raise ConfigError("stage.name", stage_name,
-                          f"pick one of: {', '.join(STAGE_SCHEMAS)} (e.g. stage=pretrain), or give a new stage's "
-                          f"YAML `schema: <one of those>`", "unknown stage")
+    if frozen and isinstance(tree.get("stage"), dict):
+        tree["stage"] = {k: v for k, v in stage_tree.items() if k not in RETIRED_STAGE_KEYS}
+    name = stage_tree.get("name", StageConfig.name) if isinstance(stage_tree, dict) else StageConfig.name
+    schema = stage(name).schema
     top = {f.name for f in dataclasses.fields(Config)}
     for k in tree:
         if k not in top:
@@ -452,7 +435,7 @@ def config_from_dict(tree: dict) -> Config:
         if f.name not in tree:
             continue
         if f.name == "stage":
-            kwargs["stage"] = _build(STAGE_SCHEMAS[schema], tree["stage"], "stage")
+            kwargs["stage"] = _build(schema, tree["stage"], "stage")
         elif f.name in ("experiment", "sweep"):
             v = tree[f.name]
             kwargs[f.name] = None if v is None else str(v)
@@ -533,4 +516,4 @@ def load_config(path: str) -> Config:
     """Workers: read a frozen resolved_config.yaml with plain OmegaConf (no Hydra)."""
     from omegaconf import OmegaConf
     tree = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    return config_from_dict(tree)
+    return config_from_dict(tree, frozen=True)

@@ -458,11 +458,17 @@ def adamw_group_settings(embedding_lr: float, unembedding_lr: float, scalar_lr: 
     }
 
 
+def from_scratch(st: TrainStageConfig) -> bool:
+    """A stage that starts from no run trains a fresh model, as nanochat's base_train: the one stage
+    where nanochat converts Linear layers to fp8 and (d575940) clips gradients."""
+    return st.init_from in (None, "", "none")
+
+
 def default_grad_clip(st: TrainStageConfig, generation: str) -> float:
     """stage.grad_clip, else nanochat's: d575940's base_train clips at 1.0 (its mid/SFT do not); 92d63d4 does not."""
     if st.grad_clip is not None:
         return st.grad_clip
-    return 1.0 if generation == "seed" and st.name == "pretrain" else 0.0
+    return 1.0 if generation == "seed" and from_scratch(st) else 0.0
 
 
 def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dict] = None) -> Plan:
@@ -478,7 +484,8 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
     counts = param_counts(shape)
     fpt = flops_per_token(shape)
     world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
-    st = cfg.stage if isinstance(cfg.stage, TrainStageConfig) else TrainStageConfig(name=cfg.stage.name)
+    st = cfg.stage if isinstance(cfg.stage, TrainStageConfig) else \
+        TrainStageConfig(name=cfg.stage.name, init_from=cfg.stage.init_from)
     seq = st.max_seq_len or shape.sequence_len
     notes: list[str] = []
 
@@ -547,8 +554,8 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
     warmdown = min(round(wd_ratio * steps), steps - warmup)
     final = st.final_lr_frac if st.final_lr_frac is not None else g["final_lr_frac"]
     optimizer, optim = optimizer_settings(st, gen, shape)
-    fp8 = fp8_layers(shape) if m.fp8 and st.name == "pretrain" else []   # only pretraining converts (nanochat)
-    if m.fp8 and st.name == "pretrain" and not fp8:
+    fp8 = fp8_layers(shape) if m.fp8 and from_scratch(st) else []   # only pretraining converts (nanochat)
+    if m.fp8 and from_scratch(st) and not fp8:
         raise ConfigError("model.fp8", m.fp8, "drop model.fp8 for a model this small, or make it wider "
                           "(model.n_embd a multiple of 16 and >= 128)",
                           f"no Linear layer qualifies (n_embd={shape.n_embd}: fp8 needs both dims divisible "

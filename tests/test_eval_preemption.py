@@ -140,7 +140,7 @@ def test_stop_signal_mid_evaluation(kind, tiny_pretrained, tmp_path):
 def test_sft_preempted_in_validation_checkpoints(stage_root):
     env, root, pre = stage_root
     run_dir = root / "sft_preempt"
-    args = ["experiment=tiny", "model.depth=2", "stage=sft", f"stage.init_from={pre}", "stage.sources=[pretrain,mid]",
+    args = ["experiment=tiny", "model.depth=2", "stage=sft", f"stage.init_from={pre}",
             'stage.mixture=["arithmetic:size=200,max_value=20"]', "stage.num_iterations=4",
             "stage.eval_tokens=1000000000", "stage.eval_every=2", "stage.save_every=-1", f"run.root={root}",
             f"run.dir={run_dir}"]

@@ -116,6 +116,8 @@ def test_shell_completion(base_dir, workdir):
      "stage.total_batch_size", ["device_batch_size=8", "sequence_len=512", "world_size=1", "6144"]),
     (["stage=sft", "stage.init_from=/nonexistent/run"], "stage.init_from", ["no such directory"]),
     (["stage=eval"], "stage.init_from", ["no completed"]),
+    (["stage=sft", "model=d4"], "stage.init_from", ["no completed mid / pretrain run found for tag d4",
+                                                    "stage.init_stage=", "model.generation", "stage.init_from at"]),
 ])
 def test_config_errors_are_clear(base_dir, workdir, args, key, words):
     p = run_cli([*args, "run.dry_run=true"], base_dir, workdir)

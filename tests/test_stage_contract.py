@@ -1,7 +1,8 @@
 """The stage contract, and SFT from a modern base as nanochat 92d63d4's chat_sft does it.
 
-- stage modules never import one another; the launcher's prepare()/run_pipeline() name no stage;
-  every conf/stage YAML declares sources + planner that resolve
+- stage modules never import one another; no code outside a stage names it; every stage is one
+  declaration (schema, planner, worker, sources, headline) and its YAML holds values only; a broken
+  declaration fails every launch; `latest` falls back on another accepted source and says so
 - the dry run prints the plan the run then uses (its table vs the run's effective_plan.json)
 - modern SFT from a pretrain run: inherited sequence length / device batch / total batch / LRs
   (marked inherited), LRs × 0.8, weight decay 0, per-step LRs of a 50% warmdown, Muon momentum
@@ -45,48 +46,137 @@ def _imports(path: Path) -> set[str]:
 def test_stage_modules_never_import_each_other():
     stages = {p.stem for p in (REPO / "nanochat" / "stages").glob("*.py") if p.stem not in ("__init__", "_entry")}
     assert {"pretrain", "mid", "sft", "rl", "eval", "serve", "tokenizer"} <= stages
+    stage_module = lambda m: any(m == f"nanochat.stages.{s}" or m.startswith(f"nanochat.stages.{s}.") for s in stages)
     for p in (REPO / "nanochat" / "stages").glob("*.py"):
-        bad = {m for m in _imports(p) for s in stages if m == f"nanochat.stages.{s}" and s != p.stem}
+        bad = {m for m in _imports(p) if stage_module(m) and m != f"nanochat.stages.{p.stem}"}
         assert not bad, f"{p.name} imports another stage module: {bad} (shared code goes in a library module)"
-    for p in (REPO / "nanochat").glob("*.py"):  # nor does the library lean on a stage
-        bad = {m for m in _imports(p) if m.startswith("nanochat.stages.") and not m.startswith("nanochat.stages._entry")}
+    for p in (REPO / "nanochat").glob("*.py"):  # nor does the library lean on a stage (the registry is fine)
+        bad = {m for m in _imports(p) if stage_module(m)}
         assert not bad, f"library module {p.name} imports a stage: {bad}"
 
 
-def test_launcher_names_no_stage():
-    from nanochat.config import STAGE_SCHEMAS
-    tree = ast.parse((REPO / "launch" / "run.py").read_text())
-    funcs = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
-    for name in ("prepare", "run_pipeline"):
-        consts = {c.value for c in ast.walk(funcs[name]) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
-        assert not consts & set(STAGE_SCHEMAS), f"{name}() names stages {consts & set(STAGE_SCHEMAS)}"
-    assert "DEFAULT_SOURCE" not in (REPO / "launch" / "run.py").read_text()
+def test_no_code_outside_a_stage_names_it():
+    """The launcher, the planner and the schema hold no stage name: each stage's module declares what differs."""
+    from nanochat.stages import stages
+    names = set(stages())
+    # StageConfig.name's default (the stage conf/config.yaml picks too); the files of a nanochat checkpoint
+    allowed = {"config.py": {"pretrain"}, "interop_cli.py": {"tokenizer"}}
+    for path in [*(REPO / "launch").glob("*.py"), REPO / "nanochat" / "plan.py", REPO / "nanochat" / "config.py"]:
+        consts = [c for c in ast.walk(ast.parse(path.read_text())) if isinstance(c, ast.Constant) and c.value in names]
+        bad = [(c.value, c.lineno) for c in consts if c.value not in allowed.get(path.name, set())]
+        assert not bad, f"{path.name} names stages: {bad}"
 
 
 def test_every_stage_declares_its_contract():
-    from nanochat.config import STAGE_SCHEMAS, config_from_dict
-    from nanochat.stage_plan import planner_for
+    """Each declaration is whole and consistent, and its YAML holds values only (no code paths)."""
+    from nanochat.config import StageConfig, config_from_dict
+    from nanochat.stages import Stage, stages
+    found = stages()
+    assert {"tokenizer", "pretrain", "mid", "sft", "rl", "eval", "serve"} <= set(found)
+    for name, st in found.items():
+        assert isinstance(st, Stage) and st.name == name and issubclass(st.schema, StageConfig)
+        assert callable(st.planner) and callable(st.worker) and st.worker.__name__ == "run", name
+        assert set(st.sources) <= set(found) and set(st.default_source.values()) <= set(st.sources), name
+        assert st.source_tag in ("same", "any"), name
+        assert st.headline is None or isinstance(st.headline, str), name
     for path in sorted((REPO / "conf" / "stage").glob("*.yaml")):
-        st = yaml.safe_load(path.read_text())
-        assert {"sources", "source_tag", "planner"} <= set(st), f"{path.name} lacks the stage contract keys"
-        assert set(st["sources"] or []) <= set(STAGE_SCHEMAS), path.name
-        assert st["source_tag"] in ("same", "any")
-        cfg = config_from_dict({"stage": st})
-        assert callable(planner_for(cfg)), path.name
-        assert set((st.get("default_source") or {}).values()) <= set(st["sources"] or []), path.name
+        tree = yaml.safe_load(path.read_text())
+        assert not {"worker", "planner", "sources", "default_source", "source_tag", "schema"} & set(tree), path.name
+        assert type(config_from_dict({"stage": tree}).stage) is found[tree["name"]].schema, path.name
+
+
+def test_runs_frozen_with_the_old_yaml_keys_still_load(tmp_path):
+    """Run dirs made when YAML named worker/planner/sources stay readable as sources; the launcher refuses the keys."""
+    from nanochat.config import ConfigError, config_from_dict, load_config
+    old = {"stage": {"name": "sft", "worker": "nanochat.stages.sft", "planner": "nanochat.chat_plan.sft_plan",
+                     "sources": ["pretrain", "mid"], "default_source": {"seed": "mid"}, "source_tag": "same"}}
+    (tmp_path / "resolved_config.yaml").write_text(yaml.safe_dump(old))
+    assert load_config(str(tmp_path / "resolved_config.yaml")).stage.name == "sft"
+    with pytest.raises(ConfigError, match="stage.worker"):
+        config_from_dict(old)
+
+
+def test_sweep_objective_is_the_declared_headline():
+    import math
+    from launch.run import objective
+    done = lambda **r: {"status": "completed", "result": r}
+    assert objective(done(final_val_bpb=1.5, mean_reward=0.2), None, "pretrain") == 1.5
+    assert objective(done(final_val_bpb=1.5, mean_reward=0.2), None, "rl") == 0.2
+    assert objective(done(final_val_bpb=1.5, mean_reward=0.2), "final_val_bpb", "rl") == 1.5  # run.objective wins
+    assert math.isnan(objective(done(vocab_size=4096), None, "tokenizer"))  # no headline declared
+    pipeline = {"status": "completed", "stages": [{"kind": "pretrain", "result": {"final_val_bpb": 1.0}},
+                                                  {"kind": "sft", "result": {"final_val_loss": 0.7}}]}
+    assert objective(pipeline, None, "pretrain") == 0.7  # the last stage's headline
 
 
 def test_sft_latest_source_follows_the_generation():
-    """chat_sft (modern) reads the base run; Dec-2025 SFT (seed) the mid run; init_stage overrides both."""
+    """chat_sft (modern) reads the base run; Dec-2025 SFT (seed) the mid run; each falls back on the other;
+    init_stage names one alone."""
     from nanochat.config import ConfigError, config_from_dict
-    from nanochat.stage_plan import source_candidates
+    from nanochat.stages import stage
     st = yaml.safe_load((REPO / "conf" / "stage" / "sft.yaml").read_text())
     cfg = lambda gen, **kw: config_from_dict({"stage": {**st, **kw}, "model": {"generation": gen}})
-    assert source_candidates(cfg("modern")) == ["pretrain"]
-    assert source_candidates(cfg("seed")) == ["mid"]
-    assert source_candidates(cfg("modern", init_stage="mid")) == ["mid"]
+    sft = stage("sft")
+    assert sft.source_order(cfg("modern")) == (["pretrain"], ["mid"])
+    assert sft.source_order(cfg("seed")) == (["mid"], ["pretrain"])
+    assert sft.source_order(cfg("modern", init_stage="mid")) == (["mid"], [])
     with pytest.raises(ConfigError, match="stage.init_stage"):
-        source_candidates(cfg("seed", init_stage="rl"))
+        sft.source_order(cfg("seed", init_stage="rl"))
+
+
+def _completed(root: Path, stage: str, tag: str, name: str) -> Path:
+    d = root / stage / tag / name
+    d.mkdir(parents=True)
+    (d / "COMPLETED").write_text("")
+    return d
+
+
+def test_latest_falls_back_to_another_source_and_says_so(tmp_path):
+    """The issue's case: a modern pretrain run, then `stage=sft` with the seed default (mid): the pretrain run is
+    taken and the plan says why; with no run at all, the error names every way out."""
+    from launch.rundir import resolve_source
+    from nanochat.config import ConfigError, config_from_dict
+    from nanochat.stages import stage
+    st = yaml.safe_load((REPO / "conf" / "stage" / "sft.yaml").read_text())
+    cfg = lambda **kw: config_from_dict({"stage": {**st, **kw}, "model": {"depth": 4}, "run": {"root": str(tmp_path)}})
+    with pytest.raises(ConfigError) as e:
+        resolve_source(cfg(), stage("sft"))
+    msg = str(e.value)
+    assert "no completed mid / pretrain run found for tag d4" in msg
+    for way in ("stage.init_stage=pretrain|mid", "model.generation", "seed: mid, modern: pretrain", "stage.init_from"):
+        assert way in msg, (way, msg)
+    pre = _completed(tmp_path, "pretrain", "d4", "a")
+    _completed(tmp_path, "pretrain", "d6", "b")  # another tag: never taken
+    path, note = resolve_source(cfg(), stage("sft"))
+    assert path == pre.resolve() and "no completed mid run for tag d4" in note and "pretrain run" in note
+    assert "stage.init_stage=mid" in note
+    with pytest.raises(ConfigError) as e:  # an explicit init_stage insists, and the error says what else is there
+        resolve_source(cfg(init_stage="mid"), stage("sft"))
+    assert "stage.init_stage" in str(e.value) and "pretrain has a run" in str(e.value)
+    mid = _completed(tmp_path, "mid", "d4", "c")
+    assert resolve_source(cfg(), stage("sft")) == (mid.resolve(), None)  # the default source, when it has a run
+
+
+def test_a_broken_declaration_fails_every_launch_before_any_run(tmp_path):
+    """A renamed worker is a NameError when the launcher imports the declarations, not when a run starts."""
+    (tmp_path / "broken_stage.py").write_text(
+        "from nanochat.config import TrainStageConfig\nfrom nanochat.stage_plan import train_plan\n"
+        "from nanochat.stages import Stage\n\ndef run_renamed(cfg, run_dir):\n    return {}\n\n"
+        "STAGE = Stage('broken', schema=TrainStageConfig, planner=train_plan, worker=run)\n")
+    _entry_point(tmp_path, "broken_stage", "broken = broken_stage:STAGE")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    p = subprocess.run([sys.executable, "-m", "launch.run", "stage=tokenizer", f"run.root={tmp_path / 'runs'}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "NameError: name 'run' is not defined" in p.stdout + p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()
+
+
+def _entry_point(where: Path, dist: str, line: str) -> None:
+    """What `pip install` of a package declaring a `nanochat.stages` entry point leaves on sys.path."""
+    info = where / f"{dist}-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(f"[nanochat.stages]\n{line}\n")
 
 
 # --------------------------------------------------------------------------- packing (fast)
@@ -286,6 +376,19 @@ def test_modern_sft_dry_run_is_the_run(modern):
 
 
 @pytest.mark.slow
+def test_seed_default_sft_takes_a_modern_pretrain_run(modern, tmp_path):
+    """The issue's case end to end: a modern pretrain run alone, then `stage=sft` with the seed default (mid):
+    `latest` takes the pretrain run, the plan says so, and the source's generation (modern) picks the rules."""
+    env, _, src = modern
+    root = tmp_path / "runs"
+    shutil.copytree(src, root / "pretrain" / "d2" / "modern")
+    dry = _table(nanochat_run({**env, "COLUMNS": "400"}, *SFT, "model.depth=2", f"run.root={root}",
+                              "run.dry_run=true").stdout)
+    assert dry["source"].startswith("no completed mid run for tag d2: starting from the newest pretrain run"), dry
+    assert "pretrain, modern" in dry["init_from"] and dry["generation"].startswith("modern"), dry
+
+
+@pytest.mark.slow
 def test_bad_sources_are_refused_before_work(modern):
     env, root, src = modern
     env = {**env, "COLUMNS": "400"}
@@ -361,16 +464,20 @@ def test_modern_sft_default_mixture_offline(base_dir, monkeypatch):
 
 @pytest.mark.slow
 def test_adding_a_stage_is_one_module_and_its_yaml(stage_root, tmp_path):
-    """A new stage from outside the repo: its YAML (on hydra.searchpath) and its worker module."""
+    """A new stage from outside the repo: its YAML (on hydra.searchpath) and its declaring module (an entry point)."""
     env, root, pre = stage_root
     (tmp_path / "conf" / "stage").mkdir(parents=True)
     mid = yaml.safe_load((REPO / "conf" / "stage" / "mid.yaml").read_text())
-    mid.update(name="distill", worker="distill_stage", schema="mid", sources=["pretrain"],
-               planner="nanochat.chat_plan.mid_plan")
+    mid.update(name="distill")
     (tmp_path / "conf" / "stage" / "distill.yaml").write_text(yaml.safe_dump(mid))
     (tmp_path / "distill_stage.py").write_text(
-        "from nanochat.chat_train import ChatRun, train_chat\n\n"
-        "def run(cfg, run_dir):\n    return {**train_chat(ChatRun(cfg, run_dir)), 'distilled': True}\n")
+        "from nanochat.chat_plan import mid_plan\nfrom nanochat.config import ChatStageConfig\n"
+        "from nanochat.stages import Stage\n\n"
+        "def run(cfg, run_dir):\n    from nanochat.chat_train import ChatRun, train_chat\n"
+        "    return {**train_chat(ChatRun(cfg, run_dir)), 'distilled': True}\n\n"
+        "STAGE = Stage('distill', schema=ChatStageConfig, planner=mid_plan, worker=run, sources=('pretrain',),\n"
+        "              headline='final_val_loss')\n")
+    _entry_point(tmp_path, "distill_stage", "distill = distill_stage:STAGE")
     env = {**env, "PYTHONPATH": f"{tmp_path}{os.pathsep}{env.get('PYTHONPATH', '')}"}
     run = root / "distill_run"
     out = nanochat_run(env, "experiment=tiny", "model.depth=2", "stage=distill", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",

@@ -82,6 +82,20 @@ def test_pretrain_mid_sft_chain(env_root):
 
 
 @pytest.mark.slow
+def test_sft_latest_source_falls_back_to_pretrain(env_root, tmp_path):
+    """A seed SFT prefers a mid run; with only a pretrain run of its tag, `latest` takes that one and the plan
+    says so (before: "no completed mid run found")."""
+    env, root = env_root
+    pre = newest(root, "pretrain")
+    own = tmp_path / "runs"
+    shutil.copytree(pre, own / "pretrain" / "d2" / pre.name)
+    out = nanochat_run({**env, "COLUMNS": "400"}, "experiment=tiny", "model.depth=2", "stage=sft", MIX,
+                       f"run.root={own}", "run.dry_run=true").stdout
+    assert "no completed mid run for tag d2: starting from the newest pretrain run" in out, out
+    assert f"{own / 'pretrain' / 'd2' / pre.name} (pretrain, seed)" in out
+
+
+@pytest.mark.slow
 def test_mid_resume_is_exact(env_root, monkeypatch):
     from nanochat.config import load_config
     from nanochat.stages._entry import execute

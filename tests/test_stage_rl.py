@@ -27,9 +27,9 @@ def source(stage_root):
     return stage_root
 
 
+# the tiny pretrain run (an accepted source of rl) stands in for an SFT run (saves minutes)
 RL = ["stage=rl", "model.depth=2", "stage.examples_per_step=2", "stage.num_samples=3", "stage.max_new_tokens=12",
-      "stage.eval_examples=2", "stage.eval_num_samples=2", "stage.temperature=1.0",
-      "stage.sources=[sft,mid,pretrain]"]  # the tiny pretrain run stands in for an SFT run (saves minutes)
+      "stage.eval_examples=2", "stage.eval_num_samples=2", "stage.temperature=1.0"]
 
 
 def test_rollout_targets_mask_forced_tokens():

@@ -246,7 +246,7 @@ def test_tokenizer_stage_run(tmp_path, monkeypatch):
     from nanochat.stages.tokenizer import run
     monkeypatch.delenv("NANOCHAT_BASE_DIR", raising=False)
     cfg = config_from_dict({
-        "stage": {"name": "tokenizer", "worker": "nanochat.stages.tokenizer", "vocab_size": 600,
+        "stage": {"name": "tokenizer", "vocab_size": 600,
                   "max_chars": 150_000, "doc_cap": 10_000, "eval_chars": 20_000},
         "data": {"name": "demo", "source": "demo", "tokenizer": "unit_demo", "demo_chars": 200_000},
         "paths": {"base_dir": str(tmp_path / "base")},

@@ -1,14 +1,13 @@
 """Worker entrypoint: `python -m nanochat.stages._entry --config <run_dir>/resolved_config.yaml`.
 
-Every stage module exposes `run(cfg: Config, run_dir: Path) -> dict`. This harness reads
-the frozen config with plain OmegaConf (never Hydra), runs the stage, and on rank 0 writes
+Every stage declares a worker, `(cfg: Config, run_dir: Path) -> dict`. This harness reads the
+frozen config with plain OmegaConf (never Hydra), runs the stage's worker, and on rank 0 writes
 result.json + COMPLETED (completed), or status.json (preempted / failed). The same
 `execute()` runs in-process when the launcher dispatches a single-process job.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import traceback
 from pathlib import Path
@@ -16,20 +15,20 @@ from pathlib import Path
 from nanochat.common import dist_env
 from nanochat.config import Config, load_config
 from nanochat.runlock import WriterLock
+from nanochat.stages import stage
 from nanochat.lifecycle import (EXIT_PREEMPTED, STOP, EvalInterrupted, Preempted, guard_parent, mark_completed,
                                 write_status)
 
 
 def execute(cfg: Config, run_dir: Path) -> int:
-    """Run the stage named in cfg.stage.worker; return the process exit code."""
+    """Run the worker of the stage cfg.stage.name; return the process exit code."""
     rank = dist_env()[0]
     STOP.signum = None
     STOP.install()
     writer = WriterLock(run_dir)  # a new launcher sees us as a live writer of this dir
     try:
         writer.__enter__()
-        module = importlib.import_module(cfg.stage.worker)
-        result = module.run(cfg, Path(run_dir))
+        result = stage(cfg.stage.name).worker(cfg, Path(run_dir))
     except Preempted as e:
         if rank == 0:
             write_status(run_dir, "preempted", step=e.step, signal=e.signal_name)

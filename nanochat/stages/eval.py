@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from nanochat import training as T
 from nanochat.common import barrier, shared_data_dir
-from nanochat.config import Config
-from nanochat.chat_eval import DEFAULT_CHAT_TASKS, evaluate_chat_tasks
+from nanochat.config import Config, ConfigError, EvalStageConfig
+from nanochat.stage_plan import model_plan
+from nanochat.stages import Stage
+
+if TYPE_CHECKING:  # torch and what imports it load in the worker only: the launcher imports this module
+    from nanochat import training as T
 
 # --------------------------------------------------------------------------- base scoring
 
@@ -51,6 +55,7 @@ def split_bpb(model, cfg: Config, tokenizer, token_bytes, split: str, batch: int
 
 
 def run_base(cfg: Config, run_dir: Path, rt: T.Runtime, model, tokenizer, tok_name: str, log) -> dict:
+    from nanochat import training as T
     from nanochat.dataset import list_shards
     from nanochat.tokenizer import get_token_bytes
     st = cfg.stage
@@ -90,6 +95,7 @@ def run_base(cfg: Config, run_dir: Path, rt: T.Runtime, model, tokenizer, tok_na
 
 
 def run_chat(cfg: Config, run_dir: Path, rt: T.Runtime, model, tokenizer, log) -> dict:
+    from nanochat.chat_eval import DEFAULT_CHAT_TASKS, evaluate_chat_tasks
     st = cfg.stage
     specs = list(st.tasks) if st.tasks else DEFAULT_CHAT_TASKS
     with rt.autocast():
@@ -125,6 +131,7 @@ def resolve_mode(mode: str, source_stage: str) -> str:
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
+    from nanochat import training as T
     from nanochat.checkpoint import load_model_from_run
     from nanochat.tokenizer import get_tokenizer
     rt = T.setup_runtime(cfg)
@@ -150,3 +157,25 @@ def run(cfg: Config, run_dir: Path) -> dict:
     result.update(source=str(st.init_from), source_stage=source_stage, source_step=meta.get("step"),
                   eval_time_s=round(time.time() - t0, 2))
     return result
+
+
+# --------------------------------------------------------------------------- the declaration
+
+def check_harness(cfg: Config) -> None:
+    """stage.harness.tasks: known task names whose local data is there (before any run dir is made)."""
+    if not cfg.stage.harness.tasks:
+        return
+    from nanochat.harness import HarnessError, resolve_data_dir, task_configs
+    h = cfg.stage.harness
+    try:
+        task_configs(list(h.tasks), resolve_data_dir(h.data_dir, cfg.paths.shared_data))
+    except HarnessError as e:
+        raise ConfigError("stage.harness.tasks", list(h.tasks), str(e), "task cannot run here") from None
+    if h.limit is not None and h.limit < 1:
+        raise ConfigError("stage.harness.limit", h.limit, "use a positive number of examples, or null for all",
+                          "out of range")
+
+
+# latest: the newest run of these with this run's tag (stage.mode=auto: base for pretrain, else chat)
+STAGE = Stage("eval", schema=EvalStageConfig, planner=model_plan, worker=run,
+              sources=("rl", "sft", "mid", "pretrain"), headline="val_bpb", check=check_harness)

@@ -10,9 +10,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nanochat.config import Config
+from nanochat.chat_plan import mid_plan
+from nanochat.config import ChatStageConfig, Config
+from nanochat.stages import Stage
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
     from nanochat.chat_train import ChatRun, train_chat
     return train_chat(ChatRun(cfg, run_dir))
+
+
+# --------------------------------------------------------------------------- the declaration
+
+STAGE = Stage("mid", schema=ChatStageConfig, planner=mid_plan, worker=run, sources=("pretrain",),
+              headline="final_val_loss")

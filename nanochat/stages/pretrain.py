@@ -9,20 +9,18 @@ exactly the batches and updates an uninterrupted run would have made.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from nanochat.batch_size import explain_oom
-from nanochat.config import Config
+from nanochat.config import Config, TrainStageConfig
 from nanochat.common import barrier
-from nanochat.dataloader import DataLoader
-from nanochat.dataset import list_shards
-from nanochat.loss_eval import evaluate_bpb
 from nanochat.plan import param_breakdown
-from nanochat.precision import convert_fp8, fp8_disabled
+from nanochat.stage_plan import train_plan
+from nanochat.stages import Stage
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat import loop as L, training as T
+
+if TYPE_CHECKING:  # torch and what imports it load in the worker only: the launcher imports this module
+    from nanochat import training as T
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -38,6 +36,9 @@ def eval_steps(tokens: int, plan) -> int:
 
 
 def val_bpb(model, cfg: Config, plan, rt: T.Runtime, tokenizer, token_bytes, tokens: int) -> float:
+    from nanochat.dataloader import DataLoader
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.precision import fp8_disabled
     loader = DataLoader(cfg.data, tokenizer, plan.device_batch_size, plan.sequence_len, "val", rt.rank, rt.world,
                         rt.device, base_dir=rt.base_dir)
     model.eval()
@@ -50,6 +51,7 @@ def val_bpb(model, cfg: Config, plan, rt: T.Runtime, tokenizer, token_bytes, tok
 
 
 def samples(model, tokenizer, max_tokens: int = 24) -> list[str]:
+    from nanochat.precision import fp8_disabled
     model.eval()
     out = []
     bos = tokenizer.get_bos_token_id()
@@ -64,6 +66,7 @@ def samples(model, tokenizer, max_tokens: int = 24) -> list[str]:
 
 def run_core(model, tokenizer, cfg: Config, rt: T.Runtime, max_per_task: int, progress: Any = False) -> dict:
     from nanochat.core_eval import ensure_eval_bundle, evaluate_core
+    from nanochat.precision import fp8_disabled
     bundle = ensure_eval_bundle(rt.base_dir, cfg.paths.eval_bundle)
     model.eval()
     try:
@@ -81,6 +84,7 @@ class SlotLoader:
     """
 
     def __init__(self, cfg: Config, plan, rt: T.Runtime, tokenizer, state: Optional[dict]):
+        from nanochat.dataloader import DataLoader
         slots = plan.grad_accum_steps
         states = (state or {}).get("slots") or [None] * slots
         if len(states) != slots:
@@ -115,6 +119,8 @@ def train_step(model, optimizer, batches: Iterator, plan, rt: T.Runtime, scaler:
     The caller sets this step's schedules first (training.apply_schedules). `scaler` is the
     precision's GradScaler (fp16 on CUDA); None steps the optimizer directly.
     """
+    import torch
+    from nanochat import training as T
     accum = plan.grad_accum_steps
     loss_sum = torch.zeros((), device=rt.device)
     for _ in range(accum):
@@ -133,6 +139,10 @@ def train_step(model, optimizer, batches: Iterator, plan, rt: T.Runtime, scaler:
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
+    import torch
+    from nanochat import loop as L, training as T
+    from nanochat.dataset import list_shards
+    from nanochat.precision import convert_fp8
     loop = L.Loop(cfg, run_dir)
     rt, plan, st = loop.rt, loop.plan, cfg.stage
     tokenizer = get_tokenizer(rt.base_dir, cfg.data.tokenizer)
@@ -192,3 +202,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
             "flops": float(plan.flops_per_token) * s.tokens_seen,
             "target_flops": st.target_flops,
             **({"core": s.evals["core"]["core"]} if "core" in s.evals else {})}
+
+
+# --------------------------------------------------------------------------- the declaration
+
+STAGE = Stage("pretrain", schema=TrainStageConfig, planner=train_plan, worker=run, headline="final_val_bpb")

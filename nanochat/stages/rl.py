@@ -16,16 +16,17 @@ and the sampling seeds, are functions of the step, so a resumed run continues ex
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
-
-from nanochat import loop as L, training as T
-from nanochat.config import Config
-from nanochat.engine import Engine
+from nanochat.chat_plan import rl_plan
+from nanochat.config import Config, RLStageConfig
 from nanochat.lifecycle import check_stop
-from nanochat.tasks import make_task
+from nanochat.stages import Stage
 from nanochat.tokenizer import get_tokenizer
+
+if TYPE_CHECKING:  # torch and what imports it load in the worker only: the launcher imports this module
+    import torch
+    from nanochat.engine import Engine
 
 
 def sample_rollouts(engine: Engine, tokenizer, task, index: int, num_samples: int, max_new_tokens: int,
@@ -43,6 +44,7 @@ def sample_rollouts(engine: Engine, tokenizer, task, index: int, num_samples: in
 
 def rollout_tensors(seqs: list[list[int]], masks: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) for a group of samples; targets are -1 except on sampled tokens."""
+    import torch
     L = max(len(s) for s in seqs) - 1
     x = torch.full((len(seqs), L), pad, dtype=torch.long)
     y = torch.full((len(seqs), L), -1, dtype=torch.long)
@@ -71,11 +73,13 @@ def policy_gradient_backward(model, x: torch.Tensor, y: torch.Tensor, advantages
     return total
 
 
-@torch.no_grad()
 def pass_at_k(model, tokenizer, task, num_examples: int, k: int, max_new_tokens: int, temperature: float,
               top_k: Optional[int], seed: int, device) -> dict:
     """{"pass@1".."pass@k"}: fraction of test questions with a correct answer among the first i samples."""
+    import torch
     import torch.distributed as dist
+    from nanochat import training as T
+    from nanochat.engine import Engine
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     engine = Engine(model, tokenizer)
     limit = getattr(model, "rotary_len", None) or model.config.sequence_len
@@ -95,6 +99,10 @@ def pass_at_k(model, tokenizer, task, num_examples: int, k: int, max_new_tokens:
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
+    import torch
+    from nanochat import loop as L, training as T
+    from nanochat.engine import Engine
+    from nanochat.tasks import make_task
     loop = L.Loop(cfg, run_dir)
     rt, eplan, st = loop.rt, loop.plan, cfg.stage  # eplan: nanochat/chat_plan.py's rl_plan (horizon, LRs)
     tokenizer = get_tokenizer(rt.base_dir, eplan.stage.get("tokenizer") or cfg.data.tokenizer)
@@ -161,3 +169,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
             "mean_reward": state.extra.get("last_reward"),   # the last step's
             "reward_ema": state.smoothed(),                  # the debiased EMA of the steps' mean reward
             "pass_at_k": {k[len("val/"):]: v for k, v in pass_k.items()} if pass_k else None}
+
+
+# --------------------------------------------------------------------------- the declaration
+
+STAGE = Stage("rl", schema=RLStageConfig, planner=rl_plan, worker=run, sources=("sft", "mid", "pretrain"),
+              default_source={"seed": "sft", "modern": "sft"}, headline="mean_reward")

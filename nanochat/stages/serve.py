@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
 import uvicorn
 
-from nanochat.config import Config
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from nanochat.config import Config, ConfigError, ServeStageConfig
+from nanochat.stage_plan import SourceRun, StagePlan, model_plan
+from nanochat.stages import Stage
 
 
 def _model_name(cfg: Config, source: Path, meta: dict) -> str:
@@ -45,6 +44,7 @@ def api_key(cfg: Config) -> Optional[str]:
 
 def build_pool(cfg: Config, source: Path, metrics):
     """Load one replica per device and start its scheduler: (pool, tokenizer, meta)."""
+    import torch
     from nanochat.chat_cli import load
     from nanochat.serve.plan import replica_devices
     from nanochat.serve.scheduler import ReplicaPool, Scheduler
@@ -61,7 +61,7 @@ def build_pool(cfg: Config, source: Path, metrics):
     for i, dev in enumerate(devices):
         model, tokenizer, meta = load(source, dev)
         if hw.dtype != "float32" and model.lm_head.weight.device.type != "cpu":
-            model = model.to(DTYPES[hw.dtype])
+            model = model.to(getattr(torch, hw.dtype))
         schedulers.append(Scheduler(model, tokenizer, st.max_seqs, st.max_queue, metrics, name=f"replica{i}",
                                     kv_bucket=st.kv_bucket, decode_tile=st.decode_tile,
                                     prefill_rows=st.prefill_rows, prefill_chunk=st.prefill_chunk,
@@ -133,3 +133,41 @@ class _Server(uvicorn.Server):
             timer.start()
             print(f"[nanochat] {self.stopped_by}: draining (up to {self.grace:g}s), then stopping", flush=True)
         super().handle_exit(sig, frame)
+
+
+# --------------------------------------------------------------------------- the declaration
+
+def serve_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = None) -> StagePlan:
+    from nanochat.serve.plan import serve_rows
+    sp = model_plan(cfg, source)
+    return StagePlan(sp.plan, sp.rows + serve_rows(cfg, sp.plan.model.n_kv_head, sp.plan.model.head_dim))
+
+
+def check_serve(cfg: Config) -> None:
+    """The server runs on one node: one replica per local GPU, threads of one process."""
+    st, hw = cfg.stage, cfg.hardware
+    if hw.nnodes != 1:
+        raise ConfigError("hardware.nnodes", hw.nnodes, "serve on one node (hardware=1gpu or 8gpu); run one "
+                          "server per node behind a load balancer for more", "serve is single-node")
+    if not 0 <= st.port < 65536:
+        raise ConfigError("stage.port", st.port, "use a TCP port in 1..65535 (e.g. 8000; 0 picks a free one)",
+                          "invalid port")
+    for key, lo in (("max_seqs", 1), ("max_queue", 0), ("max_messages", 1), ("max_message_chars", 1),
+                    ("max_total_chars", 1), ("max_top_k", 1), ("max_max_tokens", 1), ("max_tokens", 1),
+                    ("top_k", 1), ("decode_tile", 1), ("prefill_rows", 1), ("prefill_chunk", 1),
+                    ("prefix_cache_mb", 0), ("stream_interval_ms", 0)):
+        if getattr(st, key) < lo:
+            raise ConfigError(f"stage.{key}", getattr(st, key), f"use a value >= {lo}", "out of range")
+    if st.kv_bucket < 0 or st.kv_bucket % 16:
+        raise ConfigError("stage.kv_bucket", st.kv_bucket, "use a multiple of 16 (e.g. 64), or 0 to pad every "
+                          "decode step to the whole context", "not a multiple of the vector width")
+    if not 0 <= st.temperature <= st.max_temperature:
+        raise ConfigError("stage.temperature", st.temperature, f"use 0..{st.max_temperature}", "out of range")
+    if st.max_tokens > st.max_max_tokens:
+        raise ConfigError("stage.max_tokens", st.max_tokens, f"use at most stage.max_max_tokens={st.max_max_tokens}",
+                          "default above the limit")
+
+
+# latest: the newest run of the first of these that has one, of any tag
+STAGE = Stage("serve", schema=ServeStageConfig, planner=serve_plan, worker=run,
+              sources=("rl", "sft", "mid", "pretrain"), source_tag="any", one_process=True, check=check_serve)

@@ -10,9 +10,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nanochat.config import Config
+from nanochat.chat_plan import sft_plan
+from nanochat.config import ChatStageConfig, Config
+from nanochat.stages import Stage
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
     from nanochat.chat_train import ChatRun, train_chat
     return train_chat(ChatRun(cfg, run_dir))
+
+
+# --------------------------------------------------------------------------- the declaration
+
+# latest: a seed model starts from its mid run (Dec 2025), a modern one from its pretrain run (92d63d4's chat_sft)
+STAGE = Stage("sft", schema=ChatStageConfig, planner=sft_plan, worker=run, sources=("pretrain", "mid"),
+              default_source={"seed": "mid", "modern": "pretrain"}, headline="final_val_loss")

@@ -14,11 +14,12 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from nanochat.common import get_base_dir, print0, shared_data_dir
-from nanochat.config import Config
-from nanochat.dataset import TEXT_COLUMN, iter_texts, open_shard
+from nanochat.config import Config, TokenizerStageConfig
+from nanochat.stage_plan import SourceRun, StagePlan
+from nanochat.stages import Stage
 from nanochat.tokenizer import tokenizer_dir, train_tokenizer
 
 # tiktoken's reference encodings and the files each one needs in its cache
@@ -68,6 +69,7 @@ def eval_sources(cfg: Config, base_dir: Path) -> dict[str, Callable[[], str]]:
     `<data>/train` is the text the tokenizer was trained on, `<data>/val` its held-out split;
     the shared public samples (C4, Common Crawl, Shakespeare) are other distributions.
     """
+    from nanochat.dataset import TEXT_COLUMN, iter_texts, open_shard  # pyarrow: not at the launcher's import
     n = cfg.stage.eval_chars
     name = cfg.data.name
     sources: dict[str, Callable[[], str]] = {
@@ -117,10 +119,8 @@ def compression_table(tokenizer, sources: dict[str, Callable[[], str]]) -> tuple
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
+    from nanochat.dataset import iter_texts
     st = cfg.stage
-    for key in ("vocab_size", "max_chars", "doc_cap", "eval_chars"):
-        if not hasattr(st, key):
-            raise ValueError(f"stage.name={st.name!r} is not the tokenizer stage (no stage.{key}); use stage=tokenizer")
     if st.max_chars < 1 or st.doc_cap < 1:
         raise ValueError(f"stage.max_chars={st.max_chars}, stage.doc_cap={st.doc_cap}: both must be positive")
     base_dir = get_base_dir(cfg.paths.base_dir)
@@ -155,6 +155,20 @@ def run(cfg: Config, run_dir: Path) -> dict:
         from nanochat.common import atomic_write_json
         atomic_write_json(Path(run_dir) / "tokenizer_eval.json", result)
     return result
+
+
+# --------------------------------------------------------------------------- the declaration
+
+def tokenizer_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = None) -> StagePlan:
+    rows = [("data", f"{cfg.data.name} ({cfg.data.source})"), ("vocab_size", f"{cfg.stage.vocab_size:,}"),
+            ("max_chars", f"{cfg.stage.max_chars:,}"), ("doc_cap", f"{cfg.stage.doc_cap:,}"),
+            ("artifact", f"{cfg.paths.base_dir}/tokenizer/{cfg.data.tokenizer}")]
+    return StagePlan(None, rows)
+
+
+# a tokenizer belongs to its data, not to a model depth: runs/tokenizer/tok_<data.tokenizer>/
+STAGE = Stage("tokenizer", schema=TokenizerStageConfig, planner=tokenizer_plan, worker=run,
+              tag=lambda cfg: f"tok_{cfg.data.tokenizer}")
 
 
 if __name__ == "__main__":  # same as `python -m nanochat.stages._entry --config ...`

@@ -112,7 +112,7 @@ class HardwareConfig:
 @dataclass
 class DataConfig:
     name: str = "demo"
-    source: str = "demo"              # demo | fineweb_edu | climbmix | hub | local
+    source: str = "demo"              # demo | fineweb_edu | climbmix | hub | local | mixture
     path: Optional[str] = None        # local: dir or glob of parquet/jsonl/txt
     repo: Optional[str] = None        # hub: dataset repo <owner>/<name> of parquet shards (null → the source's)
     revision: str = "main"            # hub: branch, tag or commit of data.repo
@@ -126,6 +126,9 @@ class DataConfig:
     tokenizer_batch_size: int = 128
     demo_chars: int = 4_000_000       # data=demo: size of the corpus built from the stdlib
     val_fraction: float = 0.05        # local/demo: fraction of documents held out for val
+    # data=mixture: {source name: {name: <data option>, weight: w, <that option's keys>}} (nanochat/mixture.py)
+    mixture: Optional[dict] = None
+    max_epochs: Optional[float] = None  # mixture: a source repeated more often than this is a ConfigError
 
 
 @dataclass
@@ -398,7 +401,7 @@ _CHOICES = {
     "hardware.dtype": ("float32", "bfloat16", "float16"),
     "hardware.device": ("cpu", "cuda", "mps", "auto"),
     "hardware.attention": ("auto", "sdpa", "flex", "flash"),
-    "data.source": ("demo", "fineweb_edu", "climbmix", "hub", "local"),
+    "data.source": ("demo", "fineweb_edu", "climbmix", "hub", "local", "mixture"),
     "data.packing": ("stream", "bestfit"),
     "wandb.mode": ("disabled", "offline", "online"),
 }
@@ -449,6 +452,9 @@ def config_from_dict(tree: dict, frozen: bool = False) -> Config:
         if v not in choices:
             raise ConfigError(key, v, f"use one of: {', '.join(choices)}", "invalid choice")
     _check_ranges(cfg)
+    if cfg.data.source == "mixture" or cfg.data.mixture is not None:
+        from nanochat.mixture import check_mixture  # torch-free
+        check_mixture(cfg.data)
     if cfg.model.fp8 not in (None, "tensorwise", "rowwise"):
         raise ConfigError("model.fp8", cfg.model.fp8, "use null, tensorwise (faster) or rowwise (more accurate)",
                           "unknown fp8 recipe")
@@ -481,7 +487,7 @@ _POSITIVE = ("model.depth", "model.sequence_len", "model.aspect_ratio", "model.h
              "model.rope_base", "hardware.nproc_per_node", "hardware.nnodes",
              "hardware.num_threads", "stage.total_batch_size", "stage.target_flops", "stage.target_param_data_ratio",
              "stage.vocab_size", "stage.max_chars", "stage.examples_per_step", "stage.num_samples",
-             "stage.device_batch_size", "stage.max_seq_len")
+             "stage.device_batch_size", "stage.max_seq_len", "data.max_epochs")
 _NON_NEGATIVE = ("stage.num_iterations", "stage.warmup_steps", "stage.embedding_lr", "stage.unembedding_lr",
                  "stage.matrix_lr", "stage.scalar_lr", "stage.weight_decay", "stage.warmup_ratio",
                  "stage.warmdown_ratio", "stage.final_lr_frac", "stage.grad_clip", "stage.init_lr_frac",

@@ -47,7 +47,7 @@ class DataLoader:
     def __init__(self, data_cfg: DataConfig, tokenizer: Any, batch_size: int, seq_len: int,
                  split: str = "train", rank: int = 0, world_size: int = 1, device: Any = "cpu",
                  base_dir: str | Path | None = None, state: dict | None = None,
-                 buffer_size: int = 1000, prefetch: int = 4, max_epochs: int | None = None):
+                 buffer_size: int = 1000, prefetch: int = 4, max_epochs: int | None = None, seed: int = 0):
         if split not in ("train", "val"):
             raise ValueError(f"split={split!r}: use 'train' or 'val'")
         if batch_size < 1 or seq_len < 1:
@@ -65,14 +65,8 @@ class DataLoader:
         self.buffer_size = buffer_size
         self.prefetch = max(1, prefetch)
         self.max_epochs = max_epochs
-        self.paths = list_shards(data_cfg, self.base_dir, split, download=False)
-        self.names = [p.name for p in self.paths]
-        if len(set(self.names)) != len(self.names):
-            raise ValueError(f"data source {data_cfg.name!r} has two shards with the same file name; "
-                             "rename them (the loader state refers to shards by name)")
-        self._index = {n: i for i, n in enumerate(self.names)}
         self._pipe = _Pipeline(data_cfg, tokenizer, batch_size, seq_len, split, rank, world_size, self.device,
-                               self.base_dir, buffer_size, max_epochs, self.paths)
+                               self.base_dir, buffer_size, max_epochs, seed)
         self._state: dict = self._fresh_state()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -149,34 +143,24 @@ class DataLoader:
             return {"epoch": 0, "head": None, "offset": 0}
         return {"epoch": 0, "after": None, "buffer": []}
 
-    def _pos_out(self, p: Pos) -> list:
-        return [p[0], self.names[p[1]], p[2], p[3]]
-
-    def _pos_in(self, p: list) -> Pos:
-        epoch, name, rg, doc = p
-        if name not in self._index:
-            raise ValueError(f"data loader state refers to shard {name!r}, which is not in the "
-                             f"{self.split} split of data {self.cfg.name!r} any more")
-        return (int(epoch), self._index[name], int(rg), int(doc))
-
     def _state_out(self, st: dict) -> dict:
         """Positions hold shard indices internally; the saved state names shards by file name."""
-        out = {"epoch": st["epoch"]}
+        out, pos_out = {"epoch": st["epoch"]}, self._pipe.docs.pos_out
         if self.cfg.packing == "stream":
-            out.update(head=None if st["head"] is None else self._pos_out(st["head"]), offset=st["offset"])
-        else:
-            out.update(after=None if st["after"] is None else self._pos_out(st["after"]),
-                       buffer=[self._pos_out(p) for p in st["buffer"]])
+            out.update(head=None if st["head"] is None else pos_out(st["head"]), offset=st["offset"])
+        else:  # buffered documents are saved as references (a mixture's cursor only for `after`)
+            out.update(after=None if st["after"] is None else pos_out(st["after"]),
+                       buffer=[pos_out(p, ref=True) for p in st["buffer"]])
         return out
 
     def _parse_state(self, d: dict) -> dict:
         if self.cfg.packing == "stream":
             head = d.get("head")
-            return {"epoch": int(d.get("epoch", 0)), "head": None if head is None else self._pos_in(head),
+            return {"epoch": int(d.get("epoch", 0)), "head": None if head is None else self._pipe.docs.pos_in(head),
                     "offset": int(d.get("offset", 0))}
         after = d.get("after")
-        return {"epoch": int(d.get("epoch", 0)), "after": None if after is None else self._pos_in(after),
-                "buffer": [self._pos_in(p) for p in d.get("buffer", [])]}
+        return {"epoch": int(d.get("epoch", 0)), "after": None if after is None else self._pipe.docs.pos_in(after),
+                "buffer": [self._pipe.docs.pos_in(p) for p in d.get("buffer", [])]}
 
     def _start(self) -> None:
         self._stop = threading.Event()
@@ -193,14 +177,41 @@ class _Pipeline:
 
     def __init__(self, data_cfg: DataConfig, tokenizer: Any, batch_size: int, seq_len: int, split: str,
                  rank: int, world_size: int, device: torch.device, base_dir: Path, buffer_size: int,
-                 max_epochs: int | None, paths: list[Path]):
+                 max_epochs: int | None, seed: int = 0):
         self.cfg, self.tokenizer = data_cfg, tokenizer
         self.B, self.T = batch_size, seq_len
         self.split, self.rank, self.world = split, rank, world_size
         self.device, self.base_dir = device, base_dir
         self.buffer_size, self.max_epochs = buffer_size, max_epochs
-        self.paths = paths
         self.bos = tokenizer.get_bos_token_id()
+        self.docs = self  # where documents come from: this corpus, or a mixture of single-corpus pipelines
+        if data_cfg.source == "mixture":
+            from nanochat.mixture import MixedDocs, source_configs
+            subs = [_Pipeline(c, tokenizer, batch_size, seq_len, split, rank, world_size, device, base_dir,
+                              buffer_size, max_epochs) for c in source_configs(data_cfg).values()]
+            self.docs = MixedDocs(data_cfg, subs, seq_len, split, rank, world_size, seed)
+            return
+        self.paths = list_shards(data_cfg, base_dir, split, download=False)
+        self.names = [p.name for p in self.paths]
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"data source {data_cfg.name!r} has two shards with the same file name; "
+                             "rename them (the loader state refers to shards by name)")
+        self._index = {n: i for i, n in enumerate(self.names)}
+
+    # ------------------------------------------------------------------ positions in the saved state
+    def pos_out(self, p: Pos, ref: bool = False) -> list:
+        """A position as JSON, naming its shard by file name (`ref`: a buffered doc, same here)."""
+        return [p[0], self.names[p[1]], p[2], p[3]]
+
+    def pos_in(self, p: list) -> Pos:
+        epoch, name, rg, doc = p
+        if name not in self._index:
+            raise ValueError(f"data loader state refers to shard {name!r}, which is not in the "
+                             f"{self.split} split of data {self.cfg.name!r} any more")
+        return (int(epoch), self._index[name], int(rg), int(doc))
+
+    def epoch_of(self, p: Pos) -> int:
+        return p[0]
 
     # ------------------------------------------------------------------ documents
     def rank_units(self, pf) -> list[tuple[int, list[int] | None]]:
@@ -280,7 +291,7 @@ class _Pipeline:
     def stream_batches(self, state: dict, stop: threading.Event) -> Iterator[tuple]:
         B, T = self.B, self.T
         need = B * T + 1
-        docs = self.iter_docs(state["head"], inclusive=True, stop=stop)
+        docs = self.docs.iter_docs(state["head"], inclusive=True, stop=stop)
         buf: list[int] = []
         spans: deque = deque()  # [pos, tokens consumed from this doc, doc length] for docs in buf
         offset = state["offset"]
@@ -312,7 +323,7 @@ class _Pipeline:
                 else:
                     head[1] += n
                     n = 0
-            new_state = {"epoch": spans[0][0][0], "head": spans[0][0], "offset": spans[0][1]}
+            new_state = {"epoch": self.docs.epoch_of(spans[0][0]), "head": spans[0][0], "offset": spans[0][1]}
             # separate storage for inputs and targets: in-place edits of one must not touch the other
             yield arr[:-1].view(B, T).clone(), arr[1:].view(B, T).clone(), new_state
 
@@ -332,9 +343,10 @@ class _Pipeline:
             keys.insert(j, key)
             items.insert(j, (pos, toks))
 
-        for pos, toks in zip(state["buffer"], self.read_docs(state["buffer"])):
+        for pos, toks in zip(state["buffer"], self.docs.read_docs(state["buffer"])):
             add(pos, toks)
-        docs = self.iter_docs(state["after"], inclusive=False, stop=stop)
+        # a fresh start includes the first document (position (0, 0, 0, 0) is a document, not "before" one)
+        docs = self.docs.iter_docs(state["after"], inclusive=state["after"] is None, stop=stop)
         last = state["after"]
         exhausted = False
         while True:
@@ -364,7 +376,7 @@ class _Pipeline:
                         rows[r, filled:] = toks[:remaining]
                         filled = cap
             order = sorted(range(len(keys)), key=lambda k: keys[k][1])  # arrival order
-            new_state = {"epoch": last[0] if last else 0, "after": last,
+            new_state = {"epoch": self.docs.epoch_of(last) if last else 0, "after": last,
                          "buffer": [items[k][0] for k in order]}
             t = torch.from_numpy(rows)
             yield t[:, :-1], t[:, 1:], new_state

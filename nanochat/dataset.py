@@ -1,6 +1,6 @@
 """Pretraining corpora as parquet shards with a `text` column.
 
-Sources (`data.source`):
+Sources (`data.source`; `mixture`: several of these by weight, nanochat/mixture.py):
   demo         built here, offline, from the Python standard library's docstrings and sources
   local        `data.path`: a dir or glob of parquet (`text` column), jsonl(.gz) (`text` field) or txt
   fineweb_edu  karpathy/fineweb-edu-100b-shuffle on the Hugging Face hub (nanochat's seed data)
@@ -78,6 +78,9 @@ def list_shards(data_cfg: DataConfig, base_dir: str | Path, split: str, download
         raise ValueError(f"split={split!r}: use 'train' or 'val'")
     base_dir = Path(base_dir).expanduser()
     source = data_cfg.source
+    if source == "mixture":  # every source's files (building or fetching them); loaders read each alone
+        from nanochat.mixture import source_configs
+        return [p for c in source_configs(data_cfg).values() for p in list_shards(c, base_dir, split, download)]
     if source == "demo":
         return _demo_shards(data_cfg, base_dir, split)
     if source == "local":
@@ -94,6 +97,10 @@ def iter_texts(data_cfg: DataConfig, base_dir: str | Path, split: str = "train",
     This is what the tokenizer trains on. Remote shards download lazily as the iteration
     reaches them (with the next few fetched in the background).
     """
+    if data_cfg.source == "mixture":
+        from nanochat.mixture import iter_mixed_texts
+        yield from iter_mixed_texts(data_cfg, base_dir, split, max_chars, doc_cap)
+        return
     paths = list_shards(data_cfg, base_dir, split, download=False)
     remote = data_cfg.source in REMOTE_SOURCES
     seen = 0

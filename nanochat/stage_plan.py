@@ -90,13 +90,23 @@ def source_rows(cfg: Config, source: Optional[SourceRun]) -> list[tuple[str, str
 
 # --------------------------------------------------------------------------- planners
 
+def mixture_rows(cfg: Config, train_tokens: Optional[int]) -> tuple[list[tuple[str, str]], list[str]]:
+    """data=mixture: each source's weight, tokens and epochs (ConfigError for a source without data)."""
+    if cfg.data.source != "mixture":
+        return [], []
+    from nanochat.mixture import plan_rows
+    return plan_rows(cfg, train_tokens)
+
+
 def train_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = None) -> StagePlan:
     """Pretraining (and any stage that trains by plan.py's depth rules)."""
     cfg = fill_vocab(cfg)
     p = make_plan(cfg, probe=probe)
     if source is not None:
         p = replace(p, source=str(source.path))
-    return StagePlan(p, plan_rows(p) + source_rows(cfg, source),
+    mix, warnings = mixture_rows(cfg, p.num_iterations * p.total_batch_size)
+    p = replace(p, notes=p.notes + warnings) if warnings else p
+    return StagePlan(p, plan_rows(p) + mix + source_rows(cfg, source),
                      wants_probe=cfg.hardware.device_batch_size == "auto" and probe is None)
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from nanochat.batch_size import explain_oom
-from nanochat.config import Config, TrainStageConfig
+from nanochat.config import Config, DataConfig, TrainStageConfig
 from nanochat.common import barrier
+from nanochat import mixture
 from nanochat.plan import param_breakdown
 from nanochat.stage_plan import train_plan
 from nanochat.stages import Stage
@@ -35,11 +36,11 @@ def eval_steps(tokens: int, plan) -> int:
     return max(1, tokens // per)
 
 
-def val_bpb(model, cfg: Config, plan, rt: T.Runtime, tokenizer, token_bytes, tokens: int) -> float:
+def val_bpb(model, data: DataConfig, plan, rt: T.Runtime, tokenizer, token_bytes, tokens: int) -> float:
     from nanochat.dataloader import DataLoader
     from nanochat.loss_eval import evaluate_bpb
     from nanochat.precision import fp8_disabled
-    loader = DataLoader(cfg.data, tokenizer, plan.device_batch_size, plan.sequence_len, "val", rt.rank, rt.world,
+    loader = DataLoader(data, tokenizer, plan.device_batch_size, plan.sequence_len, "val", rt.rank, rt.world,
                         rt.device, base_dir=rt.base_dir)
     model.eval()
     try:
@@ -92,7 +93,7 @@ class SlotLoader:
                              "resume with the same total_batch_size / device_batch_size / world size")
         self.loaders = [DataLoader(cfg.data, tokenizer, plan.device_batch_size, plan.sequence_len, "train",
                                    rt.rank + rt.world * j, rt.world * slots, rt.device, base_dir=rt.base_dir,
-                                   state=states[j]) for j in range(slots)]
+                                   state=states[j], seed=cfg.run.seed) for j in range(slots)]
         self.slot = 0
 
     def __iter__(self) -> "SlotLoader":
@@ -180,9 +181,12 @@ def run(cfg: Config, run_dir: Path) -> dict:
             loop.tracker.print(f"  sample: {s!r}")
         return {}
 
-    evals = [L.Evaluation("val_bpb", lambda _: {"val/bpb": val_bpb(model, cfg, plan, rt, tokenizer, token_bytes,
-                                                                   st.eval_tokens or plan.eval_tokens)},
-                          every=st.eval_every)]
+    def val(_: int) -> dict:  # a mixture: each source's val split (val/bpb/<source>), the total weighted by it
+        by_source, bpb = mixture.val_bpb(cfg.data, lambda data, n: val_bpb(model, data, plan, rt, tokenizer, token_bytes,
+                                                                           n), st.eval_tokens or plan.eval_tokens)
+        return {"val/bpb": bpb, **{f"val/bpb/{k}": v for k, v in by_source.items()}}
+
+    evals = [L.Evaluation("val_bpb", val, every=st.eval_every)]
     if rt.master:
         evals.append(L.Evaluation("samples", sample, every=st.sample_every, last=st.sample_every > 0))
     # CORE skips step 0, as nanochat does: with core_every > horizon it runs once, at the end
@@ -201,7 +205,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
             "flops_per_token": plan.flops_per_token,
             "flops": float(plan.flops_per_token) * s.tokens_seen,
             "target_flops": st.target_flops,
-            **({"core": s.evals["core"]["core"]} if "core" in s.evals else {})}
+            **({"core": s.evals["core"]["core"]} if "core" in s.evals else {}),
+            **({"mixture": mixture.weights(cfg.data), "val_bpb_by_source": {
+                k.split("/")[-1]: v for k, v in s.evals.get("val_bpb", {}).items() if k.startswith("val/bpb/")}}
+               if cfg.data.source == "mixture" else {})}
 
 
 # --------------------------------------------------------------------------- the declaration

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional
 
 from nanochat.common import get_base_dir, print0, shared_data_dir
 from nanochat.config import Config, TokenizerStageConfig
-from nanochat.stage_plan import SourceRun, StagePlan
+from nanochat.stage_plan import SourceRun, StagePlan, mixture_rows
 from nanochat.stages import Stage
 from nanochat.tokenizer import tokenizer_dir, train_tokenizer
 
@@ -163,7 +163,7 @@ def tokenizer_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dic
     rows = [("data", f"{cfg.data.name} ({cfg.data.source})"), ("vocab_size", f"{cfg.stage.vocab_size:,}"),
             ("max_chars", f"{cfg.stage.max_chars:,}"), ("doc_cap", f"{cfg.stage.doc_cap:,}"),
             ("artifact", f"{cfg.paths.base_dir}/tokenizer/{cfg.data.tokenizer}")]
-    return StagePlan(None, rows)
+    return StagePlan(None, rows + mixture_rows(cfg, None)[0])
 
 
 # a tokenizer belongs to its data, not to a model depth: runs/tokenizer/tok_<data.tokenizer>/

@@ -1,0 +1,298 @@
+"""Pretraining on a weighted mixture of corpora: `data=mixture`.
+
+    data.mixture: {web: {name: climbmix, weight: 0.8}, mine: {name: local, path: /data/x, weight: 0.2}}
+
+Each source is one of the other data options (`name`) with that option's own keys and a
+`weight`. Weights are normalised and are shares of the training tokens, so a sweep may vary one
+(`-m data.mixture.code.weight=0.1,0.2`). A weight of 0 keeps a source out of training but still
+evaluated (a held-out distribution).
+
+Loading: a loader stream (slot j of rank r is stream r + world·j of world·accum, as for one
+corpus) reads each source exactly as the one-corpus loader would read it alone, and takes the
+next document from the source furthest behind its share of the tokens drawn so far, with a
+jitter of at most one row, seeded by (run seed, split, stream): deterministic, the same stream
+for any world size and accumulation, and within a row of the weights at every point. A small
+source starts its next epoch on its own. Packing is unchanged. The saved position is every
+source's last document plus the token counts, so resume is exact.
+
+Also here: the config checks, the plan rows (tokens and epochs per source), the tokenizer's
+text stream (characters by weight) and validation bpb per source with the weighted total.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import re
+from pathlib import Path
+from typing import Callable, Iterator
+
+from nanochat.config import Config, ConfigError, DataConfig, _build
+
+OPTIONS = ("demo", "fineweb_edu", "climbmix", "hub", "local")
+SOURCE_KEYS = ("path", "repo", "revision", "num_shards", "max_shard", "val_shard", "download_workers",
+               "demo_chars", "val_fraction")
+# shared by every source: one tokenizer, one packing
+INHERITED = ("tokenizer", "packing", "tokenizer_threads", "tokenizer_batch_size", "download_workers")
+EXAMPLE = "data.mixture='{web: {name: demo, weight: 0.8}, mine: {name: local, path: /data/x, weight: 0.2}}'"
+
+
+# --------------------------------------------------------------------------- config
+
+def check_mixture(data: DataConfig) -> None:
+    """ConfigError for a malformed mixture: no sources, an unknown option or key, a bad weight."""
+    m = data.mixture
+    if data.source != "mixture":
+        raise ConfigError("data.mixture", m, "use data=mixture to train on a mixture, or drop data.mixture",
+                          f"a mixture under data.source={data.source}")
+    if not isinstance(m, dict) or not m:
+        raise ConfigError("data.mixture", m, f"name the sources, e.g. {EXAMPLE}", "no sources")
+    for src, entry in m.items():
+        key = f"data.mixture.{src}"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(src)):
+            raise ConfigError(key, entry, "name sources with letters, digits, _ . - (they name metrics)", "bad name")
+        if not isinstance(entry, dict):
+            raise ConfigError(key, entry, "give {name: <data option>, weight: <w>, <option keys>}", "expected a mapping")
+        if entry.get("name") not in OPTIONS:
+            raise ConfigError(f"{key}.name", entry.get("name"), f"use one of: {', '.join(OPTIONS)}", "unknown data option")
+        w = entry.get("weight")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ConfigError(f"{key}.weight", w, "give each source a weight >= 0 (weights are normalised)",
+                              "missing or negative weight")
+        for k in entry:
+            if k not in ("name", "weight") + SOURCE_KEYS:
+                close = difflib.get_close_matches(k, SOURCE_KEYS, n=1)
+                raise ConfigError(f"{key}.{k}", entry[k], f"did you mean {key}.{close[0]}?" if close else
+                                  f"a source takes name, weight and: {', '.join(SOURCE_KEYS)}", "unknown source option")
+    if sum(e["weight"] for e in m.values()) <= 0:
+        raise ConfigError("data.mixture", {s: e["weight"] for s, e in m.items()},
+                          "give at least one source a positive weight", "all weights are zero")
+    source_configs(data)  # the option keys' types
+
+
+def source_configs(data: DataConfig) -> dict[str, DataConfig]:
+    """{source name: that source alone as a DataConfig} (tokenizer and packing from the mixture)."""
+    out = {}
+    for src, entry in data.mixture.items():
+        tree = {k: getattr(data, k) for k in INHERITED}
+        tree.update({k: v for k, v in entry.items() if k in SOURCE_KEYS}, name=str(src), source=entry["name"])
+        out[str(src)] = _build(DataConfig, tree, f"data.mixture.{src}")
+    return out
+
+
+def weights(data: DataConfig) -> dict[str, float]:
+    total = sum(float(e["weight"]) for e in data.mixture.values())
+    return {str(s): float(e["weight"]) / total for s, e in data.mixture.items()}
+
+
+# --------------------------------------------------------------------------- the loader's documents
+
+class MixedDocs:
+    """The loader's documents for a mixture (dataloader._Pipeline.docs), drawn from one
+    single-source pipeline per source (`subs`, in data.mixture order).
+
+    A position is (source index, draws so far, tokens drawn per source, last position per source),
+    all counted after the document; a buffered document is saved as (source, its position) only.
+    """
+
+    def __init__(self, data_cfg: DataConfig, subs: list, seq_len: int, split: str, rank: int, world_size: int,
+                 seed: int):
+        w = weights(data_cfg)
+        self.names, self.subs = [str(n) for n in data_cfg.mixture], subs
+        self.w = [w[n] for n in self.names]
+        self.key = f"{seed}/{split}/{rank}/{world_size}"
+        self.span = seq_len + 1  # jitter: one row of tokens
+        # bestfit uses at most a row of a long document: count what can reach a row
+        self.cap = seq_len + 1 if data_cfg.packing == "bestfit" else None
+
+    def _jitter(self, n: int) -> list[float]:
+        d = hashlib.shake_128(f"{self.key}/{n}".encode()).digest(4 * len(self.subs))
+        return [int.from_bytes(d[4 * k:4 * k + 4], "little") / 2 ** 32 for k in range(len(self.subs))]
+
+    def iter_docs(self, start: tuple | None, inclusive: bool, stop) -> Iterator[tuple[tuple, list[int]]]:
+        K = len(self.subs)
+        n, counts, lasts = (0, [0] * K, [None] * K) if start is None else (start[1], list(start[2]), list(start[3]))
+        if start is not None and inclusive:  # stream packing resumes at its head document
+            yield start, self.subs[start[0]].read_docs([lasts[start[0]]])[0]
+        its = [sub.iter_docs(lasts[k], inclusive=lasts[k] is None, stop=stop) for k, sub in enumerate(self.subs)]
+        live = [k for k in range(K) if self.w[k] > 0]
+        while True:
+            u = self._jitter(n)
+            k = min(live, key=lambda k: (counts[k] + self.span * u[k]) / self.w[k])
+            nxt = next(its[k], None)
+            if nxt is None:  # finite epochs (max_epochs) or a stop: the first source to end ends the mixture
+                return
+            p, toks = nxt
+            n += 1
+            counts[k] += len(toks) if self.cap is None else min(len(toks), self.cap)
+            lasts[k] = p
+            yield (k, n, tuple(counts), tuple(lasts)), toks
+
+    @staticmethod
+    def _ref(p: tuple) -> tuple:
+        return (p[0], p[3][p[0]]) if len(p) == 4 else p
+
+    def read_docs(self, positions: list) -> list[list[int]]:
+        refs = [self._ref(p) for p in positions]
+        out: list = [None] * len(refs)
+        for k, sub in enumerate(self.subs):
+            idx = [i for i, r in enumerate(refs) if r[0] == k]
+            for i, toks in zip(idx, sub.read_docs([refs[i][1] for i in idx]) if idx else []):
+                out[i] = toks
+        return out
+
+    def _index(self, name: str) -> int:
+        if name not in self.names:
+            raise ValueError(f"data loader state refers to source {name!r}, which is not in data.mixture "
+                             f"({', '.join(self.names)}) any more")
+        return self.names.index(name)
+
+    def pos_out(self, p: tuple, ref: bool = False):
+        if ref or len(p) == 2:
+            k, q = self._ref(p)
+            return [self.names[k], self.subs[k].pos_out(q)]
+        k, n, counts, lasts = p
+        return {"source": self.names[k], "n": n, "tokens": dict(zip(self.names, counts)),
+                "after": {m: None if q is None else s.pos_out(q) for m, s, q in zip(self.names, self.subs, lasts)}}
+
+    def pos_in(self, d):
+        if isinstance(d, list):
+            k = self._index(d[0])
+            return (k, self.subs[k].pos_in(d[1]))
+        for name in list(d["after"]) + [d["source"]]:
+            self._index(name)
+        lasts = tuple(None if d["after"].get(m) is None else s.pos_in(d["after"][m]) for m, s in zip(self.names, self.subs))
+        return (self._index(d["source"]), int(d["n"]), tuple(int(d["tokens"].get(m, 0)) for m in self.names), lasts)
+
+    def epoch_of(self, p: tuple) -> int:
+        return self._ref(p)[1][0]
+
+
+# --------------------------------------------------------------------------- tokenizer text
+
+def iter_mixed_texts(data: DataConfig, base_dir, split: str, max_chars: int | None,
+                     doc_cap: int | None) -> Iterator[str]:
+    """Documents of all sources interleaved by weight in characters, up to max_chars; the first
+    source to run out ends the stream (so the proportions hold over all of it)."""
+    from nanochat.dataset import iter_texts
+    cfgs, w = source_configs(data), weights(data)
+    live = [s for s in cfgs if w[s] > 0]
+    its = {s: iter_texts(cfgs[s], base_dir, split, doc_cap=doc_cap) for s in live}
+    chars, total = dict.fromkeys(live, 0), 0
+    while max_chars is None or total < max_chars:
+        s = min(live, key=lambda s: chars[s] / w[s])
+        text = next(its[s], None)
+        if text is None:
+            return
+        text = text if max_chars is None else text[:max_chars - total]
+        chars[s] += len(text)
+        total += len(text)
+        yield text
+
+
+# --------------------------------------------------------------------------- plan
+
+def _train_bytes(c: DataConfig, base_dir: Path) -> tuple[int | None, Path | None]:
+    """(≈ UTF-8 bytes of the train split, a shard on disk to sample) without downloading; ConfigError-free."""
+    import pyarrow.parquet as pq
+    from nanochat.dataset import TEXT_COLUMN, list_shards
+    paths = list_shards(c, base_dir, "train", download=False)
+    on_disk = [p for p in paths if p.is_file()]
+    if not on_disk:
+        return None, None
+    total = 0
+    for p in on_disk:
+        md = pq.ParquetFile(p).metadata
+        col = md.schema.names.index(TEXT_COLUMN)
+        # plain-encoded strings: 4 length bytes + the text per row
+        total += sum(md.row_group(g).column(col).total_uncompressed_size - 4 * md.row_group(g).num_rows
+                     for g in range(md.num_row_groups))
+    return total * len(paths) // len(on_disk), on_disk[0]
+
+
+def _bytes_per_token(shard: Path, tokenizer, sample_bytes: int = 200_000) -> float:
+    from nanochat.dataset import open_shard
+    texts, n = [], 0
+    pf = open_shard(shard)
+    for g in range(pf.num_row_groups):
+        for t in pf.read_row_group(g, columns=["text"]).column(0).to_pylist():
+            if t:
+                texts.append(t)
+                n += len(t.encode())
+        if n >= sample_bytes:
+            break
+    ntok = sum(map(len, tokenizer.encode(texts))) + len(texts)  # + a BOS per document
+    return n / max(1, ntok)
+
+
+def plan_rows(cfg: Config, train_tokens: int | None) -> tuple[list[tuple[str, str]], list[str]]:
+    """(rows, warnings) for the plan: each source's weight, tokens and epochs.
+
+    Raises ConfigError before any run dir when a source has no data, or would repeat more than
+    data.max_epochs. Sizes come from the shards on disk (a hub source not fetched yet: unknown);
+    tokens from bytes at the tokenizer's bytes per token on a sample of each source.
+    """
+    from nanochat.common import get_base_dir
+    from nanochat.dataset import REMOTE_SOURCES, _manifest_path, list_shards
+    from nanochat.tokenizer import get_tokenizer
+    base = get_base_dir(cfg.paths.base_dir)
+    try:
+        tok = get_tokenizer(base, cfg.data.tokenizer)
+    except FileNotFoundError:
+        tok = None
+    w = weights(cfg.data)
+    rows: list[tuple[str, str]] = []
+    notes: list[str] = []
+    for name, c in source_configs(cfg.data).items():
+        key = f"data.mixture.{name}"
+        what = f"{c.source}" + (f" {c.path}" if c.path else f" {c.repo}" if c.repo else "")
+        size, shard = None, None
+        if c.source in REMOTE_SOURCES and not _manifest_path(c, base).is_file():
+            pass  # listing not pinned yet: no network in a plan; the loader fetches on first use
+        else:
+            try:
+                for split in ("train", "val"):
+                    list_shards(c, base, split, download=False)
+                size, shard = _train_bytes(c, base)
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError(f"{key}.path" if c.source == "local" else key, c.path or c.repo or c.source,
+                                  "point the source at a corpus with train and val documents", f"no data: {e}") from None
+        row = f"{what} · weight {w[name]:.3f}"
+        if train_tokens is not None:
+            row += f" · {round(w[name] * train_tokens):,} tokens"
+        if size is not None and tok is not None:
+            src_tokens = size / _bytes_per_token(shard, tok)
+            row += f" · source ≈{src_tokens:,.0f} tokens"
+            if train_tokens is not None and w[name] > 0:
+                epochs = w[name] * train_tokens / src_tokens
+                row += f" = ≈{epochs:.2f} epochs"
+                if cfg.data.max_epochs is not None and epochs > cfg.data.max_epochs:
+                    raise ConfigError(f"{key}.weight", cfg.data.mixture[name]["weight"],
+                                      f"lower its weight, give it more data, train fewer tokens, or raise "
+                                      f"data.max_epochs={cfg.data.max_epochs:g}",
+                                      f"source {name} would repeat ≈{epochs:.1f} times (≈{src_tokens:,.0f} tokens)")
+                if epochs > 1:
+                    notes.append(f"warning: source {name} repeats: ≈{epochs:.2f} epochs of it")
+        elif size is None:
+            row += " · size unknown (not on disk yet)"
+        rows.append((f"source {name}", row))
+    return rows, notes
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def val_bpb(data: DataConfig, evaluate: Callable[[DataConfig, int], float],
+            tokens: int) -> tuple[dict[str, float], float]:
+    """({source: val bpb on its own val split}, total). One corpus: ({}, its bpb). A mixture: each
+    source gets an equal share of `tokens`; the total weighs the sources by the mixture weights."""
+    if data.source != "mixture":
+        return {}, evaluate(data, tokens)
+    cfgs, w = source_configs(data), weights(data)
+    by_source = {name: evaluate(c, max(1, tokens // len(cfgs))) for name, c in cfgs.items()}
+    return by_source, sum(w[n] * by_source[n] for n in by_source)
+
+
+def describe(data: DataConfig) -> str:
+    """`web 0.80 · code 0.20`: a mixture as a label (reports, sweeps)."""
+    return " · ".join(f"{n} {v:.2f}" for n, v in weights(data).items())
+

@@ -83,7 +83,7 @@ def training_curves(run_dir: Path, out: Path, title: str) -> Optional[Path]:
 
     The train loss is drawn as nanochat reports it, a debiased EMA (the line), with the raw
     per-step values as faint points behind it. The validation metric is val/bpb (pretrain),
-    val/loss (mid, sft), or the first val/* key (rl).
+    val/loss (mid, sft), or the first val/* key (rl); a mixture adds a dashed curve per source.
     """
     rows = read_metrics(run_dir)
     train_key = next((k for k in ("train/loss", "train/reward") if any(k in r for r in rows)), None)
@@ -111,7 +111,14 @@ def training_curves(run_dir: Path, out: Path, title: str) -> Optional[Path]:
                 ax.plot(xs, debiased_ema(ys), color="C0", lw=1.6, label="EMA (debiased, β=0.9)")
                 ax.legend(fontsize=7, loc="upper right", frameon=False)
             else:
-                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, color="C1")
+                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, color="C1", label=key)
+                # a mixture's per-source curves (val/bpb/<source>) next to the weighted total
+                for i, sub in enumerate(sorted({k for r in rows for k in r if k.startswith(f"{key}/")})):
+                    sp = [(r["step"], r[sub]) for r in rows if sub in r and (col == 0 or r["step"] > 0)]
+                    ax.plot([s if col == 0 else s * fps for s, _ in sp], [v for _, v in sp], lw=1, ls="--",
+                            color=f"C{i + 2}", label=sub.rsplit("/", 1)[1])
+                if len(ax.get_lines()) > 1:
+                    ax.legend(fontsize=7, loc="upper right", frameon=False)
             ax.set_xlabel("step" if col == 0 else "FLOPs")
             ax.set_ylabel(key)
             if col == 1 and min(xs) > 0:

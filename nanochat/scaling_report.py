@@ -49,6 +49,8 @@ class RunRecord:
     wall_time_s: Optional[float] = None
     overrides: list = field(default_factory=list)
     skip_reason: str = ""
+    mixture: dict = field(default_factory=dict)    # data=mixture: normalised weights per source
+    by_source: dict = field(default_factory=dict)  # and the final val bpb of each source
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -91,6 +93,7 @@ def read_run(sweep_dir: Path, run_dir: Path) -> RunRecord:
     rec.flops = result.get("flops")
     rec.val_bpb = result.get("final_val_bpb")
     rec.core = result.get("core")
+    rec.mixture, rec.by_source = result.get("mixture") or {}, result.get("val_bpb_by_source") or {}
     rec.wall_time_s = result.get("wall_time_s")
     if rec.wall_time_s is None:
         from nanochat.report import wall_time_s
@@ -380,7 +383,23 @@ def render(res: dict, figures: dict) -> str:
         L.append(f"| `{r.job}` | {r.status} | {r.depth} | {f'{r.budget:.3g}' if r.budget else '–'} | {n:,} | "
                  f"{r.params['total']:,} | {r.tokens:,.0f} | {r.tokens / n:.2f} | {r.flops or 0:.3g} | "
                  f"{r.val_bpb:.4f} | {'–' if r.core is None else f'{r.core:.4f}'} | {_t(r.wall_time_s)} |")
-    return "\n".join(L) + "\n"
+    return "\n".join(L + mixture_table(res["records"])) + "\n"
+
+
+def mixture_table(recs: Sequence[RunRecord]) -> list[str]:
+    """Runs on data mixtures side by side (a weight sweep): weights, total and per-source val bpb, best first."""
+    mixed = sorted((r for r in recs if r.mixture and not r.skip_reason), key=lambda r: r.val_bpb)
+    if not mixed:
+        return []
+    names = list(dict.fromkeys(n for r in mixed for n in r.mixture))
+    L = ["", "## Mixtures", "", "Weights are normalised shares of the training tokens; the total weighs each "
+         "source's val bpb by them.", "", "| job | depth | " + " | ".join(f"w {n}" for n in names) + " | val bpb | "
+         + " | ".join(f"bpb {n}" for n in names) + " |", "|---" * (3 + 2 * len(names)) + "|"]
+    for r in mixed:
+        w = " | ".join(f"{r.mixture.get(n, 0):.3f}" for n in names)
+        b = " | ".join(f"{r.by_source[n]:.4f}" if n in r.by_source else "–" for n in names)
+        L.append(f"| `{r.job}` | {r.depth} | {w} | {r.val_bpb:.4f} | {b} |")
+    return L
 
 
 def write_report(sweep_dir: Path, kind: str = DEFAULT_KIND, budget: Optional[float] = None,

@@ -213,6 +213,13 @@ class _Pipeline:
     def epoch_of(self, p: Pos) -> int:
         return p[0]
 
+    def cropped(self, p: Pos, length: int, kept: int) -> None:
+        """bestfit kept `kept` of the `length` tokens of document `p` (a mixture counts what reaches rows)."""
+
+    def cursor(self, p: Pos) -> Pos:
+        """The resume position after document `p`, taken at a batch boundary."""
+        return p
+
     # ------------------------------------------------------------------ documents
     def rank_units(self, pf) -> list[tuple[int, list[int] | None]]:
         """(row group, doc indices or None for all) this rank owns in one shard."""
@@ -371,12 +378,14 @@ class _Pipeline:
                         rows[r, filled:filled + len(toks)] = toks
                         filled += len(toks)
                     else:       # nothing fits: crop the shortest to fill the row exactly
-                        _, toks = items.pop(0)
+                        pos, toks = items.pop(0)
                         keys.pop(0)
                         rows[r, filled:] = toks[:remaining]
+                        self.docs.cropped(pos, len(toks), remaining)
                         filled = cap
             order = sorted(range(len(keys)), key=lambda k: keys[k][1])  # arrival order
-            new_state = {"epoch": self.docs.epoch_of(last) if last else 0, "after": last,
+            new_state = {"epoch": self.docs.epoch_of(last) if last else 0,
+                         "after": self.docs.cursor(last) if last else None,
                          "buffer": [items[k][0] for k in order]}
             t = torch.from_numpy(rows)
             yield t[:, :-1], t[:, 1:], new_state

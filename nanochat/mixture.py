@@ -102,8 +102,10 @@ class MixedDocs:
         self.w = [w[n] for n in self.names]
         self.key = f"{seed}/{split}/{rank}/{world_size}"
         self.span = seq_len + 1  # jitter: one row of tokens
-        # bestfit uses at most a row of a long document: count what can reach a row
+        # bestfit uses at most a row of a long document, and its crops report what they cut
+        # (`cropped`): the counts are tokens in rows plus tokens waiting in the buffer
         self.cap = seq_len + 1 if data_cfg.packing == "bestfit" else None
+        self.counts: list[int] = []
 
     def _jitter(self, n: int) -> list[float]:
         d = hashlib.shake_128(f"{self.key}/{n}".encode()).digest(4 * len(self.subs))
@@ -112,6 +114,7 @@ class MixedDocs:
     def iter_docs(self, start: tuple | None, inclusive: bool, stop) -> Iterator[tuple[tuple, list[int]]]:
         K = len(self.subs)
         n, counts, lasts = (0, [0] * K, [None] * K) if start is None else (start[1], list(start[2]), list(start[3]))
+        self.counts = counts  # shared with `cropped` (the packer's thread runs both)
         if start is not None and inclusive:  # stream packing resumes at its head document
             yield start, self.subs[start[0]].read_docs([lasts[start[0]]])[0]
         its = [sub.iter_docs(lasts[k], inclusive=lasts[k] is None, stop=stop) for k, sub in enumerate(self.subs)]
@@ -127,6 +130,12 @@ class MixedDocs:
             counts[k] += len(toks) if self.cap is None else min(len(toks), self.cap)
             lasts[k] = p
             yield (k, n, tuple(counts), tuple(lasts)), toks
+
+    def cropped(self, p: tuple, length: int, kept: int) -> None:
+        self.counts[p[0]] -= min(length, self.cap) - kept
+
+    def cursor(self, p: tuple) -> tuple:
+        return (p[0], p[1], tuple(self.counts), p[3])
 
     @staticmethod
     def _ref(p: tuple) -> tuple:

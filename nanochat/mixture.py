@@ -256,16 +256,15 @@ def plan_rows(cfg: Config, train_tokens: int | None) -> tuple[list[tuple[str, st
         key = f"data.mixture.{name}"
         what = f"{c.source}" + (f" {c.path}" if c.path else f" {c.repo}" if c.repo else "")
         size, shard = None, None
-        if c.source in REMOTE_SOURCES and not _manifest_path(c, base).is_file():
-            pass  # listing not pinned yet: no network in a plan; the loader fetches on first use
-        else:
-            try:
+        try:  # a hub listing not pinned yet: no network in a plan (the loader fetches on first use)
+            if c.source not in REMOTE_SOURCES or _manifest_path(c, base).is_file():
                 for split in ("train", "val"):
                     list_shards(c, base, split, download=False)
                 size, shard = _train_bytes(c, base)
-            except (ValueError, FileNotFoundError) as e:
-                raise ConfigError(f"{key}.path" if c.source == "local" else key, c.path or c.repo or c.source,
-                                  "point the source at a corpus with train and val documents", f"no data: {e}") from None
+        except (ValueError, FileNotFoundError) as e:
+            sub = {"local": ".path", "hub": ".repo"}.get(c.source, "")
+            raise ConfigError(key + sub, getattr(c, sub[1:]) if sub else c.source,
+                              "point the source at a corpus with train and val documents", f"no data: {e}") from None
         row = f"{what} · weight {w[name]:.3f}"
         if train_tokens is not None:
             row += f" · {round(w[name] * train_tokens):,} tokens"

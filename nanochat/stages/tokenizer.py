@@ -76,6 +76,10 @@ def eval_sources(cfg: Config, base_dir: Path) -> dict[str, Callable[[], str]]:
         f"{name}/train": lambda: _take_chars(iter_texts(cfg.data, base_dir, "train", doc_cap=cfg.stage.doc_cap), n),
         f"{name}/val": lambda: _take_chars(iter_texts(cfg.data, base_dir, "val"), n),
     }
+    if cfg.data.source == "mixture":  # each source's held-out text too
+        from nanochat.mixture import source_configs
+        for src, c in source_configs(cfg.data).items():
+            sources[f"{name}/{src}/val"] = lambda c=c: _take_chars(iter_texts(c, base_dir, "val"), n)
     shared = shared_data_dir(cfg.paths.shared_data)
     if shared is not None:
         pre = shared / "pretrain"

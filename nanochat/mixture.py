@@ -201,88 +201,69 @@ def iter_mixed_texts(data: DataConfig, base_dir, split: str, max_chars: int | No
 
 # --------------------------------------------------------------------------- plan
 
-def _train_bytes(c: DataConfig, base_dir: Path) -> tuple[int | None, Path | None]:
-    """(≈ UTF-8 bytes of the train split, a shard on disk to sample) without downloading; ConfigError-free."""
-    import pyarrow.parquet as pq
-    from nanochat.dataset import TEXT_COLUMN, list_shards
-    paths = list_shards(c, base_dir, "train", download=False)
-    on_disk = [p for p in paths if p.is_file()]
-    if not on_disk:
-        return None, None
-    total = 0
-    for p in on_disk:
-        md = pq.ParquetFile(p).metadata
-        col = md.schema.names.index(TEXT_COLUMN)
-        # plain-encoded strings: 4 length bytes + the text per row
-        total += sum(md.row_group(g).column(col).total_uncompressed_size - 4 * md.row_group(g).num_rows
-                     for g in range(md.num_row_groups))
-    return total * len(paths) // len(on_disk), on_disk[0]
-
-
-def _bytes_per_token(shard: Path, tokenizer, sample_bytes: int = 200_000) -> float:
-    from nanochat.dataset import open_shard
-    texts, n = [], 0
-    pf = open_shard(shard)
-    for g in range(pf.num_row_groups):
-        for t in pf.read_row_group(g, columns=["text"]).column(0).to_pylist():
-            if t:
-                texts.append(t)
-                n += len(t.encode())
-        if n >= sample_bytes:
+def _train_tokens(c: DataConfig, base_dir: Path, tokenizer, sample_bytes: int = 200_000) -> float | None:
+    """≈ tokens of a source's train split, from its shards on disk (parquet metadata) at the bytes per
+    token of a sample; None when nothing is on disk. Raises ValueError/FileNotFoundError without data."""
+    from nanochat.dataset import TEXT_COLUMN, list_shards, open_shard
+    for split in ("val", "train"):  # both must exist (val: per-source evaluation); size the train split
+        paths = list_shards(c, base_dir, split, download=False)
+    on_disk = [open_shard(p) for p in paths if p.is_file()]
+    if not on_disk or tokenizer is None:
+        return None
+    col = on_disk[0].schema_arrow.names.index(TEXT_COLUMN)
+    size = sum(md.row_group(g).column(col).total_uncompressed_size - 4 * md.row_group(g).num_rows  # 4: lengths
+               for md in (pf.metadata for pf in on_disk) for g in range(md.num_row_groups))
+    texts: list[str] = []
+    for g in range(on_disk[0].num_row_groups):
+        texts += [t for t in on_disk[0].read_row_group(g, columns=[TEXT_COLUMN]).column(0).to_pylist() if t]
+        if sum(len(t) for t in texts) >= sample_bytes:
             break
     ntok = sum(map(len, tokenizer.encode(texts))) + len(texts)  # + a BOS per document
-    return n / max(1, ntok)
+    return size * len(paths) / len(on_disk) * ntok / max(1, sum(len(t.encode()) for t in texts))
 
 
 def plan_rows(cfg: Config, train_tokens: int | None) -> tuple[list[tuple[str, str]], list[str]]:
     """(rows, warnings) for the plan: each source's weight, tokens and epochs.
 
     Raises ConfigError before any run dir when a source has no data, or would repeat more than
-    data.max_epochs. Sizes come from the shards on disk (a hub source not fetched yet: unknown);
-    tokens from bytes at the tokenizer's bytes per token on a sample of each source.
+    data.max_epochs. A hub source whose listing is not pinned yet has an unknown size (no network
+    in a plan; the loader fetches on first use).
     """
     from nanochat.common import get_base_dir
-    from nanochat.dataset import REMOTE_SOURCES, _manifest_path, list_shards
+    from nanochat.dataset import REMOTE_SOURCES, _manifest_path
     from nanochat.tokenizer import get_tokenizer
     base = get_base_dir(cfg.paths.base_dir)
     try:
         tok = get_tokenizer(base, cfg.data.tokenizer)
     except FileNotFoundError:
         tok = None
-    w = weights(cfg.data)
-    rows: list[tuple[str, str]] = []
-    notes: list[str] = []
+    w, rows, notes = weights(cfg.data), [], []
     for name, c in source_configs(cfg.data).items():
         key = f"data.mixture.{name}"
-        what = f"{c.source}" + (f" {c.path}" if c.path else f" {c.repo}" if c.repo else "")
-        size, shard = None, None
-        try:  # a hub listing not pinned yet: no network in a plan (the loader fetches on first use)
-            if c.source not in REMOTE_SOURCES or _manifest_path(c, base).is_file():
-                for split in ("train", "val"):
-                    list_shards(c, base, split, download=False)
-                size, shard = _train_bytes(c, base)
+        try:
+            pinned = c.source not in REMOTE_SOURCES or _manifest_path(c, base).is_file()
+            src_tokens = _train_tokens(c, base, tok) if pinned else None
         except (ValueError, FileNotFoundError) as e:
             sub = {"local": ".path", "hub": ".repo"}.get(c.source, "")
             raise ConfigError(key + sub, getattr(c, sub[1:]) if sub else c.source,
                               "point the source at a corpus with train and val documents", f"no data: {e}") from None
-        row = f"{what} · weight {w[name]:.3f}"
+        row = " ".join(filter(None, [c.source, c.path or c.repo])) + f" · weight {w[name]:.3f}"
         if train_tokens is not None:
             row += f" · {round(w[name] * train_tokens):,} tokens"
-        if size is not None and tok is not None:
-            src_tokens = size / _bytes_per_token(shard, tok)
+        if src_tokens is None:
+            row += " · source size unknown" + ("" if tok else f" (no tokenizer {cfg.data.tokenizer!r} yet)")
+        else:
             row += f" · source ≈{src_tokens:,.0f} tokens"
-            if train_tokens is not None and w[name] > 0:
-                epochs = w[name] * train_tokens / src_tokens
-                row += f" = ≈{epochs:.2f} epochs"
-                if cfg.data.max_epochs is not None and epochs > cfg.data.max_epochs:
-                    raise ConfigError(f"{key}.weight", cfg.data.mixture[name]["weight"],
-                                      f"lower its weight, give it more data, train fewer tokens, or raise "
-                                      f"data.max_epochs={cfg.data.max_epochs:g}",
-                                      f"source {name} would repeat ≈{epochs:.1f} times (≈{src_tokens:,.0f} tokens)")
-                if epochs > 1:
-                    notes.append(f"warning: source {name} repeats: ≈{epochs:.2f} epochs of it")
-        elif size is None:
-            row += " · size unknown (not on disk yet)"
+        if src_tokens and train_tokens is not None and w[name] > 0:
+            epochs = w[name] * train_tokens / src_tokens
+            row += f" = ≈{epochs:.2f} epochs"
+            if cfg.data.max_epochs is not None and epochs > cfg.data.max_epochs:
+                raise ConfigError(f"{key}.weight", cfg.data.mixture[name]["weight"],
+                                  f"lower its weight, give it more data, train fewer tokens, or raise "
+                                  f"data.max_epochs={cfg.data.max_epochs:g}",
+                                  f"source {name} would repeat ≈{epochs:.1f} times (≈{src_tokens:,.0f} tokens)")
+            if epochs > 1:
+                notes.append(f"warning: source {name} repeats: ≈{epochs:.2f} epochs of it")
         rows.append((f"source {name}", row))
     return rows, notes
 
@@ -298,9 +279,4 @@ def val_bpb(data: DataConfig, evaluate: Callable[[DataConfig, int], float],
     cfgs, w = source_configs(data), weights(data)
     by_source = {name: evaluate(c, max(1, tokens // len(cfgs))) for name, c in cfgs.items()}
     return by_source, sum(w[n] * by_source[n] for n in by_source)
-
-
-def describe(data: DataConfig) -> str:
-    """`web 0.80 · code 0.20`: a mixture as a label (reports, sweeps)."""
-    return " · ".join(f"{n} {v:.2f}" for n, v in weights(data).items())
 

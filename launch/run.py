@@ -10,6 +10,7 @@ Hydra composes once, in this process. Nothing here imports torch at module level
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 import traceback
 from dataclasses import replace
@@ -29,9 +30,18 @@ from nanochat.runlock import lock_run_dir
 from nanochat.stages import stage, stages
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-# Sweep job dirs are named after their overrides; a path value (paths.base_dir=/data/x) would
-# otherwise nest each job several dirs deep. Registered at import, so Slurm workers have it too.
-OmegaConf.register_new_resolver("dirname_safe", lambda s: str(s).replace("/", "_"), replace=True)
+
+
+def dirname_safe(s: Any) -> str:
+    """Sweep job dirs are named after their overrides: a path value (paths.base_dir=/data/x) would nest
+    each job several dirs deep, and a long list (a data.mixture dict) pass the 255-byte limit of a name,
+    so it keeps its start and a hash of the whole (deterministic: run.skip_if_done still finds the job)."""
+    s = str(s).replace("/", "_")
+    return s if len(s.encode()) <= 200 else s[:120] + "~" + hashlib.sha1(s.encode()).hexdigest()[:12]
+
+
+# registered at import, so Slurm workers have it too
+OmegaConf.register_new_resolver("dirname_safe", dirname_safe, replace=True)
 
 
 class _State:

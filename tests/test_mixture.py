@@ -177,7 +177,8 @@ def test_bad_mixture_is_refused_before_any_run_dir(base_dir, workdir, mixture, k
 
 
 def test_a_source_repeated_beyond_max_epochs_is_refused_and_weights_sweep(base_dir, workdir, tmp_path):
-    small = tmp_path / "small.jsonl"
+    small = tmp_path / ("a_long_directory_name_" * 6) / "small.jsonl"
+    small.parent.mkdir()
     small.write_text("".join(json.dumps({"text": f"line {i} of a very small corpus"}) + "\n" for i in range(60)))
     args = [*TINY, "data=mixture", "data.tokenizer=demo", MIX % small, f"run.root={workdir / 'runs'}"]
     p = run_cli([*args, "run.dry_run=true"], base_dir, workdir)
@@ -189,6 +190,9 @@ def test_a_source_repeated_beyond_max_epochs_is_refused_and_weights_sweep(base_d
     p = run_cli(["-m", *args, "data.max_epochs=1000", "data.mixture.mine.weight=0.1,0.7", "run.dry_run=true"],
                 base_dir, workdir, check=True)
     assert "weight 0.125" in p.stdout and "weight 0.500" in p.stdout
+    # job dirs are named after the overrides: the mixture dict makes that name long, so it is cut with a hash
+    jobs = [d for d in (workdir / "runs" / "sweeps").glob("*/*") if d.is_dir()]
+    assert len(jobs) == 2 and all(len(d.name) <= 200 for d in jobs)
 
 
 @pytest.mark.skipif(SHARED is None, reason="../shared/data (offline public datasets) is absent")

@@ -17,6 +17,9 @@ Exact resume: the state names documents by position (epoch, shard, row group, do
 never by tokens, so it is small JSON. stream keeps (first doc still in the token
 buffer, offset into it); bestfit keeps (last doc read, the docs waiting in the buffer).
 A loader built from `state_dict()` yields exactly the batches the original would have.
+
+Documents come from `_Pipeline.docs`: the pipeline itself for one corpus; for data=mixture,
+`nanochat.mixture.MixedDocs` over one such pipeline per source (its positions, its resume state).
 """
 from __future__ import annotations
 

@@ -114,11 +114,14 @@ class MixedDocs:
     def iter_docs(self, start: tuple | None, inclusive: bool, stop) -> Iterator[tuple[tuple, list[int]]]:
         K = len(self.subs)
         n, counts, lasts = (0, [0] * K, [None] * K) if start is None else (start[1], list(start[2]), list(start[3]))
-        self.counts = counts  # shared with `cropped` (the packer's thread runs both)
-        if start is not None and inclusive:  # stream packing resumes at its head document
-            yield start, self.subs[start[0]].read_docs([lasts[start[0]]])[0]
-        its = [sub.iter_docs(lasts[k], inclusive=lasts[k] is None, stop=stop) for k, sub in enumerate(self.subs)]
-        live = [k for k in range(K) if self.w[k] > 0]
+        self.counts = counts  # set now (not at the first draw): a restored bestfit buffer may crop first
+        return self._draw(start if start is not None and inclusive else None, n, counts, lasts, stop)
+
+    def _draw(self, head: tuple | None, n: int, counts: list[int], lasts: list, stop) -> Iterator[tuple]:
+        if head is not None:  # stream packing resumes at its head document
+            yield head, self.subs[head[0]].read_docs([lasts[head[0]]])[0]
+        its = [sub.iter_docs(q, inclusive=q is None, stop=stop) for q, sub in zip(lasts, self.subs)]
+        live = [k for k in range(len(self.subs)) if self.w[k] > 0]
         while True:
             u = self._jitter(n)
             k = min(live, key=lambda k: (counts[k] + self.span * u[k]) / self.w[k])

@@ -160,7 +160,7 @@ class MixedDocs:
         return self.names.index(name)
 
     def pos_out(self, p: tuple, ref: bool = False):
-        if ref or len(p) == 2:
+        if ref:
             k, q = self._ref(p)
             return [self.names[k], self.subs[k].pos_out(q)]
         k, n, counts, lasts = p

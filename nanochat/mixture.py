@@ -204,9 +204,11 @@ def iter_mixed_texts(data: DataConfig, base_dir, split: str, max_chars: int | No
 
 # --------------------------------------------------------------------------- plan
 
-def _train_tokens(c: DataConfig, base_dir: Path, tokenizer, sample_bytes: int = 200_000) -> float | None:
+def _train_tokens(c: DataConfig, base_dir: Path, tokenizer, cap: int | None,
+                  sample_bytes: int = 200_000) -> float | None:
     """≈ tokens of a source's train split, from its shards on disk (parquet metadata) at the bytes per
-    token of a sample; None when nothing is on disk. Raises ValueError/FileNotFoundError without data."""
+    token of a sample; None when nothing is on disk. Raises ValueError/FileNotFoundError without data.
+    `cap`: bestfit uses at most a row (cap tokens) of a document, so a pass over the source yields less."""
     from nanochat.dataset import TEXT_COLUMN, list_shards, open_shard
     for split in ("val", "train"):  # both must exist (val: per-source evaluation); size the train split
         paths = list_shards(c, base_dir, split, download=False)
@@ -221,8 +223,9 @@ def _train_tokens(c: DataConfig, base_dir: Path, tokenizer, sample_bytes: int = 
         texts += [t for t in on_disk[0].read_row_group(g, columns=[TEXT_COLUMN]).column(0).to_pylist() if t]
         if sum(len(t) for t in texts) >= sample_bytes:
             break
-    ntok = sum(map(len, tokenizer.encode(texts))) + len(texts)  # + a BOS per document
-    return size * len(paths) / len(on_disk) * ntok / max(1, sum(len(t.encode()) for t in texts))
+    lens = [len(t) + 1 for t in tokenizer.encode(texts)]  # + a BOS per document
+    usable = sum(lens) if cap is None else sum(min(n, cap) for n in lens)
+    return size * len(paths) / len(on_disk) * usable / max(1, sum(len(t.encode()) for t in texts))
 
 
 def plan_rows(cfg: Config, train_tokens: int | None) -> tuple[list[tuple[str, str]], list[str]]:
@@ -245,7 +248,8 @@ def plan_rows(cfg: Config, train_tokens: int | None) -> tuple[list[tuple[str, st
         key = f"data.mixture.{name}"
         try:
             pinned = c.source not in REMOTE_SOURCES or _manifest_path(c, base).is_file()
-            src_tokens = _train_tokens(c, base, tok) if pinned else None
+            cap = cfg.model.sequence_len + 1 if cfg.data.packing == "bestfit" else None
+            src_tokens = _train_tokens(c, base, tok, cap) if pinned else None
         except (ValueError, FileNotFoundError) as e:
             sub = {"local": ".path", "hub": ".repo"}.get(c.source, "")
             raise ConfigError(key + sub, getattr(c, sub[1:]) if sub else c.source,
@@ -256,7 +260,7 @@ def plan_rows(cfg: Config, train_tokens: int | None) -> tuple[list[tuple[str, st
         if src_tokens is None:
             row += " · source size unknown" + ("" if tok else f" (no tokenizer {cfg.data.tokenizer!r} yet)")
         else:
-            row += f" · source ≈{src_tokens:,.0f} tokens"
+            row += f" · source ≈{src_tokens:,.0f} tokens" + (" (≤ a row per document)" if cap else "")
         if src_tokens and train_tokens is not None and w[name] > 0:
             epochs = w[name] * train_tokens / src_tokens
             row += f" = ≈{epochs:.2f} epochs"

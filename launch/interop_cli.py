@@ -93,11 +93,8 @@ def _read_nanochat(src: str, stage: str, step: Optional[int], tag: Optional[str]
     nc_meta = interop.load_meta(source.meta_path)
     kw, state = interop.from_nanochat(interop.load_state(source.model_path), nc_meta["model_config"])
     tok = interop.load_tokenizer(source.tokenizer_dir, kw["vocab_size"])
-    tok_sha = interop.file_sha256(source.tokenizer_dir / "tokenizer.pkl")
-    sources = {"model": source.model_path, "meta": source.meta_path,
-               "tokenizer": source.tokenizer_dir / "tokenizer.pkl"}
-    if (source.tokenizer_dir / "token_bytes.pt").is_file():
-        sources["token_bytes"] = source.tokenizer_dir / "token_bytes.pt"
+    sources = source.files()
+    tok_sha = interop.file_sha256(sources["tokenizer"])
     record = {"source": str(src), "base_dir": str(source.base_dir), "stage": source.stage, "tag": source.tag,
               "step": source.step,
               "files": {k: {"path": str(p), "sha256": interop.file_sha256(p)} for k, p in sources.items()},
@@ -249,7 +246,7 @@ def export_run(run_dir: str | Path, out_base: str | Path, step: Optional[int] = 
             break
     tag = tag or rundir.run_tag(cfg)
     interop.check_free(out_base, cfg.stage.name, tag, ckpt_step)     # before writing anything
-    interop.write_tokenizer(tok, out_base / "tokenizer")
+    interop.write_tokenizer(tok, out_base)
     return interop.write_checkpoint(out_base, cfg.stage.name, tag, ckpt_step, state, nc_meta)
 
 

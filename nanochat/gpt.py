@@ -29,7 +29,7 @@ permutes the rows of c_q/c_k at the boundary.
 Parameter layout (V = vocab rounded up to pad_vocab_to, d = n_embd, kvd = n_kv_head·head_dim):
 wte V·d; per layer c_q d·d, c_k d·kvd, c_v d·kvd, c_proj d·d, c_fc d·4d, mlp c_proj 4d·d;
 lm_head d·V; value embeddings V·kvd + gate 12·n_kv_head per VE layer; resid/x0 lambdas n_layer
-each; smear 24 + 1; backout 1. `analytic_num_params` computes this without building the model.
+each; smear 24 + 1; backout 1. nanochat/shapes.py holds these rules torch-free (`param_counts`).
 
 Build with `build_model(config, device, seed)` (meta-device construction, then init).
 
@@ -48,17 +48,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat import shapes
 from nanochat.attention import cached_attention, cached_window, causal_attention, resolve_backend
+from nanochat.shapes import SMEAR_GATE_CHANNELS, VE_GATE_CHANNELS, has_value_embed
 
-VE_GATE_CHANNELS = 12   # value-embedding gate reads this many leading channels of the block input
-VE_GATE_SCALE = 3.0     # the gate is VE_GATE_SCALE·sigmoid(.), in (0, 3)
-SMEAR_CHANNELS = 24     # smear gate reads this many leading channels of the embedding
+VE_GATE_SCALE = 3.0     # the value-embedding gate is VE_GATE_SCALE·sigmoid(.), in (0, 3)
 INIT_STYLES = ("seed", "modern")
-
-
-def default_short_window(sequence_len: int) -> int:
-    """nanochat's short window: a quarter of the context, rounded up to FlashAttention's 128 tile."""
-    return -(-sequence_len // 4 // 128) * 128
 
 
 @dataclass
@@ -106,8 +101,8 @@ class GPTConfig:
             raise bad("init_style", f"use one of {INIT_STYLES}")
         if self.value_embeds and self.n_embd < VE_GATE_CHANNELS:
             raise bad("n_embd", f"value_embeds needs n_embd >= {VE_GATE_CHANNELS}")
-        if self.smear and self.n_embd < SMEAR_CHANNELS:
-            raise bad("n_embd", f"smear needs n_embd >= {SMEAR_CHANNELS}")
+        if self.smear and self.n_embd < SMEAR_GATE_CHANNELS:
+            raise bad("n_embd", f"smear needs n_embd >= {SMEAR_GATE_CHANNELS}")
         if self.softcap < 0:
             raise bad("softcap", "must be >= 0 (0 disables it)")
 
@@ -127,11 +122,7 @@ class GPTConfig:
 
     def left_windows(self) -> list[Optional[int]]:
         """Tokens to the left of the query each layer sees (None = unlimited), nanochat's window_size[0]."""
-        short = self.short_window if self.short_window is not None else default_short_window(self.sequence_len)
-        pat = self.window_pattern.upper()
-        lefts = [short if pat[i % len(pat)] == "S" else self.long_window for i in range(self.n_layer)]
-        lefts[-1] = self.long_window
-        return lefts
+        return shapes.left_windows(self)
 
     def window_sizes(self) -> list[int]:
         """Keys each layer attends to, the query itself included (left window + 1).
@@ -143,25 +134,7 @@ class GPTConfig:
 
     def attention_spans(self) -> list[int]:
         """Keys per query for the FLOP count: nanochat's min(left window, sequence_len) per layer."""
-        return [self.sequence_len if w is None else min(w, self.sequence_len) for w in self.left_windows()]
-
-
-def has_value_embed(layer_idx: int, n_layer: int) -> bool:
-    """Value embeddings go on every other layer, always including the last one."""
-    return layer_idx % 2 == (n_layer - 1) % 2
-
-
-def analytic_num_params(config: GPTConfig) -> int:
-    """Parameter count from the layout formula (must equal GPT(config).num_params())."""
-    V, d, L = config.padded_vocab_size, config.n_embd, config.n_layer
-    kvd = config.n_kv_head * config.head_dim
-    n = V * d + L * (2 * d * d + 2 * d * kvd + 8 * d * d) + d * V
-    if config.value_embeds:
-        n_ve = sum(has_value_embed(i, L) for i in range(L))
-        n += n_ve * (V * kvd + VE_GATE_CHANNELS * config.n_kv_head)
-    n += L * config.resid_lambdas + L * config.x0_lambdas
-    n += (SMEAR_CHANNELS + 1) * config.smear + config.backout
-    return n
+        return shapes.attention_spans(self)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -518,7 +491,7 @@ class GPT(nn.Module):
         self.resid_lambdas = nn.Parameter(torch.empty(L)) if config.resid_lambdas else None
         self.x0_lambdas = nn.Parameter(torch.empty(L)) if config.x0_lambdas else None
         if config.smear:
-            self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+            self.smear_gate = nn.Linear(SMEAR_GATE_CHANNELS, 1, bias=False)
             self.smear_lambda = nn.Parameter(torch.empty(1))
         else:
             self.smear_gate, self.smear_lambda = None, None
@@ -716,7 +689,7 @@ class GPT(nn.Module):
     def _smear(self, x: torch.Tensor, kv_cache: Optional[KVCache]) -> torch.Tensor:
         """x[t] += λ·sigmoid(gate(x[t, :24]))·x[t-1]; position 0 of a sequence has no predecessor."""
         B, T, d = x.shape
-        g = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))   # (B, T, 1)
+        g = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_GATE_CHANNELS]))   # (B, T, 1)
         if kv_cache is None:
             out = torch.cat([x[:, :1], x[:, 1:] + g[:, 1:] * x[:, :-1]], dim=1)
         else:

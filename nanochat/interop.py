@@ -33,16 +33,14 @@ from typing import Any, Optional
 
 import torch
 
+from nanochat.shapes import default_short_window
+
 STAGE_DIRS = {"pretrain": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
               "rl": "chatrl_checkpoints"}
 STAGE_ORDER = ["pretrain", "mid", "sft", "rl"]          # later stages win when SRC is a base dir
 MODERN_MARKERS = ("resid_lambdas", "x0_lambdas", "smear_lambda", "backout_lambda")
 ORIG_MOD = "_orig_mod."
-
-
-def default_short_window(sequence_len: int) -> int:
-    """nanochat's S window: seq/4 tokens to the left, rounded up to FlashAttention's 128 tile."""
-    return -(-sequence_len // 4 // 128) * 128
+TOKENIZER_PKL, TOKEN_BYTES = "tokenizer.pkl", "token_bytes.pt"   # in <base_dir>/tokenizer/
 
 
 class InteropError(ValueError):
@@ -286,6 +284,13 @@ class NanochatSource:
     def tokenizer_dir(self) -> Path:
         return self.base_dir / "tokenizer"
 
+    def files(self) -> dict[str, Path]:
+        """Every file this checkpoint is read from (model, meta, tokenizer, token_bytes if present)."""
+        out = {"model": self.model_path, "meta": self.meta_path, "tokenizer": self.tokenizer_dir / TOKENIZER_PKL}
+        if (self.tokenizer_dir / TOKEN_BYTES).is_file():
+            out["token_bytes"] = self.tokenizer_dir / TOKEN_BYTES
+        return out
+
 
 def _pick_tag(stage_dir: Path, tag: Optional[str]) -> Optional[Path]:
     """The tag dir to use: the one asked for, else nanochat's choice (largest dN, else newest)."""
@@ -371,7 +376,7 @@ class _EncodingOnly(pickle.Unpickler):
 def load_tokenizer(tok_dir: Path, vocab_size: int):
     """nanochat's tokenizer/ → our Tokenizer, checked against the model's vocab and our specials."""
     from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
-    pkl = tok_dir / "tokenizer.pkl"
+    pkl = tok_dir / TOKENIZER_PKL
     if not pkl.is_file():
         raise InteropError(f"{pkl}: missing; nanochat keeps its tokenizer in <base_dir>/tokenizer/")
     try:
@@ -392,7 +397,7 @@ def load_tokenizer(tok_dir: Path, vocab_size: int):
         raise InteropError(f"{pkl}: the tokenizer has {enc.n_vocab} tokens but the model's vocab_size is "
                            f"{vocab_size}; use the tokenizer this checkpoint was trained with")
     tok = Tokenizer(ranks, pattern=enc._pat_str, name="nanochat")
-    tb = tok_dir / "token_bytes.pt"
+    tb = tok_dir / TOKEN_BYTES
     if tb.is_file():
         try:
             lengths = torch.load(tb, map_location="cpu", weights_only=True)
@@ -421,20 +426,21 @@ def _save_atomic(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-def write_tokenizer(tok, tok_dir: Path) -> None:
-    """Our Tokenizer → nanochat's tokenizer/ (tokenizer.pkl + token_bytes.pt), refusing to clobber another."""
+def write_tokenizer(tok, base_dir: Path) -> None:
+    """Our Tokenizer → <base_dir>/tokenizer/ (tokenizer.pkl + token_bytes.pt), refusing to clobber another."""
+    tok_dir = base_dir / "tokenizer"
     import tiktoken
     from nanochat.common import atomic_write_bytes
     enc = tiktoken.Encoding(name="rustbpe", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks,
                             special_tokens=tok.special_tokens)
-    pkl = tok_dir / "tokenizer.pkl"
+    pkl = tok_dir / TOKENIZER_PKL
     if pkl.exists():
         existing = load_tokenizer(tok_dir, tok.get_vocab_size())
         if existing.mergeable_ranks != tok.mergeable_ranks or existing.pattern != tok.pattern:
             raise InteropError(f"{pkl} exists and holds a different tokenizer; export into another base dir")
         return
     tok_dir.mkdir(parents=True, exist_ok=True)
-    _save_atomic(torch.tensor(tok.token_byte_lengths(), dtype=torch.int32), tok_dir / "token_bytes.pt")
+    _save_atomic(torch.tensor(tok.token_byte_lengths(), dtype=torch.int32), tok_dir / TOKEN_BYTES)
     atomic_write_bytes(pkl, pickle.dumps(enc))    # last: its presence means the folder is complete
 
 

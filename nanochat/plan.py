@@ -6,7 +6,7 @@ and schedule lengths. The launcher prints it (`run.dry_run=true`), freezes it as
 `plan.json`, and the workers build the model and optimizer from it, so the numbers a
 user sees before a run are the numbers the run uses.
 
-Two generations of nanochat's rules (see DESIGN.md section 4):
+Two generations of nanochat's rules (tests/test_plan.py pins their published numbers):
 - seed (Dec 2025): n_embd = 64·depth, ~128-wide heads, 20 tokens/param of all params,
   AdamW LRs × (d/768)^-0.5, warmdown the last 20% to 0.
 - modern (mid 2026): head_dim 128, width rounded up to a multiple of 128, 12 tokens per
@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from nanochat.config import Config, ConfigError, ModelConfig, TrainStageConfig
+from nanochat.shapes import (SMEAR_GATE_CHANNELS, VE_GATE_CHANNELS, default_short_window,
+                             flops_per_token, has_value_embed, param_counts)
 
 # Generation defaults for every "null means derive" knob.
 GENERATIONS: dict[str, dict[str, Any]] = {
@@ -69,13 +71,6 @@ RECIPE_NEEDS = {"value_embed_lr_frac": "value_embeds", "value_embed_betas": "val
                 "value_embed_wd": "value_embeds", "resid_lr_frac": "resid_lambdas", "resid_wd": "resid_lambdas",
                 "x0_betas": "x0_lambdas", "gate_lr": "smear"}
 DEFAULT_DEVICE_BATCH = 32
-VE_GATE_CHANNELS = 12       # nanochat 92d63d4: the value-embedding gate reads 12 channels
-SMEAR_GATE_CHANNELS = 24
-
-
-def default_short_window(sequence_len: int) -> int:
-    """nanochat's short window (tokens left of the query): seq/4 rounded up to the 128 tile."""
-    return -(-sequence_len // 4 // 128) * 128
 
 
 @dataclass
@@ -235,44 +230,6 @@ def model_shape(m: ModelConfig, vocab_size: Optional[int] = None) -> ModelShape:
     )
 
 
-def layer_windows(s: ModelShape) -> list[int]:
-    """Keys per query for the FLOP count, per layer: min(tokens to the left, sequence_len).
-
-    The pattern tiles over layers and the last layer is always L (as nanochat's estimate_flops).
-    """
-    long = s.sequence_len if s.long_window is None else min(s.long_window, s.sequence_len)
-    wins = []
-    for i in range(s.n_layer):
-        ch = s.window_pattern[i % len(s.window_pattern)]
-        wins.append(long if ch == "L" else min(s.short_window, s.sequence_len))
-    wins[-1] = long
-    return wins
-
-
-def has_value_embed(layer_idx: int, n_layer: int) -> bool:
-    """Value embeddings on alternating layers, always including the last one."""
-    return layer_idx % 2 == (n_layer - 1) % 2
-
-
-def param_counts(s: ModelShape) -> dict[str, int]:
-    """Analytic parameter counts by kind (must equal the built nanochat.gpt.GPT)."""
-    d, V, L = s.n_embd, s.padded_vocab_size, s.n_layer
-    kvd = s.n_kv_head * s.head_dim
-    per_layer = d * d + 2 * d * kvd + d * d + 8 * d * d  # q, k, v, proj, mlp fc + proj
-    matrices = L * per_layer
-    wte = V * d
-    lm_head = d * V
-    n_ve = sum(has_value_embed(i, L) for i in range(L)) if s.value_embeds else 0
-    value_embeds = n_ve * V * kvd
-    gates = n_ve * VE_GATE_CHANNELS * s.n_kv_head
-    scalars = (L if s.resid_lambdas else 0) + (L if s.x0_lambdas else 0) + (1 if s.backout else 0)
-    smear = (SMEAR_GATE_CHANNELS + 1) if s.smear else 0
-    total = wte + matrices + lm_head + value_embeds + gates + scalars + smear
-    return dict(total=total, wte=wte, value_embeds=value_embeds, matrices=matrices, lm_head=lm_head,
-                gates=gates, scalars=scalars + smear, embedding=wte + value_embeds,
-                scaling=matrices + lm_head + gates)  # gates live in the blocks
-
-
 def param_breakdown(s: ModelShape) -> dict[str, int]:
     """Parameters by role, as scaling-law studies count them (recorded in pretrain's result.json).
 
@@ -282,12 +239,9 @@ def param_breakdown(s: ModelShape) -> dict[str, int]:
     matmul = matrices + lm_head (nanochat's "scaling params": the weights every token multiplies).
     """
     c = param_counts(s)
-    matrices = c["matrices"] + c["gates"]
-    out = dict(wte=c["wte"], value_embeds=c["value_embeds"], lm_head=c["lm_head"], matrices=matrices,
-               scalars=c["scalars"], total=c["total"])
-    out["non_embedding"] = c["total"] - c["wte"] - c["value_embeds"]
-    out["matmul"] = matrices + c["lm_head"]
-    return out
+    return dict(wte=c["embedding"], value_embeds=c["value_embed"], lm_head=c["lm_head"], matrices=c["matrix"],
+                scalars=c["resid_scalar"] + c["x0_scalar"] + c["gate_scalar"], total=c["total"],
+                non_embedding=c["total"] - c["lookup"], matmul=c["scaling"])
 
 
 def linear_layers(s: ModelShape) -> dict[str, tuple[int, int]]:
@@ -312,19 +266,6 @@ def fp8_layers(s: ModelShape) -> list[str]:
     """The Linear layers fp8 training converts: nanochat 92d63d4's rule (precision.fp8_filter) on the
     analytic shapes: both dims divisible by 16, the smaller at least 128."""
     return [n for n, (i, o) in linear_layers(s).items() if i % 16 == 0 and o % 16 == 0 and min(i, o) >= 128]
-
-
-def flops_per_token(s: ModelShape) -> int:
-    """6·(N − lookup tables − lambdas) + attention 12·H·head_dim·window summed over layers.
-
-    As nanochat 92d63d4 counts it (6 × every Linear weight): the resid/x0/smear/backout lambdas do no
-    matmul; the smear gate (a 24→1 Linear) does.
-    """
-    counts = param_counts(s)
-    smear_gate = SMEAR_GATE_CHANNELS if s.smear else 0
-    dense = counts["total"] - counts["embedding"] - counts["scalars"] + smear_gate
-    attn = sum(12 * s.n_head * s.head_dim * w for w in layer_windows(s))
-    return 6 * dense + attn
 
 
 # --------------------------------------------------------------------------- batch + horizon
@@ -562,7 +503,7 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
                           f"by 16 and the smaller >= 128)")
 
     return Plan(
-        generation=gen, model=shape, num_params=counts["total"], num_embedding_params=counts["embedding"],
+        generation=gen, model=shape, num_params=counts["total"], num_embedding_params=counts["lookup"],
         num_scaling_params=counts["scaling"], flops_per_token=fpt, world_size=world,
         device_batch_size=dbs, sequence_len=seq, total_batch_size=total, grad_accum_steps=accum,
         num_iterations=steps, horizon_source=source, total_tokens=steps * total,

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import (GPT, GPTConfig, KVCache, _ReluSquared, _RMSNorm, analytic_num_params,
-                          build_model, linear_softcap_cross_entropy)
+from nanochat.gpt import GPT, GPTConfig, KVCache, _ReluSquared, _RMSNorm, build_model, linear_softcap_cross_entropy
+from nanochat.shapes import param_counts
 
 MODERN = dict(value_embeds=True, window_pattern="SSSL", resid_lambdas=True, x0_lambdas=True,
               smear=True, backout=True, qk_scale=1.2, pad_vocab_to=64, rope_base=100000.0)
@@ -91,7 +91,7 @@ def test_param_count_matches_analytic_formula(depth, toggles):
     assert V == (vocab if toggles == "seed" else 50_048)
     want = expected_params(V, d, depth, n_head, n_kv, value_embeds=bool(extra), resid=bool(extra),
                            x0=bool(extra), smear=bool(extra), backout=bool(extra))
-    assert model.num_params() == want == analytic_num_params(cfg)
+    assert model.num_params() == want == param_counts(cfg)["total"]
     # scaling params: block matrices (+ VE gates) + lm_head
     hd = d // n_head
     blocks = depth * (2 * d * d + 2 * d * n_kv * hd + 8 * d * d)

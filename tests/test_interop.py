@@ -203,7 +203,7 @@ def test_fixture_logits_and_greedy_generation_equal_nanochat(rev):
 
 
 def test_fixture_param_count_equals_plan():
-    from nanochat.plan import param_counts
+    from nanochat.shapes import param_counts
     from nanochat.config import config_from_dict
     from nanochat.plan import model_shape
     _, kw, src = imported("92d63d4_d2")

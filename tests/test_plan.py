@@ -4,7 +4,8 @@ import math
 import pytest
 
 from nanochat.config import ConfigError, config_from_dict
-from nanochat.plan import make_plan, model_shape, param_counts, flops_per_token
+from nanochat.plan import make_plan, model_shape
+from nanochat.shapes import flops_per_token, param_counts
 
 
 def plan_for(model=None, stage=None, hardware=None):
@@ -125,17 +126,18 @@ def test_analytic_counts_equal_built_model(model):
 
 def test_modern_windows_and_flops_follow_nanochat():
     """92d63d4: S = ceil(seq/4/128)·128 tokens left, L = seq; FLOPs leave out lookups and lambdas."""
-    from nanochat.plan import layer_windows
+    from nanochat.shapes import attention_spans
     p = plan_for({"depth": 12, "generation": "modern"}, hardware={"device_batch_size": 1})
     s = p.model
     assert (s.short_window, s.long_window, s.n_head, s.head_dim) == (512, 2048, 6, 128)
-    assert layer_windows(s) == [512, 512, 512, 2048] * 3
+    assert attention_spans(s) == [512, 512, 512, 2048] * 3
     c = param_counts(s)
     n_ve = 6                                      # layers 1, 3, …, 11
-    assert c["gates"] == n_ve * 12 * s.n_kv_head  # the gate reads 12 channels
-    assert c["scalars"] == 12 + 12 + 24 + 1 + 1   # resid, x0, smear gate + lambda, backout
+    assert c["matrix"] == 12 * 12 * 768 ** 2 + n_ve * 12 * s.n_kv_head  # the gate reads 12 channels
+    scalars = c["resid_scalar"] + c["x0_scalar"] + c["gate_scalar"]
+    assert scalars == 12 + 12 + 24 + 1 + 1   # resid, x0, smear gate + lambda, backout
     # nanochat counts 6 × every Linear weight: the smear gate (24 → 1) is one, the lambdas are not
-    dense = c["total"] - s.padded_vocab_size * 768 - n_ve * s.padded_vocab_size * 768 - c["scalars"] + 24
+    dense = c["total"] - s.padded_vocab_size * 768 - n_ve * s.padded_vocab_size * 768 - scalars + 24
     assert p.flops_per_token == 6 * dense + 12 * 6 * 128 * (9 * 512 + 3 * 2048)
     seed = plan_for({"depth": 12}, hardware={"device_batch_size": 1}).model
     assert seed.long_window is None and seed.rope_bf16 and not s.rope_bf16

@@ -57,11 +57,12 @@ def _fmt(x: Any) -> str:
 
 def model_card(run_dir: Path, cfg: Any, meta: dict, kw: dict, remote_code: bool, dtype: str) -> str:
     from nanochat.config import config_to_dict
-    from nanochat.gpt import GPTConfig, analytic_num_params
+    from nanochat.gpt import GPTConfig
+    from nanochat.shapes import param_counts
     c = GPTConfig(**kw)
     plan = _read(run_dir / "plan.json") or {}
     generation = plan.get("generation") or ("modern" if c.resid_lambdas else "seed")
-    n_params = analytic_num_params(c)
+    n_params = param_counts(c)["total"]
     chain = lineage(run_dir)
     evals = eval_results(run_dir)
     load = ("AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)" if remote_code

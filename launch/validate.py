@@ -108,38 +108,6 @@ def check_hardware(cfg: Config) -> None:
                           "(bf16/fp16 matmuls are ~100x slower there)", "low precision on CPU")
 
 
-def _override_key(override: str) -> str:
-    return override.lstrip("+~").partition("=")[0]
-
-
-def compose_checked(overrides: list[str], config_dir: str, config_name: str = "config") -> dict:
-    """Compose like nanochat-run (Hydra, in this process) and turn Hydra's refusals into ConfigError
-    naming the override that caused them (found by composing each override alone)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    def attempt(ovs: list[str]):
-        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            return compose(config_name=config_name, overrides=ovs)
-    try:
-        dcfg = attempt(overrides)
-    except (HydraException, OmegaConfBaseException, ValueError) as e:
-        named = [o for o in overrides if o in str(e)]  # Hydra usually quotes the override
-        culprit = named[0] if named else (overrides[-1] if overrides else "overrides")
-        for o in ([] if named or len(overrides) < 2 else overrides):
-            try:
-                attempt([o])
-            except (HydraException, OmegaConfBaseException, ValueError):
-                culprit = o
-                break
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(_override_key(culprit) or culprit, culprit,
-                          "write overrides as key=value or group=option (nanochat-run --help lists the groups; "
-                          "`+key=value` adds a key, `~key` deletes one)", f"Hydra refused it: {first}") from None
-    return resolved_tree(dcfg)
-
-
 def resolved_tree(dcfg) -> dict:
     """The composed config as a plain dict, interpolations resolved, without the `hydra` node;
     an interpolation that cannot resolve is a ConfigError naming its key."""

@@ -194,6 +194,12 @@ def model_shape(m: ModelConfig, vocab_size: Optional[int] = None) -> ModelShape:
         n_embd = math.ceil(depth * m.aspect_ratio / m.head_dim) * m.head_dim
     else:
         n_embd = depth * m.aspect_ratio
+    if n_embd % 2:   # RoPE rotates pairs of channels: no head split of an odd width has an even head size
+        key, value = ("model.n_embd", m.n_embd) if m.n_embd is not None else \
+            ("model.head_dim", m.head_dim) if gen == "modern" else ("model.aspect_ratio", m.aspect_ratio)
+        raise ConfigError(key, value, f"make the width even: set model.n_embd to an even number, or an even "
+                          f"model.{'head_dim' if gen == 'modern' else 'aspect_ratio'}",
+                          f"the width n_embd={n_embd} (model.depth={depth}) is odd, so no head has an even size")
     n_head = m.n_head if m.n_head is not None else _pick_heads(n_embd, m.head_dim)
     if n_embd % n_head:
         raise ConfigError("model.n_head", n_head, f"choose a head count that divides n_embd={n_embd}",

@@ -17,6 +17,48 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["experiment=tiny"]
 
 
+def compose_checked(overrides: list[str], config_dir: str = str(REPO / "conf"), config_name: str = "config") -> dict:
+    """Compose like nanochat-run (Hydra, in this process) and turn Hydra's refusals into ConfigError
+    naming the override that caused them (found by composing each override alone)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    from launch.validate import resolved_tree
+    from nanochat.config import ConfigError
+
+    def attempt(ovs: list[str]):
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            return compose(config_name=config_name, overrides=ovs)
+    try:
+        dcfg = attempt(overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        named = [o for o in overrides if o in str(e)]  # Hydra usually quotes the override
+        culprit = named[0] if named else (overrides[-1] if overrides else "overrides")
+        for o in ([] if named or len(overrides) < 2 else overrides):
+            try:
+                attempt([o])
+            except (HydraException, OmegaConfBaseException, ValueError):
+                culprit = o
+                break
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(culprit.lstrip("+~").partition("=")[0] or culprit, culprit,
+                          "write overrides as key=value or group=option (nanochat-run --help lists the groups; "
+                          "`+key=value` adds a key, `~key` deletes one)", f"Hydra refused it: {first}") from None
+    return resolved_tree(dcfg)
+
+
+def dry_run_plans(overrides: list[str]) -> object:
+    """What `nanochat-run <overrides> run.dry_run=true` does before it prints the plan (each entry's, for a pipeline)."""
+    from launch import run, validate
+    from nanochat.config import config_from_dict
+    tree = compose_checked([*overrides, "run.dry_run=true"])
+    cfg = config_from_dict(tree)
+    if cfg.run.pipeline:
+        return [run.prepare(config_from_dict(run.stage_tree(tree, e)))[1] for e in cfg.run.pipeline]
+    validate.check_hardware(cfg)
+    return run.prepare(cfg)[1]
+
+
 def run_cli(args: list[str], base_dir: Path, cwd: Path, module: str = "launch.run", timeout: float = 600,
             env_extra: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ)

@@ -1,7 +1,8 @@
 """Config fuzzing: random override lists through compose → validate → plan, as a dry run does.
 
 Every list must end in a plan or a ConfigError that names a key: never another exception
-(a traceback for the user) and never a hang (pytest-timeout guards the whole test).
+(a traceback for the user) and never a hang (pytest-timeout guards the whole test). A list it finds
+that fails goes into tests/test_config_cases.py with the fix, so CI keeps checking it every run.
 """
 from __future__ import annotations
 
@@ -11,10 +12,7 @@ import string
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import REPO
-from launch.validate import compose_checked
-
-CONF = str(REPO / "conf")
+from conftest import REPO, dry_run_plans
 
 GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml") if p.stem != "base")
           for g in ("model", "stage", "hardware", "data", "experiment")}
@@ -58,18 +56,6 @@ def overrides(draw) -> str:
     return f"{draw(st.sampled_from(['', '', '+', '++']))}{key}={draw(VALUES)}"
 
 
-def compose_validate_plan(ovs: list[str]) -> object:
-    """What `nanochat-run <ovs> run.dry_run=true` does before it prints the plan."""
-    from launch import run, validate
-    from nanochat.config import config_from_dict
-    tree = compose_checked([*ovs, "run.dry_run=true"], CONF)
-    cfg = config_from_dict(tree)
-    if cfg.run.pipeline:
-        return [run.prepare(config_from_dict(run.stage_tree(tree, e)))[1] for e in cfg.run.pipeline]
-    validate.check_hardware(cfg)
-    return run.prepare(cfg)[1]
-
-
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))  # no tokenizer: plans use the default vocab
@@ -82,7 +68,7 @@ def _isolated(tmp_path, monkeypatch):
 def test_random_overrides_end_in_a_plan_or_a_named_config_error(ovs):
     from nanochat.config import ConfigError
     try:
-        compose_validate_plan(ovs)
+        dry_run_plans(ovs)
     except ConfigError as e:
         assert e.key and isinstance(e.key, str), (ovs, e)
         assert e.fix, (ovs, e)

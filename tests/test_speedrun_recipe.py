@@ -10,9 +10,8 @@ import math
 
 import pytest
 
-from conftest import REPO
 from launch.run import stage_tree
-from launch.validate import compose_checked
+from conftest import REPO, compose_checked
 from nanochat.config import ConfigError, config_from_dict
 from nanochat.plan import make_plan
 

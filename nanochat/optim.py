@@ -415,7 +415,7 @@ SETTING_KEYS = ("muon_ns", "muon_ns_safety", "muon_equilibrate", "muon_renorm", 
 
 def build_optimizer(model, *, embedding_lr: float, unembedding_lr: float, matrix_lr: float,
                     scalar_lr: float, weight_decay: float = 0.0, adam_betas=(0.8, 0.95),
-                    ns: Optional[str] = None, world_size: int = 1, rank: int = 0,
+                    world_size: int = 1, rank: int = 0,
                     adamw_weight_decay: float = 0.0, process_group=None, grad_clip: float = 0.0,
                     settings: Optional[dict] = None) -> MuonAdamW:
     """One optimizer for the whole GPT: Muon on block matrices, AdamW on the rest.
@@ -431,7 +431,7 @@ def build_optimizer(model, *, embedding_lr: float, unembedding_lr: float, matrix
       gate_scalar   gate_lr, else scalar_lr (smear gate + lambda, backout lambda)
     `settings` holds those recipe keys and the Muon ones (SETTING_KEYS; plan.OPTIMIZER_RECIPES has
     nanochat d575940's and 92d63d4's values); unset → adam_betas / adamw_weight_decay / refinement
-    off. `ns` (legacy) is muon_ns. Empty groups are left out. grad_clip > 0 clips the global
+    off. Empty groups are left out. grad_clip > 0 clips the global
     gradient norm inside step() (after the cross-rank average); the pre-clip norm is then in
     `opt.last_grad_norm`.
     """
@@ -442,7 +442,7 @@ def build_optimizer(model, *, embedding_lr: float, unembedding_lr: float, matrix
     pg = model.param_groups()
     adamw = adamw_group_settings(embedding_lr, unembedding_lr, scalar_lr, s, adam_betas, adamw_weight_decay)
     groups = [dict(kind="muon", name="matrix", params=pg["matrix"], lr=matrix_lr, momentum=0.95, nesterov=True,
-                   ns=s.get("muon_ns", ns or "newton_schulz"), ns_steps=5, ns_safety=s.get("muon_ns_safety", PE_SAFETY),
+                   ns=s.get("muon_ns", "newton_schulz"), ns_steps=5, ns_safety=s.get("muon_ns_safety", PE_SAFETY),
                    equilibrate=bool(s.get("muon_equilibrate", False)), renorm=bool(s.get("muon_renorm", False)),
                    normuon=bool(s.get("normuon", False)), beta2=s.get("muon_beta2", 0.9),
                    cautious=bool(s.get("cautious_wd", False)), weight_decay=weight_decay)]

@@ -68,9 +68,6 @@ class Tokenizer:
             raise ValueError(f"unknown special token {name!r}; known: {', '.join(SPECIAL_TOKENS)}")
         return self.special_tokens[name]
 
-    def id_to_token(self, token_id: int) -> str:
-        return self.enc.decode([token_id])
-
     def _as_id(self, tok: int | str) -> int:
         return self.encode_special(tok) if isinstance(tok, str) else int(tok)
 
@@ -187,10 +184,6 @@ class Tokenizer:
         ids, _ = self.render_conversation(conv, max_tokens=10**9)
         ids.append(self.special_tokens["<|assistant_start|>"])
         return ids
-
-    def visualize(self, ids: list[int], mask: list[int]) -> str:
-        """Debug helper: decoded tokens joined by '|', masked-in tokens marked with '*'."""
-        return "|".join(("*" if m else "") + self.enc.decode([t]) for t, m in zip(ids, mask))
 
     # ------------------------------------------------------------------ io
     def token_byte_lengths(self) -> list[int]:

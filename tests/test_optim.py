@@ -133,7 +133,7 @@ def test_adamw_path_equals_torch_adamw():
 @pytest.mark.parametrize("extra", [{}, MODERN], ids=["seed", "modern"])
 def test_build_optimizer_groups_cover_every_param_once(extra):
     model = build_model(tiny(**extra), "cpu", 0)
-    opt = make_opt(model, weight_decay=0.2, ns="polar_express")
+    opt = make_opt(model, weight_decay=0.2, settings={"muon_ns": "polar_express"})
     seen = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(seen) == len(set(seen)) == len(list(model.parameters()))
     by_name = {g["name"]: g for g in opt.param_groups}

@@ -267,10 +267,6 @@ def read_lines(path: str | os.PathLike) -> list[str]:
 PARQUET_REVISION = "refs/convert/parquet"  # the hub's parquet export of every dataset, config/split/*.parquet
 
 
-def hub_offline() -> bool:
-    return hub.offline()
-
-
 def hub_split(dataset: str, config: str, split: str):
     """A (dataset, config, split) from the hub: its parquet files (the hub's parquet export, through
     the hub cache) loaded with `load_files`, the same reader as local copies."""

@@ -54,7 +54,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -182,6 +183,28 @@ def normuon_(O: torch.Tensor, second: torch.Tensor, beta2: float) -> torch.Tenso
     return O * (step * (v_norm / v_norm_new.clamp_min(1e-10))).to(O.dtype)
 
 
+@dataclass
+class _GradShard:
+    """A reduce-scatter in flight (ZeRO-2): this rank's shard of the averaged gradient of one AdamW
+    param or one Muon shape bucket."""
+    group: dict
+    params: list                # [p] for AdamW, the bucket's matrices for Muon
+    grad: torch.Tensor          # the shard: (shard,) flat for AdamW, (shard, m, n) for Muon
+    work: Optional[Any]         # the async handle, None once waited on
+
+    def wait(self) -> None:
+        if self.work is not None:   # wait once only: a second wait() may copy again
+            self.work.wait()
+            self.work = None
+
+
+class _Gather(NamedTuple):
+    """An all-gather in flight: every rank's updated shard of `params`, landing in `recv`."""
+    work: Any
+    params: list
+    recv: torch.Tensor
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Muon + AdamW over explicitly typed groups, optionally ZeRO-2 sharded.
 
@@ -255,18 +278,25 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.world_size == 1:
-            if self.grad_clip > 0:
-                grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-                self._clip(grads, torch.stack([torch.linalg.vector_norm(x) for x in grads]).square().sum())
-            for g in self.param_groups:
-                if g["kind"] == "adamw":
-                    self._adamw_local(g)
-                else:
-                    for bucket in self._buckets(g):
-                        self._muon_local(g, bucket)
-        else:
-            self._step_distributed()
+            self._step_local()
+            return loss
+        shards = self._reduce_scatter_grads()      # 1) every averaging reduce-scatter, launched up front
+        if self.grad_clip > 0:
+            self._clip_sharded(shards)
+        gathers = self._update_owned(shards)       # 2) owners update their shard, launch the all-gathers
+        self._copy_gathered(gathers)               # 3) every rank takes the new values
         return loss
+
+    def _step_local(self) -> None:
+        if self.grad_clip > 0:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            self._clip(grads, torch.stack([torch.linalg.vector_norm(x) for x in grads]).square().sum())
+        for g in self.param_groups:
+            if g["kind"] == "adamw":
+                self._adamw_local(g)
+            else:
+                for bucket in self._buckets(g):
+                    self._muon_local(g, bucket)
 
     def _clip(self, grads: list, sumsq: torch.Tensor) -> None:
         norm = sumsq.sqrt()
@@ -335,12 +365,14 @@ class MuonAdamW(torch.optim.Optimizer):
         torch._foreach_copy_(live, list(P.unbind(0)))
 
     # ---- distributed (ZeRO-2)
-    def _step_distributed(self) -> None:
+    def _collectives(self):
+        return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor,
+                getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)
+
+    def _reduce_scatter_grads(self) -> list[_GradShard]:
         W, pg = self.world_size, self.process_group
-        reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        jobs = []   # (kind, group, payload, grad shard, work handle)
-        # 1) launch every reduce-scatter (averaging) up front
+        reduce_scatter, _ = self._collectives()
+        shards = []
         for g in self.param_groups:
             if g["kind"] == "adamw":
                 for p in g["params"]:
@@ -351,50 +383,57 @@ class MuonAdamW(torch.optim.Optimizer):
                         flat[:n] = p.grad.reshape(-1)
                     out = torch.empty(shard, dtype=p.dtype, device=p.device)
                     work = reduce_scatter(out, flat, op=dist.ReduceOp.AVG, group=pg, async_op=True)
-                    jobs.append(("adamw", g, p, out, work))
+                    shards.append(_GradShard(g, [p], out, work))
             else:
                 for bucket in self._buckets(g):
-                    k = len(bucket)
-                    _, _, shard = self._own_range(k)
+                    _, _, shard = self._own_range(len(bucket))
                     G = torch.zeros((shard * W, *bucket[0].shape), dtype=bucket[0].dtype, device=bucket[0].device)
                     for i, p in enumerate(bucket):
                         if p.grad is not None:
                             G[i] = p.grad
                     out = torch.empty((shard, *bucket[0].shape), dtype=G.dtype, device=G.device)
                     work = reduce_scatter(out, G, op=dist.ReduceOp.AVG, group=pg, async_op=True)
-                    jobs.append(("muon", g, bucket, out, work))
-        if self.grad_clip > 0:   # needs every shard's contribution before any update
-            for i, job in enumerate(jobs):
-                job[4].wait()
-                jobs[i] = job[:4] + (None,)   # wait once only: a second wait() may copy again
-            shards = [job[3] for job in jobs]
-            sumsq = torch.stack([torch.linalg.vector_norm(x) for x in shards]).square().sum()
-            dist.all_reduce(sumsq, group=pg)   # padding is zero: it adds nothing
-            self._clip(shards, sumsq)
-        # 2) owners update their shard, 3) all-gather the new values
+                    shards.append(_GradShard(g, bucket, out, work))
+        return shards
+
+    def _clip_sharded(self, shards: list[_GradShard]) -> None:
+        """The global norm needs every shard's contribution before any update."""
+        for s in shards:
+            s.wait()
+        grads = [s.grad for s in shards]
+        sumsq = torch.stack([torch.linalg.vector_norm(x) for x in grads]).square().sum()
+        dist.all_reduce(sumsq, group=self.process_group)   # padding is zero: it adds nothing
+        self._clip(grads, sumsq)
+
+    def _update_owned(self, shards: list[_GradShard]) -> list[_Gather]:
+        W, pg = self.world_size, self.process_group
+        _, all_gather = self._collectives()
         gathers = []
-        for kind, g, payload, gshard, work in jobs:
-            if work is not None:
-                work.wait()
-            if kind == "adamw":
-                p = payload
-                n = p.numel()
-                start, length, shard = self._own_range(n)
+        for s in shards:
+            s.wait()
+            g = s.group
+            if g["kind"] == "adamw":
+                p = s.params[0]
+                start, length, shard = self._own_range(p.numel())
                 own = p.view(-1)[start:start + length]
-                self._adamw_update(g, [own], [gshard[:length]], [self.state[p]])
+                self._adamw_update(g, [own], [s.grad[:length]], [self.state[p]])
                 send = torch.zeros(shard, dtype=p.dtype, device=p.device)
                 send[:length] = own
                 recv = torch.empty(shard * W, dtype=p.dtype, device=p.device)
-                gathers.append((all_gather(recv, send, group=pg, async_op=True), [p], recv))
+                gathers.append(_Gather(all_gather(recv, send, group=pg, async_op=True), [p], recv))
             else:
-                bucket = payload
+                bucket = s.params
                 start, length, shard = self._own_range(len(bucket))
-                P = torch.zeros_like(gshard)        # this rank's matrices (+ zero padding)
+                P = torch.zeros_like(s.grad)        # this rank's matrices (+ zero padding)
                 for j in range(length):
                     P[j] = bucket[start + j]
-                self._muon_update(g, bucket[0], P, gshard)
+                self._muon_update(g, bucket[0], P, s.grad)
                 recv = torch.empty((shard * W, *bucket[0].shape), dtype=P.dtype, device=P.device)
-                gathers.append((all_gather(recv, P, group=pg, async_op=True), bucket, recv))
+                gathers.append(_Gather(all_gather(recv, P, group=pg, async_op=True), bucket, recv))
+        return gathers
+
+    @staticmethod
+    def _copy_gathered(gathers: list[_Gather]) -> None:
         for work, params, recv in gathers:
             work.wait()
             if len(params) == 1 and recv.dim() == 1:

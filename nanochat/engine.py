@@ -1,8 +1,9 @@
 """Batched generation on the model's KV cache, with calculator tool use.
 
 One prompt, N samples: the prompt is prefilled once (batch 1), its cache rows are copied
-into an N-row cache, and the N rows then decode one token per step together. Each step
-yields a column of N tokens and N masks:
+into an N-row cache, and the N rows then decode one token per step together (a list of
+prompts, e.g. lm-eval's requests, gets a row each the same way). Each step yields a column
+of N tokens and N masks:
 
     mask 1  the model sampled this token
     mask 0  the engine forced it: a calculator result (<|output_start|>…<|output_end|>), or
@@ -20,7 +21,7 @@ continues after them as if it had read the tool's answer. A row stops at
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,17 @@ def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: f
     if idx is None:
         return choice.squeeze(1)
     return idx.gather(1, choice).squeeze(1)
+
+
+def _is_prompt_list(tokens) -> bool:
+    return isinstance(tokens, (list, tuple)) and bool(tokens) and all(isinstance(t, (list, tuple)) for t in tokens)
+
+
+def _rows(tokens, num_samples: int) -> list[list[int]]:
+    """The prompt each row continues: a list of prompts as given, or one prompt num_samples times."""
+    if not isinstance(tokens, (list, tuple)) or not tokens:
+        return [[]]
+    return [list(p) for p in tokens] if _is_prompt_list(tokens) else [list(tokens)] * num_samples
 
 
 class RowState:
@@ -129,44 +141,54 @@ class Engine:
         return [self.output_start, *self.tokenizer.encode(result), self.output_end]
 
     @torch.inference_mode()
-    def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: Optional[int] = None,
+    def generate(self, tokens: list[int] | list[list[int]], num_samples: int = 1, max_tokens: Optional[int] = None,
                  temperature: float = 1.0, top_k: Optional[int] = None,
                  seed: int = 42) -> Iterator[tuple[list[int], list[int]]]:
-        """Yield (token_column, token_masks), one entry per sample, once per step.
+        """Yield (token_column, token_masks), one entry per row, once per step.
 
-        max_tokens None = until the model's sequence_len is full.
+        tokens: one prompt (token ids; `num_samples` rows continue it) or a list of prompts (one row each,
+        num_samples 1: rows of different lengths decode together, e.g. a batch of lm-eval requests).
+        max_tokens None = until the model's sequence_len is full (for the longest prompt).
         """
-        if not isinstance(tokens, (list, tuple)) or not tokens or not all(isinstance(t, int) for t in tokens):
-            raise ValueError("Engine.generate(tokens=...): give a non-empty list of token ids")
-        if num_samples < 1:
-            raise ValueError(f"Engine.generate(num_samples={num_samples}): must be >= 1")
-        tokens = list(tokens)
+        many = _is_prompt_list(tokens)
+        if num_samples < 1 or (many and num_samples != 1):
+            raise ValueError(f"Engine.generate(num_samples={num_samples}): must be >= 1 (1 for a list of prompts)")
+        prompts = _rows(tokens, num_samples)
+        if not all(p and all(isinstance(t, int) for t in p) for p in prompts):
+            raise ValueError("Engine.generate(tokens=...): give a non-empty list of token ids (or of such lists)")
+        longest = max(len(p) for p in prompts)
         cfg = self.model.config
         if max_tokens is None:
-            max_tokens = cfg.sequence_len - len(tokens)
+            max_tokens = cfg.sequence_len - longest
             if max_tokens < 1:
-                raise ValueError(f"prompt of {len(tokens)} tokens fills the model's sequence_len="
+                raise ValueError(f"prompt of {longest} tokens fills the model's sequence_len="
                                  f"{cfg.sequence_len}; pass max_tokens explicitly")
         if max_tokens < 1:
             return
         limit = getattr(self.model, "rotary_len", None)
-        if limit is not None and len(tokens) + max_tokens > limit:
-            raise ValueError(f"prompt ({len(tokens)}) + max_tokens ({max_tokens}) exceeds the model's "
+        if limit is not None and longest + max_tokens > limit:
+            raise ValueError(f"prompt ({longest}) + max_tokens ({max_tokens}) exceeds the model's "
                              f"position limit {limit}; lower max_tokens")
         device = self._device()
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
 
-        # prefill the prompt once, then give every sample its own copy of the cache
-        prefill = KVCache.for_model(self.model, batch_size=1, max_len=len(tokens))
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = self.model(ids, kv_cache=prefill)[:, -1, :]
-        cache = KVCache.for_model(self.model, batch_size=num_samples, max_len=len(tokens) + max_tokens)
-        cache.copy_rows_from(prefill, src_row=0)
-        del prefill
-        sampled = sample_next_token(logits.expand(num_samples, -1), rng, temperature, top_k).tolist()
+        # prefill each distinct prompt once, then copy its cache rows to every row that continues it
+        cache = KVCache.for_model(self.model, batch_size=len(prompts), max_len=longest + max_tokens)
+        rows_of: dict[tuple, list[int]] = {}
+        for r, p in enumerate(prompts):
+            rows_of.setdefault(tuple(p), []).append(r)
+        last: list = [None] * len(prompts)
+        for p, rs in rows_of.items():
+            prefill = KVCache.for_model(self.model, batch_size=1, max_len=len(p))
+            out = self.model(torch.tensor([p], dtype=torch.long, device=device), kv_cache=prefill)[:, -1, :]
+            cache.copy_rows_from(prefill, src_row=0, dst_rows=rs)
+            for r in rs:
+                last[r] = out
+        sampled = sample_next_token(torch.cat(last), rng, temperature, top_k).tolist()
+        del last
 
-        rows = [self.new_row(tokens) for _ in range(num_samples)]
+        rows = [self.new_row(p) for p in prompts]
         for step in range(max_tokens):
             if step > 0:
                 logits = self.model(ids, kv_cache=cache)[:, -1, :]
@@ -185,22 +207,30 @@ class Engine:
                 return
             ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
 
-    def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
-        """Run `generate` to the end. Returns (sequences, masks) per sample: each sequence is the
+    def generate_batch(self, tokens: list[int] | list[list[int]], num_samples: int = 1, stop: Sequence[str] = (),
+                       **kwargs) -> tuple[list[list[int]], list[list[int]]]:
+        """Run `generate` to the end. Returns (sequences, masks) per row: each sequence is the
         prompt followed by the generated tokens, without the terminal <|assistant_end|>/<|bos|>;
-        masks mark prompt tokens 0, sampled tokens 1, forced tool-output tokens 0."""
-        results = [list(tokens) for _ in range(num_samples)]
-        masks = [[0] * len(tokens) for _ in range(num_samples)]
-        done = [False] * num_samples
+        masks mark prompt tokens 0, sampled tokens 1, forced tool-output tokens 0.
+
+        stop: strings that also end a row once its generated text contains one (lm-eval's `until`; the
+        sequence keeps the token that completed it, the caller cuts the text)."""
+        prompts = _rows(tokens, num_samples)
+        results = [list(p) for p in prompts]
+        masks = [[0] * len(p) for p in prompts]
+        done = [False] * len(prompts)
         for column, column_masks in self.generate(tokens, num_samples, **kwargs):
             for i, (token, mask) in enumerate(zip(column, column_masks)):
                 if done[i]:
                     continue
                 if token in (self.assistant_end, self.bos):
                     done[i] = True
-                else:
-                    results[i].append(token)
-                    masks[i].append(mask)
+                    continue
+                results[i].append(token)
+                masks[i].append(mask)
+                if stop:   # a stop string ends within the last tokens: decode only those
+                    tail = self.tokenizer.decode(results[i][max(len(prompts[i]), len(results[i]) - 32):])
+                    done[i] = any(x and x in tail for x in stop)
             if all(done):
                 break
         return results, masks

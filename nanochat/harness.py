@@ -1,5 +1,5 @@
-"""lm-evaluation-harness on our own model: an lm-eval model class over GPT + Engine, and task
-definitions that read local data.
+"""lm-evaluation-harness on our own model: an lm-eval model class over GPT (scoring) and the Engine
+(generation), and task definitions that read local data.
 
     run_harness(model, tokenizer, harness_cfg, data_dir, log) → {"results", "lm_eval_version", ...}
 
@@ -9,9 +9,9 @@ definitions that read local data.
   export sees the same ids), left-truncate to the model's sequence_len and score batches of requests
   (sorted by length, right-padded: a causal model never sees the padding of a row).
 - loglikelihood_rolling: lm-eval's disjoint rolling windows of sequence_len, summed.
-- generate_until: prompts of a batch are prefilled one by one into rows of one KV cache and decoded
-  together, a token per step, sampled with the Engine's sampler; a row stops at <|assistant_end|>,
-  <|bos|>, one of the request's `until` strings, or max_gen_toks.
+- generate_until: requests with the same generation settings are batched through the Engine
+  (nanochat/engine.py: a row per prompt, one KV cache, its sampler and tool use); a row stops at
+  <|assistant_end|>, <|bos|>, one of the request's `until` strings, or max_gen_toks.
 Between batches the preemption flag (nanochat/lifecycle.py) is checked: a stop signal raises EvalInterrupted
 as in every long evaluation (the eval stage exits 75 and is rerun, not resumed).
 
@@ -221,8 +221,7 @@ def make_lm_class():
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    from nanochat.engine import sample_next_token
-    from nanochat.gpt import KVCache
+    from nanochat.engine import Engine
     from nanochat.lifecycle import check_stop
 
     class _NanochatLM(_lm_base()):
@@ -239,7 +238,7 @@ def make_lm_class():
             self.max_gen_toks = int(max_gen_toks)
             self.add_bos_token = add_bos_token
             self.bos = tokenizer.get_bos_token_id()
-            self.stops = {tokenizer.encode_special("<|assistant_end|>"), self.bos}
+            self.engine = Engine(self.model, tokenizer)
 
         # -- lm-eval's interface
         @property
@@ -306,59 +305,36 @@ def make_lm_class():
                 out.append(sum(s for s, _ in scores))
             return out
 
-        @torch.inference_mode()
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
             out: list[Optional[str]] = [None] * len(requests)
             args = [r.args for r in requests]
-            order = sorted(range(len(args)), key=lambda j: -len(args[j][0]))
-            for b0 in range(0, len(order), self.batch_size_):
-                idxs = order[b0:b0 + self.batch_size_]
-                texts = self._generate_batch([args[j][0] for j in idxs], [dict(args[j][1]) for j in idxs])
-                for j, t in zip(idxs, texts):
+            # a batch shares its generation settings (lm-eval gives a task's requests the same ones)
+            key = lambda j: json.dumps(args[j][1], sort_keys=True, default=str)
+            order = sorted(range(len(args)), key=lambda j: (key(j), -len(args[j][0])))
+            b0 = 0
+            while b0 < len(order):
+                idxs = [j for j in order[b0:b0 + self.batch_size_] if key(j) == key(order[b0])]
+                for j, t in zip(idxs, self._generate_batch([args[j][0] for j in idxs], dict(args[idxs[0]][1]))):
                     out[j] = t
+                b0 += len(idxs)
                 self._between_batches()
             return out   # type: ignore[return-value]
 
-        def _generate_batch(self, contexts: list[str], kwargs: list[dict]) -> list[str]:
-            """Prefill each prompt into its own row of one KV cache, then decode all rows together."""
-            model, dev = self.model, self._dev()
-            until = [list(k.get("until") or []) if not isinstance(k.get("until"), str) else [k["until"]] for k in kwargs]
-            max_new = [int(k.get("max_gen_toks", self.max_gen_toks)) for k in kwargs]
-            temps = [float(k.get("temperature", 0.0)) if k.get("do_sample", False) else 0.0 for k in kwargs]
+        def _generate_batch(self, contexts: list[str], kw: dict) -> list[str]:
+            until = [kw["until"]] if isinstance(kw.get("until"), str) else list(kw.get("until") or [])
+            max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
+            temp = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) else 0.0
             # prompts may run past sequence_len (few-shot): keep what the RoPE table reaches with the answer
-            reach = int(getattr(model, "rotary_len", self.max_length))
-            prompts = [self.tok_encode(c)[-max(1, reach - m):] for c, m in zip(contexts, max_new)]
-            steps = max(max_new)
-            cache = KVCache.for_model(model, len(prompts), max(len(p) for p in prompts) + steps)
-            last = torch.empty(len(prompts), model.config.vocab_size, device=dev)
-            for r, p in enumerate(prompts):
-                one = KVCache.for_model(model, 1, len(p))
-                last[r] = model(torch.tensor([p], device=dev), kv_cache=one)[0, -1]
-                cache.copy_rows_from(one, 0, [r])
-            rng = torch.Generator(device=dev).manual_seed(1234)
-            gen: list[list[int]] = [[] for _ in prompts]
-            done = [False] * len(prompts)
-            for step in range(steps):
-                nxt = [int(sample_next_token(last[r:r + 1], rng, temps[r])[0]) for r in range(len(prompts))]
-                for r, t in enumerate(nxt):
-                    if done[r]:
-                        continue
-                    if t in self.stops:
-                        done[r] = True
-                        continue
-                    gen[r].append(t)
-                    tail = self.tok.decode(gen[r][-32:])     # a stop string ends in the last tokens
-                    if len(gen[r]) >= max_new[r] or any(s and s in tail for s in until[r]):
-                        done[r] = True
-                if all(done):
-                    break
-                last = model(torch.tensor(nxt, device=dev)[:, None], kv_cache=cache)[:, -1]
+            reach = int(getattr(self.model, "rotary_len", self.max_length))
+            prompts = [self.tok_encode(c)[-max(1, reach - max_new):] for c in contexts]
+            seqs, _ = self.engine.generate_batch(prompts, max_tokens=max_new, temperature=temp, seed=1234,
+                                                 stop=until)
             texts = []
-            for r, g in enumerate(gen):
-                text = self.tok.decode(g)
-                for s in until[r]:
-                    if s:
-                        text = text.split(s)[0]
+            for p, seq in zip(prompts, seqs):
+                text = self.tok.decode(seq[len(p):])
+                for x in until:
+                    if x:
+                        text = text.split(x)[0]
                 texts.append(text)
             return texts
 

@@ -169,12 +169,13 @@ def test_logits_and_greedy_generation_match_ours(tiny, tmp_path, kind):
 
 
 def test_remote_code_is_our_module(tiny):
-    """The shipped model code is nanochat/gpt.py and attention.py with only the imports rewritten."""
+    """The shipped model code is nanochat/gpt.py, attention.py and shapes.py with only the imports rewritten."""
     _, _, _, _, remote = tiny
     for name, text in remote_code_sources().items():
         assert (remote / name).read_text() == text
     ours = (REPO / "nanochat" / "gpt.py").read_text()
-    assert (remote / "gpt.py").read_text() == ours.replace("from nanochat.attention import", "from .attention import")
+    assert (remote / "gpt.py").read_text() == ours.replace("from nanochat.attention import", "from .attention import"
+                                                           ).replace("from nanochat.shapes import", "from .shapes import")
 
 
 @pytest.mark.parametrize("rev", ["d575940_d2", "92d63d4_d2"])

@@ -4,7 +4,7 @@
 
 OUT_DIR gets config.json, generation_config.json, model.safetensors (or model-0000i-of-0000n.safetensors
 + model.safetensors.index.json above `max_shard_bytes`), tokenizer.json, tokenizer_config.json,
-chat_template.jinja, README.md (the model card) and, for remote code, modeling_nanochat_hydra.py + gpt.py +
+chat_template.jinja, README.md (the model card) and, for remote code, modeling_nanochat_hydra.py + gpt.py + shapes.py +
 attention.py (our own modules, imports made relative). Everything is written into a temporary sibling dir
 and renamed into place at the end, so OUT_DIR is either the old one or the complete new one.
 """
@@ -24,7 +24,8 @@ from nanochat.interop import InteropError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
-REMOTE_SOURCES = {"modeling_nanochat_hydra.py": "hf/modeling.py", "gpt.py": "gpt.py", "attention.py": "attention.py"}
+REMOTE_SOURCES = {"modeling_nanochat_hydra.py": "hf/modeling.py", "gpt.py": "gpt.py", "attention.py": "attention.py",
+                  "shapes.py": "shapes.py"}
 _OUR_IMPORT = re.compile(r"^(\s*)from nanochat\.(?:hf\.)?(\w+) import", re.M)
 
 

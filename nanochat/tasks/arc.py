@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import os
 
-from nanochat.tasks.common import Conversation, Task, hub_split, load_files, load_rows, render_mc, \
-    resolve_data_dir
+from nanochat.tasks.common import Conversation, Task, local_or_hub, render_mc
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
 SPLITS = ("train", "validation", "test")
@@ -23,26 +22,11 @@ class ARC(Task):
         if split not in SPLITS:
             raise ValueError(f"ARC split={split!r}: use one of {SPLITS}")
         self.subset, self.split = subset, split
+        self.rows = local_or_hub(f"arc ({subset}/{split})", path, data_dir, [f"arc/{subset}/{split}.jsonl"],
+                                 ("allenai/ai2_arc", subset, split),
+                                 "put the ARC jsonl files under <shared data>/arc/ or allow hub downloads")
 
-        def local():
-            if path is not None:
-                return load_files(path)
-            root = resolve_data_dir(data_dir)
-            f = root / "arc" / subset / f"{split}.jsonl" if root else None
-            return load_files(f) if f and f.exists() else None
-
-        def hub():
-            return hub_split("allenai/ai2_arc", subset, split)
-
-        self.rows = load_rows(f"arc ({subset}/{split})", local, hub,
-                              "put the ARC jsonl files under <shared data>/arc/ or allow hub downloads")
-
-    @property
-    def eval_type(self) -> str:
-        return "categorical"
-
-    def num_examples(self) -> int:
-        return len(self.rows)
+    eval_type = "categorical"
 
     def get_example(self, index: int) -> Conversation:
         row = self.rows[index]

@@ -40,10 +40,6 @@ class Arithmetic(Task):
             raise ValueError(f"Arithmetic style={style!r}: use 'tool' (calculator call) or 'plain' (answer only)")
         self.split, self.size, self.max_value, self.ops, self.style = split, size, max_value, ops, style
 
-    @property
-    def eval_type(self) -> str:
-        return "generative"
-
     def num_examples(self) -> int:
         return self.size
 

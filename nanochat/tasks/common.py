@@ -46,15 +46,13 @@ class Task:
                              "need 0 <= start <= stop and step >= 1")
         self.start, self.stop, self.step = start, stop, step
 
-    # subclasses implement these
-    @property
-    def eval_type(self) -> str:
-        """'categorical' (answer is one of `conversation['letters']`) or 'generative' (sample and check)."""
-        raise NotImplementedError
+    # subclasses set or implement these
+    eval_type = "generative"   # or 'categorical': the answer is one of `conversation['letters']`
+    rows: Sequence = ()        # a task's examples as read (local_or_hub), unless it counts its own
 
     def num_examples(self) -> int:
         """Number of examples before slicing."""
-        raise NotImplementedError
+        return len(self.rows)
 
     def get_example(self, index: int) -> Conversation:
         """The conversation at a physical (unsliced) index."""
@@ -276,6 +274,19 @@ def hub_split(dataset: str, config: str, split: str):
         raise TaskDataError(f"hub dataset {dataset} has no parquet files for config={config!r} split={split!r} "
                             f"(looked for {' or '.join(patterns)} at revision {PARQUET_REVISION})")
     return load_files(files, kind="parquet")
+
+
+def local_or_hub(task: str, path: str | os.PathLike | None, data_dir: str | None, names: Sequence[str],
+                 hub_args: tuple[str, str, str] | None, how_to: str) -> Sequence:
+    """A task's rows: the file `path` if given, else the first of `names` (paths under the shared data
+    dir) that exists, else hub_split(*hub_args) (load_rows' rules and errors)."""
+    def local():
+        if path is not None:
+            return load_files(path)
+        root = resolve_data_dir(data_dir)
+        found = next((root / n for n in names if (root / n).exists()), None) if root else None
+        return load_files(found) if found else None
+    return load_rows(task, local, (lambda: hub_split(*hub_args)) if hub_args else None, how_to)
 
 
 def load_rows(task: str, local: Callable[[], Sequence | None], hub_fn: Callable[[], Sequence] | None,

@@ -60,10 +60,6 @@ class CustomJSON(Task):
             messages = obj["messages"] if isinstance(obj, dict) and "messages" in obj else obj
             self.conversations.append(validate_messages(messages, f"{path}:{lineno}"))
 
-    @property
-    def eval_type(self) -> str:
-        return "generative"
-
     def num_examples(self) -> int:
         return len(self.conversations)
 

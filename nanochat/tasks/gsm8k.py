@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 import re
 
-from nanochat.tasks.common import Conversation, Task, answers_match, extract_answer, hub_split, load_files, \
-    load_rows, resolve_data_dir
+from nanochat.tasks.common import Conversation, Task, answers_match, extract_answer, local_or_hub
 
 _CALL_RE = re.compile(r"(<<[^>]*>>)")
 
@@ -41,26 +40,10 @@ class GSM8K(Task):
         if split not in ("train", "test"):
             raise ValueError(f"GSM8K split={split!r}: use train or test")
         self.split = split
-
-        def local():
-            if path is not None:
-                return load_files(path)
-            root = resolve_data_dir(data_dir)
-            f = root / "gsm8k" / f"{split}.jsonl" if root else None
-            return load_files(f) if f and f.exists() and subset == "main" else None
-
-        def hub():
-            return hub_split("openai/gsm8k", subset, split)
-
-        self.rows = load_rows(f"gsm8k ({split})", local, hub,
-                              "put train.jsonl/test.jsonl under <shared data>/gsm8k/ or allow hub downloads")
-
-    @property
-    def eval_type(self) -> str:
-        return "generative"
-
-    def num_examples(self) -> int:
-        return len(self.rows)
+        local = [f"gsm8k/{split}.jsonl"] if subset == "main" else []
+        self.rows = local_or_hub(f"gsm8k ({split})", path, data_dir, local,
+                                 ("openai/gsm8k", subset, split),
+                                 "put train.jsonl/test.jsonl under <shared data>/gsm8k/ or allow hub downloads")
 
     def get_example(self, index: int) -> Conversation:
         row = self.rows[index]

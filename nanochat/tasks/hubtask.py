@@ -39,13 +39,6 @@ class HubConversations(Task):
             raise TaskDataError(f"hub:{repo}:{self.config}:{split} has no {column!r} column (columns: {names}); "
                                 f"pass column=<name of the conversations column>")
 
-    @property
-    def eval_type(self) -> str:
-        return "generative"
-
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> Conversation:
         messages = [{"role": m["role"], "content": m["content"]} for m in self.rows[index][self.column]]
         return {"messages": validate_messages(messages, f"hub:{self.repo} row {index}")}

@@ -8,7 +8,7 @@ import os
 import re
 
 from nanochat.execution import execute_code
-from nanochat.tasks.common import Conversation, Task, hub_split, load_files, load_rows, resolve_data_dir
+from nanochat.tasks.common import Conversation, Task, local_or_hub
 
 _FENCE_RE = re.compile(r"```(?:python|py|Python)?\s*\n(.*?)```", re.DOTALL)
 
@@ -38,31 +38,10 @@ class HumanEval(Task):
         if split != "test":
             raise ValueError(f"HumanEval split={split!r}: HumanEval only has 'test'")
         self.timeout = timeout
-
-        def local():
-            if path is not None:
-                return load_files(path)
-            root = resolve_data_dir(data_dir)
-            if root is None:
-                return None
-            for name in ("HumanEval.jsonl.gz", "HumanEval.jsonl"):
-                f = root / "humaneval" / name
-                if f.exists():
-                    return load_files(f)
-            return None
-
-        def hub():
-            return hub_split("openai/openai_humaneval", "openai_humaneval", "test")
-
-        self.rows = load_rows("humaneval", local, hub,
-                              "put HumanEval.jsonl.gz under <shared data>/humaneval/ or allow hub downloads")
-
-    @property
-    def eval_type(self) -> str:
-        return "generative"
-
-    def num_examples(self) -> int:
-        return len(self.rows)
+        self.rows = local_or_hub("humaneval", path, data_dir,
+                                 ["humaneval/HumanEval.jsonl.gz", "humaneval/HumanEval.jsonl"],
+                                 ("openai/openai_humaneval", "openai_humaneval", "test"),
+                                 "put HumanEval.jsonl.gz under <shared data>/humaneval/ or allow hub downloads")
 
     def get_example(self, index: int) -> Conversation:
         row = self.rows[index]

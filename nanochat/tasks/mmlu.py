@@ -82,12 +82,7 @@ class MMLU(Task):
                               if subset == "auxiliary_train" else
                               "put the MMLU csv files under <shared data>/mmlu/ or allow hub downloads")
 
-    @property
-    def eval_type(self) -> str:
-        return "categorical"
-
-    def num_examples(self) -> int:
-        return len(self.rows)
+    eval_type = "categorical"
 
     def get_example(self, index: int) -> Conversation:
         row = self.rows[index]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from nanochat.tasks.common import Conversation, Task, hub_split, load_files, load_rows, resolve_data_dir
+from nanochat.tasks.common import Conversation, Task, local_or_hub
 from nanochat.tasks.customjson import validate_messages
 
 
@@ -16,31 +16,11 @@ class SmolTalk(Task):
         super().__init__(**kwargs)
         if split not in ("train", "test"):
             raise ValueError(f"SmolTalk split={split!r}: use train or test")
-
-        def local():
-            if path is not None:
-                return load_files(path)
-            root = resolve_data_dir(data_dir)
-            if root is None:
-                return None
-            for name in (f"smoltalk/{split}.parquet", f"smoltalk/{split}.jsonl"):
-                if (root / name).exists():
-                    return load_files(root / name)
-            return None
-
-        def hub():
-            return hub_split("HuggingFaceTB/smol-smoltalk", "default", split)
-
-        self.rows = load_rows(f"smoltalk ({split})", local, hub,
-                              "SmolTalk is only on the HF hub (HuggingFaceTB/smol-smoltalk); allow the download, "
-                              "or use the offline conversations instead (identity, customjson:<file>)")
-
-    @property
-    def eval_type(self) -> str:
-        return "generative"
-
-    def num_examples(self) -> int:
-        return len(self.rows)
+        self.rows = local_or_hub(f"smoltalk ({split})", path, data_dir,
+                                 [f"smoltalk/{split}.parquet", f"smoltalk/{split}.jsonl"],
+                                 ("HuggingFaceTB/smol-smoltalk", "default", split),
+                                 "SmolTalk is only on the HF hub (HuggingFaceTB/smol-smoltalk); allow the download, "
+                                 "or use the offline conversations instead (identity, customjson:<file>)")
 
     def get_example(self, index: int) -> Conversation:
         row = self.rows[index]

@@ -84,10 +84,6 @@ class _WordTask(Task):
     def _rng(self, index: int) -> random.Random:
         return random.Random(index + (TEST_SEED_OFFSET if self.split == "test" else 0))
 
-    @property
-    def eval_type(self) -> str:
-        return "generative"
-
     def num_examples(self) -> int:
         return self.size
 

@@ -48,9 +48,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat import shapes
 from nanochat.attention import cached_attention, cached_window, causal_attention, resolve_backend
 from nanochat.shapes import SMEAR_GATE_CHANNELS, VE_GATE_CHANNELS, has_value_embed
+from nanochat.shapes import attention_spans as shape_spans, left_windows as shape_windows
 
 VE_GATE_SCALE = 3.0     # the value-embedding gate is VE_GATE_SCALE·sigmoid(.), in (0, 3)
 INIT_STYLES = ("seed", "modern")
@@ -122,7 +122,7 @@ class GPTConfig:
 
     def left_windows(self) -> list[Optional[int]]:
         """Tokens to the left of the query each layer sees (None = unlimited), nanochat's window_size[0]."""
-        return shapes.left_windows(self)
+        return shape_windows(self)
 
     def window_sizes(self) -> list[int]:
         """Keys each layer attends to, the query itself included (left window + 1).
@@ -134,7 +134,7 @@ class GPTConfig:
 
     def attention_spans(self) -> list[int]:
         """Keys per query for the FLOP count: nanochat's min(left window, sequence_len) per layer."""
-        return shapes.attention_spans(self)
+        return shape_spans(self)
 
 
 # ----------------------------------------------------------------------------- helpers

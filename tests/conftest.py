@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["experiment=tiny"]
 
 
-def compose_checked(overrides: list[str], config_dir: str = str(REPO / "conf"), config_name: str = "config") -> dict:
+def compose_checked(overrides: list[str], config_dir: str = str(REPO / "conf"),
+                    config_name: str = "config") -> dict:
     """Compose like nanochat-run (Hydra, in this process) and turn Hydra's refusals into ConfigError
     naming the override that caused them (found by composing each override alone)."""
     from hydra import compose, initialize_config_dir

@@ -47,22 +47,18 @@ def _fail(msg: str) -> int:
 def compose(overrides: list[str]) -> tuple[Config, dict]:
     """Compose conf/ with Hydra exactly as nanochat-run would, from these overrides."""
     from hydra import compose as hydra_compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from launch.validate import resolved_tree
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        dcfg = hydra_compose(config_name="config", overrides=overrides)
-    tree = OmegaConf.to_container(dcfg, resolve=True)
-    tree.pop("hydra", None)
+        tree = resolved_tree(hydra_compose(config_name="config", overrides=overrides))
     return config_from_dict(tree), tree
 
 
 def model_overrides(kw: dict) -> list[str]:
     """Our model config for the imported GPT: every field explicit, so nothing re-derives differently."""
     o = {"generation": "modern" if kw["resid_lambdas"] else "seed", "depth": kw["n_layer"],
-         "n_embd": kw["n_embd"], "n_head": kw["n_head"], "n_kv_head": kw["n_kv_head"],
-         "vocab_size": kw["vocab_size"], "sequence_len": kw["sequence_len"], "softcap": kw["softcap"],
-         "rope_base": kw["rope_base"], "value_embeds": kw["value_embeds"], "window_pattern": kw["window_pattern"],
-         "resid_lambdas": kw["resid_lambdas"], "x0_lambdas": kw["x0_lambdas"], "smear": kw["smear"],
-         "backout": kw["backout"], "qk_scale": kw["qk_scale"], "pad_vocab_to": kw["pad_vocab_to"],
+         **{k: kw[k] for k in ("n_embd", "n_head", "n_kv_head", "vocab_size", "sequence_len", "softcap", "rope_base",
+                               "value_embeds", "window_pattern", "resid_lambdas", "x0_lambdas", "smear", "backout",
+                               "qk_scale", "pad_vocab_to")},
          "head_dim": kw["n_embd"] // kw["n_head"]}
     return [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in o.items()]
 

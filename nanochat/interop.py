@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 import torch
 
+from nanochat.plan import GENERATIONS
 from nanochat.shapes import default_short_window
 
 STAGE_DIRS = {"pretrain": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
@@ -123,21 +124,21 @@ def detect_arch(state: dict[str, torch.Tensor], model_config: dict) -> NanochatA
 
 
 def gpt_config_kwargs(arch: NanochatArch) -> dict:
-    """Our GPTConfig for a nanochat architecture (every toggle explicit)."""
-    modern = arch.generation == "modern"
-    pad = 64 if modern else 1
-    if -(-arch.vocab_size // pad) * pad != arch.padded_vocab_size:
+    """Our GPTConfig for a nanochat architecture: the checkpoint's shape under its generation's rules
+    (plan.model_shape: every toggle explicit, as a run of that generation builds it)."""
+    from nanochat.config import ConfigError, ModelConfig
+    from nanochat.plan import model_shape
+    m = ModelConfig(generation=arch.generation, depth=arch.n_layer, n_embd=arch.n_embd, n_head=arch.n_head,
+                    n_kv_head=arch.n_kv_head, vocab_size=arch.vocab_size, sequence_len=arch.sequence_len,
+                    window_pattern=arch.window_pattern if arch.generation == "modern" else None)
+    try:
+        shape = model_shape(m)
+    except ConfigError as e:
+        raise InteropError(f"nanochat model_config has no valid shape here: {e}") from None
+    if shape.padded_vocab_size != arch.padded_vocab_size:
         raise InteropError(f"transformer.wte.weight has {arch.padded_vocab_size} rows; vocab_size="
-                           f"{arch.vocab_size} padded to {pad} gives {-(-arch.vocab_size // pad) * pad}")
-    return dict(
-        sequence_len=arch.sequence_len, vocab_size=arch.vocab_size, n_layer=arch.n_layer, n_head=arch.n_head,
-        n_kv_head=arch.n_kv_head, n_embd=arch.n_embd, softcap=15.0,
-        rope_base=100000.0 if modern else 10000.0, value_embeds=modern,
-        window_pattern=arch.window_pattern if modern else "L", short_window=default_short_window(arch.sequence_len),
-        long_window=arch.sequence_len if modern else None, resid_lambdas=modern, x0_lambdas=modern,
-        smear=modern, backout=modern, qk_scale=1.2 if modern else 1.0, pad_vocab_to=pad,
-        init_style="modern" if modern else "seed", rope_bf16=not modern,
-    )
+                           f"{arch.vocab_size} padded to {shape.pad_vocab_to} gives {shape.padded_vocab_size}")
+    return shape.gpt_config_kwargs()
 
 
 def _rope_keys(n_layer: int) -> dict[str, str]:
@@ -205,16 +206,14 @@ def to_nanochat(state: dict[str, torch.Tensor], cfg_kwargs: dict) -> tuple[dict,
     seq = c.get("sequence_len")
     gen = "modern" if modern else "seed"
     # field → the values nanochat's model of this generation can take (None: the field's default)
-    allowed = {
-        "softcap": (15.0,), "rope_base": (100000.0 if modern else 10000.0,), "value_embeds": (modern,),
-        "resid_lambdas": (modern,), "x0_lambdas": (modern,), "smear": (modern,), "backout": (modern,),
-        "qk_scale": (1.2 if modern else 1.0,), "pad_vocab_to": (64 if modern else 1,),
-        "short_window": (None, default_short_window(seq)) if seq else (None,),
-        # L layers bounded at sequence_len (nanochat modern) differ from unbounded only past it
-        "long_window": (None, seq) if modern else (None,),
-    }
+    g = GENERATIONS[gen]
+    allowed = {k: (g[k],) for k in ("rope_base", "value_embeds", "resid_lambdas", "x0_lambdas", "smear", "backout",
+                                    "qk_scale", "pad_vocab_to")}
+    allowed.update(softcap=(15.0,), short_window=(None, default_short_window(seq)) if seq else (None,),
+                   # L layers bounded at sequence_len (nanochat modern) differ from unbounded only past it
+                   long_window=(None, seq) if modern else (None,))
     if not modern:
-        allowed["window_pattern"] = ("L",)
+        allowed["window_pattern"] = (g["window_pattern"],)
     off = [f"{k}={c[k]!r} (nanochat's {gen} model has {' or '.join(repr(v) for v in vals)})"
            for k, vals in allowed.items() if k in c and c[k] not in vals]
     if off:

@@ -1,4 +1,5 @@
-"""Hugging Face formats at the boundary: transformers model dirs in and out, lm-eval adapters.
+"""Hugging Face formats at the boundary: transformers model dirs in and out (lm-eval runs on our
+model through nanochat/harness.py, not here).
 
     tokenizer.py   our BPE + chat renderer → tokenizer.json + a Jinja chat template (and back)
     convert.py     our state dict + GPTConfig ↔ transformers' `nanochat` model type (seed generation)

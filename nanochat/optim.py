@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -198,13 +198,6 @@ class _GradShard:
             self.work = None
 
 
-class _Gather(NamedTuple):
-    """An all-gather in flight: every rank's updated shard of `params`, landing in `recv`."""
-    work: Any
-    params: list
-    recv: torch.Tensor
-
-
 class MuonAdamW(torch.optim.Optimizer):
     """Muon + AdamW over explicitly typed groups, optionally ZeRO-2 sharded.
 
@@ -281,16 +274,17 @@ class MuonAdamW(torch.optim.Optimizer):
             self._step_local()
             return loss
         shards = self._reduce_scatter_grads()      # 1) every averaging reduce-scatter, launched up front
-        if self.grad_clip > 0:
-            self._clip_sharded(shards)
+        if self.grad_clip > 0:                     # the global norm needs every shard before any update
+            for s in shards:
+                s.wait()
+            self._clip([s.grad for s in shards])
         gathers = self._update_owned(shards)       # 2) owners update their shard, launch the all-gathers
         self._copy_gathered(gathers)               # 3) every rank takes the new values
         return loss
 
     def _step_local(self) -> None:
         if self.grad_clip > 0:
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            self._clip(grads, torch.stack([torch.linalg.vector_norm(x) for x in grads]).square().sum())
+            self._clip([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None])
         for g in self.param_groups:
             if g["kind"] == "adamw":
                 self._adamw_local(g)
@@ -298,7 +292,12 @@ class MuonAdamW(torch.optim.Optimizer):
                 for bucket in self._buckets(g):
                     self._muon_local(g, bucket)
 
-    def _clip(self, grads: list, sumsq: torch.Tensor) -> None:
+    def _clip(self, grads: list) -> None:
+        """Scale `grads` so the global norm is at most grad_clip; with ZeRO they are this rank's shards,
+        whose squared norms sum across ranks (the zero padding adds nothing)."""
+        sumsq = torch.stack([torch.linalg.vector_norm(x) for x in grads]).square().sum()
+        if self.world_size > 1:
+            dist.all_reduce(sumsq, group=self.process_group)
         norm = sumsq.sqrt()
         self.last_grad_norm = norm
         torch._foreach_mul_(grads, (self.grad_clip / (norm + 1e-6)).clamp(max=1.0))
@@ -396,16 +395,8 @@ class MuonAdamW(torch.optim.Optimizer):
                     shards.append(_GradShard(g, bucket, out, work))
         return shards
 
-    def _clip_sharded(self, shards: list[_GradShard]) -> None:
-        """The global norm needs every shard's contribution before any update."""
-        for s in shards:
-            s.wait()
-        grads = [s.grad for s in shards]
-        sumsq = torch.stack([torch.linalg.vector_norm(x) for x in grads]).square().sum()
-        dist.all_reduce(sumsq, group=self.process_group)   # padding is zero: it adds nothing
-        self._clip(grads, sumsq)
-
-    def _update_owned(self, shards: list[_GradShard]) -> list[_Gather]:
+    def _update_owned(self, shards: list[_GradShard]) -> list[tuple]:
+        """Each owner updates its shard; returns the all-gathers in flight as (work, params, recv)."""
         W, pg = self.world_size, self.process_group
         _, all_gather = self._collectives()
         gathers = []
@@ -420,7 +411,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 send = torch.zeros(shard, dtype=p.dtype, device=p.device)
                 send[:length] = own
                 recv = torch.empty(shard * W, dtype=p.dtype, device=p.device)
-                gathers.append(_Gather(all_gather(recv, send, group=pg, async_op=True), [p], recv))
+                gathers.append((all_gather(recv, send, group=pg, async_op=True), [p], recv))
             else:
                 bucket = s.params
                 start, length, shard = self._own_range(len(bucket))
@@ -429,11 +420,11 @@ class MuonAdamW(torch.optim.Optimizer):
                     P[j] = bucket[start + j]
                 self._muon_update(g, bucket[0], P, s.grad)
                 recv = torch.empty((shard * W, *bucket[0].shape), dtype=P.dtype, device=P.device)
-                gathers.append(_Gather(all_gather(recv, P, group=pg, async_op=True), bucket, recv))
+                gathers.append((all_gather(recv, P, group=pg, async_op=True), bucket, recv))
         return gathers
 
     @staticmethod
-    def _copy_gathered(gathers: list[_Gather]) -> None:
+    def _copy_gathered(gathers: list[tuple]) -> None:
         for work, params, recv in gathers:
             work.wait()
             if len(params) == 1 and recv.dim() == 1:

@@ -12,18 +12,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from nanochat.common import rank_world
 from nanochat.lifecycle import EvalProgress, check_stop
 from nanochat.tasks import CHANCE_ACCURACY, TaskDataError, make_task, parse_spec
 
 DEFAULT_CHAT_TASKS = ["arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spellingbee", "simplespelling",
                       "arithmetic"]
-
-
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _sum_all(values: list[float], device) -> list[float]:
@@ -115,7 +109,7 @@ def evaluate_chat_tasks(model, tokenizer, specs: list, device, *, max_per_task: 
              "chatcore": mean centered accuracy (None when no task ran), "skipped": {name: reason}}.
     A task whose data is missing is skipped (named in "skipped"), or raises with required=True.
     """
-    rank, world = _dist()
+    rank, world = rank_world()
     was_training = model.training
     model.eval()
     out: dict = {"tasks": {}, "skipped": {}}

@@ -126,6 +126,14 @@ def init_distributed(device: str = "cpu", backend: str | None = None, num_thread
     return rank, local_rank, world, dev
 
 
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the initialized process group; (0, 1) in a single process."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def barrier() -> None:
     """dist.barrier() when running distributed; a no-op in a single process."""
     import torch.distributed as dist

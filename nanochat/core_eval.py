@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.common import atomic_write_text
+from nanochat.common import atomic_write_text, rank_world
 from nanochat.lifecycle import check_stop
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -326,12 +326,6 @@ def task_order(examples: list[dict]) -> list[dict]:
     return pool
 
 
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def num_evaluated(n: int, max_per_task: int) -> int:
     return n if max_per_task is None or max_per_task < 0 else min(n, max_per_task)
 
@@ -349,7 +343,7 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task_spec: TaskSpec, exampl
     n = num_evaluated(len(pool), max_per_task)
     if n == 0:
         raise ValueError(f"{task_spec.label}: no examples to evaluate (file {task_spec.data_path})")
-    rank, world = _dist_info()
+    rank, world = rank_world()
     max_len = model_max_seq_len(model)
     pad_id = tokenizer.get_bos_token_id()
     correct = torch.zeros(n, dtype=torch.float32, device=device)
@@ -388,7 +382,7 @@ def evaluate_core(model: torch.nn.Module, tokenizer, bundle_dir: str | os.PathLi
     if not todo:
         raise FileNotFoundError(f"none of the CORE tasks has its data file under {Path(bundle_dir) / 'eval_data'} "
                                 f"(skipped: {', '.join(skipped)})")
-    rank, world = _dist_info()
+    rank, world = rank_world()
     total = sum(len(range(rank, num_evaluated(len(ex), max_per_task), world)) for _, ex in todo)
 
     was_training = model.training

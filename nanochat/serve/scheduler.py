@@ -448,6 +448,7 @@ class Scheduler:
                     if self.active():
                         self._decode_step()
         except Exception as e:  # a bug must not hang every client: end their streams with the error
+            self.stop_accepting()   # and refuse new ones (503; /health says "failed")
             self._fail_all(f"{type(e).__name__}: {e}")
             raise
         self._fail_all(None)
@@ -702,6 +703,11 @@ class ReplicaPool:
 
     def idle(self) -> bool:
         return all(s.idle() for s in self.schedulers)
+
+    @property
+    def failed(self) -> bool:
+        """A replica's scheduler thread ended on an error (a bug): the server can no longer serve."""
+        return any(s._thread is not None and not s._thread.is_alive() and not s._stopping for s in self.schedulers)
 
     def stop_accepting(self) -> None:
         for s in self.schedulers:

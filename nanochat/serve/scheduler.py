@@ -55,6 +55,7 @@ from __future__ import annotations
 import codecs
 import itertools
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -242,6 +243,7 @@ Q_BLOCK, MIN_ROWS = 32, 4
 CHUNK_STEP = 8   # prefill chunks are padded to a multiple of this many tokens (>= MIN_ROWS)
 ARRIVING_S = 0.003  # a prefill this soon after a submit runs with a core fewer (requests still arriving)
 SHORT_KEYS = 128   # key length of a prefill forward whose chunks all end within it (see _prefill_step)
+SWITCH_S = 2e-4    # the GIL's switch interval while a scheduler runs (Python's default: 5 ms; see start)
 
 
 def _chunk_shape(tokens: int) -> int:
@@ -346,6 +348,12 @@ class Scheduler:
 
     # -------------------------------------------------------------- public API (any thread)
     def start(self) -> "Scheduler":
+        # The HTTP thread and this one share the GIL. A thread waiting for it gets it once the holder has
+        # run a switch interval (5 ms by default), and the model's forward re-takes it between ops: so
+        # each socket call of the HTTP thread during a forward could wait 5 ms, and the forward each time
+        # the HTTP thread held it. That spread a burst's arrivals over hundreds of ms, the tail of its
+        # time to first token (measured with bench/serve.py --trace; 0.2 ms roughly halved it).
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_S))
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{self.name}", daemon=True)
         self._thread.start()
         return self

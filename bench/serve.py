@@ -1,7 +1,7 @@
 """Benchmark our server side by side with `transformers serve --continuous-batching` on the same weights.
 
 For the demo-size model (depth 4, width 256, vocab 4096, context 512, as experiment=cpu_demo; random
-weights unless --run) it prints, for each server, run one after the other on this machine:
+weights unless --run) it prints, for each server (both running side by side on this machine):
   - single-stream decode tokens/s (one streaming client; by difference of a long and a short request)
   - at 1, 4, 8 and 16 concurrent streaming clients, two arrival patterns taking turns: a burst (all at
     once; its tokens/s is the aggregate figure) and staggered arrivals (one every --stagger-ms)
@@ -21,9 +21,10 @@ prompts and max_tokens, the same threads and the same KV capacity (max_seqs × c
 rows, the peer's --cb-num-blocks × --cb-block-size). Prompts are picked so that ours runs each to
 max_tokens; tokens are counted from `usage`, and requests that ended short on either server are
 reported (`short_requests`). The peer's model is written by our Hugging Face export (nanochat/hf).
-The servers take turns (--rounds, ours then the peer each round; best per figure), so a machine
-whose speed drifts favours neither. On a shared CPU the absolute figures move with the neighbours:
-compare the ratios of one run, over several runs.
+The servers take turns request by request (each repeat of each figure goes to ours, then to the
+peer), so a machine whose load changes from second to second favours neither; --rounds starts both
+afresh that many times (best rate per figure, every TTFT kept). On a shared CPU the absolute figures
+move with the neighbours: compare the ratios of one run, over several runs.
 """
 from __future__ import annotations
 
@@ -223,55 +224,63 @@ async def one_stream(client, url: str, model: str, messages: list[dict], tokens:
             "text": "".join(text), "total": time.perf_counter() - t0}
 
 
-async def measure(url: str, model: str, args, prompts: list[str]) -> dict:
-    """Single-stream rate, then at each concurrency k both arrival patterns, interleaved: a burst (k
-    requests at once; its tokens/s is the aggregate figure) and staggered (one every --stagger-ms)."""
+async def measure(targets: dict[str, tuple[str, str]], args, prompts: list[str]) -> dict[str, dict]:
+    """{server: figures} for servers {name: (url, model name)} running side by side, measured in turns
+    (every repeat of every figure: each server once, one after the other), so that a machine whose load
+    changes from second to second favours none. Per server: the single-stream rate, then at each
+    concurrency k both arrival patterns: a burst (k requests at once; its tokens/s is the aggregate
+    figure) and staggered (one every --stagger-ms)."""
     import httpx
-    out: dict = {"aggregate_tok_s": {}, "ttft_s": {}, "short_requests": 0, "requests": 0}
+    outs = {name: {"aggregate_tok_s": {}, "ttft_s": {}, "short_requests": 0, "requests": 0} for name in targets}
 
     def user(text: str) -> list[dict]:
         return [{"role": "user", "content": text}]
 
-    def count(results) -> None:
+    def count(out: dict, results) -> None:
         out["requests"] += len(results)
         out["short_requests"] += sum(r["n"] < args.tokens for r in results)
 
-    async def arrivals(client, k: int, gap_s: float) -> tuple[list[dict], float]:
+    async def arrivals(client, name: str, k: int, gap_s: float) -> tuple[list[dict], float]:
         async def one(i: int) -> dict:
             await asyncio.sleep(i * gap_s)
-            return await one_stream(client, url, model, user(prompts[i]), args.tokens)
+            return await one_stream(client, *targets[name], user(prompts[i]), args.tokens)
         t0 = time.perf_counter()
         res = await asyncio.gather(*[one(i) for i in range(k)])
         return res, time.perf_counter() - t0
 
     async with httpx.AsyncClient(timeout=900) as client:
-        await one_stream(client, url, model, user(prompts[0]), 8)   # warm up
+        for name in targets:
+            await one_stream(client, *targets[name], user(prompts[0]), 8)   # warm up
         # single-stream decode rate by difference: (n_long - n_short) / (t_long - t_short) over whole
         # requests, so neither the prefill nor how a server groups tokens into chunks counts
         short = max(2, args.tokens // 4)
-        best: dict[int, tuple[int, float]] = {}
+        best: dict = {}
         for _ in range(args.repeats):
             for k in (short, args.tokens):
-                r = await one_stream(client, url, model, user(prompts[0]), k)
-                if k == args.tokens:
-                    count([r])
-                if k not in best or r["total"] < best[k][1]:
-                    best[k] = (r["n"], r["total"])
-        (n1, t1), (n2, t2) = best[short], best[args.tokens]
-        # a machine busy with other work can make the long request no slower than the short one: then the
-        # difference means nothing and the whole long request's rate (prefill included) stands in for it
-        out["single_stream_tok_s"] = (n2 - n1) / (t2 - t1) if t2 > t1 and n2 > n1 else n2 / t2
+                for name, out in outs.items():
+                    r = await one_stream(client, *targets[name], user(prompts[0]), k)
+                    if k == args.tokens:
+                        count(out, [r])
+                    if (name, k) not in best or r["total"] < best[name, k][1]:
+                        best[name, k] = (r["n"], r["total"])
+        for name, out in outs.items():
+            (n1, t1), (n2, t2) = best[name, short], best[name, args.tokens]
+            # a machine busy with other work can make the long request no slower than the short one: then
+            # the difference means nothing and the long request's rate (prefill included) stands in for it
+            out["single_stream_tok_s"] = (n2 - n1) / (t2 - t1) if t2 > t1 and n2 > n1 else n2 / t2
         for k in args.streams:
             for _ in range(args.repeats):
                 for pattern, gap in (("burst", 0.0), ("staggered", args.stagger_ms / 1000)):
-                    res, wall = await arrivals(client, k, gap)
-                    count(res)
-                    out["ttft_s"].setdefault(f"{pattern} {k}", []).extend(r["ttft"] for r in res)
-                    CLIENT_LOG.extend((pattern, k, prompts[i], r["t0"], r["first"]) for i, r in enumerate(res))
-                    if pattern == "burst":
-                        rate = sum(r["n"] for r in res) / wall
-                        out["aggregate_tok_s"][str(k)] = max(rate, out["aggregate_tok_s"].get(str(k), 0.0))
-    return out
+                    for name, out in outs.items():
+                        res, wall = await arrivals(client, name, k, gap)
+                        count(out, res)
+                        out["ttft_s"].setdefault(f"{pattern} {k}", []).extend(r["ttft"] for r in res)
+                        if name == "ours":
+                            CLIENT_LOG.extend((pattern, k, prompts[i], r["t0"], r["first"]) for i, r in enumerate(res))
+                        if pattern == "burst":
+                            rate = sum(r["n"] for r in res) / wall
+                            out["aggregate_tok_s"][str(k)] = max(rate, out["aggregate_tok_s"].get(str(k), 0.0))
+    return outs
 
 
 async def multi_turn(url: str, model: str, args) -> dict:
@@ -314,21 +323,27 @@ def wait_ready(server: subprocess.Popen, url: str, name: str) -> None:
         time.sleep(0.3)
 
 
-def run_server(cmd: list[str], name: str, env: dict, work):
-    """Start a server, run `work(url)` against it, stop it; returns work's result."""
-    port = free_port()
-    cmd = [c.replace("{port}", str(port)) for c in cmd]
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL if name != "ours" else None)
-    url = f"http://127.0.0.1:{port}/"
+def run_servers(servers: dict[str, list[str]], env: dict, work):
+    """Start the servers {name: command} side by side, wait until each is ready, return `work({name: url})`
+    and stop them."""
+    procs, urls = {}, {}
     try:
-        wait_ready(server, url, name)
-        return work(url)
+        for name, cmd in servers.items():
+            port = free_port()
+            procs[name] = subprocess.Popen([c.replace("{port}", str(port)) for c in cmd], env=env,
+                                           stdout=None if name == "ours" else subprocess.DEVNULL)
+            urls[name] = f"http://127.0.0.1:{port}/"
+        for name, proc in procs.items():
+            wait_ready(proc, urls[name], name)
+        return work(urls)
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def export_hf(args, out: Path) -> Path:
@@ -352,7 +367,7 @@ def main() -> None:
                     help="also measure `transformers serve --continuous-batching` on the same weights")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per request (max_tokens)")
     ap.add_argument("--repeats", type=int, default=2, help="best of N for each figure within a round")
-    ap.add_argument("--rounds", type=int, default=2, help="server rounds, alternating ours and the peer")
+    ap.add_argument("--rounds", type=int, default=2, help="server starts (both servers afresh each round)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--turns", type=int, default=10, help="multi-turn figure: turns per conversation")
     ap.add_argument("--turn-tokens", type=int, default=16, help="multi-turn figure: max_tokens per answer")
@@ -396,25 +411,24 @@ def main() -> None:
                         "--dtype", "float32", "--continuous-batching", "--cb-block-size", str(CB_BLOCK),
                         "--cb-num-blocks", str(-(-capacity // CB_BLOCK))]
             print("[bench] peer: " + " ".join(peer_cmd).replace("{port}", "<port>"), flush=True)
-        # rounds alternate the servers (ours, peer, ours, peer ...): a machine whose speed drifts
-        # during the run then favours neither; each figure is the best over the rounds
         ours = peer = None
         for r in range(args.rounds):
             CLIENT_LOG.clear()
-            trace = [f"--trace={args.trace}/ours{r}.json"] if args.trace else []
             if args.trace:
                 Path(args.trace).mkdir(parents=True, exist_ok=True)
-            ours = best_of(ours, run_server(ours_cmd + trace, "ours", env,
-                                            lambda url: asyncio.run(measure(url, "bench", args, prompts))))
+            servers = {"ours": ours_cmd + ([f"--trace={args.trace}/ours{r}.json"] if args.trace else [])}
+            models = {"ours": "bench"}
+            if peer_cmd:
+                servers["peer"], models["peer"] = peer_cmd, str(hf)
+            res = run_servers(servers, env, lambda urls: asyncio.run(
+                measure({k: (u, models[k]) for k, u in urls.items()}, args, prompts)))
+            ours, peer = best_of(ours, res["ours"]), peer_cmd and best_of(peer, res["peer"])
             if args.trace:
                 Path(args.trace, f"client{r}.json").write_text(json.dumps(CLIENT_LOG))
-            if peer_cmd:
-                peer = best_of(peer, run_server(peer_cmd, "transformers serve", env,
-                                                lambda url: asyncio.run(measure(url, str(hf), args, prompts))))
         turns = {}
         for label, mb in (("cache_on", 256.0), ("cache_off", 0.0)):
-            turns[label] = run_server(ours_cmd + [f"--prefix-cache-mb={mb}"], "ours", env,
-                                      lambda url: asyncio.run(multi_turn(url, "bench", args)))
+            turns[label] = run_servers({"ours": ours_cmd + [f"--prefix-cache-mb={mb}"]}, env,
+                                       lambda urls: asyncio.run(multi_turn(urls["ours"], "bench", args)))
     report(eng, ours, turns, peer, args)
 
 

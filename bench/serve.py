@@ -1,10 +1,11 @@
 """Benchmark our server side by side with `transformers serve --continuous-batching` on the same weights.
 
 For the demo-size model (depth 4, width 256, vocab 4096, context 512, as experiment=cpu_demo; random
-weights unless --run) it prints, for each server, run one after the other on this machine:
+weights unless --run) it prints, for each server (both running side by side on this machine):
   - single-stream decode tokens/s (one streaming client; by difference of a long and a short request)
-  - aggregate tokens/s at 1, 4, 8 and 16 concurrent streaming clients
-  - time to first token, p50 / p95 over the 16-stream requests
+  - at 1, 4, 8 and 16 concurrent streaming clients, two arrival patterns taking turns: a burst (all at
+    once; its tokens/s is the aggregate figure) and staggered arrivals (one every --stagger-ms)
+  - time to first token, p50 / p95 per pattern and concurrency, per pattern, and over every request
 and, for ours only, the Engine's own single-stream rate (no server, batch 1, the model packed as the
 server's is: nanochat/packed.py) and a multi-turn figure:
 TTFT of turn 10 of a conversation over turn 1's, with the prefix cache on and off.
@@ -20,18 +21,21 @@ prompts and max_tokens, the same threads and the same KV capacity (max_seqs × c
 rows, the peer's --cb-num-blocks × --cb-block-size). Prompts are picked so that ours runs each to
 max_tokens; tokens are counted from `usage`, and requests that ended short on either server are
 reported (`short_requests`). The peer's model is written by our Hugging Face export (nanochat/hf).
-The servers take turns (--rounds, ours then the peer each round; best per figure), so a machine
-whose speed drifts favours neither. On a shared CPU the absolute figures move with the neighbours:
-compare the ratios of one run, over several runs.
+The servers take turns request by request (each repeat of each figure goes to ours, then to the
+peer), so a machine whose load changes from second to second favours neither; --rounds starts both
+afresh that many times (best rate per figure, every TTFT kept). On a shared CPU the absolute figures
+move with the neighbours: compare the ratios of one run, over several runs.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import contextvars
 import json
 import os
+import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,6 +49,7 @@ from nanochat.config import ServeStageConfig  # noqa: E402
 DEMO = dict(sequence_len=512, vocab_size=4096, n_layer=4, n_head=2, n_kv_head=2, n_embd=256)
 MAX_SEQS = 16     # our rows per replica; the peer gets the same KV capacity (MAX_SEQS × context tokens)
 CB_BLOCK = 32     # the peer's KV block size (tokens)
+CLIENT_LOG: list = []   # (pattern, k, prompt, sent, first token) of every request, for --trace
 
 
 # --------------------------------------------------------------------------- model (both processes)
@@ -98,7 +103,50 @@ def serve_only(args) -> None:
     pool = ReplicaPool([Scheduler(model, tok, max_seqs=MAX_SEQS, max_queue=64, observer=metrics,
                                   prefix_cache_mb=args.prefix_cache_mb, threads=args.threads, warmup=True)]).start()
     app = build_app(pool, tok, ServeSettings(model_name="bench", stream_interval_ms=args.stream_interval_ms), metrics)
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", lifespan="off")
+    log = trace(pool.schedulers[0]) if args.trace else None
+    if log:   # uvicorn re-raises SIGTERM once it has stopped: then write the trace instead of dying
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+        async def app_(scope, receive, send, inner=app):   # when the request reached our app
+            ARRIVED.set(time.perf_counter())
+            await inner(scope, receive, send)
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.run(app_ if log else app, host="127.0.0.1", port=args.port, log_level="warning", lifespan="off")
+    if log:
+        Path(args.trace).write_text(json.dumps({"steps": log["steps"], "seqs": [
+            {"text": tok.decode(s.prompt[-16:]), "arrived": s.arrived, "submitted": s.submitted, "started": s.started,
+             "first": s.first_token_at} for s in log["seqs"]]}))
+
+
+ARRIVED = contextvars.ContextVar("arrived", default=None)
+
+
+def trace(sched) -> dict:
+    """Bench-only (--trace): when every scheduler step ran, and when each request was submitted, began
+    prefilling and got its first token (perf_counter: the clients' clock too, on one machine)."""
+    log: dict = {"steps": [], "seqs": []}
+
+    def timed(f, kind):
+        def step(*a):
+            t0, waiting = time.perf_counter(), len(sched.waiting)
+            f(*a)
+            log["steps"].append((kind, t0, time.perf_counter(), sched.active(), waiting))
+        return step
+
+    def submit(*a):
+        seqs = submit_(*a)
+        for s in seqs:
+            s.arrived, s.started = ARRIVED.get(), None
+        log["seqs"].extend(seqs)
+        return seqs
+
+    def start(group, slot):
+        group.seqs[0].started = time.perf_counter()
+        start_(group, slot)
+    submit_, start_ = sched.submit, sched._start_prefill
+    sched._prefill_step, sched._decode_step = timed(sched._prefill_step, "prefill"), timed(sched._decode_step, "decode")
+    sched.submit, sched._start_prefill = submit, start
+    return log
 
 
 def engine_tok_s(args, prompt: list[int]) -> float:
@@ -172,54 +220,67 @@ async def one_stream(client, url: str, model: str, messages: list[dict], tokens:
                     last = time.perf_counter()
                     first = first or last
                     text.append(ch["delta"]["content"])
-    return {"n": n, "ttft": (first or t0) - t0, "first": first or t0, "last": last or t0, "text": "".join(text),
-            "total": time.perf_counter() - t0}
+    return {"n": n, "ttft": (first or t0) - t0, "t0": t0, "first": first or t0, "last": last or t0,
+            "text": "".join(text), "total": time.perf_counter() - t0}
 
 
-async def measure(url: str, model: str, args, prompts: list[str]) -> dict:
+async def measure(targets: dict[str, tuple[str, str]], args, prompts: list[str]) -> dict[str, dict]:
+    """{server: figures} for servers {name: (url, model name)} running side by side, measured in turns
+    (every repeat of every figure: each server once, one after the other), so that a machine whose load
+    changes from second to second favours none. Per server: the single-stream rate, then at each
+    concurrency k both arrival patterns: a burst (k requests at once; its tokens/s is the aggregate
+    figure) and staggered (one every --stagger-ms)."""
     import httpx
-    out: dict = {"aggregate_tok_s": {}, "ttft_16": [], "short_requests": 0, "requests": 0}
+    outs = {name: {"aggregate_tok_s": {}, "ttft_s": {}, "short_requests": 0, "requests": 0} for name in targets}
 
     def user(text: str) -> list[dict]:
         return [{"role": "user", "content": text}]
 
-    def count(results) -> None:
+    def count(out: dict, results) -> None:
         out["requests"] += len(results)
         out["short_requests"] += sum(r["n"] < args.tokens for r in results)
 
+    async def arrivals(client, name: str, k: int, gap_s: float) -> tuple[list[dict], float]:
+        async def one(i: int) -> dict:
+            await asyncio.sleep(i * gap_s)
+            return await one_stream(client, *targets[name], user(prompts[i]), args.tokens)
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*[one(i) for i in range(k)])
+        return res, time.perf_counter() - t0
+
     async with httpx.AsyncClient(timeout=900) as client:
-        await one_stream(client, url, model, user(prompts[0]), 8)   # warm up
+        for name in targets:
+            await one_stream(client, *targets[name], user(prompts[0]), 8)   # warm up
         # single-stream decode rate by difference: (n_long - n_short) / (t_long - t_short) over whole
         # requests, so neither the prefill nor how a server groups tokens into chunks counts
         short = max(2, args.tokens // 4)
-        best: dict[int, tuple[int, float]] = {}
+        best: dict = {}
         for _ in range(args.repeats):
             for k in (short, args.tokens):
-                r = await one_stream(client, url, model, user(prompts[0]), k)
-                if k == args.tokens:
-                    count([r])
-                if k not in best or r["total"] < best[k][1]:
-                    best[k] = (r["n"], r["total"])
-        (n1, t1), (n2, t2) = best[short], best[args.tokens]
-        # a machine busy with other work can make the long request no slower than the short one: then the
-        # difference means nothing and the whole long request's rate (prefill included) stands in for it
-        out["single_stream_tok_s"] = (n2 - n1) / (t2 - t1) if t2 > t1 and n2 > n1 else n2 / t2
+                for name, out in outs.items():
+                    r = await one_stream(client, *targets[name], user(prompts[0]), k)
+                    if k == args.tokens:
+                        count(out, [r])
+                    if (name, k) not in best or r["total"] < best[name, k][1]:
+                        best[name, k] = (r["n"], r["total"])
+        for name, out in outs.items():
+            (n1, t1), (n2, t2) = best[name, short], best[name, args.tokens]
+            # a machine busy with other work can make the long request no slower than the short one: then
+            # the difference means nothing and the long request's rate (prefill included) stands in for it
+            out["single_stream_tok_s"] = (n2 - n1) / (t2 - t1) if t2 > t1 and n2 > n1 else n2 / t2
         for k in args.streams:
-            best = 0.0
             for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                res = await asyncio.gather(*[one_stream(client, url, model, user(prompts[i]), args.tokens)
-                                             for i in range(k)])
-                wall = time.perf_counter() - t0
-                count(res)
-                if k == max(args.streams):
-                    out["ttft_16"] += [r["ttft"] for r in res]
-                best = max(best, sum(r["n"] for r in res) / wall)
-            out["aggregate_tok_s"][str(k)] = best
-    ttft = sorted(out.pop("ttft_16"))
-    out["ttft_ms_p50"] = statistics.median(ttft) * 1000
-    out["ttft_ms_p95"] = ttft[min(len(ttft) - 1, int(round(0.95 * (len(ttft) - 1))))] * 1000
-    return out
+                for pattern, gap in (("burst", 0.0), ("staggered", args.stagger_ms / 1000)):
+                    for name, out in outs.items():
+                        res, wall = await arrivals(client, name, k, gap)
+                        count(out, res)
+                        out["ttft_s"].setdefault(f"{pattern} {k}", []).extend(r["ttft"] for r in res)
+                        if name == "ours":
+                            CLIENT_LOG.extend((pattern, k, prompts[i], r["t0"], r["first"]) for i, r in enumerate(res))
+                        if pattern == "burst":
+                            rate = sum(r["n"] for r in res) / wall
+                            out["aggregate_tok_s"][str(k)] = max(rate, out["aggregate_tok_s"].get(str(k), 0.0))
+    return outs
 
 
 async def multi_turn(url: str, model: str, args) -> dict:
@@ -243,11 +304,9 @@ async def multi_turn(url: str, model: str, args) -> dict:
 # --------------------------------------------------------------------------- servers
 
 def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_ready(server: subprocess.Popen, url: str, name: str) -> None:
@@ -264,21 +323,27 @@ def wait_ready(server: subprocess.Popen, url: str, name: str) -> None:
         time.sleep(0.3)
 
 
-def run_server(cmd: list[str], name: str, env: dict, work):
-    """Start a server, run `work(url)` against it, stop it; returns work's result."""
-    port = free_port()
-    cmd = [c.replace("{port}", str(port)) for c in cmd]
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL if name != "ours" else None)
-    url = f"http://127.0.0.1:{port}/"
+def run_servers(servers: dict[str, list[str]], env: dict, work):
+    """Start the servers {name: command} side by side, wait until each is ready, return `work({name: url})`
+    and stop them."""
+    procs, urls = {}, {}
     try:
-        wait_ready(server, url, name)
-        return work(url)
+        for name, cmd in servers.items():
+            port = free_port()
+            procs[name] = subprocess.Popen([c.replace("{port}", str(port)) for c in cmd], env=env,
+                                           stdout=None if name == "ours" else subprocess.DEVNULL)
+            urls[name] = f"http://127.0.0.1:{port}/"
+        for name, proc in procs.items():
+            wait_ready(proc, urls[name], name)
+        return work(urls)
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def export_hf(args, out: Path) -> Path:
@@ -295,11 +360,6 @@ def export_hf(args, out: Path) -> Path:
     return out
 
 
-def context_len(args) -> int:
-    model, _ = load_model(args)
-    return model.config.sequence_len
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", help="serve this run dir's checkpoint instead of a random demo-size model")
@@ -307,14 +367,17 @@ def main() -> None:
                     help="also measure `transformers serve --continuous-batching` on the same weights")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per request (max_tokens)")
     ap.add_argument("--repeats", type=int, default=2, help="best of N for each figure within a round")
-    ap.add_argument("--rounds", type=int, default=2, help="server rounds, alternating ours and the peer")
+    ap.add_argument("--rounds", type=int, default=2, help="server starts (both servers afresh each round)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--turns", type=int, default=10, help="multi-turn figure: turns per conversation")
     ap.add_argument("--turn-tokens", type=int, default=16, help="multi-turn figure: max_tokens per answer")
+    ap.add_argument("--stagger-ms", type=float, default=20.0, help="staggered arrivals: one request every this many ms")
     ap.add_argument("--short", action="store_true", help="a quick pass: 8 tokens, 1 repeat, 1 and 4 streams, 3 turns")
     ap.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--trace", metavar="DIR", help="write our server's step and request timestamps (and the "
+                    "client's) to DIR, a file per round")
     ap.add_argument("--prefix-cache-mb", type=float, default=256.0, help=argparse.SUPPRESS)
     ap.add_argument("--stream-interval-ms", type=float, default=ServeStageConfig.stream_interval_ms,
                     help="our server's stage.stream_interval_ms (default: the stage's)")
@@ -348,67 +411,93 @@ def main() -> None:
                         "--dtype", "float32", "--continuous-batching", "--cb-block-size", str(CB_BLOCK),
                         "--cb-num-blocks", str(-(-capacity // CB_BLOCK))]
             print("[bench] peer: " + " ".join(peer_cmd).replace("{port}", "<port>"), flush=True)
-        # rounds alternate the servers (ours, peer, ours, peer ...): a machine whose speed drifts
-        # during the run then favours neither; each figure is the best over the rounds
         ours = peer = None
-        for _ in range(args.rounds):
-            ours = best_of(ours, run_server(ours_cmd, "ours", env,
-                                            lambda url: asyncio.run(measure(url, "bench", args, prompts))))
+        for r in range(args.rounds):
+            CLIENT_LOG.clear()
+            if args.trace:
+                Path(args.trace).mkdir(parents=True, exist_ok=True)
+            servers = {"ours": ours_cmd + ([f"--trace={args.trace}/ours{r}.json"] if args.trace else [])}
+            models = {"ours": "bench"}
             if peer_cmd:
-                peer = best_of(peer, run_server(peer_cmd, "transformers serve", env,
-                                                lambda url: asyncio.run(measure(url, str(hf), args, prompts))))
+                servers["peer"], models["peer"] = peer_cmd, str(hf)
+            res = run_servers(servers, env, lambda urls: asyncio.run(
+                measure({k: (u, models[k]) for k, u in urls.items()}, args, prompts)))
+            ours, peer = best_of(ours, res["ours"]), peer_cmd and best_of(peer, res["peer"])
+            if args.trace:
+                Path(args.trace, f"client{r}.json").write_text(json.dumps(CLIENT_LOG))
         turns = {}
         for label, mb in (("cache_on", 256.0), ("cache_off", 0.0)):
-            turns[label] = run_server(ours_cmd + [f"--prefix-cache-mb={mb}"], "ours", env,
-                                      lambda url: asyncio.run(multi_turn(url, "bench", args)))
+            turns[label] = run_servers({"ours": ours_cmd + [f"--prefix-cache-mb={mb}"]}, env,
+                                       lambda urls: asyncio.run(multi_turn(urls["ours"], "bench", args)))
     report(eng, ours, turns, peer, args)
 
 
 def best_of(a, b: dict) -> dict:
-    """Per figure, the better of two rounds (more tokens/s, less time to first token; counts add up)."""
+    """Two rounds as one: the better rate per figure, every time to first token, counts added up."""
     if a is None:
         return b
-    out = {"aggregate_tok_s": {k: max(v, b["aggregate_tok_s"][k]) for k, v in a["aggregate_tok_s"].items()},
-           "single_stream_tok_s": max(a["single_stream_tok_s"], b["single_stream_tok_s"]),
-           "ttft_ms_p50": min(a["ttft_ms_p50"], b["ttft_ms_p50"]), "ttft_ms_p95": min(a["ttft_ms_p95"], b["ttft_ms_p95"])}
-    for k in ("short_requests", "requests"):
-        out[k] = a[k] + b[k]
-    return out
+    return {"aggregate_tok_s": {k: max(v, b["aggregate_tok_s"][k]) for k, v in a["aggregate_tok_s"].items()},
+            "single_stream_tok_s": max(a["single_stream_tok_s"], b["single_stream_tok_s"]),
+            "ttft_s": {k: v + b["ttft_s"][k] for k, v in a["ttft_s"].items()},
+            **{k: a[k] + b[k] for k in ("short_requests", "requests")}}
+
+
+def summarize(res: dict) -> dict:
+    """The figures of one server: rates, and TTFT p50/p95 (ms) per arrival pattern and concurrency, per
+    pattern over all its requests, and over every request."""
+    def pct(xs: list[float]) -> dict:
+        xs = sorted(xs)
+        at = lambda q: round(xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] * 1000, 1)   # noqa: E731
+        return {"p50": at(0.5), "p95": at(0.95)}
+    ttft: dict = {}
+    for key, xs in res["ttft_s"].items():
+        pattern, k = key.split()
+        ttft.setdefault(pattern, {})[k] = pct(xs)
+    for pattern in list(ttft):
+        ttft[pattern]["all"] = pct([x for key, xs in res["ttft_s"].items() if key.startswith(pattern) for x in xs])
+    every = pct([x for xs in res["ttft_s"].values() for x in xs])
+    return {"single_stream_tok_s": round(res["single_stream_tok_s"], 1),
+            "aggregate_tok_s": {k: round(v, 1) for k, v in res["aggregate_tok_s"].items()},
+            "ttft_ms": ttft, "ttft_ms_p50": every["p50"], "ttft_ms_p95": every["p95"],
+            "short_requests": res["short_requests"], "requests": res["requests"]}
 
 
 def report(eng: float, ours: dict, turns: dict, peer, args) -> None:
-    rows = [("single-stream decode tok/s", "single_stream_tok_s")]
-    rows += [(f"aggregate tok/s, {k:>2} streams", f"agg{k}") for k in args.streams]
-    rows += [("TTFT p50 ms (max streams)", "ttft_ms_p50"), ("TTFT p95 ms (max streams)", "ttft_ms_p95"),
-             ("requests ended short", "short_requests")]
+    ours, peer = summarize(ours), peer and summarize(peer)
+    rows = [("single-stream decode tok/s", "single_stream_tok_s", ("single_stream_tok_s",))]
+    rows += [(f"aggregate tok/s, {k:>2} streams", f"agg{k}", ("aggregate_tok_s", str(k))) for k in args.streams]
+    for pattern in ("burst", "staggered"):
+        for k in [*map(str, args.streams), "all"]:
+            for q in ("p50", "p95"):
+                label = f"TTFT {q} ms, {pattern} {k + ' streams' if k != 'all' else '(all)'}"
+                rows.append((label, f"ttft_{q}_{pattern}_{k}", ("ttft_ms", pattern, k, q)))
+    rows += [("TTFT p50 ms, every request", "ttft_ms_p50", ("ttft_ms_p50",)),
+             ("TTFT p95 ms, every request", "ttft_ms_p95", ("ttft_ms_p95",)),
+             ("requests ended short", "short_requests", ("short_requests",))]
 
-    def get(res: dict, key: str) -> float:
-        return res["aggregate_tok_s"][key[3:]] if key.startswith("agg") else res[key]
-    print(f"\n{'figure':<30} {'ours':>10} {'peer':>10} {'ours/peer':>10}")
+    def get(res: dict, path: tuple) -> float:
+        for k in path:
+            res = res[k]
+        return res
+    print(f"\n{'figure':<36} {'ours':>10} {'peer':>10} {'ours/peer':>10}")
     ratios = {}
-    for label, key in rows:
-        a = get(ours, key)
-        b = get(peer, key) if peer else None
+    for label, key, path in rows:
+        a = get(ours, path)
+        b = get(peer, path) if peer else None
         r = a / b if b else None
         if r is not None and key != "short_requests":
             ratios[f"ratio_{key}"] = round(r, 3)
-        print(f"{label:<30} {a:>10.1f} {b if b is not None else float('nan'):>10.1f} "
+        print(f"{label:<36} {a:>10.1f} {b if b is not None else float('nan'):>10.1f} "
               f"{r if r is not None else float('nan'):>10.2f}")
-    print(f"{'engine alone tok/s':<30} {eng:>10.1f}   (ours single / engine = {ours['single_stream_tok_s'] / eng:.2f})")
+    print(f"{'engine alone tok/s':<36} {eng:>10.1f}   (ours single / engine = {ours['single_stream_tok_s'] / eng:.2f})")
     for label, t in turns.items():
         print(f"multi-turn TTFT, prefix cache {label[6:]:<3}: turn 1 {t['ttft_ms_turn1']:.1f} ms, turn {args.turns} "
               f"{t['ttft_ms_last_turn']:.1f} ms ({t['last_over_first']:.2f}x)")
     ratios["ratio_single_vs_engine"] = round(ours["single_stream_tok_s"] / eng, 3)
     print(json.dumps({"engine_tok_s": round(eng, 1), "tokens": args.tokens, "threads": args.threads,
-                      **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in ours.items() if k != "aggregate_tok_s"},
-                      "aggregate_tok_s": {k: round(v, 1) for k, v in ours["aggregate_tok_s"].items()},
+                      "stagger_ms": args.stagger_ms, **ours,
                       "multi_turn": {k: {kk: round(vv, 2) for kk, vv in v.items()} for k, v in turns.items()},
-                      "peer": None if peer is None else {
-                          "name": "transformers serve --continuous-batching",
-                          **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in peer.items()
-                             if k != "aggregate_tok_s"},
-                          "aggregate_tok_s": {k: round(v, 1) for k, v in peer["aggregate_tok_s"].items()}},
-                      **ratios}))
+                      "peer": peer and {"name": "transformers serve --continuous-batching", **peer}, **ratios}))
 
 
 if __name__ == "__main__":

@@ -30,13 +30,16 @@ from nanochat.execution import use_calculator
 from nanochat.gpt import KVCache
 
 
+GREEDY_BELOW = 1e-5   # a lower temperature is greedy (as vLLM): logits / temperature would overflow to inf
+
+
 def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: float = 1.0,
                       top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
     """(B, V) logits → (B,) token ids. temperature 0 is greedy; top_k keeps the k largest logits;
     top_p (nucleus) keeps the smallest set of tokens whose probability reaches p."""
     if temperature < 0:
         raise ValueError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
-    if temperature == 0.0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits.float()
     if top_k is not None and 0 < top_k < logits.size(-1):
@@ -48,6 +51,7 @@ def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: f
         probs, order = torch.sort(probs, dim=-1, descending=True)
         # drop a token when the tokens before it already reach top_p (the first one always stays)
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop[..., 0] = False   # a top_p below float32's smallest number compares as 0
         probs = probs.masked_fill(drop, 0.0)
         idx = order if idx is None else idx.gather(1, order)
     choice = torch.multinomial(probs, 1, generator=rng)

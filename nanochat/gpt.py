@@ -40,6 +40,7 @@ scale. Under torch.compile or on GPU the plain ops are used (same math).
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -367,6 +368,15 @@ class KVCache:
     def reset(self) -> None:
         self.pos.zero_()
 
+    def rows(self, n: int, min_keys: int = 0) -> "KVCache":
+        """The first n rows as a KVCache of views: a forward on it writes into this cache and attends
+        over at least `min_keys` slots (serving runs a step on the rows in use)."""
+        view = copy.copy(self)
+        view.k, view.v, view.pos = self.k[:, :n], self.v[:, :n], self.pos[:n]
+        view.last_x = self.last_x[:n] if self.last_x is not None else None
+        view.batch_size, view.min_keys = n, min_keys
+        return view
+
     def get_pos(self) -> int:
         """Largest row position (the prefix length when all rows are aligned)."""
         return int(self.pos.max())
@@ -641,7 +651,7 @@ class GPT(nn.Module):
                 raise ValueError(f"position {masks['max_pos']} exceeds the RoPE table ({self.rotary_len})")
             rope = self.rope[positions].unsqueeze(2)
 
-        x = norm(self.transformer.wte(idx))
+        x = self.embed(idx)
         if self.smear_gate is not None:
             x = self._smear(x, kv_cache)
         x0 = x
@@ -680,6 +690,10 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """The normed token embeddings; also what a KV cache keeps of a row's last token (smear)."""
+        return norm(self.transformer.wte(idx))
 
     def _use_fused_loss(self, x: torch.Tensor) -> bool:
         # CPU fp32 eager only: on GPU the elementwise passes are cheap, and compile fuses them itself

@@ -230,6 +230,8 @@ BAD = [  # (body, field named in the error, words in the message)
     (chat_body("hi", seed=-1), "seed", "non-negative"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "system, user, assistant"),
     ({"messages": [{"role": "user", "content": "   "}]}, "messages[0].content", "empty"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": " "}]}]},
+     "messages[0].content[1].text", "empty"),   # each part, as the schema says
     ({"messages": [{"role": "user", "content": 42}]}, "messages[0].content", "string"),
     ({"messages": [{"role": "user"}]}, "messages[0].content", "string"),
     ({"messages": []}, "messages", "at least one"),

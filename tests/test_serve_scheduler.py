@@ -137,6 +137,32 @@ def test_cancel_frees_row_and_queue_limit(tok, model):
         sched.stop()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")   # the bug we plant
+def test_extreme_sampling_settings_and_a_dead_scheduler_refuse_cleanly(tok, model):
+    """Found by schemathesis: temperature 1e-300 (logits / t overflow) or top_p 1e-46 (0 in float32)
+    once made torch.multinomial raise on the scheduler thread, and new requests then queued forever."""
+    from nanochat.serve.scheduler import ReplicaPool, ShuttingDown
+    sched = Scheduler(model, tok, max_seqs=2, max_queue=4)
+    pool = ReplicaPool([sched]).start()
+    try:
+        p = [tok.get_bos_token_id()] + tok.encode("hello")
+        (g,), (kg,) = _submit(sched, p, [SamplingParams(max_tokens=6, temperature=0)])
+        greedy = _collect(kg)
+        for t, top_p in ((1e-300, None), (1.0, 1e-46), (5e-324, 1e-300)):
+            _, (k,) = _submit(sched, p, [SamplingParams(max_tokens=6, temperature=t, top_p=top_p)])
+            assert _collect(k) == greedy, (t, top_p)    # both mean greedy
+        assert not pool.failed
+        sched._decode_step = None                       # a bug on the scheduler thread ...
+        _, (k,) = _submit(sched, p, [SamplingParams(max_tokens=6, temperature=0)])
+        assert _collect(k)[1] == "error"                # ... ends the streams in flight,
+        sched._thread.join(10)
+        assert pool.failed                              # /health turns 503 "failed"
+        with pytest.raises(ShuttingDown):               # and new requests are refused (503), not queued
+            _submit(sched, p, [SamplingParams(max_tokens=6, temperature=0)])
+    finally:
+        pool.stop()
+
+
 def test_utf8_streams_whole_characters(tok):
     text = "héllo wörld ✓ naïve café — ok"
     ids = tok.encode(text)

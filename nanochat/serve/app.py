@@ -384,8 +384,9 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
         reps = [{"name": s.name, "device": str(s.device), "active": s.active(), "free_rows": s.free_rows(),
                  "waiting": len(s.waiting), "max_seqs": s.max_seqs} for s in pool.schedulers]
         warming = pool.warming   # requests are served meanwhile, just not at full speed
-        ready = not app.state.draining and not warming
-        status = "draining" if app.state.draining else "warming" if warming else "ok"
+        failed = pool.failed
+        ready = not app.state.draining and not warming and not failed
+        status = "draining" if app.state.draining else "failed" if failed else "warming" if warming else "ok"
         metrics.request("/health", 200 if ready else 503)
         return JSONResponse({"status": status, "ready": ready, "model": settings.model_name,
                              "replicas": reps, "free_slots": pool.free_rows(), "context": pool.context},
@@ -433,10 +434,19 @@ def _body(model: str) -> dict:
         "application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}}}
 
 
+def _schema(media: str, model) -> dict:
+    """A body's schema; for an event stream, each event's: its `data` is this model as JSON (or [DONE])."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    if media != "text/event-stream":
+        return ref
+    data = {"anyOf": [{"const": "[DONE]"}, {"type": "string", "contentMediaType": "application/json",
+                                            "contentSchema": ref}]}
+    return {"type": "object", "required": ["data"], "properties": {"data": data}}
+
+
 def _responses(ok: dict, what: str, auth: bool, body: bool = False, queue: bool = False) -> dict:
     """OpenAPI responses of a route: 200 in the given media types, and its error statuses."""
-    out: dict = {200: {"description": what, "content": {
-        media: {"schema": {"$ref": f"#/components/schemas/{m.__name__}"}} for media, m in ok.items()}}}
+    out: dict = {200: {"description": what, "content": {media: {"schema": _schema(media, m)} for media, m in ok.items()}}}
     err = {"model": schema.ErrorResponse}
     if body:
         out[400] = {**err, "description": "bad input: the message names the field and the limit"}

@@ -85,20 +85,31 @@ def _number(body: dict, key: str, lo: float, hi: float, integer: bool) -> Option
     return v
 
 
-def _content_text(content: Any, i: int) -> str:
-    """A message's content: a string, or OpenAI content parts [{"type": "text", "text": ...}]."""
+def _content_text(content: Any, i: int, limits: Limits) -> str:
+    """A message's content: a string, or OpenAI content parts [{"type": "text", "text": ...}] (joined).
+    Each string or part is checked on its own, as the schema states it (nanochat/serve/schema.py):
+    not blank, at most `max_message_chars`."""
     param = f"messages[{i}].content"
     if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
+        pieces = [(param, content)]
+    elif isinstance(content, list) and content:
+        pieces = []
         for j, part in enumerate(content):
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise RequestError(f"{param}[{j}] must be {{'type': 'text', 'text': <string>}} (only text is "
                                    f"supported)", f"{param}[{j}]", "invalid_type")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise RequestError(f"{param} must be a string, got {type(content).__name__}", param, "invalid_type")
+            pieces.append((f"{param}[{j}].text", part["text"]))
+    elif isinstance(content, list):
+        raise RequestError(f"{param} must hold at least one text part", param, "empty_content")
+    else:
+        raise RequestError(f"{param} must be a string, got {type(content).__name__}", param, "invalid_type")
+    for where, text in pieces:
+        if not text.strip():
+            raise RequestError(f"{where} must not be empty", where, "empty_content")
+        if len(text) > limits.max_message_chars:
+            raise RequestError(f"{where} has {len(text):,} characters; the limit is {limits.max_message_chars:,} "
+                               f"per message (per text part)", where, "message_too_long")
+    return "".join(text for _, text in pieces)
 
 
 def _messages(body: dict, limits: Limits) -> list[dict]:
@@ -122,14 +133,7 @@ def _messages(body: dict, limits: Limits) -> list[dict]:
         if role not in ROLES:
             raise RequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
                                f"messages[{i}].role", "invalid_role")
-        text = _content_text(m.get("content"), i)
-        if not text.strip():
-            raise RequestError(f"messages[{i}].content must not be empty", f"messages[{i}].content",
-                               "empty_content")
-        if len(text) > limits.max_message_chars:
-            raise RequestError(f"messages[{i}].content has {len(text):,} characters; the limit is "
-                               f"{limits.max_message_chars:,} per message", f"messages[{i}].content",
-                               "message_too_long")
+        text = _content_text(m.get("content"), i, limits)
         total += len(text)
         out.append({"role": role, "content": text})
     if total > limits.max_total_chars:
@@ -159,6 +163,7 @@ def parse_chat_request(body: Any, limits: Limits, defaults: Defaults) -> ChatReq
             max_tokens = v
     n = _number(body, "n", 1, limits.max_n, True)
     seed = body.get("seed")
+    seed = int(seed) if isinstance(seed, float) and seed.is_integer() else seed   # JSON's 42.0 is an integer
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
         raise RequestError(f"'seed' must be a non-negative integer, got {seed!r}", "seed", "invalid_type")
     stop = body.get("stop")

@@ -55,6 +55,7 @@ from __future__ import annotations
 import codecs
 import itertools
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -64,7 +65,7 @@ from typing import Callable, Optional
 import torch
 
 from nanochat.engine import Engine, RowState, sample_next_token
-from nanochat.gpt import KVCache, norm
+from nanochat.gpt import KVCache
 from nanochat.packed import pack_for_inference
 from nanochat.serve.prefix_cache import PrefixCache
 
@@ -242,6 +243,7 @@ Q_BLOCK, MIN_ROWS = 32, 4
 CHUNK_STEP = 8   # prefill chunks are padded to a multiple of this many tokens (>= MIN_ROWS)
 ARRIVING_S = 0.003  # a prefill this soon after a submit runs with a core fewer (requests still arriving)
 SHORT_KEYS = 128   # key length of a prefill forward whose chunks all end within it (see _prefill_step)
+SWITCH_S = 2e-4    # the GIL's switch interval while a scheduler runs (Python's default: 5 ms; see start)
 
 
 def _chunk_shape(tokens: int) -> int:
@@ -250,17 +252,6 @@ def _chunk_shape(tokens: int) -> int:
     rows, so a token's keys/values are bitwise the same however the prompt was cut into chunks or
     batched with others; and the few distinct shapes are quick to warm up (see _warm_step)."""
     return -(-max(tokens, 1) // CHUNK_STEP) * CHUNK_STEP
-
-
-def _rows_view(cache: KVCache, n: int, keys: int = 0) -> KVCache:
-    """The first n rows of `cache` as a KVCache of views: a forward on it writes into `cache` and
-    attends over at least `keys` slots."""
-    view = KVCache.__new__(KVCache)
-    view.min_keys = keys
-    view.k, view.v, view.pos = cache.k[:, :n], cache.v[:, :n], cache.pos[:n]
-    view.last_x = cache.last_x[:n] if cache.last_x is not None else None
-    view.batch_size, view.max_len = n, cache.max_len
-    return view
 
 
 class Scheduler:
@@ -357,6 +348,12 @@ class Scheduler:
 
     # -------------------------------------------------------------- public API (any thread)
     def start(self) -> "Scheduler":
+        # The HTTP thread and this one share the GIL. A thread waiting for it gets it once the holder has
+        # run a switch interval (5 ms by default), and the model's forward re-takes it between ops: so
+        # each socket call of the HTTP thread during a forward could wait 5 ms, and the forward each time
+        # the HTTP thread held it. That spread a burst's arrivals over hundreds of ms, the tail of its
+        # time to first token (measured with bench/serve.py --trace; 0.2 ms roughly halved it).
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_S))
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{self.name}", daemon=True)
         self._thread.start()
         return self
@@ -459,6 +456,7 @@ class Scheduler:
                     if self.active():
                         self._decode_step()
         except Exception as e:  # a bug must not hang every client: end their streams with the error
+            self.stop_accepting()   # and refuse new ones (503; /health says "failed")
             self._fail_all(f"{type(e).__name__}: {e}")
             raise
         self._fail_all(None)
@@ -478,7 +476,7 @@ class Scheduler:
         keys = self._prefill_keys(T)
         at = torch.arange(T - MIN_ROWS, T, device=self.device).clamp(min=0).expand(n, MIN_ROWS)
         self.model(torch.zeros(n, T, dtype=torch.long, device=self.device),
-                   kv_cache=_rows_view(self.pre, n, keys), logits_at=at)
+                   kv_cache=self.pre.rows(n, keys), logits_at=at)
         self.pre.pos[:n] = 0
 
     def _fail_all(self, error: Optional[str]) -> None:
@@ -551,14 +549,14 @@ class Scheduler:
             last[i] = len(chunks[i]) - 1
         keys = self._prefill_keys(max(g.done for _, g in busy) + T)
         at = (last.unsqueeze(1) - torch.arange(MIN_ROWS - 1, -1, -1)).clamp(min=0)   # (n, MIN_ROWS), last one last
-        logits = self.model(ids.to(self.device), kv_cache=_rows_view(self.pre, n, keys), logits_at=at.to(self.device))
+        logits = self.model(ids.to(self.device), kv_cache=self.pre.rows(n, keys), logits_at=at.to(self.device))
         self.prefill_steps += 1
         self.pre.pos[:n] = 0   # free rows go back to empty; busy rows are set below
         for i, g in busy:
             g.done += len(chunks[i])
             self.pre.pos[i] = g.done
             if self.pre.last_x is not None:   # right padding ran past the last real token (smear's input)
-                self.pre.last_x[i] = self._embed(g.prompt[g.done - 1])
+                self.pre.last_x[i] = self.model.embed(self.pre.pos.new_tensor(g.prompt[g.done - 1]))
             if g.done == len(g.prompt):
                 self._finish_prefill(g, i, logits[i, -1:])
 
@@ -570,10 +568,6 @@ class Scheduler:
         and tested)."""
         return -(-end // Q_BLOCK) * Q_BLOCK if end <= SHORT_KEYS else self.pre.max_len
 
-    def _embed(self, token: int) -> torch.Tensor:
-        """What the model keeps of a row's last token for smear (GPT.forward: norm(wte(idx)))."""
-        return norm(self.model.transformer.wte(torch.tensor([token], device=self.device)))[0]
-
     def _start_prefill(self, group: _Group, slot: int) -> None:
         """Put the longest cached prefix of the prompt (at least one token left to compute) in `slot`."""
         blocks = self.prefix.lookup(group.prompt, limit=len(group.prompt) - 1)
@@ -581,7 +575,7 @@ class Scheduler:
         if blocks:
             self.prefix.read(blocks, self.pre.k[:, slot, :, :n], self.pre.v[:, slot, :, :n])
             if self.pre.last_x is not None:
-                self.pre.last_x[slot] = self._embed(group.prompt[n - 1])
+                self.pre.last_x[slot] = self.model.embed(self.pre.pos.new_tensor(group.prompt[n - 1]))
         self.pre.pos[slot] = n
         group.done = group.reused = n
         self.observer.prefix_reuse(n, len(group.prompt))
@@ -668,7 +662,7 @@ class Scheduler:
         ids = torch.tensor(column, dtype=torch.long).unsqueeze(1).to(self.device)
         # a row holds its prompt and all but its last token (read on the host: no tensor reads per row)
         keys = self._padded_keys(max(len(s.prompt) + len(s.tokens) for _, s in active))
-        logits = self.model(ids, kv_cache=_rows_view(self.cache, n, keys))[:, -1, :]
+        logits = self.model(ids, kv_cache=self.cache.rows(n, keys))[:, -1, :]
         if len(active) < n:   # idle rows (untiled, or a tile's spare rows) go back to empty
             keep = torch.zeros(n, dtype=torch.bool)
             keep[[r for r, _ in active]] = True
@@ -717,6 +711,11 @@ class ReplicaPool:
 
     def idle(self) -> bool:
         return all(s.idle() for s in self.schedulers)
+
+    @property
+    def failed(self) -> bool:
+        """A replica's scheduler thread ended on an error (a bug): the server can no longer serve."""
+        return any(s._thread is not None and not s._thread.is_alive() and not s._stopping for s in self.schedulers)
 
     def stop_accepting(self) -> None:
         for s in self.schedulers:

@@ -9,7 +9,7 @@ content parts) together, and the conversation's length in tokens.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -114,7 +114,7 @@ class NanochatEvent(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "warming", "draining"]
+    status: Literal["ok", "warming", "draining", "failed"]
     ready: bool
     model: str
     replicas: list[dict[str, Any]]
@@ -128,23 +128,23 @@ def request_models(limits: Limits, max_n: int) -> tuple[type[BaseModel], type[Ba
     """(ChatCompletionRequest, NanochatChatRequest) with this server's limits as schema bounds."""
     open_ = ConfigDict(extra="allow")   # unknown fields (e.g. OpenAI's frequency_penalty) are ignored
 
-    text = (str, Field(min_length=1, max_length=limits.max_message_chars, pattern=NON_BLANK))
-    part = create_model("TextPart", __config__=open_, type=(Literal["text"], ...),
-                        text=(str, Field(max_length=limits.max_message_chars)))
-    parts = (list[part], Field(min_length=1, description="content parts: text only, joined"))
+    # one string or text part: not blank, at most max_message_chars (the server checks each, nanochat/serve/limits.py)
+    text = Annotated[str, Field(min_length=1, max_length=limits.max_message_chars, pattern=NON_BLANK)]
+    part = create_model("TextPart", __config__=open_, type=(Literal["text"], ...), text=(text, ...))
+    parts = Annotated[list[part], Field(min_length=1, description="content parts: text only, joined")]
     message = create_model(
         "ChatMessage", __config__=open_,
         role=(Literal[ROLES], Field(description="system (first only), then user and assistant alternating; "
                                                 "the last message is the user's")),
-        content=(Union[text[0], parts[0]], Field(description=f"a string, or {{'type': 'text'}} parts; at most "
-                                                             f"{limits.max_message_chars:,} characters, not blank")))
+        content=(Union[text, parts], Field(description=f"a string, or {{'type': 'text'}} parts; each at most "
+                                                       f"{limits.max_message_chars:,} characters, not blank")))
     n_max = min(limits.max_n, max_n)
     common = dict(
         messages=(list[message], Field(min_length=1, max_length=limits.max_messages,
                                        description=f"at most {limits.max_total_chars:,} characters in all")),
         model=(Optional[str], Field(None, description="ignored: this server serves one model")),
         temperature=(Optional[float], Field(None, ge=limits.min_temperature, le=limits.max_temperature,
-                                            description="0 = greedy")),
+                                            description="0 (or below 1e-5) = greedy")),
         top_k=(Optional[int], Field(None, ge=limits.min_top_k, le=limits.max_top_k)),
         top_p=(Optional[float], Field(None, gt=0, le=1)),
         max_tokens=(Optional[int], Field(None, ge=limits.min_max_tokens, le=limits.max_max_tokens)),

@@ -393,8 +393,13 @@ def evaluate_core(model: torch.nn.Module, tokenizer, bundle_dir: str | os.PathLi
 
     was_training = model.training
     model.eval()
-    bar, own_bar, bar_task = None, False, None
-    if rank == 0 and progress:
+    bar, own_bar, bar_task, plain = None, False, None, None
+    if rank == 0 and progress is True and not sys.stdout.isatty():  # a file: plain lines, no bar glyphs
+        import itertools
+        from nanochat.lifecycle import EvalProgress
+        lines, count = EvalProgress("CORE", total), itertools.count(1)
+        plain = lambda: lines.step(next(count))
+    elif rank == 0 and progress:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
         if isinstance(progress, Progress):
@@ -410,7 +415,7 @@ def evaluate_core(model: torch.nn.Module, tokenizer, bundle_dir: str | os.PathLi
         for spec, examples in todo:
             if bar is not None:
                 bar.update(bar_task, label=spec.label)
-            step = (lambda: bar.advance(bar_task)) if bar is not None else None
+            step = (lambda: bar.advance(bar_task)) if bar is not None else plain
             acc = evaluate_task(model, tokenizer, spec, examples, device, max_per_task, on_example=step)
             results[spec.label] = {
                 "accuracy": acc,

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, run_cli
 
@@ -125,6 +126,19 @@ def test_tensorboard_events_are_readable(tmp_path):
     ea.Reload()
     assert {"train/loss", "val/bpb"} <= set(ea.Tags()["scalars"])
     assert [(e.step, e.value) for e in ea.Scalars("train/loss")] == [(1, 4.0), (3, 0.5)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA out-of-memory error needs a GPU")
+def test_cuda_oom_writes_the_memory_snapshot(tmp_path):
+    from nanochat.batch_size import explain_oom, memory_history
+    keep = torch.ones(1024, device="cuda")
+    memory_history(True)
+    with pytest.raises(MemoryError, match="memory snapshot: ") as e:
+        with explain_oom(8, 1, tmp_path):
+            torch.empty(2 ** 50, dtype=torch.uint8, device="cuda")
+    memory_history(False)
+    snap = tmp_path / "oom_memory_snapshot_rank0.pickle"
+    assert str(snap) in str(e.value) and snap.stat().st_size > 0 and keep.sum() == 1024
 
 
 # --------------------------------------------------------------------------- nanochat-runs

@@ -22,7 +22,6 @@ from typing import Any, Optional
 from nanochat.common import read_json
 
 STATUSES = ("completed", "running", "preempted", "failed", "unknown")
-_SKIP_DIRS = {"checkpoints", ".hydra", "torchrun", "wandb", "scaling", "__pycache__"}
 
 
 class RunsError(Exception):
@@ -71,20 +70,26 @@ def run_status(run_dir: Path) -> str:
     return status if status in STATUSES else "unknown"
 
 
-def _last_metrics(run_dir: Path, tail_bytes: int = 65536) -> dict:
-    """The newest step's metrics, merged (train and val rows share a step), from the file's tail."""
+def _metrics(run_dir: Path, tail_bytes: int = 0) -> list[dict]:
+    """metrics.jsonl rows (of its last `tail_bytes` only, when given); cut or torn lines are skipped."""
     try:
         with open(run_dir / "metrics.jsonl", "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes) if tail_bytes else 0)
             lines = f.read().decode(errors="replace").splitlines()
     except OSError:
-        return {}
+        return []
     rows = []
     for line in lines:
         try:
             rows.append(json.loads(line))
         except ValueError:
-            continue  # the first (cut) line of the tail, or a torn last one
+            continue
+    return [r for r in rows if isinstance(r, dict)]
+
+
+def _last_metrics(run_dir: Path) -> dict:
+    """The newest step's metrics, merged (train and val rows share a step), from the file's tail."""
+    rows = _metrics(run_dir, tail_bytes=65536)
     last = rows[-1].get("step") if rows else None
     return {k: v for r in rows if r.get("step") == last for k, v in r.items()}
 
@@ -120,25 +125,17 @@ def find_runs(root: Path) -> list[Path]:
             found.append(Path(dirpath))
             dirnames.clear()
         else:
-            dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+            dirnames.sort()
     return found
 
 
-def _sweep_of(run_dir: Path, root: Path) -> Optional[Path]:
-    for p in [run_dir, *run_dir.parents]:
-        if (p / "multirun.yaml").is_file():
-            return p
-        if p == root.parent or p == p.parent:
-            return None
-    return None
+def _sweep_of(run_dir: Path) -> Optional[Path]:
+    """The Hydra multirun dir (it holds multirun.yaml) a run belongs to, if any."""
+    return next((p for p in run_dir.parents if (p / "multirun.yaml").is_file()), None)
 
 
 def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -151,12 +148,8 @@ def _cells(info: dict, root: Path) -> list[str]:
     head = f"{info['headline']} {_fmt(info['value'])}" if info["value"] is not None else "-"
     wall = info["wall_time_s"]
     from nanochat.tracking import duration
-    try:
-        where = str(Path(info["dir"]).relative_to(root))
-    except ValueError:
-        where = info["dir"]
-    return [info["stage"], info["tag"], info["status"], step, head,
-            duration(wall) if isinstance(wall, (int, float)) else "-", info["git"] or "-", where]
+    return [info["stage"], info["tag"], info["status"], step, head, duration(wall) if isinstance(wall, (int, float))
+            else "-", info["git"] or "-", os.path.relpath(info["dir"], root)]
 
 
 HEADER = ["stage", "tag", "status", "step", "headline", "wall", "git", "dir"]
@@ -198,7 +191,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     groups: dict[Optional[Path], list[dict]] = {}
     for i in infos:
-        groups.setdefault(_sweep_of(Path(i["dir"]), root), []).append(i)
+        groups.setdefault(_sweep_of(Path(i["dir"])), []).append(i)
     out = []
     if None in groups:
         out.append(_table([HEADER, *(_cells(i, root) for i in groups.pop(None))]))
@@ -241,28 +234,15 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
-def _curve(run_dir: Path, metric: str, x: str) -> tuple[list[float], list[float]]:
-    plan = _read(run_dir / "plan.json", {}) or {}
-    fpt, batch = plan.get("flops_per_token"), plan.get("total_batch_size")
-    xs, ys = [], []
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row.get(metric), (int, float)) and "step" in row:
-            if x == "flops":
-                if not fpt:
-                    raise RunsError(f"--x flops: {run_dir}/plan.json has no flops_per_token; plot with --x step")
-                xs.append(float(fpt) * row.get("tokens", row["step"] * (batch or 0)))
-            else:
-                xs.append(row["step"])
-            ys.append(row[metric])
-    return xs, ys
+def _curve(run_dir: Path, metric: str, x: str) -> list[tuple[float, float]]:
+    """(x, value) points of one metric; x = step, or FLOPs = step × the plan's FLOPs per step."""
+    from nanochat.plots import _flops_per_step, read_metrics
+    pts = [(r["step"], r[metric]) for r in read_metrics(run_dir) if isinstance(r, dict)
+           and isinstance(r.get(metric), (int, float)) and isinstance(r.get("step"), int)]
+    per_step = _flops_per_step(run_dir) if x == "flops" and pts else 1.0
+    if per_step is None:
+        raise RunsError(f"--x flops: {run_dir}/plan.json has no flops_per_token × total_batch_size; use --x step")
+    return [(step * per_step, v) for step, v in pts if x == "step" or step > 0]  # a log axis has no 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -278,28 +258,22 @@ def cmd_plot(args: argparse.Namespace) -> int:
         if r in out.parents:
             raise RunsError(f"-o {out}: inside the run dir {r}; nanochat-runs never writes into a run dir")
     curves = {r: _curve(r, args.metric, args.x) for r in runs}
-    if not any(xs for xs, _ in curves.values()):
+    if not any(curves.values()):
         names = sorted({k for r in runs for k, v in _last_metrics(r).items() if isinstance(v, (int, float))} - {"step"})
         raise RunsError(f"--metric {args.metric}: not in the metrics.jsonl of any of these runs; metrics they log: "
                         f"{', '.join(names) or 'none'}")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from nanochat.plots import pyplot, save
     common = os.path.commonpath([str(r) for r in runs]) if len(runs) > 1 else str(runs[0].parent)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r, (xs, ys) in curves.items():
-        if xs:
-            ax.plot(xs, ys, label=os.path.relpath(r, common), linewidth=1.2)
-    ax.set_xlabel("FLOPs" if args.x == "flops" else "step")
-    if args.x == "flops":
-        ax.set_xscale("log")
-    ax.set_ylabel(args.metric)
+    fig, ax = pyplot().subplots(figsize=(8, 5))
+    for r, pts in curves.items():
+        if pts:
+            ax.plot(*zip(*pts), label=os.path.relpath(r, common), lw=1.2, marker="." if len(pts) <= 50 else None)
+    flops = args.x == "flops"
+    ax.set(xlabel="FLOPs" if flops else "step", ylabel=args.metric, xscale="log" if flops else "linear")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    print(f"{out} ({sum(1 for xs, _ in curves.values() if xs)} of {len(runs)} runs have {args.metric})")
+    save(fig, out)
+    print(f"{out} ({sum(1 for pts in curves.values() if pts)} of {len(runs)} runs have {args.metric})")
     return 0
 
 

@@ -149,7 +149,8 @@ def test_runs_ls_statuses_and_sweep_table(runs_root):
     before = _snapshot(root)
     p = runs_cli(root, "ls", str(root))
     assert p.returncode == 0, p.stderr
-    assert re.search(r"pretrain\s+d1\s+failed\s", p.stdout) and re.search(r"pretrain\s+d1\s+preempted\s+\d+/200", p.stdout)
+    assert re.search(r"pretrain\s+d1\s+failed\s", p.stdout)
+    assert re.search(r"pretrain\s+d1\s+preempted\s+\d+/200", p.stdout)
     sweep = p.stdout.split("sweep ", 1)[1]
     assert "2 jobs; * = best final_val_bpb" in sweep and "model.depth" in sweep
     rows = {r[1:].split()[0]: r for r in sweep.splitlines()[2:]}  # swept depth → row ("*" in column 0 = best)

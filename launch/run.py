@@ -54,9 +54,11 @@ def _console():
 
 
 def print_config_error(e: ConfigError) -> None:
+    from rich.markup import escape  # a fix such as `pip install nanochat-hydra[tensorboard]` is not markup
     c = _console()
-    c.print(f"[bold red]ConfigError[/] [bold]{e.key}[/] = {e.value!r}: {e.problem}", soft_wrap=True)
-    c.print(f"  [green]fix:[/] {e.fix}", soft_wrap=True)
+    c.print(f"[bold red]ConfigError[/] [bold]{escape(e.key)}[/] = {escape(repr(e.value))}: {escape(e.problem)}",
+            soft_wrap=True)
+    c.print(f"  [green]fix:[/] {escape(e.fix)}", soft_wrap=True)
 
 
 def print_plan(cfg: Config, plan: Optional[dict], rows: list[tuple[str, str]], run_dir: Optional[Path]) -> None:

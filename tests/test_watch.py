@@ -128,6 +128,14 @@ def test_tensorboard_events_are_readable(tmp_path):
     assert [(e.step, e.value) for e in ea.Scalars("train/loss")] == [(1, 4.0), (3, 0.5)]
 
 
+def test_tensorboard_without_its_package_is_refused_before_the_run(base_dir, workdir):
+    import importlib.util
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    p = run_cli(["experiment=tiny", "tracking.tensorboard=true", f"run.root={workdir}/runs"], base_dir, workdir)
+    assert p.returncode != 0 and "nanochat-hydra[tensorboard]" in p.stdout and not (workdir / "runs").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA out-of-memory error needs a GPU")
 def test_cuda_oom_writes_the_memory_snapshot(tmp_path):
     from nanochat.batch_size import explain_oom, memory_history

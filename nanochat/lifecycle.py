@@ -142,7 +142,7 @@ def read_status(run_dir: str | Path) -> str:
         return "completed"
     try:
         return read_json(run_dir / "status.json").get("status", "unknown")
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, ValueError, AttributeError):  # none yet, torn, or not ours (not a mapping)
         return "unknown"
 
 

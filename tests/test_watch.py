@@ -193,6 +193,8 @@ def test_runs_bad_input_is_one_clear_line(runs_root, tmp_path, case):
     elif case == "half_written":  # a dir torn mid-freeze, or made by something else
         (tmp_path / "x").mkdir()
         (tmp_path / "x" / "resolved_config.yaml").write_text("stage: [unclosed\n")
+        (tmp_path / "x" / "status.json").write_text("[1, 2]")
+        (tmp_path / "x" / "metrics.jsonl").write_text('[3]\n{"step": 1, "loss"')
         p, want = runs_cli(root, "ls", str(tmp_path)), "half-written, or not made by nanochat-run"
         assert p.returncode == 0 and "unknown" in p.stdout
     elif case == "not_a_run":

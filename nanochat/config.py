@@ -224,7 +224,7 @@ class ChatStageConfig(TrainStageConfig):
     eval_max_new_tokens: int = 256            # sampling budget per answer in that scoring
     load_optimizer: Optional[bool] = None     # warm-start optimizer state from the source; null → modern sft yes (chat_sft), else no
     chatcore_every: Optional[int] = None      # ChatCORE every N steps + at the end (-1 off; null: modern sft 200)
-    chatcore_max_cat: int = -1                # problems per categorical ChatCORE task (-1 = all)
+    chatcore_max_cat: Optional[int] = None    # problems per categorical ChatCORE task (-1 = all; null: sized to the run)
     chatcore_max_sample: int = 24             # problems per generative ChatCORE task
 
 

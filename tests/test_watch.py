@@ -18,7 +18,7 @@ import torch
 from conftest import REPO, run_cli
 
 LINE = re.compile(r"^pretrain step (\d+)/200 \| loss \d+\.\d{4} \| lrm \d\.\d{3} \| [\d,]+ tok/s \| mfu [\d.]+% \| "
-                  r"dt [\d.]+s \| elapsed \d+m\d\ds \| eta \d+m\d\ds$")
+                  r"dt [\d.]+s \| elapsed \d+m\d\ds \| eta (\d+h\d\dm|\d+m\d\ds)$")
 
 
 def _snapshot(root: Path) -> dict:
@@ -216,3 +216,30 @@ def test_speedrun_dry_run_is_short(base_dir, workdir):
     assert "5,568 (from target_param_data_ratio)" in p.stdout and "stage (chat_eval): {name: eval" in p.stdout
     full = run_cli(["experiment=speedrun", "run.dry_run=true", "run.print_config=true"], base_dir, workdir)
     assert full.stdout.count("\nmodel:\n") == 5  # every stage's config in full
+
+
+# --------------------------------------------------------------------------- evaluations sized to the run
+
+def test_chatcore_is_sized_to_the_run():
+    from nanochat.chat_plan import CHATCORE_CAT, chatcore_cap
+    from nanochat.stage_plan import due_count
+    assert [due_count(10, 4, True), due_count(8, 4, True), due_count(8, 4, False), due_count(8, -1, True)] == [4, 3, 2, 1]
+    assert chatcore_cap(None, 4 * 2048, 1) == 100                       # a 4-step CPU run: the floor
+    assert chatcore_cap(None, 3_000_000, 1) == 600                      # 5% of its compute
+    assert chatcore_cap(None, 10 ** 9, 6) == -1                         # a full-size SFT: every problem
+    assert chatcore_cap(-1, 4 * 2048, 1) == -1 and chatcore_cap(7, 10 ** 9, 1) == 7  # one key away
+    assert max(CHATCORE_CAT.values()) == 14042
+
+
+def test_sft_plan_lists_its_evaluations(runs_root, base_dir):
+    root, _, _, _ = runs_root
+    src = next((root / "sweeps" / "depths").glob("*model.depth=1*"))
+    args = ["experiment=tiny", "stage=sft", "model.depth=1", f"stage.init_from='{src}'", "stage.chatcore_every=2",
+            'stage.mixture=["arithmetic:size=200,max_value=20"]', "stage.num_iterations=4", "run.dry_run=true"]
+    out = run_cli(args, base_dir, root, env_extra={"COLUMNS": "300"}).stdout
+    rows = {p[1].strip(): p[2].strip() for p in (l.split("│") for l in out.splitlines()) if len(p) == 4}
+    assert rows["validation"] == "2 × 4,096 tokens (every 10 steps and at the end)", out
+    assert rows["ChatCORE"].startswith("2 × (ARC-Easy, ARC-Challenge, MMLU: ≤ 100 problems each; GSM8K, HumanEval")
+    assert re.match(r"≈ [\d.e+]+ FLOPs = \d+% of training", rows["evaluation cost"])
+    full = run_cli([*args, "stage.chatcore_max_cat=-1"], base_dir, root, env_extra={"COLUMNS": "300"}).stdout
+    assert "MMLU: all problems each" in full

@@ -200,7 +200,8 @@ class Tracker:
             memory_history(False)
             self._history_until = None
         if self._progress is not None:
-            self._progress.update(self._task, completed=step, info=text or " | ".join(stat_fields(stats or {})))
+            short = {k: v for k, v in (stats or {}).items() if k in ("loss", "reward", "tok_per_sec", "mfu")}
+            self._progress.update(self._task, completed=step, info=text or " | ".join(stat_fields(short)))
         elif self._plain is not None and self._plain.due(step, self.total_steps):
             fields = stat_fields(stats) if stats is not None else [text]
             elapsed = time.time() - self.t0

@@ -71,7 +71,8 @@ def memory_history(on: bool) -> None:
     (the tracker turns it on for the first steps, where OOMs happen, then off: it costs per allocation)."""
     import torch
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.memory._record_memory_history(enabled="all" if on else None, max_entries=100_000)
+        # Python stacks only: C++ unwinding on every allocation would slow those steps down
+        torch.cuda.memory._record_memory_history(enabled="all" if on else None, stacks="python", max_entries=100_000)
 
 
 def memory_snapshot(run_dir: Any) -> Optional[str]:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 from nanochat.config import Config, ConfigError
 from nanochat.plan import GENERATIONS, Plan, make_plan, plan_rows, valid_device_batches
-from nanochat.stage_plan import SourceRun, StagePlan, due_count, fill_vocab, source_rows
+from nanochat.stage_plan import SourceRun, StagePlan, due_count, fill_vocab, source_rows, when
 
 # Default mixtures. Entries marked optional (True) are skipped, with a note, when their data is
 # neither local nor downloadable, so the defaults work offline with ../shared/data.
@@ -210,9 +210,9 @@ def eval_rows(p: Plan, st: Any, chatcore_every: int, max_cat: int, scored: list)
     tokens = vp * p.eval_tokens + cp * (cat * PROBLEM_TOKENS + 2 * st.chatcore_max_sample * (PROBLEM_TOKENS + 256))
     tokens += len(scored) * max(st.eval_examples, 0) * (PROBLEM_TOKENS + st.eval_max_new_tokens)
     each = "all" if max_cat < 0 else f"≤ {max_cat:,}"
-    return [("validation", f"{vp} × {p.eval_tokens:,} tokens (every {st.eval_every} steps and at the end)"),
+    return [("validation", f"{vp} × {p.eval_tokens:,} tokens ({when(st.eval_every)})"),
             ("ChatCORE", f"{cp} × ({', '.join(CHATCORE_CAT)}: {each} problems each; GSM8K, HumanEval: "
-                         f"{st.chatcore_max_sample} each), every {chatcore_every} steps and at the end" if cp else
+                         f"{st.chatcore_max_sample} each), {when(chatcore_every)}" if cp else
                          "off (stage.chatcore_every=-1)"),
             ("scores at the end", f"{', '.join(map(str, scored))}: {'all' if st.eval_examples < 0 else st.eval_examples}"
                                   f" examples each" if scored else "none"),

@@ -105,6 +105,10 @@ def due_count(steps: int, every: int, at_zero: bool) -> int:
     return steps // every + (1 if at_zero else 0) + (0 if steps % every == 0 else 1)
 
 
+def when(every: int) -> str:
+    return f"every {every} steps and at the end" if every > 0 else "at the end"
+
+
 CORE_TASKS, CORE_EXAMPLE_TOKENS = 22, 1000   # the CORE bundle; an example with its few-shot context, roughly
 
 
@@ -115,8 +119,8 @@ def pretrain_eval_rows(p: Plan, st: Any) -> list[tuple[str, str]]:
     cp = due_count(N, st.core_every, at_zero=False) if st.core_every > 0 else 0
     per = "all" if st.core_max_per_task < 0 else f"≤ {st.core_max_per_task:,}"
     flops = (vp * tokens + cp * CORE_TASKS * max(st.core_max_per_task, 0) * CORE_EXAMPLE_TOKENS) * p.flops_per_token / 3
-    return [("validation", f"{vp} × {tokens:,} tokens (every {st.eval_every} steps and at the end)"),
-            ("CORE", f"{cp} × {CORE_TASKS} tasks, {per} examples each (every {st.core_every} steps and at the end)"
+    return [("validation", f"{vp} × {tokens:,} tokens ({when(st.eval_every)})"),
+            ("CORE", f"{cp} × {CORE_TASKS} tasks, {per} examples each ({when(st.core_every)})"
                      if cp else "off (stage.core_every=-1)"),
             ("evaluation cost", f"≈ {flops:.2g} FLOPs = {flops / max(p.total_flops, 1):.1%} of training"
                                 + (" + CORE over all examples" if cp and st.core_max_per_task < 0 else ""))]

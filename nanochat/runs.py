@@ -29,13 +29,9 @@ class RunsError(Exception):
 
 
 def headline(stage: str) -> Optional[tuple[str, str]]:
-    """(result.json key, 'min' | 'max') of a stage's headline figure.
-
-    The one place that knows where headlines come from (launch/run.py's HEADLINE today; stage
-    declarations may own them later). Imported lazily: it is the launcher's module.
-    """
-    from launch.run import HEADLINE
-    key = HEADLINE.get(stage)
+    """(result.json key, 'min' | 'max') of a stage's headline figure, as the stage declares it."""
+    from nanochat.stages import stages
+    key = getattr(stages().get(stage), "headline", None)
     if key is None:
         return None
     return key, "min" if ("loss" in key or "bpb" in key) else "max"

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from launch import rundir, validate
 from nanochat.common import read_json
 from nanochat.lifecycle import EXIT_PREEMPTED, read_status, write_status
-from nanochat.config import Config, ConfigError, config_from_dict
+from nanochat.config import Config, ConfigError, config_from_dict, config_to_dict
 from nanochat.runlock import lock_run_dir
 from nanochat.stages import stage, stages
 
@@ -54,9 +54,11 @@ def _console():
 
 
 def print_config_error(e: ConfigError) -> None:
+    from rich.markup import escape  # a fix such as `pip install nanochat-hydra[tensorboard]` is not markup
     c = _console()
-    c.print(f"[bold red]ConfigError[/] [bold]{e.key}[/] = {e.value!r}: {e.problem}", soft_wrap=True)
-    c.print(f"  [green]fix:[/] {e.fix}", soft_wrap=True)
+    c.print(f"[bold red]ConfigError[/] [bold]{escape(e.key)}[/] = {escape(repr(e.value))}: {escape(e.problem)}",
+            soft_wrap=True)
+    c.print(f"  [green]fix:[/] {escape(e.fix)}", soft_wrap=True)
 
 
 def print_plan(cfg: Config, plan: Optional[dict], rows: list[tuple[str, str]], run_dir: Optional[Path]) -> None:
@@ -105,8 +107,22 @@ def prepare(cfg: Config) -> tuple[Config, Optional[dict], list[tuple[str, str]]]
     return cfg, (sp.plan.to_dict() if sp.plan is not None else None), sp.rows + rows
 
 
-def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[Path]) -> dict:
-    """Validate, plan, freeze and dispatch one stage; returns {'status', 'run_dir', 'result'}."""
+def compact_config(cfgs: dict[str, Config]) -> str:
+    """The resolved config of a pipeline's dry run, once: the groups its stages share, then each
+    entry's stage group, one flow-style mapping each (run.print_config=true prints them in full)."""
+    import yaml
+    trees = {entry: config_to_dict(c) for entry, c in cfgs.items()}
+    shared = {k: v for k, v in next(iter(trees.values())).items() if k not in ("stage", "stages")}
+    groups = [*shared.items(), *((f"stage ({entry})", t["stage"]) for entry, t in trees.items())]
+    dump = lambda v: yaml.safe_dump(v, default_flow_style=True, sort_keys=False, width=116).removesuffix("...\n")
+    return "\n".join(f"{k}: {dump(v).strip()}" for k, v in groups)
+
+
+def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[Path],
+              show_config: bool = True) -> dict:
+    """Validate, plan, freeze and dispatch one stage; returns {'status', 'run_dir', 'result'}.
+
+    `show_config=False`: a pipeline's dry run prints the configs once, after every stage's plan."""
     from launch.dispatch import dispatch, node_rank
     check = stage(cfg.stage.name).check
     if check is not None:
@@ -116,8 +132,9 @@ def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[P
     cfg, plan, rows = prepare(cfg)
     if cfg.run.dry_run:
         print_plan(cfg, plan, rows, None)
-        _console().print(rundir.resolved_yaml(cfg))
-        return {"status": "dry_run", "run_dir": None}
+        if show_config:
+            _console().print(rundir.resolved_yaml(cfg))
+        return {"status": "dry_run", "run_dir": None, "config": cfg}
     run_dir = Path(cfg.run.dir).expanduser() if cfg.run.dir else (job_dir or rundir.new_run_dir(cfg))
     run_dir = run_dir.resolve()
     if cfg.run.skip_if_done and (run_dir / "COMPLETED").exists():
@@ -202,7 +219,7 @@ def run_pipeline(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optiona
                     stage_cfg = config_from_dict(tree)
                     break
         sub_dir = (job_dir / f"{i}_{entry}") if job_dir is not None else None
-        out = run_stage(stage_cfg, tree, hydra_info, sub_dir)
+        out = run_stage(stage_cfg, tree, hydra_info, sub_dir, show_config=cfg.run.print_config)
         results.append({"stage": entry, "kind": name, **out})
         if out["status"] == "dry_run":
             produced.pop(name, None)
@@ -212,6 +229,9 @@ def run_pipeline(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optiona
             return {"status": out["status"], "stages": results}
         produced.pop(name, None)  # re-inserted: dict order is the order stages finished
         produced[name] = out["run_dir"]
+    if cfg.run.dry_run and not cfg.run.print_config:
+        _console().print("resolved config (run.print_config=true prints each stage's in full):\n" +
+                         compact_config({r["stage"]: r["config"] for r in results}), soft_wrap=True, markup=False)
     if not cfg.run.dry_run:
         _write_report(cfg, results)
     return {"status": "dry_run" if cfg.run.dry_run else "completed", "stages": results}

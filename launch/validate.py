@@ -106,6 +106,10 @@ def check_hardware(cfg: Config) -> None:
     if hw.device == "cpu" and hw.dtype != "float32":
         raise ConfigError("hardware.dtype", hw.dtype, "use hardware.dtype=float32 on CPU "
                           "(bf16/fp16 matmuls are ~100x slower there)", "low precision on CPU")
+    import importlib.util  # the machine's packages too: a worker must not find out after the run dir exists
+    if cfg.tracking.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("tracking.tensorboard", True, "pip install tensorboard (or nanochat-hydra[tensorboard]), "
+                          "or set tracking.tensorboard=false", "the tensorboard package is not installed")
 
 
 def resolved_tree(dcfg) -> dict:

@@ -53,14 +53,40 @@ def oom_advice(device_batch_size: int, grad_accum_steps: int) -> str:
 
 
 @contextmanager
-def explain_oom(device_batch_size: int, grad_accum_steps: int) -> Iterator[None]:
-    """Re-raise an out-of-memory error from the training step with the batch size to try next."""
+def explain_oom(device_batch_size: int, grad_accum_steps: int, run_dir: Optional[Any] = None) -> Iterator[None]:
+    """Re-raise an out-of-memory error from the training step with the batch size to try next; on CUDA
+    with a `run_dir`, torch's memory snapshot of the moment goes there and the message says where."""
     try:
         yield
     except (RuntimeError, MemoryError) as e:
         if not is_oom(e):
             raise
-        raise MemoryError(oom_advice(device_batch_size, grad_accum_steps) + f"\n(original error: {e})") from e
+        where = memory_snapshot(run_dir) if run_dir is not None else None
+        seen = f"\nmemory snapshot: {where} (drag it into https://pytorch.org/memory_viz)" if where else ""
+        raise MemoryError(oom_advice(device_batch_size, grad_accum_steps) + seen + f"\n(original error: {e})") from e
+
+
+def memory_history(on: bool) -> None:
+    """Record CUDA allocations with their stacks, so an OOM's snapshot says what allocated each block
+    (the tracker turns it on for the first steps, where OOMs happen, then off: it costs per allocation)."""
+    import torch
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # Python stacks only: C++ unwinding on every allocation would slow those steps down
+        torch.cuda.memory._record_memory_history(enabled="all" if on else None, stacks="python", max_entries=100_000)
+
+
+def memory_snapshot(run_dir: Any) -> Optional[str]:
+    """Write torch's CUDA memory snapshot (segments, blocks, recorded history) into the run dir."""
+    import os
+    import torch
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    path = f"{run_dir}/oom_memory_snapshot_rank{os.environ.get('RANK', '0')}.pickle"
+    try:
+        torch.cuda.memory._dump_snapshot(path)
+    except Exception as e:  # never hide the OOM behind a failure to describe it
+        return f"(not written: {type(e).__name__}: {e})"
+    return path
 
 
 # ----------------------------------------------------------------------------- the probe

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 from nanochat.config import Config, ConfigError
 from nanochat.plan import GENERATIONS, Plan, make_plan, plan_rows, valid_device_batches
-from nanochat.stage_plan import SourceRun, StagePlan, fill_vocab, source_rows
+from nanochat.stage_plan import SourceRun, StagePlan, due_count, fill_vocab, source_rows, when
 
 # Default mixtures. Entries marked optional (True) are skipped, with a note, when their data is
 # neither local nor downloadable, so the defaults work offline with ../shared/data.
@@ -187,6 +187,40 @@ class Inheritance:
         return fallback
 
 
+# For the plan's estimate of what the evaluations cost (the data decide the real counts at run time):
+CHATCORE_CAT = {"ARC-Easy": 2376, "ARC-Challenge": 1172, "MMLU": 14042}   # test-split problems
+PROBLEM_TOKENS = 250                                                     # a rendered problem, roughly
+
+
+def chatcore_cap(explicit: Optional[int], run_tokens: int, passes: int) -> int:
+    """Problems per categorical ChatCORE task: stage.chatcore_max_cat, else what ~5% of the run's compute
+    buys (a forward costs a third of a training token), at least 100; -1 (all) once that covers every task."""
+    if explicit is not None:
+        return explicit
+    cap = max(100, int(0.05 * 3 * run_tokens / (max(1, passes) * len(CHATCORE_CAT) * PROBLEM_TOKENS)))
+    return -1 if cap >= max(CHATCORE_CAT.values()) else cap
+
+
+def eval_rows(p: Plan, st: Any, chatcore_every: int, max_cat: int, scored: list) -> list[tuple[str, str]]:
+    """Each evaluation the run will do, its size, and an estimate of its cost against the training's."""
+    N, fwd = p.num_iterations, p.flops_per_token / 3
+    vp = due_count(N, st.eval_every, at_zero=True)
+    cp = due_count(N, chatcore_every, at_zero=False) if chatcore_every > 0 else 0
+    cat = sum(n if max_cat < 0 else min(n, max_cat) for n in CHATCORE_CAT.values())
+    tokens = vp * p.eval_tokens + cp * (cat * PROBLEM_TOKENS + 2 * st.chatcore_max_sample * (PROBLEM_TOKENS + 256))
+    tokens += len(scored) * max(st.eval_examples, 0) * (PROBLEM_TOKENS + st.eval_max_new_tokens)
+    each = "all" if max_cat < 0 else f"≤ {max_cat:,}"
+    return [("validation", f"{vp} × {p.eval_tokens:,} tokens ({when(st.eval_every)})"),
+            ("ChatCORE", f"{cp} × ({', '.join(CHATCORE_CAT)}: {each} problems each; GSM8K, HumanEval: "
+                         f"{st.chatcore_max_sample} each), {when(chatcore_every)}" if cp else
+                         "off (stage.chatcore_every=-1)"),
+            ("scores at the end", f"{', '.join(map(str, scored))}: {'all' if st.eval_examples < 0 else st.eval_examples}"
+                                  f" examples each" if scored else "none"),
+            ("evaluation cost", f"≈ {tokens * fwd:.2g} FLOPs = {tokens * fwd / max(p.total_flops, 1):.0%} of training"
+                                + (" + the end scores over all examples" if st.eval_examples < 0 and scored else "")
+                                + "; sampling is slower per FLOP than training")]
+
+
 def eval_tokens_for(explicit: Optional[int], total_tokens: int, micro: int) -> int:
     """Validation tokens per pass: stage.eval_tokens, else 5% of the run's tokens (one micro-step at least)."""
     if explicit is not None:
@@ -310,6 +344,7 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules, probe:
                          f"optimizer state; the optimizer starts fresh")
     micro = dbs * seq * world
     chatcore_every = st.chatcore_every if st.chatcore_every is not None else rules.chatcore_every
+    max_cat = chatcore_cap(st.chatcore_max_cat, N * total, due_count(N, chatcore_every, at_zero=False))
     mom = tuple(v if v is not None else r for v, r in zip(
         (getattr(st, "muon_momentum_start", None), getattr(st, "muon_momentum_end", None),
          getattr(st, "muon_momentum_ramp", None)), rules.momentum))
@@ -326,16 +361,16 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules, probe:
         source=str(source.path), inherited=inh.inherited,
         stage={"mixture": names, "conversations": len(mixture), "packing": rules.packing,
                "examples_per_step": examples, "lr_frac": frac, "base_lrs": lrs0,
-               "load_optimizer": bool(load_opt), "chatcore_every": chatcore_every,
+               "load_optimizer": bool(load_opt), "chatcore_every": chatcore_every, "chatcore_max_cat": max_cat,
                "source_stage": source.stage, "tokenizer": source_tokenizer(cfg, source)},
         **{k: v * frac for k, v in lrs0.items()})
     extra = [("mixture", f"{len(mixture):,} conversations: {', '.join(map(str, names))}"),
              ("packing", rules.packing + (f" ({examples} conversations / step)" if examples else "")),
-             ("validation", f"{p.eval_tokens:,} tokens per pass (every {st.eval_every} steps)"),
              ("momentum", f"{mom[0]} → {mom[1]} over {mom[2]} steps"),
              ("optimizer state", "from the source checkpoint" + ("" if source.has_optimizer_state() else
                                   " (none there: fresh)") if load_opt else "fresh"),
-             ("ChatCORE every", str(chatcore_every))]
+             *eval_rows(p, st, chatcore_every, max_cat,
+                        list(st.eval_tasks) if st.eval_tasks is not None else held_out_specs(names))]
     return StagePlan(p, _rows(p, cfg, source, extra))
 
 

@@ -182,8 +182,9 @@ def train_chat(run: ChatRun) -> dict:
         return {"val/loss": val_loss(model, run.loader(run.val), val_steps, rt, loop.tracker.print)}
 
     def chat_core(_: int) -> dict:
-        cc = chatcore(model, run.tokenizer, rt.device, max_cat=st.chatcore_max_cat, max_sample=st.chatcore_max_sample,
-                      data_dir=cfg.paths.shared_data, base_dir=rt.base_dir, log=loop.tracker.print, seed=cfg.run.seed)
+        cc = chatcore(model, run.tokenizer, rt.device, max_cat=plan.stage.get("chatcore_max_cat", st.chatcore_max_cat),
+                      max_sample=st.chatcore_max_sample, data_dir=cfg.paths.shared_data, base_dir=rt.base_dir,
+                      log=loop.tracker.print, seed=cfg.run.seed)
         if cc["chatcore"] is None:
             return {}
         return {"chatcore": cc["chatcore"], **{f"chatcore/{k}": v["accuracy"] for k, v in cc["tasks"].items()}}

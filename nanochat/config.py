@@ -40,6 +40,10 @@ class RunConfig:
     pipeline: Optional[list] = None    # list of stage names run one after another
     print_config: bool = False         # print the resolved config on a real run too
     objective: Optional[str] = None    # result.json key a multirun job returns to Hydra's sweeper
+    log_interval_s: float = 30.0       # plain progress lines (stdout not a terminal): seconds apart, 0 = every step
+    profile: bool = False              # torch.profiler over training steps [profile_start, +profile_steps)
+    profile_start: int = 5
+    profile_steps: int = 3
 
 
 @dataclass
@@ -54,6 +58,11 @@ class WandbConfig:
     mode: str = "disabled"   # disabled | offline | online
     project: str = "nanochat"
     name: Optional[str] = None
+
+
+@dataclass
+class TrackingConfig:
+    tensorboard: bool = False   # TensorBoard event files in each run dir (`tensorboard --logdir runs/`)
 
 
 @dataclass
@@ -215,7 +224,7 @@ class ChatStageConfig(TrainStageConfig):
     eval_max_new_tokens: int = 256            # sampling budget per answer in that scoring
     load_optimizer: Optional[bool] = None     # warm-start optimizer state from the source; null → modern sft yes (chat_sft), else no
     chatcore_every: Optional[int] = None      # ChatCORE every N steps + at the end (-1 off; null: modern sft 200)
-    chatcore_max_cat: int = -1                # problems per categorical ChatCORE task (-1 = all)
+    chatcore_max_cat: Optional[int] = None    # problems per categorical ChatCORE task (-1 = all; null: sized to the run)
     chatcore_max_sample: int = 24             # problems per generative ChatCORE task
 
 
@@ -295,6 +304,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -487,11 +497,12 @@ _POSITIVE = ("model.depth", "model.sequence_len", "model.aspect_ratio", "model.h
              "model.rope_base", "hardware.nproc_per_node", "hardware.nnodes",
              "hardware.num_threads", "stage.total_batch_size", "stage.target_flops", "stage.target_param_data_ratio",
              "stage.vocab_size", "stage.max_chars", "stage.examples_per_step", "stage.num_samples",
-             "stage.device_batch_size", "stage.max_seq_len", "data.max_epochs")
+             "stage.device_batch_size", "stage.max_seq_len", "data.max_epochs", "run.profile_start",
+             "run.profile_steps")
 _NON_NEGATIVE = ("stage.num_iterations", "stage.warmup_steps", "stage.embedding_lr", "stage.unembedding_lr",
                  "stage.matrix_lr", "stage.scalar_lr", "stage.weight_decay", "stage.warmup_ratio",
                  "stage.warmdown_ratio", "stage.final_lr_frac", "stage.grad_clip", "stage.init_lr_frac",
-                 "model.softcap", "data.val_fraction")
+                 "model.softcap", "data.val_fraction", "run.log_interval_s")
 _MISSING = object()
 
 

@@ -22,6 +22,7 @@ items, so small debug runs keep their full shot count (with max_per_task=-1 both
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import random
@@ -31,14 +32,14 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat.common import atomic_write_text, rank_world
-from nanochat.lifecycle import check_stop
+from nanochat.lifecycle import EvalProgress, check_stop
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -362,13 +363,11 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task_spec: TaskSpec, exampl
 
 def evaluate_core(model: torch.nn.Module, tokenizer, bundle_dir: str | os.PathLike, device,
                   max_per_task: int = -1, tasks: Optional[list[str]] = None,
-                  progress: Any = True) -> dict:
+                  progress: bool = True) -> dict:
     """Evaluate every available CORE task; returns
     {"core", "tasks_evaluated", "tasks_total", "tasks_skipped", "results": {label: {...}}}.
 
-    `tasks` restricts to those labels. `progress`: True for a rich bar on rank 0, False for none,
-    or an existing rich.progress.Progress to add a row to (rich allows one live display at once,
-    so a training loop that already shows a bar passes its own).
+    `tasks` restricts to those labels. `progress`: progress lines on rank 0 (every 10 s), or none.
     """
     specs = load_core_tasks(bundle_dir)
     if tasks is not None:
@@ -387,25 +386,15 @@ def evaluate_core(model: torch.nn.Module, tokenizer, bundle_dir: str | os.PathLi
 
     was_training = model.training
     model.eval()
-    bar, own_bar, bar_task = None, False, None
-    if rank == 0 and progress:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-        if isinstance(progress, Progress):
-            bar = progress
-        else:
-            bar = Progress(TextColumn("CORE [bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
-                           TimeElapsedColumn(), TimeRemainingColumn())
-            own_bar = True
-            bar.start()
-        bar_task = bar.add_task("core", total=total, label="")
+    # progress lines in the training loop's format (a line every 10 s), on rank 0 when asked
+    lines = EvalProgress("CORE", total, print if rank == 0 and progress else None)
+    count = itertools.count(1)
     results = {}
     try:
         for spec, examples in todo:
-            if bar is not None:
-                bar.update(bar_task, label=spec.label)
-            step = (lambda: bar.advance(bar_task)) if bar is not None else None
-            acc = evaluate_task(model, tokenizer, spec, examples, device, max_per_task, on_example=step)
+            lines.label = f"CORE {spec.label}"
+            acc = evaluate_task(model, tokenizer, spec, examples, device, max_per_task,
+                                on_example=lambda: lines.step(next(count)))
             results[spec.label] = {
                 "accuracy": acc,
                 "centered": centered_accuracy(acc, spec.random_baseline),
@@ -413,11 +402,6 @@ def evaluate_core(model: torch.nn.Module, tokenizer, bundle_dir: str | os.PathLi
                 "random_baseline": spec.random_baseline,
             }
     finally:
-        if bar is not None:
-            if own_bar:
-                bar.stop()
-            else:
-                bar.remove_task(bar_task)
         model.train(was_training)
     core = sum(r["centered"] for r in results.values()) / len(results)
     return {"core": core, "tasks_evaluated": len(results), "tasks_total": len(specs),

@@ -90,18 +90,20 @@ def check_stop(flag: StopFlag = STOP) -> None:
 
 
 class EvalProgress:
-    """`label: i/n` on the console every `every_s` seconds, and the stop check, between batches."""
+    """Between batches: the stop check, and every `every_s` seconds a progress line in the training
+    loop's plain format (`  eval <label> 120/2376 | 45.0/s | elapsed 0m03s | eta 0m50s`)."""
 
     def __init__(self, label: str, total: int, log: Any = print, every_s: float = 10.0):
-        self.label, self.total, self.log, self.every_s = label, total, log, every_s
-        self.t0 = self.last = time.time()
+        from nanochat.tracking import Cadence
+        self.label, self.total, self.log = label, total, log
+        self.t0, self.cadence = time.time(), Cadence(every_s, first=0)
 
     def step(self, done: int) -> None:
+        from nanochat.tracking import plain_line
         check_stop()
-        now = time.time()
-        if self.log is not None and now - self.last >= self.every_s and done < self.total:
-            self.last = now
-            self.log(f"  {self.label}: {done}/{self.total} ({now - self.t0:.0f}s)")
+        if self.log is not None and 0 < done < self.total and self.cadence.due(done, self.total):
+            el = time.time() - self.t0
+            self.log("  " + plain_line(f"eval {self.label}", done, self.total, [f"{done / el:.1f}/s"], el, el / done))
 
 
 def stop_requested_all_ranks(flag: StopFlag = STOP) -> bool:
@@ -140,7 +142,7 @@ def read_status(run_dir: str | Path) -> str:
         return "completed"
     try:
         return read_json(run_dir / "status.json").get("status", "unknown")
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, ValueError, AttributeError):  # none yet, torn, or not ours (not a mapping)
         return "unknown"
 
 

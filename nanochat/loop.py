@@ -187,7 +187,9 @@ class Loop:
         N = plan.num_iterations
         self.tracker = tracker = Tracker(
             self.run_dir, enabled=rt.master, total_steps=N, start_step=state.step, wandb_mode=cfg.wandb.mode,
-            wandb_project=cfg.wandb.project, wandb_name=cfg.wandb.name, config=config_to_dict(cfg), desc=st.name)
+            wandb_project=cfg.wandb.project, wandb_name=cfg.wandb.name, config=config_to_dict(cfg), desc=st.name,
+            log_interval_s=cfg.run.log_interval_s, tensorboard=cfg.tracking.tensorboard,
+            profile=(cfg.run.profile_start, cfg.run.profile_steps) if cfg.run.profile else None)
         peak = T.peak_flops(rt.device, rt.dtype) if flops_per_token else None
         if self.resumed:
             tracker.print(f"resumed from step {state.step} of {N}")

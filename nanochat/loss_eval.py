@@ -16,12 +16,13 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from nanochat.lifecycle import check_stop
+from nanochat.common import is_rank0
+from nanochat.lifecycle import EvalProgress
 
 
 @torch.no_grad()
 def evaluate_bpb(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                 steps: int, token_bytes: torch.Tensor) -> float:
+                 steps: int, token_bytes: torch.Tensor, label: str = "bpb") -> float:
     """Bits per byte of `model` over the first `steps` (x, y) batches of `batches`.
 
     `model(x, y, loss_reduction="none")` must return the per-token fp32 losses (ignore_index -1).
@@ -34,8 +35,9 @@ def evaluate_bpb(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, t
     it = iter(batches)
     device = None
     total_nats = total_bytes = None
+    progress = EvalProgress(label, steps, print if is_rank0() else None)
     for step in range(steps):
-        check_stop()  # between batches: a preemption does not wait for the whole pass
+        progress.step(step)  # between batches: the stop check (a preemption does not wait), a line every 10 s
         try:
             x, y = next(it)
         except StopIteration:

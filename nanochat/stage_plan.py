@@ -98,6 +98,34 @@ def mixture_rows(cfg: Config, train_tokens: Optional[int]) -> tuple[list[tuple[s
     return plan_rows(cfg, train_tokens)
 
 
+def due_count(steps: int, every: int, at_zero: bool) -> int:
+    """How many times an evaluation due every `every` steps and at the last one runs in [0, steps]."""
+    if every <= 0:
+        return 1
+    return steps // every + (1 if at_zero else 0) + (0 if steps % every == 0 else 1)
+
+
+def when(every: int) -> str:
+    return f"every {every} steps and at the end" if every > 0 else "at the end"
+
+
+CORE_TASKS, CORE_EXAMPLE_TOKENS = 22, 1000   # the CORE bundle; an example with its few-shot context, roughly
+
+
+def pretrain_eval_rows(p: Plan, st: Any) -> list[tuple[str, str]]:
+    """The pretraining's evaluations, their size and an estimate of their cost against the training's."""
+    N, tokens = p.num_iterations, st.eval_tokens or p.eval_tokens or 0
+    vp = due_count(N, st.eval_every, at_zero=True)
+    cp = due_count(N, st.core_every, at_zero=False) if st.core_every > 0 else 0
+    per = "all" if st.core_max_per_task < 0 else f"≤ {st.core_max_per_task:,}"
+    flops = (vp * tokens + cp * CORE_TASKS * max(st.core_max_per_task, 0) * CORE_EXAMPLE_TOKENS) * p.flops_per_token / 3
+    return [("validation", f"{vp} × {tokens:,} tokens ({when(st.eval_every)})"),
+            ("CORE", f"{cp} × {CORE_TASKS} tasks, {per} examples each ({when(st.core_every)})"
+                     if cp else "off (stage.core_every=-1)"),
+            ("evaluation cost", f"≈ {flops:.2g} FLOPs = {flops / max(p.total_flops, 1):.1%} of training"
+                                + (" + CORE over all examples" if cp and st.core_max_per_task < 0 else ""))]
+
+
 def train_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = None) -> StagePlan:
     """Pretraining (and any stage that trains by plan.py's depth rules)."""
     cfg = fill_vocab(cfg)
@@ -106,7 +134,7 @@ def train_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] =
         p = replace(p, source=str(source.path))
     mix, warnings = mixture_rows(cfg, p.num_iterations * p.total_batch_size)
     p = replace(p, notes=p.notes + warnings) if warnings else p
-    return StagePlan(p, plan_rows(p) + mix + source_rows(cfg, source),
+    return StagePlan(p, plan_rows(p) + mix + pretrain_eval_rows(p, cfg.stage) + source_rows(cfg, source),
                      wants_probe=cfg.hardware.device_batch_size == "auto" and probe is None)
 
 

@@ -167,7 +167,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     scaler = rt.precision.grad_scaler()  # a no-op unless fp16 on CUDA
 
     def step(_: int) -> L.StepOut:
-        with explain_oom(plan.device_batch_size, plan.grad_accum_steps):  # OOM → which batch to try
+        with explain_oom(plan.device_batch_size, plan.grad_accum_steps, run_dir):  # OOM → which batch to try
             loss = train_step(train_model, optimizer, train_loader, plan, rt, scaler)
         return L.StepOut(loss, plan.total_batch_size)
 

@@ -1,0 +1,305 @@
+"""nanochat-runs: see run dirs side by side. It only reads them; nothing here writes into a run dir.
+
+    nanochat-runs ls [ROOT] [--stage S] [--tag T] [--status S] [--json]   one row per run; a sweep is one table
+    nanochat-runs diff RUN_A RUN_B                                       config and plan keys that differ
+    nanochat-runs plot RUN... --metric NAME [-o FILE] [--x step|flops]   one PNG overlaying the runs' curves
+
+A run dir is a dir holding `resolved_config.yaml` (the launcher freezes it first); a sweep dir holds
+Hydra's `multirun.yaml`. Status comes from the files the run leaves (nanochat/lifecycle.py) and, for a
+live run, the launcher's lock (nanochat/runlock.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from nanochat.common import read_json
+
+STATUSES = ("completed", "running", "preempted", "failed", "unknown")
+
+
+class RunsError(Exception):
+    """Bad input to nanochat-runs: printed as one clear line, never a traceback."""
+
+
+def headline(stage: str) -> Optional[tuple[str, str]]:
+    """(result.json key, 'min' | 'max') of a stage's headline figure, as the stage declares it."""
+    from nanochat.stages import stages
+    key = getattr(stages().get(stage), "headline", None)
+    if key is None:
+        return None
+    return key, "min" if ("loss" in key or "bpb" in key) else "max"
+
+
+def _read(path: Path, default: Any = None) -> Any:
+    try:
+        if path.suffix == ".json":
+            return read_json(path)
+        import yaml
+        return yaml.safe_load(path.read_text())
+    except Exception:  # missing, torn (a killed writer) or foreign: reads as absent
+        return default
+
+
+def _alive(run_dir: Path) -> bool:
+    """A launcher holds the run: on this host its flock shows in /proc/locks; elsewhere its heartbeat is fresh."""
+    from nanochat.runlock import STALE_S, _host, lock_holders, read_holder
+    holder = read_holder(run_dir)
+    if not holder:
+        return False
+    if holder.get("host") == _host():
+        return bool(lock_holders(run_dir / "run.lock"))
+    return time.time() - float(holder.get("heartbeat", 0)) < STALE_S
+
+
+def run_status(run_dir: Path) -> str:
+    from nanochat.lifecycle import read_status
+    status = read_status(run_dir)
+    if status != "completed" and _alive(run_dir):
+        return "running"
+    return status if status in STATUSES else "unknown"
+
+
+def _metrics(run_dir: Path, tail_bytes: int = 0) -> list[dict]:
+    """metrics.jsonl rows (of its last `tail_bytes` only, when given); cut or torn lines are skipped."""
+    try:
+        with open(run_dir / "metrics.jsonl", "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes) if tail_bytes else 0)
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in rows if isinstance(r, dict)]
+
+
+def _last_metrics(run_dir: Path) -> dict:
+    """The newest step's metrics, merged (train and val rows share a step), from the file's tail."""
+    rows = _metrics(run_dir, tail_bytes=65536)
+    last = rows[-1].get("step") if rows else None
+    return {k: v for r in rows if r.get("step") == last for k, v in r.items()}
+
+
+def run_info(run_dir: Path) -> dict:
+    """One row of `ls`: what the run is, how far it got, its headline figure."""
+    cfg = _read(run_dir / "resolved_config.yaml", {}) or {}
+    meta = _read(run_dir / "meta.json", {}) or {}
+    plan = _read(run_dir / "plan.json", {}) or {}
+    result = _read(run_dir / "result.json", {}) or {}
+    last = _last_metrics(run_dir)
+    stage_cfg = cfg.get("stage") if isinstance(cfg, dict) else None
+    stage = meta.get("stage") or (stage_cfg or {}).get("name") or "?"
+    head = headline(stage)
+    value = result.get(head[0]) if head else None
+    git = meta.get("git") or {}
+    sha = (git.get("sha") or "")[:8] + ("+dirty" if git.get("dirty") else "")
+    wall = result.get("wall_time_s", last.get("elapsed_s"))
+    return {"dir": str(run_dir), "stage": stage, "tag": meta.get("tag") or "?", "status": run_status(run_dir),
+            "step": result.get("step", last.get("step")), "total": plan.get("num_iterations"),
+            "headline": head[0] if head else None, "value": value if isinstance(value, (int, float)) else None,
+            "wall_time_s": wall, "git": sha or None, "created": meta.get("created"),
+            "overrides": meta.get("overrides") or [], "valid": bool(stage_cfg) and bool(meta)}
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Run dirs at or under `root`, oldest first (never descending into a run dir's own subdirs)."""
+    if (root / "resolved_config.yaml").is_file():
+        return [root]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if "resolved_config.yaml" in filenames:
+            found.append(Path(dirpath))
+            dirnames.clear()
+        else:
+            dirnames.sort()
+    return found
+
+
+def _sweep_of(run_dir: Path) -> Optional[Path]:
+    """The Hydra multirun dir (it holds multirun.yaml) a run belongs to, if any."""
+    return next((p for p in run_dir.parents if (p / "multirun.yaml").is_file()), None)
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _cells(info: dict, root: Path) -> list[str]:
+    step = f"{_fmt(info['step'])}/{_fmt(info['total'])}" if info["total"] else _fmt(info["step"])
+    head = f"{info['headline']} {_fmt(info['value'])}" if info["value"] is not None else "-"
+    wall = info["wall_time_s"]
+    from nanochat.tracking import duration
+    return [info["stage"], info["tag"], info["status"], step, head, duration(wall) if isinstance(wall, (int, float))
+            else "-", info["git"] or "-", os.path.relpath(info["dir"], root)]
+
+
+HEADER = ["stage", "tag", "status", "step", "headline", "wall", "git", "dir"]
+
+
+def _sweep_table(sweep: Path, infos: list[dict]) -> str:
+    """One table for a sweep: the swept keys as columns, the best headline point marked `*`."""
+    parsed = [dict(o.lstrip("+~").split("=", 1) for o in i["overrides"] if "=" in o) for i in infos]
+    swept = [k for k in dict.fromkeys(k for p in parsed for k in p) if len({p.get(k) for p in parsed}) > 1]
+    scored = [(i["value"], n) for n, i in enumerate(infos) if i["value"] is not None and math.isfinite(i["value"])]
+    best = None
+    if scored:
+        sense = (headline(infos[scored[0][1]]["stage"]) or ("", "min"))[1]
+        best = (min if sense == "min" else max)(scored)[1]
+    rows = [[" ", *swept, *HEADER]]
+    for n, (info, p) in enumerate(zip(infos, parsed)):
+        rows.append(["*" if n == best else " ", *(p.get(k, "-") for k in swept), *_cells(info, sweep)])
+    title = f"sweep {sweep} ({len(infos)} jobs" + (f"; * = best {infos[best]['headline']})" if best is not None
+                                                   else ")")
+    return title + "\n" + _table(rows)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    root = Path(args.root).expanduser().resolve()
+    if not root.is_dir():
+        raise RunsError(f"{args.root}: no such directory")
+    infos = [run_info(d) for d in find_runs(root)]
+    if not infos:
+        raise RunsError(f"no run dirs under {root} (a run dir holds resolved_config.yaml; runs go to run.root, "
+                        f"default runs/)")
+    infos = [i for i in infos if (not args.stage or i["stage"] == args.stage) and
+             (not args.tag or i["tag"] == args.tag) and (not args.status or i["status"] == args.status)]
+    infos.sort(key=lambda i: (i["created"] or "", i["dir"]))
+    if args.json:
+        print(json.dumps([{k: v for k, v in i.items() if k != "valid"} for i in infos], indent=1))
+        return 0
+    if not infos:
+        print("no runs match the filters")
+        return 0
+    groups: dict[Optional[Path], list[dict]] = {}
+    for i in infos:
+        groups.setdefault(_sweep_of(Path(i["dir"])), []).append(i)
+    out = []
+    if None in groups:
+        out.append(_table([HEADER, *(_cells(i, root) for i in groups.pop(None))]))
+    out += [_sweep_table(s, g) for s, g in groups.items()]
+    print("\n\n".join(out))
+    broken = [i["dir"] for i in infos if not i["valid"]]
+    if broken:
+        print(f"\n{len(broken)} dir(s) with a missing or unreadable resolved_config.yaml / meta.json (half-written, "
+              f"or not made by nanochat-run): {', '.join(broken[:5])}")
+    return 0
+
+
+def _run_dir(arg: str) -> Path:
+    d = Path(arg).expanduser().resolve()
+    if not (d / "resolved_config.yaml").is_file():
+        raise RunsError(f"{arg}: not a run dir (no resolved_config.yaml); `nanochat-runs ls` lists them")
+    return d
+
+
+def _flat(obj: Any, prefix: str = "") -> dict:
+    if isinstance(obj, dict) and obj:
+        return {k: v for key, val in obj.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): obj}
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    a, b = _run_dir(args.run_a), _run_dir(args.run_b)
+    lines = []
+    for name, label in (("resolved_config.yaml", "config"), ("plan.json", "plan")):
+        fa, fb = _flat(_read(a / name, {}) or {}), _flat(_read(b / name, {}) or {})
+        for k in sorted(set(fa) | set(fb)):
+            if k not in ("run.dir",) and fa.get(k, "<absent>") != fb.get(k, "<absent>"):
+                lines.append([f"{label}.{k}", *(v if isinstance(v, str) else json.dumps(v)
+                                                for v in (fa.get(k, "<absent>"), fb.get(k, "<absent>")))])
+    if not lines:
+        print(f"no config or plan key differs between {a} and {b}")
+        return 0
+    print(_table([["key", "A", "B"], *lines]))
+    print(f"A = {a}\nB = {b}")
+    return 0
+
+
+def _curve(run_dir: Path, metric: str, x: str) -> list[tuple[float, float]]:
+    """(x, value) points of one metric; x = step, or FLOPs = step × the plan's FLOPs per step."""
+    from nanochat.plots import _flops_per_step, read_metrics
+    pts = [(r["step"], r[metric]) for r in read_metrics(run_dir) if isinstance(r, dict)
+           and isinstance(r.get(metric), (int, float)) and isinstance(r.get("step"), int)]
+    per_step = _flops_per_step(run_dir) if x == "flops" and pts else 1.0
+    if per_step is None:
+        raise RunsError(f"--x flops: {run_dir}/plan.json has no flops_per_token × total_batch_size; use --x step")
+    return [(step * per_step, v) for step, v in pts if x == "step" or step > 0]  # a log axis has no 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    runs = []
+    for arg in args.runs:
+        p = Path(arg).expanduser().resolve()
+        found = find_runs(p) if p.is_dir() else []
+        if not found:
+            raise RunsError(f"{arg}: no run dirs there (a run dir holds resolved_config.yaml)")
+        runs += found
+    out = Path(args.output or f"{args.metric.replace('/', '_')}.png").resolve()
+    for r in runs:
+        if r in out.parents:
+            raise RunsError(f"-o {out}: inside the run dir {r}; nanochat-runs never writes into a run dir")
+    curves = {r: _curve(r, args.metric, args.x) for r in runs}
+    if not any(curves.values()):
+        names = sorted({k for r in runs for k, v in _last_metrics(r).items() if isinstance(v, (int, float))} - {"step"})
+        raise RunsError(f"--metric {args.metric}: not in the metrics.jsonl of any of these runs; metrics they log: "
+                        f"{', '.join(names) or 'none'}")
+    from nanochat.plots import pyplot, save
+    common = os.path.commonpath([str(r) for r in runs]) if len(runs) > 1 else str(runs[0].parent)
+    fig, ax = pyplot().subplots(figsize=(8, 5))
+    for r, pts in curves.items():
+        if pts:
+            ax.plot(*zip(*pts), label=os.path.relpath(r, common), lw=1.2, marker="." if len(pts) <= 50 else None)
+    flops = args.x == "flops"
+    ax.set(xlabel="FLOPs" if flops else "step", ylabel=args.metric, xscale="log" if flops else "linear")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, out)
+    print(f"{out} ({sum(1 for pts in curves.values() if pts)} of {len(runs)} runs have {args.metric})")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="nanochat-runs", description="Browse run dirs (read only).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("ls", help="one row per run under ROOT (default runs/)")
+    p.add_argument("root", nargs="?", default="runs")
+    p.add_argument("--stage")
+    p.add_argument("--tag")
+    p.add_argument("--status", choices=STATUSES)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("diff", help="config and plan keys that differ between two runs")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p = sub.add_parser("plot", help="overlay one metric of several runs (or sweep dirs) in a PNG")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--metric", required=True, help="a metrics.jsonl key, e.g. train/loss_smooth or val/bpb")
+    p.add_argument("-o", "--output", help="PNG path (default <metric>.png here)")
+    p.add_argument("--x", choices=("step", "flops"), default="step")
+    args = ap.parse_args(argv)
+    try:
+        return {"ls": cmd_ls, "diff": cmd_diff, "plot": cmd_plot}[args.cmd](args)
+    except RunsError as e:
+        print(f"nanochat-runs: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `nanochat-runs ls | head`: the reader left, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -94,6 +94,7 @@ def init_model(plan: Plan, cfg: Config, rt: Runtime, init_from: Optional[str]) -
     """Fresh model (seeded), or the weights of `init_from`'s last checkpoint."""
     model = build_model(gpt_config(plan), rt.device, cfg.run.seed)
     model.attn_backend = cfg.hardware.attention
+    model.activation_checkpointing = cfg.model.activation_checkpointing
     source_meta = None
     if init_from:
         ckpt = latest_checkpoint(init_from)

@@ -38,14 +38,19 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 GIB = 2 ** 30
+MAX_FAKE_WORLD = 65536   # ranks the fake process group is asked to stand for (the sharding math is per rank)
 HEADROOM = 0.90          # a planned device batch must fit this fraction of the GPU (as the probe)
 CATEGORIES = {"Parameter": "params", "Buffer": "buffers", "Gradient": "grads", "Optstate": "optimizer",
               "Activation": "activations", "Temp": "temporaries", "Other": "other"}
+COMPILE_NOTE = {
+    False: "eager, as hardware.compile=false runs (a compiled step keeps as much activation memory or less)",
+    True: "torch.compile as AOTAutograd's min-cut partition (what inductor saves for backward), each block's "
+          "graphs run op by op: inductor's fusion of forward/backward temporaries is not modelled",
+}
 DIFFERENCES = (
     "fake CPU tensors with the GPU's dtypes (this torch has no CUDA; autograd on fake cuda tensors aborts)",
     "attention: CPU flash SDPA (a dense window mask on S layers) for the GPU's flash/flex kernel: the same "
     "saved tensors (q, k, v, out, logsumexp); FLOPs counted at each layer's window",
-    "eager, not torch.compile: a compiled step fuses elementwise ops and keeps as much activation memory or less",
     "no caching-allocator rounding or fragmentation: the fit check keeps 10% of the GPU free for them",
 )
 
@@ -276,11 +281,104 @@ def rehearse(cfg, plan, *, fake: bool = True, steps: int = 2, micro_steps: Optio
         "activation_checkpointing": cfg.model.activation_checkpointing,
         **traffic, "interconnect_gb_s": bw,
         "comm_seconds_per_step": moved / (bw * 1e9) if bw and W > 1 else 0.0,
-        "fake": fake, "simulator_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
-        "seconds": time.perf_counter() - t0, "differences": list(DIFFERENCES) if fake else [],
+        "compiled": compile_blocks, "fake": fake, "simulator_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+        "seconds": time.perf_counter() - t0, "differences": (list(DIFFERENCES) + [COMPILE_NOTE[bool(compile_blocks)]]) if fake else [],
     }
     if not fake:
         out["losses"] = [float(x) for x in losses]
     mem = out["gpu_memory_gib"]
     out["fits"] = None if not mem else out["peak_memory_gib"] <= HEADROOM * mem
     return out
+
+
+# --------------------------------------------------------------------------- planning
+
+def check_request(cfg, what: str = "run.simulate") -> None:
+    """Bad input for a rehearsal → ConfigError naming the key and the fix (torch-free, for the launcher)."""
+    from nanochat.config import ConfigError, RLStageConfig, TrainStageConfig
+    hw = cfg.hardware
+    if not isinstance(cfg.stage, TrainStageConfig) or isinstance(cfg.stage, RLStageConfig):
+        raise ConfigError(what, True, "use it with a stage that trains by next-token batches: stage=pretrain, "
+                          "mid or sft", f"stage {cfg.stage.name} has no training step to rehearse")
+    if hw.device == "cuda" and not hw.gpu_memory_gb:
+        raise ConfigError("hardware.gpu_memory_gb", hw.gpu_memory_gb, "set it to one GPU's memory in GiB, e.g. "
+                          "hardware.gpu_memory_gb=80 (H100), 40 (A100 40GB) or 24 (hardware=1gpu_24gb)",
+                          f"hardware={hw.name} does not say how much memory its GPU has")
+    world = hw.nproc_per_node * hw.nnodes
+    if world < 1 or world > MAX_FAKE_WORLD:
+        raise ConfigError("hardware.nproc_per_node", hw.nproc_per_node, f"use 1..{MAX_FAKE_WORLD} ranks in all "
+                          f"(hardware.nproc_per_node × hardware.nnodes)", f"the fake process group cannot form a "
+                          f"world of {world} ranks")
+
+
+
+def fit_device_batch(cfg, plan, candidates: list[int], budget_gib: float) -> dict:
+    """The largest of `candidates` whose simulated peak fits HEADROOM × budget_gib (the peak grows with
+    the batch, so a bisection: about log2(len) rehearsals). Returns the probe-shaped result the plan
+    records ({'device_batch_size': None} when even the smallest does not fit)."""
+    cands = sorted(candidates)
+    trials: dict[int, dict] = {}
+
+    def fits(b: int) -> bool:
+        r = rehearse(cfg, plan, device_batch_size=b)
+        ok = r["peak_memory_gib"] <= HEADROOM * budget_gib
+        trials[b] = {"batch": b, "fits": ok, "peak_gib": r["peak_memory_gib"], "reason": "" if ok else
+                     f"simulated {r['peak_memory_gib']:.1f} GiB > {HEADROOM:.0%} of {budget_gib:g}"}
+        return ok
+    lo, hi, best = 0, len(cands) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if fits(cands[mid]):
+            best, lo = cands[mid], mid + 1
+        else:
+            hi = mid - 1
+    return {"device_batch_size": best, "trials": [trials[b] for b in sorted(trials, reverse=True)],
+            "device": f"simulated ({budget_gib:g} GiB GPU)", "budget_gib": budget_gib, "headroom": HEADROOM}
+
+
+def memory_rows(r: dict) -> list[tuple[str, str]]:
+    """The dry run's / run.simulate's memory table: (name, value) rows."""
+    g = r["memory_gib"]
+    mem = r.get("gpu_memory_gib")
+    fit = "" if not mem else (f" of {mem:g} GiB: " + ("fits" if r["fits"] else "DOES NOT FIT") +
+                              f" the {HEADROOM:.0%} budget ({HEADROOM * mem:.1f} GiB)")
+    rows = [("simulated peak / rank", f"{r['peak_memory_gib']:.2f} GiB{fit}")]
+    rows += [(f"  {k}", f"{g.get(k, 0):.2f} GiB") for k in ("params", "grads", "optimizer", "activations",
+                                                            "temporaries") if k in g]
+    ratio = r["flops_per_token_counted"] / max(1, r["flops_per_token_plan"])
+    rows.append(("FLOPs / token counted", f"{r['flops_per_token_counted']:,.0f} ({ratio:.4f} × plan)"))
+    W = r["world_size"]
+    if W > 1:
+        t = f" → {r['comm_seconds_per_step'] * 1e3:.1f} ms at {r['interconnect_gb_s']:g} GB/s" \
+            if r.get("interconnect_gb_s") else ""
+        rows.append(("ZeRO-2 traffic / step", f"reduce-scatter {r['reduce_scatter_bytes'] / 1e9:.2f} GB, all-gather "
+                                               f"{r['all_gather_bytes'] / 1e9:.2f} GB{t}"))
+    rows.append(("rehearsed", f"{r['device_batch_size']} × {r['sequence_len']} per micro-step × accum "
+                              f"{r['grad_accum_steps']} × {W} ranks, {r['dtype']}, fp8 {r['fp8'] or 'off'}, "
+                              f"checkpointing {r['activation_checkpointing']}, "
+                              f"{'compiled' if r.get('compiled') else 'eager'}"))
+    rows.append(("simulator", f"{r['seconds']:.0f} s, its own peak RSS {r['simulator_rss_gib']:.2f} GiB"))
+    rows += [("differs from the GPU", d) for d in r.get("differences", [])]
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m nanochat.simulate '<json>'`: {"config": tree, "plan": plan dict, "mode": "step" | "fit",
+    "candidates": [...], "print": bool}; prints the memory table (print) and the result as the last line."""
+    from nanochat.config import config_from_dict
+    from nanochat.plan import Plan
+    req = json.loads((argv or sys.argv[1:])[0])
+    cfg, plan = config_from_dict(req["config"]), Plan.from_dict(req["plan"])
+    if req.get("mode") == "fit":
+        out = fit_device_batch(cfg, plan, req["candidates"], cfg.hardware.gpu_memory_gb)
+    else:
+        out = rehearse(cfg, plan)
+        if req.get("print"):
+            for k, v in memory_rows(out):
+                print(f"{k:>24}  {v}")
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

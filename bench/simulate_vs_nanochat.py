@@ -22,15 +22,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def nanochat_step(ref: Path, plan, world: int, micro: int) -> dict:
-    """Two of nanochat's optimizer steps on fake tensors (the second tracked), as base_train runs them."""
+def nanochat_step(ref: Path, plan, world: int, micro: int, S) -> dict:
+    """Two of nanochat's optimizer steps on fake tensors (the second tracked), as base_train runs them.
+    S: our nanochat.simulate (imported before nanochat's package takes the name)."""
     os.environ["NANOCHAT_DTYPE"] = "bfloat16"      # its COMPUTE_DTYPE on an H100
     sys.path.insert(0, str(ref))
     import torch
     import torch.nn as nn
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
-    from nanochat.simulate import CATEGORIES, GIB, count_traffic, fake_world
+    CATEGORIES, GIB, count_traffic, fake_world = S.CATEGORIES, S.GIB, S.count_traffic, S.fake_world
     gpt = __import__("nanochat.gpt", fromlist=["GPT"])   # nanochat's: `ref` is first on sys.path now
     fp8 = __import__("nanochat.fp8", fromlist=["convert_to_float8_training"])
     s = plan.model
@@ -40,7 +41,14 @@ def nanochat_step(ref: Path, plan, world: int, micro: int) -> dict:
         cfg = gpt.GPTConfig(sequence_len=T, vocab_size=s.vocab_size, n_layer=s.n_layer, n_head=s.n_head,
                             n_kv_head=s.n_kv_head, n_embd=s.n_embd, window_pattern=s.window_pattern)
         model = gpt.GPT(cfg)
-        model.init_weights()                     # casts the embeddings to bf16, as on the GPU
+        # init_weights casts the embeddings to bf16 with a module .to(), which fake parameters refuse (they
+        # cannot be swapped); skip that branch (its fp16 rule) and cast them as it would, by assignment
+        gpt.COMPUTE_DTYPE = torch.float16
+        model.init_weights()
+        gpt.COMPUTE_DTYPE = torch.bfloat16
+        for emb in [model.transformer.wte, *model.value_embeds.values()]:
+            emb.weight = nn.Parameter(emb.weight.detach().to(torch.bfloat16))
+        model.cos, model.sin = model._precompute_rotary_embeddings(model.rotary_seq_len, s.n_embd // s.n_head)
 
         def keep(mod: nn.Module, fqn: str) -> bool:   # base_train's fp8_module_filter
             return (isinstance(mod, nn.Linear) and mod.in_features % 16 == 0 and mod.out_features % 16 == 0
@@ -50,10 +58,11 @@ def nanochat_step(ref: Path, plan, world: int, micro: int) -> dict:
                                            module_filter_fn=keep)
         opt = model.setup_optimizer(weight_decay=plan.weight_decay)
 
-        def step(n: int) -> None:
+        def step(n: int, before=lambda: None) -> None:
             for _ in range(n):
-                x = torch.empty(B, T + 1, dtype=torch.long)
-                loss = model(x[:, :-1], x[:, 1:])
+                before()
+                x, y = torch.empty(B, T, dtype=torch.long), torch.empty(B, T, dtype=torch.long)   # as its loader
+                loss = model(x, y)
                 (loss / plan.grad_accum_steps).backward()
             opt.step()
             model.zero_grad(set_to_none=True)
@@ -61,8 +70,7 @@ def nanochat_step(ref: Path, plan, world: int, micro: int) -> dict:
         tracker = MemTracker()
         tracker.track_external(model, opt)
         with tracker, count_traffic(traffic):
-            tracker.reset_mod_stats()
-            step(micro)
+            step(micro, tracker.reset_mod_stats)
         snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
     sys.path.remove(str(ref))
     split = {CATEGORIES.get(getattr(k, "value", k), str(k)): v / GIB for k, v in snap.items()
@@ -79,18 +87,18 @@ def main() -> None:
     from launch.validate import compose_checked
     from nanochat.config import config_from_dict
     from nanochat.plan import make_plan
-    from nanochat.simulate import rehearse
+    from nanochat import simulate as S
     tree = compose_checked(["experiment=speedrun", "run.pipeline=null", *sys.argv[2:]], str(ROOT / "conf"))
     cfg = config_from_dict(tree)
     plan = make_plan(cfg)
     micro = min(plan.grad_accum_steps, 2)
     out = {}
     t0 = time.perf_counter()
-    out["ours_eager"] = rehearse(cfg, plan, compile_blocks=False)
+    out["ours_eager"] = S.rehearse(cfg, plan, compile_blocks=False)
     for m in [m for m in sys.modules if m == "nanochat" or m.startswith("nanochat.")]:
         sys.modules["_ours_" + m] = sys.modules.pop(m)   # let `import nanochat` find nanochat's package
     try:
-        out["nanochat_eager"] = nanochat_step(ref, plan, plan.world_size, micro)
+        out["nanochat_eager"] = nanochat_step(ref, plan, plan.world_size, micro, S)
     finally:
         for m in [m for m in sys.modules if m == "nanochat" or m.startswith("nanochat.")]:
             del sys.modules[m]

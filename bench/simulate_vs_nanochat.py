@@ -111,7 +111,8 @@ def main() -> None:
         print(f"  {name:15s} peak {r['peak_memory_gib']:6.2f} GiB = " +
               ", ".join(f"{k} {g.get(k, 0):.2f}" for k in ("params", "grads", "optimizer", "activations",
                                                            "temporaries")) +
-              f" | reduce-scatter {r['reduce_scatter_bytes'] / 1e9:.2f} GB, all-gather {r['all_gather_bytes'] / 1e9:.2f} GB")
+              f" | reduce-scatter {r['reduce_scatter_bytes'] / 1e9:.2f} GB, "
+              f"all-gather {r['all_gather_bytes'] / 1e9:.2f} GB")
     print(f"  ({time.perf_counter() - t0:.0f} s)")
     print(json.dumps({k: {kk: v[kk] for kk in ("peak_memory_gib", "memory_gib", "reduce_scatter_bytes",
                                                "all_gather_bytes")} for k, v in out.items()}))

@@ -267,9 +267,8 @@ def rehearse(cfg, plan, *, fake: bool = True, steps: int = 2, micro_steps: Optio
              if getattr(k, "value", k) != "Total"}
     W = plan.world_size
     bw = getattr(hw, "interconnect_gb_s", None)
-    moved = (traffic["reduce_scatter_bytes"] + traffic["all_gather_bytes"]) * (W - 1) / max(W, 1)
-    steps_tracked = max(1, steps - 1)
-    traffic = {k: v // steps_tracked for k, v in traffic.items()}   # per step
+    traffic = {k: v // max(1, steps - 1) for k, v in traffic.items()}   # per tracked step
+    moved = (traffic["reduce_scatter_bytes"] + traffic["all_gather_bytes"]) * (W - 1) / W   # ring: per rank
     out = {
         "peak_memory_gib": snap.get("Total", 0) / GIB,
         "memory_gib": split,
@@ -281,8 +280,10 @@ def rehearse(cfg, plan, *, fake: bool = True, steps: int = 2, micro_steps: Optio
         "activation_checkpointing": cfg.model.activation_checkpointing,
         **traffic, "interconnect_gb_s": bw,
         "comm_seconds_per_step": moved / (bw * 1e9) if bw and W > 1 else 0.0,
-        "compiled": compile_blocks, "fake": fake, "simulator_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
-        "seconds": time.perf_counter() - t0, "differences": (list(DIFFERENCES) + [COMPILE_NOTE[bool(compile_blocks)]]) if fake else [],
+        "compiled": compile_blocks, "fake": fake,
+        "simulator_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+        "seconds": time.perf_counter() - t0,
+        "differences": (list(DIFFERENCES) + [COMPILE_NOTE[bool(compile_blocks)]]) if fake else [],
     }
     if not fake:
         out["losses"] = [float(x) for x in losses]
@@ -346,7 +347,8 @@ def memory_rows(r: dict) -> list[tuple[str, str]]:
     rows += [(f"  {k}", f"{g.get(k, 0):.2f} GiB") for k in ("params", "grads", "optimizer", "activations",
                                                             "temporaries") if k in g]
     ratio = r["flops_per_token_counted"] / max(1, r["flops_per_token_plan"])
-    rows.append(("FLOPs / token counted", f"{r['flops_per_token_counted']:,.0f} ({ratio:.4f} × plan)"))
+    recompute = ", block recomputation included" if r["activation_checkpointing"] != "none" else ""
+    rows.append(("FLOPs / token counted", f"{r['flops_per_token_counted']:,.0f} ({ratio:.4f} × plan{recompute})"))
     W = r["world_size"]
     if W > 1:
         t = f" → {r['comm_seconds_per_step'] * 1e3:.1f} ms at {r['interconnect_gb_s']:g} GB/s" \

@@ -122,7 +122,7 @@ def test_plan_time_memory_check_and_simulated_auto_batch(tmp_path):
     """A batch that does not fit is refused at plan time with the batch that does; auto picks it."""
     from launch.probe import plan_memory
     from nanochat import stage_plan as SP
-    hw = {"device": "cuda", "dtype": "bfloat16", "compile": False, "gpu_memory_gb": 0.05, "memory_check": True}
+    hw = {"device": "cuda", "dtype": "bfloat16", "compile": False, "gpu_memory_gb": 0.013, "memory_check": True}
     stage = {"total_batch_size": 8 * 64}
     cfg, _ = cfg_plan({"generation": "seed"}, stage, {**hw, "device_batch_size": 8}, base_dir=tmp_path)
     with pytest.raises(ConfigError) as e:

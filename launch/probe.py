@@ -86,7 +86,7 @@ def run_simulation(cfg: Config, plan: dict, mode: str = "step", candidates: Opti
     return out
 
 
-def plan_memory(cfg: Config, source, sp):
+def plan_memory(cfg: Config, source, sp, st):
     """Memory-aware planning of a GPU run before it holds a GPU; returns the StagePlan to use.
 
     hardware.device_batch_size=auto: on a machine with the GPU (a real run) the device probe above;
@@ -94,8 +94,8 @@ def plan_memory(cfg: Config, source, sp):
     hardware.memory_check=true (or an auto batch that was simulated): the planned step is rehearsed,
     its memory table joins the plan's rows, and a batch that does not fit is a ConfigError naming the
     largest hardware.device_batch_size that does. Nothing else simulates, so other dry runs stay fast.
+    st: the stage's declaration (nanochat/stages), whose planner plans again with the chosen batch.
     """
-    from nanochat import stage_plan as SP
     from nanochat.plan import grad_accum
     from nanochat.simulate import check_request, memory_rows
     hw = cfg.hardware
@@ -110,10 +110,10 @@ def plan_memory(cfg: Config, source, sp):
             raise ConfigError("hardware.device_batch_size", "auto", "use model.activation_checkpointing=full,"
                               " a shorter model.sequence_len, a smaller model or more GPU memory",
                               f"even device batch {min(cands)} does not fit ({res['trials'][-1]['reason']})")
-        sp = SP.call_planner(cfg, source, probe=res)
+        sp = st.planner(cfg, source, probe=res)
         simulated = True
     elif sp.wants_probe and not cfg.run.dry_run:   # on the device: the real probe
-        sp = SP.call_planner(cfg, source, probe=probe_device_batch(cfg, sp.plan))
+        sp = st.planner(cfg, source, probe=probe_device_batch(cfg, sp.plan))
     if not (simulated or (hw.memory_check and gpu)) or sp.plan is None:
         return sp
     check_request(cfg, "hardware.memory_check")

@@ -175,21 +175,25 @@ def compiled_blocks(model) -> Iterator[None]:
 
 
 def train_step(model, optimizer, batches, precision, plan, step: int, before_micro=None) -> float:
-    """One optimizer step as pretraining runs it: grad_accum micro-batches, schedules, step, zero_grad."""
+    """One optimizer step as pretraining runs it: this step's schedules, then pretraining's own step
+    (nanochat/stages/pretrain.py train_step) over `batches`, calling before_micro() ahead of each."""
+    import dataclasses
+    import torch
+    from torch._subclasses.fake_tensor import DataDependentOutputException
     from nanochat import training as T
-    accum = len(batches)
-    loss_sum = 0.0
-    for x, y in batches:
-        if before_micro is not None:
-            before_micro()
-        with precision.autocast():
-            loss = model(x, y)
-        loss_sum = loss_sum + loss.detach()
-        (loss / accum).backward()
+    from nanochat.stages.pretrain import train_step as pretrain_step
+
+    def feed():
+        for b in batches:
+            if before_micro is not None:
+                before_micro()
+            yield b
     T.apply_schedules(optimizer, step, plan)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum
+    rt = T.Runtime(0, 0, plan.world_size, next(model.parameters()).device, precision, Path("."))
+    try:
+        return pretrain_step(model, optimizer, feed(), dataclasses.replace(plan, grad_accum_steps=len(batches)), rt)
+    except DataDependentOutputException:   # fake tensors: the step ran; only the mean loss's value was asked for
+        return float("nan")
 
 
 def rehearse(cfg, plan, *, fake: bool = True, steps: int = 2, micro_steps: Optional[int] = None,

@@ -121,17 +121,18 @@ def test_bad_input_names_key_and_fix():
 def test_plan_time_memory_check_and_simulated_auto_batch(tmp_path):
     """A batch that does not fit is refused at plan time with the batch that does; auto picks it."""
     from launch.probe import plan_memory
-    from nanochat import stage_plan as SP
+    from nanochat.stages import stage
+    st = stage("pretrain")
     hw = {"device": "cuda", "dtype": "bfloat16", "compile": False, "gpu_memory_gb": 0.013, "memory_check": True}
     stage = {"total_batch_size": 8 * 64}
     cfg, _ = cfg_plan({"generation": "seed"}, stage, {**hw, "device_batch_size": 8}, base_dir=tmp_path)
     with pytest.raises(ConfigError) as e:
-        plan_memory(cfg, None, SP.call_planner(cfg, None))
+        plan_memory(cfg, None, st.planner(cfg, None), st)
     assert e.value.key == "hardware.device_batch_size" and e.value.value == 8
     fit = int(e.value.fix.split("hardware.device_batch_size=")[1].split()[0])
     assert 1 <= fit < 8 and "grad accumulation" in e.value.fix
     cfg, _ = cfg_plan({"generation": "seed"}, stage, {**hw, "device_batch_size": "auto"}, base_dir=tmp_path)
-    sp = plan_memory(cfg, None, SP.call_planner(cfg, None))
+    sp = plan_memory(cfg, None, st.planner(cfg, None), st)
     assert sp.plan.device_batch_size == fit and sp.plan.grad_accum_steps == 8 // fit
     assert any(k == "simulated peak / rank" for k, _ in sp.rows)
 

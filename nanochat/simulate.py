@@ -175,13 +175,12 @@ def compiled_blocks(model) -> Iterator[None]:
 
 
 def train_step(model, optimizer, batches, precision, plan, step: int, before_micro=None) -> float:
-    """One optimizer step as pretraining runs it: this step's schedules, then pretraining's own step
-    (nanochat/stages/pretrain.py train_step) over `batches`, calling before_micro() ahead of each."""
+    """One optimizer step as pretraining runs it: this step's schedules, then the training loop's own step
+    (nanochat/training.py train_step) over `batches`, calling before_micro() ahead of each."""
     import dataclasses
     import torch
     from torch._subclasses.fake_tensor import DataDependentOutputException
     from nanochat import training as T
-    from nanochat.stages.pretrain import train_step as pretrain_step
 
     def feed():
         for b in batches:
@@ -191,7 +190,7 @@ def train_step(model, optimizer, batches, precision, plan, step: int, before_mic
     T.apply_schedules(optimizer, step, plan)
     rt = T.Runtime(0, 0, plan.world_size, next(model.parameters()).device, precision, Path("."))
     try:
-        return pretrain_step(model, optimizer, feed(), dataclasses.replace(plan, grad_accum_steps=len(batches)), rt)
+        return T.train_step(model, optimizer, feed(), dataclasses.replace(plan, grad_accum_steps=len(batches)), rt)
     except DataDependentOutputException:   # fake tensors: the step ran; only the mean loss's value was asked for
         return float("nan")
 

@@ -19,6 +19,8 @@ Checks
   torchrun      the torchrun path (NCCL on CUDA with every GPU, gloo on CPU): ranks agree after steps.
   compile_cache compile time cold (empty inductor cache) and warm (second process, same cache), and
                 that the warm run hits the FX graph cache. CPU: only with --compile (slow here).
+  simulate      the pretrain step's measured peak memory vs nanochat/simulate.py's fake-tensor rehearsal
+                (within 10%): the first GPU run checks the simulator.
   fp8           model.fp8 (torchao.float8) on nanochat's layers: 20 steps of a d4 (width 256) in fp8
                 tensorwise vs bf16 agree within FP8_TOL nats; on fp8 GPUs (compute capability >= 8.9)
                 the d24 speedrun model's compiled step in fp8 vs bf16: tok/s of both and the speedup
@@ -483,9 +485,52 @@ def check_fp8(args, dev, precision) -> dict:
     return {"ok": ok, **out}
 
 
+def check_simulate(args, dev, precision) -> dict:
+    """The simulator (nanochat/simulate.py) against the device: the same pretrain step (d12 modern, eager,
+    accumulation 2) run for real, its measured peak (CUDA: max_memory_allocated; CPU: the tracker on real
+    tensors) vs the peak simulated on fake tensors. The first GPU run checks the simulator this way."""
+    from nanochat import training as T
+    from nanochat.config import config_from_dict
+    from nanochat.plan import make_plan
+    from nanochat.simulate import rehearse, train_step
+    cuda = dev.type == "cuda"
+    seq, B = (2048, args.device_batch) if cuda and not args.quick else (64, 4)
+    model_cfg = {"generation": "modern", "depth": 12 if cuda and not args.quick else 2, "sequence_len": seq,
+                 "vocab_size": 32768 if cuda else 512}
+    cfg = config_from_dict({"model": model_cfg, "stage": {"name": "pretrain", "total_batch_size": 2 * B * seq},
+                            "hardware": {"device": dev.type, "dtype": "bfloat16" if cuda else "float32",
+                                         "device_batch_size": B, "gpu_memory_gb": 80, "compile": False}})
+    plan = make_plan(cfg)
+    sim = rehearse(cfg, plan)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        model = build_model(T.gpt_config(plan), dev, 0)
+        rt = T.Runtime(0, 0, 1, dev, precision, Path("."))
+        opt = T.make_optimizer(model, plan, cfg, rt)
+        for step in range(2):
+            batches = [torch.randint(0, plan.model.vocab_size, (B, seq + 1), device=dev) for _ in range(2)]
+            train_step(model, opt, [(x[:, :-1], x[:, 1:]) for x in batches], precision, plan, step)
+        sync(dev)
+        measured = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 30
+        del model, opt
+        torch.cuda.empty_cache()
+    else:
+        measured = rehearse(cfg, plan, fake=False)["peak_memory_gib"]
+    err = sim["peak_memory_gib"] / measured - 1
+    print(f"    d{plan.model.depth} {B}×{seq}, accum 2: measured peak {measured:.3f} GiB, simulated "
+          f"{sim['peak_memory_gib']:.3f} GiB ({err * 100:+.1f}%); FLOPs/token counted "
+          f"{sim['flops_per_token_counted']:,.0f} vs plan {plan.flops_per_token:,}", flush=True)
+    return {"ok": abs(err) <= 0.10, "measured_peak_gib": round(measured, 4),
+            "simulated_peak_gib": round(sim["peak_memory_gib"], 4), "relative_error": round(err, 4),
+            "simulated_split_gib": {k: round(v, 4) for k, v in sim["memory_gib"].items()}}
+
+
 CHECKS = {"train_step": check_train_step, "bf16_vs_fp32": check_bf16_vs_fp32, "kv_decode": check_kv_decode,
           "attention": check_attention, "precision": check_precision, "auto_batch": check_auto_batch,
-          "torchrun": check_torchrun, "compile_cache": check_compile_cache, "fp8": check_fp8}
+          "torchrun": check_torchrun, "compile_cache": check_compile_cache, "fp8": check_fp8,
+          "simulate": check_simulate}
 
 
 def main() -> int:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Optional
 
 from nanochat.config import Config, ConfigError
 from nanochat.plan import Plan, auto_batch_candidates
+
+HEADROOM_PCT = 90   # nanochat.simulate.HEADROOM, without importing it at module level
 
 
 def probe_device_batch(cfg: Config, plan: Plan) -> dict:
@@ -37,3 +40,95 @@ def probe_device_batch(cfg: Config, plan: Plan) -> dict:
                           "set hardware.device_batch_size to an integer that fits, or fix the probe's error",
                           result["error"])
     return result
+
+
+def has_gpu() -> bool:
+    """Whether this machine has an NVIDIA GPU (torch-free: the driver's device node)."""
+    import os
+    return os.path.exists("/dev/nvidiactl")
+
+
+def run_simulation(cfg: Config, plan: dict, mode: str = "step", candidates: Optional[list] = None,
+                   show: bool = False) -> dict:
+    """`python -m nanochat.simulate` on this plan (its own process: the launcher stays torch-free).
+
+    show: stream its memory table to this terminal (run.simulate). Results of the planning modes are
+    cached under <base_dir>/simulate/<hash of config + plan + request>.json: a config's fit is
+    computed once, so repeated dry runs and launches stay fast.
+    """
+    import hashlib
+    from dataclasses import replace
+    from launch.dispatch import clean_env
+    from nanochat.common import get_base_dir
+    from nanochat.config import config_to_dict
+    tree = config_to_dict(replace(cfg, run=replace(cfg.run, dry_run=False, simulate=False, dir=None)))
+    request = {"config": tree, "plan": plan, "mode": mode, "candidates": candidates, "print": show}
+    key = hashlib.sha256(json.dumps({**request, "print": False}, sort_keys=True, default=str).encode()).hexdigest()
+    cache = get_base_dir(cfg.paths.base_dir) / "simulate" / f"{key[:24]}.json"
+    if not show and cache.exists():
+        return json.loads(cache.read_text())
+    cmd = [sys.executable, "-m", "nanochat.simulate", json.dumps(request, default=str)]
+    if show:   # the table goes straight to the terminal; the result is its last line
+        p = subprocess.run(cmd, env=clean_env(), stdout=subprocess.PIPE, text=True)
+        lines = p.stdout.splitlines()
+        print("\n".join(l for l in lines if not l.startswith("{")), flush=True)
+    else:
+        p = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True)
+        lines = p.stdout.splitlines()
+    results = [l for l in lines if l.startswith("{")]
+    if p.returncode != 0 or not results:
+        raise RuntimeError(f"the simulator exited {p.returncode}: {(p.stderr or '')[-3000:]}")
+    if show:
+        print(results[-1], flush=True)   # the last line printed is the JSON result
+    out = json.loads(results[-1])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(out))
+    return out
+
+
+def plan_memory(cfg: Config, source, sp, st):
+    """Memory-aware planning of a GPU run before it holds a GPU; returns the StagePlan to use.
+
+    hardware.device_batch_size=auto: on a machine with the GPU (a real run) the device probe above;
+    without one, the largest power of two whose simulated peak fits 90% of hardware.gpu_memory_gb.
+    hardware.memory_check=true (or an auto batch that was simulated): the planned step is rehearsed,
+    its memory table joins the plan's rows, and a batch that does not fit is a ConfigError naming the
+    largest hardware.device_batch_size that does. Nothing else simulates, so other dry runs stay fast.
+    st: the stage's declaration (nanochat/stages), whose planner plans again with the chosen batch.
+    """
+    from nanochat.plan import grad_accum
+    from nanochat.simulate import check_request, memory_rows
+    hw = cfg.hardware
+    gpu = hw.device == "cuda"
+    simulated = False
+    if sp.wants_probe and gpu and hw.gpu_memory_gb and not has_gpu():
+        check_request(cfg, "hardware.device_batch_size")
+        p = sp.plan
+        cands = auto_batch_candidates(cfg, p.total_batch_size, p.sequence_len, p.world_size)
+        res = run_simulation(cfg, p.to_dict(), "fit", cands)
+        if res["device_batch_size"] is None:
+            raise ConfigError("hardware.device_batch_size", "auto", "use model.activation_checkpointing=full,"
+                              " a shorter model.sequence_len, a smaller model or more GPU memory",
+                              f"even device batch {min(cands)} does not fit ({res['trials'][-1]['reason']})")
+        sp = st.planner(cfg, source, probe=res)
+        simulated = True
+    elif sp.wants_probe and not cfg.run.dry_run:   # on the device: the real probe
+        sp = st.planner(cfg, source, probe=probe_device_batch(cfg, sp.plan))
+    if not (simulated or (hw.memory_check and gpu)) or sp.plan is None:
+        return sp
+    check_request(cfg, "hardware.memory_check")
+    p = sp.plan
+    res = run_simulation(cfg, p.to_dict())
+    if not res["fits"]:
+        cands = [b for b in auto_batch_candidates(cfg, p.total_batch_size, p.sequence_len, p.world_size)
+                 if b < p.device_batch_size]
+        best = run_simulation(cfg, p.to_dict(), "fit", cands)["device_batch_size"] if cands else None
+        fix = (f"hardware.device_batch_size={best} (grad accumulation "
+               f"{grad_accum(p.total_batch_size, best, p.sequence_len, p.world_size)}, same total batch), or "
+               "hardware.device_batch_size=auto" if best else
+               "model.activation_checkpointing=full, a smaller model or shorter sequences, or more GPUs")
+        raise ConfigError("hardware.device_batch_size", p.device_batch_size, fix,
+                          f"the simulated peak {res['peak_memory_gib']:.1f} GiB per rank does not fit "
+                          f"{int(HEADROOM_PCT)}% of hardware.gpu_memory_gb={hw.gpu_memory_gb:g}")
+    sp.rows.extend(memory_rows(res))
+    return sp

@@ -101,9 +101,9 @@ def prepare(cfg: Config) -> tuple[Config, Optional[dict], list[tuple[str, str]]]
         raise ConfigError("stage.init_from", cfg.stage.init_from, "drop stage.init_from (set it to null)",
                           f"the {st.name} stage starts from no run")
     sp = st.planner(cfg, source)
-    if sp.wants_probe and not cfg.run.dry_run:  # hardware.device_batch_size=auto on a real run
-        from launch.probe import probe_device_batch
-        sp = st.planner(cfg, source, probe=probe_device_batch(cfg, sp.plan))
+    if sp.wants_probe or cfg.hardware.memory_check:   # auto batch / memory check: launch/probe.py
+        from launch.probe import plan_memory
+        sp = plan_memory(cfg, source, sp, st)
     return cfg, (sp.plan.to_dict() if sp.plan is not None else None), sp.rows + rows
 
 
@@ -127,9 +127,15 @@ def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[P
     check = stage(cfg.stage.name).check
     if check is not None:
         check(cfg)
-    if not cfg.run.dry_run:  # a dry run may plan for hardware this machine does not have
+    if not (cfg.run.dry_run or cfg.run.simulate):  # these may plan for hardware this machine lacks
         validate.check_hardware(cfg)
     cfg, plan, rows = prepare(cfg)
+    if cfg.run.simulate:   # the planned step on fake tensors: memory table + JSON line, no run dir
+        from launch.probe import run_simulation
+        from nanochat.simulate import check_request
+        check_request(cfg)
+        print_plan(cfg, plan, rows, None)
+        return {"status": "dry_run", "run_dir": None, "simulation": run_simulation(cfg, plan, show=True)}
     if cfg.run.dry_run:
         print_plan(cfg, plan, rows, None)
         if show_config:

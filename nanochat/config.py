@@ -34,6 +34,7 @@ class RunConfig:
     dir: Optional[str] = None          # set by the launcher (or by the user to pin a dir)
     tag: Optional[str] = None          # derived from values: d<depth>
     dry_run: bool = False              # print the plan and exit, no run dir
+    simulate: bool = False             # rehearse the planned training step on fake tensors, no run dir
     resume: str = "auto"               # auto | must | never
     skip_if_done: bool = False         # skip a job whose dir already holds COMPLETED
     seed: int = 42
@@ -92,6 +93,7 @@ class ModelConfig:
     # Needs an fp8 GPU (compute capability >= 8.9) unless fp8_emulate (CPU tests). Checkpoints stay fp32.
     fp8: Optional[str] = None
     fp8_emulate: bool = False
+    activation_checkpointing: str = "none"   # none | full: recompute each block in backward (less memory)
 
 
 @dataclass
@@ -107,6 +109,9 @@ class HardwareConfig:
     device_batch_size: Optional[Union[int, str]] = None
     device_batch_table: dict = field(default_factory=dict)  # depth → device batch
     auto_batch_memory_gb: Optional[float] = None  # memory the auto probe may fill; null → the device's
+    gpu_memory_gb: Optional[float] = None  # each GPU's memory: plan-time memory checks (nanochat/simulate.py)
+    interconnect_gb_s: Optional[float] = None  # per-GPU bandwidth of the collectives, GB/s (traffic time)
+    memory_check: bool = False  # rehearse the step at plan time: a batch that does not fit is a ConfigError
     attention: str = "auto"           # auto | sdpa | flex | flash (nanochat/attention.py)
     compile: bool = False
     num_threads: Optional[int] = None  # torch threads per rank on CPU; null → cores / nproc
@@ -411,6 +416,7 @@ _CHOICES = {
     "hardware.dtype": ("float32", "bfloat16", "float16"),
     "hardware.device": ("cpu", "cuda", "mps", "auto"),
     "hardware.attention": ("auto", "sdpa", "flex", "flash"),
+    "model.activation_checkpointing": ("none", "full"),
     "data.source": ("demo", "fineweb_edu", "climbmix", "hub", "local", "mixture"),
     "data.packing": ("stream", "bestfit"),
     "wandb.mode": ("disabled", "offline", "online"),

@@ -484,6 +484,9 @@ def _embedding(num: int, dim: int) -> nn.Embedding:
 
 class GPT(nn.Module):
     attn_backend = "auto"   # hardware.attention: auto | sdpa | flex | flash (nanochat/attention.py)
+    # model.activation_checkpointing: "full" keeps only each block's input in training and recomputes
+    # the block in backward (same values: the block is deterministic and draws no random numbers)
+    activation_checkpointing = "none"
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -663,7 +666,11 @@ class GPT(nn.Module):
             if self.x0_lambdas is not None:
                 x = x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, rope, self.windows[i], kv_cache, masks)
+            if self.activation_checkpointing == "full" and kv_cache is None and torch.is_grad_enabled():
+                from torch.utils.checkpoint import checkpoint
+                x = checkpoint(block, x, ve, rope, self.windows[i], kv_cache, masks, use_reentrant=False)
+            else:
+                x = block(x, ve, rope, self.windows[i], kv_cache, masks)
             if i == backout_layer:
                 x_mid = x
         if self.backout_lambda is not None and x_mid is not None:

@@ -10,7 +10,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -90,10 +90,34 @@ def apply_schedules(optimizer: Any, step: int, plan: Plan) -> float:
     return mult
 
 
+def train_step(model, optimizer, batches: Iterator, plan, rt: Runtime, scaler: Any = None) -> float:
+    """One optimizer step over plan.grad_accum_steps micro-batches of `batches`; the mean loss over ranks.
+
+    The caller sets this step's schedules first (training.apply_schedules). `scaler` is the
+    precision's GradScaler (fp16 on CUDA); None steps the optimizer directly.
+    """
+    accum = plan.grad_accum_steps
+    loss_sum = torch.zeros((), device=rt.device)
+    for _ in range(accum):
+        x, y = next(batches)
+        with rt.autocast():
+            loss = model(x, y)
+        loss_sum += loss.detach()
+        (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
+    if scaler is not None:
+        scaler.step(optimizer)  # unscales first, skips the step on inf/nan grads (fp16)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return all_reduce_mean(loss_sum / accum).item()
+
+
 def init_model(plan: Plan, cfg: Config, rt: Runtime, init_from: Optional[str]) -> tuple[GPT, Optional[dict]]:
     """Fresh model (seeded), or the weights of `init_from`'s last checkpoint."""
     model = build_model(gpt_config(plan), rt.device, cfg.run.seed)
     model.attn_backend = cfg.hardware.attention
+    model.activation_checkpointing = cfg.model.activation_checkpointing
     source_meta = None
     if init_from:
         ckpt = latest_checkpoint(init_from)

@@ -18,7 +18,8 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     summary = json.loads(lines[-1])["gpu_check"]                  # the last line is the JSON
     assert summary == json.loads(out.read_text())["gpu_check"]
     checks = summary["checks"]
-    for name in ("train_step", "bf16_vs_fp32", "kv_decode", "attention", "precision", "auto_batch", "torchrun", "fp8"):
+    for name in ("train_step", "bf16_vs_fp32", "kv_decode", "attention", "precision", "auto_batch", "torchrun", "fp8",
+                 "simulate"):
         assert checks[name]["status"] == "PASS", (name, checks[name])
         assert any(l.startswith(f"PASS {name} ") for l in lines), name   # one line per check
     assert checks["compile_cache"]["status"] == "SKIP" and "--compile" in checks["compile_cache"]["reason"]
@@ -29,3 +30,4 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     assert checks["torchrun"]["backend"] == "gloo"
     assert checks["fp8"]["emulated"] is True and checks["fp8"]["max_abs_diff"] <= checks["fp8"]["tolerance"]
     assert checks["auto_batch"]["trials"][0]["fits"] is False     # the probe met a real OOM
+    assert abs(checks["simulate"]["relative_error"]) <= 0.10        # simulated vs measured peak

@@ -9,7 +9,7 @@ exactly the batches and updates an uninterrupted run would have made.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from nanochat.batch_size import explain_oom
 from nanochat.config import Config, DataConfig, TrainStageConfig
@@ -114,31 +114,6 @@ class SlotLoader:
                 l.close()
 
 
-def train_step(model, optimizer, batches: Iterator, plan, rt: T.Runtime, scaler: Any = None) -> float:
-    """One optimizer step over plan.grad_accum_steps micro-batches of `batches`; the mean loss over ranks.
-
-    The caller sets this step's schedules first (training.apply_schedules). `scaler` is the
-    precision's GradScaler (fp16 on CUDA); None steps the optimizer directly.
-    """
-    import torch
-    from nanochat import training as T
-    accum = plan.grad_accum_steps
-    loss_sum = torch.zeros((), device=rt.device)
-    for _ in range(accum):
-        x, y = next(batches)
-        with rt.autocast():
-            loss = model(x, y)
-        loss_sum += loss.detach()
-        (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
-    if scaler is not None:
-        scaler.step(optimizer)  # unscales first, skips the step on inf/nan grads (fp16)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return T.all_reduce_mean(loss_sum / accum).item()
-
-
 def run(cfg: Config, run_dir: Path) -> dict:
     import torch
     from nanochat import loop as L, training as T
@@ -168,7 +143,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
 
     def step(_: int) -> L.StepOut:
         with explain_oom(plan.device_batch_size, plan.grad_accum_steps, run_dir):  # OOM → which batch to try
-            loss = train_step(train_model, optimizer, train_loader, plan, rt, scaler)
+            loss = T.train_step(train_model, optimizer, train_loader, plan, rt, scaler)
         return L.StepOut(loss, plan.total_batch_size)
 
     def core(_: int) -> dict:

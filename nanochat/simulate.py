@@ -1,0 +1,389 @@
+"""The planned GPU training step rehearsed on fake tensors: memory per rank, FLOPs, ZeRO-2 traffic.
+
+`run.simulate=true` (and plan-time memory planning) calls `rehearse(cfg, plan)`: the pretraining
+step of the plan — its model (fp8 layers converted as the run converts them), the precision
+policy's autocast dtype, the MuonAdamW optimizer ZeRO-2-sharded at the planned world size (this
+process is rank 0 of a fake process group), `grad_accum_steps` micro-batches per optimizer step,
+activation checkpointing — at the planned shapes, on torch's FakeTensorMode: shapes, dtypes and
+storages exist, memory and arithmetic do not. Two optimizer steps run, so the second peaks with
+gradients and optimizer state resident. Counted along the way:
+
+  memory   torch.distributed._tools.mem_tracker.MemTracker: the per-rank peak and its split
+           (parameters, gradients, optimizer state, activations, temporaries) at that moment
+  FLOPs    torch.utils.flop_counter.FlopCounterMode over one micro-batch's forward + backward,
+           per token, against plan.flops_per_token (attention counted at each layer's window, as
+           the windowed GPU kernel computes it)
+  traffic  bytes the optimizer reduce-scatters and all-gathers per step, and their time over
+           hardware.interconnect_gb_s (ring: each rank moves (W−1)/W of each buffer)
+
+Fake tensors on CPU, not CUDA: this torch is built without CUDA, and autograd on a fake cuda
+tensor aborts the process (it asks for a CUDA stream guard). So the step runs on fake CPU tensors
+with the GPU's dtypes (CPU autocast in the planned bf16/fp16), taking the GPU's code paths where ours
+differ by device (no CPU fused loss; Muon orthogonalizes in bf16 as on CUDA). `DIFFERENCES` lists
+what still differs. Nothing of the simulated size is ever allocated; the result says the
+simulator's own peak RSS.
+
+`python -m nanochat.simulate '<json>'` runs it in its own process (the launcher stays torch-free):
+the request is {"config": <resolved config tree>, "plan": <plan dict>}; the last line is the result.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import resource
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+GIB = 2 ** 30
+MAX_FAKE_WORLD = 65536   # ranks the fake process group is asked to stand for (the sharding math is per rank)
+HEADROOM = 0.90          # a planned device batch must fit this fraction of the GPU (as the probe)
+CATEGORIES = {"Parameter": "params", "Buffer": "buffers", "Gradient": "grads", "Optstate": "optimizer",
+              "Activation": "activations", "Temp": "temporaries", "Other": "other"}
+COMPILE_NOTE = {
+    False: "eager, as hardware.compile=false runs (a compiled step keeps as much activation memory or less)",
+    True: "torch.compile as AOTAutograd's min-cut partition (what inductor saves for backward), each block's "
+          "graphs run op by op: inductor's fusion of forward/backward temporaries is not modelled",
+}
+DIFFERENCES = (
+    "fake CPU tensors with the GPU's dtypes (this torch has no CUDA; autograd on fake cuda tensors aborts)",
+    "attention: CPU flash SDPA (a dense window mask on S layers) for the GPU's flash/flex kernel: the same "
+    "saved tensors (q, k, v, out, logsumexp); FLOPs counted at each layer's window",
+    "no caching-allocator rounding or fragmentation: the fit check keeps 10% of the GPU free for them",
+)
+
+
+@contextmanager
+def fake_world(world: int) -> Iterator[None]:
+    """This process as rank 0 of `world` ranks on torch's fake process group (collectives do nothing)."""
+    import torch.distributed as dist
+    if world <= 1 or dist.is_initialized():
+        yield
+        return
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@contextmanager
+def count_traffic(out: dict) -> Iterator[None]:
+    """Add the bytes of every reduce-scatter / all-gather (the full buffer) to out[...] while active."""
+    import torch.distributed as dist
+    names = {"reduce_scatter_tensor": "reduce_scatter_bytes", "reduce_scatter_single": "reduce_scatter_bytes",
+             "all_gather_into_tensor": "all_gather_bytes", "all_gather_single": "all_gather_bytes"}
+    orig = {k: getattr(dist, k) for k in names if hasattr(dist, k)}
+
+    def wrap(name: str):   # each takes (output, input): the full buffer is the input of a
+        big = 1 if "reduce" in name else 0   # reduce-scatter, the output of an all-gather
+
+        def call(*args, **kwargs):
+            out[names[name]] += args[big].numel() * args[big].element_size()
+            return orig[name](*args, **kwargs)
+        return call
+    for k in orig:
+        setattr(dist, k, wrap(k))
+    try:
+        yield
+    finally:
+        for k, v in orig.items():
+            setattr(dist, k, v)
+
+
+def _sdpa_cpu_flops() -> dict:
+    """FlopCounterMode formulas for CPU flash SDPA (torch registers only the CUDA kernels'): every query
+    against all T keys, 2 matmuls forward and 4 backward, as torch counts the CUDA kernels."""
+    import torch
+    aten = torch.ops.aten
+
+    def fwd(q, k, v, *a, out_shape=None, **kw):
+        return 4 * q[0] * q[1] * q[2] * k[2] * q[3]
+
+    def bwd(g, q, k, v, *a, out_shape=None, **kw):
+        return 8 * q[0] * q[1] * q[2] * k[2] * q[3]
+    return {aten._scaled_dot_product_flash_attention_for_cpu: fwd,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd}
+
+
+def count_flops(counter, model) -> float:
+    """The counter's total with each window layer's attention at min(window, T) keys per query, as the
+    GPU's windowed kernel computes it (the dense-mask CPU kernel computes all T)."""
+    import torch
+    aten = torch.ops.aten
+    ops = (aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    counts = counter.get_flop_counts()
+    T = model.config.sequence_len
+    total = counter.get_total_flops()
+    for i, span in enumerate(model.config.attention_spans()):
+        attn = sum(counts.get(f"GPT.transformer.h.{i}", {}).get(op, 0) for op in ops)
+        total -= attn * (1 - min(span, T) / T)
+    return total
+
+
+@contextmanager
+def _gpu_paths(device_type: str) -> Iterator[None]:
+    """Where our code branches on the device, take the planned device's branch (Muon orthogonalizes in
+    bf16 on CUDA, fp32 on CPU)."""
+    from nanochat import optim
+    if device_type != "cuda":
+        yield
+        return
+    import torch
+    orig = optim.orthogonalize
+    optim.orthogonalize = functools.partial(orig, dtype=torch.bfloat16)
+    try:
+        yield
+    finally:
+        optim.orthogonalize = orig
+
+
+@contextmanager
+def compiled_blocks(model) -> Iterator[None]:
+    """Run each Block as torch.compile would keep it: AOTAutograd traces the block's forward and
+    backward and the min-cut partitioner (inductor's) chooses what forward saves for backward; the
+    partitioned graphs then run op by op. One trace per kind of block (window, value embedding),
+    shared by the blocks of that kind through their own parameters."""
+    import torch
+    from functorch.compile import aot_function, make_boxed_func, min_cut_rematerialization_partition
+    from torch.nn.utils.stateless import _reparametrize_module
+    boxed = lambda gm, _: make_boxed_func(gm)   # noqa: E731 (run the traced graph as is)
+    kinds: dict = {}
+    for block, window in zip(model.transformer.h, model.windows):
+        names = [n for n, _ in block.named_parameters()]
+        has_ve = block.attn.ve_gate is not None
+        if (window, has_ve) not in kinds:
+            def fn(params, x, ve, rope, mask, _b=block, _n=names, _w=window):
+                masks = {"backend": "sdpa"} if mask is None else {"backend": "sdpa", _w: mask}
+                with _reparametrize_module(_b, dict(zip(_n, params))):   # what functional_call does, but
+                    return type(_b).forward(_b, x, ve, rope, _w, None, masks)   # past the forward patched below
+            kinds[(window, has_ve)] = aot_function(fn, fw_compiler=boxed, bw_compiler=boxed,
+                                                   partition_fn=min_cut_rematerialization_partition)
+        cf, params = kinds[(window, has_ve)], list(block.parameters())
+
+        def forward(x, ve, rope, window, kv_cache, masks, _cf=cf, _p=params):
+            return _cf(_p, x, ve, rope, masks.get(window))
+        block.forward = forward    # an instance attribute: nn.Module.__call__ finds it first
+    try:
+        yield
+    finally:
+        for block in model.transformer.h:
+            del block.forward
+
+
+def train_step(model, optimizer, batches, precision, plan, step: int, before_micro=None) -> float:
+    """One optimizer step as pretraining runs it: this step's schedules, then the training loop's own step
+    (nanochat/training.py train_step) over `batches`, calling before_micro() ahead of each."""
+    import dataclasses
+    import torch
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+    from nanochat import training as T
+
+    def feed():
+        for b in batches:
+            if before_micro is not None:
+                before_micro()
+            yield b
+    T.apply_schedules(optimizer, step, plan)
+    rt = T.Runtime(0, 0, plan.world_size, next(model.parameters()).device, precision, Path("."))
+    try:
+        return T.train_step(model, optimizer, feed(), dataclasses.replace(plan, grad_accum_steps=len(batches)), rt)
+    except DataDependentOutputException:   # fake tensors: the step ran; only the mean loss's value was asked for
+        return float("nan")
+
+
+def rehearse(cfg, plan, *, fake: bool = True, steps: int = 2, micro_steps: Optional[int] = None,
+             device_batch_size: Optional[int] = None, compile_blocks: Optional[bool] = None) -> dict:
+    """Run the planned step (`fake`: on fake tensors) and return the figures (module docstring).
+
+    micro_steps: micro-batches run per step (default min(grad_accum, 2): the peak does not grow after
+    the second, whose backward adds into resident gradients). device_batch_size overrides the plan's.
+    compile_blocks: keep what torch.compile keeps (`compiled_blocks`); default hardware.compile.
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.utils.flop_counter import FlopCounterMode
+    from nanochat import training as T
+    from nanochat.gpt import GPT, build_model
+    from nanochat.precision import Precision, convert_fp8
+    t0 = time.perf_counter()
+    hw = cfg.hardware
+    compile_blocks = hw.compile if compile_blocks is None else compile_blocks
+    B = device_batch_size or plan.device_batch_size
+    seq = plan.sequence_len
+    accum = plan.total_batch_size // (B * seq * plan.world_size)
+    micro = micro_steps or min(max(accum, 1), 2)
+    planned = Precision.resolve(hw.device, hw.dtype, bf16_supported=True) if hw.device == "cuda" \
+        else Precision.resolve(hw.device, hw.dtype)
+    precision = Precision("cpu", planned.compute_dtype)   # the GPU's dtype, on CPU autocast
+    traffic = {"reduce_scatter_bytes": 0, "all_gather_bytes": 0}
+    fake_mode = FakeTensorMode() if fake else None
+    with ExitStack() as stack:
+        stack.enter_context(fake_world(plan.world_size))
+        stack.enter_context(_gpu_paths(hw.device))
+        if fake_mode is not None:
+            stack.enter_context(fake_mode)
+        # fake: built straight on fake tensors (a meta model cannot be swapped onto them); init is
+        # a no-op there, so only the real run (the validation) pays for it
+        model = GPT(T.gpt_config(plan)) if fake else build_model(T.gpt_config(plan), "cpu", cfg.run.seed)
+        model.init_rotary()
+        model.fused_loss = False          # the GPU's loss path (the CPU fused loss reads data)
+        model.activation_checkpointing = cfg.model.activation_checkpointing
+        if plan.fp8:
+            convert_fp8(model, plan.fp8, emulate=cfg.model.fp8_emulate)
+        rt = T.Runtime(0, 0, plan.world_size, torch.device("cpu"), precision, Path("."))
+        optimizer = T.make_optimizer(model, plan, cfg, rt)
+        gen = torch.Generator().manual_seed(0)
+        V = plan.model.vocab_size
+
+        def batch():
+            if fake:
+                x = torch.empty(B, seq + 1, dtype=torch.long)
+            else:
+                x = torch.randint(0, V, (B, seq + 1), generator=gen)
+            return x[:, :-1], x[:, 1:]
+        flops = FlopCounterMode(display=False, custom_mapping=_sdpa_cpu_flops())
+        with flops:   # one micro-batch's forward + backward, eager (outside the step: it is per token)
+            with precision.autocast():
+                loss = model(*batch())
+            loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        if compile_blocks:
+            stack.enter_context(compiled_blocks(model))
+        # step 1 creates the optimizer state (and traces the compiled blocks) untracked; the tracked
+        # last step then peaks with parameters, gradients and optimizer state resident
+        losses = [train_step(model, optimizer, [batch()], precision, plan, 0)]
+        tracker = MemTracker()
+        tracker.track_external(model, optimizer)
+        with tracker, count_traffic(traffic):
+            for s in range(1, steps):
+                losses.append(train_step(model, optimizer, [batch() for _ in range(micro)], precision, plan, s,
+                                         tracker.reset_mod_stats))
+        peak = tracker.get_tracker_snapshot("peak")
+    dev = next(iter(peak), None)
+    snap = peak.get(dev, {}) if dev is not None else {}
+    split = {CATEGORIES.get(getattr(k, "value", k), str(k)): v / GIB for k, v in snap.items()
+             if getattr(k, "value", k) != "Total"}
+    W = plan.world_size
+    bw = getattr(hw, "interconnect_gb_s", None)
+    traffic = {k: v // max(1, steps - 1) for k, v in traffic.items()}   # per tracked step
+    moved = (traffic["reduce_scatter_bytes"] + traffic["all_gather_bytes"]) * (W - 1) / W   # ring: per rank
+    out = {
+        "peak_memory_gib": snap.get("Total", 0) / GIB,
+        "memory_gib": split,
+        "gpu_memory_gib": getattr(hw, "gpu_memory_gb", None),
+        "flops_per_token_counted": count_flops(flops, model) / (B * seq),
+        "flops_per_token_plan": plan.flops_per_token,
+        "world_size": W, "device_batch_size": B, "grad_accum_steps": accum, "micro_steps_run": micro,
+        "sequence_len": seq, "dtype": precision.name, "fp8": plan.fp8,
+        "activation_checkpointing": cfg.model.activation_checkpointing,
+        **traffic, "interconnect_gb_s": bw,
+        "comm_seconds_per_step": moved / (bw * 1e9) if bw and W > 1 else 0.0,
+        "compiled": compile_blocks, "fake": fake,
+        "simulator_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+        "seconds": time.perf_counter() - t0,
+        "differences": (list(DIFFERENCES) + [COMPILE_NOTE[bool(compile_blocks)]]) if fake else [],
+    }
+    if not fake:
+        out["losses"] = [float(x) for x in losses]
+    mem = out["gpu_memory_gib"]
+    out["fits"] = None if not mem else out["peak_memory_gib"] <= HEADROOM * mem
+    return out
+
+
+# --------------------------------------------------------------------------- planning
+
+def check_request(cfg, what: str = "run.simulate") -> None:
+    """Bad input for a rehearsal → ConfigError naming the key and the fix (torch-free, for the launcher)."""
+    from nanochat.config import ConfigError, RLStageConfig, TrainStageConfig
+    hw = cfg.hardware
+    if not isinstance(cfg.stage, TrainStageConfig) or isinstance(cfg.stage, RLStageConfig):
+        raise ConfigError(what, True, "use it with a stage that trains by next-token batches: stage=pretrain, "
+                          "mid or sft", f"stage {cfg.stage.name} has no training step to rehearse")
+    if hw.device == "cuda" and not hw.gpu_memory_gb:
+        raise ConfigError("hardware.gpu_memory_gb", hw.gpu_memory_gb, "set it to one GPU's memory in GiB, e.g. "
+                          "hardware.gpu_memory_gb=80 (H100), 40 (A100 40GB) or 24 (hardware=1gpu_24gb)",
+                          f"hardware={hw.name} does not say how much memory its GPU has")
+    world = hw.nproc_per_node * hw.nnodes
+    if world < 1 or world > MAX_FAKE_WORLD:
+        raise ConfigError("hardware.nproc_per_node", hw.nproc_per_node, f"use 1..{MAX_FAKE_WORLD} ranks in all "
+                          f"(hardware.nproc_per_node × hardware.nnodes)", f"the fake process group cannot form a "
+                          f"world of {world} ranks")
+
+
+
+def fit_device_batch(cfg, plan, candidates: list[int], budget_gib: float) -> dict:
+    """The largest of `candidates` whose simulated peak fits HEADROOM × budget_gib (the peak grows with
+    the batch, so a bisection: about log2(len) rehearsals). Returns the probe-shaped result the plan
+    records ({'device_batch_size': None} when even the smallest does not fit)."""
+    cands = sorted(candidates)
+    trials: dict[int, dict] = {}
+
+    def fits(b: int) -> bool:
+        r = rehearse(cfg, plan, device_batch_size=b)
+        ok = r["peak_memory_gib"] <= HEADROOM * budget_gib
+        trials[b] = {"batch": b, "fits": ok, "peak_gib": r["peak_memory_gib"], "reason": "" if ok else
+                     f"simulated {r['peak_memory_gib']:.1f} GiB > {HEADROOM:.0%} of {budget_gib:g}"}
+        return ok
+    lo, hi, best = 0, len(cands) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if fits(cands[mid]):
+            best, lo = cands[mid], mid + 1
+        else:
+            hi = mid - 1
+    return {"device_batch_size": best, "trials": [trials[b] for b in sorted(trials, reverse=True)],
+            "device": f"simulated ({budget_gib:g} GiB GPU)", "budget_gib": budget_gib, "headroom": HEADROOM}
+
+
+def memory_rows(r: dict) -> list[tuple[str, str]]:
+    """The dry run's / run.simulate's memory table: (name, value) rows."""
+    g = r["memory_gib"]
+    mem = r.get("gpu_memory_gib")
+    fit = "" if not mem else (f" of {mem:g} GiB: " + ("fits" if r["fits"] else "DOES NOT FIT") +
+                              f" the {HEADROOM:.0%} budget ({HEADROOM * mem:.1f} GiB)")
+    rows = [("simulated peak / rank", f"{r['peak_memory_gib']:.2f} GiB{fit}")]
+    rows += [(f"  {k}", f"{g.get(k, 0):.2f} GiB") for k in ("params", "grads", "optimizer", "activations",
+                                                            "temporaries") if k in g]
+    ratio = r["flops_per_token_counted"] / max(1, r["flops_per_token_plan"])
+    recompute = ", block recomputation included" if r["activation_checkpointing"] != "none" else ""
+    rows.append(("FLOPs / token counted", f"{r['flops_per_token_counted']:,.0f} ({ratio:.4f} × plan{recompute})"))
+    W = r["world_size"]
+    if W > 1:
+        t = f" → {r['comm_seconds_per_step'] * 1e3:.1f} ms at {r['interconnect_gb_s']:g} GB/s" \
+            if r.get("interconnect_gb_s") else ""
+        rows.append(("ZeRO-2 traffic / step", f"reduce-scatter {r['reduce_scatter_bytes'] / 1e9:.2f} GB, all-gather "
+                                               f"{r['all_gather_bytes'] / 1e9:.2f} GB{t}"))
+    rows.append(("rehearsed", f"{r['device_batch_size']} × {r['sequence_len']} per micro-step × accum "
+                              f"{r['grad_accum_steps']} × {W} ranks, {r['dtype']}, fp8 {r['fp8'] or 'off'}, "
+                              f"checkpointing {r['activation_checkpointing']}, "
+                              f"{'compiled' if r.get('compiled') else 'eager'}"))
+    rows.append(("simulator", f"{r['seconds']:.0f} s, its own peak RSS {r['simulator_rss_gib']:.2f} GiB"))
+    rows += [("differs from the GPU", d) for d in r.get("differences", [])]
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m nanochat.simulate '<json>'`: {"config": tree, "plan": plan dict, "mode": "step" | "fit",
+    "candidates": [...], "print": bool}; prints the memory table (print) and the result as the last line."""
+    from nanochat.config import config_from_dict
+    from nanochat.plan import Plan
+    req = json.loads((argv or sys.argv[1:])[0])
+    cfg, plan = config_from_dict(req["config"]), Plan.from_dict(req["plan"])
+    if req.get("mode") == "fit":
+        out = fit_device_batch(cfg, plan, req["candidates"], cfg.hardware.gpu_memory_gb)
+    else:
+        out = rehearse(cfg, plan)
+        if req.get("print"):
+            for k, v in memory_rows(out):
+                print(f"{k:>24}  {v}")
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

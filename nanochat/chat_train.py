@@ -21,7 +21,6 @@ from nanochat.chat_plan import build_mixture, held_out_specs
 from nanochat.common import atomic_write_json
 from nanochat.config import Config
 from nanochat.lifecycle import EvalProgress
-from nanochat.plan import Plan
 from nanochat.tokenizer import get_tokenizer
 
 VAL_PER_TASK = 200

@@ -17,13 +17,10 @@ Checkpoints hold the LoopState below besides tensors, so a resumed run continues
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
-
-import torch
 
 from nanochat import training as T
 from nanochat.checkpoint import latest_checkpoint, load_meta, load_model_state, load_rank_state, \

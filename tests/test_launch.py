@@ -35,6 +35,8 @@ def test_every_option_composes_and_validates(group):
             overrides = [f"{group}={opt}"]
             if group == "stage" and opt in ("mid", "sft", "rl", "eval"):
                 overrides.append("stage.init_from=null")
+            if group == "data" and opt == "mixture":  # the sources come from the user (null in the YAML)
+                overrides.append("data.mixture={web: {name: demo, weight: 1}}")
             cfg = compose(config_name="config", overrides=overrides)
             tree = OmegaConf.to_container(cfg, resolve=True)
             tree.pop("hydra", None)

@@ -23,9 +23,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from launch import rundir, validate
-from nanochat.common import read_json
 from nanochat.lifecycle import EXIT_PREEMPTED, read_status, write_status
 from nanochat.config import Config, ConfigError, config_from_dict, config_to_dict
+from nanochat.results import Result, load_result
 from nanochat.runlock import lock_run_dir
 from nanochat.stages import stage, stages
 
@@ -120,7 +120,7 @@ def compact_config(cfgs: dict[str, Config]) -> str:
 
 def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[Path],
               show_config: bool = True) -> dict:
-    """Validate, plan, freeze and dispatch one stage; returns {'status', 'run_dir', 'result'}.
+    """Validate, plan, freeze and dispatch one stage; returns {'status', 'run_dir', 'result' (a Result or None)}.
 
     `show_config=False`: a pipeline's dry run prints the configs once, after every stage's plan."""
     from launch.dispatch import dispatch, node_rank
@@ -172,9 +172,7 @@ def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[P
     finally:
         if lock is not None:
             lock.release()
-    result = None
-    if (run_dir / "result.json").exists():
-        result = read_json(run_dir / "result.json")
+    result = load_result(run_dir)
     color = {"completed": "green", "preempted": "yellow"}.get(status, "red")
     _console().print(f"[bold {color}]{cfg.stage.name} {status}[/] (exit {rc}) → {run_dir}")
     return {"status": status, "run_dir": str(run_dir), "result": result, "exit_code": rc}
@@ -278,7 +276,7 @@ def run_job(dcfg: DictConfig) -> dict:
 
 def objective(out: dict, key: Optional[str], stage_name: str) -> float:
     """The job's final metric as a float, for any sweeper to optimise (Optuna: sweep=lr_search):
-    run.objective, else the headline its (last) stage declares.
+    run.objective, else the headline its (last) stage declares (a field of its result type).
 
     A failed job, or one without the metric, returns NaN: Optuna records the trial as failed
     and carries on; the basic sweeper ignores return values.
@@ -286,7 +284,7 @@ def objective(out: dict, key: Optional[str], stage_name: str) -> float:
     if out.get("status") != "completed":
         return float("nan")
     last = out["stages"][-1] if "stages" in out else out  # a pipeline: its last stage
-    result = last.get("result") or {}
+    result = Result.from_dict(last.get("result"))
     key = key or stage(last.get("kind", stage_name)).headline
     if key is None:  # a stage without a headline (tokenizer, serve)
         return float("nan")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 from nanochat.config import Config, ConfigError
-from nanochat.plan import GENERATIONS, Plan, make_plan, plan_rows, valid_device_batches
+from nanochat.plan import GENERATIONS, ChatStagePlan, Plan, make_plan, plan_rows, valid_device_batches
 from nanochat.stage_plan import SourceRun, StagePlan, due_count, fill_vocab, source_rows, when
 
 # Default mixtures. Entries marked optional (True) are skipped, with a note, when their data is
@@ -359,10 +359,10 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules, probe:
         notes=[f"{st.name} ({'modern' if modern else source.generation} rules): LRs × {frac}"] + inh.notes,
         eval_tokens=eval_tokens_for(st.eval_tokens, N * total, micro),
         source=str(source.path), inherited=inh.inherited,
-        stage={"mixture": names, "conversations": len(mixture), "packing": rules.packing,
-               "examples_per_step": examples, "lr_frac": frac, "base_lrs": lrs0,
-               "load_optimizer": bool(load_opt), "chatcore_every": chatcore_every, "chatcore_max_cat": max_cat,
-               "source_stage": source.stage, "tokenizer": source_tokenizer(cfg, source)},
+        stage=ChatStagePlan(mixture=names, conversations=len(mixture), packing=rules.packing,
+                            examples_per_step=examples, lr_frac=frac, base_lrs=lrs0,
+                            load_optimizer=bool(load_opt), chatcore_every=chatcore_every, chatcore_max_cat=max_cat,
+                            source_stage=source.stage, tokenizer=source_tokenizer(cfg, source)),
         **{k: v * frac for k, v in lrs0.items()})
     extra = [("mixture", f"{len(mixture):,} conversations: {', '.join(map(str, names))}"),
              ("packing", rules.packing + (f" ({examples} conversations / step)" if examples else "")),
@@ -422,8 +422,8 @@ def rl_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = No
                 final_lr_frac=0.0, muon_momentum_start=0.95, muon_momentum_end=0.95, muon_momentum_final=None,
                 lr_scale_batch=1.0,
                 notes=[f"rl: LRs × {st.init_lr_frac}"] + inh.notes, source=str(source.path),
-                inherited=inh.inherited, stage={"task": st.task, "base_lrs": lrs0, "source_stage": source.stage,
-                                                "tokenizer": source_tokenizer(cfg, source)},
+                inherited=inh.inherited, stage=ChatStagePlan(task=st.task, base_lrs=lrs0, source_stage=source.stage,
+                                                             tokenizer=source_tokenizer(cfg, source)),
                 **{k: v * st.init_lr_frac for k, v in lrs0.items()})
     extra = [("rollouts", f"{E} questions × {S} samples per step, ≤ {st.max_new_tokens} new tokens"),
              ("task", st.task)]

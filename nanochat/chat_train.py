@@ -20,32 +20,11 @@ from nanochat.chat_eval import chatcore, evaluate_chat_tasks
 from nanochat.chat_plan import build_mixture, held_out_specs
 from nanochat.common import atomic_write_json
 from nanochat.config import Config
-from nanochat.lifecycle import EvalProgress
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.results import ChatResult
 from nanochat.tokenizer import get_tokenizer
 
 VAL_PER_TASK = 200
-
-
-@torch.no_grad()
-def val_loss(model, loader, steps: int, rt: T.Runtime, log: Optional[Callable[[str], None]] = None) -> float:
-    """Mean cross-entropy (nats) per trained (assistant) token over `steps` batches, all ranks."""
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=rt.device)
-    count = torch.zeros((), dtype=torch.float64, device=rt.device)
-    progress = EvalProgress("validation", steps, log)
-    try:
-        for i in range(steps):
-            progress.step(i)
-            x, y = next(loader)
-            with rt.autocast():
-                losses = model(x, y, loss_reduction="none").reshape(-1).float()
-            valid = y.reshape(-1) >= 0
-            total += torch.where(valid, losses, torch.zeros_like(losses)).sum(dtype=torch.float64)
-            count += valid.sum()
-    finally:
-        model.train()
-    total, count = T.dist_sum(total), T.dist_sum(count)
-    return float(total / count.clamp(min=1))
 
 
 def val_mixture(specs: list, cfg: Config, base_dir: Path, log: Callable[[str], None]):
@@ -103,35 +82,20 @@ class ChatRun:
         self.loop = L.Loop(cfg, run_dir)
         self.rt, self.plan, self.log = self.loop.rt, self.loop.plan, self.loop.log
         extra = self.plan.stage
-        self.tokenizer = get_tokenizer(self.rt.base_dir, extra.get("tokenizer") or cfg.data.tokenizer)
+        self.tokenizer = get_tokenizer(self.rt.base_dir, extra.tokenizer or cfg.data.tokenizer)
         st = cfg.stage
-        default = [(s, True) for s in extra["mixture"]]
+        default = [(s, True) for s in extra.mixture]
         self.mixture, self.names = build_mixture(st.mixture, default, "train", data_dir=cfg.paths.shared_data,
                                                  base_dir=self.rt.base_dir, seed=cfg.run.seed,
                                                  max_per_task=st.max_examples_per_task, log=self.log)
         self.val = val_mixture(self.names, cfg, self.rt.base_dir, self.log)
-        self.loader_cls = LOADERS[extra["packing"]]
+        self.loader_cls = LOADERS[extra.packing]
+        self.eval_specs = list(st.eval_tasks) if st.eval_tasks is not None else held_out_specs(self.names)
 
     def loader(self, task, state: Optional[dict] = None):
         p, rt = self.plan, self.rt
         return self.loader_cls(task, self.tokenizer, p.device_batch_size, p.sequence_len, rt.rank, rt.world,
                                rt.device, state)
-
-    def eval_specs(self) -> list:
-        st = self.cfg.stage
-        return list(st.eval_tasks) if st.eval_tasks is not None else held_out_specs(self.names)
-
-
-def task_scores(run: ChatRun, model) -> dict:
-    """Accuracy per graded task (held-out split), scored like the chat eval stage."""
-    st, rt = run.cfg.stage, run.rt
-    specs = run.eval_specs()
-    if not specs:
-        return {}
-    out = evaluate_chat_tasks(model, run.tokenizer, specs, rt.device, max_per_task=st.eval_examples,
-                              data_dir=run.cfg.paths.shared_data, base_dir=rt.base_dir, log=run.log,
-                              max_new_tokens=st.eval_max_new_tokens, batch_size=8, seed=run.cfg.run.seed)
-    return out["tasks"]
 
 
 def train_step(model, optimizer, batches: list, rt: T.Runtime) -> tuple[float, int]:
@@ -155,7 +119,7 @@ def train_step(model, optimizer, batches: list, rt: T.Runtime) -> tuple[float, i
     return float(T.dist_sum(loss_sum)) / n_global, int(n_global)
 
 
-def train_chat(run: ChatRun) -> dict:
+def train_chat(run: ChatRun) -> ChatResult:
     """The mid/sft stage: its model, data and evaluations over the one loop (nanochat/loop.py)."""
     cfg, run_dir, rt, plan, loop = run.cfg, run.run_dir, run.rt, run.plan, run.loop
     st = cfg.stage
@@ -164,12 +128,11 @@ def train_chat(run: ChatRun) -> dict:
     model, _ = T.init_model(plan, cfg, rt, st.init_from)
     optimizer = T.make_optimizer(model, plan, cfg, rt)
     loader_state = loop.resume(model, optimizer)
-    if not loop.resumed and plan.stage.get("load_optimizer"):
+    if not loop.resumed and plan.stage.load_optimizer:
         warm_start_optimizer(optimizer, st.init_from, rt, run.log)
-    loop.state.extra["base_lrs"] = plan.stage.get("base_lrs", {})
     loader = run.loader(run.mixture, loader_state)
     val_steps = max(1, (plan.eval_tokens or 0) // (plan.device_batch_size * plan.sequence_len * rt.world))
-    chatcore_every = plan.stage.get("chatcore_every", -1) or -1
+    chatcore_every = plan.stage.chatcore_every or -1
     scores: dict = {}
 
     def step(_: int) -> L.StepOut:
@@ -178,10 +141,11 @@ def train_chat(run: ChatRun) -> dict:
 
     def validation(step: int) -> dict:
         loop.tracker.print(f"step {step:05d} | validation: {val_steps} batches")
-        return {"val/loss": val_loss(model, run.loader(run.val), val_steps, rt, loop.tracker.print)}
+        with rt.autocast():  # nats per trained (assistant) token
+            return {"val/loss": evaluate_bpb(model, run.loader(run.val), val_steps, None, "validation")}
 
     def chat_core(_: int) -> dict:
-        cc = chatcore(model, run.tokenizer, rt.device, max_cat=plan.stage.get("chatcore_max_cat", st.chatcore_max_cat),
+        cc = chatcore(model, run.tokenizer, rt.device, max_cat=plan.stage.chatcore_max_cat or st.chatcore_max_cat,
                       max_sample=st.chatcore_max_sample, data_dir=cfg.paths.shared_data, base_dir=rt.base_dir,
                       log=loop.tracker.print, seed=cfg.run.seed)
         if cc["chatcore"] is None:
@@ -189,7 +153,11 @@ def train_chat(run: ChatRun) -> dict:
         return {"chatcore": cc["chatcore"], **{f"chatcore/{k}": v["accuracy"] for k, v in cc["tasks"].items()}}
 
     def tasks(_: int, final: bool = False) -> dict:
-        s = task_scores(run, model)
+        """Accuracy per graded task (held-out split), scored like the chat eval stage."""
+        s = evaluate_chat_tasks(model, run.tokenizer, run.eval_specs, rt.device, max_per_task=st.eval_examples,
+                                data_dir=cfg.paths.shared_data, base_dir=rt.base_dir, log=run.log,
+                                max_new_tokens=st.eval_max_new_tokens, batch_size=8,
+                                seed=cfg.run.seed)["tasks"] if run.eval_specs else {}
         if final:
             scores.update(s)
             for k, v in s.items():
@@ -202,14 +170,10 @@ def train_chat(run: ChatRun) -> dict:
               L.Evaluation("task", lambda s: tasks(s, final=True), final=True)]
     header = (f"{st.name}: {plan.num_params:,} params | {plan.num_iterations} steps ({plan.horizon_source}) | "
               f"{plan.grad_accum_steps} micro-batches of {plan.device_batch_size}×{plan.sequence_len} per rank "
-              f"× {rt.world} ranks ({plan.stage.get('packing')}) | matrix LR {plan.matrix_lr:.4g} | "
+              f"× {rt.world} ranks ({plan.stage.packing}) | matrix LR {plan.matrix_lr:.4g} | "
               f"{len(run.mixture):,} conversations")
     loop.run(step, evals, loader.state_dict, header=header, val_key="val/loss")
     s = loop.state
-    return {**loop.result(),
-            "final_val_loss": s.val_last, "best_val_loss": s.val_best, "first_val_loss": s.val_first,
-            "task_accuracy": {k: v["accuracy"] for k, v in scores.items()},
-            "tasks": scores,
-            "chatcore": s.evals.get("chatcore", {}).get("chatcore"),
-            "mixture": run.names,
-            "source": plan.source}
+    return loop.result(ChatResult, final_val_loss=s.val_last, best_val_loss=s.val_best, first_val_loss=s.val_first,
+                       task_accuracy={k: v["accuracy"] for k, v in scores.items()}, tasks=scores,
+                       chatcore=s.evals.get("chatcore", {}).get("chatcore"), mixture=run.names, source=plan.source)

@@ -27,6 +27,7 @@ from nanochat.checkpoint import latest_checkpoint, load_meta, load_model_state, 
     save_checkpoint, set_rng_state
 from nanochat.config import Config, config_to_dict
 from nanochat.lifecycle import STOP, EvalInterrupted, Preempted, stop_requested_all_ranks
+from nanochat.results import TrainResult
 from nanochat.tracking import Tracker
 
 EMA_BETA = 0.9  # smoothing of the step's train metric (loss or reward), debiased by 1 - β^steps
@@ -120,7 +121,7 @@ class Loop:
     def resume(self, model: Any, optimizer: Any) -> Optional[dict]:
         """Restore model / optimizer / RNG from the run dir's newest checkpoint (run.resume != never).
 
-        Returns this rank's loader state (None when starting fresh).
+        Returns this rank's loader state (None when starting fresh or when the checkpoint has none).
         """
         self.model, self.optimizer = model, optimizer
         ckpt = latest_checkpoint(self.run_dir) if self.cfg.run.resume != "never" else None
@@ -137,7 +138,7 @@ class Loop:
             set_rng_state(rank_state["rng"])
         self.state = LoopState.from_dict(load_meta(ckpt)["loop_state"])
         self.resumed = True
-        return rank_state["loader"] or {}
+        return rank_state["loader"]
 
     def save(self) -> Path:
         cfg, plan, rt = self.cfg, self.plan, self.rt
@@ -158,7 +159,11 @@ class Loop:
     # ------------------------------------------------------------------ the loop
 
     def _evaluate(self, ev: Evaluation, step: int) -> None:
-        metrics = ev.run(step) or {}
+        self.model.eval()  # evaluations run the model in eval mode; training resumes in train mode
+        try:
+            metrics = ev.run(step) or {}
+        finally:
+            self.model.train()
         if not metrics:
             return
         self.state.evals[ev.name] = metrics
@@ -248,20 +253,12 @@ class Loop:
 
     # ------------------------------------------------------------------ the result
 
-    def result(self) -> dict:
-        """The result fields every training stage shares, each defined here once."""
+    def result(self, cls: type[TrainResult] = TrainResult, **fields: Any) -> TrainResult:
+        """The stage's result: the fields every training stage shares (each defined here once) + `fields`."""
         s = self.state
-        return {
-            "step": s.step,
-            "num_iterations": self.plan.num_iterations,
-            "world_size": self.rt.world,
-            "num_params": self.plan.num_params,
-            "tokens_seen": s.tokens_seen,
-            # the debiased EMA of the step loss; rl's steps yield rewards (its reward_ema), not a loss
-            "final_train_loss": s.smoothed() if self.metric == "loss" else None,
-            "train_time_s": s.train_time_s,
-            "wall_time_s": self.wall_before + (time.time() - self.t0),  # all attempts: setup, training, evals
-            "tok_per_sec": s.timed_tokens / s.train_time_s if s.train_time_s > 0 else self.tok_per_sec,
-            "mfu": self.mfu,
-            "peak_memory_mb": T.peak_memory_mb(self.rt.device),
-        }
+        return cls(step=s.step, num_iterations=self.plan.num_iterations, world_size=self.rt.world,
+                   num_params=self.plan.num_params, tokens_seen=s.tokens_seen,
+                   final_train_loss=s.smoothed() if self.metric == "loss" else None,  # rl: rewards, no loss
+                   train_time_s=s.train_time_s, wall_time_s=self.wall_before + (time.time() - self.t0),
+                   tok_per_sec=s.timed_tokens / s.train_time_s if s.train_time_s > 0 else self.tok_per_sec,
+                   mfu=self.mfu, peak_memory_mb=T.peak_memory_mb(self.rt.device), **fields)

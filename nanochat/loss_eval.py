@@ -11,7 +11,7 @@ both their loss and their (zero) bytes are left out. Targets of -1 (ignore_index
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -22,19 +22,21 @@ from nanochat.lifecycle import EvalProgress
 
 @torch.no_grad()
 def evaluate_bpb(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                 steps: int, token_bytes: torch.Tensor, label: str = "bpb") -> float:
+                 steps: int, token_bytes: Optional[torch.Tensor], label: str = "bpb") -> float:
     """Bits per byte of `model` over the first `steps` (x, y) batches of `batches`.
 
     `model(x, y, loss_reduction="none")` must return the per-token fp32 losses (ignore_index -1).
-    `token_bytes[id]` is the UTF-8 length of token `id` (0 for special tokens).
+    `token_bytes[id]` is the UTF-8 length of token `id` (0 for special tokens). With
+    token_bytes=None it is the mean loss in nats per target token instead (the chat stages'
+    validation loss: there the trained tokens are the assistant's, chat markers included).
     Under torch.distributed every rank evaluates its own batches and the sums are all-reduced,
-    so every rank returns the same number.
+    so every rank returns the same number. Rank 0 prints a `label` progress line every few seconds.
     """
     if steps < 1:
         raise ValueError(f"evaluate_bpb: steps={steps}; it must be at least 1")
     it = iter(batches)
     device = None
-    total_nats = total_bytes = None
+    total_nats = total_count = None
     progress = EvalProgress(label, steps, print if is_rank0() else None)
     for step in range(steps):
         progress.step(step)  # between batches: the stop check (a preemption does not wait), a line every 10 s
@@ -45,24 +47,41 @@ def evaluate_bpb(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, t
                              f"lower the number of eval tokens or give it more data") from None
         if device is None:
             device = y.device
-            token_bytes = token_bytes.to(device)
+            token_bytes = token_bytes.to(device) if token_bytes is not None else None
             acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no fp64
             total_nats = torch.zeros((), dtype=acc_dtype, device=device)
-            total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+            total_count = torch.zeros((), dtype=torch.int64, device=device)
         losses = model(x, y, loss_reduction="none").reshape(-1).float()
         y = y.reshape(-1)
         valid = y >= 0
-        nbytes = torch.where(valid, token_bytes[torch.where(valid, y, torch.zeros_like(y))],
-                             torch.zeros_like(y, dtype=token_bytes.dtype))
-        counted = nbytes > 0
+        if token_bytes is None:
+            count = valid.long()
+        else:
+            count = torch.where(valid, token_bytes[torch.where(valid, y, torch.zeros_like(y))],
+                                torch.zeros_like(y, dtype=token_bytes.dtype))
         # where() rather than a product: an ignored position may carry a nan/inf loss
-        total_nats += torch.where(counted, losses, torch.zeros_like(losses)).sum(dtype=acc_dtype)
-        total_bytes += nbytes.sum(dtype=torch.int64)
+        total_nats += torch.where(count > 0, losses, torch.zeros_like(losses)).sum(dtype=acc_dtype)
+        total_count += count.sum(dtype=torch.int64)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
-        dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
-    nbytes_total = int(total_bytes.item())
-    if nbytes_total == 0:
+        dist.all_reduce(total_count, op=dist.ReduceOp.SUM)
+    n = int(total_count.item())
+    if n == 0:
         raise ValueError("evaluate_bpb: the evaluated targets cover 0 bytes (all special or ignored tokens); "
                          "check token_bytes and the validation data")
-    return float(total_nats.item()) / (math.log(2) * nbytes_total)
+    return float(total_nats.item()) / (n if token_bytes is None else math.log(2) * n)
+
+
+def split_bpb(model: torch.nn.Module, data, rt, tokenizer, token_bytes: torch.Tensor, split: str, batch: int, seq: int,
+              tokens: int) -> float:
+    """Bits per byte on about `tokens` tokens of `data`'s `split` (train | val) over all ranks, in the
+    compute dtype with fp8 matmuls off (as nanochat evaluates). `data` is a config.DataConfig, `rt`
+    training.Runtime."""
+    from nanochat.dataloader import DataLoader
+    from nanochat.precision import fp8_disabled
+    loader = DataLoader(data, tokenizer, batch, seq, split, rt.rank, rt.world, rt.device, base_dir=rt.base_dir)
+    try:
+        with rt.autocast(), fp8_disabled(model):
+            return evaluate_bpb(model, loader, max(1, tokens // (batch * seq * rt.world)), token_bytes)
+    finally:
+        loader.close()

@@ -16,7 +16,7 @@ Two generations of nanochat's rules (tests/test_plan.py pins their published num
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 from nanochat.config import Config, ConfigError, ModelConfig, TrainStageConfig
@@ -113,6 +113,23 @@ class ModelShape:
 
 
 @dataclass
+class ChatStagePlan:
+    """What nanochat/chat_plan.py derives for a chat stage (mid, sft) or rl beyond the shared numbers."""
+    tokenizer: Optional[str] = None          # the source run's tokenizer
+    source_stage: Optional[str] = None
+    base_lrs: dict = field(default_factory=dict)   # the LRs before × lr_frac
+    mixture: list = field(default_factory=list)    # mid / sft: the training mixture's task specs
+    conversations: int = 0
+    packing: Optional[str] = None            # stream | bestfit | pad (nanochat/chat_data.py)
+    examples_per_step: Optional[int] = None  # whole conversations per step (seed sft), else None
+    lr_frac: Optional[float] = None
+    load_optimizer: bool = False             # warm-start the optimizer from the source checkpoint
+    chatcore_every: int = -1
+    chatcore_max_cat: Optional[int] = None   # ChatCORE problems per categorical task (sized to the run)
+    task: Optional[str] = None               # rl: the task with a reward
+
+
+@dataclass
 class Plan:
     generation: str
     model: ModelShape
@@ -155,7 +172,7 @@ class Plan:
     eval_tokens: Optional[int] = None          # validation tokens per pass
     source: Optional[str] = None               # the run this stage starts from (init_from)
     inherited: dict = field(default_factory=dict)  # plan key → where its value came from (source run)
-    stage: dict = field(default_factory=dict)  # stage-specific derived values (mixture, packing, ...)
+    stage: Optional[ChatStagePlan] = None      # chat stages and rl: what their plan derived besides
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,6 +181,8 @@ class Plan:
     def from_dict(cls, d: dict) -> "Plan":
         d = dict(d)
         d["model"] = ModelShape(**d["model"])
+        names = {f.name for f in fields(ChatStagePlan)}
+        d["stage"] = ChatStagePlan(**{k: v for k, v in d["stage"].items() if k in names}) if d.get("stage") else None
         return cls(**d)
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from nanochat import results as R
 from nanochat.common import atomic_write_text
 
 TRAINING_STAGES = ("pretrain", "mid", "sft", "rl")
@@ -40,44 +41,48 @@ def _tasks(acc: dict) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
 
 
-def stage_metrics(stage: str, r: Optional[dict]) -> str:
-    """The headline numbers of one stage's result.json as one cell of text."""
+def stage_metrics(stage: str, r: "dict | R.Result | None") -> str:
+    """The headline numbers of one stage's result (result.json, typed by its stage) as one cell of text."""
     if not r:
         return ""
     parts: list[str] = []
     if stage == "tokenizer":
-        comp = r.get("compression", {})
-        val = comp.get(f"{r.get('tokenizer')}/val") or next(iter(comp.values()), {})
-        parts.append(f"vocab {r.get('vocab_size'):,}" if r.get("vocab_size") else "")
+        t = R.TokenizerResult.from_dict(r)
+        val = t.compression.get(f"{t.tokenizer}/val") or next(iter(t.compression.values()), {})
+        parts.append(f"vocab {t.vocab_size:,}" if t.vocab_size else "")
         if val:
             parts.append(f"{val.get('bytes_per_token', 0):.2f} bytes/token")
     elif stage == "pretrain":
-        if r.get("first_val_bpb") is not None:
-            parts.append(f"val bpb {_f(r.get('first_val_bpb'))} → {_f(r.get('final_val_bpb'))}")
-        if r.get("core") is not None:
-            parts.append(f"CORE {_f(r['core'])}")
-        if r.get("tok_per_sec"):
-            parts.append(f"{r['tok_per_sec']:,.0f} tok/s")
+        p = R.PretrainResult.from_dict(r)
+        if p.first_val_bpb is not None:
+            parts.append(f"val bpb {_f(p.first_val_bpb)} → {_f(p.final_val_bpb)}")
+        if p.core is not None:
+            parts.append(f"CORE {_f(p.core)}")
+        if p.tok_per_sec:
+            parts.append(f"{p.tok_per_sec:,.0f} tok/s")
     elif stage in ("mid", "sft"):
-        if r.get("final_val_loss") is not None:
-            parts.append(f"val loss {_f(r.get('first_val_loss'))} → {_f(r.get('final_val_loss'))}")
-        if r.get("task_accuracy"):
-            parts.append(_tasks(r["task_accuracy"]))
+        c = R.ChatResult.from_dict(r)
+        if c.final_val_loss is not None:
+            parts.append(f"val loss {_f(c.first_val_loss)} → {_f(c.final_val_loss)}")
+        if c.task_accuracy:
+            parts.append(_tasks(c.task_accuracy))
     elif stage == "rl":
-        if r.get("mean_reward") is not None:
-            parts.append(f"reward {_f(r.get('first_reward'), 3)} → {_f(r.get('mean_reward'), 3)}")
-        for k, v in (r.get("pass_at_k") or {}).items():
+        l = R.RLResult.from_dict(r)
+        if l.mean_reward is not None:
+            parts.append(f"reward {_f(l.first_reward, 3)} → {_f(l.mean_reward, 3)}")
+        for k, v in (l.pass_at_k or {}).items():
             parts.append(f"{k} {v:.3f}")
     elif stage == "eval":
-        if r.get("mode") == "base":
-            parts.append(f"bpb train {_f(r.get('train_bpb'))} / val {_f(r.get('val_bpb'))}")
-            if r.get("core") is not None:
-                parts.append(f"CORE {_f(r['core'])} ({r.get('core_tasks_evaluated')}/{r.get('core_tasks_total')} tasks)")
+        e = R.EvalResult.from_dict(r)
+        if e.mode == "base":
+            parts.append(f"bpb train {_f(e.train_bpb)} / val {_f(e.val_bpb)}")
+            if e.core is not None:
+                parts.append(f"CORE {_f(e.core)} ({e.core_tasks_evaluated}/{e.core_tasks_total} tasks)")
         else:
-            if r.get("task_accuracy"):
-                parts.append(("lm-eval " if r.get("mode") == "harness" else "") + _tasks(r["task_accuracy"]))
-            if r.get("chatcore") is not None:
-                parts.append(f"ChatCORE {_f(r['chatcore'])}")
+            if e.task_accuracy:
+                parts.append(("lm-eval " if e.mode == "harness" else "") + _tasks(e.task_accuracy))
+            if e.chatcore is not None:
+                parts.append(f"ChatCORE {_f(e.chatcore)}")
     return " · ".join(p for p in parts if p)
 
 

@@ -27,6 +27,7 @@ import yaml
 
 from nanochat import scaling as S
 from nanochat.common import atomic_write_text
+from nanochat.results import PretrainResult
 
 PARAM_KINDS = ("total", "non_embedding", "matmul")
 DEFAULT_KIND = "matmul"  # nanochat's "scaling params": transformer matrices + lm_head
@@ -82,19 +83,20 @@ def read_run(sweep_dir: Path, run_dir: Path) -> RunRecord:
     except (OSError, yaml.YAMLError):
         rec.overrides = []
     plan = _read_json(run_dir / "plan.json") or {}
-    result = _read_json(run_dir / "result.json")
-    if rec.status != "completed" or result is None:
+    raw = _read_json(run_dir / "result.json")
+    if rec.status != "completed" or raw is None:
         err = status.get("error")
         rec.skip_reason = f"{rec.status}" + (f": {err}" if err else "") if rec.status != "completed" \
             else "completed but result.json is missing"
         return rec
-    rec.params = result.get("params") or (_breakdown_from_plan(plan) if plan.get("model") else {})
-    rec.tokens = result.get("tokens_seen")
-    rec.flops = result.get("flops")
-    rec.val_bpb = result.get("final_val_bpb")
-    rec.core = result.get("core")
-    rec.mixture, rec.by_source = result.get("mixture") or {}, result.get("val_bpb_by_source") or {}
-    rec.wall_time_s = result.get("wall_time_s")
+    result = PretrainResult.from_dict(raw)
+    rec.params = result.params or (_breakdown_from_plan(plan) if plan.get("model") else {})
+    rec.tokens = result.tokens_seen
+    rec.flops = result.flops
+    rec.val_bpb = result.final_val_bpb
+    rec.core = result.core
+    rec.mixture, rec.by_source = result.mixture, result.val_bpb_by_source
+    rec.wall_time_s = result.wall_time_s
     if rec.wall_time_s is None:
         from nanochat.report import wall_time_s
         rec.wall_time_s = wall_time_s(str(run_dir))

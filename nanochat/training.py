@@ -110,7 +110,7 @@ def train_step(model, optimizer, batches: Iterator, plan, rt: Runtime, scaler: A
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return all_reduce_mean(loss_sum / accum).item()
+    return (dist_sum(loss_sum) / (accum * rt.world)).item()
 
 
 def init_model(plan: Plan, cfg: Config, rt: Runtime, init_from: Optional[str]) -> tuple[GPT, Optional[dict]]:
@@ -134,16 +134,6 @@ def dist_sum(x: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
-
-
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.AVG if dist.get_backend() == "nccl" else dist.ReduceOp.SUM)
-        if dist.get_backend() != "nccl":
-            x /= dist.get_world_size()
     return x
 
 

@@ -51,13 +51,10 @@ try:
         from nanochat.loss_eval import evaluate_bpb
         evaluate_bpb(model, batches(), 10 ** 9, torch.ones(tok.get_vocab_size(), dtype=torch.int64))
     elif kind == "chat_val_loss":
-        from nanochat import training as T
         from nanochat.chat_data import BestFitChatLoader
-        from nanochat.chat_train import val_loss
-        from nanochat.precision import Precision
+        from nanochat.loss_eval import evaluate_bpb
         from nanochat.tasks import make_task
-        rt = T.Runtime(0, 0, 1, torch.device("cpu"), Precision.resolve("cpu", "float32"), os.environ["NANOCHAT_BASE_DIR"])
-        val_loss(model, BestFitChatLoader(make_task("arithmetic:size=100000", "train"), tok, 2, 64), 10 ** 9, rt)
+        evaluate_bpb(model, BestFitChatLoader(make_task("arithmetic:size=100000", "train"), tok, 2, 64), 10 ** 9, None)
     elif kind == "core":
         from nanochat.core_eval import evaluate_core
         evaluate_core(model, tok, sys.argv[2], torch.device("cpu"), max_per_task=-1)

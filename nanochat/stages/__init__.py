@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from nanochat.config import Config, ConfigError
+from nanochat.results import Result
 
 if TYPE_CHECKING:
     from nanochat.stage_plan import StagePlan
@@ -30,11 +31,12 @@ class Stage:
     name: str
     schema: type                  # its config dataclass (nanochat/config.py): the keys stage.* may have
     planner: Callable[..., "StagePlan"]   # (cfg, source, probe=None): pure Python, the dry run == the run
-    worker: Callable[[Config, Path], dict]  # runs in the worker process; returns result.json's fields
+    worker: Callable[[Config, Path], "Result | dict"]  # runs in the worker process; returns result.json's fields
     sources: tuple[str, ...] = ()  # stages whose runs it starts from (empty: none, it starts from scratch)
     default_source: dict = field(default_factory=dict)  # model.generation → the source `latest` tries first
     source_tag: str = "same"      # same: `latest` reads runs of this run's tag; any: of every tag
     headline: Optional[str] = None  # result.json field a sweep optimises when run.objective is null
+    result: type[Result] = Result  # the worker's result type (nanochat/results.py): headline is one of its fields
     tag: Optional[Callable[[Config], str]] = None  # the run's tag (its dir under <root>/<name>/); null: d<depth>
     one_process: bool = False     # one process whatever hardware.nproc_per_node (serve: replicas are threads)
     check: Optional[Callable[[Config], None]] = None  # raises ConfigError before any run dir is made

@@ -1,9 +1,10 @@
 """Worker entrypoint: `python -m nanochat.stages._entry --config <run_dir>/resolved_config.yaml`.
 
-Every stage declares a worker, `(cfg: Config, run_dir: Path) -> dict`. This harness reads the
-frozen config with plain OmegaConf (never Hydra), runs the stage's worker, and on rank 0 writes
-result.json + COMPLETED (completed), or status.json (preempted / failed). The same
-`execute()` runs in-process when the launcher dispatches a single-process job.
+Every stage declares a worker, `(cfg: Config, run_dir: Path) -> Result` (nanochat/results.py; a
+dict also does). This harness reads the frozen config with plain OmegaConf (never Hydra), runs
+the stage's worker, and on rank 0 writes result.json + COMPLETED (completed), or status.json
+(preempted / failed). The same `execute()` runs in-process when the launcher dispatches a
+single-process job.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from nanochat.common import dist_env
 from nanochat.config import Config, load_config
+from nanochat.results import Result
 from nanochat.runlock import WriterLock
 from nanochat.stages import stage
 from nanochat.lifecycle import (EXIT_PREEMPTED, STOP, EvalInterrupted, Preempted, guard_parent, mark_completed,
@@ -56,7 +58,7 @@ def execute(cfg: Config, run_dir: Path) -> int:
         return 1
     else:
         if rank == 0:
-            mark_completed(run_dir, result or {})
+            mark_completed(run_dir, result.to_dict() if isinstance(result, Result) else result or {})
         return 0
     finally:
         STOP.uninstall()

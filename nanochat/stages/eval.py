@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from nanochat.common import barrier, shared_data_dir
 from nanochat.config import Config, ConfigError, EvalStageConfig
+from nanochat.results import EvalResult
 from nanochat.stage_plan import model_plan
 from nanochat.stages import Stage
 
@@ -42,21 +43,10 @@ def bundle_dir(cfg: Config, base_dir: Path) -> Path:
     return ensure_eval_bundle(base_dir, configured)
 
 
-def split_bpb(model, cfg: Config, tokenizer, token_bytes, split: str, batch: int, seq: int, tokens: int,
-              rt: T.Runtime) -> float:
-    from nanochat.dataloader import DataLoader
-    from nanochat.loss_eval import evaluate_bpb
-    loader = DataLoader(cfg.data, tokenizer, batch, seq, split, rt.rank, rt.world, rt.device, base_dir=rt.base_dir)
-    try:
-        with rt.autocast():
-            return evaluate_bpb(model, loader, max(1, tokens // (batch * seq * rt.world)), token_bytes)
-    finally:
-        loader.close()
-
-
 def run_base(cfg: Config, run_dir: Path, rt: T.Runtime, model, tokenizer, tok_name: str, log) -> dict:
     from nanochat import training as T
     from nanochat.dataset import list_shards
+    from nanochat.loss_eval import split_bpb
     from nanochat.tokenizer import get_token_bytes
     st = cfg.stage
     plan = T.load_plan(run_dir)
@@ -68,7 +58,7 @@ def run_base(cfg: Config, run_dir: Path, rt: T.Runtime, model, tokenizer, tok_na
     barrier()
     result: dict = {"mode": "base"}
     for split in ("train", "val"):
-        bpb = split_bpb(model, cfg, tokenizer, token_bytes, split, plan.device_batch_size, seq, st.bpb_tokens, rt)
+        bpb = split_bpb(model, cfg.data, rt, tokenizer, token_bytes, split, plan.device_batch_size, seq, st.bpb_tokens)
         result[f"{split}_bpb"] = bpb
         log(f"{split} bpb: {bpb:.4f}")
     if st.core:
@@ -130,7 +120,7 @@ def resolve_mode(mode: str, source_stage: str) -> str:
     return "base" if source_stage == "pretrain" else "chat"
 
 
-def run(cfg: Config, run_dir: Path) -> dict:
+def run(cfg: Config, run_dir: Path) -> EvalResult:
     from nanochat import training as T
     from nanochat.checkpoint import load_model_from_run
     from nanochat.tokenizer import get_tokenizer
@@ -154,9 +144,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         result = run_base(cfg, run_dir, rt, model, tokenizer, tok_name, log)
     else:
         result = run_chat(cfg, run_dir, rt, model, tokenizer, log)
-    result.update(source=str(st.init_from), source_stage=source_stage, source_step=meta.get("step"),
-                  eval_time_s=round(time.time() - t0, 2))
-    return result
+    return EvalResult(**result, source=str(st.init_from), source_stage=source_stage, source_step=meta.get("step"),
+                      eval_time_s=round(time.time() - t0, 2))
 
 
 # --------------------------------------------------------------------------- the declaration
@@ -178,4 +167,5 @@ def check_harness(cfg: Config) -> None:
 
 # latest: the newest run of these with this run's tag (stage.mode=auto: base for pretrain, else chat)
 STAGE = Stage("eval", schema=EvalStageConfig, planner=model_plan, worker=run,
-              sources=("rl", "sft", "mid", "pretrain"), headline="val_bpb", check=check_harness)
+              sources=("rl", "sft", "mid", "pretrain"), headline="val_bpb", check=check_harness,
+              result=EvalResult)

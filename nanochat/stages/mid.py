@@ -12,10 +12,11 @@ from pathlib import Path
 
 from nanochat.chat_plan import mid_plan
 from nanochat.config import ChatStageConfig, Config
+from nanochat.results import ChatResult
 from nanochat.stages import Stage
 
 
-def run(cfg: Config, run_dir: Path) -> dict:
+def run(cfg: Config, run_dir: Path) -> ChatResult:
     from nanochat.chat_train import ChatRun, train_chat
     return train_chat(ChatRun(cfg, run_dir))
 
@@ -23,4 +24,4 @@ def run(cfg: Config, run_dir: Path) -> dict:
 # --------------------------------------------------------------------------- the declaration
 
 STAGE = Stage("mid", schema=ChatStageConfig, planner=mid_plan, worker=run, sources=("pretrain",),
-              headline="final_val_loss")
+              headline="final_val_loss", result=ChatResult)

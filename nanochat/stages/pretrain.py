@@ -9,13 +9,14 @@ exactly the batches and updates an uninterrupted run would have made.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from nanochat.batch_size import explain_oom
-from nanochat.config import Config, DataConfig, TrainStageConfig
+from nanochat.config import Config, TrainStageConfig
 from nanochat.common import barrier
 from nanochat import mixture
 from nanochat.plan import param_breakdown
+from nanochat.results import PretrainResult
 from nanochat.stage_plan import train_plan
 from nanochat.stages import Stage
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -29,52 +30,6 @@ SAMPLE_PROMPTS = [
     "If yesterday was Friday, then tomorrow will be",
     "The opposite of hot is",
 ]
-
-
-def eval_steps(tokens: int, plan) -> int:
-    per = plan.device_batch_size * plan.sequence_len * plan.world_size
-    return max(1, tokens // per)
-
-
-def val_bpb(model, data: DataConfig, plan, rt: T.Runtime, tokenizer, token_bytes, tokens: int) -> float:
-    from nanochat.dataloader import DataLoader
-    from nanochat.loss_eval import evaluate_bpb
-    from nanochat.precision import fp8_disabled
-    loader = DataLoader(data, tokenizer, plan.device_batch_size, plan.sequence_len, "val", rt.rank, rt.world,
-                        rt.device, base_dir=rt.base_dir)
-    model.eval()
-    try:
-        with rt.autocast(), fp8_disabled(model):   # evaluations in the compute dtype, as nanochat
-            return evaluate_bpb(model, loader, eval_steps(tokens, plan), token_bytes)
-    finally:
-        model.train()
-        loader.close()
-
-
-def samples(model, tokenizer, max_tokens: int = 24) -> list[str]:
-    from nanochat.precision import fp8_disabled
-    model.eval()
-    out = []
-    bos = tokenizer.get_bos_token_id()
-    for prompt in SAMPLE_PROMPTS:
-        ids = tokenizer.encode(prompt, prepend=bos)
-        with fp8_disabled(model):
-            gen = list(model.generate(ids, max_tokens=max_tokens, temperature=0.0))
-        out.append(prompt + tokenizer.decode(gen))
-    model.train()
-    return out
-
-
-def run_core(model, tokenizer, cfg: Config, rt: T.Runtime, max_per_task: int, progress: Any = False) -> dict:
-    from nanochat.core_eval import ensure_eval_bundle, evaluate_core
-    from nanochat.precision import fp8_disabled
-    bundle = ensure_eval_bundle(rt.base_dir, cfg.paths.eval_bundle)
-    model.eval()
-    try:
-        with rt.autocast(), fp8_disabled(model):
-            return evaluate_core(model, tokenizer, bundle, rt.device, max_per_task=max_per_task, progress=progress)
-    finally:
-        model.train()
 
 
 class SlotLoader:
@@ -114,11 +69,12 @@ class SlotLoader:
                 l.close()
 
 
-def run(cfg: Config, run_dir: Path) -> dict:
+def run(cfg: Config, run_dir: Path) -> PretrainResult:
     import torch
     from nanochat import loop as L, training as T
     from nanochat.dataset import list_shards
-    from nanochat.precision import convert_fp8
+    from nanochat.loss_eval import split_bpb
+    from nanochat.precision import convert_fp8, fp8_disabled
     loop = L.Loop(cfg, run_dir)
     rt, plan, st = loop.rt, loop.plan, cfg.stage
     tokenizer = get_tokenizer(rt.base_dir, cfg.data.tokenizer)
@@ -147,18 +103,25 @@ def run(cfg: Config, run_dir: Path) -> dict:
         return L.StepOut(loss, plan.total_batch_size)
 
     def core(_: int) -> dict:
-        out = run_core(model, tokenizer, cfg, rt, st.core_max_per_task)
+        from nanochat.core_eval import ensure_eval_bundle, evaluate_core
+        bundle = ensure_eval_bundle(rt.base_dir, cfg.paths.eval_bundle)
+        with rt.autocast(), fp8_disabled(model):
+            out = evaluate_core(model, tokenizer, bundle, rt.device, max_per_task=st.core_max_per_task)
         loop.tracker.print(f"CORE over {out['tasks_evaluated']} tasks")
         return {"core": out["core"]}
 
-    def sample(_: int) -> dict:
-        for s in samples(model, tokenizer):
-            loop.tracker.print(f"  sample: {s!r}")
+    def sample(_: int) -> dict:  # greedy continuations of SAMPLE_PROMPTS, printed
+        with fp8_disabled(model):
+            for prompt in SAMPLE_PROMPTS:
+                ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+                gen = list(model.generate(ids, max_tokens=24, temperature=0.0))
+                loop.tracker.print(f"  sample: {prompt + tokenizer.decode(gen)!r}")
         return {}
 
     def val(_: int) -> dict:  # a mixture: each source's val split (val/bpb/<source>), the total weighted by it
-        by_source, bpb = mixture.val_bpb(cfg.data, lambda data, n: val_bpb(model, data, plan, rt, tokenizer, token_bytes,
-                                                                           n), st.eval_tokens or plan.eval_tokens)
+        by_source, bpb = mixture.val_bpb(cfg.data, lambda data, n: split_bpb(
+            model, data, rt, tokenizer, token_bytes, "val", plan.device_batch_size, plan.sequence_len, n),
+            st.eval_tokens or plan.eval_tokens)
         return {"val/bpb": bpb, **{f"val/bpb/{k}": v for k, v in by_source.items()}}
 
     evals = [L.Evaluation("val_bpb", val, every=st.eval_every)]
@@ -174,18 +137,16 @@ def run(cfg: Config, run_dir: Path) -> dict:
     finally:
         train_loader.close()
     s = loop.state
-    return {**loop.result(),
-            "final_val_bpb": s.val_last, "best_val_bpb": s.val_best, "first_val_bpb": s.val_first,
-            "params": param_breakdown(plan.model),  # by role, for scaling-law fits (nanochat-scaling)
-            "flops_per_token": plan.flops_per_token,
-            "flops": float(plan.flops_per_token) * s.tokens_seen,
-            "target_flops": st.target_flops,
-            **({"core": s.evals["core"]["core"]} if "core" in s.evals else {}),
-            **({"mixture": mixture.weights(cfg.data), "val_bpb_by_source": {
-                k.split("/")[-1]: v for k, v in s.evals.get("val_bpb", {}).items() if k.startswith("val/bpb/")}}
-               if cfg.data.source == "mixture" else {})}
+    mixed = cfg.data.source == "mixture"
+    return loop.result(PretrainResult, final_val_bpb=s.val_last, best_val_bpb=s.val_best, first_val_bpb=s.val_first,
+                       params=param_breakdown(plan.model), flops_per_token=plan.flops_per_token,
+                       flops=float(plan.flops_per_token) * s.tokens_seen, target_flops=st.target_flops,
+                       core=s.evals.get("core", {}).get("core"), mixture=mixture.weights(cfg.data) if mixed else {},
+                       val_bpb_by_source={k.split("/")[-1]: v for k, v in s.evals.get("val_bpb", {}).items()
+                                          if k.startswith("val/bpb/")})
 
 
 # --------------------------------------------------------------------------- the declaration
 
-STAGE = Stage("pretrain", schema=TrainStageConfig, planner=train_plan, worker=run, headline="final_val_bpb")
+STAGE = Stage("pretrain", schema=TrainStageConfig, planner=train_plan, worker=run, headline="final_val_bpb",
+              result=PretrainResult)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Optional
 from nanochat.chat_plan import rl_plan
 from nanochat.config import Config, RLStageConfig
 from nanochat.lifecycle import check_stop
+from nanochat.results import RLResult
 from nanochat.stages import Stage
 from nanochat.tokenizer import get_tokenizer
 
@@ -85,7 +86,6 @@ def pass_at_k(model, tokenizer, task, num_examples: int, k: int, max_new_tokens:
     limit = getattr(model, "rotary_len", None) or model.config.sequence_len
     n = min(num_examples, len(task))
     hits = torch.zeros(k + 1, dtype=torch.float64, device=device)  # [0] counts questions
-    was_training = model.training
     for i in range(rank, n, world):
         check_stop()  # a preemption is acted on between questions, not after the whole pass
         _, _, rewards, _ = sample_rollouts(engine, tokenizer, task, i, k, max_new_tokens, temperature, top_k,
@@ -93,19 +93,18 @@ def pass_at_k(model, tokenizer, task, num_examples: int, k: int, max_new_tokens:
         hits[0] += 1
         for j in range(1, k + 1):
             hits[j] += float(any(r > 0 for r in rewards[:j]))
-    model.train(was_training)
     hits = T.dist_sum(hits)
     return {f"pass@{j}": float(hits[j] / hits[0].clamp(min=1)) for j in range(1, k + 1)}
 
 
-def run(cfg: Config, run_dir: Path) -> dict:
+def run(cfg: Config, run_dir: Path) -> RLResult:
     import torch
     from nanochat import loop as L, training as T
     from nanochat.engine import Engine
     from nanochat.tasks import make_task
     loop = L.Loop(cfg, run_dir)
     rt, eplan, st = loop.rt, loop.plan, cfg.stage  # eplan: nanochat/chat_plan.py's rl_plan (horizon, LRs)
-    tokenizer = get_tokenizer(rt.base_dir, eplan.stage.get("tokenizer") or cfg.data.tokenizer)
+    tokenizer = get_tokenizer(rt.base_dir, eplan.stage.tokenizer or cfg.data.tokenizer)
     data_dir, base = cfg.paths.shared_data, str(rt.base_dir)
     train_task = make_task(st.task, "train", data_dir=data_dir, base_dir=base)
     test_task = make_task(st.task, "test", data_dir=data_dir, base_dir=base)
@@ -115,7 +114,6 @@ def run(cfg: Config, run_dir: Path) -> dict:
     optimizer = T.make_optimizer(model, eplan, cfg, rt)
     loop.resume(model, optimizer)
     state = loop.state
-    state.extra["base_lrs"] = eplan.stage.get("base_lrs", {})
     engine = Engine(model, tokenizer)
     limit = getattr(model, "rotary_len", None) or model.config.sequence_len
     pad = tokenizer.encode_special("<|assistant_end|>")
@@ -163,15 +161,12 @@ def run(cfg: Config, run_dir: Path) -> dict:
     loop.run(step, [L.Evaluation("pass@k", evaluate, every=st.pass_at_k_every)], lambda: {"step": state.step},
              header=header, metric="reward")
     pass_k = state.evals.get("pass@k")
-    return {**loop.result(),
-            "task": st.task,
-            "first_reward": state.extra.get("first_reward"),
-            "mean_reward": state.extra.get("last_reward"),   # the last step's
-            "reward_ema": state.smoothed(),                  # the debiased EMA of the steps' mean reward
-            "pass_at_k": {k[len("val/"):]: v for k, v in pass_k.items()} if pass_k else None}
+    return loop.result(RLResult, task=st.task, first_reward=state.extra.get("first_reward"),
+                       mean_reward=state.extra.get("last_reward"), reward_ema=state.smoothed(),
+                       pass_at_k={k[len("val/"):]: v for k, v in pass_k.items()} if pass_k else None)
 
 
 # --------------------------------------------------------------------------- the declaration
 
 STAGE = Stage("rl", schema=RLStageConfig, planner=rl_plan, worker=run, sources=("sft", "mid", "pretrain"),
-              default_source={"seed": "sft", "modern": "sft"}, headline="mean_reward")
+              default_source={"seed": "sft", "modern": "sft"}, headline="mean_reward", result=RLResult)

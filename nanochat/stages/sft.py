@@ -12,10 +12,11 @@ from pathlib import Path
 
 from nanochat.chat_plan import sft_plan
 from nanochat.config import ChatStageConfig, Config
+from nanochat.results import ChatResult
 from nanochat.stages import Stage
 
 
-def run(cfg: Config, run_dir: Path) -> dict:
+def run(cfg: Config, run_dir: Path) -> ChatResult:
     from nanochat.chat_train import ChatRun, train_chat
     return train_chat(ChatRun(cfg, run_dir))
 
@@ -24,4 +25,5 @@ def run(cfg: Config, run_dir: Path) -> dict:
 
 # latest: a seed model starts from its mid run (Dec 2025), a modern one from its pretrain run (92d63d4's chat_sft)
 STAGE = Stage("sft", schema=ChatStageConfig, planner=sft_plan, worker=run, sources=("pretrain", "mid"),
-              default_source={"seed": "mid", "modern": "pretrain"}, headline="final_val_loss")
+              default_source={"seed": "mid", "modern": "pretrain"}, headline="final_val_loss",
+              result=ChatResult)

@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Optional
 
 from nanochat.common import get_base_dir, print0, shared_data_dir
 from nanochat.config import Config, TokenizerStageConfig
+from nanochat.results import TokenizerResult
 from nanochat.stage_plan import SourceRun, StagePlan, mixture_rows
 from nanochat.stages import Stage
 from nanochat.tokenizer import tokenizer_dir, train_tokenizer
@@ -122,7 +123,7 @@ def compression_table(tokenizer, sources: dict[str, Callable[[], str]]) -> tuple
     return table, notes
 
 
-def run(cfg: Config, run_dir: Path) -> dict:
+def run(cfg: Config, run_dir: Path) -> TokenizerResult:
     from nanochat.dataset import iter_texts
     st = cfg.stage
     if st.max_chars < 1 or st.doc_cap < 1:
@@ -158,7 +159,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     if run_dir is not None and Path(run_dir).is_dir():
         from nanochat.common import atomic_write_json
         atomic_write_json(Path(run_dir) / "tokenizer_eval.json", result)
-    return result
+    return TokenizerResult(**result)
 
 
 # --------------------------------------------------------------------------- the declaration
@@ -172,7 +173,7 @@ def tokenizer_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dic
 
 # a tokenizer belongs to its data, not to a model depth: runs/tokenizer/tok_<data.tokenizer>/
 STAGE = Stage("tokenizer", schema=TokenizerStageConfig, planner=tokenizer_plan, worker=run,
-              tag=lambda cfg: f"tok_{cfg.data.tokenizer}")
+              tag=lambda cfg: f"tok_{cfg.data.tokenizer}", result=TokenizerResult)
 
 
 if __name__ == "__main__":  # same as `python -m nanochat.stages._entry --config ...`

@@ -52,9 +52,10 @@ def test_checkpoint_contents_and_pruning(base_dir, workdir):
 
 def test_metrics_result_and_wandb_offline(base_dir, workdir):
     run = workdir / "run"
-    p = run_cli([*TINY, "stage.num_iterations=4", "stage.eval_every=2", "wandb.mode=offline", f"run.dir={run}"],
-                base_dir, workdir, env_extra={"WANDB_DIR": str(workdir)})
+    p = run_cli([*TINY, "stage.num_iterations=4", "stage.eval_every=2", "stage.sample_every=4", "wandb.mode=offline",
+                 f"run.dir={run}"], base_dir, workdir, env_extra={"WANDB_DIR": str(workdir)})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert p.stdout.count("  sample: ") == 8 and "The capital of France is" in p.stdout  # 4 prompts, steps 0, 4
     rows = read_metrics(run)
     train = [r for r in rows if "train/loss" in r]
     assert len(train) == 4

@@ -22,7 +22,7 @@ from conftest import nanochat_run, read_metrics
 
 RL = ["stage=rl", "model.depth=2", "stage.examples_per_step=2", "stage.num_samples=2", "stage.max_new_tokens=8",
       "stage.eval_examples=1", "stage.eval_num_samples=1", "stage.pass_at_k_every=-1",
-      "stage.sources=[sft,mid,pretrain]", 'stage.task="arithmetic:max_value=9"']
+      'stage.task="arithmetic:max_value=9"']
 
 
 def debiased_ema(values: list[float], beta: float = 0.9) -> float:
@@ -115,7 +115,7 @@ def test_chat_and_rl_share_the_definition(stage_root):
     env, root, pre = stage_root
     sft = root / "sft_ema"
     nanochat_run(env, "experiment=tiny", "model.depth=2", "stage=sft", f"stage.init_from={pre}",
-                 "stage.sources=[pretrain,mid]", 'stage.mixture=["arithmetic:size=50"]', "stage.num_iterations=3",
+                 'stage.mixture=["arithmetic:size=50"]', "stage.num_iterations=3",
                  "stage.eval_every=-1", "stage.eval_tasks=[]", f"run.root={root}", f"run.dir={sft}")
     r = json.loads((sft / "result.json").read_text())
     train = [m["train/loss"] for m in read_metrics(sft) if "train/loss" in m]

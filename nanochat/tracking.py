@@ -131,6 +131,7 @@ class Tracker:
         self.total_steps, self.start_step, self.desc = total_steps, start_step, desc
         self.t0 = time.time()
         self._file = self._wandb = self._tb = self._progress = self._task = self._plain = self._profiler = None
+        self._pace_from: Optional[tuple] = None   # (time, step) of the first progress line: the ETA's pace
         self._history_until: Optional[int] = None
         if not enabled:
             return
@@ -204,8 +205,12 @@ class Tracker:
             self._progress.update(self._task, completed=step, info=text or " | ".join(stat_fields(short)))
         elif self._plain is not None and self._plain.due(step, self.total_steps):
             fields = stat_fields(stats) if stats is not None else [text]
-            elapsed = time.time() - self.t0
-            per_step = elapsed / max(1, step - self.start_step)
+            now = time.time()
+            elapsed = now - self.t0
+            # the ETA's pace from the first step on: setup and the first step's one-off costs left out
+            self._pace_from = self._pace_from or (now, step)
+            t1, s1 = self._pace_from
+            per_step = (now - t1) / (step - s1) if step > s1 else (stats or {}).get("dt_s") or elapsed
             print(plain_line(f"{self.desc} step", step, self.total_steps, fields, elapsed, per_step), flush=True)
 
     def print(self, msg: str) -> None:

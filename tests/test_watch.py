@@ -91,6 +91,21 @@ def test_tracker_plain_line_from_stats_or_text(tmp_path, capsys):
     assert lines[1].startswith("rl step 2/10 | reward 0.3 | 1.0s/step | elapsed ") and " | eta " in lines[1]
 
 
+def test_eta_paces_from_the_first_step_not_the_setup(tmp_path, capsys, monkeypatch):
+    """60 s of setup before step 1, then 2 s a step: the ETA is 2 s × the steps left, not 62 s × them."""
+    import nanochat.tracking as tracking
+    clock = [1000.0]
+    monkeypatch.setattr(tracking.time, "time", lambda: clock[0])
+    t = tracking.Tracker(tmp_path, enabled=True, total_steps=10, desc="pretrain", log_interval_s=0)
+    for step, now in ((1, 1060.0), (2, 1062.0), (3, 1064.0)):
+        clock[0] = now
+        t.progress(step, stats={"step": step, "total": 10, "loss": 5.0, "dt_s": 2.0})
+    t.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("elapsed 1m00s | eta 0m18s"), lines[0]   # step 1: its own dt × 9
+    assert lines[2].endswith("elapsed 1m04s | eta 0m14s"), lines[2]   # 2 s/step × 7
+
+
 def test_eval_progress_uses_the_same_format():
     from nanochat.lifecycle import EvalProgress
     seen = []

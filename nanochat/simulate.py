@@ -35,7 +35,7 @@ import sys
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 GIB = 2 ** 30
 MAX_FAKE_WORLD = 65536   # ranks the fake process group is asked to stand for (the sharding math is per rank)
@@ -147,7 +147,6 @@ def compiled_blocks(model) -> Iterator[None]:
     backward and the min-cut partitioner (inductor's) chooses what forward saves for backward; the
     partitioned graphs then run op by op. One trace per kind of block (window, value embedding),
     shared by the blocks of that kind through their own parameters."""
-    import torch
     from functorch.compile import aot_function, make_boxed_func, min_cut_rematerialization_partition
     from torch.nn.utils.stateless import _reparametrize_module
     boxed = lambda gm, _: make_boxed_func(gm)   # noqa: E731 (run the traced graph as is)
@@ -178,7 +177,6 @@ def train_step(model, optimizer, batches, precision, plan, step: int, before_mic
     """One optimizer step as pretraining runs it: this step's schedules, then the training loop's own step
     (nanochat/training.py train_step) over `batches`, calling before_micro() ahead of each."""
     import dataclasses
-    import torch
     from torch._subclasses.fake_tensor import DataDependentOutputException
     from nanochat import training as T
 

@@ -285,6 +285,7 @@ def objective(out: dict, key: Optional[str], stage_name: str) -> float:
         return float("nan")
     last = out["stages"][-1] if "stages" in out else out  # a pipeline: its last stage
     result = Result.from_dict(last.get("result"))
+    asked = key is not None
     key = key or stage(last.get("kind", stage_name)).headline
     if key is None:  # a stage without a headline (tokenizer, serve)
         return float("nan")
@@ -292,8 +293,9 @@ def objective(out: dict, key: Optional[str], stage_name: str) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
-        print(f"[nanochat] run.objective={key!r}: not a number in result.json ({value!r}); returning NaN",
-              flush=True)
+        if asked:  # the user's run.objective; a headline a run does not report (chat-mode eval) stays quiet
+            print(f"[nanochat] run.objective={key!r}: not a number in result.json ({value!r}); returning NaN",
+                  flush=True)
         return float("nan")
 
 

@@ -39,6 +39,15 @@ def test_round_trip_and_tolerant_reads(tmp_path):
     assert {**R.ChatResult(step=2), "mine": 1}["step"] == 2  # a custom stage may extend it as a dict
 
 
+def test_objective_warns_only_for_the_users_key(capsys):
+    """A declared headline a run does not report (a chat-mode eval has no val_bpb) is NaN without noise;
+    the user's own run.objective that is not a number says so."""
+    from launch.run import objective
+    out = {"status": "completed", "stages": [{"kind": "eval", "result": {"result_type": "EvalResult"}}]}
+    assert math.isnan(objective(out, None, "eval")) and "run.objective" not in capsys.readouterr().out
+    assert math.isnan(objective(out, "val_bpb", "eval")) and "run.objective='val_bpb'" in capsys.readouterr().out
+
+
 def test_objective_and_report_read_typed_results():
     from launch.run import objective
     from nanochat.report import stage_metrics

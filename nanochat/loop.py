@@ -238,9 +238,8 @@ class Loop:
                                  "lr": plan.matrix_lr * lrm, "lrm": lrm, "tok_per_sec": self.tok_per_sec,
                                  **({"mfu": self.mfu} if self.mfu is not None else {}), "dt_ms": dt * 1000,
                                  "tokens": state.tokens_seen, "train_time_s": state.train_time_s, **out.log})
-                text = f"{metric} {smooth:.3f} | {self.tok_per_sec:,.0f} tok/s" + \
-                    (f" | MFU {self.mfu * 100:.1f}%" if self.mfu is not None else "")
-                tracker.progress(state.step, text, {"step": state.step, "total": N, metric: smooth, "lrm": lrm,
+                # the bar and the plain line are both made from these stats (nanochat/tracking.py)
+                tracker.progress(state.step, stats={"step": state.step, "total": N, metric: smooth, "lrm": lrm,
                                                     "tok_per_sec": self.tok_per_sec, "mfu": self.mfu, "dt_s": dt})
             for ev in evals:
                 if ev.final:

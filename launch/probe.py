@@ -12,10 +12,11 @@ import subprocess
 import sys
 from typing import Optional
 
-from nanochat.config import Config, ConfigError
+from nanochat.config import Config, ConfigError, RLStageConfig, TrainStageConfig
 from nanochat.plan import Plan, auto_batch_candidates
 
 HEADROOM_PCT = 90   # nanochat.simulate.HEADROOM, without importing it at module level
+GIB = 2 ** 30
 
 
 def probe_device_batch(cfg: Config, plan: Plan) -> dict:
@@ -28,6 +29,8 @@ def probe_device_batch(cfg: Config, plan: Plan) -> dict:
         "candidates": auto_batch_candidates(cfg, plan.total_batch_size, plan.sequence_len, plan.world_size),
         "device": hw.device,
         "dtype": hw.dtype,
+        "embedding_dtype": hw.embedding_dtype,
+        "activation_checkpointing": cfg.model.activation_checkpointing,
         "memory_gb": hw.auto_batch_memory_gb,
     }
     print(f"[nanochat] hardware.device_batch_size=auto: probing {request['candidates']} on {hw.device}", flush=True)
@@ -91,12 +94,15 @@ def plan_memory(cfg: Config, source, sp, st):
 
     hardware.device_batch_size=auto: on a machine with the GPU (a real run) the device probe above;
     without one, the largest power of two whose simulated peak fits 90% of hardware.gpu_memory_gb.
-    hardware.memory_check=true (or an auto batch that was simulated): the planned step is rehearsed,
-    its memory table joins the plan's rows, and a batch that does not fit is a ConfigError naming the
-    largest hardware.device_batch_size that does. Nothing else simulates, so other dry runs stay fast.
+    Every other GPU training plan checks the instant, torch-free memory floor (nanochat/shapes.py:
+    weights, gradients, optimizer state, one micro-batch's logits); hardware.memory_check=true (or an
+    auto batch that was simulated) rehearses the whole step instead and adds its memory table to the
+    plan's rows. A batch that does not fit is a ConfigError naming the largest
+    hardware.device_batch_size that does (simulated: only then does a plain dry run simulate).
     st: the stage's declaration (nanochat/stages), whose planner plans again with the chosen batch.
     """
     from nanochat.plan import grad_accum
+    from nanochat.shapes import memory_floor
     from nanochat.simulate import check_request, memory_rows
     hw = cfg.hardware
     gpu = hw.device == "cuda"
@@ -114,21 +120,42 @@ def plan_memory(cfg: Config, source, sp, st):
         simulated = True
     elif sp.wants_probe and not cfg.run.dry_run:   # on the device: the real probe
         sp = st.planner(cfg, source, probe=probe_device_batch(cfg, sp.plan))
-    if not (simulated or (hw.memory_check and gpu)) or sp.plan is None:
-        return sp
-    check_request(cfg, "hardware.memory_check")
     p = sp.plan
-    res = run_simulation(cfg, p.to_dict())
-    if not res["fits"]:
-        cands = [b for b in auto_batch_candidates(cfg, p.total_batch_size, p.sequence_len, p.world_size)
-                 if b < p.device_batch_size]
-        best = run_simulation(cfg, p.to_dict(), "fit", cands)["device_batch_size"] if cands else None
-        fix = (f"hardware.device_batch_size={best} (grad accumulation "
-               f"{grad_accum(p.total_batch_size, best, p.sequence_len, p.world_size)}, same total batch), or "
-               "hardware.device_batch_size=auto" if best else
-               "model.activation_checkpointing=full, a smaller model or shorter sequences, or more GPUs")
-        raise ConfigError("hardware.device_batch_size", p.device_batch_size, fix,
-                          f"the simulated peak {res['peak_memory_gib']:.1f} GiB per rank does not fit "
-                          f"{int(HEADROOM_PCT)}% of hardware.gpu_memory_gb={hw.gpu_memory_gb:g}")
-    sp.rows.extend(memory_rows(res))
-    return sp
+    trains = isinstance(cfg.stage, TrainStageConfig) and not isinstance(cfg.stage, RLStageConfig)
+    if p is None or not (gpu and trains and hw.gpu_memory_gb) or (sp.wants_probe and not simulated):
+        return sp
+    budget = HEADROOM_PCT / 100 * hw.gpu_memory_gb
+    if not (simulated or hw.memory_check):   # the instant floor; the whole step only when asked
+        floor = memory_floor(p.model, p.device_batch_size, p.grad_accum_steps, p.world_size, _embedding_bytes(hw))
+        gib = {k: v / GIB for k, v in floor.items()}
+        split = (f"weights {gib['weights']:.1f}, grads {gib['grads']:.1f}, optimizer {gib['optimizer']:.1f}, "
+                 f"one micro-batch's fp32 logits {gib['logits']:.1f}")
+        if gib["total"] <= budget:
+            sp.rows.append(("memory floor / rank", f"{gib['total']:.1f} GiB of {hw.gpu_memory_gb:g} ({split}); "
+                                                   "hardware.memory_check=true rehearses the whole step"))
+            return sp
+        problem = f"its memory floor {gib['total']:.1f} GiB per rank ({split} GiB)"
+    else:
+        check_request(cfg, "hardware.memory_check")
+        res = run_simulation(cfg, p.to_dict())
+        if res["fits"]:
+            sp.rows.extend(memory_rows(res))
+            return sp
+        problem = f"the simulated peak {res['peak_memory_gib']:.1f} GiB per rank"
+    check_request(cfg, "hardware.device_batch_size")
+    cands = [b for b in auto_batch_candidates(cfg, p.total_batch_size, p.sequence_len, p.world_size)
+             if b < p.device_batch_size and memory_floor(p.model, b, 2, p.world_size, _embedding_bytes(hw))["total"]
+             <= budget * GIB]
+    best = run_simulation(cfg, p.to_dict(), "fit", cands)["device_batch_size"] if cands else None
+    fix = (f"hardware.device_batch_size={best} (grad accumulation "
+           f"{grad_accum(p.total_batch_size, best, p.sequence_len, p.world_size)}, same total batch), or "
+           "hardware.device_batch_size=auto" if best else
+           "model.activation_checkpointing=full, hardware.embedding_dtype=bfloat16, a smaller model or shorter "
+           "sequences, or more GPUs")
+    raise ConfigError("hardware.device_batch_size", p.device_batch_size, fix,
+                      f"{problem} does not fit {int(HEADROOM_PCT)}% of hardware.gpu_memory_gb={hw.gpu_memory_gb:g}")
+
+
+def _embedding_bytes(hw) -> int:
+    """Bytes per lookup-table entry: bf16 only where the precision policy stores them so (bf16 compute)."""
+    return 2 if hw.embedding_dtype == "bfloat16" and hw.dtype == "bfloat16" else 4

@@ -101,7 +101,7 @@ def prepare(cfg: Config) -> tuple[Config, Optional[dict], list[tuple[str, str]]]
         raise ConfigError("stage.init_from", cfg.stage.init_from, "drop stage.init_from (set it to null)",
                           f"the {st.name} stage starts from no run")
     sp = st.planner(cfg, source)
-    if sp.wants_probe or cfg.hardware.memory_check:   # auto batch / memory check: launch/probe.py
+    if sp.wants_probe or cfg.hardware.device == "cuda":   # auto batch / memory planning: launch/probe.py
         from launch.probe import plan_memory
         sp = plan_memory(cfg, source, sp, st)
     return cfg, (sp.plan.to_dict() if sp.plan is not None else None), sp.rows + rows

@@ -120,7 +120,7 @@ def memory_budget(device: Any, budget_bytes: Optional[int]) -> Iterator[None]:
 
 
 def try_batch(gpt_kwargs: dict, batch: int, seq_len: int, device: Any, precision: Any,
-              budget_bytes: Optional[int]) -> dict:
+              budget_bytes: Optional[int], activation_checkpointing: str = "none") -> dict:
     """Two training steps at `batch` within `budget_bytes` (None: no limit).
 
     Returns {'batch', 'fits', 'peak_gib' (CUDA only), 'reason', 'seconds'}.
@@ -138,6 +138,8 @@ def try_batch(gpt_kwargs: dict, batch: int, seq_len: int, device: Any, precision
     try:
         with memory_budget(device, budget_bytes):
             model = build_model(GPTConfig(**gpt_kwargs), device, seed=0)
+            model.activation_checkpointing = activation_checkpointing
+            precision.cast_embeddings(model)
             opt = build_optimizer(model, embedding_lr=0.1, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.1,
                                   weight_decay=0.0)
             x = torch.randint(0, gpt_kwargs["vocab_size"], (batch, seq_len + 1), device=device)
@@ -177,7 +179,8 @@ def default_budget(device: Any) -> Optional[int]:
 
 
 def find_device_batch(gpt_kwargs: dict, seq_len: int, candidates: list[int], device: str = "cuda",
-                      dtype: str = "bfloat16", memory_gb: Optional[float] = None) -> dict:
+                      dtype: str = "bfloat16", memory_gb: Optional[float] = None,
+                      embedding_dtype: str = "float32", activation_checkpointing: str = "none") -> dict:
     """Try `candidates` (largest first) until one fits; returns the result the plan records.
 
     {'device_batch_size', 'trials': [...], 'device', 'budget_gib', 'headroom'}; ValueError if none fits.
@@ -187,14 +190,14 @@ def find_device_batch(gpt_kwargs: dict, seq_len: int, candidates: list[int], dev
     from nanochat.precision import Precision
     device = pick_device(device)
     dev = torch.device(device if device != "cuda" else "cuda:0")
-    precision = Precision.resolve(dev.type, dtype)
+    precision = Precision.resolve(dev.type, dtype, embeddings=embedding_dtype)
     budget = int(memory_gb * GIB) if memory_gb else default_budget(dev)
     limit = int(HEADROOM * budget) if budget else None
     # warm up once outside the budget: thread pools and kernels load lazily and must not count
-    try_batch(dict(gpt_kwargs, n_layer=1), 1, min(seq_len, 8), dev, precision, None)
+    try_batch(dict(gpt_kwargs, n_layer=1), 1, min(seq_len, 8), dev, precision, None, activation_checkpointing)
     trials = []
     for b in sorted(candidates, reverse=True):
-        t = try_batch(gpt_kwargs, b, seq_len, dev, precision, limit)
+        t = try_batch(gpt_kwargs, b, seq_len, dev, precision, limit, activation_checkpointing)
         trials.append(t)
         if t["fits"]:
             break
@@ -214,7 +217,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     req = json.loads((argv or sys.argv[1:])[0])
     try:
         res = find_device_batch(req["gpt_kwargs"], req["seq_len"], req["candidates"], req["device"],
-                                req["dtype"], req.get("memory_gb"))
+                                req["dtype"], req.get("memory_gb"), req.get("embedding_dtype", "float32"),
+                                req.get("activation_checkpointing", "none"))
     except ValueError as e:
         print(json.dumps({"error": str(e)}), flush=True)
         return 2

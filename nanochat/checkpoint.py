@@ -251,6 +251,9 @@ def load_model_from_run(run_dir: str | Path, device: Any, step: Optional[int] = 
         model = GPT(gcfg)
     model.to_empty(device=device)
     model.init_rotary() if hasattr(model, "init_rotary") else None
-    model.load_state_dict(load_model_state(ckpt, device), strict=True, assign=True)
+    state = load_model_state(ckpt, device)
+    # a run with hardware.embedding_dtype=bfloat16 saved bf16 tables: an inference model is all fp32
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     return model, meta

@@ -104,6 +104,7 @@ class HardwareConfig:
     nnodes: int = 1
     gpus_per_node: Optional[int] = None  # what Slurm allocates per node (null on CPU: no GPU request)
     dtype: str = "float32"            # float32 | bfloat16 | float16
+    embedding_dtype: str = "float32"  # bfloat16: wte + value embeddings stored in bf16 (CUDA, bf16 compute)
     # null → table below / stage default; auto → the largest power of two that fits (a short
     # fwd+bwd+step probe at launch, nanochat/batch_size.py), recorded in plan.json
     device_batch_size: Optional[Union[int, str]] = None
@@ -414,6 +415,7 @@ _CHOICES = {
     "run.resume": ("auto", "must", "never"),
     "model.generation": ("seed", "modern"),
     "hardware.dtype": ("float32", "bfloat16", "float16"),
+    "hardware.embedding_dtype": ("float32", "bfloat16"),
     "hardware.device": ("cpu", "cuda", "mps", "auto"),
     "hardware.attention": ("auto", "sdpa", "flex", "flash"),
     "model.activation_checkpointing": ("none", "full"),

@@ -700,7 +700,7 @@ class GPT(nn.Module):
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """The normed token embeddings; also what a KV cache keeps of a row's last token (smear)."""
-        return norm(self.transformer.wte(idx))
+        return norm(self.transformer.wte(idx).float())   # bf16-stored tables (precision.py): fp32 residual
 
     def _use_fused_loss(self, x: torch.Tensor) -> bool:
         # CPU fp32 eager only: on GPU the elementwise passes are cheap, and compile fuses them itself

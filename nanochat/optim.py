@@ -183,6 +183,19 @@ def normuon_(O: torch.Tensor, second: torch.Tensor, beta2: float) -> torch.Tenso
     return O * (step * (v_norm / v_norm_new.clamp_min(1e-10))).to(O.dtype)
 
 
+MUON_CHUNK_BYTES = 256 * 2 ** 20
+
+
+def _chunks(k: int, matrix: Optional[torch.Tensor]) -> list[slice]:
+    """A Muon bucket of k same-shape matrices in slices of at most MUON_CHUNK_BYTES: the step's
+    temporaries (stacks, orthogonalization, the update) then cost a few chunks, not a few whole
+    buckets (GiBs on a 1B model); every Muon step is per matrix, so slices compute the same."""
+    if not k:
+        return []
+    n = max(1, MUON_CHUNK_BYTES // (matrix.numel() * matrix.element_size()))
+    return [slice(i, min(i + n, k)) for i in range(0, k, n)]
+
+
 @dataclass
 class _GradShard:
     """A reduce-scatter in flight (ZeRO-2): this rank's shard of the averaged gradient of one AdamW
@@ -326,13 +339,14 @@ class MuonAdamW(torch.optim.Optimizer):
         self._adamw_update(g, params, [p.grad for p in params], [self.state[p] for p in params])
 
     # ---- Muon
-    def _muon_update(self, g: dict, key: torch.Tensor, P: torch.Tensor, G: torch.Tensor) -> None:
-        """Update the stacked matrices P (k, m, n) in place from their stacked grads G (consumed).
-        State lives, stacked, under `key` (the bucket's first param); steps as in the module docstring."""
+    def _muon_update(self, g: dict, key: torch.Tensor, P: torch.Tensor, G: torch.Tensor, rows: slice, k: int) -> None:
+        """Update the stacked matrices P in place from their stacked grads G (consumed): rows `rows` of
+        the bucket's k. State lives, stacked (k, m, n), under `key` (the bucket's first param); steps as
+        in the module docstring."""
         st = self.state[key]
         if "momentum_buffer" not in st:
-            st["momentum_buffer"] = torch.zeros_like(G)
-        buf = st["momentum_buffer"]
+            st["momentum_buffer"] = G.new_zeros((k, *G.shape[1:]))
+        buf = st["momentum_buffer"][rows]
         mom = g["momentum"]
         buf.lerp_(G, 1 - mom)
         U = G.lerp_(buf, mom) if g["nesterov"] else buf
@@ -343,25 +357,24 @@ class MuonAdamW(torch.optim.Optimizer):
             O = renorm_frobenius(O)
         if g["normuon"]:
             if "second_momentum_buffer" not in st:
-                shape = list(G.shape)
+                shape = [k, *G.shape[1:]]
                 shape[normuon_dim(G.shape)] = 1
-                st["second_momentum_buffer"] = torch.zeros(shape, dtype=G.dtype, device=G.device)
-            O = normuon_(O, st["second_momentum_buffer"], g["beta2"])
+                st["second_momentum_buffer"] = G.new_zeros(shape)
+            O = normuon_(O, st["second_momentum_buffer"][rows], g["beta2"])
         lr = g["lr"] * muon_scale(G.shape)
         wd = g["weight_decay"]
+        O = O.to(P.dtype).mul_(lr)   # O is this step's own tensor: scaled in place, one temporary fewer
         if wd != 0:
-            decay = P * (O * P >= 0) if g["cautious"] else P
-            P.sub_(O * lr + decay * (lr * wd))
-        else:
-            P.sub_(O * lr)
+            O.add_(P * (O * P >= 0) if g["cautious"] else P, alpha=lr * wd)
+        P.sub_(O)
 
     def _muon_local(self, g: dict, bucket: list) -> None:
         live = [p for p in bucket if p.grad is not None]
-        if not live:
-            return
-        P = torch.stack(live)
-        self._muon_update(g, live[0], P, torch.stack([p.grad for p in live]))
-        torch._foreach_copy_(live, list(P.unbind(0)))
+        for rows in _chunks(len(live), live[0] if live else None):
+            part = live[rows]
+            P = torch.stack(part)
+            self._muon_update(g, live[0], P, torch.stack([p.grad for p in part]), rows, len(live))
+            torch._foreach_copy_(part, list(P.unbind(0)))
 
     # ---- distributed (ZeRO-2)
     def _collectives(self):
@@ -418,7 +431,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 P = torch.zeros_like(s.grad)        # this rank's matrices (+ zero padding)
                 for j in range(length):
                     P[j] = bucket[start + j]
-                self._muon_update(g, bucket[0], P, s.grad)
+                for rows in _chunks(shard, bucket[0]):
+                    self._muon_update(g, bucket[0], P[rows], s.grad[rows], rows, shard)
                 recv = torch.empty((shard * W, *bucket[0].shape), dtype=P.dtype, device=P.device)
                 gathers.append((all_gather(recv, P, group=pg, async_op=True), bucket, recv))
         return gathers

@@ -1,10 +1,15 @@
 """The precision policy: one object says which dtype each part of training runs in.
 
-    master weights      fp32 always (the model is built and kept in fp32; autocast casts per op)
+    master weights      fp32 (the model is built and kept in fp32; autocast casts per op), but for
+                        the embedding tables with hardware.embedding_dtype=bfloat16 (below)
     matmuls             bf16 under autocast on CUDA (fp16 on GPUs without bf16), fp32 on CPU/MPS
     logits, softcap, CE fp32 (gpt.py upcasts the lm_head output before the softcap; cross_entropy
                         is on autocast's fp32 list)
-    optimizer states    fp32 (they are allocated like the fp32 master params)
+    optimizer states    fp32 (they are allocated like the fp32 master params; bf16 embeddings' in bf16)
+    embeddings          hardware.embedding_dtype=bfloat16 (CUDA with bf16 compute only): wte and the
+                        value embeddings stored in bf16, as nanochat 92d63d4 keeps them, so their
+                        weights, gradients and AdamW state take half the memory (~6 GiB on a modern
+                        d26, what lets it fit a 24 GB card); the lookup is upcast, the residual stays fp32
     loss scaling        a GradScaler only for fp16 (bf16 has fp32's exponent range; fp32 needs none)
     fp8 (model.fp8)     training matmuls of the Linear layers nanochat 92d63d4's base_train converts
                         (`fp8_filter`), through torchao.float8 (tensorwise or rowwise dynamic scaling);
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Iterable, Iterator, Optional
+from typing import Any, ContextManager, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -49,24 +54,31 @@ def cuda_bf16_supported() -> bool:
 class Precision:
     device_type: str                     # cuda | cpu | mps
     compute_dtype: torch.dtype = torch.float32   # what autocast runs matmuls in (fp32 = no autocast)
+    embedding_dtype: torch.dtype = torch.float32  # how wte and the value embeddings are stored
     notes: tuple = field(default=(), compare=False)   # why the request was changed, if it was
 
     @classmethod
     def resolve(cls, device_type: str, requested: torch.dtype | str,
-                bf16_supported: Optional[bool] = None) -> "Precision":
-        """The policy for `requested` (hardware.dtype) on `device_type`, after the hardware rules.
+                bf16_supported: Optional[bool] = None, embeddings: torch.dtype | str = "float32") -> "Precision":
+        """The policy for `requested` (hardware.dtype) and `embeddings` (hardware.embedding_dtype) on
+        `device_type`, after the hardware rules.
 
         bf16_supported: None → ask the GPU (tests pass False to see the fp16 fallback).
         """
-        want = to_dtype(requested)
+        want, emb = to_dtype(requested), to_dtype(embeddings)
+        notes = []
         if device_type != "cuda":
-            notes = () if want == torch.float32 else (f"{want} requested on {device_type}: running fp32",)
-            return cls(device_type, torch.float32, notes)
-        if want == torch.bfloat16:
+            notes += [f"{want} requested on {device_type}: running fp32"] if want != torch.float32 else []
+            want = torch.float32
+        elif want == torch.bfloat16:
             ok = cuda_bf16_supported() if bf16_supported is None else bf16_supported
             if not ok:
-                return cls("cuda", torch.float16, ("this GPU has no bf16: fp16 autocast with loss scaling",))
-        return cls("cuda", want)
+                want = torch.float16
+                notes.append("this GPU has no bf16: fp16 autocast with loss scaling")
+        if emb != torch.float32 and (emb != torch.bfloat16 or want != torch.bfloat16):
+            notes.append(f"{emb} embeddings need bf16 compute on CUDA: fp32 embeddings")
+            emb = torch.float32
+        return cls(device_type, want, emb, tuple(notes))
 
     # ---------------------------------------------------------------- what runs where
     @property
@@ -97,30 +109,44 @@ class Precision:
         """
         return torch.amp.GradScaler(self.device_type, enabled=self.needs_grad_scaler, **kwargs)
 
+    def cast_embeddings(self, model: nn.Module) -> None:
+        """Store the embedding tables (GPT.param_groups' embedding + value_embed) in embedding_dtype.
+        Call before the optimizer is built: the gradients and AdamW state follow the parameter's dtype."""
+        if self.embedding_dtype != MASTER_DTYPE:
+            for p in _embedding_params(model):
+                p.data = p.data.to(self.embedding_dtype)
+
     # ---------------------------------------------------------------- checks
     def check_master_weights(self, model: torch.nn.Module) -> None:
-        """Raise if a floating-point parameter is not fp32 (someone called model.half()/bfloat16())."""
-        bad = [n for n, p in model.named_parameters() if p.is_floating_point() and p.dtype != MASTER_DTYPE]
+        """Raise if a floating-point parameter is not fp32 (someone called model.half()/bfloat16()),
+        the embedding tables excepted when they are stored in embedding_dtype."""
+        emb = {id(p) for p in _embedding_params(model)}
+        bad = [n for n, p in model.named_parameters() if p.is_floating_point() and p.dtype != MASTER_DTYPE
+               and not (id(p) in emb and p.dtype == self.embedding_dtype)]
         if bad:
             raise TypeError(f"master weights must be {MASTER_DTYPE}; {len(bad)} parameters are not "
                             f"(first: {bad[0]}). Keep the model fp32: the precision policy casts per op.")
 
     def check_optimizer_states(self, optimizer: Any) -> None:
-        """Raise if a floating-point optimizer state tensor is not fp32."""
-        for state in _states(optimizer):
-            for k, v in state.items():
-                if torch.is_tensor(v) and v.is_floating_point() and v.dtype != OPTIMIZER_STATE_DTYPE:
-                    raise TypeError(f"optimizer state {k!r} is {v.dtype}, expected {OPTIMIZER_STATE_DTYPE}")
+        """Raise if a floating-point optimizer state tensor is not fp32 (bf16 embeddings': their dtype)."""
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                want = p.dtype if p.dtype == self.embedding_dtype else OPTIMIZER_STATE_DTYPE
+                for k, v in optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(v) and v.is_floating_point() and v.dtype != want and k != "step":
+                        raise TypeError(f"optimizer state {k!r} is {v.dtype}, expected {want}")
 
     def describe(self) -> str:
         extra = f" ({'; '.join(self.notes)})" if self.notes else ""
         scaler = " + GradScaler" if self.needs_grad_scaler else ""
         mode = f"{self.name} autocast" if self.autocast_enabled else "fp32 (no autocast)"
-        return f"{self.device_type} {mode}{scaler}, fp32 master weights/logits/optimizer{extra}"
+        emb = " (bf16 embeddings)" if self.embedding_dtype == torch.bfloat16 else ""
+        return f"{self.device_type} {mode}{scaler}, fp32 master weights{emb}/logits/optimizer{extra}"
 
 
-def _states(optimizer: Any) -> Iterable[dict]:
-    return [s for s in optimizer.state.values() if isinstance(s, dict)]
+def _embedding_params(model: nn.Module) -> list[nn.Parameter]:
+    groups = model.param_groups()
+    return groups["embedding"] + groups["value_embed"]
 
 
 # ----------------------------------------------------------------------------- fp8 (torchao.float8)

@@ -72,3 +72,23 @@ def flops_per_token(s: Any) -> int:
     c = param_counts(s)
     dense = c["scaling"] + SMEAR_GATE_CHANNELS * bool(s.smear)
     return 6 * dense + sum(12 * s.n_head * s.head_dim * w for w in attention_spans(s))
+
+
+def memory_floor(s: Any, device_batch_size: int, grad_accum: int, world_size: int,
+                 embedding_bytes: int = 4) -> dict[str, int]:
+    """Bytes per rank that a training step must hold at least: a batch whose floor exceeds the GPU
+    cannot fit (one under it still may not: the simulator measures the rest). Torch-free and instant,
+    so every GPU plan checks it.
+
+    weights and gradients: fp32 but for the lookup tables at `embedding_bytes`; optimizer: AdamW's
+    two moments and Muon's momentum, sharded over the world (ZeRO-2); logits: one micro-batch's fp32
+    logits (B·T·vocab), which the loss reads whole on the GPU. The gradients are freed after each
+    step, so the first micro-batch's logits meet them only with accumulation (the second one's do).
+    """
+    c = param_counts(s)
+    weights = 4 * (c["total"] - c["lookup"]) + embedding_bytes * c["lookup"]
+    optimizer = (2 * (weights - 4 * c["matrix"]) + 4 * c["matrix"]) // world_size
+    logits = 4 * device_batch_size * s.sequence_len * s.vocab_size
+    live = weights + logits if grad_accum > 1 else max(weights, logits)
+    return dict(weights=weights, grads=weights, optimizer=optimizer, logits=logits,
+                total=weights + optimizer + live)

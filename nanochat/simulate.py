@@ -215,9 +215,9 @@ def rehearse(cfg, plan, *, fake: bool = True, steps: int = 2, micro_steps: Optio
     seq = plan.sequence_len
     accum = plan.total_batch_size // (B * seq * plan.world_size)
     micro = micro_steps or min(max(accum, 1), 2)
-    planned = Precision.resolve(hw.device, hw.dtype, bf16_supported=True) if hw.device == "cuda" \
-        else Precision.resolve(hw.device, hw.dtype)
-    precision = Precision("cpu", planned.compute_dtype)   # the GPU's dtype, on CPU autocast
+    planned = Precision.resolve(hw.device, hw.dtype, bf16_supported=True if hw.device == "cuda" else None,
+                                embeddings=hw.embedding_dtype)
+    precision = Precision("cpu", planned.compute_dtype, planned.embedding_dtype)   # the GPU's dtypes, on CPU
     traffic = {"reduce_scatter_bytes": 0, "all_gather_bytes": 0}
     fake_mode = FakeTensorMode() if fake else None
     with ExitStack() as stack:
@@ -233,6 +233,7 @@ def rehearse(cfg, plan, *, fake: bool = True, steps: int = 2, micro_steps: Optio
         model.activation_checkpointing = cfg.model.activation_checkpointing
         if plan.fp8:
             convert_fp8(model, plan.fp8, emulate=cfg.model.fp8_emulate)
+        precision.cast_embeddings(model)
         rt = T.Runtime(0, 0, plan.world_size, torch.device("cpu"), precision, Path("."))
         optimizer = T.make_optimizer(model, plan, cfg, rt)
         gen = torch.Generator().manual_seed(0)

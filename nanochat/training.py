@@ -54,7 +54,7 @@ def setup_runtime(cfg: Config) -> Runtime:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    precision = Precision.resolve(device.type, hw.dtype)
+    precision = Precision.resolve(device.type, hw.dtype, embeddings=hw.embedding_dtype)
     return Runtime(rank, local_rank, world, device, precision, get_base_dir(cfg.paths.base_dir))
 
 
@@ -118,6 +118,7 @@ def init_model(plan: Plan, cfg: Config, rt: Runtime, init_from: Optional[str]) -
     model = build_model(gpt_config(plan), rt.device, cfg.run.seed)
     model.attn_backend = cfg.hardware.attention
     model.activation_checkpointing = cfg.model.activation_checkpointing
+    rt.precision.cast_embeddings(model)   # before any load: a checkpoint's tables are cast on copy
     source_meta = None
     if init_from:
         ckpt = latest_checkpoint(init_from)

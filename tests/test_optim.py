@@ -213,6 +213,29 @@ def test_state_dict_roundtrip_resumes_exactly(tmp_path, recipe):
         assert torch.equal(a, b), n
 
 
+def test_muon_buckets_in_chunks_compute_what_whole_buckets_do(monkeypatch):
+    """A bucket stepped in slices (one matrix each here) gives the whole-bucket step: the momentum and
+    NorMuon buffers keep their stacked (k, m, n) layout, and the parameters match to round-off."""
+    import nanochat.optim as O
+    cfg = tiny(**MODERN)
+    settings = {k: v for k, v in OPTIMIZER_RECIPES["modern"].items() if not k.startswith("muon_momentum")}
+    batches = [torch.randint(0, 97, (2, 17)) for _ in range(3)]
+    runs = []
+    for chunk_bytes in (O.MUON_CHUNK_BYTES, 1):
+        monkeypatch.setattr(O, "MUON_CHUNK_BYTES", chunk_bytes)
+        m = build_model(cfg, "cpu", 0)
+        o = make_opt(m, weight_decay=0.1, settings=settings)
+        _train(m, o, batches)
+        runs.append((m, o))
+    (m1, o1), (m2, o2) = runs
+    assert any(len(b) > 1 for g in o1.param_groups if g["kind"] == "muon" for b in o1._buckets(g))
+    for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    for k, st in o1.state_dict()["state"].items():
+        for name, v in st.items():
+            assert v.shape == o2.state_dict()["state"][k][name].shape, (k, name)
+
+
 # ----------------------------------------------------------------------------- schedules
 
 def test_lr_multiplier():

@@ -95,3 +95,43 @@ def test_disabled_scaler_is_a_pass_through():
     assert not scaler.is_enabled()
     loss = torch.tensor(3.0)
     assert scaler.scale(loss) is loss
+
+
+def test_bf16_embeddings_resolve_only_with_bf16_compute_on_cuda():
+    assert Precision.resolve("cuda", "bfloat16", True, embeddings="bfloat16").embedding_dtype == torch.bfloat16
+    for args in (("cpu", "float32"), ("cuda", "float32", True), ("cuda", "bfloat16", False)):   # False: fp16 GPU
+        p = Precision.resolve(*args, embeddings="bfloat16")
+        assert p.embedding_dtype == torch.float32 and any("fp32 embeddings" in n for n in p.notes), args
+    assert Precision.resolve("cuda", "bfloat16", True).embedding_dtype == torch.float32   # the default
+
+
+def test_bf16_embedding_tables_train_with_bf16_adamw_state_and_fp32_residual():
+    """hardware.embedding_dtype=bfloat16: wte and value embeddings (their grads and AdamW moments too) in
+    bf16, every other weight and state fp32, the lookup upcast so the residual stream stays fp32."""
+    policy = Precision("cpu", torch.bfloat16, torch.bfloat16)
+    cfg = GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, softcap=15.0,
+                    value_embeds=True)
+    model = build_model(cfg, "cpu", 0)
+    model.fused_loss = False
+    policy.cast_embeddings(model)
+    tables = {id(p) for k in ("embedding", "value_embed") for p in model.param_groups()[k]}
+    assert len(tables) == 2   # wte + the value embedding of layer 1 (every other layer, the last included)
+    assert all((p.dtype == torch.bfloat16) == (id(p) in tables) for p in model.parameters())
+    assert model.embed(torch.zeros(1, 4, dtype=torch.long)).dtype == torch.float32
+    opt = build_optimizer(model, embedding_lr=0.1, unembedding_lr=0.01, matrix_lr=0.02, scalar_lr=0.1,
+                          weight_decay=0.0)
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = model.transformer.wte.weight.detach().clone()
+    for _ in range(2):
+        with policy.autocast():
+            loss = model(idx, idx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert torch.isfinite(loss) and not torch.equal(before, model.transformer.wte.weight)
+    policy.check_master_weights(model)
+    policy.check_optimizer_states(opt)
+    assert opt.state[model.transformer.wte.weight]["exp_avg"].dtype == torch.bfloat16
+    assert opt.state[model.lm_head.weight]["exp_avg"].dtype == torch.float32
+    with pytest.raises(TypeError, match="master weights"):
+        Precision("cpu", torch.bfloat16).check_master_weights(model)   # fp32 tables expected there

@@ -11,6 +11,7 @@ import torch
 
 from nanochat.config import ConfigError, config_from_dict
 from nanochat.plan import make_plan
+from nanochat.shapes import memory_floor
 from nanochat.simulate import check_request, rehearse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,8 @@ def test_simulated_peak_equals_real_run(model, hardware):
     real = rehearse(cfg, plan, fake=False)
     assert fake["fake"] and not real["fake"]
     assert abs(fake["peak_memory_gib"] - real["peak_memory_gib"]) <= 0.10 * real["peak_memory_gib"]
+    floor = memory_floor(plan.model, plan.device_batch_size, plan.grad_accum_steps, plan.world_size)
+    assert floor["total"] / 2 ** 30 <= real["peak_memory_gib"]   # a floor: never above what the step holds
     assert fake["memory_gib"]["params"] == real["memory_gib"]["params"] > 0
     assert len(real["losses"]) == 2 and all(torch.isfinite(torch.tensor(real["losses"])))
 
@@ -135,6 +138,42 @@ def test_plan_time_memory_check_and_simulated_auto_batch(tmp_path):
     sp = plan_memory(cfg, None, st.planner(cfg, None), st)
     assert sp.plan.device_batch_size == fit and sp.plan.grad_accum_steps == 8 // fit
     assert any(k == "simulated peak / rank" for k, _ in sp.rows)
+
+
+def test_every_gpu_plan_checks_the_memory_floor_and_names_a_batch_that_fits(tmp_path):
+    """Without hardware.memory_check, a GPU plan checks the torch-free floor only (no simulation: a row
+    says it); a batch over the floor is refused, naming the largest batch the simulator fits."""
+    from launch.probe import plan_memory
+    from nanochat.stages import stage
+    st = stage("pretrain")
+    hw = {"device": "cuda", "dtype": "bfloat16", "compile": False, "gpu_memory_gb": 0.012}
+    stage_kw = {"total_batch_size": 64 * 64}
+    cfg, plan = cfg_plan({"generation": "seed"}, stage_kw, {**hw, "device_batch_size": 4}, base_dir=tmp_path)
+    sp = plan_memory(cfg, None, st.planner(cfg, None), st)
+    assert [k for k, _ in sp.rows if "memory" in k] == ["memory floor / rank"]
+    assert not (tmp_path / "simulate").exists()            # nothing was rehearsed
+    cfg, plan = cfg_plan({"generation": "seed"}, stage_kw, {**hw, "device_batch_size": 64}, base_dir=tmp_path)
+    floor = memory_floor(plan.model, 64, plan.grad_accum_steps, 1)
+    assert floor["total"] > 0.9 * 0.012 * 2 ** 30           # its logits alone: 64 × 64 × 512 × 4 bytes = 8 MiB
+    with pytest.raises(ConfigError) as e:
+        plan_memory(cfg, None, st.planner(cfg, None), st)
+    assert e.value.key == "hardware.device_batch_size" and "memory floor" in e.value.problem
+    fit = int(e.value.fix.split("hardware.device_batch_size=")[1].split()[0])
+    assert 1 <= fit < 64
+    ok, _ = cfg_plan({"generation": "seed"}, stage_kw, {**hw, "device_batch_size": fit}, base_dir=tmp_path)
+    assert rehearse(ok, make_plan(ok))["fits"]
+
+
+def test_bf16_embeddings_shrink_the_simulated_tables():
+    hw = {"device": "cuda", "dtype": "bfloat16", "compile": False, "gpu_memory_gb": 80}
+    model = {"generation": "modern", "short_window": 16}
+    peaks = [rehearse(*cfg_plan(model, hardware={**hw, "embedding_dtype": e})) for e in ("float32", "bfloat16")]
+    _, plan = cfg_plan(model)
+    from nanochat.shapes import param_counts
+    saved = 2 * param_counts(plan.model)["lookup"] / 2 ** 30      # 2 bytes less per table entry
+    got = peaks[0]["memory_gib"]["params"] - peaks[1]["memory_gib"]["params"]
+    assert got == pytest.approx(saved, rel=1e-6)
+    assert peaks[1]["memory_gib"]["optimizer"] < peaks[0]["memory_gib"]["optimizer"]
 
 
 def test_cli_simulate_prints_json_last_and_creates_no_run_dir(tmp_path):

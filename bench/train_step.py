@@ -35,9 +35,7 @@ from nanochat.precision import Precision  # noqa: E402
 
 def matmul_gflops(n: int = 2048, reps: int = 8, device: str = "cpu") -> float:
     """Best observed fp32 GEMM throughput (GFLOP/s)."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    c = torch.empty(n, n, device=device)
+    a, b, c = (torch.randn(n, n, device=device) for _ in range(3))
     torch.mm(a, b, out=c)
     best = float("inf")
     for _ in range(reps):

@@ -72,12 +72,13 @@ def gpt_config(depth: int, generation: str, seq: int, vocab: int, **model) -> GP
     return GPTConfig(**model_shape(m).gpt_config_kwargs())
 
 
-def optimizer_for(model):
-    """The generation's optimizer recipe (nanochat 92d63d4's for modern models: NorMuon, per-group AdamW)."""
+def optimizer_for(model, world_size: int = 1, rank: int = 0):
+    """The generation's optimizer recipe (nanochat 92d63d4's for modern models: NorMuon, per-group AdamW),
+    sharded over `world_size` ranks."""
     recipe = OPTIMIZER_RECIPES["modern" if model.config.resid_lambdas else "seed"]
     settings = {k: v for k, v in recipe.items() if not k.startswith("muon_momentum")}
     return build_optimizer(model, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.2,
-                           weight_decay=0.0, settings=settings)
+                           weight_decay=0.0, settings=settings, world_size=world_size, rank=rank)
 
 
 def train_step(model, opt, x, precision, scaler=None, world: int = 1) -> float:
@@ -244,16 +245,12 @@ def check_attention(args, dev, precision) -> dict:
                     out[key + "_bwd_rel_err"] = berr
                     ok &= berr <= (1e-4 if dtype == torch.float32 else 5e-2)
     if dev.type == "cuda" and "flex" in backends:  # the point of block masks: a window costs ~window/T
-        q, k, v = (torch.randn(8, 16, 2048, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        from torch.utils.benchmark import Timer   # warms up first; syncs CUDA around the timed calls
+        qkv = [torch.randn(8, 16, 2048, 128, device=dev, dtype=torch.bfloat16) for _ in range(3)]
         for name, be in (("dense_sdpa", "sdpa"), ("flex", "flex")):
-            for _ in range(3):
-                A.causal_attention(q, k, v, 256, 128 ** -0.5, be)
-            sync(dev)
-            t0 = time.perf_counter()
-            for _ in range(10):
-                A.causal_attention(q, k, v, 256, 128 ** -0.5, be)
-            sync(dev)
-            out[f"window256_T2048_{name}_ms"] = (time.perf_counter() - t0) * 100
+            timer = Timer("attend(*qkv, 256, 128 ** -0.5, be)",
+                          globals={"attend": A.causal_attention, "qkv": qkv, "be": be})
+            out[f"window256_T2048_{name}_ms"] = timer.timeit(10).mean * 1e3
         print(f"    window 256 of T 2048: dense SDPA {out['window256_T2048_dense_sdpa_ms']:.2f} ms, "
               f"flex {out['window256_T2048_flex_ms']:.2f} ms", flush=True)
     print(f"    backends {backends}, auto → {out['auto']}, worst fwd err "
@@ -336,8 +333,7 @@ def ddp_worker(args) -> None:
     dist.all_reduce(t)
     assert t.item() == world * (world + 1) / 2, "all_reduce gave the wrong sum"
     model = build_model(gpt_config(1 if args.quick else 2, "modern", 64, 256), dev, 0)
-    opt = build_optimizer(model, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.2,
-                          weight_decay=0.0, world_size=world, rank=rank)
+    opt = optimizer_for(model, world, rank)
     policy = Precision.resolve(dev.type, "bfloat16")
     g = torch.Generator().manual_seed(rank)
     losses = []
@@ -379,7 +375,7 @@ def check_compile_cache(args, dev, precision) -> dict:
 
 def compile_worker(args) -> None:
     from torch._dynamo.utils import counters
-    dev = torch.device("cuda" if args.device == "cuda" else "cpu")
+    dev = torch.device(args.device)
     depth, seq, vocab, batch = (1, 64, 256, 2) if args.quick or dev.type != "cuda" else (12, 2048, 65536, 8)
     model = build_model(gpt_config(depth, "seed", seq, vocab), dev, 0)
     precision = Precision.resolve(dev.type, "bfloat16")

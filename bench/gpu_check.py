@@ -89,19 +89,6 @@ def train_step(model, opt, x, precision, scaler=None, world: int = 1) -> float:
     return training.train_step(model, opt, iter([(x[:, :-1], x[:, 1:])]), one_micro_batch, rt, scaler)
 
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def peak_flops(dev: torch.device, precision: Precision) -> tuple[float, str]:
-    """The MFU denominator the training stages log (nanochat/training.py), and where it comes from."""
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
-    source = ("cpu measured fp32 matmul" if name is None else f"{name} table" if bf16_peak_flops(name)
-              else f"{name} (not in table: 312 TFLOPS bf16 assumed)")
-    return training.peak_flops(dev, precision.compute_dtype), source
-
-
 # ----------------------------------------------------------------------------- checks
 
 def _timed_run(cfg, dev, precision, batch: int, steps: int, warm: int, compiled: bool, fp8: bool = False) -> dict:
@@ -139,7 +126,10 @@ def check_train_step(args, dev, precision) -> dict:
         grid = [(12, "seed", False), (12, "seed", True), (12, "modern", False), (12, "modern", True),
                 (20, "seed", True), (20, "modern", True)]
         seq, vocab, batch, steps = 2048, 65536, args.device_batch, 8
-    peak, peak_src = peak_flops(dev, precision)
+    peak = training.peak_flops(dev, precision.compute_dtype)   # the MFU denominator the training stages log
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    peak_src = ("cpu measured fp32 matmul" if name is None else f"{name} table" if bf16_peak_flops(name)
+                else f"{name} (not in table: 312 TFLOPS bf16 assumed)")
     figures, ok = {"peak_flops": peak, "peak_source": peak_src}, True
     for depth, gen, compiled in grid:
         key = f"d{depth}_{gen}_{'compiled' if compiled else 'eager'}"
@@ -383,17 +373,16 @@ def compile_worker(args) -> None:
     with torch.no_grad(), precision.autocast():
         ref = model(x[:, :-1], x[:, 1:]).item()
     compiled = torch.compile(model, dynamic=False)
-    sync(dev)
     t0 = time.perf_counter()
     with precision.autocast():
         loss = compiled(x[:, :-1], x[:, 1:])
     loss.backward()
-    sync(dev)
+    value = loss.item()   # waits for the device: the backward's kernels run on the same stream before it
     first = time.perf_counter() - t0
     tol = 1e-4 if not precision.autocast_enabled else 2e-2
     print(json.dumps({"first_step_s": round(first, 2), "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
                       "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
-                      "matches_eager": abs(loss.item() - ref) <= tol * max(1.0, abs(ref))}), flush=True)
+                      "matches_eager": abs(value - ref) <= tol * max(1.0, abs(ref))}), flush=True)
 
 
 def check_fp8(args, dev, precision) -> dict:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from nanochat import training as T  # noqa: E402
-from nanochat.config import config_from_dict  # noqa: E402
+from nanochat.config import ConfigError, config_from_dict  # noqa: E402
 from nanochat.gpt import GPTConfig, build_model  # noqa: E402
 from nanochat.plan import make_plan  # noqa: E402
 from nanochat.precision import Precision  # noqa: E402
@@ -53,7 +53,10 @@ def bench(arch: str, args) -> dict:
     cfg = config_from_dict({"model": {"generation": arch, "depth": args.depth, "vocab_size": args.vocab,
                                       "sequence_len": args.seq},
                             "stage": stage, "hardware": {"device_batch_size": args.device_batch}})
-    plan = make_plan(cfg)
+    try:
+        plan = make_plan(cfg)
+    except ConfigError as e:   # the stage's own check of the batch split (the flags set those keys)
+        sys.exit(f"--total-batch {args.total_batch}, --device-batch {args.device_batch}, --seq {args.seq}: {e}")
     shape = replace(plan.model, n_kv_head=max(1, plan.model.n_head // 2)) if args.gqa else plan.model
     rt = T.Runtime(0, 0, 1, torch.device(args.device), Precision.resolve(args.device, args.dtype), ROOT)
     model = build_model(GPTConfig(**shape.gpt_config_kwargs()), rt.device, seed=0)

@@ -58,7 +58,8 @@ def bench(arch: str, args) -> dict:
     except ConfigError as e:   # the stage's own check of the batch split (the flags set those keys)
         sys.exit(f"--total-batch {args.total_batch}, --device-batch {args.device_batch}, --seq {args.seq}: {e}")
     shape = replace(plan.model, n_kv_head=max(1, plan.model.n_head // 2)) if args.gqa else plan.model
-    rt = T.Runtime(0, 0, 1, torch.device(args.device), Precision.resolve(args.device, args.dtype), ROOT)
+    dev = torch.device(args.device)
+    rt = T.Runtime(0, 0, 1, dev, Precision.resolve(dev.type, args.dtype), ROOT)
     model = build_model(GPTConfig(**shape.gpt_config_kwargs()), rt.device, seed=0)
     opt = T.make_optimizer(model, plan, cfg, rt)
     fwd_model = torch.compile(model, dynamic=False) if args.compile else model

@@ -22,9 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def nanochat_step(ref: Path, plan, world: int, micro: int, S) -> dict:
+def nanochat_step(ref: Path, plan, micro: int, S, fp8_filter) -> dict:
     """Two of nanochat's optimizer steps on fake tensors (the second tracked), as base_train runs them.
-    S: our nanochat.simulate (imported before nanochat's package takes the name)."""
+    S: our nanochat.simulate, fp8_filter: our copy of base_train's fp8_module_filter (nanochat.precision);
+    both imported before nanochat's package takes the name."""
     os.environ["NANOCHAT_DTYPE"] = "bfloat16"      # its COMPUTE_DTYPE on an H100
     sys.path.insert(0, str(ref))
     import torch
@@ -36,7 +37,7 @@ def nanochat_step(ref: Path, plan, world: int, micro: int, S) -> dict:
     s = plan.model
     B, T = plan.device_batch_size, plan.sequence_len
     traffic = {"reduce_scatter_bytes": 0, "all_gather_bytes": 0}
-    with S.fake_world(world), FakeTensorMode():
+    with S.fake_world(plan.world_size), FakeTensorMode():
         cfg = gpt.GPTConfig(sequence_len=T, vocab_size=s.vocab_size, n_layer=s.n_layer, n_head=s.n_head,
                             n_kv_head=s.n_kv_head, n_embd=s.n_embd, window_pattern=s.window_pattern)
         model = gpt.GPT(cfg)
@@ -48,13 +49,9 @@ def nanochat_step(ref: Path, plan, world: int, micro: int, S) -> dict:
         for emb in [model.transformer.wte, *model.value_embeds.values()]:
             emb.weight = nn.Parameter(emb.weight.detach().to(torch.bfloat16))
         model.cos, model.sin = model._precompute_rotary_embeddings(model.rotary_seq_len, s.n_embd // s.n_head)
-
-        def keep(mod: nn.Module, fqn: str) -> bool:   # base_train's fp8_module_filter
-            return (isinstance(mod, nn.Linear) and mod.in_features % 16 == 0 and mod.out_features % 16 == 0
-                    and min(mod.in_features, mod.out_features) >= 128)
         if plan.fp8:
             fp8.convert_to_float8_training(model, config=fp8.Float8LinearConfig.from_recipe_name(plan.fp8),
-                                           module_filter_fn=keep)
+                                           module_filter_fn=fp8_filter)
         opt = model.setup_optimizer(weight_decay=plan.weight_decay)
 
         def step(n: int, before=lambda: None) -> None:
@@ -88,6 +85,7 @@ def main() -> None:
     from nanochat.config import config_from_dict
     from nanochat.plan import make_plan
     from nanochat import simulate as S
+    from nanochat.precision import fp8_filter
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):   # as nanochat-run composes
         cfg = config_from_dict(resolved_tree(compose("config", ["experiment=speedrun", "run.pipeline=null",
                                                                  *sys.argv[2:]])))
@@ -98,7 +96,7 @@ def main() -> None:
     out["ours_eager"] = S.rehearse(cfg, plan, compile_blocks=False)
     ours = {m: sys.modules.pop(m) for m in list(sys.modules) if m == "nanochat" or m.startswith("nanochat.")}
     try:   # with ours set aside, `import nanochat` finds nanochat's package
-        out["nanochat_eager"] = nanochat_step(ref, plan, plan.world_size, micro, S)
+        out["nanochat_eager"] = nanochat_step(ref, plan, micro, S, fp8_filter)
     finally:
         for m in [m for m in sys.modules if m == "nanochat" or m.startswith("nanochat.")]:
             del sys.modules[m]

@@ -54,7 +54,7 @@ def main() -> None:
     cfg = GPTConfig(sequence_len=args.seq_len, vocab_size=tok.get_vocab_size(), n_layer=args.depth,
                     n_head=max(1, d // 128), n_kv_head=max(1, d // 128), n_embd=d)
     model = build_model(cfg, "cpu", seed=0).eval()
-    print(f"model: depth {args.depth}, n_embd {d}, seq {args.seq_len}, {sum(p.numel() for p in model.parameters()):,} "
+    print(f"model: depth {args.depth}, n_embd {d}, seq {args.seq_len}, {model.num_params():,} "
           f"params, {torch.get_num_threads()} threads, max_per_task {args.max_per_task}")
     total_n, total_s = 0, 0.0
     print(f"{'task':36s} {'type':18s} {'n':>4s} {'s':>7s} {'ex/s':>7s}")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,6 +40,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,90 +48,74 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from nanochat import attention as A  # noqa: E402
+from nanochat import training  # noqa: E402
+from nanochat.config import ModelConfig  # noqa: E402
 from nanochat.gpt import GPTConfig, KVCache, build_model  # noqa: E402
+from nanochat.gpus import bf16_peak_flops  # noqa: E402
 from nanochat.optim import build_optimizer  # noqa: E402
-from nanochat.plan import OPTIMIZER_RECIPES  # noqa: E402
+from nanochat.plan import OPTIMIZER_RECIPES, model_shape  # noqa: E402
 from nanochat.precision import Precision, convert_fp8, fp8_supported  # noqa: E402
 
 BF16_TOL = 0.1          # nats: max |loss_bf16 - loss_fp32| over 20 steps of a small model
 FP8_TOL = 0.15          # nats: max |loss_fp8 - loss_bf16| over 20 steps of a d4 (CPU emulation: ~0.05)
 MFU_TARGET = 0.45       # d20 seed, compiled, one H100/H200
-MODERN = dict(value_embeds=True, window_pattern="SSSL", resid_lambdas=True, x0_lambdas=True, smear=True,
-              backout=True, qk_scale=1.2, pad_vocab_to=64, rope_base=100000.0)
 
 
 class Skip(Exception):
     pass
 
 
-def gpt_config(depth: int, generation: str, seq: int, vocab: int) -> GPTConfig:
-    """nanochat's depth dial (the plan's formulas, kept local so the script needs no config)."""
-    if generation == "seed":
-        d = 64 * depth
-        n_head = max(1, (d + 127) // 128)
-        while d % n_head or (d // n_head) % 2:
-            n_head += 1
-        return GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=d)
-    d = ((depth * 64 + 127) // 128) * 128
-    return GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=depth, n_head=d // 128, n_kv_head=d // 128,
-                     n_embd=d, **MODERN)
+def gpt_config(depth: int, generation: str, seq: int, vocab: int, **model) -> GPTConfig:
+    """The architecture a run of this depth and generation trains (nanochat/plan.py's depth dial);
+    `model`: more model.* keys."""
+    m = ModelConfig(generation=generation, depth=depth, sequence_len=seq, vocab_size=vocab, **model)
+    return GPTConfig(**model_shape(m).gpt_config_kwargs())
 
 
-def optimizer_for(model):
-    """The generation's optimizer recipe (nanochat 92d63d4's for modern models: NorMuon, per-group AdamW)."""
+def optimizer_for(model, world_size: int = 1, rank: int = 0):
+    """The generation's optimizer recipe (nanochat 92d63d4's for modern models: NorMuon, per-group AdamW),
+    sharded over `world_size` ranks."""
     recipe = OPTIMIZER_RECIPES["modern" if model.config.resid_lambdas else "seed"]
     settings = {k: v for k, v in recipe.items() if not k.startswith("muon_momentum")}
     return build_optimizer(model, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.2,
-                           weight_decay=0.0, settings=settings)
+                           weight_decay=0.0, settings=settings, world_size=world_size, rank=rank)
 
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def peak_flops(dev: torch.device, precision: Precision) -> tuple[float, str]:
-    if dev.type == "cuda":
-        from nanochat.gpus import bf16_peak_flops
-        name = torch.cuda.get_device_name(dev)
-        peak = bf16_peak_flops(name)
-        if peak is None:
-            return measured_matmul_flops(dev, torch.bfloat16), f"{name} (not in table: measured bf16 matmul)"
-        return (peak if precision.autocast_enabled else peak / 2), f"{name} table"
-    return measured_matmul_flops(dev, torch.float32), "cpu measured fp32 matmul"
-
-
-def measured_matmul_flops(dev: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
-    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        sync(dev)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        sync(dev)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+def train_step(model, opt, x, precision, scaler=None, world: int = 1) -> float:
+    """One optimizer step on the batch x (B, T+1) by the training stages' own step (nanochat/training.py);
+    its loss (the mean over `world` ranks). It ends in .item(): the device has finished the step."""
+    rt = training.Runtime(0, 0, world, x.device, precision, ROOT)
+    one_micro_batch = SimpleNamespace(grad_accum_steps=1)
+    return training.train_step(model, opt, iter([(x[:, :-1], x[:, 1:])]), one_micro_batch, rt, scaler)
 
 
 # ----------------------------------------------------------------------------- checks
 
-def _timed_steps(fwd, opt, x, precision, dev, steps: int, warm: int) -> tuple[float, list[float]]:
-    """`warm` untimed then `steps` timed training steps on batch x; (median step seconds, every loss)."""
+def _timed_run(cfg, dev, precision, batch: int, steps: int, warm: int, compiled: bool, fp8: bool = False) -> dict:
+    """A fresh model (`fp8`: converted to fp8 tensorwise), `warm` untimed then `steps` timed training steps
+    on one batch: the median step seconds, tokens/s, every loss, FLOPs/token, params and (CUDA) the peak memory."""
+    model = build_model(cfg, dev, 0)
+    if fp8:
+        convert_fp8(model, "tensorwise")
+    opt = optimizer_for(model)
+    fwd = torch.compile(model, dynamic=False) if compiled else model
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.sequence_len + 1), device=dev,
+                      generator=torch.Generator(dev).manual_seed(0))
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     times, losses = [], []
-    for i in range(steps + warm):
-        sync(dev)
+    for _ in range(steps + warm):
         t0 = time.perf_counter()
-        with precision.autocast():
-            loss = fwd(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        sync(dev)
-        if i >= warm:
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2], losses
+        losses.append(train_step(fwd, opt, x, precision))
+        times.append(time.perf_counter() - t0)
+    step_s = sorted(times[warm:])[steps // 2]
+    out = {"step_s": step_s, "tok_per_s": batch * cfg.sequence_len / step_s, "losses": losses,
+           "flops_per_token": model.estimate_flops(), "params": model.num_params(),
+           "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None}
+    del model, opt, fwd
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
 
 
 def check_train_step(args, dev, precision) -> dict:
@@ -140,32 +126,23 @@ def check_train_step(args, dev, precision) -> dict:
         grid = [(12, "seed", False), (12, "seed", True), (12, "modern", False), (12, "modern", True),
                 (20, "seed", True), (20, "modern", True)]
         seq, vocab, batch, steps = 2048, 65536, args.device_batch, 8
-    peak, peak_src = peak_flops(dev, precision)
+    peak = training.peak_flops(dev, precision.compute_dtype)   # the MFU denominator the training stages log
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    peak_src = ("cpu measured fp32 matmul" if name is None else f"{name} table" if bf16_peak_flops(name)
+                else f"{name} (not in table: 312 TFLOPS bf16 assumed)")
     figures, ok = {"peak_flops": peak, "peak_source": peak_src}, True
     for depth, gen, compiled in grid:
         key = f"d{depth}_{gen}_{'compiled' if compiled else 'eager'}"
-        cfg = gpt_config(depth, gen, seq, vocab)
-        model = build_model(cfg, dev, 0)
-        opt = optimizer_for(model)
-        fwd = torch.compile(model, dynamic=False) if compiled else model
-        x = torch.randint(0, vocab, (batch, seq + 1), device=dev, generator=torch.Generator(dev).manual_seed(0))
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        dt, losses = _timed_steps(fwd, opt, x, precision, dev, steps, warm=2 if dev.type == "cuda" else 1)
-        tok_s = batch * seq / dt
-        flops_per_token = model.estimate_flops()
-        mfu = flops_per_token * tok_s / peak
-        mem = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
-        finite = all(torch.isfinite(torch.tensor(losses)))
-        ok &= finite
+        r = _timed_run(gpt_config(depth, gen, seq, vocab), dev, precision, batch, steps,
+                       2 if dev.type == "cuda" else 1, compiled)
+        dt, tok_s, losses, mem = r["step_s"], r["tok_per_s"], r["losses"], r["peak_mem_gib"]
+        mfu = r["flops_per_token"] * tok_s / peak
+        ok &= all(map(math.isfinite, losses))
         figures[key] = {"tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4), "step_ms": round(dt * 1e3, 2),
                         "peak_mem_gib": round(mem, 2) if mem is not None else None, "batch": batch, "seq": seq,
-                        "params": model.num_params(), "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)]}
+                        "params": r["params"], "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)]}
         print(f"    {key:22s} {tok_s:12,.0f} tok/s  MFU {mfu * 100:5.1f}%  step {dt * 1e3:8.1f} ms"
               + (f"  peak {mem:.1f} GiB" if mem is not None else ""), flush=True)
-        del model, opt, fwd
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
     target = figures.get("d20_seed_compiled")
     if target and any(k in torch.cuda.get_device_name(dev) for k in ("H100", "H200")):
         figures["mfu_target"] = MFU_TARGET
@@ -174,21 +151,29 @@ def check_train_step(args, dev, precision) -> dict:
     return {"ok": ok, **figures}
 
 
+def _curve(cfg, dev, policy, batch: int, prepare=None, steps: int = 20) -> list[float]:
+    """The losses of a fresh model (`prepare`d) over `steps` steps under `policy`, cycling over 4 fixed batches
+    (the model can learn them, so the curve must fall); its weights and optimizer states stay fp32."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, cfg.vocab_size, (4, batch, cfg.sequence_len + 1), generator=g).to(dev)
+    model = build_model(cfg, dev, 0)
+    if prepare is not None:
+        prepare(model)
+    opt = optimizer_for(model)
+    curve = [train_step(model, opt, data[step % len(data)], policy) for step in range(steps)]
+    policy.check_master_weights(model)
+    policy.check_optimizer_states(opt)
+    return curve
+
+
 def check_bf16_vs_fp32(args, dev, precision) -> dict:
     cfg = gpt_config(1 if args.quick else 4, "seed", 32 if args.quick else 512, 256 if args.quick else 8192)
-    batch = 2 if args.quick else 16
-    g = torch.Generator().manual_seed(0)
-    # 4 fixed batches, cycled: the model can learn them, so both curves must fall (and agree)
-    data = torch.randint(0, cfg.vocab_size, (4, batch, cfg.sequence_len + 1), generator=g).to(dev)
     bf16 = Precision(dev.type, torch.bfloat16)   # on CPU too: the check is about the math, not the speed
-    curves = {}
-    for name, pol in (("fp32", Precision(dev.type)), ("bf16", bf16)):
-        model = build_model(cfg, dev, 0)
-        model.fused_loss = False                  # the same (plain) loss path under both policies
-        curve, opt = _train_curve(model, pol, data)
-        pol.check_master_weights(model)
-        pol.check_optimizer_states(opt)
-        curves[name] = curve
+
+    def plain_loss(model) -> None:               # the same (plain) loss path under both policies
+        model.fused_loss = False
+    curves = {name: _curve(cfg, dev, pol, 2 if args.quick else 16, plain_loss)
+              for name, pol in (("fp32", Precision(dev.type)), ("bf16", bf16))}
     diff = max(abs(a - b) for a, b in zip(curves["fp32"], curves["bf16"]))
     print(f"    loss fp32 {curves['fp32'][0]:.3f}→{curves['fp32'][-1]:.3f}  bf16 {curves['bf16'][0]:.3f}→"
           f"{curves['bf16'][-1]:.3f}  max |Δ| {diff:.4f} (tol {BF16_TOL})", flush=True)
@@ -197,8 +182,7 @@ def check_bf16_vs_fp32(args, dev, precision) -> dict:
 
 
 def check_kv_decode(args, dev, precision) -> dict:
-    cfg = GPTConfig(sequence_len=64, vocab_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=64 if args.quick else 128,
-                    **dict(MODERN, short_window=16))
+    cfg = gpt_config(4, "modern", 64, 256, n_embd=64 if args.quick else 128, n_head=4, n_kv_head=2, short_window=16)
     model = build_model(cfg, dev, 0)
     with torch.no_grad():
         g = torch.Generator(dev).manual_seed(1)
@@ -251,16 +235,12 @@ def check_attention(args, dev, precision) -> dict:
                     out[key + "_bwd_rel_err"] = berr
                     ok &= berr <= (1e-4 if dtype == torch.float32 else 5e-2)
     if dev.type == "cuda" and "flex" in backends:  # the point of block masks: a window costs ~window/T
-        q, k, v = (torch.randn(8, 16, 2048, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        from torch.utils.benchmark import Timer   # warms up first; syncs CUDA around the timed calls
+        qkv = [torch.randn(8, 16, 2048, 128, device=dev, dtype=torch.bfloat16) for _ in range(3)]
         for name, be in (("dense_sdpa", "sdpa"), ("flex", "flex")):
-            for _ in range(3):
-                A.causal_attention(q, k, v, 256, 128 ** -0.5, be)
-            sync(dev)
-            t0 = time.perf_counter()
-            for _ in range(10):
-                A.causal_attention(q, k, v, 256, 128 ** -0.5, be)
-            sync(dev)
-            out[f"window256_T2048_{name}_ms"] = (time.perf_counter() - t0) * 100
+            timer = Timer("attend(*qkv, 256, 128 ** -0.5, be)",
+                          globals={"attend": A.causal_attention, "qkv": qkv, "be": be})
+            out[f"window256_T2048_{name}_ms"] = timer.timeit(10).mean * 1e3
         print(f"    window 256 of T 2048: dense SDPA {out['window256_T2048_dense_sdpa_ms']:.2f} ms, "
               f"flex {out['window256_T2048_flex_ms']:.2f} ms", flush=True)
     print(f"    backends {backends}, auto → {out['auto']}, worst fwd err "
@@ -282,12 +262,7 @@ def check_precision(args, dev, precision) -> dict:
     for _ in range(40):
         before = [p.detach().clone() for p in model.parameters()]
         scale = scaler.get_scale()
-        with fp16.autocast():
-            loss = model(x[:, :-1], x[:, 1:])
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, x, fp16, scaler)
         moved = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
         if scaler.get_scale() < scale:
             skipped += 1
@@ -348,24 +323,19 @@ def ddp_worker(args) -> None:
     dist.all_reduce(t)
     assert t.item() == world * (world + 1) / 2, "all_reduce gave the wrong sum"
     model = build_model(gpt_config(1 if args.quick else 2, "modern", 64, 256), dev, 0)
-    opt = build_optimizer(model, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.2,
-                          weight_decay=0.0, world_size=world, rank=rank)
+    opt = optimizer_for(model, world, rank)
     policy = Precision.resolve(dev.type, "bfloat16")
     g = torch.Generator().manual_seed(rank)
     losses = []
     for _ in range(3):
         x = torch.randint(0, 256, (2, 65), generator=g).to(dev)
-        with policy.autocast():
-            loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()        # the sharded optimizer reduce-scatters grads and all-gathers params itself
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        # the sharded optimizer reduce-scatters grads and all-gathers params itself; the loss is the ranks' mean
+        losses.append(train_step(model, opt, x, policy, world=world))
     checksum = sum(p.double().sum().item() for p in model.parameters())
     backend = dist.get_backend() if dist.is_initialized() else "none"
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(
         {"rank": rank, "world": world, "backend": backend, "losses": losses, "param_checksum": round(checksum, 6),
-         "finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses))}))
+         "finite": all(map(math.isfinite, losses))}))
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -395,7 +365,7 @@ def check_compile_cache(args, dev, precision) -> dict:
 
 def compile_worker(args) -> None:
     from torch._dynamo.utils import counters
-    dev = torch.device("cuda" if args.device == "cuda" else "cpu")
+    dev = torch.device(args.device)
     depth, seq, vocab, batch = (1, 64, 256, 2) if args.quick or dev.type != "cuda" else (12, 2048, 65536, 8)
     model = build_model(gpt_config(depth, "seed", seq, vocab), dev, 0)
     precision = Precision.resolve(dev.type, "bfloat16")
@@ -403,52 +373,16 @@ def compile_worker(args) -> None:
     with torch.no_grad(), precision.autocast():
         ref = model(x[:, :-1], x[:, 1:]).item()
     compiled = torch.compile(model, dynamic=False)
-    sync(dev)
     t0 = time.perf_counter()
     with precision.autocast():
         loss = compiled(x[:, :-1], x[:, 1:])
     loss.backward()
-    sync(dev)
+    value = loss.item()   # waits for the device: the backward's kernels run on the same stream before it
     first = time.perf_counter() - t0
     tol = 1e-4 if not precision.autocast_enabled else 2e-2
     print(json.dumps({"first_step_s": round(first, 2), "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
                       "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
-                      "matches_eager": abs(loss.item() - ref) <= tol * max(1.0, abs(ref))}), flush=True)
-
-
-def _train_curve(model, policy, data, steps: int = 20):
-    """`steps` optimizer steps cycling over the fixed batches in `data`; (losses, optimizer)."""
-    opt = optimizer_for(model)
-    curve = []
-    for step in range(steps):
-        with policy.autocast():
-            loss = model(data[step % len(data), :, :-1], data[step % len(data), :, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        curve.append(loss.item())
-    return curve, opt
-
-
-def _fp8_curve(cfg, dev, policy, fp8: bool, data, emulate: bool) -> list[float]:
-    model = build_model(cfg, dev, 0)
-    if fp8:
-        convert_fp8(model, "tensorwise", emulate=emulate)
-    return _train_curve(model, policy, data)[0]
-
-
-def _fp8_step_time(depth, dev, precision, fp8: bool, batch: int) -> tuple[float, float]:
-    cfg = gpt_config(depth, "modern", 2048, 32768)
-    model = build_model(cfg, dev, 0)
-    if fp8:
-        convert_fp8(model, "tensorwise")
-    opt = optimizer_for(model)
-    fwd = torch.compile(model, dynamic=False)
-    x = torch.randint(0, 32768, (batch, 2049), device=dev, generator=torch.Generator(dev).manual_seed(0))
-    dt, losses = _timed_steps(fwd, opt, x, precision, dev, steps=5, warm=3)   # compile and autotune first
-    del model, opt, fwd
-    torch.cuda.empty_cache()
-    return batch * 2048 / dt, losses[-1]
+                      "matches_eager": abs(value - ref) <= tol * max(1.0, abs(ref))}), flush=True)
 
 
 def check_fp8(args, dev, precision) -> dict:
@@ -461,26 +395,22 @@ def check_fp8(args, dev, precision) -> dict:
         raise Skip(f"{torch.cuda.get_device_name(dev)} has no fp8 matmuls (compute capability < 8.9)")
     quick = args.quick or dev.type != "cuda"
     cfg = gpt_config(2 if quick else 4, "modern", 64 if quick else 512, 512 if quick else 8192)
-    if quick:
-        cfg = GPTConfig(**{**cfg.__dict__, "n_embd": 128, "n_head": 1, "n_kv_head": 1})
-    batch = 2 if quick else 16
-    g = torch.Generator().manual_seed(0)
-    data = torch.randint(0, cfg.vocab_size, (4, batch, cfg.sequence_len + 1), generator=g).to(dev)
     bf16 = Precision(dev.type, torch.bfloat16) if dev.type == "cuda" else Precision(dev.type)
-    ref = _fp8_curve(cfg, dev, bf16, False, data, emulate=not hw)
-    got = _fp8_curve(cfg, dev, bf16, True, data, emulate=not hw)
+    ref = _curve(cfg, dev, bf16, 2 if quick else 16)
+    got = _curve(cfg, dev, bf16, 2 if quick else 16, lambda model: convert_fp8(model, "tensorwise", emulate=not hw))
     diff = max(abs(a - b) for a, b in zip(ref, got))
     out = {"emulated": not hw, "max_abs_diff": round(diff, 5), "tolerance": FP8_TOL,
            "ref_first_last": [round(ref[0], 4), round(ref[-1], 4)], "fp8_first_last": [round(got[0], 4), round(got[-1], 4)]}
-    ok = diff <= FP8_TOL and got[-1] < got[0] and all(torch.isfinite(torch.tensor(got)))
+    ok = diff <= FP8_TOL and got[-1] < got[0] and all(map(math.isfinite, got))
     print(f"    loss {bf16.name} {ref[0]:.3f}→{ref[-1]:.3f}  fp8 {got[0]:.3f}→{got[-1]:.3f}  max |Δ| {diff:.4f} "
           f"(tol {FP8_TOL}{', emulated' if not hw else ''})", flush=True)
-    if hw and not args.quick:
-        base, _ = _fp8_step_time(24, dev, precision, False, args.device_batch)
-        fast, last = _fp8_step_time(24, dev, precision, True, args.device_batch)
+    if hw and not args.quick:   # the d24 speedrun model, compiled; 3 warm-up steps compile and autotune first
+        cfg = gpt_config(24, "modern", 2048, 32768)
+        ref, fp8 = (_timed_run(cfg, dev, precision, args.device_batch, 5, 3, True, f) for f in (False, True))
+        base, fast, last = ref["tok_per_s"], fp8["tok_per_s"], fp8["losses"][-1]
         out.update(d24_bf16_tok_per_s=round(base, 1), d24_fp8_tok_per_s=round(fast, 1),
                    d24_fp8_speedup=round(fast / base, 3), d24_fp8_loss=round(last, 4))
-        ok &= fast > base and torch.isfinite(torch.tensor(last)).item()
+        ok &= fast > base and math.isfinite(last)
         print(f"    d24 compiled: bf16 {base:,.0f} tok/s  fp8 {fast:,.0f} tok/s  ({fast / base:.2f}×)", flush=True)
     return {"ok": ok, **out}
 
@@ -489,10 +419,9 @@ def check_simulate(args, dev, precision) -> dict:
     """The simulator (nanochat/simulate.py) against the device: the same pretrain step (d12 modern, eager,
     accumulation 2) run for real, its measured peak (CUDA: max_memory_allocated; CPU: the tracker on real
     tensors) vs the peak simulated on fake tensors. The first GPU run checks the simulator this way."""
-    from nanochat import training as T
+    from nanochat import simulate
     from nanochat.config import config_from_dict
     from nanochat.plan import make_plan
-    from nanochat.simulate import rehearse, train_step
     cuda = dev.type == "cuda"
     seq, B = (2048, args.device_batch) if cuda and not args.quick else (64, 4)
     model_cfg = {"generation": "modern", "depth": 12 if cuda and not args.quick else 2, "sequence_len": seq,
@@ -501,23 +430,22 @@ def check_simulate(args, dev, precision) -> dict:
                             "hardware": {"device": dev.type, "dtype": "bfloat16" if cuda else "float32",
                                          "device_batch_size": B, "gpu_memory_gb": 80, "compile": False}})
     plan = make_plan(cfg)
-    sim = rehearse(cfg, plan)
+    sim = simulate.rehearse(cfg, plan)
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
-        model = build_model(T.gpt_config(plan), dev, 0)
-        rt = T.Runtime(0, 0, 1, dev, precision, Path("."))
-        opt = T.make_optimizer(model, plan, cfg, rt)
+        model = build_model(training.gpt_config(plan), dev, 0)
+        opt = training.make_optimizer(model, plan, cfg, training.Runtime(0, 0, 1, dev, precision, ROOT))
         for step in range(2):
             batches = [torch.randint(0, plan.model.vocab_size, (B, seq + 1), device=dev) for _ in range(2)]
-            train_step(model, opt, [(x[:, :-1], x[:, 1:]) for x in batches], precision, plan, step)
-        sync(dev)
+            # the pretrain step with its schedules; it ends in .item(), so the peak below is the step's
+            simulate.train_step(model, opt, [(x[:, :-1], x[:, 1:]) for x in batches], precision, plan, step)
         measured = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 30
         del model, opt
         torch.cuda.empty_cache()
     else:
-        measured = rehearse(cfg, plan, fake=False)["peak_memory_gib"]
+        measured = simulate.rehearse(cfg, plan, fake=False)["peak_memory_gib"]
     err = sim["peak_memory_gib"] / measured - 1
     print(f"    d{plan.model.depth} {B}×{seq}, accum 2: measured peak {measured:.3f} GiB, simulated "
           f"{sim['peak_memory_gib']:.3f} GiB ({err * 100:+.1f}%); FLOPs/token counted "
@@ -544,11 +472,8 @@ def main() -> int:
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.worker == "ddp":
-        ddp_worker(args)
-        return 0
-    if args.worker == "compile":
-        compile_worker(args)
+    if args.worker:
+        {"ddp": ddp_worker, "compile": compile_worker}[args.worker](args)
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --device cpu --quick to check the logic on this CPU", file=sys.stderr)

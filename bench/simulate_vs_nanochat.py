@@ -8,8 +8,8 @@ Both run at the record recipe (experiment=speedrun: d24, 16 × 2048 tokens per r
 8 ranks, grad accumulation 4) on fake tensors as rank 0 of a fake 8-rank group: nanochat's GPT
 (bf16 embeddings and activations, no autocast, its own fp8 Linear), its MuonAdamW distributed path
 (reduce-scatter / all-gather), base_train's micro-step loop; ours as `run.simulate=true` runs it.
-Both eager (nanochat's @torch.compile'd optimizer kernels run eagerly: TORCHDYNAMO_DISABLE=1), and
-ours compiled too. Prints the peak per rank and its split for each; the last line is JSON.
+Both eager (nanochat's @torch.compile'd optimizer kernels run eagerly: TORCHDYNAMO_DISABLE=1).
+Prints the peak per rank and its split for each; the last line is JSON.
 """
 from __future__ import annotations
 
@@ -22,22 +22,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def nanochat_step(ref: Path, plan, world: int, micro: int, S) -> dict:
+def nanochat_step(ref: Path, plan, micro: int, S, fp8_filter) -> dict:
     """Two of nanochat's optimizer steps on fake tensors (the second tracked), as base_train runs them.
-    S: our nanochat.simulate (imported before nanochat's package takes the name)."""
+    S: our nanochat.simulate, fp8_filter: our copy of base_train's fp8_module_filter (nanochat.precision);
+    both imported before nanochat's package takes the name."""
     os.environ["NANOCHAT_DTYPE"] = "bfloat16"      # its COMPUTE_DTYPE on an H100
     sys.path.insert(0, str(ref))
     import torch
     import torch.nn as nn
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
-    CATEGORIES, GIB, count_traffic, fake_world = S.CATEGORIES, S.GIB, S.count_traffic, S.fake_world
     gpt = __import__("nanochat.gpt", fromlist=["GPT"])   # nanochat's: `ref` is first on sys.path now
     fp8 = __import__("nanochat.fp8", fromlist=["convert_to_float8_training"])
     s = plan.model
     B, T = plan.device_batch_size, plan.sequence_len
     traffic = {"reduce_scatter_bytes": 0, "all_gather_bytes": 0}
-    with fake_world(world), FakeTensorMode():
+    with S.fake_world(plan.world_size), FakeTensorMode():
         cfg = gpt.GPTConfig(sequence_len=T, vocab_size=s.vocab_size, n_layer=s.n_layer, n_head=s.n_head,
                             n_kv_head=s.n_kv_head, n_embd=s.n_embd, window_pattern=s.window_pattern)
         model = gpt.GPT(cfg)
@@ -49,13 +49,9 @@ def nanochat_step(ref: Path, plan, world: int, micro: int, S) -> dict:
         for emb in [model.transformer.wte, *model.value_embeds.values()]:
             emb.weight = nn.Parameter(emb.weight.detach().to(torch.bfloat16))
         model.cos, model.sin = model._precompute_rotary_embeddings(model.rotary_seq_len, s.n_embd // s.n_head)
-
-        def keep(mod: nn.Module, fqn: str) -> bool:   # base_train's fp8_module_filter
-            return (isinstance(mod, nn.Linear) and mod.in_features % 16 == 0 and mod.out_features % 16 == 0
-                    and min(mod.in_features, mod.out_features) >= 128)
         if plan.fp8:
             fp8.convert_to_float8_training(model, config=fp8.Float8LinearConfig.from_recipe_name(plan.fp8),
-                                           module_filter_fn=keep)
+                                           module_filter_fn=fp8_filter)
         opt = model.setup_optimizer(weight_decay=plan.weight_decay)
 
         def step(n: int, before=lambda: None) -> None:
@@ -69,13 +65,13 @@ def nanochat_step(ref: Path, plan, world: int, micro: int, S) -> dict:
         step(1)
         tracker = MemTracker()
         tracker.track_external(model, opt)
-        with tracker, count_traffic(traffic):
+        with tracker, S.count_traffic(traffic):
             step(micro, tracker.reset_mod_stats)
         snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
     sys.path.remove(str(ref))
-    split = {CATEGORIES.get(getattr(k, "value", k), str(k)): v / GIB for k, v in snap.items()
+    split = {S.CATEGORIES.get(getattr(k, "value", k), str(k)): v / S.GIB for k, v in snap.items()
              if getattr(k, "value", k) != "Total"}
-    return {"peak_memory_gib": snap["Total"] / GIB, "memory_gib": split, **traffic}
+    return {"peak_memory_gib": snap["Total"] / S.GIB, "memory_gib": split, **traffic}
 
 
 def main() -> None:
@@ -84,26 +80,27 @@ def main() -> None:
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     ref = Path(sys.argv[1]).resolve()
     sys.path.insert(0, str(ROOT))
-    from launch.validate import compose_checked
+    from hydra import compose, initialize_config_dir
+    from launch.validate import resolved_tree
     from nanochat.config import config_from_dict
     from nanochat.plan import make_plan
     from nanochat import simulate as S
-    tree = compose_checked(["experiment=speedrun", "run.pipeline=null", *sys.argv[2:]], str(ROOT / "conf"))
-    cfg = config_from_dict(tree)
+    from nanochat.precision import fp8_filter
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):   # as nanochat-run composes
+        cfg = config_from_dict(resolved_tree(compose("config", ["experiment=speedrun", "run.pipeline=null",
+                                                                 *sys.argv[2:]])))
     plan = make_plan(cfg)
     micro = min(plan.grad_accum_steps, 2)
     out = {}
     t0 = time.perf_counter()
     out["ours_eager"] = S.rehearse(cfg, plan, compile_blocks=False)
-    for m in [m for m in sys.modules if m == "nanochat" or m.startswith("nanochat.")]:
-        sys.modules["_ours_" + m] = sys.modules.pop(m)   # let `import nanochat` find nanochat's package
-    try:
-        out["nanochat_eager"] = nanochat_step(ref, plan, plan.world_size, micro, S)
+    ours = {m: sys.modules.pop(m) for m in list(sys.modules) if m == "nanochat" or m.startswith("nanochat.")}
+    try:   # with ours set aside, `import nanochat` finds nanochat's package
+        out["nanochat_eager"] = nanochat_step(ref, plan, micro, S, fp8_filter)
     finally:
         for m in [m for m in sys.modules if m == "nanochat" or m.startswith("nanochat.")]:
             del sys.modules[m]
-        for m in [m for m in sys.modules if m.startswith("_ours_")]:
-            sys.modules[m[len("_ours_"):]] = sys.modules.pop(m)
+        sys.modules.update(ours)
     print(f"record recipe: d{plan.model.depth}, {plan.device_batch_size} × {plan.sequence_len} per rank, accum "
           f"{plan.grad_accum_steps}, {plan.world_size} ranks, fp8 {plan.fp8}; eager, fake tensors")
     for name, r in out.items():

@@ -18,26 +18,24 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from nanochat import training as T  # noqa: E402
+from nanochat.config import ConfigError, config_from_dict  # noqa: E402
 from nanochat.gpt import GPTConfig, build_model  # noqa: E402
+from nanochat.plan import make_plan  # noqa: E402
 from nanochat.precision import Precision  # noqa: E402
-from nanochat.optim import build_optimizer  # noqa: E402
-from nanochat.plan import OPTIMIZER_RECIPES  # noqa: E402
-
-MODERN = dict(value_embeds=True, window_pattern="SSSL", resid_lambdas=True, x0_lambdas=True,
-              smear=True, backout=True, qk_scale=1.2, pad_vocab_to=64, rope_base=100000.0)
 
 
 def matmul_gflops(n: int = 2048, reps: int = 8, device: str = "cpu") -> float:
     """Best observed fp32 GEMM throughput (GFLOP/s)."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    c = torch.empty(n, n, device=device)
+    a, b, c = (torch.randn(n, n, device=device) for _ in range(3))
     torch.mm(a, b, out=c)
     best = float("inf")
     for _ in range(reps):
@@ -49,71 +47,47 @@ def matmul_gflops(n: int = 2048, reps: int = 8, device: str = "cpu") -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def make_config(arch: str, depth: int, vocab: int, seq: int, gqa: bool) -> GPTConfig:
-    n_embd = 64 * depth
-    n_head = max(1, n_embd // 128)
-    n_kv = max(1, n_head // 2) if gqa else n_head
-    extra = MODERN if arch == "modern" else {}
-    return GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=depth, n_head=n_head, n_kv_head=n_kv,
-                     n_embd=n_embd, **extra)
-
-
-def bench(arch: str, args, peak: float) -> dict:
-    cfg = make_config(arch, args.depth, args.vocab, args.seq, args.gqa)
-    device = args.device
-    model = build_model(cfg, device, seed=0)
-    d = cfg.n_embd
-    lr_scale = (d / 768) ** -0.5
-    # the generation's optimizer recipe (modern: nanochat 92d63d4's NorMuon, cautious decay, per-group AdamW)
-    settings = {k: v for k, v in OPTIMIZER_RECIPES[arch].items() if not k.startswith("muon_momentum")}
-    if args.ns:
-        settings["muon_ns"] = args.ns
-    opt = build_optimizer(model, embedding_lr=0.3 * lr_scale, unembedding_lr=0.008 * lr_scale,
-                          matrix_lr=0.02, scalar_lr=0.5, weight_decay=0.28 if arch == "modern" else 0.0,
-                          settings=settings)
+def bench(arch: str, args) -> dict:
+    """The pretrain stage's own step (its plan, model, optimizer and nanochat.training.train_step) on fixed batches."""
+    stage = {"name": "pretrain", "total_batch_size": args.total_batch, **({"muon_ns": args.ns} if args.ns else {})}
+    cfg = config_from_dict({"model": {"generation": arch, "depth": args.depth, "vocab_size": args.vocab,
+                                      "sequence_len": args.seq},
+                            "stage": stage, "hardware": {"device_batch_size": args.device_batch}})
+    try:
+        plan = make_plan(cfg)
+    except ConfigError as e:   # the stage's own check of the batch split (the flags set those keys)
+        sys.exit(f"--total-batch {args.total_batch}, --device-batch {args.device_batch}, --seq {args.seq}: {e}")
+    shape = replace(plan.model, n_kv_head=max(1, plan.model.n_head // 2)) if args.gqa else plan.model
+    dev = torch.device(args.device)
+    rt = T.Runtime(0, 0, 1, dev, Precision.resolve(dev.type, args.dtype), ROOT)
+    model = build_model(GPTConfig(**shape.gpt_config_kwargs()), rt.device, seed=0)
+    opt = T.make_optimizer(model, plan, cfg, rt)
     fwd_model = torch.compile(model, dynamic=False) if args.compile else model
-    tokens_per_micro = args.device_batch * args.seq
-    if args.total_batch % tokens_per_micro:
-        raise SystemExit(f"total batch {args.total_batch} must be a multiple of device_batch·seq = {tokens_per_micro}")
-    accum = args.total_batch // tokens_per_micro
     g = torch.Generator().manual_seed(0)
-    data = torch.randint(0, cfg.vocab_size, (accum, args.device_batch, args.seq + 1), generator=g).to(device)
-    ctx = Precision.resolve(torch.device(device).type, args.dtype).autocast()
+    data = torch.randint(0, shape.vocab_size, (plan.grad_accum_steps, plan.device_batch_size, args.seq + 1),
+                         generator=g).to(rt.device)
+    batches = [(x[:, :-1], x[:, 1:]) for x in data]
+    opt_start = []   # the optimizer's pre-step hook splits a step into fwd+bwd and optimizer
+    opt.register_step_pre_hook(lambda *_: opt_start.append(time.perf_counter()))
 
     def train_step():
         t0 = time.perf_counter()
-        for a in range(accum):
-            with ctx:
-                loss = fwd_model(data[a, :, :-1], data[a, :, 1:])
-            (loss / accum).backward()
-        t1 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        loss = T.train_step(fwd_model, opt, iter(batches), plan, rt)   # ends in .item(): the device is done
         t2 = time.perf_counter()
-        return t2 - t0, t1 - t0, t2 - t1, loss.item()
+        return t2 - t0, opt_start[-1] - t0, t2 - opt_start[-1], loss
 
     for _ in range(args.warmup):
         train_step()
-    times, fb, op = [], [], []
-    for _ in range(args.steps):
-        dt, tfb, top, loss = train_step()
-        times.append(dt); fb.append(tfb); op.append(top)
+    runs = [train_step() for _ in range(args.steps)]   # (step, fwd+bwd, optimizer) seconds, loss
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(2):
                 train_step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
-    flops = model.estimate_flops()
-    med, best = statistics.median(times), min(times)
-    tok = args.total_batch
-    return dict(arch=arch, depth=args.depth, params=model.num_params(), flops_per_token=flops,
-                ms_step=med * 1e3, ms_best=best * 1e3, tok_s=tok / med, tok_s_best=tok / best,
-                mfu=flops * tok / med / 1e9 / peak, mfu_best=flops * tok / best / 1e9 / peak,
-                ms_fwdbwd=statistics.median(fb) * 1e3, ms_opt=statistics.median(op) * 1e3,
-                mfu_fwdbwd=flops * tok / statistics.median(fb) / 1e9 / peak, loss=loss)
+    step_s, fwdbwd_s, opt_s = (statistics.median(col) for col in list(zip(*runs))[:3])
+    return dict(params=model.num_params(), flops_per_token=model.estimate_flops(), step_s=step_s,
+                best_s=min(r[0] for r in runs), fwdbwd_s=fwdbwd_s, opt_s=opt_s, loss=runs[-1][3])
 
 
 def main() -> None:
@@ -141,17 +115,18 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, fp32 matmul {peaks[0]:.1f} GFLOP/s")
     archs = ["seed", "modern"] if args.arch == "both" else [args.arch]
     for arch in archs:
-        r = bench(arch, args, 1.0)
+        r = bench(arch, args)
         # the machine's peak is the best GEMM rate seen: a neighbour can only lower a measurement
         peaks.append(matmul_gflops(device=args.device))
-        peak = max(peaks)
-        for k in ("mfu", "mfu_best", "mfu_fwdbwd"):
-            r[k] /= peak
-        print(f"{r['arch']:>6} d{r['depth']} params={r['params']:,} flops/tok={r['flops_per_token']:,} | "
-              f"{r['tok_s']:,.0f} tok/s (best {r['tok_s_best']:,.0f}) | {r['ms_step']:.0f} ms/step "
-              f"(best {r['ms_best']:.0f}; fwd+bwd {r['ms_fwdbwd']:.0f}, optim {r['ms_opt']:.0f}) | "
-              f"MFU {100 * r['mfu']:.1f}% (best {100 * r['mfu_best']:.1f}%, fwd+bwd alone "
-              f"{100 * r['mfu_fwdbwd']:.1f}%) | loss {r['loss']:.3f} | peak {peak:.1f} GFLOP/s")
+        peak, tok = max(peaks), args.total_batch
+
+        def mfu(seconds: float) -> float:   # percent of the peak at `seconds` per step
+            return 100 * r["flops_per_token"] * tok / seconds / 1e9 / peak
+        print(f"{arch:>6} d{args.depth} params={r['params']:,} flops/tok={r['flops_per_token']:,} | "
+              f"{tok / r['step_s']:,.0f} tok/s (best {tok / r['best_s']:,.0f}) | {r['step_s'] * 1e3:.0f} ms/step "
+              f"(best {r['best_s'] * 1e3:.0f}; fwd+bwd {r['fwdbwd_s'] * 1e3:.0f}, optim {r['opt_s'] * 1e3:.0f}) | "
+              f"MFU {mfu(r['step_s']):.1f}% (best {mfu(r['best_s']):.1f}%, fwd+bwd alone "
+              f"{mfu(r['fwdbwd_s']):.1f}%) | loss {r['loss']:.3f} | peak {peak:.1f} GFLOP/s")
     print("fp32 matmul GFLOP/s measured along the way: " + ", ".join(f"{p:.0f}" for p in peaks)
           + " (a spread means noisy neighbours; MFU uses the max)")
 

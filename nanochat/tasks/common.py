@@ -90,13 +90,14 @@ class Task:
 class TaskMixture(Task):
     """Several tasks shuffled together deterministically; list a task twice to oversample it."""
 
-    def __init__(self, tasks: Sequence[Task], seed: int = 42, **kwargs):
+    def __init__(self, tasks: Sequence[Task], seed: int | None = 42, **kwargs):
         super().__init__(**kwargs)
         if not tasks:
-            raise ValueError("TaskMixture needs at least one task")
+            raise ValueError(f"{type(self).__name__} needs at least one task")
         self.tasks = list(tasks)
         self.index_map = [(ti, li) for ti, t in enumerate(self.tasks) for li in range(len(t))]
-        random.Random(seed).shuffle(self.index_map)
+        if seed is not None:
+            random.Random(seed).shuffle(self.index_map)
 
     @property
     def eval_type(self) -> str:
@@ -118,46 +119,15 @@ class TaskMixture(Task):
         return self.tasks[ti]
 
     def evaluate(self, conversation: Conversation, completion: str) -> bool | int:
-        raise TypeError("evaluate through the sub-task: mixture.task_of(i).evaluate(...)")
+        noun = type(self).__name__.removeprefix("Task").lower()
+        raise TypeError(f"evaluate through the sub-task: {noun}.task_of(i).evaluate(...)")
 
 
-class TaskSequence(Task):
-    """Tasks one after another (curricula, or concatenating splits)."""
+class TaskSequence(TaskMixture):
+    """Tasks one after another (curricula, or concatenating splits): a mixture in order."""
 
     def __init__(self, tasks: Sequence[Task], **kwargs):
-        super().__init__(**kwargs)
-        if not tasks:
-            raise ValueError("TaskSequence needs at least one task")
-        self.tasks = list(tasks)
-        self.offsets = []
-        total = 0
-        for t in self.tasks:
-            self.offsets.append(total)
-            total += len(t)
-        self.total = total
-
-    @property
-    def eval_type(self) -> str:
-        return TaskMixture.eval_type.fget(self)  # same rule
-
-    def num_examples(self) -> int:
-        return self.total
-
-    def _locate(self, index: int) -> tuple[int, int]:
-        for ti in range(len(self.tasks) - 1, -1, -1):
-            if index >= self.offsets[ti]:
-                return ti, index - self.offsets[ti]
-        raise IndexError(index)
-
-    def get_example(self, index: int) -> Conversation:
-        ti, li = self._locate(index)
-        return self.tasks[ti][li]
-
-    def task_of(self, index: int) -> Task:
-        return self.tasks[self._locate(self.start + index * self.step)[0]]
-
-    def evaluate(self, conversation: Conversation, completion: str) -> bool | int:
-        raise TypeError("evaluate through the sub-task: sequence.task_of(i).evaluate(...)")
+        super().__init__(tasks, seed=None, **kwargs)
 
 
 # ----------------------------------------------------------------------------- helpers for tasks
@@ -235,15 +205,15 @@ def load_files(files: str | os.PathLike | Sequence[str | os.PathLike] | Mapping[
     """
     import datasets  # heavy (≈1 s): imported only when a task really loads data
     named = isinstance(files, Mapping)
-    listed = dict(files) if named else {"train": [files] if isinstance(files, (str, os.PathLike)) else list(files)}
-    flat = [Path(f) for v in listed.values() for f in ([v] if isinstance(v, (str, os.PathLike)) else v)]
+    listed = dict(files) if named else {"train": files}
+    data_files = {k: [str(f) for f in ([v] if isinstance(v, (str, os.PathLike)) else v)] for k, v in listed.items()}
+    flat = [Path(f) for v in data_files.values() for f in v]
     if not flat:
         raise TaskDataError("no files to load")
     missing = [f for f in flat if not f.is_file()]
     if missing:
         raise TaskDataError(f"{missing[0]} does not exist")
     kind = kind or kind_of(flat[0])
-    data_files = {k: [str(f) for f in ([v] if isinstance(v, (str, os.PathLike)) else v)] for k, v in listed.items()}
     datasets.logging.set_verbosity_error()  # no "Generating split" chatter for every task file
     datasets.disable_progress_bars()
     try:

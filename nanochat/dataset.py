@@ -30,7 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 from urllib.parse import quote
 
 import pyarrow as pa
@@ -42,6 +42,7 @@ from nanochat.config import DataConfig
 
 TEXT_COLUMN = "text"
 ROW_GROUP_SIZE = 64          # docs per row group in shards we write: ranks stride over row groups
+SHARD_DOCS = 50_000          # docs per shard of a corpus we convert (demo, local)
 DEMO_VERSION = 1             # bump when the demo builder changes (new cache dir)
 LOCAL_VERSION = 1
 
@@ -146,10 +147,9 @@ def open_shard(path: Path) -> pq.ParquetFile:
     if TEXT_COLUMN not in names:
         raise ValueError(f"{path} has no '{TEXT_COLUMN}' column (columns: {names}); "
                          f"pretraining shards need a string column named '{TEXT_COLUMN}'")
-    if not pa.types.is_string(pf.schema_arrow.field(TEXT_COLUMN).type) and \
-            not pa.types.is_large_string(pf.schema_arrow.field(TEXT_COLUMN).type):
-        raise ValueError(f"{path}: column '{TEXT_COLUMN}' has type {pf.schema_arrow.field(TEXT_COLUMN).type}, "
-                         "expected string")
+    kind = pf.schema_arrow.field(TEXT_COLUMN).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ValueError(f"{path}: column '{TEXT_COLUMN}' has type {kind}, expected string")
     return pf
 
 
@@ -163,46 +163,37 @@ def write_shard(path: Path, texts: list[str], row_group_size: int = ROW_GROUP_SI
     os.replace(tmp, path)
 
 
-def _file_lock(path: Path, timeout: float = -1):
+def _built_split(out: Path, split: str, what: str, val_fraction: float,
+                 build: Callable[[], tuple[list[str], dict]]) -> list[Path]:
+    """The `split` shards of a corpus converted once into `out`: `build()` gives (documents, manifest);
+    every k-th document (k = 1/val_fraction) is held out for val. Ranks and jobs wait on a lock while
+    the first one writes train_XXXXX / val_XXXXX shards + manifest.json into a fresh dir, renamed to `out`."""
     from filelock import FileLock
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path), timeout=timeout)
-
-
-def _split_docs(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """Deterministic hold-out: every k-th document (k = 1/val_fraction) goes to val."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
-    if val_fraction == 0.0:
-        return docs, []
-    k = max(2, round(1.0 / val_fraction))
-    train = [d for i, d in enumerate(docs) if i % k != k - 1]
-    val = [d for i, d in enumerate(docs) if i % k == k - 1]
-    return train, val
-
-
-def _write_split_dir(out: Path, docs: list[str], val_fraction: float, manifest: dict,
-                     shard_docs: int = 50_000) -> None:
-    """Write train_XXXXX / val_XXXXX shards + manifest.json into a fresh dir, then rename it to `out`."""
-    train, val = _split_docs(docs, val_fraction)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for split, items in (("train", train), ("val", val)):
-        for k in range(0, len(items), shard_docs):
-            write_shard(tmp / f"{split}_{k // shard_docs:05d}.parquet", items[k:k + shard_docs])
-    manifest = dict(manifest, train_docs=len(train), val_docs=len(val),
-                    train_chars=sum(map(len, train)), val_chars=sum(map(len, val)))
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-
-
-def _split_files(d: Path, split: str, what: str) -> list[Path]:
-    files = sorted(d.glob(f"{split}_*.parquet"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not (out / "manifest.json").is_file():
+        with FileLock(str(out.with_name(out.name + ".lock"))):
+            if not (out / "manifest.json").is_file():
+                docs, manifest = build()
+                k = max(2, round(1.0 / val_fraction)) if val_fraction else len(docs) + 1  # 0: none held out
+                parts = {"train": [d for i, d in enumerate(docs) if i % k != k - 1],
+                         "val": [d for i, d in enumerate(docs) if i % k == k - 1]}
+                tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                for name, items in parts.items():
+                    for j in range(0, len(items), SHARD_DOCS):
+                        write_shard(tmp / f"{name}_{j // SHARD_DOCS:05d}.parquet", items[j:j + SHARD_DOCS])
+                manifest.update(train_docs=len(parts["train"]), val_docs=len(parts["val"]),
+                                train_chars=sum(map(len, parts["train"])), val_chars=sum(map(len, parts["val"])))
+                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+                shutil.rmtree(out, ignore_errors=True)
+                os.replace(tmp, out)
+    files = sorted(out.glob(f"{split}_*.parquet"))
     if not files:
         raise ValueError(f"{what} has no {split} documents (data.val_fraction may be 0 or the corpus "
-                         f"too small to hold any out); see {d / 'manifest.json'}")
+                         f"too small to hold any out); see {out / 'manifest.json'}")
     return files
 
 
@@ -293,15 +284,14 @@ def _demo_shards(data_cfg: DataConfig, base_dir: Path, split: str) -> list[Path]
     pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
     key = f"py{pyver}_c{data_cfg.demo_chars}_v{data_cfg.val_fraction}_b{DEMO_VERSION}"
     out = base_dir / "data" / "demo" / key
-    if not (out / "manifest.json").is_file():
-        with _file_lock(out.with_name(out.name + ".lock")):  # ranks/jobs build it once
-            if not (out / "manifest.json").is_file():
-                t0 = time.time()
-                docs = build_demo_docs(data_cfg.demo_chars)
-                _write_split_dir(out, docs, data_cfg.val_fraction,
-                                 {"source": "demo", "python": sys.version.split()[0],
-                                  "demo_chars": data_cfg.demo_chars, "build_seconds": round(time.time() - t0, 2)})
-    return _split_files(out, split, f"demo corpus {out}")
+
+    def build() -> tuple[list[str], dict]:
+        t0 = time.time()
+        docs = build_demo_docs(data_cfg.demo_chars)
+        return docs, {"source": "demo", "python": sys.version.split()[0], "demo_chars": data_cfg.demo_chars,
+                      "build_seconds": round(time.time() - t0, 2)}
+
+    return _built_split(out, split, f"demo corpus {out}", data_cfg.val_fraction, build)
 
 
 # ---------------------------------------------------------------------- local files
@@ -378,19 +368,16 @@ def _local_shards(data_cfg: DataConfig, base_dir: Path, split: str) -> list[Path
     # anything else is converted once into our own shards, cached by the files' identity
     ident = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     key = hashlib.sha256(json.dumps([ident, data_cfg.val_fraction, LOCAL_VERSION]).encode()).hexdigest()[:16]
-    out = base_dir / "data" / "local" / key
-    if not (out / "manifest.json").is_file():
-        with _file_lock(out.with_name(out.name + ".lock")):
-            if not (out / "manifest.json").is_file():
-                docs: list[str] = []
-                for f in files:
-                    docs.extend(_read_local_docs(f))
-                if not docs:
-                    raise ValueError(f"data.path={data_cfg.path!r}: the corpus is empty (no non-empty "
-                                     f"'{TEXT_COLUMN}' in {len(files)} file(s))")
-                _write_split_dir(out, docs, data_cfg.val_fraction,
-                                 {"source": "local", "path": str(data_cfg.path), "files": [str(f) for f in files]})
-    return _split_files(out, split, f"local corpus data.path={data_cfg.path!r}")
+
+    def build() -> tuple[list[str], dict]:
+        docs = [d for f in files for d in _read_local_docs(f)]
+        if not docs:
+            raise ValueError(f"data.path={data_cfg.path!r}: the corpus is empty (no non-empty "
+                             f"'{TEXT_COLUMN}' in {len(files)} file(s))")
+        return docs, {"source": "local", "path": str(data_cfg.path), "files": [str(f) for f in files]}
+
+    return _built_split(base_dir / "data" / "local" / key, split, f"local corpus data.path={data_cfg.path!r}",
+                        data_cfg.val_fraction, build)
 
 
 # ---------------------------------------------------------------------- remote shards (the hub)

@@ -28,7 +28,6 @@ import itertools
 import queue
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -37,7 +36,7 @@ import torch
 
 from nanochat.common import get_base_dir
 from nanochat.config import DataConfig
-from nanochat.dataset import REMOTE_SOURCES, TEXT_COLUMN, ensure_shard, list_shards, open_shard
+from nanochat.dataset import ensure_shard, list_shards, open_shard, read_texts, shards_on_disk
 
 STATE_VERSION = 1
 PREFETCH = 4  # batches the background thread prepares ahead
@@ -226,43 +225,33 @@ class _Pipeline:
         """(position, tokens) of this rank's documents in order, from `start` on, epoch after epoch."""
         start = start or (0, 0, 0, 0)
         epoch = start[0]
-        remote = self.cfg.source in REMOTE_SOURCES
-        fetch = ThreadPoolExecutor(max_workers=1) if remote else None
         nb = max(1, self.cfg.tokenizer_batch_size)
-        try:
-            while self.max_epochs is None or epoch < self.max_epochs:
-                whole_epoch = epoch > start[0] or start[1:] == (0, 0, 0)
-                got_any = False
-                for si, path in enumerate(self.paths):
-                    if (epoch, si) < start[:2]:
+        while self.max_epochs is None or epoch < self.max_epochs:
+            whole_epoch = epoch > start[0] or start[1:] == (0, 0, 0)
+            got_any = False
+            first = start[1] if epoch == start[0] else 0
+            # a remote shard is fetched with the next one in the background, while this one is read
+            for si, path in shards_on_disk(self.cfg, self.base_dir, self.paths, first, ahead=2):
+                pf = open_shard(path)
+                for rg, wanted in self.rank_units(pf):
+                    if stop.is_set():
+                        return
+                    if (epoch, si, rg) < start[:3]:
                         continue
-                    if remote:
-                        ensure_shard(self.cfg, self.base_dir, path)
-                        if si + 1 < len(self.paths):  # fetch the next shard while this one is read
-                            fetch.submit(ensure_shard, self.cfg, self.base_dir, self.paths[si + 1])
-                    pf = open_shard(path)
-                    for rg, wanted in self.rank_units(pf):
-                        if stop.is_set():
-                            return
-                        if (epoch, si, rg) < start[:3]:
-                            continue
-                        texts = pf.read_row_group(rg, columns=[TEXT_COLUMN]).column(0).to_pylist()
-                        idx = wanted if wanted is not None else range(len(texts))
-                        keep = [i for i in idx if texts[i]
-                                and ((epoch, si, rg, i) > start or (inclusive and (epoch, si, rg, i) == start))]
-                        for k in range(0, len(keep), nb):
-                            chunk = keep[k:k + nb]
-                            for i, toks in zip(chunk, self.encode([texts[i] for i in chunk])):
-                                got_any = True
-                                yield (epoch, si, rg, i), toks
-                if whole_epoch and not got_any:
-                    raise ValueError(f"rank {self.rank} of {self.world} gets no documents from the {self.split} "
-                                     f"split of data {self.cfg.name!r} ({len(self.paths)} shard(s)): the corpus "
-                                     "is empty or too small for this many ranks")
-                epoch += 1
-        finally:
-            if fetch is not None:
-                fetch.shutdown(wait=False, cancel_futures=True)
+                    texts = read_texts(pf, rg)
+                    idx = wanted if wanted is not None else range(len(texts))
+                    keep = [i for i in idx if texts[i]
+                            and ((epoch, si, rg, i) > start or (inclusive and (epoch, si, rg, i) == start))]
+                    for k in range(0, len(keep), nb):
+                        chunk = keep[k:k + nb]
+                        for i, toks in zip(chunk, self.encode([texts[i] for i in chunk])):
+                            got_any = True
+                            yield (epoch, si, rg, i), toks
+            if whole_epoch and not got_any:
+                raise ValueError(f"rank {self.rank} of {self.world} gets no documents from the {self.split} "
+                                 f"split of data {self.cfg.name!r} ({len(self.paths)} shard(s)): the corpus "
+                                 "is empty or too small for this many ranks")
+            epoch += 1
 
     def read_docs(self, positions: list[Pos]) -> list[list[int]]:
         """Tokens of specific documents (restoring bestfit's buffer), in the order given."""
@@ -271,8 +260,7 @@ class _Pipeline:
             by_unit.setdefault((si, rg), []).append(i)
         found: dict[tuple[int, int, int], list[int]] = {}
         for (si, rg), docs in sorted(by_unit.items()):
-            ensure_shard(self.cfg, self.base_dir, self.paths[si])
-            texts = open_shard(self.paths[si]).read_row_group(rg, columns=[TEXT_COLUMN]).column(0).to_pylist()
+            texts = read_texts(open_shard(ensure_shard(self.cfg, self.base_dir, self.paths[si])), rg)
             uniq = sorted(set(docs))
             for i, toks in zip(uniq, self.encode([texts[i] for i in uniq])):
                 found[(si, rg, i)] = toks

@@ -102,36 +102,43 @@ def iter_texts(data_cfg: DataConfig, base_dir: str | Path, split: str = "train",
         from nanochat.mixture import iter_mixed_texts
         yield from iter_mixed_texts(data_cfg, base_dir, split, max_chars, doc_cap)
         return
-    paths = list_shards(data_cfg, base_dir, split, download=False)
-    remote = data_cfg.source in REMOTE_SOURCES
     seen = 0
-    pool = ThreadPoolExecutor(max_workers=max(1, data_cfg.download_workers)) if remote else None
+    for _, path in shards_on_disk(data_cfg, base_dir, list_shards(data_cfg, base_dir, split, download=False)):
+        pf = open_shard(path)
+        for text in (t for rg in range(pf.num_row_groups) for t in read_texts(pf, rg) if t is not None):
+            if doc_cap is not None and len(text) > doc_cap:
+                text = text[:doc_cap]
+            if max_chars is not None and seen + len(text) > max_chars:
+                text = text[: max_chars - seen]
+            if text:
+                seen += len(text)
+                yield text
+            if max_chars is not None and seen >= max_chars:
+                return
+
+
+def shards_on_disk(data_cfg: DataConfig, base_dir: str | Path, paths: list[Path], first: int = 0,
+                   ahead: int | None = None) -> Iterator[tuple[int, Path]]:
+    """(index, path) of paths[first:] in order, each once it is on disk: remote shards are fetched in
+    the background, `ahead` shards at a time (default data.download_workers) from the one being read."""
+    if data_cfg.source not in REMOTE_SOURCES:
+        yield from enumerate(paths[first:], first)
+        return
+    ahead = max(1, data_cfg.download_workers if ahead is None else ahead)
+    pool, pending = ThreadPoolExecutor(max_workers=ahead), {}
     try:
-        pending = {}
-        for i, path in enumerate(paths):
-            if remote:
-                # prefetch this shard and the next few in the background
-                for j in range(i, min(len(paths), i + max(1, data_cfg.download_workers))):
-                    if j not in pending:
-                        pending[j] = pool.submit(ensure_shard, data_cfg, base_dir, paths[j])
-                pending.pop(i).result()
-            pf = open_shard(path)
-            for rg in range(pf.num_row_groups):
-                for text in pf.read_row_group(rg, columns=[TEXT_COLUMN]).column(0).to_pylist():
-                    if text is None:
-                        continue
-                    if doc_cap is not None and len(text) > doc_cap:
-                        text = text[:doc_cap]
-                    if max_chars is not None and seen + len(text) > max_chars:
-                        text = text[: max_chars - seen]
-                    if text:
-                        seen += len(text)
-                        yield text
-                    if max_chars is not None and seen >= max_chars:
-                        return
+        for i in range(first, len(paths)):
+            for j in range(i, min(len(paths), i + ahead)):
+                if j not in pending:
+                    pending[j] = pool.submit(ensure_shard, data_cfg, base_dir, paths[j])
+            yield i, pending.pop(i).result()
     finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def read_texts(pf: pq.ParquetFile, row_group: int) -> list[str | None]:
+    """The `text` column of one row group of a shard (opened with `open_shard`)."""
+    return pf.read_row_group(row_group, columns=[TEXT_COLUMN]).column(0).to_pylist()
 
 
 def open_shard(path: Path) -> pq.ParquetFile:

@@ -332,9 +332,7 @@ def _local_files(path_spec: str | None) -> list[Path]:
 
 
 def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
+    return (gzip.open if path.name.endswith(".gz") else open)(path, "rt", encoding="utf-8")
 
 
 def _read_local_docs(path: Path, txt_doc_chars: int = 4000) -> list[str]:

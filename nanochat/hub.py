@@ -22,7 +22,6 @@ import hashlib
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 from urllib.parse import unquote, urlsplit
@@ -205,17 +204,11 @@ def download(repo_id: str, filename: str, revision: str = "main", *, validate: V
 def download_many(repo_id: str, filenames: Sequence[str], revision: str = "main", *, workers: int = 4,
                   validate: Validator | None = None, desc: str | None = None) -> list[Path]:
     """Several files in parallel (`workers` threads) with one progress bar over the files."""
-    from huggingface_hub.utils import tqdm
-    if not filenames:
-        return []
-    out: list[Path | None] = [None] * len(filenames)
-    with tqdm(total=len(filenames), desc=desc or repo_id, unit="file", disable=len(filenames) < 2) as bar, \
-            ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        def one(i: int) -> None:
-            out[i] = download(repo_id, filenames[i], revision, validate=validate)
-            bar.update(1)
-        list(pool.map(one, range(len(filenames))))
-    return [p for p in out if p is not None]
+    from huggingface_hub.utils import tqdm  # the hub's bars: HF_HUB_DISABLE_PROGRESS_BARS applies
+    from tqdm.contrib.concurrent import thread_map
+    return thread_map(lambda name: download(repo_id, name, revision, validate=validate), filenames,
+                      max_workers=max(1, workers), tqdm_class=tqdm, desc=desc or repo_id, unit="file",
+                      disable=len(filenames) < 2)
 
 
 def snapshot(repo_id: str, patterns: Iterable[str], revision: str = "main") -> list[Path]:
@@ -230,9 +223,8 @@ def snapshot(repo_id: str, patterns: Iterable[str], revision: str = "main") -> l
 
     root = _with_retries(call, what, attempts=4, backoff=1.0)
     import fnmatch
-    files = [p for p in sorted(root.rglob("*"))
-             if p.is_file() and any(fnmatch.fnmatch(p.relative_to(root).as_posix(), pat) for pat in patterns)]
-    return files
+    return [p for p in sorted(root.rglob("*"))
+            if p.is_file() and any(fnmatch.fnmatch(p.relative_to(root).as_posix(), pat) for pat in patterns)]
 
 
 # ----------------------------------------------------------------------------- URLs

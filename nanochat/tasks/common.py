@@ -18,7 +18,6 @@ the hub cache still answers.
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import random
 import re
@@ -180,10 +179,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
 
 
 def open_text(path: str | os.PathLike):
-    path = Path(path)
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
+    return (gzip.open if Path(path).suffix == ".gz" else open)(path, "rt", encoding="utf-8")
 
 
 def kind_of(path: str | os.PathLike) -> str:

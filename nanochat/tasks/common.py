@@ -58,8 +58,8 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, conversation: Conversation, completion: str) -> bool | int:
-        """Is `completion` (the assistant's text) a correct answer to `conversation`?"""
-        raise NotImplementedError
+        """Is `completion` (the assistant's text) a correct answer to `conversation`? (graded tasks)"""
+        raise NotImplementedError(f"{type(self).__name__} conversations are training data; they have no grader")
 
     def reward(self, conversation: Conversation, completion: str) -> float:
         """RL reward; by default 1.0 for a correct answer and 0.0 otherwise."""

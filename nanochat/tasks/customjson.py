@@ -66,9 +66,6 @@ class CustomJSON(Task):
     def get_example(self, index: int) -> Conversation:
         return {"messages": self.conversations[index]}
 
-    def evaluate(self, conversation: Conversation, completion: str) -> bool:
-        raise NotImplementedError("CustomJSON conversations are training data; they have no grader")
-
 
 def identity_conversations(data_dir: str | None = None, base_dir: str | None = None, **kwargs) -> CustomJSON:
     """nanochat's synthetic identity conversations: the offline copy, else a download (cached)."""

@@ -27,6 +27,3 @@ class SmolTalk(Task):
         messages = row["messages"] if isinstance(row, dict) else row
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         return {"messages": validate_messages(messages, f"smoltalk row {index}")}
-
-    def evaluate(self, conversation: Conversation, completion: str) -> bool:
-        raise NotImplementedError("SmolTalk is training data; it has no grader")

@@ -430,7 +430,7 @@ def _listing_from_cache(data_cfg: DataConfig) -> tuple[str, list[str]] | None:
     its file names, and the hub cache knows the commit its branch pointed at (refs/<revision>),
     e.g. when another tool filled a shared HF_HUB_CACHE. Any other repo needs its listing pinned."""
     src = REMOTE_SOURCES[data_cfg.source]
-    if src.repo is None or remote_repo(data_cfg) != src.repo or src.max_shard is None:
+    if remote_repo(data_cfg) != src.repo:  # another repo (or source hub): its file names are unknown
         return None
     ref = hub.repo_cache_dir(src.repo) / "refs" / data_cfg.revision
     if not ref.is_file():
@@ -439,18 +439,12 @@ def _listing_from_cache(data_cfg: DataConfig) -> tuple[str, list[str]] | None:
     return ref.read_text().strip(), [shard_name(i) for i in range(top + 1)]
 
 
-def _max_shard(data_cfg: DataConfig, n_files: int) -> int:
-    src = REMOTE_SOURCES[data_cfg.source]
-    top = next(m for m in (data_cfg.max_shard, src.max_shard, n_files - 1) if m is not None)
+def remote_shard_indices(data_cfg: DataConfig, split: str, n_files: int) -> list[int]:
+    """val: the pinned shard (data.val_shard, default the last); train: the first num_shards others."""
+    top = next(m for m in (data_cfg.max_shard, REMOTE_SOURCES[data_cfg.source].max_shard, n_files - 1) if m is not None)
     if not 0 <= top < n_files:
         raise ValueError(f"data.max_shard={top}: the repo {remote_repo(data_cfg)} has {n_files} parquet "
                          f"files (indices 0..{n_files - 1}); set data.max_shard within that range")
-    return top
-
-
-def remote_shard_indices(data_cfg: DataConfig, split: str, n_files: int) -> list[int]:
-    """val: the pinned shard (data.val_shard, default the last); train: the first num_shards others."""
-    top = _max_shard(data_cfg, n_files)
     val = data_cfg.val_shard if data_cfg.val_shard is not None else top
     if not 0 <= val <= top:
         raise ValueError(f"data.val_shard={val}: must be in [0, data.max_shard={top}]")

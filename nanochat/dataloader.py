@@ -24,6 +24,7 @@ Documents come from `_Pipeline.docs`: the pipeline itself for one corpus; for da
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import queue
 import threading
@@ -176,10 +177,10 @@ class _Pipeline:
             return
         self.paths = list_shards(data_cfg, base_dir, split, download=False)
         self.names = [p.name for p in self.paths]
-        if len(set(self.names)) != len(self.names):
+        self._index = {n: i for i, n in enumerate(self.names)}
+        if len(self._index) != len(self.names):
             raise ValueError(f"data source {data_cfg.name!r} has two shards with the same file name; "
                              "rename them (the loader state refers to shards by name)")
-        self._index = {n: i for i, n in enumerate(self.names)}
 
     # ------------------------------------------------------------------ positions in the saved state
     def pos_out(self, p: Pos, ref: bool = False) -> list:
@@ -293,15 +294,10 @@ class _Pipeline:
             arr = torch.tensor(buf[:need], dtype=torch.long)
             del buf[:B * T]
             n = B * T
-            while n:
-                head = spans[0]
-                rem = head[2] - head[1]
-                if rem <= n:
-                    n -= rem
-                    spans.popleft()
-                else:
-                    head[1] += n
-                    n = 0
+            while spans[0][2] - spans[0][1] <= n:  # documents this batch used up
+                n -= spans[0][2] - spans[0][1]
+                spans.popleft()
+            spans[0][1] += n
             new_state = {"epoch": self.docs.epoch_of(spans[0][0]), "head": spans[0][0], "offset": spans[0][1]}
             # separate storage for inputs and targets: in-place edits of one must not touch the other
             yield arr[:-1].view(B, T).clone(), arr[1:].view(B, T).clone(), new_state
@@ -355,11 +351,9 @@ class _Pipeline:
 
         def put(item) -> bool:
             while not stop.is_set():
-                try:
+                with contextlib.suppress(queue.Full):
                     q.put(item, timeout=0.1)
                     return True
-                except queue.Full:
-                    continue
             return False
 
         try:

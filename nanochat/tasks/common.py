@@ -221,11 +221,6 @@ def load_files(files: str | os.PathLike | Sequence[str | os.PathLike] | Mapping[
     return out if named else out["train"]
 
 
-def read_lines(path: str | os.PathLike) -> list[str]:
-    """The lines of a text file (plain or .gz), through the same `datasets` path."""
-    return load_files(path, kind="text")["text"]
-
-
 # ----------------------------------------------------------------------------- the hub
 
 PARQUET_REVISION = "refs/convert/parquet"  # the hub's parquet export of every dataset, config/split/*.parquet

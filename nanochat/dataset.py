@@ -312,16 +312,14 @@ def _local_files(path_spec: str | None) -> list[Path]:
                          "parquet/jsonl/txt files>")
     p = Path(path_spec).expanduser()
     if p.is_dir():
-        files = [f for f in p.rglob("*") if f.is_file() and f.name.endswith(_LOCAL_EXTS)]
-        where = f"directory {p}"
+        files, where = [f for f in p.rglob("*") if f.is_file() and f.name.endswith(_LOCAL_EXTS)], f"directory {p}"
     elif p.is_file():
-        files = [p]
-        where = f"file {p}"
+        files, where = [p], f"file {p}"
     else:
         files = [Path(f) for f in globlib.glob(str(p), recursive=True) if Path(f).is_file()]
+        where = f"glob {path_spec!r}"
         if not files and not any(ch in str(path_spec) for ch in "*?["):
             raise FileNotFoundError(f"data.path={path_spec!r} does not exist (give a dir, a file or a glob)")
-        where = f"glob {path_spec!r}"
     bad = [f for f in files if not f.name.endswith(_LOCAL_EXTS)]
     if bad:
         raise ValueError(f"data.path={path_spec!r}: unsupported file {bad[0]} "
@@ -358,8 +356,7 @@ def _read_local_docs(path: Path, txt_doc_chars: int = 4000) -> list[str]:
                     docs.append(row[TEXT_COLUMN])
         return docs
     with _open_text(path) as f:
-        text = f.read()
-    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+        paragraphs = [p for p in f.read().split("\n\n") if p.strip()]
     return _group(paragraphs, txt_doc_chars, sep="\n\n")
 
 

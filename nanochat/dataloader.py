@@ -98,10 +98,7 @@ class DataLoader:
             raise RuntimeError(f"data loader ({self.split}, rank {self.rank}) failed: {item}") from item
         inputs, targets, self._state = item
         self.batches_yielded += 1
-        if self.device.type != "cpu":
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-        return inputs, targets
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:
         """JSON-serializable state after the last batch returned by `next()`."""

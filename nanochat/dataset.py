@@ -106,10 +106,7 @@ def iter_texts(data_cfg: DataConfig, base_dir: str | Path, split: str = "train",
     for _, path in shards_on_disk(data_cfg, base_dir, list_shards(data_cfg, base_dir, split, download=False)):
         pf = open_shard(path)
         for text in (t for rg in range(pf.num_row_groups) for t in read_texts(pf, rg) if t is not None):
-            if doc_cap is not None and len(text) > doc_cap:
-                text = text[:doc_cap]
-            if max_chars is not None and seen + len(text) > max_chars:
-                text = text[: max_chars - seen]
+            text = text[:doc_cap][:None if max_chars is None else max_chars - seen]  # None: uncut
             if text:
                 seen += len(text)
                 yield text

@@ -140,14 +140,6 @@ def _with_retries(fn: Callable[[], Path], what: str, attempts: int, backoff: flo
     raise err from last
 
 
-def _drop_cached(path: Path) -> None:
-    """Remove a cached file that failed validation: the snapshot link and the blob behind it."""
-    blob = path.resolve() if path.is_symlink() else None
-    path.unlink(missing_ok=True)
-    if blob is not None:
-        blob.unlink(missing_ok=True)
-
-
 # ----------------------------------------------------------------------------- repos
 
 def resolve(repo_id: str, revision: str = "main") -> tuple[str, list[str]]:
@@ -194,7 +186,8 @@ def download(repo_id: str, filename: str, revision: str = "main", *, validate: V
             try:
                 validate(path)
             except Exception as e:
-                _drop_cached(path)
+                for p in {path, path.resolve()}:  # out of the cache: the snapshot link and the blob behind it
+                    p.unlink(missing_ok=True)
                 raise OSError(f"downloaded {what} is unusable ({e})") from e
         return path
 

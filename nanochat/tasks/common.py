@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from nanochat import hub
-from nanochat.common import shared_data_dir
+from nanochat.common import get_base_dir, shared_data_dir
 
 Conversation = dict[str, Any]
 
@@ -237,27 +237,40 @@ def hub_split(dataset: str, config: str, split: str):
     return load_files(files, kind="parquet")
 
 
+def find_local(data_dir: str | None, names: Sequence[str]) -> Path | None:
+    """The first of `names` (paths under the shared data dir) that exists."""
+    root = resolve_data_dir(data_dir)
+    return next((root / n for n in names if (root / n).exists()), None) if root else None
+
+
+def local_or_url(names: Sequence[str], data_dir: str | None, url: str, base_dir: str | None, what: str,
+                 how_to: str) -> Path:
+    """A data file: the first of `names` under the shared data dir, else `url` fetched once into
+    <base_dir>/downloads/; a TaskDataError saying `what` is missing and `how_to` get it otherwise."""
+    found = find_local(data_dir, names)
+    if found is not None:
+        return found
+    try:
+        return hub.fetch_url(url, get_base_dir(base_dir) / "downloads")
+    except hub.HubError as e:
+        raise TaskDataError(f"{what}: {e}. {how_to}") from e
+
+
 def local_or_hub(task: str, path: str | os.PathLike | None, data_dir: str | None, names: Sequence[str],
-                 hub_args: tuple[str, str, str] | None, how_to: str) -> Sequence:
+                 hub_args: tuple[str, str, str], how_to: str) -> Sequence:
     """A task's rows: the file `path` if given, else the first of `names` (paths under the shared data
     dir) that exists, else hub_split(*hub_args) (load_rows' rules and errors)."""
     def local():
-        if path is not None:
-            return load_files(path)
-        root = resolve_data_dir(data_dir)
-        found = next((root / n for n in names if (root / n).exists()), None) if root else None
+        found = Path(path) if path is not None else find_local(data_dir, names)
         return load_files(found) if found else None
-    return load_rows(task, local, (lambda: hub_split(*hub_args)) if hub_args else None, how_to)
+    return load_rows(task, local, lambda: hub_split(*hub_args), how_to)
 
 
-def load_rows(task: str, local: Callable[[], Sequence | None], hub_fn: Callable[[], Sequence] | None,
-              how_to: str) -> Sequence:
+def load_rows(task: str, local: Callable[[], Sequence | None], hub_fn: Callable[[], Sequence], how_to: str) -> Sequence:
     """Local first, then the hub; a clear TaskDataError naming the task if neither works."""
     rows = local()
     if rows is not None:
         return rows
-    if hub_fn is None:
-        raise TaskDataError(f"no data for task {task!r}: {how_to}")
     try:
         return hub_fn()
     except (TaskDataError, hub.HubError, OSError) as e:

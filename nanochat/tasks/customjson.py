@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from nanochat import hub
-from nanochat.common import get_base_dir
-from nanochat.tasks.common import Conversation, Task, TaskDataError, load_files, resolve_data_dir
+from nanochat.tasks.common import Conversation, Task, TaskDataError, load_files, local_or_url
 
 IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
 PART_TYPES = ("text", "python", "python_output")
@@ -66,12 +64,6 @@ class CustomJSON(Task):
 
 def identity_conversations(data_dir: str | None = None, base_dir: str | None = None, **kwargs) -> CustomJSON:
     """nanochat's synthetic identity conversations: the offline copy, else a download (cached)."""
-    root = resolve_data_dir(data_dir)
-    if root and (root / "sft" / "identity_conversations.jsonl").exists():
-        return CustomJSON(root / "sft" / "identity_conversations.jsonl", **kwargs)
-    try:
-        dest = hub.fetch_url(IDENTITY_URL, get_base_dir(base_dir) / "downloads")
-    except hub.HubError as e:
-        raise TaskDataError(f"no data for task 'identity': {e}. Put identity_conversations.jsonl under "
-                            f"<shared data>/sft/ or pass customjson:<file>") from e
-    return CustomJSON(dest, **kwargs)
+    return CustomJSON(local_or_url(["sft/identity_conversations.jsonl"], data_dir, IDENTITY_URL, base_dir,
+                                   "no data for task 'identity'", "Put identity_conversations.jsonl under "
+                                   "<shared data>/sft/ or pass customjson:<file>"), **kwargs)

@@ -82,62 +82,53 @@ _OFFLINE_FIX = ("Fix: run once with network access (e.g. `python -m nanochat.dat
                 "HF_HUB_CACHE/HF_HOME at a cache that has it, or unset HF_HUB_OFFLINE/NANOCHAT_OFFLINE")
 
 
-def _explain(e: BaseException, what: str) -> HubError:
-    """The library's exception → a HubError saying what failed and what to set."""
+def _classify(e: BaseException, what: str) -> tuple[bool, HubError]:
+    """The library's exception → (worth another try, a HubError saying what failed and what to set).
+
+    Worth another try: server errors, rate limits, dropped/refused connections, short bodies, and a
+    hub that was unreachable while the cache had nothing (unless offline mode is on).
+    """
     from huggingface_hub import errors as E
     status = getattr(getattr(e, "response", None), "status_code", None)
     if isinstance(e, E.GatedRepoError) or status == 401 or status == 403:
-        return HubError(f"{what}: HTTP {status or 401}, the repo is gated or private and the request was not "
-                        "authorized. Fix: accept its terms on the hub page and set HF_TOKEN=<your token> "
-                        "(or run `hf auth login`)")
+        return False, HubError(f"{what}: HTTP {status or 401}, the repo is gated or private and the request was "
+                               "not authorized. Fix: accept its terms on the hub page and set HF_TOKEN=<your "
+                               "token> (or run `hf auth login`)")
     if isinstance(e, E.RepositoryNotFoundError):
-        return HubError(f"{what}: no such dataset repo on {endpoint()}. Fix: check the repo name "
-                        "(data.repo, the task source) and HF_ENDPOINT")
+        return False, HubError(f"{what}: no such dataset repo on {endpoint()}. Fix: check the repo name "
+                               "(data.repo, the task source) and HF_ENDPOINT")
     if isinstance(e, E.RevisionNotFoundError):
-        return HubError(f"{what}: no such revision. Fix: check data.revision (a branch, tag or commit)")
+        return False, HubError(f"{what}: no such revision. Fix: check data.revision (a branch, tag or commit)")
     if isinstance(e, E.RemoteEntryNotFoundError):
-        return HubError(f"{what}: the file is not in the repo. Fix: check the file name / data.max_shard")
+        return False, HubError(f"{what}: the file is not in the repo. Fix: check the file name / data.max_shard")
     if isinstance(e, E.LocalEntryNotFoundError) and offline():
-        return HubError(f"{what}: not in the hub cache {cache_dir()} and offline mode is on. {_OFFLINE_FIX}")
-    why = f"HTTP {status}" if status is not None else type(e).__name__
-    return HubError(f"{what}: {why}: {str(e)[:300]}. Fix: check the network, the URL and HF_ENDPOINT={endpoint()}")
-
-
-def _transient(e: BaseException) -> bool:
-    """Worth another try: server errors, rate limits, dropped/refused connections, short bodies."""
-    from huggingface_hub import errors as E
-    if isinstance(e, (E.GatedRepoError, E.RepositoryNotFoundError, E.RevisionNotFoundError,
-                      E.RemoteEntryNotFoundError)):
-        return False
-    if isinstance(e, E.LocalEntryNotFoundError):  # the hub was unreachable and the cache had nothing
-        return not offline()
-    status = getattr(getattr(e, "response", None), "status_code", None)
+        return False, HubError(f"{what}: not in the hub cache {cache_dir()} and offline mode is on. {_OFFLINE_FIX}")
     if status is not None:
-        return status >= 500 or status in (408, 429)
-    return isinstance(e, (OSError, ValueError, ConnectionError, TimeoutError)) or "httpx" in type(e).__module__
+        transient = status >= 500 or status in (408, 429)
+    else:
+        transient = isinstance(e, (E.LocalEntryNotFoundError, OSError, ValueError, ConnectionError, TimeoutError)) \
+            or "httpx" in type(e).__module__
+    why = f"HTTP {status}" if status is not None else type(e).__name__
+    return transient, HubError(f"{what}: {why}: {str(e)[:300]}. Fix: check the network, the URL and "
+                               f"HF_ENDPOINT={endpoint()}")
 
 
 def _with_retries(fn: Callable[[], Path], what: str, attempts: int, backoff: float) -> Path:
-    last: BaseException | None = None
     for attempt in range(max(1, attempts)):
         try:
             return fn()
         except HubError:
             raise
-        except Exception as e:  # classified below: permanent ones are raised at once
-            last = e
-            if not _transient(e):
-                break
-            if attempt + 1 < attempts:
+        except Exception as e:  # classified: permanent ones are raised at once
+            transient, err = _classify(e, what)
+            if transient and attempt + 1 < attempts:
                 wait = backoff * 2 ** attempt
                 print(f"{what}: attempt {attempt + 1}/{attempts} failed ({type(e).__name__}: {str(e)[:200]}); "
                       f"retrying in {wait:.1f}s", file=sys.stderr, flush=True)
                 time.sleep(wait)
-    assert last is not None
-    err = _explain(last, what)
-    if _transient(last):
-        err = HubError(f"{err} (gave up after {attempts} attempts)")
-    raise err from last
+                continue
+            raise (HubError(f"{err} (gave up after {attempts} attempts)") if transient else err) from e
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 # ----------------------------------------------------------------------------- repos

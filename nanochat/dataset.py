@@ -224,7 +224,6 @@ def _module_docs(path: Path, root: Path, max_doc_chars: int = 6000) -> list[str]
     except (UnicodeDecodeError, SyntaxError, ValueError):
         return []
     module = path.relative_to(root).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
-    docs: list[str] = []
     # prose: module docstring, then class/function docstrings (English-ish text)
     parts = []
     mdoc = ast.get_docstring(tree)
@@ -236,7 +235,6 @@ def _module_docs(path: Path, root: Path, max_doc_chars: int = 6000) -> list[str]
             if d and len(d) > 40:
                 kind = "class" if isinstance(node, ast.ClassDef) else "def"
                 parts.append(f"{kind} {module}.{node.name}\n\n{d}")
-    docs.extend(_group(parts, max_doc_chars, sep="\n\n"))
     # code: split at top-level statements, grouped up to max_doc_chars (long ones cut at lines)
     lines = source.splitlines(keepends=True)
     starts = sorted({n.lineno - 1 - len(getattr(n, "decorator_list", []) or []) for n in tree.body} | {0})
@@ -249,8 +247,7 @@ def _module_docs(path: Path, root: Path, max_doc_chars: int = 6000) -> list[str]
             c = c[cut:]
         if c.strip():
             pieces.append(c)
-    docs.extend(f"# {module}\n{g}" for g in _group(pieces, max_doc_chars, sep=""))
-    return docs
+    return _group(parts, max_doc_chars, "\n\n") + [f"# {module}\n{g}" for g in _group(pieces, max_doc_chars, "")]
 
 
 def _group(parts: list[str], limit: int, sep: str) -> list[str]:

@@ -53,8 +53,6 @@ class DataLoader:
                  split: str = "train", rank: int = 0, world_size: int = 1, device: Any = "cpu",
                  base_dir: str | Path | None = None, state: dict | None = None,
                  buffer_size: int = 1000, max_epochs: int | None = None, seed: int = 0):
-        if split not in ("train", "val"):
-            raise ValueError(f"split={split!r}: use 'train' or 'val'")
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size={batch_size}, seq_len={seq_len}: both must be positive")
         if not 0 <= rank < world_size:

@@ -145,19 +145,13 @@ def resolve(repo_id: str, revision: str = "main") -> tuple[str, list[str]]:
         return info.sha, sorted(s.rfilename for s in (info.siblings or []))
 
     commit, files = _with_retries(call, f"dataset {repo_id}@{revision}", attempts=4, backoff=1.0)
-    _record_ref(repo_id, revision, commit)
-    return commit, files
-
-
-def _record_ref(repo_id: str, revision: str, commit: str) -> None:
-    """Note in the cache which commit `revision` named (refs/<revision>, as hf_hub_download does for a
-    branch): files fetched by commit then still resolve offline by branch name, for any tool."""
-    if revision == commit:
-        return
-    from nanochat.common import atomic_write_text
+    # note in the cache which commit `revision` named (refs/<revision>, as hf_hub_download does for a
+    # branch): files fetched by commit then still resolve offline by branch name, for any tool
     ref = repo_cache_dir(repo_id) / "refs" / revision
-    if not ref.is_file() or ref.read_text() != commit:
+    if revision != commit and (not ref.is_file() or ref.read_text() != commit):
+        from nanochat.common import atomic_write_text
         atomic_write_text(ref, commit)
+    return commit, files
 
 
 def download(repo_id: str, filename: str, revision: str = "main", *, validate: Validator | None = None,

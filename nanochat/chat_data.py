@@ -11,6 +11,7 @@ state_dict that makes resume exact.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional
 
 import torch
@@ -18,109 +19,90 @@ import torch
 from nanochat.tasks.common import Task
 
 
-class PackedChatLoader:
-    """Rendered conversations packed back to back into (B, T) rows; targets -1 off the assistant.
-
-    Rank r reads conversations r, r+world, ... of the mixture (epochs repeat it). The state
-    (cursor, epoch, leftover tokens) makes resume exact. A batch with no trained target
-    (possible with very long user turns) is skipped, so the loss is never 0/0.
-    """
+class _ChatLoader:
+    """What the loaders share: rank r reads conversations r, r+world, ... of the mixture, epoch after
+    epoch. The resume state is (cursor, epoch) plus the loader's own `state_defaults` keys."""
+    state_defaults: dict = {}
+    wrap_to_rank = True  # a new epoch restarts at this rank's first conversation (else at cursor % len)
 
     def __init__(self, task: Task, tokenizer, batch_size: int, seq_len: int, rank: int = 0, world: int = 1,
                  device: Any = "cpu", state: Optional[dict] = None):
+        if len(task) == 0:
+            raise ValueError(f"{type(self).__name__}: the task mixture is empty")
         self.task, self.tok = task, tokenizer
         self.B, self.T, self.rank, self.world = batch_size, seq_len, rank, world
         self.device = torch.device(device)
-        self.max_tokens = max(2048, seq_len + 1)
-        self.cursor, self.epoch = rank, 0
-        self.ids: list[int] = []
-        self.mask: list[int] = []
-        if len(task) == 0:
-            raise ValueError("PackedChatLoader: the task mixture is empty")
-        if state is not None:
-            self.cursor, self.epoch = state["cursor"], state["epoch"]
-            self.ids, self.mask = list(state["ids"]), list(state["mask"])
+        state = state or {"cursor": rank, "epoch": 0}
+        self.cursor, self.epoch = state["cursor"], state["epoch"]
+        for k, default in self.state_defaults.items():
+            setattr(self, k, copy.deepcopy(state.get(k, default)))
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "epoch": self.epoch, "ids": list(self.ids), "mask": list(self.mask)}
+        return {"cursor": self.cursor, "epoch": self.epoch,
+                **{k: copy.deepcopy(getattr(self, k)) for k in self.state_defaults}}
 
-    def _next_conversation(self) -> None:
+    def _render_next(self, max_tokens: int) -> tuple[list[int], list[int]]:
+        """This rank's next conversation as (ids, mask)."""
         if self.cursor >= len(self.task):
             self.epoch += 1
-            self.cursor = self.rank % len(self.task)
-        ids, mask = self.tok.render_conversation(self.task[self.cursor], max_tokens=self.max_tokens)
+            self.cursor = self.rank % len(self.task) if self.wrap_to_rank else self.cursor % len(self.task)
+        ids, mask = self.tok.render_conversation(self.task[self.cursor], max_tokens=max_tokens)
         self.cursor += self.world
-        self.ids.extend(ids)
-        self.mask.extend(mask)
+        return ids, mask
 
     def __iter__(self):
         return self
+
+
+class PackedChatLoader(_ChatLoader):
+    """Rendered conversations packed back to back into (B, T) rows; targets -1 off the assistant.
+
+    The state (cursor, epoch, leftover tokens) makes resume exact. A batch with no trained target
+    (possible with very long user turns) is skipped, so the loss is never 0/0.
+    """
+    state_defaults = {"ids": [], "mask": []}
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         need = self.B * self.T + 1
         while True:
             while len(self.ids) < need:
-                self._next_conversation()
+                ids, mask = self._render_next(max(2048, self.T + 1))
+                self.ids.extend(ids)
+                self.mask.extend(mask)
             ids = torch.tensor(self.ids[:need], dtype=torch.long)
             mask = torch.tensor(self.mask[1:need], dtype=torch.bool)
             # keep the last token: it is the next batch's first input (one continuous stream)
             del self.ids[:need - 1], self.mask[:need - 1]
             if mask.any():
                 break
-        x = ids[:-1].view(self.B, self.T)
         y = torch.where(mask, ids[1:], -1).view(self.B, self.T)
-        return x.to(self.device), y.to(self.device)
+        return ids[:-1].view(self.B, self.T).to(self.device), y.to(self.device)
 
 
-class PaddedChatLoader:
+class PaddedChatLoader(_ChatLoader):
     """(B, L) batches of whole conversations, L = the longest row (<= seq_len), rank-strided."""
-
-    def __init__(self, task: Task, tokenizer, batch_size: int, seq_len: int, rank: int = 0, world: int = 1,
-                 device: Any = "cpu", state: Optional[dict] = None):
-        if len(task) == 0:
-            raise ValueError("PaddedChatLoader: the task mixture is empty")
-        self.task, self.tok = task, tokenizer
-        self.B, self.T, self.rank, self.world = batch_size, seq_len, rank, world
-        self.device = torch.device(device)
-        self.pad = tokenizer.encode_special("<|assistant_end|>")
-        self.cursor, self.epoch, self.skipped = rank, 0, 0
-        if state is not None:
-            self.cursor, self.epoch, self.skipped = state["cursor"], state["epoch"], state.get("skipped", 0)
-
-    def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "epoch": self.epoch, "skipped": self.skipped}
+    state_defaults = {"skipped": 0}
 
     def _next_row(self) -> tuple[list[int], list[int]]:
         for _ in range(len(self.task) + 1):
-            if self.cursor >= len(self.task):
-                self.epoch += 1
-                self.cursor = self.rank % len(self.task)
-            ids, mask = self.tok.render_conversation(self.task[self.cursor], max_tokens=self.T + 1)
-            self.cursor += self.world
+            ids, mask = self._render_next(self.T + 1)
             if any(mask[1:]):
                 return ids, mask
             self.skipped += 1  # nothing to learn inside the window (the assistant starts too late)
         raise ValueError(f"no conversation of the mixture has an assistant token within sequence_len={self.T}; "
                          "raise model.sequence_len (or stage.max_seq_len)")
 
-    def __iter__(self):
-        return self
-
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [self._next_row() for _ in range(self.B)]
         L = max(len(ids) for ids, _ in rows) - 1
-        x = torch.full((self.B, L), self.pad, dtype=torch.long)
-        y = torch.full((self.B, L), -1, dtype=torch.long)
-        for r, (ids, mask) in enumerate(rows):
-            n = len(ids) - 1
-            t = torch.tensor(ids, dtype=torch.long)
-            m = torch.tensor(mask[1:], dtype=torch.bool)
-            x[r, :n] = t[:-1]
-            y[r, :n] = torch.where(m, t[1:], -1)
+        pad = self.tok.encode_special("<|assistant_end|>")
+        x = torch.tensor([ids[:-1] + [pad] * (L + 1 - len(ids)) for ids, _ in rows], dtype=torch.long)
+        y = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])] + [-1] * (L + 1 - len(ids))
+                          for ids, mask in rows], dtype=torch.long)
         return x.to(self.device), y.to(self.device)
 
 
-class BestFitChatLoader:
+class BestFitChatLoader(_ChatLoader):
     """nanochat 92d63d4's BOS-aligned best-fit packing of whole conversations into (B, T) rows.
 
     Each row holds T + 1 tokens: take the longest buffered conversation that fits the room
@@ -128,34 +110,12 @@ class BestFitChatLoader:
     nanochat: a conversation is rendered at most T + 1 tokens long (truncated), so it always
     fits an empty row; nanochat's would never fit and pad rows forever.
     """
+    state_defaults = {"consumed": 0, "buffer": []}
+    wrap_to_rank = False
 
-    def __init__(self, task: Task, tokenizer, batch_size: int, seq_len: int, rank: int = 0, world: int = 1,
-                 device: Any = "cpu", state: Optional[dict] = None, buffer_size: int = 100):
-        if len(task) == 0:
-            raise ValueError("BestFitChatLoader: the task mixture is empty")
-        self.task, self.tok = task, tokenizer
-        self.B, self.T, self.rank, self.world = batch_size, seq_len, rank, world
-        self.device = torch.device(device)
+    def __init__(self, *args, buffer_size: int = 100, **kwargs):
+        super().__init__(*args, **kwargs)
         self.buffer_size = buffer_size
-        self.bos = tokenizer.get_bos_token_id()
-        self.cursor, self.epoch, self.consumed = rank, 0, 0
-        self.buffer: list[tuple[list[int], list[int]]] = []
-        if state is not None:
-            self.cursor, self.epoch, self.consumed = state["cursor"], state["epoch"], state["consumed"]
-            self.buffer = [(list(i), list(m)) for i, m in state["buffer"]]
-
-    def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "epoch": self.epoch, "consumed": self.consumed,
-                "buffer": [[i, m] for i, m in self.buffer]}
-
-    def _refill(self) -> None:
-        while len(self.buffer) < self.buffer_size:
-            if self.cursor >= len(self.task):
-                self.epoch += 1
-                self.cursor %= len(self.task)
-            ids, mask = self.tok.render_conversation(self.task[self.cursor], max_tokens=self.T + 1)
-            self.buffer.append((ids, mask))
-            self.cursor += self.world
 
     def next_rows(self) -> tuple[list[list[int]], list[list[int]]]:
         """B rows of T + 1 token ids and their loss masks (padding: BOS, mask 0)."""
@@ -165,12 +125,13 @@ class BestFitChatLoader:
             row: list[int] = []
             mrow: list[int] = []
             while len(row) < cap:
-                self._refill()
+                while len(self.buffer) < self.buffer_size:
+                    self.buffer.append(self._render_next(cap))
                 room = cap - len(row)
                 best = max((i for i, (c, _) in enumerate(self.buffer) if len(c) <= room),
                            key=lambda i: (len(self.buffer[i][0]), -i), default=-1)
                 if best < 0:
-                    row += [self.bos] * room
+                    row += [self.tok.get_bos_token_id()] * room
                     mrow += [0] * room
                     break
                 ids, mask = self.buffer.pop(best)
@@ -181,19 +142,14 @@ class BestFitChatLoader:
             masks.append(mrow)
         return rows, masks
 
-    def __iter__(self):
-        return self
-
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         while True:
             rows, masks = self.next_rows()
             ids = torch.tensor(rows, dtype=torch.long)
             keep = torch.tensor(masks, dtype=torch.bool)[:, 1:]
             if keep.any():
-                break
-        x = ids[:, :-1]
-        y = torch.where(keep, ids[:, 1:], -1)
-        return x.contiguous().to(self.device), y.contiguous().to(self.device)
+                y = torch.where(keep, ids[:, 1:], -1)
+                return ids[:, :-1].contiguous().to(self.device), y.contiguous().to(self.device)
 
 
 LOADERS = {"stream": PackedChatLoader, "pad": PaddedChatLoader, "bestfit": BestFitChatLoader}

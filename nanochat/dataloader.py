@@ -24,10 +24,11 @@ Documents come from `_Pipeline.docs`: the pipeline itself for one corpus; for da
 from __future__ import annotations
 
 import bisect
+import contextlib
+import itertools
 import queue
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,9 +37,10 @@ import torch
 
 from nanochat.common import get_base_dir
 from nanochat.config import DataConfig
-from nanochat.dataset import REMOTE_SOURCES, TEXT_COLUMN, ensure_shard, list_shards, open_shard
+from nanochat.dataset import ensure_shard, list_shards, open_shard, read_texts, shards_on_disk
 
 STATE_VERSION = 1
+PREFETCH = 4  # batches the background thread prepares ahead
 _END = object()
 
 Pos = tuple  # (epoch, shard_index, row_group, doc_in_row_group)
@@ -50,27 +52,22 @@ class DataLoader:
     def __init__(self, data_cfg: DataConfig, tokenizer: Any, batch_size: int, seq_len: int,
                  split: str = "train", rank: int = 0, world_size: int = 1, device: Any = "cpu",
                  base_dir: str | Path | None = None, state: dict | None = None,
-                 buffer_size: int = 1000, prefetch: int = 4, max_epochs: int | None = None, seed: int = 0):
-        if split not in ("train", "val"):
-            raise ValueError(f"split={split!r}: use 'train' or 'val'")
+                 buffer_size: int = 1000, max_epochs: int | None = None, seed: int = 0):
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size={batch_size}, seq_len={seq_len}: both must be positive")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         if data_cfg.packing not in ("stream", "bestfit"):
             raise ValueError(f"data.packing={data_cfg.packing!r}: use stream or bestfit")
-        self.cfg = data_cfg
-        self.tokenizer = tokenizer
-        self.B, self.T = batch_size, seq_len
-        self.split, self.rank, self.world = split, rank, world_size
-        self.device = torch.device(device)
-        self.base_dir = get_base_dir(None) if base_dir is None else Path(base_dir).expanduser()
-        self.buffer_size = buffer_size
-        self.prefetch = max(1, prefetch)
-        self.max_epochs = max_epochs
+        self.cfg, self.split, self.rank, self.device = data_cfg, split, rank, torch.device(device)
+        base_dir = get_base_dir(None) if base_dir is None else Path(base_dir).expanduser()
         self._pipe = _Pipeline(data_cfg, tokenizer, batch_size, seq_len, split, rank, world_size, self.device,
-                               self.base_dir, buffer_size, max_epochs, seed)
-        self._state: dict = self._fresh_state()
+                               base_dir, buffer_size, max_epochs, seed)
+        # what a saved state must match: exact resume needs the same stream of documents and rows
+        self._identity = {"version": STATE_VERSION, "split": split, "rank": rank, "world_size": world_size,
+                          "packing": data_cfg.packing, "batch_size": batch_size, "seq_len": seq_len,
+                          "buffer_size": buffer_size, "vocab_size": tokenizer.get_vocab_size()}
+        self._state: dict = self._convert({}, out=False)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue | None = None
@@ -97,33 +94,23 @@ class DataLoader:
             raise StopIteration
         if isinstance(item, BaseException):
             raise RuntimeError(f"data loader ({self.split}, rank {self.rank}) failed: {item}") from item
-        inputs, targets, state = item
-        self._state = state
+        inputs, targets, self._state = item
         self.batches_yielded += 1
-        if self.device.type != "cpu":
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-        return inputs, targets
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:
         """JSON-serializable state after the last batch returned by `next()`."""
-        return {"version": STATE_VERSION, "split": self.split, "rank": self.rank, "world_size": self.world,
-                "packing": self.cfg.packing, "batch_size": self.B, "seq_len": self.T,
-                "buffer_size": self.buffer_size, "vocab_size": self.tokenizer.get_vocab_size(),
-                "batches": self.batches_yielded, **self._state_out(self._state)}
+        return {**self._identity, "batches": self.batches_yielded, **self._convert(self._state, out=True)}
 
     def load_state_dict(self, d: dict) -> None:
         """Continue exactly after the batch at which `d` was taken (same rank/world/packing/shape)."""
-        expect = {"version": STATE_VERSION, "split": self.split, "rank": self.rank, "world_size": self.world,
-                  "packing": self.cfg.packing, "batch_size": self.B, "seq_len": self.T,
-                  "buffer_size": self.buffer_size, "vocab_size": self.tokenizer.get_vocab_size()}
-        for k, v in expect.items():
+        for k, v in self._identity.items():
             if d.get(k) != v:
                 raise ValueError(f"data loader state has {k}={d.get(k)!r} but this loader has {k}={v!r}; "
                                  "exact resume needs the same split, rank, world size, packing, batch shape "
                                  "and tokenizer (or start the loader fresh)")
         self.close()
-        self._state = self._parse_state(d)
+        self._state = self._convert(d, out=False)
         self.batches_yielded = int(d.get("batches", 0))
 
     def close(self) -> None:
@@ -141,33 +128,22 @@ class DataLoader:
             pass
 
     # ------------------------------------------------------------------ state
-    def _fresh_state(self) -> dict:
-        if self.cfg.packing == "stream":
-            return {"epoch": 0, "head": None, "offset": 0}
-        return {"epoch": 0, "after": None, "buffer": []}
-
-    def _state_out(self, st: dict) -> dict:
-        """Positions hold shard indices internally; the saved state names shards by file name."""
-        out, pos_out = {"epoch": st["epoch"]}, self._pipe.docs.pos_out
-        if self.cfg.packing == "stream":
-            out.update(head=None if st["head"] is None else pos_out(st["head"]), offset=st["offset"])
-        else:  # buffered documents are saved as references (a mixture's cursor only for `after`)
-            out.update(after=None if st["after"] is None else pos_out(st["after"]),
-                       buffer=[pos_out(p, ref=True) for p in st["buffer"]])
-        return out
-
-    def _parse_state(self, d: dict) -> dict:
-        if self.cfg.packing == "stream":
-            head = d.get("head")
-            return {"epoch": int(d.get("epoch", 0)), "head": None if head is None else self._pipe.docs.pos_in(head),
-                    "offset": int(d.get("offset", 0))}
-        after = d.get("after")
-        return {"epoch": int(d.get("epoch", 0)), "after": None if after is None else self._pipe.docs.pos_in(after),
-                "buffer": [self._pipe.docs.pos_in(p) for p in d.get("buffer", [])]}
+    def _convert(self, st: dict, out: bool) -> dict:
+        """The packer's state to its saved form (`out`) or back; {} → a fresh start. Positions hold shard
+        indices internally; the saved state names shards by file name (buffered docs as references)."""
+        docs = self._pipe.docs
+        one, ref = ((docs.pos_out, lambda p: docs.pos_out(p, ref=True)) if out else (docs.pos_in, docs.pos_in))
+        key = "head" if self.cfg.packing == "stream" else "after"
+        res = {"epoch": int(st.get("epoch", 0)), key: None if st.get(key) is None else one(st[key])}
+        if key == "head":  # stream: tokens of the head document already used
+            res["offset"] = int(st.get("offset", 0))
+        else:  # bestfit: the documents waiting in the buffer (a mixture's cursor only for `after`)
+            res["buffer"] = [ref(p) for p in st.get("buffer", [])]
+        return res
 
     def _start(self) -> None:
         self._stop = threading.Event()
-        self._queue = queue.Queue(maxsize=self.prefetch)
+        self._queue = queue.Queue(maxsize=PREFETCH)
         # the thread holds only the pipeline, never this object: an unreferenced loader is
         # garbage collected and its __del__ stops the thread
         self._thread = threading.Thread(target=self._pipe.produce, args=(self._state, self._stop, self._queue),
@@ -196,10 +172,10 @@ class _Pipeline:
             return
         self.paths = list_shards(data_cfg, base_dir, split, download=False)
         self.names = [p.name for p in self.paths]
-        if len(set(self.names)) != len(self.names):
+        self._index = {n: i for i, n in enumerate(self.names)}
+        if len(self._index) != len(self.names):
             raise ValueError(f"data source {data_cfg.name!r} has two shards with the same file name; "
                              "rename them (the loader state refers to shards by name)")
-        self._index = {n: i for i, n in enumerate(self.names)}
 
     # ------------------------------------------------------------------ positions in the saved state
     def pos_out(self, p: Pos, ref: bool = False) -> list:
@@ -245,43 +221,33 @@ class _Pipeline:
         """(position, tokens) of this rank's documents in order, from `start` on, epoch after epoch."""
         start = start or (0, 0, 0, 0)
         epoch = start[0]
-        remote = self.cfg.source in REMOTE_SOURCES
-        fetch = ThreadPoolExecutor(max_workers=1) if remote else None
         nb = max(1, self.cfg.tokenizer_batch_size)
-        try:
-            while self.max_epochs is None or epoch < self.max_epochs:
-                whole_epoch = epoch > start[0] or start[1:] == (0, 0, 0)
-                got_any = False
-                for si, path in enumerate(self.paths):
-                    if (epoch, si) < start[:2]:
+        while self.max_epochs is None or epoch < self.max_epochs:
+            whole_epoch = epoch > start[0] or start[1:] == (0, 0, 0)
+            got_any = False
+            first = start[1] if epoch == start[0] else 0
+            # a remote shard is fetched with the next one in the background, while this one is read
+            for si, path in shards_on_disk(self.cfg, self.base_dir, self.paths, first, ahead=2):
+                pf = open_shard(path)
+                for rg, wanted in self.rank_units(pf):
+                    if stop.is_set():
+                        return
+                    if (epoch, si, rg) < start[:3]:
                         continue
-                    if remote:
-                        ensure_shard(self.cfg, self.base_dir, path)
-                        if si + 1 < len(self.paths):  # fetch the next shard while this one is read
-                            fetch.submit(ensure_shard, self.cfg, self.base_dir, self.paths[si + 1])
-                    pf = open_shard(path)
-                    for rg, wanted in self.rank_units(pf):
-                        if stop.is_set():
-                            return
-                        if (epoch, si, rg) < start[:3]:
-                            continue
-                        texts = pf.read_row_group(rg, columns=[TEXT_COLUMN]).column(0).to_pylist()
-                        idx = wanted if wanted is not None else range(len(texts))
-                        keep = [i for i in idx if texts[i]
-                                and ((epoch, si, rg, i) > start or (inclusive and (epoch, si, rg, i) == start))]
-                        for k in range(0, len(keep), nb):
-                            chunk = keep[k:k + nb]
-                            for i, toks in zip(chunk, self.encode([texts[i] for i in chunk])):
-                                got_any = True
-                                yield (epoch, si, rg, i), toks
-                if whole_epoch and not got_any:
-                    raise ValueError(f"rank {self.rank} of {self.world} gets no documents from the {self.split} "
-                                     f"split of data {self.cfg.name!r} ({len(self.paths)} shard(s)): the corpus "
-                                     "is empty or too small for this many ranks")
-                epoch += 1
-        finally:
-            if fetch is not None:
-                fetch.shutdown(wait=False, cancel_futures=True)
+                    texts = read_texts(pf, rg)
+                    idx = wanted if wanted is not None else range(len(texts))
+                    keep = [i for i in idx if texts[i]
+                            and ((epoch, si, rg, i) > start or (inclusive and (epoch, si, rg, i) == start))]
+                    for k in range(0, len(keep), nb):
+                        chunk = keep[k:k + nb]
+                        for i, toks in zip(chunk, self.encode([texts[i] for i in chunk])):
+                            got_any = True
+                            yield (epoch, si, rg, i), toks
+            if whole_epoch and not got_any:
+                raise ValueError(f"rank {self.rank} of {self.world} gets no documents from the {self.split} "
+                                 f"split of data {self.cfg.name!r} ({len(self.paths)} shard(s)): the corpus "
+                                 "is empty or too small for this many ranks")
+            epoch += 1
 
     def read_docs(self, positions: list[Pos]) -> list[list[int]]:
         """Tokens of specific documents (restoring bestfit's buffer), in the order given."""
@@ -290,8 +256,7 @@ class _Pipeline:
             by_unit.setdefault((si, rg), []).append(i)
         found: dict[tuple[int, int, int], list[int]] = {}
         for (si, rg), docs in sorted(by_unit.items()):
-            ensure_shard(self.cfg, self.base_dir, self.paths[si])
-            texts = open_shard(self.paths[si]).read_row_group(rg, columns=[TEXT_COLUMN]).column(0).to_pylist()
+            texts = read_texts(open_shard(ensure_shard(self.cfg, self.base_dir, self.paths[si])), rg)
             uniq = sorted(set(docs))
             for i, toks in zip(uniq, self.encode([texts[i] for i in uniq])):
                 found[(si, rg, i)] = toks
@@ -324,15 +289,10 @@ class _Pipeline:
             arr = torch.tensor(buf[:need], dtype=torch.long)
             del buf[:B * T]
             n = B * T
-            while n:
-                head = spans[0]
-                rem = head[2] - head[1]
-                if rem <= n:
-                    n -= rem
-                    spans.popleft()
-                else:
-                    head[1] += n
-                    n = 0
+            while spans[0][2] - spans[0][1] <= n:  # documents this batch used up
+                n -= spans[0][2] - spans[0][1]
+                spans.popleft()
+            spans[0][1] += n
             new_state = {"epoch": self.docs.epoch_of(spans[0][0]), "head": spans[0][0], "offset": spans[0][1]}
             # separate storage for inputs and targets: in-place edits of one must not touch the other
             yield arr[:-1].view(B, T).clone(), arr[1:].view(B, T).clone(), new_state
@@ -340,21 +300,11 @@ class _Pipeline:
     def bestfit_batches(self, state: dict, stop: threading.Event) -> Iterator[tuple]:
         B, T = self.B, self.T
         cap = T + 1
-        # the buffer, kept sorted by (length, arrival): best fit and shortest are bisections
-        keys: list[tuple[int, int]] = []
-        items: list[tuple[Pos, list[int]]] = []
-        seq = 0
-
-        def add(pos: Pos, toks: list[int]) -> None:
-            nonlocal seq
-            key = (len(toks), seq)
-            seq += 1
-            j = bisect.bisect_left(keys, key)
-            keys.insert(j, key)
-            items.insert(j, (pos, toks))
-
+        # the buffer, (length, arrival, position, tokens) kept sorted: best fit and shortest are bisections
+        buf: list[tuple[int, int, Pos, list[int]]] = []
+        arrivals = itertools.count()
         for pos, toks in zip(state["buffer"], self.docs.read_docs(state["buffer"])):
-            add(pos, toks)
+            bisect.insort(buf, (len(toks), next(arrivals), pos, toks))
         # a fresh start includes the first document (position (0, 0, 0, 0) is a document, not "before" one)
         docs = self.docs.iter_docs(state["after"], inclusive=state["after"] is None, stop=stop)
         last = state["after"]
@@ -364,32 +314,28 @@ class _Pipeline:
             for r in range(B):
                 filled = 0
                 while filled < cap:
-                    while len(keys) < self.buffer_size and not exhausted:
+                    while len(buf) < self.buffer_size and not exhausted:
                         try:
                             last, toks = next(docs)
-                            add(last, toks)
+                            bisect.insort(buf, (len(toks), next(arrivals), last, toks))
                         except StopIteration:
                             exhausted = True
-                    if not keys:
+                    if not buf:
                         return  # finite epochs ran out: drop the partial batch
                     remaining = cap - filled
-                    j = bisect.bisect_right(keys, (remaining, float("inf"))) - 1
+                    j = bisect.bisect_right(buf, (remaining, float("inf"))) - 1
                     if j >= 0:  # largest doc that fits; among equal lengths the earliest
-                        j = bisect.bisect_left(keys, (keys[j][0], -1))
-                        _, toks = items.pop(j)
-                        keys.pop(j)
+                        toks = buf.pop(bisect.bisect_left(buf, (buf[j][0], -1)))[3]
                         rows[r, filled:filled + len(toks)] = toks
                         filled += len(toks)
                     else:       # nothing fits: crop the shortest to fill the row exactly
-                        pos, toks = items.pop(0)
-                        keys.pop(0)
+                        _, _, pos, toks = buf.pop(0)
                         rows[r, filled:] = toks[:remaining]
                         self.docs.cropped(pos, len(toks), remaining)
                         filled = cap
-            order = sorted(range(len(keys)), key=lambda k: keys[k][1])  # arrival order
             new_state = {"epoch": self.docs.epoch_of(last) if last else 0,
                          "after": self.docs.cursor(last) if last else None,
-                         "buffer": [items[k][0] for k in order]}
+                         "buffer": [e[2] for e in sorted(buf, key=lambda e: e[1])]}  # in arrival order
             t = torch.from_numpy(rows)
             yield t[:, :-1], t[:, 1:], new_state
 
@@ -400,11 +346,9 @@ class _Pipeline:
 
         def put(item) -> bool:
             while not stop.is_set():
-                try:
+                with contextlib.suppress(queue.Full):
                     q.put(item, timeout=0.1)
                     return True
-                except queue.Full:
-                    continue
             return False
 
         try:

@@ -30,7 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 from urllib.parse import quote
 
 import pyarrow as pa
@@ -42,6 +42,7 @@ from nanochat.config import DataConfig
 
 TEXT_COLUMN = "text"
 ROW_GROUP_SIZE = 64          # docs per row group in shards we write: ranks stride over row groups
+SHARD_DOCS = 50_000          # docs per shard of a corpus we convert (demo, local)
 DEMO_VERSION = 1             # bump when the demo builder changes (new cache dir)
 LOCAL_VERSION = 1
 
@@ -101,36 +102,40 @@ def iter_texts(data_cfg: DataConfig, base_dir: str | Path, split: str = "train",
         from nanochat.mixture import iter_mixed_texts
         yield from iter_mixed_texts(data_cfg, base_dir, split, max_chars, doc_cap)
         return
-    paths = list_shards(data_cfg, base_dir, split, download=False)
-    remote = data_cfg.source in REMOTE_SOURCES
     seen = 0
-    pool = ThreadPoolExecutor(max_workers=max(1, data_cfg.download_workers)) if remote else None
+    for _, path in shards_on_disk(data_cfg, base_dir, list_shards(data_cfg, base_dir, split, download=False)):
+        pf = open_shard(path)
+        for text in (t for rg in range(pf.num_row_groups) for t in read_texts(pf, rg) if t is not None):
+            text = text[:doc_cap][:None if max_chars is None else max_chars - seen]  # None: uncut
+            if text:
+                seen += len(text)
+                yield text
+            if max_chars is not None and seen >= max_chars:
+                return
+
+
+def shards_on_disk(data_cfg: DataConfig, base_dir: str | Path, paths: list[Path], first: int = 0,
+                   ahead: int | None = None) -> Iterator[tuple[int, Path]]:
+    """(index, path) of paths[first:] in order, each once it is on disk: remote shards are fetched in
+    the background, `ahead` shards at a time (default data.download_workers) from the one being read."""
+    if data_cfg.source not in REMOTE_SOURCES:
+        yield from enumerate(paths[first:], first)
+        return
+    ahead = max(1, data_cfg.download_workers if ahead is None else ahead)
+    pool, pending = ThreadPoolExecutor(max_workers=ahead), {}
     try:
-        pending = {}
-        for i, path in enumerate(paths):
-            if remote:
-                # prefetch this shard and the next few in the background
-                for j in range(i, min(len(paths), i + max(1, data_cfg.download_workers))):
-                    if j not in pending:
-                        pending[j] = pool.submit(ensure_shard, data_cfg, base_dir, paths[j])
-                pending.pop(i).result()
-            pf = open_shard(path)
-            for rg in range(pf.num_row_groups):
-                for text in pf.read_row_group(rg, columns=[TEXT_COLUMN]).column(0).to_pylist():
-                    if text is None:
-                        continue
-                    if doc_cap is not None and len(text) > doc_cap:
-                        text = text[:doc_cap]
-                    if max_chars is not None and seen + len(text) > max_chars:
-                        text = text[: max_chars - seen]
-                    if text:
-                        seen += len(text)
-                        yield text
-                    if max_chars is not None and seen >= max_chars:
-                        return
+        for i in range(first, len(paths)):
+            for j in range(i, min(len(paths), i + ahead)):
+                if j not in pending:
+                    pending[j] = pool.submit(ensure_shard, data_cfg, base_dir, paths[j])
+            yield i, pending.pop(i).result()
     finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def read_texts(pf: pq.ParquetFile, row_group: int) -> list[str | None]:
+    """The `text` column of one row group of a shard (opened with `open_shard`)."""
+    return pf.read_row_group(row_group, columns=[TEXT_COLUMN]).column(0).to_pylist()
 
 
 def open_shard(path: Path) -> pq.ParquetFile:
@@ -146,10 +151,9 @@ def open_shard(path: Path) -> pq.ParquetFile:
     if TEXT_COLUMN not in names:
         raise ValueError(f"{path} has no '{TEXT_COLUMN}' column (columns: {names}); "
                          f"pretraining shards need a string column named '{TEXT_COLUMN}'")
-    if not pa.types.is_string(pf.schema_arrow.field(TEXT_COLUMN).type) and \
-            not pa.types.is_large_string(pf.schema_arrow.field(TEXT_COLUMN).type):
-        raise ValueError(f"{path}: column '{TEXT_COLUMN}' has type {pf.schema_arrow.field(TEXT_COLUMN).type}, "
-                         "expected string")
+    kind = pf.schema_arrow.field(TEXT_COLUMN).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ValueError(f"{path}: column '{TEXT_COLUMN}' has type {kind}, expected string")
     return pf
 
 
@@ -163,46 +167,37 @@ def write_shard(path: Path, texts: list[str], row_group_size: int = ROW_GROUP_SI
     os.replace(tmp, path)
 
 
-def _file_lock(path: Path, timeout: float = -1):
+def _built_split(out: Path, split: str, what: str, val_fraction: float,
+                 build: Callable[[], tuple[list[str], dict]]) -> list[Path]:
+    """The `split` shards of a corpus converted once into `out`: `build()` gives (documents, manifest);
+    every k-th document (k = 1/val_fraction) is held out for val. Ranks and jobs wait on a lock while
+    the first one writes train_XXXXX / val_XXXXX shards + manifest.json into a fresh dir, renamed to `out`."""
     from filelock import FileLock
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path), timeout=timeout)
-
-
-def _split_docs(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """Deterministic hold-out: every k-th document (k = 1/val_fraction) goes to val."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
-    if val_fraction == 0.0:
-        return docs, []
-    k = max(2, round(1.0 / val_fraction))
-    train = [d for i, d in enumerate(docs) if i % k != k - 1]
-    val = [d for i, d in enumerate(docs) if i % k == k - 1]
-    return train, val
-
-
-def _write_split_dir(out: Path, docs: list[str], val_fraction: float, manifest: dict,
-                     shard_docs: int = 50_000) -> None:
-    """Write train_XXXXX / val_XXXXX shards + manifest.json into a fresh dir, then rename it to `out`."""
-    train, val = _split_docs(docs, val_fraction)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for split, items in (("train", train), ("val", val)):
-        for k in range(0, len(items), shard_docs):
-            write_shard(tmp / f"{split}_{k // shard_docs:05d}.parquet", items[k:k + shard_docs])
-    manifest = dict(manifest, train_docs=len(train), val_docs=len(val),
-                    train_chars=sum(map(len, train)), val_chars=sum(map(len, val)))
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-
-
-def _split_files(d: Path, split: str, what: str) -> list[Path]:
-    files = sorted(d.glob(f"{split}_*.parquet"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not (out / "manifest.json").is_file():
+        with FileLock(str(out.with_name(out.name + ".lock"))):
+            if not (out / "manifest.json").is_file():
+                docs, manifest = build()
+                k = max(2, round(1.0 / val_fraction)) if val_fraction else len(docs) + 1  # 0: none held out
+                parts = {"train": [d for i, d in enumerate(docs) if i % k != k - 1],
+                         "val": [d for i, d in enumerate(docs) if i % k == k - 1]}
+                tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                for name, items in parts.items():
+                    for j in range(0, len(items), SHARD_DOCS):
+                        write_shard(tmp / f"{name}_{j // SHARD_DOCS:05d}.parquet", items[j:j + SHARD_DOCS])
+                manifest.update(train_docs=len(parts["train"]), val_docs=len(parts["val"]),
+                                train_chars=sum(map(len, parts["train"])), val_chars=sum(map(len, parts["val"])))
+                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+                shutil.rmtree(out, ignore_errors=True)
+                os.replace(tmp, out)
+    files = sorted(out.glob(f"{split}_*.parquet"))
     if not files:
         raise ValueError(f"{what} has no {split} documents (data.val_fraction may be 0 or the corpus "
-                         f"too small to hold any out); see {d / 'manifest.json'}")
+                         f"too small to hold any out); see {out / 'manifest.json'}")
     return files
 
 
@@ -229,7 +224,6 @@ def _module_docs(path: Path, root: Path, max_doc_chars: int = 6000) -> list[str]
     except (UnicodeDecodeError, SyntaxError, ValueError):
         return []
     module = path.relative_to(root).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
-    docs: list[str] = []
     # prose: module docstring, then class/function docstrings (English-ish text)
     parts = []
     mdoc = ast.get_docstring(tree)
@@ -241,7 +235,6 @@ def _module_docs(path: Path, root: Path, max_doc_chars: int = 6000) -> list[str]
             if d and len(d) > 40:
                 kind = "class" if isinstance(node, ast.ClassDef) else "def"
                 parts.append(f"{kind} {module}.{node.name}\n\n{d}")
-    docs.extend(_group(parts, max_doc_chars, sep="\n\n"))
     # code: split at top-level statements, grouped up to max_doc_chars (long ones cut at lines)
     lines = source.splitlines(keepends=True)
     starts = sorted({n.lineno - 1 - len(getattr(n, "decorator_list", []) or []) for n in tree.body} | {0})
@@ -254,8 +247,7 @@ def _module_docs(path: Path, root: Path, max_doc_chars: int = 6000) -> list[str]
             c = c[cut:]
         if c.strip():
             pieces.append(c)
-    docs.extend(f"# {module}\n{g}" for g in _group(pieces, max_doc_chars, sep=""))
-    return docs
+    return _group(parts, max_doc_chars, "\n\n") + [f"# {module}\n{g}" for g in _group(pieces, max_doc_chars, "")]
 
 
 def _group(parts: list[str], limit: int, sep: str) -> list[str]:
@@ -293,15 +285,14 @@ def _demo_shards(data_cfg: DataConfig, base_dir: Path, split: str) -> list[Path]
     pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
     key = f"py{pyver}_c{data_cfg.demo_chars}_v{data_cfg.val_fraction}_b{DEMO_VERSION}"
     out = base_dir / "data" / "demo" / key
-    if not (out / "manifest.json").is_file():
-        with _file_lock(out.with_name(out.name + ".lock")):  # ranks/jobs build it once
-            if not (out / "manifest.json").is_file():
-                t0 = time.time()
-                docs = build_demo_docs(data_cfg.demo_chars)
-                _write_split_dir(out, docs, data_cfg.val_fraction,
-                                 {"source": "demo", "python": sys.version.split()[0],
-                                  "demo_chars": data_cfg.demo_chars, "build_seconds": round(time.time() - t0, 2)})
-    return _split_files(out, split, f"demo corpus {out}")
+
+    def build() -> tuple[list[str], dict]:
+        t0 = time.time()
+        docs = build_demo_docs(data_cfg.demo_chars)
+        return docs, {"source": "demo", "python": sys.version.split()[0], "demo_chars": data_cfg.demo_chars,
+                      "build_seconds": round(time.time() - t0, 2)}
+
+    return _built_split(out, split, f"demo corpus {out}", data_cfg.val_fraction, build)
 
 
 # ---------------------------------------------------------------------- local files
@@ -315,16 +306,14 @@ def _local_files(path_spec: str | None) -> list[Path]:
                          "parquet/jsonl/txt files>")
     p = Path(path_spec).expanduser()
     if p.is_dir():
-        files = [f for f in p.rglob("*") if f.is_file() and f.name.endswith(_LOCAL_EXTS)]
-        where = f"directory {p}"
+        files, where = [f for f in p.rglob("*") if f.is_file() and f.name.endswith(_LOCAL_EXTS)], f"directory {p}"
     elif p.is_file():
-        files = [p]
-        where = f"file {p}"
+        files, where = [p], f"file {p}"
     else:
         files = [Path(f) for f in globlib.glob(str(p), recursive=True) if Path(f).is_file()]
+        where = f"glob {path_spec!r}"
         if not files and not any(ch in str(path_spec) for ch in "*?["):
             raise FileNotFoundError(f"data.path={path_spec!r} does not exist (give a dir, a file or a glob)")
-        where = f"glob {path_spec!r}"
     bad = [f for f in files if not f.name.endswith(_LOCAL_EXTS)]
     if bad:
         raise ValueError(f"data.path={path_spec!r}: unsupported file {bad[0]} "
@@ -335,9 +324,7 @@ def _local_files(path_spec: str | None) -> list[Path]:
 
 
 def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
+    return (gzip.open if path.name.endswith(".gz") else open)(path, "rt", encoding="utf-8")
 
 
 def _read_local_docs(path: Path, txt_doc_chars: int = 4000) -> list[str]:
@@ -363,8 +350,7 @@ def _read_local_docs(path: Path, txt_doc_chars: int = 4000) -> list[str]:
                     docs.append(row[TEXT_COLUMN])
         return docs
     with _open_text(path) as f:
-        text = f.read()
-    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+        paragraphs = [p for p in f.read().split("\n\n") if p.strip()]
     return _group(paragraphs, txt_doc_chars, sep="\n\n")
 
 
@@ -378,19 +364,16 @@ def _local_shards(data_cfg: DataConfig, base_dir: Path, split: str) -> list[Path
     # anything else is converted once into our own shards, cached by the files' identity
     ident = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     key = hashlib.sha256(json.dumps([ident, data_cfg.val_fraction, LOCAL_VERSION]).encode()).hexdigest()[:16]
-    out = base_dir / "data" / "local" / key
-    if not (out / "manifest.json").is_file():
-        with _file_lock(out.with_name(out.name + ".lock")):
-            if not (out / "manifest.json").is_file():
-                docs: list[str] = []
-                for f in files:
-                    docs.extend(_read_local_docs(f))
-                if not docs:
-                    raise ValueError(f"data.path={data_cfg.path!r}: the corpus is empty (no non-empty "
-                                     f"'{TEXT_COLUMN}' in {len(files)} file(s))")
-                _write_split_dir(out, docs, data_cfg.val_fraction,
-                                 {"source": "local", "path": str(data_cfg.path), "files": [str(f) for f in files]})
-    return _split_files(out, split, f"local corpus data.path={data_cfg.path!r}")
+
+    def build() -> tuple[list[str], dict]:
+        docs = [d for f in files for d in _read_local_docs(f)]
+        if not docs:
+            raise ValueError(f"data.path={data_cfg.path!r}: the corpus is empty (no non-empty "
+                             f"'{TEXT_COLUMN}' in {len(files)} file(s))")
+        return docs, {"source": "local", "path": str(data_cfg.path), "files": [str(f) for f in files]}
+
+    return _built_split(base_dir / "data" / "local" / key, split, f"local corpus data.path={data_cfg.path!r}",
+                        data_cfg.val_fraction, build)
 
 
 # ---------------------------------------------------------------------- remote shards (the hub)
@@ -438,7 +421,7 @@ def _listing_from_cache(data_cfg: DataConfig) -> tuple[str, list[str]] | None:
     its file names, and the hub cache knows the commit its branch pointed at (refs/<revision>),
     e.g. when another tool filled a shared HF_HUB_CACHE. Any other repo needs its listing pinned."""
     src = REMOTE_SOURCES[data_cfg.source]
-    if src.repo is None or remote_repo(data_cfg) != src.repo or src.max_shard is None:
+    if remote_repo(data_cfg) != src.repo:  # another repo (or source hub): its file names are unknown
         return None
     ref = hub.repo_cache_dir(src.repo) / "refs" / data_cfg.revision
     if not ref.is_file():
@@ -447,18 +430,12 @@ def _listing_from_cache(data_cfg: DataConfig) -> tuple[str, list[str]] | None:
     return ref.read_text().strip(), [shard_name(i) for i in range(top + 1)]
 
 
-def _max_shard(data_cfg: DataConfig, n_files: int) -> int:
-    src = REMOTE_SOURCES[data_cfg.source]
-    top = next(m for m in (data_cfg.max_shard, src.max_shard, n_files - 1) if m is not None)
+def remote_shard_indices(data_cfg: DataConfig, split: str, n_files: int) -> list[int]:
+    """val: the pinned shard (data.val_shard, default the last); train: the first num_shards others."""
+    top = next(m for m in (data_cfg.max_shard, REMOTE_SOURCES[data_cfg.source].max_shard, n_files - 1) if m is not None)
     if not 0 <= top < n_files:
         raise ValueError(f"data.max_shard={top}: the repo {remote_repo(data_cfg)} has {n_files} parquet "
                          f"files (indices 0..{n_files - 1}); set data.max_shard within that range")
-    return top
-
-
-def remote_shard_indices(data_cfg: DataConfig, split: str, n_files: int) -> list[int]:
-    """val: the pinned shard (data.val_shard, default the last); train: the first num_shards others."""
-    top = _max_shard(data_cfg, n_files)
     val = data_cfg.val_shard if data_cfg.val_shard is not None else top
     if not 0 <= val <= top:
         raise ValueError(f"data.val_shard={val}: must be in [0, data.max_shard={top}]")

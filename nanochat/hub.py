@@ -22,7 +22,6 @@ import hashlib
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 from urllib.parse import unquote, urlsplit
@@ -83,70 +82,53 @@ _OFFLINE_FIX = ("Fix: run once with network access (e.g. `python -m nanochat.dat
                 "HF_HUB_CACHE/HF_HOME at a cache that has it, or unset HF_HUB_OFFLINE/NANOCHAT_OFFLINE")
 
 
-def _explain(e: BaseException, what: str) -> HubError:
-    """The library's exception → a HubError saying what failed and what to set."""
+def _classify(e: BaseException, what: str) -> tuple[bool, HubError]:
+    """The library's exception → (worth another try, a HubError saying what failed and what to set).
+
+    Worth another try: server errors, rate limits, dropped/refused connections, short bodies, and a
+    hub that was unreachable while the cache had nothing (unless offline mode is on).
+    """
     from huggingface_hub import errors as E
     status = getattr(getattr(e, "response", None), "status_code", None)
     if isinstance(e, E.GatedRepoError) or status == 401 or status == 403:
-        return HubError(f"{what}: HTTP {status or 401}, the repo is gated or private and the request was not "
-                        "authorized. Fix: accept its terms on the hub page and set HF_TOKEN=<your token> "
-                        "(or run `hf auth login`)")
+        return False, HubError(f"{what}: HTTP {status or 401}, the repo is gated or private and the request was "
+                               "not authorized. Fix: accept its terms on the hub page and set HF_TOKEN=<your "
+                               "token> (or run `hf auth login`)")
     if isinstance(e, E.RepositoryNotFoundError):
-        return HubError(f"{what}: no such dataset repo on {endpoint()}. Fix: check the repo name "
-                        "(data.repo, the task source) and HF_ENDPOINT")
+        return False, HubError(f"{what}: no such dataset repo on {endpoint()}. Fix: check the repo name "
+                               "(data.repo, the task source) and HF_ENDPOINT")
     if isinstance(e, E.RevisionNotFoundError):
-        return HubError(f"{what}: no such revision. Fix: check data.revision (a branch, tag or commit)")
+        return False, HubError(f"{what}: no such revision. Fix: check data.revision (a branch, tag or commit)")
     if isinstance(e, E.RemoteEntryNotFoundError):
-        return HubError(f"{what}: the file is not in the repo. Fix: check the file name / data.max_shard")
+        return False, HubError(f"{what}: the file is not in the repo. Fix: check the file name / data.max_shard")
     if isinstance(e, E.LocalEntryNotFoundError) and offline():
-        return HubError(f"{what}: not in the hub cache {cache_dir()} and offline mode is on. {_OFFLINE_FIX}")
-    why = f"HTTP {status}" if status is not None else type(e).__name__
-    return HubError(f"{what}: {why}: {str(e)[:300]}. Fix: check the network, the URL and HF_ENDPOINT={endpoint()}")
-
-
-def _transient(e: BaseException) -> bool:
-    """Worth another try: server errors, rate limits, dropped/refused connections, short bodies."""
-    from huggingface_hub import errors as E
-    if isinstance(e, (E.GatedRepoError, E.RepositoryNotFoundError, E.RevisionNotFoundError,
-                      E.RemoteEntryNotFoundError)):
-        return False
-    if isinstance(e, E.LocalEntryNotFoundError):  # the hub was unreachable and the cache had nothing
-        return not offline()
-    status = getattr(getattr(e, "response", None), "status_code", None)
+        return False, HubError(f"{what}: not in the hub cache {cache_dir()} and offline mode is on. {_OFFLINE_FIX}")
     if status is not None:
-        return status >= 500 or status in (408, 429)
-    return isinstance(e, (OSError, ValueError, ConnectionError, TimeoutError)) or "httpx" in type(e).__module__
+        transient = status >= 500 or status in (408, 429)
+    else:
+        transient = isinstance(e, (E.LocalEntryNotFoundError, OSError, ValueError, ConnectionError, TimeoutError)) \
+            or "httpx" in type(e).__module__
+    why = f"HTTP {status}" if status is not None else type(e).__name__
+    return transient, HubError(f"{what}: {why}: {str(e)[:300]}. Fix: check the network, the URL and "
+                               f"HF_ENDPOINT={endpoint()}")
 
 
 def _with_retries(fn: Callable[[], Path], what: str, attempts: int, backoff: float) -> Path:
-    last: BaseException | None = None
     for attempt in range(max(1, attempts)):
         try:
             return fn()
         except HubError:
             raise
-        except Exception as e:  # classified below: permanent ones are raised at once
-            last = e
-            if not _transient(e):
-                break
-            if attempt + 1 < attempts:
+        except Exception as e:  # classified: permanent ones are raised at once
+            transient, err = _classify(e, what)
+            if transient and attempt + 1 < attempts:
                 wait = backoff * 2 ** attempt
                 print(f"{what}: attempt {attempt + 1}/{attempts} failed ({type(e).__name__}: {str(e)[:200]}); "
                       f"retrying in {wait:.1f}s", file=sys.stderr, flush=True)
                 time.sleep(wait)
-    assert last is not None
-    err = _explain(last, what)
-    if _transient(last):
-        err = HubError(f"{err} (gave up after {attempts} attempts)")
-    raise err from last
-
-
-def _drop_cached(path: Path) -> None:
-    """Remove a cached file that failed validation: the snapshot link and the blob behind it."""
-    blob = path.resolve() if path.is_symlink() else None
-    path.unlink(missing_ok=True)
-    if blob is not None:
-        blob.unlink(missing_ok=True)
+                continue
+            raise (HubError(f"{err} (gave up after {attempts} attempts)") if transient else err) from e
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 # ----------------------------------------------------------------------------- repos
@@ -163,19 +145,13 @@ def resolve(repo_id: str, revision: str = "main") -> tuple[str, list[str]]:
         return info.sha, sorted(s.rfilename for s in (info.siblings or []))
 
     commit, files = _with_retries(call, f"dataset {repo_id}@{revision}", attempts=4, backoff=1.0)
-    _record_ref(repo_id, revision, commit)
-    return commit, files
-
-
-def _record_ref(repo_id: str, revision: str, commit: str) -> None:
-    """Note in the cache which commit `revision` named (refs/<revision>, as hf_hub_download does for a
-    branch): files fetched by commit then still resolve offline by branch name, for any tool."""
-    if revision == commit:
-        return
-    from nanochat.common import atomic_write_text
+    # note in the cache which commit `revision` named (refs/<revision>, as hf_hub_download does for a
+    # branch): files fetched by commit then still resolve offline by branch name, for any tool
     ref = repo_cache_dir(repo_id) / "refs" / revision
-    if not ref.is_file() or ref.read_text() != commit:
+    if revision != commit and (not ref.is_file() or ref.read_text() != commit):
+        from nanochat.common import atomic_write_text
         atomic_write_text(ref, commit)
+    return commit, files
 
 
 def download(repo_id: str, filename: str, revision: str = "main", *, validate: Validator | None = None,
@@ -195,7 +171,8 @@ def download(repo_id: str, filename: str, revision: str = "main", *, validate: V
             try:
                 validate(path)
             except Exception as e:
-                _drop_cached(path)
+                for p in {path, path.resolve()}:  # out of the cache: the snapshot link and the blob behind it
+                    p.unlink(missing_ok=True)
                 raise OSError(f"downloaded {what} is unusable ({e})") from e
         return path
 
@@ -205,17 +182,11 @@ def download(repo_id: str, filename: str, revision: str = "main", *, validate: V
 def download_many(repo_id: str, filenames: Sequence[str], revision: str = "main", *, workers: int = 4,
                   validate: Validator | None = None, desc: str | None = None) -> list[Path]:
     """Several files in parallel (`workers` threads) with one progress bar over the files."""
-    from huggingface_hub.utils import tqdm
-    if not filenames:
-        return []
-    out: list[Path | None] = [None] * len(filenames)
-    with tqdm(total=len(filenames), desc=desc or repo_id, unit="file", disable=len(filenames) < 2) as bar, \
-            ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        def one(i: int) -> None:
-            out[i] = download(repo_id, filenames[i], revision, validate=validate)
-            bar.update(1)
-        list(pool.map(one, range(len(filenames))))
-    return [p for p in out if p is not None]
+    from huggingface_hub.utils import tqdm  # the hub's bars: HF_HUB_DISABLE_PROGRESS_BARS applies
+    from tqdm.contrib.concurrent import thread_map
+    return thread_map(lambda name: download(repo_id, name, revision, validate=validate), filenames,
+                      max_workers=max(1, workers), tqdm_class=tqdm, desc=desc or repo_id, unit="file",
+                      disable=len(filenames) < 2)
 
 
 def snapshot(repo_id: str, patterns: Iterable[str], revision: str = "main") -> list[Path]:
@@ -230,9 +201,8 @@ def snapshot(repo_id: str, patterns: Iterable[str], revision: str = "main") -> l
 
     root = _with_retries(call, what, attempts=4, backoff=1.0)
     import fnmatch
-    files = [p for p in sorted(root.rglob("*"))
-             if p.is_file() and any(fnmatch.fnmatch(p.relative_to(root).as_posix(), pat) for pat in patterns)]
-    return files
+    return [p for p in sorted(root.rglob("*"))
+            if p.is_file() and any(fnmatch.fnmatch(p.relative_to(root).as_posix(), pat) for pat in patterns)]
 
 
 # ----------------------------------------------------------------------------- URLs

@@ -33,24 +33,17 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def file_record(path: Path) -> dict:
-    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-
-
-def rank_manifest_name(rank: int) -> str:
-    return f"manifest_rank{rank}.json"
-
-
 def write_rank_manifest(ckpt_dir: Path, rank: int, names: list[str]) -> None:
     """This rank's files and their checksums (read back from disk, i.e. what a resume will read)."""
-    atomic_write_json(ckpt_dir / rank_manifest_name(rank), {n: file_record(ckpt_dir / n) for n in names})
+    atomic_write_json(ckpt_dir / f"manifest_rank{rank}.json",
+                      {n: {"sha256": sha256_file(ckpt_dir / n), "bytes": (ckpt_dir / n).stat().st_size} for n in names})
 
 
 def write_manifest(ckpt_dir: Path, step: int, world_size: int) -> dict:
     """Merge every rank's manifest into MANIFEST.json (rank 0, after all ranks wrote theirs)."""
     files: dict = {}
     for r in range(world_size):
-        path = ckpt_dir / rank_manifest_name(r)
+        path = ckpt_dir / f"manifest_rank{r}.json"
         if not path.exists():
             raise FileNotFoundError(f"{path}: rank {r} did not record its checkpoint files")
         files.update(read_json(path))
@@ -89,8 +82,7 @@ def verify(ckpt_dir: str | Path) -> list[str]:
 
 def quarantine(ckpt_dir: Path) -> Path:
     """Move a bad checkpoint aside (corrupt_step_XXXXXX), so nothing loads it and it can be inspected."""
-    dest = ckpt_dir.with_name(f"corrupt_{ckpt_dir.name}")
-    n = 1
+    dest, n = ckpt_dir.with_name(f"corrupt_{ckpt_dir.name}"), 1
     while dest.exists():
         n += 1
         dest = ckpt_dir.with_name(f"corrupt_{ckpt_dir.name}-{n}")

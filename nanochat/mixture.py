@@ -209,7 +209,7 @@ def _train_tokens(c: DataConfig, base_dir: Path, tokenizer, cap: int | None,
     """≈ tokens of a source's train split, from its shards on disk (parquet metadata) at the bytes per
     token of a sample; None when nothing is on disk. Raises ValueError/FileNotFoundError without data.
     `cap`: bestfit uses at most a row (cap tokens) of a document, so a pass over the source yields less."""
-    from nanochat.dataset import TEXT_COLUMN, list_shards, open_shard
+    from nanochat.dataset import TEXT_COLUMN, list_shards, open_shard, read_texts
     for split in ("val", "train"):  # both must exist (val: per-source evaluation); size the train split
         paths = list_shards(c, base_dir, split, download=False)
     on_disk = [open_shard(p) for p in paths if p.is_file()]
@@ -220,7 +220,7 @@ def _train_tokens(c: DataConfig, base_dir: Path, tokenizer, cap: int | None,
                for md in (pf.metadata for pf in on_disk) for g in range(md.num_row_groups))
     texts: list[str] = []
     for g in range(on_disk[0].num_row_groups):
-        texts += [t for t in on_disk[0].read_row_group(g, columns=[TEXT_COLUMN]).column(0).to_pylist() if t]
+        texts += [t for t in read_texts(on_disk[0], g) if t]
         if sum(len(t) for t in texts) >= sample_bytes:
             break
     lens = [len(t) + 1 for t in tokenizer.encode(texts)]  # + a BOS per document

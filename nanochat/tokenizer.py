@@ -33,6 +33,13 @@ SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 
+# assistant content parts: the special tokens around the text, and whether the model trains on it
+_PARTS = {
+    "text": (None, 1),
+    "python": (("<|python_start|>", "<|python_end|>"), 1),          # the model learns to call the tool
+    "python_output": (("<|output_start|>", "<|output_end|>"), 0),   # comes from the tool at inference
+}
+
 _RANKS_FILE = "tokenizer.tiktoken"
 _BYTES_FILE = "token_bytes.npy"
 _META_FILE = "meta.json"
@@ -68,9 +75,6 @@ class Tokenizer:
             raise ValueError(f"unknown special token {name!r}; known: {', '.join(SPECIAL_TOKENS)}")
         return self.special_tokens[name]
 
-    def _as_id(self, tok: int | str) -> int:
-        return self.encode_special(tok) if isinstance(tok, str) else int(tok)
-
     def encode(self, text: str | list[str], prepend: int | str | None = None,
                append: int | str | None = None, num_threads: int = 8) -> list[int] | list[list[int]]:
         """Encode ordinary text (special-token strings in the text are NOT parsed as specials).
@@ -78,25 +82,18 @@ class Tokenizer:
         A list of strings is encoded in `num_threads` threads and gives a list of lists.
         `prepend`/`append` take a token id or a special token name such as "<|bos|>".
         """
-        pre = None if prepend is None else self._as_id(prepend)
-        post = None if append is None else self._as_id(append)
         if isinstance(text, str):
-            ids = self.enc.encode_ordinary(text)
-            if pre is not None:
-                ids.insert(0, pre)
-            if post is not None:
-                ids.append(post)
-            return ids
-        if not isinstance(text, (list, tuple)):
+            batch = [self.enc.encode_ordinary(text)]
+        elif isinstance(text, (list, tuple)):
+            batch = self.enc.encode_ordinary_batch(list(text), num_threads=max(1, num_threads))
+        else:
             raise TypeError(f"encode() takes a str or a list of str, got {type(text).__name__}")
-        batch = self.enc.encode_ordinary_batch(list(text), num_threads=max(1, num_threads))
-        if pre is not None:
-            for ids in batch:
-                ids.insert(0, pre)
-        if post is not None:
-            for ids in batch:
-                ids.append(post)
-        return batch
+        for tok, at in ((prepend, 0), (append, None)):
+            if tok is not None:
+                tid = self.encode_special(tok) if isinstance(tok, str) else int(tok)
+                for ids in batch:
+                    ids.insert(len(ids) if at is None else at, tid)
+        return batch[0] if isinstance(text, str) else batch
 
     def __call__(self, *args: Any, **kwargs: Any):
         return self.encode(*args, **kwargs)
@@ -117,22 +114,20 @@ class Tokenizer:
         if messages[0]["role"] == "system":
             if len(messages) < 2 or messages[1].get("role") != "user":
                 raise ValueError("a system message must be followed by a user message")
-            sys_text = _text_content(messages[0], 0)
-            merged = dict(messages[1])
-            merged["content"] = sys_text + "\n\n" + _text_content(messages[1], 1)
-            messages = [merged] + list(messages[2:])
+            merged = _text_content(messages[0], 0) + "\n\n" + _text_content(messages[1], 1)
+            messages = [{**messages[1], "content": merged}, *messages[2:]]
 
-        ids: list[int] = []
-        mask: list[int] = []
+        sp = self.special_tokens
+        ids: list[int] = [self.bos_token_id]
+        mask: list[int] = [0]
 
-        def add(tokens: int | list[int], m: int) -> None:
-            if isinstance(tokens, int):
-                tokens = [tokens]
+        def add(text: str, m: int, around: tuple[str, str] | None = None) -> None:
+            tokens = self.enc.encode_ordinary(text)
+            if around is not None:
+                tokens = [sp[around[0]], *tokens, sp[around[1]]]
             ids.extend(tokens)
             mask.extend([m] * len(tokens))
 
-        sp = self.special_tokens
-        add(self.bos_token_id, 0)
         for i, message in enumerate(messages):
             expected = "user" if i % 2 == 0 else "assistant"
             role = message.get("role")
@@ -141,37 +136,26 @@ class Tokenizer:
                                  "alternate user/assistant (an optional system message may come first)")
             content = message.get("content")
             if role == "user":
-                add(sp["<|user_start|>"], 0)
-                add(self.enc.encode_ordinary(_text_content(message, i)), 0)
-                add(sp["<|user_end|>"], 0)
+                add(_text_content(message, i), 0, ("<|user_start|>", "<|user_end|>"))
                 continue
-            add(sp["<|assistant_start|>"], 0)
             if isinstance(content, str):
-                add(self.enc.encode_ordinary(content), 1)
-            elif isinstance(content, list):
-                for j, part in enumerate(content):
-                    kind = part.get("type") if isinstance(part, dict) else None
-                    text = part.get("text") if isinstance(part, dict) else None
-                    if not isinstance(text, str):
-                        raise ValueError(f"message {i} part {j}: expected {{'type': ..., 'text': str}}, got {part!r}")
-                    body = self.enc.encode_ordinary(text)
-                    if kind == "text":
-                        add(body, 1)
-                    elif kind == "python":       # the model learns to call the tool
-                        add(sp["<|python_start|>"], 1)
-                        add(body, 1)
-                        add(sp["<|python_end|>"], 1)
-                    elif kind == "python_output":  # comes from the tool at inference: not trained on
-                        add(sp["<|output_start|>"], 0)
-                        add(body, 0)
-                        add(sp["<|output_end|>"], 0)
-                    else:
-                        raise ValueError(f"message {i} part {j}: unknown type {kind!r}; "
-                                         "use text, python or python_output")
-            else:
+                content = [{"type": "text", "text": content}]
+            elif not isinstance(content, list):
                 raise ValueError(f"message {i}: content must be a str or a list of parts, "
                                  f"got {type(content).__name__}")
-            add(sp["<|assistant_end|>"], 1)
+            ids.append(sp["<|assistant_start|>"])
+            mask.append(0)
+            for j, part in enumerate(content):
+                kind, text = (part.get("type"), part.get("text")) if isinstance(part, dict) else (None, None)
+                if not isinstance(text, str):
+                    raise ValueError(f"message {i} part {j}: expected {{'type': ..., 'text': str}}, got {part!r}")
+                if kind not in _PARTS:
+                    raise ValueError(f"message {i} part {j}: unknown type {kind!r}; "
+                                     "use text, python or python_output")
+                around, m = _PARTS[kind]
+                add(text, m, around)
+            ids.append(sp["<|assistant_end|>"])
+            mask.append(1)
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation: dict) -> list[int]:
@@ -195,6 +179,8 @@ class Tokenizer:
 
     def save(self, directory: str | Path, extra_meta: dict | None = None) -> Path:
         """Write the artifact atomically (files land via tmp + rename); returns the dir."""
+        import io
+
         import numpy as np
         from nanochat.common import atomic_write_bytes, atomic_write_json, atomic_write_text
         directory = Path(directory)
@@ -202,16 +188,13 @@ class Tokenizer:
         lines = [f"{base64.b64encode(tok).decode('ascii')} {rank}"
                  for tok, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])]
         atomic_write_text(directory / _RANKS_FILE, "\n".join(lines) + "\n")
-        import io
         buf = io.BytesIO()
         np.save(buf, np.asarray(self.token_byte_lengths(), dtype=np.int32))
         atomic_write_bytes(directory / _BYTES_FILE, buf.getvalue())
-        meta = dict(self.meta)
-        meta.update(extra_meta or {})
-        meta.update({"vocab_size": self.get_vocab_size(), "num_merges": len(self.mergeable_ranks) - 256,
-                     "pattern": self.pattern, "special_tokens": self.special_tokens})
-        self.meta = meta
-        atomic_write_json(directory / _META_FILE, meta)  # written last: its presence means complete
+        self.meta = {**self.meta, **(extra_meta or {}), "vocab_size": self.get_vocab_size(),
+                     "num_merges": len(self.mergeable_ranks) - 256, "pattern": self.pattern,
+                     "special_tokens": self.special_tokens}
+        atomic_write_json(directory / _META_FILE, self.meta)  # written last: its presence means complete
         return directory
 
     @classmethod
@@ -221,11 +204,8 @@ class Tokenizer:
         if not meta_path.is_file() or not ranks_path.is_file():
             raise FileNotFoundError(f"no tokenizer artifact in {directory} (need {_RANKS_FILE} and {_META_FILE})")
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        ranks: dict[bytes, int] = {}
-        for line in ranks_path.read_text(encoding="ascii").splitlines():
-            if line:
-                tok, rank = line.split()
-                ranks[base64.b64decode(tok)] = int(rank)
+        lines = [line.split() for line in ranks_path.read_text(encoding="ascii").splitlines() if line]
+        ranks = {base64.b64decode(tok): int(rank) for tok, rank in lines}
         tok = cls(ranks, pattern=meta.get("pattern", SPLIT_PATTERN), name=directory.name, meta=meta)
         saved = meta.get("special_tokens")
         if saved and saved != tok.special_tokens:
@@ -262,22 +242,36 @@ def train_tokenizer(text_iterator: Iterable[str], vocab_size: int) -> Tokenizer:
     if vocab_size < 256 + n_special + 1:
         raise ValueError(f"stage.vocab_size={vocab_size} is too small: need at least "
                          f"{256 + n_special + 1} (256 byte tokens + {n_special} special tokens + 1 merge)")
-    counted = _CountingIter(text_iterator)
+    seen = {"chars": 0, "docs": 0, "tens": -1}
+
+    def counted() -> Iterator[str]:  # the text the trainer saw, counted
+        for text in text_iterator:
+            seen["chars"] += len(text)
+            seen["docs"] += 1
+            yield text
+
+    def every_ten_percent(record: logging.LogRecord) -> bool:  # rustbpe logs every 1% of merges
+        m = re.match(r"Progress: (\d+)%", record.getMessage())
+        if not m:
+            return True
+        tens, last = int(m.group(1)) // 10, seen["tens"]
+        seen["tens"] = max(last, tens)
+        return tens > last
+
     log = logging.getLogger("rustbpe")
-    quiet = _EveryTenPercent()
-    log.addFilter(quiet)  # rustbpe logs every 1% of merges; keep every 10%
+    log.addFilter(every_ten_percent)
     try:
         t0 = time.time()
         bpe = rustbpe.Tokenizer()
-        bpe.train_from_iterator(counted, vocab_size - n_special, pattern=SPLIT_PATTERN)
+        bpe.train_from_iterator(counted(), vocab_size - n_special, pattern=SPLIT_PATTERN)
         seconds = time.time() - t0
     finally:
-        log.removeFilter(quiet)
-    if counted.chars == 0:
+        log.removeFilter(every_ten_percent)
+    if seen["chars"] == 0:
         raise ValueError("tokenizer training got an empty corpus (no text): check data.* settings")
     ranks = {bytes(tok): rank for tok, rank in bpe.get_mergeable_ranks()}
-    meta = {"train_seconds": round(seconds, 3), "train_chars": counted.chars, "train_docs": counted.docs,
-            "chars_per_sec": round(counted.chars / max(seconds, 1e-9), 1),
+    meta = {"train_seconds": round(seconds, 3), "train_chars": seen["chars"], "train_docs": seen["docs"],
+            "chars_per_sec": round(seen["chars"] / max(seconds, 1e-9), 1),
             "requested_vocab_size": vocab_size}
     tok = Tokenizer(ranks, pattern=bpe.get_pattern(), meta=meta)
     if tok.get_vocab_size() < vocab_size:
@@ -287,55 +281,18 @@ def train_tokenizer(text_iterator: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-class _EveryTenPercent(logging.Filter):
-    def __init__(self):
-        super().__init__()
-        self.last = -1
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        m = re.match(r"Progress: (\d+)%", record.getMessage())
-        if not m:
-            return True
-        tens = int(m.group(1)) // 10
-        keep, self.last = tens > self.last, max(self.last, tens)
-        return keep
-
-
-class _CountingIter:
-    """Wraps the text iterator to count chars and docs seen by the trainer."""
-
-    def __init__(self, it: Iterable[str]):
-        self.it = iter(it)
-        self.chars = 0
-        self.docs = 0
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        text = next(self.it)
-        self.chars += len(text)
-        self.docs += 1
-        return text
-
-
 # ---------------------------------------------------------------------- lookup by name
 
 def tokenizer_dir(base_dir: str | Path, name: str) -> Path:
     return Path(base_dir).expanduser() / "tokenizer" / name
 
 
-def _missing(base_dir: str | Path, name: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"tokenizer {name!r} not found in {tokenizer_dir(base_dir, name)}. "
-        f"Train it first: `nanochat-run stage=tokenizer data={name}` (or set data.tokenizer to an existing name)")
-
-
 def get_tokenizer(base_dir: str | Path, name: str) -> Tokenizer:
     """Load the artifact `<base_dir>/tokenizer/<name>/`, with a clear error if it was never trained."""
     d = tokenizer_dir(base_dir, name)
     if not (d / _META_FILE).is_file():
-        raise _missing(base_dir, name)
+        raise FileNotFoundError(f"tokenizer {name!r} not found in {d}. Train it first: `nanochat-run "
+                                f"stage=tokenizer data={name}` (or set data.tokenizer to an existing name)")
     return Tokenizer.load(d)
 
 
@@ -343,14 +300,11 @@ def get_token_bytes(base_dir: str | Path, name: str, device: Any = "cpu"):
     """int32 tensor: byte length of each token id (0 for specials), for bits-per-byte."""
     import numpy as np
     import torch
-    d = tokenizer_dir(base_dir, name)
-    path = d / _BYTES_FILE
+    path = tokenizer_dir(base_dir, name) / _BYTES_FILE
     if path.is_file():
         arr = np.load(path)
-    elif (d / _META_FILE).is_file():
+    else:  # an artifact without the file (or none: get_tokenizer says how to train one)
         arr = np.asarray(get_tokenizer(base_dir, name).token_byte_lengths(), dtype=np.int32)
-    else:
-        raise _missing(base_dir, name)
     return torch.from_numpy(arr.astype(np.int32)).to(device)
 
 

@@ -23,32 +23,26 @@ from nanochat.stage_plan import SourceRun, StagePlan, mixture_rows
 from nanochat.stages import Stage
 from nanochat.tokenizer import tokenizer_dir, train_tokenizer
 
-# tiktoken's reference encodings and the files each one needs in its cache
+# tiktoken's reference encodings: (tiktoken's name, the files it needs in its cache)
 _REFERENCE = {
-    "gpt2": ["https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-             "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"],
-    "gpt4": ["https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"],
+    "gpt2": ("gpt2", ["https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                      "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"]),
+    "gpt4": ("cl100k_base", ["https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"]),
 }
-_TIKTOKEN_NAME = {"gpt2": "gpt2", "gpt4": "cl100k_base"}
-
-
-def _tiktoken_cache_dir() -> str:
-    return os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
-        os.path.join(tempfile.gettempdir(), "data-gym-cache")
 
 
 def reference_encodings() -> tuple[dict, dict]:
     """({name: tiktoken.Encoding}, {name: note}) for the references cached locally; never downloads."""
     import tiktoken
     encs, notes = {}, {}
-    cache = _tiktoken_cache_dir()
-    for name, urls in _REFERENCE.items():
-        missing = [u for u in urls if not os.path.isfile(os.path.join(cache, hashlib.sha1(u.encode()).hexdigest()))]
-        if missing:
-            notes[name] = f"skipped: tiktoken {_TIKTOKEN_NAME[name]} is not cached in {cache} (offline)"
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
+        os.path.join(tempfile.gettempdir(), "data-gym-cache")  # where tiktoken keeps them (sha1 of the url)
+    for name, (enc_name, urls) in _REFERENCE.items():
+        if not all(os.path.isfile(os.path.join(cache, hashlib.sha1(u.encode()).hexdigest())) for u in urls):
+            notes[name] = f"skipped: tiktoken {enc_name} is not cached in {cache} (offline)"
             continue
         try:
-            encs[name] = tiktoken.get_encoding(_TIKTOKEN_NAME[name])
+            encs[name] = tiktoken.get_encoding(enc_name)
         except Exception as e:  # a corrupt cache entry must not fail the stage
             notes[name] = f"skipped: {type(e).__name__}: {e}"
     return encs, notes
@@ -84,10 +78,9 @@ def eval_sources(cfg: Config, base_dir: Path) -> dict[str, Callable[[], str]]:
     shared = shared_data_dir(cfg.paths.shared_data)
     if shared is not None:
         pre = shared / "pretrain"
-        c4 = pre / "parquet" / "shard_00000.parquet"
-        cc = pre / "parquet" / "shard_00001.parquet"
         txt = pre / "tinyshakespeare.txt"
-        for label, path in (("c4", c4), ("common_crawl", cc)):
+        for label, path in (("c4", pre / "parquet" / "shard_00000.parquet"),
+                            ("common_crawl", pre / "parquet" / "shard_00001.parquet")):
             if path.is_file():
                 sources[label] = (lambda p=path: _take_chars(iter(open_shard(p).read(columns=[TEXT_COLUMN])
                                                                   .column(0).to_pylist()), n))
@@ -108,11 +101,8 @@ def compression_table(tokenizer, sources: dict[str, Callable[[], str]]) -> tuple
             continue
         if not text:
             continue
-        nbytes = len(text.encode("utf-8"))
-        row = {"chars": len(text), "bytes": nbytes}
-        ntok = len(tokenizer.encode(text))
-        row["tokens"] = ntok
-        row["bytes_per_token"] = round(nbytes / max(ntok, 1), 4)
+        nbytes, ntok = len(text.encode("utf-8")), len(tokenizer.encode(text))
+        row = {"chars": len(text), "bytes": nbytes, "tokens": ntok, "bytes_per_token": round(nbytes / max(ntok, 1), 4)}
         for rname, enc in refs.items():
             rt = len(enc.encode_ordinary(text))
             row[f"{rname}_tokens"] = rt

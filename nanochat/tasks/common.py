@@ -18,7 +18,6 @@ the hub cache still answers.
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import random
 import re
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from nanochat import hub
-from nanochat.common import shared_data_dir
+from nanochat.common import get_base_dir, shared_data_dir
 
 Conversation = dict[str, Any]
 
@@ -59,8 +58,8 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, conversation: Conversation, completion: str) -> bool | int:
-        """Is `completion` (the assistant's text) a correct answer to `conversation`?"""
-        raise NotImplementedError
+        """Is `completion` (the assistant's text) a correct answer to `conversation`? (graded tasks)"""
+        raise NotImplementedError(f"{type(self).__name__} conversations are training data; they have no grader")
 
     def reward(self, conversation: Conversation, completion: str) -> float:
         """RL reward; by default 1.0 for a correct answer and 0.0 otherwise."""
@@ -90,13 +89,14 @@ class Task:
 class TaskMixture(Task):
     """Several tasks shuffled together deterministically; list a task twice to oversample it."""
 
-    def __init__(self, tasks: Sequence[Task], seed: int = 42, **kwargs):
+    def __init__(self, tasks: Sequence[Task], seed: int | None = 42, **kwargs):
         super().__init__(**kwargs)
         if not tasks:
-            raise ValueError("TaskMixture needs at least one task")
+            raise ValueError(f"{type(self).__name__} needs at least one task")
         self.tasks = list(tasks)
         self.index_map = [(ti, li) for ti, t in enumerate(self.tasks) for li in range(len(t))]
-        random.Random(seed).shuffle(self.index_map)
+        if seed is not None:
+            random.Random(seed).shuffle(self.index_map)
 
     @property
     def eval_type(self) -> str:
@@ -118,46 +118,15 @@ class TaskMixture(Task):
         return self.tasks[ti]
 
     def evaluate(self, conversation: Conversation, completion: str) -> bool | int:
-        raise TypeError("evaluate through the sub-task: mixture.task_of(i).evaluate(...)")
+        noun = type(self).__name__.removeprefix("Task").lower()
+        raise TypeError(f"evaluate through the sub-task: {noun}.task_of(i).evaluate(...)")
 
 
-class TaskSequence(Task):
-    """Tasks one after another (curricula, or concatenating splits)."""
+class TaskSequence(TaskMixture):
+    """Tasks one after another (curricula, or concatenating splits): a mixture in order."""
 
     def __init__(self, tasks: Sequence[Task], **kwargs):
-        super().__init__(**kwargs)
-        if not tasks:
-            raise ValueError("TaskSequence needs at least one task")
-        self.tasks = list(tasks)
-        self.offsets = []
-        total = 0
-        for t in self.tasks:
-            self.offsets.append(total)
-            total += len(t)
-        self.total = total
-
-    @property
-    def eval_type(self) -> str:
-        return TaskMixture.eval_type.fget(self)  # same rule
-
-    def num_examples(self) -> int:
-        return self.total
-
-    def _locate(self, index: int) -> tuple[int, int]:
-        for ti in range(len(self.tasks) - 1, -1, -1):
-            if index >= self.offsets[ti]:
-                return ti, index - self.offsets[ti]
-        raise IndexError(index)
-
-    def get_example(self, index: int) -> Conversation:
-        ti, li = self._locate(index)
-        return self.tasks[ti][li]
-
-    def task_of(self, index: int) -> Task:
-        return self.tasks[self._locate(self.start + index * self.step)[0]]
-
-    def evaluate(self, conversation: Conversation, completion: str) -> bool | int:
-        raise TypeError("evaluate through the sub-task: sequence.task_of(i).evaluate(...)")
+        super().__init__(tasks, seed=None, **kwargs)
 
 
 # ----------------------------------------------------------------------------- helpers for tasks
@@ -210,10 +179,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
 
 
 def open_text(path: str | os.PathLike):
-    path = Path(path)
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
+    return (gzip.open if Path(path).suffix == ".gz" else open)(path, "rt", encoding="utf-8")
 
 
 def kind_of(path: str | os.PathLike) -> str:
@@ -235,15 +201,15 @@ def load_files(files: str | os.PathLike | Sequence[str | os.PathLike] | Mapping[
     """
     import datasets  # heavy (≈1 s): imported only when a task really loads data
     named = isinstance(files, Mapping)
-    listed = dict(files) if named else {"train": [files] if isinstance(files, (str, os.PathLike)) else list(files)}
-    flat = [Path(f) for v in listed.values() for f in ([v] if isinstance(v, (str, os.PathLike)) else v)]
+    listed = dict(files) if named else {"train": files}
+    data_files = {k: [str(f) for f in ([v] if isinstance(v, (str, os.PathLike)) else v)] for k, v in listed.items()}
+    flat = [Path(f) for v in data_files.values() for f in v]
     if not flat:
         raise TaskDataError("no files to load")
     missing = [f for f in flat if not f.is_file()]
     if missing:
         raise TaskDataError(f"{missing[0]} does not exist")
     kind = kind or kind_of(flat[0])
-    data_files = {k: [str(f) for f in ([v] if isinstance(v, (str, os.PathLike)) else v)] for k, v in listed.items()}
     datasets.logging.set_verbosity_error()  # no "Generating split" chatter for every task file
     datasets.disable_progress_bars()
     try:
@@ -253,11 +219,6 @@ def load_files(files: str | os.PathLike | Sequence[str | os.PathLike] | Mapping[
         raise ValueError(f"{flat[0]}{more}: could not read it as {kind} with datasets.load_dataset "
                          f"({type(e).__name__}: {str(e)[:300]})") from e
     return out if named else out["train"]
-
-
-def read_lines(path: str | os.PathLike) -> list[str]:
-    """The lines of a text file (plain or .gz), through the same `datasets` path."""
-    return load_files(path, kind="text")["text"]
 
 
 # ----------------------------------------------------------------------------- the hub
@@ -276,27 +237,40 @@ def hub_split(dataset: str, config: str, split: str):
     return load_files(files, kind="parquet")
 
 
+def find_local(data_dir: str | None, names: Sequence[str]) -> Path | None:
+    """The first of `names` (paths under the shared data dir) that exists."""
+    root = resolve_data_dir(data_dir)
+    return next((root / n for n in names if (root / n).exists()), None) if root else None
+
+
+def local_or_url(names: Sequence[str], data_dir: str | None, url: str, base_dir: str | None, what: str,
+                 how_to: str) -> Path:
+    """A data file: the first of `names` under the shared data dir, else `url` fetched once into
+    <base_dir>/downloads/; a TaskDataError saying `what` is missing and `how_to` get it otherwise."""
+    found = find_local(data_dir, names)
+    if found is not None:
+        return found
+    try:
+        return hub.fetch_url(url, get_base_dir(base_dir) / "downloads")
+    except hub.HubError as e:
+        raise TaskDataError(f"{what}: {e}. {how_to}") from e
+
+
 def local_or_hub(task: str, path: str | os.PathLike | None, data_dir: str | None, names: Sequence[str],
-                 hub_args: tuple[str, str, str] | None, how_to: str) -> Sequence:
+                 hub_args: tuple[str, str, str], how_to: str) -> Sequence:
     """A task's rows: the file `path` if given, else the first of `names` (paths under the shared data
     dir) that exists, else hub_split(*hub_args) (load_rows' rules and errors)."""
     def local():
-        if path is not None:
-            return load_files(path)
-        root = resolve_data_dir(data_dir)
-        found = next((root / n for n in names if (root / n).exists()), None) if root else None
+        found = Path(path) if path is not None else find_local(data_dir, names)
         return load_files(found) if found else None
-    return load_rows(task, local, (lambda: hub_split(*hub_args)) if hub_args else None, how_to)
+    return load_rows(task, local, lambda: hub_split(*hub_args), how_to)
 
 
-def load_rows(task: str, local: Callable[[], Sequence | None], hub_fn: Callable[[], Sequence] | None,
-              how_to: str) -> Sequence:
+def load_rows(task: str, local: Callable[[], Sequence | None], hub_fn: Callable[[], Sequence], how_to: str) -> Sequence:
     """Local first, then the hub; a clear TaskDataError naming the task if neither works."""
     rows = local()
     if rows is not None:
         return rows
-    if hub_fn is None:
-        raise TaskDataError(f"no data for task {task!r}: {how_to}")
     try:
         return hub_fn()
     except (TaskDataError, hub.HubError, OSError) as e:

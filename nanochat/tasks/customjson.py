@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from nanochat import hub
-from nanochat.common import get_base_dir
-from nanochat.tasks.common import Conversation, Task, TaskDataError, read_lines, resolve_data_dir
+from nanochat.tasks.common import Conversation, Task, TaskDataError, load_files, local_or_url
 
 IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
 PART_TYPES = ("text", "python", "python_output")
@@ -45,11 +43,11 @@ class CustomJSON(Task):
         if not os.path.exists(path):
             raise TaskDataError(f"customjson: file {path} does not exist; give a JSONL file of conversations")
         self.path = str(path)
-        self.conversations = []
+        self.rows: list[list[dict]] = []  # each conversation's messages
         # lines through `datasets` (its text builder), parsed here: a line may be a JSON array, and
         # content may be a string in one message and a list of parts in the next, which no
         # Arrow schema holds
-        for lineno, line in enumerate(read_lines(path), 1):
+        for lineno, line in enumerate(load_files(path, kind="text")["text"], 1):
             line = line.strip()
             if not line:
                 continue
@@ -58,26 +56,14 @@ class CustomJSON(Task):
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
             messages = obj["messages"] if isinstance(obj, dict) and "messages" in obj else obj
-            self.conversations.append(validate_messages(messages, f"{path}:{lineno}"))
-
-    def num_examples(self) -> int:
-        return len(self.conversations)
+            self.rows.append(validate_messages(messages, f"{path}:{lineno}"))
 
     def get_example(self, index: int) -> Conversation:
-        return {"messages": self.conversations[index]}
-
-    def evaluate(self, conversation: Conversation, completion: str) -> bool:
-        raise NotImplementedError("CustomJSON conversations are training data; they have no grader")
+        return {"messages": self.rows[index]}
 
 
 def identity_conversations(data_dir: str | None = None, base_dir: str | None = None, **kwargs) -> CustomJSON:
     """nanochat's synthetic identity conversations: the offline copy, else a download (cached)."""
-    root = resolve_data_dir(data_dir)
-    if root and (root / "sft" / "identity_conversations.jsonl").exists():
-        return CustomJSON(root / "sft" / "identity_conversations.jsonl", **kwargs)
-    try:
-        dest = hub.fetch_url(IDENTITY_URL, get_base_dir(base_dir) / "downloads")
-    except hub.HubError as e:
-        raise TaskDataError(f"no data for task 'identity': {e}. Put identity_conversations.jsonl under "
-                            f"<shared data>/sft/ or pass customjson:<file>") from e
-    return CustomJSON(dest, **kwargs)
+    return CustomJSON(local_or_url(["sft/identity_conversations.jsonl"], data_dir, IDENTITY_URL, base_dir,
+                                   "no data for task 'identity'", "Put identity_conversations.jsonl under "
+                                   "<shared data>/sft/ or pass customjson:<file>"), **kwargs)

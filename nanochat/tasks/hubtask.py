@@ -8,8 +8,9 @@ copy can be given with `path=` (json/jsonl/parquet/csv), which is read first.
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
-from nanochat.tasks.common import Conversation, Task, TaskDataError, hub_split, load_files, load_rows
+from nanochat.tasks.common import Conversation, Task, TaskDataError, local_or_hub
 from nanochat.tasks.customjson import validate_messages
 
 
@@ -26,22 +27,22 @@ def parse_hub_source(arg: str) -> dict:
 class HubConversations(Task):
     def __init__(self, repo: str, config: str | None = None, split: str = "train", column: str = "messages",
                  path: str | os.PathLike | None = None, data_dir: str | None = None, base_dir: str | None = None,
-                 **kwargs):
+                 local: Sequence[str] = (), label: str | None = None, how_to: str | None = None, **kwargs):
+        """`local`: files under the shared data dir tried before the hub; `label`, `how_to`: for errors."""
         super().__init__(**kwargs)
         self.repo, self.config, self.split, self.column = repo, config or "default", split, column
-        self.rows = load_rows(f"hub:{repo}:{self.config}:{split}",
-                              lambda: load_files(path) if path is not None else None,
-                              lambda: hub_split(repo, self.config, split),
-                              "check the repo/config/split names, set HF_TOKEN for a gated dataset, or pass a "
-                              "local copy with path=<file>")
+        self.label = label or f"hub:{repo}:{self.config}:{split}"
+        self.rows = local_or_hub(self.label, path, data_dir, local, (repo, self.config, split), how_to or (
+            "check the repo/config/split names, set HF_TOKEN for a gated dataset, or pass a local copy with "
+            "path=<file>"))
         names = list(getattr(self.rows, "column_names", None) or (self.rows[0].keys() if len(self.rows) else []))
         if column not in names:
-            raise TaskDataError(f"hub:{repo}:{self.config}:{split} has no {column!r} column (columns: {names}); "
+            raise TaskDataError(f"{self.label} has no {column!r} column (columns: {names}); "
                                 f"pass column=<name of the conversations column>")
 
     def get_example(self, index: int) -> Conversation:
         messages = [{"role": m["role"], "content": m["content"]} for m in self.rows[index][self.column]]
-        return {"messages": validate_messages(messages, f"hub:{self.repo} row {index}")}
+        return {"messages": validate_messages(messages, f"{self.label} row {index}")}
 
     def evaluate(self, conversation: Conversation, completion: str) -> bool:
         raise NotImplementedError(f"hub:{self.repo} conversations are training data; they have no grader")

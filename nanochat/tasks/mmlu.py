@@ -19,10 +19,6 @@ SUBSETS = ("all", "auxiliary_train")
 _CSV = dict(column_names=["question", "c0", "c1", "c2", "c3", "answer"], keep_default_na=False, na_filter=False)
 
 
-def _row(question: str, choices: list[str], answer: int, subject: str) -> dict:
-    return {"question": question, "choices": [str(c) for c in choices], "answer": int(answer), "subject": subject}
-
-
 def _read_subject_csvs(d: Path, split: str, header: bool) -> list[dict]:
     """<subject>_<split>.csv files → rows tagged with their subject (one datasets split per file)."""
     files = {f.name[: -len(f"_{split}.csv")]: f for f in sorted(d.glob(f"*_{split}.csv"))}
@@ -37,7 +33,8 @@ def _read_subject_csvs(d: Path, split: str, header: bool) -> list[dict]:
         c = parts[subject].to_dict()  # columnar: far faster than iterating rows
         for q, *choices, answer in zip(*(c[k] for k in cols)):
             answer = answer.strip()
-            rows.append(_row(q, choices, int(answer) if answer.isdigit() else LETTERS.index(answer), subject))
+            rows.append({"question": q, "choices": choices,
+                         "answer": int(answer) if answer.isdigit() else LETTERS.index(answer), "subject": subject})
     return rows
 
 
@@ -73,10 +70,7 @@ class MMLU(Task):
             root = resolve_data_dir(data_dir)
             return _read_local(root, subset, split) if root else None
 
-        def hub():
-            return hub_split("cais/mmlu", subset, split)
-
-        self.rows = load_rows(f"mmlu ({subset}/{split})", local, hub,
+        self.rows = load_rows(f"mmlu ({subset}/{split})", local, lambda: hub_split("cais/mmlu", subset, split),
                               "MMLU auxiliary_train is only on the hub (cais/mmlu); place "
                               "<shared data>/mmlu/auxiliary_train.jsonl or allow hub downloads"
                               if subset == "auxiliary_train" else

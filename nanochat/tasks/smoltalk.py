@@ -6,27 +6,15 @@ from __future__ import annotations
 
 import os
 
-from nanochat.tasks.common import Conversation, Task, local_or_hub
-from nanochat.tasks.customjson import validate_messages
+from nanochat.tasks.hubtask import HubConversations
 
 
-class SmolTalk(Task):
+class SmolTalk(HubConversations):
     def __init__(self, split: str = "train", data_dir: str | None = None, base_dir: str | None = None,
                  path: str | os.PathLike | None = None, **kwargs):
-        super().__init__(**kwargs)
         if split not in ("train", "test"):
             raise ValueError(f"SmolTalk split={split!r}: use train or test")
-        self.rows = local_or_hub(f"smoltalk ({split})", path, data_dir,
-                                 [f"smoltalk/{split}.parquet", f"smoltalk/{split}.jsonl"],
-                                 ("HuggingFaceTB/smol-smoltalk", "default", split),
-                                 "SmolTalk is only on the HF hub (HuggingFaceTB/smol-smoltalk); allow the download, "
-                                 "or use the offline conversations instead (identity, customjson:<file>)")
-
-    def get_example(self, index: int) -> Conversation:
-        row = self.rows[index]
-        messages = row["messages"] if isinstance(row, dict) else row
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        return {"messages": validate_messages(messages, f"smoltalk row {index}")}
-
-    def evaluate(self, conversation: Conversation, completion: str) -> bool:
-        raise NotImplementedError("SmolTalk is training data; it has no grader")
+        super().__init__("HuggingFaceTB/smol-smoltalk", "default", split, path=path, data_dir=data_dir,
+                         local=[f"smoltalk/{split}.parquet", f"smoltalk/{split}.jsonl"], label=f"smoltalk ({split})",
+                         how_to="SmolTalk is only on the HF hub (HuggingFaceTB/smol-smoltalk); allow the download, "
+                                "or use the offline conversations instead (identity, customjson:<file>)", **kwargs)

@@ -19,10 +19,7 @@ import random
 import zlib
 from typing import Sequence
 
-from nanochat import hub
-from nanochat.common import get_base_dir
-from nanochat.tasks.common import Conversation, Task, TaskDataError, answers_match, extract_answer, open_text, \
-    resolve_data_dir
+from nanochat.tasks.common import Conversation, Task, answers_match, extract_answer, local_or_url, open_text
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -48,17 +45,9 @@ def _read_words(path: str) -> tuple[str, ...]:
 
 
 def load_words(data_dir: str | None = None, base_dir: str | None = None) -> tuple[str, ...]:
-    root = resolve_data_dir(data_dir)
-    if root is not None:
-        for name in ("words_alpha.txt.gz", "words_alpha.txt"):
-            if (root / "words" / name).exists():
-                return _read_words(str(root / "words" / name))
-    try:
-        dest = hub.fetch_url(WORD_LIST_URL, get_base_dir(base_dir) / "downloads")
-    except hub.HubError as e:
-        raise TaskDataError(f"no word list for the spelling tasks: {e}. Put words_alpha.txt(.gz) under "
-                            f"<shared data>/words/ or pass words=[...]") from e
-    return _read_words(str(dest))
+    return _read_words(str(local_or_url(["words/words_alpha.txt.gz", "words/words_alpha.txt"], data_dir,
+                                        WORD_LIST_URL, base_dir, "no word list for the spelling tasks",
+                                        "Put words_alpha.txt(.gz) under <shared data>/words/ or pass words=[...]")))
 
 
 def is_test_word(word: str) -> bool:

@@ -144,8 +144,9 @@ class Sequence:
         self.last_token_at: Optional[float] = None
         self.kind = "text"
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._run = ""       # current stretch of plain text (stop strings are searched in it)
-        self._run_sent = 0   # how much of it has been sent
+        # plain text held back: its last characters may begin a stop string (any that ends later
+        # begins in them)
+        self._held = ""
         self._hold = max((len(s) for s in params.stop), default=1) - 1
         self._stop_hit = False  # a stop string ended the answer: nothing after it is sent
 
@@ -158,26 +159,21 @@ class Sequence:
         if text:
             self.sink(Event(kind, text))
 
-    def _flush_run(self) -> None:
-        self._send("text", self._run[self._run_sent:])
-        self._run, self._run_sent = "", 0
+    def _flush_held(self) -> None:
+        self._send("text", self._held)
+        self._held = ""
 
     def _text(self, piece: str) -> bool:
         """Add plain text; returns True when a stop string ended the answer."""
-        if not self.params.stop:
-            self._send("text", piece)
-            return False
-        start = max(0, self._run_sent - self._hold)
-        self._run += piece
-        hits = [i for i in (self._run.find(s, start) for s in self.params.stop) if i >= 0]
+        run = self._held + piece
+        hits = [i for i in (run.find(s) for s in self.params.stop) if i >= 0]
         if hits:
-            self._send("text", self._run[self._run_sent:min(hits)])
-            self._run, self._run_sent = "", 0
-            self._stop_hit = True
+            self._send("text", run[:min(hits)])
+            self._held, self._stop_hit = "", True
             return True
-        safe = max(self._run_sent, len(self._run) - self._hold)
-        self._send("text", self._run[self._run_sent:safe])
-        self._run_sent = safe
+        safe = max(0, len(run) - self._hold)
+        self._send("text", run[:safe])
+        self._held = run[safe:]
         return False
 
     def emit_token(self, token: int, tokenizer, special_names: dict[int, str]) -> bool:
@@ -186,13 +182,13 @@ class Sequence:
         if name is not None:
             tail = self._decoder.decode(b"", final=True)   # a special token ends any partial character
             self._decoder.reset()
-            if tail and self._out(tail):
+            if self._out(tail):
                 return True
             kind = TOOL_KINDS.get(name)
             if kind is None:
                 return False                                # bos / assistant_end end the sequence elsewhere
             if self.kind == "text":
-                self._flush_run()
+                self._flush_held()
             self._send(kind, name)
             self.kind = INSIDE[kind]
             return False
@@ -210,9 +206,8 @@ class Sequence:
         if self.finished:
             return
         if not self._stop_hit:
-            tail = self._decoder.decode(b"", final=True)
-            if not (tail and self._out(tail)) and self.kind == "text":
-                self._flush_run()
+            if not self._out(self._decoder.decode(b"", final=True)) and self.kind == "text":
+                self._flush_held()
         self.finished, self.finish_reason = True, reason
         self.sink(Event("done", finish_reason=reason, error=error))
 
@@ -223,7 +218,6 @@ class _Group:
     prompt: list[int]
     seqs: list[Sequence] = field(default_factory=list)
     done: int = 0          # prompt tokens whose keys/values are in its prefill row
-    reused: int = 0        # of which taken from the prefix cache
 
 
 class Observer:
@@ -234,7 +228,6 @@ class Observer:
     def tokens(self, n: int) -> None: ...
     def queue_depth(self, n: int) -> None: ...
     def finished(self, reason: str) -> None: ...
-    def prefix_reuse(self, tokens: int, prompt_tokens: int) -> None: ...
 
 
 # CPU attention (flash, for CPU) splits the queries of a forward into blocks of 32 (64, 256 for long
@@ -261,15 +254,7 @@ class Scheduler:
                  observer: Optional[Observer] = None, name: str = "replica0", kv_bucket: int = 16,
                  decode_tile: int = 1, prefill_rows: int = 16, prefill_chunk: int = 256,
                  prefix_cache_mb: float = 256.0, threads: Optional[int] = None, warmup: bool = False):
-        if max_seqs < 1:
-            raise ValueError(f"Scheduler(max_seqs={max_seqs}): must be >= 1")
-        if kv_bucket < 0:
-            raise ValueError(f"Scheduler(kv_bucket={kv_bucket}): use a multiple of 16 (or 0 = whole context)")
-        for key, v in (("decode_tile", decode_tile), ("prefill_rows", prefill_rows), ("prefill_chunk", prefill_chunk)):
-            if v < 1:
-                raise ValueError(f"Scheduler({key}={v}): must be >= 1")
-        if prefix_cache_mb < 0:
-            raise ValueError(f"Scheduler(prefix_cache_mb={prefix_cache_mb}): must be >= 0 (0 = no prefix cache)")
+        """The sizes are checked where a user sets them (stage.* in nanochat/stages/serve.py)."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.threads = threads
         self.engine = Engine(model, tokenizer)
@@ -402,9 +387,8 @@ class Scheduler:
         return self.max_seqs - self.free_rows()
 
     def load(self) -> int:
-        """Rows in use plus choices waiting: the router sends new work to the least loaded replica."""
-        return (self.active() + sum(len(g.seqs) for g in self.waiting)
-                + sum(len(g.seqs) for g in self.prefilling if g is not None))
+        """Rows in use or promised plus choices waiting: the router sends new work to the least loaded replica."""
+        return self.max_seqs - self._unreserved_rows() + sum(len(g.seqs) for g in self.waiting)
 
     def stop_accepting(self) -> None:
         with self._cv:
@@ -482,15 +466,11 @@ class Scheduler:
     def _fail_all(self, error: Optional[str]) -> None:
         with self._cv:
             groups, self.waiting = list(self.waiting), deque()
-        groups += [g for g in self.prefilling if g is not None]
-        self.prefilling = [None] * self.prefill_rows
-        for g in groups:
-            for s in g.seqs:
-                self._end(s, "error" if error else "cancelled", error)
-        for r, s in enumerate(self.rows):
+        seqs = [s for g in groups + self.prefilling if g is not None for s in g.seqs] + self.rows
+        self.prefilling, self.rows = [None] * self.prefill_rows, [None] * self.max_seqs
+        for s in seqs:
             if s is not None:
                 self._end(s, "error" if error else "cancelled", error)
-                self.rows[r] = None
 
     def _end(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:
         if not seq.finished:
@@ -508,19 +488,18 @@ class Scheduler:
             if s is not None and s.cancelled:
                 self._free(s, "cancelled")
         for i, g in enumerate(self.prefilling):
-            if g is not None and all(s.cancelled for s in g.seqs):
-                for s in g.seqs:
-                    self._end(s, "cancelled")
+            if g is not None and self._end_if_cancelled(g):
                 self.prefilling[i] = None
         with self._cv:
-            keep = deque()
-            for g in self.waiting:
-                if all(s.cancelled for s in g.seqs):
-                    for s in g.seqs:
-                        self._end(s, "cancelled")
-                else:
-                    keep.append(g)
-            self.waiting = keep
+            self.waiting = deque(g for g in self.waiting if not self._end_if_cancelled(g))
+
+    def _end_if_cancelled(self, group: _Group) -> bool:
+        """End a request whose sequences were all cancelled (True), else leave it (False)."""
+        if not all(s.cancelled for s in group.seqs):
+            return False
+        for s in group.seqs:
+            self._end(s, "cancelled")
+        return True
 
     # -------------------------------------------------------------- prefill
     def _prefill_step(self) -> None:
@@ -577,8 +556,7 @@ class Scheduler:
             if self.pre.last_x is not None:
                 self.pre.last_x[slot] = self.model.embed(self.pre.pos.new_tensor(group.prompt[n - 1]))
         self.pre.pos[slot] = n
-        group.done = group.reused = n
-        self.observer.prefix_reuse(n, len(group.prompt))
+        group.done = n
 
     def _finish_prefill(self, group: _Group, slot: int, logits: torch.Tensor) -> None:
         """The prompt is in the prefill row: copy it into one row per choice, sample, then cache it."""

@@ -59,11 +59,6 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _visible(ev: Event) -> str:
-    """What an OpenAI client sees of an event: its text (tool markers included, as nanochat decodes them)."""
-    return ev.text if ev.kind != "done" else ""
-
-
 class _Mailbox:
     """Events from scheduler threads into the event loop, one wake-up per batch (not per token).
 
@@ -167,6 +162,7 @@ class _Submission:
     def __init__(self, pool: ReplicaPool, prompt: list[int], req: ChatRequest, seed_default: int, mailbox: _Mailbox):
         self.mailbox = mailbox
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.prompt_tokens = len(prompt)
         base = seed_default if req.seed is None else req.seed
         params = [SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
                                  top_p=req.top_p, seed=base + i, stop=req.stop) for i in range(req.n)]
@@ -185,9 +181,14 @@ class _Submission:
         for s in self.seqs:
             s.cancel()
 
-    async def batches(self) -> AsyncIterator[list[tuple[int, Event]]]:
-        """Lists of (choice index, event), as many as have arrived, until every sequence is done
-        (a stream writes each list at once); cancels the sequences if the consumer goes away."""
+    def usage(self) -> dict:
+        completion = sum(len(s.tokens) for s in self.seqs)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+    async def batches(self) -> AsyncIterator[tuple[list[tuple[int, Event]], bool]]:
+        """(list of (choice index, event), last): as many events as have arrived, until every sequence
+        is done (a stream writes each list at once); cancels the sequences if the consumer goes away."""
         left = len(self.seqs)
         try:
             while left:
@@ -195,15 +196,9 @@ class _Submission:
                 while not self.queue.empty():
                     batch.append(self.queue.get_nowait())
                 left -= sum(ev.kind == "done" for _, ev in batch)
-                yield _merged(batch)
+                yield _merged(batch), not left
         finally:
             self.cancel()   # no-op for finished sequences; frees the rows of a disconnected client
-
-    async def events(self) -> AsyncIterator[tuple[int, Event]]:
-        """(choice index, event) one by one (see batches)."""
-        async for batch in self.batches():
-            for item in batch:
-                yield item
 
 
 def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = None,
@@ -221,8 +216,9 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
     openai_req, nanochat_req = schema.request_models(limits, pool.max_seqs)
     ids = itertools.count(int.from_bytes(os.urandom(8), "big") << 32)   # completion ids: unique, no syscall each
 
-    def error(route: str, e: RequestError) -> JSONResponse:
-        metrics.request(route, e.status)
+    @app.exception_handler(RequestError)
+    async def error(request: Request, e: RequestError) -> JSONResponse:
+        metrics.request(request.url.path, e.status)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     def check_key(request: Request) -> None:
@@ -235,13 +231,13 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
                                None, "invalid_api_key", status=401, headers={"WWW-Authenticate": "Bearer"})
 
     async def read_request(request: Request) -> ChatRequest:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            raise RequestError(f"the request body is {int(declared):,} bytes; the limit is "
-                               f"{limits.max_body_bytes:,}", None, "body_too_large", status=413)
-        raw = await request.body()
-        if len(raw) > limits.max_body_bytes:
-            raise RequestError(f"the request body is {len(raw):,} bytes; the limit is {limits.max_body_bytes:,}",
+        declared = request.headers.get("content-length", "")
+        size = int(declared) if declared.isdigit() else 0
+        if size <= limits.max_body_bytes:   # a declared size over the limit is refused unread
+            raw = await request.body()
+            size = len(raw)
+        if size > limits.max_body_bytes:
+            raise RequestError(f"the request body is {size:,} bytes; the limit is {limits.max_body_bytes:,}",
                                None, "body_too_large", status=413)
         try:
             body = json.loads(raw)
@@ -249,18 +245,17 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
             raise RequestError(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
         return parse_chat_request(body, limits, defaults)
 
-    def submit(req: ChatRequest) -> tuple[_Submission, list[int]]:
-        if app.state.draining:
-            raise RequestError("the server is shutting down", None, "shutting_down", status=503,
-                               type="server_error")
-        if req.n > pool.max_seqs:
-            raise RequestError(f"'n' is {req.n}; this server decodes at most {pool.max_seqs} sequences "
-                               f"per replica", "n", "out_of_range")
-        prompt = render_prompt(tokenizer, req.messages, pool.context)
+    def submit(req: ChatRequest) -> _Submission:
         try:
+            if app.state.draining:
+                raise ShuttingDown()
+            if req.n > pool.max_seqs:
+                raise RequestError(f"'n' is {req.n}; this server decodes at most {pool.max_seqs} sequences "
+                                   f"per replica", "n", "out_of_range")
+            prompt = render_prompt(tokenizer, req.messages, pool.context)
             if app.state.mailbox is None:
                 app.state.mailbox = _Mailbox(asyncio.get_running_loop(), settings.stream_interval_ms / 1000)
-            return _Submission(pool, prompt, req, defaults.seed, app.state.mailbox), prompt
+            return _Submission(pool, prompt, req, defaults.seed, app.state.mailbox)
         except QueueFull as e:
             raise RequestError(str(e), None, "rate_limit_exceeded", status=429, type="rate_limit_error",
                                headers={"Retry-After": str(settings.retry_after_s)}) from None
@@ -274,72 +269,57 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
         "the answer: JSON, or with `stream` an event stream of chat.completion.chunk objects ending in "
         "`data: [DONE]`", key is not None, body=True, queue=True), openapi_extra=_body("ChatCompletionRequest"))
     async def chat_completions(request: Request):
-        route = "/v1/chat/completions"
-        try:
-            check_key(request)
-            req = await read_request(request)
-            sub, prompt = submit(req)
-        except RequestError as e:
-            return error(route, e)
+        check_key(request)
+        req = await read_request(request)
+        sub = submit(req)
         cid = f"chatcmpl-{next(ids):024x}"
         created = int(time.time())
-        metrics.request(route, 200)
+        metrics.request("/v1/chat/completions", 200)
         if req.stream:
-            return _EventStream(_openai_stream(sub, cid, created, len(prompt), req.include_usage), sub.cancel)
-        texts = [[] for _ in sub.seqs]
-        reasons: list[Optional[str]] = [None] * len(sub.seqs)
-        async for i, ev in _watch_disconnect(sub, request):
+            return _EventStream(_openai_stream(sub, cid, created, req.include_usage), sub.cancel)
+        texts, reasons = [""] * len(sub.seqs), [None] * len(sub.seqs)
+        for i, ev in await _until_done(sub, request):
             if ev.kind == "done":
                 reasons[i] = ev.finish_reason
             else:
-                texts[i].append(_visible(ev))
-        completion = sum(len(s.tokens) for s in sub.seqs)
+                texts[i] += ev.text   # tool markers included, as nanochat decodes them
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": settings.model_name,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(t)},
+            "choices": [{"index": i, "message": {"role": "assistant", "content": t},
                          "finish_reason": reasons[i], "logprobs": None} for i, t in enumerate(texts)],
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion,
-                      "total_tokens": len(prompt) + completion},
+            "usage": sub.usage(),
         }
 
-    async def _openai_stream(sub: _Submission, cid: str, created: int, prompt_tokens: int,
-                             include_usage: bool) -> AsyncIterator[str]:
-        def chunk(i: int, delta: dict, finish: Optional[str] = None) -> str:
+    async def _openai_stream(sub: _Submission, cid: str, created: int, include_usage: bool) -> AsyncIterator[str]:
+        def chunk(**fields) -> str:
             return _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                         "model": settings.model_name,
-                         "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+                         "model": settings.model_name, **fields})
+
+        def choice(i: int, delta: dict, finish: Optional[str] = None) -> str:
+            return chunk(choices=[{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}])
         # the role chunk goes out with the first token (one write fewer)
-        frames = [chunk(i, {"role": "assistant", "content": ""}) for i in range(len(sub.seqs))]
-        left = len(sub.seqs)
-        async for batch in sub.batches():
-            left -= sum(ev.kind == "done" for _, ev in batch)
+        frames = [choice(i, {"role": "assistant", "content": ""}) for i in range(len(sub.seqs))]
+        async for batch, last in sub.batches():
             for i, ev in batch:
                 if ev.kind == "done":
                     if ev.error:
                         frames.append(_sse({"error": {"message": ev.error, "type": "server_error", "param": None,
                                                       "code": "generation_failed"}}))
-                    frames.append(chunk(i, {}, ev.finish_reason))
+                    frames.append(choice(i, {}, ev.finish_reason))
                 else:
-                    frames.append(chunk(i, {"content": _visible(ev)}))
-            if left:
+                    frames.append(choice(i, {"content": ev.text}))   # tool markers included
+            if not last:
                 yield "".join(frames)
                 frames = []
         # the last events, the usage and [DONE] go out in one write
         if include_usage:
-            completion = sum(len(s.tokens) for s in sub.seqs)
-            frames.append(_sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                "model": settings.model_name, "choices": [],
-                                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                                          "total_tokens": prompt_tokens + completion}}))
+            frames.append(chunk(choices=[], usage=sub.usage()))
         yield _Last("".join(frames) + "data: [DONE]\n\n")
 
     @app.get("/v1/models", responses=_responses({"application/json": schema.ModelList}, "the served model",
                                                  key is not None))
     async def models(request: Request):
-        try:
-            check_key(request)
-        except RequestError as e:
-            return error("/v1/models", e)
+        check_key(request)
         metrics.request("/v1/models", 200)
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
                                             "owned_by": "nanochat"}]}
@@ -350,15 +330,11 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
         "`data: {\"done\": true, ...}`", key is not None, body=True, queue=True),
         openapi_extra=_body("NanochatChatRequest"))
     async def nanochat_chat(request: Request):
-        route = "/chat/completions"
-        try:
-            check_key(request)
-            req = await read_request(request)
-            req.n = 1
-            sub, _ = submit(req)
-        except RequestError as e:
-            return error(route, e)
-        metrics.request(route, 200)
+        check_key(request)
+        req = await read_request(request)
+        req.n = 1
+        sub = submit(req)
+        metrics.request("/chat/completions", 200)
         replica = sub.seqs[0].replica
 
         def frame(ev: Event) -> str:
@@ -372,9 +348,9 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
                          "tokens_per_second": tps, **({"error": ev.error} if ev.error else {})})
 
         async def stream() -> AsyncIterator[str]:
-            async for batch in sub.batches():
+            async for batch, last in sub.batches():
                 text = "".join(frame(ev) for _, ev in batch)
-                yield _Last(text) if any(ev.kind == "done" for _, ev in batch) else text
+                yield _Last(text) if last else text
         return _EventStream(stream(), sub.cancel)
 
     # ------------------------------------------------------------------ ops
@@ -460,20 +436,16 @@ def _responses(ok: dict, what: str, auth: bool, body: bool = False, queue: bool 
     return out
 
 
-async def _watch_disconnect(sub: _Submission, request: Request) -> AsyncIterator[tuple[int, Event]]:
-    """A non-streaming request's events; stop (and cancel) when the client goes away meanwhile."""
-    it = sub.events().__aiter__()
-    while True:
-        nxt = asyncio.ensure_future(it.__anext__())
-        while True:
-            done, _ = await asyncio.wait({nxt}, timeout=0.5)
-            if done:
-                break
-            if await request.is_disconnected():
-                nxt.cancel()
-                sub.cancel()
-                return
-        try:
-            yield nxt.result()
-        except StopAsyncIteration:
-            return
+async def _until_done(sub: _Submission, request: Request) -> list[tuple[int, Event]]:
+    """A non-streaming request's events; a client that goes away meanwhile cancels its sequences
+    (they end at the scheduler's next step)."""
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.5)
+        sub.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return [item async for batch, _ in sub.batches() for item in batch]
+    finally:
+        watcher.cancel()

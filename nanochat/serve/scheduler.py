@@ -661,8 +661,7 @@ class ReplicaPool:
         if not schedulers:
             raise ValueError("ReplicaPool needs at least one Scheduler")
         self.schedulers = schedulers
-        self.context = schedulers[0].context
-        self.max_seqs = schedulers[0].max_seqs
+        self.context, self.max_seqs = schedulers[0].context, schedulers[0].max_seqs
 
     def start(self) -> "ReplicaPool":
         for s in self.schedulers:
@@ -686,9 +685,6 @@ class ReplicaPool:
     def warming(self) -> bool:
         """A replica's idle-time warm-up is still running (/health reports not ready until it is done)."""
         return any(s.warming for s in self.schedulers)
-
-    def idle(self) -> bool:
-        return all(s.idle() for s in self.schedulers)
 
     @property
     def failed(self) -> bool:

@@ -21,6 +21,7 @@ continues after them as if it had read the tool's answer. A row stops at
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -60,29 +61,29 @@ def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: f
     return idx.gather(1, choice).squeeze(1)
 
 
-def _is_prompt_list(tokens) -> bool:
-    return isinstance(tokens, (list, tuple)) and bool(tokens) and all(isinstance(t, (list, tuple)) for t in tokens)
+def _prompts(tokens, num_samples: int) -> list[list[int]]:
+    """The prompt each row continues: a list of prompts as given (num_samples 1), or one prompt
+    num_samples times; ValueError for anything else."""
+    many = isinstance(tokens, (list, tuple)) and bool(tokens) and all(isinstance(t, (list, tuple)) for t in tokens)
+    if num_samples < 1 or (many and num_samples != 1):
+        raise ValueError(f"Engine.generate(num_samples={num_samples}): must be >= 1 (1 for a list of prompts)")
+    prompts = [list(p) for p in tokens] if many else [list(tokens) if isinstance(tokens, (list, tuple)) else []]
+    if not all(p and all(isinstance(t, int) for t in p) for p in prompts):
+        raise ValueError("Engine.generate(tokens=...): give a non-empty list of token ids (or of such lists)")
+    return prompts if many else prompts * num_samples
 
 
-def _rows(tokens, num_samples: int) -> list[list[int]]:
-    """The prompt each row continues: a list of prompts as given, or one prompt num_samples times."""
-    if not isinstance(tokens, (list, tuple)) or not tokens:
-        return [[]]
-    return [list(p) for p in tokens] if _is_prompt_list(tokens) else [list(tokens)] * num_samples
-
-
+@dataclass
 class RowState:
     """Per-sequence decoding state: forced tokens waiting, whether we are inside a tool call.
 
     Shared by `Engine.generate` and the serving scheduler (nanochat/serve/scheduler.py): both
     feed each sampled token through `Engine.advance`, which applies the calculator tool."""
-
-    def __init__(self) -> None:
-        self.forced: deque[int] = deque()
-        self.in_python = False
-        self.python_tokens: list[int] = []
-        self.done = False
-        self.end_token: int | None = None
+    forced: deque[int] = field(default_factory=deque)
+    in_python: bool = False
+    python_tokens: list[int] = field(default_factory=list)
+    done: bool = False
+    end_token: Optional[int] = None
 
 
 class Engine:
@@ -122,9 +123,6 @@ class Engine:
             row.python_tokens.append(token)
         return token, mask
 
-    def _device(self) -> torch.device:
-        return self.model.lm_head.weight.device
-
     def _scan_prompt(self, row: RowState, tokens: list[int]) -> None:
         """A prompt may end inside an open tool call (continuing a cut-off answer): pick it up."""
         for i in range(len(tokens) - 1, -1, -1):
@@ -154,12 +152,7 @@ class Engine:
         num_samples 1: rows of different lengths decode together, e.g. a batch of lm-eval requests).
         max_tokens None = until the model's sequence_len is full (for the longest prompt).
         """
-        many = _is_prompt_list(tokens)
-        if num_samples < 1 or (many and num_samples != 1):
-            raise ValueError(f"Engine.generate(num_samples={num_samples}): must be >= 1 (1 for a list of prompts)")
-        prompts = _rows(tokens, num_samples)
-        if not all(p and all(isinstance(t, int) for t in p) for p in prompts):
-            raise ValueError("Engine.generate(tokens=...): give a non-empty list of token ids (or of such lists)")
+        prompts = _prompts(tokens, num_samples)
         longest = max(len(p) for p in prompts)
         cfg = self.model.config
         if max_tokens is None:
@@ -173,7 +166,7 @@ class Engine:
         if limit is not None and longest + max_tokens > limit:
             raise ValueError(f"prompt ({longest}) + max_tokens ({max_tokens}) exceeds the model's "
                              f"position limit {limit}; lower max_tokens")
-        device = self._device()
+        device = self.model.lm_head.weight.device
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
 
@@ -197,15 +190,9 @@ class Engine:
             if step > 0:
                 logits = self.model(ids, kv_cache=cache)[:, -1, :]
                 sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
-            column, masks = [], []
-            for i, row in enumerate(rows):
-                if row.done:
-                    column.append(row.end_token)
-                    masks.append(0)
-                    continue
-                token, mask = self.advance(row, sampled[i])
-                column.append(token)
-                masks.append(mask)
+            # a finished row repeats its terminal token (mask 0)
+            steps = [(row.end_token, 0) if row.done else self.advance(row, sampled[i]) for i, row in enumerate(rows)]
+            column, masks = [t for t, _ in steps], [m for _, m in steps]
             yield column, masks
             if all(row.done for row in rows):
                 return
@@ -219,7 +206,7 @@ class Engine:
 
         stop: strings that also end a row once its generated text contains one (lm-eval's `until`; the
         sequence keeps the token that completed it, the caller cuts the text)."""
-        prompts = _rows(tokens, num_samples)
+        prompts = _prompts(tokens, num_samples)
         results = [list(p) for p in prompts]
         masks = [[0] * len(p) for p in prompts]
         done = [False] * len(prompts)

@@ -25,7 +25,7 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Optional
 
@@ -45,14 +45,10 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 class ServeSettings:
     model_name: str = "nanochat"
     retry_after_s: int = 1
-    limits: Limits = None  # type: ignore[assignment]
-    defaults: Defaults = None  # type: ignore[assignment]
+    limits: Limits = field(default_factory=Limits)
+    defaults: Defaults = field(default_factory=Defaults)
     api_key: Optional[str] = None   # required as `Authorization: Bearer <key>` on /v1/* and /chat/completions
     stream_interval_ms: float = 0.0  # streamed tokens go out at most this often, joined per choice (_Mailbox)
-
-    def __post_init__(self) -> None:
-        self.limits = self.limits or Limits()
-        self.defaults = self.defaults or Defaults()
 
 
 def _sse(obj) -> str:

@@ -13,13 +13,13 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
 
-from nanochat.serve.scheduler import Observer
-
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
-class ServerMetrics(Observer):
+class ServerMetrics:
+    """The registry; schedulers count into it from their threads (prometheus-client is thread-safe)."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -33,22 +33,6 @@ class ServerMetrics(Observer):
                               buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("nanochat_inter_token_latency_seconds", "Gap between tokens of a sequence",
                              buckets=ITL_BUCKETS, registry=r)
-
-    # Observer hooks (called on scheduler threads; prometheus-client is thread-safe)
-    def first_token(self, seconds: float) -> None:
-        self.ttft.observe(seconds)
-
-    def inter_token(self, seconds: float) -> None:
-        self.itl.observe(seconds)
-
-    def tokens(self, n: int) -> None:
-        self.generated.inc(n)
-
-    def queue_depth(self, n: int) -> None:
-        self.queue.set(n)
-
-    def finished(self, reason: str) -> None:
-        self.finished_seqs.labels(reason=reason).inc()
 
     def request(self, route: str, status: int) -> None:
         self.requests.labels(route=route, status=str(status)).inc()

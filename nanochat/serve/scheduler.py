@@ -67,6 +67,7 @@ import torch
 from nanochat.engine import Engine, RowState, sample_next_token
 from nanochat.gpt import KVCache
 from nanochat.packed import pack_for_inference
+from nanochat.serve.metrics import ServerMetrics
 from nanochat.serve.prefix_cache import PrefixCache
 
 TOOL_KINDS = {"<|python_start|>": "python_start", "<|python_end|>": "python_end",
@@ -220,16 +221,6 @@ class _Group:
     done: int = 0          # prompt tokens whose keys/values are in its prefill row
 
 
-class Observer:
-    """Hooks the scheduler calls (the app counts them for /metrics); all no-ops here."""
-
-    def first_token(self, seconds: float) -> None: ...
-    def inter_token(self, seconds: float) -> None: ...
-    def tokens(self, n: int) -> None: ...
-    def queue_depth(self, n: int) -> None: ...
-    def finished(self, reason: str) -> None: ...
-
-
 # CPU attention (flash, for CPU) splits the queries of a forward into blocks of 32 (64, 256 for long
 # inputs); a block of fewer than MIN_ROWS queries takes a matrix-vector path with other rounding.
 Q_BLOCK, MIN_ROWS = 32, 4
@@ -251,7 +242,7 @@ class Scheduler:
     """Continuous batching over one model replica (see the module docstring)."""
 
     def __init__(self, model, tokenizer, max_seqs: int = 16, max_queue: int = 64,
-                 observer: Optional[Observer] = None, name: str = "replica0", kv_bucket: int = 16,
+                 observer: Optional[ServerMetrics] = None, name: str = "replica0", kv_bucket: int = 16,
                  decode_tile: int = 1, prefill_rows: int = 16, prefill_chunk: int = 256,
                  prefix_cache_mb: float = 256.0, threads: Optional[int] = None, warmup: bool = False):
         """The sizes are checked where a user sets them (stage.* in nanochat/stages/serve.py)."""
@@ -262,7 +253,7 @@ class Scheduler:
         self.context = model.config.sequence_len
         self.max_seqs, self.max_queue = max_seqs, max_queue
         self.kv_bucket = kv_bucket
-        self.observer = observer or Observer()
+        self.observer = observer or ServerMetrics()   # the app shares one between its replicas (/metrics)
         self.prefill_chunk = prefill_chunk
         # prepacked products are row-invariant at any number of rows (nanochat/packed.py); tiles need
         # row invariance, without it every step computes every row (see the docstring)
@@ -366,7 +357,7 @@ class Scheduler:
                 group.seqs.append(Sequence(group.prompt, p, sink_for(i), self.device))
             self.waiting.append(group)
             self._last_submit = time.perf_counter()
-            self.observer.queue_depth(len(self.waiting))
+            self.observer.queue.set(len(self.waiting))
             self._cv.notify()
         return group.seqs
 
@@ -474,7 +465,7 @@ class Scheduler:
 
     def _end(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:
         if not seq.finished:
-            self.observer.finished(reason)
+            self.observer.finished_seqs.labels(reason=reason).inc()
         seq.finish(reason, error)
 
     def _free(self, seq: Sequence, reason: str) -> None:
@@ -510,7 +501,7 @@ class Scheduler:
                 slot = self.prefilling.index(None)
                 self.prefilling[slot] = group = self.waiting.popleft()
                 self._start_prefill(group, slot)
-            self.observer.queue_depth(len(self.waiting))
+            self.observer.queue.set(len(self.waiting))
         busy = [(i, g) for i, g in enumerate(self.prefilling) if g is not None]
         if not busy:
             return
@@ -588,13 +579,13 @@ class Scheduler:
         now = time.perf_counter()
         if seq.first_token_at is None:
             seq.first_token_at = now
-            self.observer.first_token(now - seq.submitted)
+            self.observer.ttft.observe(now - seq.submitted)
         else:
-            self.observer.inter_token(now - seq.last_token_at)
+            self.observer.itl.observe(now - seq.last_token_at)
         seq.last_token_at = now
         seq.tokens.append(token)
         self.generated += 1
-        self.observer.tokens(1)
+        self.observer.generated.inc()
         if token in self.end_tokens:
             self._free(seq, "stop")
             return

@@ -154,16 +154,13 @@ def request_models(limits: Limits, max_n: int) -> tuple[type[BaseModel], type[Ba
         stop=(Union[str, list[str], None], Field(None, description=f"up to {limits.max_stop} strings")),
     )
     stream_opts = create_model("StreamOptions", __config__=open_, include_usage=(bool, False))
-    openai_req = create_model(
-        "ChatCompletionRequest", __config__=open_, **common,
-        n=(Optional[int], Field(None, ge=1, le=n_max, description="answers to the same prompt")),
-        stream=(bool, Field(False, description="true: text/event-stream of chat.completion.chunk events")),
-        stream_options=(Optional[stream_opts], None))
-    nanochat_req = create_model(
-        "NanochatChatRequest", __config__=open_, **common,
-        n=(Optional[int], Field(None, ge=1, le=n_max, description="ignored: one answer")),
-        stream=(bool, Field(False, description="ignored: the answer always streams")),
-        stream_options=(Optional[stream_opts], None))
+    # the two protocols differ in what `n` and `stream` mean: (model, n, stream)
+    docs = (("ChatCompletionRequest", "answers to the same prompt", "true: text/event-stream of chat.completion.chunk "
+             "events"), ("NanochatChatRequest", "ignored: one answer", "ignored: the answer always streams"))
+    openai_req, nanochat_req = (create_model(
+        name, __config__=open_, **common, n=(Optional[int], Field(None, ge=1, le=n_max, description=n_doc)),
+        stream=(bool, Field(False, description=stream_doc)), stream_options=(Optional[stream_opts], None))
+        for name, n_doc, stream_doc in docs)
     return openai_req, nanochat_req
 
 

@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
@@ -22,12 +23,6 @@ import uvicorn
 from nanochat.config import Config, ConfigError, ServeStageConfig
 from nanochat.stage_plan import SourceRun, StagePlan, model_plan
 from nanochat.stages import Stage
-
-
-def _model_name(cfg: Config, source: Path, meta: dict) -> str:
-    if cfg.stage.model_name:
-        return cfg.stage.model_name
-    return f"nanochat-{source.parent.name}-{meta.get('stage') or source.parent.parent.name}"
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -81,14 +76,12 @@ def run(cfg: Config, run_dir: Path) -> dict:
     source = Path(st.init_from)
     metrics = ServerMetrics()
     pool, tokenizer, meta = build_pool(cfg, source, metrics)
+    def from_stage(cls, **kw):   # the stage keys of the same names (the limits, the defaults)
+        return cls(**{f.name: getattr(st, f.name) for f in fields(cls) if hasattr(st, f.name)}, **kw)
     settings = ServeSettings(
-        model_name=_model_name(cfg, source, meta), retry_after_s=st.retry_after_s,
-        stream_interval_ms=st.stream_interval_ms,
-        limits=Limits(max_messages=st.max_messages, max_message_chars=st.max_message_chars,
-                      max_total_chars=st.max_total_chars, max_temperature=st.max_temperature,
-                      max_top_k=st.max_top_k, max_max_tokens=st.max_max_tokens, max_n=st.max_seqs),
-        defaults=Defaults(temperature=st.temperature, top_k=st.top_k, max_tokens=st.max_tokens, seed=st.seed),
-        api_key=api_key(cfg))
+        model_name=st.model_name or f"nanochat-{source.parent.name}-{meta.get('stage') or source.parent.parent.name}",
+        retry_after_s=st.retry_after_s, stream_interval_ms=st.stream_interval_ms,
+        limits=from_stage(Limits, max_n=st.max_seqs), defaults=from_stage(Defaults), api_key=api_key(cfg))
     app = build_app(pool, tokenizer, settings, metrics)
     server = _Server(uvicorn.Config(app, host=st.host, port=st.port, log_level="warning", access_log=False,
                                     timeout_graceful_shutdown=st.shutdown_grace_s + 2.0, lifespan="off"),

@@ -119,9 +119,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     session = ChatSession(model, tokenizer, args.temperature, args.top_k, args.max_tokens, args.seed)
     if args.prompt is not None:
         for piece in session.reply(args.prompt):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+            print(piece, end="", flush=True)
+        print()
         return 0
     print(f"nanochat-chat · {run_dir} ({meta.get('stage')}, step {meta.get('step')}) · "
           f"'clear' starts over, 'quit' exits")
@@ -139,11 +138,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             continue
         if not text:
             continue
-        sys.stdout.write("Assistant: ")
+        print("Assistant: ", end="")
         for piece in session.reply(text):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+            print(piece, end="", flush=True)
+        print()
 
 
 if __name__ == "__main__":

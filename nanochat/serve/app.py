@@ -204,8 +204,7 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
     metrics = metrics or ServerMetrics()
     app = FastAPI(title="nanochat", description="OpenAI-compatible chat completions and nanochat's streaming "
                   "protocol over one model (nanochat-hydra `stage=serve`).", redoc_url=None)
-    app.state.pool, app.state.metrics, app.state.settings = pool, metrics, settings
-    app.state.draining = False
+    app.state.draining = False   # set by the serve stage on SIGINT / SIGTERM
     app.state.mailbox = None   # made on the first request, in the server's event loop
     limits, defaults = settings.limits, settings.defaults
     key = settings.api_key.encode() if settings.api_key else None
@@ -355,19 +354,17 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
     async def health():
         reps = [{"name": s.name, "device": str(s.device), "active": s.active(), "free_rows": s.free_rows(),
                  "waiting": len(s.waiting), "max_seqs": s.max_seqs} for s in pool.schedulers]
-        warming = pool.warming   # requests are served meanwhile, just not at full speed
-        failed = pool.failed
-        ready = not app.state.draining and not warming and not failed
-        status = "draining" if app.state.draining else "failed" if failed else "warming" if warming else "ok"
-        metrics.request("/health", 200 if ready else 503)
-        return JSONResponse({"status": status, "ready": ready, "model": settings.model_name,
-                             "replicas": reps, "free_slots": pool.free_rows(), "context": pool.context},
-                            status_code=200 if ready else 503)
+        # while warming up, requests are served, just not at full speed
+        status = "draining" if app.state.draining else "failed" if pool.failed else "warming" if pool.warming else "ok"
+        metrics.request("/health", 200 if status == "ok" else 503)
+        return JSONResponse({"status": status, "ready": status == "ok", "model": settings.model_name, "replicas": reps,
+                             "free_slots": sum(r["free_rows"] for r in reps), "context": pool.context},
+                            status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics", response_class=Response,
              responses={200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prom():
-        metrics.queue.set(pool.waiting())
+        metrics.queue.set(sum(len(s.waiting) for s in pool.schedulers))
         metrics.active.set(sum(s.active() for s in pool.schedulers))
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

@@ -70,19 +70,17 @@ class ChatRequest:
 
 
 def _number(body: dict, key: str, lo: float, hi: float, integer: bool) -> Optional[float]:
-    if key not in body or body[key] is None:
+    v = body.get(key)
+    if v is None:
         return None
-    v = body[key]
-    kind = "an integer" if integer else "a number"
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
-        raise RequestError(f"'{key}' must be {kind} in [{lo:g}, {hi:g}], got {v!r}", key, "invalid_type")
-    if integer and isinstance(v, float):
-        if not v.is_integer():
-            raise RequestError(f"'{key}' must be an integer in [{lo:g}, {hi:g}], got {v!r}", key, "invalid_type")
-        v = int(v)
+    # JSON's 3.0 is an integer; a float is finite (is_integer() is False for inf and nan)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (
+            isinstance(v, float) and not (v.is_integer() if integer else math.isfinite(v))):
+        raise RequestError(f"'{key}' must be {'an integer' if integer else 'a number'} in [{lo:g}, {hi:g}], "
+                           f"got {v!r}", key, "invalid_type")
     if not lo <= v <= hi:
         raise RequestError(f"'{key}' must be in [{lo:g}, {hi:g}], got {v!r}", key, "out_of_range")
-    return v
+    return int(v) if integer else v
 
 
 def _content_text(content: Any, i: int, limits: Limits) -> str:
@@ -156,28 +154,22 @@ def parse_chat_request(body: Any, limits: Limits, defaults: Defaults) -> ChatReq
     top_p = _number(body, "top_p", 0.0, 1.0, False)
     if top_p is not None and top_p <= 0:
         raise RequestError(f"'top_p' must be in (0, 1], got {top_p!r}", "top_p", "out_of_range")
-    max_tokens = None
-    for key in ("max_completion_tokens", "max_tokens"):
-        v = _number(body, key, limits.min_max_tokens, limits.max_max_tokens, True)
-        if v is not None and max_tokens is None:
-            max_tokens = v
+    # both are checked; the newer name wins
+    max_tokens, legacy = (_number(body, key, limits.min_max_tokens, limits.max_max_tokens, True)
+                          for key in ("max_completion_tokens", "max_tokens"))
+    max_tokens = legacy if max_tokens is None else max_tokens
     n = _number(body, "n", 1, limits.max_n, True)
     seed = body.get("seed")
     seed = int(seed) if isinstance(seed, float) and seed.is_integer() else seed   # JSON's 42.0 is an integer
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
         raise RequestError(f"'seed' must be a non-negative integer, got {seed!r}", "seed", "invalid_type")
     stop = body.get("stop")
-    if stop is None:
-        stops: tuple[str, ...] = ()
-    elif isinstance(stop, str):
-        stops = (stop,) if stop else ()
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        if len(stop) > limits.max_stop:
-            raise RequestError(f"'stop' has {len(stop)} sequences; the limit is {limits.max_stop}", "stop",
-                               "too_many_stop")
-        stops = tuple(s for s in stop if s)
-    else:
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not (isinstance(stops, list) and all(isinstance(s, str) for s in stops)):
         raise RequestError(f"'stop' must be a string or a list of strings, got {stop!r}", "stop", "invalid_type")
+    if len(stops) > limits.max_stop:
+        raise RequestError(f"'stop' has {len(stops)} sequences; the limit is {limits.max_stop}", "stop",
+                           "too_many_stop")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(f"'stream' must be true or false, got {stream!r}", "stream", "invalid_type")
@@ -195,7 +187,7 @@ def parse_chat_request(body: Any, limits: Limits, defaults: Defaults) -> ChatReq
         top_k=defaults.top_k if top_k is None else int(top_k),
         top_p=None if top_p is None or top_p >= 1 else float(top_p),
         max_tokens=defaults.max_tokens if max_tokens is None else int(max_tokens),
-        n=1 if n is None else int(n), seed=seed, stop=stops, stream=stream, model=model,
+        n=1 if n is None else int(n), seed=seed, stop=tuple(s for s in stops if s), stream=stream, model=model,
         include_usage=bool(opts.get("include_usage", False)))
 
 

@@ -25,8 +25,6 @@ import torch
 
 class PrefixCache:
     def __init__(self, budget_bytes: int, block: int = 16):
-        if budget_bytes < 0 or block < 1:
-            raise ValueError(f"PrefixCache(budget_bytes={budget_bytes}, block={block}): need budget >= 0, block >= 1")
         self.budget, self.block = budget_bytes, block
         self.k: Optional[torch.Tensor] = None   # (blocks, n_layer, n_kv_head, block, head_dim), made at the first insert
         self.v: Optional[torch.Tensor] = None
@@ -57,20 +55,24 @@ class PrefixCache:
         (len(result) * block tokens); read them with `read`."""
         if not self.enabled or self.k is None:
             return []
-        found, parent = [], -1
-        for chunk in self._blocks(tokens, min(limit, len(tokens))):
-            bid = self.index.get((parent, chunk))
-            if bid is None:
-                break
-            found.append(bid)
-            parent = bid
-        for bid in found:            # parents before children: a leaf is never older than its parent
-            self.lru.move_to_end(bid)
+        found = self._stored(self._blocks(tokens, min(limit, len(tokens))))
         if found:
             self.hits += 1
             self.reused_tokens += len(found) * self.block
         else:
             self.misses += 1
+        return found
+
+    def _stored(self, chunks: list[tuple[int, ...]]) -> list[int]:
+        """The blocks that hold the leading `chunks` of a prompt (as many as are stored), marked used."""
+        found, parent = [], -1
+        for chunk in chunks:
+            bid = self.index.get((parent, chunk))
+            if bid is None:
+                break
+            found.append(bid)
+            self.lru.move_to_end(bid)   # parents before children: a leaf is never older than its parent
+            parent = bid
         return found
 
     def read(self, blocks: list[int], k_out: torch.Tensor, v_out: torch.Tensor) -> None:
@@ -89,15 +91,8 @@ class PrefixCache:
         if self.k is None and not self._allocate(k):
             return 0
         chunks = self._blocks(tokens, len(tokens))
-        path, parent = [], -1
-        for chunk in chunks:                       # the stored part: a prefix of the prompt's blocks
-            bid = self.index.get((parent, chunk))
-            if bid is None:
-                break
-            path.append(bid)
-            self.lru.move_to_end(bid)
-            parent = bid
-        new = []
+        path = self._stored(chunks)                # the stored part: a prefix of the prompt's blocks
+        parent, new = (path[-1] if path else -1), []
         for chunk in chunks[len(path):]:
             bid = self._take(protect=path + new)
             if bid is None:                        # the pool is smaller than this prompt: keep what fits

@@ -666,12 +666,6 @@ class ReplicaPool:
             s.replica = k
         return seqs
 
-    def free_rows(self) -> int:
-        return sum(s.free_rows() for s in self.schedulers)
-
-    def waiting(self) -> int:
-        return sum(len(s.waiting) for s in self.schedulers)
-
     @property
     def warming(self) -> bool:
         """A replica's idle-time warm-up is still running (/health reports not ready until it is done)."""

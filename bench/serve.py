@@ -55,9 +55,13 @@ CLIENT_LOG: list = []   # (pattern, k, prompt, sent, first token) of every reque
 # --------------------------------------------------------------------------- model (both processes)
 
 def prepare_random_model(out: Path) -> None:
-    """A demo-size GPT with random weights and a 4096-token tokenizer trained on the demo corpus."""
+    """A demo-size GPT with random weights and a 4096-token tokenizer trained on the demo corpus, as a
+    checkpoint (checkpoints/step_*/ as a run's) and the tokenizer beside it."""
+    import dataclasses
+
     import torch
 
+    from nanochat.checkpoint import step_dir_name
     from nanochat.dataset import build_demo_docs
     from nanochat.gpt import GPTConfig, build_model
     from nanochat.tokenizer import train_tokenizer
@@ -68,25 +72,20 @@ def prepare_random_model(out: Path) -> None:
         g = torch.Generator().manual_seed(0)
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    torch.save(model.state_dict(), out / "model.pt")
-    (out / "config.json").write_text(json.dumps({**DEMO, "vocab_size": tok.get_vocab_size()}))
+    ckpt = out / "checkpoints" / step_dir_name(0)
+    ckpt.mkdir(parents=True)
+    torch.save(model.state_dict(), ckpt / "model.pt")
+    (ckpt / "meta.json").write_text(json.dumps({"model_config": dataclasses.asdict(model.config)}))
 
 
 def load_model(args):
-    import torch
+    """(model, tokenizer) of --run, or of the random model in --model-dir."""
+    from nanochat.chat_cli import load
     if args.run:
-        from nanochat.chat_cli import load
-        model, tok, _ = load(args.run, "cpu")
-        return model, tok
-    from nanochat.gpt import GPT, GPTConfig
+        return load(args.run, "cpu")[:2]
+    from nanochat.checkpoint import load_model_from_run
     from nanochat.tokenizer import Tokenizer
-    d = Path(args.model_dir)
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**json.loads((d / "config.json").read_text())))
-    model.to_empty(device="cpu")
-    model.init_rotary()
-    model.load_state_dict(torch.load(d / "model.pt", weights_only=True), assign=True)
-    return model.eval(), Tokenizer.load(d / "tokenizer")
+    return load_model_from_run(args.model_dir, "cpu")[0], Tokenizer.load(Path(args.model_dir) / "tokenizer")
 
 
 def serve_only(args) -> None:
@@ -149,16 +148,8 @@ def trace(sched) -> dict:
     return log
 
 
-def engine_tok_s(args, prompt: list[int]) -> float:
+def engine_tok_s(eng, args, prompt: list[int]) -> float:
     """The Engine alone: batch 1, no server, decode tokens/s."""
-    import torch
-
-    from nanochat.engine import Engine
-    from nanochat.packed import pack_for_inference
-    torch.set_num_threads(args.threads)
-    model, tok = load_model(args)
-    pack_for_inference(model)   # as the server's model (nanochat/packed.py)
-    eng = Engine(model, tok)
     best: dict[int, float] = {}
     short = max(2, args.tokens // 4)
     for _ in range(args.repeats):
@@ -170,14 +161,9 @@ def engine_tok_s(args, prompt: list[int]) -> float:
     return (args.tokens - short) / (best[args.tokens] - best[short])   # as the clients measure: by difference
 
 
-def pick_prompts(args, count: int) -> list[str]:
-    """User messages that our model answers greedily for the full max_tokens (no early end)."""
-    import torch
-
-    from nanochat.engine import Engine
-    torch.set_num_threads(args.threads)
-    model, tok = load_model(args)
-    eng = Engine(model, tok)
+def pick_prompts(eng, args, count: int) -> tuple[list[str], list[int]]:
+    """User messages that our model answers greedily for the full max_tokens (no early end), and the
+    first one's prompt (its tokens)."""
     topics = ["the history of the Python programming language", "how a compiler works", "the rules of chess",
               "why the sky is blue", "how to bake bread", "the life of a star", "what a hash table is",
               "the French revolution", "how vaccines work", "the game of go", "how rain forms",
@@ -188,13 +174,12 @@ def pick_prompts(args, count: int) -> list[str]:
     out = []
     for i in range(200):
         text = f"Tell me about {topics[i % len(topics)]}" + (f" (part {i // len(topics)})" if i >= len(topics) else "")
-        prompt = tok.render_for_completion({"messages": [{"role": "user", "content": text},
-                                                         {"role": "assistant", "content": ""}]})
-        n = sum(1 for _ in eng.generate_batch(prompt, max_tokens=args.tokens, temperature=0.0)[0][0][len(prompt):])
-        if n == args.tokens:
-            out.append(text)
+        prompt = eng.tokenizer.render_for_completion({"messages": [{"role": "user", "content": text},
+                                                                   {"role": "assistant", "content": ""}]})
+        if len(eng.generate_batch(prompt, max_tokens=args.tokens, temperature=0.0)[0][0]) - len(prompt) == args.tokens:
+            out.append((text, prompt))
             if len(out) == count:
-                return out
+                return [t for t, _ in out], out[0][1]
     raise SystemExit(f"bench/serve.py: only {len(out)} of 200 prompts run to max_tokens={args.tokens} on this model")
 
 
@@ -387,17 +372,22 @@ def main() -> None:
         args.tokens, args.repeats, args.rounds, args.streams, args.turns, args.turn_tokens = 8, 1, 1, (1, 4), 3, 4
     if args.serve_only:
         return serve_only(args)
+    import torch
+
+    from nanochat.engine import Engine
+    from nanochat.packed import pack_for_inference
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryDirectory(prefix="nanochat_bench_serve_") as tmp:
         if not args.run:
             print("[bench] building a random-weight demo-size model (d4, vocab 4096, context 512) ...", flush=True)
             prepare_random_model(Path(tmp))
             args.model_dir = tmp
-        prompts = pick_prompts(args, max(args.streams))
-        model_, tok = load_model(args)
-        first = tok.render_for_completion({"messages": [{"role": "user", "content": prompts[0]},
-                                                        {"role": "assistant", "content": ""}]})
-        eng = engine_tok_s(args, first)
+        torch.set_num_threads(args.threads)
+        model, tok = load_model(args)
+        pack_for_inference(model)   # as the server's model (nanochat/packed.py)
+        engine = Engine(model, tok)
+        prompts, first = pick_prompts(engine, args, max(args.streams))
+        eng = engine_tok_s(engine, args, first)
         print(f"engine single stream (batch 1, no server): {eng:8.1f} tok/s", flush=True)
         ours_cmd = [sys.executable, __file__, "--serve-only", "--port={port}", f"--threads={args.threads}",
                     f"--stream-interval-ms={args.stream_interval_ms}"]
@@ -406,7 +396,7 @@ def main() -> None:
         if args.peer == "transformers":
             hf = export_hf(args, Path(tmp) / "hf")
             exe = Path(sys.executable).with_name("transformers")
-            capacity = MAX_SEQS * model_.config.sequence_len
+            capacity = MAX_SEQS * model.config.sequence_len
             peer_cmd = [str(exe), "serve", str(hf), "--host", "127.0.0.1", "--port", "{port}", "--device", "cpu",
                         "--dtype", "float32", "--continuous-batching", "--cb-block-size", str(CB_BLOCK),
                         "--cb-num-blocks", str(-(-capacity // CB_BLOCK))]

@@ -166,12 +166,8 @@ class _Submission:
         self.started = time.perf_counter()
 
     def _sink_for(self, i: int):
-        first = [True]
-
-        def sink(ev: Event) -> None:
-            self.mailbox.post(self.queue, (i, ev), urgent=first[0])   # a first token goes out at once
-            first[0] = False
-        return sink
+        sent = itertools.count()   # a first token goes out at once
+        return lambda ev: self.mailbox.post(self.queue, (i, ev), urgent=next(sent) == 0)
 
     def cancel(self) -> None:
         for s in self.seqs:

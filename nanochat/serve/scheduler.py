@@ -59,7 +59,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -78,10 +78,6 @@ INSIDE = {"python_start": "python", "output_start": "output", "python_end": "tex
 
 class QueueFull(Exception):
     """More than `max_queue` choices would wait for a KV-cache row (HTTP 429)."""
-
-    def __init__(self, waiting: int, limit: int):
-        super().__init__(f"server busy: {waiting} requests waiting (limit {limit}); retry shortly")
-        self.waiting, self.limit = waiting, limit
 
 
 class ShuttingDown(Exception):
@@ -217,7 +213,7 @@ class Sequence:
 class _Group:
     """One request: a prompt and its `n` sequences (prefilled once)."""
     prompt: list[int]
-    seqs: list[Sequence] = field(default_factory=list)
+    seqs: list[Sequence]
     done: int = 0          # prompt tokens whose keys/values are in its prefill row
 
 
@@ -351,10 +347,10 @@ class Scheduler:
             # choices that will wait for a row, counting this request: at most max_queue
             queued = sum(len(g.seqs) for g in self.waiting) + len(params) - self._unreserved_rows()
             if queued > self.max_queue:
-                raise QueueFull(len(self.waiting), self.max_queue)
-            group = _Group(list(prompt))
-            for i, p in enumerate(params):
-                group.seqs.append(Sequence(group.prompt, p, sink_for(i), self.device))
+                raise QueueFull(f"server busy: {len(self.waiting)} requests waiting (limit {self.max_queue}); "
+                                f"retry shortly")
+            prompt = list(prompt)
+            group = _Group(prompt, [Sequence(prompt, p, sink_for(i), self.device) for i, p in enumerate(params)])
             self.waiting.append(group)
             self._last_submit = time.perf_counter()
             self.observer.queue.set(len(self.waiting))

@@ -32,7 +32,9 @@ import argparse
 import asyncio
 import contextlib
 import contextvars
+import functools
 import json
+import operator
 import os
 import signal
 import socket
@@ -402,10 +404,10 @@ def main() -> None:
                         "--cb-num-blocks", str(-(-capacity // CB_BLOCK))]
             print("[bench] peer: " + " ".join(peer_cmd).replace("{port}", "<port>"), flush=True)
         ours = peer = None
+        if args.trace:
+            Path(args.trace).mkdir(parents=True, exist_ok=True)
         for r in range(args.rounds):
             CLIENT_LOG.clear()
-            if args.trace:
-                Path(args.trace).mkdir(parents=True, exist_ok=True)
             servers = {"ours": ours_cmd + ([f"--trace={args.trace}/ours{r}.json"] if args.trace else [])}
             models = {"ours": "bench"}
             if peer_cmd:
@@ -465,15 +467,11 @@ def report(eng: float, ours: dict, turns: dict, peer, args) -> None:
              ("TTFT p95 ms, every request", "ttft_ms_p95", ("ttft_ms_p95",)),
              ("requests ended short", "short_requests", ("short_requests",))]
 
-    def get(res: dict, path: tuple) -> float:
-        for k in path:
-            res = res[k]
-        return res
     print(f"\n{'figure':<36} {'ours':>10} {'peer':>10} {'ours/peer':>10}")
     ratios = {}
     for label, key, path in rows:
-        a = get(ours, path)
-        b = get(peer, path) if peer else None
+        a = functools.reduce(operator.getitem, path, ours)
+        b = functools.reduce(operator.getitem, path, peer) if peer else None
         r = a / b if b else None
         if r is not None and key != "short_requests":
             ratios[f"ratio_{key}"] = round(r, 3)

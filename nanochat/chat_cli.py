@@ -33,7 +33,7 @@ class ChatSession:
     def __init__(self, model, tokenizer, temperature: float = 0.6, top_k: Optional[int] = 50,
                  max_tokens: int = 256, seed: int = 42):
         from nanochat.engine import Engine
-        self.model, self.tok = model, tokenizer
+        self.tok = tokenizer
         self.engine = Engine(model, tokenizer)
         self.temperature, self.top_k, self.max_tokens, self.seed = temperature, top_k, max_tokens, seed
         self.sp = {n: tokenizer.encode_special(n) for n in

@@ -167,8 +167,7 @@ class Engine:
             raise ValueError(f"prompt ({longest}) + max_tokens ({max_tokens}) exceeds the model's "
                              f"position limit {limit}; lower max_tokens")
         device = self.model.lm_head.weight.device
-        rng = torch.Generator(device=device)
-        rng.manual_seed(seed)
+        rng = torch.Generator(device=device).manual_seed(seed)
 
         # prefill each distinct prompt once, then copy its cache rows to every row that continues it
         cache = KVCache.for_model(self.model, batch_size=len(prompts), max_len=longest + max_tokens)

@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -98,44 +98,38 @@ class _Mailbox:
             queue.put_nowait(item)
 
 
-class _Last(str):
-    """The last frame of an event stream (sent together with the end of the body)."""
-
-
 class _EventStream(Response):
     """A text/event-stream answer, written straight to the ASGI server: one write per batch of
     events, no task group per request (Starlette's StreamingResponse spends more CPU per request
     than the model's prefill of a short prompt on a small CPU). A client that goes away cancels
-    the request's sequences (`on_disconnect`), which ends the stream at the scheduler's next step."""
+    the request's sequences, which ends the stream at the scheduler's next step."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, frames: AsyncIterator[str], on_disconnect):
+    def __init__(self, sub: "_Submission", frames: Callable[[list[tuple[int, Event]], bool], str]):
         # no body, so no content-length: the answer is sent in chunks (as StreamingResponse does)
         self.status_code, self.background = 200, None
         self.init_headers(SSE_HEADERS)
-        self.frames, self.on_disconnect = frames, on_disconnect
+        self.sub, self.frames = sub, frames   # frames(batch, last): the text of a batch of events
 
     async def __call__(self, scope, receive, send) -> None:
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
-            self.on_disconnect()
+            self.sub.cancel()
 
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         watcher = asyncio.ensure_future(watch())
+        batches = self.sub.batches()
         try:
-            more = True
-            async for frame in self.frames:
-                more = not isinstance(frame, _Last)   # the last frame and the end of the body: one write
-                await send({"type": "http.response.body", "body": frame.encode(), "more_body": more})
-            if more:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            async for batch, last in batches:   # the last frames and the end of the body: one write
+                await send({"type": "http.response.body", "body": self.frames(batch, last).encode(),
+                            "more_body": not last})
         except OSError:         # the connection broke mid-write
-            self.on_disconnect()
+            self.sub.cancel()
         finally:
             watcher.cancel()
-            await self.frames.aclose()
+            await batches.aclose()
 
 
 def _merged(batch: list[tuple[int, Event]]) -> list[tuple[int, Event]]:
@@ -267,7 +261,7 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
         created = int(time.time())
         metrics.request("/v1/chat/completions", 200)
         if req.stream:
-            return _EventStream(_openai_stream(sub, cid, created, req.include_usage), sub.cancel)
+            return _EventStream(sub, _openai_frames(sub, cid, created, req.include_usage))
         texts, reasons = [""] * len(sub.seqs), [None] * len(sub.seqs)
         for i, ev in await _until_done(sub, request):
             if ev.kind == "done":
@@ -281,7 +275,7 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
             "usage": sub.usage(),
         }
 
-    async def _openai_stream(sub: _Submission, cid: str, created: int, include_usage: bool) -> AsyncIterator[str]:
+    def _openai_frames(sub: _Submission, cid: str, created: int, include_usage: bool):
         def chunk(**fields) -> str:
             return _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
                          "model": settings.model_name, **fields})
@@ -289,23 +283,24 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
         def choice(i: int, delta: dict, finish: Optional[str] = None) -> str:
             return chunk(choices=[{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}])
         # the role chunk goes out with the first token (one write fewer)
-        frames = [choice(i, {"role": "assistant", "content": ""}) for i in range(len(sub.seqs))]
-        async for batch, last in sub.batches():
+        role = [choice(i, {"role": "assistant", "content": ""}) for i in range(len(sub.seqs))]
+
+        def frames(batch: list[tuple[int, Event]], last: bool) -> str:
+            out = role.copy()
+            role.clear()   # sent with the first batch only
             for i, ev in batch:
                 if ev.kind == "done":
                     if ev.error:
-                        frames.append(_sse({"error": {"message": ev.error, "type": "server_error", "param": None,
-                                                      "code": "generation_failed"}}))
-                    frames.append(choice(i, {}, ev.finish_reason))
+                        out.append(_sse({"error": {"message": ev.error, "type": "server_error", "param": None,
+                                                   "code": "generation_failed"}}))
+                    out.append(choice(i, {}, ev.finish_reason))
                 else:
-                    frames.append(choice(i, {"content": ev.text}))   # tool markers included
-            if not last:
-                yield "".join(frames)
-                frames = []
-        # the last events, the usage and [DONE] go out in one write
-        if include_usage:
-            frames.append(chunk(choices=[], usage=sub.usage()))
-        yield _Last("".join(frames) + "data: [DONE]\n\n")
+                    out.append(choice(i, {"content": ev.text}))   # tool markers included
+            if last:   # the last events, the usage and [DONE] go out in one write
+                out += [chunk(choices=[], usage=sub.usage())] if include_usage else []
+                out.append("data: [DONE]\n\n")
+            return "".join(out)
+        return frames
 
     @app.get("/v1/models", responses=_responses({"application/json": schema.ModelList}, "the served model",
                                                  key is not None))
@@ -338,11 +333,7 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
             return _sse({"done": True, "finish_reason": ev.finish_reason, "tokens": n,
                          "tokens_per_second": tps, **({"error": ev.error} if ev.error else {})})
 
-        async def stream() -> AsyncIterator[str]:
-            async for batch, last in sub.batches():
-                text = "".join(frame(ev) for _, ev in batch)
-                yield _Last(text) if last else text
-        return _EventStream(stream(), sub.cancel)
+        return _EventStream(sub, lambda batch, last: "".join(frame(ev) for _, ev in batch))
 
     # ------------------------------------------------------------------ ops
     @app.get("/health", responses={200: {"model": schema.Health, "description": "ready"},

@@ -127,8 +127,7 @@ class Sequence:
     def __init__(self, prompt: list[int], params: SamplingParams, sink: Callable[[Event], None], device):
         self.id = next(Sequence._ids)
         self.prompt, self.params, self.sink = prompt, params, sink
-        self.rng = torch.Generator(device=device)
-        self.rng.manual_seed(int(params.seed))
+        self.rng = torch.Generator(device=device).manual_seed(int(params.seed))
         self.tokens: list[int] = []          # generated (sampled and forced)
         self.row: Optional[int] = None
         self.replica = 0                     # index of the replica (GPU) serving it
@@ -160,8 +159,11 @@ class Sequence:
         self._send("text", self._held)
         self._held = ""
 
-    def _text(self, piece: str) -> bool:
-        """Add plain text; returns True when a stop string ended the answer."""
+    def _out(self, piece: str) -> bool:
+        """Stream decoded text; returns True when a stop string (searched in plain text) ended the answer."""
+        if self.kind != "text":
+            self._send(self.kind, piece)
+            return False
         run = self._held + piece
         hits = [i for i in (run.find(s) for s in self.params.stop) if i >= 0]
         if hits:
@@ -190,14 +192,6 @@ class Sequence:
             self.kind = INSIDE[kind]
             return False
         return self._out(self._decoder.decode(tokenizer.enc.decode_single_token_bytes(token)))
-
-    def _out(self, piece: str) -> bool:
-        if not piece:
-            return False
-        if self.kind == "text":
-            return self._text(piece)
-        self._send(self.kind, piece)
-        return False
 
     def finish(self, reason: str, error: Optional[str] = None) -> None:
         if self.finished:
@@ -501,8 +495,7 @@ class Scheduler:
         busy = [(i, g) for i, g in enumerate(self.prefilling) if g is not None]
         if not busy:
             return
-        T = min(self.prefill_chunk, max(len(g.prompt) - g.done for _, g in busy))
-        T = _chunk_shape(T)
+        T = _chunk_shape(min(self.prefill_chunk, max(len(g.prompt) - g.done for _, g in busy)))
         # rows [0, n) of the prefill cache; T >= MIN_ROWS keeps every matrix product at >= MIN_ROWS
         # rows, and so does taking MIN_ROWS logits per row
         n = busy[-1][0] + 1
@@ -582,14 +575,9 @@ class Scheduler:
         seq.tokens.append(token)
         self.generated += 1
         self.observer.generated.inc()
-        if token in self.end_tokens:
-            self._free(seq, "stop")
-            return
-        if seq.emit_token(token, self.tokenizer, self.special_names):
-            self._free(seq, "stop")
-            return
-        limit = min(seq.params.max_tokens, self.context - len(seq.prompt))
-        if len(seq.tokens) >= limit:
+        if token in self.end_tokens or seq.emit_token(token, self.tokenizer, self.special_names):
+            self._free(seq, "stop")   # the model ended the answer, or a stop string did
+        elif len(seq.tokens) >= min(seq.params.max_tokens, self.context - len(seq.prompt)):
             self._free(seq, "length")
 
     # -------------------------------------------------------------- decode

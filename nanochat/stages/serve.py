@@ -37,6 +37,11 @@ def api_key(cfg: Config) -> Optional[str]:
     return key
 
 
+def _same_names(st: ServeStageConfig, names) -> dict:
+    """The stage keys of these names (the Scheduler's, Limits' and Defaults' parameters are named as they are)."""
+    return {n: getattr(st, n) for n in names if hasattr(st, n)}
+
+
 def build_pool(cfg: Config, source: Path, metrics):
     """Load one replica per device and start its scheduler: (pool, tokenizer, meta)."""
     import torch
@@ -57,11 +62,9 @@ def build_pool(cfg: Config, source: Path, metrics):
         model, tokenizer, meta = load(source, dev)
         if hw.dtype != "float32" and model.lm_head.weight.device.type != "cpu":
             model = model.to(getattr(torch, hw.dtype))
-        schedulers.append(Scheduler(model, tokenizer, st.max_seqs, st.max_queue, metrics, name=f"replica{i}",
-                                    kv_bucket=st.kv_bucket, decode_tile=st.decode_tile,
-                                    prefill_rows=st.prefill_rows, prefill_chunk=st.prefill_chunk,
-                                    prefix_cache_mb=st.prefix_cache_mb, threads=threads,
-                                    warmup=True))
+        keys = ("max_seqs", "max_queue", "kv_bucket", "decode_tile", "prefill_rows", "prefill_chunk", "prefix_cache_mb")
+        schedulers.append(Scheduler(model, tokenizer, observer=metrics, name=f"replica{i}", threads=threads,
+                                    warmup=True, **_same_names(st, keys)))
     return ReplicaPool(schedulers).start(), tokenizer, meta
 
 
@@ -76,12 +79,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
     source = Path(st.init_from)
     metrics = ServerMetrics()
     pool, tokenizer, meta = build_pool(cfg, source, metrics)
-    def from_stage(cls, **kw):   # the stage keys of the same names (the limits, the defaults)
-        return cls(**{f.name: getattr(st, f.name) for f in fields(cls) if hasattr(st, f.name)}, **kw)
     settings = ServeSettings(
         model_name=st.model_name or f"nanochat-{source.parent.name}-{meta.get('stage') or source.parent.parent.name}",
-        retry_after_s=st.retry_after_s, stream_interval_ms=st.stream_interval_ms,
-        limits=from_stage(Limits, max_n=st.max_seqs), defaults=from_stage(Defaults), api_key=api_key(cfg))
+        retry_after_s=st.retry_after_s, stream_interval_ms=st.stream_interval_ms, api_key=api_key(cfg),
+        limits=Limits(**_same_names(st, (f.name for f in fields(Limits))), max_n=st.max_seqs),
+        defaults=Defaults(**_same_names(st, (f.name for f in fields(Defaults)))))
     app = build_app(pool, tokenizer, settings, metrics)
     server = _Server(uvicorn.Config(app, host=st.host, port=st.port, log_level="warning", access_log=False,
                                     timeout_graceful_shutdown=st.shutdown_grace_s + 2.0, lifespan="off"),

@@ -134,7 +134,6 @@ class Sequence:
         self.state: Optional[RowState] = None
         self.cancelled = False
         self.finished = False
-        self.finish_reason: Optional[str] = None
         self.submitted = time.perf_counter()
         self.first_token_at: Optional[float] = None
         self.last_token_at: Optional[float] = None
@@ -199,7 +198,7 @@ class Sequence:
         if not self._stop_hit:
             if not self._out(self._decoder.decode(b"", final=True)) and self.kind == "text":
                 self._flush_held()
-        self.finished, self.finish_reason = True, reason
+        self.finished = True
         self.sink(Event("done", finish_reason=reason, error=error))
 
 

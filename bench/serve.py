@@ -188,11 +188,11 @@ def pick_prompts(eng, args, count: int) -> tuple[list[str], list[int]]:
 # --------------------------------------------------------------------------- clients
 
 async def one_stream(client, url: str, model: str, messages: list[dict], tokens: int) -> dict:
-    """One streaming request: generated tokens (from usage), ttft, first/last token time, text."""
+    """One streaming request: generated tokens (from usage), ttft, first token time, text."""
     body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": tokens,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    first = last = None
+    first = None
     n, text = 0, []
     async with client.stream("POST", url + "v1/chat/completions", json=body) as resp:
         resp.raise_for_status()
@@ -204,11 +204,10 @@ async def one_stream(client, url: str, model: str, messages: list[dict], tokens:
                 n = chunk["usage"]["completion_tokens"]   # tokens, not text chunks
             for ch in chunk.get("choices") or []:
                 if (ch.get("delta") or {}).get("content"):
-                    last = time.perf_counter()
-                    first = first or last
+                    first = first or time.perf_counter()
                     text.append(ch["delta"]["content"])
-    return {"n": n, "ttft": (first or t0) - t0, "t0": t0, "first": first or t0, "last": last or t0,
-            "text": "".join(text), "total": time.perf_counter() - t0}
+    return {"n": n, "ttft": (first or t0) - t0, "t0": t0, "first": first or t0, "text": "".join(text),
+            "total": time.perf_counter() - t0}
 
 
 async def measure(targets: dict[str, tuple[str, str]], args, prompts: list[str]) -> dict[str, dict]:

@@ -457,11 +457,9 @@ def report(eng: float, ours: dict, turns: dict, peer, args) -> None:
     ours, peer = summarize(ours), peer and summarize(peer)
     rows = [("single-stream decode tok/s", "single_stream_tok_s", ("single_stream_tok_s",))]
     rows += [(f"aggregate tok/s, {k:>2} streams", f"agg{k}", ("aggregate_tok_s", str(k))) for k in args.streams]
-    for pattern in ("burst", "staggered"):
-        for k in [*map(str, args.streams), "all"]:
-            for q in ("p50", "p95"):
-                label = f"TTFT {q} ms, {pattern} {k + ' streams' if k != 'all' else '(all)'}"
-                rows.append((label, f"ttft_{q}_{pattern}_{k}", ("ttft_ms", pattern, k, q)))
+    rows += [(f"TTFT {q} ms, {pattern} {k + ' streams' if k != 'all' else '(all)'}", f"ttft_{q}_{pattern}_{k}",
+              ("ttft_ms", pattern, k, q))
+             for pattern in ("burst", "staggered") for k in [*map(str, args.streams), "all"] for q in ("p50", "p95")]
     rows += [("TTFT p50 ms, every request", "ttft_ms_p50", ("ttft_ms_p50",)),
              ("TTFT p95 ms, every request", "ttft_ms_p95", ("ttft_ms_p95",)),
              ("requests ended short", "short_requests", ("short_requests",))]

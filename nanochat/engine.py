@@ -67,10 +67,11 @@ def _prompts(tokens, num_samples: int) -> list[list[int]]:
     many = isinstance(tokens, (list, tuple)) and bool(tokens) and all(isinstance(t, (list, tuple)) for t in tokens)
     if num_samples < 1 or (many and num_samples != 1):
         raise ValueError(f"Engine.generate(num_samples={num_samples}): must be >= 1 (1 for a list of prompts)")
-    prompts = [list(p) for p in tokens] if many else [list(tokens) if isinstance(tokens, (list, tuple)) else []]
+    one = list(tokens) if isinstance(tokens, (list, tuple)) else []
+    prompts = [list(p) for p in tokens] if many else [one] * num_samples
     if not all(p and all(isinstance(t, int) for t in p) for p in prompts):
         raise ValueError("Engine.generate(tokens=...): give a non-empty list of token ids (or of such lists)")
-    return prompts if many else prompts * num_samples
+    return prompts
 
 
 @dataclass

@@ -157,7 +157,6 @@ class _Submission:
         params = [SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
                                  top_p=req.top_p, seed=base + i, stop=req.stop) for i in range(req.n)]
         self.seqs = pool.submit(prompt, params, self._sink_for)
-        self.started = time.perf_counter()
 
     def _sink_for(self, i: int):
         sent = itertools.count()   # a first token goes out at once
@@ -327,9 +326,9 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
             if ev.kind != "done":
                 return _sse({"token": ev.text, "gpu": replica, "kind": ev.kind})
             seq = sub.seqs[0]
-            took = (seq.last_token_at or time.perf_counter()) - (seq.first_token_at or sub.started)
-            n = len(seq.tokens)
-            tps = (n - 1) / took if n > 1 and took > 0 else None
+            n = len(seq.tokens)   # each one timed (first_token_at, last_token_at)
+            took = seq.last_token_at - seq.first_token_at if n > 1 else 0
+            tps = (n - 1) / took if took > 0 else None
             return _sse({"done": True, "finish_reason": ev.finish_reason, "tokens": n,
                          "tokens_per_second": tps, **({"error": ev.error} if ev.error else {})})
 

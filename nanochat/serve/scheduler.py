@@ -632,8 +632,6 @@ class ReplicaPool:
     """Data parallel serving: one Scheduler per device; new requests go to the least loaded one."""
 
     def __init__(self, schedulers: list[Scheduler]):
-        if not schedulers:
-            raise ValueError("ReplicaPool needs at least one Scheduler")
         self.schedulers = schedulers
         self.context, self.max_seqs = schedulers[0].context, schedulers[0].max_seqs
 

@@ -37,6 +37,10 @@ def api_key(cfg: Config) -> Optional[str]:
     return key
 
 
+SCHEDULER_KEYS = ("max_seqs", "max_queue", "kv_bucket", "decode_tile", "prefill_rows", "prefill_chunk",
+                  "prefix_cache_mb")
+
+
 def _same_names(st: ServeStageConfig, names) -> dict:
     """The stage keys of these names (the Scheduler's, Limits' and Defaults' parameters are named as they are)."""
     return {n: getattr(st, n) for n in names if hasattr(st, n)}
@@ -62,9 +66,8 @@ def build_pool(cfg: Config, source: Path, metrics):
         model, tokenizer, meta = load(source, dev)
         if hw.dtype != "float32" and model.lm_head.weight.device.type != "cpu":
             model = model.to(getattr(torch, hw.dtype))
-        keys = ("max_seqs", "max_queue", "kv_bucket", "decode_tile", "prefill_rows", "prefill_chunk", "prefix_cache_mb")
         schedulers.append(Scheduler(model, tokenizer, observer=metrics, name=f"replica{i}", threads=threads,
-                                    warmup=True, **_same_names(st, keys)))
+                                    warmup=True, **_same_names(st, SCHEDULER_KEYS)))
     return ReplicaPool(schedulers).start(), tokenizer, meta
 
 

@@ -11,6 +11,7 @@ import time
 from typing import Any, Callable, Optional
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from nanochat.common import rank_world
 from nanochat.lifecycle import EvalProgress, check_stop
@@ -18,15 +19,6 @@ from nanochat.tasks import CHANCE_ACCURACY, TaskDataError, make_task, parse_spec
 
 DEFAULT_CHAT_TASKS = ["arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spellingbee", "simplespelling",
                       "arithmetic"]
-
-
-def _sum_all(values: list[float], device) -> list[float]:
-    from nanochat.training import dist_sum
-    return dist_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
-
-
-def task_key(spec: Any) -> str:
-    return parse_spec(spec)[0]
 
 
 # --------------------------------------------------------------------------- chat scoring
@@ -51,10 +43,7 @@ def score_categorical(model, tokenizer, task, indices: list[int], device, batch_
         prompts = [tokenizer.render_for_completion(c) for c in convs]
         if limit:
             prompts = [p[-limit:] for p in prompts]
-        L = max(len(p) for p in prompts)
-        ids = torch.zeros((len(prompts), L), dtype=torch.long, device=device)
-        for r, p in enumerate(prompts):
-            ids[r, :len(p)] = torch.tensor(p, dtype=torch.long)
+        ids = pad_sequence([torch.tensor(p, dtype=torch.long) for p in prompts], batch_first=True).to(device)
         logits = model(ids)  # (B, L, V); right padding: position len-1 only sees the prompt
         for r, (conv, p) in enumerate(zip(convs, prompts)):
             letters = conv["letters"]
@@ -98,24 +87,27 @@ def centered(accuracy: float, chance: float) -> float:
     return (accuracy - chance) / (1.0 - chance)
 
 
-def evaluate_chat_tasks(model, tokenizer, specs: list, device, *, max_per_task: int = -1,
+def evaluate_chat_tasks(model, tokenizer, specs: list, device, *, max_per_task: int | dict[str, int] = -1,
                         data_dir: Optional[str] = None, base_dir: Any = None,
                         log: Callable[[str], None] = print, batch_size: int = 8, num_samples: int = 1,
                         max_new_tokens: int = 256, temperature: float = 0.0, top_k: Optional[int] = 50,
                         seed: int = 42, required: bool = False) -> dict:
-    """Score a chat model on each task spec (held-out split); ranks split the examples.
+    """Score a chat model on each task spec (held-out split); ranks split the examples. `max_per_task`
+    caps the examples of every task, or of each task by name (a dict); -1 = all.
 
     Returns {"tasks": {name: {accuracy, correct, total, eval_type, chance, centered, seconds}},
              "chatcore": mean centered accuracy (None when no task ran), "skipped": {name: reason}}.
     A task whose data is missing is skipped (named in "skipped"), or raises with required=True.
     """
+    from nanochat.training import dist_sum
     rank, world = rank_world()
     was_training = model.training
     model.eval()
     out: dict = {"tasks": {}, "skipped": {}}
     try:
         for spec in specs:
-            name = task_key(spec)
+            name = parse_spec(spec)[0]
+            cap = max_per_task.get(name, -1) if isinstance(max_per_task, dict) else max_per_task
             try:
                 task = make_task(spec, "test", data_dir=data_dir, base_dir=str(base_dir) if base_dir else None)
             except (TaskDataError, OSError) as e:
@@ -124,7 +116,7 @@ def evaluate_chat_tasks(model, tokenizer, specs: list, device, *, max_per_task: 
                 out["skipped"][name] = str(e)[:200]
                 log(f"eval: skipping {name} (no data: {str(e)[:120]})")
                 continue
-            n = len(task) if max_per_task is None or max_per_task < 0 else min(len(task), max_per_task)
+            n = len(task) if cap is None or cap < 0 else min(len(task), cap)
             indices = list(range(rank, n, world))
             t0 = time.time()
             progress = EvalProgress(name, len(indices), log)  # a line every 10 s, and the stop check
@@ -134,7 +126,8 @@ def evaluate_chat_tasks(model, tokenizer, specs: list, device, *, max_per_task: 
                 correct = score_generative(model, tokenizer, task, indices, num_samples=num_samples,
                                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                            seed=seed, progress=progress)
-            correct, total = _sum_all([correct, len(indices)], device)
+            sums = torch.tensor([correct, len(indices)], dtype=torch.float64, device=device)
+            correct, total = dist_sum(sums).tolist()
             acc = correct / max(1.0, total)
             chance = CHANCE_ACCURACY.get(name, 0.25 if task.eval_type == "categorical" else 0.0)
             out["tasks"][name] = {"accuracy": acc, "correct": int(correct), "total": int(total),
@@ -154,14 +147,6 @@ CHATCORE_TASKS = ["arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval"]  # 
 def chatcore(model, tokenizer, device, *, max_cat: int = -1, max_sample: int = 24, data_dir: Optional[str] = None,
              base_dir: Any = None, log: Callable[[str], None] = print, batch_size: int = 8, seed: int = 42) -> dict:
     """ChatCORE during training: categorical tasks capped at max_cat, generative at max_sample problems."""
-    out: dict = {"tasks": {}, "skipped": {}}
-    for spec in CHATCORE_TASKS:
-        task_cat = spec in ("arc_easy", "arc_challenge", "mmlu")
-        r = evaluate_chat_tasks(model, tokenizer, [spec], device, max_per_task=max_cat if task_cat else max_sample,
-                                data_dir=data_dir, base_dir=base_dir, log=log, batch_size=batch_size, seed=seed,
-                                max_new_tokens=256)
-        out["tasks"].update(r["tasks"])
-        out["skipped"].update(r["skipped"])
-    tasks = out["tasks"]
-    out["chatcore"] = sum(r["centered"] for r in tasks.values()) / len(tasks) if tasks else None
-    return out
+    caps = {spec: max_cat if spec in ("arc_easy", "arc_challenge", "mmlu") else max_sample for spec in CHATCORE_TASKS}
+    return evaluate_chat_tasks(model, tokenizer, CHATCORE_TASKS, device, max_per_task=caps, data_dir=data_dir,
+                               base_dir=base_dir, log=log, batch_size=batch_size, seed=seed, max_new_tokens=256)

@@ -37,6 +37,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from nanochat.common import atomic_write_text, rank_world
 from nanochat.lifecycle import EvalProgress, check_stop
@@ -53,10 +54,6 @@ def _bundle_ok(path: Path) -> bool:
     return (path / "core.yaml").is_file()
 
 
-def _is_reference(configured: str) -> bool:
-    return "://" in configured  # https://…/eval_bundle.zip or hf://datasets/<owner>/<name>/<file>.zip
-
-
 def ensure_eval_bundle(base_dir: str | os.PathLike, configured: str | None = None, *,
                        url: str = EVAL_BUNDLE_URL, retries: int = 5, backoff_s: float = 2.0) -> Path:
     """The CORE bundle dir: `configured` if it holds core.yaml, else <base_dir>/eval_bundle.
@@ -68,7 +65,7 @@ def ensure_eval_bundle(base_dir: str | os.PathLike, configured: str | None = Non
     unzipped into a temp dir that is renamed into place under a file lock, so concurrent
     ranks/jobs fetch it once and never see half a bundle.
     """
-    if configured and _is_reference(configured):
+    if configured and "://" in configured:  # https://…/eval_bundle.zip or hf://datasets/<owner>/<name>/<file>.zip
         url, configured = configured, None
     if configured:
         path = Path(configured).expanduser()
@@ -258,33 +255,16 @@ def scored_spans(task_type: str, tokens: list[list[int]]) -> tuple[list[list[int
         spans = [(with_, start, len(with_))]
     else:
         raise ValueError(f"task type {task_type!r}: use one of {', '.join(TASK_TYPES)}")
-    seqs, starts, ends = [], [], []
-    for t, s, e in spans:
-        seqs.append(t)
-        starts.append(max(1, min(s, e - 1)))
-        ends.append(e)
-    return seqs, starts, ends
+    return [t for t, _, _ in spans], [max(1, min(s, e - 1)) for _, s, e in spans], [e for _, _, e in spans]
 
 
 def crop_left(seqs: list[list[int]], starts: list[int], ends: list[int], max_len: int | None):
     """Keep the last `max_len` tokens of each sequence (the continuation is at the end)."""
     if not max_len:
         return seqs, starts, ends
-    out = ([], [], [])
-    for t, s, e in zip(seqs, starts, ends):
-        cut = max(0, len(t) - max_len)
-        out[0].append(t[cut:])
-        out[1].append(max(1, s - cut))
-        out[2].append(e - cut)
-    return out
-
-
-def model_max_seq_len(model: torch.nn.Module) -> Optional[int]:
-    n = getattr(model, "max_seq_len", None)
-    if n is None:
-        cfg = getattr(model, "config", None)
-        n = getattr(cfg, "sequence_len", None)
-    return n
+    cuts = [max(0, len(t) - max_len) for t in seqs]
+    return ([t[c:] for t, c in zip(seqs, cuts)], [max(1, s - c) for s, c in zip(starts, cuts)],
+            [e - c for e, c in zip(ends, cuts)])
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -294,11 +274,8 @@ def score_example(model, seqs: list[list[int]], starts: list[int], ends: list[in
                   gold: Optional[int], pad_id: int, device) -> bool:
     """One forward over all of an example's sequences (right-padded with BOS: the padding comes
     after every scored token, so causal attention never lets it change a score)."""
-    T = max(len(t) for t in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for i, t in enumerate(seqs):
-        ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-    ids = ids.to(device)
+    ids = pad_sequence([torch.tensor(t, dtype=torch.long) for t in seqs], batch_first=True,
+                       padding_value=pad_id).to(device)
     logits = model(ids)
     if task_type == "language_modeling":
         s, e = starts[0], ends[0]
@@ -345,7 +322,7 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task_spec: TaskSpec, exampl
     if n == 0:
         raise ValueError(f"{task_spec.label}: no examples to evaluate (file {task_spec.data_path})")
     rank, world = rank_world()
-    max_len = model_max_seq_len(model)
+    max_len = getattr(model, "max_seq_len", None) or getattr(getattr(model, "config", None), "sequence_len", None)
     pad_id = tokenizer.get_bos_token_id()
     correct = torch.zeros(n, dtype=torch.float32, device=device)
     for idx in range(rank, n, world):

@@ -26,6 +26,7 @@ the AST (nothing is ever passed to `eval`), with a time budget and a cap on numb
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
 import operator
@@ -54,19 +55,10 @@ class ExecutionResult:
     timeout: bool = False         # killed for running past `timeout`
     memory_exceeded: bool = False  # hit the address-space limit
 
-    def __repr__(self) -> str:
-        parts = [f"success={self.success}"]
-        if self.timeout:
-            parts.append("timeout=True")
-        if self.memory_exceeded:
-            parts.append("memory_exceeded=True")
-        if self.error:
-            parts.append(f"error={self.error!r}")
-        if self.stdout:
-            parts.append(f"stdout={self.stdout[:200]!r}")
-        if self.stderr:
-            parts.append(f"stderr={self.stderr[:200]!r}")
-        return f"ExecutionResult({', '.join(parts)})"
+    def __repr__(self) -> str:   # success, then only what is set, output cut to 200 characters
+        parts = {"timeout": self.timeout, "memory_exceeded": self.memory_exceeded, "error": self.error,
+                 "stdout": self.stdout[:200], "stderr": self.stderr[:200]}
+        return f"ExecutionResult(success={self.success}" + "".join(f", {k}={v!r}" for k, v in parts.items() if v) + ")"
 
 
 # The child's program. It reads {"code", "timeout", "max_memory_bytes", ...} as JSON on
@@ -176,12 +168,10 @@ try:
     signal.setitimer(signal.ITIMER_REAL, 0)
     report["success"] = True
 except TimeoutException:
-    report["timeout"] = True
-    report["error"] = "TimeoutException: timed out"
+    report.update(timeout=True, error="TimeoutException: timed out")
 except MemoryError as e:
     signal.setitimer(signal.ITIMER_REAL, 0)
-    report["memory_exceeded"] = True
-    report["error"] = "MemoryError: " + str(e)
+    report.update(memory_exceeded=True, error="MemoryError: " + str(e))
 except BaseException as e:
     signal.setitimer(signal.ITIMER_REAL, 0)
     report["error"] = f"{type(e).__name__}: {e}"
@@ -194,17 +184,6 @@ real_stdout.write(REPORT_MARK + json.dumps(report) + "\n")
 real_stdout.flush()
 os._exit(0)
 ''' % {"mark": _REPORT_MARK, "max_capture": _MAX_CAPTURE, "max_file": _MAX_FILE_BYTES}
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError, OSError):
-        pass
-    try:
-        proc.kill()
-    except OSError:
-        pass
 
 
 def _read_capped(path: str) -> str:
@@ -244,7 +223,10 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int | None =
                 proc.wait(timeout=timeout + 5.0)
             except subprocess.TimeoutExpired:
                 timed_out = True
-            _kill_group(proc)  # also reaps anything the program managed to leave behind
+            with contextlib.suppress(OSError):  # the group: also reaps anything the program left behind
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                proc.kill()
             proc.wait()
         raw_out = _read_capped(out_path)
         raw_err = _read_capped(err_path)
@@ -267,14 +249,9 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int | None =
         report = json.loads(raw_out[idx + len(_REPORT_MARK):].splitlines()[0])
     except (ValueError, IndexError):
         return ExecutionResult(False, stderr=raw_err[-_MAX_CAPTURE:], error="unreadable sandbox report")
-    return ExecutionResult(
-        success=bool(report["success"]),
-        stdout=report.get("stdout", ""),
-        stderr=report.get("stderr", ""),
-        error=report.get("error"),
-        timeout=bool(report.get("timeout")),
-        memory_exceeded=bool(report.get("memory_exceeded")),
-    )
+    return ExecutionResult(success=bool(report["success"]), stdout=report.get("stdout", ""),
+                           stderr=report.get("stderr", ""), error=report.get("error"),
+                           timeout=bool(report.get("timeout")), memory_exceeded=bool(report.get("memory_exceeded")))
 
 
 # ----------------------------------------------------------------------------- calculator

@@ -1,7 +1,8 @@
 """lm-evaluation-harness on our own model: an lm-eval model class over GPT (scoring) and the Engine
 (generation), and task definitions that read local data.
 
-    run_harness(model, tokenizer, harness_cfg, data_dir, log) → {"results", "lm_eval_version", ...}
+    run_stage(model, tokenizer, harness_cfg, shared_data, run_dir, master, log) → result.json's part
+    (harness.json: {"results", "lm_eval_version", ...})
 
 `NanochatLM` (registered in lm-eval as `nanochat`) answers lm-eval's three request types with our model:
 - loglikelihood: lm-eval's TemplateLM splits (context, continuation) into tokens; we prepend <|bos|> (every
@@ -37,7 +38,8 @@ class HarnessError(ValueError):
 # ----------------------------------------------------------------------------- local data
 
 def _jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
+    import gzip
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -69,11 +71,7 @@ def load_mmlu_subject(data_dir: str, subject: str, **_: Any):
 
 
 def load_humaneval(data_dir: str, **_: Any):
-    import gzip
-    path = Path(data_dir) / "humaneval" / "HumanEval.jsonl.gz"
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return _dataset({"test": rows})
+    return _dataset({"test": _jsonl(Path(data_dir) / "humaneval" / "HumanEval.jsonl.gz")})
 
 
 def humaneval_programs(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
@@ -205,11 +203,6 @@ def config_hash(cfg: Any) -> str:
 
 # ----------------------------------------------------------------------------- the model class
 
-def _lm_base():
-    from lm_eval.api.model import TemplateLM
-    return TemplateLM
-
-
 def make_lm_class():
     """Build (once) and register the lm-eval model class; lm_eval is imported only when asked for."""
     global NanochatLM
@@ -217,14 +210,16 @@ def make_lm_class():
         return NanochatLM
     import torch
     import torch.nn.functional as F
+    from torch.nn.utils.rnn import pad_sequence
     import lm_eval.models  # noqa: F401  (fills lm-eval's registry first: it only does so while empty)
+    from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
     from nanochat.engine import Engine
     from nanochat.lifecycle import check_stop
 
-    class _NanochatLM(_lm_base()):
+    class _NanochatLM(TemplateLM):
         """lm-eval's view of our GPT + tokenizer (see the module docstring)."""
 
         def __init__(self, model=None, tokenizer=None, batch_size: int = 16, max_gen_toks: int = 256,
@@ -265,34 +260,22 @@ def make_lm_class():
         def tok_decode(self, ids: list[int]) -> str:
             return self.tok.decode(ids)
 
-        def _between_batches(self) -> None:
-            check_stop()        # EvalInterrupted: the eval stage exits 75 (preempted, rerun it)
-
-        def _dev(self):
-            return self.model.lm_head.weight.device
-
         @torch.inference_mode()
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw) -> list[tuple[float, bool]]:
-            L = self.max_length
-            items = []
-            for i, (_, ctx, cont) in enumerate(requests):
-                whole = (ctx + cont)[-(L + 1):]
-                items.append((i, whole[:-1], len(cont)))
+            L = self.max_length    # the last L + 1 tokens: L inputs predict the L after the first
+            items = [(i, (ctx + cont)[-(L + 1):-1], len(cont)) for i, (_, ctx, cont) in enumerate(requests)]
             order = sorted(range(len(items)), key=lambda j: -len(items[j][1]))
             out: list[Optional[tuple[float, bool]]] = [None] * len(items)
             for b0 in range(0, len(order), self.batch_size_):
                 batch = [items[j] for j in order[b0:b0 + self.batch_size_]]
-                T = max(len(x[1]) for x in batch)
-                idx = torch.zeros(len(batch), T, dtype=torch.long)
-                for r, (_, inp, _) in enumerate(batch):
-                    idx[r, :len(inp)] = torch.tensor(inp)
-                logp = F.log_softmax(self.model(idx.to(self._dev())).float(), dim=-1)
+                idx = pad_sequence([torch.tensor(inp, dtype=torch.long) for _, inp, _ in batch], batch_first=True)
+                logp = F.log_softmax(self.model(idx.to(self.model.lm_head.weight.device)).float(), dim=-1)
                 for r, (i, inp, n) in enumerate(batch):
                     cont = torch.tensor(requests[i][2][-n:] if n else [], dtype=torch.long, device=logp.device)
                     rows = logp[r, len(inp) - n:len(inp)]
                     greedy = bool((rows.argmax(-1) == cont).all())
                     out[i] = (float(rows.gather(1, cont[:, None]).sum()), greedy)
-                self._between_batches()
+                check_stop()   # EvalInterrupted: the eval stage exits 75 (preempted, rerun it)
             return out   # type: ignore[return-value]
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -317,7 +300,7 @@ def make_lm_class():
                 for j, t in zip(idxs, self._generate_batch([args[j][0] for j in idxs], dict(args[idxs[0]][1]))):
                     out[j] = t
                 b0 += len(idxs)
-                self._between_batches()
+                check_stop()   # EvalInterrupted: the eval stage exits 75 (preempted, rerun it)
             return out   # type: ignore[return-value]
 
         def _generate_batch(self, contexts: list[str], kw: dict) -> list[str]:
@@ -329,13 +312,9 @@ def make_lm_class():
             prompts = [self.tok_encode(c)[-max(1, reach - max_new):] for c in contexts]
             seqs, _ = self.engine.generate_batch(prompts, max_tokens=max_new, temperature=temp, seed=1234,
                                                  stop=until)
-            texts = []
-            for p, seq in zip(prompts, seqs):
-                text = self.tok.decode(seq[len(p):])
-                for x in until:
-                    if x:
-                        text = text.split(x)[0]
-                texts.append(text)
+            texts = [self.tok.decode(seq[len(p):]) for p, seq in zip(prompts, seqs)]
+            for x in filter(None, until):
+                texts = [t.split(x)[0] for t in texts]
             return texts
 
     register_model("nanochat")(_NanochatLM)
@@ -350,11 +329,15 @@ def run_stage(model, tokenizer, hcfg, shared_data: Optional[str], run_dir: Path,
     """The eval stage's harness mode: run on rank 0, write harness.json, return result.json's part."""
     from nanochat.common import atomic_write_json
     data_dir = resolve_data_dir(hcfg.data_dir, shared_data)
-    task_configs(list(hcfg.tasks), data_dir)              # fail early, on every rank, with the reason
+    configs = task_configs(list(hcfg.tasks), data_dir)    # fail early, on every rank, with the reason
     if not master:
         return {"mode": "harness"}
-    out = run_harness(model, tokenizer, list(hcfg.tasks), data_dir, limit=hcfg.limit, num_fewshot=hcfg.num_fewshot,
-                      batch_size=hcfg.batch_size, max_gen_toks=hcfg.max_gen_toks, log=log)
+    import importlib.metadata as md
+    import os
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    lm = make_lm_class()(model, tokenizer, batch_size=hcfg.batch_size, max_gen_toks=hcfg.max_gen_toks)
+    res = evaluate(lm, configs, limit=hcfg.limit, num_fewshot=hcfg.num_fewshot)
+    out = summarize(res, md.version("lm-eval"))
     atomic_write_json(Path(run_dir) / "harness.json", out)
     for task, m in out["results"].items():
         if not task.startswith("mmlu_"):
@@ -363,19 +346,6 @@ def run_stage(model, tokenizer, hcfg, shared_data: Optional[str], run_dir: Path,
     return {"mode": "harness", "harness": {**out, "results": main},
             "task_accuracy": {t: v for t, m in main.items()
                               if (v := m.get("acc,none", m.get("exact_match,strict-match", m.get("pass_at_1,create_test")))) is not None}}
-
-
-def run_harness(model, tokenizer, tasks: list[str], data_dir: Optional[str], *, limit: Optional[int] = None,
-                num_fewshot: Optional[int] = None, batch_size: int = 16, max_gen_toks: int = 256,
-                log: Callable[[str], None] = print) -> dict:
-    """lm-eval's simple_evaluate on `tasks` through our model; returns a JSON-able summary."""
-    import importlib.metadata as md
-    import os
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    configs = task_configs(list(tasks), data_dir)
-    lm = make_lm_class()(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks)
-    res = evaluate(lm, configs, limit=limit, num_fewshot=num_fewshot)
-    return summarize(res, md.version("lm-eval"))
 
 
 def evaluate(lm: Any, configs: list[dict], **kwargs: Any) -> dict:

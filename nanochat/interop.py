@@ -29,7 +29,7 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -61,19 +61,20 @@ class NanochatArch:
     n_embd: int
     window_pattern: str
 
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
 
 # ----------------------------------------------------------------------------- RoPE row order
 
-def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of nanochat's c_q/c_k (half-split RoPE) → ours (interleaved pairs, second of each negated)."""
+def _head_rows(w: torch.Tensor, n_heads: int) -> tuple[int, int, int]:
+    """(rows, cols, head dim) of a c_q/c_k weight, refusing a row count that no RoPE head split has."""
     rows, cols = w.shape
     if rows % n_heads or (rows // n_heads) % 2:
         raise InteropError(f"cannot split {rows} rows into {n_heads} heads of even size")
-    hd = rows // n_heads
+    return rows, cols, rows // n_heads
+
+
+def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of nanochat's c_q/c_k (half-split RoPE) → ours (interleaved pairs, second of each negated)."""
+    rows, cols, hd = _head_rows(w, n_heads)
     h = w.reshape(n_heads, 2, hd // 2, cols)              # (head, half, i, in)
     out = torch.stack([h[:, 0], -h[:, 1]], dim=2)         # (head, i, pair, in)
     return out.reshape(rows, cols).contiguous()
@@ -81,10 +82,7 @@ def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Inverse of `halves_to_interleaved` (exact: a reorder and a sign flip)."""
-    rows, cols = w.shape
-    if rows % n_heads or (rows // n_heads) % 2:
-        raise InteropError(f"cannot split {rows} rows into {n_heads} heads of even size")
-    hd = rows // n_heads
+    rows, cols, hd = _head_rows(w, n_heads)
     h = w.reshape(n_heads, hd // 2, 2, cols)              # (head, i, pair, in)
     out = torch.stack([h[:, :, 0], -h[:, :, 1]], dim=1)   # (head, half, i, in)
     return out.reshape(rows, cols).contiguous()
@@ -141,12 +139,16 @@ def gpt_config_kwargs(arch: NanochatArch) -> dict:
     return shape.gpt_config_kwargs()
 
 
-def _rope_keys(n_layer: int) -> dict[str, str]:
-    """c_q / c_k weight names → which head count reorders them."""
+def _reorder_rope(state: dict[str, torch.Tensor], n_layer: int, n_head: int, n_kv_head: int,
+                  reorder: Callable[[torch.Tensor, int], torch.Tensor],
+                  dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """Every tensor on the CPU (in `dtype`, when given), the rows of each c_q / c_k reordered per head."""
+    heads = {f"transformer.h.{i}.attn.{name}.weight": n for i in range(n_layer)
+             for name, n in (("c_q", n_head), ("c_k", n_kv_head))}
     out = {}
-    for i in range(n_layer):
-        out[f"transformer.h.{i}.attn.c_q.weight"] = "n_head"
-        out[f"transformer.h.{i}.attn.c_k.weight"] = "n_kv_head"
+    for k, v in state.items():
+        t = v.detach().to("cpu", dtype)
+        out[k] = (reorder(t, heads[k]) if k in heads else t).contiguous()
     return out
 
 
@@ -157,15 +159,9 @@ def check_against(state: dict[str, torch.Tensor], expected: dict[str, tuple], wh
     bad_shape = [f"{k}: {tuple(state[k].shape)} (expected {tuple(expected[k])})"
                  for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != tuple(expected[k])]
     not_tensor = [k for k in state if not isinstance(state[k], torch.Tensor)]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if unknown:
-        problems.append(f"unknown keys {unknown}")
-    if bad_shape:
-        problems.append(f"misshapen tensors {bad_shape}")
-    if not_tensor:
-        problems.append(f"non-tensor values at {not_tensor}")
+    problems = [f"{kind} {found}" for kind, found in (("missing keys", missing), ("unknown keys", unknown),
+                                                       ("misshapen tensors", bad_shape),
+                                                       ("non-tensor values at", not_tensor)) if found]
     if problems:
         raise InteropError(f"{what}: " + "; ".join(problems))
 
@@ -184,15 +180,7 @@ def from_nanochat(state: dict[str, Any], model_config: dict) -> tuple[dict, dict
     arch = detect_arch(state, model_config)
     kwargs = gpt_config_kwargs(arch)
     check_against(state, expected_shapes(kwargs), f"nanochat checkpoint ({arch.generation} layout)")
-    heads = {"n_head": arch.n_head, "n_kv_head": arch.n_kv_head}
-    rope = _rope_keys(arch.n_layer)
-    out = {}
-    for k, v in state.items():
-        t = v.detach().to("cpu", torch.float32)
-        if k in rope:
-            t = halves_to_interleaved(t, heads[rope[k]])
-        out[k] = t.contiguous()
-    return kwargs, out
+    return kwargs, _reorder_rope(state, arch.n_layer, arch.n_head, arch.n_kv_head, halves_to_interleaved, torch.float32)
 
 
 def to_nanochat(state: dict[str, torch.Tensor], cfg_kwargs: dict) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -222,15 +210,7 @@ def to_nanochat(state: dict[str, torch.Tensor], cfg_kwargs: dict) -> tuple[dict,
     mc = {k: int(c[k]) for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")}
     if modern:
         mc["window_pattern"] = str(c.get("window_pattern", "SSSL"))
-    rope = _rope_keys(mc["n_layer"])
-    heads = {"n_head": mc["n_head"], "n_kv_head": mc["n_kv_head"]}
-    out = {}
-    for k, v in state.items():
-        t = v.detach().to("cpu")
-        if k in rope:
-            t = interleaved_to_halves(t, heads[rope[k]])
-        out[k] = t.contiguous()
-    return mc, out
+    return mc, _reorder_rope(state, mc["n_layer"], mc["n_head"], mc["n_kv_head"], interleaved_to_halves)
 
 
 # ----------------------------------------------------------------------------- nanochat's files
@@ -255,11 +235,6 @@ def checkpoint_steps(ckpt_dir: Path) -> list[int]:
         if m and (ckpt_dir / f"meta_{m.group(1)}.json").is_file():
             steps.append(int(m.group(1)))
     return sorted(steps)
-
-
-def stage_of_dir(name: str) -> Optional[str]:
-    """Our stage for a nanochat checkpoint folder name (base_checkpoints → pretrain), or None."""
-    return next((stage for stage, folder in STAGE_DIRS.items() if folder == name), None)
 
 
 @dataclass
@@ -315,7 +290,7 @@ def locate(src: str | Path, stage: str = "auto", step: Optional[int] = None,
                            f"such as <base>/base_checkpoints/d20")
     if checkpoint_steps(src):                      # a checkpoint dir
         ckpt_dir, base = src, src.parent.parent
-        found = stage_of_dir(src.parent.name)
+        found = next((st for st, folder in STAGE_DIRS.items() if folder == src.parent.name), None)
         if stage == "auto":
             if found is None:
                 raise InteropError(f"{src}: its parent {src.parent.name!r} is none of {list(STAGE_DIRS.values())}; "
@@ -324,15 +299,11 @@ def locate(src: str | Path, stage: str = "auto", step: Optional[int] = None,
     else:                                          # a base dir
         base = src
         order = [stage] if stage != "auto" else list(reversed(STAGE_ORDER))
-        ckpt_dir = None
-        for st in order:
-            ckpt_dir = _pick_tag(base / STAGE_DIRS[st], tag)
-            if ckpt_dir is not None:
-                stage = st
-                break
-        if ckpt_dir is None:
+        picked = next(((st, d) for st in order if (d := _pick_tag(base / STAGE_DIRS[st], tag)) is not None), None)
+        if picked is None:
             where = ", ".join(f"{STAGE_DIRS[s]}/{tag or '<tag>'}" for s in order)
             raise InteropError(f"{src}: no nanochat checkpoint (model_NNNNNN.pt + meta_NNNNNN.json) in {where}")
+        stage, ckpt_dir = picked
     steps = checkpoint_steps(ckpt_dir)
     if step is None:
         step = steps[-1]

@@ -14,7 +14,6 @@ import math
 from typing import Iterable, Optional
 
 import torch
-import torch.distributed as dist
 
 from nanochat.common import is_rank0
 from nanochat.lifecycle import EvalProgress
@@ -62,9 +61,8 @@ def evaluate_bpb(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, t
         # where() rather than a product: an ignored position may carry a nan/inf loss
         total_nats += torch.where(count > 0, losses, torch.zeros_like(losses)).sum(dtype=acc_dtype)
         total_count += count.sum(dtype=torch.int64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
-        dist.all_reduce(total_count, op=dist.ReduceOp.SUM)
+    from nanochat.training import dist_sum
+    total_nats, total_count = dist_sum(total_nats), dist_sum(total_count)
     n = int(total_count.item())
     if n == 0:
         raise ValueError("evaluate_bpb: the evaluated targets cover 0 bytes (all special or ignored tokens); "

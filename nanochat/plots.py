@@ -30,30 +30,33 @@ def save(fig, path: Path, dpi: int = 110) -> Path:
     return path
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl rows; a torn last line (a run killed mid-write) is skipped."""
+def read_metrics(run_dir: Path, tail_bytes: int = 0) -> list[dict]:
+    """metrics.jsonl rows (of its last `tail_bytes` only, when given); a cut line (the tail's first) or a
+    torn one (a run killed mid-write) is skipped."""
+    try:
+        with open(Path(run_dir) / "metrics.jsonl", "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes) if tail_bytes else 0)
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return []
     rows = []
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return rows
-    for line in path.read_text().splitlines():
+    for line in lines:
         try:
             rows.append(json.loads(line))
         except ValueError:
             continue
-    return rows
+    return [r for r in rows if isinstance(r, dict)]
 
 
 def _flops_per_step(run_dir: Path) -> Optional[float]:
     """FLOPs of one optimizer step from the run's (effective) plan, when it has one."""
+    from nanochat.runs import read_file
     for name in ("effective_plan.json", "plan.json"):
-        p = Path(run_dir) / name
-        if p.exists():
-            try:
-                plan = json.loads(p.read_text())
-                return float(plan["flops_per_token"]) * float(plan["total_batch_size"])
-            except (ValueError, KeyError, TypeError):
-                continue
+        plan = read_file(Path(run_dir) / name)
+        try:
+            return float(plan["flops_per_token"]) * float(plan["total_batch_size"])
+        except (KeyError, TypeError, ValueError):  # no such plan, or one without them
+            continue
     return None
 
 

@@ -96,7 +96,7 @@ def build_report(results: list[dict]) -> list[dict]:
     return rows
 
 
-def _fmt_time(s: Optional[float]) -> str:
+def fmt_time(s: Optional[float]) -> str:
     if s is None:
         return "–"
     return f"{s:.0f}s" if s < 120 else f"{s / 60:.1f}min"
@@ -111,11 +111,11 @@ def _rel(path: str | Path, base: Optional[Path]) -> str:
 
 def to_markdown(rows: list[dict], title: str, base: Optional[Path] = None) -> str:
     total = sum(r["wall_s"] or 0 for r in rows)
-    lines = [f"# {title}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} · total wall time {_fmt_time(total)}",
+    lines = [f"# {title}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} · total wall time {fmt_time(total)}",
              "", "| stage | status | wall time | metrics | run dir |", "|---|---|---|---|---|"]
     for r in rows:
         metrics = r["metrics"].replace("|", "\\|")
-        lines.append(f"| {r['stage']} | {r['status']} | {_fmt_time(r['wall_s'])} | {metrics} | "
+        lines.append(f"| {r['stage']} | {r['status']} | {fmt_time(r['wall_s'])} | {metrics} | "
                      f"`{_rel(r['run_dir'], base)}` |")
     return "\n".join(lines) + "\n"
 
@@ -152,20 +152,15 @@ def curves_markdown(curves: list[tuple[str, Path]], base: Optional[Path] = None)
     return "\n".join(lines)
 
 
-def to_html(rows: list[dict], title: str, curves: list[tuple[str, Path]], base: Path) -> str:
-    """The same card as a self-contained HTML page (open it in a browser); links relative to `base`."""
+def to_html(markdown: str, title: str) -> str:
+    """The same card as a self-contained HTML page (open it in a browser), rendered from its markdown by
+    markdown-it (rich's own markdown parser)."""
     from html import escape
-    head = "".join(f"<th>{c}</th>" for c in ("stage", "status", "wall time", "metrics", "run dir"))
-    body = "".join(
-        f"<tr><td>{escape(r['stage'])}</td><td>{escape(r['status'])}</td><td>{_fmt_time(r['wall_s'])}</td>"
-        f"<td>{escape(r['metrics'])}</td><td><code>{escape(_rel(r['run_dir'], base))}</code></td></tr>" for r in rows)
-    imgs = "".join(f"<h3>{escape(stage)}</h3><img src=\"{escape(_rel(path, base))}\" alt=\"{escape(stage)} curves\">"
-                   for stage, path in curves)
+    from markdown_it import MarkdownIt
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
              "padding:4px 8px;text-align:left}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{escape(title)}</title><style>{style}</style>"
-            f"</head><body><h1>{escape(title)}</h1><table><tr>{head}</tr>{body}</table>"
-            + (f"<h2>Curves</h2>{imgs}" if curves else "") + "</body></html>\n")
+            f"</head><body>{MarkdownIt('commonmark').enable('table').render(markdown)}</body></html>\n")
 
 
 def write_report(cfg: Any, results: list[dict]) -> Path:
@@ -177,8 +172,9 @@ def write_report(cfg: Any, results: list[dict]) -> Path:
     path = root / "report.md"
     last = next((r["run_dir"] for r in reversed(rows) if r["run_dir"]), None)
     for d in [root] + ([Path(last)] if last else []):  # each copy links relative to where it lies
-        atomic_write_text(d / "report.md", to_markdown(rows, title, d) + curves_markdown(curves, d))
-        atomic_write_text(d / "report.html", to_html(rows, title, curves, d))
+        markdown = to_markdown(rows, title, d) + curves_markdown(curves, d)
+        atomic_write_text(d / "report.md", markdown)
+        atomic_write_text(d / "report.html", to_html(markdown, title))
     try:
         from rich.console import Console
         from rich.table import Table
@@ -186,7 +182,7 @@ def write_report(cfg: Any, results: list[dict]) -> Path:
         for col in ("stage", "status", "wall time", "metrics"):
             t.add_column(col, overflow="fold")
         for r in rows:
-            t.add_row(r["stage"], r["status"], _fmt_time(r["wall_s"]), r["metrics"])
+            t.add_row(r["stage"], r["status"], fmt_time(r["wall_s"]), r["metrics"])
         c = Console(highlight=False)
         c.print(t)
         c.print(f"report: {path}")

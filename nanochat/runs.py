@@ -37,14 +37,15 @@ def headline(stage: str) -> Optional[tuple[str, str]]:
     return key, "min" if ("loss" in key or "bpb" in key) else "max"
 
 
-def _read(path: Path, default: Any = None) -> Any:
+def read_file(path: Path) -> Any:
+    """A run dir's JSON or YAML file, parsed; None when missing, torn (a killed writer) or foreign."""
     try:
         if path.suffix == ".json":
             return read_json(path)
         import yaml
         return yaml.safe_load(path.read_text())
-    except Exception:  # missing, torn (a killed writer) or foreign: reads as absent
-        return default
+    except Exception:
+        return None
 
 
 def _alive(run_dir: Path) -> bool:
@@ -66,36 +67,20 @@ def run_status(run_dir: Path) -> str:
     return status if status in STATUSES else "unknown"
 
 
-def _metrics(run_dir: Path, tail_bytes: int = 0) -> list[dict]:
-    """metrics.jsonl rows (of its last `tail_bytes` only, when given); cut or torn lines are skipped."""
-    try:
-        with open(run_dir / "metrics.jsonl", "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes) if tail_bytes else 0)
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return []
-    rows = []
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return [r for r in rows if isinstance(r, dict)]
-
-
 def _last_metrics(run_dir: Path) -> dict:
     """The newest step's metrics, merged (train and val rows share a step), from the file's tail."""
-    rows = _metrics(run_dir, tail_bytes=65536)
+    from nanochat.plots import read_metrics
+    rows = read_metrics(run_dir, tail_bytes=65536)
     last = rows[-1].get("step") if rows else None
     return {k: v for r in rows if r.get("step") == last for k, v in r.items()}
 
 
 def run_info(run_dir: Path) -> dict:
     """One row of `ls`: what the run is, how far it got, its headline figure."""
-    cfg = _read(run_dir / "resolved_config.yaml", {}) or {}
-    meta = _read(run_dir / "meta.json", {}) or {}
-    plan = _read(run_dir / "plan.json", {}) or {}
-    result = _read(run_dir / "result.json", {}) or {}
+    cfg = read_file(run_dir / "resolved_config.yaml") or {}
+    meta = read_file(run_dir / "meta.json") or {}
+    plan = read_file(run_dir / "plan.json") or {}
+    result = read_file(run_dir / "result.json") or {}
     last = _last_metrics(run_dir)
     stage_cfg = cfg.get("stage") if isinstance(cfg, dict) else None
     stage = meta.get("stage") or (stage_cfg or {}).get("name") or "?"
@@ -123,11 +108,6 @@ def find_runs(root: Path) -> list[Path]:
         else:
             dirnames.sort()
     return found
-
-
-def _sweep_of(run_dir: Path) -> Optional[Path]:
-    """The Hydra multirun dir (it holds multirun.yaml) a run belongs to, if any."""
-    return next((p for p in run_dir.parents if (p / "multirun.yaml").is_file()), None)
 
 
 def _fmt(v: Any) -> str:
@@ -186,8 +166,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print("no runs match the filters")
         return 0
     groups: dict[Optional[Path], list[dict]] = {}
-    for i in infos:
-        groups.setdefault(_sweep_of(Path(i["dir"])), []).append(i)
+    for i in infos:   # by the Hydra multirun dir (it holds multirun.yaml) a run belongs to, if any
+        sweep = next((p for p in Path(i["dir"]).parents if (p / "multirun.yaml").is_file()), None)
+        groups.setdefault(sweep, []).append(i)
     out = []
     if None in groups:
         out.append(_table([HEADER, *(_cells(i, root) for i in groups.pop(None))]))
@@ -217,7 +198,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     a, b = _run_dir(args.run_a), _run_dir(args.run_b)
     lines = []
     for name, label in (("resolved_config.yaml", "config"), ("plan.json", "plan")):
-        fa, fb = _flat(_read(a / name, {}) or {}), _flat(_read(b / name, {}) or {})
+        fa, fb = _flat(read_file(a / name) or {}), _flat(read_file(b / name) or {})
         for k in sorted(set(fa) | set(fb)):
             if k not in ("run.dir",) and fa.get(k, "<absent>") != fb.get(k, "<absent>"):
                 lines.append([f"{label}.{k}", *(v if isinstance(v, str) else json.dumps(v)
@@ -233,8 +214,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def _curve(run_dir: Path, metric: str, x: str) -> list[tuple[float, float]]:
     """(x, value) points of one metric; x = step, or FLOPs = step × the plan's FLOPs per step."""
     from nanochat.plots import _flops_per_step, read_metrics
-    pts = [(r["step"], r[metric]) for r in read_metrics(run_dir) if isinstance(r, dict)
-           and isinstance(r.get(metric), (int, float)) and isinstance(r.get("step"), int)]
+    pts = [(r["step"], r[metric]) for r in read_metrics(run_dir)
+           if isinstance(r.get(metric), (int, float)) and isinstance(r.get("step"), int)]
     per_step = _flops_per_step(run_dir) if x == "flops" and pts else 1.0
     if per_step is None:
         raise RunsError(f"--x flops: {run_dir}/plan.json has no flops_per_token × total_batch_size; use --x step")

@@ -14,7 +14,6 @@ whose jobs differ in stage.target_flops. No Hydra here: it works on any copied s
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import sys
@@ -23,11 +22,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-import yaml
-
 from nanochat import scaling as S
 from nanochat.common import atomic_write_text
-from nanochat.results import PretrainResult
+from nanochat.plots import pyplot, save     # matplotlib itself is imported on first use
+from nanochat.report import fmt_time, wall_time_s
+from nanochat.results import PretrainResult, load_result
+from nanochat.runs import read_file
 
 PARAM_KINDS = ("total", "non_embedding", "matmul")
 DEFAULT_KIND = "matmul"  # nanochat's "scaling params": transformer matrices + lm_head
@@ -54,43 +54,28 @@ class RunRecord:
     by_source: dict = field(default_factory=dict)  # and the final val bpb of each source
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _breakdown_from_plan(plan: dict) -> dict:
-    from nanochat.plan import ModelShape, param_breakdown
-    return param_breakdown(ModelShape(**plan["model"]))
-
-
 def read_run(sweep_dir: Path, run_dir: Path) -> RunRecord:
     """One run dir → a record; `skip_reason` says why it cannot enter a fit."""
     rec = RunRecord(job=str(run_dir.relative_to(sweep_dir)), run_dir=run_dir, status="unknown")
-    status = _read_json(run_dir / "status.json") or {}
+    status = read_file(run_dir / "status.json") or {}
     rec.status = "completed" if (run_dir / "COMPLETED").exists() else status.get("status", "unfinished")
-    try:
-        cfg = yaml.safe_load((run_dir / "resolved_config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        cfg = {}
+    cfg = read_file(run_dir / "resolved_config.yaml") or {}
     rec.depth = (cfg.get("model") or {}).get("depth")
     tf = (cfg.get("stage") or {}).get("target_flops")
     rec.budget = float(tf) if tf not in (None, "") and float(tf) > 0 else None
-    try:
-        rec.overrides = [str(o) for o in (yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or [])]
-    except (OSError, yaml.YAMLError):
-        rec.overrides = []
-    plan = _read_json(run_dir / "plan.json") or {}
-    raw = _read_json(run_dir / "result.json")
+    rec.overrides = [str(o) for o in read_file(run_dir / ".hydra" / "overrides.yaml") or []]
+    plan = read_file(run_dir / "plan.json") or {}
+    raw = load_result(run_dir)
     if rec.status != "completed" or raw is None:
         err = status.get("error")
         rec.skip_reason = f"{rec.status}" + (f": {err}" if err else "") if rec.status != "completed" \
             else "completed but result.json is missing"
         return rec
     result = PretrainResult.from_dict(raw)
-    rec.params = result.params or (_breakdown_from_plan(plan) if plan.get("model") else {})
+    rec.params = result.params
+    if not rec.params and plan.get("model"):
+        from nanochat.plan import ModelShape, param_breakdown
+        rec.params = param_breakdown(ModelShape(**plan["model"]))
     rec.tokens = result.tokens_seen
     rec.flops = result.flops
     rec.val_bpb = result.final_val_bpb
@@ -98,7 +83,6 @@ def read_run(sweep_dir: Path, run_dir: Path) -> RunRecord:
     rec.mixture, rec.by_source = result.mixture, result.val_bpb_by_source
     rec.wall_time_s = result.wall_time_s
     if rec.wall_time_s is None:
-        from nanochat.report import wall_time_s
         rec.wall_time_s = wall_time_s(str(run_dir))
     if rec.val_bpb is None or not math.isfinite(rec.val_bpb):
         rec.skip_reason = "no final val bpb (stage.eval_every must reach the last step)"
@@ -145,52 +129,42 @@ def suggest_run(template: RunRecord, kind: str, pred: S.Prediction, overrides: S
         cfg = load_config(str(template.run_dir / "resolved_config.yaml"))
     except Exception:  # an unreadable template: no command, the numbers stay in the report
         return None
-    plan0 = _read_json(template.run_dir / "plan.json") or {}
+    plan0 = read_file(template.run_dir / "plan.json") or {}
     vocab = (plan0.get("model") or {}).get("vocab_size")
-    best = None
+    sizes = {}
     for d in range(1, max_depth + 1):
         try:
-            n = param_breakdown(model_shape(replace(cfg.model, depth=d), vocab))[kind]
+            sizes[d] = param_breakdown(model_shape(replace(cfg.model, depth=d), vocab))[kind]
         except (ConfigError, ValueError):
             continue
-        gap = abs(math.log(n / pred.n_opt))
-        if best is None or gap < best[0]:
-            best = (gap, d, n)
-    if best is None:
+    if not sizes:
         return None
-    _, depth, n = best
+    depth = min(sizes, key=lambda d: abs(math.log(sizes[d] / pred.n_opt)))
+    n = sizes[depth]
     st = replace(cfg.stage, num_iterations=None, target_flops=pred.budget)
     try:
         plan = make_plan(replace(cfg, model=replace(cfg.model, depth=depth), stage=st), vocab)
     except ConfigError:
         return None
     iters = max(1, round(pred.d_opt / plan.total_batch_size))
-    args = ["stage=pretrain", *overrides, f"model.depth={depth}",
-            f"stage.num_iterations={iters}"]
+    args = ["stage=pretrain", *overrides, f"model.depth={depth}", f"stage.num_iterations={iters}"]
     return dict(depth=depth, params=n, iterations=iters, batch=plan.total_batch_size,
                 iterations_at_budget=plan.num_iterations,
                 command="nanochat-run " + " ".join(shlex.quote(a) for a in args))
 
 
-
 # --------------------------------------------------------------------------- figures
 
 def _budget_colors(budgets: Sequence[float]) -> dict:
-    plt = _plt()
+    plt = pyplot()
     cmap = plt.get_cmap("viridis")
     n = max(1, len(budgets) - 1)
     return {c: cmap(0.1 + 0.8 * i / n) for i, c in enumerate(budgets)}
 
 
-def _plt():
-    from nanochat.plots import pyplot
-    return pyplot()
-
-
 def fig_isoflop(a2: S.Approach2, pts: Sequence[S.Point], a3: Optional[S.Approach3], kind: str, out: Path) -> Path:
     import numpy as np
-    from nanochat.plots import save
-    plt = _plt()
+    plt = pyplot()
     groups = S.group_by_budget(pts)
     colors = _budget_colors(list(groups))
     fig, ax = plt.subplots(figsize=(7, 4.8))
@@ -210,9 +184,7 @@ def fig_isoflop(a2: S.Approach2, pts: Sequence[S.Point], a3: Optional[S.Approach
             d = fit.budget / (a3.flops_per_param_token * n)
             ax.plot(n, a3.loss(n, d), color=col, lw=0.8, ls=":")
         ax.scatter([fit.n_opt], [fit.loss_opt], color=col, marker="*", s=160, edgecolor="k", zorder=5)
-    ax.set_xscale("log")
-    ax.set_xlabel(f"parameters N ({kind})")
-    ax.set_ylabel("val bpb")
+    ax.set(xscale="log", xlabel=f"parameters N ({kind})", ylabel="val bpb")
     ax.set_title("isoFLOP curves: quadratic fit in log N (dashed), optimum (★), L(N,D) fit (dotted)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
@@ -221,8 +193,7 @@ def fig_isoflop(a2: S.Approach2, pts: Sequence[S.Point], a3: Optional[S.Approach
 
 def fig_optimal(a2: S.Approach2, pred: Optional[S.Prediction], out: Path) -> Path:
     import numpy as np
-    from nanochat.plots import save
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     cs = [f.budget for f in a2.fits]
     c_hi = max(cs + ([pred.budget] if pred else []))
@@ -234,10 +205,7 @@ def fig_optimal(a2: S.Approach2, pred: Optional[S.Prediction], out: Path) -> Pat
         if pred is not None:
             ax.scatter([pred.budget], [getattr(pred, attr)], marker="*", s=160, color="C3", zorder=4,
                        label=f"prediction at C = {pred.budget:.3g}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("FLOP budget C")
-        ax.set_ylabel(label)
+        ax.set(xscale="log", yscale="log", xlabel="FLOP budget C", ylabel=label)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     return save(fig, out)
@@ -245,8 +213,7 @@ def fig_optimal(a2: S.Approach2, pred: Optional[S.Prediction], out: Path) -> Pat
 
 def fig_by(recs: Sequence[RunRecord], kind: str, x: str, out: Path) -> Path:
     """val bpb against depth (x='depth') or tokens per parameter (x='ratio'), one line per budget."""
-    from nanochat.plots import save
-    plt = _plt()
+    plt = pyplot()
     good = [r for r in recs if not r.skip_reason]
     budgets = sorted({r.budget for r in good if r.budget is not None})
     colors = _budget_colors(budgets) if budgets else {}
@@ -257,10 +224,8 @@ def fig_by(recs: Sequence[RunRecord], kind: str, x: str, out: Path) -> Path:
         rs.sort(key=key)
         ax.plot([key(r) for r in rs], [r.val_bpb for r in rs], marker="o", color=colors.get(c, "C0"),
                 label=f"C = {c:.3g}" if c else "runs")
-    if x == "ratio":
-        ax.set_xscale("log")
-    ax.set_xlabel("depth" if x == "depth" else f"tokens per parameter ({kind})")
-    ax.set_ylabel("val bpb")
+    ax.set(xscale="linear" if x == "depth" else "log", ylabel="val bpb",
+           xlabel="depth" if x == "depth" else f"tokens per parameter ({kind})")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return save(fig, out)
@@ -270,10 +235,6 @@ def fig_by(recs: Sequence[RunRecord], kind: str, x: str, out: Path) -> Path:
 
 def _ci(ci: Optional[tuple]) -> str:
     return f" (95% CI {ci[0]:.3f} – {ci[1]:.3f})" if ci and all(math.isfinite(v) for v in ci) else ""
-
-
-def _t(s: Optional[float]) -> str:
-    return "–" if s is None else (f"{s:.0f}s" if s < 120 else f"{s / 60:.1f}min")
 
 
 def analyse(sweep_dir: Path, kind: str = DEFAULT_KIND, budget: Optional[float] = None, n_boot: int = 200,
@@ -292,10 +253,7 @@ def analyse(sweep_dir: Path, kind: str = DEFAULT_KIND, budget: Optional[float] =
     a2 = S.approach2(pts, n_boot=n_boot, seed=seed)
     if not a2.fits:
         notes.append("no run has a FLOP budget (stage.target_flops): no isoFLOP analysis")
-    for f in a2.fits:
-        if f.note:
-            notes.append(f"C = {f.budget:.3g}: {f.note}")
-    notes += a2.notes
+    notes += [f"C = {f.budget:.3g}: {f.note}" for f in a2.fits if f.note] + a2.notes
     a3 = S.approach3(pts, n_boot=max(0, n_boot // 2), seed=seed)
     if a3 is None and len(pts) < 5:
         notes.append(f"{len(pts)} usable run(s): the parametric fit L(N, D) needs at least 5")
@@ -312,10 +270,8 @@ def analyse(sweep_dir: Path, kind: str = DEFAULT_KIND, budget: Optional[float] =
         notes.append("no compute-optimal prediction: needs 2 FLOP budgets (approach 2) or 5 runs (approach 3)")
     elif pred.source == "approach 3":
         notes.append("prediction from the parametric law (approach 3): approach 2 has no power laws")
-    suggestion = None
     good = [r for r in recs if not r.skip_reason]
-    if pred is not None and good:
-        suggestion = suggest_run(good[0], kind, pred, shared_overrides(recs))
+    suggestion = suggest_run(good[0], kind, pred, shared_overrides(recs)) if pred is not None and good else None
     return dict(sweep_dir=Path(sweep_dir), kind=kind, records=recs, points=pts, approach2=a2, approach3=a3,
                 budget=budget, prediction=pred, suggestion=suggestion, notes=notes)
 
@@ -384,7 +340,7 @@ def render(res: dict, figures: dict) -> str:
         n = r.params[kind]
         L.append(f"| `{r.job}` | {r.status} | {r.depth} | {f'{r.budget:.3g}' if r.budget else '–'} | {n:,} | "
                  f"{r.params['total']:,} | {r.tokens:,.0f} | {r.tokens / n:.2f} | {r.flops or 0:.3g} | "
-                 f"{r.val_bpb:.4f} | {'–' if r.core is None else f'{r.core:.4f}'} | {_t(r.wall_time_s)} |")
+                 f"{r.val_bpb:.4f} | {'–' if r.core is None else f'{r.core:.4f}'} | {fmt_time(r.wall_time_s)} |")
     return "\n".join(L + mixture_table(res["records"])) + "\n"
 
 

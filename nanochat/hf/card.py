@@ -10,39 +10,33 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-
-def _read(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+from nanochat import results as R
 
 
-def lineage(run_dir: Path, limit: int = 10) -> list[tuple[str, Path, dict]]:
-    """(stage, run dir, result.json) from the first ancestor (pretrain, an import) to run_dir."""
+def lineage(run_dir: Path, limit: int = 10) -> list[tuple[str, Path, R.Result]]:
+    """(stage, run dir, its result) from the first ancestor (pretrain, an import) to run_dir."""
     from nanochat.config import load_config
-    chain: list[tuple[str, Path, dict]] = []
+    chain: list[tuple[str, Path, R.Result]] = []
     d: Optional[Path] = run_dir
     while d is not None and len(chain) < limit and (d / "resolved_config.yaml").is_file():
         cfg = load_config(str(d / "resolved_config.yaml"))
-        chain.append((cfg.stage.name, d, _read(d / "result.json") or {}))
+        chain.append((cfg.stage.name, d, R.load_result(d) or R.Result()))
         src = getattr(cfg.stage, "init_from", None)
         d = Path(src) if src and src != "latest" else None
     return list(reversed(chain))
 
 
-def eval_results(run_dir: Path) -> list[dict]:
-    """result.json of completed eval runs (under the same run root) whose init_from is run_dir."""
+def eval_results(run_dir: Path) -> list[R.EvalResult]:
+    """The results of completed eval runs (under the same run root) whose init_from is run_dir."""
     root = run_dir.parents[2] if len(run_dir.parents) > 2 else run_dir.parent
     out = []
     for cfg_path in sorted((root / "eval").glob("*/*/resolved_config.yaml")):
         d = cfg_path.parent
         if not (d / "COMPLETED").exists():
             continue
-        text = cfg_path.read_text(encoding="utf-8")
-        if f"init_from: {run_dir}" in text:
-            r = _read(d / "result.json")
-            if r:
+        if f"init_from: {run_dir}" in cfg_path.read_text(encoding="utf-8"):
+            r = R.load_result(d)
+            if isinstance(r, R.EvalResult):
                 out.append(r)
     return out
 
@@ -58,9 +52,10 @@ def _fmt(x: Any) -> str:
 def model_card(run_dir: Path, cfg: Any, meta: dict, kw: dict, remote_code: bool, dtype: str) -> str:
     from nanochat.config import config_to_dict
     from nanochat.gpt import GPTConfig
+    from nanochat.runs import read_file
     from nanochat.shapes import param_counts
     c = GPTConfig(**kw)
-    plan = _read(run_dir / "plan.json") or {}
+    plan = read_file(run_dir / "plan.json") or {}
     generation = plan.get("generation") or ("modern" if c.resid_lambdas else "seed")
     n_params = param_counts(c)["total"]
     chain = lineage(run_dir)
@@ -92,19 +87,21 @@ def model_card(run_dir: Path, cfg: Any, meta: dict, kw: dict, remote_code: bool,
                      "`nanochat-export --remote-code` gives the exact model")
     lines += ["", "## Training", "", "| stage | run | tokens | val bpb | other |", "|---|---|---|---|---|"]
     for stage, d, r in chain:
-        bpb = r.get("final_val_bpb", r.get("val_bpb"))
-        other = {k: r[k] for k in ("final_val_loss", "mean_reward", "core", "chatcore") if r.get(k) is not None}
-        lines.append(f"| {stage} | `{d.name}` | {_fmt(r.get('tokens_seen', ''))} | {_fmt(bpb) if bpb is not None else ''} "
+        bpb = r.final_val_bpb if isinstance(r, R.PretrainResult) else getattr(r, "val_bpb", None)  # eval: val_bpb
+        tokens = r.tokens_seen if isinstance(r, R.TrainResult) and r.tokens_seen is not None else ""
+        other = {k: v for k in ("final_val_loss", "mean_reward", "core", "chatcore")
+                 if (v := getattr(r, k, None)) is not None}
+        lines.append(f"| {stage} | `{d.name}` | {_fmt(tokens)} | {_fmt(bpb) if bpb is not None else ''} "
                      f"| {', '.join(f'{k} {_fmt(v)}' for k, v in other.items())} |")
     if evals:
         lines += ["", "## Evaluation", ""]
         for r in evals:
-            for key, name in (("core", "CORE"), ("chatcore", "ChatCORE"), ("val_bpb", "val bpb")):
-                if r.get(key) is not None:
-                    lines.append(f"- {name}: {_fmt(r[key])}")
-            for task, acc in (r.get("task_accuracy") or {}).items():
+            for value, name in ((r.core, "CORE"), (r.chatcore, "ChatCORE"), (r.val_bpb, "val bpb")):
+                if value is not None:
+                    lines.append(f"- {name}: {_fmt(value)}")
+            for task, acc in (r.task_accuracy or {}).items():
                 lines.append(f"- {task}: {_fmt(acc)}")
-            for task, m in ((r.get("harness") or {}).get("results") or {}).items():
+            for task, m in ((r.harness or {}).get("results") or {}).items():
                 lines.append(f"- lm-eval {task}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in m.items()))
     lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               f"model = {load}", "tok = AutoTokenizer.from_pretrained(path)",

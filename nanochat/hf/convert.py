@@ -60,6 +60,20 @@ def special_ids(tok_special: dict[str, int]) -> dict[str, Any]:
     return {"bos_token_id": bos, "eos_token_id": [end, bos], "pad_token_id": bos}
 
 
+def _shape_config(c: Any, specials: dict[str, int]) -> dict:
+    """The config.json keys both model types share (the usual names: tools and serving engines read them)."""
+    ids = special_ids(specials)
+    return {"vocab_size": c.vocab_size, "hidden_size": c.n_embd, "num_hidden_layers": c.n_layer,
+            "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
+            "tie_word_embeddings": False, "use_cache": True, "bos_token_id": ids["bos_token_id"],
+            "eos_token_id": ids["eos_token_id"][0], "pad_token_id": ids["pad_token_id"]}
+
+
+def _rope_heads(c: Any) -> dict[str, int]:
+    """Our per-layer c_q / c_k names → the head count their RoPE row reorder works on."""
+    return {"attn.c_q.weight": c.n_head, "attn.c_k.weight": c.n_kv_head}
+
+
 # ----------------------------------------------------------------------------- out
 
 def to_native(kw: dict, state: dict[str, torch.Tensor], specials: dict[str, int]) -> tuple[dict, dict]:
@@ -71,28 +85,20 @@ def to_native(kw: dict, state: dict[str, torch.Tensor], specials: dict[str, int]
     from nanochat.gpt import GPTConfig
     c = GPTConfig(**kw)
     V = c.vocab_size
-    ids = special_ids(specials)
     config = {
-        "architectures": ["NanoChatForCausalLM"], "model_type": NATIVE_TYPE,
-        "vocab_size": V, "hidden_size": c.n_embd, "intermediate_size": 4 * c.n_embd,
-        "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head,
-        "head_dim": c.head_dim, "max_position_embeddings": c.sequence_len, "hidden_act": "relu2",
+        "architectures": ["NanoChatForCausalLM"], "model_type": NATIVE_TYPE, **_shape_config(c, specials),
+        "intermediate_size": 4 * c.n_embd, "max_position_embeddings": c.sequence_len, "hidden_act": "relu2",
         "rms_norm_eps": FP32_EPS, "rope_parameters": {"rope_type": "default", "rope_theta": float(c.rope_base)},
         "final_logit_softcapping": float(c.softcap) if c.softcap > 0 else None,
-        "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": False, "use_cache": True,
-        "bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"][0],
-        "pad_token_id": ids["pad_token_id"],
+        "attention_bias": False, "attention_dropout": 0.0,
     }
     out = {"model.embed_tokens.weight": state["transformer.wte.weight"][:V],
            "lm_head.weight": state["lm_head.weight"][:V]}
+    rope = _rope_heads(c)
     for i in range(c.n_layer):
         for ours, theirs in _LAYER_NAMES.items():
             t = state[f"transformer.h.{i}.{ours}"]
-            if ours == "attn.c_q.weight":
-                t = interleaved_to_halves(t, c.n_head)
-            elif ours == "attn.c_k.weight":
-                t = interleaved_to_halves(t, c.n_kv_head)
-            out[f"model.layers.{i}.{theirs}"] = t
+            out[f"model.layers.{i}.{theirs}"] = interleaved_to_halves(t, rope[ours]) if ours in rope else t
     unused = set(state) - {f"transformer.h.{i}.{k}" for i in range(c.n_layer) for k in _LAYER_NAMES} \
         - {"transformer.wte.weight", "lm_head.weight"}
     if unused:
@@ -104,19 +110,13 @@ def to_remote(kw: dict, state: dict[str, torch.Tensor], specials: dict[str, int]
     """(config.json dict, state dict) for our remote-code model (any GPTConfig)."""
     from nanochat.gpt import GPTConfig
     c = GPTConfig(**kw)
-    ids = special_ids(specials)
     config = {
         # no "architectures": `transformers serve` looks those up as transformers attributes, and falls back
         # to AutoModelForCausalLM (auto_map, trust_remote_code) only without them
         "model_type": REMOTE_TYPE,
         "auto_map": {"AutoConfig": f"{REMOTE_MODULE}.NanochatHydraConfig",
                      "AutoModelForCausalLM": f"{REMOTE_MODULE}.{REMOTE_ARCH}"},
-        # the usual names, for tools that read them (serving engines size caches from these)
-        "vocab_size": c.vocab_size, "hidden_size": c.n_embd, "num_hidden_layers": c.n_layer,
-        "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
-        "max_position_embeddings": c.max_positions, "tie_word_embeddings": False, "use_cache": True,
-        "bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"][0],
-        "pad_token_id": ids["pad_token_id"],
+        **_shape_config(c, specials), "max_position_embeddings": c.max_positions,
     }
     return config, {f"model.{k}": v for k, v in state.items()}
 
@@ -165,6 +165,7 @@ def from_hf(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[st
     if native_blockers(kw):
         raise InteropError(f"config.json nanochat_hydra.gpt_config is not a native model: {native_blockers(kw)}")
     inverse = {v: k for k, v in _LAYER_NAMES.items()}
+    rope = _rope_heads(c)
     out: dict[str, torch.Tensor] = {}
     pad = c.padded_vocab_size - c.vocab_size
 
@@ -181,12 +182,8 @@ def from_hf(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[st
             i, rest = k[len("model.layers."):].split(".", 1)
             if rest not in inverse:
                 raise InteropError(f"weight {k!r} has no counterpart in our model")
-            t = v
-            if rest == "self_attn.q_proj.weight":
-                t = halves_to_interleaved(v, c.n_head)
-            elif rest == "self_attn.k_proj.weight":
-                t = halves_to_interleaved(v, c.n_kv_head)
-            out[f"transformer.h.{i}.{inverse[rest]}"] = t
+            ours = inverse[rest]
+            out[f"transformer.h.{i}.{ours}"] = halves_to_interleaved(v, rope[ours]) if ours in rope else v
         else:
             raise InteropError(f"weight {k!r} has no counterpart in our model")
     return kw, {k: v.contiguous() for k, v in out.items()}

@@ -49,42 +49,7 @@ def _run_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
     return ckpt
 
 
-def _run_tokenizer(cfg, run_dir: Path):
-    from nanochat.common import get_base_dir
-    from nanochat.tokenizer import get_tokenizer
-    try:
-        return get_tokenizer(get_base_dir(cfg.paths.base_dir), cfg.data.tokenizer)
-    except FileNotFoundError as e:
-        raise ExportError(f"{run_dir}: its tokenizer is missing: {e}") from None
-
-
 # ----------------------------------------------------------------------------- writing
-
-def save_weights(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
-    """model.safetensors, or shards + model.safetensors.index.json when larger than max_shard_bytes."""
-    from safetensors.torch import save_file
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in state.items():
-        n = v.numel() * v.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v.contiguous()
-        size += n
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-        return ["model.safetensors"]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for name, shard in zip(names, shards):
-        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    total = sum(v.numel() * v.element_size() for v in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return names + ["model.safetensors.index.json"]
-
 
 def remote_code_sources() -> dict[str, str]:
     """File name in OUT_DIR → its text: our own modules with `from nanochat.x import` made `from .x import`."""
@@ -98,14 +63,13 @@ def remote_code_sources() -> dict[str, str]:
     return out
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-
-
 def write_hf_dir(out: Path, kw: dict, state: dict[str, torch.Tensor], tok, *, dtype: str = "float32",
                  remote_code: Optional[bool] = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                  card: str = "", extra_record: Optional[dict] = None) -> dict:
     """Write a complete HF dir into `out` (which must exist, empty). Returns the config.json written."""
+    from huggingface_hub import save_torch_state_dict
+
+    from nanochat.common import atomic_write_json
     from nanochat.hf.tokenizer import save_hf_tokenizer
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: use one of {list(DTYPES)}")
@@ -121,10 +85,11 @@ def write_hf_dir(out: Path, kw: dict, state: dict[str, torch.Tensor], tok, *, dt
         config["nanochat_hydra"]["note"] = ("trained with bf16-rounded RoPE tables; transformers computes them in "
                                             "fp32 (export with --remote-code for the exact model)")
     hf_state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in hf_state.items()}
-    save_weights(hf_state, out, max_shard_bytes)
-    _write_json(out / "config.json", config)
+    # model.safetensors, or shards + model.safetensors.index.json when larger than max_shard_bytes
+    save_torch_state_dict(hf_state, out, max_shard_size=max_shard_bytes)
+    atomic_write_json(out / "config.json", config)
     ids = convert.special_ids(specials)
-    _write_json(out / "generation_config.json", {**ids, "_from_model_config": False})
+    atomic_write_json(out / "generation_config.json", {**ids, "_from_model_config": False})
     if remote_code:
         for name, text in remote_code_sources().items():
             (out / name).write_text(text, encoding="utf-8")
@@ -134,44 +99,34 @@ def write_hf_dir(out: Path, kw: dict, state: dict[str, torch.Tensor], tok, *, dt
     return config
 
 
-def _prepare_out(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"OUT_DIR {out_dir} exists and is a file; give a directory path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise ExportError(f"OUT_DIR {out_dir} exists and is not empty; pass --force to replace it or pick another")
-
-
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished tmp dir to out_dir; an old out_dir is moved aside first, removed last."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32", step: Optional[int] = None,
                force: bool = False, remote_code: Optional[bool] = None,
                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """A run dir's checkpoint (latest, or `step`) → a transformers model dir at out_dir."""
-    from nanochat.checkpoint import load_meta, load_model_state
+    from nanochat.checkpoint import _commit, load_meta, load_model_state
+    from nanochat.common import get_base_dir
     from nanochat.config import load_config
     from nanochat.hf.card import model_card
+    from nanochat.tokenizer import get_tokenizer
     run_dir, out_dir = Path(run_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: use one of {list(DTYPES)}")
     if not (run_dir / "resolved_config.yaml").is_file():
         raise ExportError(f"{run_dir}: not a run dir of ours (no resolved_config.yaml)")
-    _prepare_out(out_dir, force)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"OUT_DIR {out_dir} exists and is a file; give a directory path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ExportError(f"OUT_DIR {out_dir} exists and is not empty; pass --force to replace it or pick another")
     cfg = load_config(str(run_dir / "resolved_config.yaml"))
     ckpt = _run_checkpoint(run_dir, step)
     meta = load_meta(ckpt)
     if "model_config" not in meta:
         raise ExportError(f"{ckpt}/meta.json has no model_config: not a model checkpoint")
     kw = dict(meta["model_config"])
-    tok = _run_tokenizer(cfg, run_dir)
+    try:
+        tok = get_tokenizer(get_base_dir(cfg.paths.base_dir), cfg.data.tokenizer)
+    except FileNotFoundError as e:
+        raise ExportError(f"{run_dir}: its tokenizer is missing: {e}") from None
     state = load_model_state(ckpt)
     if remote_code is None:
         remote_code = bool(convert.native_blockers(kw))
@@ -184,7 +139,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
     try:
         write_hf_dir(tmp, kw, state, tok, dtype=dtype, remote_code=remote_code, max_shard_bytes=max_shard_bytes,
                      card=card, extra_record=record)
-        _swap_in(tmp, out_dir)
+        _commit(tmp, out_dir)    # the checkpoints' swap: an old out_dir is moved aside first, removed last
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

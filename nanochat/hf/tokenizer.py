@@ -59,15 +59,8 @@ CHAT_TEMPLATE = (
 @lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte → printable unicode map (what the ByteLevel pre-tokenizer uses)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+    from transformers.convert_slow_tokenizer import bytes_to_unicode as gpt2_map
+    return gpt2_map()
 
 
 def _as_unicode(token: bytes) -> str:
@@ -142,13 +135,10 @@ def save_hf_tokenizer(tok: Tokenizer, out_dir: Path, model_max_length: int) -> N
     hf.save_pretrained(str(out_dir))
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
 def from_hf_dir(hf_dir: Path) -> Tokenizer:
     """Our Tokenizer from an exported dir's tokenizer.json (ids and pattern must be ours)."""
     import json
-    missing = [f for f in TOKENIZER_FILES if not (hf_dir / f).is_file()]
+    missing = [f for f in ("tokenizer.json", "tokenizer_config.json") if not (hf_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{hf_dir}: missing tokenizer files {missing}; export again or copy them in")
     spec: dict[str, Any] = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
@@ -157,10 +147,8 @@ def from_hf_dir(hf_dir: Path) -> Tokenizer:
         raise ValueError(f"{hf_dir}/tokenizer.json: model.type={model.get('type')!r}, expected BPE")
     inverse = {c: b for b, c in bytes_to_unicode().items()}
     ranks = {bytes(inverse[ch] for ch in s): int(i) for s, i in model["vocab"].items()}
-    pattern = None
-    for p in (spec.get("pre_tokenizer") or {}).get("pretokenizers", []):
-        if p.get("type") == "Split":
-            pattern = p["pattern"].get("Regex")
+    pattern = next((p["pattern"].get("Regex") for p in (spec.get("pre_tokenizer") or {}).get("pretokenizers", [])
+                    if p.get("type") == "Split"), None)
     if pattern is None:
         raise ValueError(f"{hf_dir}/tokenizer.json: no Split pre-tokenizer with a regex (not one of our exports)")
     tok = Tokenizer(ranks, pattern=pattern)

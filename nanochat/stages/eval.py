@@ -32,17 +32,6 @@ if TYPE_CHECKING:  # torch and what imports it load in the worker only: the laun
 
 # --------------------------------------------------------------------------- base scoring
 
-def bundle_dir(cfg: Config, base_dir: Path) -> Path:
-    """paths.eval_bundle, else the offline copy in the shared data dir, else the downloaded one."""
-    from nanochat.core_eval import ensure_eval_bundle
-    configured = cfg.paths.eval_bundle
-    if not configured:
-        shared = shared_data_dir(cfg.paths.shared_data)
-        if shared is not None and (shared / "eval_bundle" / "core.yaml").exists():
-            configured = str(shared / "eval_bundle")
-    return ensure_eval_bundle(base_dir, configured)
-
-
 def run_base(cfg: Config, run_dir: Path, rt: T.Runtime, model, tokenizer, tok_name: str, log) -> dict:
     from nanochat import training as T
     from nanochat.dataset import list_shards
@@ -62,9 +51,14 @@ def run_base(cfg: Config, run_dir: Path, rt: T.Runtime, model, tokenizer, tok_na
         result[f"{split}_bpb"] = bpb
         log(f"{split} bpb: {bpb:.4f}")
     if st.core:
-        from nanochat.core_eval import core_summary, evaluate_core, write_core_csv
+        from nanochat.core_eval import core_summary, ensure_eval_bundle, evaluate_core, write_core_csv
+        # paths.eval_bundle, else the offline copy in the shared data dir, else the downloaded one
+        configured = cfg.paths.eval_bundle
+        shared = shared_data_dir(cfg.paths.shared_data)
+        if not configured and shared is not None and (shared / "eval_bundle" / "core.yaml").exists():
+            configured = str(shared / "eval_bundle")
         try:
-            bundle = bundle_dir(cfg, rt.base_dir)
+            bundle = ensure_eval_bundle(rt.base_dir, configured)
         except Exception as e:
             if cfg.paths.eval_bundle:  # the user named a bundle: not finding it is an error
                 raise
@@ -111,15 +105,6 @@ def run_chat(cfg: Config, run_dir: Path, rt: T.Runtime, model, tokenizer, log) -
             "skipped": out["skipped"]}
 
 
-
-def resolve_mode(mode: str, source_stage: str) -> str:
-    if mode not in ("auto", "base", "chat"):
-        raise ValueError(f"stage.mode={mode!r}: use auto, base or chat")
-    if mode != "auto":
-        return mode
-    return "base" if source_stage == "pretrain" else "chat"
-
-
 def run(cfg: Config, run_dir: Path) -> EvalResult:
     from nanochat import training as T
     from nanochat.checkpoint import load_model_from_run
@@ -134,7 +119,10 @@ def run(cfg: Config, run_dir: Path) -> EvalResult:
     tok_name = (meta.get("config") or {}).get("data", {}).get("tokenizer") or cfg.data.tokenizer
     tokenizer = get_tokenizer(rt.base_dir, tok_name)
     log = print if rt.master else (lambda s: None)
-    mode = "harness" if st.harness.tasks else resolve_mode(st.mode, source_stage)
+    if st.mode not in ("auto", "base", "chat"):
+        raise ValueError(f"stage.mode={st.mode!r}: use auto, base or chat")
+    auto = "base" if source_stage == "pretrain" else "chat"
+    mode = "harness" if st.harness.tasks else auto if st.mode == "auto" else st.mode
     log(f"eval ({mode}) of {st.init_from} (a {source_stage} checkpoint at step {meta.get('step')})")
     if mode == "harness":                    # lm-evaluation-harness (nanochat/harness.py)
         from nanochat.harness import run_stage

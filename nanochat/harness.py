@@ -24,6 +24,7 @@ arc/, mmlu/cais_mmlu/, gsm8k/, humaneval/) instead of downloading.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -196,18 +197,15 @@ def task_configs(names: list[str], data_dir: Optional[str]) -> list[dict]:
 
 def config_hash(cfg: Any) -> str:
     """sha256 of a task's config as lm-eval reports it (functions by qualified name)."""
-    def default(o: Any) -> str:
-        return getattr(o, "__qualname__", None) or repr(o)
+    default = lambda o: getattr(o, "__qualname__", None) or repr(o)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=default).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- the model class
 
+@functools.cache
 def make_lm_class():
     """Build (once) and register the lm-eval model class; lm_eval is imported only when asked for."""
-    global NanochatLM
-    if "NanochatLM" in globals():
-        return NanochatLM
     import torch
     import torch.nn.functional as F
     from torch.nn.utils.rnn import pad_sequence
@@ -317,9 +315,7 @@ def make_lm_class():
                 texts = [t.split(x)[0] for t in texts]
             return texts
 
-    register_model("nanochat")(_NanochatLM)
-    NanochatLM = _NanochatLM
-    return NanochatLM
+    return register_model("nanochat")(_NanochatLM)
 
 
 # ----------------------------------------------------------------------------- running it

@@ -389,11 +389,9 @@ def write_report(sweep_dir: Path, kind: str = DEFAULT_KIND, budget: Optional[flo
 
 def summary_lines(res: dict) -> list[str]:
     """A few lines for the terminal: exponents, the optimum per budget, the command."""
-    lines = []
     a2, a3, pred = res["approach2"], res["approach3"], res["prediction"]
-    for f in a2.fits:
-        lines.append(f"C={f.budget:.3g}: N_opt={f.n_opt:,.0f} D_opt={f.d_opt:,.0f} ({f.tokens_per_param:.1f} tok/param,"
-                     f" {f.method}{', valley' if f.valley else ''})")
+    lines = [f"C={f.budget:.3g}: N_opt={f.n_opt:,.0f} D_opt={f.d_opt:,.0f} ({f.tokens_per_param:.1f} tok/param,"
+             f" {f.method}{', valley' if f.valley else ''})" for f in a2.fits]
     if a2.n_opt is not None:
         lines.append(f"approach 2: a={a2.n_opt.exponent:.3f}{_ci(a2.n_opt.ci)} b={a2.d_opt.exponent:.3f}{_ci(a2.d_opt.ci)}")
     if a3 is not None:

@@ -14,7 +14,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from nanochat.common import rank_world
-from nanochat.lifecycle import EvalProgress, check_stop
+from nanochat.lifecycle import EvalProgress
 from nanochat.tasks import CHANCE_ACCURACY, TaskDataError, make_task, parse_spec
 
 DEFAULT_CHAT_TASKS = ["arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spellingbee", "simplespelling",
@@ -23,22 +23,15 @@ DEFAULT_CHAT_TASKS = ["arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval",
 
 # --------------------------------------------------------------------------- chat scoring
 
-def _between(progress: Optional[EvalProgress], done: int) -> None:
-    """Between two batches: the stop check (EvalInterrupted on a signal), and progress when asked."""
-    if progress is not None:
-        progress.step(done)
-    else:
-        check_stop()
-
-
 @torch.no_grad()
 def score_categorical(model, tokenizer, task, indices: list[int], device, batch_size: int = 8,
                       progress: Optional[EvalProgress] = None) -> int:
     """Correct answers among `indices`: argmax over the answer letters' logits after the prompt."""
     limit = getattr(model, "rotary_len", None)
+    progress = progress or EvalProgress("categorical", len(indices), None)  # no lines: the stop check alone
     correct = 0
     for b0 in range(0, len(indices), batch_size):
-        _between(progress, b0)
+        progress.step(b0)   # between batches: EvalInterrupted on a stop signal
         convs = [task[i] for i in indices[b0:b0 + batch_size]]
         prompts = [tokenizer.render_for_completion(c) for c in convs]
         if limit:
@@ -68,9 +61,10 @@ def score_generative(model, tokenizer, task, indices: list[int], *, num_samples:
     from nanochat.engine import Engine
     engine = Engine(model, tokenizer)
     limit = getattr(model, "rotary_len", None) or model.config.sequence_len
+    progress = progress or EvalProgress("generative", len(indices), None)  # no lines: the stop check alone
     correct = 0
     for n, i in enumerate(indices):
-        _between(progress, n)
+        progress.step(n)
         conv = task[i]
         prompt = tokenizer.render_for_completion(conv)
         budget = min(max_new_tokens, limit - len(prompt))

@@ -428,8 +428,7 @@ def write_checkpoint(out_base: Path, stage: str, tag: str, step: int, state: dic
     """model_NNNNNN.pt + meta_NNNNNN.json into <out_base>/<stage>_checkpoints/<tag>/ (never overwrites)."""
     from nanochat.common import atomic_write_json
     d = check_free(out_base, stage, tag, step)
-    model_path, meta_path = d / model_file(step), d / meta_file(step)
     d.mkdir(parents=True, exist_ok=True)
-    _save_atomic(state, model_path)
-    atomic_write_json(meta_path, meta)
+    _save_atomic(state, d / model_file(step))
+    atomic_write_json(d / meta_file(step), meta)
     return d

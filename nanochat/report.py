@@ -87,13 +87,10 @@ def stage_metrics(stage: str, r: "dict | R.Result | None") -> str:
 
 
 def build_report(results: list[dict]) -> list[dict]:
-    rows = []
-    for item in results:
-        rows.append({"stage": item.get("stage", "?"), "status": item.get("status", "?"),
-                     "wall_s": wall_time_s(item.get("run_dir")),
-                     "metrics": stage_metrics(item.get("kind", item.get("stage", "")), item.get("result")),
-                     "run_dir": item.get("run_dir") or ""})
-    return rows
+    return [{"stage": item.get("stage", "?"), "status": item.get("status", "?"),
+             "wall_s": wall_time_s(item.get("run_dir")),
+             "metrics": stage_metrics(item.get("kind", item.get("stage", "")), item.get("result")),
+             "run_dir": item.get("run_dir") or ""} for item in results]
 
 
 def fmt_time(s: Optional[float]) -> str:

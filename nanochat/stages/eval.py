@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nanochat.common import barrier, shared_data_dir
+from nanochat.common import atomic_write_text, barrier, shared_data_dir
 from nanochat.config import Config, ConfigError, EvalStageConfig
 from nanochat.results import EvalResult
 from nanochat.stage_plan import model_plan
@@ -98,7 +98,6 @@ def run_chat(cfg: Config, run_dir: Path, rt: T.Runtime, model, tokenizer, log) -
                   for k, r in out["tasks"].items()]
         if out["chatcore"] is not None:
             lines.append(f"ChatCORE,,{out['chatcore']:.6f},,{len(out['tasks'])},")
-        from nanochat.common import atomic_write_text
         atomic_write_text(run_dir / "chat_eval.csv", "\n".join(lines) + "\n")
     return {"mode": "chat", "chatcore": out["chatcore"], "chatcore_tasks": out["chatcore_tasks"],
             "task_accuracy": {k: r["accuracy"] for k, r in out["tasks"].items()}, "tasks": out["tasks"],

@@ -87,10 +87,6 @@ def pass_at_1(references: list[str], predictions: list[list[str]], **_: Any) -> 
     return float(execute_code(predictions[0][0] + "\n\n" + references[0] + "\n", timeout=10.0).success)
 
 
-def mmlu_subjects(data_dir: str) -> list[str]:
-    return sorted(p.name[:-len("_test.csv")] for p in (Path(data_dir) / "mmlu" / "cais_mmlu" / "test").glob("*_test.csv"))
-
-
 # ----------------------------------------------------------------------------- task configs
 
 _ACC = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
@@ -138,7 +134,8 @@ def _humaneval(data_dir: str) -> dict:
 
 
 def _mmlu(data_dir: str) -> dict:
-    subjects = mmlu_subjects(data_dir)
+    tests = (Path(data_dir) / "mmlu" / "cais_mmlu" / "test").glob("*_test.csv")
+    subjects = sorted(p.name[:-len("_test.csv")] for p in tests)
     tasks = [{"task": f"mmlu_{s}", "custom_dataset": load_mmlu_subject,
               "dataset_kwargs": {"data_dir": data_dir, "subject": s}, "test_split": "test", "fewshot_split": "dev",
               "fewshot_config": {"sampler": "first_n"}, "output_type": "multiple_choice",

@@ -104,11 +104,6 @@ def read_sweep(sweep_dir: Path) -> list[RunRecord]:
     return recs
 
 
-def to_points(recs: Sequence[RunRecord], kind: str) -> list[S.Point]:
-    return [S.Point(params=float(r.params[kind]), tokens=float(r.tokens), loss=float(r.val_bpb), budget=r.budget,
-                    flops=r.flops, depth=r.depth, name=r.job) for r in recs if not r.skip_reason]
-
-
 # --------------------------------------------------------------------------- prediction → command
 
 def shared_overrides(recs: Sequence[RunRecord]) -> list[str]:
@@ -243,7 +238,8 @@ def analyse(sweep_dir: Path, kind: str = DEFAULT_KIND, budget: Optional[float] =
     if kind not in PARAM_KINDS:
         raise ValueError(f"--params {kind!r}: use one of {', '.join(PARAM_KINDS)}")
     recs = read_sweep(sweep_dir)
-    pts = to_points(recs, kind)
+    pts = [S.Point(params=float(r.params[kind]), tokens=float(r.tokens), loss=float(r.val_bpb), budget=r.budget,
+                   flops=r.flops, depth=r.depth, name=r.job) for r in recs if not r.skip_reason]
     notes: list[str] = []
     if not recs:
         notes.append(f"no run dirs (resolved_config.yaml) under {sweep_dir}")

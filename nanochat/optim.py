@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -75,6 +75,11 @@ POLAR_EXPRESS_COEFFS = (
 )
 NS_METHODS = ("newton_schulz", "polar_express")
 PE_SAFETY = 1.01   # Polar Express input scaling X / (‖X‖_F·1.01 + 1e-6), as nanochat 92d63d4
+# what a group leaves out: the Dec-2025 recipe (every Muon refinement off). "fused" picks torch's fused
+# AdamW kernel; the key also makes load_state_dict put "step" on the param's device, where that kernel wants it
+MUON_DEFAULTS = dict(momentum=0.95, nesterov=True, ns="newton_schulz", ns_steps=5, ns_safety=PE_SAFETY,
+                     equilibrate=False, renorm=False, normuon=False, beta2=0.9, cautious=False)
+ADAMW_DEFAULTS = dict(betas=(0.8, 0.95), eps=1e-10, fused=True)
 
 
 def _ns_gram(X: torch.Tensor, coeffs) -> torch.Tensor:
@@ -110,9 +115,7 @@ def orthogonalize(G: torch.Tensor, ns: str = "newton_schulz", steps: int = 5,
         raise ValueError(f"ns={ns!r}: use one of {', '.join(NS_METHODS)}")
     if dtype is None:
         dtype = torch.bfloat16 if G.is_cuda else torch.float32
-    squeeze = G.dim() == 2
-    X = G.unsqueeze(0) if squeeze else G
-    X = X.to(dtype)
+    X = G.reshape(-1, *G.shape[-2:]).to(dtype)   # a stack (k, m, n), also of one matrix
     tall = X.size(-2) > X.size(-1)
     if tall:   # iterate on the wide orientation: the Gram matrix X·Xᵀ is the smaller one
         X = X.mT
@@ -137,8 +140,7 @@ def orthogonalize(G: torch.Tensor, ns: str = "newton_schulz", steps: int = 5,
             X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)    # a·X + B·X
     if tall:
         X = X.mT
-    X = X.to(G.dtype)
-    return X.squeeze(0) if squeeze else X
+    return X.to(G.dtype).reshape(G.shape)
 
 
 def muon_scale(shape: torch.Size) -> float:
@@ -236,23 +238,9 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError(f"rank={rank} world_size={world_size}: need 0 <= rank < world_size")
         super().__init__(param_groups, defaults={})
         for g in self.param_groups:
-            g.setdefault("initial_lr", g["lr"])
-            g.setdefault("weight_decay", 0.0)
-            if g["kind"] == "muon":
-                g.setdefault("momentum", 0.95)
-                g.setdefault("nesterov", True)
-                g.setdefault("ns", "newton_schulz")
-                g.setdefault("ns_steps", 5)
-                g.setdefault("ns_safety", PE_SAFETY)
-                for k in ("equilibrate", "renorm", "normuon", "cautious"):
-                    g.setdefault(k, False)
-                g.setdefault("beta2", 0.9)
-            else:
-                g.setdefault("betas", (0.8, 0.95))
-                g.setdefault("eps", 1e-10)
-                # torch's fused AdamW kernel; the key also makes load_state_dict put "step" on the
-                # param's device, where the fused kernel wants it
-                g.setdefault("fused", True)
+            defaults = MUON_DEFAULTS if g["kind"] == "muon" else ADAMW_DEFAULTS
+            for k, v in dict(defaults, initial_lr=g["lr"], weight_decay=0.0).items():
+                g.setdefault(k, v)
         self.world_size, self.rank, self.process_group = world_size, rank, process_group
         # clip the global (averaged) gradient norm inside step(): with ZeRO the full gradient
         # only exists sharded, so clipping before step() would clip each rank's local gradient
@@ -300,10 +288,16 @@ class MuonAdamW(torch.optim.Optimizer):
             self._clip([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None])
         for g in self.param_groups:
             if g["kind"] == "adamw":
-                self._adamw_local(g)
-            else:
-                for bucket in self._buckets(g):
-                    self._muon_local(g, bucket)
+                params = [p for p in g["params"] if p.grad is not None]
+                self._adamw_update(g, params, [p.grad for p in params], [self.state[p] for p in params])
+                continue
+            for bucket in self._buckets(g):
+                live = [p for p in bucket if p.grad is not None]
+                for rows in _chunks(len(live), live[0] if live else None):
+                    part = live[rows]
+                    P = torch.stack(part)
+                    self._muon_update(g, live[0], P, torch.stack([p.grad for p in part]), rows, len(live))
+                    torch._foreach_copy_(part, list(P.unbind(0)))
 
     def _clip(self, grads: list) -> None:
         """Scale `grads` so the global norm is at most grad_clip; with ZeRO they are this rank's shards,
@@ -311,8 +305,7 @@ class MuonAdamW(torch.optim.Optimizer):
         sumsq = torch.stack([torch.linalg.vector_norm(x) for x in grads]).square().sum()
         if self.world_size > 1:
             dist.all_reduce(sumsq, group=self.process_group)
-        norm = sumsq.sqrt()
-        self.last_grad_norm = norm
+        self.last_grad_norm = norm = sumsq.sqrt()
         torch._foreach_mul_(grads, (self.grad_clip / (norm + 1e-6)).clamp(max=1.0))
 
     # ---- AdamW
@@ -333,10 +326,6 @@ class MuonAdamW(torch.optim.Optimizer):
                          [], [st["step"] for st in states], foreach=None if fused else True,
                          fused=True if fused else None, amsgrad=False, beta1=beta1, beta2=beta2,
                          lr=g["lr"], weight_decay=g["weight_decay"], eps=g["eps"], maximize=False)
-
-    def _adamw_local(self, g: dict) -> None:
-        params = [p for p in g["params"] if p.grad is not None]
-        self._adamw_update(g, params, [p.grad for p in params], [self.state[p] for p in params])
 
     # ---- Muon
     def _muon_update(self, g: dict, key: torch.Tensor, P: torch.Tensor, G: torch.Tensor, rows: slice, k: int) -> None:
@@ -368,44 +357,35 @@ class MuonAdamW(torch.optim.Optimizer):
             O.add_(P * (O * P >= 0) if g["cautious"] else P, alpha=lr * wd)
         P.sub_(O)
 
-    def _muon_local(self, g: dict, bucket: list) -> None:
-        live = [p for p in bucket if p.grad is not None]
-        for rows in _chunks(len(live), live[0] if live else None):
-            part = live[rows]
-            P = torch.stack(part)
-            self._muon_update(g, live[0], P, torch.stack([p.grad for p in part]), rows, len(live))
-            torch._foreach_copy_(part, list(P.unbind(0)))
-
     # ---- distributed (ZeRO-2)
     def _collectives(self):
         return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor,
                 getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)
 
+    def _units(self) -> Iterator[tuple[dict, list, int]]:
+        """What ZeRO shards, in the same order on every rank, as (group, params, n): each AdamW param by
+        its n flat elements, each Muon shape bucket by its n whole matrices."""
+        for g in self.param_groups:
+            if g["kind"] == "adamw":
+                yield from ((g, [p], p.numel()) for p in g["params"])
+            else:
+                yield from ((g, bucket, len(bucket)) for bucket in self._buckets(g))
+
     def _reduce_scatter_grads(self) -> list[_GradShard]:
         W, pg = self.world_size, self.process_group
         reduce_scatter, _ = self._collectives()
         shards = []
-        for g in self.param_groups:
-            if g["kind"] == "adamw":
-                for p in g["params"]:
-                    n = p.numel()
-                    _, _, shard = self._own_range(n)
-                    flat = torch.zeros(shard * W, dtype=p.dtype, device=p.device)
-                    if p.grad is not None:
-                        flat[:n] = p.grad.reshape(-1)
-                    out = torch.empty(shard, dtype=p.dtype, device=p.device)
-                    work = reduce_scatter(out, flat, op=dist.ReduceOp.AVG, group=pg, async_op=True)
-                    shards.append(_GradShard(g, [p], out, work))
-            else:
-                for bucket in self._buckets(g):
-                    _, _, shard = self._own_range(len(bucket))
-                    G = torch.zeros((shard * W, *bucket[0].shape), dtype=bucket[0].dtype, device=bucket[0].device)
-                    for i, p in enumerate(bucket):
-                        if p.grad is not None:
-                            G[i] = p.grad
-                    out = torch.empty((shard, *bucket[0].shape), dtype=G.dtype, device=G.device)
-                    work = reduce_scatter(out, G, op=dist.ReduceOp.AVG, group=pg, async_op=True)
-                    shards.append(_GradShard(g, bucket, out, work))
+        for g, params, n in self._units():
+            p0 = params[0]
+            item = () if g["kind"] == "adamw" else p0.shape
+            full = torch.zeros((self._own_range(n)[2] * W, *item), dtype=p0.dtype, device=p0.device)
+            per_param = full[:n].view(len(params), *p0.shape)
+            for i, p in enumerate(params):
+                if p.grad is not None:
+                    per_param[i] = p.grad
+            out = full.new_empty((full.size(0) // W, *item))
+            work = reduce_scatter(out, full, op=dist.ReduceOp.AVG, group=pg, async_op=True)
+            shards.append(_GradShard(g, params, out, work))
         return shards
 
     def _update_owned(self, shards: list[_GradShard]) -> list[tuple]:
@@ -415,44 +395,35 @@ class MuonAdamW(torch.optim.Optimizer):
         gathers = []
         for s in shards:
             s.wait()
-            g = s.group
+            g, p0 = s.group, s.params[0]
+            start, length, shard = self._own_range(p0.numel() if g["kind"] == "adamw" else len(s.params))
+            P = torch.zeros_like(s.grad)        # this rank's slice (+ zero padding); every rank copies it back
             if g["kind"] == "adamw":
-                p = s.params[0]
-                start, length, shard = self._own_range(p.numel())
-                own = p.view(-1)[start:start + length]
-                self._adamw_update(g, [own], [s.grad[:length]], [self.state[p]])
-                send = torch.zeros(shard, dtype=p.dtype, device=p.device)
-                send[:length] = own
-                recv = torch.empty(shard * W, dtype=p.dtype, device=p.device)
-                gathers.append((all_gather(recv, send, group=pg, async_op=True), [p], recv))
+                P[:length] = p0.view(-1)[start:start + length]
+                self._adamw_update(g, [P[:length]], [s.grad[:length]], [self.state[p0]])
             else:
-                bucket = s.params
-                start, length, shard = self._own_range(len(bucket))
-                P = torch.zeros_like(s.grad)        # this rank's matrices (+ zero padding)
                 for j in range(length):
-                    P[j] = bucket[start + j]
-                for rows in _chunks(shard, bucket[0]):
-                    self._muon_update(g, bucket[0], P[rows], s.grad[rows], rows, shard)
-                recv = torch.empty((shard * W, *bucket[0].shape), dtype=P.dtype, device=P.device)
-                gathers.append((all_gather(recv, P, group=pg, async_op=True), bucket, recv))
+                    P[j] = s.params[start + j]
+                for rows in _chunks(shard, p0):
+                    self._muon_update(g, p0, P[rows], s.grad[rows], rows, shard)
+            recv = P.new_empty((shard * W, *P.shape[1:]))
+            gathers.append((all_gather(recv, P, group=pg, async_op=True), s.params, recv))
         return gathers
 
     @staticmethod
     def _copy_gathered(gathers: list[tuple]) -> None:
         for work, params, recv in gathers:
             work.wait()
-            if len(params) == 1 and recv.dim() == 1:
-                p = params[0]
-                p.copy_(recv[:p.numel()].view_as(p))
-            else:
-                torch._foreach_copy_(params, list(recv[:len(params)].unbind(0)))
+            n = len(params) * params[0].numel()
+            torch._foreach_copy_(params, list(recv.view(-1)[:n].view(len(params), *params[0].shape).unbind(0)))
 
 
 # The recipe keys `build_optimizer(settings=...)` reads: the same names as the config's stage.* keys
 # (nanochat/config.py) and plan.OPTIMIZER_RECIPES, which holds each generation's values. A key
-# left out keeps the Dec-2025 behaviour (refinement off, adam_betas, adamw_weight_decay).
-SETTING_KEYS = ("muon_ns", "muon_ns_safety", "muon_equilibrate", "muon_renorm", "normuon", "muon_beta2",
-                "cautious_wd", "lm_head_betas", "lm_head_wd", "embedding_betas", "embedding_wd",
+# left out keeps the Dec-2025 behaviour (MUON_DEFAULTS, adam_betas, adamw_weight_decay).
+MUON_SETTINGS = {"muon_ns": "ns", "muon_ns_safety": "ns_safety", "muon_equilibrate": "equilibrate",   # → group key
+                 "muon_renorm": "renorm", "normuon": "normuon", "muon_beta2": "beta2", "cautious_wd": "cautious"}
+SETTING_KEYS = (*MUON_SETTINGS, "lm_head_betas", "lm_head_wd", "embedding_betas", "embedding_wd",
                 "value_embed_lr_frac", "value_embed_betas", "value_embed_wd", "resid_lr_frac", "resid_wd",
                 "x0_betas", "gate_lr")
 
@@ -485,11 +456,8 @@ def build_optimizer(model, *, embedding_lr: float, unembedding_lr: float, matrix
         raise ValueError(f"unknown optimizer setting(s) {sorted(unknown)}; known: {', '.join(SETTING_KEYS)}")
     pg = model.param_groups()
     adamw = adamw_group_settings(embedding_lr, unembedding_lr, scalar_lr, s, adam_betas, adamw_weight_decay)
-    groups = [dict(kind="muon", name="matrix", params=pg["matrix"], lr=matrix_lr, momentum=0.95, nesterov=True,
-                   ns=s.get("muon_ns", "newton_schulz"), ns_steps=5, ns_safety=s.get("muon_ns_safety", PE_SAFETY),
-                   equilibrate=bool(s.get("muon_equilibrate", False)), renorm=bool(s.get("muon_renorm", False)),
-                   normuon=bool(s.get("normuon", False)), beta2=s.get("muon_beta2", 0.9),
-                   cautious=bool(s.get("cautious_wd", False)), weight_decay=weight_decay)]
+    muon = {MUON_SETTINGS[k]: v for k, v in s.items() if k in MUON_SETTINGS}
+    groups = [dict(kind="muon", name="matrix", params=pg["matrix"], lr=matrix_lr, weight_decay=weight_decay, **muon)]
     groups += [dict(kind="adamw", name=name, params=pg[name], eps=1e-10, **a) for name, a in adamw.items()]
     groups = [g for g in groups if g["params"]]
     return MuonAdamW(groups, world_size=world_size, rank=rank, process_group=process_group, grad_clip=grad_clip)
@@ -529,10 +497,7 @@ def muon_momentum(step: int, start: float = 0.85, end: float = 0.95, ramp_steps:
 def weight_decay_at(step: int, num_iterations: int, base_wd: float, schedule: str = "constant") -> float:
     """Weight decay at `step`: constant, linear to 0, or cosine to 0 at num_iterations."""
     frac = min(max(step / max(1, num_iterations), 0.0), 1.0)
-    if schedule == "constant":
-        return base_wd
-    if schedule == "linear":
-        return base_wd * (1 - frac)
-    if schedule == "cosine":
-        return base_wd * 0.5 * (1 + math.cos(math.pi * frac))
-    raise ValueError(f"weight decay schedule={schedule!r}: use constant, linear or cosine")
+    factor = {"constant": 1.0, "linear": 1 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}
+    if schedule not in factor:
+        raise ValueError(f"weight decay schedule={schedule!r}: use constant, linear or cosine")
+    return base_wd * factor[schedule]

@@ -33,7 +33,6 @@ import torch.nn as nn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MASTER_DTYPE = torch.float32
-LOGITS_DTYPE = torch.float32
 OPTIMIZER_STATE_DTYPE = torch.float32
 
 
@@ -43,11 +42,6 @@ def to_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"hardware.dtype={dtype!r}: use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def cuda_bf16_supported() -> bool:
-    """True on GPUs with native bf16 (Ampere and newer); never emulated support."""
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 @dataclass(frozen=True)
@@ -71,8 +65,9 @@ class Precision:
             notes += [f"{want} requested on {device_type}: running fp32"] if want != torch.float32 else []
             want = torch.float32
         elif want == torch.bfloat16:
-            ok = cuda_bf16_supported() if bf16_supported is None else bf16_supported
-            if not ok:
+            if bf16_supported is None:   # native bf16 (Ampere and newer); never emulated support
+                bf16_supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+            if not bf16_supported:
                 want = torch.float16
                 notes.append("this GPU has no bf16: fp16 autocast with loss scaling")
         if emb != torch.float32 and (emb != torch.bfloat16 or want != torch.bfloat16):
@@ -158,11 +153,8 @@ FP8_MIN_DIM = 128   # nanochat 92d63d4's base_train: smaller layers gain nothing
 def fp8_filter(mod: nn.Module, fqn: str = "") -> bool:
     """nanochat 92d63d4's rule: a Linear whose in/out features divide by 16 (the fp8 GEMM needs it)
     and whose smaller side is at least 128 (value-embedding and smear gates stay as they are)."""
-    if not isinstance(mod, nn.Linear):
-        return False
-    if mod.in_features % 16 or mod.out_features % 16:
-        return False
-    return min(mod.in_features, mod.out_features) >= FP8_MIN_DIM
+    return (isinstance(mod, nn.Linear) and mod.in_features % 16 == 0 and mod.out_features % 16 == 0
+            and min(mod.in_features, mod.out_features) >= FP8_MIN_DIM)
 
 
 def fp8_layer_names(model: nn.Module) -> list[str]:

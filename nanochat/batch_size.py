@@ -28,6 +28,7 @@ import resource
 import sys
 import time
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Iterator, Optional
 
 HEADROOM = 0.90          # a fitting probe may use at most this fraction of the budget
@@ -91,11 +92,6 @@ def memory_snapshot(run_dir: Any) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- the probe
 
-def _address_space() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[0]) * resource.getpagesize()
-
-
 @contextmanager
 def memory_budget(device: Any, budget_bytes: Optional[int]) -> Iterator[None]:
     """Make allocations beyond `budget_bytes` fail for real while the block runs."""
@@ -106,17 +102,17 @@ def memory_budget(device: Any, budget_bytes: Optional[int]) -> Iterator[None]:
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), device)
-        try:
-            yield
-        finally:
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (_address_space() + budget_bytes, hard))
+        restore = partial(torch.cuda.set_per_process_memory_fraction, 1.0, device)
+    else:
+        with open("/proc/self/statm") as f:   # the address space in use now
+            in_use = int(f.read().split()[0]) * resource.getpagesize()
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (in_use + budget_bytes, hard))
+        restore = partial(resource.setrlimit, resource.RLIMIT_AS, (soft, hard))
     try:
         yield
     finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        restore()
 
 
 def try_batch(gpt_kwargs: dict, batch: int, seq_len: int, device: Any, precision: Any,

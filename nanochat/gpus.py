@@ -31,7 +31,4 @@ GPU_BF16_PEAK_FLOPS: list[tuple[str, float]] = [
 
 def bf16_peak_flops(device_name: str) -> Optional[float]:
     """Dense bf16 peak of the GPU called `device_name`, or None when it is not in the table."""
-    for key, flops in GPU_BF16_PEAK_FLOPS:
-        if key in device_name:
-            return flops
-    return None
+    return next((flops for key, flops in GPU_BF16_PEAK_FLOPS if key in device_name), None)

@@ -66,11 +66,8 @@ class PackedLinear(nn.Module):
 def pack_for_inference(model: nn.Module) -> int:
     """Pack `model`'s Linear layers in place (see the module docstring); returns how many layers now run
     packed (0 when packing does not apply here, or the model is already packed)."""
-    try:
-        ref = next(model.parameters())
-    except StopIteration:
-        return 0
-    if getattr(model, "packed_for_inference", False) or not packing_available(ref.device, ref.dtype):
+    ref = next(model.parameters(), None)
+    if ref is None or getattr(model, "packed_for_inference", False) or not packing_available(ref.device, ref.dtype):
         return 0
     count = 0
     with torch.no_grad():

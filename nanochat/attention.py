@@ -23,6 +23,7 @@ of the rows' windows).
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import warnings
 from typing import Callable, Optional
@@ -39,30 +40,18 @@ CHOICES = ("auto",) + BACKENDS
 @functools.lru_cache(maxsize=None)
 def _flash_func() -> Optional[Callable]:
     """The installed flash-attention function (FA3 first), or None."""
-    try:
-        from flash_attn_interface import flash_attn_func  # FA3 (Hopper)
-        return flash_attn_func
-    except ImportError:
-        pass
-    try:
-        from flash_attn import flash_attn_func  # FA2 (Ampere+)
-        return flash_attn_func
-    except ImportError:
-        return None
-
-
-def _has_flex() -> bool:
-    try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    for module in ("flash_attn_interface", "flash_attn"):   # FA3 (Hopper), FA2 (Ampere+)
+        try:
+            return importlib.import_module(module).flash_attn_func
+        except ImportError:
+            pass
+    return None
 
 
 def available_backends(device_type: str) -> list[str]:
     """Backends that can run on this machine for `device_type` (cpu | cuda | mps)."""
     out = ["sdpa"]
-    if _has_flex() and device_type in ("cpu", "cuda"):
+    if device_type in ("cpu", "cuda"):   # FlexAttention: every torch with SDPA's enable_gqa (2.5+) has it
         out.append("flex")
     if device_type == "cuda" and _flash_func() is not None:
         out.append("flash")
@@ -85,12 +74,10 @@ def _resolve(preference: str, device_type: str) -> str:
     if preference not in CHOICES:
         raise ValueError(f"hardware.attention={preference!r}: use one of {', '.join(CHOICES)}")
     # sdpa needs no probe: probing flex imports torch._dynamo (seconds of start-up on a small CPU)
-    if preference == "auto":
-        if device_type == "cuda":
-            return "flash" if _flash_func() is not None else "flex"
+    if preference == "sdpa" or (preference == "auto" and device_type != "cuda"):
         return "sdpa"
-    if preference == "sdpa":
-        return "sdpa"
+    if preference == "auto":   # on CUDA
+        return "flash" if _flash_func() is not None else "flex"
     have = available_backends(device_type)
     if preference not in have:
         fix = "pip install flash-attn (CUDA only)" if preference == "flash" else "use hardware.attention=auto"
@@ -136,9 +123,7 @@ def _build_block_mask(T: int, window: int, device):
 def _compute_dtype(q: torch.Tensor) -> torch.dtype:
     # flex and flash are not autocast-aware (SDPA is): run them in autocast's dtype by hand
     dev = q.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return q.dtype
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,10 +155,6 @@ def _flash(q, k, v, window: int, scale: float) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def _needs_grad(*ts: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
-
-
 def supports_backward(backend: str, device_type: str) -> bool:
     """Whether `backend` runs its own backward kernel on `device_type` (flex on CPU: forward only)."""
     return not (backend == "flex" and device_type == "cpu")
@@ -193,7 +174,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
         return _flash(q.to(dt), k.to(dt), v.to(dt), window, scale)
     if window >= T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    if backend in ("flex", "flash") and not (q.device.type == "cpu" and _needs_grad(q, k, v)):
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if backend in ("flex", "flash") and not (q.device.type == "cpu" and training):
         return _flex(q.to(dt), k.to(dt), v.to(dt), window, scale)   # flash in fp32 → flex
     # sdpa, or flex training on CPU (FlexAttention has no CPU backward): the dense window mask
     if dense_mask is None:
@@ -213,14 +195,13 @@ def cached_window(positions: torch.Tensor, window: int, S: int,
 
 
 def cached_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, positions: torch.Tensor,
-                     window: int, scale: float, min_position: Optional[int] = None,
-                     slots: Optional[tuple[int, torch.Tensor]] = None) -> torch.Tensor:
+                     window: int, scale: float, slots: Optional[tuple[int, torch.Tensor]] = None) -> torch.Tensor:
     """Attention of new queries q (B, H, T, D) at `positions` (B, T) over the cache keys/vals (B, Hkv, S, D).
 
     Row b's query t sees cache slots j with positions[b, t] - window < j <= positions[b, t].
     Only the slots some row's window reaches are read (decode cost ~ window, not S).
-    min_position: positions.min() if the caller has it (saves a device sync per layer).
-    slots: `cached_window(...)` if the caller built it already (once per forward, not per layer).
+    slots: `cached_window(...)` if the caller built it already (once per forward, not per layer: no
+    device sync per layer).
 
     One query per row (a decode step) runs as plain products instead of SDPA: CPU SDPA splits a
     single query's keys across threads when there are few rows, so a row's rounding would depend on
@@ -228,7 +209,7 @@ def cached_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, po
     faster at this size). Prefill (several queries) stays on SDPA.
     """
     S = keys.size(-2)
-    lo, mask = slots if slots is not None else cached_window(positions, window, S, min_position)
+    lo, mask = slots if slots is not None else cached_window(positions, window, S)
     k, v = keys[:, :, lo:S].to(q.dtype), vals[:, :, lo:S].to(q.dtype)
     if q.size(-2) == 1:
         return _decode_attention(q, k, v, mask, scale)

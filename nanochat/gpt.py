@@ -49,8 +49,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.attention import cached_attention, cached_window, causal_attention, resolve_backend
-from nanochat.shapes import SMEAR_GATE_CHANNELS, VE_GATE_CHANNELS, has_value_embed
+from nanochat.attention import cached_attention, cached_window, causal_attention, resolve_backend, window_mask
+from nanochat.shapes import SMEAR_GATE_CHANNELS, VE_GATE_CHANNELS, flops_per_token, has_value_embed
 from nanochat.shapes import attention_spans as shape_spans, left_windows as shape_windows
 
 VE_GATE_SCALE = 3.0     # the value-embedding gate is VE_GATE_SCALE·sigmoid(.), in (0, 3)
@@ -94,16 +94,14 @@ class GPTConfig:
             raise bad("n_head", f"head_dim = n_embd/n_head = {self.head_dim} must be even for RoPE")
         if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
             raise bad("window_pattern", "use a string of S (short window) and L (full context), e.g. SSSL")
-        if self.short_window is not None and not (0 <= self.short_window):
-            raise bad("short_window", "must be >= 0 tokens to the left (or null for ceil(seq/4/128)·128)")
-        if self.long_window is not None and not (0 <= self.long_window):
-            raise bad("long_window", "must be >= 0 tokens to the left (or null for unlimited)")
+        for f, unset in (("short_window", "ceil(seq/4/128)·128"), ("long_window", "unlimited")):
+            if getattr(self, f) is not None and getattr(self, f) < 0:
+                raise bad(f, f"must be >= 0 tokens to the left (or null for {unset})")
         if self.init_style not in INIT_STYLES:
             raise bad("init_style", f"use one of {INIT_STYLES}")
-        if self.value_embeds and self.n_embd < VE_GATE_CHANNELS:
-            raise bad("n_embd", f"value_embeds needs n_embd >= {VE_GATE_CHANNELS}")
-        if self.smear and self.n_embd < SMEAR_GATE_CHANNELS:
-            raise bad("n_embd", f"smear needs n_embd >= {SMEAR_GATE_CHANNELS}")
+        for toggle, channels in (("value_embeds", VE_GATE_CHANNELS), ("smear", SMEAR_GATE_CHANNELS)):
+            if getattr(self, toggle) and self.n_embd < channels:
+                raise bad("n_embd", f"{toggle} needs n_embd >= {channels}")
         if self.softcap < 0:
             raise bad("softcap", "must be >= 0 (0 disables it)")
 
@@ -113,17 +111,15 @@ class GPTConfig:
 
     @property
     def padded_vocab_size(self) -> int:
-        m = self.pad_vocab_to
-        return ((self.vocab_size + m - 1) // m) * m
+        return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
 
     @property
     def max_positions(self) -> int:
         """Positions the RoPE table covers (10× the training length leaves room for long generations)."""
         return 10 * self.sequence_len
 
-    def left_windows(self) -> list[Optional[int]]:
-        """Tokens to the left of the query each layer sees (None = unlimited), nanochat's window_size[0]."""
-        return shape_windows(self)
+    left_windows = shape_windows     # tokens left of the query per layer (None = unlimited)
+    attention_spans = shape_spans    # keys per query for the FLOP count
 
     def window_sizes(self) -> list[int]:
         """Keys each layer attends to, the query itself included (left window + 1).
@@ -132,10 +128,6 @@ class GPTConfig:
         >= the number of keys always means plain causal attention.
         """
         return [self.max_positions if w is None else min(w + 1, self.max_positions) for w in self.left_windows()]
-
-    def attention_spans(self) -> list[int]:
-        """Keys per query for the FLOP count: nanochat's min(left window, sequence_len) per layer."""
-        return shape_spans(self)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -190,11 +182,8 @@ class _ReluSquared(torch.autograd.Function):
 
 
 def relu_squared(h: torch.Tensor) -> torch.Tensor:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():   # inference: no autograd Function overhead
         return F.relu(h).square()
-    if not torch.is_grad_enabled():   # inference: _ReluSquared.forward's ops without the autograd overhead
-        r = torch.relu(h)
-        return r * r
     return _ReluSquared.apply(h)
 
 
@@ -336,10 +325,9 @@ class KVCache:
     tokens each row holds. `last_x` (B, n_embd) keeps each row's last normed embedding (smear needs it).
 
     Use:
-        cache = KVCache(batch_size=1, num_kv_heads=cfg.n_kv_head, max_len=L, head_dim=cfg.head_dim,
-                        num_layers=cfg.n_layer, device=dev, dtype=torch.float32, n_embd=cfg.n_embd)
+        cache = KVCache.for_model(model, batch_size=1, max_len=L)
         logits = model(prompt_ids, kv_cache=cache)        # prefill (B, T): rows advance by T
-        big = KVCache(batch_size=N, ...)                  # same dims
+        big = KVCache.for_model(model, batch_size=N, max_len=L)
         big.copy_rows_from(cache, src_row=0)              # N completions of one prompt
         logits = model(next_ids[:, None], kv_cache=big)   # decode one token per row
     Rows may sit at different positions (e.g. prompts of different lengths prefilled one by one and
@@ -349,21 +337,19 @@ class KVCache:
     """
 
     def __init__(self, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int, num_layers: int,
-                 device=None, dtype: torch.dtype = torch.float32, n_embd: Optional[int] = None):
+                 n_embd: int, device=None, dtype: torch.dtype = torch.float32):
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.last_x = torch.zeros(batch_size, n_embd, device=device, dtype=dtype) if n_embd else None
+        self.last_x = torch.zeros(batch_size, n_embd, device=device, dtype=dtype)
         self.batch_size, self.max_len = batch_size, max_len
         self.min_keys = 0   # forwards attend over at least this many slots (serving pads the key length)
 
     @classmethod
     def for_model(cls, model: "GPT", batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None) -> "KVCache":
-        c = model.config
-        dev = model.lm_head.weight.device
-        dtype = dtype or model.lm_head.weight.dtype
-        return cls(batch_size, c.n_kv_head, max_len, c.head_dim, c.n_layer, dev, dtype, c.n_embd)
+        c, w = model.config, model.lm_head.weight
+        return cls(batch_size, c.n_kv_head, max_len, c.head_dim, c.n_layer, c.n_embd, w.device, dtype or w.dtype)
 
     def reset(self) -> None:
         self.pos.zero_()
@@ -372,8 +358,7 @@ class KVCache:
         """The first n rows as a KVCache of views: a forward on it writes into this cache and attends
         over at least `min_keys` slots (serving runs a step on the rows in use)."""
         view = copy.copy(self)
-        view.k, view.v, view.pos = self.k[:, :n], self.v[:, :n], self.pos[:n]
-        view.last_x = self.last_x[:n] if self.last_x is not None else None
+        view.k, view.v, view.pos, view.last_x = self.k[:, :n], self.v[:, :n], self.pos[:n], self.last_x[:n]
         view.batch_size, view.min_keys = n, min_keys
         return view
 
@@ -385,16 +370,14 @@ class KVCache:
         """Copy row `src_row` of `src` (keys, values, position) into `dst_rows` (default: all rows)."""
         if (src.k.shape[0], src.k.shape[2], src.k.shape[4]) != (self.k.shape[0], self.k.shape[2], self.k.shape[4]):
             raise ValueError("KVCache.copy_rows_from: layer/head/dim shapes differ between caches")
-        rows = range(self.batch_size) if dst_rows is None else dst_rows
+        rows = list(range(self.batch_size) if dst_rows is None else dst_rows)
         n = int(src.pos[src_row])
         if n > self.max_len:
             raise ValueError(f"KVCache.copy_rows_from: source holds {n} tokens > max_len={self.max_len}")
-        for r in rows:
-            self.k[:, r, :, :n] = src.k[:, src_row, :, :n]
-            self.v[:, r, :, :n] = src.v[:, src_row, :, :n]
-            self.pos[r] = n
-            if self.last_x is not None and src.last_x is not None:
-                self.last_x[r] = src.last_x[src_row]
+        self.k[:, rows, :, :n] = src.k[:, src_row:src_row + 1, :, :n]
+        self.v[:, rows, :, :n] = src.v[:, src_row:src_row + 1, :, :n]
+        self.pos[rows] = n
+        self.last_x[rows] = src.last_x[src_row]
 
 
 # ----------------------------------------------------------------------------- modules
@@ -450,8 +433,7 @@ class CausalSelfAttention(nn.Module):
         cache.k[li][rows, :, positions] = k.to(cache.k.dtype)
         cache.v[li][rows, :, positions] = v.to(cache.v.dtype)
         keys, vals = cache.k[li, :, :, :S], cache.v[li, :, :, :S]
-        return cached_attention(q.transpose(1, 2), keys, vals, positions, window, scale, attn_mask["min_pos"],
-                                attn_mask["slots"][window])
+        return cached_attention(q.transpose(1, 2), keys, vals, positions, window, scale, attn_mask["slots"][window])
 
 
 class MLP(nn.Module):
@@ -503,11 +485,8 @@ class GPT(nn.Module):
         })
         self.resid_lambdas = nn.Parameter(torch.empty(L)) if config.resid_lambdas else None
         self.x0_lambdas = nn.Parameter(torch.empty(L)) if config.x0_lambdas else None
-        if config.smear:
-            self.smear_gate = nn.Linear(SMEAR_GATE_CHANNELS, 1, bias=False)
-            self.smear_lambda = nn.Parameter(torch.empty(1))
-        else:
-            self.smear_gate, self.smear_lambda = None, None
+        self.smear_gate = nn.Linear(SMEAR_GATE_CHANNELS, 1, bias=False) if config.smear else None
+        self.smear_lambda = nn.Parameter(torch.empty(1)) if config.smear else None
         self.backout_lambda = nn.Parameter(torch.empty(1)) if config.backout else None
         self.windows = config.window_sizes()
         # RoPE tables: 10× the training length leaves room for long generations; non-persistent
@@ -545,11 +524,10 @@ class GPT(nn.Module):
             self.resid_lambdas.copy_(torch.tensor([1.15 - 0.10 * f for f in frac]))
         if self.x0_lambdas is not None:
             self.x0_lambdas.copy_(torch.tensor([0.20 - 0.15 * f for f in frac]))
-        if self.smear_gate is not None:
-            self.smear_lambda.zero_()                        # no smearing at start
         if self.backout_lambda is not None:
             self.backout_lambda.fill_(0.2)
         if self.smear_gate is not None:
+            self.smear_lambda.zero_()                        # no smearing at start
             nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
         for ve in self.value_embeds.values():
             nn.init.uniform_(ve.weight, -s, s)
@@ -575,17 +553,9 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.transformer.h.parameters()) + self.lm_head.weight.numel()
 
     def estimate_flops(self) -> int:
-        """Training FLOPs per token: 6·(params − embedding tables − scalars) + attention 12·H·hd·T_eff per layer.
-
-        As nanochat 92d63d4 (6 × every Linear's weight): the lambdas do no matmul, the smear gate
-        (a 24→1 Linear) does; T_eff = min(left window, sequence_len).
-        """
-        c = self.config
-        emb = self.transformer.wte.weight.numel() + sum(ve.weight.numel() for ve in self.value_embeds.values())
-        scalars = sum(p.numel() for p in (self.resid_lambdas, self.x0_lambdas, self.smear_lambda,
-                                          self.backout_lambda) if p is not None)
-        attn = sum(12 * c.n_head * c.head_dim * w for w in c.attention_spans())
-        return 6 * (self.num_params() - emb - scalars) + attn
+        """Training FLOPs per token: 6·(params − embedding tables − scalars) + attention 12·H·hd·T_eff per
+        layer, nanochat 92d63d4's count (shapes.flops_per_token; T_eff = min(left window, sequence_len))."""
+        return flops_per_token(self.config)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Which optimizer gets what: "matrix" → Muon; the rest → AdamW at their own LRs.
@@ -594,47 +564,48 @@ class GPT(nn.Module):
         resid_scalar (resid_lambdas), x0_scalar (x0_lambdas), gate_scalar (smear gate + lambda,
         backout lambda): nanochat 92d63d4's setup_optimizer groups.
         """
-        gates = [p for p in (self.smear_lambda, self.backout_lambda) if p is not None]
-        if self.smear_gate is not None:
-            gates.insert(0, self.smear_gate.weight)
+        def present(*params):
+            return [p for p in params if p is not None]
+        smear_w = self.smear_gate.weight if self.smear_gate is not None else None
         groups = {
             "matrix": list(self.transformer.h.parameters()),
             "embedding": [self.transformer.wte.weight],
             "value_embed": [ve.weight for ve in self.value_embeds.values()],
             "lm_head": [self.lm_head.weight],
-            "resid_scalar": [self.resid_lambdas] if self.resid_lambdas is not None else [],
-            "x0_scalar": [self.x0_lambdas] if self.x0_lambdas is not None else [],
-            "gate_scalar": gates,
+            "resid_scalar": present(self.resid_lambdas),
+            "x0_scalar": present(self.x0_lambdas),
+            "gate_scalar": present(smear_w, self.smear_lambda, self.backout_lambda),
         }
         n = sum(len(v) for v in groups.values())
         assert n == len(list(self.parameters())), "param_groups misses a parameter"
         return groups
 
     # ------------------------------------------------------------------ forward
-    def _masks(self, T: int, device, kv_cache: Optional[KVCache]):
-        if kv_cache is None:
-            # nanochat/attention.py picks the kernel; only the sdpa backend needs dense window masks
-            out = {"backend": resolve_backend(self.attn_backend, torch.device(device).type)}
-            for w in set(self.windows):
-                if w < T and out["backend"] == "sdpa":
-                    key = (T, w, str(device))
-                    if key not in self._mask_cache:
-                        i = torch.arange(T, device=device)
-                        diff = i.unsqueeze(1) - i.unsqueeze(0)
-                        self._mask_cache[key] = (diff >= 0) & (diff < w)
-                    out[w] = self._mask_cache[key]
-            return out
-        # cached inference: each row's new tokens sit at pos[b] + t
-        pos = kv_cache.pos
-        positions = pos.unsqueeze(1) + torch.arange(T, device=device)        # (B, T)
+    def _dense_masks(self, T: int, device: torch.device) -> dict:
+        """nanochat/attention.py picks the kernel; only the sdpa backend needs dense window masks
+        (built once per T/window/device, shared by the layers with that window)."""
+        out = {"backend": resolve_backend(self.attn_backend, device.type)}
+        for w in set(self.windows):
+            if w < T and out["backend"] == "sdpa":
+                key = (T, w, str(device))
+                if key not in self._mask_cache:
+                    self._mask_cache[key] = window_mask(T, w, device)
+                out[w] = self._mask_cache[key]
+        return out
+
+    def _cached_masks(self, T: int, kv_cache: KVCache) -> dict:
+        """Cached inference: each row's new tokens sit at pos[b] + t."""
+        positions = kv_cache.pos.unsqueeze(1) + torch.arange(T, device=kv_cache.pos.device)   # (B, T)
         last = int(positions.max())
         S = max(last + 1, kv_cache.min_keys)   # slots past a row's position are masked
         if S > kv_cache.max_len:
             raise ValueError(f"KVCache overflow: need {S} positions, cache max_len={kv_cache.max_len}")
+        if last >= self.rotary_len:
+            raise ValueError(f"position {last} exceeds the RoPE table ({self.rotary_len})")
         # per-row window masks: one per distinct window, shared by the layers with that window
         first = int(positions.min())
         slots = {w: cached_window(positions, w, S, first) for w in set(self.windows)}
-        return {"positions": positions, "S": S, "min_pos": first, "max_pos": last, "slots": slots}
+        return {"positions": positions, "S": S, "slots": slots}
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 kv_cache: Optional[KVCache] = None, loss_reduction: str = "mean",
@@ -643,16 +614,14 @@ class GPT(nn.Module):
         prefill's last real token; the lm_head then skips the other positions."""
         B, T = idx.shape
         c = self.config
-        if kv_cache is None and T > self.rotary_len:
-            raise ValueError(f"sequence of {T} tokens exceeds the RoPE table ({self.rotary_len})")
-        masks = self._masks(T, idx.device, kv_cache)
         if kv_cache is None:
+            if T > self.rotary_len:
+                raise ValueError(f"sequence of {T} tokens exceeds the RoPE table ({self.rotary_len})")
+            masks = self._dense_masks(T, idx.device)
             rope = self.rope[None, :T, None]
         else:
-            positions = masks["positions"]
-            if masks["max_pos"] >= self.rotary_len:
-                raise ValueError(f"position {masks['max_pos']} exceeds the RoPE table ({self.rotary_len})")
-            rope = self.rope[positions].unsqueeze(2)
+            masks = self._cached_masks(T, kv_cache)
+            rope = self.rope[masks["positions"]].unsqueeze(2)
 
         x = self.embed(idx)
         if self.smear_gate is not None:
@@ -686,7 +655,9 @@ class GPT(nn.Module):
         W = self.lm_head.weight[:V] if V != c.padded_vocab_size else self.lm_head.weight
         if type(self.lm_head) is not nn.Linear:   # converted (fp8): its own matmul over the padded rows
             logits = self.lm_head(x)[..., :V].float()
-        elif targets is not None and loss_reduction == "mean" and self._use_fused_loss(x):
+        elif (targets is not None and loss_reduction == "mean" and self.fused_loss and x.device.type == "cpu"
+              and x.dtype == torch.float32 and not torch.compiler.is_compiling()):
+            # CPU fp32 eager only: on GPU the elementwise passes are cheap, and compile fuses them itself
             return linear_softcap_cross_entropy(x.reshape(B * T, -1), W, targets.reshape(-1),
                                                 c.softcap, self.loss_chunk)
         else:
@@ -701,11 +672,6 @@ class GPT(nn.Module):
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """The normed token embeddings; also what a KV cache keeps of a row's last token (smear)."""
         return norm(self.transformer.wte(idx).float())   # bf16-stored tables (precision.py): fp32 residual
-
-    def _use_fused_loss(self, x: torch.Tensor) -> bool:
-        # CPU fp32 eager only: on GPU the elementwise passes are cheap, and compile fuses them itself
-        return (self.fused_loss and x.device.type == "cpu" and x.dtype == torch.float32
-                and not torch.compiler.is_compiling())
 
     def _smear(self, x: torch.Tensor, kv_cache: Optional[KVCache]) -> torch.Tensor:
         """x[t] += λ·sigmoid(gate(x[t, :24]))·x[t-1]; position 0 of a sequence has no predecessor."""
@@ -734,12 +700,10 @@ class GPT(nn.Module):
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
             if temperature > 0:
-                probs = F.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=rng)
+                ids = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
             else:
-                nxt = torch.argmax(logits, dim=-1, keepdim=True)
-            ids = nxt
-            yield int(nxt.item())
+                ids = torch.argmax(logits, dim=-1, keepdim=True)
+            yield int(ids.item())
 
 
 def build_model(config: GPTConfig, device, seed: int) -> GPT:

@@ -146,24 +146,19 @@ def fit_isoflop(budget: float, points: Sequence[Point]) -> IsoFit:
         return measured
     near = _window(pts, best.params)
     x = np.log10([p.params for p in near])
-    c2, c1, c0 = np.polyfit(x, [p.loss for p in near], 2)
-    if c2 <= 0:
-        measured.coef = (float(c2), float(c1), float(c0))
-        measured.note = "the parabola opens downward (no valley in the fit): the measured minimum is used"
-        return measured
-    xv = -c1 / (2 * c2)
-    if not (math.isfinite(xv) and x.min() - 1 <= xv <= x.max() + 1):
-        # a nearly flat parabola puts its vertex decades away: extrapolating that far is meaningless
-        measured.coef = (float(c2), float(c1), float(c0))
-        measured.note = "the fitted optimum lies over a decade outside the sizes run: the measured minimum is used"
+    c2, c1, c0 = coef = tuple(float(c) for c in np.polyfit(x, [p.loss for p in near], 2))
+    xv = -c1 / (2 * c2) if c2 > 0 else None
+    # a nearly flat parabola puts its vertex decades away: extrapolating that far is meaningless
+    if xv is None or not (math.isfinite(xv) and x.min() - 1 <= xv <= x.max() + 1):
+        measured.coef = coef
+        measured.note = ("the parabola opens downward (no valley in the fit)" if xv is None else
+                         "the fitted optimum lies over a decade outside the sizes run") + ": the measured minimum is used"
         return measured
     n_opt = 10.0 ** xv
-    note = ""
-    if not (x.min() <= xv <= x.max()):
-        note = "the fitted optimum lies outside the sizes run (extrapolated): widen the size range"
-    return IsoFit(budget, len(pts), float(n_opt), _tokens_at(pts, n_opt, budget),
-                  float(c0 - c1 * c1 / (4 * c2)), "quadratic", (float(c2), float(c1), float(c0)), valley, note,
-                  fit_range=(near[0].params, near[-1].params))
+    note = "" if x.min() <= xv <= x.max() else \
+        "the fitted optimum lies outside the sizes run (extrapolated): widen the size range"
+    return IsoFit(budget, len(pts), n_opt, _tokens_at(pts, n_opt, budget), c0 - c1 * c1 / (4 * c2), "quadratic",
+                  coef, valley, note, fit_range=(near[0].params, near[-1].params))
 
 
 def _window(pts: Sequence[Point], n_best: float) -> list[Point]:

@@ -218,14 +218,11 @@ def run_pipeline(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optiona
         sub_dir = (job_dir / f"{i}_{entry}") if job_dir is not None else None
         out = run_stage(stage_cfg, tree, hydra_info, sub_dir, show_config=cfg.run.print_config)
         results.append({"stage": entry, "kind": name, **out})
-        if out["status"] == "dry_run":
-            produced.pop(name, None)
-            produced[name] = f"pipeline:{name}"  # later stages chain to this one's (future) output
-            continue
-        if out["status"] != "completed":
+        if out["status"] not in ("completed", "dry_run"):
             return {"status": out["status"], "stages": results}
         produced.pop(name, None)  # re-inserted: dict order is the order stages finished
-        produced[name] = out["run_dir"]
+        # a dry run: later stages chain to this one's (future) output
+        produced[name] = f"pipeline:{name}" if out["status"] == "dry_run" else out["run_dir"]
     if cfg.run.dry_run and not cfg.run.print_config:
         _console().print("resolved config (run.print_config=true prints each stage's in full):\n" +
                          compact_config({r["stage"]: r["config"] for r in results}), soft_wrap=True, markup=False)

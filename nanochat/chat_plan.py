@@ -71,11 +71,6 @@ MODERN_SFT = ChatRules(0.8, 0.0, 0.5, 0.0, CHAT_MOMENTUM, 0.0, "tokens", "bestfi
 
 # --------------------------------------------------------------------------- mixtures (no torch)
 
-def spec_name(spec: Any) -> str:
-    from nanochat.tasks import parse_spec
-    return parse_spec(spec)[0]
-
-
 def build_mixture(specs: Optional[list], default: list, split: str, *, data_dir: Optional[str], base_dir: Any,
                   seed: int, max_per_task: int = -1, log: Callable[[str], None] = print):
     """(TaskMixture, names) from config specs (every one required) or a default (optional ones skipped)."""
@@ -103,9 +98,10 @@ def build_mixture(specs: Optional[list], default: list, split: str, *, data_dir:
 
 def held_out_specs(specs: list) -> list:
     """The graded tasks of a mixture, for validation and scoring on their held-out split."""
+    from nanochat.tasks import parse_spec
     out = []
     for spec in specs:
-        name = spec_name(spec)
+        name = parse_spec(spec)[0]
         if name not in GRADED:
             continue
         if name in ("mmlu_aux", "mmlu_auxiliary_train"):
@@ -123,17 +119,13 @@ def count_tokens(task: Any, tokenizer: Any, max_tokens: int, sample: int = 20000
     return total if n <= sample else int(total * n / len(idx))
 
 
-def source_tokenizer(cfg: Config, source: SourceRun) -> str:
-    return source.config.data.tokenizer or cfg.data.tokenizer
-
-
 def check_tokenizer(cfg: Config, source: SourceRun) -> None:
-    """The tokenizer artifact must still match the source model's vocabulary."""
+    """The tokenizer artifact (the source's: stage_plan.open_source set both) must still match the source
+    model's vocabulary."""
     from nanochat.common import get_base_dir
     from nanochat.tokenizer import tokenizer_vocab_size
-    name = source_tokenizer(cfg, source)
+    name, want = cfg.data.tokenizer, cfg.model.vocab_size
     have = tokenizer_vocab_size(get_base_dir(cfg.paths.base_dir), name)
-    want = (source.plan.get("model") or {}).get("vocab_size") or source.config.model.vocab_size
     if have is None:
         raise ConfigError("data.tokenizer", name, f"train it first (nanochat-run stage=tokenizer "
                           f"data.tokenizer={name}) or set paths.base_dir to where it lives",
@@ -155,15 +147,10 @@ def _src_lrs(source: SourceRun, modern_sft: bool) -> dict:
     source stage itself started from (its base_lrs), else its plan's.
     """
     sp = source.plan
-    if modern_sft:
-        gen = GENERATIONS[source.generation]
-        st = source.config.stage
-        out = {}
-        for k in MODERN_SFT_INHERITED_LRS:
-            v = getattr(st, k, None)
-            adam = k != "matrix_lr"
-            out[k] = v if v is not None else gen[k] * (sp.get("lr_scale_dmodel", 1.0) if adam else 1.0)
-        return out  # scalar_lr: not inherited (chat_sft's optimizer default, without batch scaling)
+    if modern_sft:   # scalar_lr: not inherited (chat_sft's optimizer default, without batch scaling)
+        given = {k: getattr(source.config.stage, k, None) for k in MODERN_SFT_INHERITED_LRS}
+        scale = {k: 1.0 if k == "matrix_lr" else sp.get("lr_scale_dmodel", 1.0) for k in given}  # AdamW's width scale
+        return {k: v if v is not None else GENERATIONS[source.generation][k] * scale[k] for k, v in given.items()}
     base = (sp.get("stage") or {}).get("base_lrs") or {}
     return {k: base.get(k, sp.get(k)) for k in LR_KEYS}
 
@@ -271,7 +258,7 @@ def _derive(cfg: Config, inh: Inheritance, base: Plan, N: int, total: int, horiz
                 total_flops=float(base.flops_per_token) * N * total, tokens_per_param=N * total / base.num_params,
                 weight_decay_schedule="constant", muon_momentum_final=None, lr_scale_batch=1.0,
                 notes=[note] + inh.notes, source=str(source.path), inherited=inh.inherited,
-                stage=replace(stage, base_lrs=lrs0, source_stage=source.stage, tokenizer=source_tokenizer(cfg, source)),
+                stage=replace(stage, base_lrs=lrs0, source_stage=source.stage, tokenizer=cfg.data.tokenizer),
                 **{k: v * frac for k, v in lrs0.items()}, **kw)
     return StagePlan(p, _rows(p, cfg, source, extra(p)))
 
@@ -347,7 +334,7 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules) -> Sta
         N = max(1, math.ceil(st.num_epochs * len(mixture) / examples))
         horizon = f"{st.num_epochs} epoch(s) of {len(mixture):,} conversations"
     else:
-        tok = get_tokenizer(base_dir, source_tokenizer(cfg, source))
+        tok = get_tokenizer(base_dir, cfg.data.tokenizer)
         tokens = count_tokens(mixture, tok, max(2048, seq + 1) if rules.packing == "stream" else seq + 1)
         N = max(1, math.ceil(st.num_epochs * tokens / total))
         horizon = f"{st.num_epochs} epoch(s) of {tokens:,} tokens"

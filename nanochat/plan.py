@@ -356,11 +356,9 @@ def optimizer_settings(st: TrainStageConfig, generation: str, shape: ModelShape)
         if given is not None and key in RECIPE_NEEDS and not getattr(shape, RECIPE_NEEDS[key]):
             raise ConfigError(f"stage.{key}", given, f"drop it, or turn the parameter on (model.{RECIPE_NEEDS[key]}"
                               f"=true / model.generation=modern)", f"this model has no {RECIPE_NEEDS[key]}")
-        out[key] = given if given is not None else default
-        if out[key] is None and key.endswith("_betas"):
-            out[key] = [st.adam_beta1, st.adam_beta2]
-        if out[key] is None and key.endswith("_wd"):
-            out[key] = 0.0
+        value = given if given is not None else default   # null: betas → stage.adam_beta1/2, weight decay → 0
+        out[key] = value if value is not None else [st.adam_beta1, st.adam_beta2] if key.endswith("_betas") else \
+            0.0 if key.endswith("_wd") else None
     for key in ("lm_head_betas", "embedding_betas", "value_embed_betas", "x0_betas"):
         b = out[key]
         if b is not None and (len(b) != 2 or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b)):
@@ -520,14 +518,9 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
 
 def probe_summary(probe: dict) -> str:
     """'64 OOM, 32 fits (11.2 GiB peak)' from a probe result."""
-    parts = []
-    for t in probe.get("trials", []):
-        if t["fits"]:
-            peak = f" ({t['peak_gib']:.2f} GiB peak)" if t.get("peak_gib") is not None else ""
-            parts.append(f"{t['batch']} fits{peak}")
-        else:
-            parts.append(f"{t['batch']} {t['reason']}")
-    return ", ".join(parts)
+    peak = lambda t: f" ({t['peak_gib']:.2f} GiB peak)" if t.get("peak_gib") is not None else ""
+    return ", ".join(f"{t['batch']} fits{peak(t)}" if t["fits"] else f"{t['batch']} {t['reason']}"
+                     for t in probe.get("trials", []))
 
 
 def plan_rows(p: Plan) -> list[tuple[str, str]]:

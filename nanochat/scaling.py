@@ -195,16 +195,10 @@ def approach2(points: Sequence[Point], n_boot: int = 200, seed: int = 0) -> Appr
     out.d_opt = fit_power_law(cs, [f.d_opt for f in fits])
     if n_boot > 0:
         rng = np.random.default_rng(seed)
-        a_s, b_s = [], []
-        for _ in range(n_boot):
-            bf = []
-            for c, pts in groups.items():
-                pick = [pts[i] for i in rng.integers(0, len(pts), len(pts))]
-                bf.append(fit_isoflop(c, pick))
-            a_s.append(fit_power_law(cs, [f.n_opt for f in bf]).exponent)
-            b_s.append(fit_power_law(cs, [f.d_opt for f in bf]).exponent)
-        out.n_opt.ci = _interval(a_s)
-        out.d_opt.ci = _interval(b_s)
+        boots = [[fit_isoflop(c, [pts[i] for i in rng.integers(0, len(pts), len(pts))]) for c, pts in groups.items()]
+                 for _ in range(n_boot)]
+        out.n_opt.ci = _interval([fit_power_law(cs, [f.n_opt for f in bf]).exponent for bf in boots])
+        out.d_opt.ci = _interval([fit_power_law(cs, [f.d_opt for f in bf]).exponent for bf in boots])
     return out
 
 
@@ -342,18 +336,15 @@ def approach3(points: Sequence[Point], n_boot: int = 100, seed: int = 0, starts:
     fit = _to_result(theta, fval, k, len(pts))
     if n_boot > 0:
         rng = np.random.default_rng(seed)
-        draws = {name: [] for name in ("alpha", "beta", "a", "b", "E")}
+        boots = []
         for _ in range(n_boot):
             idx = rng.integers(0, len(pts), len(pts))
             # warm start at the full fit, plus the best grid point of this resample
             st = [theta] + _screen(logn[idx], logd[idx], logl[idx], delta, 1)
             th, fv = _lbfgs(st, logn[idx], logd[idx], logl[idx], delta)
-            if th is None:
-                continue
-            r = _to_result(th, fv, k, len(idx))
-            for name in draws:
-                draws[name].append(getattr(r, name))
-        fit.ci = {name: _interval(v) for name, v in draws.items()}
+            if th is not None:
+                boots.append(_to_result(th, fv, k, len(idx)))
+        fit.ci = {name: _interval([getattr(r, name) for r in boots]) for name in ("alpha", "beta", "a", "b", "E")}
     return fit
 
 

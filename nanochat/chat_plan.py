@@ -351,21 +351,21 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules) -> Sta
     mom = tuple(v if v is not None else r for v, r in zip(
         (st.muon_momentum_start, st.muon_momentum_end, st.muon_momentum_ramp), rules.momentum))
     scored = list(st.eval_tasks) if st.eval_tasks is not None else held_out_specs(names)
-    return _derive(
-        cfg, inh, base, N, total, horizon, lrs0, frac, f"{st.name} ({'modern' if modern else source.generation} "
-        f"rules): LRs × {frac}", ChatStagePlan(mixture=names, conversations=len(mixture), packing=rules.packing,
-                                              examples_per_step=examples, lr_frac=frac, load_optimizer=bool(load_opt),
-                                              chatcore_every=chatcore_every, chatcore_max_cat=max_cat),
-        lambda p: [("mixture", f"{len(mixture):,} conversations: {', '.join(map(str, names))}"),
-                   ("packing", rules.packing + (f" ({examples} conversations / step)" if examples else "")),
-                   ("momentum", f"{mom[0]} → {mom[1]} over {mom[2]} steps"),
-                   ("optimizer state", "from the source checkpoint" + ("" if source.has_optimizer_state() else
-                                        " (none there: fresh)") if load_opt else "fresh"),
-                   *eval_rows(p, st, chatcore_every, max_cat, scored)],
-        sequence_len=seq, device_batch_size=dbs, grad_accum_steps=accum, weight_decay=wd, warmup_steps=wu,
-        warmdown_steps=wdn, final_lr_frac=st.final_lr_frac if st.final_lr_frac is not None else rules.final_lr_frac,
-        muon_momentum_start=mom[0], muon_momentum_end=mom[1], muon_momentum_steps=mom[2],
-        eval_tokens=eval_tokens_for(st.eval_tokens, N * total, dbs * seq * world))
+    note = f"{st.name} ({'modern' if modern else source.generation} rules): LRs × {frac}"
+    derived = ChatStagePlan(mixture=names, conversations=len(mixture), packing=rules.packing,
+                            examples_per_step=examples, lr_frac=frac, load_optimizer=bool(load_opt),
+                            chatcore_every=chatcore_every, chatcore_max_cat=max_cat)
+    rows = lambda p: [("mixture", f"{len(mixture):,} conversations: {', '.join(map(str, names))}"),
+                      ("packing", rules.packing + (f" ({examples} conversations / step)" if examples else "")),
+                      ("momentum", f"{mom[0]} → {mom[1]} over {mom[2]} steps"),
+                      ("optimizer state", "from the source checkpoint" + ("" if source.has_optimizer_state() else
+                                           " (none there: fresh)") if load_opt else "fresh"),
+                      *eval_rows(p, st, chatcore_every, max_cat, scored)]
+    return _derive(cfg, inh, base, N, total, horizon, lrs0, frac, note, derived, rows, sequence_len=seq,
+                   device_batch_size=dbs, grad_accum_steps=accum, weight_decay=wd, warmup_steps=wu, warmdown_steps=wdn,
+                   final_lr_frac=st.final_lr_frac if st.final_lr_frac is not None else rules.final_lr_frac,
+                   muon_momentum_start=mom[0], muon_momentum_end=mom[1], muon_momentum_steps=mom[2],
+                   eval_tokens=eval_tokens_for(st.eval_tokens, N * total, dbs * seq * world))
 
 
 def mid_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = None) -> StagePlan:

@@ -326,10 +326,6 @@ class Config:
 _TOP_KEYS_IGNORED = {"hydra"}  # present only when Hydra adds it
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
 def _check_value(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against annotation `tp`; return the (possibly coerced) value."""
     origin = typing.get_origin(tp)
@@ -346,8 +342,8 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
                 first = first or e
         raise first
     if value is None:
-        raise ConfigError(key, value, f"set {key} to a {_type_name(tp)} (null is not allowed here)",
-                          "missing value")
+        name = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+        raise ConfigError(key, value, f"set {key} to a {name} (null is not allowed here)", "missing value")
     if tp is Any:
         return value
     if tp is bool:

@@ -151,8 +151,8 @@ def fit_isoflop(budget: float, points: Sequence[Point]) -> IsoFit:
     # a nearly flat parabola puts its vertex decades away: extrapolating that far is meaningless
     if xv is None or not (math.isfinite(xv) and x.min() - 1 <= xv <= x.max() + 1):
         measured.coef = coef
-        measured.note = ("the parabola opens downward (no valley in the fit)" if xv is None else
-                         "the fitted optimum lies over a decade outside the sizes run") + ": the measured minimum is used"
+        measured.note = ("the parabola opens downward (no valley in the fit)" if xv is None else "the fitted "
+                         "optimum lies over a decade outside the sizes run") + ": the measured minimum is used"
         return measured
     n_opt = 10.0 ** xv
     note = "" if x.min() <= xv <= x.max() else \

@@ -110,8 +110,7 @@ def best_trial_command(sweep_dir: Path, task_overrides: list[str]) -> Optional[s
         print(f"[nanochat] optuna: no {path} (no trial completed?)", flush=True)
         return None
     params = best.get("best_params") or {}
-    keys = set(params)
-    args = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") not in keys]
+    args = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") not in params]
     args += [f"{k}={v}" for k, v in params.items()]
     cmd = "nanochat-run " + " ".join(shlex.quote(a) for a in args)
     atomic_write_text(sweep_dir / "best_command.txt", cmd + "\n")

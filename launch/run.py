@@ -180,18 +180,14 @@ def stage_tree(composed: dict, entry: str) -> dict:
     extra = dict((composed.get("stages") or {}).get(entry) or {})
     name = extra.get("name", entry)
     if composed.get("stage", {}).get("name") == name:
-        base = dict(composed["stage"])
+        base = composed["stage"]
     else:
         path = Path(CONF_DIR) / "stage" / f"{name}.yaml"
         if not path.exists():
             raise ConfigError("run.pipeline", entry, f"use stage names from: {', '.join(stages())}, or a "
                               f"label with `stages.{entry}.name: <stage>`", "unknown stage in pipeline")
-        base = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        base["name"] = name
-    base.update(extra)
-    tree = dict(composed)
-    tree["stage"] = base
-    return tree
+        base = {**OmegaConf.to_container(OmegaConf.load(path), resolve=True), "name": name}
+    return {**composed, "stage": {**base, **extra}}
 
 
 def run_pipeline(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[Path]) -> dict:
@@ -235,17 +231,15 @@ def run_pipeline(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optiona
 # --------------------------------------------------------------------------- hydra glue
 
 def _hydra_info() -> tuple[dict, Optional[Path]]:
+    import os
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    import os
-    under_slurm = "SLURM_JOB_ID" in os.environ
     info = {
         "overrides": list(hc.overrides.task),
         "choices": {k: v for k, v in dict(hc.runtime.choices).items() if not k.startswith("hydra/")},
-        "in_process": not multirun and not under_slurm,
+        "in_process": not multirun and "SLURM_JOB_ID" not in os.environ,   # Slurm: the launcher task
     }
-    job_dir = Path(hc.runtime.output_dir) if multirun else None
-    return info, job_dir
+    return info, Path(hc.runtime.output_dir) if multirun else None
 
 
 def run_job(dcfg: DictConfig) -> dict:

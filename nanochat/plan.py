@@ -16,7 +16,7 @@ Two generations of nanochat's rules (tests/test_plan.py pins their published num
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
 from nanochat.config import Config, ConfigError, ModelConfig, TrainStageConfig
@@ -289,9 +289,7 @@ def modern_auto_batch(scaling_params: int, ref_scaling_params: int) -> int:
 
 
 def _ref_shape(s: ModelShape, m: ModelConfig) -> ModelShape:
-    ref_cfg = ModelConfig(**{**asdict(m), "depth": MODERN_REF_DEPTH, "n_embd": None, "n_head": None,
-                             "n_kv_head": None})
-    return model_shape(ref_cfg, s.vocab_size)
+    return model_shape(replace(m, depth=MODERN_REF_DEPTH, n_embd=None, n_head=None, n_kv_head=None), s.vocab_size)
 
 
 def valid_device_batches(total: int, seq_len: int, world: int, limit: int = 1024) -> list[int]:

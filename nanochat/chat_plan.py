@@ -294,24 +294,21 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules) -> Sta
         examples = None
         total = inh.pick("total_batch_size", st.total_batch_size, sp.get("total_batch_size"), base.total_batch_size,
                          "stage.total_batch_size")
-        if modern:  # 92d63d4 inherits the device batch too, and refuses one that does not divide
-            dbs = inh.pick("device_batch_size", explicit_dbs, sp.get("device_batch_size"), base.device_batch_size,
-                           "hardware.device_batch_size")
-            if total % (dbs * seq * world):
-                valid = valid_device_batches(total, seq, world, limit=dbs)
+        # 92d63d4 inherits the device batch too, and refuses one that does not divide
+        dbs = inh.pick("device_batch_size", explicit_dbs, sp.get("device_batch_size"), base.device_batch_size,
+                       "hardware.device_batch_size") if modern else explicit_dbs or base.device_batch_size
+        if total % (dbs * seq * world):
+            valid = valid_device_batches(total, seq, world, limit=dbs)
+            if modern:
                 raise ConfigError("hardware.device_batch_size", dbs,
                                   f"set hardware.device_batch_size to one of {valid[-4:] or [1]} or stage.total_batch_"
                                   f"size to a multiple of {dbs * seq * world}",
                                   f"total_batch_size={total:,} (from the source) does not divide into device_batch_"
                                   f"size={dbs} × sequence_len={seq} × world={world}")
-        else:
-            dbs = explicit_dbs or base.device_batch_size
-            if total % (dbs * seq * world):  # tiny runs: the largest device batch that divides
-                valid = valid_device_batches(total, seq, world, limit=dbs)
-                if not valid:
-                    raise ConfigError("stage.total_batch_size", total, f"use a multiple of sequence_len × world = "
-                                      f"{seq * world}", "does not divide into whole micro-batches")
-                dbs = valid[-1]
+            if not valid:
+                raise ConfigError("stage.total_batch_size", total, f"use a multiple of sequence_len × world = "
+                                  f"{seq * world}", "does not divide into whole micro-batches")
+            dbs = valid[-1]   # tiny runs: the largest device batch that divides
         accum = total // (dbs * seq * world)
     # the source's LRs, × this stage's fraction
     src_lrs = _src_lrs(source, modern)

@@ -122,10 +122,8 @@ def train_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] =
     """Pretraining (and any stage that trains by plan.py's depth rules)."""
     cfg = fill_vocab(cfg)
     p = make_plan(cfg, probe=probe)
-    if source is not None:
-        p = replace(p, source=str(source.path))
     mix, warnings = mixture_rows(cfg, p.num_iterations * p.total_batch_size)
-    p = replace(p, notes=p.notes + warnings) if warnings else p
+    p = replace(p, source=str(source.path) if source else None, notes=p.notes + warnings)
     return StagePlan(p, plan_rows(p) + mix + pretrain_eval_rows(p, cfg.stage) + source_rows(cfg, source),
                      wants_probe=cfg.hardware.device_batch_size == "auto" and probe is None)
 

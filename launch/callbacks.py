@@ -9,6 +9,7 @@ which waits for its jobs), so it reads what the jobs left in their run dirs. The
 from __future__ import annotations
 
 import csv
+import io
 import shlex
 from pathlib import Path
 from typing import Any, Optional
@@ -18,32 +19,29 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from nanochat.common import atomic_write_text, read_json
+from nanochat.lifecycle import read_status
+from nanochat.results import load_result
 
 FAILED_JOBS: list[str] = []  # read by launch.run.main to set the exit code
 
 
 def _flatten(prefix: str, obj: Any, out: dict) -> None:
+    """out[<prefix><dotted path>] = each scalar leaf of nested mappings (lists are left out)."""
     if isinstance(obj, dict):
         for k, v in obj.items():
-            _flatten(f"{prefix}{k}." if prefix or k else k, v, out) if isinstance(v, dict) \
-                else _flatten(f"{prefix}{k}", v, out)
+            _flatten(f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}", v, out)
     elif isinstance(obj, (int, float, str, bool)) or obj is None:
         out[prefix.rstrip(".")] = obj
 
 
 def collect_sweep(sweep_dir: Path) -> list[dict]:
+    """One row per run dir of the sweep: its status, overrides, size and result (nested fields flattened)."""
     rows = []
     for cfg_path in sorted(sweep_dir.glob("**/resolved_config.yaml")):
         run_dir = cfg_path.parent
         if "checkpoints" in run_dir.parts:
             continue
-        row: dict[str, Any] = {"job": str(run_dir.relative_to(sweep_dir))}
-        status = "completed" if (run_dir / "COMPLETED").exists() else "unknown"
-        try:
-            status = read_json(run_dir / "status.json").get("status", status)
-        except (FileNotFoundError, ValueError):
-            pass
-        row["status"] = status
+        row: dict[str, Any] = {"job": str(run_dir.relative_to(sweep_dir)), "status": read_status(run_dir)}
         try:
             overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
         except FileNotFoundError:
@@ -53,33 +51,23 @@ def collect_sweep(sweep_dir: Path) -> list[dict]:
             row[f"cfg.{k}"] = v
         try:
             plan = read_json(run_dir / "plan.json")
-            row["plan.num_params"] = plan.get("num_params")
-            row["plan.num_iterations"] = plan.get("num_iterations")
-            row["plan.total_flops"] = plan.get("total_flops")
+            row.update({f"plan.{k}": plan.get(k) for k in ("num_params", "num_iterations", "total_flops")})
         except (FileNotFoundError, ValueError):
             pass
-        try:
-            flat: dict = {}
-            _flatten("", read_json(run_dir / "result.json"), flat)
-            row.update({f"result.{k}": v for k, v in flat.items()})
-        except (FileNotFoundError, ValueError):
-            pass
+        result = load_result(run_dir)
+        if result is not None:
+            _flatten("result.", result.to_dict(), row)
         rows.append(row)
     return rows
 
 
 def write_summary(sweep_dir: Path, rows: list[dict]) -> Path:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    path = sweep_dir / "summary.csv"
-    tmp = sweep_dir / ".summary.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
-    return path
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(sweep_dir / "summary.csv", text.getvalue())
+    return sweep_dir / "summary.csv"
 
 
 class SweepSummary(Callback):
@@ -122,8 +110,7 @@ def best_trial_command(sweep_dir: Path, task_overrides: list[str]) -> Optional[s
         print(f"[nanochat] optuna: no {path} (no trial completed?)", flush=True)
         return None
     params = best.get("best_params") or {}
-    keys = set(params)
-    args = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") not in keys]
+    args = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") not in params]
     args += [f"{k}={v}" for k, v in params.items()]
     cmd = "nanochat-run " + " ".join(shlex.quote(a) for a in args)
     atomic_write_text(sweep_dir / "best_command.txt", cmd + "\n")

@@ -152,13 +152,9 @@ def import_checkpoint(src: str, stage: str = "auto", step: Optional[int] = None,
     model.init_rotary()
     model.load_state_dict(state, strict=True)
     record["generation"] = plan.generation
-    if cfg.run.dir:                                # run.dir= names the run dir (a new or empty one)
-        run_dir = Path(cfg.run.dir).expanduser().resolve()
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-            raise interop.InteropError(f"run.dir={cfg.run.dir}: exists and is not empty; import into a new dir")
-    else:
-        run_dir = None
-    source_stage, source_step = src_stage, src_step
+    run_dir = Path(cfg.run.dir).expanduser().resolve() if cfg.run.dir else None  # run.dir= names a new or empty one
+    if run_dir is not None and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise interop.InteropError(f"run.dir={cfg.run.dir}: exists and is not empty; import into a new dir")
 
     # ---- write: the run dir is removed again if anything below fails
     base_dir = get_base_dir(cfg.paths.base_dir)
@@ -169,13 +165,13 @@ def import_checkpoint(src: str, stage: str = "auto", step: Optional[int] = None,
     try:
         _install_tokenizer(tok, base_dir, tok_name)
         meta = rundir.freeze(run_dir, cfg, plan.to_dict(), ours + user,
-                             {"stage": source_stage, "model": "nanochat-import"}, composed, argv=argv)
+                             {"stage": src_stage, "model": "nanochat-import"}, composed, argv=argv)
         atomic_write_json(run_dir / "meta.json", {**meta, "nanochat_import": record})
-        ckpt_meta = {"stage": source_stage, "model_config": kw,
-                     "loop_state": vars(LoopState(step=source_step)), "config": config_to_dict(cfg),
+        ckpt_meta = {"stage": src_stage, "model_config": kw,
+                     "loop_state": vars(LoopState(step=src_step)), "config": config_to_dict(cfg),
                      "plan": plan.to_dict(), "world_size": 1, "nanochat_import": record}
-        save_checkpoint(run_dir, source_step, model=model, optimizer=None, loader_state=None, meta=ckpt_meta)
-        result = {"stage": source_stage, "step": source_step, "imported_from": origin,
+        save_checkpoint(run_dir, src_step, model=model, optimizer=None, loader_state=None, meta=ckpt_meta)
+        result = {"stage": src_stage, "step": src_step, "imported_from": origin,
                   "generation": plan.generation, "num_params": plan.num_params, **extra}
         mark_completed(run_dir, result)
     except BaseException:
@@ -213,7 +209,8 @@ def export_run(run_dir: str | Path, out_base: str | Path, step: Optional[int] = 
     """Write a run's checkpoint (and tokenizer) in nanochat's layout; returns the checkpoint dir."""
     from nanochat import interop
     from nanochat.checkpoint import latest_checkpoint, load_meta, load_model_state, step_dir_name
-    from nanochat.common import get_base_dir, read_json
+    from nanochat.common import get_base_dir
+    from nanochat.results import Result, load_result
     from nanochat.tokenizer import get_tokenizer
     run_dir, out_base = Path(run_dir).expanduser().resolve(), Path(out_base).expanduser().resolve()
     if not (run_dir / "resolved_config.yaml").is_file():
@@ -232,14 +229,13 @@ def export_run(run_dir: str | Path, out_base: str | Path, step: Optional[int] = 
         raise interop.InteropError(f"tokenizer {cfg.data.tokenizer!r} has {tok.get_vocab_size()} tokens, the "
                                    f"model {model_config['vocab_size']}")
     ckpt_step = int(meta.get("step", 0))
-    result = read_json(run_dir / "result.json") if (run_dir / "result.json").is_file() else {}
     nc_meta = {"step": ckpt_step, "model_config": model_config,
                "user_config": {"depth": model_config["n_layer"], "max_seq_len": model_config["sequence_len"]},
                "max_seq_len": model_config["sequence_len"], "exported_from": str(run_dir)}
-    for key in ("val_bpb", "final_val_bpb", "min_val_bpb"):
-        if isinstance(result.get(key), (int, float)):
-            nc_meta["val_bpb"] = result[key]
-            break
+    result = load_result(run_dir) or Result()   # eval's val_bpb, pretrain's final_val_bpb (min_val_bpb: older runs)
+    bpb = [v for v in map(result.get, ("val_bpb", "final_val_bpb", "min_val_bpb")) if isinstance(v, (int, float))]
+    if bpb:
+        nc_meta["val_bpb"] = bpb[0]
     tag = tag or rundir.run_tag(cfg)
     interop.check_free(out_base, cfg.stage.name, tag, ckpt_step)     # before writing anything
     interop.write_tokenizer(tok, out_base)

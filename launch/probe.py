@@ -71,13 +71,11 @@ def run_simulation(cfg: Config, plan: dict, mode: str = "step", candidates: Opti
     if not show and cache.exists():
         return json.loads(cache.read_text())
     cmd = [sys.executable, "-m", "nanochat.simulate", json.dumps(request, default=str)]
-    if show:   # the table goes straight to the terminal; the result is its last line
-        p = subprocess.run(cmd, env=clean_env(), stdout=subprocess.PIPE, text=True)
-        lines = p.stdout.splitlines()
+    p = subprocess.run(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=None if show else subprocess.PIPE,
+                       text=True)
+    lines = p.stdout.splitlines()
+    if show:   # the table goes to the terminal (its errors too); the result is its last line
         print("\n".join(l for l in lines if not l.startswith("{")), flush=True)
-    else:
-        p = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True)
-        lines = p.stdout.splitlines()
     results = [l for l in lines if l.startswith("{")]
     if p.returncode != 0 or not results:
         raise RuntimeError(f"the simulator exited {p.returncode}: {(p.stderr or '')[-3000:]}")

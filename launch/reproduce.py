@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from launch import rundir
-from launch.run import exit_code, print_config_error, prepare, run_stage, _State
+from launch.run import FAILURES, exit_code, print_config_error, prepare, run_stage
 from nanochat.common import read_json
 from nanochat.config import ConfigError, config_from_dict
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         out = reproduce(args.run_dir, args.overrides, args.resume, args.strict)
         if out["status"] not in ("completed",):
-            _State.failures.append(f"{out.get('run_dir')}: {out['status']}")
+            FAILURES.append(f"{out.get('run_dir')}: {out['status']}")
     except ConfigError as e:
         print_config_error(e)
         sys.exit(2)

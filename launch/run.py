@@ -44,8 +44,7 @@ def dirname_safe(s: Any) -> str:
 OmegaConf.register_new_resolver("dirname_safe", dirname_safe, replace=True)
 
 
-class _State:
-    failures: list[str] = []
+FAILURES: list[str] = []  # this process's failed jobs: the exit code (exit_code)
 
 
 def _console():
@@ -61,7 +60,7 @@ def print_config_error(e: ConfigError) -> None:
     c.print(f"  [green]fix:[/] {escape(e.fix)}", soft_wrap=True)
 
 
-def print_plan(cfg: Config, plan: Optional[dict], rows: list[tuple[str, str]], run_dir: Optional[Path]) -> None:
+def print_plan(cfg: Config, rows: list[tuple[str, str]], run_dir: Optional[Path]) -> None:
     from rich.table import Table
     c = _console()
     t = Table(title=f"nanochat plan: stage={cfg.stage.name} tag={rundir.run_tag(cfg)}", show_header=False)
@@ -82,20 +81,14 @@ def prepare(cfg: Config) -> tuple[Config, Optional[dict], list[tuple[str, str]]]
     No stage is named here: each declares its sources and planner (nanochat/stages/<name>.py). The
     dry run prints what this returns; a real run freezes it.
     """
-    from nanochat import stage_plan as SP
+    from nanochat.stage_plan import open_source
     st = stage(cfg.stage.name)
     source, rows = None, []
     if str(cfg.stage.init_from or "").startswith("pipeline:"):
         pass  # the dry run of a pipeline: the source is an earlier entry's future run
     elif st.sources:
         path, note = rundir.resolve_source(cfg, st)
-        if path is None:
-            raise ConfigError("stage.init_from", cfg.stage.init_from,
-                              f"set stage.init_from=<run dir> or latest; the {st.name} stage starts from a "
-                              f"run of: {', '.join(st.sources)}", "missing source checkpoint")
-        source = SP.load_source(path)
-        SP.check_source(st, source)
-        cfg = SP.with_source_model(cfg, source)
+        cfg, source = open_source(cfg, st, path)
         rows = [("source", note)] if note else []
     elif cfg.stage.init_from not in (None, "", "none"):
         raise ConfigError("stage.init_from", cfg.stage.init_from, "drop stage.init_from (set it to null)",
@@ -134,10 +127,10 @@ def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[P
         from launch.probe import run_simulation
         from nanochat.simulate import check_request
         check_request(cfg)
-        print_plan(cfg, plan, rows, None)
+        print_plan(cfg, rows, None)
         return {"status": "dry_run", "run_dir": None, "simulation": run_simulation(cfg, plan, show=True)}
     if cfg.run.dry_run:
-        print_plan(cfg, plan, rows, None)
+        print_plan(cfg, rows, None)
         if show_config:
             _console().print(rundir.resolved_yaml(cfg))
         return {"status": "dry_run", "run_dir": None, "config": cfg}
@@ -155,7 +148,7 @@ def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[P
         cfg = replace(cfg, run=replace(cfg.run, dir=str(run_dir)))
         if node == 0:  # node 0 freezes the run dir, its global rank 0 writes the rest
             rundir.freeze(run_dir, cfg, plan or {}, hydra_info["overrides"], hydra_info["choices"], composed)
-        print_plan(cfg, plan, rows, run_dir)
+        print_plan(cfg, rows, run_dir)
         if cfg.run.print_config:
             _console().print(rundir.resolved_yaml(cfg))
         rc = dispatch(cfg, run_dir, in_process=hydra_info["in_process"])
@@ -187,18 +180,14 @@ def stage_tree(composed: dict, entry: str) -> dict:
     extra = dict((composed.get("stages") or {}).get(entry) or {})
     name = extra.get("name", entry)
     if composed.get("stage", {}).get("name") == name:
-        base = dict(composed["stage"])
+        base = composed["stage"]
     else:
         path = Path(CONF_DIR) / "stage" / f"{name}.yaml"
         if not path.exists():
             raise ConfigError("run.pipeline", entry, f"use stage names from: {', '.join(stages())}, or a "
                               f"label with `stages.{entry}.name: <stage>`", "unknown stage in pipeline")
-        base = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        base["name"] = name
-    base.update(extra)
-    tree = dict(composed)
-    tree["stage"] = base
-    return tree
+        base = {**OmegaConf.to_container(OmegaConf.load(path), resolve=True), "name": name}
+    return {**composed, "stage": {**base, **extra}}
 
 
 def run_pipeline(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[Path]) -> dict:
@@ -225,44 +214,32 @@ def run_pipeline(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optiona
         sub_dir = (job_dir / f"{i}_{entry}") if job_dir is not None else None
         out = run_stage(stage_cfg, tree, hydra_info, sub_dir, show_config=cfg.run.print_config)
         results.append({"stage": entry, "kind": name, **out})
-        if out["status"] == "dry_run":
-            produced.pop(name, None)
-            produced[name] = f"pipeline:{name}"  # later stages chain to this one's (future) output
-            continue
-        if out["status"] != "completed":
+        if out["status"] not in ("completed", "dry_run"):
             return {"status": out["status"], "stages": results}
         produced.pop(name, None)  # re-inserted: dict order is the order stages finished
-        produced[name] = out["run_dir"]
+        # a dry run: later stages chain to this one's (future) output
+        produced[name] = f"pipeline:{name}" if out["status"] == "dry_run" else out["run_dir"]
     if cfg.run.dry_run and not cfg.run.print_config:
         _console().print("resolved config (run.print_config=true prints each stage's in full):\n" +
                          compact_config({r["stage"]: r["config"] for r in results}), soft_wrap=True, markup=False)
     if not cfg.run.dry_run:
-        _write_report(cfg, results)
-    return {"status": "dry_run" if cfg.run.dry_run else "completed", "stages": results}
-
-
-def _write_report(cfg: Config, results: list[dict]) -> None:
-    try:
         from nanochat.report import write_report
-    except ImportError:
-        return
-    write_report(cfg, results)
+        write_report(cfg, results)
+    return {"status": "dry_run" if cfg.run.dry_run else "completed", "stages": results}
 
 
 # --------------------------------------------------------------------------- hydra glue
 
 def _hydra_info() -> tuple[dict, Optional[Path]]:
+    import os
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    import os
-    under_slurm = "SLURM_JOB_ID" in os.environ
     info = {
         "overrides": list(hc.overrides.task),
         "choices": {k: v for k, v in dict(hc.runtime.choices).items() if not k.startswith("hydra/")},
-        "in_process": not multirun and not under_slurm,
+        "in_process": not multirun and "SLURM_JOB_ID" not in os.environ,   # Slurm: the launcher task
     }
-    job_dir = Path(hc.runtime.output_dir) if multirun else None
-    return info, job_dir
+    return info, Path(hc.runtime.output_dir) if multirun else None
 
 
 def run_job(dcfg: DictConfig) -> dict:
@@ -311,22 +288,22 @@ def _hydra_entry(dcfg: DictConfig) -> Any:
         out = run_job(dcfg)
     except ConfigError as e:
         print_config_error(e)
-        _State.failures.append(f"config: {e}")
+        FAILURES.append(f"config: {e}")
         return float("nan")
     except Exception as e:
         traceback.print_exc()
-        _State.failures.append(f"{type(e).__name__}: {e}")
+        FAILURES.append(f"{type(e).__name__}: {e}")
         return float("nan")
     if out["status"] not in ("completed", "dry_run"):
-        _State.failures.append(f"{out.get('run_dir')}: {out['status']}")
+        FAILURES.append(f"{out.get('run_dir')}: {out['status']}")
     return objective(out, key, stage_name)
 
 
 def exit_code() -> int:
     from launch.callbacks import FAILED_JOBS
-    if not _State.failures and not FAILED_JOBS:
+    if not FAILURES and not FAILED_JOBS:
         return 0
-    preempted = all(": preempted" in f for f in _State.failures) and not FAILED_JOBS
+    preempted = all(": preempted" in f for f in FAILURES) and not FAILED_JOBS
     return 75 if preempted else 1
 
 

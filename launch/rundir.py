@@ -50,27 +50,22 @@ def new_run_dir(cfg: Config) -> Path:
     return path
 
 
-def find_latest(root: str | Path, stage: str, tag: str) -> Optional[Path]:
-    """Newest completed run of `stage` with `tag` (`*`: any tag) under `root` (by COMPLETED mtime)."""
-    base = Path(root).expanduser() / stage
-    done = [p.parent for p in base.glob(f"{tag}/*/COMPLETED")] if base.is_dir() else []
-    return max(done, key=lambda p: (p / "COMPLETED").stat().st_mtime) if done else None
-
-
 def _newest(cfg: Config, stages: list[str], any_tag: bool) -> Optional[Path]:
-    """Newest completed run among `stages` with this run's tag; any_tag: of the first stage that has one."""
-    if any_tag:
-        return next((p for p in (find_latest(cfg.run.root, s, "*") for s in stages) if p is not None), None)
-    hits = [p for p in (find_latest(cfg.run.root, s, run_tag(cfg)) for s in stages) if p is not None]
-    return max(hits, key=lambda p: (p / "COMPLETED").stat().st_mtime) if hits else None
+    """Newest completed run (by COMPLETED's mtime) among `stages` with this run's tag; any_tag: of any tag,
+    of the first stage that has one."""
+    root, tag = Path(cfg.run.root).expanduser(), "*" if any_tag else run_tag(cfg)
+    done = [[p.parent for p in (root / s).glob(f"{tag}/*/COMPLETED")] for s in stages]
+    pool = next((d for d in done if d), []) if any_tag else [p for d in done for p in d]
+    return max(pool, key=lambda p: (p / "COMPLETED").stat().st_mtime) if pool else None
 
 
-def resolve_source(cfg: Config, st: Stage) -> tuple[Optional[Path], Optional[str]]:
-    """stage.init_from → (the run dir the stage starts from or None, a note for the plan when `latest`
+def resolve_source(cfg: Config, st: Stage) -> tuple[Path, Optional[str]]:
+    """stage.init_from of a stage that starts from a run → (the run dir, a note for the plan when `latest`
     took another source than the preferred one), with errors that name every way out."""
     value = cfg.stage.init_from
     if value in (None, "", "none"):
-        return None, None
+        raise ConfigError("stage.init_from", value, f"set stage.init_from=<run dir> or latest; the {st.name} stage "
+                          f"starts from a run of: {', '.join(st.sources)}", "missing source checkpoint")
     if value != "latest":
         return _checked_run_dir(cfg, value), None
     first, rest = st.source_order(cfg)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 from nanochat.config import Config, ConfigError
 from nanochat.plan import GENERATIONS, ChatStagePlan, Plan, make_plan, plan_rows, valid_device_batches
-from nanochat.stage_plan import SourceRun, StagePlan, due_count, fill_vocab, source_rows, when
+from nanochat.stage_plan import SourceRun, StagePlan, due_count, fill_vocab, model_rows, source_rows, when
 
 # Default mixtures. Entries marked optional (True) are skipped, with a note, when their data is
 # neither local nor downloadable, so the defaults work offline with ../shared/data.
@@ -71,11 +71,6 @@ MODERN_SFT = ChatRules(0.8, 0.0, 0.5, 0.0, CHAT_MOMENTUM, 0.0, "tokens", "bestfi
 
 # --------------------------------------------------------------------------- mixtures (no torch)
 
-def spec_name(spec: Any) -> str:
-    from nanochat.tasks import parse_spec
-    return parse_spec(spec)[0]
-
-
 def build_mixture(specs: Optional[list], default: list, split: str, *, data_dir: Optional[str], base_dir: Any,
                   seed: int, max_per_task: int = -1, log: Callable[[str], None] = print):
     """(TaskMixture, names) from config specs (every one required) or a default (optional ones skipped)."""
@@ -103,9 +98,10 @@ def build_mixture(specs: Optional[list], default: list, split: str, *, data_dir:
 
 def held_out_specs(specs: list) -> list:
     """The graded tasks of a mixture, for validation and scoring on their held-out split."""
+    from nanochat.tasks import parse_spec
     out = []
     for spec in specs:
-        name = spec_name(spec)
+        name = parse_spec(spec)[0]
         if name not in GRADED:
             continue
         if name in ("mmlu_aux", "mmlu_auxiliary_train"):
@@ -123,17 +119,13 @@ def count_tokens(task: Any, tokenizer: Any, max_tokens: int, sample: int = 20000
     return total if n <= sample else int(total * n / len(idx))
 
 
-def source_tokenizer(cfg: Config, source: SourceRun) -> str:
-    return source.config.data.tokenizer or cfg.data.tokenizer
-
-
 def check_tokenizer(cfg: Config, source: SourceRun) -> None:
-    """The tokenizer artifact must still match the source model's vocabulary."""
+    """The tokenizer artifact (the source's: stage_plan.open_source set both) must still match the source
+    model's vocabulary."""
     from nanochat.common import get_base_dir
     from nanochat.tokenizer import tokenizer_vocab_size
-    name = source_tokenizer(cfg, source)
+    name, want = cfg.data.tokenizer, cfg.model.vocab_size
     have = tokenizer_vocab_size(get_base_dir(cfg.paths.base_dir), name)
-    want = (source.plan.get("model") or {}).get("vocab_size") or source.config.model.vocab_size
     if have is None:
         raise ConfigError("data.tokenizer", name, f"train it first (nanochat-run stage=tokenizer "
                           f"data.tokenizer={name}) or set paths.base_dir to where it lives",
@@ -155,15 +147,10 @@ def _src_lrs(source: SourceRun, modern_sft: bool) -> dict:
     source stage itself started from (its base_lrs), else its plan's.
     """
     sp = source.plan
-    if modern_sft:
-        gen = GENERATIONS[source.generation]
-        st = source.config.stage
-        out = {}
-        for k in MODERN_SFT_INHERITED_LRS:
-            v = getattr(st, k, None)
-            adam = k != "matrix_lr"
-            out[k] = v if v is not None else gen[k] * (sp.get("lr_scale_dmodel", 1.0) if adam else 1.0)
-        return out  # scalar_lr: not inherited (chat_sft's optimizer default, without batch scaling)
+    if modern_sft:   # scalar_lr: not inherited (chat_sft's optimizer default, without batch scaling)
+        given = {k: getattr(source.config.stage, k, None) for k in MODERN_SFT_INHERITED_LRS}
+        scale = {k: 1.0 if k == "matrix_lr" else sp.get("lr_scale_dmodel", 1.0) for k in given}  # AdamW's width scale
+        return {k: v if v is not None else GENERATIONS[source.generation][k] * scale[k] for k, v in given.items()}
     base = (sp.get("stage") or {}).get("base_lrs") or {}
     return {k: base.get(k, sp.get(k)) for k in LR_KEYS}
 
@@ -171,7 +158,7 @@ def _src_lrs(source: SourceRun, modern_sft: bool) -> dict:
 class Inheritance:
     """Picks each value: the stage's explicit setting, else the source's; records which and why."""
 
-    def __init__(self, source: Optional[SourceRun]):
+    def __init__(self, source: SourceRun):
         self.source = source
         self.inherited: dict[str, str] = {}
         self.notes: list[str] = []
@@ -182,7 +169,7 @@ class Inheritance:
                 self.notes.append(f"{cfg_key}={explicit} overrides the source's {from_source}")
             return explicit
         if from_source is not None:
-            self.inherited[key] = f"{self.source.stage} run" if self.source else "source"
+            self.inherited[key] = f"{self.source.stage} run"
             return from_source
         return fallback
 
@@ -251,14 +238,34 @@ def _pending(cfg: Config, source: Optional[SourceRun]) -> Optional[StagePlan]:
         return None
     cfg = fill_vocab(cfg)
     p = make_plan(replace(cfg, stage=replace(cfg.stage, num_iterations=cfg.stage.num_iterations or 1)))
-    rows = [r for r in plan_rows(p) if r[0] in ("generation", "depth / width / heads", "vocab (padded)", "params")]
-    rows.append(("horizon / batch / LRs", "derived from the source run once the pipeline has trained it"))
+    rows = model_rows(p) + [("horizon / batch / LRs", "derived from the source run once the pipeline has trained it")]
     return StagePlan(None, rows + source_rows(cfg, source))
+
+
+def _per_rank(examples: int, world: int) -> int:
+    if examples % world:
+        raise ConfigError("stage.examples_per_step", examples, f"use a multiple of the world size {world}",
+                          "does not split evenly over the ranks")
+    return examples // world
+
+
+def _derive(cfg: Config, inh: Inheritance, base: Plan, N: int, total: int, horizon: str, lrs0: dict, frac: float,
+            note: str, stage: ChatStagePlan, extra: Callable[[Plan], list], **kw: Any) -> StagePlan:
+    """What mid, sft and rl share: `base` (plan.py's numbers for the source's model) with this stage's
+    horizon, batch, constant weight decay, LRs (`lrs0` × `frac`) and what it inherited, and its rows."""
+    source = inh.source
+    p = replace(base, total_batch_size=total, num_iterations=N, horizon_source=horizon, total_tokens=N * total,
+                total_flops=float(base.flops_per_token) * N * total, tokens_per_param=N * total / base.num_params,
+                weight_decay_schedule="constant", muon_momentum_final=None, lr_scale_batch=1.0,
+                notes=[note] + inh.notes, source=str(source.path), inherited=inh.inherited,
+                stage=replace(stage, base_lrs=lrs0, source_stage=source.stage, tokenizer=cfg.data.tokenizer),
+                **{k: v * frac for k, v in lrs0.items()}, **kw)
+    return StagePlan(p, _rows(p, cfg, source, extra(p)))
 
 
 # --------------------------------------------------------------------------- planners
 
-def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules, probe: Optional[dict] = None) -> StagePlan:
+def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules) -> StagePlan:
     """mid / sft: inherit from the source, count the mixture, derive the horizon, batch and schedule."""
     pending = _pending(cfg, source)
     if pending is not None:
@@ -270,8 +277,8 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules, probe:
     sp = source.plan
     modern = rules is MODERN_SFT
     inh = Inheritance(source)
-    world = hw.nproc_per_node * hw.nnodes
     base = make_plan(replace(cfg, stage=replace(cfg.stage, num_iterations=1, total_batch_size=None)))
+    world = base.world_size
     seq = inh.pick("sequence_len", st.max_seq_len, sp.get("sequence_len"), base.sequence_len, "stage.max_seq_len")
     if seq > base.model.sequence_len:
         raise ConfigError("stage.max_seq_len", seq, f"use at most the model's sequence_len={base.model.sequence_len}",
@@ -279,10 +286,7 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules, probe:
     explicit_dbs = hw.device_batch_size if isinstance(hw.device_batch_size, int) else None
     if rules.batching == "examples":
         examples = st.examples_per_step or SEED_SFT_EXAMPLES_PER_STEP
-        if examples % world:
-            raise ConfigError("stage.examples_per_step", examples, f"use a multiple of the world size {world}",
-                              "does not split evenly over the ranks")
-        per_rank = examples // world
+        per_rank = _per_rank(examples, world)
         cap = min(explicit_dbs or base.device_batch_size, per_rank)
         dbs = max(d for d in range(1, cap + 1) if per_rank % d == 0)
         accum, total = per_rank // dbs, examples * seq
@@ -290,24 +294,21 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules, probe:
         examples = None
         total = inh.pick("total_batch_size", st.total_batch_size, sp.get("total_batch_size"), base.total_batch_size,
                          "stage.total_batch_size")
-        if modern:  # 92d63d4 inherits the device batch too, and refuses one that does not divide
-            dbs = inh.pick("device_batch_size", explicit_dbs, sp.get("device_batch_size"), base.device_batch_size,
-                           "hardware.device_batch_size")
-            if total % (dbs * seq * world):
-                valid = valid_device_batches(total, seq, world, limit=dbs)
+        # 92d63d4 inherits the device batch too, and refuses one that does not divide
+        dbs = inh.pick("device_batch_size", explicit_dbs, sp.get("device_batch_size"), base.device_batch_size,
+                       "hardware.device_batch_size") if modern else explicit_dbs or base.device_batch_size
+        if total % (dbs * seq * world):
+            valid = valid_device_batches(total, seq, world, limit=dbs)
+            if modern:
                 raise ConfigError("hardware.device_batch_size", dbs,
                                   f"set hardware.device_batch_size to one of {valid[-4:] or [1]} or stage.total_batch_"
                                   f"size to a multiple of {dbs * seq * world}",
                                   f"total_batch_size={total:,} (from the source) does not divide into device_batch_"
                                   f"size={dbs} × sequence_len={seq} × world={world}")
-        else:
-            dbs = explicit_dbs or base.device_batch_size
-            if total % (dbs * seq * world):  # tiny runs: the largest device batch that divides
-                valid = valid_device_batches(total, seq, world, limit=dbs)
-                if not valid:
-                    raise ConfigError("stage.total_batch_size", total, f"use a multiple of sequence_len × world = "
-                                      f"{seq * world}", "does not divide into whole micro-batches")
-                dbs = valid[-1]
+            if not valid:
+                raise ConfigError("stage.total_batch_size", total, f"use a multiple of sequence_len × world = "
+                                  f"{seq * world}", "does not divide into whole micro-batches")
+            dbs = valid[-1]   # tiny runs: the largest device batch that divides
         accum = total // (dbs * seq * world)
     # the source's LRs, × this stage's fraction
     src_lrs = _src_lrs(source, modern)
@@ -330,7 +331,7 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules, probe:
         N = max(1, math.ceil(st.num_epochs * len(mixture) / examples))
         horizon = f"{st.num_epochs} epoch(s) of {len(mixture):,} conversations"
     else:
-        tok = get_tokenizer(base_dir, source_tokenizer(cfg, source))
+        tok = get_tokenizer(base_dir, cfg.data.tokenizer)
         tokens = count_tokens(mixture, tok, max(2048, seq + 1) if rules.packing == "stream" else seq + 1)
         N = max(1, math.ceil(st.num_epochs * tokens / total))
         horizon = f"{st.num_epochs} epoch(s) of {tokens:,} tokens"
@@ -342,49 +343,35 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules, probe:
     if load_opt and not source.has_optimizer_state():  # nanochat warns and continues too
         inh.notes.append(f"WARNING: stage.load_optimizer=true but {source.checkpoint or source.path} has no "
                          f"optimizer state; the optimizer starts fresh")
-    micro = dbs * seq * world
     chatcore_every = st.chatcore_every if st.chatcore_every is not None else rules.chatcore_every
     max_cat = chatcore_cap(st.chatcore_max_cat, N * total, due_count(N, chatcore_every, at_zero=False))
     mom = tuple(v if v is not None else r for v, r in zip(
-        (getattr(st, "muon_momentum_start", None), getattr(st, "muon_momentum_end", None),
-         getattr(st, "muon_momentum_ramp", None)), rules.momentum))
-    p = replace(
-        base, sequence_len=seq, device_batch_size=dbs, total_batch_size=total, grad_accum_steps=accum,
-        num_iterations=N, horizon_source=horizon, total_tokens=N * total,
-        total_flops=float(base.flops_per_token) * N * total, tokens_per_param=N * total / base.num_params,
-        weight_decay=wd, weight_decay_schedule="constant", warmup_steps=wu, warmdown_steps=wdn,
-        final_lr_frac=st.final_lr_frac if st.final_lr_frac is not None else rules.final_lr_frac,
-        muon_momentum_start=mom[0], muon_momentum_end=mom[1],
-        muon_momentum_steps=mom[2], muon_momentum_final=None, lr_scale_batch=1.0,
-        notes=[f"{st.name} ({'modern' if modern else source.generation} rules): LRs × {frac}"] + inh.notes,
-        eval_tokens=eval_tokens_for(st.eval_tokens, N * total, micro),
-        source=str(source.path), inherited=inh.inherited,
-        stage=ChatStagePlan(mixture=names, conversations=len(mixture), packing=rules.packing,
-                            examples_per_step=examples, lr_frac=frac, base_lrs=lrs0,
-                            load_optimizer=bool(load_opt), chatcore_every=chatcore_every, chatcore_max_cat=max_cat,
-                            source_stage=source.stage, tokenizer=source_tokenizer(cfg, source)),
-        **{k: v * frac for k, v in lrs0.items()})
-    extra = [("mixture", f"{len(mixture):,} conversations: {', '.join(map(str, names))}"),
-             ("packing", rules.packing + (f" ({examples} conversations / step)" if examples else "")),
-             ("momentum", f"{mom[0]} → {mom[1]} over {mom[2]} steps"),
-             ("optimizer state", "from the source checkpoint" + ("" if source.has_optimizer_state() else
-                                  " (none there: fresh)") if load_opt else "fresh"),
-             *eval_rows(p, st, chatcore_every, max_cat,
-                        list(st.eval_tasks) if st.eval_tasks is not None else held_out_specs(names))]
-    return StagePlan(p, _rows(p, cfg, source, extra))
+        (st.muon_momentum_start, st.muon_momentum_end, st.muon_momentum_ramp), rules.momentum))
+    scored = list(st.eval_tasks) if st.eval_tasks is not None else held_out_specs(names)
+    note = f"{st.name} ({'modern' if modern else source.generation} rules): LRs × {frac}"
+    derived = ChatStagePlan(mixture=names, conversations=len(mixture), packing=rules.packing,
+                            examples_per_step=examples, lr_frac=frac, load_optimizer=bool(load_opt),
+                            chatcore_every=chatcore_every, chatcore_max_cat=max_cat)
+    rows = lambda p: [("mixture", f"{len(mixture):,} conversations: {', '.join(map(str, names))}"),
+                      ("packing", rules.packing + (f" ({examples} conversations / step)" if examples else "")),
+                      ("momentum", f"{mom[0]} → {mom[1]} over {mom[2]} steps"),
+                      ("optimizer state", "from the source checkpoint" + ("" if source.has_optimizer_state() else
+                                           " (none there: fresh)") if load_opt else "fresh"),
+                      *eval_rows(p, st, chatcore_every, max_cat, scored)]
+    return _derive(cfg, inh, base, N, total, horizon, lrs0, frac, note, derived, rows, sequence_len=seq,
+                   device_batch_size=dbs, grad_accum_steps=accum, weight_decay=wd, warmup_steps=wu, warmdown_steps=wdn,
+                   final_lr_frac=st.final_lr_frac if st.final_lr_frac is not None else rules.final_lr_frac,
+                   muon_momentum_start=mom[0], muon_momentum_end=mom[1], muon_momentum_steps=mom[2],
+                   eval_tokens=eval_tokens_for(st.eval_tokens, N * total, dbs * seq * world))
 
 
 def mid_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = None) -> StagePlan:
     return chat_plan(cfg, source, MID)
 
 
-def sft_rules(source: Optional[SourceRun], cfg: Config) -> ChatRules:
-    gen = source.generation if source is not None else cfg.model.generation
-    return MODERN_SFT if gen == "modern" else SEED_SFT
-
-
 def sft_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = None) -> StagePlan:
-    return chat_plan(cfg, source, sft_rules(source, cfg))
+    gen = source.generation if source is not None else cfg.model.generation
+    return chat_plan(cfg, source, MODERN_SFT if gen == "modern" else SEED_SFT)
 
 
 def rl_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = None) -> StagePlan:
@@ -394,12 +381,9 @@ def rl_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = No
         return pending
     from nanochat.tasks import make_task
     check_tokenizer(cfg, source)
-    st, hw = cfg.stage, cfg.hardware
-    world = hw.nproc_per_node * hw.nnodes
+    st = cfg.stage
     E, S = st.examples_per_step, st.num_samples
-    if E % world:
-        raise ConfigError("stage.examples_per_step", E, f"use a multiple of the world size {world}",
-                          "does not split evenly over the ranks")
+    _per_rank(E, cfg.hardware.nproc_per_node * cfg.hardware.nnodes)
     base = make_plan(replace(cfg, stage=replace(cfg.stage, num_iterations=1, total_batch_size=None)))
     inh = Inheritance(source)
     src_lrs = _src_lrs(source, False)
@@ -413,18 +397,9 @@ def rl_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = No
         n = len(make_task(st.task, "train", data_dir=cfg.paths.shared_data,
                           base_dir=str(get_base_dir(cfg.paths.base_dir))))
         N, horizon = max(1, (n // E) * st.num_epochs), f"{st.num_epochs} epoch(s) of {n:,} questions"
-    seq = base.sequence_len
-    total = E * S * seq
-    p = replace(base, device_batch_size=st.device_batch_size or S, total_batch_size=total, grad_accum_steps=1,
-                num_iterations=N, horizon_source=horizon, total_tokens=N * total,
-                total_flops=float(base.flops_per_token) * N * total, tokens_per_param=N * total / base.num_params,
-                weight_decay=wd, weight_decay_schedule="constant", warmup_steps=0, warmdown_steps=N,
-                final_lr_frac=0.0, muon_momentum_start=0.95, muon_momentum_end=0.95, muon_momentum_final=None,
-                lr_scale_batch=1.0,
-                notes=[f"rl: LRs × {st.init_lr_frac}"] + inh.notes, source=str(source.path),
-                inherited=inh.inherited, stage=ChatStagePlan(task=st.task, base_lrs=lrs0, source_stage=source.stage,
-                                                             tokenizer=source_tokenizer(cfg, source)),
-                **{k: v * st.init_lr_frac for k, v in lrs0.items()})
-    extra = [("rollouts", f"{E} questions × {S} samples per step, ≤ {st.max_new_tokens} new tokens"),
-             ("task", st.task)]
-    return StagePlan(p, _rows(p, cfg, source, extra))
+    return _derive(cfg, inh, base, N, E * S * base.sequence_len, horizon, lrs0, st.init_lr_frac,
+                   f"rl: LRs × {st.init_lr_frac}", ChatStagePlan(task=st.task),
+                   lambda p: [("rollouts", f"{E} questions × {S} samples per step, ≤ {st.max_new_tokens} new tokens"),
+                              ("task", st.task)],
+                   device_batch_size=st.device_batch_size or S, grad_accum_steps=1, weight_decay=wd, warmup_steps=0,
+                   warmdown_steps=N, final_lr_frac=0.0, muon_momentum_start=0.95, muon_momentum_end=0.95)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -325,10 +326,6 @@ class Config:
 _TOP_KEYS_IGNORED = {"hydra"}  # present only when Hydra adds it
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
 def _check_value(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against annotation `tp`; return the (possibly coerced) value."""
     origin = typing.get_origin(tp)
@@ -345,8 +342,8 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
                 first = first or e
         raise first
     if value is None:
-        raise ConfigError(key, value, f"set {key} to a {_type_name(tp)} (null is not allowed here)",
-                          "missing value")
+        name = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+        raise ConfigError(key, value, f"set {key} to a {name} (null is not allowed here)", "missing value")
     if tp is Any:
         return value
     if tp is bool:
@@ -385,29 +382,27 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
-def _build(cls: type, tree: Any, prefix: str) -> Any:
+def _build(cls: type, tree: Any, prefix: str, schemas: Optional[dict] = None) -> Any:
+    """`cls` from the mapping at `prefix` ("" for the whole config); schemas: field → the dataclass it is
+    built as instead of its annotation (the stage group: the declared stage's schema)."""
     if not isinstance(tree, dict):
         raise ConfigError(prefix, tree, f"{prefix} must be a group (mapping) of keys", "expected a mapping")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = {**typing.get_type_hints(cls), **(schemas or {})}
+    fields = [f.name for f in dataclasses.fields(cls)]
+    where = f"{prefix}." if prefix else ""
     unknown = [k for k in tree if k not in fields]
     if unknown:
         k = unknown[0]
         close = difflib.get_close_matches(k, fields, n=1)
-        fix = f"did you mean {prefix}.{close[0]}?" if close else \
-            f"remove it; valid keys of {prefix}: {', '.join(sorted(fields))}"
-        raise ConfigError(f"{prefix}.{k}", tree[k], fix, "unknown key")
+        valid = f"valid keys of {prefix}" if prefix else "top-level keys"
+        fix = f"did you mean {where}{close[0]}?" if close else f"remove it; {valid}: {', '.join(sorted(fields))}"
+        raise ConfigError(f"{where}{k}", tree[k], fix, "unknown key")
     kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}"
-        if name not in tree:
-            continue
-        tp = hints[name]
-        value = tree[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key)
-        else:
-            kwargs[name] = _check_value(key, value, tp)
+    for name in fields:
+        if name in tree:
+            tp, key = hints[name], where + name
+            kwargs[name] = _build(tp, tree[name], key) if dataclasses.is_dataclass(tp) else \
+                _check_value(key, tree[name], tp)
     return cls(**kwargs)
 
 
@@ -425,13 +420,6 @@ _CHOICES = {
 }
 
 
-def _get(cfg: Config, dotted: str) -> Any:
-    obj: Any = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 # stage keys of run dirs frozen before stages were declared in Python: dropped when such a run is read
 RETIRED_STAGE_KEYS = ("worker", "planner", "sources", "default_source", "source_tag", "schema")
 
@@ -444,29 +432,9 @@ def config_from_dict(tree: dict, frozen: bool = False) -> Config:
     if frozen and isinstance(tree.get("stage"), dict):
         tree["stage"] = {k: v for k, v in stage_tree.items() if k not in RETIRED_STAGE_KEYS}
     name = stage_tree.get("name", StageConfig.name) if isinstance(stage_tree, dict) else StageConfig.name
-    schema = stage(name).schema
-    top = {f.name for f in dataclasses.fields(Config)}
-    for k in tree:
-        if k not in top:
-            close = difflib.get_close_matches(k, top, n=1)
-            fix = f"did you mean {close[0]}?" if close else f"remove it; top-level keys: {', '.join(sorted(top))}"
-            raise ConfigError(k, tree[k], fix, "unknown key")
-    kwargs = {}
-    for f in dataclasses.fields(Config):
-        if f.name not in tree:
-            continue
-        if f.name == "stage":
-            kwargs["stage"] = _build(schema, tree["stage"], "stage")
-        elif f.name in ("experiment", "sweep"):
-            v = tree[f.name]
-            kwargs[f.name] = None if v is None else str(v)
-        else:
-            tp = typing.get_type_hints(Config)[f.name]
-            kwargs[f.name] = _build(tp, tree[f.name], f.name) if dataclasses.is_dataclass(tp) \
-                else _check_value(f.name, tree[f.name], tp)
-    cfg = Config(**kwargs)
+    cfg = _build(Config, tree, "", {"stage": stage(name).schema})
     for key, choices in _CHOICES.items():
-        v = _get(cfg, key)
+        v = operator.attrgetter(key)(cfg)
         if v not in choices:
             raise ConfigError(key, v, f"use one of: {', '.join(choices)}", "invalid choice")
     _check_ranges(cfg)

@@ -16,7 +16,7 @@ Two generations of nanochat's rules (tests/test_plan.py pins their published num
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
 from nanochat.config import Config, ConfigError, ModelConfig, TrainStageConfig
@@ -100,16 +100,8 @@ class ModelShape:
     rope_bf16: bool = False             # RoPE tables rounded to bf16 (nanochat Dec 2025)
 
     def gpt_config_kwargs(self) -> dict:
-        """Keyword arguments for nanochat.gpt.GPTConfig."""
-        return dict(
-            sequence_len=self.sequence_len, vocab_size=self.vocab_size, n_layer=self.n_layer,
-            n_head=self.n_head, n_kv_head=self.n_kv_head, n_embd=self.n_embd, softcap=self.softcap,
-            rope_base=self.rope_base, value_embeds=self.value_embeds,
-            window_pattern=self.window_pattern, short_window=self.short_window,
-            resid_lambdas=self.resid_lambdas, x0_lambdas=self.x0_lambdas, smear=self.smear,
-            backout=self.backout, qk_scale=self.qk_scale, pad_vocab_to=self.pad_vocab_to,
-            long_window=self.long_window, init_style=self.init_style, rope_bf16=self.rope_bf16,
-        )
+        """Keyword arguments for nanochat.gpt.GPTConfig: every field but the ones derived from the others."""
+        return {k: v for k, v in asdict(self).items() if k not in ("depth", "head_dim", "padded_vocab_size")}
 
 
 @dataclass
@@ -199,14 +191,14 @@ def _pick_heads(n_embd: int, head_dim: int) -> int:
     return min(valid, key=lambda h: (abs(n_embd / h - head_dim), -h))
 
 
-def _default(value: Any, generation: str, key: str) -> Any:
-    return GENERATIONS[generation][key] if value is None else value
+# model.<key>: null → the generation's value
+GENERATION_KEYS = ("rope_base", "value_embeds", "resid_lambdas", "x0_lambdas", "smear", "backout", "qk_scale",
+                   "pad_vocab_to")
 
 
 def model_shape(m: ModelConfig, vocab_size: Optional[int] = None) -> ModelShape:
     """Depth (plus optional explicit overrides) → the full architecture."""
-    gen = m.generation
-    depth = m.depth
+    gen, depth, g = m.generation, m.depth, GENERATIONS[m.generation]
     if m.n_embd is not None:
         n_embd = m.n_embd
     elif gen == "modern":
@@ -231,10 +223,11 @@ def model_shape(m: ModelConfig, vocab_size: Optional[int] = None) -> ModelShape:
     if n_kv_head < 1 or n_head % n_kv_head:
         raise ConfigError("model.n_kv_head", n_kv_head,
                           f"use a divisor of n_head={n_head} (GQA groups query heads evenly)", "invalid GQA")
-    vocab = m.vocab_size or vocab_size or GENERATIONS[gen]["vocab_size"]
-    pad = _default(m.pad_vocab_to, gen, "pad_vocab_to")
-    padded = math.ceil(vocab / pad) * pad
-    pattern = _default(m.window_pattern, gen, "window_pattern").upper()
+    # in the type of the generation's value (a YAML 10000 is the float rope_base 10000.0)
+    toggles = {k: type(g[k])(g[k] if getattr(m, k) is None else getattr(m, k)) for k in GENERATION_KEYS}
+    vocab = m.vocab_size or vocab_size or g["vocab_size"]
+    padded = math.ceil(vocab / toggles["pad_vocab_to"]) * toggles["pad_vocab_to"]
+    pattern = (g["window_pattern"] if m.window_pattern is None else m.window_pattern).upper()
     if not pattern or set(pattern) - {"S", "L"}:
         raise ConfigError("model.window_pattern", pattern, "use a string of S (short) and L (long), e.g. SSSL",
                           "invalid window pattern")
@@ -245,14 +238,8 @@ def model_shape(m: ModelConfig, vocab_size: Optional[int] = None) -> ModelShape:
     return ModelShape(
         depth=depth, n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head,
         head_dim=head_dim, vocab_size=vocab, padded_vocab_size=padded, sequence_len=m.sequence_len,
-        softcap=m.softcap, rope_base=float(_default(m.rope_base, gen, "rope_base")),
-        value_embeds=bool(_default(m.value_embeds, gen, "value_embeds")), window_pattern=pattern,
-        short_window=short, resid_lambdas=bool(_default(m.resid_lambdas, gen, "resid_lambdas")),
-        x0_lambdas=bool(_default(m.x0_lambdas, gen, "x0_lambdas")), smear=bool(_default(m.smear, gen, "smear")),
-        backout=bool(_default(m.backout, gen, "backout")), qk_scale=float(_default(m.qk_scale, gen, "qk_scale")),
-        pad_vocab_to=pad, long_window=long, init_style=GENERATIONS[gen]["init_style"],
-        rope_bf16=GENERATIONS[gen]["rope_bf16"],
-    )
+        softcap=m.softcap, window_pattern=pattern, short_window=short, long_window=long,
+        init_style=g["init_style"], rope_bf16=g["rope_bf16"], **toggles)
 
 
 def param_breakdown(s: ModelShape) -> dict[str, int]:
@@ -302,9 +289,7 @@ def modern_auto_batch(scaling_params: int, ref_scaling_params: int) -> int:
 
 
 def _ref_shape(s: ModelShape, m: ModelConfig) -> ModelShape:
-    ref_cfg = ModelConfig(**{**asdict(m), "depth": MODERN_REF_DEPTH, "n_embd": None, "n_head": None,
-                             "n_kv_head": None})
-    return model_shape(ref_cfg, s.vocab_size)
+    return model_shape(replace(m, depth=MODERN_REF_DEPTH, n_embd=None, n_head=None, n_kv_head=None), s.vocab_size)
 
 
 def valid_device_batches(total: int, seq_len: int, world: int, limit: int = 1024) -> list[int]:
@@ -331,24 +316,17 @@ def power_of_two_batches(total: int, seq_len: int, world: int) -> list[int]:
     if total % per:
         return []
     most = total // per          # grad_accum 1
-    out, b = [], 1
-    while b <= most and most % b == 0:
-        out.append(b)
-        b *= 2
-    return out[::-1]
-
-
-def _table_batch(cfg: Config, depth: int) -> int:
-    table = {int(k): int(v) for k, v in (cfg.hardware.device_batch_table or {}).items()}
-    fits = [k for k in table if k >= depth]
-    return table[min(fits)] if fits else (table[max(table)] if table else DEFAULT_DEVICE_BATCH)
+    return [2 ** i for i in range((most & -most).bit_length() - 1, -1, -1)]   # up to most's lowest set bit
 
 
 def _device_batch(cfg: Config, depth: int) -> int:
+    """hardware.device_batch_size, else the table's entry for the smallest depth >= this one (else its largest)."""
     hw = cfg.hardware
     if hw.device_batch_size is not None and hw.device_batch_size != "auto":
         return hw.device_batch_size
-    return _table_batch(cfg, depth)
+    table = {int(k): int(v) for k, v in (hw.device_batch_table or {}).items()}
+    fits = [k for k in table if k >= depth]
+    return table[min(fits)] if fits else (table[max(table)] if table else DEFAULT_DEVICE_BATCH)
 
 
 def auto_batch_candidates(cfg: Config, total: int, seq: int, world: int) -> list[int]:
@@ -376,11 +354,9 @@ def optimizer_settings(st: TrainStageConfig, generation: str, shape: ModelShape)
         if given is not None and key in RECIPE_NEEDS and not getattr(shape, RECIPE_NEEDS[key]):
             raise ConfigError(f"stage.{key}", given, f"drop it, or turn the parameter on (model.{RECIPE_NEEDS[key]}"
                               f"=true / model.generation=modern)", f"this model has no {RECIPE_NEEDS[key]}")
-        out[key] = given if given is not None else default
-        if out[key] is None and key.endswith("_betas"):
-            out[key] = [st.adam_beta1, st.adam_beta2]
-        if out[key] is None and key.endswith("_wd"):
-            out[key] = 0.0
+        value = given if given is not None else default   # null: betas → stage.adam_beta1/2, weight decay → 0
+        out[key] = value if value is not None else [st.adam_beta1, st.adam_beta2] if key.endswith("_betas") else \
+            0.0 if key.endswith("_wd") else None
     for key in ("lm_head_betas", "embedding_betas", "value_embed_betas", "x0_betas"):
         b = out[key]
         if b is not None and (len(b) != 2 or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b)):
@@ -422,19 +398,6 @@ def adamw_group_settings(embedding_lr: float, unembedding_lr: float, scalar_lr: 
         "x0_scalar": dict(lr=scalar_lr, betas=betas("x0_betas"), weight_decay=wd(None)),
         "gate_scalar": dict(lr=s.get("gate_lr", scalar_lr), betas=betas(None), weight_decay=wd(None)),
     }
-
-
-def from_scratch(st: TrainStageConfig) -> bool:
-    """A stage that starts from no run trains a fresh model, as nanochat's base_train: the one stage
-    where nanochat converts Linear layers to fp8 and (d575940) clips gradients."""
-    return st.init_from in (None, "", "none")
-
-
-def default_grad_clip(st: TrainStageConfig, generation: str) -> float:
-    """stage.grad_clip, else nanochat's: d575940's base_train clips at 1.0 (its mid/SFT do not); 92d63d4 does not."""
-    if st.grad_clip is not None:
-        return st.grad_clip
-    return 1.0 if generation == "seed" and from_scratch(st) else 0.0
 
 
 def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dict] = None) -> Plan:
@@ -520,8 +483,12 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
     warmdown = min(round(wd_ratio * steps), steps - warmup)
     final = st.final_lr_frac if st.final_lr_frac is not None else g["final_lr_frac"]
     optimizer, optim = optimizer_settings(st, gen, shape)
-    fp8 = fp8_layers(shape) if m.fp8 and from_scratch(st) else []   # only pretraining converts (nanochat)
-    if m.fp8 and from_scratch(st) and not fp8:
+    # a stage that starts from no run trains a fresh model, as nanochat's base_train: the one stage where
+    # nanochat converts Linear layers to fp8 and (d575940's base_train, not its mid/SFT; not 92d63d4) clips gradients
+    scratch = st.init_from in (None, "", "none")
+    clip = st.grad_clip if st.grad_clip is not None else 1.0 if gen == "seed" and scratch else 0.0
+    fp8 = fp8_layers(shape) if m.fp8 and scratch else []
+    if m.fp8 and scratch and not fp8:
         raise ConfigError("model.fp8", m.fp8, "drop model.fp8 for a model this small, or make it wider "
                           "(model.n_embd a multiple of 16 and >= 128)",
                           f"no Linear layer qualifies (n_embd={shape.n_embd}: fp8 needs both dims divisible "
@@ -541,7 +508,7 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
         muon_momentum_end=optim.pop("muon_momentum_end"), muon_momentum_steps=optim.pop("muon_momentum_ramp"),
         muon_momentum_final=optim.pop("muon_momentum_final"), notes=notes,
         device_batch_probe=probe if cfg.hardware.device_batch_size == "auto" else None,
-        optimizer=optimizer, optim=optim, grad_clip=default_grad_clip(st, gen),
+        optimizer=optimizer, optim=optim, grad_clip=clip,
         fp8=m.fp8 if fp8 else None, fp8_layers=len(fp8),
         eval_tokens=getattr(st, "eval_tokens", None),
     )
@@ -549,14 +516,9 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
 
 def probe_summary(probe: dict) -> str:
     """'64 OOM, 32 fits (11.2 GiB peak)' from a probe result."""
-    parts = []
-    for t in probe.get("trials", []):
-        if t["fits"]:
-            peak = f" ({t['peak_gib']:.2f} GiB peak)" if t.get("peak_gib") is not None else ""
-            parts.append(f"{t['batch']} fits{peak}")
-        else:
-            parts.append(f"{t['batch']} {t['reason']}")
-    return ", ".join(parts)
+    peak = lambda t: f" ({t['peak_gib']:.2f} GiB peak)" if t.get("peak_gib") is not None else ""
+    return ", ".join(f"{t['batch']} fits{peak(t)}" if t["fits"] else f"{t['batch']} {t['reason']}"
+                     for t in probe.get("trials", []))
 
 
 def plan_rows(p: Plan) -> list[tuple[str, str]]:
@@ -596,16 +558,12 @@ def plan_rows(p: Plan) -> list[tuple[str, str]]:
 
 def optimizer_rows(p: Plan) -> list[tuple[str, str]]:
     """The optimizer as the run builds it: Muon settings, then every AdamW group the model has."""
-    o = p.optim
-    if not o:   # a plan.json from before the recipes
-        return []
-    s = p.model
-    flags = [k for k, on in (("MuonEq", o.get("muon_equilibrate")), ("Muon+", o.get("muon_renorm")),
-                             ("NorMuon β2 " + str(o.get("muon_beta2")), o.get("normuon")),
-                             ("cautious wd", o.get("cautious_wd"))) if on]
-    ns = o.get("muon_ns", "newton_schulz")
+    o, s = p.optim, p.model
+    flags = [k for k, on in (("MuonEq", o["muon_equilibrate"]), ("Muon+", o["muon_renorm"]),
+                             (f"NorMuon β2 {o['muon_beta2']}", o["normuon"]), ("cautious wd", o["cautious_wd"])) if on]
+    ns = o["muon_ns"]
     if ns == "polar_express":
-        ns += f" (safety {o.get('muon_ns_safety')})"
+        ns += f" (safety {o['muon_ns_safety']})"
     mom = f"{p.muon_momentum_start} → {p.muon_momentum_end} over {p.muon_momentum_steps}"
     if p.muon_momentum_final is not None:
         mom += f", → {p.muon_momentum_final} through warmdown"

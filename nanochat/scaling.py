@@ -146,24 +146,19 @@ def fit_isoflop(budget: float, points: Sequence[Point]) -> IsoFit:
         return measured
     near = _window(pts, best.params)
     x = np.log10([p.params for p in near])
-    c2, c1, c0 = np.polyfit(x, [p.loss for p in near], 2)
-    if c2 <= 0:
-        measured.coef = (float(c2), float(c1), float(c0))
-        measured.note = "the parabola opens downward (no valley in the fit): the measured minimum is used"
-        return measured
-    xv = -c1 / (2 * c2)
-    if not (math.isfinite(xv) and x.min() - 1 <= xv <= x.max() + 1):
-        # a nearly flat parabola puts its vertex decades away: extrapolating that far is meaningless
-        measured.coef = (float(c2), float(c1), float(c0))
-        measured.note = "the fitted optimum lies over a decade outside the sizes run: the measured minimum is used"
+    c2, c1, c0 = coef = tuple(float(c) for c in np.polyfit(x, [p.loss for p in near], 2))
+    xv = -c1 / (2 * c2) if c2 > 0 else None
+    # a nearly flat parabola puts its vertex decades away: extrapolating that far is meaningless
+    if xv is None or not (math.isfinite(xv) and x.min() - 1 <= xv <= x.max() + 1):
+        measured.coef = coef
+        measured.note = ("the parabola opens downward (no valley in the fit)" if xv is None else "the fitted "
+                         "optimum lies over a decade outside the sizes run") + ": the measured minimum is used"
         return measured
     n_opt = 10.0 ** xv
-    note = ""
-    if not (x.min() <= xv <= x.max()):
-        note = "the fitted optimum lies outside the sizes run (extrapolated): widen the size range"
-    return IsoFit(budget, len(pts), float(n_opt), _tokens_at(pts, n_opt, budget),
-                  float(c0 - c1 * c1 / (4 * c2)), "quadratic", (float(c2), float(c1), float(c0)), valley, note,
-                  fit_range=(near[0].params, near[-1].params))
+    note = "" if x.min() <= xv <= x.max() else \
+        "the fitted optimum lies outside the sizes run (extrapolated): widen the size range"
+    return IsoFit(budget, len(pts), n_opt, _tokens_at(pts, n_opt, budget), c0 - c1 * c1 / (4 * c2), "quadratic",
+                  coef, valley, note, fit_range=(near[0].params, near[-1].params))
 
 
 def _window(pts: Sequence[Point], n_best: float) -> list[Point]:
@@ -200,16 +195,10 @@ def approach2(points: Sequence[Point], n_boot: int = 200, seed: int = 0) -> Appr
     out.d_opt = fit_power_law(cs, [f.d_opt for f in fits])
     if n_boot > 0:
         rng = np.random.default_rng(seed)
-        a_s, b_s = [], []
-        for _ in range(n_boot):
-            bf = []
-            for c, pts in groups.items():
-                pick = [pts[i] for i in rng.integers(0, len(pts), len(pts))]
-                bf.append(fit_isoflop(c, pick))
-            a_s.append(fit_power_law(cs, [f.n_opt for f in bf]).exponent)
-            b_s.append(fit_power_law(cs, [f.d_opt for f in bf]).exponent)
-        out.n_opt.ci = _interval(a_s)
-        out.d_opt.ci = _interval(b_s)
+        boots = [[fit_isoflop(c, [pts[i] for i in rng.integers(0, len(pts), len(pts))]) for c, pts in groups.items()]
+                 for _ in range(n_boot)]
+        out.n_opt.ci = _interval([fit_power_law(cs, [f.n_opt for f in bf]).exponent for bf in boots])
+        out.d_opt.ci = _interval([fit_power_law(cs, [f.d_opt for f in bf]).exponent for bf in boots])
     return out
 
 
@@ -347,18 +336,15 @@ def approach3(points: Sequence[Point], n_boot: int = 100, seed: int = 0, starts:
     fit = _to_result(theta, fval, k, len(pts))
     if n_boot > 0:
         rng = np.random.default_rng(seed)
-        draws = {name: [] for name in ("alpha", "beta", "a", "b", "E")}
+        boots = []
         for _ in range(n_boot):
             idx = rng.integers(0, len(pts), len(pts))
             # warm start at the full fit, plus the best grid point of this resample
             st = [theta] + _screen(logn[idx], logd[idx], logl[idx], delta, 1)
             th, fv = _lbfgs(st, logn[idx], logd[idx], logl[idx], delta)
-            if th is None:
-                continue
-            r = _to_result(th, fv, k, len(idx))
-            for name in draws:
-                draws[name].append(getattr(r, name))
-        fit.ci = {name: _interval(v) for name, v in draws.items()}
+            if th is not None:
+                boots.append(_to_result(th, fv, k, len(idx)))
+        fit.ci = {name: _interval([getattr(r, name) for r in boots]) for name in ("alpha", "beta", "a", "b", "E")}
     return fit
 
 

@@ -36,13 +36,23 @@ class SourceRun:
         return self.checkpoint is not None and any(self.checkpoint.glob("optim_rank*.pt"))
 
 
-def load_source(path: str | Path) -> SourceRun:
+def open_source(cfg: Config, stage: "Stage", path: Path) -> tuple[Config, SourceRun]:
+    """The run at `path` that `stage` starts from, and `cfg` with its architecture and tokenizer: a later
+    stage trains the checkpoint's model, not the one in `model=`. A run of a stage this stage does not
+    accept is refused before any work."""
     from nanochat.lifecycle import list_checkpoints
-    path = Path(path)
-    cfg = load_config(str(path / "resolved_config.yaml"))
+    src = load_config(str(path / "resolved_config.yaml"))
     plan = read_json(path / "plan.json") if (path / "plan.json").exists() else {}
     ckpts = list_checkpoints(path)
-    return SourceRun(path=path, stage=cfg.stage.name, config=cfg, plan=plan, checkpoint=ckpts[-1] if ckpts else None)
+    source = SourceRun(path, src.stage.name, src, plan, ckpts[-1] if ckpts else None)
+    if source.stage not in stage.sources:
+        raise ConfigError("stage.init_from", str(path), f"point it at a run of: {', '.join(stage.sources)}",
+                          f"a {source.stage} run; the {stage.name} stage does not start from that stage")
+    model, vocab = src.model, (plan.get("model") or {}).get("vocab_size")
+    if model.vocab_size is None and vocab is not None:
+        model = replace(model, vocab_size=vocab)
+    return replace(cfg, model=model, data=replace(cfg.data, tokenizer=src.data.tokenizer),
+                   stage=replace(cfg.stage, init_from=str(path))), source
 
 
 @dataclass
@@ -51,24 +61,6 @@ class StagePlan:
     plan: Optional[Plan]
     rows: list[tuple[str, str]] = field(default_factory=list)
     wants_probe: bool = False   # hardware.device_batch_size=auto: a real run probes, then plans again
-
-
-def check_source(stage: "Stage", source: SourceRun) -> None:
-    """A source run of a stage this stage does not accept is refused before any work."""
-    if source.stage not in stage.sources:
-        raise ConfigError("stage.init_from", str(source.path), f"point it at a run of: {', '.join(stage.sources)}",
-                          f"a {source.stage} run; the {stage.name} stage does not start from that stage")
-
-
-def with_source_model(cfg: Config, source: SourceRun) -> Config:
-    """A later stage trains the checkpoint's architecture (and tokenizer), not the one in `model=`."""
-    st = replace(cfg.stage, init_from=str(source.path))
-    model = source.config.model
-    vocab = (source.plan.get("model") or {}).get("vocab_size")
-    if model.vocab_size is None and vocab is not None:
-        model = replace(model, vocab_size=vocab)
-    data = replace(cfg.data, tokenizer=source.config.data.tokenizer)
-    return replace(cfg, model=model, data=data, stage=st)
 
 
 def fill_vocab(cfg: Config) -> Config:
@@ -130,20 +122,19 @@ def train_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] =
     """Pretraining (and any stage that trains by plan.py's depth rules)."""
     cfg = fill_vocab(cfg)
     p = make_plan(cfg, probe=probe)
-    if source is not None:
-        p = replace(p, source=str(source.path))
     mix, warnings = mixture_rows(cfg, p.num_iterations * p.total_batch_size)
-    p = replace(p, notes=p.notes + warnings) if warnings else p
+    p = replace(p, source=str(source.path) if source else None, notes=p.notes + warnings)
     return StagePlan(p, plan_rows(p) + mix + pretrain_eval_rows(p, cfg.stage) + source_rows(cfg, source),
                      wants_probe=cfg.hardware.device_batch_size == "auto" and probe is None)
 
 
-MODEL_ROWS = ("generation", "depth / width / heads", "vocab (padded)", "params")
+def model_rows(p: Plan) -> list[tuple[str, str]]:
+    """The rows of the model's shape, nothing about training."""
+    return [r for r in plan_rows(p) if r[0] in ("generation", "depth / width / heads", "vocab (padded)", "params")]
 
 
 def model_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = None) -> StagePlan:
     """Stages that only load a model (eval): its shape, nothing about training."""
     cfg = fill_vocab(cfg)
-    p = make_plan(cfg)
-    p = replace(p, source=str(source.path) if source else None)
-    return StagePlan(p, [r for r in plan_rows(p) if r[0] in MODEL_ROWS] + source_rows(cfg, source))
+    p = replace(make_plan(cfg), source=str(source.path) if source else None)
+    return StagePlan(p, model_rows(p) + source_rows(cfg, source))

@@ -31,6 +31,7 @@ Exit code 0 when nothing FAILed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -41,6 +42,7 @@ import time
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import SkipTest as Skip   # a check that cannot run here: SKIP with the reason
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,21 +50,18 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from nanochat import attention as A  # noqa: E402
-from nanochat import training  # noqa: E402
-from nanochat.config import ModelConfig  # noqa: E402
+from nanochat import simulate, training  # noqa: E402
+from nanochat.batch_size import find_device_batch  # noqa: E402
+from nanochat.config import ModelConfig, config_from_dict  # noqa: E402
 from nanochat.gpt import GPTConfig, KVCache, build_model  # noqa: E402
 from nanochat.gpus import bf16_peak_flops  # noqa: E402
 from nanochat.optim import build_optimizer  # noqa: E402
-from nanochat.plan import OPTIMIZER_RECIPES, model_shape  # noqa: E402
+from nanochat.plan import OPTIMIZER_RECIPES, make_plan, model_shape, power_of_two_batches  # noqa: E402
 from nanochat.precision import Precision, convert_fp8, fp8_supported  # noqa: E402
 
 BF16_TOL = 0.1          # nats: max |loss_bf16 - loss_fp32| over 20 steps of a small model
 FP8_TOL = 0.15          # nats: max |loss_fp8 - loss_bf16| over 20 steps of a d4 (CPU emulation: ~0.05)
 MFU_TARGET = 0.45       # d20 seed, compiled, one H100/H200
-
-
-class Skip(Exception):
-    pass
 
 
 def gpt_config(depth: int, generation: str, seq: int, vocab: int, **model) -> GPTConfig:
@@ -91,27 +90,31 @@ def train_step(model, opt, x, precision, scaler=None, world: int = 1) -> float:
 
 # ----------------------------------------------------------------------------- checks
 
-def _timed_run(cfg, dev, precision, batch: int, steps: int, warm: int, compiled: bool, fp8: bool = False) -> dict:
-    """A fresh model (`fp8`: converted to fp8 tensorwise), `warm` untimed then `steps` timed training steps
-    on one batch: the median step seconds, tokens/s, every loss, FLOPs/token, params and (CUDA) the peak memory."""
+def _run(cfg, dev, policy, batch: int, steps: int = 20, warm: int = 0, prepare=None, compiled: bool = False,
+         n_data: int = 1) -> SimpleNamespace:
+    """A fresh model (`prepare`d, e.g. converted to fp8), `warm` untimed then `steps` timed training steps under
+    `policy`, cycling over `n_data` fixed batches; its weights and optimizer states must stay fp32. The median and
+    first step seconds, tokens/s, every loss, FLOPs/token, params and (CUDA) the peak memory."""
+    data = torch.randint(0, cfg.vocab_size, (n_data, batch, cfg.sequence_len + 1),
+                         generator=torch.Generator().manual_seed(0)).to(dev)
     model = build_model(cfg, dev, 0)
-    if fp8:
-        convert_fp8(model, "tensorwise")
+    if prepare is not None:
+        prepare(model)
     opt = optimizer_for(model)
     fwd = torch.compile(model, dynamic=False) if compiled else model
-    x = torch.randint(0, cfg.vocab_size, (batch, cfg.sequence_len + 1), device=dev,
-                      generator=torch.Generator(dev).manual_seed(0))
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times, losses = [], []
-    for _ in range(steps + warm):
+    for step in range(steps + warm):
         t0 = time.perf_counter()
-        losses.append(train_step(fwd, opt, x, precision))
+        losses.append(train_step(fwd, opt, data[step % n_data], policy))
         times.append(time.perf_counter() - t0)
+    policy.check_master_weights(model)
+    policy.check_optimizer_states(opt)
     step_s = sorted(times[warm:])[steps // 2]
-    out = {"step_s": step_s, "tok_per_s": batch * cfg.sequence_len / step_s, "losses": losses,
-           "flops_per_token": model.estimate_flops(), "params": model.num_params(),
-           "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None}
+    out = SimpleNamespace(step_s=step_s, first_s=times[0], tok_per_s=batch * cfg.sequence_len / step_s,
+                          losses=losses, flops_per_token=model.estimate_flops(), params=model.num_params(),
+                          peak_mem_gib=torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None)
     del model, opt, fwd
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -133,52 +136,44 @@ def check_train_step(args, dev, precision) -> dict:
     figures, ok = {"peak_flops": peak, "peak_source": peak_src}, True
     for depth, gen, compiled in grid:
         key = f"d{depth}_{gen}_{'compiled' if compiled else 'eager'}"
-        r = _timed_run(gpt_config(depth, gen, seq, vocab), dev, precision, batch, steps,
-                       2 if dev.type == "cuda" else 1, compiled)
-        dt, tok_s, losses, mem = r["step_s"], r["tok_per_s"], r["losses"], r["peak_mem_gib"]
-        mfu = r["flops_per_token"] * tok_s / peak
-        ok &= all(map(math.isfinite, losses))
-        figures[key] = {"tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4), "step_ms": round(dt * 1e3, 2),
+        r = _run(gpt_config(depth, gen, seq, vocab), dev, precision, batch, steps, 2 if dev.type == "cuda" else 1,
+                 compiled=compiled)
+        mfu, mem = r.flops_per_token * r.tok_per_s / peak, r.peak_mem_gib
+        ok &= all(map(math.isfinite, r.losses))
+        figures[key] = {"tok_per_s": round(r.tok_per_s, 1), "mfu": round(mfu, 4), "step_ms": round(r.step_s * 1e3, 2),
                         "peak_mem_gib": round(mem, 2) if mem is not None else None, "batch": batch, "seq": seq,
-                        "params": r["params"], "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)]}
-        print(f"    {key:22s} {tok_s:12,.0f} tok/s  MFU {mfu * 100:5.1f}%  step {dt * 1e3:8.1f} ms"
+                        "params": r.params, "loss_first_last": [round(r.losses[0], 4), round(r.losses[-1], 4)]}
+        print(f"    {key:22s} {r.tok_per_s:12,.0f} tok/s  MFU {mfu * 100:5.1f}%  step {r.step_s * 1e3:8.1f} ms"
               + (f"  peak {mem:.1f} GiB" if mem is not None else ""), flush=True)
     target = figures.get("d20_seed_compiled")
-    if target and any(k in torch.cuda.get_device_name(dev) for k in ("H100", "H200")):
+    if target and any(k in name for k in ("H100", "H200")):
         figures["mfu_target"] = MFU_TARGET
         figures["mfu_target_met"] = target["mfu"] >= MFU_TARGET
         ok &= figures["mfu_target_met"]
     return {"ok": ok, **figures}
 
 
-def _curve(cfg, dev, policy, batch: int, prepare=None, steps: int = 20) -> list[float]:
-    """The losses of a fresh model (`prepare`d) over `steps` steps under `policy`, cycling over 4 fixed batches
-    (the model can learn them, so the curve must fall); its weights and optimizer states stay fp32."""
-    g = torch.Generator().manual_seed(0)
-    data = torch.randint(0, cfg.vocab_size, (4, batch, cfg.sequence_len + 1), generator=g).to(dev)
-    model = build_model(cfg, dev, 0)
-    if prepare is not None:
-        prepare(model)
-    opt = optimizer_for(model)
-    curve = [train_step(model, opt, data[step % len(data)], policy) for step in range(steps)]
-    policy.check_master_weights(model)
-    policy.check_optimizer_states(opt)
-    return curve
+def _agree(cfg, dev, batch: int, tol: float, note: str = "", **runs) -> tuple[list[float], list[float], float]:
+    """The loss curves of the two `runs` (name=(policy, prepare)), 20 steps each cycling over 4 fixed batches (the
+    model can learn them, so the curves must fall), and their max |Δ|, printed against `tol`."""
+    (a, ca), (b, cb) = ((name, _run(cfg, dev, policy, batch, prepare=prepare, n_data=4).losses)
+                        for name, (policy, prepare) in runs.items())
+    diff = max(abs(x - y) for x, y in zip(ca, cb))
+    print(f"    loss {a} {ca[0]:.3f}→{ca[-1]:.3f}  {b} {cb[0]:.3f}→{cb[-1]:.3f}  max |Δ| {diff:.4f} (tol {tol}{note})",
+          flush=True)
+    return ca, cb, diff
 
 
 def check_bf16_vs_fp32(args, dev, precision) -> dict:
     cfg = gpt_config(1 if args.quick else 4, "seed", 32 if args.quick else 512, 256 if args.quick else 8192)
-    bf16 = Precision(dev.type, torch.bfloat16)   # on CPU too: the check is about the math, not the speed
 
     def plain_loss(model) -> None:               # the same (plain) loss path under both policies
         model.fused_loss = False
-    curves = {name: _curve(cfg, dev, pol, 2 if args.quick else 16, plain_loss)
-              for name, pol in (("fp32", Precision(dev.type)), ("bf16", bf16))}
-    diff = max(abs(a - b) for a, b in zip(curves["fp32"], curves["bf16"]))
-    print(f"    loss fp32 {curves['fp32'][0]:.3f}→{curves['fp32'][-1]:.3f}  bf16 {curves['bf16'][0]:.3f}→"
-          f"{curves['bf16'][-1]:.3f}  max |Δ| {diff:.4f} (tol {BF16_TOL})", flush=True)
-    return {"ok": diff <= BF16_TOL and curves["fp32"][-1] < curves["fp32"][0], "max_abs_diff": round(diff, 5),
-            "tolerance": BF16_TOL, "fp32_last": round(curves["fp32"][-1], 4), "bf16_last": round(curves["bf16"][-1], 4)}
+    # bf16 on CPU too: the check is about the math, not the speed
+    fp32, bf16, diff = _agree(cfg, dev, 2 if args.quick else 16, BF16_TOL, fp32=(Precision(dev.type), plain_loss),
+                              bf16=(Precision(dev.type, torch.bfloat16), plain_loss))
+    return {"ok": diff <= BF16_TOL and fp32[-1] < fp32[0], "max_abs_diff": round(diff, 5),
+            "tolerance": BF16_TOL, "fp32_last": round(fp32[-1], 4), "bf16_last": round(bf16[-1], 4)}
 
 
 def check_kv_decode(args, dev, precision) -> dict:
@@ -210,30 +205,26 @@ def check_attention(args, dev, precision) -> dict:
         ok &= out["auto"] != "sdpa"        # windows must not run as dense masked SDPA on a GPU
     T, D = (128, 32) if args.quick or dev.type != "cuda" else (2048, 128)
     dtypes = [torch.float32] + ([torch.bfloat16] if dev.type == "cuda" else [])
-    for backend in backends:
-        for dtype in dtypes:
-            for window in (1, T // 8, T):
-                g = torch.Generator(dev).manual_seed(window)
-                q, k, v = (torch.randn(2, h, T, D, device=dev, generator=g, dtype=dtype) for h in (4, 2, 2))
-                grad = A.supports_backward(backend, dev.type)
-                for t in (q, k, v):
-                    t.requires_grad_(grad)
-                y = A.causal_attention(q, k, v, window, D ** -0.5, backend)
-                ref = A.reference_attention(q.detach(), k.detach(), v.detach(), window, D ** -0.5).float()
-                tol = 2e-5 if dtype == torch.float32 else 3e-2
-                err = (y.float() - ref).abs().max().item()
-                key = f"{backend}_{str(dtype)[6:]}_w{window}"
-                out[key + "_fwd_err"] = err
-                ok &= err <= tol * 10
-                if grad:
-                    gq = torch.autograd.grad(y.float().square().sum(), q)[0]
-                    q64 = q.detach().double().requires_grad_(True)
-                    r = A.reference_attention(q64, k.detach().double(), v.detach().double(), window, D ** -0.5)
-                    rq = torch.autograd.grad(r.square().sum(), q64)[0]
-                    # relative to the gradient's size (floored: a window of 1 has zero dq)
-                    berr = ((gq.double() - rq).abs().max() / rq.abs().max().clamp(min=1.0)).item()
-                    out[key + "_bwd_rel_err"] = berr
-                    ok &= berr <= (1e-4 if dtype == torch.float32 else 5e-2)
+    for backend, dtype, window in itertools.product(backends, dtypes, (1, T // 8, T)):
+        g = torch.Generator(dev).manual_seed(window)
+        grad = A.supports_backward(backend, dev.type)
+        q, k, v = (torch.randn(2, h, T, D, device=dev, generator=g, dtype=dtype, requires_grad=grad) for h in (4, 2, 2))
+        y = A.causal_attention(q, k, v, window, D ** -0.5, backend)
+        ref = A.reference_attention(q.detach(), k.detach(), v.detach(), window, D ** -0.5).float()
+        tol = 2e-5 if dtype == torch.float32 else 3e-2
+        err = (y.float() - ref).abs().max().item()
+        key = f"{backend}_{str(dtype)[6:]}_w{window}"
+        out[key + "_fwd_err"] = err
+        ok &= err <= tol * 10
+        if grad:
+            gq = torch.autograd.grad(y.float().square().sum(), q)[0]
+            q64 = q.detach().double().requires_grad_(True)
+            r = A.reference_attention(q64, k.detach().double(), v.detach().double(), window, D ** -0.5)
+            rq = torch.autograd.grad(r.square().sum(), q64)[0]
+            # relative to the gradient's size (floored: a window of 1 has zero dq)
+            berr = ((gq.double() - rq).abs().max() / rq.abs().max().clamp(min=1.0)).item()
+            out[key + "_bwd_rel_err"] = berr
+            ok &= berr <= (1e-4 if dtype == torch.float32 else 5e-2)
     if dev.type == "cuda" and "flex" in backends:  # the point of block masks: a window costs ~window/T
         from torch.utils.benchmark import Timer   # warms up first; syncs CUDA around the timed calls
         qkv = [torch.randn(8, 16, 2048, 128, device=dev, dtype=torch.bfloat16) for _ in range(3)]
@@ -277,8 +268,6 @@ def check_precision(args, dev, precision) -> dict:
 
 
 def check_auto_batch(args, dev, precision) -> dict:
-    from nanochat.batch_size import find_device_batch
-    from nanochat.plan import power_of_two_batches
     if args.quick or dev.type != "cuda":
         kw = dict(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
         res = find_device_batch(kw, 64, [1024, 256, 64], dev.type, "float32", memory_gb=0.1)
@@ -292,19 +281,26 @@ def check_auto_batch(args, dev, precision) -> dict:
             "trials": [{k: t[k] for k in ("batch", "fits", "peak_gib", "seconds")} for t in res["trials"]]}
 
 
+def _spawn(args, dev, worker: str, out: str, *launcher: str, **env: str) -> tuple[list[dict], str]:
+    """This script as `worker` in a fresh process (under `launcher`, e.g. torchrun): the reports it wrote into
+    `out` (one per rank; none when it failed) and the tail of its output."""
+    cmd = [sys.executable, *launcher, str(Path(__file__).resolve()), "--worker", worker, "--device", dev.type,
+           "--out", out] + ["--quick"] * args.quick
+    p = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env),
+                       capture_output=True, text=True, timeout=900)
+    reports = [json.loads(f.read_text()) for f in sorted(Path(out).glob("*.json"))] if p.returncode == 0 else []
+    return reports, (p.stdout + p.stderr)[-1500:]
+
+
 def check_torchrun(args, dev, precision) -> dict:
     n = torch.cuda.device_count() if dev.type == "cuda" else (1 if args.quick else 2)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               str(Path(__file__).resolve()), "--worker", "ddp", "--device", dev.type, "--out", tmp]
-        cmd += ["--quick"] if args.quick else []
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        reports, tail = _spawn(args, dev, "ddp", tmp, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc_per_node={n}")
         wall = time.perf_counter() - t0
-        reports = [json.loads(f.read_text()) for f in sorted(Path(tmp).glob("rank*.json"))]
-    if p.returncode != 0 or len(reports) != n:
-        return {"ok": False, "world_size": n, "error": (p.stdout + p.stderr)[-1500:]}
+    if len(reports) != n:
+        return {"ok": False, "world_size": n, "error": tail}
     agree = all(r["param_checksum"] == reports[0]["param_checksum"] for r in reports)
     backend = reports[0]["backend"]
     print(f"    torchrun world {n} ({backend}): {len(reports)} ranks, params agree {agree}, {wall:.1f} s", flush=True)
@@ -325,36 +321,26 @@ def ddp_worker(args) -> None:
     model = build_model(gpt_config(1 if args.quick else 2, "modern", 64, 256), dev, 0)
     opt = optimizer_for(model, world, rank)
     policy = Precision.resolve(dev.type, "bfloat16")
-    g = torch.Generator().manual_seed(rank)
-    losses = []
-    for _ in range(3):
-        x = torch.randint(0, 256, (2, 65), generator=g).to(dev)
-        # the sharded optimizer reduce-scatters grads and all-gathers params itself; the loss is the ranks' mean
-        losses.append(train_step(model, opt, x, policy, world=world))
+    xs = torch.randint(0, 256, (3, 2, 65), generator=torch.Generator().manual_seed(rank)).to(dev)
+    # the sharded optimizer reduce-scatters grads and all-gathers params itself; the loss is the ranks' mean
+    losses = [train_step(model, opt, x, policy, world=world) for x in xs]
     checksum = sum(p.double().sum().item() for p in model.parameters())
-    backend = dist.get_backend() if dist.is_initialized() else "none"
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(
-        {"rank": rank, "world": world, "backend": backend, "losses": losses, "param_checksum": round(checksum, 6),
-         "finite": all(map(math.isfinite, losses))}))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        {"rank": rank, "world": world, "backend": dist.get_backend(), "losses": losses,
+         "param_checksum": round(checksum, 6), "finite": all(map(math.isfinite, losses))}))
+    dist.destroy_process_group()
 
 
 def check_compile_cache(args, dev, precision) -> dict:
     if dev.type != "cuda" and not args.compile:
         raise Skip("torch.compile on CPU is slow here; pass --compile to include it")
-    with tempfile.TemporaryDirectory() as cache:
-        runs = []
-        for attempt in ("cold", "warm"):
-            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "compile", "--device", dev.type]
-            if args.quick:
-                cmd.append("--quick")
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-            lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
-            if p.returncode != 0 or not lines:
-                return {"ok": False, "error": (p.stdout + p.stderr)[-1500:]}
-            runs.append(json.loads(lines[-1]))
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in ("cold", "warm"):   # the second process finds the first one's inductor cache
+            reports, tail = _spawn(args, dev, "compile", tmp, TORCHINDUCTOR_CACHE_DIR=f"{tmp}/inductor")
+            if not reports:
+                return {"ok": False, "error": tail}
+            runs += reports
     cold, warm = runs
     print(f"    first compiled step: cold {cold['first_step_s']:.1f} s, warm {warm['first_step_s']:.1f} s; "
           f"warm FX-graph cache hits {warm['fxgraph_cache_hit']}, misses {warm['fxgraph_cache_miss']}", flush=True)
@@ -364,25 +350,18 @@ def check_compile_cache(args, dev, precision) -> dict:
 
 
 def compile_worker(args) -> None:
+    """A fresh process: the first training step of a compiled model (compile included) and its loss vs eager's."""
     from torch._dynamo.utils import counters
     dev = torch.device(args.device)
     depth, seq, vocab, batch = (1, 64, 256, 2) if args.quick or dev.type != "cuda" else (12, 2048, 65536, 8)
-    model = build_model(gpt_config(depth, "seed", seq, vocab), dev, 0)
-    precision = Precision.resolve(dev.type, "bfloat16")
-    x = torch.randint(0, vocab, (batch, seq + 1), device=dev, generator=torch.Generator(dev).manual_seed(0))
-    with torch.no_grad(), precision.autocast():
-        ref = model(x[:, :-1], x[:, 1:]).item()
-    compiled = torch.compile(model, dynamic=False)
-    t0 = time.perf_counter()
-    with precision.autocast():
-        loss = compiled(x[:, :-1], x[:, 1:])
-    loss.backward()
-    value = loss.item()   # waits for the device: the backward's kernels run on the same stream before it
-    first = time.perf_counter() - t0
+    cfg, precision = gpt_config(depth, "seed", seq, vocab), Precision.resolve(dev.type, "bfloat16")
+    eager, compiled = (_run(cfg, dev, precision, batch, 1, compiled=c) for c in (False, True))
+    ref, value = eager.losses[0], compiled.losses[0]
     tol = 1e-4 if not precision.autocast_enabled else 2e-2
-    print(json.dumps({"first_step_s": round(first, 2), "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
-                      "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
-                      "matches_eager": abs(value - ref) <= tol * max(1.0, abs(ref))}), flush=True)
+    Path(args.out, "compile.json").write_text(json.dumps(
+        {"first_step_s": round(compiled.first_s, 2), "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
+         "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
+         "matches_eager": abs(value - ref) <= tol * max(1.0, abs(ref))}))
 
 
 def check_fp8(args, dev, precision) -> dict:
@@ -396,18 +375,18 @@ def check_fp8(args, dev, precision) -> dict:
     quick = args.quick or dev.type != "cuda"
     cfg = gpt_config(2 if quick else 4, "modern", 64 if quick else 512, 512 if quick else 8192)
     bf16 = Precision(dev.type, torch.bfloat16) if dev.type == "cuda" else Precision(dev.type)
-    ref = _curve(cfg, dev, bf16, 2 if quick else 16)
-    got = _curve(cfg, dev, bf16, 2 if quick else 16, lambda model: convert_fp8(model, "tensorwise", emulate=not hw))
-    diff = max(abs(a - b) for a, b in zip(ref, got))
+
+    def to_fp8(model) -> None:   # emulated where the device has no fp8 matmuls (the CPU)
+        convert_fp8(model, "tensorwise", emulate=not hw)
+    ref, got, diff = _agree(cfg, dev, 2 if quick else 16, FP8_TOL, ", emulated" if not hw else "",
+                            **{bf16.name: (bf16, None), "fp8": (bf16, to_fp8)})
     out = {"emulated": not hw, "max_abs_diff": round(diff, 5), "tolerance": FP8_TOL,
            "ref_first_last": [round(ref[0], 4), round(ref[-1], 4)], "fp8_first_last": [round(got[0], 4), round(got[-1], 4)]}
     ok = diff <= FP8_TOL and got[-1] < got[0] and all(map(math.isfinite, got))
-    print(f"    loss {bf16.name} {ref[0]:.3f}→{ref[-1]:.3f}  fp8 {got[0]:.3f}→{got[-1]:.3f}  max |Δ| {diff:.4f} "
-          f"(tol {FP8_TOL}{', emulated' if not hw else ''})", flush=True)
     if hw and not args.quick:   # the d24 speedrun model, compiled; 3 warm-up steps compile and autotune first
         cfg = gpt_config(24, "modern", 2048, 32768)
-        ref, fp8 = (_timed_run(cfg, dev, precision, args.device_batch, 5, 3, True, f) for f in (False, True))
-        base, fast, last = ref["tok_per_s"], fp8["tok_per_s"], fp8["losses"][-1]
+        ref, fp8 = (_run(cfg, dev, precision, args.device_batch, 5, 3, f, compiled=True) for f in (None, to_fp8))
+        base, fast, last = ref.tok_per_s, fp8.tok_per_s, fp8.losses[-1]
         out.update(d24_bf16_tok_per_s=round(base, 1), d24_fp8_tok_per_s=round(fast, 1),
                    d24_fp8_speedup=round(fast / base, 3), d24_fp8_loss=round(last, 4))
         ok &= fast > base and math.isfinite(last)
@@ -419,9 +398,6 @@ def check_simulate(args, dev, precision) -> dict:
     """The simulator (nanochat/simulate.py) against the device: the same pretrain step (d12 modern, eager,
     accumulation 2) run for real, its measured peak (CUDA: max_memory_allocated; CPU: the tracker on real
     tensors) vs the peak simulated on fake tensors. The first GPU run checks the simulator this way."""
-    from nanochat import simulate
-    from nanochat.config import config_from_dict
-    from nanochat.plan import make_plan
     cuda = dev.type == "cuda"
     seq, B = (2048, args.device_batch) if cuda and not args.quick else (64, 4)
     model_cfg = {"generation": "modern", "depth": 12 if cuda and not args.quick else 2, "sequence_len": seq,
@@ -438,9 +414,9 @@ def check_simulate(args, dev, precision) -> dict:
         model = build_model(training.gpt_config(plan), dev, 0)
         opt = training.make_optimizer(model, plan, cfg, training.Runtime(0, 0, 1, dev, precision, ROOT))
         for step in range(2):
-            batches = [torch.randint(0, plan.model.vocab_size, (B, seq + 1), device=dev) for _ in range(2)]
+            xs = torch.randint(0, plan.model.vocab_size, (2, B, seq + 1), device=dev)
             # the pretrain step with its schedules; it ends in .item(), so the peak below is the step's
-            simulate.train_step(model, opt, [(x[:, :-1], x[:, 1:]) for x in batches], precision, plan, step)
+            simulate.train_step(model, opt, [(x[:, :-1], x[:, 1:]) for x in xs], precision, plan, step)
         measured = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 30
         del model, opt
         torch.cuda.empty_cache()
@@ -455,10 +431,7 @@ def check_simulate(args, dev, precision) -> dict:
             "simulated_split_gib": {k: round(v, 4) for k, v in sim["memory_gib"].items()}}
 
 
-CHECKS = {"train_step": check_train_step, "bf16_vs_fp32": check_bf16_vs_fp32, "kv_decode": check_kv_decode,
-          "attention": check_attention, "precision": check_precision, "auto_batch": check_auto_batch,
-          "torchrun": check_torchrun, "compile_cache": check_compile_cache, "fp8": check_fp8,
-          "simulate": check_simulate}
+CHECKS = {name[6:]: check for name, check in globals().items() if name.startswith("check_")}   # --only names
 
 
 def main() -> int:

@@ -39,8 +39,7 @@ def main() -> None:
     if not (base / "tokenizer" / "bench8k" / "meta.json").exists():
         nanochat_run(["stage=tokenizer", "data=demo", "data.tokenizer=bench8k", "stage.vocab_size=8192",
                       "stage.max_chars=20000000", f"run.root={tempfile.mkdtemp()}"], env)
-    archs = ["seed", "modern"] if args.arch == "both" else [args.arch]
-    for arch in archs:
+    for arch in (["seed", "modern"] if args.arch == "both" else [args.arch]):
         run_dir = Path(tempfile.mkdtemp()) / arch
         model = ["model=d4", "model.vocab_size=8192"] if arch == "seed" else \
             ["model=modern", "model.depth=4", "model.vocab_size=8192", "model.n_kv_head=2"]

@@ -91,9 +91,8 @@ def main() -> None:
                                                                  *sys.argv[2:]])))
     plan = make_plan(cfg)
     micro = min(plan.grad_accum_steps, 2)
-    out = {}
     t0 = time.perf_counter()
-    out["ours_eager"] = S.rehearse(cfg, plan, compile_blocks=False)
+    out = {"ours_eager": S.rehearse(cfg, plan, compile_blocks=False)}
     ours = {m: sys.modules.pop(m) for m in list(sys.modules) if m == "nanochat" or m.startswith("nanochat.")}
     try:   # with ours set aside, `import nanochat` finds nanochat's package
         out["nanochat_eager"] = nanochat_step(ref, plan, micro, S, fp8_filter)

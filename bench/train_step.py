@@ -76,9 +76,8 @@ def bench(arch: str, args) -> dict:
         t2 = time.perf_counter()
         return t2 - t0, opt_start[-1] - t0, t2 - opt_start[-1], loss
 
-    for _ in range(args.warmup):
-        train_step()
-    runs = [train_step() for _ in range(args.steps)]   # (step, fwd+bwd, optimizer) seconds, loss
+    # (step, fwd+bwd, optimizer) seconds, loss; the warm-up steps' dropped
+    runs = [train_step() for _ in range(args.warmup + args.steps)][args.warmup:]
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -113,8 +112,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     peaks = [matmul_gflops(device=args.device)]
     print(f"torch {torch.__version__}, {args.threads} threads, fp32 matmul {peaks[0]:.1f} GFLOP/s")
-    archs = ["seed", "modern"] if args.arch == "both" else [args.arch]
-    for arch in archs:
+    for arch in (["seed", "modern"] if args.arch == "both" else [args.arch]):
         r = bench(arch, args)
         # the machine's peak is the best GEMM rate seen: a neighbour can only lower a measurement
         peaks.append(matmul_gflops(device=args.device))

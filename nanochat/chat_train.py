@@ -54,13 +54,12 @@ def warm_start_optimizer(optimizer: Any, source: str, rt: T.Runtime, log: Callab
     ckpt = latest_checkpoint(source)
     state = load_rank_state(ckpt, rt.rank, rt.device)["optim"] if ckpt is not None else None
     src_world = load_meta(ckpt).get("world_size", rt.world) if ckpt is not None else rt.world
-    why = None
+    ours = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     if state is None:
         why = f"{ckpt} has no optimizer state (optim_rank{rt.rank}.pt)"
     elif src_world != rt.world:
         why = f"{ckpt} was saved by {src_world} ranks, this run has {rt.world} (optimizer state is sharded per rank)"
-    if why is None:
-        ours = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    else:
         try:
             optimizer.load_state_dict(state)
         except (ValueError, KeyError, RuntimeError) as e:

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import torch
 
-from nanochat.common import atomic_write_json, atomic_write_text, barrier, read_json
+from nanochat.common import atomic_write_json, atomic_write_text, barrier, rank_world, read_json
 from nanochat.integrity import write_manifest, write_rank_manifest
 from nanochat.lifecycle import list_checkpoints
 
@@ -115,18 +115,6 @@ def _describe_write_error(e: OSError, step: int, ckpt_root: Path) -> str:
             f"with run.resume=auto")
 
 
-def _world_size() -> int:
-    import torch.distributed as dist
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -150,7 +138,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, o
     _raise_if_any(_agree(error), tmp, rank)
 
     try:
-        if rank == _world_size() - 1:
+        if rank == rank_world()[1] - 1:
             _test_pause("rank_files", step, ckpt_root, rank)  # lower ranks are done (or writing)
         names = []
         if rank == 0:
@@ -164,7 +152,10 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, o
         if loader_state is not None:
             atomic_write_text(tmp / f"dataloader_rank{rank}.json", json.dumps(loader_state))
             names.append(f"dataloader_rank{rank}.json")
-        _torch_save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        _torch_save(rng, tmp / f"rng_rank{rank}.pt")
         names.append(f"rng_rank{rank}.pt")
         write_rank_manifest(tmp, rank, names)
     except OSError as e:
@@ -173,7 +164,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, o
 
     if rank == 0:
         try:
-            write_manifest(tmp, step, _world_size())
+            write_manifest(tmp, step, rank_world()[1])
             _fsync_dir(tmp)
             _test_pause("commit", step, ckpt_root, rank)
             _commit(tmp, final)
@@ -224,18 +215,10 @@ def load_model_state(ckpt: str | Path, device: Any = "cpu") -> dict:
 
 def load_rank_state(ckpt: str | Path, rank: int, device: Any = "cpu") -> dict:
     """This rank's optimizer / loader / RNG state (missing pieces → None)."""
-    ckpt = Path(ckpt)
-    out: dict[str, Any] = {"optim": None, "loader": None, "rng": None}
-    p = ckpt / f"optim_rank{rank}.pt"
-    if p.exists():
-        out["optim"] = torch.load(p, map_location=device, weights_only=False)
-    p = ckpt / f"dataloader_rank{rank}.json"
-    if p.exists():
-        out["loader"] = json.loads(p.read_text())
-    p = ckpt / f"rng_rank{rank}.pt"
-    if p.exists():
-        out["rng"] = torch.load(p, map_location="cpu", weights_only=False)
-    return out
+    files = {"optim": (f"optim_rank{rank}.pt", lambda p: torch.load(p, map_location=device, weights_only=False)),
+             "loader": (f"dataloader_rank{rank}.json", read_json),
+             "rng": (f"rng_rank{rank}.pt", lambda p: torch.load(p, map_location="cpu", weights_only=False))}
+    return {k: load(p) if (p := Path(ckpt) / name).exists() else None for k, (name, load) in files.items()}
 
 
 def load_model_from_run(run_dir: str | Path, device: Any, step: Optional[int] = None):
@@ -246,11 +229,10 @@ def load_model_from_run(run_dir: str | Path, device: Any, step: Optional[int] = 
     if ckpt is None or not ckpt.exists():
         raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints (did the run save one?)")
     meta = load_meta(ckpt)
-    gcfg = GPTConfig(**meta["model_config"])
     with torch.device("meta"):
-        model = GPT(gcfg)
+        model = GPT(GPTConfig(**meta["model_config"]))
     model.to_empty(device=device)
-    model.init_rotary() if hasattr(model, "init_rotary") else None
+    model.init_rotary()
     state = load_model_state(ckpt, device)
     # a run with hardware.embedding_dtype=bfloat16 saved bf16 tables: an inference model is all fp32
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

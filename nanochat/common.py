@@ -102,6 +102,7 @@ def init_distributed(device: str = "cpu", backend: str | None = None, num_thread
     unless told otherwise (oversubscription makes gloo runs crawl). `timeout_s` bounds every
     collective: a rank whose peer vanished (a dead node) fails after it instead of hanging.
     """
+    import datetime
     import torch
     import torch.distributed as dist
     rank, local_rank, world = dist_env()
@@ -111,19 +112,11 @@ def init_distributed(device: str = "cpu", backend: str | None = None, num_thread
         threads = num_threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
         torch.set_num_threads(threads)
     if world > 1 and not dist.is_initialized():
-        backend = backend or ("nccl" if device == "cuda" else "gloo")
         if device == "cuda":
             torch.cuda.set_device(local_rank)
-        kwargs = {}
-        if timeout_s is not None:
-            import datetime
-            kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group(backend=backend, **kwargs)
-    if device == "cuda":
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device(device)
-    return rank, local_rank, world, dev
+        dist.init_process_group(backend=backend or ("nccl" if device == "cuda" else "gloo"),
+                                timeout=datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None)
+    return rank, local_rank, world, torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
 
 
 def rank_world() -> tuple[int, int]:

@@ -7,6 +7,7 @@ A run dir ends in one of three states, which the launcher reports and `run.resum
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -108,17 +109,11 @@ class EvalProgress:
 
 def stop_requested_all_ranks(flag: StopFlag = STOP) -> bool:
     """True on every rank if any rank got a stop signal (ranks must agree on the step)."""
-    local = flag.requested
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return local
-    if not (dist.is_available() and dist.is_initialized()):
-        return local
     import torch
-    t = torch.tensor([1.0 if local else 0.0])
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag.requested
+    t = torch.tensor([float(flag.requested)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
@@ -165,17 +160,13 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 PR_SET_PDEATHSIG = 1
 LAUNCHER_PID_ENV = "NANOCHAT_LAUNCHER_PID"   # set by launch/dispatch.py in the child's env
-_libc_prctl = None
 
 
+@functools.cache
 def _prctl():
-    global _libc_prctl
-    if _libc_prctl is None:
-        import ctypes
-        import ctypes.util
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc_prctl = libc.prctl
-    return _libc_prctl
+    import ctypes
+    import ctypes.util
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
 
 
 def die_with_parent_preexec(parent_pid: int):

@@ -18,7 +18,7 @@ Checkpoints hold the LoopState below besides tensors, so a resumed run continues
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -48,26 +48,9 @@ class LoopState:
     evals: dict = field(default_factory=dict)   # the last metrics of each evaluation, by name
     extra: dict = field(default_factory=dict)   # a stage's own state
 
-    # names before the one loop (checkpoints written by older code still resume)
-    _LEGACY = {"smooth_loss": "train_ema", "first_val_bpb": "val_first", "last_val_bpb": "val_last",
-               "best_val_bpb": "val_best"}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LoopState":
-        names = {f.name for f in fields(cls)}
-        d = {cls._LEGACY.get(k, k): v for k, v in d.items()}
-        state = cls(**{k: v for k, v in d.items() if k in names})
-        state.timed_tokens = state.timed_tokens or state.extra.pop("timed_tokens", 0)
-        return state
-
     def smoothed(self) -> Optional[float]:
         """The debiased EMA of the train metric; None before the first step."""
         return self.train_ema / (1 - EMA_BETA ** self.step) if self.step else None
-
-    def record_val(self, value: float) -> None:
-        self.val_last = value
-        self.val_first = value if self.val_first is None else self.val_first
-        self.val_best = value if self.val_best is None else min(self.val_best, value)
 
 
 @dataclass
@@ -136,7 +119,7 @@ class Loop:
         optimizer.load_state_dict(rank_state["optim"])
         if rank_state["rng"] is not None:
             set_rng_state(rank_state["rng"])
-        self.state = LoopState.from_dict(load_meta(ckpt)["loop_state"])
+        self.state = LoopState(**load_meta(ckpt)["loop_state"])
         self.resumed = True
         return rank_state["loader"]
 
@@ -168,7 +151,10 @@ class Loop:
             return
         self.state.evals[ev.name] = metrics
         if self.val_key in metrics:
-            self.state.record_val(metrics[self.val_key])
+            s = self.state
+            s.val_last = v = metrics[self.val_key]
+            s.val_first = v if s.val_first is None else s.val_first
+            s.val_best = v if s.val_best is None else min(s.val_best, v)
         self.tracker.log({"step": step, **metrics})
         # `<name>/...` keys are an evaluation's details (per task): logged, not printed
         shown = [f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and not k.startswith(ev.name + "/")]

@@ -20,7 +20,6 @@ on another node; a record carrying the same SLURM_JOB_ID is its own earlier atte
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import socket
@@ -52,17 +51,22 @@ def writers_lock_path(run_dir: Path) -> Path:
     return Path(run_dir) / f"writers.{_host()}.lock"
 
 
-def _flock(path: Path, mode: int) -> Optional[int]:
-    """Open `path` and try to flock it without blocking; the fd on success, None if held."""
+def _flock(path: Path, mode: int, wait_s: float = 0.0, poll_s: float = 0.1) -> Optional[int]:
+    """Open `path` and flock it, trying every `poll_s` for up to `wait_s`; the fd on success, None if held."""
+    deadline = time.time() + wait_s
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-        return fd
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None
-        raise
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return fd
+        except (BlockingIOError, PermissionError):  # EWOULDBLOCK / EAGAIN / EACCES: held by another
+            if time.time() >= deadline:
+                os.close(fd)
+                return None
+        except OSError:
+            os.close(fd)
+            raise
+        time.sleep(poll_s)
 
 
 def lock_holders(path: Path) -> list[int]:
@@ -158,18 +162,13 @@ class RunLock:
 
     def _check_no_writers(self) -> None:
         path = writers_lock_path(self.run_dir)
-        deadline = time.time() + self.wait_writers_s
-        while True:
-            fd = _flock(path, fcntl.LOCK_EX)
-            if fd is not None:
-                os.close(fd)  # nobody writes: the workers we start take it shared
-                return
-            if time.time() >= deadline:
-                pids = lock_holders(path) or ["<unknown>"]
-                raise self._busy(f"processes of an earlier launch are still writing to it (pids "
-                                 f"{', '.join(map(str, pids))})",
-                                 f"stop them (kill {' '.join(map(str, pids))}) and launch again")
-            time.sleep(0.2)
+        fd = _flock(path, fcntl.LOCK_EX, self.wait_writers_s, poll_s=0.2)
+        if fd is not None:
+            os.close(fd)  # nobody writes: the workers we start take it shared
+            return
+        pids = lock_holders(path) or ["<unknown>"]
+        raise self._busy(f"processes of an earlier launch are still writing to it (pids {', '.join(map(str, pids))})",
+                         f"stop them (kill {' '.join(map(str, pids))}) and launch again")
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -210,13 +209,10 @@ class WriterLock:
         self._fd: Optional[int] = None
 
     def __enter__(self) -> "WriterLock":
-        deadline = time.time() + self.wait_s
-        while (fd := _flock(self.path, fcntl.LOCK_SH)) is None:  # a launcher checks for a moment
-            if time.time() >= deadline:
-                raise RuntimeError(f"{self.path}: held exclusively for {self.wait_s:.0f}s by pids "
-                                   f"{lock_holders(self.path)}; another launcher is checking this run dir")
-            time.sleep(0.1)
-        self._fd = fd
+        self._fd = _flock(self.path, fcntl.LOCK_SH, self.wait_s)  # a launcher checks for a moment
+        if self._fd is None:
+            raise RuntimeError(f"{self.path}: held exclusively for {self.wait_s:.0f}s by pids "
+                               f"{lock_holders(self.path)}; another launcher is checking this run dir")
         return self
 
     def __exit__(self, *exc) -> None:

@@ -73,25 +73,23 @@ def fake_world(world: int) -> Iterator[None]:
 @contextmanager
 def count_traffic(out: dict) -> Iterator[None]:
     """Add the bytes of every reduce-scatter / all-gather (the full buffer) to out[...] while active."""
+    from unittest import mock
     import torch.distributed as dist
     names = {"reduce_scatter_tensor": "reduce_scatter_bytes", "reduce_scatter_single": "reduce_scatter_bytes",
              "all_gather_into_tensor": "all_gather_bytes", "all_gather_single": "all_gather_bytes"}
-    orig = {k: getattr(dist, k) for k in names if hasattr(dist, k)}
 
-    def wrap(name: str):   # each takes (output, input): the full buffer is the input of a
+    def counted(name: str, orig):   # each takes (output, input): the full buffer is the input of a
         big = 1 if "reduce" in name else 0   # reduce-scatter, the output of an all-gather
 
         def call(*args, **kwargs):
             out[names[name]] += args[big].numel() * args[big].element_size()
-            return orig[name](*args, **kwargs)
+            return orig(*args, **kwargs)
         return call
-    for k in orig:
-        setattr(dist, k, wrap(k))
-    try:
+    with ExitStack() as stack:
+        for k in names:
+            if hasattr(dist, k):
+                stack.enter_context(mock.patch.object(dist, k, counted(k, getattr(dist, k))))
         yield
-    finally:
-        for k, v in orig.items():
-            setattr(dist, k, v)
 
 
 def _sdpa_cpu_flops() -> dict:
@@ -122,23 +120,6 @@ def count_flops(counter, model) -> float:
         attn = sum(counts.get(f"GPT.transformer.h.{i}", {}).get(op, 0) for op in ops)
         total -= attn * (1 - min(span, T) / T)
     return total
-
-
-@contextmanager
-def _gpu_paths(device_type: str) -> Iterator[None]:
-    """Where our code branches on the device, take the planned device's branch (Muon orthogonalizes in
-    bf16 on CUDA, fp32 on CPU)."""
-    from nanochat import optim
-    if device_type != "cuda":
-        yield
-        return
-    import torch
-    orig = optim.orthogonalize
-    optim.orthogonalize = functools.partial(orig, dtype=torch.bfloat16)
-    try:
-        yield
-    finally:
-        optim.orthogonalize = orig
 
 
 @contextmanager
@@ -201,11 +182,12 @@ def rehearse(cfg, plan, *, fake: bool = True, steps: int = 2, micro_steps: Optio
     the second, whose backward adds into resident gradients). device_batch_size overrides the plan's.
     compile_blocks: keep what torch.compile keeps (`compiled_blocks`); default hardware.compile.
     """
+    from unittest import mock
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.utils.flop_counter import FlopCounterMode
-    from nanochat import training as T
+    from nanochat import optim, training as T
     from nanochat.gpt import GPT, build_model
     from nanochat.precision import Precision, convert_fp8
     t0 = time.perf_counter()
@@ -222,7 +204,9 @@ def rehearse(cfg, plan, *, fake: bool = True, steps: int = 2, micro_steps: Optio
     fake_mode = FakeTensorMode() if fake else None
     with ExitStack() as stack:
         stack.enter_context(fake_world(plan.world_size))
-        stack.enter_context(_gpu_paths(hw.device))
+        if hw.device == "cuda":   # take the GPU's branch where ours differ: Muon orthogonalizes in bf16 there
+            stack.enter_context(mock.patch.object(optim, "orthogonalize",
+                                                  functools.partial(optim.orthogonalize, dtype=torch.bfloat16)))
         if fake_mode is not None:
             stack.enter_context(fake_mode)
         # fake: built straight on fake tensors (a meta model cannot be swapped onto them); init is

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from nanochat.common import atomic_write_text
+
 FIRST_LINES = 5   # plain lines for the first steps of an attempt, whatever the interval: a log shows the start
 
 
@@ -36,9 +38,7 @@ def truncate_metrics(path: Path, keep_through_step: int) -> None:
                 kept.append(line)
         except ValueError:
             continue  # a torn last line from a kill
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(l + "\n" for l in kept))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(l + "\n" for l in kept))
 
 
 def duration(s: float) -> str:
@@ -224,15 +224,7 @@ class Tracker:
     def close(self) -> None:
         if self._profiler is not None:
             self._profiler.finish()
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
+        for name, method in (("_progress", "stop"), ("_file", "close"), ("_tb", "close"), ("_wandb", "finish")):
+            if getattr(self, name) is not None:
+                getattr(getattr(self, name), method)()
+                setattr(self, name, None)

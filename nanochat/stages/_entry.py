@@ -62,15 +62,10 @@ def execute(cfg: Config, run_dir: Path) -> int:
         return 0
     finally:
         STOP.uninstall()
-        _cleanup_dist()
+        if "torch" in sys.modules:
+            from nanochat.common import cleanup_distributed
+            cleanup_distributed()
         writer.__exit__()
-
-
-def _cleanup_dist() -> None:
-    if "torch" not in sys.modules:
-        return
-    from nanochat.common import cleanup_distributed
-    cleanup_distributed()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,9 +51,6 @@ class SlotLoader:
                                    state=states[j], seed=cfg.run.seed) for j in range(slots)]
         self.slot = 0
 
-    def __iter__(self) -> "SlotLoader":
-        return self
-
     def __next__(self):
         """The next slot's batch: a step's grad_accum micro-batches come from slots 0, 1, ... in turn."""
         batch = next(self.loaders[self.slot])
@@ -65,8 +62,7 @@ class SlotLoader:
 
     def close(self) -> None:
         for l in self.loaders:
-            if hasattr(l, "close"):
-                l.close()
+            l.close()
 
 
 def run(cfg: Config, run_dir: Path) -> PretrainResult:

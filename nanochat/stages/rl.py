@@ -78,10 +78,10 @@ def pass_at_k(model, tokenizer, task, num_examples: int, k: int, max_new_tokens:
               top_k: Optional[int], seed: int, device) -> dict:
     """{"pass@1".."pass@k"}: fraction of test questions with a correct answer among the first i samples."""
     import torch
-    import torch.distributed as dist
     from nanochat import training as T
+    from nanochat.common import rank_world
     from nanochat.engine import Engine
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = rank_world()
     engine = Engine(model, tokenizer)
     limit = getattr(model, "rotary_len", None) or model.config.sequence_len
     n = min(num_examples, len(task))

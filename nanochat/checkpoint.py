@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -127,17 +128,27 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, o
     ckpt_root = Path(run_dir) / "checkpoints"
     final = ckpt_root / step_dir_name(step)
     tmp = ckpt_root / f".tmp_{step_dir_name(step)}"
-    error = None
-    if rank == 0:
+
+    @contextmanager
+    def all_ranks():
+        """One phase of the save: if it fails on any rank (an OSError), every rank discards the temp dir."""
+        error = None
         try:
+            yield
+        except OSError as e:
+            error = _describe_write_error(e, step, ckpt_root)
+        errors = _agree(error)
+        if errors:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # give the space back; nothing points at it
+            raise CheckpointWriteError("; ".join(errors))
+
+    with all_ranks():
+        if rank == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)  # left over from a kill mid-save
             tmp.mkdir(parents=True)
-        except OSError as e:
-            error = _describe_write_error(e, step, ckpt_root)
-    _raise_if_any(_agree(error), tmp, rank)
-
-    try:
+    with all_ranks():
         if rank == rank_world()[1] - 1:
             _test_pause("rank_files", step, ckpt_root, rank)  # lower ranks are done (or writing)
         names = []
@@ -158,32 +169,17 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, o
         _torch_save(rng, tmp / f"rng_rank{rank}.pt")
         names.append(f"rng_rank{rank}.pt")
         write_rank_manifest(tmp, rank, names)
-    except OSError as e:
-        error = _describe_write_error(e, step, ckpt_root)
-    _raise_if_any(_agree(error), tmp, rank)
-
-    if rank == 0:
-        try:
+    with all_ranks():
+        if rank == 0:
             write_manifest(tmp, step, rank_world()[1])
             _fsync_dir(tmp)
             _test_pause("commit", step, ckpt_root, rank)
             _commit(tmp, final)
-        except OSError as e:
-            error = _describe_write_error(e, step, ckpt_root)
-    _raise_if_any(_agree(error), tmp, rank)
     if rank == 0 and keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
-
-
-def _raise_if_any(errors: list[str], tmp: Path, rank: int) -> None:
-    if not errors:
-        return
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; nothing points at it
-    raise CheckpointWriteError("; ".join(errors))
 
 
 def _commit(tmp: Path, final: Path) -> None:

@@ -64,11 +64,8 @@ class Evaluation:
     final: bool = False   # instead: once, after the last checkpoint (a resume from it redoes it)
 
     def due(self, step: int, last: bool) -> bool:
-        if self.final:
-            return False
-        if last:
-            return self.last
-        return self.every > 0 and step % self.every == 0 and (step > 0 or self.first)
+        periodic = self.every > 0 and step % self.every == 0 and (step > 0 or self.first)
+        return not self.final and (self.last if last else periodic)
 
 
 @dataclass

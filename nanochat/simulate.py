@@ -197,18 +197,17 @@ def rehearse(cfg, plan, *, fake: bool = True, steps: int = 2, micro_steps: Optio
     seq = plan.sequence_len
     accum = plan.total_batch_size // (B * seq * plan.world_size)
     micro = micro_steps or min(max(accum, 1), 2)
-    planned = Precision.resolve(hw.device, hw.dtype, bf16_supported=True if hw.device == "cuda" else None,
+    planned = Precision.resolve(hw.device, hw.dtype, bf16_supported=True,   # as a GPU with bf16 runs it
                                 embeddings=hw.embedding_dtype)
     precision = Precision("cpu", planned.compute_dtype, planned.embedding_dtype)   # the GPU's dtypes, on CPU
     traffic = {"reduce_scatter_bytes": 0, "all_gather_bytes": 0}
-    fake_mode = FakeTensorMode() if fake else None
     with ExitStack() as stack:
         stack.enter_context(fake_world(plan.world_size))
         if hw.device == "cuda":   # take the GPU's branch where ours differ: Muon orthogonalizes in bf16 there
             stack.enter_context(mock.patch.object(optim, "orthogonalize",
                                                   functools.partial(optim.orthogonalize, dtype=torch.bfloat16)))
-        if fake_mode is not None:
-            stack.enter_context(fake_mode)
+        if fake:
+            stack.enter_context(FakeTensorMode())
         # fake: built straight on fake tensors (a meta model cannot be swapped onto them); init is
         # a no-op there, so only the real run (the validation) pays for it
         model = GPT(T.gpt_config(plan)) if fake else build_model(T.gpt_config(plan), "cpu", cfg.run.seed)
@@ -224,10 +223,7 @@ def rehearse(cfg, plan, *, fake: bool = True, steps: int = 2, micro_steps: Optio
         V = plan.model.vocab_size
 
         def batch():
-            if fake:
-                x = torch.empty(B, seq + 1, dtype=torch.long)
-            else:
-                x = torch.randint(0, V, (B, seq + 1), generator=gen)
+            x = torch.empty(B, seq + 1, dtype=torch.long) if fake else torch.randint(0, V, (B, seq + 1), generator=gen)
             return x[:, :-1], x[:, 1:]
         flops = FlopCounterMode(display=False, custom_mapping=_sdpa_cpu_flops())
         with flops:   # one micro-batch's forward + backward, eager (outside the step: it is per token)
@@ -296,7 +292,6 @@ def check_request(cfg, what: str = "run.simulate") -> None:
         raise ConfigError("hardware.nproc_per_node", hw.nproc_per_node, f"use 1..{MAX_FAKE_WORLD} ranks in all "
                           f"(hardware.nproc_per_node × hardware.nnodes)", f"the fake process group cannot form a "
                           f"world of {world} ranks")
-
 
 
 def fit_device_batch(cfg, plan, candidates: list[int], budget_gib: float) -> dict:

@@ -6,6 +6,7 @@ saving, preemption, logging, the result) is nanochat/loop.py.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -140,9 +141,6 @@ def dist_sum(x: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- throughput
 
-_PEAK_CACHE: dict = {}
-
-
 def measure_cpu_matmul_flops(n: int = 2048, reps: int = 8) -> float:
     """This machine's fp32 matmul throughput with the current thread count (the MFU denominator).
 
@@ -160,16 +158,13 @@ def measure_cpu_matmul_flops(n: int = 2048, reps: int = 8) -> float:
     return 2 * n ** 3 / best
 
 
+@functools.cache
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    key = (device.type, dtype)
-    if key not in _PEAK_CACHE:
-        if device.type == "cuda":
-            from nanochat.gpus import bf16_peak_flops  # dense bf16 table with sources
-            peak = bf16_peak_flops(torch.cuda.get_device_name(device)) or 312e12
-            _PEAK_CACHE[key] = peak if dtype != torch.float32 else peak / 2
-        else:
-            _PEAK_CACHE[key] = measure_cpu_matmul_flops()
-    return _PEAK_CACHE[key]
+    if device.type == "cuda":
+        from nanochat.gpus import bf16_peak_flops  # dense bf16 table with sources
+        peak = bf16_peak_flops(torch.cuda.get_device_name(device)) or 312e12
+        return peak if dtype != torch.float32 else peak / 2
+    return measure_cpu_matmul_flops()
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -1,10 +1,8 @@
 """Stage `pretrain`: next-token training of a fresh GPT on a text corpus.
 
-Driven only by the run dir's frozen `resolved_config.yaml` and `plan.json`. One loop
-iteration at step s: (eval / sample / CORE / save when due) → stop-signal check →
-grad_accum micro-steps → schedules → optimizer step → log. Checkpoints hold model,
-optimizer shard, loader position and RNG per rank, so a resumed run continues with
-exactly the batches and updates an uninterrupted run would have made.
+Driven only by the run dir's frozen `resolved_config.yaml` and `plan.json`, over the one loop
+(nanochat/loop.py). Checkpoints hold model, optimizer shard, loader position and RNG per rank,
+so a resumed run continues with exactly the batches and updates an uninterrupted run would have made.
 """
 from __future__ import annotations
 

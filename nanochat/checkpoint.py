@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Optional
 
@@ -107,10 +107,8 @@ def _describe_write_error(e: OSError, step: int, ckpt_root: Path) -> str:
     keep = f"the previous checkpoint {prev[-1].name} is intact" if prev else "no earlier checkpoint exists"
     what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
     free = ""
-    try:
+    with suppress(OSError):
         free = f", {shutil.disk_usage(ckpt_root).free / 2**20:.1f} MiB free"
-    except OSError:
-        pass
     return (f"checkpoint step {step} could not be written: {what} ({e.filename or ckpt_root}{free}); it was "
             f"discarded and {keep}. Free space under {ckpt_root} (or lower stage.keep_last), then resume "
             f"with run.resume=auto")

@@ -11,6 +11,7 @@ import functools
 import os
 import signal
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,8 @@ class StopFlag:
 
     def install(self) -> "StopFlag":
         for sig in STOP_SIGNALS:
-            try:
+            with suppress(ValueError):  # not the main thread: cannot install handlers, stay passive
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: cannot install handlers, stay passive
-                pass
         return self
 
     def uninstall(self) -> None:
@@ -234,8 +233,6 @@ def kill_tree(pid: int, timeout: float = 10.0) -> None:
     except psutil.NoSuchProcess:
         return
     for p in procs:
-        try:
+        with suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(procs, timeout=timeout)

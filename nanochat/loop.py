@@ -175,7 +175,7 @@ class Loop:
             wandb_project=cfg.wandb.project, wandb_name=cfg.wandb.name, config=config_to_dict(cfg), desc=st.name,
             log_interval_s=cfg.run.log_interval_s, tensorboard=cfg.tracking.tensorboard,
             profile=(cfg.run.profile_start, cfg.run.profile_steps) if cfg.run.profile else None)
-        peak = T.peak_flops(rt.device, rt.dtype) if flops_per_token else None
+        peak = T.peak_flops(rt.device, rt.precision.compute_dtype) if flops_per_token else None
         if self.resumed:
             tracker.print(f"resumed from step {state.step} of {N}")
         tracker.print(header + (f" | peak {peak / 1e9:.0f} GFLOP/s" if peak else ""))

@@ -26,6 +26,7 @@ import socket
 import sys
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Optional
 
@@ -172,10 +173,8 @@ class RunLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            try:
+            with suppress(OSError):  # a full disk must not kill the run; the flock still holds
                 atomic_write_json(self.run_dir / HOLDER_NAME, {**self.record, "heartbeat": time.time()})
-            except OSError:
-                pass  # a full disk must not kill the run; the flock still holds
 
     def _close(self) -> None:
         if self._fd is not None:
@@ -188,10 +187,8 @@ class RunLock:
             self._thread.join()
             self._thread = None
         if self._fd is not None:
-            try:
+            with suppress(OSError):
                 (self.run_dir / HOLDER_NAME).unlink()
-            except OSError:
-                pass
         self._close()
 
     def __enter__(self) -> "RunLock":

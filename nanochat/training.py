@@ -36,11 +36,6 @@ class Runtime:
     def master(self) -> bool:
         return self.rank == 0
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The compute (autocast) dtype; fp32 when no autocast runs."""
-        return self.precision.compute_dtype
-
     def autocast(self):
         return self.precision.autocast()
 

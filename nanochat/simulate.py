@@ -174,12 +174,12 @@ def train_step(model, optimizer, batches, precision, plan, step: int, before_mic
         return float("nan")
 
 
-def rehearse(cfg, plan, *, fake: bool = True, steps: int = 2, micro_steps: Optional[int] = None,
-             device_batch_size: Optional[int] = None, compile_blocks: Optional[bool] = None) -> dict:
+def rehearse(cfg, plan, *, fake: bool = True, device_batch_size: Optional[int] = None,
+             compile_blocks: Optional[bool] = None) -> dict:
     """Run the planned step (`fake`: on fake tensors) and return the figures (module docstring).
 
-    micro_steps: micro-batches run per step (default min(grad_accum, 2): the peak does not grow after
-    the second, whose backward adds into resident gradients). device_batch_size overrides the plan's.
+    The tracked step runs min(grad_accum, 2) micro-batches: the peak does not grow after the second,
+    whose backward adds into resident gradients. device_batch_size overrides the plan's.
     compile_blocks: keep what torch.compile keeps (`compiled_blocks`); default hardware.compile.
     """
     from unittest import mock
@@ -196,7 +196,7 @@ def rehearse(cfg, plan, *, fake: bool = True, steps: int = 2, micro_steps: Optio
     B = device_batch_size or plan.device_batch_size
     seq = plan.sequence_len
     accum = plan.total_batch_size // (B * seq * plan.world_size)
-    micro = micro_steps or min(max(accum, 1), 2)
+    micro = min(max(accum, 1), 2)
     planned = Precision.resolve(hw.device, hw.dtype, bf16_supported=True,   # as a GPU with bf16 runs it
                                 embeddings=hw.embedding_dtype)
     precision = Precision("cpu", planned.compute_dtype, planned.embedding_dtype)   # the GPU's dtypes, on CPU
@@ -233,23 +233,20 @@ def rehearse(cfg, plan, *, fake: bool = True, steps: int = 2, micro_steps: Optio
         optimizer.zero_grad(set_to_none=True)
         if compile_blocks:
             stack.enter_context(compiled_blocks(model))
-        # step 1 creates the optimizer state (and traces the compiled blocks) untracked; the tracked
-        # last step then peaks with parameters, gradients and optimizer state resident
+        # step 0 creates the optimizer state (and traces the compiled blocks) untracked; the tracked
+        # step 1 then peaks with parameters, gradients and optimizer state resident
         losses = [train_step(model, optimizer, [batch()], precision, plan, 0)]
         tracker = MemTracker()
         tracker.track_external(model, optimizer)
-        with tracker, count_traffic(traffic):
-            for s in range(1, steps):
-                losses.append(train_step(model, optimizer, [batch() for _ in range(micro)], precision, plan, s,
-                                         tracker.reset_mod_stats))
+        with tracker, count_traffic(traffic):   # the bytes of the tracked step
+            losses.append(train_step(model, optimizer, [batch() for _ in range(micro)], precision, plan, 1,
+                                     tracker.reset_mod_stats))
         peak = tracker.get_tracker_snapshot("peak")
-    dev = next(iter(peak), None)
-    snap = peak.get(dev, {}) if dev is not None else {}
+    snap = next(iter(peak.values()), {})   # the one device's
     split = {CATEGORIES.get(getattr(k, "value", k), str(k)): v / GIB for k, v in snap.items()
              if getattr(k, "value", k) != "Total"}
     W = plan.world_size
     bw = getattr(hw, "interconnect_gb_s", None)
-    traffic = {k: v // max(1, steps - 1) for k, v in traffic.items()}   # per tracked step
     moved = (traffic["reduce_scatter_bytes"] + traffic["all_gather_bytes"]) * (W - 1) / W   # ring: per rank
     out = {
         "peak_memory_gib": snap.get("Total", 0) / GIB,

@@ -8,11 +8,17 @@ inherited from the pretrain run, horizon from `num_epochs`) is nanochat/chat_pla
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from nanochat.chat_plan import mid_plan
-from nanochat.config import ChatStageConfig
+from nanochat.config import ChatStageConfig, Config
 from nanochat.results import ChatResult
 from nanochat.stages import Stage
-from nanochat.stages.sft import run  # the one chat worker: ChatRun + train_chat over mid's plan
+
+
+def run(cfg: Config, run_dir: Path) -> ChatResult:
+    from nanochat.chat_train import ChatRun, train_chat
+    return train_chat(ChatRun(cfg, run_dir))
 
 
 # --------------------------------------------------------------------------- the declaration

@@ -31,16 +31,16 @@ if TYPE_CHECKING:  # torch and what imports it load in the worker only: the laun
 
 
 def sample_rollouts(engine: Engine, tokenizer, task, index: int, num_samples: int, max_new_tokens: int,
-                    temperature: float, top_k: Optional[int], seed: int, limit: int):
-    """Sample answers to question `index`: (sequences, masks, rewards, prompt length)."""
+                    temperature: float, top_k: Optional[int], seed: int):
+    """Sample answers to question `index`: (sequences, masks, rewards)."""
     conv = task[index]
     prompt = tokenizer.render_for_completion(conv)
-    budget = max(1, min(max_new_tokens, limit - len(prompt)))
+    budget = max(1, min(max_new_tokens, engine.model.rotary_len - len(prompt)))  # within the RoPE table
     engine.model.eval()
     seqs, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=budget,
                                         temperature=temperature, top_k=top_k, seed=seed)
     rewards = [float(task.reward(conv, tokenizer.decode(s[len(prompt):]))) for s in seqs]
-    return seqs, masks, rewards, len(prompt)
+    return seqs, masks, rewards
 
 
 def rollout_tensors(seqs: list[list[int]], masks: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,13 +83,11 @@ def pass_at_k(model, tokenizer, task, num_examples: int, k: int, max_new_tokens:
     from nanochat.engine import Engine
     rank, world = rank_world()
     engine = Engine(model, tokenizer)
-    limit = getattr(model, "rotary_len", None) or model.config.sequence_len
     n = min(num_examples, len(task))
     hits = torch.zeros(k + 1, dtype=torch.float64, device=device)  # [0] counts questions
     for i in range(rank, n, world):
         check_stop()  # a preemption is acted on between questions, not after the whole pass
-        _, _, rewards, _ = sample_rollouts(engine, tokenizer, task, i, k, max_new_tokens, temperature, top_k,
-                                           seed + i, limit)
+        _, _, rewards = sample_rollouts(engine, tokenizer, task, i, k, max_new_tokens, temperature, top_k, seed + i)
         hits[0] += 1
         for j in range(1, k + 1):
             hits[j] += float(any(r > 0 for r in rewards[:j]))
@@ -105,9 +103,8 @@ def run(cfg: Config, run_dir: Path) -> RLResult:
     loop = L.Loop(cfg, run_dir)
     rt, eplan, st = loop.rt, loop.plan, cfg.stage  # eplan: nanochat/chat_plan.py's rl_plan (horizon, LRs)
     tokenizer = get_tokenizer(rt.base_dir, eplan.stage.tokenizer or cfg.data.tokenizer)
-    data_dir, base = cfg.paths.shared_data, str(rt.base_dir)
-    train_task = make_task(st.task, "train", data_dir=data_dir, base_dir=base)
-    test_task = make_task(st.task, "test", data_dir=data_dir, base_dir=base)
+    train_task, test_task = (make_task(st.task, split, data_dir=cfg.paths.shared_data, base_dir=str(rt.base_dir))
+                             for split in ("train", "test"))
     E, S = st.examples_per_step, st.num_samples
     dbs, N = eplan.device_batch_size, eplan.num_iterations
     model, _ = T.init_model(eplan, cfg, rt, st.init_from)
@@ -115,7 +112,6 @@ def run(cfg: Config, run_dir: Path) -> RLResult:
     loop.resume(model, optimizer)
     state = loop.state
     engine = Engine(model, tokenizer)
-    limit = getattr(model, "rotary_len", None) or model.config.sequence_len
     pad = tokenizer.encode_special("<|assistant_end|>")
 
     def step(step: int) -> L.StepOut:
@@ -125,9 +121,8 @@ def run(cfg: Config, run_dir: Path) -> RLResult:
         groups = []
         for j in mine:
             idx = (step * E + j) % len(train_task)
-            seqs, masks, rewards, _ = sample_rollouts(engine, tokenizer, train_task, idx, S, st.max_new_tokens,
-                                                      st.temperature, st.top_k,
-                                                      cfg.run.seed * 1_000_003 + step * E + j, limit)
+            seqs, masks, rewards = sample_rollouts(engine, tokenizer, train_task, idx, S, st.max_new_tokens,
+                                                   st.temperature, st.top_k, cfg.run.seed * 1_000_003 + step * E + j)
             reward_sum += sum(rewards)
             groups.append((seqs, masks, rewards))
         model.train()

@@ -17,7 +17,6 @@ from nanochat.stages import Stage
 
 
 def run(cfg: Config, run_dir: Path) -> ChatResult:
-    """The worker of both chat stages (mid, sft): their plans differ, the loop is chat_train's."""
     from nanochat.chat_train import ChatRun, train_chat
     return train_chat(ChatRun(cfg, run_dir))
 

@@ -124,7 +124,7 @@ def train_chat(run: ChatRun) -> ChatResult:
     st = cfg.stage
     if rt.master:
         atomic_write_json(run_dir / "effective_plan.json", plan.to_dict())
-    model, _ = T.init_model(plan, cfg, rt, st.init_from)
+    model = T.init_model(plan, cfg, rt, st.init_from)
     optimizer = T.make_optimizer(model, plan, cfg, rt)
     loader_state = loop.resume(model, optimizer)
     if not loop.resumed and plan.stage.load_optimizer:

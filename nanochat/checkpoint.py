@@ -84,8 +84,7 @@ def _test_pause(point: str, step: int, ckpt_root: Path, rank: int) -> None:
     """Test-only: NANOCHAT_TEST_CKPT_PAUSE=<point>@<step> parks this rank at `point` of the save of
     `step` (after touching checkpoints/.paused_<point>_rank<r>) until it is killed, so a chaos
     test can SIGKILL the run at exactly that moment."""
-    want = os.environ.get("NANOCHAT_TEST_CKPT_PAUSE")
-    if not want or want != f"{point}@{step}":
+    if os.environ.get("NANOCHAT_TEST_CKPT_PAUSE") != f"{point}@{step}":
         return
     (ckpt_root / f".paused_{point}_rank{rank}").touch()
     while True:
@@ -215,12 +214,11 @@ def load_rank_state(ckpt: str | Path, rank: int, device: Any = "cpu") -> dict:
     return {k: load(p) if (p := Path(ckpt) / name).exists() else None for k, (name, load) in files.items()}
 
 
-def load_model_from_run(run_dir: str | Path, device: Any, step: Optional[int] = None):
-    """Build the GPT of a finished run from its last (or given) checkpoint: (model, meta)."""
+def load_model_from_run(run_dir: str | Path, device: Any):
+    """Build the GPT of a finished run from its last checkpoint: (model, meta)."""
     from nanochat.gpt import GPT, GPTConfig
-    run_dir = Path(run_dir)
-    ckpt = (run_dir / "checkpoints" / step_dir_name(step)) if step is not None else latest_checkpoint(run_dir)
-    if ckpt is None or not ckpt.exists():
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints (did the run save one?)")
     meta = load_meta(ckpt)
     with torch.device("meta"):

@@ -28,20 +28,20 @@ class Result:
             sub = next((c for c in _subclasses(Result) if c.__name__ == kind), None)
             if sub is not None:
                 return sub.from_dict(d)
-        names = {f.name for f in fields(cls)} - {"extra"}
+        names = cls.field_names()
         return cls(**{k: d.pop(k) for k in list(d) if k in names}, extra={**d.pop("extra", {}), **d})
 
     def to_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
-        return {"result_type": type(self).__name__, **out, **self.extra}
+        return {"result_type": type(self).__name__, **{k: getattr(self, k) for k in self.field_names()}, **self.extra}
 
     def get(self, key: str, default: Any = None) -> Any:
         """A field, else an `extra` key: for names that come from the user (run.objective)."""
         return getattr(self, key) if key in self.field_names() else self.extra.get(key, default)
 
     @classmethod
-    def field_names(cls) -> set[str]:
-        return {f.name for f in fields(cls)} - {"extra"}
+    def field_names(cls) -> list[str]:
+        """The fields, in declaration order (result.json's key order), less `extra`."""
+        return [f.name for f in fields(cls) if f.name != "extra"]
 
     # a custom stage may extend a result as a dict: {**train_chat(run), "mine": 1}
     def keys(self):

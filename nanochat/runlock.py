@@ -124,10 +124,8 @@ class RunLock:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = _flock(self.run_dir / LOCK_NAME, fcntl.LOCK_EX)
         if fd is None:
-            holder = {}
             for _ in range(10):  # the holder writes its record right after taking the lock
-                holder = read_holder(self.run_dir)
-                if holder:
+                if holder := read_holder(self.run_dir):
                     break
                 time.sleep(0.1)
             pid = holder.get("pid", "<pid>")

@@ -169,12 +169,10 @@ class Tracker:
     def _wandb_id(self) -> str:
         """Stable id per run dir so a resumed run continues the same wandb run."""
         p = self.run_dir / "wandb_id.txt"
-        if p.exists():
-            return p.read_text().strip()
-        import uuid
-        rid = uuid.uuid4().hex[:12]
-        p.write_text(rid)
-        return rid
+        if not p.exists():
+            import uuid
+            p.write_text(uuid.uuid4().hex[:12])
+        return p.read_text().strip()
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:

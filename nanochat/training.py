@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from nanochat.checkpoint import latest_checkpoint, load_meta, load_model_state
+from nanochat.checkpoint import latest_checkpoint, load_model_state
 from nanochat.common import get_base_dir, init_distributed, read_json
 from nanochat.config import Config
 from nanochat.gpt import GPT, GPTConfig, build_model
@@ -109,20 +109,18 @@ def train_step(model, optimizer, batches: Iterator, plan, rt: Runtime, scaler: A
     return (dist_sum(loss_sum) / (accum * rt.world)).item()
 
 
-def init_model(plan: Plan, cfg: Config, rt: Runtime, init_from: Optional[str]) -> tuple[GPT, Optional[dict]]:
+def init_model(plan: Plan, cfg: Config, rt: Runtime, init_from: Optional[str]) -> GPT:
     """Fresh model (seeded), or the weights of `init_from`'s last checkpoint."""
     model = build_model(gpt_config(plan), rt.device, cfg.run.seed)
     model.attn_backend = cfg.hardware.attention
     model.activation_checkpointing = cfg.model.activation_checkpointing
     rt.precision.cast_embeddings(model)   # before any load: a checkpoint's tables are cast on copy
-    source_meta = None
     if init_from:
         ckpt = latest_checkpoint(init_from)
         if ckpt is None:
             raise FileNotFoundError(f"stage.init_from={init_from}: no checkpoint in {init_from}/checkpoints")
         model.load_state_dict(load_model_state(ckpt, rt.device), strict=True)
-        source_meta = load_meta(ckpt)
-    return model, source_meta
+    return model
 
 
 def dist_sum(x: torch.Tensor) -> torch.Tensor:

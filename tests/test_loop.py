@@ -38,7 +38,7 @@ def _toy_stage(run_dir: Path, cfg, calls: list, stop_at: int = -1):
     from nanochat.lifecycle import STOP, check_stop
     from nanochat.loop import Evaluation, Loop, StepOut
     loop = Loop(cfg, run_dir)
-    model, _ = T.init_model(loop.plan, cfg, loop.rt, None)
+    model = T.init_model(loop.plan, cfg, loop.rt, None)
     optimizer = T.make_optimizer(model, loop.plan, cfg, loop.rt)
     loop.resume(model, optimizer)
 

@@ -81,7 +81,7 @@ def run(cfg: Config, run_dir: Path) -> PretrainResult:
         list_shards(cfg.data, rt.base_dir, "val")
     barrier()
 
-    model, _ = T.init_model(plan, cfg, rt, st.init_from)
+    model = T.init_model(plan, cfg, rt, st.init_from)
     if cfg.model.fp8:   # before the optimizer and compile, as nanochat; the weights stay fp32 Parameters
         fp8_names = convert_fp8(model, cfg.model.fp8, emulate=cfg.model.fp8_emulate)
         loop.log(f"fp8 ({cfg.model.fp8}{', emulated' if cfg.model.fp8_emulate else ''}): "

@@ -107,7 +107,7 @@ def run(cfg: Config, run_dir: Path) -> RLResult:
                              for split in ("train", "test"))
     E, S = st.examples_per_step, st.num_samples
     dbs, N = eplan.device_batch_size, eplan.num_iterations
-    model, _ = T.init_model(eplan, cfg, rt, st.init_from)
+    model = T.init_model(eplan, cfg, rt, st.init_from)
     optimizer = T.make_optimizer(model, eplan, cfg, rt)
     loop.resume(model, optimizer)
     state = loop.state

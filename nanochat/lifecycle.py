@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sys
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -174,7 +175,6 @@ def die_with_parent_preexec(parent_pid: int):
     Resolves prctl before the fork, so the child does no loading between fork and exec.
     The getppid() check closes the race with a parent that died before prctl ran.
     """
-    import sys
     if not sys.platform.startswith("linux"):
         return None
     prctl = _prctl()
@@ -201,7 +201,6 @@ def guard_parent(poll_s: float = 1.0) -> bool:
     parent changes (it was reparented, so the parent died). Returns False (and does nothing)
     when the process was not started by nanochat-run, e.g. a worker run by hand.
     """
-    import sys
     import threading
     launcher = os.environ.get(LAUNCHER_PID_ENV)
     if launcher is None or not sys.platform.startswith("linux"):

@@ -108,10 +108,9 @@ def describe(holder: dict) -> str:
 class RunLock:
     """The launcher's exclusive hold on a run dir; use as `with RunLock(d).acquire(): ...`."""
 
-    def __init__(self, run_dir: str | Path, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S,
-                 wait_writers_s: float = WAIT_WRITERS_S):
+    def __init__(self, run_dir: str | Path, stale_s: float = STALE_S, wait_writers_s: float = WAIT_WRITERS_S):
         self.run_dir = Path(run_dir)
-        self.heartbeat_s, self.stale_s, self.wait_writers_s = heartbeat_s, stale_s, wait_writers_s
+        self.stale_s, self.wait_writers_s = stale_s, wait_writers_s
         self._fd: Optional[int] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -170,7 +169,7 @@ class RunLock:
                          f"stop them (kill {' '.join(map(str, pids))}) and launch again")
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
+        while not self._stop.wait(HEARTBEAT_S):
             with suppress(OSError):  # a full disk must not kill the run; the flock still holds
                 atomic_write_json(self.run_dir / HOLDER_NAME, {**self.record, "heartbeat": time.time()})
 

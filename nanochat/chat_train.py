@@ -80,21 +80,19 @@ class ChatRun:
         self.cfg, self.run_dir = cfg, run_dir
         self.loop = L.Loop(cfg, run_dir)
         self.rt, self.plan, self.log = self.loop.rt, self.loop.plan, self.loop.log
-        extra = self.plan.stage
+        extra, st = self.plan.stage, cfg.stage
         self.tokenizer = get_tokenizer(self.rt.base_dir, extra.tokenizer or cfg.data.tokenizer)
-        st = cfg.stage
-        default = [(s, True) for s in extra.mixture]
-        self.mixture, self.names = build_mixture(st.mixture, default, "train", data_dir=cfg.paths.shared_data,
-                                                 base_dir=self.rt.base_dir, seed=cfg.run.seed,
-                                                 max_per_task=st.max_examples_per_task, log=self.log)
+        self.mixture, self.names = build_mixture(st.mixture, [(s, True) for s in extra.mixture], "train",
+                                                 data_dir=cfg.paths.shared_data, base_dir=self.rt.base_dir,
+                                                 seed=cfg.run.seed, max_per_task=st.max_examples_per_task,
+                                                 log=self.log)
         self.val = val_mixture(self.names, cfg, self.rt.base_dir, self.log)
-        self.loader_cls = LOADERS[extra.packing]
         self.eval_specs = list(st.eval_tasks) if st.eval_tasks is not None else held_out_specs(self.names)
 
     def loader(self, task, state: Optional[dict] = None):
         p, rt = self.plan, self.rt
-        return self.loader_cls(task, self.tokenizer, p.device_batch_size, p.sequence_len, rt.rank, rt.world,
-                               rt.device, state)
+        return LOADERS[p.stage.packing](task, self.tokenizer, p.device_batch_size, p.sequence_len, rt.rank,
+                                        rt.world, rt.device, state)
 
 
 def train_step(model, optimizer, batches: list, rt: T.Runtime) -> tuple[float, int]:

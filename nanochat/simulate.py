@@ -110,9 +110,7 @@ def _sdpa_cpu_flops() -> dict:
 def count_flops(counter, model) -> float:
     """The counter's total with each window layer's attention at min(window, T) keys per query, as the
     GPU's windowed kernel computes it (the dense-mask CPU kernel computes all T)."""
-    import torch
-    aten = torch.ops.aten
-    ops = (aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    ops = tuple(_sdpa_cpu_flops())   # CPU flash SDPA forward and backward
     counts = counter.get_flop_counts()
     T = model.config.sequence_len
     total = counter.get_total_flops()

@@ -75,11 +75,8 @@ _FIELDS = {"loss": "loss {:.4f}", "reward": "reward {:.4f}", "lrm": "lrm {:.3f}"
 
 
 def stat_fields(stats: dict) -> list[str]:
-    out = []
-    for k, v in stats.items():
-        if k in ("step", "total") or not isinstance(v, (int, float)) or isinstance(v, bool):
-            continue
-        out.append(_FIELDS[k].format(v) if k in _FIELDS else f"{k} {v:.4g}")
+    out = [_FIELDS[k].format(v) if k in _FIELDS else f"{k} {v:.4g}" for k, v in stats.items()
+           if k not in ("step", "total") and isinstance(v, (int, float)) and not isinstance(v, bool)]
     torch = sys.modules.get("torch")   # never import it here: tracking is used by torch-free code too
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         out.append(f"peak mem {torch.cuda.max_memory_allocated() / 2 ** 30:.1f}GiB")

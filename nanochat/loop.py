@@ -18,7 +18,7 @@ Checkpoints hold the LoopState below besides tensors, so a resumed run continues
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -47,6 +47,18 @@ class LoopState:
     val_best: Optional[float] = None
     evals: dict = field(default_factory=dict)   # the last metrics of each evaluation, by name
     extra: dict = field(default_factory=dict)   # a stage's own state
+
+    # names before the one loop (checkpoints written by older code still resume)
+    _LEGACY = {"smooth_loss": "train_ema", "first_val_bpb": "val_first", "last_val_bpb": "val_last",
+               "best_val_bpb": "val_best"}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoopState":
+        names = {f.name for f in fields(cls)}
+        d = {cls._LEGACY.get(k, k): v for k, v in d.items()}
+        state = cls(**{k: v for k, v in d.items() if k in names})
+        state.timed_tokens = state.timed_tokens or state.extra.pop("timed_tokens", 0)
+        return state
 
     def smoothed(self) -> Optional[float]:
         """The debiased EMA of the train metric; None before the first step."""
@@ -116,7 +128,7 @@ class Loop:
         optimizer.load_state_dict(rank_state["optim"])
         if rank_state["rng"] is not None:
             set_rng_state(rank_state["rng"])
-        self.state = LoopState(**load_meta(ckpt)["loop_state"])
+        self.state = LoopState.from_dict(load_meta(ckpt)["loop_state"])
         self.resumed = True
         return rank_state["loader"]
 

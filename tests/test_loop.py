@@ -126,3 +126,14 @@ def test_chat_and_rl_share_the_definition(stage_root):
     rewards = [m["train/reward"] for m in read_metrics(rl) if "train/reward" in m]
     assert r["final_train_loss"] is None and r["mean_reward"] == rewards[-1]
     assert r["reward_ema"] == pytest.approx(debiased_ema(rewards), rel=1e-9)
+
+
+def test_loop_state_of_a_checkpoint_from_before_the_one_loop_still_resumes():
+    """Checkpoints written before the loop named the EMA and validation fields differently."""
+    from nanochat.loop import LoopState
+    old = {"step": 40, "smooth_loss": 2.5, "first_val_bpb": 3.0, "last_val_bpb": 2.0, "best_val_bpb": 1.9,
+           "extra": {"timed_tokens": 1234}, "gone_field": 1}
+    s = LoopState.from_dict(old)
+    assert (s.step, s.train_ema, s.val_first, s.val_last, s.val_best) == (40, 2.5, 3.0, 2.0, 1.9)
+    assert s.timed_tokens == 1234 and "timed_tokens" not in s.extra
+    assert LoopState.from_dict(s.__dict__) == s

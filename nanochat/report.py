@@ -175,17 +175,14 @@ def write_report(cfg: Any, results: list[dict]) -> Path:
         markdown = to_markdown(rows, title, d) + curves_markdown(curves, d)
         atomic_write_text(d / "report.md", markdown)
         atomic_write_text(d / "report.html", to_html(markdown, title))
-    try:
-        from rich.console import Console
-        from rich.table import Table
-        t = Table(title=title, show_lines=True)
-        for col in ("stage", "status", "wall time", "metrics"):
-            t.add_column(col, overflow="fold")
-        for r in rows:
-            t.add_row(r["stage"], r["status"], fmt_time(r["wall_s"]), r["metrics"])
-        c = Console(highlight=False)
-        c.print(t)
-        c.print(f"report: {path}")
-    except ImportError:
-        print((root / "report.md").read_text())
+    from rich.console import Console   # a dependency (pyproject.toml): no plain-text fallback needed
+    from rich.table import Table
+    t = Table(title=title, show_lines=True)
+    for col in ("stage", "status", "wall time", "metrics"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        t.add_row(r["stage"], r["status"], fmt_time(r["wall_s"]), r["metrics"])
+    c = Console(highlight=False)
+    c.print(t)
+    c.print(f"report: {path}")
     return path

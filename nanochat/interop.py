@@ -61,15 +61,17 @@ def _head_rows(w: torch.Tensor, n_heads: int) -> tuple[int, int, int]:
 def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Rows of nanochat's c_q/c_k (half-split RoPE) → ours (interleaved pairs, second of each negated)."""
     rows, cols, hd = _head_rows(w, n_heads)
-    h = w.reshape(n_heads, 2, hd // 2, cols)                                   # (head, half, i, in)
-    return torch.stack([h[:, 0], -h[:, 1]], dim=2).reshape(rows, cols).contiguous()  # (head, i, pair, in)
+    h = w.reshape(n_heads, 2, hd // 2, cols)              # (head, half, i, in)
+    out = torch.stack([h[:, 0], -h[:, 1]], dim=2)         # (head, i, pair, in)
+    return out.reshape(rows, cols).contiguous()
 
 
 def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Inverse of `halves_to_interleaved` (exact: a reorder and a sign flip)."""
     rows, cols, hd = _head_rows(w, n_heads)
-    h = w.reshape(n_heads, hd // 2, 2, cols)                                         # (head, i, pair, in)
-    return torch.stack([h[:, :, 0], -h[:, :, 1]], dim=1).reshape(rows, cols).contiguous()  # (head, half, i, in)
+    h = w.reshape(n_heads, hd // 2, 2, cols)              # (head, i, pair, in)
+    out = torch.stack([h[:, :, 0], -h[:, :, 1]], dim=1)   # (head, half, i, in)
+    return out.reshape(rows, cols).contiguous()
 
 
 # ----------------------------------------------------------------------------- state dicts
@@ -254,12 +256,10 @@ def _pick_tag(stage_dir: Path, tag: Optional[str]) -> Optional[Path]:
     if tag is not None:
         return stage_dir / tag if checkpoint_steps(stage_dir / tag) else None
     tags = [p for p in stage_dir.iterdir() if p.is_dir() and checkpoint_steps(p)] if stage_dir.is_dir() else []
-    if not tags:
-        return None
     depth = [p for p in tags if _DEPTH_RE.match(p.name)]
     if depth:
         return max(depth, key=lambda p: int(p.name[1:]))
-    return max(tags, key=lambda p: p.stat().st_mtime)
+    return max(tags, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def locate(src: str | Path, stage: str = "auto", step: Optional[int] = None,

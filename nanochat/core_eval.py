@@ -225,15 +225,6 @@ def render_prompts(task_type: str, item: dict, delimiter: str, fewshot: list[dic
     raise ValueError(f"task type {task_type!r}: use one of {', '.join(TASK_TYPES)}")
 
 
-def _common_length(seqs: list[list[int]], from_right: bool = False) -> int:
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        j = -1 - i if from_right else i
-        if any(s[j] != seqs[0][j] for s in seqs):
-            return i
-    return n
-
-
 def scored_spans(task_type: str, tokens: list[list[int]]) -> tuple[list[list[int]], list[int], list[int]]:
     """(sequences, starts, ends): tokens[start:end] of each sequence is what gets scored.
 
@@ -242,16 +233,16 @@ def scored_spans(task_type: str, tokens: list[list[int]]) -> tuple[list[list[int
     At least one token is always scored, and never the first one (it has no prediction).
     """
     if task_type == "multiple_choice":
-        start = _common_length(tokens)
+        start = len(os.path.commonprefix(tokens))    # commonprefix compares any sequences, not only strings
         spans = [(t, start, len(t)) for t in tokens]
     elif task_type == "schema":
-        suffix = _common_length(tokens, from_right=True)
+        suffix = len(os.path.commonprefix([t[::-1] for t in tokens]))
         spans = [(t, len(t) - suffix, len(t)) for t in tokens]
     else:  # language_modeling (render_prompts refuses any other type)
         without, with_ = tokens
         # normally `without` is a prefix of `with_`; if a merge crosses the boundary fall back to
         # the common prefix, so the span still covers all of the continuation
-        start = len(without) if with_[:len(without)] == without else _common_length([without, with_])
+        start = len(without) if with_[:len(without)] == without else len(os.path.commonprefix([without, with_]))
         spans = [(with_, start, len(with_))]
     return [t for t, _, _ in spans], [max(1, min(s, e - 1)) for _, s, e in spans], [e for _, _, e in spans]
 

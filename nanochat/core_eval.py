@@ -225,15 +225,6 @@ def render_prompts(task_type: str, item: dict, delimiter: str, fewshot: list[dic
     raise ValueError(f"task type {task_type!r}: use one of {', '.join(TASK_TYPES)}")
 
 
-def _common_length(seqs: list[list[int]], from_right: bool = False) -> int:
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        j = -1 - i if from_right else i
-        if any(s[j] != seqs[0][j] for s in seqs):
-            return i
-    return n
-
-
 def scored_spans(task_type: str, tokens: list[list[int]]) -> tuple[list[list[int]], list[int], list[int]]:
     """(sequences, starts, ends): tokens[start:end] of each sequence is what gets scored.
 
@@ -242,19 +233,17 @@ def scored_spans(task_type: str, tokens: list[list[int]]) -> tuple[list[list[int
     At least one token is always scored, and never the first one (it has no prediction).
     """
     if task_type == "multiple_choice":
-        start = _common_length(tokens)
+        start = len(os.path.commonprefix(tokens))    # commonprefix compares any sequences, not only strings
         spans = [(t, start, len(t)) for t in tokens]
     elif task_type == "schema":
-        suffix = _common_length(tokens, from_right=True)
+        suffix = len(os.path.commonprefix([t[::-1] for t in tokens]))
         spans = [(t, len(t) - suffix, len(t)) for t in tokens]
-    elif task_type == "language_modeling":
+    else:  # language_modeling (render_prompts refuses any other type)
         without, with_ = tokens
         # normally `without` is a prefix of `with_`; if a merge crosses the boundary fall back to
         # the common prefix, so the span still covers all of the continuation
-        start = len(without) if with_[:len(without)] == without else _common_length([without, with_])
+        start = len(without) if with_[:len(without)] == without else len(os.path.commonprefix([without, with_]))
         spans = [(with_, start, len(with_))]
-    else:
-        raise ValueError(f"task type {task_type!r}: use one of {', '.join(TASK_TYPES)}")
     return [t for t, _, _ in spans], [max(1, min(s, e - 1)) for _, s, e in spans], [e for _, _, e in spans]
 
 
@@ -286,11 +275,10 @@ def score_example(model, seqs: list[list[int]], starts: list[int], ends: list[in
     return min(range(len(mean_losses)), key=mean_losses.__getitem__) == gold
 
 
-def prepare_example(tokenizer, spec: TaskSpec, pool: list[dict], idx: int, max_len: Optional[int],
-                    seed: int = FEWSHOT_SEED):
+def prepare_example(tokenizer, spec: TaskSpec, pool: list[dict], idx: int, max_len: Optional[int]):
     """Prompts → token sequences and scored spans for item `idx` of the (ordered) pool."""
     item = pool[idx]
-    shots = [pool[i] for i in fewshot_indices(len(pool), idx, spec.num_fewshot, seed)]
+    shots = [pool[i] for i in fewshot_indices(len(pool), idx, spec.num_fewshot)]
     prompts = render_prompts(spec.task_type, item, spec.continuation_delimiter, shots)
     tokens = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id())
     seqs, starts, ends = scored_spans(spec.task_type, tokens)
@@ -310,8 +298,7 @@ def num_evaluated(n: int, max_per_task: int) -> int:
 
 @torch.no_grad()
 def evaluate_task(model: torch.nn.Module, tokenizer, task_spec: TaskSpec, examples: list[dict],
-                  device, max_per_task: int = -1, seed: int = FEWSHOT_SEED,
-                  on_example: Optional[Callable[[], None]] = None) -> float:
+                  device, max_per_task: int = -1, on_example: Optional[Callable[[], None]] = None) -> float:
     """Accuracy of `model` on one task (the first `max_per_task` items of the seeded order; -1 = all).
 
     Under torch.distributed, rank r takes items r, r+W, ... and the per-item results are
@@ -327,7 +314,7 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task_spec: TaskSpec, exampl
     correct = torch.zeros(n, dtype=torch.float32, device=device)
     for idx in range(rank, n, world):
         check_stop()  # a preemption is acted on between examples, not after the whole task
-        seqs, starts, ends = prepare_example(tokenizer, task_spec, pool, idx, max_len, seed)
+        seqs, starts, ends = prepare_example(tokenizer, task_spec, pool, idx, max_len)
         ok = score_example(model, seqs, starts, ends, task_spec.task_type, pool[idx].get("gold"), pad_id,
                            device)
         correct[idx] = float(ok)

@@ -299,9 +299,7 @@ def _eval_node(node: ast.AST, deadline: float):
 def _format_number(value) -> str:
     """Render like the annotated data does: 4 not 4.0, and no float noise (0.1+0.2 → 0.3)."""
     if isinstance(value, float):
-        if value.is_integer():
-            return str(int(value))
-        return repr(round(value, 10))
+        return str(int(value)) if value.is_integer() else repr(round(value, 10))
     return str(value)
 
 

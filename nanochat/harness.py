@@ -27,7 +27,6 @@ import csv
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -149,18 +148,13 @@ def _mmlu(data_dir: str) -> dict:
             "metadata": {"version": 2}}
 
 
-@dataclass(frozen=True)
-class LocalTask:
-    build: Callable[[str], dict]
-    needs: str                      # path under data_dir that must exist
-
-
-LOCAL_TASKS: dict[str, LocalTask] = {
-    "arc_easy": LocalTask(lambda d: _arc("arc_easy", "ARC-Easy", d), "arc/ARC-Easy/test.jsonl"),
-    "arc_challenge": LocalTask(lambda d: _arc("arc_challenge", "ARC-Challenge", d), "arc/ARC-Challenge/test.jsonl"),
-    "gsm8k": LocalTask(_gsm8k, "gsm8k/test.jsonl"),
-    "mmlu": LocalTask(_mmlu, "mmlu/cais_mmlu/test"),
-    "humaneval": LocalTask(_humaneval, "humaneval/HumanEval.jsonl.gz"),
+# task name → (its config for a data_dir, the path under data_dir that must exist)
+LOCAL_TASKS: dict[str, tuple[Callable[[str], dict], str]] = {
+    "arc_easy": (lambda d: _arc("arc_easy", "ARC-Easy", d), "arc/ARC-Easy/test.jsonl"),
+    "arc_challenge": (lambda d: _arc("arc_challenge", "ARC-Challenge", d), "arc/ARC-Challenge/test.jsonl"),
+    "gsm8k": (_gsm8k, "gsm8k/test.jsonl"),
+    "mmlu": (_mmlu, "mmlu/cais_mmlu/test"),
+    "humaneval": (_humaneval, "humaneval/HumanEval.jsonl.gz"),
 }
 
 
@@ -184,11 +178,11 @@ def task_configs(names: list[str], data_dir: Optional[str]) -> list[dict]:
                            "point stage.harness.data_dir at a folder with arc/, mmlu/, gsm8k/")
     out = []
     for n in names:
-        need = Path(data_dir) / LOCAL_TASKS[n].needs
+        build, need = LOCAL_TASKS[n][0], Path(data_dir) / LOCAL_TASKS[n][1]
         if not need.exists():
             raise HarnessError(f"stage.harness.tasks: {n} needs {need}, which is missing; "
                                f"set stage.harness.data_dir to a folder that has it")
-        out.append(LOCAL_TASKS[n].build(str(data_dir)))
+        out.append(build(str(data_dir)))
     return out
 
 

@@ -23,7 +23,6 @@ What maps to what:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -33,6 +32,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from nanochat.integrity import sha256_file as file_sha256  # noqa: F401  (launch/interop_cli.py)
 from nanochat.plan import GENERATIONS
 from nanochat.shapes import default_short_window
 
@@ -46,20 +46,6 @@ TOKENIZER_PKL, TOKEN_BYTES = "tokenizer.pkl", "token_bytes.pt"   # in <base_dir>
 
 class InteropError(ValueError):
     """A nanochat checkpoint (or ours) that cannot be converted; the message names what and why."""
-
-
-@dataclass
-class NanochatArch:
-    """The architecture read off a nanochat checkpoint: meta's model_config + what the weights show."""
-    generation: str            # seed | modern
-    sequence_len: int
-    vocab_size: int
-    padded_vocab_size: int
-    n_layer: int
-    n_head: int
-    n_kv_head: int
-    n_embd: int
-    window_pattern: str
 
 
 # ----------------------------------------------------------------------------- RoPE row order
@@ -101,48 +87,32 @@ def strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def detect_arch(state: dict[str, torch.Tensor], model_config: dict) -> NanochatArch:
-    """Read generation and shapes from meta's model_config and the (prefix-free) state dict."""
-    need = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
-    missing = [k for k in need if k not in model_config]
-    if missing:
-        raise InteropError(f"meta model_config lacks {missing}; a nanochat meta_NNNNNN.json has "
-                           f"model_config with {list(need)}")
-    mc = {k: int(model_config[k]) for k in need}
-    if "transformer.wte.weight" not in state:
-        raise InteropError("state dict has no 'transformer.wte.weight': not a nanochat GPT checkpoint")
-    modern = any(k in state for k in MODERN_MARKERS) or any(k.startswith("value_embeds.") for k in state)
-    padded = int(state["transformer.wte.weight"].shape[0])
-    if padded < mc["vocab_size"]:
-        raise InteropError(f"transformer.wte.weight has {padded} rows < model_config.vocab_size="
-                           f"{mc['vocab_size']}")
-    pattern = str(model_config.get("window_pattern", "SSSL" if modern else "L"))
-    return NanochatArch(generation="modern" if modern else "seed", padded_vocab_size=padded,
-                        window_pattern=pattern, **mc)
+NANOCHAT_SHAPE = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")  # meta's model_config
 
 
-def gpt_config_kwargs(arch: NanochatArch) -> dict:
-    """Our GPTConfig for a nanochat architecture: the checkpoint's shape under its generation's rules
-    (plan.model_shape: every toggle explicit, as a run of that generation builds it)."""
+def gpt_config_kwargs(generation: str, mc: dict, padded_vocab_size: int, window_pattern: str = "L") -> dict:
+    """Our GPTConfig for a nanochat model_config (`mc`: the ints of NANOCHAT_SHAPE) of this generation (seed |
+    modern): the checkpoint's shape under its generation's rules (plan.model_shape: every toggle explicit, as a
+    run of that generation builds it). The vocab padding must give the checkpoint's `padded_vocab_size` rows."""
     from nanochat.config import ConfigError, ModelConfig
     from nanochat.plan import model_shape
-    m = ModelConfig(generation=arch.generation, depth=arch.n_layer, n_embd=arch.n_embd, n_head=arch.n_head,
-                    n_kv_head=arch.n_kv_head, vocab_size=arch.vocab_size, sequence_len=arch.sequence_len,
-                    window_pattern=arch.window_pattern if arch.generation == "modern" else None)
+    m = ModelConfig(generation=generation, depth=mc["n_layer"], n_embd=mc["n_embd"], n_head=mc["n_head"],
+                    n_kv_head=mc["n_kv_head"], vocab_size=mc["vocab_size"], sequence_len=mc["sequence_len"],
+                    window_pattern=window_pattern if generation == "modern" else None)
     try:
         shape = model_shape(m)
     except ConfigError as e:
         raise InteropError(f"nanochat model_config has no valid shape here: {e}") from None
-    if shape.padded_vocab_size != arch.padded_vocab_size:
-        raise InteropError(f"transformer.wte.weight has {arch.padded_vocab_size} rows; vocab_size="
-                           f"{arch.vocab_size} padded to {shape.pad_vocab_to} gives {shape.padded_vocab_size}")
+    if shape.padded_vocab_size != padded_vocab_size:
+        raise InteropError(f"transformer.wte.weight has {padded_vocab_size} rows; vocab_size="
+                           f"{mc['vocab_size']} padded to {shape.pad_vocab_to} gives {shape.padded_vocab_size}")
     return shape.gpt_config_kwargs()
 
 
-def _reorder_rope(state: dict[str, torch.Tensor], n_layer: int, n_head: int, n_kv_head: int,
-                  reorder: Callable[[torch.Tensor, int], torch.Tensor],
-                  dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
-    """Every tensor on the CPU (in `dtype`, when given), the rows of each c_q / c_k reordered per head."""
+def reorder_rope(state: dict[str, torch.Tensor], n_layer: int, n_head: int, n_kv_head: int,
+                 reorder: Callable[[torch.Tensor, int], torch.Tensor],
+                 dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """Every tensor on the CPU (in `dtype`, when given), the rows of each c_q / c_k (our names) reordered per head."""
     heads = {f"transformer.h.{i}.attn.{name}.weight": n for i in range(n_layer)
              for name, n in (("c_q", n_head), ("c_k", n_kv_head))}
     out = {}
@@ -175,12 +145,27 @@ def expected_shapes(cfg_kwargs: dict) -> dict[str, tuple]:
 
 
 def from_nanochat(state: dict[str, Any], model_config: dict) -> tuple[dict, dict[str, torch.Tensor]]:
-    """nanochat state dict + meta model_config → (our GPTConfig kwargs, our fp32 state dict)."""
+    """nanochat state dict + meta model_config → (our GPTConfig kwargs, our fp32 state dict).
+
+    The generation is read off the weights (see the module docstring), the shape off model_config."""
     state = strip_prefixes(state)
-    arch = detect_arch(state, model_config)
-    kwargs = gpt_config_kwargs(arch)
-    check_against(state, expected_shapes(kwargs), f"nanochat checkpoint ({arch.generation} layout)")
-    return kwargs, _reorder_rope(state, arch.n_layer, arch.n_head, arch.n_kv_head, halves_to_interleaved, torch.float32)
+    missing = [k for k in NANOCHAT_SHAPE if k not in model_config]
+    if missing:
+        raise InteropError(f"meta model_config lacks {missing}; a nanochat meta_NNNNNN.json has "
+                           f"model_config with {list(NANOCHAT_SHAPE)}")
+    mc = {k: int(model_config[k]) for k in NANOCHAT_SHAPE}
+    if "transformer.wte.weight" not in state:
+        raise InteropError("state dict has no 'transformer.wte.weight': not a nanochat GPT checkpoint")
+    modern = any(k in state for k in MODERN_MARKERS) or any(k.startswith("value_embeds.") for k in state)
+    padded = int(state["transformer.wte.weight"].shape[0])
+    if padded < mc["vocab_size"]:
+        raise InteropError(f"transformer.wte.weight has {padded} rows < model_config.vocab_size="
+                           f"{mc['vocab_size']}")
+    gen = "modern" if modern else "seed"
+    kwargs = gpt_config_kwargs(gen, mc, padded, str(model_config.get("window_pattern", "SSSL" if modern else "L")))
+    check_against(state, expected_shapes(kwargs), f"nanochat checkpoint ({gen} layout)")
+    return kwargs, reorder_rope(state, mc["n_layer"], mc["n_head"], mc["n_kv_head"], halves_to_interleaved,
+                                torch.float32)
 
 
 def to_nanochat(state: dict[str, torch.Tensor], cfg_kwargs: dict) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -207,10 +192,10 @@ def to_nanochat(state: dict[str, torch.Tensor], cfg_kwargs: dict) -> tuple[dict,
     if off:
         raise InteropError("this model has no nanochat equivalent: " + "; ".join(off))
     check_against(state, expected_shapes(c), "our checkpoint")
-    mc = {k: int(c[k]) for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")}
+    mc = {k: int(c[k]) for k in NANOCHAT_SHAPE}
     if modern:
         mc["window_pattern"] = str(c.get("window_pattern", "SSSL"))
-    return mc, _reorder_rope(state, mc["n_layer"], mc["n_head"], mc["n_kv_head"], interleaved_to_halves)
+    return mc, reorder_rope(state, mc["n_layer"], mc["n_head"], mc["n_kv_head"], interleaved_to_halves)
 
 
 # ----------------------------------------------------------------------------- nanochat's files
@@ -271,12 +256,10 @@ def _pick_tag(stage_dir: Path, tag: Optional[str]) -> Optional[Path]:
     if tag is not None:
         return stage_dir / tag if checkpoint_steps(stage_dir / tag) else None
     tags = [p for p in stage_dir.iterdir() if p.is_dir() and checkpoint_steps(p)] if stage_dir.is_dir() else []
-    if not tags:
-        return None
     depth = [p for p in tags if _DEPTH_RE.match(p.name)]
     if depth:
         return max(depth, key=lambda p: int(p.name[1:]))
-    return max(tags, key=lambda p: p.stat().st_mtime)
+    return max(tags, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def locate(src: str | Path, stage: str = "auto", step: Optional[int] = None,
@@ -380,14 +363,6 @@ def load_tokenizer(tok_dir: Path, vocab_size: int):
             raise InteropError(f"{tb}: expected {enc.n_vocab} byte lengths with 0 at the special tokens; "
                                f"it does not belong to tokenizer.pkl")
     return tok
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _save_atomic(obj: Any, path: Path) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from nanochat import results as R
 from nanochat.common import atomic_write_text
@@ -106,14 +106,17 @@ def _rel(path: str | Path, base: Optional[Path]) -> str:
     return os.path.relpath(Path(path).resolve(), Path(base).resolve())
 
 
+def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]] = ()) -> list[str]:
+    """A markdown table's lines: the header, its rule, then one line per row (each cell as str() gives it)."""
+    return [f"| {' | '.join(header)} |", "|---" * len(header) + "|"] + [f"| {' | '.join(map(str, r))} |" for r in rows]
+
+
 def to_markdown(rows: list[dict], title: str, base: Optional[Path] = None) -> str:
     total = sum(r["wall_s"] or 0 for r in rows)
     lines = [f"# {title}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} · total wall time {fmt_time(total)}",
-             "", "| stage | status | wall time | metrics | run dir |", "|---|---|---|---|---|"]
-    for r in rows:
-        metrics = r["metrics"].replace("|", "\\|")
-        lines.append(f"| {r['stage']} | {r['status']} | {fmt_time(r['wall_s'])} | {metrics} | "
-                     f"`{_rel(r['run_dir'], base)}` |")
+             ""] + md_table(("stage", "status", "wall time", "metrics", "run dir"),
+                            ((r["stage"], r["status"], fmt_time(r["wall_s"]), r["metrics"].replace("|", "\\|"),
+                              f"`{_rel(r['run_dir'], base)}`") for r in rows))
     return "\n".join(lines) + "\n"
 
 
@@ -172,17 +175,14 @@ def write_report(cfg: Any, results: list[dict]) -> Path:
         markdown = to_markdown(rows, title, d) + curves_markdown(curves, d)
         atomic_write_text(d / "report.md", markdown)
         atomic_write_text(d / "report.html", to_html(markdown, title))
-    try:
-        from rich.console import Console
-        from rich.table import Table
-        t = Table(title=title, show_lines=True)
-        for col in ("stage", "status", "wall time", "metrics"):
-            t.add_column(col, overflow="fold")
-        for r in rows:
-            t.add_row(r["stage"], r["status"], fmt_time(r["wall_s"]), r["metrics"])
-        c = Console(highlight=False)
-        c.print(t)
-        c.print(f"report: {path}")
-    except ImportError:
-        print((root / "report.md").read_text())
+    from rich.console import Console   # a dependency (pyproject.toml): no plain-text fallback needed
+    from rich.table import Table
+    t = Table(title=title, show_lines=True)
+    for col in ("stage", "status", "wall time", "metrics"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        t.add_row(r["stage"], r["status"], fmt_time(r["wall_s"]), r["metrics"])
+    c = Console(highlight=False)
+    c.print(t)
+    c.print(f"report: {path}")
     return path

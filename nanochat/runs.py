@@ -200,9 +200,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
     for name, label in (("resolved_config.yaml", "config"), ("plan.json", "plan")):
         fa, fb = _flat(read_file(a / name) or {}), _flat(read_file(b / name) or {})
         for k in sorted(set(fa) | set(fb)):
-            if k not in ("run.dir",) and fa.get(k, "<absent>") != fb.get(k, "<absent>"):
-                lines.append([f"{label}.{k}", *(v if isinstance(v, str) else json.dumps(v)
-                                                for v in (fa.get(k, "<absent>"), fb.get(k, "<absent>")))])
+            va, vb = fa.get(k, "<absent>"), fb.get(k, "<absent>")
+            if k != "run.dir" and va != vb:
+                lines.append([f"{label}.{k}", *(v if isinstance(v, str) else json.dumps(v) for v in (va, vb))])
     if not lines:
         print(f"no config or plan key differs between {a} and {b}")
         return 0

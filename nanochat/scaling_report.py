@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 from nanochat import scaling as S
 from nanochat.common import atomic_write_text
 from nanochat.plots import pyplot, save     # matplotlib itself is imported on first use
-from nanochat.report import fmt_time, wall_time_s
+from nanochat.report import fmt_time, md_table, wall_time_s
 from nanochat.results import PretrainResult, load_result
 from nanochat.runs import read_file
 
@@ -76,14 +76,9 @@ def read_run(sweep_dir: Path, run_dir: Path) -> RunRecord:
     if not rec.params and plan.get("model"):
         from nanochat.plan import ModelShape, param_breakdown
         rec.params = param_breakdown(ModelShape(**plan["model"]))
-    rec.tokens = result.tokens_seen
-    rec.flops = result.flops
-    rec.val_bpb = result.final_val_bpb
-    rec.core = result.core
+    rec.tokens, rec.flops, rec.val_bpb, rec.core = result.tokens_seen, result.flops, result.final_val_bpb, result.core
     rec.mixture, rec.by_source = result.mixture, result.val_bpb_by_source
-    rec.wall_time_s = result.wall_time_s
-    if rec.wall_time_s is None:
-        rec.wall_time_s = wall_time_s(str(run_dir))
+    rec.wall_time_s = result.wall_time_s if result.wall_time_s is not None else wall_time_s(str(run_dir))
     if rec.val_bpb is None or not math.isfinite(rec.val_bpb):
         rec.skip_reason = "no final val bpb (stage.eval_every must reach the last step)"
     elif not rec.tokens:
@@ -293,12 +288,10 @@ def render(res: dict, figures: dict) -> str:
         L += ["## Approach 2: isoFLOP profiles", "",
               f"At each budget a quadratic in log10 N through the sizes up to {S.FIT_REACH} steps either side "
               "of the measured minimum; its vertex is the optimum. A valley: the measured minimum is not at either end.", "",
-              "| budget C | runs | N_opt | D_opt | tokens/param | bpb at opt | "
-              "fit | valley |", "|---|---|---|---|---|---|---|---|"]
-        for f in a2.fits:
-            L.append(f"| {f.budget:.3g} | {f.n_points} | {f.n_opt:,.0f} | {f.d_opt:,.0f} | {f.tokens_per_param:.2f} | "
-                     f"{f.loss_opt:.4f} | {f.method} | {'yes' if f.valley else 'no'} |")
-        L.append("")
+              *md_table(("budget C", "runs", "N_opt", "D_opt", "tokens/param", "bpb at opt", "fit", "valley"),
+                        ((f"{f.budget:.3g}", f.n_points, f"{f.n_opt:,.0f}", f"{f.d_opt:,.0f}",
+                          f"{f.tokens_per_param:.2f}", f"{f.loss_opt:.4f}", f.method, "yes" if f.valley else "no")
+                         for f in a2.fits)), ""]
         if a2.n_opt is not None:
             ref = pred.budget if pred else max(f.budget for f in a2.fits)
             L += [f"- N_opt ∝ C^a with **a = {a2.n_opt.exponent:.3f}**{_ci(a2.n_opt.ci)}",
@@ -326,8 +319,8 @@ def render(res: dict, figures: dict) -> str:
     for key, title in (("depth", "val bpb against depth"), ("ratio", "val bpb against tokens per parameter")):
         if key in figures:
             L += [f"![{title}]({figures[key]})", ""]
-    L += ["## Runs", "", f"| job | status | depth | budget C | N ({kind}) | N total | tokens | tokens/N | FLOPs | "
-          "val bpb | CORE | wall |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    L += ["## Runs", "", *md_table(("job", "status", "depth", "budget C", f"N ({kind})", "N total", "tokens",
+                                    "tokens/N", "FLOPs", "val bpb", "CORE", "wall"))]
     for r in res["records"]:
         if r.skip_reason:
             L.append(f"| `{r.job}` | {r.skip_reason.replace('|', '/')[:160]} | {r.depth or '–'} | "
@@ -346,14 +339,11 @@ def mixture_table(recs: Sequence[RunRecord]) -> list[str]:
     if not mixed:
         return []
     names = list(dict.fromkeys(n for r in mixed for n in r.mixture))
-    L = ["", "## Mixtures", "", "Weights are normalised shares of the training tokens; the total weighs each "
-         "source's val bpb by them.", "", "| job | depth | " + " | ".join(f"w {n}" for n in names) + " | val bpb | "
-         + " | ".join(f"bpb {n}" for n in names) + " |", "|---" * (3 + 2 * len(names)) + "|"]
-    for r in mixed:
-        w = " | ".join(f"{r.mixture.get(n, 0):.3f}" for n in names)
-        b = " | ".join(f"{r.by_source[n]:.4f}" if n in r.by_source else "–" for n in names)
-        L.append(f"| `{r.job}` | {r.depth} | {w} | {r.val_bpb:.4f} | {b} |")
-    return L
+    return ["", "## Mixtures", "", "Weights are normalised shares of the training tokens; the total weighs each "
+            "source's val bpb by them.", ""] + md_table(
+        ("job", "depth", *(f"w {n}" for n in names), "val bpb", *(f"bpb {n}" for n in names)),
+        ((f"`{r.job}`", r.depth, *(f"{r.mixture.get(n, 0):.3f}" for n in names), f"{r.val_bpb:.4f}",
+          *(f"{r.by_source[n]:.4f}" if n in r.by_source else "–" for n in names)) for r in mixed))
 
 
 def write_report(sweep_dir: Path, kind: str = DEFAULT_KIND, budget: Optional[float] = None,

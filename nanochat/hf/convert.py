@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from nanochat.interop import InteropError, halves_to_interleaved, interleaved_to_halves
+from nanochat.interop import InteropError, halves_to_interleaved, interleaved_to_halves, reorder_rope
 
 NATIVE_TYPE = "nanochat"
 REMOTE_TYPE = "nanochat_hydra"
@@ -69,9 +69,12 @@ def _shape_config(c: Any, specials: dict[str, int]) -> dict:
             "eos_token_id": ids["eos_token_id"][0], "pad_token_id": ids["pad_token_id"]}
 
 
-def _rope_heads(c: Any) -> dict[str, int]:
-    """Our per-layer c_q / c_k names → the head count their RoPE row reorder works on."""
-    return {"attn.c_q.weight": c.n_head, "attn.c_k.weight": c.n_kv_head}
+def _native_names(n_layer: int) -> dict[str, str]:
+    """Our weight names → transformers' NanoChat names (every weight a native model has)."""
+    names = {"transformer.wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
+    names.update({f"transformer.h.{i}.{ours}": f"model.layers.{i}.{theirs}" for i in range(n_layer)
+                  for ours, theirs in _LAYER_NAMES.items()})
+    return names
 
 
 # ----------------------------------------------------------------------------- out
@@ -92,17 +95,14 @@ def to_native(kw: dict, state: dict[str, torch.Tensor], specials: dict[str, int]
         "final_logit_softcapping": float(c.softcap) if c.softcap > 0 else None,
         "attention_bias": False, "attention_dropout": 0.0,
     }
-    out = {"model.embed_tokens.weight": state["transformer.wte.weight"][:V],
-           "lm_head.weight": state["lm_head.weight"][:V]}
-    rope = _rope_heads(c)
-    for i in range(c.n_layer):
-        for ours, theirs in _LAYER_NAMES.items():
-            t = state[f"transformer.h.{i}.{ours}"]
-            out[f"model.layers.{i}.{theirs}"] = interleaved_to_halves(t, rope[ours]) if ours in rope else t
-    unused = set(state) - {f"transformer.h.{i}.{k}" for i in range(c.n_layer) for k in _LAYER_NAMES} \
-        - {"transformer.wte.weight", "lm_head.weight"}
+    names = _native_names(c.n_layer)
+    unused = set(state) - set(names)
     if unused:
         raise InteropError(f"weights {sorted(unused)} have no place in transformers' nanochat model")
+    state = reorder_rope(state, c.n_layer, c.n_head, c.n_kv_head, interleaved_to_halves)
+    out = {theirs: state[ours] for ours, theirs in names.items()}
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):   # padded vocab rows dropped
+        out[k] = out[k][:V]
     return config, out
 
 
@@ -126,16 +126,16 @@ def to_remote(kw: dict, state: dict[str, torch.Tensor], specials: dict[str, int]
 def seed_kwargs_from_native(config: dict) -> dict:
     """GPTConfig kwargs for a `nanochat` config.json without our record (e.g. a checkpoint converted by
     hand): nanochat's seed model (interop.gpt_config_kwargs) with the config's soft cap and RoPE base."""
-    from nanochat.interop import NanochatArch, gpt_config_kwargs
+    from nanochat.interop import gpt_config_kwargs
     try:
-        arch = NanochatArch(generation="seed", sequence_len=int(config.get("max_position_embeddings", 2048)),
-                            vocab_size=int(config["vocab_size"]), padded_vocab_size=int(config["vocab_size"]),
-                            n_layer=int(config["num_hidden_layers"]), n_head=int(config["num_attention_heads"]),
-                            n_kv_head=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
-                            n_embd=int(config["hidden_size"]), window_pattern="L")
+        vocab = int(config["vocab_size"])
+        mc = {"sequence_len": int(config.get("max_position_embeddings", 2048)), "vocab_size": vocab,
+              "n_layer": int(config["num_hidden_layers"]), "n_head": int(config["num_attention_heads"]),
+              "n_kv_head": int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+              "n_embd": int(config["hidden_size"])}
     except KeyError as e:
         raise InteropError(f"config.json lacks {e.args[0]!r}, which a nanochat model config has") from None
-    kw = gpt_config_kwargs(arch)
+    kw = gpt_config_kwargs("seed", mc, vocab)
     cap = config.get("final_logit_softcapping")
     rope = config.get("rope_parameters") or {}
     kw.update(softcap=float(cap) if cap else 0.0, rope_base=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
@@ -164,26 +164,14 @@ def from_hf(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[st
     c = GPTConfig(**kw)
     if native_blockers(kw):
         raise InteropError(f"config.json nanochat_hydra.gpt_config is not a native model: {native_blockers(kw)}")
-    inverse = {v: k for k, v in _LAYER_NAMES.items()}
-    rope = _rope_heads(c)
-    out: dict[str, torch.Tensor] = {}
+    inverse = {theirs: ours for ours, theirs in _native_names(c.n_layer).items()}
+    unknown = next((k for k in state if k not in inverse), None)
+    if unknown is not None:
+        raise InteropError(f"weight {unknown!r} has no counterpart in our model")
+    out = reorder_rope({inverse[k]: v for k, v in state.items()}, c.n_layer, c.n_head, c.n_kv_head,
+                       halves_to_interleaved, torch.float32)
     pad = c.padded_vocab_size - c.vocab_size
-
-    def vocab_rows(t: torch.Tensor) -> torch.Tensor:     # the export dropped padded rows: restore zeros
-        return torch.cat([t, t.new_zeros(pad, t.size(1))]) if pad else t
-
-    for k, v in state.items():
-        v = v.to(torch.float32)
-        if k == "model.embed_tokens.weight":
-            out["transformer.wte.weight"] = vocab_rows(v)
-        elif k == "lm_head.weight":
-            out["lm_head.weight"] = vocab_rows(v)
-        elif k.startswith("model.layers."):
-            i, rest = k[len("model.layers."):].split(".", 1)
-            if rest not in inverse:
-                raise InteropError(f"weight {k!r} has no counterpart in our model")
-            ours = inverse[rest]
-            out[f"transformer.h.{i}.{ours}"] = halves_to_interleaved(v, rope[ours]) if ours in rope else v
-        else:
-            raise InteropError(f"weight {k!r} has no counterpart in our model")
-    return kw, {k: v.contiguous() for k, v in out.items()}
+    for k in ("transformer.wte.weight", "lm_head.weight"):   # the export dropped padded rows: restore zeros
+        if pad and k in out:
+            out[k] = torch.cat([out[k], out[k].new_zeros(pad, out[k].size(1))])
+    return kw, out

@@ -122,10 +122,8 @@ class DataLoader:
         self._stop = threading.Event()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # a loader whose __init__ failed has no _stop
             self._stop.set()
-        except Exception:
-            pass
 
     # ------------------------------------------------------------------ state
     def _convert(self, st: dict, out: bool) -> dict:
@@ -251,15 +249,14 @@ class _Pipeline:
 
     def read_docs(self, positions: list[Pos]) -> list[list[int]]:
         """Tokens of specific documents (restoring bestfit's buffer), in the order given."""
-        by_unit: dict[tuple[int, int], list[int]] = {}
+        by_unit: dict[tuple[int, int], set[int]] = {}
         for _, si, rg, i in positions:
-            by_unit.setdefault((si, rg), []).append(i)
+            by_unit.setdefault((si, rg), set()).add(i)
         found: dict[tuple[int, int, int], list[int]] = {}
         for (si, rg), docs in sorted(by_unit.items()):
             texts = read_texts(open_shard(ensure_shard(self.cfg, self.base_dir, self.paths[si])), rg)
-            uniq = sorted(set(docs))
-            for i, toks in zip(uniq, self.encode([texts[i] for i in uniq])):
-                found[(si, rg, i)] = toks
+            uniq = sorted(docs)
+            found.update(zip([(si, rg, i) for i in uniq], self.encode([texts[i] for i in uniq])))
         return [found[p[1:]] for p in positions]
 
     # ------------------------------------------------------------------ packing
@@ -269,23 +266,20 @@ class _Pipeline:
         docs = self.docs.iter_docs(state["head"], inclusive=True, stop=stop)
         buf: list[int] = []
         spans: deque = deque()  # [pos, tokens consumed from this doc, doc length] for docs in buf
-        offset = state["offset"]
-        resumed = state["head"] is not None
+        head, offset = state["head"], state["offset"]  # a restored state: skip what its head doc used
         while True:
             while len(buf) < need:
                 try:
                     pos, toks = next(docs)
                 except StopIteration:
                     return
-                if resumed:  # the head doc of a restored state: skip what was already consumed
-                    if pos != state["head"]:
-                        raise ValueError(f"cannot resume: document {state['head']} is gone from the data "
-                                         "(did the shards change since the checkpoint?)")
-                    toks, resumed = toks[offset:], False
-                    spans.append([pos, offset, offset + len(toks)])
-                else:
-                    spans.append([pos, 0, len(toks)])
+                if head is not None and pos != head:
+                    raise ValueError(f"cannot resume: document {head} is gone from the data "
+                                     "(did the shards change since the checkpoint?)")
+                toks = toks[offset:]
+                spans.append([pos, offset, offset + len(toks)])
                 buf.extend(toks)
+                head, offset = None, 0
             arr = torch.tensor(buf[:need], dtype=torch.long)
             del buf[:B * T]
             n = B * T

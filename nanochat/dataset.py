@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat import hub
-from nanochat.common import atomic_write_json
+from nanochat.common import atomic_write_bytes, atomic_write_json
 from nanochat.config import DataConfig
 
 TEXT_COLUMN = "text"
@@ -82,13 +82,11 @@ def list_shards(data_cfg: DataConfig, base_dir: str | Path, split: str, download
     if source == "mixture":  # every source's files (building or fetching them); loaders read each alone
         from nanochat.mixture import source_configs
         return [p for c in source_configs(data_cfg).values() for p in list_shards(c, base_dir, split, download)]
-    if source == "demo":
-        return _demo_shards(data_cfg, base_dir, split)
-    if source == "local":
-        return _local_shards(data_cfg, base_dir, split)
     if source in REMOTE_SOURCES:
         return _remote_shards(data_cfg, base_dir, split, download)
-    raise ValueError(f"data.source={source!r}: use one of demo, local, {', '.join(REMOTE_SOURCES)}")
+    if source not in ("demo", "local"):
+        raise ValueError(f"data.source={source!r}: use one of demo, local, {', '.join(REMOTE_SOURCES)}")
+    return (_demo_shards if source == "demo" else _local_shards)(data_cfg, base_dir, split)
 
 
 def iter_texts(data_cfg: DataConfig, base_dir: str | Path, split: str = "train",
@@ -159,12 +157,10 @@ def open_shard(path: Path) -> pq.ParquetFile:
 
 def write_shard(path: Path, texts: list[str], row_group_size: int = ROW_GROUP_SIZE) -> None:
     """Write one shard (nanochat's settings: zstd, no dictionary) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    table = pa.table({TEXT_COLUMN: pa.array(texts, type=pa.string())})
-    pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd",
-                   use_dictionary=False, write_statistics=False)
-    os.replace(tmp, path)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({TEXT_COLUMN: pa.array(texts, type=pa.string())}), sink, row_group_size=row_group_size,
+                   compression="zstd", use_dictionary=False, write_statistics=False)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
 def _built_split(out: Path, split: str, what: str, val_fraction: float,
@@ -403,10 +399,14 @@ def remote_listing(data_cfg: DataConfig, base_dir: str | Path) -> tuple[str, lis
     if manifest.is_file():
         m = json.loads(manifest.read_text())
         return m["commit"], m["files"]
-    repo = remote_repo(data_cfg)
-    cached = _listing_from_cache(data_cfg) if hub.offline() else None
-    if cached is not None:
-        return cached
+    repo, src = remote_repo(data_cfg), REMOTE_SOURCES[data_cfg.source]
+    ref = hub.repo_cache_dir(repo) / "refs" / data_cfg.revision
+    # offline: a named source (fineweb_edu, climbmix) on its own repo knows its file names, and the hub
+    # cache knows the commit its branch pointed at (refs/<revision>), e.g. when another tool filled a
+    # shared HF_HUB_CACHE. Any other repo (or source hub) needs its listing pinned.
+    if hub.offline() and repo == src.repo and ref.is_file():
+        top = data_cfg.max_shard if data_cfg.max_shard is not None else src.max_shard
+        return ref.read_text().strip(), [shard_name(i) for i in range(top + 1)]
     commit, files = hub.resolve(repo, data_cfg.revision)
     shards = [f for f in files if f.endswith(".parquet")]
     if not shards:
@@ -414,20 +414,6 @@ def remote_listing(data_cfg: DataConfig, base_dir: str | Path) -> tuple[str, lis
                          f"({len(files)} files); pretraining shards are parquet files with a '{TEXT_COLUMN}' column")
     atomic_write_json(manifest, {"repo": repo, "revision": data_cfg.revision, "commit": commit, "files": shards})
     return commit, shards
-
-
-def _listing_from_cache(data_cfg: DataConfig) -> tuple[str, list[str]] | None:
-    """Offline without a pinned listing: a named source (fineweb_edu, climbmix) on its own repo knows
-    its file names, and the hub cache knows the commit its branch pointed at (refs/<revision>),
-    e.g. when another tool filled a shared HF_HUB_CACHE. Any other repo needs its listing pinned."""
-    src = REMOTE_SOURCES[data_cfg.source]
-    if remote_repo(data_cfg) != src.repo:  # another repo (or source hub): its file names are unknown
-        return None
-    ref = hub.repo_cache_dir(src.repo) / "refs" / data_cfg.revision
-    if not ref.is_file():
-        return None
-    top = data_cfg.max_shard if data_cfg.max_shard is not None else src.max_shard
-    return ref.read_text().strip(), [shard_name(i) for i in range(top + 1)]
 
 
 def remote_shard_indices(data_cfg: DataConfig, split: str, n_files: int) -> list[int]:
@@ -450,6 +436,8 @@ def remote_shard_indices(data_cfg: DataConfig, split: str, n_files: int) -> list
 
 
 def _remote_shards(data_cfg: DataConfig, base_dir: Path, split: str, download: bool) -> list[Path]:
+    """The split's shards in the hub cache; `download` fetches them (a file whose parquet footer pyarrow
+    cannot read, e.g. a truncated one, is fetched again)."""
     commit, files = remote_listing(data_cfg, base_dir)
     names = [files[i] for i in remote_shard_indices(data_cfg, split, len(files))]
     root = hub.snapshot_dir(remote_repo(data_cfg), commit)
@@ -459,13 +447,8 @@ def _remote_shards(data_cfg: DataConfig, base_dir: Path, split: str, download: b
         want = names[:max(1, data_cfg.download_workers)] if lazy else names
         missing = [n for n in want if not (root / n).is_file()]
         hub.download_many(remote_repo(data_cfg), missing, commit, workers=data_cfg.download_workers,
-                          validate=_check_footer, desc=f"{data_cfg.source} {split} shards")
+                          validate=pq.ParquetFile, desc=f"{data_cfg.source} {split} shards")
     return paths
-
-
-def _check_footer(path: Path) -> None:
-    """A shard is usable when pyarrow can read its footer (a truncated file has none)."""
-    pq.ParquetFile(path)
 
 
 def download_shards(data_cfg: DataConfig, base_dir: str | Path, n_train: int) -> list[Path]:
@@ -484,7 +467,7 @@ def ensure_shard(data_cfg: DataConfig, base_dir: str | Path, path: Path) -> Path
         raise ValueError(f"{path} is not a hub cache path (.../snapshots/<commit>/<file>)")
     i = len(parts) - 1 - parts[::-1].index("snapshots")
     commit, filename = parts[i + 1], "/".join(parts[i + 2:])
-    return hub.download(remote_repo(data_cfg), filename, commit, validate=_check_footer)
+    return hub.download(remote_repo(data_cfg), filename, commit, validate=pq.ParquetFile)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,13 +36,10 @@ class HubError(RuntimeError):
 
 # ----------------------------------------------------------------------------- environment
 
-def _truthy(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def offline() -> bool:
     """No network: HF_HUB_OFFLINE=1 (the hub's own switch) or NANOCHAT_OFFLINE=1."""
-    return _truthy("HF_HUB_OFFLINE") or _truthy("NANOCHAT_OFFLINE")
+    return any(os.environ.get(n, "").strip().lower() in ("1", "true", "yes", "on")
+               for n in ("HF_HUB_OFFLINE", "NANOCHAT_OFFLINE"))
 
 
 def endpoint() -> str:
@@ -114,21 +111,21 @@ def _classify(e: BaseException, what: str) -> tuple[bool, HubError]:
 
 
 def _with_retries(fn: Callable[[], Path], what: str, attempts: int, backoff: float) -> Path:
-    for attempt in range(max(1, attempts)):
+    attempt = 0
+    while True:
         try:
             return fn()
         except HubError:
             raise
         except Exception as e:  # classified: permanent ones are raised at once
             transient, err = _classify(e, what)
-            if transient and attempt + 1 < attempts:
-                wait = backoff * 2 ** attempt
-                print(f"{what}: attempt {attempt + 1}/{attempts} failed ({type(e).__name__}: {str(e)[:200]}); "
-                      f"retrying in {wait:.1f}s", file=sys.stderr, flush=True)
-                time.sleep(wait)
-                continue
-            raise (HubError(f"{err} (gave up after {attempts} attempts)") if transient else err) from e
-    raise AssertionError("unreachable: the last attempt returns or raises")
+            attempt += 1
+            if not transient or attempt >= attempts:
+                raise (HubError(f"{err} (gave up after {attempts} attempts)") if transient else err) from e
+            wait = backoff * 2 ** (attempt - 1)
+            print(f"{what}: attempt {attempt}/{attempts} failed ({type(e).__name__}: {str(e)[:200]}); "
+                  f"retrying in {wait:.1f}s", file=sys.stderr, flush=True)
+            time.sleep(wait)
 
 
 # ----------------------------------------------------------------------------- repos

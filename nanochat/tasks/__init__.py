@@ -54,8 +54,9 @@ def _held_out(split: str, have: tuple[str, ...]) -> str:
     raise ValueError(f"split={split!r}: this task has splits {have}")
 
 
-def _arc(subset: str):
-    return lambda split, **kw: ARC(subset=subset, split=_held_out(split, ("train", "validation", "test")), **kw)
+def _on(cls: Callable[..., Task], have: tuple[str, ...] = ("train", "test"), **fixed) -> Callable[..., Task]:
+    """A builder: `cls` on the task's own split for the stage's (`_held_out`), with `fixed` options."""
+    return lambda split, **kw: cls(split=_held_out(split, have), **fixed, **kw)
 
 
 def _mmlu(split: str, **kw):
@@ -65,17 +66,17 @@ def _mmlu(split: str, **kw):
 
 
 _BUILDERS: dict[str, Callable[..., Task]] = {
-    "arc_easy": _arc("ARC-Easy"),
-    "arc_challenge": _arc("ARC-Challenge"),
+    "arc_easy": _on(ARC, ("train", "validation", "test"), subset="ARC-Easy"),
+    "arc_challenge": _on(ARC, ("train", "validation", "test"), subset="ARC-Challenge"),
     "mmlu": _mmlu,
     "mmlu_aux": _mmlu,
     "mmlu_auxiliary_train": _mmlu,
-    "gsm8k": lambda split, **kw: GSM8K(split=_held_out(split, ("train", "test")), **kw),
-    "humaneval": lambda split, **kw: HumanEval(split=_held_out(split, ("test",)), **kw),
-    "smoltalk": lambda split, **kw: SmolTalk(split=_held_out(split, ("train", "test")), **kw),
-    "spellingbee": lambda split, **kw: SpellingBee(split=_held_out(split, ("train", "test")), **kw),
-    "simplespelling": lambda split, **kw: SimpleSpelling(split=_held_out(split, ("train", "test")), **kw),
-    "arithmetic": lambda split, **kw: Arithmetic(split=_held_out(split, ("train", "test")), **kw),
+    "gsm8k": _on(GSM8K),
+    "humaneval": _on(HumanEval, ("test",)),
+    "smoltalk": _on(SmolTalk),
+    "spellingbee": _on(SpellingBee),
+    "simplespelling": _on(SimpleSpelling),
+    "arithmetic": _on(Arithmetic),
     "identity": lambda split, **kw: identity_conversations(**kw),
     "customjson": lambda split, **kw: CustomJSON(**kw),
     # a split written in the source wins; else the stage's, with "val" meaning the test split

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 
-from nanochat.tasks.common import Conversation, Task, local_or_hub, render_mc
+from nanochat.tasks.common import Conversation, MultipleChoice, local_or_hub
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
 SPLITS = ("train", "validation", "test")
 
 
-class ARC(Task):
+class ARC(MultipleChoice):
     def __init__(self, subset: str = "ARC-Easy", split: str = "test", data_dir: str | None = None,
                  base_dir: str | None = None, path: str | os.PathLike | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -26,21 +26,10 @@ class ARC(Task):
                                  ("allenai/ai2_arc", subset, split),
                                  "put the ARC jsonl files under <shared data>/arc/ or allow hub downloads")
 
-    eval_type = "categorical"
-
     def get_example(self, index: int) -> Conversation:
         row = self.rows[index]
         letters = list(row["choices"]["label"])
         answer = row["answerKey"]
         if answer not in letters:
             raise ValueError(f"ARC row {row.get('id')}: answerKey {answer!r} not among labels {letters}")
-        return {
-            "messages": [
-                {"role": "user", "content": render_mc(row["question"], letters, row["choices"]["text"])},
-                {"role": "assistant", "content": answer},
-            ],
-            "letters": letters,
-        }
-
-    def evaluate(self, conversation: Conversation, completion: str) -> bool:
-        return completion.strip() == conversation["messages"][-1]["content"]
+        return self.example(row["question"], letters, row["choices"]["text"], answer)

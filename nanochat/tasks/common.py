@@ -139,6 +139,20 @@ def render_mc(question: str, letters: Sequence[str], choices: Sequence[str]) -> 
     return "\n".join(lines) + "\n\nRespond only with the letter of the correct answer."
 
 
+class MultipleChoice(Task):
+    """A task whose answer is one of the example's `letters`, graded by exact match."""
+    eval_type = "categorical"
+
+    @staticmethod
+    def example(question: str, letters: Sequence[str], choices: Sequence[str], answer: str, **fields) -> Conversation:
+        """The conversation: the prompt (render_mc), the answer letter, `fields`, and the letters."""
+        return {"messages": [{"role": "user", "content": render_mc(question, letters, choices)},
+                             {"role": "assistant", "content": answer}], **fields, "letters": list(letters)}
+
+    def evaluate(self, conversation: Conversation, completion: str) -> bool:
+        return completion.strip() == conversation["messages"][-1]["content"]
+
+
 _ANSWER_RE = re.compile(r"####\s*(-?[$0-9.,]+)")
 
 
@@ -185,10 +199,8 @@ def open_text(path: str | os.PathLike):
 def kind_of(path: str | os.PathLike) -> str:
     """The `datasets` builder for a file: json (.jsonl/.json[.gz]), csv, parquet or text."""
     name = Path(path).name.lower().removesuffix(".gz")
-    for ext, kind in ((".parquet", "parquet"), (".jsonl", "json"), (".json", "json"), (".csv", "csv")):
-        if name.endswith(ext):
-            return kind
-    return "text"
+    kinds = ((".parquet", "parquet"), (".jsonl", "json"), (".json", "json"), (".csv", "csv"))
+    return next((kind for ext, kind in kinds if name.endswith(ext)), "text")
 
 
 def load_files(files: str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],

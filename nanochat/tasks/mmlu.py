@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nanochat.tasks.common import Conversation, Task, hub_split, load_files, load_rows, render_mc, resolve_data_dir
+from nanochat.tasks.common import Conversation, MultipleChoice, hub_split, load_files, load_rows, resolve_data_dir
 
 LETTERS = ("A", "B", "C", "D")
 SUBSETS = ("all", "auxiliary_train")
@@ -52,7 +52,7 @@ def _read_local(root: Path, subset: str, split: str) -> list[dict] | None:
     return None
 
 
-class MMLU(Task):
+class MMLU(MultipleChoice):
     def __init__(self, subset: str = "all", split: str = "test", data_dir: str | None = None,
                  base_dir: str | None = None, path: str | os.PathLike | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -76,21 +76,10 @@ class MMLU(Task):
                               if subset == "auxiliary_train" else
                               "put the MMLU csv files under <shared data>/mmlu/ or allow hub downloads")
 
-    eval_type = "categorical"
-
     def get_example(self, index: int) -> Conversation:
         row = self.rows[index]
         row = row.get("train", row)  # the hub's auxiliary_train nests each row under "train"
         if len(row["choices"]) != 4 or not 0 <= int(row["answer"]) < 4:
             raise ValueError(f"MMLU row {index}: need 4 choices and answer in 0..3, got {row}")
-        return {
-            "messages": [
-                {"role": "user", "content": render_mc(row["question"], LETTERS, row["choices"])},
-                {"role": "assistant", "content": LETTERS[int(row["answer"])]},
-            ],
-            "subject": row.get("subject", ""),
-            "letters": list(LETTERS),
-        }
-
-    def evaluate(self, conversation: Conversation, completion: str) -> bool:
-        return completion.strip() == conversation["messages"][-1]["content"]
+        return self.example(row["question"], LETTERS, row["choices"], LETTERS[int(row["answer"])],
+                            subject=row.get("subject", ""))

@@ -190,13 +190,9 @@ def snapshot(repo_id: str, patterns: Iterable[str], revision: str = "main") -> l
     """The files of a repo matching `patterns` (fnmatch globs), via snapshot_download (cached, parallel)."""
     from huggingface_hub import snapshot_download
     patterns = list(patterns)
-    what = f"{repo_id}@{revision} files {patterns}"
-
-    def call() -> Path:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                      local_files_only=offline(), **_common_kwargs()))
-
-    root = _with_retries(call, what, attempts=4, backoff=1.0)
+    root = _with_retries(lambda: Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                                        local_files_only=offline(), **_common_kwargs())),
+                         f"{repo_id}@{revision} files {patterns}", attempts=4, backoff=1.0)
     import fnmatch
     return [p for p in sorted(root.rglob("*"))
             if p.is_file() and any(fnmatch.fnmatch(p.relative_to(root).as_posix(), pat) for pat in patterns)]

@@ -88,11 +88,10 @@ class Tokenizer:
             batch = self.enc.encode_ordinary_batch(list(text), num_threads=max(1, num_threads))
         else:
             raise TypeError(f"encode() takes a str or a list of str, got {type(text).__name__}")
-        for tok, at in ((prepend, 0), (append, None)):
-            if tok is not None:
-                tid = self.encode_special(tok) if isinstance(tok, str) else int(tok)
-                for ids in batch:
-                    ids.insert(len(ids) if at is None else at, tid)
+        pre, post = ([] if t is None else [self.encode_special(t) if isinstance(t, str) else int(t)]
+                     for t in (prepend, append))
+        if pre or post:
+            batch = [pre + ids + post for ids in batch]
         return batch[0] if isinstance(text, str) else batch
 
     def __call__(self, *args: Any, **kwargs: Any):
@@ -183,8 +182,7 @@ class Tokenizer:
 
         import numpy as np
         from nanochat.common import atomic_write_bytes, atomic_write_json, atomic_write_text
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = Path(directory)  # the atomic writes create it
         lines = [f"{base64.b64encode(tok).decode('ascii')} {rank}"
                  for tok, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])]
         atomic_write_text(directory / _RANKS_FILE, "\n".join(lines) + "\n")

@@ -14,9 +14,9 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Optional
 
-from nanochat.common import get_base_dir, print0, shared_data_dir
+from nanochat.common import atomic_write_json, get_base_dir, print0, shared_data_dir
 from nanochat.config import Config, TokenizerStageConfig
 from nanochat.results import TokenizerResult
 from nanochat.stage_plan import SourceRun, StagePlan, mixture_rows
@@ -48,7 +48,7 @@ def reference_encodings() -> tuple[dict, dict]:
     return encs, notes
 
 
-def _take_chars(texts: Iterator[str], n: int) -> str:
+def _take_chars(texts: Iterable[str], n: int) -> str:
     out, total = [], 0
     for t in texts:
         out.append(t[: n - total])
@@ -82,8 +82,8 @@ def eval_sources(cfg: Config, base_dir: Path) -> dict[str, Callable[[], str]]:
         for label, path in (("c4", pre / "parquet" / "shard_00000.parquet"),
                             ("common_crawl", pre / "parquet" / "shard_00001.parquet")):
             if path.is_file():
-                sources[label] = (lambda p=path: _take_chars(iter(open_shard(p).read(columns=[TEXT_COLUMN])
-                                                                  .column(0).to_pylist()), n))
+                sources[label] = lambda p=path: _take_chars(
+                    open_shard(p).read(columns=[TEXT_COLUMN]).column(0).to_pylist(), n)
         if txt.is_file():
             sources["shakespeare"] = lambda: txt.read_text(encoding="utf-8")[:n]
     return sources
@@ -147,7 +147,6 @@ def run(cfg: Config, run_dir: Path) -> TokenizerResult:
     if "note" in m:
         result["notes"]["vocab"] = m["note"]
     if run_dir is not None and Path(run_dir).is_dir():
-        from nanochat.common import atomic_write_json
         atomic_write_json(Path(run_dir) / "tokenizer_eval.json", result)
     return TokenizerResult(**result)
 

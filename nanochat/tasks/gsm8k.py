@@ -26,8 +26,7 @@ def solution_to_parts(answer: str) -> list[dict]:
         if piece.startswith("<<") and piece.endswith(">>"):
             inner = piece[2:-2]
             expr, _, result = inner.rpartition("=") if "=" in inner else (inner, "", "")
-            parts.append({"type": "python", "text": expr})
-            parts.append({"type": "python_output", "text": result})
+            parts += [{"type": "python", "text": expr}, {"type": "python_output", "text": result}]
         else:
             parts.append({"type": "text", "text": piece})
     return parts

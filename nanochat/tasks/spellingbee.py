@@ -104,19 +104,13 @@ class SpellingBee(_WordTask):
         if self.style == "full":
             lines = [f"We need to count the letter '{letter}' in the word '{word}'. First I spell it out:",
                      f"{word}:{','.join(word)}", "", f"Now I count the '{letter}':"]
-            running = 0
-            for i, ch in enumerate(word, 1):
-                if ch == letter:
-                    running += 1
-                    lines.append(f"{i}:{ch} hit! count={running}")
-                else:
-                    lines.append(f"{i}:{ch}")
-            lines += ["", f"That gives {running}. Let me double check with Python:", "", ""]
+            lines += [f"{i}:{ch} hit! count={word[:i].count(letter)}" if ch == letter else f"{i}:{ch}"
+                      for i, ch in enumerate(word, 1)]
+            lines += ["", f"That gives {count}. Let me double check with Python:", "", ""]
             parts.append({"type": "text", "text": "\n".join(lines)})
-        parts.append({"type": "python", "text": f"'{word}'.count('{letter}')"})
-        parts.append({"type": "python_output", "text": str(count)})
         tail = "\n\nBoth ways agree. #### " if self.style == "full" else "\n\n#### "
-        parts.append({"type": "text", "text": f"{tail}{count}"})
+        parts += [{"type": "python", "text": f"'{word}'.count('{letter}')"},
+                  {"type": "python_output", "text": str(count)}, {"type": "text", "text": f"{tail}{count}"}]
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
                 "word": word, "letter": letter, "answer": count}
 

@@ -80,8 +80,13 @@ class DataLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._thread is None:
-            self._start()
+        if self._thread is None:  # (re)start from the current state (a stopped loader has a fresh _stop)
+            self._queue = queue.Queue(maxsize=PREFETCH)
+            # the thread holds only the pipeline, never this object: an unreferenced loader is
+            # garbage collected and its __del__ stops the thread
+            self._thread = threading.Thread(target=self._pipe.produce, args=(self._state, self._stop, self._queue),
+                                            name=f"dataloader-{self.split}-r{self.rank}", daemon=True)
+            self._thread.start()
         while True:
             try:
                 item = self._queue.get(timeout=1.0)
@@ -138,15 +143,6 @@ class DataLoader:
         else:  # bestfit: the documents waiting in the buffer (a mixture's cursor only for `after`)
             res["buffer"] = [ref(p) for p in st.get("buffer", [])]
         return res
-
-    def _start(self) -> None:
-        self._stop = threading.Event()
-        self._queue = queue.Queue(maxsize=PREFETCH)
-        # the thread holds only the pipeline, never this object: an unreferenced loader is
-        # garbage collected and its __del__ stops the thread
-        self._thread = threading.Thread(target=self._pipe.produce, args=(self._state, self._stop, self._queue),
-                                        name=f"dataloader-{self.split}-r{self.rank}", daemon=True)
-        self._thread.start()
 
 
 class _Pipeline:
@@ -302,18 +298,13 @@ class _Pipeline:
         # a fresh start includes the first document (position (0, 0, 0, 0) is a document, not "before" one)
         docs = self.docs.iter_docs(state["after"], inclusive=state["after"] is None, stop=stop)
         last = state["after"]
-        exhausted = False
         while True:
             rows = np.empty((B, cap), dtype=np.int64)
             for r in range(B):
                 filled = 0
                 while filled < cap:
-                    while len(buf) < self.buffer_size and not exhausted:
-                        try:
-                            last, toks = next(docs)
-                            bisect.insort(buf, (len(toks), next(arrivals), last, toks))
-                        except StopIteration:
-                            exhausted = True
+                    for last, toks in itertools.islice(docs, max(0, self.buffer_size - len(buf))):  # refill
+                        bisect.insort(buf, (len(toks), next(arrivals), last, toks))
                     if not buf:
                         return  # finite epochs ran out: drop the partial batch
                     remaining = cap - filled

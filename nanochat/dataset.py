@@ -221,16 +221,10 @@ def _module_docs(path: Path, root: Path, max_doc_chars: int = 6000) -> list[str]
         return []
     module = path.relative_to(root).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
     # prose: module docstring, then class/function docstrings (English-ish text)
-    parts = []
-    mdoc = ast.get_docstring(tree)
-    if mdoc:
-        parts.append(f"{module}\n\n{mdoc}")
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            d = ast.get_docstring(node)
-            if d and len(d) > 40:
-                kind = "class" if isinstance(node, ast.ClassDef) else "def"
-                parts.append(f"{kind} {module}.{node.name}\n\n{d}")
+    parts = [f"{module}\n\n{mdoc}"] if (mdoc := ast.get_docstring(tree)) else []
+    parts += [f"{'class' if isinstance(n, ast.ClassDef) else 'def'} {module}.{n.name}\n\n{d}" for n in ast.walk(tree)
+              if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+              and (d := ast.get_docstring(n)) and len(d) > 40]
     # code: split at top-level statements, grouped up to max_doc_chars (long ones cut at lines)
     lines = source.splitlines(keepends=True)
     starts = sorted({n.lineno - 1 - len(getattr(n, "decorator_list", []) or []) for n in tree.body} | {0})
@@ -267,14 +261,12 @@ def build_demo_docs(demo_chars: int) -> list[str]:
     random.Random(1337).shuffle(files)  # interleave packages, so a small corpus is still diverse
     docs: list[str] = []
     total = 0
-    for f in files:
-        for doc in _module_docs(f, root):
-            if total + len(doc) >= demo_chars:
-                docs.append(doc[: demo_chars - total])
-                return docs
-            docs.append(doc)
-            total += len(doc)
-    return docs  # the whole stdlib is smaller than asked: use all of it
+    for doc in (d for f in files for d in _module_docs(f, root)):  # all of it if the stdlib is smaller
+        docs.append(doc[:demo_chars - total])
+        total += len(docs[-1])
+        if total >= demo_chars:
+            break
+    return docs
 
 
 def _demo_shards(data_cfg: DataConfig, base_dir: Path, split: str) -> list[Path]:

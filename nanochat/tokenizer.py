@@ -299,10 +299,8 @@ def get_token_bytes(base_dir: str | Path, name: str, device: Any = "cpu"):
     import numpy as np
     import torch
     path = tokenizer_dir(base_dir, name) / _BYTES_FILE
-    if path.is_file():
-        arr = np.load(path)
-    else:  # an artifact without the file (or none: get_tokenizer says how to train one)
-        arr = np.asarray(get_tokenizer(base_dir, name).token_byte_lengths(), dtype=np.int32)
+    # an artifact without the file (or none: get_tokenizer says how to train one) counts them from its ranks
+    arr = np.load(path) if path.is_file() else np.asarray(get_tokenizer(base_dir, name).token_byte_lengths())
     return torch.from_numpy(arr.astype(np.int32)).to(device)
 
 

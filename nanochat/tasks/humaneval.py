@@ -4,6 +4,7 @@ Local: <data_dir>/humaneval/HumanEval.jsonl.gz.  Hub: openai/openai_humaneval (t
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 
@@ -15,14 +16,9 @@ _FENCE_RE = re.compile(r"```(?:python|py|Python)?\s*\n(.*?)```", re.DOTALL)
 
 def extract_imports(prompt: str) -> str:
     """The import lines at the top of a prompt (completions often drop them)."""
-    lines = []
-    for line in prompt.splitlines():
-        stripped = line.strip()
-        if stripped.startswith(("import ", "from ")):
-            lines.append(stripped)
-        elif stripped and not stripped.startswith("#"):
-            break
-    return "\n".join(lines)
+    lines = [line.strip() for line in prompt.splitlines()]
+    head = itertools.takewhile(lambda s: not s or s.startswith(("import ", "from ", "#")), lines)  # to the code
+    return "\n".join(s for s in head if s.startswith(("import ", "from ")))
 
 
 def extract_program(completion: str) -> str:

@@ -10,27 +10,18 @@ of it says so, so train and test never share a problem.
 from __future__ import annotations
 
 import random
-import zlib
 
-from nanochat.tasks.common import Conversation, Task, answers_match, extract_answer
+from nanochat.tasks.common import Conversation, Synthetic
 
 TEMPLATES = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}", "{a} {op} {b} = ?",
              "What do you get for {a} {op} {b}?"]
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-TEST_EVERY = 10
-TEST_SEED_OFFSET = 10_000_000
 
 
-def is_test_problem(a: int, op: str, b: int) -> bool:
-    return zlib.crc32(f"{a}{op}{b}".encode()) % TEST_EVERY == 0
-
-
-class Arithmetic(Task):
+class Arithmetic(Synthetic):
     def __init__(self, split: str = "train", size: int = 1000, max_value: int = 999, ops: str = "+-*",
                  style: str = "tool", data_dir=None, base_dir=None, **kwargs):
-        super().__init__(**kwargs)
-        if split not in ("train", "test"):
-            raise ValueError(f"Arithmetic split={split!r}: use train or test")
+        super().__init__(split, size, **kwargs)
         bad = [o for o in ops if o not in OPS]
         if bad or not ops:
             raise ValueError(f"Arithmetic ops={ops!r}: use a string of {''.join(OPS)}")
@@ -38,17 +29,14 @@ class Arithmetic(Task):
             raise ValueError(f"Arithmetic max_value={max_value}: must be >= 3")
         if style not in ("tool", "plain"):
             raise ValueError(f"Arithmetic style={style!r}: use 'tool' (calculator call) or 'plain' (answer only)")
-        self.split, self.size, self.max_value, self.ops, self.style = split, size, max_value, ops, style
-
-    def num_examples(self) -> int:
-        return self.size
+        self.max_value, self.ops, self.style = max_value, ops, style
 
     def problem(self, index: int) -> tuple[int, str, int, random.Random]:
-        rng = random.Random(index + (TEST_SEED_OFFSET if self.split == "test" else 0))
+        rng = self.rng(index)
         while True:  # rejection-sample into the right split (~10% test, so a few draws at most)
             a, b = rng.randint(0, self.max_value), rng.randint(0, self.max_value)
             op = rng.choice(self.ops)
-            if is_test_problem(a, op, b) == (self.split == "test"):
+            if self.in_test(f"{a}{op}{b}") == (self.split == "test"):
                 return a, op, b, rng
 
     def get_example(self, index: int) -> Conversation:
@@ -63,6 +51,3 @@ class Arithmetic(Task):
             content = f"#### {answer}"
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": content}],
                 "answer": answer}
-
-    def evaluate(self, conversation: Conversation, completion: str) -> bool:
-        return answers_match(extract_answer(completion), str(conversation["answer"]))

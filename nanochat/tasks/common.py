@@ -21,6 +21,7 @@ import gzip
 import os
 import random
 import re
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -127,6 +128,30 @@ class TaskSequence(TaskMixture):
 
     def __init__(self, tasks: Sequence[Task], **kwargs):
         super().__init__(tasks, seed=None, **kwargs)
+
+
+class Synthetic(Task):
+    """`size` examples, each a pure function of (split, index): drawn by a seeded RNG (other seeds for test),
+    with train and test kept apart by a hash (`in_test`: one item in ten). Graded by the number after '####'."""
+
+    def __init__(self, split: str = "train", size: int = 1000, **kwargs):
+        super().__init__(**kwargs)
+        if split not in ("train", "test"):
+            raise ValueError(f"{type(self).__name__} split={split!r}: use train or test")
+        self.split, self.size = split, size
+
+    @staticmethod
+    def in_test(key: str) -> bool:
+        return zlib.crc32(key.encode()) % 10 == 0
+
+    def rng(self, index: int) -> random.Random:
+        return random.Random(index + (10_000_000 if self.split == "test" else 0))
+
+    def num_examples(self) -> int:
+        return self.size
+
+    def evaluate(self, conversation: Conversation, completion: str) -> bool:
+        return answers_match(extract_answer(completion), str(conversation["answer"]))
 
 
 # ----------------------------------------------------------------------------- helpers for tasks

@@ -15,16 +15,12 @@ Word list: <data_dir>/words/words_alpha.txt[.gz], else downloaded once (dwyl/eng
 from __future__ import annotations
 
 import functools
-import random
-import zlib
 from typing import Sequence
 
-from nanochat.tasks.common import Conversation, Task, answers_match, extract_answer, local_or_url, open_text
+from nanochat.tasks.common import Conversation, Synthetic, local_or_url, open_text
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-TEST_SEED_OFFSET = 10_000_000
-TEST_EVERY = 10  # one word in ten (by hash) is held out for test
 
 QUESTION_TEMPLATES = [
     "How many {letter} are in the word {word}",
@@ -50,31 +46,18 @@ def load_words(data_dir: str | None = None, base_dir: str | None = None) -> tupl
                                         "Put words_alpha.txt(.gz) under <shared data>/words/ or pass words=[...]")))
 
 
-def is_test_word(word: str) -> bool:
-    return zlib.crc32(word.encode()) % TEST_EVERY == 0
-
-
-class _WordTask(Task):
+class _WordTask(Synthetic):
     def __init__(self, split: str = "train", size: int = 1000, words: Sequence[str] | None = None,
                  min_len: int = 1, max_len: int | None = None, data_dir: str | None = None,
                  base_dir: str | None = None, **kwargs):
-        super().__init__(**kwargs)
-        if split not in ("train", "test"):
-            raise ValueError(f"{type(self).__name__} split={split!r}: use train or test")
+        super().__init__(split, size, **kwargs)
         if size < 1:
             raise ValueError(f"{type(self).__name__} size={size}: must be >= 1")
-        self.split, self.size = split, size
         pool = words if words is not None else load_words(data_dir, base_dir)
         want_test = split == "test"
-        self.words = [w for w in pool if min_len <= len(w) <= (max_len or len(w)) and is_test_word(w) == want_test]
+        self.words = [w for w in pool if min_len <= len(w) <= (max_len or len(w)) and self.in_test(w) == want_test]
         if not self.words:
             raise ValueError(f"{type(self).__name__}: no {split} words of length {min_len}..{max_len}")
-
-    def _rng(self, index: int) -> random.Random:
-        return random.Random(index + (TEST_SEED_OFFSET if self.split == "test" else 0))
-
-    def num_examples(self) -> int:
-        return self.size
 
 
 class SpellingBee(_WordTask):
@@ -88,7 +71,7 @@ class SpellingBee(_WordTask):
         super().__init__(split=split, size=size, **kwargs)
 
     def get_example(self, index: int) -> Conversation:
-        rng = self._rng(index)
+        rng = self.rng(index)
         word = rng.choice(self.words)
         # mostly letters that occur (the interesting case), sometimes any letter (answer 0)
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(LETTERS)
@@ -114,15 +97,12 @@ class SpellingBee(_WordTask):
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
                 "word": word, "letter": letter, "answer": count}
 
-    def evaluate(self, conversation: Conversation, completion: str) -> bool:
-        return answers_match(extract_answer(completion), str(conversation["answer"]))
-
 
 class SimpleSpelling(_WordTask):
     """Spell a word letter by letter: "Spell the word: cat" → "cat:c,a,t"."""
 
     def get_example(self, index: int) -> Conversation:
-        word = self._rng(index).choice(self.words)
+        word = self.rng(index).choice(self.words)
         return {"messages": [{"role": "user", "content": f"Spell the word: {word}"},
                              {"role": "assistant", "content": f"{word}:{','.join(word)}"}],
                 "word": word}

@@ -30,7 +30,7 @@ import queue
 import threading
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -194,11 +194,11 @@ class _Pipeline:
         return p
 
     # ------------------------------------------------------------------ documents
-    def rank_units(self, pf) -> list[tuple[int, list[int] | None]]:
-        """(row group, doc indices or None for all) this rank owns in one shard."""
+    def rank_units(self, pf) -> list[tuple[int, Sequence[int]]]:
+        """(row group, doc indices) this rank owns in one shard."""
         n_rg = pf.num_row_groups
         if n_rg >= self.world:
-            return [(rg, None) for rg in range(self.rank, n_rg, self.world)]
+            return [(rg, range(pf.metadata.row_group(rg).num_rows)) for rg in range(self.rank, n_rg, self.world)]
         units, first = [], 0  # fewer row groups than ranks: stride documents across the shard
         for rg in range(n_rg):
             n = pf.metadata.row_group(rg).num_rows
@@ -223,13 +223,12 @@ class _Pipeline:
             # a remote shard is fetched with the next one in the background, while this one is read
             for si, path in shards_on_disk(self.cfg, self.base_dir, self.paths, first, ahead=2):
                 pf = open_shard(path)
-                for rg, wanted in self.rank_units(pf):
+                for rg, idx in self.rank_units(pf):
                     if stop.is_set():
                         return
                     if (epoch, si, rg) < start[:3]:
                         continue
                     texts = read_texts(pf, rg)
-                    idx = wanted if wanted is not None else range(len(texts))
                     keep = [i for i in idx if texts[i]
                             and ((epoch, si, rg, i) > start or (inclusive and (epoch, si, rg, i) == start))]
                     for k in range(0, len(keep), nb):

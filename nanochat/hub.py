@@ -54,13 +54,10 @@ def cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
-def _token() -> str | None:
-    # None lets the library fall back to the token saved by `hf auth login`
-    return os.environ.get("HF_TOKEN") or None
-
-
 def _common_kwargs() -> dict:
-    return dict(repo_type=REPO_TYPE, cache_dir=str(cache_dir()), endpoint=endpoint(), token=_token())
+    # token None lets the library fall back to the token saved by `hf auth login`
+    return dict(repo_type=REPO_TYPE, cache_dir=str(cache_dir()), endpoint=endpoint(),
+                token=os.environ.get("HF_TOKEN") or None)
 
 
 def repo_cache_dir(repo_id: str) -> Path:
@@ -138,7 +135,8 @@ def resolve(repo_id: str, revision: str = "main") -> tuple[str, list[str]]:
                        f"{_OFFLINE_FIX}")
 
     def call() -> tuple[str, list[str]]:
-        info = HfApi(endpoint=endpoint(), token=_token()).dataset_info(repo_id, revision=revision)
+        api = HfApi(endpoint=endpoint(), token=os.environ.get("HF_TOKEN") or None)
+        info = api.dataset_info(repo_id, revision=revision)
         return info.sha, sorted(s.rfilename for s in (info.siblings or []))
 
     commit, files = _with_retries(call, f"dataset {repo_id}@{revision}", attempts=4, backoff=1.0)

@@ -163,9 +163,3 @@ def tokenizer_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dic
 # a tokenizer belongs to its data, not to a model depth: runs/tokenizer/tok_<data.tokenizer>/
 STAGE = Stage("tokenizer", schema=TokenizerStageConfig, planner=tokenizer_plan, worker=run,
               tag=lambda cfg: f"tok_{cfg.data.tokenizer}", result=TokenizerResult)
-
-
-if __name__ == "__main__":  # same as `python -m nanochat.stages._entry --config ...`
-    import sys
-    from nanochat.stages._entry import main
-    sys.exit(main())

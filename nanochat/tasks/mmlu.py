@@ -41,10 +41,9 @@ def _read_subject_csvs(d: Path, split: str, header: bool) -> list[dict]:
 def _read_local(root: Path, subset: str, split: str) -> list[dict] | None:
     base = root / "mmlu"
     if subset == "auxiliary_train":
-        for name in ("auxiliary_train.jsonl", "auxiliary_train.jsonl.gz", "auxiliary_train.parquet"):
-            if (base / name).exists():
-                return load_files(base / name)
-        return None
+        found = next((base / f"auxiliary_train.{e}" for e in ("jsonl", "jsonl.gz", "parquet")
+                      if (base / f"auxiliary_train.{e}").exists()), None)
+        return load_files(found) if found else None
     if split in ("test", "dev") and (base / "cais_mmlu" / split).is_dir():
         return _read_subject_csvs(base / "cais_mmlu" / split, split, header=True)
     if split == "validation" and (base / "hendrycks_test_2020" / "val").is_dir():

@@ -317,11 +317,9 @@ def _open_text(path: Path):
 
 def _read_local_docs(path: Path, txt_doc_chars: int = 4000) -> list[str]:
     """Documents of one local file. A txt file is cut into ~txt_doc_chars docs at blank lines."""
-    name = path.name
-    if name.endswith(".parquet"):
-        pf = open_shard(path)
-        return [t for t in pf.read(columns=[TEXT_COLUMN]).column(0).to_pylist() if t]
-    if name.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
+    if path.name.endswith(".parquet"):
+        return [t for t in open_shard(path).read(columns=[TEXT_COLUMN]).column(0).to_pylist() if t]
+    if path.name.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
         docs = []
         with _open_text(path) as f:
             for lineno, line in enumerate(f, 1):

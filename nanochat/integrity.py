@@ -39,7 +39,7 @@ def write_rank_manifest(ckpt_dir: Path, rank: int, names: list[str]) -> None:
                       {n: {"sha256": sha256_file(ckpt_dir / n), "bytes": (ckpt_dir / n).stat().st_size} for n in names})
 
 
-def write_manifest(ckpt_dir: Path, step: int, world_size: int) -> dict:
+def write_manifest(ckpt_dir: Path, step: int, world_size: int) -> None:
     """Merge every rank's manifest into MANIFEST.json (rank 0, after all ranks wrote theirs)."""
     files: dict = {}
     for r in range(world_size):
@@ -47,9 +47,7 @@ def write_manifest(ckpt_dir: Path, step: int, world_size: int) -> dict:
         if not path.exists():
             raise FileNotFoundError(f"{path}: rank {r} did not record its checkpoint files")
         files.update(read_json(path))
-    manifest = {"step": step, "world_size": world_size, "files": files}
-    atomic_write_json(ckpt_dir / MANIFEST, manifest)
-    return manifest
+    atomic_write_json(ckpt_dir / MANIFEST, {"step": step, "world_size": world_size, "files": files})
 
 
 def verify(ckpt_dir: str | Path) -> list[str]:
@@ -90,16 +88,6 @@ def quarantine(ckpt_dir: Path) -> Path:
     return dest
 
 
-def restore_interrupted_commit(run_dir: Path) -> None:
-    """A kill while re-saving a step can leave the old copy as `.old_step_X` with no `step_X`
-    (checkpoint._commit moves it aside first): put it back."""
-    root = Path(run_dir) / "checkpoints"
-    for old in root.glob(".old_step_*") if root.is_dir() else []:
-        final = old.with_name(old.name.removeprefix(".old_"))
-        if not final.exists():
-            old.rename(final)
-
-
 def _warn(msg: str) -> None:
     print(f"[nanochat] warning: {msg}", file=sys.stderr, flush=True)
 
@@ -111,7 +99,12 @@ def select_resume_checkpoint(run_dir: Path, policy: str) -> Optional[Path]:
     under `auto` the run falls back to the previous good one. All bad is an error either way:
     starting over would silently throw the run away.
     """
-    restore_interrupted_commit(run_dir)
+    # a kill while re-saving a step can leave the old copy as `.old_step_X` with no `step_X`
+    # (checkpoint._commit moves it aside first): put it back
+    for old in (Path(run_dir) / "checkpoints").glob(".old_step_*"):
+        final = old.with_name(old.name.removeprefix(".old_"))
+        if not final.exists():
+            old.rename(final)
     ckpts = list_checkpoints(run_dir)
     for i, ck in enumerate(reversed(ckpts)):
         problems = verify(ck)

@@ -199,19 +199,6 @@ def _built_split(out: Path, split: str, what: str, val_fraction: float,
 
 # ---------------------------------------------------------------------- demo corpus
 
-def _stdlib_files() -> list[Path]:
-    """The standard library's .py files (no tests, no site-packages), in a fixed order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "site-packages", "dist-packages", "idlelib", "lib2to3", "__pycache__",
-            "turtledemo", "pydoc_data"}
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("."))
-        files.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
-    files.sort(key=lambda p: p.relative_to(root).as_posix())
-    return files
-
-
 def _module_docs(path: Path, root: Path, max_doc_chars: int = 6000) -> list[str]:
     """One module → documents: its docstrings as prose, and its source in top-level chunks."""
     try:
@@ -256,8 +243,15 @@ def build_demo_docs(demo_chars: int) -> list[str]:
     """Deterministic documents (same list for the same Python version), `demo_chars` chars in total."""
     if demo_chars <= 0:
         raise ValueError(f"data.demo_chars={demo_chars}: must be positive")
+    # the standard library's .py files (no tests, no site-packages), in a fixed order
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = _stdlib_files()
+    skip = {"test", "tests", "site-packages", "dist-packages", "idlelib", "lib2to3", "__pycache__",
+            "turtledemo", "pydoc_data"}
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("."))
+        files.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
+    files.sort(key=lambda p: p.relative_to(root).as_posix())
     random.Random(1337).shuffle(files)  # interleave packages, so a small corpus is still diverse
     docs: list[str] = []
     total = 0

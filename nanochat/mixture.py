@@ -107,10 +107,6 @@ class MixedDocs:
         self.cap = seq_len + 1 if data_cfg.packing == "bestfit" else None
         self.counts: list[int] = []
 
-    def _jitter(self, n: int) -> list[float]:
-        d = hashlib.shake_128(f"{self.key}/{n}".encode()).digest(4 * len(self.subs))
-        return [int.from_bytes(d[4 * k:4 * k + 4], "little") / 2 ** 32 for k in range(len(self.subs))]
-
     def iter_docs(self, start: tuple | None, inclusive: bool, stop) -> Iterator[tuple[tuple, list[int]]]:
         K = len(self.subs)
         n, counts, lasts = (0, [0] * K, [None] * K) if start is None else (start[1], list(start[2]), list(start[3]))
@@ -123,7 +119,8 @@ class MixedDocs:
         its = [sub.iter_docs(q, inclusive=q is None, stop=stop) for q, sub in zip(lasts, self.subs)]
         live = [k for k in range(len(self.subs)) if self.w[k] > 0]
         while True:
-            u = self._jitter(n)
+            d = hashlib.shake_128(f"{self.key}/{n}".encode()).digest(4 * len(self.subs))  # jitter in [0, 1)
+            u = [int.from_bytes(d[4 * k:4 * k + 4], "little") / 2 ** 32 for k in range(len(self.subs))]
             k = min(live, key=lambda k: (counts[k] + self.span * u[k]) / self.w[k])
             nxt = next(its[k], None)
             if nxt is None:  # finite epochs (max_epochs) or a stop: the first source to end ends the mixture

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ast
 import difflib
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 from nanochat.tasks.arc import ARC
 from nanochat.tasks.arithmetic import Arithmetic
@@ -94,13 +94,6 @@ def normalize_name(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def parse_spec(spec: str | Mapping) -> tuple[str, dict]:
     """'name', 'name:k=v,k=v', 'customjson:<path>' or {'name': ..., **kwargs} → (name, kwargs)."""
     if isinstance(spec, Mapping):
@@ -124,7 +117,10 @@ def parse_spec(spec: str | Mapping) -> tuple[str, dict]:
         k, eq, v = item.partition("=")
         if not eq or not k.strip():
             raise ValueError(f"task spec {spec!r}: options after ':' are key=value pairs, e.g. 'spellingbee:size=200'")
-        kw[k.strip()] = _parse_value(v.strip())
+        try:
+            kw[k.strip()] = ast.literal_eval(v.strip())
+        except (ValueError, SyntaxError):  # a bare word: the text itself
+            kw[k.strip()] = v.strip()
     return name, kw
 
 

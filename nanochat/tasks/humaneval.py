@@ -21,12 +21,6 @@ def extract_imports(prompt: str) -> str:
     return "\n".join(s for s in head if s.startswith(("import ", "from ")))
 
 
-def extract_program(completion: str) -> str:
-    """The code in the first fenced block if there is one, else the whole completion."""
-    m = _FENCE_RE.search(completion)
-    return m.group(1) if m else completion
-
-
 class HumanEval(Task):
     def __init__(self, split: str = "test", data_dir: str | None = None, base_dir: str | None = None,
                  path: str | os.PathLike | None = None, timeout: float = 5.0, **kwargs):
@@ -53,7 +47,8 @@ class HumanEval(Task):
 
     def build_program(self, conversation: Conversation, completion: str) -> str:
         imports = extract_imports(conversation["messages"][0]["content"])
-        return "\n\n".join([imports, extract_program(completion), conversation["test"],
+        fenced = _FENCE_RE.search(completion)  # the code in the first fenced block, else the whole completion
+        return "\n\n".join([imports, fenced.group(1) if fenced else completion, conversation["test"],
                             f"check({conversation['entry_point']})\n"])
 
     def evaluate(self, conversation: Conversation, completion: str) -> bool:

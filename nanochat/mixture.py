@@ -72,12 +72,10 @@ def check_mixture(data: DataConfig) -> None:
 
 def source_configs(data: DataConfig) -> dict[str, DataConfig]:
     """{source name: that source alone as a DataConfig} (tokenizer and packing from the mixture)."""
-    out = {}
-    for src, entry in data.mixture.items():
-        tree = {k: getattr(data, k) for k in INHERITED}
-        tree.update({k: v for k, v in entry.items() if k in SOURCE_KEYS}, name=str(src), source=entry["name"])
-        out[str(src)] = _build(DataConfig, tree, f"data.mixture.{src}")
-    return out
+    inherited = {k: getattr(data, k) for k in INHERITED}
+    return {str(src): _build(DataConfig, {**inherited, **{k: v for k, v in entry.items() if k in SOURCE_KEYS},
+                                          "name": str(src), "source": entry["name"]}, f"data.mixture.{src}")
+            for src, entry in data.mixture.items()}
 
 
 def weights(data: DataConfig) -> dict[str, float]:

@@ -265,8 +265,7 @@ def build_demo_docs(demo_chars: int) -> list[str]:
 
 def _demo_shards(data_cfg: DataConfig, base_dir: Path, split: str) -> list[Path]:
     pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    key = f"py{pyver}_c{data_cfg.demo_chars}_v{data_cfg.val_fraction}_b{DEMO_VERSION}"
-    out = base_dir / "data" / "demo" / key
+    out = base_dir / "data" / "demo" / f"py{pyver}_c{data_cfg.demo_chars}_v{data_cfg.val_fraction}_b{DEMO_VERSION}"
 
     def build() -> tuple[list[str], dict]:
         t0 = time.time()

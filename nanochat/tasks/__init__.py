@@ -54,7 +54,7 @@ def _held_out(split: str, have: tuple[str, ...]) -> str:
     raise ValueError(f"split={split!r}: this task has splits {have}")
 
 
-def _on(cls: Callable[..., Task], have: tuple[str, ...] = ("train", "test"), **fixed) -> Callable[..., Task]:
+def _builder(cls: Callable[..., Task], have: tuple[str, ...] = ("train", "test"), **fixed) -> Callable[..., Task]:
     """A builder: `cls` on the task's own split for the stage's (`_held_out`), with `fixed` options."""
     return lambda split, **kw: cls(split=_held_out(split, have), **fixed, **kw)
 
@@ -66,17 +66,17 @@ def _mmlu(split: str, **kw):
 
 
 _BUILDERS: dict[str, Callable[..., Task]] = {
-    "arc_easy": _on(ARC, ("train", "validation", "test"), subset="ARC-Easy"),
-    "arc_challenge": _on(ARC, ("train", "validation", "test"), subset="ARC-Challenge"),
+    "arc_easy": _builder(ARC, ("train", "validation", "test"), subset="ARC-Easy"),
+    "arc_challenge": _builder(ARC, ("train", "validation", "test"), subset="ARC-Challenge"),
     "mmlu": _mmlu,
     "mmlu_aux": _mmlu,
     "mmlu_auxiliary_train": _mmlu,
-    "gsm8k": _on(GSM8K),
-    "humaneval": _on(HumanEval, ("test",)),
-    "smoltalk": _on(SmolTalk),
-    "spellingbee": _on(SpellingBee),
-    "simplespelling": _on(SimpleSpelling),
-    "arithmetic": _on(Arithmetic),
+    "gsm8k": _builder(GSM8K),
+    "humaneval": _builder(HumanEval, ("test",)),
+    "smoltalk": _builder(SmolTalk),
+    "spellingbee": _builder(SpellingBee),
+    "simplespelling": _builder(SimpleSpelling),
+    "arithmetic": _builder(Arithmetic),
     "identity": lambda split, **kw: identity_conversations(**kw),
     "customjson": lambda split, **kw: CustomJSON(**kw),
     # a split written in the source wins; else the stage's, with "val" meaning the test split

@@ -132,7 +132,9 @@ class TaskSequence(TaskMixture):
 
 class Synthetic(Task):
     """`size` examples, each a pure function of (split, index): drawn by a seeded RNG (other seeds for test),
-    with train and test kept apart by a hash (`in_test`: one item in ten). Graded by the number after '####'."""
+    with train and test kept apart by a hash (`in_test`). Graded by the number after '####'."""
+    test_every = 10                # one item in ten (by hash) is held out for test
+    test_seed_offset = 10_000_000  # test examples come from other seeds
 
     def __init__(self, split: str = "train", size: int = 1000, **kwargs):
         super().__init__(**kwargs)
@@ -140,12 +142,12 @@ class Synthetic(Task):
             raise ValueError(f"{type(self).__name__} split={split!r}: use train or test")
         self.split, self.size = split, size
 
-    @staticmethod
-    def in_test(key: str) -> bool:
-        return zlib.crc32(key.encode()) % 10 == 0
+    @classmethod
+    def in_test(cls, key: str) -> bool:
+        return zlib.crc32(key.encode()) % cls.test_every == 0
 
     def rng(self, index: int) -> random.Random:
-        return random.Random(index + (10_000_000 if self.split == "test" else 0))
+        return random.Random(index + (self.test_seed_offset if self.split == "test" else 0))
 
     def num_examples(self) -> int:
         return self.size

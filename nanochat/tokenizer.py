@@ -120,30 +120,25 @@ class Tokenizer:
         ids: list[int] = [self.bos_token_id]
         mask: list[int] = [0]
 
-        def add(text: str, m: int, around: tuple[str, str] | None = None) -> None:
-            tokens = self.enc.encode_ordinary(text)
-            if around is not None:
-                tokens = [sp[around[0]], *tokens, sp[around[1]]]
+        def add(tokens: list[int], m: int) -> None:
             ids.extend(tokens)
             mask.extend([m] * len(tokens))
 
         for i, message in enumerate(messages):
             expected = "user" if i % 2 == 0 else "assistant"
-            role = message.get("role")
+            role, content = message.get("role"), message.get("content")
             if role != expected:
                 raise ValueError(f"message {i} has role {role!r} but {expected!r} was expected: roles must "
                                  "alternate user/assistant (an optional system message may come first)")
-            content = message.get("content")
             if role == "user":
-                add(_text_content(message, i), 0, ("<|user_start|>", "<|user_end|>"))
+                add([sp["<|user_start|>"], *self.enc.encode_ordinary(_text_content(message, i)), sp["<|user_end|>"]], 0)
                 continue
             if isinstance(content, str):
                 content = [{"type": "text", "text": content}]
             elif not isinstance(content, list):
                 raise ValueError(f"message {i}: content must be a str or a list of parts, "
                                  f"got {type(content).__name__}")
-            ids.append(sp["<|assistant_start|>"])
-            mask.append(0)
+            add([sp["<|assistant_start|>"]], 0)
             for j, part in enumerate(content):
                 kind, text = (part.get("type"), part.get("text")) if isinstance(part, dict) else (None, None)
                 if not isinstance(text, str):
@@ -152,9 +147,9 @@ class Tokenizer:
                     raise ValueError(f"message {i} part {j}: unknown type {kind!r}; "
                                      "use text, python or python_output")
                 around, m = _PARTS[kind]
-                add(text, m, around)
-            ids.append(sp["<|assistant_end|>"])
-            mask.append(1)
+                tokens = self.enc.encode_ordinary(text)
+                add([sp[around[0]], *tokens, sp[around[1]]] if around else tokens, m)
+            add([sp["<|assistant_end|>"]], 1)
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation: dict) -> list[int]:

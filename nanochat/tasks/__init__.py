@@ -135,12 +135,11 @@ def make_task(spec: str | Mapping, split: str, data_dir: str | None = None, base
         raise ValueError(f"unknown task {name!r}: {hint}known tasks: {', '.join(TASK_NAMES)}, customjson:<path>, "
                          "hub:<owner>/<name>[:config][:split]")
     kwargs = {**spec_kw, **kw}
-    if name == "customjson":
-        if "path" not in kwargs:
-            raise ValueError("task 'customjson' needs a file: 'customjson:/path/to/file.jsonl'")
-    elif name == "hub" and not kwargs.get("repo"):
+    if name == "customjson" and "path" not in kwargs:
+        raise ValueError("task 'customjson' needs a file: 'customjson:/path/to/file.jsonl'")
+    if name == "hub" and not kwargs.get("repo"):
         raise ValueError("task 'hub' needs a dataset: 'hub:<owner>/<name>[:config][:split]'")
-    else:
+    if name != "customjson":  # the others find their data under data_dir, or download into base_dir
         kwargs.update(data_dir=data_dir, base_dir=base_dir)
     try:
         return _BUILDERS[name](split, **kwargs)

@@ -377,7 +377,7 @@ class KVCache:
         self.k[:, rows, :, :n] = src.k[:, src_row:src_row + 1, :, :n]
         self.v[:, rows, :, :n] = src.v[:, src_row:src_row + 1, :, :n]
         self.pos[rows] = n
-        self.last_x[rows] = src.last_x[src_row]
+        self.last_x[rows] = src.last_x[src_row].clone()   # src may be this cache (row compaction): no aliasing
 
 
 # ----------------------------------------------------------------------------- modules

@@ -392,3 +392,16 @@ def test_building_and_running_a_model_does_not_import_dynamo():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout[-500:]
+
+
+def test_kv_cache_copies_a_row_within_itself():
+    """The serving scheduler compacts rows by copying the highest one down inside the same cache."""
+    from nanochat.gpt import KVCache
+    c = KVCache(batch_size=3, num_kv_heads=1, max_len=8, head_dim=4, num_layers=2, n_embd=6)
+    for t in (c.k, c.v, c.last_x):
+        t.copy_(torch.randn_like(t))
+    c.pos[2] = 5
+    want = (c.k[:, 2, :, :5].clone(), c.v[:, 2, :, :5].clone(), c.last_x[2].clone())
+    c.copy_rows_from(c, src_row=2, dst_rows=[0])
+    assert torch.equal(c.k[:, 0, :, :5], want[0]) and torch.equal(c.v[:, 0, :, :5], want[1])
+    assert torch.equal(c.last_x[0], want[2]) and int(c.pos[0]) == 5

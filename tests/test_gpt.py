@@ -396,7 +396,6 @@ def test_building_and_running_a_model_does_not_import_dynamo():
 
 def test_kv_cache_copies_a_row_within_itself():
     """The serving scheduler compacts rows by copying the highest one down inside the same cache."""
-    from nanochat.gpt import KVCache
     c = KVCache(batch_size=3, num_kv_heads=1, max_len=8, head_dim=4, num_layers=2, n_embd=6)
     for t in (c.k, c.v, c.last_x):
         t.copy_(torch.randn_like(t))

@@ -89,21 +89,21 @@ class RowState:
 
 class Engine:
     def __init__(self, model, tokenizer):
-        self.model = model
-        self.tokenizer = tokenizer
-        t = tokenizer
-        self.bos = t.get_bos_token_id()
-        self.assistant_end = t.encode_special("<|assistant_end|>")
-        self.python_start = t.encode_special("<|python_start|>")
-        self.python_end = t.encode_special("<|python_end|>")
-        self.output_start = t.encode_special("<|output_start|>")
-        self.output_end = t.encode_special("<|output_end|>")
+        self.model, self.tokenizer = model, tokenizer
+        self.bos = tokenizer.get_bos_token_id()
+        self.assistant_end, self.python_start, self.python_end, self.output_start, self.output_end = (
+            tokenizer.encode_special(f"<|{name}|>")
+            for name in ("assistant_end", "python_start", "python_end", "output_start", "output_end"))
 
     def new_row(self, prompt: list[int]) -> RowState:
-        """Decoding state for a sequence that continues `prompt` (which may end inside a tool call)."""
-        row = RowState()
-        self._scan_prompt(row, prompt)
-        return row
+        """Decoding state for a sequence that continues `prompt`: a prompt may end inside an open tool
+        call (continuing a cut-off answer), which the row picks up."""
+        for i in range(len(prompt) - 1, -1, -1):
+            if prompt[i] in (self.python_end, self.assistant_end, self.bos):
+                break
+            if prompt[i] == self.python_start:
+                return RowState(in_python=True, python_tokens=list(prompt[i + 1:]))
+        return RowState()
 
     def advance(self, row: RowState, sampled: int) -> tuple[int, int]:
         """The token this row emits now and its mask: a forced tool-output token (mask 0) if one is
@@ -123,16 +123,6 @@ class Engine:
         elif row.in_python:
             row.python_tokens.append(token)
         return token, mask
-
-    def _scan_prompt(self, row: RowState, tokens: list[int]) -> None:
-        """A prompt may end inside an open tool call (continuing a cut-off answer): pick it up."""
-        for i in range(len(tokens) - 1, -1, -1):
-            if tokens[i] in (self.python_end, self.assistant_end, self.bos):
-                return
-            if tokens[i] == self.python_start:
-                row.in_python = True
-                row.python_tokens = list(tokens[i + 1:])
-                return
 
     def _tool_result(self, expr_tokens: list[int]) -> list[int]:
         """Forced tokens for a finished tool call ([] when the calculator refuses the expression)."""

@@ -31,10 +31,11 @@ from typing import AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nanochat.serve.limits import ChatRequest, Defaults, Limits, RequestError, parse_chat_request, render_prompt
 from nanochat.serve import schema
-from nanochat.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from nanochat.serve.metrics import ServerMetrics
 from nanochat.serve.scheduler import Event, QueueFull, ReplicaPool, SamplingParams, ShuttingDown
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -113,14 +114,8 @@ class _EventStream(Response):
         self.sub, self.frames = sub, frames   # frames(batch, last): the text of a batch of events
 
     async def __call__(self, scope, receive, send) -> None:
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            self.sub.cancel()
-
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        watcher = asyncio.ensure_future(watch())
-        batches = self.sub.batches()
+        batches = self.sub.batches(receive)
         try:
             async for batch, last in batches:   # the last frames and the end of the body: one write
                 await send({"type": "http.response.body", "body": self.frames(batch, last).encode(),
@@ -128,7 +123,6 @@ class _EventStream(Response):
         except OSError:         # the connection broke mid-write
             self.sub.cancel()
         finally:
-            watcher.cancel()
             await batches.aclose()
 
 
@@ -171,9 +165,16 @@ class _Submission:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": self.prompt_tokens + completion}
 
-    async def batches(self) -> AsyncIterator[tuple[list[tuple[int, Event]], bool]]:
+    async def batches(self, receive: Callable) -> AsyncIterator[tuple[list[tuple[int, Event]], bool]]:
         """(list of (choice index, event), last): as many events as have arrived, until every sequence
-        is done (a stream writes each list at once); cancels the sequences if the consumer goes away."""
+        is done (a stream writes each list at once); cancels the sequences if the consumer goes away or
+        the client disconnects (the ASGI `receive` says http.disconnect once the body has been read)."""
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.cancel()
+
+        watcher = asyncio.ensure_future(watch())
         left = len(self.seqs)
         try:
             while left:
@@ -183,6 +184,7 @@ class _Submission:
                 left -= sum(ev.kind == "done" for _, ev in batch)
                 yield _merged(batch), not left
         finally:
+            watcher.cancel()
             self.cancel()   # no-op for finished sequences; frees the rows of a disconnected client
 
 
@@ -262,7 +264,7 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
         if req.stream:
             return _EventStream(sub, _openai_frames(sub, cid, created, req.include_usage))
         texts, reasons = [""] * len(sub.seqs), [None] * len(sub.seqs)
-        for i, ev in await _until_done(sub, request):
+        for i, ev in [item async for batch, _ in sub.batches(request.receive) for item in batch]:
             if ev.kind == "done":
                 reasons[i] = ev.finish_reason
             else:
@@ -352,7 +354,7 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
     async def prom():
         metrics.queue.set(sum(len(s.waiting) for s in pool.schedulers))
         metrics.active.set(sum(s.active() for s in pool.schedulers))
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
@@ -414,17 +416,3 @@ def _responses(ok: dict, what: str, auth: bool, body: bool = False, queue: bool 
         out[503] = {**err, "description": "the server is shutting down"}
     return out
 
-
-async def _until_done(sub: _Submission, request: Request) -> list[tuple[int, Event]]:
-    """A non-streaming request's events; a client that goes away meanwhile cancels its sequences
-    (they end at the scheduler's next step)."""
-    async def watch() -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.5)
-        sub.cancel()
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        return [item async for batch, _ in sub.batches() for item in batch]
-    finally:
-        watcher.cancel()

@@ -259,7 +259,6 @@ class Scheduler:
         self.prefilling: list[Optional[_Group]] = [None] * self.prefill_rows
         self.waiting: deque[_Group] = deque()
         self.special_names = {tokenizer.encode_special(n): n for n in tokenizer.get_special_tokens()}
-        self.end_tokens = {self.engine.assistant_end, self.engine.bos}
         self._cv = threading.Condition()
         self._stopping = False
         self._accepting = True
@@ -574,7 +573,7 @@ class Scheduler:
         seq.tokens.append(token)
         self.generated += 1
         self.observer.generated.inc()
-        if token in self.end_tokens or seq.emit_token(token, self.tokenizer, self.special_names):
+        if seq.state.done or seq.emit_token(token, self.tokenizer, self.special_names):
             self._free(seq, "stop")   # the model ended the answer, or a stop string did
         elif len(seq.tokens) >= min(seq.params.max_tokens, self.context - len(seq.prompt)):
             self._free(seq, "length")

@@ -108,30 +108,20 @@ class Engine:
     def advance(self, row: RowState, sampled: int) -> tuple[int, int]:
         """The token this row emits now and its mask: a forced tool-output token (mask 0) if one is
         queued, else `sampled` (mask 1). Updates the row's tool state and `done`."""
-        if row.forced:
-            token, mask = row.forced.popleft(), 0
-        else:
-            token, mask = sampled, 1
+        token, mask = (row.forced.popleft(), 0) if row.forced else (sampled, 1)
         if token in (self.assistant_end, self.bos):
             row.done, row.end_token = True, token
         elif token == self.python_start:
             row.in_python, row.python_tokens = True, []
         elif token == self.python_end and row.in_python:
             row.in_python = False
-            row.forced.extend(self._tool_result(row.python_tokens))
+            result = use_calculator(self.tokenizer.decode(row.python_tokens))   # None: the calculator refuses it
+            if result is not None:
+                row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
             row.python_tokens = []
         elif row.in_python:
             row.python_tokens.append(token)
         return token, mask
-
-    def _tool_result(self, expr_tokens: list[int]) -> list[int]:
-        """Forced tokens for a finished tool call ([] when the calculator refuses the expression)."""
-        if not expr_tokens:
-            return []
-        result = use_calculator(self.tokenizer.decode(expr_tokens))
-        if result is None:
-            return []
-        return [self.output_start, *self.tokenizer.encode(result), self.output_end]
 
     @torch.inference_mode()
     def generate(self, tokens: list[int] | list[list[int]], num_samples: int = 1, max_tokens: Optional[int] = None,

@@ -216,7 +216,10 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
             raise RequestError("missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
                                None, "invalid_api_key", status=401, headers={"WWW-Authenticate": "Bearer"})
 
-    async def read_request(request: Request) -> ChatRequest:
+    async def accept(request: Request, one: bool = False) -> tuple[ChatRequest, _Submission]:
+        """A chat route's request: key, body and limits checked, its sequences queued (`one`: a single
+        answer whatever `n` says); raises RequestError (401, 400, 413, 429, 503)."""
+        check_key(request)
         declared = request.headers.get("content-length", "")
         size = int(declared) if declared.isdigit() else 0
         if size <= limits.max_body_bytes:   # a declared size over the limit is refused unread
@@ -229,9 +232,8 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise RequestError(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
-        return parse_chat_request(body, limits, defaults)
-
-    def submit(req: ChatRequest) -> _Submission:
+        req = parse_chat_request(body, limits, defaults)
+        req.n = 1 if one else req.n
         try:
             if app.state.draining:
                 raise ShuttingDown()
@@ -241,26 +243,25 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
             prompt = render_prompt(tokenizer, req.messages, pool.context)
             if app.state.mailbox is None:
                 app.state.mailbox = _Mailbox(asyncio.get_running_loop(), settings.stream_interval_ms / 1000)
-            return _Submission(pool, prompt, req, defaults.seed, app.state.mailbox)
+            sub = _Submission(pool, prompt, req, defaults.seed, app.state.mailbox)
         except QueueFull as e:
             raise RequestError(str(e), None, "rate_limit_exceeded", status=429, type="rate_limit_error",
                                headers={"Retry-After": str(settings.retry_after_s)}) from None
         except ShuttingDown:
             raise RequestError("the server is shutting down", None, "shutting_down", status=503,
                                type="server_error") from None
+        metrics.request(request.url.path, 200)
+        return req, sub
 
     # ------------------------------------------------------------------ OpenAI
     @app.post("/v1/chat/completions", responses=_responses(
         {"application/json": schema.ChatCompletion, "text/event-stream": schema.ChatCompletionChunk},
         "the answer: JSON, or with `stream` an event stream of chat.completion.chunk objects ending in "
-        "`data: [DONE]`", key is not None, body=True, queue=True), openapi_extra=_body("ChatCompletionRequest"))
+        "`data: [DONE]`", key is not None, chat=True), openapi_extra=_body("ChatCompletionRequest"))
     async def chat_completions(request: Request):
-        check_key(request)
-        req = await read_request(request)
-        sub = submit(req)
+        req, sub = await accept(request)
         cid = f"chatcmpl-{next(ids):024x}"
         created = int(time.time())
-        metrics.request("/v1/chat/completions", 200)
         if req.stream:
             return _EventStream(sub, _openai_frames(sub, cid, created, req.include_usage))
         texts, reasons = [""] * len(sub.seqs), [None] * len(sub.seqs)
@@ -314,14 +315,10 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
     # ------------------------------------------------------------------ nanochat's protocol
     @app.post("/chat/completions", responses=_responses(
         {"text/event-stream": schema.NanochatEvent}, "an event stream: `data: {\"token\": ...}` events, then "
-        "`data: {\"done\": true, ...}`", key is not None, body=True, queue=True),
+        "`data: {\"done\": true, ...}`", key is not None, chat=True),
         openapi_extra=_body("NanochatChatRequest"))
     async def nanochat_chat(request: Request):
-        check_key(request)
-        req = await read_request(request)
-        req.n = 1
-        sub = submit(req)
-        metrics.request("/chat/completions", 200)
+        _, sub = await accept(request, one=True)
         replica = sub.seqs[0].replica
 
         def frame(ev: Event) -> str:
@@ -373,7 +370,6 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
             _, defs = models_json_schema(bodies, ref_template="#/components/schemas/{model}")
             components = doc.setdefault("components", {})
             components.setdefault("schemas", {}).update(defs["$defs"])
-            schema.patch_schema(components["schemas"], limits)
             if key is not None:
                 components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
                 for path in ("/v1/chat/completions", "/v1/models", "/chat/completions"):
@@ -401,16 +397,17 @@ def _schema(media: str, model) -> dict:
     return {"type": "object", "required": ["data"], "properties": {"data": data}}
 
 
-def _responses(ok: dict, what: str, auth: bool, body: bool = False, queue: bool = False) -> dict:
-    """OpenAPI responses of a route: 200 in the given media types, and its error statuses."""
+def _responses(ok: dict, what: str, auth: bool, chat: bool = False) -> dict:
+    """OpenAPI responses of a route: 200 in the given media types, and its error statuses (a chat route
+    reads a body and queues for the scheduler)."""
     out: dict = {200: {"description": what, "content": {media: {"schema": _schema(media, m)} for media, m in ok.items()}}}
     err = {"model": schema.ErrorResponse}
-    if body:
+    if chat:
         out[400] = {**err, "description": "bad input: the message names the field and the limit"}
         out[413] = {**err, "description": "the request body is larger than the limit"}
     if auth:
         out[401] = {**err, "description": "missing or incorrect API key (Authorization: Bearer <key>)"}
-    if queue:
+    if chat:
         out[429] = {**err, "description": "every row busy and the queue full; retry after Retry-After seconds",
                     "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}}
         out[503] = {**err, "description": "the server is shutting down"}

@@ -102,21 +102,15 @@ class Event:
     error: Optional[str] = None
 
 
-class QueueSink:
-    """Collect events in a thread-safe queue; iterate to block until `done`."""
+class QueueSink(queue.Queue):
+    """A sink that collects events in a thread-safe queue; iterate to block until `done`."""
 
-    def __init__(self) -> None:
-        self.q: queue.Queue[Event] = queue.Queue()
-
-    def __call__(self, event: Event) -> None:
-        self.q.put(event)
+    __call__ = queue.Queue.put
 
     def __iter__(self):
-        while True:
-            ev = self.q.get()
+        while (ev := self.get()).kind != "done":
             yield ev
-            if ev.kind == "done":
-                return
+        yield ev
 
 
 class Sequence:
@@ -185,8 +179,7 @@ class Sequence:
             kind = TOOL_KINDS.get(name)
             if kind is None:
                 return False                                # bos / assistant_end end the sequence elsewhere
-            if self.kind == "text":
-                self._flush_held()
+            self._flush_held()   # (nothing is held inside a tool call)
             self._send(kind, name)
             self.kind = INSIDE[kind]
             return False
@@ -195,9 +188,8 @@ class Sequence:
     def finish(self, reason: str, error: Optional[str] = None) -> None:
         if self.finished:
             return
-        if not self._stop_hit:
-            if not self._out(self._decoder.decode(b"", final=True)) and self.kind == "text":
-                self._flush_held()
+        if not self._stop_hit and not self._out(self._decoder.decode(b"", final=True)):
+            self._flush_held()
         self.finished = True
         self.sink(Event("done", finish_reason=reason, error=error))
 
@@ -274,10 +266,7 @@ class Scheduler:
 
     def _pick_tile(self, wanted: int) -> Optional[int]:
         """The smallest row tile, from `wanted` (then 4), whose rows are row-invariant; None if none is."""
-        for tile in dict.fromkeys((wanted, max(wanted, MIN_ROWS))):
-            if self._rows_are_independent(tile):
-                return tile
-        return None
+        return next((t for t in dict.fromkeys((wanted, max(wanted, MIN_ROWS))) if self._rows_are_independent(t)), None)
 
     @torch.inference_mode()
     def _rows_are_independent(self, tile: int) -> bool:

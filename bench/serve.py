@@ -261,7 +261,7 @@ async def measure(targets: dict[str, tuple[str, str]], args, prompts: list[str],
                     for name, out in outs.items():
                         res, wall = await arrivals(client, name, k, gap)
                         count(out, res)
-                        out["ttft_s"].setdefault(f"{pattern} {k}", []).extend(r["ttft"] for r in res)
+                        out["ttft_s"].setdefault(pattern, {}).setdefault(str(k), []).extend(r["ttft"] for r in res)
                         if name == "ours":
                             CLIENT_LOG.extend((pattern, k, prompts[i], r["t0"], r["first"]) for i, r in enumerate(res))
                         if pattern == "burst":
@@ -420,13 +420,9 @@ def summarize(res: dict) -> dict:
         xs = sorted(xs)
         at = lambda q: round(xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] * 1000, 1)   # noqa: E731
         return {"p50": at(0.5), "p95": at(0.95)}
-    ttft: dict = {}
-    for key, xs in res["ttft_s"].items():
-        pattern, k = key.split()
-        ttft.setdefault(pattern, {})[k] = pct(xs)
-    for pattern in list(ttft):
-        ttft[pattern]["all"] = pct([x for key, xs in res["ttft_s"].items() if key.startswith(pattern) for x in xs])
-    every = pct([x for xs in res["ttft_s"].values() for x in xs])
+    ttft = {pattern: {**{k: pct(xs) for k, xs in by_k.items()}, "all": pct([x for xs in by_k.values() for x in xs])}
+            for pattern, by_k in res["ttft_s"].items()}
+    every = pct([x for by_k in res["ttft_s"].values() for xs in by_k.values() for x in xs])
     return {"single_stream_tok_s": round(res["single_stream_tok_s"], 1),
             "aggregate_tok_s": {k: round(v, 1) for k, v in res["aggregate_tok_s"].items()},
             "ttft_ms": ttft, "ttft_ms_p50": every["p50"], "ttft_ms_p95": every["p95"],

@@ -501,8 +501,8 @@ class Scheduler:
         for i, g in busy:
             g.done += len(chunks[i])
             self.pre.pos[i] = g.done
-            if self.pre.last_x is not None:   # right padding ran past the last real token (smear's input)
-                self.pre.last_x[i] = self.model.embed(self.pre.pos.new_tensor(g.prompt[g.done - 1]))
+            # right padding ran past the last real token: its embedding is what smear reads next
+            self.pre.last_x[i] = self.model.embed(self.pre.pos.new_tensor(g.prompt[g.done - 1]))
             if g.done == len(g.prompt):
                 self._finish_prefill(g, i, logits[i, -1:])
 
@@ -520,8 +520,7 @@ class Scheduler:
         n = len(blocks) * self.prefix.block
         if blocks:
             self.prefix.read(blocks, self.pre.k[:, slot, :, :n], self.pre.v[:, slot, :, :n])
-            if self.pre.last_x is not None:
-                self.pre.last_x[slot] = self.model.embed(self.pre.pos.new_tensor(group.prompt[n - 1]))
+            self.pre.last_x[slot] = self.model.embed(self.pre.pos.new_tensor(group.prompt[n - 1]))
         self.pre.pos[slot] = n
         group.done = n
 

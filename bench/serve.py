@@ -210,14 +210,14 @@ async def one_stream(client, url: str, model: str, messages: list[dict], tokens:
             "total": time.perf_counter() - t0}
 
 
-async def measure(targets: dict[str, tuple[str, str]], args, prompts: list[str]) -> dict[str, dict]:
-    """{server: figures} for servers {name: (url, model name)} running side by side, measured in turns
-    (every repeat of every figure: each server once, one after the other), so that a machine whose load
-    changes from second to second favours none. Per server: the single-stream rate, then at each
-    concurrency k both arrival patterns: a burst (k requests at once; its tokens/s is the aggregate
-    figure) and staggered (one every --stagger-ms)."""
+async def measure(targets: dict[str, tuple[str, str]], args, prompts: list[str], outs: dict[str, dict]) -> None:
+    """Add to `outs` ({server: figures}) the figures of servers {name: (url, model name)} running side by
+    side, measured in turns (every repeat of every figure: each server once, one after the other), so
+    that a machine whose load changes from second to second favours none. Per server: the single-stream
+    rate, then at each concurrency k both arrival patterns: a burst (k requests at once; its tokens/s is
+    the aggregate figure) and staggered (one every --stagger-ms). Over rounds, the better rate per
+    figure is kept, every time to first token, and the counts added up."""
     import httpx
-    outs = {name: {"aggregate_tok_s": {}, "ttft_s": {}, "short_requests": 0, "requests": 0} for name in targets}
 
     def user(text: str) -> list[dict]:
         return [{"role": "user", "content": text}]
@@ -253,20 +253,20 @@ async def measure(targets: dict[str, tuple[str, str]], args, prompts: list[str])
             (n1, t1), (n2, t2) = best[name, short], best[name, args.tokens]
             # a machine busy with other work can make the long request no slower than the short one: then
             # the difference means nothing and the long request's rate (prefill included) stands in for it
-            out["single_stream_tok_s"] = (n2 - n1) / (t2 - t1) if t2 > t1 and n2 > n1 else n2 / t2
+            rate = (n2 - n1) / (t2 - t1) if t2 > t1 and n2 > n1 else n2 / t2
+            out["single_stream_tok_s"] = max(rate, out.get("single_stream_tok_s", 0.0))
         for k in args.streams:
             for _ in range(args.repeats):
                 for pattern, gap in (("burst", 0.0), ("staggered", args.stagger_ms / 1000)):
                     for name, out in outs.items():
                         res, wall = await arrivals(client, name, k, gap)
                         count(out, res)
-                        out["ttft_s"].setdefault(f"{pattern} {k}", []).extend(r["ttft"] for r in res)
+                        out["ttft_s"].setdefault(pattern, {}).setdefault(str(k), []).extend(r["ttft"] for r in res)
                         if name == "ours":
                             CLIENT_LOG.extend((pattern, k, prompts[i], r["t0"], r["first"]) for i, r in enumerate(res))
                         if pattern == "burst":
                             rate = sum(r["n"] for r in res) / wall
                             out["aggregate_tok_s"][str(k)] = max(rate, out["aggregate_tok_s"].get(str(k), 0.0))
-    return outs
 
 
 async def multi_turn(url: str, model: str, args) -> dict:
@@ -289,38 +289,28 @@ async def multi_turn(url: str, model: str, args) -> dict:
 
 # --------------------------------------------------------------------------- servers
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(server: subprocess.Popen, url: str, name: str) -> None:
-    import httpx
-    t0 = time.time()
-    while True:
-        try:
-            if httpx.get(url + "health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None or time.time() - t0 > 600:
-            raise SystemExit(f"bench/serve.py: {name} did not start")
-        time.sleep(0.3)
-
-
 def run_servers(servers: dict[str, list[str]], env: dict, work):
-    """Start the servers {name: command} side by side, wait until each is ready, return `work({name: url})`
-    and stop them."""
+    """Start the servers {name: command} side by side, wait until each is ready (/health answers 200),
+    return `work({name: url})` and stop them."""
+    import httpx
     procs, urls = {}, {}
     try:
         for name, cmd in servers.items():
-            port = free_port()
+            with socket.socket() as sock:   # a free port
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
             procs[name] = subprocess.Popen([c.replace("{port}", str(port)) for c in cmd], env=env,
                                            stdout=None if name == "ours" else subprocess.DEVNULL)
             urls[name] = f"http://127.0.0.1:{port}/"
         for name, proc in procs.items():
-            wait_ready(proc, urls[name], name)
+            t0 = time.time()
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(urls[name] + "health", timeout=2).status_code == 200:
+                        break
+                if proc.poll() is not None or time.time() - t0 > 600:
+                    raise SystemExit(f"bench/serve.py: {name} did not start")
+                time.sleep(0.3)
         return work(urls)
     finally:
         for proc in procs.values():
@@ -402,7 +392,8 @@ def main() -> None:
                         "--dtype", "float32", "--continuous-batching", "--cb-block-size", str(CB_BLOCK),
                         "--cb-num-blocks", str(-(-capacity // CB_BLOCK))]
             print("[bench] peer: " + " ".join(peer_cmd).replace("{port}", "<port>"), flush=True)
-        ours = peer = None
+        figures = {name: {"aggregate_tok_s": {}, "ttft_s": {}, "short_requests": 0, "requests": 0}
+                   for name in (["ours", "peer"] if peer_cmd else ["ours"])}
         if args.trace:
             Path(args.trace).mkdir(parents=True, exist_ok=True)
         for r in range(args.rounds):
@@ -411,26 +402,15 @@ def main() -> None:
             models = {"ours": "bench"}
             if peer_cmd:
                 servers["peer"], models["peer"] = peer_cmd, str(hf)
-            res = run_servers(servers, env, lambda urls: asyncio.run(
-                measure({k: (u, models[k]) for k, u in urls.items()}, args, prompts)))
-            ours, peer = best_of(ours, res["ours"]), peer_cmd and best_of(peer, res["peer"])
+            run_servers(servers, env, lambda urls: asyncio.run(
+                measure({k: (u, models[k]) for k, u in urls.items()}, args, prompts, figures)))
             if args.trace:
                 Path(args.trace, f"client{r}.json").write_text(json.dumps(CLIENT_LOG))
         turns = {}
         for label, mb in (("cache_on", 256.0), ("cache_off", 0.0)):
             turns[label] = run_servers({"ours": ours_cmd + [f"--prefix-cache-mb={mb}"]}, env,
                                        lambda urls: asyncio.run(multi_turn(urls["ours"], "bench", args)))
-    report(eng, ours, turns, peer, args)
-
-
-def best_of(a, b: dict) -> dict:
-    """Two rounds as one: the better rate per figure, every time to first token, counts added up."""
-    if a is None:
-        return b
-    return {"aggregate_tok_s": {k: max(v, b["aggregate_tok_s"][k]) for k, v in a["aggregate_tok_s"].items()},
-            "single_stream_tok_s": max(a["single_stream_tok_s"], b["single_stream_tok_s"]),
-            "ttft_s": {k: v + b["ttft_s"][k] for k, v in a["ttft_s"].items()},
-            **{k: a[k] + b[k] for k in ("short_requests", "requests")}}
+    report(eng, figures["ours"], turns, figures.get("peer"), args)
 
 
 def summarize(res: dict) -> dict:
@@ -440,13 +420,9 @@ def summarize(res: dict) -> dict:
         xs = sorted(xs)
         at = lambda q: round(xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] * 1000, 1)   # noqa: E731
         return {"p50": at(0.5), "p95": at(0.95)}
-    ttft: dict = {}
-    for key, xs in res["ttft_s"].items():
-        pattern, k = key.split()
-        ttft.setdefault(pattern, {})[k] = pct(xs)
-    for pattern in list(ttft):
-        ttft[pattern]["all"] = pct([x for key, xs in res["ttft_s"].items() if key.startswith(pattern) for x in xs])
-    every = pct([x for xs in res["ttft_s"].values() for x in xs])
+    ttft = {pattern: {**{k: pct(xs) for k, xs in by_k.items()}, "all": pct([x for xs in by_k.values() for x in xs])}
+            for pattern, by_k in res["ttft_s"].items()}
+    every = pct([x for by_k in res["ttft_s"].values() for xs in by_k.values() for x in xs])
     return {"single_stream_tok_s": round(res["single_stream_tok_s"], 1),
             "aggregate_tok_s": {k: round(v, 1) for k, v in res["aggregate_tok_s"].items()},
             "ttft_ms": ttft, "ttft_ms_p50": every["p50"], "ttft_ms_p95": every["p95"],

@@ -10,6 +10,7 @@ output is shown). Type `clear` to start a new conversation, `quit` (or Ctrl-D) t
 from __future__ import annotations
 
 import argparse
+import codecs
 import sys
 from pathlib import Path
 from typing import Iterator, Optional
@@ -55,7 +56,8 @@ class ChatSession:
             yield "[the conversation is longer than the model's context; cleared it, ask again]"
             return
         out: list[int] = []
-        shown = ""
+        # token bytes in, text out: a character split across tokens is shown once it is complete
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for column, _ in self.engine.generate(self.tokens, num_samples=1, max_tokens=budget,
                                               temperature=self.temperature, top_k=self.top_k,
                                               seed=self.seed + self.turn):
@@ -63,15 +65,10 @@ class ChatSession:
             if token in (self.sp["<|assistant_end|>"], self.tok.get_bos_token_id()):
                 break
             out.append(token)
-            text_so_far = self.tok.decode(out)
-            if not text_so_far.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                yield text_so_far[len(shown):]
-                shown = text_so_far
+            yield decoder.decode(self.tok.enc.decode_single_token_bytes(token))
         self.tokens += out + [self.sp["<|assistant_end|>"]]
         self.turn += 1
-        rest = self.tok.decode(out)[len(shown):]
-        if rest:
-            yield rest
+        yield decoder.decode(b"", final=True)
 
 
 def load(run_dir: str | Path, device: str = "cpu"):

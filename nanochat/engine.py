@@ -89,59 +89,39 @@ class RowState:
 
 class Engine:
     def __init__(self, model, tokenizer):
-        self.model = model
-        self.tokenizer = tokenizer
-        t = tokenizer
-        self.bos = t.get_bos_token_id()
-        self.assistant_end = t.encode_special("<|assistant_end|>")
-        self.python_start = t.encode_special("<|python_start|>")
-        self.python_end = t.encode_special("<|python_end|>")
-        self.output_start = t.encode_special("<|output_start|>")
-        self.output_end = t.encode_special("<|output_end|>")
+        self.model, self.tokenizer = model, tokenizer
+        self.bos = tokenizer.get_bos_token_id()
+        self.assistant_end, self.python_start, self.python_end, self.output_start, self.output_end = (
+            tokenizer.encode_special(f"<|{name}|>")
+            for name in ("assistant_end", "python_start", "python_end", "output_start", "output_end"))
 
     def new_row(self, prompt: list[int]) -> RowState:
-        """Decoding state for a sequence that continues `prompt` (which may end inside a tool call)."""
-        row = RowState()
-        self._scan_prompt(row, prompt)
-        return row
+        """Decoding state for a sequence that continues `prompt`: a prompt may end inside an open tool
+        call (continuing a cut-off answer), which the row picks up."""
+        for i in range(len(prompt) - 1, -1, -1):
+            if prompt[i] in (self.python_end, self.assistant_end, self.bos):
+                break
+            if prompt[i] == self.python_start:
+                return RowState(in_python=True, python_tokens=list(prompt[i + 1:]))
+        return RowState()
 
     def advance(self, row: RowState, sampled: int) -> tuple[int, int]:
         """The token this row emits now and its mask: a forced tool-output token (mask 0) if one is
         queued, else `sampled` (mask 1). Updates the row's tool state and `done`."""
-        if row.forced:
-            token, mask = row.forced.popleft(), 0
-        else:
-            token, mask = sampled, 1
+        token, mask = (row.forced.popleft(), 0) if row.forced else (sampled, 1)
         if token in (self.assistant_end, self.bos):
             row.done, row.end_token = True, token
         elif token == self.python_start:
             row.in_python, row.python_tokens = True, []
         elif token == self.python_end and row.in_python:
             row.in_python = False
-            row.forced.extend(self._tool_result(row.python_tokens))
+            result = use_calculator(self.tokenizer.decode(row.python_tokens))   # None: the calculator refuses it
+            if result is not None:
+                row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
             row.python_tokens = []
         elif row.in_python:
             row.python_tokens.append(token)
         return token, mask
-
-    def _scan_prompt(self, row: RowState, tokens: list[int]) -> None:
-        """A prompt may end inside an open tool call (continuing a cut-off answer): pick it up."""
-        for i in range(len(tokens) - 1, -1, -1):
-            if tokens[i] in (self.python_end, self.assistant_end, self.bos):
-                return
-            if tokens[i] == self.python_start:
-                row.in_python = True
-                row.python_tokens = list(tokens[i + 1:])
-                return
-
-    def _tool_result(self, expr_tokens: list[int]) -> list[int]:
-        """Forced tokens for a finished tool call ([] when the calculator refuses the expression)."""
-        if not expr_tokens:
-            return []
-        result = use_calculator(self.tokenizer.decode(expr_tokens))
-        if result is None:
-            return []
-        return [self.output_start, *self.tokenizer.encode(result), self.output_end]
 
     @torch.inference_mode()
     def generate(self, tokens: list[int] | list[list[int]], num_samples: int = 1, max_tokens: Optional[int] = None,

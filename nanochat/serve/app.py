@@ -31,10 +31,11 @@ from typing import AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nanochat.serve.limits import ChatRequest, Defaults, Limits, RequestError, parse_chat_request, render_prompt
 from nanochat.serve import schema
-from nanochat.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from nanochat.serve.metrics import ServerMetrics
 from nanochat.serve.scheduler import Event, QueueFull, ReplicaPool, SamplingParams, ShuttingDown
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -113,14 +114,8 @@ class _EventStream(Response):
         self.sub, self.frames = sub, frames   # frames(batch, last): the text of a batch of events
 
     async def __call__(self, scope, receive, send) -> None:
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            self.sub.cancel()
-
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        watcher = asyncio.ensure_future(watch())
-        batches = self.sub.batches()
+        batches = self.sub.batches(receive)
         try:
             async for batch, last in batches:   # the last frames and the end of the body: one write
                 await send({"type": "http.response.body", "body": self.frames(batch, last).encode(),
@@ -128,7 +123,6 @@ class _EventStream(Response):
         except OSError:         # the connection broke mid-write
             self.sub.cancel()
         finally:
-            watcher.cancel()
             await batches.aclose()
 
 
@@ -171,9 +165,16 @@ class _Submission:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": self.prompt_tokens + completion}
 
-    async def batches(self) -> AsyncIterator[tuple[list[tuple[int, Event]], bool]]:
+    async def batches(self, receive: Callable) -> AsyncIterator[tuple[list[tuple[int, Event]], bool]]:
         """(list of (choice index, event), last): as many events as have arrived, until every sequence
-        is done (a stream writes each list at once); cancels the sequences if the consumer goes away."""
+        is done (a stream writes each list at once); cancels the sequences if the consumer goes away or
+        the client disconnects (the ASGI `receive` says http.disconnect once the body has been read)."""
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.cancel()
+
+        watcher = asyncio.ensure_future(watch())
         left = len(self.seqs)
         try:
             while left:
@@ -183,6 +184,7 @@ class _Submission:
                 left -= sum(ev.kind == "done" for _, ev in batch)
                 yield _merged(batch), not left
         finally:
+            watcher.cancel()
             self.cancel()   # no-op for finished sequences; frees the rows of a disconnected client
 
 
@@ -214,7 +216,10 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
             raise RequestError("missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
                                None, "invalid_api_key", status=401, headers={"WWW-Authenticate": "Bearer"})
 
-    async def read_request(request: Request) -> ChatRequest:
+    async def accept(request: Request, one: bool = False) -> tuple[ChatRequest, _Submission]:
+        """A chat route's request: key, body and limits checked, its sequences queued (`one`: a single
+        answer whatever `n` says); raises RequestError (401, 400, 413, 429, 503)."""
+        check_key(request)
         declared = request.headers.get("content-length", "")
         size = int(declared) if declared.isdigit() else 0
         if size <= limits.max_body_bytes:   # a declared size over the limit is refused unread
@@ -227,9 +232,8 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise RequestError(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
-        return parse_chat_request(body, limits, defaults)
-
-    def submit(req: ChatRequest) -> _Submission:
+        req = parse_chat_request(body, limits, defaults)
+        req.n = 1 if one else req.n
         try:
             if app.state.draining:
                 raise ShuttingDown()
@@ -239,30 +243,29 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
             prompt = render_prompt(tokenizer, req.messages, pool.context)
             if app.state.mailbox is None:
                 app.state.mailbox = _Mailbox(asyncio.get_running_loop(), settings.stream_interval_ms / 1000)
-            return _Submission(pool, prompt, req, defaults.seed, app.state.mailbox)
+            sub = _Submission(pool, prompt, req, defaults.seed, app.state.mailbox)
         except QueueFull as e:
             raise RequestError(str(e), None, "rate_limit_exceeded", status=429, type="rate_limit_error",
                                headers={"Retry-After": str(settings.retry_after_s)}) from None
         except ShuttingDown:
             raise RequestError("the server is shutting down", None, "shutting_down", status=503,
                                type="server_error") from None
+        metrics.request(request.url.path, 200)
+        return req, sub
 
     # ------------------------------------------------------------------ OpenAI
     @app.post("/v1/chat/completions", responses=_responses(
         {"application/json": schema.ChatCompletion, "text/event-stream": schema.ChatCompletionChunk},
         "the answer: JSON, or with `stream` an event stream of chat.completion.chunk objects ending in "
-        "`data: [DONE]`", key is not None, body=True, queue=True), openapi_extra=_body("ChatCompletionRequest"))
+        "`data: [DONE]`", key is not None, chat=True), openapi_extra=_body("ChatCompletionRequest"))
     async def chat_completions(request: Request):
-        check_key(request)
-        req = await read_request(request)
-        sub = submit(req)
+        req, sub = await accept(request)
         cid = f"chatcmpl-{next(ids):024x}"
         created = int(time.time())
-        metrics.request("/v1/chat/completions", 200)
         if req.stream:
             return _EventStream(sub, _openai_frames(sub, cid, created, req.include_usage))
         texts, reasons = [""] * len(sub.seqs), [None] * len(sub.seqs)
-        for i, ev in await _until_done(sub, request):
+        for i, ev in [item async for batch, _ in sub.batches(request.receive) for item in batch]:
             if ev.kind == "done":
                 reasons[i] = ev.finish_reason
             else:
@@ -312,14 +315,10 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
     # ------------------------------------------------------------------ nanochat's protocol
     @app.post("/chat/completions", responses=_responses(
         {"text/event-stream": schema.NanochatEvent}, "an event stream: `data: {\"token\": ...}` events, then "
-        "`data: {\"done\": true, ...}`", key is not None, body=True, queue=True),
+        "`data: {\"done\": true, ...}`", key is not None, chat=True),
         openapi_extra=_body("NanochatChatRequest"))
     async def nanochat_chat(request: Request):
-        check_key(request)
-        req = await read_request(request)
-        req.n = 1
-        sub = submit(req)
-        metrics.request("/chat/completions", 200)
+        _, sub = await accept(request, one=True)
         replica = sub.seqs[0].replica
 
         def frame(ev: Event) -> str:
@@ -352,7 +351,7 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
     async def prom():
         metrics.queue.set(sum(len(s.waiting) for s in pool.schedulers))
         metrics.active.set(sum(s.active() for s in pool.schedulers))
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
@@ -371,7 +370,6 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
             _, defs = models_json_schema(bodies, ref_template="#/components/schemas/{model}")
             components = doc.setdefault("components", {})
             components.setdefault("schemas", {}).update(defs["$defs"])
-            schema.patch_schema(components["schemas"], limits)
             if key is not None:
                 components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
                 for path in ("/v1/chat/completions", "/v1/models", "/chat/completions"):
@@ -399,32 +397,19 @@ def _schema(media: str, model) -> dict:
     return {"type": "object", "required": ["data"], "properties": {"data": data}}
 
 
-def _responses(ok: dict, what: str, auth: bool, body: bool = False, queue: bool = False) -> dict:
-    """OpenAPI responses of a route: 200 in the given media types, and its error statuses."""
+def _responses(ok: dict, what: str, auth: bool, chat: bool = False) -> dict:
+    """OpenAPI responses of a route: 200 in the given media types, and its error statuses (a chat route
+    reads a body and queues for the scheduler)."""
     out: dict = {200: {"description": what, "content": {media: {"schema": _schema(media, m)} for media, m in ok.items()}}}
     err = {"model": schema.ErrorResponse}
-    if body:
+    if chat:
         out[400] = {**err, "description": "bad input: the message names the field and the limit"}
         out[413] = {**err, "description": "the request body is larger than the limit"}
     if auth:
         out[401] = {**err, "description": "missing or incorrect API key (Authorization: Bearer <key>)"}
-    if queue:
+    if chat:
         out[429] = {**err, "description": "every row busy and the queue full; retry after Retry-After seconds",
                     "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}}
         out[503] = {**err, "description": "the server is shutting down"}
     return out
 
-
-async def _until_done(sub: _Submission, request: Request) -> list[tuple[int, Event]]:
-    """A non-streaming request's events; a client that goes away meanwhile cancels its sequences
-    (they end at the scheduler's next step)."""
-    async def watch() -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.5)
-        sub.cancel()
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        return [item async for batch, _ in sub.batches() for item in batch]
-    finally:
-        watcher.cancel()

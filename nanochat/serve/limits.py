@@ -65,7 +65,6 @@ class ChatRequest:
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
     stream: bool = False
-    model: Optional[str] = None
     include_usage: bool = False   # stream_options.include_usage: a last chunk with token counts
 
 
@@ -178,7 +177,7 @@ def parse_chat_request(body: Any, limits: Limits, defaults: Defaults) -> ChatReq
     if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
         raise RequestError(f"'stream_options' must be {{'include_usage': true|false}}, got {opts!r}",
                            "stream_options", "invalid_type")
-    model = body.get("model")
+    model = body.get("model")   # any string: one model is served
     if model is not None and not isinstance(model, str):
         raise RequestError(f"'model' must be a string, got {model!r}", "model", "invalid_type")
     return ChatRequest(
@@ -187,7 +186,7 @@ def parse_chat_request(body: Any, limits: Limits, defaults: Defaults) -> ChatReq
         top_k=defaults.top_k if top_k is None else int(top_k),
         top_p=None if top_p is None or top_p >= 1 else float(top_p),
         max_tokens=defaults.max_tokens if max_tokens is None else int(max_tokens),
-        n=1 if n is None else int(n), seed=seed, stop=tuple(s for s in stops if s), stream=stream, model=model,
+        n=1 if n is None else int(n), seed=seed, stop=tuple(s for s in stops if s), stream=stream,
         include_usage=bool(opts.get("include_usage", False)))
 
 

@@ -13,7 +13,7 @@ def replica_devices(cfg: Config) -> list[str]:
     hw = cfg.hardware
     if hw.device == "cuda":
         return [f"cuda:{i}" for i in range(hw.nproc_per_node)]
-    return [hw.device if hw.device != "auto" else "auto"]
+    return [hw.device]
 
 
 def kv_cache_bytes(cfg: Config, n_kv_head: int, head_dim: int) -> int:

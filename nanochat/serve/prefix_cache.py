@@ -38,10 +38,6 @@ class PrefixCache:
         self.reused_tokens = 0
 
     @property
-    def enabled(self) -> bool:
-        return self.budget > 0
-
-    @property
     def used(self) -> int:
         return len(self.lru) * self.block_bytes
 
@@ -53,7 +49,7 @@ class PrefixCache:
     def lookup(self, tokens: list[int], limit: int) -> list[int]:
         """The blocks holding the longest block-aligned prefix of `tokens` of at most `limit` tokens
         (len(result) * block tokens); read them with `read`."""
-        if not self.enabled or self.k is None:
+        if self.k is None:   # nothing stored yet, or off
             return []
         found = self._stored(self._blocks(tokens, min(limit, len(tokens))))
         if found:
@@ -86,9 +82,7 @@ class PrefixCache:
     def insert(self, tokens: list[int], k: torch.Tensor, v: torch.Tensor) -> int:
         """Store the whole blocks of a prompt whose keys/values are k, v (n_layer, n_kv_head, len, head_dim);
         blocks already stored are shared. Returns how many blocks were added."""
-        if not self.enabled:
-            return 0
-        if self.k is None and not self._allocate(k):
+        if self.k is None and not self._allocate(k):   # off: not even one block fits the budget
             return 0
         chunks = self._blocks(tokens, len(tokens))
         path = self._stored(chunks)                # the stored part: a prefix of the prompt's blocks

@@ -102,21 +102,15 @@ class Event:
     error: Optional[str] = None
 
 
-class QueueSink:
-    """Collect events in a thread-safe queue; iterate to block until `done`."""
+class QueueSink(queue.Queue):
+    """A sink that collects events in a thread-safe queue; iterate to block until `done`."""
 
-    def __init__(self) -> None:
-        self.q: queue.Queue[Event] = queue.Queue()
-
-    def __call__(self, event: Event) -> None:
-        self.q.put(event)
+    __call__ = queue.Queue.put
 
     def __iter__(self):
-        while True:
-            ev = self.q.get()
+        while (ev := self.get()).kind != "done":
             yield ev
-            if ev.kind == "done":
-                return
+        yield ev
 
 
 class Sequence:
@@ -185,8 +179,7 @@ class Sequence:
             kind = TOOL_KINDS.get(name)
             if kind is None:
                 return False                                # bos / assistant_end end the sequence elsewhere
-            if self.kind == "text":
-                self._flush_held()
+            self._flush_held()   # (nothing is held inside a tool call)
             self._send(kind, name)
             self.kind = INSIDE[kind]
             return False
@@ -195,9 +188,8 @@ class Sequence:
     def finish(self, reason: str, error: Optional[str] = None) -> None:
         if self.finished:
             return
-        if not self._stop_hit:
-            if not self._out(self._decoder.decode(b"", final=True)) and self.kind == "text":
-                self._flush_held()
+        if not self._stop_hit and not self._out(self._decoder.decode(b"", final=True)):
+            self._flush_held()
         self.finished = True
         self.sink(Event("done", finish_reason=reason, error=error))
 
@@ -259,7 +251,6 @@ class Scheduler:
         self.prefilling: list[Optional[_Group]] = [None] * self.prefill_rows
         self.waiting: deque[_Group] = deque()
         self.special_names = {tokenizer.encode_special(n): n for n in tokenizer.get_special_tokens()}
-        self.end_tokens = {self.engine.assistant_end, self.engine.bos}
         self._cv = threading.Condition()
         self._stopping = False
         self._accepting = True
@@ -275,10 +266,7 @@ class Scheduler:
 
     def _pick_tile(self, wanted: int) -> Optional[int]:
         """The smallest row tile, from `wanted` (then 4), whose rows are row-invariant; None if none is."""
-        for tile in dict.fromkeys((wanted, max(wanted, MIN_ROWS))):
-            if self._rows_are_independent(tile):
-                return tile
-        return None
+        return next((t for t in dict.fromkeys((wanted, max(wanted, MIN_ROWS))) if self._rows_are_independent(t)), None)
 
     @torch.inference_mode()
     def _rows_are_independent(self, tile: int) -> bool:
@@ -513,8 +501,8 @@ class Scheduler:
         for i, g in busy:
             g.done += len(chunks[i])
             self.pre.pos[i] = g.done
-            if self.pre.last_x is not None:   # right padding ran past the last real token (smear's input)
-                self.pre.last_x[i] = self.model.embed(self.pre.pos.new_tensor(g.prompt[g.done - 1]))
+            # right padding ran past the last real token: its embedding is what smear reads next
+            self.pre.last_x[i] = self.model.embed(self.pre.pos.new_tensor(g.prompt[g.done - 1]))
             if g.done == len(g.prompt):
                 self._finish_prefill(g, i, logits[i, -1:])
 
@@ -532,8 +520,7 @@ class Scheduler:
         n = len(blocks) * self.prefix.block
         if blocks:
             self.prefix.read(blocks, self.pre.k[:, slot, :, :n], self.pre.v[:, slot, :, :n])
-            if self.pre.last_x is not None:
-                self.pre.last_x[slot] = self.model.embed(self.pre.pos.new_tensor(group.prompt[n - 1]))
+            self.pre.last_x[slot] = self.model.embed(self.pre.pos.new_tensor(group.prompt[n - 1]))
         self.pre.pos[slot] = n
         group.done = n
 
@@ -574,7 +561,7 @@ class Scheduler:
         seq.tokens.append(token)
         self.generated += 1
         self.observer.generated.inc()
-        if token in self.end_tokens or seq.emit_token(token, self.tokenizer, self.special_names):
+        if seq.state.done or seq.emit_token(token, self.tokenizer, self.special_names):
             self._free(seq, "stop")   # the model ended the answer, or a stop string did
         elif len(seq.tokens) >= min(seq.params.max_tokens, self.context - len(seq.prompt)):
             self._free(seq, "length")

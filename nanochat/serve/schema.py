@@ -151,7 +151,8 @@ def request_models(limits: Limits, max_n: int) -> tuple[type[BaseModel], type[Ba
         max_completion_tokens=(Optional[int], Field(None, ge=limits.min_max_tokens, le=limits.max_max_tokens,
                                                     description="wins over max_tokens")),
         seed=(Optional[int], Field(None, ge=0, le=2 ** 63 - 1, description="same seed, same sampled text")),
-        stop=(Union[str, list[str], None], Field(None, description=f"up to {limits.max_stop} strings")),
+        stop=(Union[str, Annotated[list[str], Field(max_length=limits.max_stop)], None],
+              Field(None, description=f"up to {limits.max_stop} strings")),
     )
     stream_opts = create_model("StreamOptions", __config__=open_, include_usage=(bool, False))
     # the two protocols differ in what `n` and `stream` mean: (model, n, stream)
@@ -163,10 +164,3 @@ def request_models(limits: Limits, max_n: int) -> tuple[type[BaseModel], type[Ba
         for name, n_doc, stream_doc in docs)
     return openai_req, nanochat_req
 
-
-def patch_schema(components: dict, limits: Limits) -> None:
-    """What the field types above do not say: `stop` as a list has at most `max_stop` items."""
-    for name in ("ChatCompletionRequest", "NanochatChatRequest"):
-        for alt in components[name]["properties"]["stop"].get("anyOf", []):
-            if alt.get("type") == "array":
-                alt["maxItems"] = limits.max_stop

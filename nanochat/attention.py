@@ -63,27 +63,23 @@ _RESOLVED: dict = {}
 
 def resolve_backend(preference: str, device_type: str) -> str:
     """Map hardware.attention (auto | sdpa | flex | flash) to a backend that exists here (memoized:
-    the model calls this every forward, also under torch.compile)."""
+    the model calls this every forward, also under torch.compile). auto: flash, else flex on CUDA;
+    sdpa elsewhere."""
     key = (preference, device_type)
-    if key not in _RESOLVED:
-        _RESOLVED[key] = _resolve(preference, device_type)
-    return _RESOLVED[key]
-
-
-def _resolve(preference: str, device_type: str) -> str:
+    if key in _RESOLVED:
+        return _RESOLVED[key]
     if preference not in CHOICES:
         raise ValueError(f"hardware.attention={preference!r}: use one of {', '.join(CHOICES)}")
-    # sdpa needs no probe: probing flex imports torch._dynamo (seconds of start-up on a small CPU)
-    if preference == "sdpa" or (preference == "auto" and device_type != "cuda"):
-        return "sdpa"
-    if preference == "auto":   # on CUDA
-        return "flash" if _flash_func() is not None else "flex"
     have = available_backends(device_type)
-    if preference not in have:
+    if preference == "auto":
+        _RESOLVED[key] = have[-1] if device_type == "cuda" else "sdpa"
+    elif preference in have:
+        _RESOLVED[key] = preference
+    else:
         fix = "pip install flash-attn (CUDA only)" if preference == "flash" else "use hardware.attention=auto"
         raise ValueError(f"hardware.attention={preference!r} is not available on {device_type} "
                          f"(available: {', '.join(have)}); {fix}")
-    return preference
+    return _RESOLVED[key]
 
 
 # ----------------------------------------------------------------------------- masks
@@ -102,29 +98,19 @@ def block_mask(T: int, window: int, device) -> "torch.nn.attention.flex_attentio
     """FlexAttention block mask of a causal sliding window of `window` keys (cached per T/window/device)."""
     key = (T, window, str(device))
     if key not in _BLOCK_MASKS:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def sliding(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
         # built eagerly once; a compiled model then reads it from the cache. torch.compiler.disable
         # is applied here, not as a decorator: it imports torch._dynamo (~2 s on a small CPU), which
         # every process that imports this module would otherwise pay
-        _BLOCK_MASKS[key] = torch.compiler.disable(_build_block_mask)(T, window, device)
+        _BLOCK_MASKS[key] = torch.compiler.disable(create_block_mask)(sliding, B=None, H=None, Q_LEN=T,
+                                                                      KV_LEN=T, device=device)
     return _BLOCK_MASKS[key]
 
 
-def _build_block_mask(T: int, window: int, device):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def sliding(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
-
-    return create_block_mask(sliding, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
-
-
 # ----------------------------------------------------------------------------- kernels
-
-def _compute_dtype(q: torch.Tensor) -> torch.dtype:
-    # flex and flash are not autocast-aware (SDPA is): run them in autocast's dtype by hand
-    dev = q.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
-
 
 @functools.lru_cache(maxsize=None)
 def _compiled_flex() -> Callable:
@@ -169,13 +155,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     """
     T = q.size(-2)
     gqa = k.size(1) != q.size(1)
-    dt = _compute_dtype(q)
+    # flex and flash are not autocast-aware (SDPA is): run them in autocast's dtype by hand
+    dev = q.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
     if backend == "flash" and dt in (torch.float16, torch.bfloat16):
         return _flash(q.to(dt), k.to(dt), v.to(dt), window, scale)
     if window >= T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if backend in ("flex", "flash") and not (q.device.type == "cpu" and training):
+    if backend in ("flex", "flash") and not (dev == "cpu" and training):
         return _flex(q.to(dt), k.to(dt), v.to(dt), window, scale)   # flash in fp32 → flex
     # sdpa, or flex training on CPU (FlexAttention has no CPU backward): the dense window mask
     if dense_mask is None:

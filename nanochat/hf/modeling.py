@@ -54,8 +54,7 @@ class GrowingKVCache:
                 new.k[:, :, :, :n] = old.k
                 new.v[:, :, :, :n] = old.v
                 new.pos.copy_(old.pos)
-                if old.last_x is not None:
-                    new.last_x.copy_(old.last_x)
+                new.last_x.copy_(old.last_x)
             self.kv = new
         return self.kv
 

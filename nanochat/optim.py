@@ -53,9 +53,7 @@ into an optimizer built with the same model, world size and rank.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -198,21 +196,6 @@ def _chunks(k: int, matrix: Optional[torch.Tensor]) -> list[slice]:
     return [slice(i, min(i + n, k)) for i in range(0, k, n)]
 
 
-@dataclass
-class _GradShard:
-    """A reduce-scatter in flight (ZeRO-2): this rank's shard of the averaged gradient of one AdamW
-    param or one Muon shape bucket."""
-    group: dict
-    params: list                # [p] for AdamW, the bucket's matrices for Muon
-    grad: torch.Tensor          # the shard: (shard,) flat for AdamW, (shard, m, n) for Muon
-    work: Optional[Any]         # the async handle, None once waited on
-
-    def wait(self) -> None:
-        if self.work is not None:   # wait once only: a second wait() may copy again
-            self.work.wait()
-            self.work = None
-
-
 class MuonAdamW(torch.optim.Optimizer):
     """Muon + AdamW over explicitly typed groups, optionally ZeRO-2 sharded.
 
@@ -253,9 +236,9 @@ class MuonAdamW(torch.optim.Optimizer):
     @staticmethod
     def _buckets(group: dict) -> list[list[torch.Tensor]]:
         """Muon params grouped by shape, in first-seen order (deterministic on every rank)."""
-        by_shape: dict = defaultdict(list)
+        by_shape: dict = {}
         for p in group["params"]:
-            by_shape[tuple(p.shape)].append(p)
+            by_shape.setdefault(tuple(p.shape), []).append(p)
         return list(by_shape.values())
 
     def _own_range(self, n: int) -> tuple[int, int, int]:
@@ -276,11 +259,13 @@ class MuonAdamW(torch.optim.Optimizer):
             return loss
         shards = self._reduce_scatter_grads()      # 1) every averaging reduce-scatter, launched up front
         if self.grad_clip > 0:                     # the global norm needs every shard before any update
-            for s in shards:
-                s.wait()
-            self._clip([s.grad for s in shards])
-        gathers = self._update_owned(shards)       # 2) owners update their shard, launch the all-gathers
-        self._copy_gathered(gathers)               # 3) every rank takes the new values
+            for *_, work in shards:
+                work.wait()
+            self._clip([grad for _, _, grad, _ in shards])
+        for work, params, recv in self._update_owned(shards):   # 2) owners update their shard, all-gather
+            work.wait()                                             # 3) every rank takes the new values
+            n = len(params) * params[0].numel()
+            torch._foreach_copy_(params, list(recv.view(-1)[:n].view(len(params), *params[0].shape).unbind(0)))
         return loss
 
     def _step_local(self) -> None:
@@ -316,9 +301,8 @@ class MuonAdamW(torch.optim.Optimizer):
             return
         for st, p in zip(states, params):
             if not st:
-                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                st["exp_avg"] = torch.zeros_like(p)
-                st["exp_avg_sq"] = torch.zeros_like(p)
+                st.update(step=torch.zeros((), dtype=torch.float32, device=p.device), exp_avg=torch.zeros_like(p),
+                          exp_avg_sq=torch.zeros_like(p))
         beta1, beta2 = g["betas"]
         fused = (g.get("fused", True) and params[0].device.type in ("cpu", "cuda")
                  and all(p.dtype == params[0].dtype for p in params))
@@ -362,60 +346,50 @@ class MuonAdamW(torch.optim.Optimizer):
         return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor,
                 getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)
 
-    def _units(self) -> Iterator[tuple[dict, list, int]]:
-        """What ZeRO shards, in the same order on every rank, as (group, params, n): each AdamW param by
-        its n flat elements, each Muon shape bucket by its n whole matrices."""
-        for g in self.param_groups:
-            if g["kind"] == "adamw":
-                yield from ((g, [p], p.numel()) for p in g["params"])
-            else:
-                yield from ((g, bucket, len(bucket)) for bucket in self._buckets(g))
-
-    def _reduce_scatter_grads(self) -> list[_GradShard]:
+    def _reduce_scatter_grads(self) -> list[tuple]:
+        """Launch every averaging reduce-scatter, in the same order on every rank: (group, params, grad,
+        work) for each AdamW param (sharded by flat elements) and each Muon shape bucket (by whole
+        matrices); grad is this rank's shard ((shard,) or (shard, m, n)), work the async handle."""
         W, pg = self.world_size, self.process_group
         reduce_scatter, _ = self._collectives()
         shards = []
-        for g, params, n in self._units():
-            p0 = params[0]
-            item = () if g["kind"] == "adamw" else p0.shape
-            full = torch.zeros((self._own_range(n)[2] * W, *item), dtype=p0.dtype, device=p0.device)
-            per_param = full[:n].view(len(params), *p0.shape)
-            for i, p in enumerate(params):
-                if p.grad is not None:
-                    per_param[i] = p.grad
-            out = full.new_empty((full.size(0) // W, *item))
-            work = reduce_scatter(out, full, op=dist.ReduceOp.AVG, group=pg, async_op=True)
-            shards.append(_GradShard(g, params, out, work))
+        for g in self.param_groups:
+            adamw = g["kind"] == "adamw"
+            for params in ([[p] for p in g["params"]] if adamw else self._buckets(g)):
+                p0 = params[0]
+                n, item = (p0.numel(), ()) if adamw else (len(params), p0.shape)
+                full = torch.zeros((self._own_range(n)[2] * W, *item), dtype=p0.dtype, device=p0.device)
+                per_param = full[:n].view(len(params), *p0.shape)
+                for i, p in enumerate(params):
+                    if p.grad is not None:
+                        per_param[i] = p.grad
+                out = full.new_empty((full.size(0) // W, *item))
+                work = reduce_scatter(out, full, op=dist.ReduceOp.AVG, group=pg, async_op=True)
+                shards.append((g, params, out, work))
         return shards
 
-    def _update_owned(self, shards: list[_GradShard]) -> list[tuple]:
+    def _update_owned(self, shards: list[tuple]) -> list[tuple]:
         """Each owner updates its shard; returns the all-gathers in flight as (work, params, recv)."""
         W, pg = self.world_size, self.process_group
         _, all_gather = self._collectives()
         gathers = []
-        for s in shards:
-            s.wait()
-            g, p0 = s.group, s.params[0]
-            start, length, shard = self._own_range(p0.numel() if g["kind"] == "adamw" else len(s.params))
-            P = torch.zeros_like(s.grad)        # this rank's slice (+ zero padding); every rank copies it back
+        for g, params, grad, work in shards:
+            if self.grad_clip <= 0:   # else step() waited already, to clip (a second wait() may copy again)
+                work.wait()
+            p0 = params[0]
+            start, length, shard = self._own_range(p0.numel() if g["kind"] == "adamw" else len(params))
+            P = torch.zeros_like(grad)        # this rank's slice (+ zero padding); every rank copies it back
             if g["kind"] == "adamw":
                 P[:length] = p0.view(-1)[start:start + length]
-                self._adamw_update(g, [P[:length]], [s.grad[:length]], [self.state[p0]])
+                self._adamw_update(g, [P[:length]], [grad[:length]], [self.state[p0]])
             else:
                 for j in range(length):
-                    P[j] = s.params[start + j]
+                    P[j] = params[start + j]
                 for rows in _chunks(shard, p0):
-                    self._muon_update(g, p0, P[rows], s.grad[rows], rows, shard)
+                    self._muon_update(g, p0, P[rows], grad[rows], rows, shard)
             recv = P.new_empty((shard * W, *P.shape[1:]))
-            gathers.append((all_gather(recv, P, group=pg, async_op=True), s.params, recv))
+            gathers.append((all_gather(recv, P, group=pg, async_op=True), params, recv))
         return gathers
-
-    @staticmethod
-    def _copy_gathered(gathers: list[tuple]) -> None:
-        for work, params, recv in gathers:
-            work.wait()
-            n = len(params) * params[0].numel()
-            torch._foreach_copy_(params, list(recv.view(-1)[:n].view(len(params), *params[0].shape).unbind(0)))
 
 
 # The recipe keys `build_optimizer(settings=...)` reads: the same names as the config's stage.* keys

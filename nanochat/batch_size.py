@@ -209,12 +209,10 @@ def find_device_batch(gpt_kwargs: dict, seq_len: int, candidates: list[int], dev
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m nanochat.batch_size '<json request>'`: prints the result as the last JSON line."""
-    req = json.loads((argv or sys.argv[1:])[0])
+    """`python -m nanochat.batch_size '<json request>'` (find_device_batch's keyword arguments, as
+    launch/probe.py writes them): prints the result as the last JSON line."""
     try:
-        res = find_device_batch(req["gpt_kwargs"], req["seq_len"], req["candidates"], req["device"],
-                                req["dtype"], req.get("memory_gb"), req.get("embedding_dtype", "float32"),
-                                req.get("activation_checkpointing", "none"))
+        res = find_device_batch(**json.loads((argv or sys.argv[1:])[0]))
     except ValueError as e:
         print(json.dumps({"error": str(e)}), flush=True)
         return 2

@@ -132,10 +132,10 @@ class GPTConfig:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _rms_norm_forward(x: torch.Tensor, eps: float, with_rstd: bool = False):
+def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1/sqrt(mean(x²) + eps) over the last dim, keepdim."""
     ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    rstd = torch.rsqrt(ss.square_().div_(x.size(-1)).add_(eps))
-    return (x * rstd, rstd) if with_rstd else x * rstd
+    return torch.rsqrt(ss.square_().div_(x.size(-1)).add_(eps))
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -146,7 +146,8 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, eps: float):
-        y, rstd = _rms_norm_forward(x, eps, with_rstd=True)
+        rstd = _rstd(x, eps)
+        y = x * rstd
         ctx.save_for_backward(y, rstd)
         return y
 
@@ -161,7 +162,7 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     """Parameter-free RMSNorm over the last dim (eps = dtype's machine epsilon, as F.rms_norm)."""
     if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling():
         if not torch.is_grad_enabled():   # inference: the same ops without the autograd Function's overhead
-            return _rms_norm_forward(x, torch.finfo(x.dtype).eps)
+            return x * _rstd(x, torch.finfo(x.dtype).eps)
         return _RMSNorm.apply(x, torch.finfo(x.dtype).eps)
     return F.rms_norm(x, (x.size(-1),))
 
@@ -262,29 +263,27 @@ class _LinearSoftcapCrossEntropy(torch.autograd.Function):
                     e = e_buf[:i1 - i0]
                     tc = tgt[i0:i1]
                     if capped:
-                        t = z.tanh_()                          # z is now tanh(z/cap); |logit| <= cap
-                        torch.mul(t, softcap, out=e)
-                        s_t = t.gather(1, tc).squeeze(1) * softcap
+                        z.tanh_()                              # z is now t = tanh(z/cap); |logit| <= cap
+                        torch.mul(z, softcap, out=e)
+                        s_t = z.gather(1, tc).squeeze(1) * softcap
                         e.exp_()                               # safe without max-shift: e <= exp(cap)
                         sumexp = e.sum(1)
                         lse = sumexp.log()
                     else:
-                        t = None
                         s_t = z.gather(1, tc).squeeze(1)
                         lse = torch.logsumexp(z, dim=1)
-                        torch.sub(z, lse.unsqueeze(1), out=e).exp_()
-                        sumexp = None
+                        torch.sub(z, lse.unsqueeze(1), out=e).exp_()   # softmax
                     torch.sub(lse, s_t, out=row_loss[i0:i1])
                     if not need_grad:
                         continue
-                    if sumexp is not None:
+                    if capped:
                         e.mul_(sumexp.reciprocal_().unsqueeze(1))  # softmax
                     e.scatter_add_(1, tc, minus_one[:i1 - i0])
                     if any_ignored:
                         e.mul_(valid[i0:i1].unsqueeze(1))
-                    if t is not None:
-                        t.mul_(t)
-                        torch.addcmul(e, e, t, value=-1.0, out=z)  # dlogit = dcapped·(1 - tanh²)
+                    if capped:
+                        z.mul_(z)
+                        torch.addcmul(e, e, z, value=-1.0, out=z)  # dlogit = dcapped·(1 - tanh²)
                     else:
                         z.copy_(e)
             if need_grad:

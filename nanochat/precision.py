@@ -196,11 +196,9 @@ def fp8_disabled(model: nn.Module) -> Iterator[None]:
     for name, mod in list(model.named_modules()):
         if is_fp8(mod):
             parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            plain = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
-            plain.weight = mod.weight
-            if mod.bias is not None:
-                plain.bias = mod.bias
+            parent = model.get_submodule(parent_name)   # "" → the model itself
+            plain = nn.Linear(mod.in_features, mod.out_features, bias=False, device="meta")
+            plain.weight, plain.bias = mod.weight, mod.bias
             setattr(parent, attr, plain)
             swapped.append((parent, attr, mod))
     try:

@@ -120,8 +120,7 @@ def _compiled_flex() -> Callable:
 
 def _flex(q, k, v, window: int, scale: float) -> torch.Tensor:
     from torch.nn.attention.flex_attention import flex_attention
-    T = q.size(-2)
-    bm = block_mask(T, window, q.device)
+    bm = block_mask(q.size(-2), window, q.device)
     # on GPU always the compiled kernel (inside a compiled model dynamo traces it either way)
     fn = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
     with warnings.catch_warnings():
@@ -130,12 +129,10 @@ def _flex(q, k, v, window: int, scale: float) -> torch.Tensor:
 
 
 def _flash(q, k, v, window: int, scale: float) -> torch.Tensor:
-    fn = _flash_func()
-    T = q.size(-2)
-    left = window - 1 if window < T else -1
+    left = window - 1 if window < q.size(-2) else -1
     # flash takes (B, T, H, D); the transposes below are views of the projections' layout
-    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True,
-             window_size=(left, 0))
+    out = _flash_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
+                        causal=True, window_size=(left, 0))
     if isinstance(out, tuple):  # some FA3 builds return (out, lse)
         out = out[0]
     return out.transpose(1, 2)
@@ -199,18 +196,12 @@ def cached_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, po
     S = keys.size(-2)
     lo, mask = slots if slots is not None else cached_window(positions, window, S)
     k, v = keys[:, :, lo:S].to(q.dtype), vals[:, :, lo:S].to(q.dtype)
-    if q.size(-2) == 1:
-        return _decode_attention(q, k, v, mask, scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.size(1) != q.size(1))
-
-
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                      scale: float) -> torch.Tensor:
-    """softmax(q·kᵀ·scale, masked)·v for q (B, H, 1, D); the query heads sharing a kv head (GQA) go
-    through one product as rows of a (B, Hkv, H/Hkv, D) block."""
-    B, H, _, D = q.shape
-    Hkv = k.size(1)
-    qg = q.reshape(B, Hkv, H // Hkv, D)
+    B, H, T, D = q.shape
+    if T > 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.size(1) != H)
+    # decode: softmax(q·kᵀ·scale, masked)·v; the query heads sharing a kv head (GQA) go through one
+    # product as rows of a (B, Hkv, H/Hkv, D) block
+    qg = q.reshape(B, k.size(1), H // k.size(1), D)
     s = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale).masked_fill_(~mask, float("-inf"))   # (B, Hkv, H/Hkv, S)
     return torch.matmul(torch.softmax(s, dim=-1), v).view(B, H, 1, D)
 

@@ -26,10 +26,8 @@ The modern toggles together are nanochat 92d63d4's model (Jul 2026) exactly, up 
 nanochat rotates the two halves of each head, we rotate interleaved pairs; nanochat/interop.py
 permutes the rows of c_q/c_k at the boundary.
 
-Parameter layout (V = vocab rounded up to pad_vocab_to, d = n_embd, kvd = n_kv_head·head_dim):
-wte V·d; per layer c_q d·d, c_k d·kvd, c_v d·kvd, c_proj d·d, c_fc d·4d, mlp c_proj 4d·d;
-lm_head d·V; value embeddings V·kvd + gate 12·n_kv_head per VE layer; resid/x0 lambdas n_layer
-each; smear 24 + 1; backout 1. nanochat/shapes.py holds these rules torch-free (`param_counts`).
+The parameter layout (every tensor's shape, per optimizer role) is written down torch-free in
+nanochat/shapes.py (`param_counts`), which tests/test_shapes.py checks against this module.
 
 Build with `build_model(config, device, seed)` (meta-device construction, then init).
 
@@ -231,8 +229,7 @@ class _LinearSoftcapCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, softcap: float, chunk: int, block_bytes: int, mm_rows: int):
-        N = x.size(0)
-        V = weight.size(0)
+        N, V = x.size(0), weight.size(0)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         valid = targets != -1
         n_valid = valid.sum()
@@ -241,7 +238,6 @@ class _LinearSoftcapCrossEntropy(torch.autograd.Function):
         capped = softcap > 0
         # fold 1/cap into the (small) input: (x/cap) @ Wᵀ = z/cap, ready for tanh
         xs = x * (1.0 / softcap) if capped else x
-        wt = weight.t()
         row_loss = torch.empty(N, dtype=torch.float32, device=x.device)
         dx = torch.empty_like(x) if need_grad else None
         dw = torch.zeros_like(weight) if need_grad else None
@@ -256,7 +252,7 @@ class _LinearSoftcapCrossEntropy(torch.autograd.Function):
             blk = blk_buf[:b1 - b0]
             for m0 in range(b0, b1, mm_rows):
                 m1 = min(b1, m0 + mm_rows)
-                torch.mm(xs[m0:m1], wt, out=blk[m0 - b0:m1 - b0])
+                torch.mm(xs[m0:m1], weight.t(), out=blk[m0 - b0:m1 - b0])
                 for i0 in range(m0, m1, chunk):                # elementwise work on cache-sized rows
                     i1 = min(m1, i0 + chunk)
                     z = blk[i0 - b0:i1 - b0]
@@ -419,20 +415,14 @@ class CausalSelfAttention(nn.Module):
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             y = causal_attention(q, k, v, window, scale, attn_mask["backend"], attn_mask.get(window))
         else:
-            y = self._attend_cached(q, k, v, window, kv_cache, attn_mask, scale)
-        y = y.transpose(1, 2).reshape(B, T, H * D)
-        return self.c_proj(y)
-
-    def _attend_cached(self, q, k, v, window, cache: KVCache, attn_mask, scale: float):
-        B, T, H, D = q.shape
-        positions, S = attn_mask["positions"], attn_mask["S"]
-        li = self.layer_idx
-        rows = torch.arange(B, device=q.device).unsqueeze(1)
-        # advanced indices (rows, positions) around a slice put (B, T) first: assign in (B, T, H, D)
-        cache.k[li][rows, :, positions] = k.to(cache.k.dtype)
-        cache.v[li][rows, :, positions] = v.to(cache.v.dtype)
-        keys, vals = cache.k[li, :, :, :S], cache.v[li, :, :, :S]
-        return cached_attention(q.transpose(1, 2), keys, vals, positions, window, scale, attn_mask["slots"][window])
+            positions, S, li = attn_mask["positions"], attn_mask["S"], self.layer_idx
+            rows = torch.arange(B, device=q.device).unsqueeze(1)
+            # advanced indices (rows, positions) around a slice put (B, T) first: assign in (B, T, H, D)
+            kv_cache.k[li][rows, :, positions] = k.to(kv_cache.k.dtype)
+            kv_cache.v[li][rows, :, positions] = v.to(kv_cache.v.dtype)
+            y = cached_attention(q.transpose(1, 2), kv_cache.k[li, :, :, :S], kv_cache.v[li, :, :, :S], positions,
+                                 window, scale, attn_mask["slots"][window])
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
@@ -626,7 +616,6 @@ class GPT(nn.Module):
         if self.smear_gate is not None:
             x = self._smear(x, kv_cache)
         x0 = x
-        backout_layer = c.n_layer // 2   # nanochat keeps the residual right after this block
         x_mid = None
         for i, block in enumerate(self.transformer.h):
             if self.resid_lambdas is not None:
@@ -639,9 +628,9 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, ve, rope, self.windows[i], kv_cache, masks, use_reentrant=False)
             else:
                 x = block(x, ve, rope, self.windows[i], kv_cache, masks)
-            if i == backout_layer:
+            if i == c.n_layer // 2:   # nanochat keeps the residual right after this block for backout
                 x_mid = x
-        if self.backout_lambda is not None and x_mid is not None:
+        if self.backout_lambda is not None:
             x = x - self.backout_lambda * x_mid
         x = norm(x)
         if kv_cache is not None:

@@ -104,8 +104,8 @@ def memory_budget(device: Any, budget_bytes: Optional[int]) -> Iterator[None]:
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), device)
         restore = partial(torch.cuda.set_per_process_memory_fraction, 1.0, device)
     else:
-        with open("/proc/self/statm") as f:   # the address space in use now
-            in_use = int(f.read().split()[0]) * resource.getpagesize()
+        import psutil
+        in_use = psutil.Process().memory_info().vms   # the address space in use now
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
         resource.setrlimit(resource.RLIMIT_AS, (in_use + budget_bytes, hard))
         restore = partial(resource.setrlimit, resource.RLIMIT_AS, (soft, hard))
@@ -168,9 +168,8 @@ def default_budget(device: Any) -> Optional[int]:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     if device.type == "cpu":
-        with open("/proc/meminfo") as f:
-            info = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in f}
-        return info.get("MemAvailable")
+        import psutil
+        return psutil.virtual_memory().available
     return None
 
 

@@ -419,13 +419,10 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
     # The token budget scales with all params (seed) or with the scaling params (modern).
     budget_params = counts["total"] if gen == "seed" else counts["scaling"]
 
-    if st.total_batch_size is not None:
-        total = st.total_batch_size
-    elif gen == "modern":
+    total = given("total_batch_size")
+    if total is None:   # modern: auto
         total = modern_auto_batch(counts["scaling"], param_counts(_ref_shape(shape, m))["scaling"])
         notes.append(f"auto batch: 2^{int(math.log2(total))} tokens")
-    else:
-        total = g["total_batch_size"]
 
     dbs = _device_batch(cfg, m.depth)
     if cfg.hardware.device_batch_size == "auto":
@@ -461,12 +458,10 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
         v = getattr(st, key)
         return v if v is not None else g[key] * (dscale if adam else 1.0) * bscale
 
-    wd = st.weight_decay
-    if wd is None:
-        wd = g["weight_decay"]
-        if gen == "modern":
-            ref_tokens = ratio * param_counts(_ref_shape(shape, m))["scaling"]
-            wd = wd * bscale * (ref_tokens / max(1.0, ratio * counts["scaling"]))
+    wd = given("weight_decay")
+    if st.weight_decay is None and gen == "modern":
+        ref_tokens = ratio * param_counts(_ref_shape(shape, m))["scaling"]
+        wd = wd * bscale * (ref_tokens / max(1.0, ratio * counts["scaling"]))
 
     warmup, warmdown = lr_schedule(steps, st.warmup_steps, given("warmup_ratio"), given("warmdown_ratio"),
                                    g["warmup_steps"] or 0)

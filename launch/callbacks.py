@@ -42,11 +42,8 @@ def collect_sweep(sweep_dir: Path) -> list[dict]:
         if "checkpoints" in run_dir.parts:
             continue
         row: dict[str, Any] = {"job": str(run_dir.relative_to(sweep_dir)), "status": read_status(run_dir)}
-        try:
-            overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
-        except FileNotFoundError:
-            overrides = []
-        for o in overrides:
+        overrides = run_dir / ".hydra" / "overrides.yaml"
+        for o in (yaml.safe_load(overrides.read_text()) or []) if overrides.exists() else []:
             k, _, v = str(o).lstrip("+~").partition("=")
             row[f"cfg.{k}"] = v
         try:

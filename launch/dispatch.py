@@ -199,10 +199,8 @@ def dispatch(cfg: Config, run_dir: Path, in_process: bool) -> int:
         from nanochat.stages._entry import execute
         return execute(cfg, run_dir)
     env = clean_env()
-    if world == 1:
-        cmd = [sys.executable, "-m", "nanochat.stages._entry", "--config", str(config_path)]
-    else:
-        cmd = torchrun_command(cfg, config_path, run_dir)
+    cmd = torchrun_command(cfg, config_path, run_dir) if world > 1 else \
+        [sys.executable, "-m", "nanochat.stages._entry", "--config", str(config_path)]
     node = node_rank(cfg)
 
     def preempted() -> bool:

@@ -66,10 +66,8 @@ def print_plan(cfg: Config, rows: list[tuple[str, str]], run_dir: Optional[Path]
     t = Table(title=f"nanochat plan: stage={cfg.stage.name} tag={rundir.run_tag(cfg)}", show_header=False)
     t.add_column("", style="cyan")
     t.add_column("")
-    for k, v in rows:
+    for k, v in rows + ([("run dir", str(run_dir))] if run_dir is not None else []):
         t.add_row(k, v)
-    if run_dir is not None:
-        t.add_row("run dir", str(run_dir))
     c.print(t)
 
 

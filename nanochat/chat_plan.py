@@ -23,7 +23,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 from nanochat.config import Config, ConfigError
-from nanochat.plan import GENERATIONS, ChatStagePlan, Plan, make_plan, plan_rows, valid_device_batches
+from nanochat.plan import (GENERATIONS, ChatStagePlan, Plan, lr_schedule, make_plan, plan_rows,
+                           valid_device_batches)
 from nanochat.stage_plan import SourceRun, StagePlan, due_count, fill_vocab, model_rows, source_rows, when
 
 # Default mixtures. Entries marked optional (True) are skipped, with a note, when their data is
@@ -208,14 +209,6 @@ def eval_rows(p: Plan, st: Any, chatcore_every: int, max_cat: int, scored: list)
                                 + "; sampling is slower per FLOP than training")]
 
 
-def eval_tokens_for(explicit: Optional[int], total_tokens: int, micro: int) -> int:
-    """Validation tokens per pass: stage.eval_tokens, else 5% of the run's tokens (one micro-step at least)."""
-    if explicit is not None:
-        return max(micro, explicit)
-    want = min(EVAL_TOKENS_CAP, total_tokens // 20)
-    return max(micro, want // micro * micro)
-
-
 ROW_KEYS = {"batch": ("total_batch_size", "device_batch_size"), "sequence_len": ("sequence_len",),
             "LR": LR_KEYS, "weight decay": ("weight_decay",)}
 
@@ -316,10 +309,12 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules) -> Sta
     if modern:
         fallback["scalar_lr"] = GENERATIONS[source.generation]["scalar_lr"]
     lrs0 = {k: inh.pick(k, getattr(st, k), src_lrs.get(k), fallback[k], f"stage.{k}") for k in LR_KEYS}
-    frac = st.init_lr_frac if st.init_lr_frac is not None else rules.lr_frac
-    wd = st.weight_decay if st.weight_decay is not None else (
-        rules.weight_decay if rules.weight_decay is not None else
-        inh.pick("weight_decay", None, sp.get("weight_decay"), base.weight_decay, "stage.weight_decay"))
+    # stage.<key>, else this recipe's <name or key>
+    given = lambda key, name=None: getattr(st, key) if getattr(st, key) is not None else getattr(rules, name or key)
+    frac = given("init_lr_frac", "lr_frac")
+    wd = given("weight_decay")
+    if wd is None:
+        wd = inh.pick("weight_decay", None, sp.get("weight_decay"), base.weight_decay, "stage.weight_decay")
     # horizon
     base_dir = get_base_dir(cfg.paths.base_dir)
     mixture, names = build_mixture(st.mixture, rules.mixture, "train", data_dir=cfg.paths.shared_data,
@@ -335,18 +330,18 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules) -> Sta
         tokens = count_tokens(mixture, tok, max(2048, seq + 1) if rules.packing == "stream" else seq + 1)
         N = max(1, math.ceil(st.num_epochs * tokens / total))
         horizon = f"{st.num_epochs} epoch(s) of {tokens:,} tokens"
-    wu = st.warmup_steps if st.warmup_steps is not None else round(
-        (st.warmup_ratio if st.warmup_ratio is not None else rules.warmup_ratio) * N)
-    wu = min(wu, N)
-    wdn = min(round((st.warmdown_ratio if st.warmdown_ratio is not None else rules.warmdown_ratio) * N), N - wu)
-    load_opt = st.load_optimizer if st.load_optimizer is not None else rules.load_optimizer
+    wu, wdn = lr_schedule(N, st.warmup_steps, given("warmup_ratio"), given("warmdown_ratio"))
+    load_opt = given("load_optimizer")
     if load_opt and not source.has_optimizer_state():  # nanochat warns and continues too
         inh.notes.append(f"WARNING: stage.load_optimizer=true but {source.checkpoint or source.path} has no "
                          f"optimizer state; the optimizer starts fresh")
-    chatcore_every = st.chatcore_every if st.chatcore_every is not None else rules.chatcore_every
+    chatcore_every = given("chatcore_every")
     max_cat = chatcore_cap(st.chatcore_max_cat, N * total, due_count(N, chatcore_every, at_zero=False))
     mom = tuple(v if v is not None else r for v, r in zip(
         (st.muon_momentum_start, st.muon_momentum_end, st.muon_momentum_ramp), rules.momentum))
+    micro = dbs * seq * world   # validation tokens per pass: stage.eval_tokens, else 5% of the run's (≥ a micro-step)
+    eval_tokens = st.eval_tokens if st.eval_tokens is not None else \
+        min(EVAL_TOKENS_CAP, N * total // 20) // micro * micro
     scored = list(st.eval_tasks) if st.eval_tasks is not None else held_out_specs(names)
     note = f"{st.name} ({'modern' if modern else source.generation} rules): LRs × {frac}"
     derived = ChatStagePlan(mixture=names, conversations=len(mixture), packing=rules.packing,
@@ -360,9 +355,8 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules) -> Sta
                       *eval_rows(p, st, chatcore_every, max_cat, scored)]
     return _derive(cfg, inh, base, N, total, horizon, lrs0, frac, note, derived, rows, sequence_len=seq,
                    device_batch_size=dbs, grad_accum_steps=accum, weight_decay=wd, warmup_steps=wu, warmdown_steps=wdn,
-                   final_lr_frac=st.final_lr_frac if st.final_lr_frac is not None else rules.final_lr_frac,
-                   muon_momentum_start=mom[0], muon_momentum_end=mom[1], muon_momentum_steps=mom[2],
-                   eval_tokens=eval_tokens_for(st.eval_tokens, N * total, dbs * seq * world))
+                   final_lr_frac=given("final_lr_frac"), muon_momentum_start=mom[0], muon_momentum_end=mom[1],
+                   muon_momentum_steps=mom[2], eval_tokens=max(micro, eval_tokens))
 
 
 def mid_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = None) -> StagePlan:

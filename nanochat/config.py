@@ -326,6 +326,23 @@ class Config:
 _TOP_KEYS_IGNORED = {"hydra"}  # present only when Hydra adds it
 
 
+_NUMBER = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+# annotation → (accepts the value, converts it, fix, problem)
+_SCALARS = {
+    bool: (lambda v: isinstance(v, bool), bool, "use true or false for {}", "expected a bool"),
+    int: (lambda v: _NUMBER(v) and (isinstance(v, int) or v.is_integer()), int, "use an integer for {}",
+          "expected an int"),
+    # YAML reads 1e18 (no dot) as a string
+    float: (lambda v: _NUMBER(v) or isinstance(v, str), float, "use a number for {}", "expected a float"),
+    str: (lambda v: _NUMBER(v) or isinstance(v, str), str, "use a string for {}", "expected a string"),
+    # a,b,c from the command line is a list too
+    list: (lambda v: isinstance(v, (list, tuple, str)),
+           lambda v: [x for x in v.split(",") if x] if isinstance(v, str) else list(v),
+           "use a list for {}, e.g. [a,b]", "expected a list"),
+    dict: (lambda v: isinstance(v, dict), dict, "use a mapping for {}", "expected a mapping"),
+}
+
+
 def _check_value(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against annotation `tp`; return the (possibly coerced) value."""
     origin = typing.get_origin(tp)
@@ -344,42 +361,15 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
     if value is None:
         name = getattr(tp, "__name__", str(tp)).replace("typing.", "")
         raise ConfigError(key, value, f"set {key} to a {name} (null is not allowed here)", "missing value")
-    if tp is Any:
+    accepts, convert, fix, problem = _SCALARS.get(origin or tp, (None, None, None, None))
+    if accepts is None:
         return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(key, value, f"use true or false for {key}", "expected a bool")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(key, value, f"use an integer for {key}", "expected an int")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e18 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(key, value, f"use a number for {key}", "expected a float")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(key, value, f"use a string for {key}", "expected a string")
-    if tp is list or origin is list:
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        if isinstance(value, str):  # allow a,b,c from the command line
-            return [v for v in value.split(",") if v]
-        raise ConfigError(key, value, f"use a list for {key}, e.g. [a,b]", "expected a list")
-    if tp is dict or origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        raise ConfigError(key, value, f"use a mapping for {key}", "expected a mapping")
-    return value
+    if accepts(value):
+        try:
+            return convert(value)
+        except ValueError:  # a string that is not a number
+            pass
+    raise ConfigError(key, value, fix.format(key), problem)
 
 
 def _build(cls: type, tree: Any, prefix: str, schemas: Optional[dict] = None) -> Any:
@@ -420,6 +410,23 @@ _CHOICES = {
 }
 
 
+# Rules between keys, checked in this order after the ranges: (key, is its value bad, fix, problem)
+_RULES = (
+    ("model.fp8", lambda v, c: v not in (None, "tensorwise", "rowwise"),
+     "use null, tensorwise (faster) or rowwise (more accurate)", "unknown fp8 recipe"),
+    ("model.fp8_emulate", lambda v, c: v and c.model.fp8 is None,
+     "set model.fp8=tensorwise|rowwise too, or drop fp8_emulate", "emulation without fp8"),
+    ("hardware.node_rank", lambda v, c: v is not None and not 0 <= v < c.hardware.nnodes,
+     lambda c: f"use 0..{c.hardware.nnodes - 1} (hardware.nnodes={c.hardware.nnodes})", "out of range"),
+    ("hardware.dist_timeout_s", lambda v, c: v is not None and v < 1,
+     "use a positive number of seconds, or null for torch's default", "out of range"),
+    ("hardware.device_batch_size", lambda v, c: v is not None and v != "auto" and not (isinstance(v, int) and v >= 1),
+     "use a positive integer, auto (probe the largest that fits), or null (the table)", "invalid device batch size"),
+    ("hardware.auto_batch_memory_gb", lambda v, c: v is not None and v <= 0, "use a positive number of GiB, or null",
+     "out of range"),
+)
+
+
 # stage keys of run dirs frozen before stages were declared in Python: dropped when such a run is read
 RETIRED_STAGE_KEYS = ("worker", "planner", "sources", "default_source", "source_tag", "schema")
 
@@ -441,28 +448,10 @@ def config_from_dict(tree: dict, frozen: bool = False) -> Config:
     if cfg.data.source == "mixture" or cfg.data.mixture is not None:
         from nanochat.mixture import check_mixture  # torch-free
         check_mixture(cfg.data)
-    if cfg.model.fp8 not in (None, "tensorwise", "rowwise"):
-        raise ConfigError("model.fp8", cfg.model.fp8, "use null, tensorwise (faster) or rowwise (more accurate)",
-                          "unknown fp8 recipe")
-    if cfg.model.fp8_emulate and cfg.model.fp8 is None:
-        raise ConfigError("model.fp8_emulate", True, "set model.fp8=tensorwise|rowwise too, or drop fp8_emulate",
-                          "emulation without fp8")
-    hw = cfg.hardware
-    if hw.node_rank is not None and not 0 <= hw.node_rank < hw.nnodes:
-        raise ConfigError("hardware.node_rank", hw.node_rank, f"use 0..{hw.nnodes - 1} (hardware.nnodes={hw.nnodes})",
-                          "out of range")
-    if hw.dist_timeout_s is not None and hw.dist_timeout_s < 1:
-        raise ConfigError("hardware.dist_timeout_s", hw.dist_timeout_s, "use a positive number of seconds, "
-                          "or null for torch's default", "out of range")
-    dbs = cfg.hardware.device_batch_size
-    if dbs is not None and dbs != "auto" and not (isinstance(dbs, int) and dbs >= 1):
-        raise ConfigError("hardware.device_batch_size", dbs,
-                          "use a positive integer, auto (probe the largest that fits), or null (the table)",
-                          "invalid device batch size")
-    mem = cfg.hardware.auto_batch_memory_gb
-    if mem is not None and mem <= 0:
-        raise ConfigError("hardware.auto_batch_memory_gb", mem, "use a positive number of GiB, or null",
-                          "out of range")
+    for key, bad, fix, problem in _RULES:
+        v = operator.attrgetter(key)(cfg)
+        if bad(v, cfg):
+            raise ConfigError(key, v, fix(cfg) if callable(fix) else fix, problem)
     return cfg
 
 

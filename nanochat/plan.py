@@ -199,12 +199,8 @@ GENERATION_KEYS = ("rope_base", "value_embeds", "resid_lambdas", "x0_lambdas", "
 def model_shape(m: ModelConfig, vocab_size: Optional[int] = None) -> ModelShape:
     """Depth (plus optional explicit overrides) → the full architecture."""
     gen, depth, g = m.generation, m.depth, GENERATIONS[m.generation]
-    if m.n_embd is not None:
-        n_embd = m.n_embd
-    elif gen == "modern":
-        n_embd = math.ceil(depth * m.aspect_ratio / m.head_dim) * m.head_dim
-    else:
-        n_embd = depth * m.aspect_ratio
+    n_embd = m.n_embd if m.n_embd is not None else depth * m.aspect_ratio if gen == "seed" else \
+        math.ceil(depth * m.aspect_ratio / m.head_dim) * m.head_dim
     if n_embd % 2:   # RoPE rotates pairs of channels: no head split of an odd width has an even head size
         key, value = ("model.n_embd", m.n_embd) if m.n_embd is not None else \
             ("model.head_dim", m.head_dim) if gen == "modern" else ("model.aspect_ratio", m.aspect_ratio)
@@ -418,17 +414,15 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
     seq = st.max_seq_len or shape.sequence_len
     notes: list[str] = []
 
-    ratio = st.target_param_data_ratio if st.target_param_data_ratio is not None else g["target_param_data_ratio"]
+    given = lambda key: getattr(st, key) if getattr(st, key) is not None else g[key]  # else the generation's
+    ratio = given("target_param_data_ratio")
     # The token budget scales with all params (seed) or with the scaling params (modern).
     budget_params = counts["total"] if gen == "seed" else counts["scaling"]
 
-    if st.total_batch_size is not None:
-        total = st.total_batch_size
-    elif gen == "modern":
+    total = given("total_batch_size")
+    if total is None:   # modern: auto
         total = modern_auto_batch(counts["scaling"], param_counts(_ref_shape(shape, m))["scaling"])
         notes.append(f"auto batch: 2^{int(math.log2(total))} tokens")
-    else:
-        total = g["total_batch_size"]
 
     dbs = _device_batch(cfg, m.depth)
     if cfg.hardware.device_batch_size == "auto":
@@ -464,24 +458,13 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
         v = getattr(st, key)
         return v if v is not None else g[key] * (dscale if adam else 1.0) * bscale
 
-    wd = st.weight_decay
-    if wd is None:
-        wd = g["weight_decay"]
-        if gen == "modern":
-            ref_tokens = ratio * param_counts(_ref_shape(shape, m))["scaling"]
-            wd = wd * bscale * (ref_tokens / max(1.0, ratio * counts["scaling"]))
+    wd = given("weight_decay")
+    if st.weight_decay is None and gen == "modern":
+        ref_tokens = ratio * param_counts(_ref_shape(shape, m))["scaling"]
+        wd = wd * bscale * (ref_tokens / max(1.0, ratio * counts["scaling"]))
 
-    warmup_ratio = st.warmup_ratio if st.warmup_ratio is not None else g["warmup_ratio"]
-    if st.warmup_steps is not None:
-        warmup = st.warmup_steps
-    elif warmup_ratio is not None:
-        warmup = round(warmup_ratio * steps)
-    else:
-        warmup = g["warmup_steps"] or 0
-    warmup = min(warmup, steps)
-    wd_ratio = st.warmdown_ratio if st.warmdown_ratio is not None else g["warmdown_ratio"]
-    warmdown = min(round(wd_ratio * steps), steps - warmup)
-    final = st.final_lr_frac if st.final_lr_frac is not None else g["final_lr_frac"]
+    warmup, warmdown = lr_schedule(steps, st.warmup_steps, given("warmup_ratio"), given("warmdown_ratio"),
+                                   g["warmup_steps"] or 0)
     optimizer, optim = optimizer_settings(st, gen, shape)
     # a stage that starts from no run trains a fresh model, as nanochat's base_train: the one stage where
     # nanochat converts Linear layers to fp8 and (d575940's base_train, not its mid/SFT; not 92d63d4) clips gradients
@@ -504,7 +487,7 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
         matrix_lr=lr("matrix_lr", False), scalar_lr=lr("scalar_lr", False),
         weight_decay=wd, weight_decay_schedule=g["weight_decay_schedule"],
         lr_scale_dmodel=dscale, lr_scale_batch=bscale, warmup_steps=warmup, warmdown_steps=warmdown,
-        final_lr_frac=final, muon_momentum_start=optim.pop("muon_momentum_start"),
+        final_lr_frac=given("final_lr_frac"), muon_momentum_start=optim.pop("muon_momentum_start"),
         muon_momentum_end=optim.pop("muon_momentum_end"), muon_momentum_steps=optim.pop("muon_momentum_ramp"),
         muon_momentum_final=optim.pop("muon_momentum_final"), notes=notes,
         device_batch_probe=probe if cfg.hardware.device_batch_size == "auto" else None,
@@ -512,6 +495,16 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
         fp8=m.fp8 if fp8 else None, fp8_layers=len(fp8),
         eval_tokens=getattr(st, "eval_tokens", None),
     )
+
+
+def lr_schedule(steps: int, warmup_steps: Optional[int], warmup_ratio: Optional[float], warmdown_ratio: float,
+                default_warmup: int = 0) -> tuple[int, int]:
+    """(warmup, warmdown) steps of a horizon: warmup_steps, else warmup_ratio of it (else default_warmup),
+    at most the horizon; then the last warmdown_ratio of it, at most what the warmup left."""
+    if warmup_steps is None:
+        warmup_steps = round(warmup_ratio * steps) if warmup_ratio is not None else default_warmup
+    warmup = min(warmup_steps, steps)
+    return warmup, min(round(warmdown_ratio * steps), steps - warmup)
 
 
 def probe_summary(probe: dict) -> str:
@@ -524,8 +517,7 @@ def probe_summary(probe: dict) -> str:
 def plan_rows(p: Plan) -> list[tuple[str, str]]:
     """(name, value) rows for the dry-run table."""
     s = p.model
-    def n(x: float) -> str:
-        return f"{x:,.0f}" if abs(x) < 1e15 else f"{x:.3e}"
+    n = lambda x: f"{x:,.0f}" if abs(x) < 1e15 else f"{x:.3e}"
     rows = [
         ("generation", p.generation),
         ("depth / width / heads", f"{s.depth} / {s.n_embd} / {s.n_head}×{s.head_dim} (kv {s.n_kv_head})"),

@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import torch
 
-from nanochat.common import atomic_write_json, atomic_write_text, barrier, rank_world, read_json
+from nanochat.common import atomic_write_json, atomic_write_text, barrier, distributed, rank_world, read_json
 from nanochat.integrity import write_manifest, write_rank_manifest
 from nanochat.lifecycle import list_checkpoints
 
@@ -93,8 +93,7 @@ def _test_pause(point: str, step: int, ckpt_root: Path, rank: int) -> None:
 
 def _agree(error: Optional[str]) -> list[str]:
     """Every rank's error (None if it succeeded), on every rank: the ranks commit or discard together."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (dist := distributed()):
         return [error] if error else []
     errors: list = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)

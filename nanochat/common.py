@@ -118,23 +118,24 @@ def init_distributed(device: str = "cpu", backend: str | None = None, num_thread
     return rank, local_rank, world, torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
 
 
+def distributed():
+    """torch.distributed when a process group is initialized; None in a single process."""
+    import torch.distributed as dist
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
 def rank_world() -> tuple[int, int]:
     """(rank, world size) of the initialized process group; (0, 1) in a single process."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    dist = distributed()
+    return (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
 
 
 def barrier() -> None:
     """dist.barrier() when running distributed; a no-op in a single process."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
+    if dist := distributed():
         dist.barrier()
 
 
 def cleanup_distributed() -> None:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
+    if dist := distributed():
         dist.destroy_process_group()
-

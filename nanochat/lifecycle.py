@@ -16,7 +16,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from nanochat.common import atomic_write_json, atomic_write_text, read_json
+from nanochat.common import atomic_write_json, atomic_write_text, distributed, read_json
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", what a requeue is for
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
@@ -110,8 +110,7 @@ class EvalProgress:
 def stop_requested_all_ranks(flag: StopFlag = STOP) -> bool:
     """True on every rank if any rank got a stop signal (ranks must agree on the step)."""
     import torch
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (dist := distributed()):
         return flag.requested
     t = torch.tensor([float(flag.requested)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -28,6 +28,7 @@ the request is {"config": <resolved config tree>, "plan": <plan dict>}; the last
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import resource
@@ -296,20 +297,14 @@ def fit_device_batch(cfg, plan, candidates: list[int], budget_gib: float) -> dic
     cands = sorted(candidates)
     trials: dict[int, dict] = {}
 
-    def fits(b: int) -> bool:
+    def too_big(b: int) -> bool:
         r = rehearse(cfg, plan, device_batch_size=b)
         ok = r["peak_memory_gib"] <= HEADROOM * budget_gib
         trials[b] = {"batch": b, "fits": ok, "peak_gib": r["peak_memory_gib"], "reason": "" if ok else
                      f"simulated {r['peak_memory_gib']:.1f} GiB > {HEADROOM:.0%} of {budget_gib:g}"}
-        return ok
-    lo, hi, best = 0, len(cands) - 1, None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        if fits(cands[mid]):
-            best, lo = cands[mid], mid + 1
-        else:
-            hi = mid - 1
-    return {"device_batch_size": best, "trials": [trials[b] for b in sorted(trials, reverse=True)],
+        return not ok
+    n_fit = bisect.bisect_left(cands, True, key=too_big)   # the candidates below the first too big
+    return {"device_batch_size": cands[n_fit - 1] if n_fit else None, "trials": [trials[b] for b in sorted(trials, reverse=True)],
             "device": f"simulated ({budget_gib:g} GiB GPU)", "budget_gib": budget_gib, "headroom": HEADROOM}
 
 

@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -138,9 +139,12 @@ class Tracker:
         if wandb_mode != "disabled":
             import wandb
             os.environ.setdefault("WANDB_SILENT", "true")
+            id_file = self.run_dir / "wandb_id.txt"   # stable per run dir: a resumed run continues the same wandb run
+            if not id_file.exists():
+                id_file.write_text(uuid.uuid4().hex[:12])
             self._wandb = wandb.init(mode=wandb_mode, project=wandb_project, dir=str(self.run_dir),
                                      name=wandb_name or self.run_dir.name, config=config or {},
-                                     id=self._wandb_id(), resume="allow")
+                                     id=id_file.read_text().strip(), resume="allow")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
             # events in the run dir itself: `tensorboard --logdir runs/` names each run by its dir;
@@ -162,14 +166,6 @@ class Tracker:
             self._task = self._progress.add_task(desc, total=total_steps, completed=start_step, info="")
         elif progress and total_steps > 0:  # a file (Slurm, nohup, CI): plain lines, no bar glyphs
             self._plain = Cadence(log_interval_s)
-
-    def _wandb_id(self) -> str:
-        """Stable id per run dir so a resumed run continues the same wandb run."""
-        p = self.run_dir / "wandb_id.txt"
-        if not p.exists():
-            import uuid
-            p.write_text(uuid.uuid4().hex[:12])
-        return p.read_text().strip()
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from nanochat.checkpoint import latest_checkpoint, load_model_state
-from nanochat.common import get_base_dir, init_distributed, read_json
+from nanochat.common import distributed, get_base_dir, init_distributed, read_json
 from nanochat.config import Config
 from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum, weight_decay_at
@@ -125,8 +125,7 @@ def init_model(plan: Plan, cfg: Config, rt: Runtime, init_from: Optional[str]) -
 
 def dist_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (a copy; x itself is unchanged); x when not distributed."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
+    if dist := distributed():
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
@@ -134,30 +133,25 @@ def dist_sum(x: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- throughput
 
-def measure_cpu_matmul_flops(n: int = 2048, reps: int = 8) -> float:
-    """This machine's fp32 matmul throughput with the current thread count (the MFU denominator).
-
-    Best of a few square GEMMs, as bench/train_step.py measures it, so the stage's MFU and the
-    benchmark's are comparable.
-    """
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    c = torch.mm(a, b)
-    torch.mm(a, b, out=c)  # warm up (thread pool, caches) before timing
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=c)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
 @functools.cache
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """The MFU denominator: a GPU's dense bf16 peak (halved in fp32), or on CPU this machine's fp32
+    matmul throughput with the current thread count: best of a few square GEMMs, as
+    bench/train_step.py measures it, so the stage's MFU and the benchmark's are comparable."""
     if device.type == "cuda":
         from nanochat.gpus import bf16_peak_flops  # dense bf16 table with sources
         peak = bf16_peak_flops(torch.cuda.get_device_name(device)) or 312e12
         return peak if dtype != torch.float32 else peak / 2
-    return measure_cpu_matmul_flops()
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    c = torch.mm(a, b)
+    torch.mm(a, b, out=c)  # warm up (thread pool, caches) before timing
+    best = float("inf")
+    for _ in range(8):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=c)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
 
 
 def peak_memory_mb(device: torch.device) -> float:

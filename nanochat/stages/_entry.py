@@ -31,17 +31,14 @@ def execute(cfg: Config, run_dir: Path) -> int:
     try:
         writer.__enter__()
         result = stage(cfg.stage.name).worker(cfg, Path(run_dir))
-    except Preempted as e:
+    except (Preempted, EvalInterrupted) as e:  # EvalInterrupted: a stage with no training state (eval), rerun it
         if rank == 0:
-            write_status(run_dir, "preempted", step=e.step, signal=e.signal_name)
-            print(f"[nanochat] preempted at step {e.step} by {e.signal_name}; "
-                  f"resume with run.resume=auto run.dir={run_dir}", file=sys.stderr, flush=True)
-        return EXIT_PREEMPTED
-    except EvalInterrupted as e:  # a stage with no training state (eval): nothing to save, rerun it
-        if rank == 0:
-            write_status(run_dir, "preempted", step=0, signal=e.signal_name, during="evaluation")
-            print(f"[nanochat] preempted during evaluation by {e.signal_name}; rerun with run.resume=auto "
-                  f"run.dir={run_dir}", file=sys.stderr, flush=True)
+            trained = isinstance(e, Preempted)
+            write_status(run_dir, "preempted", step=e.step if trained else 0, signal=e.signal_name,
+                         **({} if trained else {"during": "evaluation"}))
+            what = f"at step {e.step} by {e.signal_name}; resume" if trained else \
+                f"during evaluation by {e.signal_name}; rerun"
+            print(f"[nanochat] preempted {what} with run.resume=auto run.dir={run_dir}", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
     except KeyboardInterrupt:
         if rank == 0:

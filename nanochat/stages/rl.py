@@ -46,14 +46,10 @@ def sample_rollouts(engine: Engine, tokenizer, task, index: int, num_samples: in
 def rollout_tensors(seqs: list[list[int]], masks: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) for a group of samples; targets are -1 except on sampled tokens."""
     import torch
-    L = max(len(s) for s in seqs) - 1
-    x = torch.full((len(seqs), L), pad, dtype=torch.long)
-    y = torch.full((len(seqs), L), -1, dtype=torch.long)
-    for r, (s, m) in enumerate(zip(seqs, masks)):
-        t = torch.tensor(s, dtype=torch.long)
-        keep = torch.tensor(m[1:], dtype=torch.bool)
-        x[r, :len(s) - 1] = t[:-1]
-        y[r, :len(s) - 1] = torch.where(keep, t[1:], -1)
+    from torch.nn.utils.rnn import pad_sequence
+    x = pad_sequence([torch.tensor(s[:-1], dtype=torch.long) for s in seqs], batch_first=True, padding_value=pad)
+    y = pad_sequence([torch.tensor([t if keep else -1 for t, keep in zip(s[1:], m[1:])], dtype=torch.long)
+                      for s, m in zip(seqs, masks)], batch_first=True, padding_value=-1)
     return x.to(device), y.to(device)
 
 

@@ -193,8 +193,7 @@ def _commit(tmp: Path, final: Path) -> None:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
+    return (list_checkpoints(run_dir) or [None])[-1]
 
 
 def load_meta(ckpt: str | Path) -> dict:

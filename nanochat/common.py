@@ -23,9 +23,7 @@ def get_base_dir(base_dir: str | None = None) -> Path:
 
 def shared_data_dir(configured: str | None = None) -> Path | None:
     """The offline public datasets (../shared/data layout), if present."""
-    candidates = [configured, os.environ.get("NANOCHAT_SHARED_DATA"),
-                  str(Path(__file__).resolve().parents[2] / "shared" / "data")]
-    for c in candidates:
+    for c in (configured, os.environ.get("NANOCHAT_SHARED_DATA"), Path(__file__).resolve().parents[2] / "shared/data"):
         if c and Path(c).expanduser().is_dir():
             return Path(c).expanduser()
     return None

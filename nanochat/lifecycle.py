@@ -142,10 +142,7 @@ def read_status(run_dir: str | Path) -> str:
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints (the atomic rename guarantees a step_* dir is whole), oldest first."""
-    ck = Path(run_dir) / "checkpoints"
-    if not ck.is_dir():
-        return []
-    return sorted(p for p in ck.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    return sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if p.is_dir())
 
 
 # --------------------------------------------------------------------------- process lifetime

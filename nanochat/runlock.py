@@ -77,17 +77,12 @@ def lock_holders(path: Path) -> list[int]:
         lines = Path("/proc/locks").read_text().splitlines()
     except OSError:
         return []
-    pids = []
-    for line in lines:
-        f = line.split()
-        if "->" in f or len(f) < 6 or f[1] != "FLOCK":
-            continue  # "->" marks a waiter, not a holder
-        try:
-            if int(f[5].split(":")[-1]) == ino:
-                pids.append(int(f[4]))
-        except ValueError:
-            continue
-    return sorted(set(pids))
+    pids = set()
+    for f in map(str.split, lines):
+        with suppress(IndexError, ValueError):  # "->" marks a waiter, not a holder
+            if f[1] == "FLOCK" and "->" not in f and int(f[5].split(":")[-1]) == ino:
+                pids.add(int(f[4]))
+    return sorted(pids)
 
 
 def read_holder(run_dir: Path) -> dict:

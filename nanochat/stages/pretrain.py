@@ -77,8 +77,8 @@ def run(cfg: Config, run_dir: Path) -> PretrainResult:
                          f"{cfg.data.tokenizer!r} ({tokenizer.get_vocab_size()} tokens); set model.vocab_size=null")
     token_bytes = get_token_bytes(rt.base_dir, cfg.data.tokenizer, rt.device)
     if rt.master:  # build / download the corpus once, before the other ranks look for it
-        list_shards(cfg.data, rt.base_dir, "train")
-        list_shards(cfg.data, rt.base_dir, "val")
+        for split in ("train", "val"):
+            list_shards(cfg.data, rt.base_dir, split)
     barrier()
 
     model = T.init_model(plan, cfg, rt, st.init_from)

@@ -203,10 +203,8 @@ def guard_parent(poll_s: float = 1.0) -> bool:
         return False
     ppid = os.getppid()
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
-    expected_ok = _parent_is_torchrun(ppid) if under_torchrun else ppid == int(launcher)
-    _prctl()(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    if not expected_ok:  # the parent died before prctl: we are already an orphan
-        os.kill(os.getpid(), signal.SIGKILL)
+    expected = (ppid if _parent_is_torchrun(ppid) else -1) if under_torchrun else int(launcher)
+    die_with_parent_preexec(expected)()  # arms the death signal; an orphan already (parent died before it) dies now
 
     def watch() -> None:
         while True:

@@ -304,7 +304,8 @@ def fit_device_batch(cfg, plan, candidates: list[int], budget_gib: float) -> dic
                      f"simulated {r['peak_memory_gib']:.1f} GiB > {HEADROOM:.0%} of {budget_gib:g}"}
         return not ok
     n_fit = bisect.bisect_left(cands, True, key=too_big)   # the candidates below the first too big
-    return {"device_batch_size": cands[n_fit - 1] if n_fit else None, "trials": [trials[b] for b in sorted(trials, reverse=True)],
+    return {"device_batch_size": cands[n_fit - 1] if n_fit else None,
+            "trials": [trials[b] for b in sorted(trials, reverse=True)],
             "device": f"simulated ({budget_gib:g} GiB GPU)", "budget_gib": budget_gib, "headroom": HEADROOM}
 
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from typing import Optional
 
-from nanochat.config import Config, ConfigError, RLStageConfig, TrainStageConfig
+from nanochat.config import Config, ConfigError
 from nanochat.plan import Plan, auto_batch_candidates
 
 HEADROOM_PCT = 90   # nanochat.simulate.HEADROOM, without importing it at module level
@@ -101,7 +101,7 @@ def plan_memory(cfg: Config, source, sp, st):
     """
     from nanochat.plan import grad_accum
     from nanochat.shapes import memory_floor
-    from nanochat.simulate import check_request, memory_rows
+    from nanochat.simulate import check_request, memory_rows, rehearsable
     hw = cfg.hardware
     gpu = hw.device == "cuda"
     simulated = False
@@ -119,8 +119,7 @@ def plan_memory(cfg: Config, source, sp, st):
     elif sp.wants_probe and not cfg.run.dry_run:   # on the device: the real probe
         sp = st.planner(cfg, source, probe=probe_device_batch(cfg, sp.plan))
     p = sp.plan
-    trains = isinstance(cfg.stage, TrainStageConfig) and not isinstance(cfg.stage, RLStageConfig)
-    if p is None or not (gpu and trains and hw.gpu_memory_gb) or (sp.wants_probe and not simulated):
+    if p is None or not (gpu and rehearsable(cfg) and hw.gpu_memory_gb) or (sp.wants_probe and not simulated):
         return sp
     budget = HEADROOM_PCT / 100 * hw.gpu_memory_gb
     if not (simulated or hw.memory_check):   # the instant floor; the whole step only when asked
@@ -141,6 +140,7 @@ def plan_memory(cfg: Config, source, sp, st):
             return sp
         problem = f"the simulated peak {res['peak_memory_gib']:.1f} GiB per rank"
     check_request(cfg, "hardware.device_batch_size")
+    # a smaller device batch at the same total batch always accumulates (accum >= 2 in the floor)
     cands = [b for b in auto_batch_candidates(cfg, p.total_batch_size, p.sequence_len, p.world_size)
              if b < p.device_batch_size and memory_floor(p.model, b, 2, p.world_size, _embedding_bytes(hw))["total"]
              <= budget * GIB]

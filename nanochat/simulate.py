@@ -272,11 +272,18 @@ def rehearse(cfg, plan, *, fake: bool = True, device_batch_size: Optional[int] =
 
 # --------------------------------------------------------------------------- planning
 
+def rehearsable(cfg) -> bool:
+    """Whether the stage trains by next-token batches (pretrain, mid, sft): what a rehearsal and the
+    memory floor model. Torch-free."""
+    from nanochat.config import RLStageConfig, TrainStageConfig
+    return isinstance(cfg.stage, TrainStageConfig) and not isinstance(cfg.stage, RLStageConfig)
+
+
 def check_request(cfg, what: str = "run.simulate") -> None:
     """Bad input for a rehearsal → ConfigError naming the key and the fix (torch-free, for the launcher)."""
-    from nanochat.config import ConfigError, RLStageConfig, TrainStageConfig
+    from nanochat.config import ConfigError
     hw = cfg.hardware
-    if not isinstance(cfg.stage, TrainStageConfig) or isinstance(cfg.stage, RLStageConfig):
+    if not rehearsable(cfg):
         raise ConfigError(what, True, "use it with a stage that trains by next-token batches: stage=pretrain, "
                           "mid or sft", f"stage {cfg.stage.name} has no training step to rehearse")
     if hw.device == "cuda" and not hw.gpu_memory_gb:

@@ -330,3 +330,23 @@ def test_prefill_with_a_core_fewer_while_requests_arrive_changes_nothing(tok, mo
             assert len(la) == len(lb) == 8 and all(torch.equal(x, y) for x, y in zip(la, lb))
     finally:
         sched.stop()
+
+
+def test_a_burst_arriving_one_by_one_prefills_together(tok, model):
+    """Requests of a burst reach the scheduler one at a time (the HTTP thread parses each): a new
+    prefill waits for arrivals to pause (settle_s), so the whole burst is one prefill forward, and
+    each request's first token comes from it. Gaps here are 5 ms, the pause it waits for 0.3 s."""
+    bos = tok.get_bos_token_id()
+    sched = Scheduler(model, tok, max_seqs=8)
+    sched.settle_s, sched.settle_max_s = 0.3, 5.0
+    sched.start()
+    try:
+        greedy = SamplingParams(max_tokens=2, temperature=0)
+        burst = []
+        for i in range(6):
+            burst.append(_submit(sched, [bos] + tok.encode(f"burst {i}"), [greedy]))
+            time.sleep(0.005)
+        assert all(_collect(sinks[0])[1] == "length" for _, sinks in burst)
+        assert sched.prefill_steps == 1
+    finally:
+        sched.stop()

@@ -10,7 +10,9 @@ Hydra composes once, in this process. Nothing here imports torch at module level
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import sys
 import traceback
 from dataclasses import replace
@@ -305,9 +307,57 @@ def exit_code() -> int:
     return 75 if preempted else 1
 
 
+def sweep_jobs(argv: list[str]) -> tuple[str, list[list[str]]]:
+    """The config name and each job's overrides that `nanochat-run -m <argv>` will launch, as Hydra's
+    basic sweeper expands them (command-line sweeps and `hydra.sweeper.params`, e.g. sweep=depths),
+    without hydra.* overrides. Another sweeper (Optuna) draws its jobs as it goes: its one job here is
+    the config without the swept keys."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    args = get_args_parser().parse_args(argv)
+    name, parser = args.config_name or "config", OverridesParser.create()
+    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
+    fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        sweeper = compose(name, overrides=fixed, return_hydra_config=True).hydra.sweeper
+    if not sweeper._target_.endswith("BasicSweeper"):
+        return name, [fixed]
+    params = [f"{k}={v}" for k, v in (sweeper.params or {}).items()]
+    return name, [job for batch in BasicSweeper.split_arguments(parser.parse_overrides(params + overrides), None)
+                  for job in batch]
+
+
+def check_before_submitting(argv: list[str]) -> None:
+    """Under the Slurm launcher, plan every job of the sweep here, as its dry run would, before anything
+    is queued: a bad config or a device batch over the GPU's memory (launch/probe.py) is a ConfigError
+    now, not a job that fails once Slurm has given it the GPUs. The hardware itself is checked in the
+    job (this host may have no GPU), and each job's source run must exist when it is submitted."""
+    from hydra import compose, initialize_config_dir
+    if not (any(a in validate.MULTIRUN_FLAGS for a in argv)
+            and any(a.startswith("hydra/launcher=") and "slurm" in a for a in argv)):
+        return
+    name, jobs = sweep_jobs(argv)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for i, job in enumerate(jobs):
+            composed = validate.resolved_tree(compose(name, overrides=job))
+            composed["run"]["dry_run"] = True
+            cfg = config_from_dict(composed)
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):   # the plan tables: the job prints them
+                    (run_pipeline if cfg.run.pipeline else run_stage)(
+                        cfg, composed, {"overrides": job, "choices": {}, "in_process": False}, None)
+            except ConfigError:
+                print(f"[nanochat] nothing submitted: job {i + 1} of {len(jobs)} ({' '.join(job) or 'no overrides'}) "
+                      f"fails its plan", flush=True)
+                raise
+
+
 def main() -> None:
     try:
         validate.check_slurm_sweep(sys.argv[1:])
+        check_before_submitting(sys.argv[1:])
     except ConfigError as e:
         print_config_error(e)
         sys.exit(2)

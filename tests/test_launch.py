@@ -149,6 +149,26 @@ def test_slurm_hardware_sweep_refused():
     check_slurm_sweep(["hardware.nproc_per_node=1,2"])  # not a multirun: Hydra itself complains
 
 
+def test_slurm_sweep_is_planned_before_anything_is_submitted(base_dir, workdir):
+    """Under the Slurm launcher every job of the sweep (command-line sweeps and sweep=depths' params) is
+    planned before submission: one whose device batch is over the GPU's memory stops the whole sweep
+    with the planner's ConfigError (no sbatch, no sweep dir). The submitting host needs no GPU."""
+    from launch.run import sweep_jobs
+    name, jobs = sweep_jobs(["-m", "hydra/launcher=slurm", "sweep=depths", "stage.num_iterations=5,6",
+                             "hydra.launcher.timeout_min=5"])
+    assert name == "config" and len(jobs) == 6
+    assert ["model.depth=8", "sweep=depths", "stage.num_iterations=6"] in jobs
+    sweep = workdir / "slurm_sweep"
+    p = run_cli(["-m", "hydra/launcher=slurm", "stage=pretrain", "hardware=1gpu", "data=climbmix",
+                 "hardware.device_batch_size=128", "model.depth=8,32", f"hydra.sweep.dir={sweep}"], base_dir, workdir,
+                env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out
+    assert "nothing submitted: job 2 of 2" in out and "model.depth=32" in out, out
+    assert "hardware.device_batch_size=4 (grad accumulation 64" in out and "Traceback" not in out, out
+    assert not sweep.exists()
+
+
 def test_clean_env_drops_inherited_distributed_vars():
     env = clean_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "x", "MASTER_PORT": "1",
                      "TORCHELASTIC_RUN_ID": "r", "SLURM_JOB_ID": "9", "SLURM_PROCID": "2", "PATH": "/bin", "HOME": "/h"})

@@ -123,10 +123,10 @@ def plan_memory(cfg: Config, source, sp, st):
         return sp
     budget = HEADROOM_PCT / 100 * hw.gpu_memory_gb
     if not (simulated or hw.memory_check):   # the instant floor; the whole step only when asked
-        floor = memory_floor(p.model, p.device_batch_size, p.grad_accum_steps, p.world_size, _embedding_bytes(hw))
+        floor = memory_floor(p.model, p.device_batch_size, p.grad_accum_steps, p.world_size, **_floor_bytes(cfg))
         gib = {k: v / GIB for k, v in floor.items()}
         split = (f"weights {gib['weights']:.1f}, grads {gib['grads']:.1f}, optimizer {gib['optimizer']:.1f}, "
-                 f"one micro-batch's fp32 logits {gib['logits']:.1f}")
+                 f"one micro-batch's fp32 logits {gib['logits']:.1f}, activations {gib['activations']:.1f}")
         if gib["total"] <= budget:
             sp.rows.append(("memory floor / rank", f"{gib['total']:.1f} GiB of {hw.gpu_memory_gb:g} ({split}); "
                                                    "hardware.memory_check=true rehearses the whole step"))
@@ -142,7 +142,7 @@ def plan_memory(cfg: Config, source, sp, st):
     check_request(cfg, "hardware.device_batch_size")
     # a smaller device batch at the same total batch always accumulates (accum >= 2 in the floor)
     cands = [b for b in auto_batch_candidates(cfg, p.total_batch_size, p.sequence_len, p.world_size)
-             if b < p.device_batch_size and memory_floor(p.model, b, 2, p.world_size, _embedding_bytes(hw))["total"]
+             if b < p.device_batch_size and memory_floor(p.model, b, 2, p.world_size, **_floor_bytes(cfg))["total"]
              <= budget * GIB]
     best = run_simulation(cfg, p.to_dict(), "fit", cands)["device_batch_size"] if cands else None
     fix = (f"hardware.device_batch_size={best} (grad accumulation "
@@ -154,6 +154,10 @@ def plan_memory(cfg: Config, source, sp, st):
                       f"{problem} does not fit {int(HEADROOM_PCT)}% of hardware.gpu_memory_gb={hw.gpu_memory_gb:g}")
 
 
-def _embedding_bytes(hw) -> int:
-    """Bytes per lookup-table entry: bf16 only where the precision policy stores them so (bf16 compute)."""
-    return 2 if hw.embedding_dtype == "bfloat16" and hw.dtype == "bfloat16" else 4
+def _floor_bytes(cfg: Config) -> dict:
+    """memory_floor's dtype arguments: the lookup tables are bf16 only where the precision policy stores
+    them so (bf16 compute); activations are in the compute dtype (autocast)."""
+    hw = cfg.hardware
+    return dict(embedding_bytes=2 if hw.embedding_dtype == "bfloat16" and hw.dtype == "bfloat16" else 4,
+                activation_bytes=4 if hw.dtype == "float32" else 2,
+                checkpointing=cfg.model.activation_checkpointing != "none")

@@ -75,20 +75,26 @@ def flops_per_token(s: Any) -> int:
 
 
 def memory_floor(s: Any, device_batch_size: int, grad_accum: int, world_size: int,
-                 embedding_bytes: int = 4) -> dict[str, int]:
+                 embedding_bytes: int = 4, activation_bytes: int = 4, checkpointing: bool = False) -> dict[str, int]:
     """Bytes per rank that a training step must hold at least: a batch whose floor exceeds the GPU
     cannot fit (one under it still may not: the simulator measures the rest). Torch-free and instant,
     so every GPU plan checks it.
 
     weights and gradients: fp32 but for the lookup tables at `embedding_bytes`; optimizer: AdamW's
     two moments and Muon's momentum, sharded over the world (ZeRO-2); logits: one micro-batch's fp32
-    logits (B·T·vocab), which the loss reads whole on the GPU. The gradients are freed after each
-    step, so the first micro-batch's logits meet them only with accumulation (the second one's do).
+    logits (B·T·vocab), which the loss reads whole on the GPU; activations: what backward must find
+    saved, per token and layer, in the compute dtype (`activation_bytes`): the attention's q, k, v and
+    output and the MLP's 4·d hidden (any backend, compiled or not, keeps these), or with
+    `checkpointing` only each block's input. At the end of the forward the logits and activations
+    are all held; the gradients are freed after each step, so they meet them only with accumulation.
     """
     c = param_counts(s)
     weights = 4 * (c["total"] - c["lookup"]) + embedding_bytes * c["lookup"]
     optimizer = (2 * (weights - 4 * c["matrix"]) + 4 * c["matrix"]) // world_size
-    logits = 4 * device_batch_size * s.sequence_len * s.vocab_size
-    live = weights + logits if grad_accum > 1 else max(weights, logits)
-    return dict(weights=weights, grads=weights, optimizer=optimizer, logits=logits,
+    tokens = device_batch_size * s.sequence_len
+    logits = 4 * tokens * s.vocab_size
+    per_layer = s.n_embd if checkpointing else 2 * (s.n_head + s.n_kv_head) * s.head_dim + 4 * s.n_embd
+    activations = activation_bytes * tokens * s.n_layer * per_layer
+    live = weights + logits + activations if grad_accum > 1 else max(weights, logits + activations)
+    return dict(weights=weights, grads=weights, optimizer=optimizer, logits=logits, activations=activations,
                 total=weights + optimizer + live)

@@ -39,8 +39,10 @@ def test_simulated_peak_equals_real_run(model, hardware):
     real = rehearse(cfg, plan, fake=False)
     assert fake["fake"] and not real["fake"]
     assert abs(fake["peak_memory_gib"] - real["peak_memory_gib"]) <= 0.10 * real["peak_memory_gib"]
-    floor = memory_floor(plan.model, plan.device_batch_size, plan.grad_accum_steps, plan.world_size)
+    floor = memory_floor(plan.model, plan.device_batch_size, plan.grad_accum_steps, plan.world_size,
+                         checkpointing=cfg.model.activation_checkpointing == "full")
     assert floor["total"] / 2 ** 30 <= real["peak_memory_gib"]   # a floor: never above what the step holds
+    assert floor["activations"] / 2 ** 30 <= real["memory_gib"]["activations"]
     assert fake["memory_gib"]["params"] == real["memory_gib"]["params"] > 0
     assert len(real["losses"]) == 2 and all(torch.isfinite(torch.tensor(real["losses"])))
 

@@ -316,12 +316,14 @@ def test_prefill_with_a_core_fewer_while_requests_arrive_changes_nothing(tok, mo
         prompts = [[bos] + tok.encode(f"prompt {i}: " + "abc def " * (3 * i + 1)) for i in range(8)]
         greedy = SamplingParams(max_tokens=8, temperature=0)
         monkeypatch.setattr(S, "ARRIVING_S", 0.0)      # never: every prefill on 2 threads
+        sched.settle_s, sched.settle_max_s = 0.0, 0.0   # (new prompts: arrivals always paused)
         solo = []
         for p in prompts:                               # one at a time
             solo.append(_submit(sched, p, [greedy]))
             _collect(solo[-1][1][0])
         assert sched.yield_core                         # this CPU: prefill bitwise the same on 1 thread
         monkeypatch.setattr(S, "ARRIVING_S", 3600.0)   # always: every prefill on 1 thread
+        sched.settle_s = 3600.0                         # (new prompts: arrivals never pause)
         together = [_submit(sched, p, [greedy]) for p in prompts]
         for seqs, sinks in together:
             _collect(sinks[0])

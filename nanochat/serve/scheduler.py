@@ -206,7 +206,7 @@ class _Group:
 # inputs); a block of fewer than MIN_ROWS queries takes a matrix-vector path with other rounding.
 Q_BLOCK, MIN_ROWS = 32, 4
 CHUNK_STEP = 8   # prefill chunks are padded to a multiple of this many tokens (>= MIN_ROWS)
-ARRIVING_S = 0.003  # a prefill this soon after a submit runs with a core fewer (requests still arriving)
+ARRIVING_S = 0.003  # a prefill this soon after a submit runs with a core fewer (requests still arriving; see _loop)
 SHORT_KEYS = 128   # key length of a prefill forward whose chunks all end within it (see _prefill_step)
 SWITCH_S = 2e-4    # the GIL's switch interval while a scheduler runs (Python's default: 5 ms; see start)
 
@@ -398,9 +398,11 @@ class Scheduler:
                         self._warm_step()
                         continue
                     self._drop_cancelled()
-                    if self._can_start():
-                        self._settle()
-                    if self.yield_core and time.perf_counter() - self._last_submit < ARRIVING_S:
+                    # new prompts start once a burst's arrivals paused; else (a long prompt's next chunk)
+                    # requests are arriving if one came in the last ARRIVING_S
+                    paused = (self._settle() if self._can_start()
+                              else time.perf_counter() - self._last_submit >= ARRIVING_S)
+                    if self.yield_core and not paused:
                         # requests are still arriving: leave a core to the HTTP thread receiving them
                         torch.set_num_threads(self.threads - 1)
                         self._prefill_step()
@@ -417,20 +419,22 @@ class Scheduler:
             raise
         self._fail_all(None)
 
-    def _settle(self) -> None:
+    def _settle(self) -> bool:
         """Before starting new prompts, wait until no request has come in for `settle_s` (at most
-        `settle_max_s` in all). A burst reaches the scheduler one request at a time, as the HTTP thread
-        parses each; a prefill started at the first arrival takes the cores that thread needs, so the
-        rest wait a whole prefill and prefill in a second round (bench/serve.py --trace: bursts of 16
-        split 8 + 8 or 3 + 3 + 10, their TTFT p95 over the peer's). A lone request pays `settle_s`."""
+        `settle_max_s` in all); True if arrivals paused. A burst reaches the scheduler one request at a
+        time, as the HTTP thread parses each; a prefill started at the first arrival takes the cores
+        that thread needs, so the rest wait a whole prefill and prefill in a second round
+        (bench/serve.py --trace: bursts of 16 split 8 + 8 or 3 + 3 + 10, their TTFT p95 over the
+        peer's). A lone request pays `settle_s`."""
         deadline = time.perf_counter() + self.settle_max_s
         with self._cv:
             while not self._stopping:
                 now = time.perf_counter()
                 quiet = now - self._last_submit
                 if quiet >= self.settle_s or now >= deadline:
-                    return
+                    return quiet >= self.settle_s
                 self._cv.wait(min(self.settle_s - quiet, deadline - now))
+        return True
 
     def _warm_shapes(self) -> list[tuple[int, int]]:
         """Prefill shapes (rows, query length) to run once while idle: every chunk shape of one prompt,

@@ -54,9 +54,9 @@ def _held_out(split: str, have: tuple[str, ...]) -> str:
     raise ValueError(f"split={split!r}: this task has splits {have}")
 
 
-def _builder(cls: Callable[..., Task], have: tuple[str, ...] = ("train", "test"), **fixed) -> Callable[..., Task]:
-    """A builder: `cls` on the task's own split for the stage's (`_held_out`), with `fixed` options."""
-    return lambda split, **kw: cls(split=_held_out(split, have), **fixed, **kw)
+def _builder(cls: type[Task], **fixed) -> Callable[..., Task]:
+    """A builder: `cls` on its own split for the stage's (`_held_out` onto `cls.splits`), with `fixed` options."""
+    return lambda split, **kw: cls(split=_held_out(split, cls.splits), **fixed, **kw)
 
 
 def _mmlu(split: str, **kw):
@@ -66,13 +66,13 @@ def _mmlu(split: str, **kw):
 
 
 _BUILDERS: dict[str, Callable[..., Task]] = {
-    "arc_easy": _builder(ARC, ("train", "validation", "test"), subset="ARC-Easy"),
-    "arc_challenge": _builder(ARC, ("train", "validation", "test"), subset="ARC-Challenge"),
+    "arc_easy": _builder(ARC, subset="ARC-Easy"),
+    "arc_challenge": _builder(ARC, subset="ARC-Challenge"),
     "mmlu": _mmlu,
     "mmlu_aux": _mmlu,
     "mmlu_auxiliary_train": _mmlu,
     "gsm8k": _builder(GSM8K),
-    "humaneval": _builder(HumanEval, ("test",)),
+    "humaneval": _builder(HumanEval),
     "smoltalk": _builder(SmolTalk),
     "spellingbee": _builder(SpellingBee),
     "simplespelling": _builder(SimpleSpelling),

@@ -23,7 +23,7 @@ import random
 import re
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from nanochat import hub
 from nanochat.common import get_base_dir, shared_data_dir
@@ -72,16 +72,13 @@ class Task:
         return max(0, (stop - self.start + self.step - 1) // self.step)
 
     def __getitem__(self, index: int) -> Conversation:
+        """The example at `index` of the sliced view; IndexError past the end (which also ends `for ex in task`)."""
         n = len(self)
         if index < 0:
             index += n
         if not 0 <= index < n:
             raise IndexError(f"{type(self).__name__} index {index} out of range (len {n})")
         return self.get_example(self.start + index * self.step)
-
-    def __iter__(self) -> Iterator[Conversation]:
-        for i in range(len(self)):
-            yield self[i]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(len={len(self)})"
@@ -135,10 +132,11 @@ class Synthetic(Task):
     with train and test kept apart by a hash (`in_test`). Graded by the number after '####'."""
     test_every = 10                # one item in ten (by hash) is held out for test
     test_seed_offset = 10_000_000  # test examples come from other seeds
+    splits = ("train", "test")
 
     def __init__(self, split: str = "train", size: int = 1000, **kwargs):
         super().__init__(**kwargs)
-        if split not in ("train", "test"):
+        if split not in self.splits:
             raise ValueError(f"{type(self).__name__} split={split!r}: use train or test")
         self.split, self.size = split, size
 
@@ -178,6 +176,25 @@ class MultipleChoice(Task):
 
     def evaluate(self, conversation: Conversation, completion: str) -> bool:
         return completion.strip() == conversation["messages"][-1]["content"]
+
+
+class HubTask(Task):
+    """A task whose rows are the file `path` if given, else the first of `names` (paths under the shared data
+    dir) that exists, else the hub split `hub_args` = (dataset, config, split) (load_rows' rules and errors)."""
+    splits: tuple[str, ...] | None = ("train", "test")  # the splits it has (None: whatever the dataset has)
+
+    def __init__(self, split: str, label: str, names: Sequence[str], hub_args: tuple[str, str, str], how_to: str,
+                 data_dir: str | None = None, base_dir: str | None = None, path: str | os.PathLike | None = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if self.splits is not None and split not in self.splits:
+            raise ValueError(f"{type(self).__name__} split={split!r}: use one of {self.splits}")
+        self.split = split
+
+        def local():
+            found = Path(path) if path is not None else find_local(data_dir, names)
+            return load_files(found) if found else None
+        self.rows = load_rows(label, local, lambda: hub_split(*hub_args), how_to)
 
 
 _ANSWER_RE = re.compile(r"####\s*(-?[$0-9.,]+)")
@@ -223,20 +240,13 @@ def open_text(path: str | os.PathLike):
     return (gzip.open if Path(path).suffix == ".gz" else open)(path, "rt", encoding="utf-8")
 
 
-def kind_of(path: str | os.PathLike) -> str:
-    """The `datasets` builder for a file: json (.jsonl/.json[.gz]), csv, parquet or text."""
-    name = Path(path).name.lower().removesuffix(".gz")
-    kinds = ((".parquet", "parquet"), (".jsonl", "json"), (".json", "json"), (".csv", "csv"))
-    return next((kind for ext, kind in kinds if name.endswith(ext)), "text")
-
-
 def load_files(files: str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
                kind: str | None = None, **options: Any):
     """Local files as one `datasets.Dataset` (Arrow, memory-mapped), via datasets.load_dataset(kind,
     data_files=...): the one reader of task data, for offline copies and hub downloads alike.
 
-    `kind` defaults to the files' extension (see `kind_of`); `options` go to the builder (e.g.
-    csv column_names). A mapping {name: file} returns a DatasetDict with one split per name.
+    `kind` defaults to the first file's extension (.gz aside; text if unknown); `options` go to the builder
+    (e.g. csv column_names). A mapping {name: file} returns a DatasetDict with one split per name.
     """
     import datasets  # heavy (≈1 s): imported only when a task really loads data
     named = isinstance(files, Mapping)
@@ -248,7 +258,8 @@ def load_files(files: str | os.PathLike | Sequence[str | os.PathLike] | Mapping[
     missing = [f for f in flat if not f.is_file()]
     if missing:
         raise TaskDataError(f"{missing[0]} does not exist")
-    kind = kind or kind_of(flat[0])
+    kind = kind or {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}.get(
+        Path(flat[0].name.lower().removesuffix(".gz")).suffix, "text")
     datasets.logging.set_verbosity_error()  # no "Generating split" chatter for every task file
     datasets.disable_progress_bars()
     try:
@@ -293,16 +304,6 @@ def local_or_url(names: Sequence[str], data_dir: str | None, url: str, base_dir:
         return hub.fetch_url(url, get_base_dir(base_dir) / "downloads")
     except hub.HubError as e:
         raise TaskDataError(f"{what}: {e}. {how_to}") from e
-
-
-def local_or_hub(task: str, path: str | os.PathLike | None, data_dir: str | None, names: Sequence[str],
-                 hub_args: tuple[str, str, str], how_to: str) -> Sequence:
-    """A task's rows: the file `path` if given, else the first of `names` (paths under the shared data
-    dir) that exists, else hub_split(*hub_args) (load_rows' rules and errors)."""
-    def local():
-        found = Path(path) if path is not None else find_local(data_dir, names)
-        return load_files(found) if found else None
-    return load_rows(task, local, lambda: hub_split(*hub_args), how_to)
 
 
 def load_rows(task: str, local: Callable[[], Sequence | None], hub_fn: Callable[[], Sequence], how_to: str) -> Sequence:

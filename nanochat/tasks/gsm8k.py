@@ -9,10 +9,9 @@ Local: <data_dir>/gsm8k/{train,test}.jsonl.  Hub: openai/gsm8k, config main.
 """
 from __future__ import annotations
 
-import os
 import re
 
-from nanochat.tasks.common import Conversation, Task, answers_match, extract_answer, local_or_hub
+from nanochat.tasks.common import Conversation, HubTask, answers_match, extract_answer
 
 _CALL_RE = re.compile(r"(<<[^>]*>>)")
 
@@ -32,17 +31,11 @@ def solution_to_parts(answer: str) -> list[dict]:
     return parts
 
 
-class GSM8K(Task):
-    def __init__(self, split: str = "test", subset: str = "main", data_dir: str | None = None,
-                 base_dir: str | None = None, path: str | os.PathLike | None = None, **kwargs):
-        super().__init__(**kwargs)
-        if split not in ("train", "test"):
-            raise ValueError(f"GSM8K split={split!r}: use train or test")
-        self.split = split
-        local = [f"gsm8k/{split}.jsonl"] if subset == "main" else []
-        self.rows = local_or_hub(f"gsm8k ({split})", path, data_dir, local,
-                                 ("openai/gsm8k", subset, split),
-                                 "put train.jsonl/test.jsonl under <shared data>/gsm8k/ or allow hub downloads")
+class GSM8K(HubTask):
+    def __init__(self, split: str = "test", subset: str = "main", **kwargs):
+        super().__init__(split, f"gsm8k ({split})", [f"gsm8k/{split}.jsonl"] if subset == "main" else [],
+                         ("openai/gsm8k", subset, split),
+                         "put train.jsonl/test.jsonl under <shared data>/gsm8k/ or allow hub downloads", **kwargs)
 
     def get_example(self, index: int) -> Conversation:
         row = self.rows[index]

@@ -7,10 +7,9 @@ copy can be given with `path=` (json/jsonl/parquet/csv), which is read first.
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
-from nanochat.tasks.common import Conversation, Task, TaskDataError, local_or_hub
+from nanochat.tasks.common import Conversation, HubTask, TaskDataError
 from nanochat.tasks.customjson import validate_messages
 
 
@@ -24,20 +23,19 @@ def parse_hub_source(arg: str) -> dict:
     return {"repo": parts[0], "config": parts[1] or None, "source_split": parts[2] or None}
 
 
-class HubConversations(Task):
+class HubConversations(HubTask):
+    splits = None  # whatever the dataset has
+
     def __init__(self, repo: str, config: str | None = None, split: str = "train", column: str = "messages",
-                 path: str | os.PathLike | None = None, data_dir: str | None = None, base_dir: str | None = None,
                  local: Sequence[str] = (), label: str | None = None, how_to: str | None = None, **kwargs):
         """`local`: files under the shared data dir tried before the hub; `label`, `how_to`: for errors."""
-        super().__init__(**kwargs)
-        self.repo, self.config, self.split, self.column = repo, config or "default", split, column
+        self.repo, self.config, self.column = repo, config or "default", column
         self.label = label or f"hub:{repo}:{self.config}:{split}"
-        self.rows = local_or_hub(self.label, path, data_dir, local, (repo, self.config, split), how_to or (
+        super().__init__(split, self.label, local, (repo, self.config, split), how_to or (
             "check the repo/config/split names, set HF_TOKEN for a gated dataset, or pass a local copy with "
-            "path=<file>"))
-        names = list(getattr(self.rows, "column_names", None) or (self.rows[0].keys() if len(self.rows) else []))
-        if column not in names:
-            raise TaskDataError(f"{self.label} has no {column!r} column (columns: {names}); "
+            "path=<file>"), **kwargs)
+        if column not in self.rows.column_names:  # rows are a datasets.Dataset (a local file or the hub's)
+            raise TaskDataError(f"{self.label} has no {column!r} column (columns: {self.rows.column_names}); "
                                 f"pass column=<name of the conversations column>")
 
     def get_example(self, index: int) -> Conversation:

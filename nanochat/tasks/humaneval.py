@@ -5,11 +5,10 @@ Local: <data_dir>/humaneval/HumanEval.jsonl.gz.  Hub: openai/openai_humaneval (t
 from __future__ import annotations
 
 import itertools
-import os
 import re
 
 from nanochat.execution import execute_code
-from nanochat.tasks.common import Conversation, Task, local_or_hub
+from nanochat.tasks.common import Conversation, HubTask
 
 _FENCE_RE = re.compile(r"```(?:python|py|Python)?\s*\n(.*?)```", re.DOTALL)
 
@@ -21,17 +20,14 @@ def extract_imports(prompt: str) -> str:
     return "\n".join(s for s in head if s.startswith(("import ", "from ")))
 
 
-class HumanEval(Task):
-    def __init__(self, split: str = "test", data_dir: str | None = None, base_dir: str | None = None,
-                 path: str | os.PathLike | None = None, timeout: float = 5.0, **kwargs):
-        super().__init__(**kwargs)
-        if split != "test":
-            raise ValueError(f"HumanEval split={split!r}: HumanEval only has 'test'")
+class HumanEval(HubTask):
+    splits = ("test",)
+
+    def __init__(self, split: str = "test", timeout: float = 5.0, **kwargs):
         self.timeout = timeout
-        self.rows = local_or_hub("humaneval", path, data_dir,
-                                 ["humaneval/HumanEval.jsonl.gz", "humaneval/HumanEval.jsonl"],
-                                 ("openai/openai_humaneval", "openai_humaneval", "test"),
-                                 "put HumanEval.jsonl.gz under <shared data>/humaneval/ or allow hub downloads")
+        super().__init__(split, "humaneval", ["humaneval/HumanEval.jsonl.gz", "humaneval/HumanEval.jsonl"],
+                         ("openai/openai_humaneval", "openai_humaneval", "test"),
+                         "put HumanEval.jsonl.gz under <shared data>/humaneval/ or allow hub downloads", **kwargs)
 
     def get_example(self, index: int) -> Conversation:
         row = self.rows[index]

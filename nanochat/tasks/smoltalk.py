@@ -4,17 +4,14 @@ Hub only (it is not in the offline data); a local parquet/jsonl with a `messages
 """
 from __future__ import annotations
 
-import os
-
 from nanochat.tasks.hubtask import HubConversations
 
 
 class SmolTalk(HubConversations):
-    def __init__(self, split: str = "train", data_dir: str | None = None, base_dir: str | None = None,
-                 path: str | os.PathLike | None = None, **kwargs):
-        if split not in ("train", "test"):
-            raise ValueError(f"SmolTalk split={split!r}: use train or test")
-        super().__init__("HuggingFaceTB/smol-smoltalk", "default", split, path=path, data_dir=data_dir,
+    splits = ("train", "test")
+
+    def __init__(self, split: str = "train", **kwargs):
+        super().__init__("HuggingFaceTB/smol-smoltalk", "default", split,
                          local=[f"smoltalk/{split}.parquet", f"smoltalk/{split}.jsonl"], label=f"smoltalk ({split})",
                          how_to="SmolTalk is only on the HF hub (HuggingFaceTB/smol-smoltalk); allow the download, "
                                 "or use the offline conversations instead (identity, customjson:<file>)", **kwargs)

@@ -244,13 +244,10 @@ class _Pipeline:
 
     def read_docs(self, positions: list[Pos]) -> list[list[int]]:
         """Tokens of specific documents (restoring bestfit's buffer), in the order given."""
-        by_unit: dict[tuple[int, int], set[int]] = {}
-        for _, si, rg, i in positions:
-            by_unit.setdefault((si, rg), set()).add(i)
         found: dict[tuple[int, int, int], list[int]] = {}
-        for (si, rg), docs in sorted(by_unit.items()):
+        for si, rg in sorted({p[1:3] for p in positions}):  # each row group read once, its docs encoded at once
             texts = read_texts(open_shard(ensure_shard(self.cfg, self.base_dir, self.paths[si])), rg)
-            uniq = sorted(docs)
+            uniq = sorted({p[3] for p in positions if p[1:3] == (si, rg)})
             found.update(zip([(si, rg, i) for i in uniq], self.encode([texts[i] for i in uniq])))
         return [found[p[1:]] for p in positions]
 

@@ -94,9 +94,6 @@ class Tokenizer:
             batch = [pre + ids + post for ids in batch]
         return batch[0] if isinstance(text, str) else batch
 
-    def __call__(self, *args: Any, **kwargs: Any):
-        return self.encode(*args, **kwargs)
-
     def decode(self, ids: Iterable[int]) -> str:
         return self.enc.decode(list(ids))
 

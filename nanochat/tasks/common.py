@@ -12,8 +12,8 @@ path the caller gives), then goes to the Hugging Face hub: the parquet files of 
 (dataset, config, split) from the hub's parquet export, fetched by huggingface_hub into the
 hub cache (HF_HOME / HF_HUB_CACHE; HF_TOKEN, HF_ENDPOINT honoured). Both are read by one
 function, `load_files` = datasets.load_dataset("json" | "csv" | "parquet" | "text",
-data_files=...). Set NANOCHAT_OFFLINE=1 (or HF_HUB_OFFLINE=1) to never touch the network:
-the hub cache still answers.
+data_files=...) (MMLU's per-subject csv files: the csv module). Set NANOCHAT_OFFLINE=1 (or
+HF_HUB_OFFLINE=1) to never touch the network: the hub cache still answers.
 """
 from __future__ import annotations
 
@@ -179,8 +179,8 @@ class MultipleChoice(Task):
 
 
 class HubTask(Task):
-    """A task whose rows are the file `path` if given, else the first of `names` (paths under the shared data
-    dir) that exists, else the hub split `hub_args` = (dataset, config, split) (load_rows' rules and errors)."""
+    """A task whose rows are the file `path` if given, else its offline copy (`read_local`), else the hub split
+    `hub_args` = (dataset, config, split) (load_rows' rules and errors)."""
     splits: tuple[str, ...] | None = ("train", "test")  # the splits it has (None: whatever the dataset has)
 
     def __init__(self, split: str, label: str, names: Sequence[str], hub_args: tuple[str, str, str], how_to: str,
@@ -190,11 +190,13 @@ class HubTask(Task):
         if self.splits is not None and split not in self.splits:
             raise ValueError(f"{type(self).__name__} split={split!r}: use one of {self.splits}")
         self.split = split
-
-        def local():
-            found = Path(path) if path is not None else find_local(data_dir, names)
-            return load_files(found) if found else None
+        local = (lambda: load_files(path)) if path is not None else (lambda: self.read_local(data_dir, names))
         self.rows = load_rows(label, local, lambda: hub_split(*hub_args), how_to)
+
+    def read_local(self, data_dir: str | None, names: Sequence[str]) -> Sequence | None:
+        """The offline copy: the first of `names` (paths under the shared data dir) that exists; None if none."""
+        found = find_local(data_dir, names)
+        return load_files(found) if found else None
 
 
 _ANSWER_RE = re.compile(r"####\s*(-?[$0-9.,]+)")

@@ -3,77 +3,57 @@
 Local (<data_dir>/mmlu/):
   cais_mmlu/{test,dev}/<subject>_{split}.csv       header question,choice0..3,answer(int)
   hendrycks_test_2020/val/<subject>_val.csv         no header, answer letter (the only local `validation`)
-  auxiliary_train: any of mmlu/auxiliary_train.{jsonl,parquet,csv} if you place one there
+  auxiliary_train: any of mmlu/auxiliary_train.{jsonl,jsonl.gz,parquet} if you place one there
 Hub: cais/mmlu, config `all` (test/validation/dev) or `auxiliary_train` (train).
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import csv
+import itertools
 
-from nanochat.tasks.common import Conversation, MultipleChoice, hub_split, load_files, load_rows, resolve_data_dir
+from nanochat.tasks.common import Conversation, HubTask, MultipleChoice, resolve_data_dir
 
 LETTERS = ("A", "B", "C", "D")
 SUBSETS = ("all", "auxiliary_train")
-# the csv files hold numbers and words like "None" as choices: keep every cell as the text it is
-_CSV = dict(column_names=["question", "c0", "c1", "c2", "c3", "answer"], keep_default_na=False, na_filter=False)
+LOCAL_DIRS = {"test": "cais_mmlu/test", "dev": "cais_mmlu/dev", "validation": "hendrycks_test_2020/val"}
 
 
-def _read_subject_csvs(d: Path, split: str, header: bool) -> list[dict]:
-    """<subject>_<split>.csv files → rows tagged with their subject (one datasets split per file)."""
-    files = {f.name[: -len(f"_{split}.csv")]: f for f in sorted(d.glob(f"*_{split}.csv"))}
-    if not files:
-        return []
-    from datasets import Features, Value
-    cols = _CSV["column_names"]
-    features = Features({c: Value("string") for c in cols})
-    parts = load_files(files, kind="csv", features=features, header=0 if header else None, **_CSV)
-    rows = []
-    for subject in files:
-        c = parts[subject].to_dict()  # columnar: far faster than iterating rows
-        for q, *choices, answer in zip(*(c[k] for k in cols)):
-            answer = answer.strip()
-            rows.append({"question": q, "choices": choices,
-                         "answer": int(answer) if answer.isdigit() else LETTERS.index(answer), "subject": subject})
-    return rows
+class MMLU(MultipleChoice, HubTask):
+    splits = None  # they depend on the subset: checked here
 
-
-def _read_local(root: Path, subset: str, split: str) -> list[dict] | None:
-    base = root / "mmlu"
-    if subset == "auxiliary_train":
-        found = next((base / f"auxiliary_train.{e}" for e in ("jsonl", "jsonl.gz", "parquet")
-                      if (base / f"auxiliary_train.{e}").exists()), None)
-        return load_files(found) if found else None
-    if split in ("test", "dev") and (base / "cais_mmlu" / split).is_dir():
-        return _read_subject_csvs(base / "cais_mmlu" / split, split, header=True)
-    if split == "validation" and (base / "hendrycks_test_2020" / "val").is_dir():
-        return _read_subject_csvs(base / "hendrycks_test_2020" / "val", "val", header=False)
-    return None
-
-
-class MMLU(MultipleChoice):
-    def __init__(self, subset: str = "all", split: str = "test", data_dir: str | None = None,
-                 base_dir: str | None = None, path: str | os.PathLike | None = None, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, subset: str = "all", split: str = "test", **kwargs):
         if subset not in SUBSETS:
             raise ValueError(f"MMLU subset={subset!r}: use one of {SUBSETS}")
         if subset == "auxiliary_train" and split != "train":
             raise ValueError(f"MMLU auxiliary_train has only split='train' (got {split!r})")
         if subset == "all" and split not in ("test", "validation", "dev"):
             raise ValueError(f"MMLU split={split!r}: use test, validation or dev (or subset='auxiliary_train')")
-        self.subset, self.split = subset, split
+        self.subset = subset
+        aux = subset == "auxiliary_train"
+        super().__init__(split, f"mmlu ({subset}/{split})",
+                         [f"mmlu/auxiliary_train.{e}" for e in ("jsonl", "jsonl.gz", "parquet")] if aux else [],
+                         ("cais/mmlu", subset, split),
+                         "MMLU auxiliary_train is only on the hub (cais/mmlu); place "
+                         "<shared data>/mmlu/auxiliary_train.jsonl or allow hub downloads" if aux else
+                         "put the MMLU csv files under <shared data>/mmlu/ or allow hub downloads", **kwargs)
 
-        def local():
-            if path is not None:
-                return load_files(path)
-            root = resolve_data_dir(data_dir)
-            return _read_local(root, subset, split) if root else None
-
-        self.rows = load_rows(f"mmlu ({subset}/{split})", local, lambda: hub_split("cais/mmlu", subset, split),
-                              "MMLU auxiliary_train is only on the hub (cais/mmlu); place "
-                              "<shared data>/mmlu/auxiliary_train.jsonl or allow hub downloads"
-                              if subset == "auxiliary_train" else
-                              "put the MMLU csv files under <shared data>/mmlu/ or allow hub downloads")
+    def read_local(self, data_dir: str | None, names: list[str]) -> list[dict] | None:
+        """auxiliary_train: one of the files `names`; the others: <subject>_<split>.csv files, read by the csv
+        module as text (the choices hold numbers and words like "None" that must stay the text they are)."""
+        root = resolve_data_dir(data_dir)
+        if self.subset == "auxiliary_train" or root is None:
+            return super().read_local(data_dir, names)
+        d = root / "mmlu" / LOCAL_DIRS[self.split]
+        if not d.is_dir():
+            return None
+        rows = []
+        for f in sorted(d.glob(f"*_{d.name}.csv")):
+            with open(f, newline="", encoding="utf-8") as fh:
+                for q, *choices, answer in itertools.islice(csv.reader(fh), int(self.split != "validation"), None):
+                    answer = answer.strip()
+                    rows.append({"question": q, "choices": choices, "subject": f.name.removesuffix(f"_{d.name}.csv"),
+                                 "answer": int(answer) if answer.isdigit() else LETTERS.index(answer)})
+        return rows
 
     def get_example(self, index: int) -> Conversation:
         row = self.rows[index]

@@ -445,12 +445,9 @@ def ensure_shard(data_cfg: DataConfig, base_dir: str | Path, path: Path) -> Path
     path = Path(path)
     if path.is_file() or data_cfg.source not in REMOTE_SOURCES:
         return path
-    parts = path.parts
-    if "snapshots" not in parts:
-        raise ValueError(f"{path} is not a hub cache path (.../snapshots/<commit>/<file>)")
-    i = len(parts) - 1 - parts[::-1].index("snapshots")
-    commit, filename = parts[i + 1], "/".join(parts[i + 2:])
-    return hub.download(remote_repo(data_cfg), filename, commit, validate=pq.ParquetFile)
+    repo = remote_repo(data_cfg)
+    commit, *name = path.relative_to(hub.repo_cache_dir(repo) / "snapshots").parts  # list_shards' <commit>/<file>
+    return hub.download(repo, "/".join(name), commit, validate=pq.ParquetFile)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,7 +23,7 @@ import random
 import re
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from nanochat import hub
 from nanochat.common import get_base_dir, shared_data_dir
@@ -180,7 +180,7 @@ class MultipleChoice(Task):
 
 class HubTask(Task):
     """A task whose rows are the file `path` if given, else its offline copy (`read_local`), else the hub split
-    `hub_args` = (dataset, config, split) (load_rows' rules and errors)."""
+    `hub_args` = (dataset, config, split); a TaskDataError naming the task (`label`) and `how_to` if neither."""
     splits: tuple[str, ...] | None = ("train", "test")  # the splits it has (None: whatever the dataset has)
 
     def __init__(self, split: str, label: str, names: Sequence[str], hub_args: tuple[str, str, str], how_to: str,
@@ -190,8 +190,13 @@ class HubTask(Task):
         if self.splits is not None and split not in self.splits:
             raise ValueError(f"{type(self).__name__} split={split!r}: use one of {self.splits}")
         self.split = split
-        local = (lambda: load_files(path)) if path is not None else (lambda: self.read_local(data_dir, names))
-        self.rows = load_rows(label, local, lambda: hub_split(*hub_args), how_to)
+        self.rows = load_files(path) if path is not None else self.read_local(data_dir, names)
+        if self.rows is None:
+            try:
+                self.rows = hub_split(*hub_args)
+            except (TaskDataError, hub.HubError, OSError) as e:
+                raise TaskDataError(f"no data for task {label!r}: not found locally and the hub download failed "
+                                    f"({e}). {how_to}") from e
 
     def read_local(self, data_dir: str | None, names: Sequence[str]) -> Sequence | None:
         """The offline copy: the first of `names` (paths under the shared data dir) that exists; None if none."""
@@ -306,15 +311,3 @@ def local_or_url(names: Sequence[str], data_dir: str | None, url: str, base_dir:
         return hub.fetch_url(url, get_base_dir(base_dir) / "downloads")
     except hub.HubError as e:
         raise TaskDataError(f"{what}: {e}. {how_to}") from e
-
-
-def load_rows(task: str, local: Callable[[], Sequence | None], hub_fn: Callable[[], Sequence], how_to: str) -> Sequence:
-    """Local first, then the hub; a clear TaskDataError naming the task if neither works."""
-    rows = local()
-    if rows is not None:
-        return rows
-    try:
-        return hub_fn()
-    except (TaskDataError, hub.HubError, OSError) as e:
-        raise TaskDataError(f"no data for task {task!r}: not found locally and the hub download failed ({e}). "
-                            f"{how_to}") from e

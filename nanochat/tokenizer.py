@@ -106,12 +106,10 @@ class Tokenizer:
         (0); assistant text, python tool calls and `<|assistant_end|>` are trained on (1). The
         result is truncated to `max_tokens`.
         """
-        messages = _messages_of(conversation)
+        messages = check_messages(conversation)
         if messages[0]["role"] == "system":
-            if len(messages) < 2 or messages[1].get("role") != "user":
-                raise ValueError("a system message must be followed by a user message")
-            merged = _text_content(messages[0], 0) + "\n\n" + _text_content(messages[1], 1)
-            messages = [{**messages[1], "content": merged}, *messages[2:]]
+            messages = [{**messages[1], "content": messages[0]["content"] + "\n\n" + messages[1]["content"]},
+                        *messages[2:]]
 
         sp = self.special_tokens
         ids: list[int] = [self.bos_token_id]
@@ -121,40 +119,25 @@ class Tokenizer:
             ids.extend(tokens)
             mask.extend([m] * len(tokens))
 
-        for i, message in enumerate(messages):
-            expected = "user" if i % 2 == 0 else "assistant"
-            role, content = message.get("role"), message.get("content")
-            if role != expected:
-                raise ValueError(f"message {i} has role {role!r} but {expected!r} was expected: roles must "
-                                 "alternate user/assistant (an optional system message may come first)")
-            if role == "user":
-                add([sp["<|user_start|>"], *self.enc.encode_ordinary(_text_content(message, i)), sp["<|user_end|>"]], 0)
+        for message in messages:
+            content = message["content"]
+            if message["role"] == "user":
+                add([sp["<|user_start|>"], *self.enc.encode_ordinary(content), sp["<|user_end|>"]], 0)
                 continue
-            if isinstance(content, str):
-                content = [{"type": "text", "text": content}]
-            elif not isinstance(content, list):
-                raise ValueError(f"message {i}: content must be a str or a list of parts, "
-                                 f"got {type(content).__name__}")
             add([sp["<|assistant_start|>"]], 0)
-            for j, part in enumerate(content):
-                kind, text = (part.get("type"), part.get("text")) if isinstance(part, dict) else (None, None)
-                if not isinstance(text, str):
-                    raise ValueError(f"message {i} part {j}: expected {{'type': ..., 'text': str}}, got {part!r}")
-                if kind not in _PARTS:
-                    raise ValueError(f"message {i} part {j}: unknown type {kind!r}; "
-                                     "use text, python or python_output")
-                around, m = _PARTS[kind]
-                tokens = self.enc.encode_ordinary(text)
+            for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+                around, m = _PARTS[part["type"]]
+                tokens = self.enc.encode_ordinary(part["text"])
                 add([sp[around[0]], *tokens, sp[around[1]]] if around else tokens, m)
             add([sp["<|assistant_end|>"]], 1)
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation: dict) -> list[int]:
         """Prompt for generation: drop the last (assistant) message and prime `<|assistant_start|>`."""
-        messages = _messages_of(conversation)
-        if messages[-1].get("role") != "assistant":
+        messages = check_messages(conversation)
+        if messages[-1]["role"] != "assistant":
             raise ValueError("render_for_completion expects the last message to be the assistant's "
-                             f"(it is dropped and regenerated), got role {messages[-1].get('role')!r}")
+                             f"(it is dropped and regenerated), got role {messages[-1]['role']!r}")
         conv = {**conversation, "messages": list(messages[:-1])}   # render_conversation does not mutate
         ids, _ = self.render_conversation(conv, max_tokens=10**9)
         ids.append(self.special_tokens["<|assistant_start|>"])
@@ -204,23 +187,36 @@ class Tokenizer:
         return tok
 
 
-def _messages_of(conversation: dict) -> list[dict]:
-    if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
-        raise ValueError("a conversation is a dict {'messages': [{'role': ..., 'content': ...}, ...]}")
-    messages = conversation["messages"]
-    if not messages:
-        raise ValueError("conversation has no messages")
+def check_messages(conversation: Any) -> list[dict]:
+    """The messages of `conversation` if render_conversation takes them, else a ValueError saying what is wrong.
+
+    They are an optional system message, then user and assistant turns alternating from a user's; content
+    is a string, or for the assistant a list of {'type': text | python | python_output, 'text': str} parts.
+    """
+    messages = conversation.get("messages") if isinstance(conversation, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("conversation has no messages" if messages == [] else
+                         "a conversation is a dict {'messages': [{'role': ..., 'content': ...}, ...]}")
+    system = isinstance(messages[0], dict) and messages[0].get("role") == "system"
+    if system and len(messages) == 1:
+        raise ValueError("a system message must be followed by a user message")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
+        expected, content = "system" if system and i == 0 else ("user", "assistant")[(i - system) % 2], m["content"]
+        if m["role"] != expected:
+            raise ValueError(f"message {i} has role {m['role']!r} but {expected!r} was expected: roles must "
+                             "alternate user/assistant (an optional system message may come first)")
+        if not isinstance(content, (str, list)) or (expected != "assistant" and not isinstance(content, str)):
+            parts = " or a list of parts" if expected == "assistant" else ""
+            raise ValueError(f"message {i} ({expected}) content must be a string{parts}, got {type(content).__name__}")
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            if not isinstance(part, dict) or not isinstance(part.get("text"), str):
+                raise ValueError(f"message {i} part {j}: expected {{'type': ..., 'text': str}}, got {part!r}")
+            if part.get("type") not in _PARTS:
+                raise ValueError(f"message {i} part {j}: unknown type {part.get('type')!r}; "
+                                 "use text, python or python_output")
     return messages
-
-
-def _text_content(message: dict, i: int) -> str:
-    content = message["content"]
-    if not isinstance(content, str):
-        raise ValueError(f"message {i} ({message['role']}) content must be a string, got {type(content).__name__}")
-    return content
 
 
 # ---------------------------------------------------------------------- training

@@ -256,7 +256,7 @@ def test_customjson(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps([{"role": "user", "content": "a"},
                                                              {"role": "user", "content": "b"}]) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: message 1 should have role 'assistant'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: message 1 has role 'user' but 'assistant' was expected"):
         CustomJSON(bad)
     with pytest.raises(TaskDataError, match="does not exist"):
         CustomJSON(tmp_path / "missing.jsonl")

@@ -11,29 +11,18 @@ import json
 import os
 
 from nanochat.tasks.common import Conversation, Task, TaskDataError, load_files, local_or_url
+from nanochat.tokenizer import check_messages
 
 IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
-PART_TYPES = ("text", "python", "python_output")
 
 
 def validate_messages(messages, where: str) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: a conversation must be a non-empty list of messages")
-    body = messages[1:] if messages[0].get("role") == "system" else messages
-    if len(body) < 2:
-        raise ValueError(f"{where}: need at least one user and one assistant message")
-    for i, m in enumerate(body):
-        want = "user" if i % 2 == 0 else "assistant"
-        if not isinstance(m, dict) or m.get("role") != want:
-            raise ValueError(f"{where}: message {i} should have role {want!r}, got {m!r:.80}")
-        content = m.get("content")
-        if isinstance(content, list) and want == "assistant":
-            for p in content:
-                if not isinstance(p, dict) or p.get("type") not in PART_TYPES or not isinstance(p.get("text"), str):
-                    raise ValueError(f"{where}: bad assistant part {p!r:.80}; parts are "
-                                     f"{{'type': one of {PART_TYPES}, 'text': str}}")
-        elif not isinstance(content, str):
-            raise ValueError(f"{where}: message {i} content must be a string")
+    """`messages` if the tokenizer renders them (check_messages) and they hold a user and an assistant turn."""
+    try:
+        if len(check_messages({"messages": messages})) - (messages[0]["role"] == "system") < 2:
+            raise ValueError("need at least one user and one assistant message")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
     return messages
 
 

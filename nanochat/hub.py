@@ -108,16 +108,14 @@ def _classify(e: BaseException, what: str) -> tuple[bool, HubError]:
 
 
 def _with_retries(fn: Callable[[], Path], what: str, attempts: int, backoff: float) -> Path:
-    attempt = 0
-    while True:
+    for attempt in range(1, attempts + 1):  # attempts >= 1: the last one raises
         try:
             return fn()
         except HubError:
             raise
         except Exception as e:  # classified: permanent ones are raised at once
             transient, err = _classify(e, what)
-            attempt += 1
-            if not transient or attempt >= attempts:
+            if not transient or attempt == attempts:
                 raise (HubError(f"{err} (gave up after {attempts} attempts)") if transient else err) from e
             wait = backoff * 2 ** (attempt - 1)
             print(f"{what}: attempt {attempt}/{attempts} failed ({type(e).__name__}: {str(e)[:200]}); "

@@ -22,8 +22,7 @@ class Arithmetic(Synthetic):
     def __init__(self, split: str = "train", size: int = 1000, max_value: int = 999, ops: str = "+-*",
                  style: str = "tool", data_dir=None, base_dir=None, **kwargs):
         super().__init__(split, size, **kwargs)
-        bad = [o for o in ops if o not in OPS]
-        if bad or not ops:
+        if not ops or set(ops) - set(OPS):
             raise ValueError(f"Arithmetic ops={ops!r}: use a string of {''.join(OPS)}")
         if max_value < 3:
             raise ValueError(f"Arithmetic max_value={max_value}: must be >= 3")

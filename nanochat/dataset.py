@@ -304,33 +304,27 @@ def _local_files(path_spec: str | None) -> list[Path]:
     return sorted(f.resolve() for f in files)
 
 
-def _open_text(path: Path):
-    return (gzip.open if path.name.endswith(".gz") else open)(path, "rt", encoding="utf-8")
-
-
 def _read_local_docs(path: Path, txt_doc_chars: int = 4000) -> list[str]:
     """Documents of one local file. A txt file is cut into ~txt_doc_chars docs at blank lines."""
     if path.name.endswith(".parquet"):
         return [t for t in open_shard(path).read(columns=[TEXT_COLUMN]).column(0).to_pylist() if t]
-    if path.name.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
+    with (gzip.open if path.name.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        if not path.name.endswith((".jsonl", ".jsonl.gz", ".json.gz")):  # txt
+            return _group([p for p in f.read().split("\n\n") if p.strip()], txt_doc_chars, sep="\n\n")
         docs = []
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON lines ({e})") from e
-                if not isinstance(row, dict) or not isinstance(row.get(TEXT_COLUMN), str):
-                    raise ValueError(f"{path}:{lineno}: each line needs a string '{TEXT_COLUMN}' field "
-                                     f"(got keys {list(row) if isinstance(row, dict) else type(row).__name__})")
-                if row[TEXT_COLUMN]:
-                    docs.append(row[TEXT_COLUMN])
-        return docs
-    with _open_text(path) as f:
-        paragraphs = [p for p in f.read().split("\n\n") if p.strip()]
-    return _group(paragraphs, txt_doc_chars, sep="\n\n")
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON lines ({e})") from e
+            if not isinstance(row, dict) or not isinstance(row.get(TEXT_COLUMN), str):
+                raise ValueError(f"{path}:{lineno}: each line needs a string '{TEXT_COLUMN}' field "
+                                 f"(got keys {list(row) if isinstance(row, dict) else type(row).__name__})")
+            if row[TEXT_COLUMN]:
+                docs.append(row[TEXT_COLUMN])
+    return docs
 
 
 def _local_shards(data_cfg: DataConfig, base_dir: Path, split: str) -> list[Path]:

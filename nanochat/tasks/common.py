@@ -17,13 +17,12 @@ HF_HUB_OFFLINE=1) to never touch the network: the hub cache still answers.
 """
 from __future__ import annotations
 
-import gzip
 import os
 import random
 import re
 import zlib
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from nanochat import hub
 from nanochat.common import get_base_dir, shared_data_dir
@@ -243,25 +242,12 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     return shared_data_dir()
 
 
-def open_text(path: str | os.PathLike):
-    return (gzip.open if Path(path).suffix == ".gz" else open)(path, "rt", encoding="utf-8")
-
-
-def load_files(files: str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
-               kind: str | None = None, **options: Any):
+def load_files(files: str | os.PathLike | Sequence[str | os.PathLike], kind: str | None = None):
     """Local files as one `datasets.Dataset` (Arrow, memory-mapped), via datasets.load_dataset(kind,
     data_files=...): the one reader of task data, for offline copies and hub downloads alike.
-
-    `kind` defaults to the first file's extension (.gz aside; text if unknown); `options` go to the builder
-    (e.g. csv column_names). A mapping {name: file} returns a DatasetDict with one split per name.
-    """
+    `kind` defaults to the first file's extension (.gz aside; text if unknown)."""
     import datasets  # heavy (≈1 s): imported only when a task really loads data
-    named = isinstance(files, Mapping)
-    listed = dict(files) if named else {"train": files}
-    data_files = {k: [str(f) for f in ([v] if isinstance(v, (str, os.PathLike)) else v)] for k, v in listed.items()}
-    flat = [Path(f) for v in data_files.values() for f in v]
-    if not flat:
-        raise TaskDataError("no files to load")
+    flat = [Path(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files)]
     missing = [f for f in flat if not f.is_file()]
     if missing:
         raise TaskDataError(f"{missing[0]} does not exist")
@@ -270,12 +256,11 @@ def load_files(files: str | os.PathLike | Sequence[str | os.PathLike] | Mapping[
     datasets.logging.set_verbosity_error()  # no "Generating split" chatter for every task file
     datasets.disable_progress_bars()
     try:
-        out = datasets.load_dataset(kind, data_files=data_files, **options)
+        return datasets.load_dataset(kind, data_files=[str(f) for f in flat], split="train")
     except Exception as e:  # the builders raise many kinds; name the file and keep the cause
         more = f" (+{len(flat) - 1} more)" if len(flat) > 1 else ""
         raise ValueError(f"{flat[0]}{more}: could not read it as {kind} with datasets.load_dataset "
                          f"({type(e).__name__}: {str(e)[:300]})") from e
-    return out if named else out["train"]
 
 
 # ----------------------------------------------------------------------------- the hub

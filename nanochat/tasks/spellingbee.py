@@ -15,9 +15,10 @@ Word list: <data_dir>/words/words_alpha.txt[.gz], else downloaded once (dwyl/eng
 from __future__ import annotations
 
 import functools
+import gzip
 from typing import Sequence
 
-from nanochat.tasks.common import Conversation, Synthetic, local_or_url, open_text
+from nanochat.tasks.common import Conversation, Synthetic, local_or_url
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -36,7 +37,7 @@ QUESTION_TEMPLATES = [
 
 @functools.lru_cache(maxsize=4)
 def _read_words(path: str) -> tuple[str, ...]:
-    with open_text(path) as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
         return tuple(w for w in (line.strip().lower() for line in f) if w.isalpha() and w.isascii())
 
 

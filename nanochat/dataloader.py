@@ -196,17 +196,12 @@ class _Pipeline:
     # ------------------------------------------------------------------ documents
     def rank_units(self, pf) -> list[tuple[int, Sequence[int]]]:
         """(row group, doc indices) this rank owns in one shard."""
-        n_rg = pf.num_row_groups
-        if n_rg >= self.world:
-            return [(rg, range(pf.metadata.row_group(rg).num_rows)) for rg in range(self.rank, n_rg, self.world)]
-        units, first = [], 0  # fewer row groups than ranks: stride documents across the shard
-        for rg in range(n_rg):
-            n = pf.metadata.row_group(rg).num_rows
-            docs = [i for i in range(n) if (first + i) % self.world == self.rank]
-            first += n
-            if docs:
-                units.append((rg, docs))
-        return units
+        rows = [pf.metadata.row_group(rg).num_rows for rg in range(pf.num_row_groups)]
+        if len(rows) >= self.world:
+            return [(rg, range(rows[rg])) for rg in range(self.rank, len(rows), self.world)]
+        first = [0, *itertools.accumulate(rows)]  # fewer row groups than ranks: stride documents across the shard
+        units = [(rg, [i for i in range(n) if (first[rg] + i) % self.world == self.rank]) for rg, n in enumerate(rows)]
+        return [(rg, docs) for rg, docs in units if docs]
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer.encode(texts, prepend=self.bos, num_threads=self.cfg.tokenizer_threads)

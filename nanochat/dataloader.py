@@ -256,10 +256,9 @@ class _Pipeline:
         head, offset = state["head"], state["offset"]  # a restored state: skip what its head doc used
         while True:
             while len(buf) < need:
-                try:
-                    pos, toks = next(docs)
-                except StopIteration:
+                if (nxt := next(docs, None)) is None:
                     return
+                pos, toks = nxt
                 if head is not None and pos != head:
                     raise ValueError(f"cannot resume: document {head} is gone from the data "
                                      "(did the shards change since the checkpoint?)")

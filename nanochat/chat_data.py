@@ -122,8 +122,7 @@ class BestFitChatLoader(_ChatLoader):
         cap = self.T + 1
         rows, masks = [], []
         for _ in range(self.B):
-            row: list[int] = []
-            mrow: list[int] = []
+            row, mrow = [], []
             while len(row) < cap:
                 while len(self.buffer) < self.buffer_size:
                     self.buffer.append(self._render_next(cap))

@@ -141,12 +141,11 @@ class MixedDocs:
 
     def read_docs(self, positions: list) -> list[list[int]]:
         refs = [self._ref(p) for p in positions]
-        out: list = [None] * len(refs)
-        for k, sub in enumerate(self.subs):
-            idx = [i for i, r in enumerate(refs) if r[0] == k]
-            for i, toks in zip(idx, sub.read_docs([refs[i][1] for i in idx]) if idx else []):
-                out[i] = toks
-        return out
+        found = {}
+        for k, sub in enumerate(self.subs):  # each source reads its own documents at once
+            qs = [q for j, q in refs if j == k]
+            found.update(zip([(k, q) for q in qs], sub.read_docs(qs)))
+        return [found[r] for r in refs]
 
     def _index(self, name: str) -> int:
         if name not in self.names:

@@ -47,7 +47,7 @@ class Task:
 
     # subclasses set or implement these
     eval_type = "generative"   # or 'categorical': the answer is one of `conversation['letters']`
-    rows: Sequence = ()        # a task's examples as read (local_or_hub), unless it counts its own
+    rows: Sequence = ()        # a task's examples as read (HubTask), unless it counts its own
 
     def num_examples(self) -> int:
         """Number of examples before slicing."""

@@ -59,7 +59,7 @@ def nanochat_step(plan, micro: int, S, fp8_filter) -> dict:
             for _ in range(n):
                 before()
                 x, y = torch.empty(B, T, dtype=torch.long), torch.empty(B, T, dtype=torch.long)   # as its loader
-                loss = model(x, y)
+                loss = model(x, y)   # held through backward, as base_train holds it
                 (loss / plan.grad_accum_steps).backward()
             opt.step()
             model.zero_grad(set_to_none=True)

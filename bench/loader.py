@@ -28,7 +28,7 @@ from nanochat.dataset import iter_texts  # noqa: E402
 from nanochat.tokenizer import train_tokenizer  # noqa: E402
 
 
-def bench(cfg: DataConfig, tok, base: Path, B: int, T: int, n: int, world: int) -> dict:
+def bench(cfg: DataConfig, tok, base: str, B: int, T: int, n: int, world: int) -> dict:
     t0 = time.perf_counter()
     loaders = [DataLoader(cfg, tok, B, T, "train", rank=r, world_size=world, base_dir=base) for r in range(world)]
     for dl in loaders:
@@ -59,8 +59,7 @@ def main() -> None:
     ap.add_argument("--step-tok-s", type=float, default=2250.0,
                     help="depth-4 training step throughput to compare against (bench/train_step.py)")
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp)
+    with tempfile.TemporaryDirectory() as base:
         demo = DataConfig(demo_chars=a.demo_chars, tokenizer_threads=a.threads)
         t0 = time.time()
         tok = train_tokenizer(iter_texts(demo, base, "train", doc_cap=10_000), a.vocab)

@@ -57,9 +57,8 @@ def bench(arch: str, args) -> dict:
     model = build_model(GPTConfig(**shape.gpt_config_kwargs()), rt.device, seed=0)
     opt = T.make_optimizer(model, plan, cfg, rt)
     fwd_model = torch.compile(model, dynamic=False) if args.compile else model
-    g = torch.Generator().manual_seed(0)
     data = torch.randint(0, shape.vocab_size, (plan.grad_accum_steps, plan.device_batch_size, args.seq + 1),
-                         generator=g).to(rt.device)
+                         generator=torch.Generator().manual_seed(0)).to(rt.device)
     batches = [(x[:, :-1], x[:, 1:]) for x in data]
     opt_start = []   # the optimizer's pre-step hook splits a step into fwd+bwd and optimizer
     opt.register_step_pre_hook(lambda *_: opt_start.append(time.perf_counter()))

@@ -26,10 +26,8 @@ from nanochat.core_eval import (evaluate_task, load_core_tasks, load_task_exampl
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--max-per-task", type=int, default=20)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--vocab", type=int, default=8192)
+    for flag, default in {"--depth": 4, "--max-per-task": 20, "--seq-len": 512, "--vocab": 8192}.items():
+        ap.add_argument(flag, type=int, default=default)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,12 +29,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def import_seconds(module: str, repeats: int = 3) -> float:
     """Best-of wall time of `python -c 'import module'` minus a bare interpreter start."""
-    def run(code: str) -> float:
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
-        return time.perf_counter() - t0
-    bare = min(run("pass") for _ in range(repeats))
-    return min(run(f"import {module}") for _ in range(repeats)) - bare
+    def best(code: str) -> float:
+        cmd = [sys.executable, "-c", code]
+        return min(timeit.repeat(lambda: subprocess.run(cmd, check=True, cwd=ROOT), number=1, repeat=repeats))
+    bare = best("pass")
+    return best(f"import {module}") - bare
 
 
 def shard_bytes(i: int, mb: float) -> bytes:
@@ -69,9 +69,7 @@ def main() -> None:
         paths = download_shards(cfg, f"{tmp}/base", a.shards)
         dt = time.perf_counter() - t0
         assert [p.read_bytes() for p in paths] == list(files.values())
-        t0 = time.perf_counter()
-        download_shards(cfg, f"{tmp}/base", a.shards)
-        warm = time.perf_counter() - t0
+        warm = timeit.timeit(lambda: download_shards(cfg, f"{tmp}/base", a.shards), number=1)
     print(f"download {len(paths)} shards, {total_mb:.0f} MB, {a.workers} workers: {dt:.2f} s "
           f"= {total_mb / dt:.0f} MB/s over loopback; again from the cache: {warm * 1e3:.0f} ms")
 

@@ -95,6 +95,9 @@ def _run(cfg, dev, policy, batch: int, steps: int = 20, warm: int = 0, prepare=N
     """A fresh model (`prepare`d, e.g. converted to fp8), `warm` untimed then `steps` timed training steps under
     `policy`, cycling over `n_data` fixed batches; its weights and optimizer states must stay fp32. The median and
     first step seconds, tokens/s, every loss, FLOPs/token, params and (CUDA) the peak memory."""
+    if dev.type == "cuda":   # the previous run's cached blocks released: this run's peak alone
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
     data = torch.randint(0, cfg.vocab_size, (n_data, batch, cfg.sequence_len + 1),
                          generator=torch.Generator().manual_seed(0)).to(dev)
     model = build_model(cfg, dev, 0)
@@ -102,8 +105,6 @@ def _run(cfg, dev, policy, batch: int, steps: int = 20, warm: int = 0, prepare=N
         prepare(model)
     opt = optimizer_for(model)
     fwd = torch.compile(model, dynamic=False) if compiled else model
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
     times, losses = [], []
     for step in range(steps + warm):
         t0 = time.perf_counter()
@@ -112,17 +113,13 @@ def _run(cfg, dev, policy, batch: int, steps: int = 20, warm: int = 0, prepare=N
     policy.check_master_weights(model)
     policy.check_optimizer_states(opt)
     step_s = sorted(times[warm:])[steps // 2]
-    out = SimpleNamespace(step_s=step_s, first_s=times[0], tok_per_s=batch * cfg.sequence_len / step_s,
-                          losses=losses, flops_per_token=model.estimate_flops(), params=model.num_params(),
-                          peak_mem_gib=torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None)
-    del model, opt, fwd
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    return out
+    return SimpleNamespace(step_s=step_s, first_s=times[0], tok_per_s=batch * cfg.sequence_len / step_s,
+                           losses=losses, flops_per_token=model.estimate_flops(), params=model.num_params(),
+                           peak_mem_gib=torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None)
 
 
 def check_train_step(args, dev, precision) -> dict:
-    if args.quick or dev.type != "cuda":
+    if args.small:
         grid = [(2, "seed", False), (2, "modern", False)] + ([(2, "seed", True)] if args.compile else [])
         seq, vocab, batch, steps = 64, 512, 2, 2
     else:
@@ -144,12 +141,11 @@ def check_train_step(args, dev, precision) -> dict:
                         "peak_mem_gib": round(mem, 2) if mem is not None else None, "batch": batch, "seq": seq,
                         "params": r.params, "loss_first_last": [round(r.losses[0], 4), round(r.losses[-1], 4)]}
         print(f"    {key:22s} {r.tok_per_s:12,.0f} tok/s  MFU {mfu * 100:5.1f}%  step {r.step_s * 1e3:8.1f} ms"
-              + (f"  peak {mem:.1f} GiB" if mem is not None else ""), flush=True)
-    target = figures.get("d20_seed_compiled")
-    if target and any(k in name for k in ("H100", "H200")):
-        figures["mfu_target"] = MFU_TARGET
-        figures["mfu_target_met"] = target["mfu"] >= MFU_TARGET
-        ok &= figures["mfu_target_met"]
+              + (f"  peak {mem:.1f} GiB" if mem is not None else ""))
+    if "d20_seed_compiled" in figures and any(k in name for k in ("H100", "H200")):
+        met = figures["d20_seed_compiled"]["mfu"] >= MFU_TARGET
+        figures.update(mfu_target=MFU_TARGET, mfu_target_met=met)
+        ok &= met
     return {"ok": ok, **figures}
 
 
@@ -159,8 +155,7 @@ def _agree(cfg, dev, batch: int, tol: float, note: str = "", **runs) -> tuple[li
     (a, ca), (b, cb) = ((name, _run(cfg, dev, policy, batch, prepare=prepare, n_data=4).losses)
                         for name, (policy, prepare) in runs.items())
     diff = max(abs(x - y) for x, y in zip(ca, cb))
-    print(f"    loss {a} {ca[0]:.3f}→{ca[-1]:.3f}  {b} {cb[0]:.3f}→{cb[-1]:.3f}  max |Δ| {diff:.4f} (tol {tol}{note})",
-          flush=True)
+    print(f"    loss {a} {ca[0]:.3f}→{ca[-1]:.3f}  {b} {cb[0]:.3f}→{cb[-1]:.3f}  max |Δ| {diff:.4f} (tol {tol}{note})")
     return ca, cb, diff
 
 
@@ -194,7 +189,7 @@ def check_kv_decode(args, dev, precision) -> dict:
         diff = (torch.cat(steps, 1) - full).abs().max().item()
         out[f"{name}_max_abs_diff"] = diff
         ok &= diff <= tol
-        print(f"    {name}: decode vs full forward max |Δ| {diff:.2e} (tol {tol})", flush=True)
+        print(f"    {name}: decode vs full forward max |Δ| {diff:.2e} (tol {tol})")
     return {"ok": ok, **out}
 
 
@@ -203,7 +198,7 @@ def check_attention(args, dev, precision) -> dict:
     out, ok = {"backends": backends, "auto": A.resolve_backend("auto", dev.type)}, True
     if dev.type == "cuda":
         ok &= out["auto"] != "sdpa"        # windows must not run as dense masked SDPA on a GPU
-    T, D = (128, 32) if args.quick or dev.type != "cuda" else (2048, 128)
+    T, D = (128, 32) if args.small else (2048, 128)
     dtypes = [torch.float32] + ([torch.bfloat16] if dev.type == "cuda" else [])
     for backend, dtype, window in itertools.product(backends, dtypes, (1, T // 8, T)):
         g = torch.Generator(dev).manual_seed(window)
@@ -211,11 +206,10 @@ def check_attention(args, dev, precision) -> dict:
         q, k, v = (torch.randn(2, h, T, D, device=dev, generator=g, dtype=dtype, requires_grad=grad) for h in (4, 2, 2))
         y = A.causal_attention(q, k, v, window, D ** -0.5, backend)
         ref = A.reference_attention(q.detach(), k.detach(), v.detach(), window, D ** -0.5).float()
-        tol = 2e-5 if dtype == torch.float32 else 3e-2
         err = (y.float() - ref).abs().max().item()
         key = f"{backend}_{str(dtype)[6:]}_w{window}"
         out[key + "_fwd_err"] = err
-        ok &= err <= tol * 10
+        ok &= err <= (2e-4 if dtype == torch.float32 else 0.3)
         if grad:
             gq = torch.autograd.grad(y.float().square().sum(), q)[0]
             q64 = q.detach().double().requires_grad_(True)
@@ -229,13 +223,12 @@ def check_attention(args, dev, precision) -> dict:
         from torch.utils.benchmark import Timer   # warms up first; syncs CUDA around the timed calls
         qkv = [torch.randn(8, 16, 2048, 128, device=dev, dtype=torch.bfloat16) for _ in range(3)]
         for name, be in (("dense_sdpa", "sdpa"), ("flex", "flex")):
-            timer = Timer("attend(*qkv, 256, 128 ** -0.5, be)",
-                          globals={"attend": A.causal_attention, "qkv": qkv, "be": be})
+            timer = Timer("attend(*qkv, 256, 128 ** -0.5, be)", globals=dict(attend=A.causal_attention, qkv=qkv, be=be))
             out[f"window256_T2048_{name}_ms"] = timer.timeit(10).mean * 1e3
         print(f"    window 256 of T 2048: dense SDPA {out['window256_T2048_dense_sdpa_ms']:.2f} ms, "
-              f"flex {out['window256_T2048_flex_ms']:.2f} ms", flush=True)
+              f"flex {out['window256_T2048_flex_ms']:.2f} ms")
     print(f"    backends {backends}, auto → {out['auto']}, worst fwd err "
-          f"{max(v for k, v in out.items() if k.endswith('_fwd_err')):.2e}", flush=True)
+          f"{max(v for k, v in out.items() if k.endswith('_fwd_err')):.2e}")
     return {"ok": ok, **out}
 
 
@@ -261,47 +254,45 @@ def check_precision(args, dev, precision) -> dict:
             return {"ok": False, "error": "a step with inf grads changed the weights", **out}
         skipped += 1
     out.update(skipped_steps=skipped, final_scale=scaler.get_scale())
-    print(f"    {out['policy']}; fp16 scaler skipped {skipped} overflowing steps, then stepped", flush=True)
+    print(f"    {out['policy']}; fp16 scaler skipped {skipped} overflowing steps, then stepped")
     return {"ok": skipped >= 1 and moved, **out}   # 40 overflows: the last one did not move them either
 
 
 def check_auto_batch(args, dev, precision) -> dict:
-    if args.quick or dev.type != "cuda":
+    if args.small:
         kw = dict(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
         res = find_device_batch(kw, 64, [1024, 256, 64], dev.type, "float32", memory_gb=0.1)
-    else:
-        cfg = gpt_config(20, "seed", 2048, 65536)
-        kw = {k: getattr(cfg, k) for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")}
-        res = find_device_batch(kw, 2048, power_of_two_batches(2 ** 19, 2048, 1), "cuda", "bfloat16")
+    else:   # the whole architecture, as the launcher's probe passes it (launch/probe.py)
+        res = find_device_batch(vars(gpt_config(20, "seed", 2048, 65536)), 2048,
+                                power_of_two_batches(2 ** 19, 2048, 1), "cuda", "bfloat16")
     trials = ", ".join(f"{t['batch']}:{'fits' if t['fits'] else t['reason']}" for t in res["trials"])
-    print(f"    device_batch_size auto → {res['device_batch_size']} ({trials})", flush=True)
+    print(f"    device_batch_size auto → {res['device_batch_size']} ({trials})")
     return {"ok": res["device_batch_size"] is not None, "device_batch_size": res["device_batch_size"],
             "trials": [{k: t[k] for k in ("batch", "fits", "peak_gib", "seconds")} for t in res["trials"]]}
 
 
-def _spawn(args, dev, worker: str, out: str, *launcher: str, **env: str) -> tuple[list[dict], str]:
+def _spawn(args, dev, worker: str, out: str, *launcher: str, **env: str) -> tuple[list[dict], str, float]:
     """This script as `worker` in a fresh process (under `launcher`, e.g. torchrun): the reports it wrote into
-    `out` (one per rank; none when it failed) and the tail of its output."""
+    `out` (one per rank; none when it failed), the tail of its output and its wall-clock seconds."""
     cmd = [sys.executable, *launcher, str(Path(__file__).resolve()), "--worker", worker, "--device", dev.type,
            "--out", out] + ["--quick"] * args.quick
+    t0 = time.perf_counter()
     p = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env),
                        capture_output=True, text=True, timeout=900)
     reports = [json.loads(f.read_text()) for f in sorted(Path(out).glob("*.json"))] if p.returncode == 0 else []
-    return reports, (p.stdout + p.stderr)[-1500:]
+    return reports, (p.stdout + p.stderr)[-1500:], time.perf_counter() - t0
 
 
 def check_torchrun(args, dev, precision) -> dict:
     n = torch.cuda.device_count() if dev.type == "cuda" else (1 if args.quick else 2)
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        reports, tail = _spawn(args, dev, "ddp", tmp, "-m", "torch.distributed.run", "--standalone",
-                               f"--nproc_per_node={n}")
-        wall = time.perf_counter() - t0
+        reports, tail, wall = _spawn(args, dev, "ddp", tmp, "-m", "torch.distributed.run", "--standalone",
+                                     f"--nproc_per_node={n}")
     if len(reports) != n:
         return {"ok": False, "world_size": n, "error": tail}
     agree = all(r["param_checksum"] == reports[0]["param_checksum"] for r in reports)
     backend = reports[0]["backend"]
-    print(f"    torchrun world {n} ({backend}): {len(reports)} ranks, params agree {agree}, {wall:.1f} s", flush=True)
+    print(f"    torchrun world {n} ({backend}): {len(reports)} ranks, params agree {agree}, {wall:.1f} s")
     return {"ok": agree and all(r["finite"] for r in reports), "world_size": n, "backend": backend,
             "wall_s": round(wall, 2), "losses_rank0": reports[0]["losses"]}
 
@@ -335,13 +326,13 @@ def check_compile_cache(args, dev, precision) -> dict:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in ("cold", "warm"):   # the second process finds the first one's inductor cache
-            reports, tail = _spawn(args, dev, "compile", tmp, TORCHINDUCTOR_CACHE_DIR=f"{tmp}/inductor")
+            reports, tail, _ = _spawn(args, dev, "compile", tmp, TORCHINDUCTOR_CACHE_DIR=f"{tmp}/inductor")
             if not reports:
                 return {"ok": False, "error": tail}
             runs += reports
     cold, warm = runs
     print(f"    first compiled step: cold {cold['first_step_s']:.1f} s, warm {warm['first_step_s']:.1f} s; "
-          f"warm FX-graph cache hits {warm['fxgraph_cache_hit']}, misses {warm['fxgraph_cache_miss']}", flush=True)
+          f"warm FX-graph cache hits {warm['fxgraph_cache_hit']}, misses {warm['fxgraph_cache_miss']}")
     return {"ok": warm["fxgraph_cache_hit"] > 0 and cold["matches_eager"] and warm["matches_eager"],
             "cold_first_step_s": cold["first_step_s"], "warm_first_step_s": warm["first_step_s"],
             "warm_cache_hits": warm["fxgraph_cache_hit"], "warm_cache_misses": warm["fxgraph_cache_miss"]}
@@ -351,7 +342,7 @@ def compile_worker(args) -> None:
     """A fresh process: the first training step of a compiled model (compile included) and its loss vs eager's."""
     from torch._dynamo.utils import counters
     dev = torch.device(args.device)
-    depth, seq, vocab, batch = (1, 64, 256, 2) if args.quick or dev.type != "cuda" else (12, 2048, 65536, 8)
+    depth, seq, vocab, batch = (1, 64, 256, 2) if args.small else (12, 2048, 65536, 8)
     cfg, precision = gpt_config(depth, "seed", seq, vocab), Precision.resolve(dev.type, "bfloat16")
     eager, compiled = (_run(cfg, dev, precision, batch, 1, compiled=c) for c in (False, True))
     ref, value = eager.losses[0], compiled.losses[0]
@@ -370,13 +361,12 @@ def check_fp8(args, dev, precision) -> dict:
     hw = fp8_supported(dev)
     if dev.type == "cuda" and not hw:
         raise Skip(f"{torch.cuda.get_device_name(dev)} has no fp8 matmuls (compute capability < 8.9)")
-    quick = args.quick or dev.type != "cuda"
-    cfg = gpt_config(2 if quick else 4, "modern", 64 if quick else 512, 512 if quick else 8192)
+    cfg = gpt_config(2 if args.small else 4, "modern", 64 if args.small else 512, 512 if args.small else 8192)
     bf16 = Precision(dev.type, torch.bfloat16) if dev.type == "cuda" else Precision(dev.type)
 
     def to_fp8(model) -> None:   # emulated where the device has no fp8 matmuls (the CPU)
         convert_fp8(model, "tensorwise", emulate=not hw)
-    ref, got, diff = _agree(cfg, dev, 2 if quick else 16, FP8_TOL, ", emulated" if not hw else "",
+    ref, got, diff = _agree(cfg, dev, 2 if args.small else 16, FP8_TOL, ", emulated" if not hw else "",
                             **{bf16.name: (bf16, None), "fp8": (bf16, to_fp8)})
     out = {"emulated": not hw, "max_abs_diff": round(diff, 5), "tolerance": FP8_TOL,
            "ref_first_last": [round(ref[0], 4), round(ref[-1], 4)], "fp8_first_last": [round(got[0], 4), round(got[-1], 4)]}
@@ -388,7 +378,7 @@ def check_fp8(args, dev, precision) -> dict:
         out.update(d24_bf16_tok_per_s=round(base, 1), d24_fp8_tok_per_s=round(fast, 1),
                    d24_fp8_speedup=round(fast / base, 3), d24_fp8_loss=round(last, 4))
         ok &= fast > base and math.isfinite(last)
-        print(f"    d24 compiled: bf16 {base:,.0f} tok/s  fp8 {fast:,.0f} tok/s  ({fast / base:.2f}×)", flush=True)
+        print(f"    d24 compiled: bf16 {base:,.0f} tok/s  fp8 {fast:,.0f} tok/s  ({fast / base:.2f}×)")
     return {"ok": ok, **out}
 
 
@@ -397,8 +387,8 @@ def check_simulate(args, dev, precision) -> dict:
     accumulation 2) run for real, its measured peak (CUDA: max_memory_allocated; CPU: the tracker on real
     tensors) vs the peak simulated on fake tensors. The first GPU run checks the simulator this way."""
     cuda = dev.type == "cuda"
-    seq, B = (2048, args.device_batch) if cuda and not args.quick else (64, 4)
-    model_cfg = {"generation": "modern", "depth": 12 if cuda and not args.quick else 2, "sequence_len": seq,
+    seq, B = (64, 4) if args.small else (2048, args.device_batch)
+    model_cfg = {"generation": "modern", "depth": 2 if args.small else 12, "sequence_len": seq,
                  "vocab_size": 32768 if cuda else 512}
     cfg = config_from_dict({"model": model_cfg, "stage": {"name": "pretrain", "total_batch_size": 2 * B * seq},
                             "hardware": {"device": dev.type, "dtype": "bfloat16" if cuda else "float32",
@@ -416,14 +406,12 @@ def check_simulate(args, dev, precision) -> dict:
             # the pretrain step with its schedules; it ends in .item(), so the peak below is the step's
             simulate.train_step(model, opt, [(x[:, :-1], x[:, 1:]) for x in xs], precision, plan, step)
         measured = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 30
-        del model, opt
-        torch.cuda.empty_cache()
     else:
         measured = simulate.rehearse(cfg, plan, fake=False)["peak_memory_gib"]
     err = sim["peak_memory_gib"] / measured - 1
     print(f"    d{plan.model.depth} {B}×{seq}, accum 2: measured peak {measured:.3f} GiB, simulated "
           f"{sim['peak_memory_gib']:.3f} GiB ({err * 100:+.1f}%); FLOPs/token counted "
-          f"{sim['flops_per_token_counted']:,.0f} vs plan {plan.flops_per_token:,}", flush=True)
+          f"{sim['flops_per_token_counted']:,.0f} vs plan {plan.flops_per_token:,}")
     return {"ok": abs(err) <= 0.10, "measured_peak_gib": round(measured, 4),
             "simulated_peak_gib": round(sim["peak_memory_gib"], 4), "relative_error": round(err, 4),
             "simulated_split_gib": {k: round(v, 4) for k, v in sim["memory_gib"].items()}}
@@ -443,6 +431,8 @@ def main() -> int:
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.small = args.quick or args.device != "cuda"   # small models, few steps: --quick, and every CPU run
+    sys.stdout.reconfigure(line_buffering=True)        # each line out as it is printed (a log, a pipe)
     if args.worker:
         {"ddp": ddp_worker, "compile": compile_worker}[args.worker](args)
         return 0
@@ -460,7 +450,7 @@ def main() -> int:
         print(f"--only: unknown check(s) {unknown}; choose from {', '.join(CHECKS)}", file=sys.stderr)
         return 2
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    print(f"gpu_check on {device_name} (torch {torch.__version__}, {precision.describe()})", flush=True)
+    print(f"gpu_check on {device_name} (torch {torch.__version__}, {precision.describe()})")
     results, t_all = {}, time.perf_counter()
     for name in names:
         t0 = time.perf_counter()
@@ -474,7 +464,7 @@ def main() -> int:
         res["seconds"] = round(time.perf_counter() - t0, 2)
         results[name] = {"status": status, **res}
         detail = f" ({res.get('reason') or res.get('error', '')})" if status != "PASS" else ""
-        print(f"{status} {name} [{res['seconds']:.1f} s]{detail}", flush=True)
+        print(f"{status} {name} [{res['seconds']:.1f} s]{detail}")
     summary = {"device": device_name, "torch": torch.__version__, "quick": args.quick,
                "seconds": round(time.perf_counter() - t_all, 1),
                "passed": sum(r["status"] == "PASS" for r in results.values()),
@@ -483,7 +473,7 @@ def main() -> int:
     line = json.dumps({"gpu_check": summary}, default=str)
     if args.json_out:
         Path(args.json_out).write_text(line + "\n")
-    print(line, flush=True)
+    print(line)
     return 1 if summary["failed"] else 0
 
 

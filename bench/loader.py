@@ -28,25 +28,22 @@ from nanochat.dataset import iter_texts  # noqa: E402
 from nanochat.tokenizer import train_tokenizer  # noqa: E402
 
 
-def bench(cfg: DataConfig, tok, base: Path, B: int, T: int, n: int, world: int) -> dict:
+def bench(cfg: DataConfig, tok, base: str, B: int, T: int, n: int, world: int) -> dict:
     t0 = time.perf_counter()
     loaders = [DataLoader(cfg, tok, B, T, "train", rank=r, world_size=world, base_dir=base) for r in range(world)]
     for dl in loaders:
         next(dl)
-    cold = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(n):
-        for dl in loaders:
-            next(dl)
-    steady = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for dl in loaders * n:   # n rounds over the ranks
+        next(dl)
+    cold, steady = t1 - t0, time.perf_counter() - t1
     # what next() costs the training thread when a step (simulated by a sleep) separates the calls
     costs = []
-    for _ in range(10):
-        for dl in loaders:
-            time.sleep(0.05)
-            t1 = time.perf_counter()
-            next(dl)
-            costs.append(time.perf_counter() - t1)
+    for dl in loaders * 10:
+        time.sleep(0.05)
+        t = time.perf_counter()
+        next(dl)
+        costs.append(time.perf_counter() - t)
     per_next = statistics.median(costs)
     for dl in loaders:
         dl.close()
@@ -55,18 +52,14 @@ def bench(cfg: DataConfig, tok, base: Path, B: int, T: int, n: int, world: int) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--vocab", type=int, default=8192)
+    for flag, default in {"--batch": 8, "--seq": 512, "--vocab": 8192, "--world": 2, "--demo-chars": 4_000_000}.items():
+        ap.add_argument(flag, type=int, default=default)
     ap.add_argument("--batches", type=int, default=150, help="batches per rank")
-    ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--demo-chars", type=int, default=4_000_000)
     ap.add_argument("--threads", type=int, default=2, help="data.tokenizer_threads")
     ap.add_argument("--step-tok-s", type=float, default=2250.0,
                     help="depth-4 training step throughput to compare against (bench/train_step.py)")
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp)
+    with tempfile.TemporaryDirectory() as base:
         demo = DataConfig(demo_chars=a.demo_chars, tokenizer_threads=a.threads)
         t0 = time.time()
         tok = train_tokenizer(iter_texts(demo, base, "train", doc_cap=10_000), a.vocab)

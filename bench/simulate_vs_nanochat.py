@@ -13,27 +13,28 @@ Prints the peak per rank and its split for each; the last line is JSON.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def nanochat_step(ref: Path, plan, micro: int, S, fp8_filter) -> dict:
+def nanochat_step(plan, micro: int, S, fp8_filter) -> dict:
     """Two of nanochat's optimizer steps on fake tensors (the second tracked), as base_train runs them.
     S: our nanochat.simulate, fp8_filter: our copy of base_train's fp8_module_filter (nanochat.precision);
-    both imported before nanochat's package takes the name."""
+    both imported before nanochat's package takes the name. The caller puts `ref` first on sys.path."""
     os.environ["NANOCHAT_DTYPE"] = "bfloat16"      # its COMPUTE_DTYPE on an H100
-    sys.path.insert(0, str(ref))
     import torch
     import torch.nn as nn
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
-    gpt = __import__("nanochat.gpt", fromlist=["GPT"])   # nanochat's: `ref` is first on sys.path now
-    fp8 = __import__("nanochat.fp8", fromlist=["convert_to_float8_training"])
+    gpt = importlib.import_module("nanochat.gpt")   # nanochat's: `ref` is first on sys.path
+    fp8 = importlib.import_module("nanochat.fp8")
     s = plan.model
     B, T = plan.device_batch_size, plan.sequence_len
     traffic = {"reduce_scatter_bytes": 0, "all_gather_bytes": 0}
@@ -58,7 +59,7 @@ def nanochat_step(ref: Path, plan, micro: int, S, fp8_filter) -> dict:
             for _ in range(n):
                 before()
                 x, y = torch.empty(B, T, dtype=torch.long), torch.empty(B, T, dtype=torch.long)   # as its loader
-                loss = model(x, y)
+                loss = model(x, y)   # held through backward, as base_train holds it
                 (loss / plan.grad_accum_steps).backward()
             opt.step()
             model.zero_grad(set_to_none=True)
@@ -68,7 +69,6 @@ def nanochat_step(ref: Path, plan, micro: int, S, fp8_filter) -> dict:
         with tracker, S.count_traffic(traffic):
             step(micro, tracker.reset_mod_stats)
         snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
-    sys.path.remove(str(ref))
     split = {S.CATEGORIES.get(getattr(k, "value", k), str(k)): v / S.GIB for k, v in snap.items()
              if getattr(k, "value", k) != "Total"}
     return {"peak_memory_gib": snap["Total"] / S.GIB, "memory_gib": split, **traffic}
@@ -80,33 +80,26 @@ def main() -> None:
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     ref = Path(sys.argv[1]).resolve()
     sys.path.insert(0, str(ROOT))
-    from hydra import compose, initialize_config_dir
-    from launch.validate import resolved_tree
-    from nanochat.config import config_from_dict
+    from launch.interop_cli import compose
     from nanochat.plan import make_plan
     from nanochat import simulate as S
     from nanochat.precision import fp8_filter
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):   # as nanochat-run composes
-        cfg = config_from_dict(resolved_tree(compose("config", ["experiment=speedrun", "run.pipeline=null",
-                                                                 *sys.argv[2:]])))
+    cfg, _ = compose(["experiment=speedrun", "run.pipeline=null", *sys.argv[2:]])   # as nanochat-run composes
     plan = make_plan(cfg)
     micro = min(plan.grad_accum_steps, 2)
     t0 = time.perf_counter()
     out = {"ours_eager": S.rehearse(cfg, plan, compile_blocks=False)}
-    ours = {m: sys.modules.pop(m) for m in list(sys.modules) if m == "nanochat" or m.startswith("nanochat.")}
-    try:   # with ours set aside, `import nanochat` finds nanochat's package
-        out["nanochat_eager"] = nanochat_step(ref, plan, micro, S, fp8_filter)
-    finally:
+    # with ours set aside, `import nanochat` finds nanochat's package; both dicts are restored on exit
+    with mock.patch.dict(sys.modules), mock.patch.object(sys, "path", [str(ref), *sys.path]):
         for m in [m for m in sys.modules if m == "nanochat" or m.startswith("nanochat.")]:
             del sys.modules[m]
-        sys.modules.update(ours)
+        out["nanochat_eager"] = nanochat_step(plan, micro, S, fp8_filter)
     print(f"record recipe: d{plan.model.depth}, {plan.device_batch_size} × {plan.sequence_len} per rank, accum "
           f"{plan.grad_accum_steps}, {plan.world_size} ranks, fp8 {plan.fp8}; eager, fake tensors")
     for name, r in out.items():
         g = r["memory_gib"]
         print(f"  {name:15s} peak {r['peak_memory_gib']:6.2f} GiB = " +
-              ", ".join(f"{k} {g.get(k, 0):.2f}" for k in ("params", "grads", "optimizer", "activations",
-                                                           "temporaries")) +
+              ", ".join(f"{k} {g.get(k, 0):.2f}" for k in "params grads optimizer activations temporaries".split()) +
               f" | reduce-scatter {r['reduce_scatter_bytes'] / 1e9:.2f} GB, "
               f"all-gather {r['all_gather_bytes'] / 1e9:.2f} GB")
     print(f"  ({time.perf_counter() - t0:.0f} s)")

@@ -33,9 +33,8 @@ def corpora(demo_chars: int, base: Path) -> dict[str, list[str]]:
     shared = shared_data_dir()
     if shared is not None:
         pre = shared / "pretrain"
-        texts = []
-        for p in sorted((pre / "parquet").glob("*.parquet")):
-            texts += [t for t in pq.read_table(p, columns=["text"]).column(0).to_pylist() if t]
+        texts = [t for p in sorted((pre / "parquet").glob("*.parquet"))
+                 for t in pq.read_table(p, columns=["text"]).column(0).to_pylist() if t]
         sh = (pre / "tinyshakespeare.txt").read_text(encoding="utf-8")
         texts += [sh[i:i + 10_000] for i in range(0, len(sh), 10_000)]
         out["shared_web+shakespeare"] = texts
@@ -56,18 +55,15 @@ def main() -> None:
           f"{'encode chars/s':>15} {'bytes/token':>11}")
     for name, texts in data.items():
         texts = [t[: a.doc_cap] for t in texts]
-        n_chars = sum(map(len, texts))
+        n_chars, n_bytes = sum(map(len, texts)), sum(len(t.encode()) for t in texts)
         for v in a.vocab:
             t0 = time.time()
             tok = train_tokenizer(iter(texts), v)
-            dt = time.time() - t0
-            t0 = time.time()
+            t1 = time.time()
             ids = tok.encode(texts, num_threads=2)
-            enc_dt = time.time() - t0
-            n_tok = sum(map(len, ids))
-            n_bytes = sum(len(t.encode()) for t in texts)
+            dt, enc_dt = t1 - t0, time.time() - t1
             print(f"{name:>24} {tok.get_vocab_size():>7} {n_chars:>11,} {dt:>8.2f} {n_chars / dt:>14,.0f} "
-                  f"{n_chars / enc_dt:>15,.0f} {n_bytes / n_tok:>11.3f}")
+                  f"{n_chars / enc_dt:>15,.0f} {n_bytes / sum(map(len, ids)):>11.3f}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import argparse
 import statistics
 import sys
 import time
+import timeit
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,18 +34,11 @@ from nanochat.plan import make_plan  # noqa: E402
 from nanochat.precision import Precision  # noqa: E402
 
 
-def matmul_gflops(n: int = 2048, reps: int = 8, device: str = "cpu") -> float:
-    """Best observed fp32 GEMM throughput (GFLOP/s)."""
+def matmul_gflops(n: int = 2048, device: str = "cpu") -> float:
+    """Best observed fp32 GEMM throughput (GFLOP/s) over 9 GEMMs (the first warms up: the min discounts it)."""
     a, b, c = (torch.randn(n, n, device=device) for _ in range(3))
-    torch.mm(a, b, out=c)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=c)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    return 2 * n ** 3 / min(timeit.repeat(lambda: (torch.mm(a, b, out=c), sync()), number=1, repeat=9)) / 1e9
 
 
 def bench(arch: str, args) -> dict:
@@ -63,9 +57,8 @@ def bench(arch: str, args) -> dict:
     model = build_model(GPTConfig(**shape.gpt_config_kwargs()), rt.device, seed=0)
     opt = T.make_optimizer(model, plan, cfg, rt)
     fwd_model = torch.compile(model, dynamic=False) if args.compile else model
-    g = torch.Generator().manual_seed(0)
     data = torch.randint(0, shape.vocab_size, (plan.grad_accum_steps, plan.device_batch_size, args.seq + 1),
-                         generator=g).to(rt.device)
+                         generator=torch.Generator().manual_seed(0)).to(rt.device)
     batches = [(x[:, :-1], x[:, 1:]) for x in data]
     opt_start = []   # the optimizer's pre-step hook splits a step into fwd+bwd and optimizer
     opt.register_step_pre_hook(lambda *_: opt_start.append(time.perf_counter()))
@@ -92,14 +85,9 @@ def bench(arch: str, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="both", choices=["seed", "modern", "both"])
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--device-batch", type=int, default=8)
-    ap.add_argument("--total-batch", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    for flag, default in {"--depth": 4, "--vocab": 8192, "--seq": 512, "--device-batch": 8, "--total-batch": 4096,
+                          "--steps": 8, "--warmup": 2, "--threads": 2, "--profile-rows": 25}.items():
+        ap.add_argument(flag, type=int, default=default)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--ns", default=None, choices=["newton_schulz", "polar_express"],
@@ -107,7 +95,6 @@ def main() -> None:
     ap.add_argument("--gqa", action="store_true", help="n_kv_head = n_head // 2")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--profile-rows", type=int, default=25)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     peaks = [matmul_gflops(device=args.device)]

@@ -39,8 +39,8 @@ class HarnessError(ValueError):
 # ----------------------------------------------------------------------------- local data
 
 def _jsonl(path: Path) -> list[dict]:
-    import gzip
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+    from nanochat.tasks.common import open_text
+    with open_text(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -162,10 +162,8 @@ LOCAL_TASKS: dict[str, tuple[Callable[[str], dict], str]] = {
 def resolve_data_dir(data_dir: Optional[str], shared_data: Optional[str]) -> Optional[str]:
     """stage.harness.data_dir, else the shared data dir (paths.shared_data or ../shared/data)."""
     from nanochat.common import shared_data_dir
-    if data_dir:
-        return data_dir
-    found = shared_data_dir(shared_data)
-    return str(found) if found is not None else None
+    found = data_dir or shared_data_dir(shared_data)
+    return str(found) if found else None
 
 
 def task_configs(names: list[str], data_dir: Optional[str]) -> list[dict]:
@@ -177,14 +175,11 @@ def task_configs(names: list[str], data_dir: Optional[str]) -> list[dict]:
     if data_dir is None:
         raise HarnessError("stage.harness.data_dir: no local task data found (../shared/data is absent); "
                            "point stage.harness.data_dir at a folder with arc/, mmlu/, gsm8k/")
-    out = []
     for n in names:
-        build, need = LOCAL_TASKS[n][0], Path(data_dir) / LOCAL_TASKS[n][1]
-        if not need.exists():
+        if not (need := Path(data_dir) / LOCAL_TASKS[n][1]).exists():
             raise HarnessError(f"stage.harness.tasks: {n} needs {need}, which is missing; "
                                f"set stage.harness.data_dir to a folder that has it")
-        out.append(build(str(data_dir)))
-    return out
+    return [LOCAL_TASKS[n][0](str(data_dir)) for n in names]
 
 
 def config_hash(cfg: Any) -> str:

@@ -244,9 +244,7 @@ def _pick_tag(stage_dir: Path, tag: Optional[str]) -> Optional[Path]:
 def locate(src: str | Path, stage: str = "auto", step: Optional[int] = None,
            tag: Optional[str] = None) -> NanochatSource:
     """SRC = a checkpoint dir (<stage>_checkpoints/<tag>) or a base dir (its latest stage's newest)."""
-    src = Path(src).expanduser().resolve()
-    if stage not in ("auto", *STAGE_DIRS):
-        raise InteropError(f"--stage={stage!r}: use auto or one of {list(STAGE_DIRS)}")
+    src = Path(src).expanduser().resolve()     # `stage`: auto or a STAGE_DIRS key (interop_cli checks it)
     if not src.is_dir():
         raise InteropError(f"{src}: no such directory; give a nanochat base dir or a checkpoint dir "
                            f"such as <base>/base_checkpoints/d20")

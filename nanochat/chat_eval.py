@@ -40,14 +40,12 @@ def score_categorical(model, tokenizer, task, indices: list[int], device, batch_
         logits = model(ids)  # (B, L, V); right padding: position len-1 only sees the prompt
         for r, (conv, p) in enumerate(zip(convs, prompts)):
             letters = conv["letters"]
-            letter_ids = []
-            for letter in letters:
-                enc = tokenizer.encode(letter)
+            letter_ids = [tokenizer.encode(letter) for letter in letters]
+            for letter, enc in zip(letters, letter_ids):
                 if len(enc) != 1:
                     raise ValueError(f"answer letter {letter!r} is {len(enc)} tokens in this tokenizer; "
                                      "categorical scoring needs single-token letters")
-                letter_ids.append(enc[0])
-            scores = logits[r, len(p) - 1, letter_ids]
+            scores = logits[r, len(p) - 1, [enc[0] for enc in letter_ids]]
             pred = letters[int(scores.argmax())]
             correct += bool(task.evaluate(conv, pred))
     return correct
@@ -75,10 +73,6 @@ def score_generative(model, tokenizer, task, indices: list[int], *, num_samples:
         completions = [tokenizer.decode(s[len(prompt):]) for s in seqs]
         correct += any(bool(task.evaluate(conv, c)) for c in completions)
     return correct
-
-
-def centered(accuracy: float, chance: float) -> float:
-    return (accuracy - chance) / (1.0 - chance)
 
 
 def evaluate_chat_tasks(model, tokenizer, specs: list, device, *, max_per_task: int | dict[str, int] = -1,
@@ -125,8 +119,8 @@ def evaluate_chat_tasks(model, tokenizer, specs: list, device, *, max_per_task: 
             acc = correct / max(1.0, total)
             chance = CHANCE_ACCURACY.get(name, 0.25 if task.eval_type == "categorical" else 0.0)
             out["tasks"][name] = {"accuracy": acc, "correct": int(correct), "total": int(total),
-                                  "eval_type": task.eval_type, "chance": chance, "centered": centered(acc, chance),
-                                  "seconds": round(time.time() - t0, 2)}
+                                  "eval_type": task.eval_type, "chance": chance,
+                                  "centered": (acc - chance) / (1.0 - chance), "seconds": round(time.time() - t0, 2)}
     finally:
         model.train(was_training)
     tasks = out["tasks"]

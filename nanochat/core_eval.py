@@ -117,9 +117,7 @@ def _extract_bundle(zip_path: Path, target: Path) -> None:
         if target.exists() and any(target.iterdir()):
             raise RuntimeError(f"{target} exists but has no core.yaml. Fix: remove it so the bundle can be "
                                f"unpacked there")
-        if target.exists():
-            target.rmdir()
-        os.replace(root, target)
+        os.replace(root, target)   # a dir renames onto an empty one
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -153,7 +151,12 @@ def load_core_tasks(bundle_dir: str | os.PathLike) -> list[TaskSpec]:
                                 f"bundle, or leave it null to download one")
     with open(bundle / "core.yaml", encoding="utf-8") as f:
         tree = yaml.safe_load(f)
-    baselines = _read_baselines(bundle / "eval_meta_data.csv")
+    meta = bundle / "eval_meta_data.csv"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta} is missing; the CORE bundle needs it for the random baselines")
+    with open(meta, encoding="utf-8", newline="") as f:
+        baselines = {row["Eval Task"].strip(): float(row["Random baseline"])
+                     for row in csv.DictReader(f) if row.get("Eval Task") and row.get("Random baseline")}
     specs = []
     for i, t in enumerate((tree or {}).get("icl_tasks") or []):
         label = t.get("label")
@@ -164,7 +167,7 @@ def load_core_tasks(bundle_dir: str | os.PathLike) -> list[TaskSpec]:
         if task_type not in TASK_TYPES:
             raise ValueError(f"{where} ({label}): icl_task_type={task_type!r}; use one of {', '.join(TASK_TYPES)}")
         if label not in baselines:
-            raise ValueError(f"{label}: no 'Random baseline' row in {bundle / 'eval_meta_data.csv'}; "
+            raise ValueError(f"{label}: no 'Random baseline' row in {meta}; "
                              f"add one (percent) so the task can be centered")
         shots = t.get("num_fewshot", 0)
         shots = shots[0] if isinstance(shots, list) else shots
@@ -175,14 +178,6 @@ def load_core_tasks(bundle_dir: str | os.PathLike) -> list[TaskSpec]:
     if not specs:
         raise ValueError(f"{bundle / 'core.yaml'} lists no icl_tasks")
     return specs
-
-
-def _read_baselines(path: Path) -> dict[str, float]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; the CORE bundle needs it for the random baselines")
-    with open(path, encoding="utf-8", newline="") as f:
-        return {row["Eval Task"].strip(): float(row["Random baseline"])
-                for row in csv.DictReader(f) if row.get("Eval Task") and row.get("Random baseline")}
 
 
 def load_task_examples(spec: TaskSpec) -> list[dict]:
@@ -335,8 +330,7 @@ def evaluate_core(model: torch.nn.Module, tokenizer, bundle_dir: str | os.PathLi
     """
     specs = load_core_tasks(bundle_dir)
     if tasks is not None:
-        known = {s.label for s in specs}
-        unknown = [t for t in tasks if t not in known]
+        unknown = [t for t in tasks if t not in {s.label for s in specs}]
         if unknown:
             raise ValueError(f"unknown CORE task(s) {unknown}; valid labels: {', '.join(s.label for s in specs)}")
         specs = [s for s in specs if s.label in set(tasks)]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import itertools
 import json
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -38,8 +39,8 @@ class HarnessError(ValueError):
 # ----------------------------------------------------------------------------- local data
 
 def _jsonl(path: Path) -> list[dict]:
-    import gzip
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+    from nanochat.tasks.common import open_text
+    with open_text(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -161,10 +162,8 @@ LOCAL_TASKS: dict[str, tuple[Callable[[str], dict], str]] = {
 def resolve_data_dir(data_dir: Optional[str], shared_data: Optional[str]) -> Optional[str]:
     """stage.harness.data_dir, else the shared data dir (paths.shared_data or ../shared/data)."""
     from nanochat.common import shared_data_dir
-    if data_dir:
-        return data_dir
-    found = shared_data_dir(shared_data)
-    return str(found) if found is not None else None
+    found = data_dir or shared_data_dir(shared_data)
+    return str(found) if found else None
 
 
 def task_configs(names: list[str], data_dir: Optional[str]) -> list[dict]:
@@ -176,14 +175,11 @@ def task_configs(names: list[str], data_dir: Optional[str]) -> list[dict]:
     if data_dir is None:
         raise HarnessError("stage.harness.data_dir: no local task data found (../shared/data is absent); "
                            "point stage.harness.data_dir at a folder with arc/, mmlu/, gsm8k/")
-    out = []
     for n in names:
-        build, need = LOCAL_TASKS[n][0], Path(data_dir) / LOCAL_TASKS[n][1]
-        if not need.exists():
+        if not (need := Path(data_dir) / LOCAL_TASKS[n][1]).exists():
             raise HarnessError(f"stage.harness.tasks: {n} needs {need}, which is missing; "
                                f"set stage.harness.data_dir to a folder that has it")
-        out.append(build(str(data_dir)))
-    return out
+    return [LOCAL_TASKS[n][0](str(data_dir)) for n in names]
 
 
 def config_hash(cfg: Any) -> str:
@@ -283,28 +279,25 @@ def make_lm_class():
             # a batch shares its generation settings (lm-eval gives a task's requests the same ones)
             key = lambda j: json.dumps(args[j][1], sort_keys=True, default=str)
             order = sorted(range(len(args)), key=lambda j: (key(j), -len(args[j][0])))
-            b0 = 0
-            while b0 < len(order):
-                idxs = [j for j in order[b0:b0 + self.batch_size_] if key(j) == key(order[b0])]
-                for j, t in zip(idxs, self._generate_batch([args[j][0] for j in idxs], dict(args[idxs[0]][1]))):
-                    out[j] = t
-                b0 += len(idxs)
-                check_stop()   # EvalInterrupted: the eval stage exits 75 (preempted, rerun it)
-            return out   # type: ignore[return-value]
-
-        def _generate_batch(self, contexts: list[str], kw: dict) -> list[str]:
-            until = [kw["until"]] if isinstance(kw.get("until"), str) else list(kw.get("until") or [])
-            max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
-            temp = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) else 0.0
-            # prompts may run past sequence_len (few-shot): keep what the RoPE table reaches with the answer
             reach = int(getattr(self.model, "rotary_len", self.max_length))
-            prompts = [self.tok_encode(c)[-max(1, reach - max_new):] for c in contexts]
-            seqs, _ = self.engine.generate_batch(prompts, max_tokens=max_new, temperature=temp, seed=1234,
-                                                 stop=until)
-            texts = [self.tok.decode(seq[len(p):]) for p, seq in zip(prompts, seqs)]
-            for x in filter(None, until):
-                texts = [t.split(x)[0] for t in texts]
-            return texts
+            for _, same in itertools.groupby(order, key):
+                same = list(same)
+                kw = args[same[0]][1]
+                until = [kw["until"]] if isinstance(kw.get("until"), str) else list(kw.get("until") or [])
+                max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
+                temp = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) else 0.0
+                for b0 in range(0, len(same), self.batch_size_):
+                    # prompts may run past sequence_len (few-shot): keep what the RoPE table reaches with the answer
+                    prompts = {j: self.tok_encode(args[j][0])[-max(1, reach - max_new):]
+                               for j in same[b0:b0 + self.batch_size_]}
+                    seqs, _ = self.engine.generate_batch(list(prompts.values()), max_tokens=max_new,
+                                                         temperature=temp, seed=1234, stop=until)
+                    for (j, p), seq in zip(prompts.items(), seqs):
+                        out[j] = self.tok.decode(seq[len(p):])
+                        for x in filter(None, until):
+                            out[j] = out[j].split(x)[0]
+                    check_stop()   # EvalInterrupted: the eval stage exits 75 (preempted, rerun it)
+            return out   # type: ignore[return-value]
 
     return register_model("nanochat")(_NanochatLM)
 
@@ -330,9 +323,9 @@ def run_stage(model, tokenizer, hcfg, shared_data: Optional[str], run_dir: Path,
         if not task.startswith("mmlu_"):
             log(f"{task:>15}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "sample_len"))
     main = {t: m for t, m in out["results"].items() if t in hcfg.tasks}
+    headline = lambda m: m.get("acc,none", m.get("exact_match,strict-match", m.get("pass_at_1,create_test")))
     return {"mode": "harness", "harness": {**out, "results": main},
-            "task_accuracy": {t: v for t, m in main.items()
-                              if (v := m.get("acc,none", m.get("exact_match,strict-match", m.get("pass_at_1,create_test")))) is not None}}
+            "task_accuracy": {t: v for t, m in main.items() if (v := headline(m)) is not None}}
 
 
 def evaluate(lm: Any, configs: list[dict], **kwargs: Any) -> dict:

@@ -28,7 +28,7 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -50,28 +50,17 @@ class InteropError(ValueError):
 
 # ----------------------------------------------------------------------------- RoPE row order
 
-def _head_rows(w: torch.Tensor, n_heads: int) -> tuple[int, int, int]:
-    """(rows, cols, head dim) of a c_q/c_k weight, refusing a row count that no RoPE head split has."""
+def rope_rows(w: torch.Tensor, n_heads: int, to_interleaved: bool) -> torch.Tensor:
+    """Rows of a c_q/c_k weight, per head: nanochat's half-split RoPE → ours (interleaved pairs, second of each
+    negated), or back (exact both ways: a reorder and a sign flip)."""
     rows, cols = w.shape
     if rows % n_heads or (rows // n_heads) % 2:
         raise InteropError(f"cannot split {rows} rows into {n_heads} heads of even size")
-    return rows, cols, rows // n_heads
-
-
-def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of nanochat's c_q/c_k (half-split RoPE) → ours (interleaved pairs, second of each negated)."""
-    rows, cols, hd = _head_rows(w, n_heads)
-    h = w.reshape(n_heads, 2, hd // 2, cols)              # (head, half, i, in)
-    out = torch.stack([h[:, 0], -h[:, 1]], dim=2)         # (head, i, pair, in)
-    return out.reshape(rows, cols).contiguous()
-
-
-def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverse of `halves_to_interleaved` (exact: a reorder and a sign flip)."""
-    rows, cols, hd = _head_rows(w, n_heads)
-    h = w.reshape(n_heads, hd // 2, 2, cols)              # (head, i, pair, in)
-    out = torch.stack([h[:, :, 0], -h[:, :, 1]], dim=1)   # (head, half, i, in)
-    return out.reshape(rows, cols).contiguous()
+    if to_interleaved:
+        h = w.reshape(n_heads, 2, -1, cols)                   # (head, half, i, in)
+    else:
+        h = w.reshape(n_heads, -1, 2, cols).transpose(1, 2)   # (head, i, pair, in) → (head, pair, i, in)
+    return torch.stack([h[:, 0], -h[:, 1]], dim=2 if to_interleaved else 1).reshape(rows, cols)
 
 
 # ----------------------------------------------------------------------------- state dicts
@@ -109,29 +98,27 @@ def gpt_config_kwargs(generation: str, mc: dict, padded_vocab_size: int, window_
     return shape.gpt_config_kwargs()
 
 
-def reorder_rope(state: dict[str, torch.Tensor], n_layer: int, n_head: int, n_kv_head: int,
-                 reorder: Callable[[torch.Tensor, int], torch.Tensor],
+def reorder_rope(state: dict[str, torch.Tensor], n_layer: int, n_head: int, n_kv_head: int, to_interleaved: bool,
                  dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
-    """Every tensor on the CPU (in `dtype`, when given), the rows of each c_q / c_k (our names) reordered per head."""
+    """Every tensor on the CPU (in `dtype`, when given), the rows of each c_q / c_k (our names) reordered per head
+    (`rope_rows`)."""
     heads = {f"transformer.h.{i}.attn.{name}.weight": n for i in range(n_layer)
              for name, n in (("c_q", n_head), ("c_k", n_kv_head))}
     out = {}
     for k, v in state.items():
         t = v.detach().to("cpu", dtype)
-        out[k] = (reorder(t, heads[k]) if k in heads else t).contiguous()
+        out[k] = (rope_rows(t, heads[k], to_interleaved) if k in heads else t).contiguous()
     return out
 
 
 def check_against(state: dict[str, torch.Tensor], expected: dict[str, tuple], what: str) -> None:
     """Every expected key present with its shape, nothing else: an error names each offender."""
-    missing = sorted(set(expected) - set(state))
-    unknown = sorted(set(state) - set(expected))
-    bad_shape = [f"{k}: {tuple(state[k].shape)} (expected {tuple(expected[k])})"
-                 for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != tuple(expected[k])]
-    not_tensor = [k for k in state if not isinstance(state[k], torch.Tensor)]
-    problems = [f"{kind} {found}" for kind, found in (("missing keys", missing), ("unknown keys", unknown),
-                                                       ("misshapen tensors", bad_shape),
-                                                       ("non-tensor values at", not_tensor)) if found]
+    problems = {"missing keys": sorted(set(expected) - set(state)), "unknown keys": sorted(set(state) - set(expected)),
+                "misshapen tensors": [f"{k}: {tuple(state[k].shape)} (expected {tuple(expected[k])})"
+                                      for k in sorted(set(expected) & set(state))
+                                      if tuple(state[k].shape) != tuple(expected[k])],
+                "non-tensor values at": [k for k in state if not isinstance(state[k], torch.Tensor)]}
+    problems = [f"{kind} {found}" for kind, found in problems.items() if found]
     if problems:
         raise InteropError(f"{what}: " + "; ".join(problems))
 
@@ -164,8 +151,7 @@ def from_nanochat(state: dict[str, Any], model_config: dict) -> tuple[dict, dict
     gen = "modern" if modern else "seed"
     kwargs = gpt_config_kwargs(gen, mc, padded, str(model_config.get("window_pattern", "SSSL" if modern else "L")))
     check_against(state, expected_shapes(kwargs), f"nanochat checkpoint ({gen} layout)")
-    return kwargs, reorder_rope(state, mc["n_layer"], mc["n_head"], mc["n_kv_head"], halves_to_interleaved,
-                                torch.float32)
+    return kwargs, reorder_rope(state, mc["n_layer"], mc["n_head"], mc["n_kv_head"], True, torch.float32)
 
 
 def to_nanochat(state: dict[str, torch.Tensor], cfg_kwargs: dict) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -195,7 +181,7 @@ def to_nanochat(state: dict[str, torch.Tensor], cfg_kwargs: dict) -> tuple[dict,
     mc = {k: int(c[k]) for k in NANOCHAT_SHAPE}
     if modern:
         mc["window_pattern"] = str(c.get("window_pattern", "SSSL"))
-    return mc, reorder_rope(state, mc["n_layer"], mc["n_head"], mc["n_kv_head"], interleaved_to_halves)
+    return mc, reorder_rope(state, mc["n_layer"], mc["n_head"], mc["n_kv_head"], False)
 
 
 # ----------------------------------------------------------------------------- nanochat's files
@@ -204,22 +190,15 @@ _MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
 _DEPTH_RE = re.compile(r"^d(\d+)$")
 
 
-def model_file(step: int) -> str:
-    return f"model_{step:06d}.pt"
-
-
-def meta_file(step: int) -> str:
-    return f"meta_{step:06d}.json"
+def step_files(ckpt_dir: Path, step: int) -> tuple[Path, Path]:
+    """(model_NNNNNN.pt, meta_NNNNNN.json) of one step in a nanochat checkpoint dir."""
+    return ckpt_dir / f"model_{step:06d}.pt", ckpt_dir / f"meta_{step:06d}.json"
 
 
 def checkpoint_steps(ckpt_dir: Path) -> list[int]:
     """Steps with both model_NNNNNN.pt and meta_NNNNNN.json in a nanochat checkpoint dir, ascending."""
-    steps = []
-    for p in ckpt_dir.iterdir() if ckpt_dir.is_dir() else []:
-        m = _MODEL_RE.match(p.name)
-        if m and (ckpt_dir / f"meta_{m.group(1)}.json").is_file():
-            steps.append(int(m.group(1)))
-    return sorted(steps)
+    return sorted(int(m.group(1)) for p in ckpt_dir.glob("model_*.pt")
+                  if (m := _MODEL_RE.match(p.name)) and (ckpt_dir / f"meta_{m.group(1)}.json").is_file())
 
 
 @dataclass
@@ -233,11 +212,11 @@ class NanochatSource:
 
     @property
     def model_path(self) -> Path:
-        return self.ckpt_dir / model_file(self.step)
+        return step_files(self.ckpt_dir, self.step)[0]
 
     @property
     def meta_path(self) -> Path:
-        return self.ckpt_dir / meta_file(self.step)
+        return step_files(self.ckpt_dir, self.step)[1]
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -265,20 +244,17 @@ def _pick_tag(stage_dir: Path, tag: Optional[str]) -> Optional[Path]:
 def locate(src: str | Path, stage: str = "auto", step: Optional[int] = None,
            tag: Optional[str] = None) -> NanochatSource:
     """SRC = a checkpoint dir (<stage>_checkpoints/<tag>) or a base dir (its latest stage's newest)."""
-    src = Path(src).expanduser().resolve()
-    if stage not in ("auto", *STAGE_DIRS):
-        raise InteropError(f"--stage={stage!r}: use auto or one of {list(STAGE_DIRS)}")
+    src = Path(src).expanduser().resolve()     # `stage`: auto or a STAGE_DIRS key (interop_cli checks it)
     if not src.is_dir():
         raise InteropError(f"{src}: no such directory; give a nanochat base dir or a checkpoint dir "
                            f"such as <base>/base_checkpoints/d20")
     if checkpoint_steps(src):                      # a checkpoint dir
         ckpt_dir, base = src, src.parent.parent
-        found = next((st for st, folder in STAGE_DIRS.items() if folder == src.parent.name), None)
         if stage == "auto":
-            if found is None:
+            stage = next((st for st, folder in STAGE_DIRS.items() if folder == src.parent.name), None)
+            if stage is None:
                 raise InteropError(f"{src}: its parent {src.parent.name!r} is none of {list(STAGE_DIRS.values())}; "
                                    f"say which stage it is with --stage")
-            stage = found
     else:                                          # a base dir
         base = src
         order = [stage] if stage != "auto" else list(reversed(STAGE_ORDER))
@@ -392,7 +368,7 @@ def write_tokenizer(tok, base_dir: Path) -> None:
 def check_free(out_base: Path, stage: str, tag: str, step: int) -> Path:
     """The checkpoint dir for (stage, tag), refusing when this step is already there."""
     d = out_base / STAGE_DIRS[stage] / tag
-    for p in (d / model_file(step), d / meta_file(step)):
+    for p in step_files(d, step):
         if p.exists():
             raise InteropError(f"{p} exists; export into another base dir or pass another --tag")
     return d
@@ -404,6 +380,7 @@ def write_checkpoint(out_base: Path, stage: str, tag: str, step: int, state: dic
     from nanochat.common import atomic_write_json
     d = check_free(out_base, stage, tag, step)
     d.mkdir(parents=True, exist_ok=True)
-    _save_atomic(state, d / model_file(step))
-    atomic_write_json(d / meta_file(step), meta)
+    model_path, meta_path = step_files(d, step)
+    _save_atomic(state, model_path)
+    atomic_write_json(meta_path, meta)
     return d

@@ -147,9 +147,9 @@ def test_conversion_matches_nanochat_formulas(modern, heads):
 
 def test_rope_row_reorder_is_an_exact_involution_pair():
     w = torch.randn(6 * 8, 5)
-    assert torch.equal(interop.interleaved_to_halves(interop.halves_to_interleaved(w, 6), 6), w)
+    assert torch.equal(interop.rope_rows(interop.rope_rows(w, 6, to_interleaved=True), 6, to_interleaved=False), w)
     # row 2i of a head ← row i, row 2i+1 ← −row D/2+i
-    out = interop.halves_to_interleaved(w, 6)
+    out = interop.rope_rows(w, 6, to_interleaved=True)
     assert torch.equal(out[8 + 2], w[8 + 1]) and torch.equal(out[8 + 3], -w[8 + 4 + 1])
 
 

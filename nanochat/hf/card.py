@@ -29,16 +29,9 @@ def lineage(run_dir: Path, limit: int = 10) -> list[tuple[str, Path, R.Result]]:
 def eval_results(run_dir: Path) -> list[R.EvalResult]:
     """The results of completed eval runs (under the same run root) whose init_from is run_dir."""
     root = run_dir.parents[2] if len(run_dir.parents) > 2 else run_dir.parent
-    out = []
-    for cfg_path in sorted((root / "eval").glob("*/*/resolved_config.yaml")):
-        d = cfg_path.parent
-        if not (d / "COMPLETED").exists():
-            continue
-        if f"init_from: {run_dir}" in cfg_path.read_text(encoding="utf-8"):
-            r = R.load_result(d)
-            if isinstance(r, R.EvalResult):
-                out.append(r)
-    return out
+    found = [R.load_result(p.parent) for p in sorted((root / "eval").glob("*/*/resolved_config.yaml"))
+             if (p.parent / "COMPLETED").exists() and f"init_from: {run_dir}" in p.read_text(encoding="utf-8")]
+    return [r for r in found if isinstance(r, R.EvalResult)]
 
 
 def _fmt(x: Any) -> str:
@@ -96,13 +89,11 @@ def model_card(run_dir: Path, cfg: Any, meta: dict, kw: dict, remote_code: bool,
     if evals:
         lines += ["", "## Evaluation", ""]
         for r in evals:
-            for value, name in ((r.core, "CORE"), (r.chatcore, "ChatCORE"), (r.val_bpb, "val bpb")):
-                if value is not None:
-                    lines.append(f"- {name}: {_fmt(value)}")
-            for task, acc in (r.task_accuracy or {}).items():
-                lines.append(f"- {task}: {_fmt(acc)}")
-            for task, m in ((r.harness or {}).get("results") or {}).items():
-                lines.append(f"- lm-eval {task}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in m.items()))
+            lines += [f"- {name}: {_fmt(value)}" for value, name in
+                      ((r.core, "CORE"), (r.chatcore, "ChatCORE"), (r.val_bpb, "val bpb")) if value is not None]
+            lines += [f"- {task}: {_fmt(acc)}" for task, acc in (r.task_accuracy or {}).items()]
+            lines += [f"- lm-eval {task}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in m.items())
+                      for task, m in ((r.harness or {}).get("results") or {}).items()]
     lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               f"model = {load}", "tok = AutoTokenizer.from_pretrained(path)",
               "msgs = [{'role': 'user', 'content': 'Why is the sky blue?'}]",

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from nanochat.interop import InteropError, halves_to_interleaved, interleaved_to_halves, reorder_rope
+from nanochat.interop import InteropError, reorder_rope
 
 NATIVE_TYPE = "nanochat"
 REMOTE_TYPE = "nanochat_hydra"
@@ -60,15 +60,6 @@ def special_ids(tok_special: dict[str, int]) -> dict[str, Any]:
     return {"bos_token_id": bos, "eos_token_id": [end, bos], "pad_token_id": bos}
 
 
-def _shape_config(c: Any, specials: dict[str, int]) -> dict:
-    """The config.json keys both model types share (the usual names: tools and serving engines read them)."""
-    ids = special_ids(specials)
-    return {"vocab_size": c.vocab_size, "hidden_size": c.n_embd, "num_hidden_layers": c.n_layer,
-            "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
-            "tie_word_embeddings": False, "use_cache": True, "bos_token_id": ids["bos_token_id"],
-            "eos_token_id": ids["eos_token_id"][0], "pad_token_id": ids["pad_token_id"]}
-
-
 def _native_names(n_layer: int) -> dict[str, str]:
     """Our weight names → transformers' NanoChat names (every weight a native model has)."""
     names = {"transformer.wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
@@ -79,17 +70,33 @@ def _native_names(n_layer: int) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- out
 
-def to_native(kw: dict, state: dict[str, torch.Tensor], specials: dict[str, int]) -> tuple[dict, dict]:
-    """(config.json dict, state dict) for transformers' NanoChatForCausalLM."""
-    blockers = native_blockers(kw)
+def to_hf(kw: dict, state: dict[str, torch.Tensor], specials: dict[str, int], remote_code: bool) -> tuple[dict, dict]:
+    """(config.json dict, state dict) for our remote-code model (any GPTConfig), or for transformers'
+    NanoChatForCausalLM."""
+    blockers = [] if remote_code else native_blockers(kw)
     if blockers:
         raise InteropError("transformers' nanochat model type cannot express " + "; ".join(blockers)
                            + "; export with --remote-code (ships our model code, trust_remote_code=True)")
     from nanochat.gpt import GPTConfig
     c = GPTConfig(**kw)
-    V = c.vocab_size
+    ids = special_ids(specials)
+    # the keys both model types share (the usual names: tools and serving engines read them)
+    shared = {"vocab_size": c.vocab_size, "hidden_size": c.n_embd, "num_hidden_layers": c.n_layer,
+              "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
+              "tie_word_embeddings": False, "use_cache": True, "bos_token_id": ids["bos_token_id"],
+              "eos_token_id": ids["eos_token_id"][0], "pad_token_id": ids["pad_token_id"]}
+    if remote_code:
+        config = {
+            # no "architectures": `transformers serve` looks those up as transformers attributes, and falls back
+            # to AutoModelForCausalLM (auto_map, trust_remote_code) only without them
+            "model_type": REMOTE_TYPE,
+            "auto_map": {"AutoConfig": f"{REMOTE_MODULE}.NanochatHydraConfig",
+                         "AutoModelForCausalLM": f"{REMOTE_MODULE}.{REMOTE_ARCH}"},
+            **shared, "max_position_embeddings": c.max_positions,
+        }
+        return config, {f"model.{k}": v for k, v in state.items()}
     config = {
-        "architectures": ["NanoChatForCausalLM"], "model_type": NATIVE_TYPE, **_shape_config(c, specials),
+        "architectures": ["NanoChatForCausalLM"], "model_type": NATIVE_TYPE, **shared,
         "intermediate_size": 4 * c.n_embd, "max_position_embeddings": c.sequence_len, "hidden_act": "relu2",
         "rms_norm_eps": FP32_EPS, "rope_parameters": {"rope_type": "default", "rope_theta": float(c.rope_base)},
         "final_logit_softcapping": float(c.softcap) if c.softcap > 0 else None,
@@ -99,26 +106,11 @@ def to_native(kw: dict, state: dict[str, torch.Tensor], specials: dict[str, int]
     unused = set(state) - set(names)
     if unused:
         raise InteropError(f"weights {sorted(unused)} have no place in transformers' nanochat model")
-    state = reorder_rope(state, c.n_layer, c.n_head, c.n_kv_head, interleaved_to_halves)
+    state = reorder_rope(state, c.n_layer, c.n_head, c.n_kv_head, to_interleaved=False)
     out = {theirs: state[ours] for ours, theirs in names.items()}
     for k in ("model.embed_tokens.weight", "lm_head.weight"):   # padded vocab rows dropped
-        out[k] = out[k][:V]
+        out[k] = out[k][:c.vocab_size]
     return config, out
-
-
-def to_remote(kw: dict, state: dict[str, torch.Tensor], specials: dict[str, int]) -> tuple[dict, dict]:
-    """(config.json dict, state dict) for our remote-code model (any GPTConfig)."""
-    from nanochat.gpt import GPTConfig
-    c = GPTConfig(**kw)
-    config = {
-        # no "architectures": `transformers serve` looks those up as transformers attributes, and falls back
-        # to AutoModelForCausalLM (auto_map, trust_remote_code) only without them
-        "model_type": REMOTE_TYPE,
-        "auto_map": {"AutoConfig": f"{REMOTE_MODULE}.NanochatHydraConfig",
-                     "AutoModelForCausalLM": f"{REMOTE_MODULE}.{REMOTE_ARCH}"},
-        **_shape_config(c, specials), "max_position_embeddings": c.max_positions,
-    }
-    return config, {f"model.{k}": v for k, v in state.items()}
 
 
 # ----------------------------------------------------------------------------- in
@@ -150,13 +142,10 @@ def from_hf(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[st
     if mtype == REMOTE_TYPE:
         if record is None:
             raise InteropError("config.json has model_type nanochat_hydra but no nanochat_hydra.gpt_config")
-        kw = dict(record)
-        out = {}
-        for k, v in state.items():
-            if not k.startswith("model."):
-                raise InteropError(f"weight {k!r} is not under 'model.' (expected our remote-code layout)")
-            out[k[len("model."):]] = v.to(torch.float32).contiguous()
-        return kw, out
+        stray = next((k for k in state if not k.startswith("model.")), None)
+        if stray is not None:
+            raise InteropError(f"weight {stray!r} is not under 'model.' (expected our remote-code layout)")
+        return dict(record), {k[len("model."):]: v.to(torch.float32).contiguous() for k, v in state.items()}
     if mtype != NATIVE_TYPE:
         raise InteropError(f"config.json model_type={mtype!r}: nanochat-import takes {NATIVE_TYPE!r} "
                            f"(transformers' NanoChat) or {REMOTE_TYPE!r} (our remote code) dirs")
@@ -169,7 +158,7 @@ def from_hf(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[st
     if unknown is not None:
         raise InteropError(f"weight {unknown!r} has no counterpart in our model")
     out = reorder_rope({inverse[k]: v for k, v in state.items()}, c.n_layer, c.n_head, c.n_kv_head,
-                       halves_to_interleaved, torch.float32)
+                       True, torch.float32)
     pad = c.padded_vocab_size - c.vocab_size
     for k in ("transformer.wte.weight", "lm_head.weight"):   # the export dropped padded rows: restore zeros
         if pad and k in out:

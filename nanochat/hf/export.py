@@ -37,16 +37,14 @@ class ExportError(InteropError):
 
 def _run_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
     from nanochat.checkpoint import latest_checkpoint, step_dir_name
-    if step is not None:
-        ckpt = run_dir / "checkpoints" / step_dir_name(step)
-        if not (ckpt / "model.pt").is_file():
-            have = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").is_dir() else []
-            raise ExportError(f"--step {step}: {ckpt} holds no completed checkpoint (have {have or 'none'})")
+    from nanochat.lifecycle import list_checkpoints
+    ckpt = latest_checkpoint(run_dir) if step is None else run_dir / "checkpoints" / step_dir_name(step)
+    if ckpt is not None and (ckpt / "model.pt").is_file():
         return ckpt
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None or not (ckpt / "model.pt").is_file():
-        raise ExportError(f"{run_dir}: no completed checkpoint in checkpoints/ (train or resume the run first)")
-    return ckpt
+    if step is not None:
+        have = [p.name for p in list_checkpoints(run_dir)]
+        raise ExportError(f"--step {step}: {ckpt} holds no completed checkpoint (have {have or 'none'})")
+    raise ExportError(f"{run_dir}: no completed checkpoint in checkpoints/ (train or resume the run first)")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -70,7 +68,7 @@ def write_hf_dir(out: Path, kw: dict, state: dict[str, torch.Tensor], tok, *, dt
     from huggingface_hub import save_torch_state_dict
 
     from nanochat.common import atomic_write_json
-    from nanochat.hf.tokenizer import save_hf_tokenizer
+    from nanochat.hf.tokenizer import to_hf_tokenizer
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: use one of {list(DTYPES)}")
     if remote_code is None:
@@ -78,7 +76,7 @@ def write_hf_dir(out: Path, kw: dict, state: dict[str, torch.Tensor], tok, *, dt
     specials = tok.special_tokens
     if tok.get_vocab_size() != kw["vocab_size"]:
         raise ExportError(f"tokenizer has {tok.get_vocab_size()} tokens, the model vocab_size={kw['vocab_size']}")
-    config, hf_state = (convert.to_remote if remote_code else convert.to_native)(kw, state, specials)
+    config, hf_state = convert.to_hf(kw, state, specials, remote_code)
     config["dtype"] = dtype
     config["nanochat_hydra"] = {"gpt_config": dict(kw), **(extra_record or {})}
     if not remote_code and kw.get("rope_bf16"):
@@ -88,12 +86,13 @@ def write_hf_dir(out: Path, kw: dict, state: dict[str, torch.Tensor], tok, *, dt
     # model.safetensors, or shards + model.safetensors.index.json when larger than max_shard_bytes
     save_torch_state_dict(hf_state, out, max_shard_size=max_shard_bytes)
     atomic_write_json(out / "config.json", config)
-    ids = convert.special_ids(specials)
-    atomic_write_json(out / "generation_config.json", {**ids, "_from_model_config": False})
+    atomic_write_json(out / "generation_config.json", {**convert.special_ids(specials), "_from_model_config": False})
     if remote_code:
         for name, text in remote_code_sources().items():
             (out / name).write_text(text, encoding="utf-8")
-    save_hf_tokenizer(tok, out, model_max_length=int(kw["sequence_len"]))
+    hf_tok = to_hf_tokenizer(tok)    # tokenizer.json, tokenizer_config.json, the chat template
+    hf_tok.model_max_length = int(kw["sequence_len"])
+    hf_tok.save_pretrained(str(out))
     if card:
         (out / "README.md").write_text(card, encoding="utf-8")
     return config
@@ -151,18 +150,16 @@ def load_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     index = hf_dir / "model.safetensors.index.json"
     if (hf_dir / "model.safetensors").is_file():
-        return load_file(str(hf_dir / "model.safetensors"))
-    if index.is_file():
+        files = ["model.safetensors"]
+    elif index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         missing = [f for f in files if not (hf_dir / f).is_file()]
         if missing:
             raise ExportError(f"{hf_dir}: shards {missing} named in model.safetensors.index.json are missing")
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(str(hf_dir / f)))
-        return state
-    raise ExportError(f"{hf_dir}: no model.safetensors (or model.safetensors.index.json); "
-                      f"export with safetensors weights")
+    else:
+        raise ExportError(f"{hf_dir}: no model.safetensors (or model.safetensors.index.json); "
+                          f"export with safetensors weights")
+    return {k: v for f in files for k, v in load_file(str(hf_dir / f)).items()}
 
 
 def read_hf_dir(hf_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], Any, dict]:

@@ -49,12 +49,9 @@ class GrowingKVCache:
         if old is None or need > old.max_len:
             size = min(max(need, 2 * (old.max_len if old else 64)), model.rotary_len)
             new = KVCache.for_model(model, batch, size)
-            if old is not None:
-                n = old.max_len
-                new.k[:, :, :, :n] = old.k
-                new.v[:, :, :, :n] = old.v
-                new.pos.copy_(old.pos)
-                new.last_x.copy_(old.last_x)
+            if old is not None:   # every row carried over: keys, values, position
+                for row in range(batch):
+                    new.copy_rows_from(old, row, [row])
             self.kv = new
         return self.kv
 

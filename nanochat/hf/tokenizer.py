@@ -128,13 +128,6 @@ def to_hf_tokenizer(tok: Tokenizer):
     return hf
 
 
-def save_hf_tokenizer(tok: Tokenizer, out_dir: Path, model_max_length: int) -> None:
-    """tokenizer.json, tokenizer_config.json (+ the chat template) into out_dir."""
-    hf = to_hf_tokenizer(tok)
-    hf.model_max_length = model_max_length
-    hf.save_pretrained(str(out_dir))
-
-
 def from_hf_dir(hf_dir: Path) -> Tokenizer:
     """Our Tokenizer from an exported dir's tokenizer.json (ids and pattern must be ours)."""
     import json

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import gzip
 import hashlib
 import itertools
 import json
@@ -39,8 +40,7 @@ class HarnessError(ValueError):
 # ----------------------------------------------------------------------------- local data
 
 def _jsonl(path: Path) -> list[dict]:
-    from nanochat.tasks.common import open_text
-    with open_text(path) as f:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

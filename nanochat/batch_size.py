@@ -42,17 +42,6 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
 
 
-def oom_advice(device_batch_size: int, grad_accum_steps: int) -> str:
-    """What to tell a user whose run ran out of memory at `device_batch_size`."""
-    if device_batch_size > 1:
-        half = device_batch_size // 2
-        return (f"out of memory at hardware.device_batch_size={device_batch_size}: try "
-                f"hardware.device_batch_size={half} (grad accumulation {grad_accum_steps} → {grad_accum_steps * 2}, "
-                f"same total batch), or hardware.device_batch_size=auto to probe the largest that fits")
-    return ("out of memory at hardware.device_batch_size=1: the model does not fit on this device; use a "
-            "shorter model.sequence_len, a smaller model, or more GPUs")
-
-
 @contextmanager
 def explain_oom(device_batch_size: int, grad_accum_steps: int, run_dir: Optional[Any] = None) -> Iterator[None]:
     """Re-raise an out-of-memory error from the training step with the batch size to try next; on CUDA
@@ -62,9 +51,14 @@ def explain_oom(device_batch_size: int, grad_accum_steps: int, run_dir: Optional
     except (RuntimeError, MemoryError) as e:
         if not is_oom(e):
             raise
+        advice = (f"out of memory at hardware.device_batch_size={device_batch_size}: try hardware.device_batch_size="
+                  f"{device_batch_size // 2} (grad accumulation {grad_accum_steps} → {grad_accum_steps * 2}, same "
+                  f"total batch), or hardware.device_batch_size=auto to probe the largest that fits"
+                  if device_batch_size > 1 else "out of memory at hardware.device_batch_size=1: the model does not "
+                  "fit on this device; use a shorter model.sequence_len, a smaller model, or more GPUs")
         where = memory_snapshot(run_dir) if run_dir is not None else None
         seen = f"\nmemory snapshot: {where} (drag it into https://pytorch.org/memory_viz)" if where else ""
-        raise MemoryError(oom_advice(device_batch_size, grad_accum_steps) + seen + f"\n(original error: {e})") from e
+        raise MemoryError(advice + seen + f"\n(original error: {e})") from e
 
 
 def memory_history(on: bool) -> None:
@@ -162,17 +156,6 @@ def try_batch(gpt_kwargs: dict, batch: int, seq_len: int, device: Any, precision
     return out
 
 
-def default_budget(device: Any) -> Optional[int]:
-    """The whole GPU (its memory is the limit anyway), or the RAM available now on CPU."""
-    import torch
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    if device.type == "cpu":
-        import psutil
-        return psutil.virtual_memory().available
-    return None
-
-
 def find_device_batch(gpt_kwargs: dict, seq_len: int, candidates: list[int], device: str = "cuda",
                       dtype: str = "bfloat16", memory_gb: Optional[float] = None,
                       embedding_dtype: str = "float32", activation_checkpointing: str = "none") -> dict:
@@ -186,15 +169,19 @@ def find_device_batch(gpt_kwargs: dict, seq_len: int, candidates: list[int], dev
     device = pick_device(device)
     dev = torch.device(device if device != "cuda" else "cuda:0")
     precision = Precision.resolve(dev.type, dtype, embeddings=embedding_dtype)
-    budget = int(memory_gb * GIB) if memory_gb else default_budget(dev)
+    budget = int(memory_gb * GIB) if memory_gb else None
+    if budget is None and dev.type == "cuda":   # the whole GPU: its memory is the limit anyway
+        budget = torch.cuda.get_device_properties(dev).total_memory
+    elif budget is None and dev.type == "cpu":  # the RAM available now
+        import psutil
+        budget = psutil.virtual_memory().available
     limit = int(HEADROOM * budget) if budget else None
     # warm up once outside the budget: thread pools and kernels load lazily and must not count
     try_batch(dict(gpt_kwargs, n_layer=1), 1, min(seq_len, 8), dev, precision, None, activation_checkpointing)
     trials = []
     for b in sorted(candidates, reverse=True):
-        t = try_batch(gpt_kwargs, b, seq_len, dev, precision, limit, activation_checkpointing)
-        trials.append(t)
-        if t["fits"]:
+        trials.append(try_batch(gpt_kwargs, b, seq_len, dev, precision, limit, activation_checkpointing))
+        if trials[-1]["fits"]:
             break
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
     result = {"device_batch_size": trials[-1]["batch"] if trials and trials[-1]["fits"] else None,

@@ -73,28 +73,6 @@ def warm_start_optimizer(optimizer: Any, source: str, rt: T.Runtime, log: Callab
     return False
 
 
-class ChatRun:
-    """What a chat stage trains with, built from the frozen plan."""
-
-    def __init__(self, cfg: Config, run_dir: Path):
-        self.cfg, self.run_dir = cfg, run_dir
-        self.loop = L.Loop(cfg, run_dir)
-        self.rt, self.plan, self.log = self.loop.rt, self.loop.plan, self.loop.log
-        extra, st = self.plan.stage, cfg.stage
-        self.tokenizer = get_tokenizer(self.rt.base_dir, extra.tokenizer or cfg.data.tokenizer)
-        self.mixture, self.names = build_mixture(st.mixture, [(s, True) for s in extra.mixture], "train",
-                                                 data_dir=cfg.paths.shared_data, base_dir=self.rt.base_dir,
-                                                 seed=cfg.run.seed, max_per_task=st.max_examples_per_task,
-                                                 log=self.log)
-        self.val = val_mixture(self.names, cfg, self.rt.base_dir, self.log)
-        self.eval_specs = list(st.eval_tasks) if st.eval_tasks is not None else held_out_specs(self.names)
-
-    def loader(self, task, state: Optional[dict] = None):
-        p, rt = self.plan, self.rt
-        return LOADERS[p.stage.packing](task, self.tokenizer, p.device_batch_size, p.sequence_len, rt.rank,
-                                        rt.world, rt.device, state)
-
-
 def train_step(model, optimizer, batches: list, rt: T.Runtime) -> tuple[float, int]:
     """One optimizer step over `batches`, the loss normalized by the trained tokens of the whole step.
 
@@ -116,33 +94,41 @@ def train_step(model, optimizer, batches: list, rt: T.Runtime) -> tuple[float, i
     return float(T.dist_sum(loss_sum)) / n_global, int(n_global)
 
 
-def train_chat(run: ChatRun) -> ChatResult:
-    """The mid/sft stage: its model, data and evaluations over the one loop (nanochat/loop.py)."""
-    cfg, run_dir, rt, plan, loop = run.cfg, run.run_dir, run.rt, run.plan, run.loop
-    st = cfg.stage
+def train_chat(cfg: Config, run_dir: Path) -> ChatResult:
+    """The mid/sft stage over the frozen plan: its model, data and evaluations over the one loop (nanochat/loop.py)."""
+    loop = L.Loop(cfg, run_dir)
+    rt, plan, log, st = loop.rt, loop.plan, loop.log, cfg.stage
+    tokenizer = get_tokenizer(rt.base_dir, plan.stage.tokenizer or cfg.data.tokenizer)
+    mix, names = build_mixture(st.mixture, [(s, True) for s in plan.stage.mixture], "train",
+                               data_dir=cfg.paths.shared_data, base_dir=rt.base_dir, seed=cfg.run.seed,
+                               max_per_task=st.max_examples_per_task, log=log)
+    val = val_mixture(names, cfg, rt.base_dir, log)
+    eval_specs = list(st.eval_tasks) if st.eval_tasks is not None else held_out_specs(names)
     if rt.master:
-        atomic_write_json(run_dir / "effective_plan.json", plan.to_dict())
-    model = T.init_model(plan, cfg, rt, st.init_from)
-    optimizer = T.make_optimizer(model, plan, cfg, rt)
-    loader_state = loop.resume(model, optimizer)
+        atomic_write_json(loop.run_dir / "effective_plan.json", plan.to_dict())
+    model, optimizer, loader_state = loop.build()
     if not loop.resumed and plan.stage.load_optimizer:
-        warm_start_optimizer(optimizer, st.init_from, rt, run.log)
-    loader = run.loader(run.mixture, loader_state)
+        warm_start_optimizer(optimizer, st.init_from, rt, log)
+
+    def loader(task, state: Optional[dict] = None):
+        return LOADERS[plan.stage.packing](task, tokenizer, plan.device_batch_size, plan.sequence_len, rt.rank,
+                                           rt.world, rt.device, state)
+    train_loader = loader(mix, loader_state)
     val_steps = max(1, (plan.eval_tokens or 0) // (plan.device_batch_size * plan.sequence_len * rt.world))
     chatcore_every = plan.stage.chatcore_every or -1
     scores: dict = {}
 
     def step(_: int) -> L.StepOut:
-        loss, n = train_step(model, optimizer, [next(loader) for _ in range(plan.grad_accum_steps)], rt)
+        loss, n = train_step(model, optimizer, [next(train_loader) for _ in range(plan.grad_accum_steps)], rt)
         return L.StepOut(loss, n, {"trained_tokens": n})
 
     def validation(step: int) -> dict:
         loop.tracker.print(f"step {step:05d} | validation: {val_steps} batches")
         with rt.autocast():  # nats per trained (assistant) token
-            return {"val/loss": evaluate_bpb(model, run.loader(run.val), val_steps, None, "validation")}
+            return {"val/loss": evaluate_bpb(model, loader(val), val_steps, None, "validation")}
 
     def chat_core(_: int) -> dict:
-        cc = chatcore(model, run.tokenizer, rt.device, max_cat=plan.stage.chatcore_max_cat or st.chatcore_max_cat,
+        cc = chatcore(model, tokenizer, rt.device, max_cat=plan.stage.chatcore_max_cat or st.chatcore_max_cat,
                       max_sample=st.chatcore_max_sample, data_dir=cfg.paths.shared_data, base_dir=rt.base_dir,
                       log=loop.tracker.print, seed=cfg.run.seed)
         if cc["chatcore"] is None:
@@ -151,26 +137,26 @@ def train_chat(run: ChatRun) -> ChatResult:
 
     def tasks(_: int, final: bool = False) -> dict:
         """Accuracy per graded task (held-out split), scored like the chat eval stage."""
-        s = evaluate_chat_tasks(model, run.tokenizer, run.eval_specs, rt.device, max_per_task=st.eval_examples,
-                                data_dir=cfg.paths.shared_data, base_dir=rt.base_dir, log=run.log,
+        s = evaluate_chat_tasks(model, tokenizer, eval_specs, rt.device, max_per_task=st.eval_examples,
+                                data_dir=cfg.paths.shared_data, base_dir=rt.base_dir, log=log,
                                 max_new_tokens=st.eval_max_new_tokens, batch_size=8,
-                                seed=cfg.run.seed)["tasks"] if run.eval_specs else {}
+                                seed=cfg.run.seed)["tasks"] if eval_specs else {}
         if final:
             scores.update(s)
             for k, v in s.items():
                 loop.tracker.print(f"  {k}: {v['accuracy']:.3f} ({v['correct']}/{v['total']})")
         return {f"task/{k}": v["accuracy"] for k, v in s.items()}
 
-    evals = [L.Evaluation("val_loss", validation, every=st.eval_every)] if run.val is not None else []
+    evals = [L.Evaluation("val_loss", validation, every=st.eval_every)] if val is not None else []
     evals += [L.Evaluation("chatcore", chat_core, every=chatcore_every, first=False, last=chatcore_every > 0),
               L.Evaluation("task", tasks, every=st.eval_metrics_every, first=False, last=False),
               L.Evaluation("task", lambda s: tasks(s, final=True), final=True)]
     header = (f"{st.name}: {plan.num_params:,} params | {plan.num_iterations} steps ({plan.horizon_source}) | "
               f"{plan.grad_accum_steps} micro-batches of {plan.device_batch_size}×{plan.sequence_len} per rank "
               f"× {rt.world} ranks ({plan.stage.packing}) | matrix LR {plan.matrix_lr:.4g} | "
-              f"{len(run.mixture):,} conversations")
-    loop.run(step, evals, loader.state_dict, header=header, val_key="val/loss")
+              f"{len(mix):,} conversations")
+    loop.run(step, evals, train_loader.state_dict, header=header, val_key="val/loss")
     s = loop.state
     return loop.result(ChatResult, final_val_loss=s.val_last, best_val_loss=s.val_best, first_val_loss=s.val_first,
                        task_accuracy={k: v["accuracy"] for k, v in scores.items()}, tasks=scores,
-                       chatcore=s.evals.get("chatcore", {}).get("chatcore"), mixture=run.names, source=plan.source)
+                       chatcore=s.evals.get("chatcore", {}).get("chatcore"), mixture=names, source=plan.source)

@@ -1,9 +1,9 @@
 """The one training loop every training stage runs (pretrain, mid, sft, rl).
 
-A stage builds its model, optimizer, data and evaluations, then hands the loop what differs:
-a step function (one optimizer step at a given step index → its loss or reward and token
-count), its evaluations (name, when due, a callable returning metrics), and its loader state
-for checkpoints. The loop owns everything else, written once:
+A stage has the loop build its model and optimizer (`Loop.build`), builds its data and evaluations,
+then hands the loop what differs: a step function (one optimizer step at a given step index → its
+loss or reward and token count), its evaluations (name, when due, a callable returning metrics),
+and its loader state for checkpoints. The loop owns everything else, written once:
 
     for step in 0..N:
         evaluations due at `step` (skipped at the step a resume starts from: they ran before
@@ -17,6 +17,7 @@ Checkpoints hold the LoopState below besides tensors, so a resumed run continues
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,6 +27,7 @@ from nanochat import training as T
 from nanochat.checkpoint import latest_checkpoint, load_meta, load_model_state, load_rank_state, \
     save_checkpoint, set_rng_state
 from nanochat.config import Config, config_to_dict
+from nanochat.gpt import build_model
 from nanochat.lifecycle import STOP, EvalInterrupted, Preempted, stop_requested_all_ranks
 from nanochat.results import TrainResult
 from nanochat.tracking import Tracker
@@ -108,18 +110,29 @@ class Loop:
         self.metric, self.val_key = "loss", None
         self.log = print if self.rt.master else (lambda s: None)
 
-    # ------------------------------------------------------------------ resume / save
+    # ------------------------------------------------------------------ model, resume, save
 
-    def resume(self, model: Any, optimizer: Any) -> Optional[dict]:
-        """Restore model / optimizer / RNG from the run dir's newest checkpoint (run.resume != never).
-
-        Returns this rank's loader state (None when starting fresh or when the checkpoint has none).
-        """
-        self.model, self.optimizer = model, optimizer
-        ckpt = latest_checkpoint(self.run_dir) if self.cfg.run.resume != "never" else None
+    def build(self, convert: Optional[Callable[[Any], None]] = None) -> tuple[Any, Any, Optional[dict]]:
+        """The plan's model (fresh and seeded, or stage.init_from's last weights; then `convert(model)`, before
+        the optimizer: pretrain's fp8 layers) and its optimizer, restored with the RNG from the run dir's newest
+        checkpoint (run.resume != never). Returns (model, optimizer, this rank's loader state: None when
+        starting fresh or when the checkpoint has none)."""
+        cfg, rt, init_from = self.cfg, self.rt, self.cfg.stage.init_from
+        model = self.model = build_model(T.gpt_config(self.plan), rt.device, cfg.run.seed)
+        model.attn_backend = cfg.hardware.attention
+        model.activation_checkpointing = cfg.model.activation_checkpointing
+        rt.precision.cast_embeddings(model)   # before any load: a checkpoint's tables are cast on copy
+        if init_from:
+            ckpt = latest_checkpoint(init_from)
+            if ckpt is None:
+                raise FileNotFoundError(f"stage.init_from={init_from}: no checkpoint in {init_from}/checkpoints")
+            model.load_state_dict(load_model_state(ckpt, rt.device), strict=True)
+        if convert is not None:
+            convert(model)
+        optimizer = self.optimizer = T.make_optimizer(model, self.plan, cfg, rt)
+        ckpt = latest_checkpoint(self.run_dir) if cfg.run.resume != "never" else None
         if ckpt is None:
-            return None
-        rt = self.rt
+            return model, optimizer, None
         model.load_state_dict(load_model_state(ckpt, rt.device), strict=True)
         rank_state = load_rank_state(ckpt, rt.rank, rt.device)
         if rank_state["optim"] is None:
@@ -130,7 +143,7 @@ class Loop:
             set_rng_state(rank_state["rng"])
         self.state = LoopState.from_dict(load_meta(ckpt)["loop_state"])
         self.resumed = True
-        return rank_state["loader"]
+        return model, optimizer, rank_state["loader"]
 
     def save(self) -> Path:
         cfg, plan, rt = self.cfg, self.plan, self.rt
@@ -217,8 +230,11 @@ class Loop:
                 out = step_fn(step)
                 rt.sync()
                 dt = time.perf_counter() - t0
-                if metric == "loss":
-                    T.check_finite(out.value, step + 1)
+                if metric == "loss" and not math.isfinite(out.value):
+                    raise FloatingPointError(
+                        f"loss is {out.value} at step {step + 1}: training diverged. The last good checkpoint is "
+                        f"kept; lower the learning rates (stage.matrix_lr / embedding_lr) or check the data, then "
+                        f"resume with run.resume=auto")
                 state.step = step + 1
                 state.tokens_seen += out.tokens
                 if step > start_step:  # the first step pays one-off costs (allocations, compile)

@@ -38,9 +38,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-GIB = 2 ** 30
+from nanochat.batch_size import GIB, HEADROOM   # a planned device batch must fit this fraction, as the probe's
+
 MAX_FAKE_WORLD = 65536   # ranks the fake process group is asked to stand for (the sharding math is per rank)
-HEADROOM = 0.90          # a planned device batch must fit this fraction of the GPU (as the probe)
 CATEGORIES = {"Parameter": "params", "Buffer": "buffers", "Gradient": "grads", "Optstate": "optimizer",
               "Activation": "activations", "Temp": "temporaries", "Other": "other"}
 COMPILE_NOTE = {

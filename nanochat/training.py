@@ -1,24 +1,22 @@
 """Pieces every training stage (pretrain, mid, sft, rl) shares.
 
-Runtime setup from the config, model + optimizer from the frozen plan, schedules as
-functions of the step, and throughput accounting. The loop itself (resume, evaluations,
-saving, preemption, logging, the result) is nanochat/loop.py.
+Runtime setup from the config, the optimizer from the frozen plan, schedules as
+functions of the step, and throughput accounting. The loop itself (the model, resume,
+evaluations, saving, preemption, logging, the result) is nanochat/loop.py.
 """
 from __future__ import annotations
 
 import functools
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import torch
 
-from nanochat.checkpoint import latest_checkpoint, load_model_state
 from nanochat.common import distributed, get_base_dir, init_distributed, read_json
 from nanochat.config import Config
-from nanochat.gpt import GPT, GPTConfig, build_model
+from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum, weight_decay_at
 from nanochat.plan import Plan
 from nanochat.precision import Precision
@@ -109,20 +107,6 @@ def train_step(model, optimizer, batches: Iterator, plan, rt: Runtime, scaler: A
     return (dist_sum(loss_sum) / (accum * rt.world)).item()
 
 
-def init_model(plan: Plan, cfg: Config, rt: Runtime, init_from: Optional[str]) -> GPT:
-    """Fresh model (seeded), or the weights of `init_from`'s last checkpoint."""
-    model = build_model(gpt_config(plan), rt.device, cfg.run.seed)
-    model.attn_backend = cfg.hardware.attention
-    model.activation_checkpointing = cfg.model.activation_checkpointing
-    rt.precision.cast_embeddings(model)   # before any load: a checkpoint's tables are cast on copy
-    if init_from:
-        ckpt = latest_checkpoint(init_from)
-        if ckpt is None:
-            raise FileNotFoundError(f"stage.init_from={init_from}: no checkpoint in {init_from}/checkpoints")
-        model.load_state_dict(load_model_state(ckpt, rt.device), strict=True)
-    return model
-
-
 def dist_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (a copy; x itself is unchanged); x when not distributed."""
     if dist := distributed():
@@ -159,11 +143,3 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def check_finite(loss: float, step: int) -> None:
-    if not math.isfinite(loss):
-        raise FloatingPointError(
-            f"loss is {loss} at step {step}: training diverged. The last good checkpoint is kept; "
-            f"lower the learning rates (stage.matrix_lr / embedding_lr) or check the data, then resume "
-            f"with run.resume=auto")

@@ -34,13 +34,10 @@ def debiased_ema(values: list[float], beta: float = 0.9) -> float:
 
 def _toy_stage(run_dir: Path, cfg, calls: list, stop_at: int = -1):
     """A stage written against the loop: random-token batches, an evaluation that can be stopped."""
-    from nanochat import training as T
     from nanochat.lifecycle import STOP, check_stop
     from nanochat.loop import Evaluation, Loop, StepOut
     loop = Loop(cfg, run_dir)
-    model = T.init_model(loop.plan, cfg, loop.rt, None)
-    optimizer = T.make_optimizer(model, loop.plan, cfg, loop.rt)
-    loop.resume(model, optimizer)
+    model, optimizer, _ = loop.build()
 
     def step(i: int) -> StepOut:
         x = torch.randint(0, 2048, (2, 17), generator=torch.Generator().manual_seed(i))

@@ -473,8 +473,8 @@ def test_adding_a_stage_is_one_module_and_its_yaml(stage_root, tmp_path):
     (tmp_path / "distill_stage.py").write_text(
         "from nanochat.chat_plan import mid_plan\nfrom nanochat.config import ChatStageConfig\n"
         "from nanochat.stages import Stage\n\n"
-        "def run(cfg, run_dir):\n    from nanochat.chat_train import ChatRun, train_chat\n"
-        "    return {**train_chat(ChatRun(cfg, run_dir)), 'distilled': True}\n\n"
+        "def run(cfg, run_dir):\n    from nanochat.chat_train import train_chat\n"
+        "    return {**train_chat(cfg, run_dir), 'distilled': True}\n\n"
         "STAGE = Stage('distill', schema=ChatStageConfig, planner=mid_plan, worker=run, sources=('pretrain',),\n"
         "              headline='final_val_loss')\n")
     _entry_point(tmp_path, "distill_stage", "distill = distill_stage:STAGE")

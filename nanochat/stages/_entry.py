@@ -71,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", default=None, help="default: the config's dir (node > 0 keeps its copy elsewhere)")
     args = ap.parse_args(argv)
     guard_parent()  # first, before the slow imports: never outlive the launcher (or torchrun)
-    path = Path(args.config)
-    cfg = load_config(str(path))
-    return execute(cfg, Path(args.run_dir) if args.run_dir else path.parent)
+    return execute(load_config(args.config), Path(args.run_dir or Path(args.config).parent))
 
 
 if __name__ == "__main__":

@@ -109,9 +109,7 @@ def run(cfg: Config, run_dir: Path) -> EvalResult:
     from nanochat.checkpoint import load_model_from_run
     from nanochat.tokenizer import get_tokenizer
     rt = T.setup_runtime(cfg)
-    st = cfg.stage
-    if not st.init_from:
-        raise ValueError("stage.init_from: the eval stage needs a checkpoint (a run dir or `latest`)")
+    st = cfg.stage   # stage.init_from is a run dir: the launcher resolved it (launch/rundir.py resolve_source)
     t0 = time.time()
     model, meta = load_model_from_run(st.init_from, rt.device)
     source_stage = meta.get("stage", "pretrain")

@@ -17,8 +17,8 @@ from nanochat.stages import Stage
 
 
 def run(cfg: Config, run_dir: Path) -> ChatResult:
-    from nanochat.chat_train import ChatRun, train_chat
-    return train_chat(ChatRun(cfg, run_dir))
+    from nanochat.chat_train import train_chat  # torch inside: the launcher imports this module
+    return train_chat(cfg, run_dir)
 
 
 # --------------------------------------------------------------------------- the declaration

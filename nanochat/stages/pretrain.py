@@ -6,6 +6,7 @@ so a resumed run continues with exactly the batches and updates an uninterrupted
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -47,13 +48,11 @@ class SlotLoader:
         self.loaders = [DataLoader(cfg.data, tokenizer, plan.device_batch_size, plan.sequence_len, "train",
                                    rt.rank + rt.world * j, rt.world * slots, rt.device, base_dir=rt.base_dir,
                                    state=states[j], seed=cfg.run.seed) for j in range(slots)]
-        self.slot = 0
+        self.turns = itertools.cycle(self.loaders)
 
     def __next__(self):
         """The next slot's batch: a step's grad_accum micro-batches come from slots 0, 1, ... in turn."""
-        batch = next(self.loaders[self.slot])
-        self.slot = (self.slot + 1) % len(self.loaders)
-        return batch
+        return next(next(self.turns))
 
     def state_dict(self) -> dict:
         return {"slots": [l.state_dict() for l in self.loaders]}
@@ -81,13 +80,12 @@ def run(cfg: Config, run_dir: Path) -> PretrainResult:
             list_shards(cfg.data, rt.base_dir, split)
     barrier()
 
-    model = T.init_model(plan, cfg, rt, st.init_from)
-    if cfg.model.fp8:   # before the optimizer and compile, as nanochat; the weights stay fp32 Parameters
+    def fp8(model) -> None:   # before the optimizer and compile, as nanochat; the weights stay fp32 Parameters
         fp8_names = convert_fp8(model, cfg.model.fp8, emulate=cfg.model.fp8_emulate)
         loop.log(f"fp8 ({cfg.model.fp8}{', emulated' if cfg.model.fp8_emulate else ''}): "
                  f"{len(fp8_names)} Linear layers converted")
-    optimizer = T.make_optimizer(model, plan, cfg, rt)
-    train_loader = SlotLoader(cfg, plan, rt, tokenizer, loop.resume(model, optimizer))
+    model, optimizer, loader_state = loop.build(fp8 if cfg.model.fp8 else None)
+    train_loader = SlotLoader(cfg, plan, rt, tokenizer, loader_state)
     train_model = torch.compile(model, dynamic=False) if cfg.hardware.compile else model
     scaler = rt.precision.grad_scaler()  # a no-op unless fp16 on CUDA
 

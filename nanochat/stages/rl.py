@@ -54,20 +54,17 @@ def rollout_tensors(seqs: list[list[int]], masks: list[list[int]], pad: int, dev
 
 
 def policy_gradient_backward(model, x: torch.Tensor, y: torch.Tensor, advantages: torch.Tensor, device_batch: int,
-                             normalizer: float) -> float:
+                             normalizer: float) -> None:
     """Accumulate grads of -Σ advantage·log p(sampled token) / normalizer, in chunks of device_batch rows.
 
-    Targets of -1 (prompt, padding, forced tool output) contribute nothing. Returns the loss value.
+    Targets of -1 (prompt, padding, forced tool output) contribute nothing.
     """
-    total = 0.0
     for b0 in range(0, x.size(0), device_batch):
         xb, yb, ab = x[b0:b0 + device_batch], y[b0:b0 + device_batch], advantages[b0:b0 + device_batch]
         nll = model(xb, yb, loss_reduction="none").view_as(yb).float()
         logp = -nll * (yb >= 0)
         loss = -(logp * ab.unsqueeze(1)).sum() / normalizer
         loss.backward()
-        total += float(loss.detach())
-    return total
 
 
 def pass_at_k(model, tokenizer, task, num_examples: int, k: int, max_new_tokens: int, temperature: float,
@@ -102,10 +99,7 @@ def run(cfg: Config, run_dir: Path) -> RLResult:
     train_task, test_task = (make_task(st.task, split, data_dir=cfg.paths.shared_data, base_dir=str(rt.base_dir))
                              for split in ("train", "test"))
     E, S = st.examples_per_step, st.num_samples
-    dbs, N = eplan.device_batch_size, eplan.num_iterations
-    model = T.init_model(eplan, cfg, rt, st.init_from)
-    optimizer = T.make_optimizer(model, eplan, cfg, rt)
-    loop.resume(model, optimizer)
+    model, optimizer, _ = loop.build()
     state = loop.state
     engine = Engine(model, tokenizer)
     pad = tokenizer.encode_special("<|assistant_end|>")
@@ -113,14 +107,10 @@ def run(cfg: Config, run_dir: Path) -> RLResult:
     def step(step: int) -> L.StepOut:
         """Rollouts for this rank's questions, then one policy-gradient step."""
         mine = list(range(rt.rank, E, rt.world))
-        reward_sum, sampled_tokens = 0.0, 0
-        groups = []
-        for j in mine:
-            idx = (step * E + j) % len(train_task)
-            seqs, masks, rewards = sample_rollouts(engine, tokenizer, train_task, idx, S, st.max_new_tokens,
-                                                   st.temperature, st.top_k, cfg.run.seed * 1_000_003 + step * E + j)
-            reward_sum += sum(rewards)
-            groups.append((seqs, masks, rewards))
+        groups = [sample_rollouts(engine, tokenizer, train_task, (step * E + j) % len(train_task), S,
+                                  st.max_new_tokens, st.temperature, st.top_k, cfg.run.seed * 1_000_003 + step * E + j)
+                  for j in mine]
+        reward_sum, sampled_tokens = sum(sum(rewards) for _, _, rewards in groups), 0
         model.train()
         for seqs, masks, rewards in groups:
             r = torch.tensor(rewards, dtype=torch.float32, device=rt.device)
@@ -132,7 +122,7 @@ def run(cfg: Config, run_dir: Path) -> RLResult:
                 continue  # nothing sampled, or no signal (all samples scored alike)
             # token-level normalization per question, averaged over this rank's questions
             with rt.autocast():
-                policy_gradient_backward(model, x, y, adv, dbs, n_valid * len(mine))
+                policy_gradient_backward(model, x, y, adv, eplan.device_batch_size, n_valid * len(mine))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         totals = T.dist_sum(torch.tensor([reward_sum, float(len(mine) * S), float(sampled_tokens)],
@@ -147,8 +137,8 @@ def run(cfg: Config, run_dir: Path) -> RLResult:
                         st.temperature, st.top_k, cfg.run.seed + 1_000_003, rt.device)
         return {f"val/{k}": v for k, v in res.items()}
 
-    header = (f"rl on {st.task}: {len(train_task):,} train questions | {N} steps × {E} questions × {S} samples "
-              f"| matrix LR {eplan.matrix_lr:.4g}")
+    header = (f"rl on {st.task}: {len(train_task):,} train questions | {eplan.num_iterations} steps × {E} questions "
+              f"× {S} samples | matrix LR {eplan.matrix_lr:.4g}")
     loop.run(step, [L.Evaluation("pass@k", evaluate, every=st.pass_at_k_every)], lambda: {"step": state.step},
              header=header, metric="reward")
     pass_k = state.evals.get("pass@k")

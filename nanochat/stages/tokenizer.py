@@ -104,11 +104,9 @@ def compression_table(tokenizer, sources: dict[str, Callable[[], str]]) -> tuple
         nbytes, ntok = len(text.encode("utf-8")), len(tokenizer.encode(text))
         row = {"chars": len(text), "bytes": nbytes, "tokens": ntok, "bytes_per_token": round(nbytes / max(ntok, 1), 4)}
         for rname, enc in refs.items():
-            rt = len(enc.encode_ordinary(text))
-            row[f"{rname}_tokens"] = rt
-            row[f"{rname}_bytes_per_token"] = round(nbytes / max(rt, 1), 4)
-            # > 0: ours compresses better than the reference on this text
-            row[f"vs_{rname}_pct"] = round(100.0 * (rt - ntok) / max(rt, 1), 2)
+            rt = len(enc.encode_ordinary(text))   # vs_<ref>_pct > 0: ours compresses better on this text
+            row.update({f"{rname}_tokens": rt, f"{rname}_bytes_per_token": round(nbytes / max(rt, 1), 4),
+                        f"vs_{rname}_pct": round(100.0 * (rt - ntok) / max(rt, 1), 2)})
         table[label] = row
     return table, notes
 
@@ -146,8 +144,7 @@ def run(cfg: Config, run_dir: Path) -> TokenizerResult:
     }
     if "note" in m:
         result["notes"]["vocab"] = m["note"]
-    if run_dir is not None and Path(run_dir).is_dir():
-        atomic_write_json(Path(run_dir) / "tokenizer_eval.json", result)
+    atomic_write_json(Path(run_dir) / "tokenizer_eval.json", result)
     return TokenizerResult(**result)
 
 

@@ -49,32 +49,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _KeepWriteError:
-    """File wrapper for torch.save: torch turns a failed write into a RuntimeError without errno;
-    this keeps the OSError (ENOSPC, EIO, ...) so the caller can say what went wrong."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
 def _torch_save(obj: Any, path: Path) -> None:
     with open(path, "wb") as f:
-        out = _KeepWriteError(f)
         try:
-            torch.save(obj, out)
-        except RuntimeError:
-            if out.error is not None:
-                raise out.error from None
+            torch.save(obj, f)
+        except RuntimeError as e:
+            # torch turns a failed write into a RuntimeError without errno; the OSError (ENOSPC, EIO, ...)
+            # it raised in is its context: re-raise that, so the caller can say what went wrong
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
             raise
         f.flush()
         os.fsync(f.fileno())

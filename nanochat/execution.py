@@ -27,17 +27,16 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import json
 import math
 import operator
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 
 # ----------------------------------------------------------------------------- sandbox
 
@@ -46,7 +45,7 @@ _MAX_CAPTURE = 64 * 1024          # characters of stdout / stderr kept from the 
 _MAX_FILE_BYTES = 16 * 1024 * 1024  # RLIMIT_FSIZE: largest file the program (or its output) may write
 
 
-@dataclass
+@dataclasses.dataclass
 class ExecutionResult:
     success: bool                 # the program ran to the end without raising
     stdout: str = ""
@@ -73,12 +72,11 @@ cfg = json.loads(sys.stdin.read())
 scratch = os.getcwd()
 
 import resource
-def _limit(kind, value):
+def _limit(kind, value):  # an unlimited hard limit drops to `value` too: the program cannot raise it back
+    hard = resource.getrlimit(kind)[1]
+    hard = value if hard == resource.RLIM_INFINITY else hard
     try:
-        soft, hard = resource.getrlimit(kind)
-        if hard != resource.RLIM_INFINITY:
-            value = min(value, hard)
-        resource.setrlimit(kind, (value, value if hard == resource.RLIM_INFINITY else hard))
+        resource.setrlimit(kind, (min(value, hard), hard))
     except (ValueError, OSError):
         pass
 if cfg["max_memory_bytes"] and sys.platform != "darwin":  # macOS does not honour RLIMIT_AS
@@ -164,20 +162,18 @@ report = {"success": False, "error": None, "timeout": False, "memory_exceeded": 
 sys.stdout, sys.stderr = out, err
 signal.setitimer(signal.ITIMER_REAL, cfg["timeout"])
 try:
-    exec(compile(cfg["code"], "<sandbox>", "exec"), {"__name__": "__main__", "__builtins__": builtins})
-    signal.setitimer(signal.ITIMER_REAL, 0)
+    try:
+        exec(compile(cfg["code"], "<sandbox>", "exec"), {"__name__": "__main__", "__builtins__": builtins})
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        sys.stdout, sys.stderr = real_stdout, sys.__stderr__
     report["success"] = True
 except TimeoutException:
     report.update(timeout=True, error="TimeoutException: timed out")
 except MemoryError as e:
-    signal.setitimer(signal.ITIMER_REAL, 0)
     report.update(memory_exceeded=True, error="MemoryError: " + str(e))
 except BaseException as e:
-    signal.setitimer(signal.ITIMER_REAL, 0)
     report["error"] = f"{type(e).__name__}: {e}"
-finally:
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    sys.stdout, sys.stderr = real_stdout, sys.__stderr__
 report["stdout"] = out.getvalue()
 report["stderr"] = err.getvalue()
 real_stdout.write(REPORT_MARK + json.dumps(report) + "\n")
@@ -200,38 +196,27 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int | None =
     """
     if timeout <= 0:
         raise ValueError(f"execute_code(timeout={timeout}): the timeout must be positive seconds")
-    work = tempfile.mkdtemp(prefix="nanochat_sandbox_")
-    scratch = os.path.join(work, "scratch")
-    os.mkdir(scratch)
-    out_path, err_path = os.path.join(work, "stdout"), os.path.join(work, "stderr")
     payload = json.dumps({"code": code, "timeout": float(timeout), "max_memory_bytes": max_memory_bytes})
-    # -I: isolated mode (no user site, PYTHON* env vars ignored, cwd not on sys.path)
-    cmd = [sys.executable, "-I", "-c", _RUNNER]
     timed_out = False
-    try:
-        with open(out_path, "wb") as fout, open(err_path, "wb") as ferr:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=fout, stderr=ferr, cwd=scratch,
-                                    env={}, start_new_session=True, close_fds=True)
-            try:
-                proc.stdin.write(payload.encode("utf-8"))
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
+    with tempfile.TemporaryDirectory(prefix="nanochat_sandbox_", ignore_cleanup_errors=True) as work:
+        scratch = os.path.join(work, "scratch")
+        os.mkdir(scratch)
+        out_path, err_path = os.path.join(work, "stdout"), os.path.join(work, "stderr")
+        # -I: isolated mode (no user site, PYTHON* env vars ignored, cwd not on sys.path)
+        with open(out_path, "wb") as fout, open(err_path, "wb") as ferr, subprocess.Popen(
+                [sys.executable, "-I", "-c", _RUNNER], stdin=subprocess.PIPE, stdout=fout, stderr=ferr, cwd=scratch,
+                env={}, start_new_session=True, close_fds=True) as proc:
             # the child's own timer fires at `timeout`; the slack covers interpreter start-up
             # and code stuck in C (where Python signal handlers cannot run)
             try:
-                proc.wait(timeout=timeout + 5.0)
+                proc.communicate(payload.encode("utf-8"), timeout=timeout + 5.0)  # a child gone early: no error
             except subprocess.TimeoutExpired:
                 timed_out = True
             with contextlib.suppress(OSError):  # the group: also reaps anything the program left behind
                 os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(OSError):
                 proc.kill()
-            proc.wait()
-        raw_out = _read_capped(out_path)
-        raw_err = _read_capped(err_path)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        raw_out, raw_err = _read_capped(out_path), _read_capped(err_path)
 
     if timed_out:
         return ExecutionResult(False, error="TimeoutException: killed after the time limit", timeout=True)
@@ -249,9 +234,7 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int | None =
         report = json.loads(raw_out[idx + len(_REPORT_MARK):].splitlines()[0])
     except (ValueError, IndexError):
         return ExecutionResult(False, stderr=raw_err[-_MAX_CAPTURE:], error="unreadable sandbox report")
-    return ExecutionResult(success=bool(report["success"]), stdout=report.get("stdout", ""),
-                           stderr=report.get("stderr", ""), error=report.get("error"),
-                           timeout=bool(report.get("timeout")), memory_exceeded=bool(report.get("memory_exceeded")))
+    return ExecutionResult(**{f.name: report[f.name] for f in dataclasses.fields(ExecutionResult)})
 
 
 # ----------------------------------------------------------------------------- calculator

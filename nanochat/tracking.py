@@ -20,26 +20,13 @@ from nanochat.common import atomic_write_text
 FIRST_LINES = 5   # plain lines for the first steps of an attempt, whatever the interval: a log shows the start
 
 
-def _clean(v: Any) -> Any:
-    if hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v
-
-
 def truncate_metrics(path: Path, keep_through_step: int) -> None:
-    """On resume: drop lines logged after the checkpoint, so the file reads as one clean run."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= keep_through_step:
-                kept.append(line)
-        except ValueError:
-            continue  # a torn last line from a kill
-    atomic_write_text(path, "".join(l + "\n" for l in kept))
+    """On resume: drop lines logged after the checkpoint (and a torn last line from a kill), so the file
+    reads as one clean run."""
+    if path.exists():
+        from nanochat.plots import read_metrics
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in read_metrics(path.parent)
+                                        if r.get("step", 0) <= keep_through_step))
 
 
 def duration(s: float) -> str:
@@ -170,7 +157,9 @@ class Tracker:
     def log(self, metrics: dict) -> None:
         if not self.enabled:
             return
-        row = {k: _clean(v) for k, v in metrics.items()}
+        # tensors → numbers, nan / inf → strings (JSON has neither)
+        row = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}
+        row = {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
         row.setdefault("elapsed_s", round(time.time() - self.t0, 3))
         self._file.write(json.dumps(row) + "\n")
         numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

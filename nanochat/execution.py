@@ -240,50 +240,33 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int | None =
 # ----------------------------------------------------------------------------- calculator
 
 _ARITH_CHARS = set("0123456789*+-/.() ")
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-           ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
-_UNOPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.UAdd: operator.pos, ast.USub: operator.neg}
 _MAX_EXPR_CHARS = 256
 _MAX_ABS = 10 ** 30  # bigger intermediate numbers mean nonsense, refuse them
 
 
-class _CalcError(Exception):
-    pass
-
-
 def _eval_node(node: ast.AST, deadline: float):
+    """The value of an arithmetic / str.count expression; ValueError for anything else."""
     if time.monotonic() > deadline:
-        raise _CalcError("timeout")
-    if isinstance(node, ast.Expression):
-        return _eval_node(node.body, deadline)
+        raise ValueError("timeout")
     if isinstance(node, ast.Constant) and type(node.value) in (int, float, str):
         return node.value
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        a, b = _eval_node(node.left, deadline), _eval_node(node.right, deadline)
-        if not all(isinstance(v, (int, float)) for v in (a, b)):
-            raise _CalcError("arithmetic on non-numbers")
-        value = _BINOPS[type(node.op)](a, b)
+    if isinstance(node, (ast.BinOp, ast.UnaryOp)) and type(node.op) in _OPS:
+        operands = (node.left, node.right) if isinstance(node, ast.BinOp) else (node.operand,)
+        args = [_eval_node(n, deadline) for n in operands]
+        if not all(isinstance(v, (int, float)) for v in args):
+            raise ValueError("arithmetic on non-numbers")
+        value = _OPS[type(node.op)](*args)
         if isinstance(value, float) and not math.isfinite(value) or abs(value) > _MAX_ABS:
-            raise _CalcError("number too large")
+            raise ValueError("number too large")
         return value
-    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNOPS:
-        v = _eval_node(node.operand, deadline)
-        if not isinstance(v, (int, float)):
-            raise _CalcError("sign on a non-number")
-        return _UNOPS[type(node.op)](v)
     if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
             and not node.keywords and len(node.args) == 1):
         s, sub = _eval_node(node.func.value, deadline), _eval_node(node.args[0], deadline)
         if isinstance(s, str) and isinstance(sub, str):
             return s.count(sub)
-    raise _CalcError(f"not allowed: {type(node).__name__}")
-
-
-def _format_number(value) -> str:
-    """Render like the annotated data does: 4 not 4.0, and no float noise (0.1+0.2 → 0.3)."""
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else repr(round(value, 10))
-    return str(value)
+    raise ValueError(f"not allowed: {type(node).__name__}")
 
 
 def use_calculator(expr: str, timeout: float = 1.0) -> str | None:
@@ -299,10 +282,9 @@ def use_calculator(expr: str, timeout: float = 1.0) -> str | None:
         if "**" in expr:
             return None
     try:
-        tree = ast.parse(expr, mode="eval")
-        value = _eval_node(tree, time.monotonic() + timeout)
-    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError, _CalcError):
+        value = _eval_node(ast.parse(expr, mode="eval").body, time.monotonic() + timeout)
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError):  # ValueError: refused
         return None
-    if isinstance(value, str):
-        return None  # a bare string is not a computation
-    return _format_number(value)
+    if isinstance(value, float):  # like the annotated data: 4 not 4.0, and no float noise (0.1+0.2 → 0.3)
+        return str(int(value)) if value.is_integer() else repr(round(value, 10))
+    return None if isinstance(value, str) else str(value)  # a bare string is not a computation

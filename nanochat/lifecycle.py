@@ -7,7 +7,6 @@ A run dir ends in one of three states, which the launcher reports and `run.resum
 """
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nanochat.common import atomic_write_json, atomic_write_text, distributed, read_json
+from nanochat.tracking import Cadence, plain_line
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", what a requeue is for
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
@@ -95,12 +95,10 @@ class EvalProgress:
     loop's plain format (`  eval <label> 120/2376 | 45.0/s | elapsed 0m03s | eta 0m50s`)."""
 
     def __init__(self, label: str, total: int, log: Any = print, every_s: float = 10.0):
-        from nanochat.tracking import Cadence
         self.label, self.total, self.log = label, total, log
         self.t0, self.cadence = time.time(), Cadence(every_s, first=0)
 
     def step(self, done: int) -> None:
-        from nanochat.tracking import plain_line
         check_stop()
         if self.log is not None and 0 < done < self.total and self.cadence.due(done, self.total):
             el = time.time() - self.t0
@@ -158,22 +156,17 @@ PR_SET_PDEATHSIG = 1
 LAUNCHER_PID_ENV = "NANOCHAT_LAUNCHER_PID"   # set by launch/dispatch.py in the child's env
 
 
-@functools.cache
-def _prctl():
-    import ctypes
-    import ctypes.util
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
-
-
 def die_with_parent_preexec(parent_pid: int):
     """A `preexec_fn` for Popen: the child is SIGKILLed when the forking thread's process dies.
 
-    Resolves prctl before the fork, so the child does no loading between fork and exec.
-    The getppid() check closes the race with a parent that died before prctl ran.
+    Resolves prctl (libc's, through the running program) before the fork, so the child does no
+    loading between fork and exec. The getppid() check closes the race with a parent that died
+    before prctl ran.
     """
     if not sys.platform.startswith("linux"):
         return None
-    prctl = _prctl()
+    import ctypes
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     def preexec() -> None:
         prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)

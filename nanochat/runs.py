@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from nanochat.common import read_json
+from nanochat.lifecycle import read_status
+from nanochat.plots import _flops_per_step, pyplot, read_metrics, save
+from nanochat.runlock import STALE_S, _host, lock_holders, read_holder
+from nanochat.tracking import duration
 
 STATUSES = ("completed", "running", "preempted", "failed", "unknown")
 
@@ -50,7 +54,6 @@ def read_file(path: Path) -> Any:
 
 def _alive(run_dir: Path) -> bool:
     """A launcher holds the run: on this host its flock shows in /proc/locks; elsewhere its heartbeat is fresh."""
-    from nanochat.runlock import STALE_S, _host, lock_holders, read_holder
     holder = read_holder(run_dir)
     if not holder:
         return False
@@ -60,7 +63,6 @@ def _alive(run_dir: Path) -> bool:
 
 
 def run_status(run_dir: Path) -> str:
-    from nanochat.lifecycle import read_status
     status = read_status(run_dir)
     if status != "completed" and _alive(run_dir):
         return "running"
@@ -69,7 +71,6 @@ def run_status(run_dir: Path) -> str:
 
 def _last_metrics(run_dir: Path) -> dict:
     """The newest step's metrics, merged (train and val rows share a step), from the file's tail."""
-    from nanochat.plots import read_metrics
     rows = read_metrics(run_dir, tail_bytes=65536)
     last = rows[-1].get("step") if rows else None
     return {k: v for r in rows if r.get("step") == last for k, v in r.items()}
@@ -123,7 +124,6 @@ def _cells(info: dict, root: Path) -> list[str]:
     step = f"{_fmt(info['step'])}/{_fmt(info['total'])}" if info["total"] else _fmt(info["step"])
     head = f"{info['headline']} {_fmt(info['value'])}" if info["value"] is not None else "-"
     wall = info["wall_time_s"]
-    from nanochat.tracking import duration
     return [info["stage"], info["tag"], info["status"], step, head, duration(wall) if isinstance(wall, (int, float))
             else "-", info["git"] or "-", os.path.relpath(info["dir"], root)]
 
@@ -213,7 +213,6 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def _curve(run_dir: Path, metric: str, x: str) -> list[tuple[float, float]]:
     """(x, value) points of one metric; x = step, or FLOPs = step × the plan's FLOPs per step."""
-    from nanochat.plots import _flops_per_step, read_metrics
     pts = [(r["step"], r[metric]) for r in read_metrics(run_dir)
            if isinstance(r.get(metric), (int, float)) and isinstance(r.get("step"), int)]
     per_step = _flops_per_step(run_dir) if x == "flops" and pts else 1.0
@@ -239,7 +238,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
         names = sorted({k for r in runs for k, v in _last_metrics(r).items() if isinstance(v, (int, float))} - {"step"})
         raise RunsError(f"--metric {args.metric}: not in the metrics.jsonl of any of these runs; metrics they log: "
                         f"{', '.join(names) or 'none'}")
-    from nanochat.plots import pyplot, save
     common = os.path.commonpath([str(r) for r in runs]) if len(runs) > 1 else str(runs[0].parent)
     fig, ax = pyplot().subplots(figsize=(8, 5))
     for r, pts in curves.items():

@@ -74,15 +74,6 @@ def _test_pause(point: str, step: int, ckpt_root: Path, rank: int) -> None:
         time.sleep(1)
 
 
-def _agree(error: Optional[str]) -> list[str]:
-    """Every rank's error (None if it succeeded), on every rank: the ranks commit or discard together."""
-    if not (dist := distributed()):
-        return [error] if error else []
-    errors: list = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    return [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
-
-
 def _describe_write_error(e: OSError, step: int, ckpt_root: Path) -> str:
     prev = list_checkpoints(ckpt_root.parent)
     keep = f"the previous checkpoint {prev[-1].name} is intact" if prev else "no earlier checkpoint exists"
@@ -116,7 +107,11 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, o
             yield
         except OSError as e:
             error = _describe_write_error(e, step, ckpt_root)
-        errors = _agree(error)
+        errors = [error] if error else []
+        if dist := distributed():  # every rank's error, on every rank: the ranks commit or discard together
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, error)
+            errors = [f"rank {r}: {e}" for r, e in enumerate(gathered) if e]
         if errors:
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)  # give the space back; nothing points at it

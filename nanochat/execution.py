@@ -184,8 +184,7 @@ os._exit(0)
 
 def _read_capped(path: str) -> str:
     with open(path, "rb") as f:
-        data = f.read(_MAX_FILE_BYTES)
-    return data.decode("utf-8", errors="replace")
+        return f.read(_MAX_FILE_BYTES).decode("utf-8", errors="replace")
 
 
 def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int | None = 256 * 1024 * 1024) -> ExecutionResult:

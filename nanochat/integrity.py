@@ -78,16 +78,6 @@ def verify(ckpt_dir: str | Path) -> list[str]:
     return problems
 
 
-def quarantine(ckpt_dir: Path) -> Path:
-    """Move a bad checkpoint aside (corrupt_step_XXXXXX), so nothing loads it and it can be inspected."""
-    dest, n = ckpt_dir.with_name(f"corrupt_{ckpt_dir.name}"), 1
-    while dest.exists():
-        n += 1
-        dest = ckpt_dir.with_name(f"corrupt_{ckpt_dir.name}-{n}")
-    ckpt_dir.rename(dest)
-    return dest
-
-
 def _warn(msg: str) -> None:
     print(f"[nanochat] warning: {msg}", file=sys.stderr, flush=True)
 
@@ -116,7 +106,11 @@ def select_resume_checkpoint(run_dir: Path, policy: str) -> Optional[Path]:
             fix = (f"use run.resume=auto to fall back to the previous checkpoint ({older[-1].name})" if older
                    else "no earlier checkpoint exists; move checkpoints/ away and start the run over")
             raise ConfigError("run.resume", policy, fix, f"checkpoint {ck} failed verification: {reason}")
-        moved = quarantine(ck)
+        moved, n = ck.with_name(f"corrupt_{ck.name}"), 1   # aside: nothing loads it, it can be inspected
+        while moved.exists():
+            n += 1
+            moved = ck.with_name(f"corrupt_{ck.name}-{n}")
+        ck.rename(moved)
         _warn(f"checkpoint {ck.name} failed verification ({reason}); moved to {moved.name}, "
               f"{'trying ' + older[-1].name if older else 'no earlier checkpoint'}")
     if ckpts:

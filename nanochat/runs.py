@@ -36,9 +36,7 @@ def headline(stage: str) -> Optional[tuple[str, str]]:
     """(result.json key, 'min' | 'max') of a stage's headline figure, as the stage declares it."""
     from nanochat.stages import stages
     key = getattr(stages().get(stage), "headline", None)
-    if key is None:
-        return None
-    return key, "min" if ("loss" in key or "bpb" in key) else "max"
+    return None if key is None else (key, "min" if ("loss" in key or "bpb" in key) else "max")
 
 
 def read_file(path: Path) -> Any:

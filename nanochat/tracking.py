@@ -202,9 +202,8 @@ class Tracker:
             print(msg, flush=True)
 
     def close(self) -> None:
-        if self._profiler is not None:
-            self._profiler.finish()
-        for name, method in (("_progress", "stop"), ("_file", "close"), ("_tb", "close"), ("_wandb", "finish")):
+        for name, method in (("_profiler", "finish"), ("_progress", "stop"), ("_file", "close"), ("_tb", "close"),
+                             ("_wandb", "finish")):
             if getattr(self, name) is not None:
                 getattr(getattr(self, name), method)()
                 setattr(self, name, None)

@@ -201,9 +201,8 @@ def load_model_from_run(run_dir: str | Path, device: Any):
         model = GPT(GPTConfig(**meta["model_config"]))
     model.to_empty(device=device)
     model.init_rotary()
-    state = load_model_state(ckpt, device)
     # a run with hardware.embedding_dtype=bfloat16 saved bf16 tables: an inference model is all fp32
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_model_state(ckpt, device).items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     return model, meta

@@ -125,13 +125,13 @@ class RunLock:
             pid = holder.get("pid", "<pid>")
             raise self._busy(f"the run dir is in use by {describe(holder)}",
                              f"wait for that run to finish, stop it (kill -INT {pid}), or use another run.dir")
-        self._fd = fd
         try:
             self._check_foreign_holder()
             self._check_no_writers()
         except BaseException:
-            self._close()
+            os.close(fd)
             raise
+        self._fd = fd
         self.record = {"pid": os.getpid(), "host": _host(), "started": time.time(), "heartbeat": time.time(),
                        "argv": list(sys.argv), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
         atomic_write_json(self.run_dir / HOLDER_NAME, self.record)
@@ -168,11 +168,6 @@ class RunLock:
             with suppress(OSError):  # a full disk must not kill the run; the flock still holds
                 atomic_write_json(self.run_dir / HOLDER_NAME, {**self.record, "heartbeat": time.time()})
 
-    def _close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the last fd drops the flock
-            self._fd = None
-
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -181,7 +176,8 @@ class RunLock:
         if self._fd is not None:
             with suppress(OSError):
                 (self.run_dir / HOLDER_NAME).unlink()
-        self._close()
+            os.close(self._fd)  # closing the last fd drops the flock
+            self._fd = None
 
     def __enter__(self) -> "RunLock":
         return self

@@ -64,7 +64,7 @@ class ExecutionResult:
 # stdin, locks itself down, runs the code with captured output and prints one report
 # line (after a marker) on its real stdout, which the parent reads from a capped file.
 _RUNNER = r'''
-import sys, os, io, json, signal, builtins, faulthandler
+import sys, os, io, json, signal, builtins
 REPORT_MARK = %(mark)r
 MAX_CAPTURE = %(max_capture)d
 MAX_FILE_BYTES = %(max_file)d
@@ -85,19 +85,15 @@ if cfg["max_memory_bytes"] and sys.platform != "darwin":  # macOS does not honou
 _limit(resource.RLIMIT_CPU, int(cfg["timeout"]) + 2)
 _limit(resource.RLIMIT_FSIZE, MAX_FILE_BYTES)
 _limit(resource.RLIMIT_CORE, 0)
-if hasattr(signal, "SIGXFSZ"):
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversized writes raise OSError instead of killing us
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversized writes raise OSError instead of killing us
 
 # a private network namespace (only a down loopback in it); needs privileges, best effort
-net_ns = False
 if sys.platform.startswith("linux"):
     try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        net_ns = libc.unshare(0x40000000) == 0  # CLONE_NEWNET
+        import ctypes  # blocked for the program below
+        ctypes.CDLL(None, use_errno=True).unshare(0x40000000)  # CLONE_NEWNET
     except Exception:
         pass
-    sys.modules.pop("ctypes", None)
 
 class TimeoutException(BaseException):
     pass
@@ -142,8 +138,7 @@ def _guarded_open(file, mode="r", *args, **kwargs):
     path = os.path.realpath(os.fspath(file))
     if path.startswith(("/proc", "/sys")):
         raise PermissionError(f"reading {path} is disabled in the sandbox")
-    writing = any(c in mode for c in "wax+")
-    if writing and not (path == scratch or path.startswith(scratch + os.sep)):
+    if any(c in mode for c in "wax+") and not (path == scratch or path.startswith(scratch + os.sep)):
         raise PermissionError(f"writing outside the scratch dir ({path}) is disabled in the sandbox")
     return _real_open(file, mode, *args, **kwargs)
 builtins.open = _guarded_open
@@ -151,14 +146,12 @@ io.open = _guarded_open
 
 class _Capped(io.StringIO):
     def write(self, s):
-        room = MAX_CAPTURE - self.tell()
-        if room > 0:
-            super().write(s[:room])
+        super().write(s[:max(0, MAX_CAPTURE - self.tell())])
         return len(s)
 
 out, err = _Capped(), _Capped()
 real_stdout = sys.stdout
-report = {"success": False, "error": None, "timeout": False, "memory_exceeded": False, "net_ns": net_ns}
+report = {"success": False, "error": None, "timeout": False, "memory_exceeded": False}
 sys.stdout, sys.stderr = out, err
 signal.setitimer(signal.ITIMER_REAL, cfg["timeout"])
 try:
@@ -174,8 +167,7 @@ except MemoryError as e:
     report.update(memory_exceeded=True, error="MemoryError: " + str(e))
 except BaseException as e:
     report["error"] = f"{type(e).__name__}: {e}"
-report["stdout"] = out.getvalue()
-report["stderr"] = err.getvalue()
+report.update(stdout=out.getvalue(), stderr=err.getvalue())
 real_stdout.write(REPORT_MARK + json.dumps(report) + "\n")
 real_stdout.flush()
 os._exit(0)

@@ -44,12 +44,8 @@ class RunDirBusy(ConfigError):
     """Another live process owns the run dir. A ConfigError so every CLI reports it the same way."""
 
 
-def _host() -> str:
-    return socket.gethostname()
-
-
 def writers_lock_path(run_dir: Path) -> Path:
-    return Path(run_dir) / f"writers.{_host()}.lock"
+    return Path(run_dir) / f"writers.{socket.gethostname()}.lock"
 
 
 def _flock(path: Path, mode: int, wait_s: float = 0.0, poll_s: float = 0.1) -> Optional[int]:
@@ -132,8 +128,8 @@ class RunLock:
             os.close(fd)
             raise
         self._fd = fd
-        self.record = {"pid": os.getpid(), "host": _host(), "started": time.time(), "heartbeat": time.time(),
-                       "argv": list(sys.argv), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                       "heartbeat": time.time(), "argv": list(sys.argv), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
         atomic_write_json(self.run_dir / HOLDER_NAME, self.record)
         self._thread = threading.Thread(target=self._beat, name="nanochat-runlock-heartbeat", daemon=True)
         self._thread.start()
@@ -141,7 +137,7 @@ class RunLock:
 
     def _check_foreign_holder(self) -> None:
         old = read_holder(self.run_dir)
-        if not old or old.get("host") == _host():
+        if not old or old.get("host") == socket.gethostname():
             return  # none, or ours: flock on this host is authoritative, so that holder is dead
         job = os.environ.get("SLURM_JOB_ID")
         if job and old.get("slurm_job_id") == job:

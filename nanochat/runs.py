@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, Optional
 from nanochat.common import read_json
 from nanochat.lifecycle import read_status
 from nanochat.plots import _flops_per_step, pyplot, read_metrics, save
-from nanochat.runlock import STALE_S, _host, lock_holders, read_holder
+from nanochat.runlock import STALE_S, lock_holders, read_holder
 from nanochat.tracking import duration
 
 STATUSES = ("completed", "running", "preempted", "failed", "unknown")
@@ -55,7 +56,7 @@ def _alive(run_dir: Path) -> bool:
     holder = read_holder(run_dir)
     if not holder:
         return False
-    if holder.get("host") == _host():
+    if holder.get("host") == socket.gethostname():
         return bool(lock_holders(run_dir / "run.lock"))
     return time.time() - float(holder.get("heartbeat", 0)) < STALE_S
 

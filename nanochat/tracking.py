@@ -83,10 +83,8 @@ class Profiler:
 
     def step(self, done: int) -> None:
         if self._prof is None and self.start <= done < self.stop_at:
-            import torch
-            from torch.profiler import ProfilerActivity, profile
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-            self._prof = profile(activities=acts, record_shapes=True, profile_memory=True)
+            from torch.profiler import profile
+            self._prof = profile(record_shapes=True, profile_memory=True)  # CPU, and CUDA where available
             self._prof.start()
         elif self._prof is not None and done >= self.stop_at:
             self.finish()

@@ -214,11 +214,10 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int | None =
     idx = raw_out.rfind(_REPORT_MARK)
     if idx < 0:
         # died without a report: killed by a signal (RLIMIT_CPU → SIGXCPU/SIGKILL, OOM) or os._exit
-        rc = proc.returncode
-        sig = -rc if rc is not None and rc < 0 else None
-        timeout_hit = sig in (getattr(signal, "SIGXCPU", -1), signal.SIGKILL)
+        sig = -proc.returncode if proc.returncode < 0 else None
+        timeout_hit = sig in (signal.SIGXCPU, signal.SIGKILL)
         mem = "MemoryError" in raw_err or "Cannot allocate memory" in raw_err
-        error = f"process exited with code {rc}" + (f" (signal {signal.Signals(sig).name})" if sig else "")
+        error = f"process exited with code {proc.returncode}" + (f" (signal {signal.Signals(sig).name})" if sig else "")
         return ExecutionResult(False, stdout=raw_out[:_MAX_CAPTURE], stderr=raw_err[-_MAX_CAPTURE:],
                                error=error, timeout=timeout_hit and not mem, memory_exceeded=mem)
     try:

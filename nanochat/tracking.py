@@ -51,10 +51,9 @@ class Cadence:
     def due(self, done: int, total: int) -> bool:
         self.calls += 1
         now = time.monotonic()
-        if self.calls <= self.first or done >= total or now - self.last >= self.every_s:
+        if due := self.calls <= self.first or done >= total or now - self.last >= self.every_s:
             self.last = now
-            return True
-        return False
+        return due
 
 
 # stats key → how a plain line shows it (the loop's `stats` dict; unknown numeric keys print as `key value`)

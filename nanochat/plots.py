@@ -107,8 +107,7 @@ def training_curves(run_dir: Path, out: Path, title: str) -> Optional[Path]:
                 continue
             if col == 1:  # FLOPs on a log axis: step 0 (no FLOPs yet) has no place on it
                 pts = [(s, v) for s, v in pts if s > 0] or pts
-            xs = [s for s, _ in pts] if col == 0 else [s * fps for s, _ in pts]
-            ys = [v for _, v in pts]
+            xs, ys = zip(*[(s if col == 0 else s * fps, v) for s, v in pts])
             if row == 0:  # raw values faint, the debiased EMA as the curve
                 ax.plot(xs, ys, ".", ms=4, alpha=0.3, color="C0", label="raw")
                 ax.plot(xs, debiased_ema(ys), color="C0", lw=1.6, label="EMA (debiased, β=0.9)")

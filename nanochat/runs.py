@@ -53,9 +53,7 @@ def read_file(path: Path) -> Any:
 
 def _alive(run_dir: Path) -> bool:
     """A launcher holds the run: on this host its flock shows in /proc/locks; elsewhere its heartbeat is fresh."""
-    holder = read_holder(run_dir)
-    if not holder:
-        return False
+    holder = read_holder(run_dir)   # none ({}): no host, no heartbeat, not alive
     if holder.get("host") == socket.gethostname():
         return bool(lock_holders(run_dir / "run.lock"))
     return time.time() - float(holder.get("heartbeat", 0)) < STALE_S
@@ -223,9 +221,7 @@ def _curve(run_dir: Path, metric: str, x: str) -> list[tuple[float, float]]:
 def cmd_plot(args: argparse.Namespace) -> int:
     runs = []
     for arg in args.runs:
-        p = Path(arg).expanduser().resolve()
-        found = find_runs(p) if p.is_dir() else []
-        if not found:
+        if not (found := find_runs(Path(arg).expanduser().resolve())):
             raise RunsError(f"{arg}: no run dirs there (a run dir holds resolved_config.yaml)")
         runs += found
     out = Path(args.output or f"{args.metric.replace('/', '_')}.png").resolve()

@@ -67,11 +67,10 @@ def _test_pause(point: str, step: int, ckpt_root: Path, rank: int) -> None:
     """Test-only: NANOCHAT_TEST_CKPT_PAUSE=<point>@<step> parks this rank at `point` of the save of
     `step` (after touching checkpoints/.paused_<point>_rank<r>) until it is killed, so a chaos
     test can SIGKILL the run at exactly that moment."""
-    if os.environ.get("NANOCHAT_TEST_CKPT_PAUSE") != f"{point}@{step}":
-        return
-    (ckpt_root / f".paused_{point}_rank{rank}").touch()
-    while True:
-        time.sleep(1)
+    if os.environ.get("NANOCHAT_TEST_CKPT_PAUSE") == f"{point}@{step}":
+        (ckpt_root / f".paused_{point}_rank{rank}").touch()
+        while True:
+            time.sleep(1)
 
 
 def _describe_write_error(e: OSError, step: int, ckpt_root: Path) -> str:

@@ -109,23 +109,20 @@ def _disabled(name):
 
 os.environ.clear()  # the parent passed an empty env; drop what the interpreter added
 import shutil, subprocess, socket
-for name in ["kill", "killpg", "system", "putenv", "unsetenv", "remove", "removedirs", "rmdir",
-             "unlink", "rename", "renames", "replace", "truncate", "fchdir", "chdir", "chroot",
-             "setuid", "setgid", "seteuid", "setegid", "setreuid", "setregid", "fchmod", "fchown",
-             "chmod", "chown", "lchown", "lchmod", "lchflags", "chflags", "link", "symlink",
-             "fork", "forkpty", "vfork", "execv", "execve", "execvp", "execvpe", "execl", "execle",
-             "execlp", "execlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle",
-             "spawnlp", "spawnlpe", "posix_spawn", "posix_spawnp", "popen",
-             "setsid", "setpgid", "nice", "plock", "mkfifo", "mknod"]:
-    if hasattr(os, name):
-        setattr(os, name, _disabled("os." + name))
-for name in ["rmtree", "move", "chown", "copyfile", "copy", "copy2", "copytree"]:
-    setattr(shutil, name, _disabled("shutil." + name))
-for name in ["Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"]:
-    setattr(subprocess, name, _disabled("subprocess." + name))
-for name in ["socket", "create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo"]:
-    if hasattr(socket, name):
-        setattr(socket, name, _disabled("socket." + name))
+for mod, names in ((os, ["kill", "killpg", "system", "putenv", "unsetenv", "remove", "removedirs", "rmdir",
+                         "unlink", "rename", "renames", "replace", "truncate", "fchdir", "chdir", "chroot",
+                         "setuid", "setgid", "seteuid", "setegid", "setreuid", "setregid", "fchmod", "fchown",
+                         "chmod", "chown", "lchown", "lchmod", "lchflags", "chflags", "link", "symlink",
+                         "fork", "forkpty", "vfork", "execv", "execve", "execvp", "execvpe", "execl", "execle",
+                         "execlp", "execlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle",
+                         "spawnlp", "spawnlpe", "posix_spawn", "posix_spawnp", "popen",
+                         "setsid", "setpgid", "nice", "plock", "mkfifo", "mknod"]),
+                   (shutil, ["rmtree", "move", "chown", "copyfile", "copy", "copy2", "copytree"]),
+                   (subprocess, ["Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"]),
+                   (socket, ["socket", "create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo"])):
+    for name in names:
+        if hasattr(mod, name):
+            setattr(mod, name, _disabled(f"{mod.__name__}.{name}"))
 builtins.help = _disabled("help")
 for mod in ["ctypes", "_ctypes", "_posixsubprocess", "multiprocessing", "resource", "psutil",
             "ipdb", "joblib", "tkinter", "pty", "_socket", "ssl", "urllib.request", "http.client"]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import suppress
 from pathlib import Path
 from typing import Optional
 
@@ -41,10 +42,8 @@ def read_metrics(run_dir: Path, tail_bytes: int = 0) -> list[dict]:
         return []
     rows = []
     for line in lines:
-        try:
+        with suppress(ValueError):
             rows.append(json.loads(line))
-        except ValueError:
-            continue
     return [r for r in rows if isinstance(r, dict)]
 
 

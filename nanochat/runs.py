@@ -133,10 +133,8 @@ def _sweep_table(sweep: Path, infos: list[dict]) -> str:
     parsed = [dict(o.lstrip("+~").split("=", 1) for o in i["overrides"] if "=" in o) for i in infos]
     swept = [k for k in dict.fromkeys(k for p in parsed for k in p) if len({p.get(k) for p in parsed}) > 1]
     scored = [(i["value"], n) for n, i in enumerate(infos) if i["value"] is not None and math.isfinite(i["value"])]
-    best = None
-    if scored:
-        sense = (headline(infos[scored[0][1]]["stage"]) or ("", "min"))[1]
-        best = (min if sense == "min" else max)(scored)[1]
+    sense = (headline(infos[scored[0][1]]["stage"]) or ("", "min"))[1] if scored else "min"
+    best = (min if sense == "min" else max)(scored)[1] if scored else None
     rows = [[" ", *swept, *HEADER]]
     for n, (info, p) in enumerate(zip(infos, parsed)):
         rows.append(["*" if n == best else " ", *(p.get(k, "-") for k in swept), *_cells(info, sweep)])

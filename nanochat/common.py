@@ -15,8 +15,7 @@ from typing import Any
 
 def get_base_dir(base_dir: str | None = None) -> Path:
     """Shared artifacts live here: env NANOCHAT_BASE_DIR beats the config value."""
-    env = os.environ.get("NANOCHAT_BASE_DIR")
-    path = Path(env or base_dir or "~/.cache/nanochat").expanduser()
+    path = Path(os.environ.get("NANOCHAT_BASE_DIR") or base_dir or "~/.cache/nanochat").expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -105,8 +104,7 @@ def init_distributed(device: str = "cpu", backend: str | None = None, num_thread
     device = pick_device(device)
     if device == "cpu":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        threads = num_threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
-        torch.set_num_threads(threads)
+        torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // max(1, local_world)))
     if world > 1 and not dist.is_initialized():
         if device == "cuda":
             torch.cuda.set_device(local_rank)

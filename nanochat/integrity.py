@@ -97,8 +97,7 @@ def select_resume_checkpoint(run_dir: Path, policy: str) -> Optional[Path]:
             old.rename(final)
     ckpts = list_checkpoints(run_dir)
     for i, ck in enumerate(reversed(ckpts)):
-        problems = verify(ck)
-        if not problems:
+        if not (problems := verify(ck)):
             return ck
         reason = "; ".join(problems)
         older = ckpts[:len(ckpts) - i - 1]

@@ -52,10 +52,8 @@ def _flops_per_step(run_dir: Path) -> Optional[float]:
     from nanochat.runs import read_file
     for name in ("effective_plan.json", "plan.json"):
         plan = read_file(Path(run_dir) / name)
-        try:
+        with suppress(KeyError, TypeError, ValueError):  # no such plan, or one without them
             return float(plan["flops_per_token"]) * float(plan["total_batch_size"])
-        except (KeyError, TypeError, ValueError):  # no such plan, or one without them
-            continue
     return None
 
 

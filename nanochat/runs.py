@@ -223,9 +223,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
             raise RunsError(f"{arg}: no run dirs there (a run dir holds resolved_config.yaml)")
         runs += found
     out = Path(args.output or f"{args.metric.replace('/', '_')}.png").resolve()
-    for r in runs:
-        if r in out.parents:
-            raise RunsError(f"-o {out}: inside the run dir {r}; nanochat-runs never writes into a run dir")
+    if inside := [r for r in runs if r in out.parents]:
+        raise RunsError(f"-o {out}: inside the run dir {inside[0]}; nanochat-runs never writes into a run dir")
     curves = {r: _curve(r, args.metric, args.x) for r in runs}
     if not any(curves.values()):
         names = sorted({k for r in runs for k, v in _last_metrics(r).items() if isinstance(v, (int, float))} - {"step"})

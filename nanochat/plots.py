@@ -92,9 +92,8 @@ def training_curves(run_dir: Path, out: Path, title: str) -> Optional[Path]:
     if train_key is None and val_key is None:
         return None
     fps = _flops_per_step(run_dir)
-    plt = pyplot()
     ncols = 2 if fps else 1
-    fig, axes = plt.subplots(2, ncols, figsize=(5.5 * ncols, 6), squeeze=False)
+    fig, axes = pyplot().subplots(2, ncols, figsize=(5.5 * ncols, 6), squeeze=False)
     for row, key in enumerate((train_key, val_key)):
         pts = [(r["step"], r[key]) for r in rows if key and key in r and "step" in r]
         for col in range(ncols):
@@ -108,7 +107,6 @@ def training_curves(run_dir: Path, out: Path, title: str) -> Optional[Path]:
             if row == 0:  # raw values faint, the debiased EMA as the curve
                 ax.plot(xs, ys, ".", ms=4, alpha=0.3, color="C0", label="raw")
                 ax.plot(xs, debiased_ema(ys), color="C0", lw=1.6, label="EMA (debiased, β=0.9)")
-                ax.legend(fontsize=7, loc="upper right", frameon=False)
             else:
                 ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, color="C1", label=key)
                 # a mixture's per-source curves (val/bpb/<source>) next to the weighted total
@@ -116,10 +114,9 @@ def training_curves(run_dir: Path, out: Path, title: str) -> Optional[Path]:
                     sp = [(r["step"], r[sub]) for r in rows if sub in r and (col == 0 or r["step"] > 0)]
                     ax.plot([s if col == 0 else s * fps for s, _ in sp], [v for _, v in sp], lw=1, ls="--",
                             color=f"C{i + 2}", label=sub.rsplit("/", 1)[1])
-                if len(ax.get_lines()) > 1:
-                    ax.legend(fontsize=7, loc="upper right", frameon=False)
-            ax.set_xlabel("step" if col == 0 else "FLOPs")
-            ax.set_ylabel(key)
+            if len(ax.get_lines()) > 1:  # raw + EMA, or a mixture's sources
+                ax.legend(fontsize=7, loc="upper right", frameon=False)
+            ax.set(xlabel="step" if col == 0 else "FLOPs", ylabel=key)
             if col == 1 and min(xs) > 0:
                 ax.set_xscale("log")
                 log_ticks(ax, min(xs), max(xs))

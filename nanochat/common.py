@@ -22,10 +22,8 @@ def get_base_dir(base_dir: str | None = None) -> Path:
 
 def shared_data_dir(configured: str | None = None) -> Path | None:
     """The offline public datasets (../shared/data layout), if present."""
-    for c in (configured, os.environ.get("NANOCHAT_SHARED_DATA"), Path(__file__).resolve().parents[2] / "shared/data"):
-        if c and Path(c).expanduser().is_dir():
-            return Path(c).expanduser()
-    return None
+    candidates = (configured, os.environ.get("NANOCHAT_SHARED_DATA"), Path(__file__).resolve().parents[2] / "shared/data")
+    return next((Path(c).expanduser() for c in candidates if c and Path(c).expanduser().is_dir()), None)
 
 
 # ----------------------------------------------------------------------------- atomic io
@@ -82,11 +80,7 @@ def pick_device(device: str) -> str:
     if device != "auto":
         return device
     import torch
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def init_distributed(device: str = "cpu", backend: str | None = None, num_threads: int | None = None,

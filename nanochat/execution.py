@@ -65,9 +65,6 @@ class ExecutionResult:
 # line (after a marker) on its real stdout, which the parent reads from a capped file.
 _RUNNER = r'''
 import sys, os, io, json, signal, builtins
-REPORT_MARK = %(mark)r
-MAX_CAPTURE = %(max_capture)d
-MAX_FILE_BYTES = %(max_file)d
 cfg = json.loads(sys.stdin.read())
 scratch = os.getcwd()
 
@@ -83,7 +80,7 @@ if cfg["max_memory_bytes"] and sys.platform != "darwin":  # macOS does not honou
     _limit(resource.RLIMIT_AS, cfg["max_memory_bytes"])
     _limit(resource.RLIMIT_DATA, cfg["max_memory_bytes"])
 _limit(resource.RLIMIT_CPU, int(cfg["timeout"]) + 2)
-_limit(resource.RLIMIT_FSIZE, MAX_FILE_BYTES)
+_limit(resource.RLIMIT_FSIZE, cfg["max_file_bytes"])
 _limit(resource.RLIMIT_CORE, 0)
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversized writes raise OSError instead of killing us
 
@@ -143,7 +140,7 @@ io.open = _guarded_open
 
 class _Capped(io.StringIO):
     def write(self, s):
-        super().write(s[:max(0, MAX_CAPTURE - self.tell())])
+        super().write(s[:max(0, cfg["max_capture"] - self.tell())])
         return len(s)
 
 out, err = _Capped(), _Capped()
@@ -165,10 +162,10 @@ except MemoryError as e:
 except BaseException as e:
     report["error"] = f"{type(e).__name__}: {e}"
 report.update(stdout=out.getvalue(), stderr=err.getvalue())
-real_stdout.write(REPORT_MARK + json.dumps(report) + "\n")
+real_stdout.write(cfg["mark"] + json.dumps(report) + "\n")
 real_stdout.flush()
 os._exit(0)
-''' % {"mark": _REPORT_MARK, "max_capture": _MAX_CAPTURE, "max_file": _MAX_FILE_BYTES}
+'''
 
 
 def _read_capped(path: str) -> str:
@@ -184,7 +181,8 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int | None =
     """
     if timeout <= 0:
         raise ValueError(f"execute_code(timeout={timeout}): the timeout must be positive seconds")
-    payload = json.dumps({"code": code, "timeout": float(timeout), "max_memory_bytes": max_memory_bytes})
+    payload = json.dumps({"code": code, "timeout": float(timeout), "max_memory_bytes": max_memory_bytes,
+                          "mark": _REPORT_MARK, "max_capture": _MAX_CAPTURE, "max_file_bytes": _MAX_FILE_BYTES})
     timed_out = False
     with tempfile.TemporaryDirectory(prefix="nanochat_sandbox_", ignore_cleanup_errors=True) as work:
         scratch = os.path.join(work, "scratch")

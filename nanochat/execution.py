@@ -206,8 +206,7 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int | None =
 
     if timed_out:
         return ExecutionResult(False, error="TimeoutException: killed after the time limit", timeout=True)
-    idx = raw_out.rfind(_REPORT_MARK)
-    if idx < 0:
+    if (idx := raw_out.rfind(_REPORT_MARK)) < 0:
         # died without a report: killed by a signal (RLIMIT_CPU → SIGXCPU/SIGKILL, OOM) or os._exit
         sig = -proc.returncode if proc.returncode < 0 else None
         timeout_hit = sig in (signal.SIGXCPU, signal.SIGKILL)

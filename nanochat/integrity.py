@@ -70,8 +70,7 @@ def verify(ckpt_dir: str | Path) -> list[str]:
         if not path.exists():
             problems.append(f"{name} is missing")
             continue
-        size = path.stat().st_size
-        if size != rec["bytes"]:
+        if (size := path.stat().st_size) != rec["bytes"]:
             problems.append(f"{name} has {size} bytes, {rec['bytes']} were written (truncated or replaced)")
         elif sha256_file(path) != rec["sha256"]:
             problems.append(f"{name} does not match its SHA-256 checksum (altered on disk)")

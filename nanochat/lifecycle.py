@@ -176,11 +176,10 @@ def die_with_parent_preexec(parent_pid: int):
 
 
 def _parent_is_torchrun(ppid: int) -> bool:
-    try:
+    with suppress(OSError):
         cmd = Path(f"/proc/{ppid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return any(b"torch.distributed.run" in c or c.endswith(b"torchrun") for c in cmd)
+        return any(b"torch.distributed.run" in c or c.endswith(b"torchrun") for c in cmd)
+    return False
 
 
 def guard_parent(poll_s: float = 1.0) -> bool:

@@ -112,8 +112,7 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = _flock(self.run_dir / LOCK_NAME, fcntl.LOCK_EX)
-        if fd is None:
+        if (fd := _flock(self.run_dir / LOCK_NAME, fcntl.LOCK_EX)) is None:
             for _ in range(10):  # the holder writes its record right after taking the lock
                 if holder := read_holder(self.run_dir):
                     break
@@ -151,8 +150,7 @@ class RunLock:
 
     def _check_no_writers(self) -> None:
         path = writers_lock_path(self.run_dir)
-        fd = _flock(path, fcntl.LOCK_EX, self.wait_writers_s, poll_s=0.2)
-        if fd is not None:
+        if (fd := _flock(path, fcntl.LOCK_EX, self.wait_writers_s, poll_s=0.2)) is not None:
             os.close(fd)  # nobody writes: the workers we start take it shared
             return
         pids = lock_holders(path) or ["<unknown>"]

@@ -96,8 +96,6 @@ def run_info(run_dir: Path) -> dict:
 
 def find_runs(root: Path) -> list[Path]:
     """Run dirs at or under `root`, oldest first (never descending into a run dir's own subdirs)."""
-    if (root / "resolved_config.yaml").is_file():
-        return [root]
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         if "resolved_config.yaml" in filenames:
@@ -138,9 +136,8 @@ def _sweep_table(sweep: Path, infos: list[dict]) -> str:
     rows = [[" ", *swept, *HEADER]]
     for n, (info, p) in enumerate(zip(infos, parsed)):
         rows.append(["*" if n == best else " ", *(p.get(k, "-") for k in swept), *_cells(info, sweep)])
-    title = f"sweep {sweep} ({len(infos)} jobs" + (f"; * = best {infos[best]['headline']})" if best is not None
-                                                   else ")")
-    return title + "\n" + _table(rows)
+    best_note = f"; * = best {infos[best]['headline']}" if best is not None else ""
+    return f"sweep {sweep} ({len(infos)} jobs{best_note})\n" + _table(rows)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

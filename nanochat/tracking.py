@@ -185,8 +185,7 @@ class Tracker:
             now = time.time()
             elapsed = now - self.t0
             # the ETA's pace from the first step on: setup and the first step's one-off costs left out
-            self._pace_from = self._pace_from or (now, step)
-            t1, s1 = self._pace_from
+            t1, s1 = self._pace_from = self._pace_from or (now, step)
             per_step = (now - t1) / (step - s1) if step > s1 else (stats or {}).get("dt_s") or elapsed
             print(plain_line(f"{self.desc} step", step, self.total_steps, fields, elapsed, per_step), flush=True)
 

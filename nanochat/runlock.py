@@ -117,9 +117,8 @@ class RunLock:
                 if holder := read_holder(self.run_dir):
                     break
                 time.sleep(0.1)
-            pid = holder.get("pid", "<pid>")
-            raise self._busy(f"the run dir is in use by {describe(holder)}",
-                             f"wait for that run to finish, stop it (kill -INT {pid}), or use another run.dir")
+            raise self._busy(f"the run dir is in use by {describe(holder)}", f"wait for that run to finish, stop it "
+                             f"(kill -INT {holder.get('pid', '<pid>')}), or use another run.dir")
         try:
             self._check_foreign_holder()
             self._check_no_writers()

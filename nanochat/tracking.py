@@ -190,11 +190,9 @@ class Tracker:
             print(plain_line(f"{self.desc} step", step, self.total_steps, fields, elapsed, per_step), flush=True)
 
     def print(self, msg: str) -> None:
-        if not self.enabled:
-            return
-        if self._progress is not None:
+        if self._progress is not None:   # only an enabled tracker has one
             self._progress.console.print(msg, highlight=False, markup=False)
-        else:
+        elif self.enabled:
             print(msg, flush=True)
 
     def close(self) -> None:

@@ -56,9 +56,7 @@ def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: f
         probs = probs.masked_fill(drop, 0.0)
         idx = order if idx is None else idx.gather(1, order)
     choice = torch.multinomial(probs, 1, generator=rng)
-    if idx is None:
-        return choice.squeeze(1)
-    return idx.gather(1, choice).squeeze(1)
+    return (choice if idx is None else idx.gather(1, choice)).squeeze(1)
 
 
 def _prompts(tokens, num_samples: int) -> list[list[int]]:
@@ -152,17 +150,13 @@ class Engine:
 
         # prefill each distinct prompt once, then copy its cache rows to every row that continues it
         cache = KVCache.for_model(self.model, batch_size=len(prompts), max_len=longest + max_tokens)
-        rows_of: dict[tuple, list[int]] = {}
-        for r, p in enumerate(prompts):
-            rows_of.setdefault(tuple(p), []).append(r)
-        last: list = [None] * len(prompts)
-        for p, rs in rows_of.items():
-            prefill = KVCache.for_model(self.model, batch_size=1, max_len=len(p))
-            out = self.model(torch.tensor([p], dtype=torch.long, device=device), kv_cache=prefill)[:, -1, :]
-            cache.copy_rows_from(prefill, src_row=0, dst_rows=rs)
-            for r in rs:
-                last[r] = out
-        sampled = sample_next_token(torch.cat(last), rng, temperature, top_k).tolist()
+        last: dict[tuple, torch.Tensor] = {}   # each distinct prompt's last logits
+        for p in map(tuple, prompts):
+            if p not in last:
+                prefill = KVCache.for_model(self.model, batch_size=1, max_len=len(p))
+                last[p] = self.model(torch.tensor([p], dtype=torch.long, device=device), kv_cache=prefill)[:, -1, :]
+                cache.copy_rows_from(prefill, src_row=0, dst_rows=[r for r, q in enumerate(prompts) if tuple(q) == p])
+        sampled = sample_next_token(torch.cat([last[tuple(p)] for p in prompts]), rng, temperature, top_k).tolist()
         del last
 
         rows = [self.new_row(p) for p in prompts]

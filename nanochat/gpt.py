@@ -355,7 +355,7 @@ class KVCache:
 
     def copy_rows_from(self, src: "KVCache", src_row: int = 0, dst_rows=None) -> None:
         """Copy row `src_row` of `src` (keys, values, position) into `dst_rows` (default: all rows)."""
-        if (src.k.shape[0], src.k.shape[2], src.k.shape[4]) != (self.k.shape[0], self.k.shape[2], self.k.shape[4]):
+        if src.k.shape[::2] != self.k.shape[::2]:   # (layers, heads, head_dim)
             raise ValueError("KVCache.copy_rows_from: layer/head/dim shapes differ between caches")
         rows = list(range(self.batch_size) if dst_rows is None else dst_rows)
         n = int(src.pos[src_row])
@@ -398,8 +398,8 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             gate = VE_GATE_SCALE * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)
-        qk = norm(apply_rotary(qk, rope))   # RoPE, then QK norm (nanochat's order; bf16 tables do not keep the RMS)
-        q, k = qk[:, :, :H], qk[:, :, H:]
+        # RoPE, then QK norm (nanochat's order; bf16 tables do not keep the RMS)
+        q, k = norm(apply_rotary(qk, rope)).split([H, Hkv], dim=2)
         # qk_scale multiplies q and k, i.e. the attention logits by qk_scale²: fold it into SDPA's scale
         scale = self.qk_scale ** 2 / math.sqrt(D)
         if kv_cache is None:

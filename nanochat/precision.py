@@ -180,9 +180,7 @@ def convert_fp8(model: nn.Module, recipe: str, emulate: bool = False) -> list[st
         raise ValueError(f"model.fp8={recipe!r}: use one of {', '.join(FP8_RECIPES)}")
     import dataclasses
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training   # heavy: only when asked
-    config = Float8LinearConfig.from_recipe_name(recipe)
-    if emulate:
-        config = dataclasses.replace(config, emulate=True)
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
     names = fp8_layer_names(model)
     convert_to_float8_training(model, config=config, module_filter_fn=fp8_filter)
     return names

@@ -43,10 +43,8 @@ def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: f
     if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits.float()
-    if top_k is not None and 0 < top_k < logits.size(-1):
-        vals, idx = torch.topk(logits, top_k, dim=-1)
-    else:
-        vals, idx = logits, None
+    keep_k = top_k is not None and 0 < top_k < logits.size(-1)
+    vals, idx = torch.topk(logits, top_k, dim=-1) if keep_k else (logits, None)
     probs = F.softmax(vals / temperature, dim=-1)
     if top_p is not None and 0.0 < top_p < 1.0:
         probs, order = torch.sort(probs, dim=-1, descending=True)
@@ -156,21 +154,19 @@ class Engine:
                 prefill = KVCache.for_model(self.model, batch_size=1, max_len=len(p))
                 last[p] = self.model(torch.tensor([p], dtype=torch.long, device=device), kv_cache=prefill)[:, -1, :]
                 cache.copy_rows_from(prefill, src_row=0, dst_rows=[r for r, q in enumerate(prompts) if tuple(q) == p])
-        sampled = sample_next_token(torch.cat([last[tuple(p)] for p in prompts]), rng, temperature, top_k).tolist()
+        logits = torch.cat([last[tuple(p)] for p in prompts])
         del last
 
         rows = [self.new_row(p) for p in prompts]
         for step in range(max_tokens):
-            if step > 0:
-                logits = self.model(ids, kv_cache=cache)[:, -1, :]
-                sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
+            sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
             # a finished row repeats its terminal token (mask 0)
             steps = [(row.end_token, 0) if row.done else self.advance(row, sampled[i]) for i, row in enumerate(rows)]
             column, masks = [t for t, _ in steps], [m for _, m in steps]
             yield column, masks
-            if all(row.done for row in rows):
+            if all(row.done for row in rows) or step == max_tokens - 1:
                 return
-            ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
+            logits = self.model(torch.tensor(column, device=device).unsqueeze(1), kv_cache=cache)[:, -1, :]
 
     def generate_batch(self, tokens: list[int] | list[list[int]], num_samples: int = 1, stop: Sequence[str] = (),
                        **kwargs) -> tuple[list[list[int]], list[list[int]]]:
@@ -186,9 +182,7 @@ class Engine:
         done = [False] * len(prompts)
         for column, column_masks in self.generate(tokens, num_samples, **kwargs):
             for i, (token, mask) in enumerate(zip(column, column_masks)):
-                if done[i]:
-                    continue
-                if token in (self.assistant_end, self.bos):
+                if done[i] or token in (self.assistant_end, self.bos):
                     done[i] = True
                     continue
                 results[i].append(token)

@@ -546,7 +546,6 @@ class GPT(nn.Module):
         """
         def present(*params):
             return [p for p in params if p is not None]
-        smear_w = self.smear_gate.weight if self.smear_gate is not None else None
         groups = {
             "matrix": list(self.transformer.h.parameters()),
             "embedding": [self.transformer.wte.weight],
@@ -554,10 +553,9 @@ class GPT(nn.Module):
             "lm_head": [self.lm_head.weight],
             "resid_scalar": present(self.resid_lambdas),
             "x0_scalar": present(self.x0_lambdas),
-            "gate_scalar": present(smear_w, self.smear_lambda, self.backout_lambda),
+            "gate_scalar": present(getattr(self.smear_gate, "weight", None), self.smear_lambda, self.backout_lambda),
         }
-        n = sum(len(v) for v in groups.values())
-        assert n == len(list(self.parameters())), "param_groups misses a parameter"
+        assert sum(map(len, groups.values())) == len(list(self.parameters())), "param_groups misses a parameter"
         return groups
 
     # ------------------------------------------------------------------ forward
@@ -644,16 +642,13 @@ class GPT(nn.Module):
 
     def _smear(self, x: torch.Tensor, kv_cache: Optional[KVCache]) -> torch.Tensor:
         """x[t] += λ·sigmoid(gate(x[t, :24]))·x[t-1]; position 0 of a sequence has no predecessor."""
-        B, T, d = x.shape
         g = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_GATE_CHANNELS]))   # (B, T, 1)
         if kv_cache is None:
-            out = torch.cat([x[:, :1], x[:, 1:] + g[:, 1:] * x[:, :-1]], dim=1)
-        else:
-            prev = torch.cat([kv_cache.last_x.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
-            has_prev = (kv_cache.pos.unsqueeze(1) + torch.arange(T, device=x.device)) > 0   # (B, T)
-            out = x + (g * has_prev.unsqueeze(-1)) * prev
-            kv_cache.last_x.copy_(x[:, -1])
-        return out
+            return torch.cat([x[:, :1], x[:, 1:] + g[:, 1:] * x[:, :-1]], dim=1)
+        prev = torch.cat([kv_cache.last_x.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
+        has_prev = (kv_cache.pos.unsqueeze(1) + torch.arange(x.size(1), device=x.device)) > 0   # (B, T)
+        kv_cache.last_x.copy_(x[:, -1])
+        return x + (g * has_prev.unsqueeze(-1)) * prev
 
     @torch.inference_mode()
     def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0,

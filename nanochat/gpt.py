@@ -337,9 +337,9 @@ class KVCache:
         self.min_keys = 0   # forwards attend over at least this many slots (serving pads the key length)
 
     @classmethod
-    def for_model(cls, model: "GPT", batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None) -> "KVCache":
+    def for_model(cls, model: "GPT", batch_size: int, max_len: int) -> "KVCache":
         c, w = model.config, model.lm_head.weight
-        return cls(batch_size, c.n_kv_head, max_len, c.head_dim, c.n_layer, c.n_embd, w.device, dtype or w.dtype)
+        return cls(batch_size, c.n_kv_head, max_len, c.head_dim, c.n_layer, c.n_embd, w.device, w.dtype)
 
     def rows(self, n: int, min_keys: int = 0) -> "KVCache":
         """The first n rows as a KVCache of views: a forward on it writes into this cache and attends
@@ -348,10 +348,6 @@ class KVCache:
         view.k, view.v, view.pos, view.last_x = self.k[:, :n], self.v[:, :n], self.pos[:n], self.last_x[:n]
         view.batch_size, view.min_keys = n, min_keys
         return view
-
-    def get_pos(self) -> int:
-        """Largest row position (the prefix length when all rows are aligned)."""
-        return int(self.pos.max())
 
     def copy_rows_from(self, src: "KVCache", src_row: int = 0, dst_rows=None) -> None:
         """Copy row `src_row` of `src` (keys, values, position) into `dst_rows` (default: all rows)."""

@@ -201,11 +201,10 @@ class MuonAdamW(torch.optim.Optimizer):
         for g in param_groups:
             if g.get("kind") not in ("muon", "adamw"):
                 raise ValueError(f"param group {g.get('name')!r}: kind={g.get('kind')!r}, use 'muon' or 'adamw'")
-            if g["kind"] == "muon":
-                for p in g["params"]:
-                    if p.dim() != 2:
-                        raise ValueError(f"Muon group {g.get('name')!r} got a {p.dim()}-D parameter "
-                                         f"{tuple(p.shape)}; Muon needs matrices (put it in an AdamW group)")
+            for p in g["params"] if g["kind"] == "muon" else ():
+                if p.dim() != 2:
+                    raise ValueError(f"Muon group {g.get('name')!r} got a {p.dim()}-D parameter "
+                                     f"{tuple(p.shape)}; Muon needs matrices (put it in an AdamW group)")
         if world_size < 1 or not (0 <= rank < world_size):
             raise ValueError(f"rank={rank} world_size={world_size}: need 0 <= rank < world_size")
         super().__init__(param_groups, defaults={})
@@ -292,12 +291,11 @@ class MuonAdamW(torch.optim.Optimizer):
             if not st:
                 st.update(step=torch.zeros((), dtype=torch.float32, device=p.device), exp_avg=torch.zeros_like(p),
                           exp_avg_sq=torch.zeros_like(p))
-        beta1, beta2 = g["betas"]
         fused = (g.get("fused", True) and params[0].device.type in ("cpu", "cuda")
                  and all(p.dtype == params[0].dtype for p in params))
         adamw_functional(params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
                          [], [st["step"] for st in states], foreach=None if fused else True,
-                         fused=True if fused else None, amsgrad=False, beta1=beta1, beta2=beta2,
+                         fused=True if fused else None, amsgrad=False, beta1=g["betas"][0], beta2=g["betas"][1],
                          lr=g["lr"], weight_decay=g["weight_decay"], eps=g["eps"], maximize=False)
 
     # ---- Muon
@@ -343,7 +341,7 @@ class MuonAdamW(torch.optim.Optimizer):
             for params in ([[p] for p in g["params"]] if adamw else self._buckets(g)):
                 p0 = params[0]
                 n, item = (p0.numel(), ()) if adamw else (len(params), p0.shape)
-                full = torch.zeros((self._own_range(n)[2] * W, *item), dtype=p0.dtype, device=p0.device)
+                full = p0.new_zeros((self._own_range(n)[2] * W, *item))
                 per_param = full[:n].view(len(params), *p0.shape)
                 for i, p in enumerate(params):
                     if p.grad is not None:

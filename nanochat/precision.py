@@ -191,14 +191,13 @@ def fp8_disabled(model: nn.Module) -> Iterator[None]:
     """Run the block with plain nn.Linear in place of every Float8Linear (sharing the weights), as
     nanochat evaluates in bf16; restores them afterwards. A no-op for a model without fp8."""
     swapped = []
-    for name, mod in list(model.named_modules()):
-        if is_fp8(mod):
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name)   # "" → the model itself
-            plain = nn.Linear(mod.in_features, mod.out_features, bias=False, device="meta")
-            plain.weight, plain.bias = mod.weight, mod.bias
-            setattr(parent, attr, plain)
-            swapped.append((parent, attr, mod))
+    for parent in list(model.modules()):
+        for attr, mod in list(parent.named_children()):
+            if is_fp8(mod):
+                plain = nn.Linear(mod.in_features, mod.out_features, bias=False, device="meta")
+                plain.weight, plain.bias = mod.weight, mod.bias
+                setattr(parent, attr, plain)
+                swapped.append((parent, attr, mod))
     try:
         yield
     finally:

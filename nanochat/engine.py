@@ -148,13 +148,13 @@ class Engine:
 
         # prefill each distinct prompt once, then copy its cache rows to every row that continues it
         cache = KVCache.for_model(self.model, batch_size=len(prompts), max_len=longest + max_tokens)
+        keys = [tuple(p) for p in prompts]
         last: dict[tuple, torch.Tensor] = {}   # each distinct prompt's last logits
-        for p in map(tuple, prompts):
-            if p not in last:
-                prefill = KVCache.for_model(self.model, batch_size=1, max_len=len(p))
-                last[p] = self.model(torch.tensor([p], dtype=torch.long, device=device), kv_cache=prefill)[:, -1, :]
-                cache.copy_rows_from(prefill, src_row=0, dst_rows=[r for r, q in enumerate(prompts) if tuple(q) == p])
-        logits = torch.cat([last[tuple(p)] for p in prompts])
+        for p in dict.fromkeys(keys):
+            prefill = KVCache.for_model(self.model, batch_size=1, max_len=len(p))
+            last[p] = self.model(torch.tensor([p], dtype=torch.long, device=device), kv_cache=prefill)[:, -1, :]
+            cache.copy_rows_from(prefill, src_row=0, dst_rows=[r for r, q in enumerate(keys) if q == p])
+        logits = torch.cat([last[p] for p in keys])
         del last
 
         rows = [self.new_row(p) for p in prompts]

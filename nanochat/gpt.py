@@ -133,8 +133,7 @@ class GPTConfig:
 
 def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
     """1/sqrt(mean(x²) + eps) over the last dim, keepdim."""
-    ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return torch.rsqrt(ss.square_().div_(x.size(-1)).add_(eps))
+    return torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps))
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -206,8 +205,7 @@ def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """
     xp = x.unflatten(-1, (-1, 2))
     if x.dtype == torch.float32 and rope.dtype == torch.float32 and not torch.compiler.is_compiling():
-        y = torch.view_as_complex(xp) * torch.view_as_complex(rope)
-        return torch.view_as_real(y).flatten(-2)
+        return torch.view_as_real(torch.view_as_complex(xp) * torch.view_as_complex(rope)).flatten(-2)
     cos, sin = rope[..., 0].to(x.dtype), rope[..., 1].to(x.dtype)
     x1, x2 = xp[..., 0], xp[..., 1]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
@@ -368,10 +366,9 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx, self.qk_scale = layer_idx, config.qk_scale
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         d, kvd = config.n_embd, config.n_kv_head * config.head_dim
-        self.qk_scale = config.qk_scale
         self.c_q = nn.Linear(d, d, bias=False)
         self.c_k = nn.Linear(d, kvd, bias=False)
         self.c_v = nn.Linear(d, kvd, bias=False)

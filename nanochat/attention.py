@@ -159,9 +159,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     if backend in ("flex", "flash") and not (dev == "cpu" and training):
         return _flex(q.to(dt), k.to(dt), v.to(dt), window, scale)   # flash in fp32 → flex
     # sdpa, or flex training on CPU (FlexAttention has no CPU backward): the dense window mask
-    if dense_mask is None:
-        dense_mask = window_mask(T, window, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask, scale=scale, enable_gqa=gqa)
+    mask = window_mask(T, window, q.device) if dense_mask is None else dense_mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 def cached_window(positions: torch.Tensor, window: int, S: int,
@@ -208,6 +207,5 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windo
     T, D = q.size(-2), q.size(-1)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     k64, v64 = (t.double().repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
-    s = (q.double() @ k64.transpose(-1, -2)) * scale
-    s = s.masked_fill(~window_mask(T, window, q.device), float("-inf"))
+    s = ((q.double() @ k64.transpose(-1, -2)) * scale).masked_fill(~window_mask(T, window, q.device), float("-inf"))
     return (torch.softmax(s, dim=-1) @ v64).to(q.dtype)

@@ -90,9 +90,7 @@ class Precision:
 
     def autocast(self) -> ContextManager:
         """Around forward passes (and the loss); backward runs outside it, as autocast wants."""
-        if not self.autocast_enabled:
-            return nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.compute_dtype)
+        return torch.autocast(self.device_type, dtype=self.compute_dtype) if self.autocast_enabled else nullcontext()
 
     def grad_scaler(self, **kwargs: Any) -> torch.amp.GradScaler:
         """Enabled only for fp16; disabled, its scale/step/update are plain pass-throughs.

@@ -591,7 +591,6 @@ class GPT(nn.Module):
         if self.smear_gate is not None:
             x = self._smear(x, kv_cache)
         x0 = x
-        x_mid = None
         recompute = self.activation_checkpointing == "full" and kv_cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
             if self.resid_lambdas is not None:
@@ -626,8 +625,7 @@ class GPT(nn.Module):
             logits = c.softcap * torch.tanh(logits / c.softcap)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+        return F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """The normed token embeddings; also what a KV cache keeps of a row's last token (smear)."""

@@ -159,7 +159,8 @@ class _RMSNorm(torch.autograd.Function):
 def norm(x: torch.Tensor) -> torch.Tensor:
     """Parameter-free RMSNorm over the last dim (eps = dtype's machine epsilon, as F.rms_norm)."""
     if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling():
-        eps = torch.finfo(x.dtype).eps   # inference: the same ops without the autograd Function's overhead
+        eps = torch.finfo(x.dtype).eps
+        # inference runs the same ops without the autograd Function's overhead
         return _RMSNorm.apply(x, eps) if torch.is_grad_enabled() else x * _rstd(x, eps)
     return F.rms_norm(x, (x.size(-1),))
 

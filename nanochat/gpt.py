@@ -328,8 +328,7 @@ class KVCache:
     def __init__(self, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int, num_layers: int,
                  n_embd: int, device=None, dtype: torch.dtype = torch.float32):
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(2))
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.last_x = torch.zeros(batch_size, n_embd, device=device, dtype=dtype)
         self.batch_size, self.max_len = batch_size, max_len

@@ -66,19 +66,15 @@ def resolve_backend(preference: str, device_type: str) -> str:
     the model calls this every forward, also under torch.compile). auto: flash, else flex on CUDA;
     sdpa elsewhere."""
     key = (preference, device_type)
-    if key in _RESOLVED:
-        return _RESOLVED[key]
-    if preference not in CHOICES:
-        raise ValueError(f"hardware.attention={preference!r}: use one of {', '.join(CHOICES)}")
-    have = available_backends(device_type)
-    if preference == "auto":
-        _RESOLVED[key] = have[-1] if device_type == "cuda" else "sdpa"
-    elif preference in have:
-        _RESOLVED[key] = preference
-    else:
-        fix = "pip install flash-attn (CUDA only)" if preference == "flash" else "use hardware.attention=auto"
-        raise ValueError(f"hardware.attention={preference!r} is not available on {device_type} "
-                         f"(available: {', '.join(have)}); {fix}")
+    if key not in _RESOLVED:
+        if preference not in CHOICES:
+            raise ValueError(f"hardware.attention={preference!r}: use one of {', '.join(CHOICES)}")
+        have = available_backends(device_type)
+        if preference != "auto" and preference not in have:
+            fix = "pip install flash-attn (CUDA only)" if preference == "flash" else "use hardware.attention=auto"
+            raise ValueError(f"hardware.attention={preference!r} is not available on {device_type} "
+                             f"(available: {', '.join(have)}); {fix}")
+        _RESOLVED[key] = preference if preference != "auto" else have[-1] if device_type == "cuda" else "sdpa"
     return _RESOLVED[key]
 
 
@@ -163,9 +159,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     if backend in ("flex", "flash") and not (dev == "cpu" and training):
         return _flex(q.to(dt), k.to(dt), v.to(dt), window, scale)   # flash in fp32 → flex
     # sdpa, or flex training on CPU (FlexAttention has no CPU backward): the dense window mask
-    if dense_mask is None:
-        dense_mask = window_mask(T, window, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask, scale=scale, enable_gqa=gqa)
+    mask = window_mask(T, window, q.device) if dense_mask is None else dense_mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 def cached_window(positions: torch.Tensor, window: int, S: int,
@@ -211,9 +206,6 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windo
     """The textbook math in fp64: softmax(q·kᵀ·scale + mask)·v, GQA by repeating kv heads."""
     T, D = q.size(-2), q.size(-1)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    rep = q.size(1) // k.size(1)
-    k64 = k.double().repeat_interleave(rep, dim=1)
-    v64 = v.double().repeat_interleave(rep, dim=1)
-    s = (q.double() @ k64.transpose(-1, -2)) * scale
-    s = s.masked_fill(~window_mask(T, window, q.device), float("-inf"))
+    k64, v64 = (t.double().repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+    s = ((q.double() @ k64.transpose(-1, -2)) * scale).masked_fill(~window_mask(T, window, q.device), float("-inf"))
     return (torch.softmax(s, dim=-1) @ v64).to(q.dtype)

@@ -43,10 +43,8 @@ def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: f
     if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits.float()
-    if top_k is not None and 0 < top_k < logits.size(-1):
-        vals, idx = torch.topk(logits, top_k, dim=-1)
-    else:
-        vals, idx = logits, None
+    keep_k = top_k is not None and 0 < top_k < logits.size(-1)
+    vals, idx = torch.topk(logits, top_k, dim=-1) if keep_k else (logits, None)
     probs = F.softmax(vals / temperature, dim=-1)
     if top_p is not None and 0.0 < top_p < 1.0:
         probs, order = torch.sort(probs, dim=-1, descending=True)
@@ -56,9 +54,7 @@ def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: f
         probs = probs.masked_fill(drop, 0.0)
         idx = order if idx is None else idx.gather(1, order)
     choice = torch.multinomial(probs, 1, generator=rng)
-    if idx is None:
-        return choice.squeeze(1)
-    return idx.gather(1, choice).squeeze(1)
+    return (choice if idx is None else idx.gather(1, choice)).squeeze(1)
 
 
 def _prompts(tokens, num_samples: int) -> list[list[int]]:
@@ -152,31 +148,25 @@ class Engine:
 
         # prefill each distinct prompt once, then copy its cache rows to every row that continues it
         cache = KVCache.for_model(self.model, batch_size=len(prompts), max_len=longest + max_tokens)
-        rows_of: dict[tuple, list[int]] = {}
-        for r, p in enumerate(prompts):
-            rows_of.setdefault(tuple(p), []).append(r)
-        last: list = [None] * len(prompts)
-        for p, rs in rows_of.items():
+        keys = [tuple(p) for p in prompts]
+        last: dict[tuple, torch.Tensor] = {}   # each distinct prompt's last logits
+        for p in dict.fromkeys(keys):
             prefill = KVCache.for_model(self.model, batch_size=1, max_len=len(p))
-            out = self.model(torch.tensor([p], dtype=torch.long, device=device), kv_cache=prefill)[:, -1, :]
-            cache.copy_rows_from(prefill, src_row=0, dst_rows=rs)
-            for r in rs:
-                last[r] = out
-        sampled = sample_next_token(torch.cat(last), rng, temperature, top_k).tolist()
+            last[p] = self.model(torch.tensor([p], dtype=torch.long, device=device), kv_cache=prefill)[:, -1, :]
+            cache.copy_rows_from(prefill, src_row=0, dst_rows=[r for r, q in enumerate(keys) if q == p])
+        logits = torch.cat([last[p] for p in keys])
         del last
 
         rows = [self.new_row(p) for p in prompts]
         for step in range(max_tokens):
-            if step > 0:
-                logits = self.model(ids, kv_cache=cache)[:, -1, :]
-                sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
+            sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
             # a finished row repeats its terminal token (mask 0)
             steps = [(row.end_token, 0) if row.done else self.advance(row, sampled[i]) for i, row in enumerate(rows)]
             column, masks = [t for t, _ in steps], [m for _, m in steps]
             yield column, masks
-            if all(row.done for row in rows):
+            if all(row.done for row in rows) or step == max_tokens - 1:
                 return
-            ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
+            logits = self.model(torch.tensor(column, device=device).unsqueeze(1), kv_cache=cache)[:, -1, :]
 
     def generate_batch(self, tokens: list[int] | list[list[int]], num_samples: int = 1, stop: Sequence[str] = (),
                        **kwargs) -> tuple[list[list[int]], list[list[int]]]:
@@ -192,9 +182,7 @@ class Engine:
         done = [False] * len(prompts)
         for column, column_masks in self.generate(tokens, num_samples, **kwargs):
             for i, (token, mask) in enumerate(zip(column, column_masks)):
-                if done[i]:
-                    continue
-                if token in (self.assistant_end, self.bos):
+                if done[i] or token in (self.assistant_end, self.bos):
                     done[i] = True
                     continue
                 results[i].append(token)

@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nanochat.attention import cached_attention, cached_window, causal_attention, resolve_backend, window_mask
 from nanochat.shapes import SMEAR_GATE_CHANNELS, VE_GATE_CHANNELS, flops_per_token, has_value_embed
@@ -132,8 +133,7 @@ class GPTConfig:
 
 def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
     """1/sqrt(mean(x²) + eps) over the last dim, keepdim."""
-    ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return torch.rsqrt(ss.square_().div_(x.size(-1)).add_(eps))
+    return torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps))
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -159,9 +159,9 @@ class _RMSNorm(torch.autograd.Function):
 def norm(x: torch.Tensor) -> torch.Tensor:
     """Parameter-free RMSNorm over the last dim (eps = dtype's machine epsilon, as F.rms_norm)."""
     if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not torch.is_grad_enabled():   # inference: the same ops without the autograd Function's overhead
-            return x * _rstd(x, torch.finfo(x.dtype).eps)
-        return _RMSNorm.apply(x, torch.finfo(x.dtype).eps)
+        eps = torch.finfo(x.dtype).eps
+        # inference runs the same ops without the autograd Function's overhead
+        return _RMSNorm.apply(x, eps) if torch.is_grad_enabled() else x * _rstd(x, eps)
     return F.rms_norm(x, (x.size(-1),))
 
 
@@ -192,8 +192,7 @@ def rotary_tables(seq_len: int, head_dim: int, base: float, device=None, bf16: b
     bf16=True rounds the values to bf16 (kept in fp32 storage): nanochat Dec 2025's tables.
     """
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    t = torch.arange(seq_len, dtype=torch.float32, device=device)
-    freqs = torch.outer(t, inv_freq)
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     table = torch.stack([freqs.cos(), freqs.sin()], dim=-1)
     return table.bfloat16().float() if bf16 else table
 
@@ -207,8 +206,7 @@ def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """
     xp = x.unflatten(-1, (-1, 2))
     if x.dtype == torch.float32 and rope.dtype == torch.float32 and not torch.compiler.is_compiling():
-        y = torch.view_as_complex(xp) * torch.view_as_complex(rope)
-        return torch.view_as_real(y).flatten(-2)
+        return torch.view_as_real(torch.view_as_complex(xp) * torch.view_as_complex(rope)).flatten(-2)
     cos, sin = rope[..., 0].to(x.dtype), rope[..., 1].to(x.dtype)
     x1, x2 = xp[..., 0], xp[..., 1]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
@@ -256,19 +254,17 @@ class _LinearSoftcapCrossEntropy(torch.autograd.Function):
                 for i0 in range(m0, m1, chunk):                # elementwise work on cache-sized rows
                     i1 = min(m1, i0 + chunk)
                     z = blk[i0 - b0:i1 - b0]
-                    e = e_buf[:i1 - i0]
                     tc = tgt[i0:i1]
+                    # e: the logits, then their softmax, then its gradient (uncapped: in z's own rows);
+                    # capped, z keeps t = tanh(z/cap) for the gradient, and |logit| <= cap
+                    e = torch.mul(z.tanh_(), softcap, out=e_buf[:i1 - i0]) if capped else z
+                    s_t = e.gather(1, tc).squeeze(1)
                     if capped:
-                        z.tanh_()                              # z is now t = tanh(z/cap); |logit| <= cap
-                        torch.mul(z, softcap, out=e)
-                        s_t = z.gather(1, tc).squeeze(1) * softcap
-                        e.exp_()                               # safe without max-shift: e <= exp(cap)
-                        sumexp = e.sum(1)
+                        sumexp = e.exp_().sum(1)               # safe without max-shift: e <= exp(cap)
                         lse = sumexp.log()
                     else:
-                        s_t = z.gather(1, tc).squeeze(1)
                         lse = torch.logsumexp(z, dim=1)
-                        torch.sub(z, lse.unsqueeze(1), out=e).exp_()   # softmax
+                        z.sub_(lse.unsqueeze(1)).exp_()        # softmax
                     torch.sub(lse, s_t, out=row_loss[i0:i1])
                     if not need_grad:
                         continue
@@ -280,8 +276,6 @@ class _LinearSoftcapCrossEntropy(torch.autograd.Function):
                     if capped:
                         z.mul_(z)
                         torch.addcmul(e, e, z, value=-1.0, out=z)  # dlogit = dcapped·(1 - tanh²)
-                    else:
-                        z.copy_(e)
             if need_grad:
                 torch.mm(blk, weight, out=dx[b0:b1])
                 dw.addmm_(blk.t(), x[b0:b1])
@@ -328,26 +322,22 @@ class KVCache:
     Rows may sit at different positions (e.g. prompts of different lengths prefilled one by one and
     copied in with `copy_rows_from(src, src_row, dst_rows=[i])`); every forward appends the same
     number of tokens T to every row, at positions pos[b] .. pos[b]+T-1.
-    `model(...)` advances `pos` itself; `reset()` empties the cache.
+    `model(...)` advances `pos` itself.
     """
 
     def __init__(self, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int, num_layers: int,
                  n_embd: int, device=None, dtype: torch.dtype = torch.float32):
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(2))
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.last_x = torch.zeros(batch_size, n_embd, device=device, dtype=dtype)
         self.batch_size, self.max_len = batch_size, max_len
         self.min_keys = 0   # forwards attend over at least this many slots (serving pads the key length)
 
     @classmethod
-    def for_model(cls, model: "GPT", batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None) -> "KVCache":
+    def for_model(cls, model: "GPT", batch_size: int, max_len: int) -> "KVCache":
         c, w = model.config, model.lm_head.weight
-        return cls(batch_size, c.n_kv_head, max_len, c.head_dim, c.n_layer, c.n_embd, w.device, dtype or w.dtype)
-
-    def reset(self) -> None:
-        self.pos.zero_()
+        return cls(batch_size, c.n_kv_head, max_len, c.head_dim, c.n_layer, c.n_embd, w.device, w.dtype)
 
     def rows(self, n: int, min_keys: int = 0) -> "KVCache":
         """The first n rows as a KVCache of views: a forward on it writes into this cache and attends
@@ -357,13 +347,9 @@ class KVCache:
         view.batch_size, view.min_keys = n, min_keys
         return view
 
-    def get_pos(self) -> int:
-        """Largest row position (the prefix length when all rows are aligned)."""
-        return int(self.pos.max())
-
     def copy_rows_from(self, src: "KVCache", src_row: int = 0, dst_rows=None) -> None:
         """Copy row `src_row` of `src` (keys, values, position) into `dst_rows` (default: all rows)."""
-        if (src.k.shape[0], src.k.shape[2], src.k.shape[4]) != (self.k.shape[0], self.k.shape[2], self.k.shape[4]):
+        if src.k.shape[::2] != self.k.shape[::2]:   # (layers, heads, head_dim)
             raise ValueError("KVCache.copy_rows_from: layer/head/dim shapes differ between caches")
         rows = list(range(self.batch_size) if dst_rows is None else dst_rows)
         n = int(src.pos[src_row])
@@ -380,10 +366,9 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx, self.qk_scale = layer_idx, config.qk_scale
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         d, kvd = config.n_embd, config.n_kv_head * config.head_dim
-        self.qk_scale = config.qk_scale
         self.c_q = nn.Linear(d, d, bias=False)
         self.c_k = nn.Linear(d, kvd, bias=False)
         self.c_v = nn.Linear(d, kvd, bias=False)
@@ -396,19 +381,18 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         if self.c_qkv is not None:
-            qkv = self.c_qkv(x).view(B, T, H + 2 * Hkv, D)
+            qkv = self.c_qkv(x)
         elif type(self.c_q) is nn.Linear:
             # one matmul for q, k, v (same math as three Linears; fewer, larger GEMMs)
-            w = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
-            qkv = F.linear(x, w).view(B, T, H + 2 * Hkv, D)
+            qkv = F.linear(x, torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight]))
         else:   # converted layers (fp8, precision.convert_fp8) do their own matmul
-            qkv = torch.cat([self.c_q(x), self.c_k(x), self.c_v(x)], dim=-1).view(B, T, H + 2 * Hkv, D)
-        qk, v = qkv[:, :, :H + Hkv], qkv[:, :, H + Hkv:]
+            qkv = torch.cat([self.c_q(x), self.c_k(x), self.c_v(x)], dim=-1)
+        qk, v = qkv.view(B, T, H + 2 * Hkv, D).split([H + Hkv, Hkv], dim=2)
         if ve is not None:
             gate = VE_GATE_SCALE * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)
-        qk = norm(apply_rotary(qk, rope))   # RoPE, then QK norm (nanochat's order; bf16 tables do not keep the RMS)
-        q, k = qk[:, :, :H], qk[:, :, H:]
+        # RoPE, then QK norm (nanochat's order; bf16 tables do not keep the RMS)
+        q, k = norm(apply_rotary(qk, rope)).split([H, Hkv], dim=2)
         # qk_scale multiplies q and k, i.e. the attention logits by qk_scale²: fold it into SDPA's scale
         scale = self.qk_scale ** 2 / math.sqrt(D)
         if kv_cache is None:
@@ -555,7 +539,6 @@ class GPT(nn.Module):
         """
         def present(*params):
             return [p for p in params if p is not None]
-        smear_w = self.smear_gate.weight if self.smear_gate is not None else None
         groups = {
             "matrix": list(self.transformer.h.parameters()),
             "embedding": [self.transformer.wte.weight],
@@ -563,27 +546,28 @@ class GPT(nn.Module):
             "lm_head": [self.lm_head.weight],
             "resid_scalar": present(self.resid_lambdas),
             "x0_scalar": present(self.x0_lambdas),
-            "gate_scalar": present(smear_w, self.smear_lambda, self.backout_lambda),
+            "gate_scalar": present(getattr(self.smear_gate, "weight", None), self.smear_lambda, self.backout_lambda),
         }
-        n = sum(len(v) for v in groups.values())
-        assert n == len(list(self.parameters())), "param_groups misses a parameter"
+        assert sum(map(len, groups.values())) == len(list(self.parameters())), "param_groups misses a parameter"
         return groups
 
     # ------------------------------------------------------------------ forward
-    def _dense_masks(self, T: int, device: torch.device) -> dict:
-        """nanochat/attention.py picks the kernel; only the sdpa backend needs dense window masks
-        (built once per T/window/device, shared by the layers with that window)."""
-        out = {"backend": resolve_backend(self.attn_backend, device.type)}
-        for w in set(self.windows):
-            if w < T and out["backend"] == "sdpa":
-                key = (T, w, str(device))
-                if key not in self._mask_cache:
-                    self._mask_cache[key] = window_mask(T, w, device)
-                out[w] = self._mask_cache[key]
-        return out
-
-    def _cached_masks(self, T: int, kv_cache: KVCache) -> dict:
-        """Cached inference: each row's new tokens sit at pos[b] + t."""
+    def _attention_inputs(self, T: int, device: torch.device, kv_cache: Optional[KVCache]) -> tuple[torch.Tensor, dict]:
+        """The RoPE rows and the masks of this forward, one per distinct window (the layers with that
+        window share it). Without a cache nanochat/attention.py picks the kernel, and only the sdpa
+        backend needs dense window masks (kept per T/window/device); cached inference puts each row's
+        new tokens at pos[b] + t."""
+        if kv_cache is None:
+            if T > self.rotary_len:
+                raise ValueError(f"sequence of {T} tokens exceeds the RoPE table ({self.rotary_len})")
+            masks = {"backend": resolve_backend(self.attn_backend, device.type)}
+            for w in set(self.windows):
+                if w < T and masks["backend"] == "sdpa":
+                    key = (T, w, str(device))
+                    if key not in self._mask_cache:
+                        self._mask_cache[key] = window_mask(T, w, device)
+                    masks[w] = self._mask_cache[key]
+            return self.rope[None, :T, None], masks
         positions = kv_cache.pos.unsqueeze(1) + torch.arange(T, device=kv_cache.pos.device)   # (B, T)
         last = int(positions.max())
         S = max(last + 1, kv_cache.min_keys)   # slots past a row's position are masked
@@ -591,10 +575,9 @@ class GPT(nn.Module):
             raise ValueError(f"KVCache overflow: need {S} positions, cache max_len={kv_cache.max_len}")
         if last >= self.rotary_len:
             raise ValueError(f"position {last} exceeds the RoPE table ({self.rotary_len})")
-        # per-row window masks: one per distinct window, shared by the layers with that window
-        first = int(positions.min())
+        first = int(positions.min())   # per-row window masks
         slots = {w: cached_window(positions, w, S, first) for w in set(self.windows)}
-        return {"positions": positions, "S": S, "slots": slots}
+        return self.rope[positions].unsqueeze(2), {"positions": positions, "S": S, "slots": slots}
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 kv_cache: Optional[KVCache] = None, loss_reduction: str = "mean",
@@ -603,31 +586,20 @@ class GPT(nn.Module):
         prefill's last real token; the lm_head then skips the other positions."""
         B, T = idx.shape
         c = self.config
-        if kv_cache is None:
-            if T > self.rotary_len:
-                raise ValueError(f"sequence of {T} tokens exceeds the RoPE table ({self.rotary_len})")
-            masks = self._dense_masks(T, idx.device)
-            rope = self.rope[None, :T, None]
-        else:
-            masks = self._cached_masks(T, kv_cache)
-            rope = self.rope[masks["positions"]].unsqueeze(2)
-
+        rope, masks = self._attention_inputs(T, idx.device, kv_cache)
         x = self.embed(idx)
         if self.smear_gate is not None:
             x = self._smear(x, kv_cache)
         x0 = x
-        x_mid = None
+        recompute = self.activation_checkpointing == "full" and kv_cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
             if self.resid_lambdas is not None:
                 x = self.resid_lambdas[i] * x
             if self.x0_lambdas is not None:
                 x = x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            if self.activation_checkpointing == "full" and kv_cache is None and torch.is_grad_enabled():
-                from torch.utils.checkpoint import checkpoint
-                x = checkpoint(block, x, ve, rope, self.windows[i], kv_cache, masks, use_reentrant=False)
-            else:
-                x = block(x, ve, rope, self.windows[i], kv_cache, masks)
+            args = (x, ve, rope, self.windows[i], kv_cache, masks)
+            x = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
             if i == c.n_layer // 2:   # nanochat keeps the residual right after this block for backout
                 x_mid = x
         if self.backout_lambda is not None:
@@ -636,8 +608,7 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         if logits_at is not None:
-            at = logits_at if logits_at.dim() == 2 else logits_at.unsqueeze(1)
-            x = x[torch.arange(B, device=x.device).unsqueeze(1), at]
+            x = x[torch.arange(B, device=x.device).unsqueeze(1), logits_at.reshape(B, -1)]
 
         V = c.vocab_size
         W = self.lm_head.weight[:V] if V != c.padded_vocab_size else self.lm_head.weight
@@ -654,8 +625,7 @@ class GPT(nn.Module):
             logits = c.softcap * torch.tanh(logits / c.softcap)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+        return F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """The normed token embeddings; also what a KV cache keeps of a row's last token (smear)."""
@@ -663,34 +633,25 @@ class GPT(nn.Module):
 
     def _smear(self, x: torch.Tensor, kv_cache: Optional[KVCache]) -> torch.Tensor:
         """x[t] += λ·sigmoid(gate(x[t, :24]))·x[t-1]; position 0 of a sequence has no predecessor."""
-        B, T, d = x.shape
         g = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_GATE_CHANNELS]))   # (B, T, 1)
         if kv_cache is None:
-            out = torch.cat([x[:, :1], x[:, 1:] + g[:, 1:] * x[:, :-1]], dim=1)
-        else:
-            prev = torch.cat([kv_cache.last_x.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
-            has_prev = (kv_cache.pos.unsqueeze(1) + torch.arange(T, device=x.device)) > 0   # (B, T)
-            out = x + (g * has_prev.unsqueeze(-1)) * prev
-            kv_cache.last_x.copy_(x[:, -1])
-        return out
+            return torch.cat([x[:, :1], x[:, 1:] + g[:, 1:] * x[:, :-1]], dim=1)
+        prev = torch.cat([kv_cache.last_x.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
+        has_prev = (kv_cache.pos.unsqueeze(1) + torch.arange(x.size(1), device=x.device)) > 0   # (B, T)
+        kv_cache.last_x.copy_(x[:, -1])
+        return x + (g * has_prev.unsqueeze(-1)) * prev
 
     @torch.inference_mode()
     def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, seed: int = 42):
         """Simple single-row streaming generation with the KV cache (yields token ids)."""
+        from nanochat.engine import sample_next_token   # engine.py builds on this module
         device = self.lm_head.weight.device
         rng = torch.Generator(device=device).manual_seed(seed)
         cache = KVCache.for_model(self, 1, len(tokens) + max_tokens)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         for _ in range(max_tokens):
-            logits = self(ids, kv_cache=cache)[:, -1, :]
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            if temperature > 0:
-                ids = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
-            else:
-                ids = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = sample_next_token(self(ids, kv_cache=cache)[:, -1, :], rng, temperature, top_k).unsqueeze(1)
             yield int(ids.item())
 
 

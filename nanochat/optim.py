@@ -90,12 +90,11 @@ def _ns_gram(X: torch.Tensor, coeffs) -> torch.Tensor:
     """
     A = torch.bmm(X, X.mT)
     Q = None
-    last = len(coeffs) - 1
     for i, (a, b, c) in enumerate(coeffs):
         H = torch.baddbmm(A, A, A, beta=b, alpha=c)           # b·A + c·A²
         H.diagonal(dim1=-2, dim2=-1).add_(a)                   # + a·I
         Q = H if Q is None else torch.bmm(H, Q)
-        if i < last:
+        if i < len(coeffs) - 1:
             A = torch.bmm(torch.bmm(H, A), H)
     return torch.bmm(Q, X)
 
@@ -111,12 +110,10 @@ def orthogonalize(G: torch.Tensor, ns: str = "newton_schulz", steps: int = 5,
     """
     if ns not in NS_METHODS:
         raise ValueError(f"ns={ns!r}: use one of {', '.join(NS_METHODS)}")
-    if dtype is None:
-        dtype = torch.bfloat16 if G.is_cuda else torch.float32
+    dtype = dtype or (torch.bfloat16 if G.is_cuda else torch.float32)
     X = G.reshape(-1, *G.shape[-2:]).to(dtype)   # a stack (k, m, n), also of one matrix
     tall = X.size(-2) > X.size(-1)
-    if tall:   # iterate on the wide orientation: the Gram matrix X·Xᵀ is the smaller one
-        X = X.mT
+    X = X.mT if tall else X   # iterate on the wide orientation: the Gram matrix X·Xᵀ is the smaller one
     nrm = X.norm(dim=(-2, -1), keepdim=True)
     if ns == "polar_express":
         X = X / (nrm * safety + 1e-6)
@@ -136,9 +133,7 @@ def orthogonalize(G: torch.Tensor, ns: str = "newton_schulz", steps: int = 5,
             A = torch.bmm(X, X.mT)
             B = torch.baddbmm(A, A, A, beta=b, alpha=c)      # b·A + c·A²
             X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)    # a·X + B·X
-    if tall:
-        X = X.mT
-    return X.to(G.dtype).reshape(G.shape)
+    return (X.mT if tall else X).to(G.dtype).reshape(G.shape)
 
 
 def muon_scale(shape: torch.Size) -> float:
@@ -186,12 +181,10 @@ def normuon_(O: torch.Tensor, second: torch.Tensor, beta2: float) -> torch.Tenso
 MUON_CHUNK_BYTES = 256 * 2 ** 20
 
 
-def _chunks(k: int, matrix: Optional[torch.Tensor]) -> list[slice]:
-    """A Muon bucket of k same-shape matrices in slices of at most MUON_CHUNK_BYTES: the step's
+def _chunks(k: int, matrix: torch.Tensor) -> list[slice]:
+    """A Muon bucket of k matrices shaped like `matrix` in slices of at most MUON_CHUNK_BYTES: the step's
     temporaries (stacks, orthogonalization, the update) then cost a few chunks, not a few whole
     buckets (GiBs on a 1B model); every Muon step is per matrix, so slices compute the same."""
-    if not k:
-        return []
     n = max(1, MUON_CHUNK_BYTES // (matrix.numel() * matrix.element_size()))
     return [slice(i, min(i + n, k)) for i in range(0, k, n)]
 
@@ -199,10 +192,8 @@ def _chunks(k: int, matrix: Optional[torch.Tensor]) -> list[slice]:
 class MuonAdamW(torch.optim.Optimizer):
     """Muon + AdamW over explicitly typed groups, optionally ZeRO-2 sharded.
 
-    Each group is a dict with `params`, `kind` ("muon" | "adamw"), `name`, `lr`, `weight_decay`;
-    adamw groups also `betas`, `eps`; muon groups `momentum`, `nesterov`, `ns`, `ns_steps`,
-    `ns_safety`, `equilibrate`, `renorm`, `normuon`, `beta2`, `cautious` (module docstring; the
-    defaults are the Dec-2025 recipe: all refinements off).
+    Each group is a dict with `params`, `kind` ("muon" | "adamw"), `name`, `lr`, `weight_decay` and
+    its kind's keys, MUON_DEFAULTS / ADAMW_DEFAULTS where left out (the module docstring says what they do).
     """
 
     def __init__(self, param_groups: list[dict], world_size: int = 1, rank: int = 0, process_group=None,
@@ -210,13 +201,10 @@ class MuonAdamW(torch.optim.Optimizer):
         for g in param_groups:
             if g.get("kind") not in ("muon", "adamw"):
                 raise ValueError(f"param group {g.get('name')!r}: kind={g.get('kind')!r}, use 'muon' or 'adamw'")
-            if g["kind"] == "muon":
-                for p in g["params"]:
-                    if p.dim() != 2:
-                        raise ValueError(f"Muon group {g.get('name')!r} got a {p.dim()}-D parameter "
-                                         f"{tuple(p.shape)}; Muon needs matrices (put it in an AdamW group)")
-                if g.get("ns", "newton_schulz") not in NS_METHODS:
-                    raise ValueError(f"ns={g['ns']!r}: use one of {', '.join(NS_METHODS)}")
+            for p in g["params"] if g["kind"] == "muon" else ():
+                if p.dim() != 2:
+                    raise ValueError(f"Muon group {g.get('name')!r} got a {p.dim()}-D parameter "
+                                     f"{tuple(p.shape)}; Muon needs matrices (put it in an AdamW group)")
         if world_size < 1 or not (0 <= rank < world_size):
             raise ValueError(f"rank={rank} world_size={world_size}: need 0 <= rank < world_size")
         super().__init__(param_groups, defaults={})
@@ -278,7 +266,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 continue
             for bucket in self._buckets(g):
                 live = [p for p in bucket if p.grad is not None]
-                for rows in _chunks(len(live), live[0] if live else None):
+                for rows in _chunks(len(live), bucket[0]):
                     part = live[rows]
                     P = torch.stack(part)
                     self._muon_update(g, live[0], P, torch.stack([p.grad for p in part]), rows, len(live))
@@ -303,12 +291,11 @@ class MuonAdamW(torch.optim.Optimizer):
             if not st:
                 st.update(step=torch.zeros((), dtype=torch.float32, device=p.device), exp_avg=torch.zeros_like(p),
                           exp_avg_sq=torch.zeros_like(p))
-        beta1, beta2 = g["betas"]
         fused = (g.get("fused", True) and params[0].device.type in ("cpu", "cuda")
                  and all(p.dtype == params[0].dtype for p in params))
         adamw_functional(params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
                          [], [st["step"] for st in states], foreach=None if fused else True,
-                         fused=True if fused else None, amsgrad=False, beta1=beta1, beta2=beta2,
+                         fused=True if fused else None, amsgrad=False, beta1=g["betas"][0], beta2=g["betas"][1],
                          lr=g["lr"], weight_decay=g["weight_decay"], eps=g["eps"], maximize=False)
 
     # ---- Muon
@@ -341,24 +328,20 @@ class MuonAdamW(torch.optim.Optimizer):
             O.add_(P * (O * P >= 0) if g["cautious"] else P, alpha=lr * wd)
         P.sub_(O)
 
-    # ---- distributed (ZeRO-2)
-    def _collectives(self):
-        return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor,
-                getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)
-
+    # ---- distributed (ZeRO-2); newer torch renames the collectives (*_single; the old names warn)
     def _reduce_scatter_grads(self) -> list[tuple]:
         """Launch every averaging reduce-scatter, in the same order on every rank: (group, params, grad,
         work) for each AdamW param (sharded by flat elements) and each Muon shape bucket (by whole
         matrices); grad is this rank's shard ((shard,) or (shard, m, n)), work the async handle."""
         W, pg = self.world_size, self.process_group
-        reduce_scatter, _ = self._collectives()
+        reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
         shards = []
         for g in self.param_groups:
             adamw = g["kind"] == "adamw"
             for params in ([[p] for p in g["params"]] if adamw else self._buckets(g)):
                 p0 = params[0]
                 n, item = (p0.numel(), ()) if adamw else (len(params), p0.shape)
-                full = torch.zeros((self._own_range(n)[2] * W, *item), dtype=p0.dtype, device=p0.device)
+                full = p0.new_zeros((self._own_range(n)[2] * W, *item))
                 per_param = full[:n].view(len(params), *p0.shape)
                 for i, p in enumerate(params):
                     if p.grad is not None:
@@ -371,7 +354,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def _update_owned(self, shards: list[tuple]) -> list[tuple]:
         """Each owner updates its shard; returns the all-gathers in flight as (work, params, recv)."""
         W, pg = self.world_size, self.process_group
-        _, all_gather = self._collectives()
+        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         gathers = []
         for g, params, grad, work in shards:
             if self.grad_clip <= 0:   # else step() waited already, to clip (a second wait() may copy again)
@@ -432,7 +415,7 @@ def build_optimizer(model, *, embedding_lr: float, unembedding_lr: float, matrix
     adamw = adamw_group_settings(embedding_lr, unembedding_lr, scalar_lr, s, adam_betas, adamw_weight_decay)
     muon = {MUON_SETTINGS[k]: v for k, v in s.items() if k in MUON_SETTINGS}
     groups = [dict(kind="muon", name="matrix", params=pg["matrix"], lr=matrix_lr, weight_decay=weight_decay, **muon)]
-    groups += [dict(kind="adamw", name=name, params=pg[name], eps=1e-10, **a) for name, a in adamw.items()]
+    groups += [dict(kind="adamw", name=name, params=pg[name], **a) for name, a in adamw.items()]
     groups = [g for g in groups if g["params"]]
     return MuonAdamW(groups, world_size=world_size, rank=rank, process_group=process_group, grad_clip=grad_clip)
 

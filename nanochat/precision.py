@@ -90,9 +90,7 @@ class Precision:
 
     def autocast(self) -> ContextManager:
         """Around forward passes (and the loss); backward runs outside it, as autocast wants."""
-        if not self.autocast_enabled:
-            return nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.compute_dtype)
+        return torch.autocast(self.device_type, dtype=self.compute_dtype) if self.autocast_enabled else nullcontext()
 
     def grad_scaler(self, **kwargs: Any) -> torch.amp.GradScaler:
         """Enabled only for fp16; disabled, its scale/step/update are plain pass-throughs.
@@ -180,9 +178,7 @@ def convert_fp8(model: nn.Module, recipe: str, emulate: bool = False) -> list[st
         raise ValueError(f"model.fp8={recipe!r}: use one of {', '.join(FP8_RECIPES)}")
     import dataclasses
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training   # heavy: only when asked
-    config = Float8LinearConfig.from_recipe_name(recipe)
-    if emulate:
-        config = dataclasses.replace(config, emulate=True)
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
     names = fp8_layer_names(model)
     convert_to_float8_training(model, config=config, module_filter_fn=fp8_filter)
     return names
@@ -193,14 +189,13 @@ def fp8_disabled(model: nn.Module) -> Iterator[None]:
     """Run the block with plain nn.Linear in place of every Float8Linear (sharing the weights), as
     nanochat evaluates in bf16; restores them afterwards. A no-op for a model without fp8."""
     swapped = []
-    for name, mod in list(model.named_modules()):
-        if is_fp8(mod):
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name)   # "" → the model itself
-            plain = nn.Linear(mod.in_features, mod.out_features, bias=False, device="meta")
-            plain.weight, plain.bias = mod.weight, mod.bias
-            setattr(parent, attr, plain)
-            swapped.append((parent, attr, mod))
+    for parent in list(model.modules()):
+        for attr, mod in list(parent.named_children()):
+            if is_fp8(mod):
+                plain = nn.Linear(mod.in_features, mod.out_features, bias=False, device="meta")
+                plain.weight, plain.bias = mod.weight, mod.bias
+                setattr(parent, attr, plain)
+                swapped.append((parent, attr, mod))
     try:
         yield
     finally:

@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from nanochat.common import rank_world
 from nanochat.lifecycle import EvalProgress
-from nanochat.tasks import CHANCE_ACCURACY, TaskDataError, make_task, parse_spec
+from nanochat.tasks import TaskDataError, make_task, parse_spec
 
 DEFAULT_CHAT_TASKS = ["arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spellingbee", "simplespelling",
                       "arithmetic"]
@@ -117,7 +117,7 @@ def evaluate_chat_tasks(model, tokenizer, specs: list, device, *, max_per_task: 
             sums = torch.tensor([correct, len(indices)], dtype=torch.float64, device=device)
             correct, total = dist_sum(sums).tolist()
             acc = correct / max(1.0, total)
-            chance = CHANCE_ACCURACY.get(name, 0.25 if task.eval_type == "categorical" else 0.0)
+            chance = 0.25 if task.eval_type == "categorical" else 0.0   # guessing: 4-way choice, open answers
             out["tasks"][name] = {"accuracy": acc, "correct": int(correct), "total": int(total),
                                   "eval_type": task.eval_type, "chance": chance,
                                   "centered": (acc - chance) / (1.0 - chance), "seconds": round(time.time() - t0, 2)}

@@ -40,7 +40,7 @@ from nanochat.tasks.spellingbee import SimpleSpelling, SpellingBee
 
 __all__ = ["Task", "TaskMixture", "TaskSequence", "TaskDataError", "Conversation", "render_mc", "extract_answer",
            "answers_match", "assistant_text", "ARC", "MMLU", "GSM8K", "HumanEval", "SmolTalk", "SpellingBee",
-           "SimpleSpelling", "CustomJSON", "HubConversations", "Arithmetic", "make_task", "TASK_NAMES", "CHANCE_ACCURACY"]
+           "SimpleSpelling", "CustomJSON", "HubConversations", "Arithmetic", "make_task", "TASK_NAMES"]
 
 
 def _held_out(split: str, have: tuple[str, ...]) -> str:
@@ -84,11 +84,6 @@ _BUILDERS: dict[str, Callable[..., Task]] = {
         split=source_split or ("test" if split in ("val", "validation") else split), **kw),
 }
 TASK_NAMES = tuple(_BUILDERS)
-
-# accuracy of guessing, for centering (ChatCORE): 4-way multiple choice, 0 for open answers
-CHANCE_ACCURACY = {"arc_easy": 0.25, "arc_challenge": 0.25, "mmlu": 0.25, "gsm8k": 0.0, "humaneval": 0.0,
-                   "spellingbee": 0.0, "simplespelling": 0.0, "arithmetic": 0.0}
-
 
 def normalize_name(name: str) -> str:
     return name.strip().lower().replace("-", "_")

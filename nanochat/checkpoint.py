@@ -147,7 +147,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, o
             write_manifest(tmp, step, rank_world()[1])
             _fsync_dir(tmp)
             _test_pause("commit", step, ckpt_root, rank)
-            _commit(tmp, final)
+            commit_dir(tmp, final)
     if rank == 0 and keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -155,7 +155,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, o
     return final
 
 
-def _commit(tmp: Path, final: Path) -> None:
+def commit_dir(tmp: Path, final: Path) -> None:
     """Rename the finished temp dir into place. Re-saving a step (preempted right after a periodic
     save) moves the old one aside first, so a kill in between still leaves a whole checkpoint."""
     old = final.with_name(f".old_{final.name}")

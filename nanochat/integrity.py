@@ -89,7 +89,7 @@ def select_resume_checkpoint(run_dir: Path, policy: str) -> Optional[Path]:
     starting over would silently throw the run away.
     """
     # a kill while re-saving a step can leave the old copy as `.old_step_X` with no `step_X`
-    # (checkpoint._commit moves it aside first): put it back
+    # (checkpoint.commit_dir moves it aside first): put it back
     for old in (Path(run_dir) / "checkpoints").glob(".old_step_*"):
         final = old.with_name(old.name.removeprefix(".old_"))
         if not final.exists():

@@ -102,7 +102,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
                force: bool = False, remote_code: Optional[bool] = None,
                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """A run dir's checkpoint (latest, or `step`) → a transformers model dir at out_dir."""
-    from nanochat.checkpoint import _commit, load_meta, load_model_state
+    from nanochat.checkpoint import commit_dir, load_meta, load_model_state
     from nanochat.common import get_base_dir
     from nanochat.config import load_config
     from nanochat.hf.card import model_card
@@ -138,7 +138,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
     try:
         write_hf_dir(tmp, kw, state, tok, dtype=dtype, remote_code=remote_code, max_shard_bytes=max_shard_bytes,
                      card=card, extra_record=record)
-        _commit(tmp, out_dir)    # the checkpoints' swap: an old out_dir is moved aside first, removed last
+        commit_dir(tmp, out_dir)    # the checkpoints' swap: an old out_dir is moved aside first, removed last
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -644,14 +644,21 @@ class GPT(nn.Module):
     @torch.inference_mode()
     def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, seed: int = 42):
-        """Simple single-row streaming generation with the KV cache (yields token ids)."""
-        from nanochat.engine import sample_next_token   # engine.py builds on this module
+        """Simple single-row streaming generation with the KV cache (yields token ids). Its own sampling,
+        not engine.py's: the Hugging Face export ships this module without the engine."""
         device = self.lm_head.weight.device
         rng = torch.Generator(device=device).manual_seed(seed)
         cache = KVCache.for_model(self, 1, len(tokens) + max_tokens)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         for _ in range(max_tokens):
-            ids = sample_next_token(self(ids, kv_cache=cache)[:, -1, :], rng, temperature, top_k).unsqueeze(1)
+            logits = self(ids, kv_cache=cache)[:, -1, :]
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            if temperature > 0:
+                ids = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+            else:
+                ids = torch.argmax(logits, dim=-1, keepdim=True)
             yield int(ids.item())
 
 

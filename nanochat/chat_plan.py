@@ -139,40 +139,44 @@ def check_tokenizer(cfg: Config, source: SourceRun) -> None:
 
 # --------------------------------------------------------------------------- inheritance
 
-def _src_lrs(source: SourceRun, modern_sft: bool) -> dict:
-    """The source's LRs to start from.
-
-    modern sft (92d63d4): the LRs the source was configured with before its batch scaling
-    (nanochat's user_config), i.e. an explicit stage value or the generation default × the
-    AdamW width scale; scalar_lr is not inherited there. Otherwise: the unscaled LRs the
-    source stage itself started from (its base_lrs), else its plan's.
-    """
-    sp = source.plan
-    if modern_sft:   # scalar_lr: not inherited (chat_sft's optimizer default, without batch scaling)
-        given = {k: getattr(source.config.stage, k, None) for k in MODERN_SFT_INHERITED_LRS}
-        scale = {k: 1.0 if k == "matrix_lr" else sp.get("lr_scale_dmodel", 1.0) for k in given}  # AdamW's width scale
-        return {k: v if v is not None else GENERATIONS[source.generation][k] * scale[k] for k, v in given.items()}
-    base = (sp.get("stage") or {}).get("base_lrs") or {}
-    return {k: base.get(k, sp.get(k)) for k in LR_KEYS}
-
-
 class Inheritance:
-    """Picks each value: the stage's explicit setting, else the source's; records which and why."""
+    """Picks each value: the stage's explicit setting, else the source's, else a fallback (`base`: plan.py's
+    numbers for the source's model); records which and why."""
 
-    def __init__(self, source: SourceRun):
-        self.source = source
-        self.inherited: dict[str, str] = {}
-        self.notes: list[str] = []
+    def __init__(self, cfg: Config, source: SourceRun):
+        self.source, self.inherited, self.notes = source, {}, []
+        self.base = make_plan(replace(cfg, stage=replace(cfg.stage, num_iterations=1, total_batch_size=None)))
 
-    def pick(self, key: str, explicit: Any, from_source: Any, fallback: Any, cfg_key: str) -> Any:
+    def pick(self, key: str, explicit: Any, from_source: Any, fallback: Any, cfg_key: Optional[str] = None) -> Any:
         if explicit is not None:
             if from_source is not None and explicit != from_source:
-                self.notes.append(f"{cfg_key}={explicit} overrides the source's {from_source}")
+                self.notes.append(f"{cfg_key or 'stage.' + key}={explicit} overrides the source's {from_source}")
             return explicit
         if from_source is not None:
             self.inherited[key] = f"{self.source.stage} run"
             return from_source
         return fallback
+
+    def lrs(self, st: Any, modern_sft: bool) -> dict:
+        """The LRs before × lr_frac: stage.<key>, else the source's, else the base plan's.
+
+        The source's, for modern sft (92d63d4): the LRs the source was configured with before its batch
+        scaling (nanochat's user_config), i.e. an explicit stage value or the generation default × the
+        AdamW width scale; scalar_lr is not inherited there (chat_sft's optimizer default, without batch
+        scaling). Otherwise: the unscaled LRs the source stage itself started from (its base_lrs), else
+        its plan's.
+        """
+        sp, gen = self.source.plan, GENERATIONS[self.source.generation]
+        fallback = {k: getattr(self.base, k) for k in LR_KEYS}
+        if modern_sft:
+            given = {k: getattr(self.source.config.stage, k, None) for k in MODERN_SFT_INHERITED_LRS}
+            scale = {k: 1.0 if k == "matrix_lr" else sp.get("lr_scale_dmodel", 1.0) for k in given}  # AdamW's width
+            src = {k: v if v is not None else gen[k] * scale[k] for k, v in given.items()}
+            fallback["scalar_lr"] = gen["scalar_lr"]
+        else:
+            base = (sp.get("stage") or {}).get("base_lrs") or {}
+            src = {k: base.get(k, sp.get(k)) for k in LR_KEYS}
+        return {k: self.pick(k, getattr(st, k), src.get(k), fallback[k]) for k in LR_KEYS}
 
 
 # For the plan's estimate of what the evaluations cost (the data decide the real counts at run time):
@@ -213,26 +217,12 @@ ROW_KEYS = {"batch": ("total_batch_size", "device_batch_size"), "sequence_len": 
             "LR": LR_KEYS, "weight decay": ("weight_decay",)}
 
 
-def _rows(p: Plan, cfg: Config, source: Optional[SourceRun], extra: list) -> list[tuple[str, str]]:
-    """plan.py's rows, each value that came from the source marked `(inherited: key, ...)`."""
-    rows = []
-    for name, value in plan_rows(p):
-        for prefix, keys in ROW_KEYS.items():
-            got = [k for k in keys if k in p.inherited]
-            if name.startswith(prefix) and got:
-                value += f"  (inherited: {', '.join(got)})"
-        rows.append((name, value))
-    return rows + extra + source_rows(cfg, source)
-
-
-def _pending(cfg: Config, source: Optional[SourceRun]) -> Optional[StagePlan]:
+def _pending(cfg: Config) -> StagePlan:
     """A dry-run pipeline: the source is planned but not trained yet, so the numbers wait for it."""
-    if source is not None:
-        return None
     cfg = fill_vocab(cfg)
     p = make_plan(replace(cfg, stage=replace(cfg.stage, num_iterations=cfg.stage.num_iterations or 1)))
     rows = model_rows(p) + [("horizon / batch / LRs", "derived from the source run once the pipeline has trained it")]
-    return StagePlan(None, rows + source_rows(cfg, source))
+    return StagePlan(None, rows + source_rows(cfg, None))
 
 
 def _per_rank(examples: int, world: int) -> int:
@@ -242,36 +232,40 @@ def _per_rank(examples: int, world: int) -> int:
     return examples // world
 
 
-def _derive(cfg: Config, inh: Inheritance, base: Plan, N: int, total: int, horizon: str, lrs0: dict, frac: float,
-            note: str, stage: ChatStagePlan, extra: Callable[[Plan], list], **kw: Any) -> StagePlan:
-    """What mid, sft and rl share: `base` (plan.py's numbers for the source's model) with this stage's
-    horizon, batch, constant weight decay, LRs (`lrs0` × `frac`) and what it inherited, and its rows."""
-    source = inh.source
+def _derive(cfg: Config, inh: Inheritance, N: int, total: int, horizon: str, lrs0: dict, frac: float, note: str,
+            stage: ChatStagePlan, extra: Callable[[Plan], list], **kw: Any) -> StagePlan:
+    """What mid, sft and rl share: the base plan with this stage's horizon, batch, constant weight decay,
+    LRs (`lrs0` × `frac`) and what it inherited, and its rows."""
+    source, base = inh.source, inh.base
     p = replace(base, total_batch_size=total, num_iterations=N, horizon_source=horizon, total_tokens=N * total,
                 total_flops=float(base.flops_per_token) * N * total, tokens_per_param=N * total / base.num_params,
                 weight_decay_schedule="constant", muon_momentum_final=None, lr_scale_batch=1.0,
                 notes=[note] + inh.notes, source=str(source.path), inherited=inh.inherited,
                 stage=replace(stage, base_lrs=lrs0, source_stage=source.stage, tokenizer=cfg.data.tokenizer),
                 **{k: v * frac for k, v in lrs0.items()}, **kw)
-    return StagePlan(p, _rows(p, cfg, source, extra(p)))
+    rows = []   # plan.py's rows, each value that came from the source marked `(inherited: key, ...)`
+    for name, value in plan_rows(p):
+        for prefix, keys in ROW_KEYS.items():
+            got = [k for k in keys if k in p.inherited]
+            if name.startswith(prefix) and got:
+                value += f"  (inherited: {', '.join(got)})"
+        rows.append((name, value))
+    return StagePlan(p, rows + extra(p) + source_rows(cfg, source))
 
 
 # --------------------------------------------------------------------------- planners
 
 def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules) -> StagePlan:
     """mid / sft: inherit from the source, count the mixture, derive the horizon, batch and schedule."""
-    pending = _pending(cfg, source)
-    if pending is not None:
-        return pending
+    if source is None:
+        return _pending(cfg)
     from nanochat.common import get_base_dir
     from nanochat.tokenizer import get_tokenizer
     check_tokenizer(cfg, source)
-    st, hw = cfg.stage, cfg.hardware
-    sp = source.plan
+    st, hw, sp = cfg.stage, cfg.hardware, source.plan
     modern = rules is MODERN_SFT
-    inh = Inheritance(source)
-    base = make_plan(replace(cfg, stage=replace(cfg.stage, num_iterations=1, total_batch_size=None)))
-    world = base.world_size
+    inh = Inheritance(cfg, source)
+    base, world = inh.base, inh.base.world_size
     seq = inh.pick("sequence_len", st.max_seq_len, sp.get("sequence_len"), base.sequence_len, "stage.max_seq_len")
     if seq > base.model.sequence_len:
         raise ConfigError("stage.max_seq_len", seq, f"use at most the model's sequence_len={base.model.sequence_len}",
@@ -285,8 +279,7 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules) -> Sta
         accum, total = per_rank // dbs, examples * seq
     else:
         examples = None
-        total = inh.pick("total_batch_size", st.total_batch_size, sp.get("total_batch_size"), base.total_batch_size,
-                         "stage.total_batch_size")
+        total = inh.pick("total_batch_size", st.total_batch_size, sp.get("total_batch_size"), base.total_batch_size)
         # 92d63d4 inherits the device batch too, and refuses one that does not divide
         dbs = inh.pick("device_batch_size", explicit_dbs, sp.get("device_batch_size"), base.device_batch_size,
                        "hardware.device_batch_size") if modern else explicit_dbs or base.device_batch_size
@@ -303,18 +296,13 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules) -> Sta
                                   f"{seq * world}", "does not divide into whole micro-batches")
             dbs = valid[-1]   # tiny runs: the largest device batch that divides
         accum = total // (dbs * seq * world)
-    # the source's LRs, × this stage's fraction
-    src_lrs = _src_lrs(source, modern)
-    fallback = {k: getattr(base, k) for k in LR_KEYS}
-    if modern:
-        fallback["scalar_lr"] = GENERATIONS[source.generation]["scalar_lr"]
-    lrs0 = {k: inh.pick(k, getattr(st, k), src_lrs.get(k), fallback[k], f"stage.{k}") for k in LR_KEYS}
+    lrs0 = inh.lrs(st, modern)   # the source's LRs, × this stage's fraction
     # stage.<key>, else this recipe's <name or key>
     given = lambda key, name=None: getattr(st, key) if getattr(st, key) is not None else getattr(rules, name or key)
     frac = given("init_lr_frac", "lr_frac")
     wd = given("weight_decay")
     if wd is None:
-        wd = inh.pick("weight_decay", None, sp.get("weight_decay"), base.weight_decay, "stage.weight_decay")
+        wd = inh.pick("weight_decay", None, sp.get("weight_decay"), base.weight_decay)
     # horizon
     base_dir = get_base_dir(cfg.paths.base_dir)
     mixture, names = build_mixture(st.mixture, rules.mixture, "train", data_dir=cfg.paths.shared_data,
@@ -353,7 +341,7 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules) -> Sta
                       ("optimizer state", "from the source checkpoint" + ("" if source.has_optimizer_state() else
                                            " (none there: fresh)") if load_opt else "fresh"),
                       *eval_rows(p, st, chatcore_every, max_cat, scored)]
-    return _derive(cfg, inh, base, N, total, horizon, lrs0, frac, note, derived, rows, sequence_len=seq,
+    return _derive(cfg, inh, N, total, horizon, lrs0, frac, note, derived, rows, sequence_len=seq,
                    device_batch_size=dbs, grad_accum_steps=accum, weight_decay=wd, warmup_steps=wu, warmdown_steps=wdn,
                    final_lr_frac=given("final_lr_frac"), muon_momentum_start=mom[0], muon_momentum_end=mom[1],
                    muon_momentum_steps=mom[2], eval_tokens=max(micro, eval_tokens))
@@ -370,20 +358,16 @@ def sft_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = N
 
 def rl_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = None) -> StagePlan:
     """rl: questions × samples per step; LRs of the source (its unscaled ones) × init_lr_frac, decay to 0."""
-    pending = _pending(cfg, source)
-    if pending is not None:
-        return pending
+    if source is None:
+        return _pending(cfg)
     from nanochat.tasks import make_task
     check_tokenizer(cfg, source)
     st = cfg.stage
     E, S = st.examples_per_step, st.num_samples
     _per_rank(E, cfg.hardware.nproc_per_node * cfg.hardware.nnodes)
-    base = make_plan(replace(cfg, stage=replace(cfg.stage, num_iterations=1, total_batch_size=None)))
-    inh = Inheritance(source)
-    src_lrs = _src_lrs(source, False)
-    lrs0 = {k: inh.pick(k, getattr(st, k), src_lrs.get(k), getattr(base, k), f"stage.{k}") for k in LR_KEYS}
-    wd = inh.pick("weight_decay", st.weight_decay, source.plan.get("weight_decay"), base.weight_decay,
-                  "stage.weight_decay")
+    inh = Inheritance(cfg, source)
+    lrs0 = inh.lrs(st, False)
+    wd = inh.pick("weight_decay", st.weight_decay, source.plan.get("weight_decay"), inh.base.weight_decay)
     if st.num_iterations:
         N, horizon = st.num_iterations, "num_iterations"
     else:
@@ -391,7 +375,7 @@ def rl_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = No
         n = len(make_task(st.task, "train", data_dir=cfg.paths.shared_data,
                           base_dir=str(get_base_dir(cfg.paths.base_dir))))
         N, horizon = max(1, (n // E) * st.num_epochs), f"{st.num_epochs} epoch(s) of {n:,} questions"
-    return _derive(cfg, inh, base, N, E * S * base.sequence_len, horizon, lrs0, st.init_lr_frac,
+    return _derive(cfg, inh, N, E * S * inh.base.sequence_len, horizon, lrs0, st.init_lr_frac,
                    f"rl: LRs × {st.init_lr_frac}", ChatStagePlan(task=st.task),
                    lambda p: [("rollouts", f"{E} questions × {S} samples per step, ≤ {st.max_new_tokens} new tokens"),
                               ("task", st.task)],

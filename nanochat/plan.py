@@ -278,16 +278,6 @@ def fp8_layers(s: ModelShape) -> list[str]:
 
 # --------------------------------------------------------------------------- batch + horizon
 
-def modern_auto_batch(scaling_params: int, ref_scaling_params: int) -> int:
-    """B = 2^round(log2(B_REF · (D/D_REF)^0.383)); with a fixed tokens/param ratio D/D_REF = N/N_REF."""
-    ratio = scaling_params / ref_scaling_params
-    return 2 ** round(math.log2(MODERN_B_REF * ratio ** MODERN_BATCH_EXPONENT))
-
-
-def _ref_shape(s: ModelShape, m: ModelConfig) -> ModelShape:
-    return model_shape(replace(m, depth=MODERN_REF_DEPTH, n_embd=None, n_head=None, n_kv_head=None), s.vocab_size)
-
-
 def valid_device_batches(total: int, seq_len: int, world: int, limit: int = 1024) -> list[int]:
     return [b for b in range(1, limit + 1) if total % (b * seq_len * world) == 0]
 
@@ -367,8 +357,7 @@ def optimizer_settings(st: TrainStageConfig, generation: str, shape: ModelShape)
                           "NorMuon is off, so there is no second moment")
     if out["muon_beta2"] is not None and not 0 <= out["muon_beta2"] < 1:
         raise ConfigError("stage.muon_beta2", out["muon_beta2"], "use a number in [0, 1), e.g. 0.9", "out of range")
-    if not 0 <= out["muon_momentum_start"] < 1 or not 0 <= out["muon_momentum_end"] < 1 or \
-            (out["muon_momentum_final"] is not None and not 0 <= out["muon_momentum_final"] < 1):
+    if any(v is not None and not 0 <= v < 1 for v in (out[f"muon_momentum_{k}"] for k in ("start", "end", "final"))):
         raise ConfigError("stage.muon_momentum_start", out["muon_momentum_start"],
                           "Muon momenta (start, end, final) must be in [0, 1)", "out of range")
     if out["muon_momentum_ramp"] < 0:
@@ -418,10 +407,13 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
     ratio = given("target_param_data_ratio")
     # The token budget scales with all params (seed) or with the scaling params (modern).
     budget_params = counts["total"] if gen == "seed" else counts["scaling"]
+    # the modern rules' reference: this model's scaling params at MODERN_REF_DEPTH
+    ref_scaling = lambda: param_counts(model_shape(replace(m, depth=MODERN_REF_DEPTH, n_embd=None, n_head=None,
+                                                           n_kv_head=None), shape.vocab_size))["scaling"]
 
     total = given("total_batch_size")
-    if total is None:   # modern: auto
-        total = modern_auto_batch(counts["scaling"], param_counts(_ref_shape(shape, m))["scaling"])
+    if total is None:   # modern auto: B = 2^round(log2(B_REF · (D/D_REF)^0.383)), D/D_REF = N/N_REF at a fixed ratio
+        total = 2 ** round(math.log2(MODERN_B_REF * (counts["scaling"] / ref_scaling()) ** MODERN_BATCH_EXPONENT))
         notes.append(f"auto batch: 2^{int(math.log2(total))} tokens")
 
     dbs = _device_batch(cfg, m.depth)
@@ -460,7 +452,7 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
 
     wd = given("weight_decay")
     if st.weight_decay is None and gen == "modern":
-        ref_tokens = ratio * param_counts(_ref_shape(shape, m))["scaling"]
+        ref_tokens = ratio * ref_scaling()
         wd = wd * bscale * (ref_tokens / max(1.0, ratio * counts["scaling"]))
 
     warmup, warmdown = lr_schedule(steps, st.warmup_steps, given("warmup_ratio"), given("warmdown_ratio"),
@@ -562,10 +554,8 @@ def optimizer_rows(p: Plan) -> list[tuple[str, str]]:
     rows = [("optimizer", f"{p.optimizer}: Muon {ns}" + (" + " + ", ".join(flags) if flags else "")),
             ("Muon lr / momentum", f"{p.matrix_lr:.4g} × sqrt(max(1, rows/cols)) / {mom}"),
             ("grad clip", f"{p.grad_clip:g}" if p.grad_clip > 0 else "off")]
-    present = {"embedding": True, "value_embed": s.value_embeds, "lm_head": True, "resid_scalar": s.resid_lambdas,
-               "x0_scalar": s.x0_lambdas, "gate_scalar": s.smear or s.backout}
-    groups = adamw_group_settings(p.embedding_lr, p.unembedding_lr, p.scalar_lr, o)
-    for name, g in groups.items():
+    present = param_counts(s)
+    for name, g in adamw_group_settings(p.embedding_lr, p.unembedding_lr, p.scalar_lr, o).items():
         if present[name]:
             rows.append((f"AdamW {name}", f"lr {g['lr']:.4g}, betas ({g['betas'][0]}, {g['betas'][1]}), "
                                           f"wd {g['weight_decay']:g}"))

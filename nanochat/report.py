@@ -45,44 +45,31 @@ def stage_metrics(stage: str, r: "dict | R.Result | None") -> str:
     """The headline numbers of one stage's result (result.json, typed by its stage) as one cell of text."""
     if not r:
         return ""
-    parts: list[str] = []
+    parts: list[Any] = []   # falsy parts are left out
     if stage == "tokenizer":
         t = R.TokenizerResult.from_dict(r)
         val = t.compression.get(f"{t.tokenizer}/val") or next(iter(t.compression.values()), {})
-        parts.append(f"vocab {t.vocab_size:,}" if t.vocab_size else "")
-        if val:
-            parts.append(f"{val.get('bytes_per_token', 0):.2f} bytes/token")
+        parts = [t.vocab_size and f"vocab {t.vocab_size:,}", val and f"{val.get('bytes_per_token', 0):.2f} bytes/token"]
     elif stage == "pretrain":
         p = R.PretrainResult.from_dict(r)
-        if p.first_val_bpb is not None:
-            parts.append(f"val bpb {_f(p.first_val_bpb)} → {_f(p.final_val_bpb)}")
-        if p.core is not None:
-            parts.append(f"CORE {_f(p.core)}")
-        if p.tok_per_sec:
-            parts.append(f"{p.tok_per_sec:,.0f} tok/s")
+        parts = [p.first_val_bpb is not None and f"val bpb {_f(p.first_val_bpb)} → {_f(p.final_val_bpb)}",
+                 p.core is not None and f"CORE {_f(p.core)}", p.tok_per_sec and f"{p.tok_per_sec:,.0f} tok/s"]
     elif stage in ("mid", "sft"):
         c = R.ChatResult.from_dict(r)
-        if c.final_val_loss is not None:
-            parts.append(f"val loss {_f(c.first_val_loss)} → {_f(c.final_val_loss)}")
-        if c.task_accuracy:
-            parts.append(_tasks(c.task_accuracy))
+        parts = [c.final_val_loss is not None and f"val loss {_f(c.first_val_loss)} → {_f(c.final_val_loss)}",
+                 _tasks(c.task_accuracy)]
     elif stage == "rl":
         l = R.RLResult.from_dict(r)
-        if l.mean_reward is not None:
-            parts.append(f"reward {_f(l.first_reward, 3)} → {_f(l.mean_reward, 3)}")
-        for k, v in (l.pass_at_k or {}).items():
-            parts.append(f"{k} {v:.3f}")
+        parts = [l.mean_reward is not None and f"reward {_f(l.first_reward, 3)} → {_f(l.mean_reward, 3)}",
+                 *(f"{k} {v:.3f}" for k, v in (l.pass_at_k or {}).items())]
     elif stage == "eval":
         e = R.EvalResult.from_dict(r)
         if e.mode == "base":
-            parts.append(f"bpb train {_f(e.train_bpb)} / val {_f(e.val_bpb)}")
-            if e.core is not None:
-                parts.append(f"CORE {_f(e.core)} ({e.core_tasks_evaluated}/{e.core_tasks_total} tasks)")
+            parts = [f"bpb train {_f(e.train_bpb)} / val {_f(e.val_bpb)}", e.core is not None and
+                     f"CORE {_f(e.core)} ({e.core_tasks_evaluated}/{e.core_tasks_total} tasks)"]
         else:
-            if e.task_accuracy:
-                parts.append(("lm-eval " if e.mode == "harness" else "") + _tasks(e.task_accuracy))
-            if e.chatcore is not None:
-                parts.append(f"ChatCORE {_f(e.chatcore)}")
+            parts = [e.task_accuracy and ("lm-eval " if e.mode == "harness" else "") + _tasks(e.task_accuracy),
+                     e.chatcore is not None and f"ChatCORE {_f(e.chatcore)}"]
     return " · ".join(p for p in parts if p)
 
 

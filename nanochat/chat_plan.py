@@ -103,11 +103,8 @@ def held_out_specs(specs: list) -> list:
     out = []
     for spec in specs:
         name = parse_spec(spec)[0]
-        if name not in GRADED:
-            continue
-        if name in ("mmlu_aux", "mmlu_auxiliary_train"):
-            spec = "mmlu"
-        if spec not in out:
+        spec = "mmlu" if name in ("mmlu_aux", "mmlu_auxiliary_train") else spec
+        if name in GRADED and spec not in out:
             out.append(spec)
     return out
 

@@ -421,7 +421,10 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
         cands = auto_batch_candidates(cfg, total, seq, world)
         if probe is not None:
             dbs = int(probe["device_batch_size"])
-            notes.append(f"device_batch_size auto → {dbs} (probe: {probe_summary(probe)})")
+            peak = lambda t: f" ({t['peak_gib']:.2f} GiB peak)" if t.get("peak_gib") is not None else ""
+            trials = ", ".join(f"{t['batch']} fits{peak(t)}" if t["fits"] else f"{t['batch']} {t['reason']}"
+                               for t in probe.get("trials", []))   # '64 OOM, 32 fits (11.2 GiB peak)'
+            notes.append(f"device_batch_size auto → {dbs} (probe: {trials})")
         else:
             dbs = next((b for b in cands if b <= dbs), cands[-1])
             notes.append(f"device_batch_size auto: probed on a real run (candidates {cands}); "
@@ -452,8 +455,7 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
 
     wd = given("weight_decay")
     if st.weight_decay is None and gen == "modern":
-        ref_tokens = ratio * ref_scaling()
-        wd = wd * bscale * (ref_tokens / max(1.0, ratio * counts["scaling"]))
+        wd = wd * bscale * (ratio * ref_scaling() / max(1.0, ratio * counts["scaling"]))
 
     warmup, warmdown = lr_schedule(steps, st.warmup_steps, given("warmup_ratio"), given("warmdown_ratio"),
                                    g["warmup_steps"] or 0)
@@ -497,13 +499,6 @@ def lr_schedule(steps: int, warmup_steps: Optional[int], warmup_ratio: Optional[
         warmup_steps = round(warmup_ratio * steps) if warmup_ratio is not None else default_warmup
     warmup = min(warmup_steps, steps)
     return warmup, min(round(warmdown_ratio * steps), steps - warmup)
-
-
-def probe_summary(probe: dict) -> str:
-    """'64 OOM, 32 fits (11.2 GiB peak)' from a probe result."""
-    peak = lambda t: f" ({t['peak_gib']:.2f} GiB peak)" if t.get("peak_gib") is not None else ""
-    return ", ".join(f"{t['batch']} fits{peak(t)}" if t["fits"] else f"{t['batch']} {t['reason']}"
-                     for t in probe.get("trials", []))
 
 
 def plan_rows(p: Plan) -> list[tuple[str, str]]:

@@ -98,12 +98,19 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]] = ()) -> list[
     return [f"| {' | '.join(header)} |", "|---" * len(header) + "|"] + [f"| {' | '.join(map(str, r))} |" for r in rows]
 
 
-def to_markdown(rows: list[dict], title: str, base: Optional[Path] = None) -> str:
+def to_markdown(rows: list[dict], title: str, base: Optional[Path] = None,
+                curves: Sequence[tuple[str, Path]] = ()) -> str:
+    """The card: the table, then each stage's curves; run dirs and images link relative to the report's dir
+    (`base`)."""
     total = sum(r["wall_s"] or 0 for r in rows)
     lines = [f"# {title}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} · total wall time {fmt_time(total)}",
              ""] + md_table(("stage", "status", "wall time", "metrics", "run dir"),
                             ((r["stage"], r["status"], fmt_time(r["wall_s"]), r["metrics"].replace("|", "\\|"),
                               f"`{_rel(r['run_dir'], base)}`") for r in rows))
+    if curves:
+        lines += ["", "## Curves"]
+    for stage, path in curves:
+        lines += ["", f"### {stage}", "", f"![{stage} curves]({_rel(path, base)})"]
     return "\n".join(lines) + "\n"
 
 
@@ -129,16 +136,6 @@ def write_curves(results: list[dict]) -> list[tuple[str, Path]]:
     return out
 
 
-def curves_markdown(curves: list[tuple[str, Path]], base: Optional[Path] = None) -> str:
-    """Image links relative to the report's dir (`base`), like the run dirs in its table."""
-    if not curves:
-        return ""
-    lines = ["", "## Curves", ""]
-    for stage, path in curves:
-        lines += [f"### {stage}", "", f"![{stage} curves]({_rel(path, base)})", ""]
-    return "\n".join(lines)
-
-
 def to_html(markdown: str, title: str) -> str:
     """The same card as a self-contained HTML page (open it in a browser), rendered from its markdown by
     markdown-it (rich's own markdown parser)."""
@@ -159,7 +156,7 @@ def write_report(cfg: Any, results: list[dict]) -> Path:
     path = root / "report.md"
     last = next((r["run_dir"] for r in reversed(rows) if r["run_dir"]), None)
     for d in [root] + ([Path(last)] if last else []):  # each copy links relative to where it lies
-        markdown = to_markdown(rows, title, d) + curves_markdown(curves, d)
+        markdown = to_markdown(rows, title, d, curves)
         atomic_write_text(d / "report.md", markdown)
         atomic_write_text(d / "report.html", to_html(markdown, title))
     from rich.console import Console   # a dependency (pyproject.toml): no plain-text fallback needed

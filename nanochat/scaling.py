@@ -175,10 +175,8 @@ def _window(pts: Sequence[Point], n_best: float) -> list[Point]:
     return [p for p in pts if p.params in keep]
 
 
-def fit_power_law(budgets: Sequence[float], values: Sequence[float]) -> Optional[PowerLaw]:
-    """Least squares in log-log; None with fewer than 2 distinct budgets."""
-    if len(set(budgets)) < 2:
-        return None
+def fit_power_law(budgets: Sequence[float], values: Sequence[float]) -> PowerLaw:
+    """Least squares in log-log (approach2 calls it with at least 2 distinct budgets)."""
     slope, icept = np.polyfit(np.log(budgets), np.log(values), 1)
     return PowerLaw(float(slope), float(math.exp(icept)))
 

@@ -89,14 +89,11 @@ def read_run(sweep_dir: Path, run_dir: Path) -> RunRecord:
 
 
 def read_sweep(sweep_dir: Path) -> list[RunRecord]:
+    """Every run dir under the sweep dir (not checkpoints' or the report's own dir)."""
     sweep_dir = Path(sweep_dir)
-    recs = []
-    for cfg_path in sorted(sweep_dir.glob("**/resolved_config.yaml")):
-        rel = cfg_path.parent.relative_to(sweep_dir).parts
-        if "checkpoints" in rel or (rel and rel[0] == "scaling"):
-            continue
-        recs.append(read_run(sweep_dir, cfg_path.parent))
-    return recs
+    rels = [p.parent.relative_to(sweep_dir) for p in sorted(sweep_dir.glob("**/resolved_config.yaml"))]
+    return [read_run(sweep_dir, sweep_dir / r) for r in rels
+            if "checkpoints" not in r.parts and r.parts[:1] != ("scaling",)]
 
 
 # --------------------------------------------------------------------------- prediction → command
@@ -146,8 +143,7 @@ def suggest_run(template: RunRecord, kind: str, pred: S.Prediction, overrides: S
 # --------------------------------------------------------------------------- figures
 
 def _budget_colors(budgets: Sequence[float]) -> dict:
-    plt = pyplot()
-    cmap = plt.get_cmap("viridis")
+    cmap = pyplot().get_cmap("viridis")
     n = max(1, len(budgets) - 1)
     return {c: cmap(0.1 + 0.8 * i / n) for i, c in enumerate(budgets)}
 
@@ -159,20 +155,16 @@ def fig_isoflop(a2: S.Approach2, pts: Sequence[S.Point], a3: Optional[S.Approach
     colors = _budget_colors(list(groups))
     fig, ax = plt.subplots(figsize=(7, 4.8))
     for fit in a2.fits:
-        g = groups[fit.budget]
-        col = colors[fit.budget]
-        ax.scatter([p.params for p in g], [p.loss for p in g], color=col, s=22, label=f"C = {fit.budget:.3g}")
+        g, col = groups[fit.budget], colors[fit.budget]
         ns = [p.params for p in g]
-        xs = np.linspace(math.log10(min(ns)) - 0.1, math.log10(max(ns)) + 0.1, 100)
-        if fit.coef is not None and fit.method == "quadratic":
+        ax.scatter(ns, [p.loss for p in g], color=col, s=22, label=f"C = {fit.budget:.3g}")
+        if fit.method == "quadratic":
             c2, c1, c0 = fit.coef
-            lo, hi = fit.fit_range or (min(ns), max(ns))
-            xq = np.linspace(math.log10(lo) - 0.1, math.log10(hi) + 0.1, 100)  # where it was fitted
+            xq = np.linspace(math.log10(fit.fit_range[0]) - 0.1, math.log10(fit.fit_range[1]) + 0.1, 100)  # fitted
             ax.plot(10 ** xq, c2 * xq ** 2 + c1 * xq + c0, color=col, lw=1.2, ls="--")
         if a3 is not None:
-            n = 10 ** xs
-            d = fit.budget / (a3.flops_per_param_token * n)
-            ax.plot(n, a3.loss(n, d), color=col, lw=0.8, ls=":")
+            n = np.logspace(math.log10(min(ns)) - 0.1, math.log10(max(ns)) + 0.1, 100)
+            ax.plot(n, a3.loss(n, fit.budget / (a3.flops_per_param_token * n)), color=col, lw=0.8, ls=":")
         ax.scatter([fit.n_opt], [fit.loss_opt], color=col, marker="*", s=160, edgecolor="k", zorder=5)
     ax.set(xscale="log", xlabel=f"parameters N ({kind})", ylabel="val bpb")
     ax.set_title("isoFLOP curves: quadratic fit in log N (dashed), optimum (★), L(N,D) fit (dotted)", fontsize=9)

@@ -210,10 +210,6 @@ def eval_rows(p: Plan, st: Any, chatcore_every: int, max_cat: int, scored: list)
                                 + "; sampling is slower per FLOP than training")]
 
 
-ROW_KEYS = {"batch": ("total_batch_size", "device_batch_size"), "sequence_len": ("sequence_len",),
-            "LR": LR_KEYS, "weight decay": ("weight_decay",)}
-
-
 def _pending(cfg: Config) -> StagePlan:
     """A dry-run pipeline: the source is planned but not trained yet, so the numbers wait for it."""
     cfg = fill_vocab(cfg)
@@ -240,14 +236,7 @@ def _derive(cfg: Config, inh: Inheritance, N: int, total: int, horizon: str, lrs
                 notes=[note] + inh.notes, source=str(source.path), inherited=inh.inherited,
                 stage=replace(stage, base_lrs=lrs0, source_stage=source.stage, tokenizer=cfg.data.tokenizer),
                 **{k: v * frac for k, v in lrs0.items()}, **kw)
-    rows = []   # plan.py's rows, each value that came from the source marked `(inherited: key, ...)`
-    for name, value in plan_rows(p):
-        for prefix, keys in ROW_KEYS.items():
-            got = [k for k in keys if k in p.inherited]
-            if name.startswith(prefix) and got:
-                value += f"  (inherited: {', '.join(got)})"
-        rows.append((name, value))
-    return StagePlan(p, rows + extra(p) + source_rows(cfg, source))
+    return StagePlan(p, plan_rows(p) + extra(p) + source_rows(cfg, source))
 
 
 # --------------------------------------------------------------------------- planners

@@ -502,14 +502,17 @@ def lr_schedule(steps: int, warmup_steps: Optional[int], warmup_ratio: Optional[
 
 
 def plan_rows(p: Plan) -> list[tuple[str, str]]:
-    """(name, value) rows for the dry-run table."""
+    """(name, value) rows for the dry-run table; a value a later stage took from its source run (`p.inherited`)
+    is marked `(inherited: key, ...)`."""
     s = p.model
     n = lambda x: f"{x:,.0f}" if abs(x) < 1e15 else f"{x:.3e}"
+    got = lambda *keys: [k for k in keys if k in p.inherited]
+    mark = lambda *keys: f"  (inherited: {', '.join(got(*keys))})" if got(*keys) else ""
     rows = [
         ("generation", p.generation),
         ("depth / width / heads", f"{s.depth} / {s.n_embd} / {s.n_head}×{s.head_dim} (kv {s.n_kv_head})"),
         ("vocab (padded)", f"{s.vocab_size:,} ({s.padded_vocab_size:,})"),
-        ("sequence_len", str(p.sequence_len)),
+        ("sequence_len", str(p.sequence_len) + mark("sequence_len")),
         ("window pattern", s.window_pattern),
         ("toggles", ", ".join(k for k in ("value_embeds", "resid_lambdas", "x0_lambdas", "smear", "backout")
                                if getattr(s, k)) or "none"),
@@ -518,14 +521,16 @@ def plan_rows(p: Plan) -> list[tuple[str, str]]:
         ("FLOPs / token", n(p.flops_per_token)),
         ("world size", str(p.world_size)),
         ("batch: device × seq × world × accum", f"{p.device_batch_size} × {p.sequence_len} × {p.world_size} × "
-                                                 f"{p.grad_accum_steps} = {p.total_batch_size:,} tokens"),
+                                                 f"{p.grad_accum_steps} = {p.total_batch_size:,} tokens"
+                                                 + mark("total_batch_size", "device_batch_size")),
         ("iterations", f"{p.num_iterations:,} (from {p.horizon_source})"),
         ("tokens", n(p.total_tokens)),
         ("tokens / param", f"{p.tokens_per_param:.2f}"),
         ("total FLOPs", f"{p.total_flops:.3e}"),
         ("LR embed / unembed / matrix / scalar",
-         f"{p.embedding_lr:.4g} / {p.unembedding_lr:.4g} / {p.matrix_lr:.4g} / {p.scalar_lr:.4g}"),
-        ("weight decay", f"{p.weight_decay:.4g} ({p.weight_decay_schedule})"),
+         f"{p.embedding_lr:.4g} / {p.unembedding_lr:.4g} / {p.matrix_lr:.4g} / {p.scalar_lr:.4g}"
+         + mark("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")),
+        ("weight decay", f"{p.weight_decay:.4g} ({p.weight_decay_schedule})" + mark("weight_decay")),
         ("warmup / warmdown steps", f"{p.warmup_steps} / {p.warmdown_steps} → {p.final_lr_frac}"),
     ]
     if p.fp8:

@@ -296,14 +296,12 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules) -> Sta
                                    log=lambda s: None)
     if st.num_iterations:
         N, horizon = st.num_iterations, "num_iterations"
-    elif rules.batching == "examples":
-        N = max(1, math.ceil(st.num_epochs * len(mixture) / examples))
-        horizon = f"{st.num_epochs} epoch(s) of {len(mixture):,} conversations"
-    else:
-        tok = get_tokenizer(base_dir, cfg.data.tokenizer)
-        tokens = count_tokens(mixture, tok, max(2048, seq + 1) if rules.packing == "stream" else seq + 1)
-        N = max(1, math.ceil(st.num_epochs * tokens / total))
-        horizon = f"{st.num_epochs} epoch(s) of {tokens:,} tokens"
+    else:   # num_epochs over the conversations (whole ones per step) or over their rendered tokens
+        cap = max(2048, seq + 1) if rules.packing == "stream" else seq + 1
+        count, unit = (len(mixture), "conversations") if examples else \
+            (count_tokens(mixture, get_tokenizer(base_dir, cfg.data.tokenizer), cap), "tokens")
+        N = max(1, math.ceil(st.num_epochs * count / (examples or total)))
+        horizon = f"{st.num_epochs} epoch(s) of {count:,} {unit}"
     wu, wdn = lr_schedule(N, st.warmup_steps, given("warmup_ratio"), given("warmdown_ratio"))
     load_opt = given("load_optimizer")
     if load_opt and not source.has_optimizer_state():  # nanochat warns and continues too

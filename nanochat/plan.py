@@ -171,11 +171,9 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
-        d = dict(d)
-        d["model"] = ModelShape(**d["model"])
-        names = {f.name for f in fields(ChatStagePlan)}
-        d["stage"] = ChatStagePlan(**{k: v for k, v in d["stage"].items() if k in names}) if d.get("stage") else None
-        return cls(**d)
+        names = {f.name for f in fields(ChatStagePlan)}   # a key an older plan.json has and this code does not: dropped
+        stage = ChatStagePlan(**{k: v for k, v in d["stage"].items() if k in names}) if d.get("stage") else None
+        return cls(**{**d, "model": ModelShape(**d["model"]), "stage": stage})
 
 
 # --------------------------------------------------------------------------- model shape
@@ -449,9 +447,8 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
 
     dscale = (shape.n_embd / 768) ** -0.5
     bscale = math.sqrt(total / MODERN_B_REF) if gen == "modern" else 1.0
-    def lr(key: str, adam: bool) -> float:
-        v = getattr(st, key)
-        return v if v is not None else g[key] * (dscale if adam else 1.0) * bscale
+    lr = lambda key, adam: getattr(st, key) if getattr(st, key) is not None else \
+        g[key] * (dscale if adam else 1.0) * bscale   # AdamW LRs scale with the width, all with the batch (modern)
 
     wd = given("weight_decay")
     if st.weight_decay is None and gen == "modern":

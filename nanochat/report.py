@@ -30,8 +30,7 @@ def wall_time_s(run_dir: Optional[str]) -> Optional[float]:
     """Seconds from the freeze of the run (resolved_config.yaml) to COMPLETED."""
     if not run_dir:
         return None
-    d = Path(run_dir)
-    start, end = d / "resolved_config.yaml", d / "COMPLETED"
+    start, end = Path(run_dir) / "resolved_config.yaml", Path(run_dir) / "COMPLETED"
     if not (start.exists() and end.exists()):
         return None
     return max(0.0, end.stat().st_mtime - start.stat().st_mtime)

@@ -360,10 +360,7 @@ class Prediction:
     n_opt: float
     d_opt: float
     source: str                       # "approach 2" | "approach 3"
-
-    @property
-    def tokens_per_param(self) -> float:
-        return self.d_opt / self.n_opt
+    tokens_per_param = IsoFit.tokens_per_param
 
 
 def predict(budget: float, a2: Optional[Approach2], a3: Optional[Approach3]) -> Optional[Prediction]:

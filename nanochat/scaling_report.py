@@ -215,6 +215,9 @@ def fig_by(recs: Sequence[RunRecord], kind: str, x: str, out: Path) -> Path:
 
 # --------------------------------------------------------------------------- the report
 
+FIGURES = {"isoflop": "isoFLOP curves", "optimal": "N_opt and D_opt against C", "depth": "val bpb against depth",
+           "ratio": "val bpb against tokens per parameter"}   # figure → its alt text in report.md
+
 def _ci(ci: Optional[tuple]) -> str:
     return f" (95% CI {ci[0]:.3f} – {ci[1]:.3f})" if ci and all(math.isfinite(v) for v in ci) else ""
 
@@ -225,14 +228,15 @@ def analyse(sweep_dir: Path, kind: str = DEFAULT_KIND, budget: Optional[float] =
     if kind not in PARAM_KINDS:
         raise ValueError(f"--params {kind!r}: use one of {', '.join(PARAM_KINDS)}")
     recs = read_sweep(sweep_dir)
+    good = [r for r in recs if not r.skip_reason]
     pts = [S.Point(params=float(r.params[kind]), tokens=float(r.tokens), loss=float(r.val_bpb), budget=r.budget,
-                   flops=r.flops, depth=r.depth, name=r.job) for r in recs if not r.skip_reason]
+                   flops=r.flops, depth=r.depth, name=r.job) for r in good]
     notes: list[str] = []
     if not recs:
         notes.append(f"no run dirs (resolved_config.yaml) under {sweep_dir}")
-    skipped = [r for r in recs if r.skip_reason]
-    if skipped:
-        notes.append(f"{len(skipped)} job(s) skipped (failed, unfinished or without a final val bpb): see the table")
+    if len(good) < len(recs):
+        notes.append(f"{len(recs) - len(good)} job(s) skipped (failed, unfinished or without a final val bpb): "
+                     "see the table")
     a2 = S.approach2(pts, n_boot=n_boot, seed=seed)
     if not a2.fits:
         notes.append("no run has a FLOP budget (stage.target_flops): no isoFLOP analysis")
@@ -253,7 +257,6 @@ def analyse(sweep_dir: Path, kind: str = DEFAULT_KIND, budget: Optional[float] =
         notes.append("no compute-optimal prediction: needs 2 FLOP budgets (approach 2) or 5 runs (approach 3)")
     elif pred.source == "approach 3":
         notes.append("prediction from the parametric law (approach 3): approach 2 has no power laws")
-    good = [r for r in recs if not r.skip_reason]
     suggestion = suggest_run(good[0], kind, pred, shared_overrides(recs)) if pred is not None and good else None
     return dict(sweep_dir=Path(sweep_dir), kind=kind, records=recs, points=pts, approach2=a2, approach3=a3,
                 budget=budget, prediction=pred, suggestion=suggestion, notes=notes)
@@ -261,6 +264,7 @@ def analyse(sweep_dir: Path, kind: str = DEFAULT_KIND, budget: Optional[float] =
 
 def render(res: dict, figures: dict) -> str:
     a2, a3, pred, kind = res["approach2"], res["approach3"], res["prediction"], res["kind"]
+    images = lambda *names: [x for k in names if k in figures for x in (f"![{FIGURES[k]}]({figures[k]})", "")]
     L = [f"# Scaling-law report: `{res['sweep_dir']}`", "",
          f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by `nanochat-scaling`. N counts **{kind}** parameters; "
          f"D = tokens trained; loss = final val bpb. {len(res['points'])} of {len(res['records'])} runs used.", ""]
@@ -290,10 +294,7 @@ def render(res: dict, figures: dict) -> str:
                   f"- D_opt ∝ C^b with **b = {a2.d_opt.exponent:.3f}**{_ci(a2.d_opt.ci)}",
                   f"- compute-optimal tokens per parameter at C = {ref:.3g}: "
                   f"**{a2.d_opt(ref) / a2.n_opt(ref):.2f}**", ""]
-        if "isoflop" in figures:
-            L += [f"![isoFLOP curves]({figures['isoflop']})", ""]
-        if "optimal" in figures:
-            L += [f"![N_opt and D_opt against C]({figures['optimal']})", ""]
+        L += images("isoflop", "optimal")
     if a3 is not None:
         ci = a3.ci
         L += ["## Approach 3: parametric fit L(N, D) = E + A/N^α + B/D^β", "",
@@ -308,9 +309,7 @@ def render(res: dict, figures: dict) -> str:
             n, d = a3.optimum(pred.budget)
             L.append(f"- at C = {pred.budget:.3g}: N_opt = {n:,.0f}, D_opt = {d:,.0f}, {d / n:.1f} tokens per parameter")
         L.append("")
-    for key, title in (("depth", "val bpb against depth"), ("ratio", "val bpb against tokens per parameter")):
-        if key in figures:
-            L += [f"![{title}]({figures[key]})", ""]
+    L += images("depth", "ratio")
     L += ["## Runs", "", *md_table(("job", "status", "depth", "budget C", f"N ({kind})", "N total", "tokens",
                                     "tokens/N", "FLOPs", "val bpb", "CORE", "wall"))]
     for r in res["records"]:

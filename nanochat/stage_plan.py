@@ -48,9 +48,7 @@ def open_source(cfg: Config, stage: "Stage", path: Path) -> tuple[Config, Source
     if source.stage not in stage.sources:
         raise ConfigError("stage.init_from", str(path), f"point it at a run of: {', '.join(stage.sources)}",
                           f"a {source.stage} run; the {stage.name} stage does not start from that stage")
-    model, vocab = src.model, (plan.get("model") or {}).get("vocab_size")
-    if model.vocab_size is None and vocab is not None:
-        model = replace(model, vocab_size=vocab)
+    model = replace(src.model, vocab_size=src.model.vocab_size or (plan.get("model") or {}).get("vocab_size"))
     return replace(cfg, model=model, data=replace(cfg.data, tokenizer=src.data.tokenizer),
                    stage=replace(cfg.stage, init_from=str(path))), source
 
@@ -64,20 +62,17 @@ class StagePlan:
 
 
 def fill_vocab(cfg: Config) -> Config:
+    """model.vocab_size null → the tokenizer's, once it exists."""
     from nanochat.common import get_base_dir
     from nanochat.tokenizer import tokenizer_vocab_size  # cheap: no torch/tiktoken at import
-    if cfg.model.vocab_size is not None:
-        return cfg
-    vocab = tokenizer_vocab_size(get_base_dir(cfg.paths.base_dir), cfg.data.tokenizer)
-    return replace(cfg, model=replace(cfg.model, vocab_size=vocab)) if vocab is not None else cfg
+    vocab = cfg.model.vocab_size or tokenizer_vocab_size(get_base_dir(cfg.paths.base_dir), cfg.data.tokenizer)
+    return replace(cfg, model=replace(cfg.model, vocab_size=vocab))
 
 
 def source_rows(cfg: Config, source: Optional[SourceRun]) -> list[tuple[str, str]]:
     if source is not None:
         return [("init_from", f"{source.path} ({source.stage}, {source.generation})")]
-    if cfg.stage.init_from:
-        return [("init_from", str(cfg.stage.init_from))]
-    return []
+    return [("init_from", str(cfg.stage.init_from))] if cfg.stage.init_from else []
 
 
 # --------------------------------------------------------------------------- planners

@@ -390,11 +390,9 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
     (the launcher runs it on a real run); without it an auto plan shows a placeholder from the table.
     """
     m = cfg.model
-    gen = m.generation
-    g = GENERATIONS[gen]
+    gen, g = m.generation, GENERATIONS[m.generation]
     shape = model_shape(m, vocab_size)
-    counts = param_counts(shape)
-    fpt = flops_per_token(shape)
+    counts, fpt = param_counts(shape), flops_per_token(shape)
     world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
     st = cfg.stage if isinstance(cfg.stage, TrainStageConfig) else \
         TrainStageConfig(name=cfg.stage.name, init_from=cfg.stage.init_from)

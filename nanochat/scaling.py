@@ -136,8 +136,7 @@ def _tokens_at(points: Sequence[Point], n: float, budget: float) -> float:
 def fit_isoflop(budget: float, points: Sequence[Point]) -> IsoFit:
     """The optimum of one budget: vertex of a quadratic in log10 N, else the measured minimum."""
     pts = sorted(points, key=lambda p: p.params)
-    losses = [p.loss for p in pts]
-    i_min = int(np.argmin(losses))
+    i_min = int(np.argmin([p.loss for p in pts]))
     valley = 0 < i_min < len(pts) - 1
     best = pts[i_min]
     measured = IsoFit(budget, len(pts), best.params, best.tokens, best.loss, "measured minimum", valley=valley)

@@ -150,10 +150,9 @@ def _budget_colors(budgets: Sequence[float]) -> dict:
 
 def fig_isoflop(a2: S.Approach2, pts: Sequence[S.Point], a3: Optional[S.Approach3], kind: str, out: Path) -> Path:
     import numpy as np
-    plt = pyplot()
     groups = S.group_by_budget(pts)
     colors = _budget_colors(list(groups))
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, ax = pyplot().subplots(figsize=(7, 4.8))
     for fit in a2.fits:
         g, col = groups[fit.budget], colors[fit.budget]
         ns = [p.params for p in g]
@@ -175,8 +174,7 @@ def fig_isoflop(a2: S.Approach2, pts: Sequence[S.Point], a3: Optional[S.Approach
 
 def fig_optimal(a2: S.Approach2, pred: Optional[S.Prediction], out: Path) -> Path:
     import numpy as np
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4))
     cs = [f.budget for f in a2.fits]
     c_hi = max(cs + ([pred.budget] if pred else []))
     grid = np.logspace(math.log10(min(cs)), math.log10(c_hi), 50)
@@ -195,11 +193,10 @@ def fig_optimal(a2: S.Approach2, pred: Optional[S.Prediction], out: Path) -> Pat
 
 def fig_by(recs: Sequence[RunRecord], kind: str, x: str, out: Path) -> Path:
     """val bpb against depth (x='depth') or tokens per parameter (x='ratio'), one line per budget."""
-    plt = pyplot()
     good = [r for r in recs if not r.skip_reason]
     budgets = sorted({r.budget for r in good if r.budget is not None})
     colors = _budget_colors(budgets) if budgets else {}
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
     for c in budgets or [None]:
         rs = [r for r in good if r.budget == c]
         key = (lambda r: r.depth or 0) if x == "depth" else (lambda r: r.tokens / r.params[kind])

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
+from nanochat.common import get_base_dir
 from nanochat.config import Config, ConfigError
 from nanochat.plan import (GENERATIONS, ChatStagePlan, Plan, lr_schedule, make_plan, plan_rows,
                            valid_device_batches)
@@ -120,7 +121,6 @@ def count_tokens(task: Any, tokenizer: Any, max_tokens: int, sample: int = 20000
 def check_tokenizer(cfg: Config, source: SourceRun) -> None:
     """The tokenizer artifact (the source's: stage_plan.open_source set both) must still match the source
     model's vocabulary."""
-    from nanochat.common import get_base_dir
     from nanochat.tokenizer import tokenizer_vocab_size
     name, want = cfg.data.tokenizer, cfg.model.vocab_size
     have = tokenizer_vocab_size(get_base_dir(cfg.paths.base_dir), name)
@@ -245,7 +245,6 @@ def chat_plan(cfg: Config, source: Optional[SourceRun], rules: ChatRules) -> Sta
     """mid / sft: inherit from the source, count the mixture, derive the horizon, batch and schedule."""
     if source is None:
         return _pending(cfg)
-    from nanochat.common import get_base_dir
     from nanochat.tokenizer import get_tokenizer
     check_tokenizer(cfg, source)
     st, hw, sp = cfg.stage, cfg.hardware, source.plan
@@ -355,7 +354,6 @@ def rl_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = No
     if st.num_iterations:
         N, horizon = st.num_iterations, "num_iterations"
     else:
-        from nanochat.common import get_base_dir
         n = len(make_task(st.task, "train", data_dir=cfg.paths.shared_data,
                           base_dir=str(get_base_dir(cfg.paths.base_dir))))
         N, horizon = max(1, (n // E) * st.num_epochs), f"{st.num_epochs} epoch(s) of {n:,} questions"

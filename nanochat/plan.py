@@ -528,30 +528,21 @@ def plan_rows(p: Plan) -> list[tuple[str, str]]:
         ("weight decay", f"{p.weight_decay:.4g} ({p.weight_decay_schedule})" + mark("weight_decay")),
         ("warmup / warmdown steps", f"{p.warmup_steps} / {p.warmdown_steps} → {p.final_lr_frac}"),
     ]
-    if p.fp8:
-        rows.append(("fp8", f"{p.fp8}: {p.fp8_layers} of {len(linear_layers(s))} Linear layers (torchao)"))
-    rows += optimizer_rows(p)
-    rows += [("note", x) for x in p.notes]
-    return rows
+    fp8 = [("fp8", f"{p.fp8}: {p.fp8_layers} of {len(linear_layers(s))} Linear layers (torchao)")] if p.fp8 else []
+    return rows + fp8 + optimizer_rows(p) + [("note", x) for x in p.notes]
 
 
 def optimizer_rows(p: Plan) -> list[tuple[str, str]]:
     """The optimizer as the run builds it: Muon settings, then every AdamW group the model has."""
-    o, s = p.optim, p.model
+    o, present = p.optim, param_counts(p.model)
     flags = [k for k, on in (("MuonEq", o["muon_equilibrate"]), ("Muon+", o["muon_renorm"]),
                              (f"NorMuon β2 {o['muon_beta2']}", o["normuon"]), ("cautious wd", o["cautious_wd"])) if on]
-    ns = o["muon_ns"]
-    if ns == "polar_express":
-        ns += f" (safety {o['muon_ns_safety']})"
-    mom = f"{p.muon_momentum_start} → {p.muon_momentum_end} over {p.muon_momentum_steps}"
-    if p.muon_momentum_final is not None:
-        mom += f", → {p.muon_momentum_final} through warmdown"
-    rows = [("optimizer", f"{p.optimizer}: Muon {ns}" + (" + " + ", ".join(flags) if flags else "")),
+    ns = o["muon_ns"] + (f" (safety {o['muon_ns_safety']})" if o["muon_ns"] == "polar_express" else "")
+    mom = f"{p.muon_momentum_start} → {p.muon_momentum_end} over {p.muon_momentum_steps}" + \
+        (f", → {p.muon_momentum_final} through warmdown" if p.muon_momentum_final is not None else "")
+    groups = adamw_group_settings(p.embedding_lr, p.unembedding_lr, p.scalar_lr, o)
+    return [("optimizer", f"{p.optimizer}: Muon {ns}" + (" + " + ", ".join(flags) if flags else "")),
             ("Muon lr / momentum", f"{p.matrix_lr:.4g} × sqrt(max(1, rows/cols)) / {mom}"),
-            ("grad clip", f"{p.grad_clip:g}" if p.grad_clip > 0 else "off")]
-    present = param_counts(s)
-    for name, g in adamw_group_settings(p.embedding_lr, p.unembedding_lr, p.scalar_lr, o).items():
-        if present[name]:
-            rows.append((f"AdamW {name}", f"lr {g['lr']:.4g}, betas ({g['betas'][0]}, {g['betas'][1]}), "
-                                          f"wd {g['weight_decay']:g}"))
-    return rows
+            ("grad clip", f"{p.grad_clip:g}" if p.grad_clip > 0 else "off")] + \
+        [(f"AdamW {name}", f"lr {g['lr']:.4g}, betas ({g['betas'][0]}, {g['betas'][1]}), wd {g['weight_decay']:g}")
+         for name, g in groups.items() if present[name]]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from nanochat.common import read_json
+from nanochat.common import get_base_dir, read_json
 from nanochat.config import Config, ConfigError, load_config
 from nanochat.plan import Plan, make_plan, plan_rows
 
@@ -63,7 +63,6 @@ class StagePlan:
 
 def fill_vocab(cfg: Config) -> Config:
     """model.vocab_size null → the tokenizer's, once it exists."""
-    from nanochat.common import get_base_dir
     from nanochat.tokenizer import tokenizer_vocab_size  # cheap: no torch/tiktoken at import
     vocab = cfg.model.vocab_size or tokenizer_vocab_size(get_base_dir(cfg.paths.base_dir), cfg.data.tokenizer)
     return replace(cfg, model=replace(cfg.model, vocab_size=vocab))

@@ -369,18 +369,15 @@ def adamw_group_settings(embedding_lr: float, unembedding_lr: float, scalar_lr: 
     recipe keys; unset keys → adam_betas / default_wd. nanochat.optim.build_optimizer builds from this,
     the dry run prints it."""
     s = {k: v for k, v in settings.items() if v is not None}
-    betas = lambda key: tuple(s.get(key, adam_betas)) if key else tuple(adam_betas)
-    wd = lambda key: s.get(key, default_wd) if key else default_wd
-    return {
-        "embedding": dict(lr=embedding_lr, betas=betas("embedding_betas"), weight_decay=wd("embedding_wd")),
-        "value_embed": dict(lr=embedding_lr * s.get("value_embed_lr_frac", 1.0), betas=betas("value_embed_betas"),
-                            weight_decay=wd("value_embed_wd")),
-        "lm_head": dict(lr=unembedding_lr, betas=betas("lm_head_betas"), weight_decay=wd("lm_head_wd")),
-        "resid_scalar": dict(lr=scalar_lr * s.get("resid_lr_frac", 0.01), betas=betas(None),
-                             weight_decay=wd("resid_wd")),
-        "x0_scalar": dict(lr=scalar_lr, betas=betas("x0_betas"), weight_decay=wd(None)),
-        "gate_scalar": dict(lr=s.get("gate_lr", scalar_lr), betas=betas(None), weight_decay=wd(None)),
-    }
+    # a group's betas and weight decay: the recipe's `<prefix>_betas` / `<prefix>_wd`, where it has one
+    group = lambda prefix, lr: dict(lr=lr, betas=tuple(s.get(f"{prefix}_betas", adam_betas)),
+                                    weight_decay=s.get(f"{prefix}_wd", default_wd))
+    return {"embedding": group("embedding", embedding_lr),
+            "value_embed": group("value_embed", embedding_lr * s.get("value_embed_lr_frac", 1.0)),
+            "lm_head": group("lm_head", unembedding_lr),
+            "resid_scalar": group("resid", scalar_lr * s.get("resid_lr_frac", 0.01)),
+            "x0_scalar": group("x0", scalar_lr),
+            "gate_scalar": group("gate", s.get("gate_lr", scalar_lr))}
 
 
 def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dict] = None) -> Plan:

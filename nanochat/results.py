@@ -24,10 +24,9 @@ class Result:
         """The typed result of a result.json dict; `Result.from_dict` picks the class it was written as."""
         d = d.to_dict() if isinstance(d, Result) else dict(d or {})
         kind = d.pop("result_type", None)
-        if cls is Result and kind:
-            sub = next((c for c in _subclasses(Result) if c.__name__ == kind), None)
-            if sub is not None:
-                return sub.from_dict(d)
+        sub = next((c for c in _subclasses(Result) if c.__name__ == kind), None) if cls is Result else None
+        if sub is not None:
+            return sub.from_dict(d)
         names = cls.field_names()
         return cls(**{k: d.pop(k) for k in list(d) if k in names}, extra={**d.pop("extra", {}), **d})
 

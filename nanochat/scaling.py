@@ -201,9 +201,7 @@ def approach2(points: Sequence[Point], n_boot: int = 200, seed: int = 0) -> Appr
 
 def _interval(xs: Sequence[float]) -> tuple[float, float]:
     xs = np.asarray([x for x in xs if np.isfinite(x)])
-    if len(xs) == 0:
-        return (float("nan"), float("nan"))
-    return (float(np.percentile(xs, 2.5)), float(np.percentile(xs, 97.5)))
+    return (float(np.percentile(xs, 2.5)), float(np.percentile(xs, 97.5))) if len(xs) else (float("nan"), float("nan"))
 
 
 # --------------------------------------------------------------------------- approach 3

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -249,24 +250,22 @@ def lbfgs(fun, x0: np.ndarray, args: tuple = (), memory: int = 10, max_iter: int
     overhead per iteration here, which makes a bootstrap of hundreds of fits slow."""
     x = np.asarray(x0, dtype=float).copy()
     f, g = fun(x, *args)
-    ss: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
+    pairs: deque = deque(maxlen=memory)   # the last `memory` steps s and gradient changes y
     for _ in range(max_iter):
         q = g.copy()
         alphas = []
-        for s_, y_ in zip(reversed(ss), reversed(ys)):
+        for s_, y_ in reversed(pairs):
             a_ = (s_ @ q) / (y_ @ s_)
             alphas.append(a_)
             q -= a_ * y_
-        if ys:
-            q *= (ss[-1] @ ys[-1]) / (ys[-1] @ ys[-1])
-        for (s_, y_), a_ in zip(zip(ss, ys), reversed(alphas)):
+        if pairs:
+            q *= (pairs[-1][0] @ pairs[-1][1]) / (pairs[-1][1] @ pairs[-1][1])
+        for (s_, y_), a_ in zip(pairs, reversed(alphas)):
             q += s_ * (a_ - (y_ @ q) / (y_ @ s_))
         d = -q
         slope = g @ d
         if slope >= 0:  # not a descent direction: restart from steepest descent
-            ss.clear()
-            ys.clear()
+            pairs.clear()
             d, slope = -g, -(g @ g)
         step = 1.0
         while True:
@@ -279,11 +278,7 @@ def lbfgs(fun, x0: np.ndarray, args: tuple = (), memory: int = 10, max_iter: int
                 return x, f
         s_, y_ = x_new - x, g_new - g
         if s_ @ y_ > 1e-18:
-            ss.append(s_)
-            ys.append(y_)
-            if len(ss) > memory:
-                ss.pop(0)
-                ys.pop(0)
+            pairs.append((s_, y_))
         converged = abs(f - f_new) <= tol * max(1.0, abs(f)) and np.abs(g_new).max() < 1e-10
         x, f, g = x_new, f_new, g_new
         if converged or f - f_new == 0 and np.abs(s_).max() < 1e-14:

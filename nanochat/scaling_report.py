@@ -101,9 +101,7 @@ def read_sweep(sweep_dir: Path) -> list[RunRecord]:
 def shared_overrides(recs: Sequence[RunRecord]) -> list[str]:
     """Overrides every job had (the sweep's fixed settings), minus what the sweep varied."""
     lists = [r.overrides for r in recs if r.overrides]
-    if not lists:
-        return []
-    common = [o for o in lists[0] if all(o in l for l in lists[1:])]
+    common = [o for o in (lists[0] if lists else []) if all(o in l for l in lists[1:])]
     return [o for o in common if o.lstrip("+~").split("=", 1)[0] not in SWEPT_KEYS and not o.startswith("hydra")]
 
 
@@ -197,10 +195,9 @@ def fig_by(recs: Sequence[RunRecord], kind: str, x: str, out: Path) -> Path:
     budgets = sorted({r.budget for r in good if r.budget is not None})
     colors = _budget_colors(budgets) if budgets else {}
     fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
+    key = (lambda r: r.depth or 0) if x == "depth" else (lambda r: r.tokens / r.params[kind])
     for c in budgets or [None]:
-        rs = [r for r in good if r.budget == c]
-        key = (lambda r: r.depth or 0) if x == "depth" else (lambda r: r.tokens / r.params[kind])
-        rs.sort(key=key)
+        rs = sorted((r for r in good if r.budget == c), key=key)
         ax.plot([key(r) for r in rs], [r.val_bpb for r in rs], marker="o", color=colors.get(c, "C0"),
                 label=f"C = {c:.3g}" if c else "runs")
     ax.set(xscale="linear" if x == "depth" else "log", ylabel="val bpb",

@@ -43,8 +43,7 @@ def open_source(cfg: Config, stage: "Stage", path: Path) -> tuple[Config, Source
     from nanochat.lifecycle import list_checkpoints
     src = load_config(str(path / "resolved_config.yaml"))
     plan = read_json(path / "plan.json") if (path / "plan.json").exists() else {}
-    ckpts = list_checkpoints(path)
-    source = SourceRun(path, src.stage.name, src, plan, ckpts[-1] if ckpts else None)
+    source = SourceRun(path, src.stage.name, src, plan, (list_checkpoints(path) or [None])[-1])  # the newest
     if source.stage not in stage.sources:
         raise ConfigError("stage.init_from", str(path), f"point it at a run of: {', '.join(stage.sources)}",
                           f"a {source.stage} run; the {stage.name} stage does not start from that stage")

@@ -221,8 +221,7 @@ def _objective(theta: np.ndarray, logn: np.ndarray, logd: np.ndarray, logl: np.n
                delta: float) -> tuple[float, np.ndarray]:
     """Σ Huber(log L̂ − log L) and its gradient; log L̂ = logsumexp(a − α·log N, b − β·log D, e)."""
     a, b, e, al, be = theta
-    t1 = a - al * logn
-    t2 = b - be * logd
+    t1, t2 = a - al * logn, b - be * logd
     m = np.maximum(np.maximum(t1, t2), e)
     w1, w2, w3 = np.exp(t1 - m), np.exp(t2 - m), np.exp(e - m)
     s = w1 + w2 + w3

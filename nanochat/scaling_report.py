@@ -242,10 +242,9 @@ def analyse(sweep_dir: Path, kind: str = DEFAULT_KIND, budget: Optional[float] =
         notes.append(f"the parametric fit L(N, D) found no plausible optimum (every start ran off to an exponent "
                      f"≥ {S.MAX_EXPONENT:g} or a coefficient ≥ e^{S.MAX_LOG_COEF:g}): the sizes do not constrain "
                      "it; add budgets or sizes around the optimum")
-    budgets = [f.budget for f in a2.fits]
-    if budget is None:
-        budget = 10 * max(budgets) if budgets else (10 * max(p.flops for p in pts if p.flops) if
-                                                    any(p.flops for p in pts) else None)
+    if budget is None:   # 10× the largest budget, else 10× the most FLOPs a run spent
+        spent = [f.budget for f in a2.fits] or [p.flops for p in pts if p.flops]
+        budget = 10 * max(spent) if spent else None
     pred = S.predict(budget, a2, a3) if budget else None
     if pred is None:
         notes.append("no compute-optimal prediction: needs 2 FLOP budgets (approach 2) or 5 runs (approach 3)")

@@ -80,9 +80,7 @@ def build_report(results: list[dict]) -> list[dict]:
 
 
 def fmt_time(s: Optional[float]) -> str:
-    if s is None:
-        return "–"
-    return f"{s:.0f}s" if s < 120 else f"{s / 60:.1f}min"
+    return "–" if s is None else f"{s:.0f}s" if s < 120 else f"{s / 60:.1f}min"
 
 
 def _rel(path: str | Path, base: Optional[Path]) -> str:

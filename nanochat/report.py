@@ -18,9 +18,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from nanochat import results as R
 from nanochat.common import atomic_write_text
-
-TRAINING_STAGES = ("pretrain", "mid", "sft", "rl")
-
+from nanochat.stages import stage
 
 def _f(x: Any, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if isinstance(x, (int, float)) else "–"
@@ -119,7 +117,8 @@ def write_curves(results: list[dict]) -> list[tuple[str, Path]]:
     out = []
     for item in results:
         kind = item.get("kind", item.get("stage", ""))
-        if kind not in TRAINING_STAGES or not item.get("run_dir"):
+        # a training stage is one whose declared result type is a TrainResult (nanochat/stages)
+        if not item.get("run_dir") or not issubclass(stage(kind).result, R.TrainResult):
             continue
         try:
             from nanochat.plots import training_curves

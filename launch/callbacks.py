@@ -58,22 +58,17 @@ def collect_sweep(sweep_dir: Path) -> list[dict]:
     return rows
 
 
-def write_summary(sweep_dir: Path, rows: list[dict]) -> Path:
-    text = io.StringIO()
-    w = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(sweep_dir / "summary.csv", text.getvalue())
-    return sweep_dir / "summary.csv"
-
-
 class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():
             return
         rows = collect_sweep(sweep_dir)
-        path = write_summary(sweep_dir, rows)
+        text, path = io.StringIO(), sweep_dir / "summary.csv"
+        w = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(path, text.getvalue())
         bad = [r["job"] for r in rows if r["status"] not in ("completed",)]
         FAILED_JOBS.extend(bad)
         print(f"[nanochat] sweep summary: {path} ({len(rows)} jobs, {len(bad)} not completed)", flush=True)

@@ -11,6 +11,7 @@ launcher that leaves run_subprocess with the child still alive kills the whole t
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from launch.validate import command_output
 from nanochat.config import Config, ConfigError
 from nanochat.lifecycle import (EXIT_PREEMPTED, LAUNCHER_PID_ENV, STOP_SIGNALS, die_with_parent_preexec,
                                 kill_tree, read_status)
@@ -25,14 +27,12 @@ from nanochat.stages import stage
 
 _DROP_EXACT = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ROLE_NAME"}
-_DROP_PREFIX = ("TORCHELASTIC_", "SLURM_", "SBATCH_", "SRUN_", "PMI_", "OMPI_")
+_DROP_PREFIX = ("TORCHELASTIC_", "SLURM_", "SBATCH_", "SRUN_", "PMI_", "OMPI_", "MASTER_")
 
 
 def clean_env(env: Optional[dict] = None) -> dict:
-    env = dict(os.environ if env is None else env)
-    for k in list(env):
-        if k in _DROP_EXACT or k.startswith(_DROP_PREFIX) or k.startswith("MASTER_"):
-            del env[k]
+    env = {k: v for k, v in (os.environ if env is None else env).items()
+           if k not in _DROP_EXACT and not k.startswith(_DROP_PREFIX)}
     # make `python -m nanochat...` resolve to this checkout even without an install
     root = str(Path(__file__).resolve().parents[1])
     env[LAUNCHER_PID_ENV] = str(os.getpid())  # workers die when this process does
@@ -73,7 +73,7 @@ def rdzv_endpoint(cfg: Config) -> tuple[str, int]:
             raise ConfigError("hardware.rdzv_endpoint", ep, "write host:port with a port in 1..65535, or just host",
                               "bad port")
         port = int(p)
-    host = host or os.environ.get("NANOCHAT_RDZV_HOST") or _slurm_head_node() or ""
+    host = host or os.environ.get("NANOCHAT_RDZV_HOST") or _slurm_head_node()
     if not host:
         raise ConfigError("hardware.rdzv_endpoint", ep, "set hardware.rdzv_endpoint=<node 0 address>[:port] "
                           "on every node", f"hardware.nnodes={cfg.hardware.nnodes} without Slurm needs node 0's address")
@@ -108,16 +108,11 @@ def torchrun_command(cfg: Config, config_path: Path, run_dir: Path) -> list[str]
     return cmd
 
 
-def _slurm_head_node() -> Optional[str]:
+def _slurm_head_node() -> str:
+    """The first node of the Slurm allocation ("" outside Slurm, or when scontrol cannot say)."""
     nodelist = os.environ.get("SLURM_JOB_NODELIST")
-    if not nodelist:
-        return None
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=10).stdout.split()
-        return out[0] if out else None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
+    hosts = (command_output(["scontrol", "show", "hostnames", nodelist]) or "").split() if nodelist else []
+    return hosts[0] if hosts else ""
 
 
 def node_config(cfg: Config, run_dir: Path) -> Path:
@@ -149,23 +144,17 @@ def run_subprocess(cmd: list[str], env: dict, preempted: Optional[Callable[[], b
 
     def forward(signum, frame):
         received.append(signum)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
 
     for sig in STOP_SIGNALS:
-        try:
+        with contextlib.suppress(ValueError):  # not the main thread
             previous[sig] = signal.signal(sig, forward)
-        except ValueError:  # not the main thread
-            pass
+    rc = None
     try:
-        while True:
-            try:
+        while rc is None:
+            with contextlib.suppress(KeyboardInterrupt):  # keep waiting: the child checkpoints and exits
                 rc = proc.wait()
-                break
-            except KeyboardInterrupt:  # keep waiting: the child checkpoints and exits
-                continue
     finally:
         for sig, prev in previous.items():
             signal.signal(sig, prev)
@@ -201,10 +190,8 @@ def dispatch(cfg: Config, run_dir: Path, in_process: bool) -> int:
     env = clean_env()
     cmd = torchrun_command(cfg, config_path, run_dir) if world > 1 else \
         [sys.executable, "-m", "nanochat.stages._entry", "--config", str(config_path)]
+    # preempted: rank 0's status says so; a node > 0 cannot see it reliably yet (rank 0 may still be
+    # writing it) and was told to stop like every node, so its ranks count as preempted
     node = node_rank(cfg)
-
-    def preempted() -> bool:
-        # rank 0's status says so; a node > 0 cannot see it reliably yet (rank 0 may still be
-        # writing it) and was told to stop like every node, so its ranks count as preempted
-        return node > 0 or read_status(run_dir) == "preempted"
-    return run_subprocess(cmd, env, preempted=preempted if world > 1 else None)
+    return run_subprocess(cmd, env, preempted=(lambda: node > 0 or read_status(run_dir) == "preempted")
+                          if world > 1 else None)

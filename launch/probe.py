@@ -45,12 +45,6 @@ def probe_device_batch(cfg: Config, plan: Plan) -> dict:
     return result
 
 
-def has_gpu() -> bool:
-    """Whether this machine has an NVIDIA GPU (torch-free: the driver's device node)."""
-    import os
-    return os.path.exists("/dev/nvidiactl")
-
-
 def run_simulation(cfg: Config, plan: dict, mode: str = "step", candidates: Optional[list] = None,
                    show: bool = False) -> dict:
     """`python -m nanochat.simulate` on this plan (its own process: the launcher stays torch-free).
@@ -99,13 +93,20 @@ def plan_memory(cfg: Config, source, sp, st):
     hardware.device_batch_size that does (simulated: only then does a plain dry run simulate).
     st: the stage's declaration (nanochat/stages), whose planner plans again with the chosen batch.
     """
+    import os
     from nanochat.plan import grad_accum
     from nanochat.shapes import memory_floor
     from nanochat.simulate import check_request, memory_rows, rehearsable
     hw = cfg.hardware
     gpu = hw.device == "cuda"
+    # memory_floor's dtype arguments: the lookup tables are bf16 only where the precision policy stores
+    # them so (bf16 compute); activations are in the compute dtype (autocast)
+    floor_bytes = dict(embedding_bytes=2 if hw.embedding_dtype == "bfloat16" and hw.dtype == "bfloat16" else 4,
+                       activation_bytes=4 if hw.dtype == "float32" else 2,
+                       checkpointing=cfg.model.activation_checkpointing != "none")
     simulated = False
-    if sp.wants_probe and gpu and hw.gpu_memory_gb and not has_gpu():
+    # no NVIDIA GPU on this machine (torch-free: the driver's device node): simulate the fit
+    if sp.wants_probe and gpu and hw.gpu_memory_gb and not os.path.exists("/dev/nvidiactl"):
         check_request(cfg, "hardware.device_batch_size")
         p = sp.plan
         cands = auto_batch_candidates(cfg, p.total_batch_size, p.sequence_len, p.world_size)
@@ -123,7 +124,7 @@ def plan_memory(cfg: Config, source, sp, st):
         return sp
     budget = HEADROOM_PCT / 100 * hw.gpu_memory_gb
     if not (simulated or hw.memory_check):   # the instant floor; the whole step only when asked
-        floor = memory_floor(p.model, p.device_batch_size, p.grad_accum_steps, p.world_size, **_floor_bytes(cfg))
+        floor = memory_floor(p.model, p.device_batch_size, p.grad_accum_steps, p.world_size, **floor_bytes)
         gib = {k: v / GIB for k, v in floor.items()}
         split = (f"weights {gib['weights']:.1f}, grads {gib['grads']:.1f}, optimizer {gib['optimizer']:.1f}, "
                  f"one micro-batch's fp32 logits {gib['logits']:.1f}, activations {gib['activations']:.1f}")
@@ -142,7 +143,7 @@ def plan_memory(cfg: Config, source, sp, st):
     check_request(cfg, "hardware.device_batch_size")
     # a smaller device batch at the same total batch always accumulates (accum >= 2 in the floor)
     cands = [b for b in auto_batch_candidates(cfg, p.total_batch_size, p.sequence_len, p.world_size)
-             if b < p.device_batch_size and memory_floor(p.model, b, 2, p.world_size, **_floor_bytes(cfg))["total"]
+             if b < p.device_batch_size and memory_floor(p.model, b, 2, p.world_size, **floor_bytes)["total"]
              <= budget * GIB]
     best = run_simulation(cfg, p.to_dict(), "fit", cands)["device_batch_size"] if cands else None
     fix = (f"hardware.device_batch_size={best} (grad accumulation "
@@ -152,12 +153,3 @@ def plan_memory(cfg: Config, source, sp, st):
            "sequences, or more GPUs")
     raise ConfigError("hardware.device_batch_size", p.device_batch_size, fix,
                       f"{problem} does not fit {int(HEADROOM_PCT)}% of hardware.gpu_memory_gb={hw.gpu_memory_gb:g}")
-
-
-def _floor_bytes(cfg: Config) -> dict:
-    """memory_floor's dtype arguments: the lookup tables are bf16 only where the precision policy stores
-    them so (bf16 compute); activations are in the compute dtype (autocast)."""
-    hw = cfg.hardware
-    return dict(embedding_bytes=2 if hw.embedding_dtype == "bfloat16" and hw.dtype == "bfloat16" else 4,
-                activation_bytes=4 if hw.dtype == "float32" else 2,
-                checkpointing=cfg.model.activation_checkpointing != "none")

@@ -10,7 +10,6 @@ import importlib.metadata
 import os
 import platform
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
+from launch.validate import command_output
 from nanochat.common import atomic_write_json, atomic_write_text
 from nanochat.config import Config, ConfigError, config_to_dict
 from nanochat.integrity import select_resume_checkpoint, verify
@@ -135,11 +135,7 @@ def check_resume_policy(cfg: Config, run_dir: Path, verify_checkpoints: bool = T
 # --------------------------------------------------------------------------- freezing
 
 def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
+    return command_output(["git", *args], cwd=str(REPO_ROOT)) or ""
 
 
 def git_info() -> dict[str, Any]:

@@ -39,29 +39,31 @@ def _is_sweep(value: str) -> bool:
     return "," in value or re.match(r"^\s*(range|choice|glob|interval)\(", value) is not None
 
 
+def command_output(cmd: list[str], timeout: float = 10, cwd: Optional[str] = None) -> Optional[str]:
+    """stdout of a short outside command (git, scontrol, nvidia-smi); None when it cannot run or hangs."""
+    try:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
 def visible_gpus() -> Optional[int]:
     """Number of CUDA devices without importing torch (None if unknown)."""
     vis = os.environ.get("CUDA_VISIBLE_DEVICES")
     if vis is not None:
         return len([v for v in vis.split(",") if v.strip() and v.strip() != "-1"])
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-            return len([l for l in out.splitlines() if l.startswith("GPU ")])
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-    return 0
+    if not shutil.which("nvidia-smi"):
+        return 0
+    out = command_output(["nvidia-smi", "-L"], timeout=20)
+    return None if out is None else len([l for l in out.splitlines() if l.startswith("GPU ")])
 
 
 def gpu_compute_caps() -> Optional[list[tuple[int, int]]]:
     """Compute capability of each visible GPU from nvidia-smi (no torch import); None if unknown."""
-    if not shutil.which("nvidia-smi"):
-        return None
+    out = command_output(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], timeout=20)
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout
-        return [tuple(int(x) for x in line.strip().split(".")) for line in out.splitlines() if line.strip()]
-    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None if out is None else [tuple(int(x) for x in l.split(".")) for l in out.split()]
+    except ValueError:
         return None
 
 

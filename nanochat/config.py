@@ -323,9 +323,6 @@ class Config:
 
 # --------------------------------------------------------------------------- validation
 
-_TOP_KEYS_IGNORED = {"hydra"}  # present only when Hydra adds it
-
-
 _NUMBER = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
 # annotation → (accepts the value, converts it, fix, problem)
 _SCALARS = {
@@ -434,11 +431,11 @@ RETIRED_STAGE_KEYS = ("worker", "planner", "sources", "default_source", "source_
 def config_from_dict(tree: dict, frozen: bool = False) -> Config:
     """Validate a plain dict (the composed, resolved config; frozen: a run dir's) and build the dataclass."""
     from nanochat.stages import stage  # the stage's declaration owns its schema
-    tree = {k: v for k, v in tree.items() if k not in _TOP_KEYS_IGNORED}
-    stage_tree = tree.get("stage") or {}
-    if frozen and isinstance(tree.get("stage"), dict):
+    tree = {k: v for k, v in tree.items() if k != "hydra"}  # present only when Hydra adds it
+    stage_tree = tree["stage"] if isinstance(tree.get("stage"), dict) else {}  # not a mapping: _build says so
+    if frozen and stage_tree:
         tree["stage"] = {k: v for k, v in stage_tree.items() if k not in RETIRED_STAGE_KEYS}
-    name = stage_tree.get("name", StageConfig.name) if isinstance(stage_tree, dict) else StageConfig.name
+    name = stage_tree.get("name", StageConfig.name)
     cfg = _build(Config, tree, "", {"stage": stage(name).schema})
     for key, choices in _CHOICES.items():
         v = operator.attrgetter(key)(cfg)
@@ -468,26 +465,19 @@ _NON_NEGATIVE = ("stage.num_iterations", "stage.warmup_steps", "stage.embedding_
                  "stage.matrix_lr", "stage.scalar_lr", "stage.weight_decay", "stage.warmup_ratio",
                  "stage.warmdown_ratio", "stage.final_lr_frac", "stage.grad_clip", "stage.init_lr_frac",
                  "model.softcap", "data.val_fraction", "run.log_interval_s")
-_MISSING = object()
+_RANGES = {**dict.fromkeys(_POSITIVE, (1e-300, "positive")), **dict.fromkeys(_NON_NEGATIVE, (0, "zero or positive"))}
 
 
 def _check_ranges(cfg: Config) -> None:
     for group in ("model", "hardware", "data", "stage", "run"):
-        obj = getattr(cfg, group)
-        for f in dataclasses.fields(obj):
-            v = getattr(obj, f.name)
+        for f in dataclasses.fields(getattr(cfg, group)):
+            key, v = f"{group}.{f.name}", getattr(getattr(cfg, group), f.name)
             if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"{group}.{f.name}", v, f"use a finite number for {group}.{f.name}", "not finite")
-    for keys, low, word in ((_POSITIVE, 1e-300, "positive"), (_NON_NEGATIVE, 0, "zero or positive")):
-        for key in keys:
-            group, name = key.split(".")
-            v = getattr(getattr(cfg, group), name, _MISSING)
-            if v is _MISSING or v is None or isinstance(v, (bool, str)):  # "auto" is checked by its own rule
-                continue
-            if v < low:
-                nullable = {f.name: f.default for f in dataclasses.fields(getattr(cfg, group))}.get(name) is None
-                raise ConfigError(key, v, f"{key} must be {word}" + (" (or null to derive it)" if nullable else ""),
-                                  "out of range")
+                raise ConfigError(key, v, f"use a finite number for {key}", "not finite")
+            low, word = _RANGES.get(key, (-math.inf, ""))
+            if _NUMBER(v) and v < low:   # "auto" (a str) is checked by its own rule
+                derive = " (or null to derive it)" if f.default is None else ""
+                raise ConfigError(key, v, f"{key} must be {word}{derive}", "out of range")
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -8,6 +8,7 @@ which waits for its jobs), so it reads what the jobs left in their run dirs. The
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import shlex
@@ -46,11 +47,9 @@ def collect_sweep(sweep_dir: Path) -> list[dict]:
         for o in (yaml.safe_load(overrides.read_text()) or []) if overrides.exists() else []:
             k, _, v = str(o).lstrip("+~").partition("=")
             row[f"cfg.{k}"] = v
-        try:
+        with contextlib.suppress(FileNotFoundError, ValueError):
             plan = read_json(run_dir / "plan.json")
             row.update({f"plan.{k}": plan.get(k) for k in ("num_params", "num_iterations", "total_flops")})
-        except (FileNotFoundError, ValueError):
-            pass
         result = load_result(run_dir)
         if result is not None:
             _flatten("result.", result.to_dict(), row)

@@ -115,21 +115,6 @@ def _slurm_head_node() -> str:
     return hosts[0] if hosts else ""
 
 
-def node_config(cfg: Config, run_dir: Path) -> Path:
-    """The frozen config this node's workers read. Node 0 froze the run dir; a node > 0 writes
-    nothing there but its own copy, torchrun/node<k>/frozen_config.yaml (no race with node 0's freeze)."""
-    node = node_rank(cfg)
-    if node == 0:
-        return run_dir / "resolved_config.yaml"
-    from launch.rundir import resolved_yaml
-    from nanochat.common import atomic_write_text
-    # not resolved_config.yaml: that name marks a run dir (sweep summaries, `latest`)
-    path = run_dir / "torchrun" / f"node{node}" / "frozen_config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, resolved_yaml(cfg))
-    return path
-
-
 def run_subprocess(cmd: list[str], env: dict, preempted: Optional[Callable[[], bool]] = None) -> int:
     """Run the child in its own session and forward stop signals to it; returns its exit code.
 
@@ -176,10 +161,19 @@ def run_subprocess(cmd: list[str], env: dict, preempted: Optional[Callable[[], b
 
 
 def dispatch(cfg: Config, run_dir: Path, in_process: bool) -> int:
-    config_path = node_config(cfg, run_dir)
-    world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
-    if stage(cfg.stage.name).one_process:
-        world = 1  # e.g. serve: its replicas (one per GPU) are threads, not torchrun ranks
+    # The frozen config this node's workers read. Node 0 froze the run dir; a node > 0 writes nothing there
+    # but its own copy, torchrun/node<k>/frozen_config.yaml (no race with node 0's freeze; not
+    # resolved_config.yaml: that name marks a run dir for sweep summaries and `latest`).
+    node = node_rank(cfg)
+    config_path = run_dir / "resolved_config.yaml"
+    if node > 0:
+        from launch.rundir import resolved_yaml
+        from nanochat.common import atomic_write_text
+        config_path = run_dir / "torchrun" / f"node{node}" / "frozen_config.yaml"
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(config_path, resolved_yaml(cfg))
+    # one_process, e.g. serve: its replicas (one per GPU) are threads, not torchrun ranks
+    world = 1 if stage(cfg.stage.name).one_process else cfg.hardware.nproc_per_node * cfg.hardware.nnodes
     if in_process and world == 1:
         # an inherited RANK/WORLD_SIZE (e.g. inside someone else's torchrun) must not make
         # this single process believe it is part of a distributed job
@@ -187,11 +181,9 @@ def dispatch(cfg: Config, run_dir: Path, in_process: bool) -> int:
             del os.environ[k]
         from nanochat.stages._entry import execute
         return execute(cfg, run_dir)
-    env = clean_env()
     cmd = torchrun_command(cfg, config_path, run_dir) if world > 1 else \
         [sys.executable, "-m", "nanochat.stages._entry", "--config", str(config_path)]
     # preempted: rank 0's status says so; a node > 0 cannot see it reliably yet (rank 0 may still be
     # writing it) and was told to stop like every node, so its ranks count as preempted
-    node = node_rank(cfg)
-    return run_subprocess(cmd, env, preempted=(lambda: node > 0 or read_status(run_dir) == "preempted")
+    return run_subprocess(cmd, clean_env(), preempted=(lambda: node > 0 or read_status(run_dir) == "preempted")
                           if world > 1 else None)

@@ -56,14 +56,14 @@ def run_simulation(cfg: Config, plan: dict, mode: str = "step", candidates: Opti
     import hashlib
     from dataclasses import replace
     from launch.dispatch import clean_env
-    from nanochat.common import get_base_dir
+    from nanochat.common import atomic_write_json, get_base_dir, read_json
     from nanochat.config import config_to_dict
     tree = config_to_dict(replace(cfg, run=replace(cfg.run, dry_run=False, simulate=False, dir=None)))
     request = {"config": tree, "plan": plan, "mode": mode, "candidates": candidates, "print": show}
     key = hashlib.sha256(json.dumps({**request, "print": False}, sort_keys=True, default=str).encode()).hexdigest()
     cache = get_base_dir(cfg.paths.base_dir) / "simulate" / f"{key[:24]}.json"
     if not show and cache.exists():
-        return json.loads(cache.read_text())
+        return read_json(cache)
     cmd = [sys.executable, "-m", "nanochat.simulate", json.dumps(request, default=str)]
     p = subprocess.run(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=None if show else subprocess.PIPE,
                        text=True)
@@ -76,8 +76,7 @@ def run_simulation(cfg: Config, plan: dict, mode: str = "step", candidates: Opti
     if show:
         print(results[-1], flush=True)   # the last line printed is the JSON result
     out = json.loads(results[-1])
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(out))
+    atomic_write_json(cache, out)
     return out
 
 

@@ -64,13 +64,12 @@ def print_config_error(e: ConfigError) -> None:
 
 def print_plan(cfg: Config, rows: list[tuple[str, str]], run_dir: Optional[Path]) -> None:
     from rich.table import Table
-    c = _console()
     t = Table(title=f"nanochat plan: stage={cfg.stage.name} tag={rundir.run_tag(cfg)}", show_header=False)
     t.add_column("", style="cyan")
     t.add_column("")
     for k, v in rows + ([("run dir", str(run_dir))] if run_dir is not None else []):
         t.add_row(k, v)
-    c.print(t)
+    _console().print(t)
 
 
 # --------------------------------------------------------------------------- one stage

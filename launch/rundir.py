@@ -110,8 +110,8 @@ def _checked_run_dir(cfg: Config, value: str) -> Path:
     return path.resolve()
 
 
-def check_resume_policy(cfg: Config, run_dir: Path, verify_checkpoints: bool = True) -> Optional[Path]:
-    """Apply run.resume against the run dir's checkpoints; returns the checkpoint to resume from.
+def check_resume_policy(cfg: Config, run_dir: Path, verify_checkpoints: bool = True) -> None:
+    """Apply run.resume against the run dir's checkpoints; the workers resume from the newest one left.
 
     Only the run dir's owner verifies (and may move bad checkpoints aside): the other nodes of a
     multi-node job pass verify_checkpoints=False.
@@ -124,12 +124,9 @@ def check_resume_policy(cfg: Config, run_dir: Path, verify_checkpoints: bool = T
     if policy == "never" and ckpts:
         raise ConfigError("run.resume", policy, f"{run_dir} already has checkpoints ({ckpts[-1].name}); use "
                           "run.resume=auto to continue it or a fresh run.dir", "would overwrite checkpoints")
-    if policy == "never" or not ckpts:
-        return None
-    if not verify_checkpoints:
-        return ckpts[-1]
-    # verify checksums newest first: a bad checkpoint is moved aside (auto) or refuses the launch (must)
-    return select_resume_checkpoint(run_dir, policy)
+    if ckpts and verify_checkpoints:   # (never with checkpoints was refused above)
+        # verify checksums newest first: a bad checkpoint is moved aside (auto) or refuses the launch (must)
+        select_resume_checkpoint(run_dir, policy)
 
 
 # --------------------------------------------------------------------------- freezing

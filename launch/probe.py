@@ -15,10 +15,6 @@ from typing import Optional
 from nanochat.config import Config, ConfigError
 from nanochat.plan import Plan, auto_batch_candidates
 
-HEADROOM_PCT = 90   # nanochat.simulate.HEADROOM, without importing it at module level
-GIB = 2 ** 30
-
-
 def probe_device_batch(cfg: Config, plan: Plan) -> dict:
     """Run `python -m nanochat.batch_size` for this run's model and batch; returns the probe result."""
     from launch.dispatch import clean_env
@@ -95,7 +91,7 @@ def plan_memory(cfg: Config, source, sp, st):
     import os
     from nanochat.plan import grad_accum
     from nanochat.shapes import memory_floor
-    from nanochat.simulate import check_request, memory_rows, rehearsable
+    from nanochat.simulate import GIB, HEADROOM, check_request, memory_rows, rehearsable
     hw = cfg.hardware
     gpu = hw.device == "cuda"
     # memory_floor's dtype arguments: the lookup tables are bf16 only where the precision policy stores
@@ -121,7 +117,7 @@ def plan_memory(cfg: Config, source, sp, st):
     p = sp.plan
     if p is None or not (gpu and rehearsable(cfg) and hw.gpu_memory_gb) or (sp.wants_probe and not simulated):
         return sp
-    budget = HEADROOM_PCT / 100 * hw.gpu_memory_gb
+    budget = HEADROOM * hw.gpu_memory_gb
     if not (simulated or hw.memory_check):   # the instant floor; the whole step only when asked
         floor = memory_floor(p.model, p.device_batch_size, p.grad_accum_steps, p.world_size, **floor_bytes)
         gib = {k: v / GIB for k, v in floor.items()}
@@ -151,4 +147,4 @@ def plan_memory(cfg: Config, source, sp, st):
            "model.activation_checkpointing=full, hardware.embedding_dtype=bfloat16, a smaller model or shorter "
            "sequences, or more GPUs")
     raise ConfigError("hardware.device_batch_size", p.device_batch_size, fix,
-                      f"{problem} does not fit {int(HEADROOM_PCT)}% of hardware.gpu_memory_gb={hw.gpu_memory_gb:g}")
+                      f"{problem} does not fit {HEADROOM:.0%} of hardware.gpu_memory_gb={hw.gpu_memory_gb:g}")

@@ -163,10 +163,9 @@ def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[P
     finally:
         if lock is not None:
             lock.release()
-    result = load_result(run_dir)
     color = {"completed": "green", "preempted": "yellow"}.get(status, "red")
     _console().print(f"[bold {color}]{cfg.stage.name} {status}[/] (exit {rc}) → {run_dir}")
-    return {"status": status, "run_dir": str(run_dir), "result": result, "exit_code": rc}
+    return {"status": status, "run_dir": str(run_dir), "result": load_result(run_dir), "exit_code": rc}
 
 
 def stage_tree(composed: dict, entry: str) -> dict:
@@ -252,12 +251,11 @@ def objective(out: dict, key: Optional[str], stage_name: str) -> float:
     if out.get("status") != "completed":
         return float("nan")
     last = out["stages"][-1] if "stages" in out else out  # a pipeline: its last stage
-    result = Result.from_dict(last.get("result"))
     asked = key is not None
     key = key or stage(last.get("kind", stage_name)).headline
     if key is None:  # a stage without a headline (tokenizer, serve)
         return float("nan")
-    value = result.get(key)
+    value = Result.from_dict(last.get("result")).get(key)
     try:
         return float(value)
     except (TypeError, ValueError):

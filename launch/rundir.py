@@ -5,6 +5,7 @@ passed in as plain data by launch/run.py.
 """
 from __future__ import annotations
 
+import contextlib
 import getpass
 import importlib.metadata
 import os
@@ -142,12 +143,10 @@ def git_info() -> dict[str, Any]:
 
 
 def package_versions() -> dict[str, Optional[str]]:
-    out = {}
+    out = dict.fromkeys(PACKAGES)
     for name in PACKAGES:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
     return out
 
 

@@ -71,12 +71,10 @@ def resolve_source(cfg: Config, st: Stage) -> tuple[Path, Optional[str]]:
         return _checked_run_dir(cfg, value), None
     first, rest = st.source_order(cfg)
     any_tag = st.source_tag == "any"
-    found = _newest(cfg, first, any_tag)
-    if found is not None:
+    if (found := _newest(cfg, first, any_tag)) is not None:
         return found.resolve(), None
     where = "" if any_tag else f" for tag {run_tag(cfg)}"
-    other = _newest(cfg, rest, any_tag)
-    if other is not None:
+    if (other := _newest(cfg, rest, any_tag)) is not None:
         return other.resolve(), (f"no completed {first[0]} run{where}: starting from the newest "
                                  f"{other.parents[1].name} run, whose generation picks the rules "
                                  f"(stage.init_stage={first[0]} insists on {first[0]})")

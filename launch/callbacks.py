@@ -8,6 +8,7 @@ which waits for its jobs), so it reads what the jobs left in their run dirs. The
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import shlex
@@ -46,25 +47,14 @@ def collect_sweep(sweep_dir: Path) -> list[dict]:
         for o in (yaml.safe_load(overrides.read_text()) or []) if overrides.exists() else []:
             k, _, v = str(o).lstrip("+~").partition("=")
             row[f"cfg.{k}"] = v
-        try:
+        with contextlib.suppress(FileNotFoundError, ValueError):
             plan = read_json(run_dir / "plan.json")
             row.update({f"plan.{k}": plan.get(k) for k in ("num_params", "num_iterations", "total_flops")})
-        except (FileNotFoundError, ValueError):
-            pass
         result = load_result(run_dir)
         if result is not None:
             _flatten("result.", result.to_dict(), row)
         rows.append(row)
     return rows
-
-
-def write_summary(sweep_dir: Path, rows: list[dict]) -> Path:
-    text = io.StringIO()
-    w = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(sweep_dir / "summary.csv", text.getvalue())
-    return sweep_dir / "summary.csv"
 
 
 class SweepSummary(Callback):
@@ -73,7 +63,11 @@ class SweepSummary(Callback):
         if not sweep_dir.is_dir():
             return
         rows = collect_sweep(sweep_dir)
-        path = write_summary(sweep_dir, rows)
+        text, path = io.StringIO(), sweep_dir / "summary.csv"
+        w = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(path, text.getvalue())
         bad = [r["job"] for r in rows if r["status"] not in ("completed",)]
         FAILED_JOBS.extend(bad)
         print(f"[nanochat] sweep summary: {path} ({len(rows)} jobs, {len(bad)} not completed)", flush=True)

@@ -11,6 +11,7 @@ launcher that leaves run_subprocess with the child still alive kills the whole t
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from launch.validate import command_output
 from nanochat.config import Config, ConfigError
 from nanochat.lifecycle import (EXIT_PREEMPTED, LAUNCHER_PID_ENV, STOP_SIGNALS, die_with_parent_preexec,
                                 kill_tree, read_status)
@@ -25,14 +27,12 @@ from nanochat.stages import stage
 
 _DROP_EXACT = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ROLE_NAME"}
-_DROP_PREFIX = ("TORCHELASTIC_", "SLURM_", "SBATCH_", "SRUN_", "PMI_", "OMPI_")
+_DROP_PREFIX = ("TORCHELASTIC_", "SLURM_", "SBATCH_", "SRUN_", "PMI_", "OMPI_", "MASTER_")
 
 
 def clean_env(env: Optional[dict] = None) -> dict:
-    env = dict(os.environ if env is None else env)
-    for k in list(env):
-        if k in _DROP_EXACT or k.startswith(_DROP_PREFIX) or k.startswith("MASTER_"):
-            del env[k]
+    env = {k: v for k, v in (os.environ if env is None else env).items()
+           if k not in _DROP_EXACT and not k.startswith(_DROP_PREFIX)}
     # make `python -m nanochat...` resolve to this checkout even without an install
     root = str(Path(__file__).resolve().parents[1])
     env[LAUNCHER_PID_ENV] = str(os.getpid())  # workers die when this process does
@@ -73,7 +73,7 @@ def rdzv_endpoint(cfg: Config) -> tuple[str, int]:
             raise ConfigError("hardware.rdzv_endpoint", ep, "write host:port with a port in 1..65535, or just host",
                               "bad port")
         port = int(p)
-    host = host or os.environ.get("NANOCHAT_RDZV_HOST") or _slurm_head_node() or ""
+    host = host or os.environ.get("NANOCHAT_RDZV_HOST") or _slurm_head_node()
     if not host:
         raise ConfigError("hardware.rdzv_endpoint", ep, "set hardware.rdzv_endpoint=<node 0 address>[:port] "
                           "on every node", f"hardware.nnodes={cfg.hardware.nnodes} without Slurm needs node 0's address")
@@ -108,31 +108,11 @@ def torchrun_command(cfg: Config, config_path: Path, run_dir: Path) -> list[str]
     return cmd
 
 
-def _slurm_head_node() -> Optional[str]:
+def _slurm_head_node() -> str:
+    """The first node of the Slurm allocation ("" outside Slurm, or when scontrol cannot say)."""
     nodelist = os.environ.get("SLURM_JOB_NODELIST")
-    if not nodelist:
-        return None
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=10).stdout.split()
-        return out[0] if out else None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
-def node_config(cfg: Config, run_dir: Path) -> Path:
-    """The frozen config this node's workers read. Node 0 froze the run dir; a node > 0 writes
-    nothing there but its own copy, torchrun/node<k>/frozen_config.yaml (no race with node 0's freeze)."""
-    node = node_rank(cfg)
-    if node == 0:
-        return run_dir / "resolved_config.yaml"
-    from launch.rundir import resolved_yaml
-    from nanochat.common import atomic_write_text
-    # not resolved_config.yaml: that name marks a run dir (sweep summaries, `latest`)
-    path = run_dir / "torchrun" / f"node{node}" / "frozen_config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, resolved_yaml(cfg))
-    return path
+    hosts = (command_output(["scontrol", "show", "hostnames", nodelist]) or "").split() if nodelist else []
+    return hosts[0] if hosts else ""
 
 
 def run_subprocess(cmd: list[str], env: dict, preempted: Optional[Callable[[], bool]] = None) -> int:
@@ -149,23 +129,17 @@ def run_subprocess(cmd: list[str], env: dict, preempted: Optional[Callable[[], b
 
     def forward(signum, frame):
         received.append(signum)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
 
     for sig in STOP_SIGNALS:
-        try:
+        with contextlib.suppress(ValueError):  # not the main thread
             previous[sig] = signal.signal(sig, forward)
-        except ValueError:  # not the main thread
-            pass
+    rc = None
     try:
-        while True:
-            try:
+        while rc is None:
+            with contextlib.suppress(KeyboardInterrupt):  # keep waiting: the child checkpoints and exits
                 rc = proc.wait()
-                break
-            except KeyboardInterrupt:  # keep waiting: the child checkpoints and exits
-                continue
     finally:
         for sig, prev in previous.items():
             signal.signal(sig, prev)
@@ -187,10 +161,19 @@ def run_subprocess(cmd: list[str], env: dict, preempted: Optional[Callable[[], b
 
 
 def dispatch(cfg: Config, run_dir: Path, in_process: bool) -> int:
-    config_path = node_config(cfg, run_dir)
-    world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
-    if stage(cfg.stage.name).one_process:
-        world = 1  # e.g. serve: its replicas (one per GPU) are threads, not torchrun ranks
+    # The frozen config this node's workers read. Node 0 froze the run dir; a node > 0 writes nothing there
+    # but its own copy, torchrun/node<k>/frozen_config.yaml (no race with node 0's freeze; not
+    # resolved_config.yaml: that name marks a run dir for sweep summaries and `latest`).
+    node = node_rank(cfg)
+    config_path = run_dir / "resolved_config.yaml"
+    if node > 0:
+        from launch.rundir import resolved_yaml
+        from nanochat.common import atomic_write_text
+        config_path = run_dir / "torchrun" / f"node{node}" / "frozen_config.yaml"
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(config_path, resolved_yaml(cfg))
+    # one_process, e.g. serve: its replicas (one per GPU) are threads, not torchrun ranks
+    world = 1 if stage(cfg.stage.name).one_process else cfg.hardware.nproc_per_node * cfg.hardware.nnodes
     if in_process and world == 1:
         # an inherited RANK/WORLD_SIZE (e.g. inside someone else's torchrun) must not make
         # this single process believe it is part of a distributed job
@@ -198,13 +181,9 @@ def dispatch(cfg: Config, run_dir: Path, in_process: bool) -> int:
             del os.environ[k]
         from nanochat.stages._entry import execute
         return execute(cfg, run_dir)
-    env = clean_env()
     cmd = torchrun_command(cfg, config_path, run_dir) if world > 1 else \
         [sys.executable, "-m", "nanochat.stages._entry", "--config", str(config_path)]
-    node = node_rank(cfg)
-
-    def preempted() -> bool:
-        # rank 0's status says so; a node > 0 cannot see it reliably yet (rank 0 may still be
-        # writing it) and was told to stop like every node, so its ranks count as preempted
-        return node > 0 or read_status(run_dir) == "preempted"
-    return run_subprocess(cmd, env, preempted=preempted if world > 1 else None)
+    # preempted: rank 0's status says so; a node > 0 cannot see it reliably yet (rank 0 may still be
+    # writing it) and was told to stop like every node, so its ranks count as preempted
+    return run_subprocess(cmd, clean_env(), preempted=(lambda: node > 0 or read_status(run_dir) == "preempted")
+                          if world > 1 else None)

@@ -34,8 +34,6 @@ from typing import Optional
 from launch import rundir
 from nanochat.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-
 
 def _fail(msg: str) -> int:
     print(f"[nanochat-interop] error: {msg}", file=sys.stderr, flush=True)
@@ -47,6 +45,7 @@ def _fail(msg: str) -> int:
 def compose(overrides: list[str]) -> tuple[Config, dict]:
     """Compose conf/ with Hydra exactly as nanochat-run would, from these overrides."""
     from hydra import compose as hydra_compose, initialize_config_dir
+    from launch.run import CONF_DIR
     from launch.validate import resolved_tree
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         tree = resolved_tree(hydra_compose(config_name="config", overrides=overrides))
@@ -65,7 +64,7 @@ def model_overrides(kw: dict) -> list[str]:
 
 # --------------------------------------------------------------------------- import
 
-def _install_tokenizer(tok, base_dir: Path, name: str) -> Path:
+def _install_tokenizer(tok, base_dir: Path, name: str) -> None:
     """Save our tokenizer artifact under <base_dir>/tokenizer/<name>/ (tmp dir + rename; reuse if equal)."""
     from nanochat.interop import InteropError
     from nanochat.tokenizer import Tokenizer, tokenizer_dir
@@ -74,12 +73,11 @@ def _install_tokenizer(tok, base_dir: Path, name: str) -> Path:
         have = Tokenizer.load(final)
         if have.mergeable_ranks != tok.mergeable_ranks or have.pattern != tok.pattern:
             raise InteropError(f"{final} exists and holds a different tokenizer")
-        return final
+        return
     tmp = final.with_name(f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tok.save(tmp, extra_meta={"source": "nanochat-import"})
     tmp.replace(final)
-    return final
 
 
 def _read_nanochat(src: str, stage: str, step: Optional[int], tag: Optional[str]):

@@ -15,10 +15,6 @@ from typing import Optional
 from nanochat.config import Config, ConfigError
 from nanochat.plan import Plan, auto_batch_candidates
 
-HEADROOM_PCT = 90   # nanochat.simulate.HEADROOM, without importing it at module level
-GIB = 2 ** 30
-
-
 def probe_device_batch(cfg: Config, plan: Plan) -> dict:
     """Run `python -m nanochat.batch_size` for this run's model and batch; returns the probe result."""
     from launch.dispatch import clean_env
@@ -45,12 +41,6 @@ def probe_device_batch(cfg: Config, plan: Plan) -> dict:
     return result
 
 
-def has_gpu() -> bool:
-    """Whether this machine has an NVIDIA GPU (torch-free: the driver's device node)."""
-    import os
-    return os.path.exists("/dev/nvidiactl")
-
-
 def run_simulation(cfg: Config, plan: dict, mode: str = "step", candidates: Optional[list] = None,
                    show: bool = False) -> dict:
     """`python -m nanochat.simulate` on this plan (its own process: the launcher stays torch-free).
@@ -62,14 +52,14 @@ def run_simulation(cfg: Config, plan: dict, mode: str = "step", candidates: Opti
     import hashlib
     from dataclasses import replace
     from launch.dispatch import clean_env
-    from nanochat.common import get_base_dir
+    from nanochat.common import atomic_write_json, get_base_dir, read_json
     from nanochat.config import config_to_dict
     tree = config_to_dict(replace(cfg, run=replace(cfg.run, dry_run=False, simulate=False, dir=None)))
     request = {"config": tree, "plan": plan, "mode": mode, "candidates": candidates, "print": show}
     key = hashlib.sha256(json.dumps({**request, "print": False}, sort_keys=True, default=str).encode()).hexdigest()
     cache = get_base_dir(cfg.paths.base_dir) / "simulate" / f"{key[:24]}.json"
     if not show and cache.exists():
-        return json.loads(cache.read_text())
+        return read_json(cache)
     cmd = [sys.executable, "-m", "nanochat.simulate", json.dumps(request, default=str)]
     p = subprocess.run(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=None if show else subprocess.PIPE,
                        text=True)
@@ -82,8 +72,7 @@ def run_simulation(cfg: Config, plan: dict, mode: str = "step", candidates: Opti
     if show:
         print(results[-1], flush=True)   # the last line printed is the JSON result
     out = json.loads(results[-1])
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(out))
+    atomic_write_json(cache, out)
     return out
 
 
@@ -99,13 +88,20 @@ def plan_memory(cfg: Config, source, sp, st):
     hardware.device_batch_size that does (simulated: only then does a plain dry run simulate).
     st: the stage's declaration (nanochat/stages), whose planner plans again with the chosen batch.
     """
+    import os
     from nanochat.plan import grad_accum
     from nanochat.shapes import memory_floor
-    from nanochat.simulate import check_request, memory_rows, rehearsable
+    from nanochat.simulate import GIB, HEADROOM, check_request, memory_rows, rehearsable
     hw = cfg.hardware
     gpu = hw.device == "cuda"
+    # memory_floor's dtype arguments: the lookup tables are bf16 only where the precision policy stores
+    # them so (bf16 compute); activations are in the compute dtype (autocast)
+    floor_bytes = dict(embedding_bytes=2 if hw.embedding_dtype == "bfloat16" and hw.dtype == "bfloat16" else 4,
+                       activation_bytes=4 if hw.dtype == "float32" else 2,
+                       checkpointing=cfg.model.activation_checkpointing != "none")
     simulated = False
-    if sp.wants_probe and gpu and hw.gpu_memory_gb and not has_gpu():
+    # no NVIDIA GPU on this machine (torch-free: the driver's device node): simulate the fit
+    if sp.wants_probe and gpu and hw.gpu_memory_gb and not os.path.exists("/dev/nvidiactl"):
         check_request(cfg, "hardware.device_batch_size")
         p = sp.plan
         cands = auto_batch_candidates(cfg, p.total_batch_size, p.sequence_len, p.world_size)
@@ -121,9 +117,9 @@ def plan_memory(cfg: Config, source, sp, st):
     p = sp.plan
     if p is None or not (gpu and rehearsable(cfg) and hw.gpu_memory_gb) or (sp.wants_probe and not simulated):
         return sp
-    budget = HEADROOM_PCT / 100 * hw.gpu_memory_gb
+    budget = HEADROOM * hw.gpu_memory_gb
     if not (simulated or hw.memory_check):   # the instant floor; the whole step only when asked
-        floor = memory_floor(p.model, p.device_batch_size, p.grad_accum_steps, p.world_size, **_floor_bytes(cfg))
+        floor = memory_floor(p.model, p.device_batch_size, p.grad_accum_steps, p.world_size, **floor_bytes)
         gib = {k: v / GIB for k, v in floor.items()}
         split = (f"weights {gib['weights']:.1f}, grads {gib['grads']:.1f}, optimizer {gib['optimizer']:.1f}, "
                  f"one micro-batch's fp32 logits {gib['logits']:.1f}, activations {gib['activations']:.1f}")
@@ -142,7 +138,7 @@ def plan_memory(cfg: Config, source, sp, st):
     check_request(cfg, "hardware.device_batch_size")
     # a smaller device batch at the same total batch always accumulates (accum >= 2 in the floor)
     cands = [b for b in auto_batch_candidates(cfg, p.total_batch_size, p.sequence_len, p.world_size)
-             if b < p.device_batch_size and memory_floor(p.model, b, 2, p.world_size, **_floor_bytes(cfg))["total"]
+             if b < p.device_batch_size and memory_floor(p.model, b, 2, p.world_size, **floor_bytes)["total"]
              <= budget * GIB]
     best = run_simulation(cfg, p.to_dict(), "fit", cands)["device_batch_size"] if cands else None
     fix = (f"hardware.device_batch_size={best} (grad accumulation "
@@ -151,13 +147,4 @@ def plan_memory(cfg: Config, source, sp, st):
            "model.activation_checkpointing=full, hardware.embedding_dtype=bfloat16, a smaller model or shorter "
            "sequences, or more GPUs")
     raise ConfigError("hardware.device_batch_size", p.device_batch_size, fix,
-                      f"{problem} does not fit {int(HEADROOM_PCT)}% of hardware.gpu_memory_gb={hw.gpu_memory_gb:g}")
-
-
-def _floor_bytes(cfg: Config) -> dict:
-    """memory_floor's dtype arguments: the lookup tables are bf16 only where the precision policy stores
-    them so (bf16 compute); activations are in the compute dtype (autocast)."""
-    hw = cfg.hardware
-    return dict(embedding_bytes=2 if hw.embedding_dtype == "bfloat16" and hw.dtype == "bfloat16" else 4,
-                activation_bytes=4 if hw.dtype == "float32" else 2,
-                checkpointing=cfg.model.activation_checkpointing != "none")
+                      f"{problem} does not fit {HEADROOM:.0%} of hardware.gpu_memory_gb={hw.gpu_memory_gb:g}")

@@ -35,22 +35,6 @@ def plan_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def load_frozen(run_dir: Path, overrides: list[str]) -> tuple[dict, dict]:
-    cfg_path = run_dir / "resolved_config.yaml"
-    if not cfg_path.exists():
-        raise ConfigError("RUN_DIR", str(run_dir), "point at a run dir made by nanochat-run "
-                          "(it holds resolved_config.yaml)", "not a run dir")
-    base = OmegaConf.load(cfg_path)
-    for o in overrides:
-        if "=" not in o:
-            raise ConfigError(o, None, "write overrides as key=value, e.g. stage.num_iterations=50",
-                              "not an override")
-    merged = OmegaConf.merge(base, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
-    tree = OmegaConf.to_container(merged, resolve=True)
-    meta = read_json(run_dir / "meta.json") if (run_dir / "meta.json").exists() else {}
-    return tree, meta
-
-
 def check_git(meta: dict, strict: bool) -> None:
     old = meta.get("git", {})
     now = rundir.git_info()
@@ -68,7 +52,17 @@ def check_git(meta: dict, strict: bool) -> None:
 
 def reproduce(run_dir: Path, overrides: list[str], resume: bool, strict: bool) -> dict[str, Any]:
     run_dir = run_dir.expanduser().resolve()
-    tree, meta = load_frozen(run_dir, overrides)
+    cfg_path = run_dir / "resolved_config.yaml"
+    if not cfg_path.exists():
+        raise ConfigError("RUN_DIR", str(run_dir), "point at a run dir made by nanochat-run "
+                          "(it holds resolved_config.yaml)", "not a run dir")
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(o, None, "write overrides as key=value, e.g. stage.num_iterations=50",
+                              "not an override")
+    merged = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+    tree = OmegaConf.to_container(merged, resolve=True)
+    meta = read_json(run_dir / "meta.json") if (run_dir / "meta.json").exists() else {}
     check_git(meta, strict)
     tree["run"]["dir"] = str(run_dir) if resume else None
     if not resume and run_dir.parent.parent.name == tree["stage"]["name"]:

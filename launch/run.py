@@ -64,13 +64,12 @@ def print_config_error(e: ConfigError) -> None:
 
 def print_plan(cfg: Config, rows: list[tuple[str, str]], run_dir: Optional[Path]) -> None:
     from rich.table import Table
-    c = _console()
     t = Table(title=f"nanochat plan: stage={cfg.stage.name} tag={rundir.run_tag(cfg)}", show_header=False)
     t.add_column("", style="cyan")
     t.add_column("")
     for k, v in rows + ([("run dir", str(run_dir))] if run_dir is not None else []):
         t.add_row(k, v)
-    c.print(t)
+    _console().print(t)
 
 
 # --------------------------------------------------------------------------- one stage
@@ -134,8 +133,7 @@ def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[P
         if show_config:
             _console().print(rundir.resolved_yaml(cfg))
         return {"status": "dry_run", "run_dir": None, "config": cfg}
-    run_dir = Path(cfg.run.dir).expanduser() if cfg.run.dir else (job_dir or rundir.new_run_dir(cfg))
-    run_dir = run_dir.resolve()
+    run_dir = (Path(cfg.run.dir).expanduser() if cfg.run.dir else job_dir or rundir.new_run_dir(cfg)).resolve()
     if cfg.run.skip_if_done and (run_dir / "COMPLETED").exists():
         print(f"[nanochat] skip: {run_dir} is already COMPLETED (run.skip_if_done=true)", flush=True)
         return {"status": "completed", "run_dir": str(run_dir), "skipped": True}
@@ -165,10 +163,9 @@ def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[P
     finally:
         if lock is not None:
             lock.release()
-    result = load_result(run_dir)
     color = {"completed": "green", "preempted": "yellow"}.get(status, "red")
     _console().print(f"[bold {color}]{cfg.stage.name} {status}[/] (exit {rc}) → {run_dir}")
-    return {"status": status, "run_dir": str(run_dir), "result": result, "exit_code": rc}
+    return {"status": status, "run_dir": str(run_dir), "result": load_result(run_dir), "exit_code": rc}
 
 
 def stage_tree(composed: dict, entry: str) -> dict:
@@ -205,12 +202,11 @@ def run_pipeline(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optiona
         if stage_cfg.stage.init_from == "latest":
             # chain to what this pipeline produced last among the stages this one prefers to start from,
             # else among the others it accepts
-            for group in stage(name).source_order(stage_cfg):
-                chain = [s for s in reversed(produced) if s in group]
-                if chain:
-                    tree["stage"]["init_from"] = produced[chain[0]]
-                    stage_cfg = config_from_dict(tree)
-                    break
+            groups = stage(name).source_order(stage_cfg)
+            last = next((s for group in groups for s in reversed(produced) if s in group), None)
+            if last is not None:
+                tree["stage"]["init_from"] = produced[last]
+                stage_cfg = config_from_dict(tree)
         sub_dir = (job_dir / f"{i}_{entry}") if job_dir is not None else None
         out = run_stage(stage_cfg, tree, hydra_info, sub_dir, show_config=cfg.run.print_config)
         results.append({"stage": entry, "kind": name, **out})
@@ -230,25 +226,19 @@ def run_pipeline(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optiona
 
 # --------------------------------------------------------------------------- hydra glue
 
-def _hydra_info() -> tuple[dict, Optional[Path]]:
+def run_job(dcfg: DictConfig) -> dict:
     import os
+    composed = validate.resolved_tree(dcfg)
+    cfg = config_from_dict(composed)
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    info = {
+    hydra_info = {
         "overrides": list(hc.overrides.task),
         "choices": {k: v for k, v in dict(hc.runtime.choices).items() if not k.startswith("hydra/")},
         "in_process": not multirun and "SLURM_JOB_ID" not in os.environ,   # Slurm: the launcher task
     }
-    return info, Path(hc.runtime.output_dir) if multirun else None
-
-
-def run_job(dcfg: DictConfig) -> dict:
-    composed = validate.resolved_tree(dcfg)
-    cfg = config_from_dict(composed)
-    hydra_info, job_dir = _hydra_info()
-    if cfg.run.pipeline:
-        return run_pipeline(cfg, composed, hydra_info, job_dir)
-    return run_stage(cfg, composed, hydra_info, job_dir)
+    job_dir = Path(hc.runtime.output_dir) if multirun else None
+    return (run_pipeline if cfg.run.pipeline else run_stage)(cfg, composed, hydra_info, job_dir)
 
 
 def objective(out: dict, key: Optional[str], stage_name: str) -> float:
@@ -261,12 +251,11 @@ def objective(out: dict, key: Optional[str], stage_name: str) -> float:
     if out.get("status") != "completed":
         return float("nan")
     last = out["stages"][-1] if "stages" in out else out  # a pipeline: its last stage
-    result = Result.from_dict(last.get("result"))
     asked = key is not None
     key = key or stage(last.get("kind", stage_name)).headline
     if key is None:  # a stage without a headline (tokenizer, serve)
         return float("nan")
-    value = result.get(key)
+    value = Result.from_dict(last.get("result")).get(key)
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -301,10 +290,9 @@ def _hydra_entry(dcfg: DictConfig) -> Any:
 
 def exit_code() -> int:
     from launch.callbacks import FAILED_JOBS
-    if not FAILURES and not FAILED_JOBS:
-        return 0
-    preempted = all(": preempted" in f for f in FAILURES) and not FAILED_JOBS
-    return 75 if preempted else 1
+    if FAILED_JOBS or not all(": preempted" in f for f in FAILURES):
+        return 1
+    return EXIT_PREEMPTED if FAILURES else 0
 
 
 def sweep_jobs(argv: list[str]) -> tuple[str, list[list[str]]]:

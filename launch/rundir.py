@@ -5,12 +5,12 @@ passed in as plain data by launch/run.py.
 """
 from __future__ import annotations
 
+import contextlib
 import getpass
 import importlib.metadata
 import os
 import platform
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
+from launch.validate import command_output
 from nanochat.common import atomic_write_json, atomic_write_text
 from nanochat.config import Config, ConfigError, config_to_dict
 from nanochat.integrity import select_resume_checkpoint, verify
@@ -70,12 +71,10 @@ def resolve_source(cfg: Config, st: Stage) -> tuple[Path, Optional[str]]:
         return _checked_run_dir(cfg, value), None
     first, rest = st.source_order(cfg)
     any_tag = st.source_tag == "any"
-    found = _newest(cfg, first, any_tag)
-    if found is not None:
+    if (found := _newest(cfg, first, any_tag)) is not None:
         return found.resolve(), None
     where = "" if any_tag else f" for tag {run_tag(cfg)}"
-    other = _newest(cfg, rest, any_tag)
-    if other is not None:
+    if (other := _newest(cfg, rest, any_tag)) is not None:
         return other.resolve(), (f"no completed {first[0]} run{where}: starting from the newest "
                                  f"{other.parents[1].name} run, whose generation picks the rules "
                                  f"(stage.init_stage={first[0]} insists on {first[0]})")
@@ -110,8 +109,8 @@ def _checked_run_dir(cfg: Config, value: str) -> Path:
     return path.resolve()
 
 
-def check_resume_policy(cfg: Config, run_dir: Path, verify_checkpoints: bool = True) -> Optional[Path]:
-    """Apply run.resume against the run dir's checkpoints; returns the checkpoint to resume from.
+def check_resume_policy(cfg: Config, run_dir: Path, verify_checkpoints: bool = True) -> None:
+    """Apply run.resume against the run dir's checkpoints; the workers resume from the newest one left.
 
     Only the run dir's owner verifies (and may move bad checkpoints aside): the other nodes of a
     multi-node job pass verify_checkpoints=False.
@@ -124,22 +123,15 @@ def check_resume_policy(cfg: Config, run_dir: Path, verify_checkpoints: bool = T
     if policy == "never" and ckpts:
         raise ConfigError("run.resume", policy, f"{run_dir} already has checkpoints ({ckpts[-1].name}); use "
                           "run.resume=auto to continue it or a fresh run.dir", "would overwrite checkpoints")
-    if policy == "never" or not ckpts:
-        return None
-    if not verify_checkpoints:
-        return ckpts[-1]
-    # verify checksums newest first: a bad checkpoint is moved aside (auto) or refuses the launch (must)
-    return select_resume_checkpoint(run_dir, policy)
+    if ckpts and verify_checkpoints:   # (never with checkpoints was refused above)
+        # verify checksums newest first: a bad checkpoint is moved aside (auto) or refuses the launch (must)
+        select_resume_checkpoint(run_dir, policy)
 
 
 # --------------------------------------------------------------------------- freezing
 
 def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
+    return command_output(["git", *args], cwd=str(REPO_ROOT)) or ""
 
 
 def git_info() -> dict[str, Any]:
@@ -149,12 +141,10 @@ def git_info() -> dict[str, Any]:
 
 
 def package_versions() -> dict[str, Optional[str]]:
-    out = {}
+    out = dict.fromkeys(PACKAGES)
     for name in PACKAGES:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
     return out
 
 

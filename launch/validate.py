@@ -22,21 +22,24 @@ def check_slurm_sweep(argv: list[str]) -> None:
     The launcher's fields (nodes, gpus_per_node, ...) are resolved ONCE from the master
     config, so a sweep over hardware would submit every job with the first job's resources.
     """
-    if not any(a in MULTIRUN_FLAGS for a in argv):
-        return
-    if not any(re.match(r"^hydra/launcher=.*slurm", a) for a in argv):
+    if not (any(a in MULTIRUN_FLAGS for a in argv) and any(re.match(r"^hydra/launcher=.*slurm", a) for a in argv)):
         return
     for a in argv:
         key, _, value = a.lstrip("+~").partition("=")
-        if (key == "hardware" or key.startswith("hardware.")) and _is_sweep(value):
+        swept = "," in value or re.match(r"^\s*(range|choice|glob|interval)\(", value)
+        if (key == "hardware" or key.startswith("hardware.")) and swept:
             raise ConfigError(key, value,
                               "run one sweep per hardware setting (e.g. hardware=8gpu), or use the basic launcher",
                               "cannot sweep hardware.* under hydra/launcher=slurm: Slurm resources "
                               "(nodes, gpus_per_node) are fixed for the whole sweep")
 
 
-def _is_sweep(value: str) -> bool:
-    return "," in value or re.match(r"^\s*(range|choice|glob|interval)\(", value) is not None
+def command_output(cmd: list[str], timeout: float = 10, cwd: Optional[str] = None) -> Optional[str]:
+    """stdout of a short outside command (git, scontrol, nvidia-smi); None when it cannot run or hangs."""
+    try:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
 
 
 def visible_gpus() -> Optional[int]:
@@ -44,24 +47,18 @@ def visible_gpus() -> Optional[int]:
     vis = os.environ.get("CUDA_VISIBLE_DEVICES")
     if vis is not None:
         return len([v for v in vis.split(",") if v.strip() and v.strip() != "-1"])
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-            return len([l for l in out.splitlines() if l.startswith("GPU ")])
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-    return 0
+    if not shutil.which("nvidia-smi"):
+        return 0
+    out = command_output(["nvidia-smi", "-L"], timeout=20)
+    return None if out is None else len([l for l in out.splitlines() if l.startswith("GPU ")])
 
 
 def gpu_compute_caps() -> Optional[list[tuple[int, int]]]:
     """Compute capability of each visible GPU from nvidia-smi (no torch import); None if unknown."""
-    if not shutil.which("nvidia-smi"):
-        return None
+    out = command_output(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], timeout=20)
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout
-        return [tuple(int(x) for x in line.strip().split(".")) for line in out.splitlines() if line.strip()]
-    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None if out is None else [tuple(int(x) for x in l.split(".")) for l in out.split()]
+    except ValueError:
         return None
 
 
@@ -75,8 +72,7 @@ def check_fp8(cfg: Config) -> None:
     if hw.device != "cuda":
         raise ConfigError("model.fp8", m.fp8, fix, f"fp8 training needs an NVIDIA GPU with fp8 matmuls "
                           f"(compute capability >= 8.9: Ada, Hopper, Blackwell); hardware.device={hw.device}")
-    caps = gpu_compute_caps()
-    old = [c for c in (caps or []) if c < (8, 9)]
+    old = [c for c in gpu_compute_caps() or [] if c < (8, 9)]
     if old:
         raise ConfigError("model.fp8", m.fp8, fix, f"this GPU (compute capability {old[0][0]}.{old[0][1]}) has "
                           f"no fp8 matmuls; they need 8.9 or newer (Ada, Hopper, Blackwell)")

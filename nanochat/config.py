@@ -9,6 +9,7 @@ how typos such as `+model.typo=1` (that Hydra lets through) are caught.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -323,9 +324,6 @@ class Config:
 
 # --------------------------------------------------------------------------- validation
 
-_TOP_KEYS_IGNORED = {"hydra"}  # present only when Hydra adds it
-
-
 _NUMBER = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
 # annotation → (accepts the value, converts it, fix, problem)
 _SCALARS = {
@@ -343,32 +341,29 @@ _SCALARS = {
 }
 
 
-def _check_value(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against annotation `tp`; return the (possibly coerced) value."""
+def _check_value(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` (of `key`) against annotation `tp`; return the (possibly coerced) value."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
         first = None
         # str last: typing caches Unions ignoring order, so Union[int, str] may list str first
-        for a in sorted(args, key=lambda a: a is str):
+        for a in sorted((a for a in typing.get_args(tp) if a is not type(None)), key=lambda a: a is str):
             try:
-                return _check_value(key, value, a)
+                return _check_value(a, value, key)
             except ConfigError as e:
                 first = first or e
         raise first
     if value is None:
         name = getattr(tp, "__name__", str(tp)).replace("typing.", "")
         raise ConfigError(key, value, f"set {key} to a {name} (null is not allowed here)", "missing value")
-    accepts, convert, fix, problem = _SCALARS.get(origin or tp, (None, None, None, None))
-    if accepts is None:
+    if (origin or tp) not in _SCALARS:
         return value
-    if accepts(value):
-        try:
+    accepts, convert, fix, problem = _SCALARS[origin or tp]
+    with contextlib.suppress(ValueError):  # a string that is not a number
+        if accepts(value):
             return convert(value)
-        except ValueError:  # a string that is not a number
-            pass
     raise ConfigError(key, value, fix.format(key), problem)
 
 
@@ -380,20 +375,15 @@ def _build(cls: type, tree: Any, prefix: str, schemas: Optional[dict] = None) ->
     hints = {**typing.get_type_hints(cls), **(schemas or {})}
     fields = [f.name for f in dataclasses.fields(cls)]
     where = f"{prefix}." if prefix else ""
-    unknown = [k for k in tree if k not in fields]
-    if unknown:
-        k = unknown[0]
+    k = next((k for k in tree if k not in fields), None)
+    if k is not None:
         close = difflib.get_close_matches(k, fields, n=1)
         valid = f"valid keys of {prefix}" if prefix else "top-level keys"
         fix = f"did you mean {where}{close[0]}?" if close else f"remove it; {valid}: {', '.join(sorted(fields))}"
         raise ConfigError(f"{where}{k}", tree[k], fix, "unknown key")
-    kwargs = {}
-    for name in fields:
-        if name in tree:
-            tp, key = hints[name], where + name
-            kwargs[name] = _build(tp, tree[name], key) if dataclasses.is_dataclass(tp) else \
-                _check_value(key, tree[name], tp)
-    return cls(**kwargs)
+    # in the order of the fields: the first bad one is the one reported
+    return cls(**{n: (_build if dataclasses.is_dataclass(hints[n]) else _check_value)(hints[n], tree[n], where + n)
+                  for n in fields if n in tree})
 
 
 _CHOICES = {
@@ -427,34 +417,6 @@ _RULES = (
 )
 
 
-# stage keys of run dirs frozen before stages were declared in Python: dropped when such a run is read
-RETIRED_STAGE_KEYS = ("worker", "planner", "sources", "default_source", "source_tag", "schema")
-
-
-def config_from_dict(tree: dict, frozen: bool = False) -> Config:
-    """Validate a plain dict (the composed, resolved config; frozen: a run dir's) and build the dataclass."""
-    from nanochat.stages import stage  # the stage's declaration owns its schema
-    tree = {k: v for k, v in tree.items() if k not in _TOP_KEYS_IGNORED}
-    stage_tree = tree.get("stage") or {}
-    if frozen and isinstance(tree.get("stage"), dict):
-        tree["stage"] = {k: v for k, v in stage_tree.items() if k not in RETIRED_STAGE_KEYS}
-    name = stage_tree.get("name", StageConfig.name) if isinstance(stage_tree, dict) else StageConfig.name
-    cfg = _build(Config, tree, "", {"stage": stage(name).schema})
-    for key, choices in _CHOICES.items():
-        v = operator.attrgetter(key)(cfg)
-        if v not in choices:
-            raise ConfigError(key, v, f"use one of: {', '.join(choices)}", "invalid choice")
-    _check_ranges(cfg)
-    if cfg.data.source == "mixture" or cfg.data.mixture is not None:
-        from nanochat.mixture import check_mixture  # torch-free
-        check_mixture(cfg.data)
-    for key, bad, fix, problem in _RULES:
-        v = operator.attrgetter(key)(cfg)
-        if bad(v, cfg):
-            raise ConfigError(key, v, fix(cfg) if callable(fix) else fix, problem)
-    return cfg
-
-
 # Numbers that must be > 0 (or >= 0) when set; null still means "derive it". Without these, a 0 or a
 # negative value ends as a ZeroDivisionError deep in plan.py (found by tests/test_config_fuzz.py).
 _POSITIVE = ("model.depth", "model.sequence_len", "model.aspect_ratio", "model.head_dim", "model.n_embd",
@@ -468,26 +430,43 @@ _NON_NEGATIVE = ("stage.num_iterations", "stage.warmup_steps", "stage.embedding_
                  "stage.matrix_lr", "stage.scalar_lr", "stage.weight_decay", "stage.warmup_ratio",
                  "stage.warmdown_ratio", "stage.final_lr_frac", "stage.grad_clip", "stage.init_lr_frac",
                  "model.softcap", "data.val_fraction", "run.log_interval_s")
-_MISSING = object()
+_RANGES = {**dict.fromkeys(_POSITIVE, (1e-300, "positive")), **dict.fromkeys(_NON_NEGATIVE, (0, "zero or positive"))}
 
 
-def _check_ranges(cfg: Config) -> None:
-    for group in ("model", "hardware", "data", "stage", "run"):
-        obj = getattr(cfg, group)
-        for f in dataclasses.fields(obj):
-            v = getattr(obj, f.name)
+# stage keys of run dirs frozen before stages were declared in Python: dropped when such a run is read
+RETIRED_STAGE_KEYS = ("worker", "planner", "sources", "default_source", "source_tag", "schema")
+
+
+def config_from_dict(tree: dict, frozen: bool = False) -> Config:
+    """Validate a plain dict (the composed, resolved config; frozen: a run dir's) and build the dataclass."""
+    from nanochat.stages import stage  # the stage's declaration owns its schema
+    tree = {k: v for k, v in tree.items() if k != "hydra"}  # present only when Hydra adds it
+    stage_tree = tree["stage"] if isinstance(tree.get("stage"), dict) else {}  # not a mapping: _build says so
+    if frozen and stage_tree:
+        tree["stage"] = {k: v for k, v in stage_tree.items() if k not in RETIRED_STAGE_KEYS}
+    name = stage_tree.get("name", StageConfig.name)
+    cfg = _build(Config, tree, "", {"stage": stage(name).schema})
+    for key, choices in _CHOICES.items():
+        v = operator.attrgetter(key)(cfg)
+        if v not in choices:
+            raise ConfigError(key, v, f"use one of: {', '.join(choices)}", "invalid choice")
+    for group in ("model", "hardware", "data", "stage", "run"):   # every number finite, those in _RANGES in range
+        for f in dataclasses.fields(getattr(cfg, group)):
+            key, v = f"{group}.{f.name}", getattr(getattr(cfg, group), f.name)
             if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"{group}.{f.name}", v, f"use a finite number for {group}.{f.name}", "not finite")
-    for keys, low, word in ((_POSITIVE, 1e-300, "positive"), (_NON_NEGATIVE, 0, "zero or positive")):
-        for key in keys:
-            group, name = key.split(".")
-            v = getattr(getattr(cfg, group), name, _MISSING)
-            if v is _MISSING or v is None or isinstance(v, (bool, str)):  # "auto" is checked by its own rule
-                continue
-            if v < low:
-                nullable = {f.name: f.default for f in dataclasses.fields(getattr(cfg, group))}.get(name) is None
-                raise ConfigError(key, v, f"{key} must be {word}" + (" (or null to derive it)" if nullable else ""),
-                                  "out of range")
+                raise ConfigError(key, v, f"use a finite number for {key}", "not finite")
+            low, word = _RANGES.get(key, (-math.inf, ""))
+            if _NUMBER(v) and v < low:   # "auto" (a str) is checked by its own rule
+                derive = " (or null to derive it)" if f.default is None else ""
+                raise ConfigError(key, v, f"{key} must be {word}{derive}", "out of range")
+    if cfg.data.source == "mixture" or cfg.data.mixture is not None:
+        from nanochat.mixture import check_mixture  # torch-free
+        check_mixture(cfg.data)
+    for key, bad, fix, problem in _RULES:
+        v = operator.attrgetter(key)(cfg)
+        if bad(v, cfg):
+            raise ConfigError(key, v, fix(cfg) if callable(fix) else fix, problem)
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict:

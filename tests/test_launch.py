@@ -160,7 +160,7 @@ def test_slurm_sweep_is_planned_before_anything_is_submitted(base_dir, workdir):
     assert ["model.depth=8", "sweep=depths", "stage.num_iterations=6"] in jobs
     sweep = workdir / "slurm_sweep"
     p = run_cli(["-m", "hydra/launcher=slurm", "stage=pretrain", "hardware=1gpu", "data=climbmix",
-                 "hardware.device_batch_size=128", "model.depth=8,32", f"hydra.sweep.dir={sweep}"], base_dir, workdir,
+                 "hardware.device_batch_size=128", "model.depth=4,32", f"hydra.sweep.dir={sweep}"], base_dir, workdir,
                 env_extra={"CUDA_VISIBLE_DEVICES": ""})
     out = p.stdout + p.stderr
     assert p.returncode == 2, out

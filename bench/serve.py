@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import gc
 import json
 import operator
 import os
@@ -111,6 +112,7 @@ def serve_only(args) -> None:
         async def app_(scope, receive, send, inner=app):   # when the request reached our app
             ARRIVED.set(time.perf_counter())
             await inner(scope, receive, send)
+    gc.freeze()   # as the serve stage does before serving (nanochat/stages/serve.py)
     with contextlib.suppress(KeyboardInterrupt):
         uvicorn.run(app_ if log else app, host="127.0.0.1", port=args.port, log_level="warning", lifespan="off")
     if log:

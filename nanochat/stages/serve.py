@@ -10,6 +10,7 @@ streams end with finish_reason "cancelled"), and return normally: the run is COM
 """
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -91,6 +92,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
     server = _Server(uvicorn.Config(app, host=st.host, port=st.port, log_level="warning", access_log=False,
                                     timeout_graceful_shutdown=st.shutdown_grace_s + 2.0, lifespan="off"),
                      app, pool, st.shutdown_grace_s, settings.model_name, source)
+    # everything alive now (torch, the model, FastAPI) goes to the permanent generation: a full
+    # collection then scans only what serving creates, ~0 ms instead of ~90-140 ms during which every
+    # stream stalls (measured on the demo model)
+    gc.freeze()
     started = time.time()
     try:
         server.run()

@@ -81,10 +81,10 @@ def plan_memory(cfg: Config, source, sp, st):
 
     hardware.device_batch_size=auto: on a machine with the GPU (a real run) the device probe above;
     without one, the largest power of two whose simulated peak fits 90% of hardware.gpu_memory_gb.
-    Every other GPU training plan checks the instant, torch-free memory floor (nanochat/shapes.py:
-    weights, gradients, optimizer state, one micro-batch's logits); hardware.memory_check=true (or an
-    auto batch that was simulated) rehearses the whole step instead and adds its memory table to the
-    plan's rows. A batch that does not fit is a ConfigError naming the largest
+    Every GPU training plan checks the instant, torch-free memory floor (nanochat/shapes.py: weights,
+    gradients, optimizer state, one micro-batch's logits and activations); then hardware.memory_check
+    =true (set for a Slurm submission's check when null, launch/run.py) or an auto batch that was
+    simulated rehearses the whole step and adds its memory table to the plan's rows. A batch that does not fit is a ConfigError naming the largest
     hardware.device_batch_size that does (simulated: only then does a plain dry run simulate).
     st: the stage's declaration (nanochat/stages), whose planner plans again with the chosen batch.
     """
@@ -118,16 +118,16 @@ def plan_memory(cfg: Config, source, sp, st):
     if p is None or not (gpu and rehearsable(cfg) and hw.gpu_memory_gb) or (sp.wants_probe and not simulated):
         return sp
     budget = HEADROOM * hw.gpu_memory_gb
-    if not (simulated or hw.memory_check):   # the instant floor; the whole step only when asked
-        floor = memory_floor(p.model, p.device_batch_size, p.grad_accum_steps, p.world_size, **floor_bytes)
-        gib = {k: v / GIB for k, v in floor.items()}
-        split = (f"weights {gib['weights']:.1f}, grads {gib['grads']:.1f}, optimizer {gib['optimizer']:.1f}, "
-                 f"one micro-batch's fp32 logits {gib['logits']:.1f}, activations {gib['activations']:.1f}")
-        if gib["total"] <= budget:
-            sp.rows.append(("memory floor / rank", f"{gib['total']:.1f} GiB of {hw.gpu_memory_gb:g} ({split}); "
-                                                   "hardware.memory_check=true rehearses the whole step"))
-            return sp
+    floor = memory_floor(p.model, p.device_batch_size, p.grad_accum_steps, p.world_size, **floor_bytes)
+    gib = {k: v / GIB for k, v in floor.items()}
+    split = (f"weights {gib['weights']:.1f}, grads {gib['grads']:.1f}, optimizer {gib['optimizer']:.1f}, "
+             f"one micro-batch's fp32 logits {gib['logits']:.1f}, activations {gib['activations']:.1f}")
+    if gib["total"] > budget:   # the instant floor first; the whole step only when asked
         problem = f"its memory floor {gib['total']:.1f} GiB per rank ({split} GiB)"
+    elif not (simulated or hw.memory_check):
+        sp.rows.append(("memory floor / rank", f"{gib['total']:.1f} GiB of {hw.gpu_memory_gb:g} ({split}); "
+                                               "hardware.memory_check=true rehearses the whole step"))
+        return sp
     else:
         check_request(cfg, "hardware.memory_check")
         res = run_simulation(cfg, p.to_dict())

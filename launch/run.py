@@ -319,18 +319,23 @@ def sweep_jobs(argv: list[str]) -> tuple[str, list[list[str]]]:
 
 def check_before_submitting(argv: list[str]) -> None:
     """Under the Slurm launcher, plan every job of the sweep here, as its dry run would, before anything
-    is queued: a bad config or a device batch over the GPU's memory (launch/probe.py) is a ConfigError
-    now, not a job that fails once Slurm has given it the GPUs. The hardware itself is checked in the
-    job (this host may have no GPU), and each job's source run must exist when it is submitted."""
+    is queued: a bad config or a device batch over the GPU's memory (launch/probe.py; the whole step is
+    rehearsed unless hardware.memory_check=false) is a ConfigError now, not a job that fails once Slurm
+    has given it the GPUs. The hardware itself is checked in the job (this host may have no GPU), and
+    each job's source run must exist when it is submitted."""
     from hydra import compose, initialize_config_dir
     if not (any(a in validate.MULTIRUN_FLAGS for a in argv)
             and any(a.startswith("hydra/launcher=") and "slurm" in a for a in argv)):
         return
     name, jobs = sweep_jobs(argv)
+    print(f"[nanochat] planning {len(jobs)} job(s) before submitting (a GPU job's step is rehearsed on fake "
+          f"tensors: minutes the first time, then cached)", flush=True)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         for i, job in enumerate(jobs):
             composed = validate.resolved_tree(compose(name, overrides=job))
             composed["run"]["dry_run"] = True
+            if composed["hardware"].get("memory_check") is None:   # null: rehearse GPU steps before queueing
+                composed["hardware"]["memory_check"] = True
             cfg = config_from_dict(composed)
             try:
                 with contextlib.redirect_stdout(io.StringIO()):   # the plan tables: the job prints them

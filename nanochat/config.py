@@ -114,7 +114,7 @@ class HardwareConfig:
     auto_batch_memory_gb: Optional[float] = None  # memory the auto probe may fill; null → the device's
     gpu_memory_gb: Optional[float] = None  # each GPU's memory: plan-time memory checks (nanochat/simulate.py)
     interconnect_gb_s: Optional[float] = None  # per-GPU bandwidth of the collectives, GB/s (traffic time)
-    memory_check: bool = False  # rehearse the step at plan time: a batch that does not fit is a ConfigError
+    memory_check: Optional[bool] = None  # rehearse the step at plan time (true), before a Slurm submission (null), never (false)
     attention: str = "auto"           # auto | sdpa | flex | flash (nanochat/attention.py)
     compile: bool = False
     num_threads: Optional[int] = None  # torch threads per rank on CPU; null → cores / nproc

@@ -151,21 +151,29 @@ def test_slurm_hardware_sweep_refused():
 
 def test_slurm_sweep_is_planned_before_anything_is_submitted(base_dir, workdir):
     """Under the Slurm launcher every job of the sweep (command-line sweeps and sweep=depths' params) is
-    planned before submission: one whose device batch is over the GPU's memory stops the whole sweep
-    with the planner's ConfigError (no sbatch, no sweep dir). The submitting host needs no GPU."""
+    planned before submission, its GPU step rehearsed (hardware.memory_check null): one whose device
+    batch is over the GPU's memory stops the whole sweep with the planner's ConfigError (no sbatch, no
+    sweep dir), over the instant floor (d32) or only over the rehearsed peak (d4 at batch 128: its fp32
+    logits and their softmax). The submitting host needs no GPU."""
     from launch.run import sweep_jobs
     name, jobs = sweep_jobs(["-m", "hydra/launcher=slurm", "sweep=depths", "stage.num_iterations=5,6",
                              "hydra.launcher.timeout_min=5"])
     assert name == "config" and len(jobs) == 6
     assert ["model.depth=8", "sweep=depths", "stage.num_iterations=6"] in jobs
     sweep = workdir / "slurm_sweep"
-    p = run_cli(["-m", "hydra/launcher=slurm", "stage=pretrain", "hardware=1gpu", "data=climbmix",
-                 "hardware.device_batch_size=128", "model.depth=4,32", f"hydra.sweep.dir={sweep}"], base_dir, workdir,
+    gpu = ["-m", "hydra/launcher=slurm", "stage=pretrain", "hardware=1gpu", "data=climbmix", f"hydra.sweep.dir={sweep}"]
+    rehearsed = set((base_dir / "simulate").glob("*.json"))
+    p = run_cli([*gpu, "hardware.device_batch_size=32", "model.depth=4,32"], base_dir, workdir,
                 env_extra={"CUDA_VISIBLE_DEVICES": ""})
     out = p.stdout + p.stderr
     assert p.returncode == 2, out
-    assert "nothing submitted: job 2 of 2" in out and "model.depth=32" in out, out
+    assert "nothing submitted: job 2 of 2" in out and "model.depth=32" in out and "memory floor" in out, out
     assert "hardware.device_batch_size=4 (grad accumulation 64" in out and "Traceback" not in out, out
+    assert set((base_dir / "simulate").glob("*.json")) - rehearsed   # job 1 (d4) was rehearsed, and fits
+    p = run_cli([*gpu, "hardware.device_batch_size=128", "model.depth=4"], base_dir, workdir,
+                env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    out = p.stdout + p.stderr
+    assert p.returncode == 2 and "nothing submitted: job 1 of 1" in out and "the simulated peak" in out, out
     assert not sweep.exists()
 
 

@@ -27,13 +27,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def import_seconds(module: str, repeats: int = 3) -> float:
-    """Best-of wall time of `python -c 'import module'` minus a bare interpreter start."""
-    def best(code: str) -> float:
-        cmd = [sys.executable, "-c", code]
-        return min(timeit.repeat(lambda: subprocess.run(cmd, check=True, cwd=ROOT), number=1, repeat=repeats))
-    bare = best("pass")
-    return best(f"import {module}") - bare
+def python_seconds(code: str) -> float:
+    """Best-of-3 wall time of `python -c code` in a fresh interpreter."""
+    cmd = [sys.executable, "-c", code]
+    return min(timeit.repeat(lambda: subprocess.run(cmd, check=True, cwd=ROOT), number=1, repeat=3))
 
 
 def shard_bytes(i: int, mb: float) -> bytes:
@@ -53,8 +50,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=4)
     a = ap.parse_args()
 
+    bare = python_seconds("pass")   # each import's time is net of a bare interpreter start
     for module in ("launch.run", "nanochat.hub", "nanochat.dataset", "nanochat.tasks", "datasets"):
-        print(f"import {module:18s} {import_seconds(module):6.2f} s")
+        print(f"import {module:18s} {python_seconds(f'import {module}') - bare:6.2f} s")
 
     from hub_server import HubServer
     files = {f"shard_{i:05d}.parquet": shard_bytes(i, a.mb) for i in range(a.shards + 1)}  # +1: val

@@ -122,9 +122,8 @@ def check_train_step(args, dev, precision) -> dict:
     if args.small:
         grid = [(2, "seed", False), (2, "modern", False)] + ([(2, "seed", True)] if args.compile else [])
         seq, vocab, batch, steps = 64, 512, 2, 2
-    else:
-        grid = [(12, "seed", False), (12, "seed", True), (12, "modern", False), (12, "modern", True),
-                (20, "seed", True), (20, "modern", True)]
+    else:   # d12 eager and compiled, d20 compiled; seed and modern each
+        grid = [(d, g, c) for d, g, c in itertools.product((12, 20), ("seed", "modern"), (False, True)) if d == 12 or c]
         seq, vocab, batch, steps = 2048, 65536, args.device_batch, 8
     peak = training.peak_flops(dev, precision.compute_dtype)   # the MFU denominator the training stages log
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
@@ -195,9 +194,8 @@ def check_kv_decode(args, dev, precision) -> dict:
 
 def check_attention(args, dev, precision) -> dict:
     backends = A.available_backends(dev.type)
-    out, ok = {"backends": backends, "auto": A.resolve_backend("auto", dev.type)}, True
-    if dev.type == "cuda":
-        ok &= out["auto"] != "sdpa"        # windows must not run as dense masked SDPA on a GPU
+    out = {"backends": backends, "auto": A.resolve_backend("auto", dev.type)}
+    ok = dev.type != "cuda" or out["auto"] != "sdpa"   # windows must not run as dense masked SDPA on a GPU
     T, D = (128, 32) if args.small else (2048, 128)
     dtypes = [torch.float32] + ([torch.bfloat16] if dev.type == "cuda" else [])
     for backend, dtype, window in itertools.product(backends, dtypes, (1, T // 8, T)):
@@ -441,8 +439,7 @@ def main() -> int:
         return 2
     dev = torch.device("cuda:0" if args.device == "cuda" else "cpu")
     if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     precision = Precision.resolve(dev.type, "bfloat16")
     names = [n for n in args.only.split(",") if n] or list(CHECKS)
     unknown = [n for n in names if n not in CHECKS]

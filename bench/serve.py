@@ -325,10 +325,7 @@ def run_servers(servers: dict[str, list[str]], env: dict, work):
 
 
 def export_hf(args, out: Path) -> Path:
-    """The same weights in transformers' format (our Hugging Face export)."""
-    if args.run:
-        from nanochat.hf.export import export_run
-        return export_run(args.run, out)
+    """The same weights in transformers' format (our Hugging Face export's writer)."""
     import dataclasses
 
     from nanochat.hf.export import write_hf_dir

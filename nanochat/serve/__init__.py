@@ -6,6 +6,5 @@
     app.py        FastAPI routes that only translate protocols (OpenAI, nanochat SSE) into scheduler requests
     schema.py     Pydantic models of the request/response bodies (/docs, /openapi.json)
     metrics.py    Prometheus counters and histograms (prometheus-client)
-    plan.py       the serve plan (replicas, devices, KV-cache memory); pure Python, no torch
     static/index.html  the web UI (one file, no build step, no CDN)
 """

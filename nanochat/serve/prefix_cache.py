@@ -72,9 +72,7 @@ class PrefixCache:
         return found
 
     def read(self, blocks: list[int], k_out: torch.Tensor, v_out: torch.Tensor) -> None:
-        """Copy `blocks` into k_out/v_out (n_layer, n_kv_head, len(blocks) * block, head_dim) views."""
-        if not blocks:
-            return
+        """Copy `blocks` (at least one) into k_out/v_out (n_layer, n_kv_head, len(blocks) * block, head_dim) views."""
         idx = torch.tensor(blocks, device=self.k.device)
         for pool, out in ((self.k, k_out), (self.v, v_out)):
             out.unflatten(2, (len(blocks), self.block)).copy_(pool[idx].permute(1, 2, 0, 3, 4))

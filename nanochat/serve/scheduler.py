@@ -126,8 +126,7 @@ class Sequence:
         self.row: Optional[int] = None
         self.replica = 0                     # index of the replica (GPU) serving it
         self.state: Optional[RowState] = None
-        self.cancelled = False
-        self.finished = False
+        self.cancelled = self.finished = False
         self.submitted = time.perf_counter()
         self.first_token_at: Optional[float] = None
         self.last_token_at: Optional[float] = None
@@ -262,9 +261,7 @@ class Scheduler:
                       if warmup and getattr(model, "packed_for_inference", False) else [])
         self._last_submit = 0.0
         self.yield_core = False   # set on the scheduler thread (see _loop)
-        self.steps = 0
-        self.prefill_steps = 0
-        self.generated = 0
+        self.steps = self.prefill_steps = self.generated = 0
 
     def _pick_tile(self, wanted: int) -> Optional[int]:
         """The smallest row tile, from `wanted` (then 4), whose rows are row-invariant; None if none is."""
@@ -478,9 +475,7 @@ class Scheduler:
         for s in self.rows:
             if s is not None and s.cancelled:
                 self._free(s, "cancelled")
-        for i, g in enumerate(self.prefilling):
-            if g is not None and self._end_if_cancelled(g):
-                self.prefilling[i] = None
+        self.prefilling = [None if g and self._end_if_cancelled(g) else g for g in self.prefilling]
         with self._cv:
             self.waiting = deque(g for g in self.waiting if not self._end_if_cancelled(g))
 
@@ -511,9 +506,8 @@ class Scheduler:
         n = busy[-1][0] + 1
         ids = torch.zeros(n, T, dtype=torch.long)
         last = torch.zeros(n, dtype=torch.long)   # each row's last real token: the logits it needs
-        chunks = {}
+        chunks = {i: g.prompt[g.done:g.done + min(T, self.prefill_chunk)] for i, g in busy}
         for i, g in busy:
-            chunks[i] = g.prompt[g.done:g.done + min(T, self.prefill_chunk)]
             ids[i, :len(chunks[i])] = torch.tensor(chunks[i])
             last[i] = len(chunks[i]) - 1
         keys = self._prefill_keys(max(g.done for _, g in busy) + T)
@@ -592,9 +586,8 @@ class Scheduler:
     # -------------------------------------------------------------- decode
     def _padded_keys(self, keys: int) -> int:
         """The key length of a decode step whose longest row needs `keys`: rounded up to kv_bucket."""
-        if self.kv_bucket == 0:
-            return self.context
-        return min(self.context, -(-keys // self.kv_bucket) * self.kv_bucket)
+        bucket = self.kv_bucket or self.context   # 0: every step at the whole context
+        return min(self.context, -(-keys // bucket) * bucket)
 
     def _compact(self) -> None:
         """Move the highest busy row into the lowest free one while that saves a tile."""

@@ -51,7 +51,6 @@ def build_pool(cfg: Config, source: Path, metrics):
     """Load one replica per device and start its scheduler: (pool, tokenizer, meta)."""
     import torch
     from nanochat.chat_cli import load
-    from nanochat.serve.plan import replica_devices
     from nanochat.serve.scheduler import ReplicaPool, Scheduler
     st, hw = cfg.stage, cfg.hardware
     devices = replica_devices(cfg)
@@ -113,8 +112,7 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app, pool, grace: float, name: str, source: Path):
         super().__init__(config)
         self.app, self.pool, self.grace, self.name, self.source = app, pool, grace, name, source
-        self.url = None
-        self.stopped_by = None
+        self.url = self.stopped_by = None
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -140,10 +138,43 @@ class _Server(uvicorn.Server):
 
 # --------------------------------------------------------------------------- the declaration
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def replica_devices(cfg: Config) -> list[str]:
+    """One replica per GPU of the node (data parallel), a single one on CPU / MPS."""
+    hw = cfg.hardware
+    return [f"cuda:{i}" for i in range(hw.nproc_per_node)] if hw.device == "cuda" else [hw.device]
+
+
 def serve_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] = None) -> StagePlan:
-    from nanochat.serve.plan import serve_rows
-    sp = model_plan(cfg, source)
-    return StagePlan(sp.plan, sp.rows + serve_rows(cfg, sp.plan.model.n_kv_head, sp.plan.model.head_dim))
+    """The model's rows, then the server's: replicas, devices, KV-cache memory (pure Python, no torch)."""
+    sp, st, m = model_plan(cfg, source), cfg.stage, cfg.model
+    devs = replica_devices(cfg)
+    # keys + values of one replica: n_layer × rows × positions × kv heads × head_dim, for the decode cache
+    # (max(max_seqs, decode_tile) rows × context) and the prefill cache (prefill_rows rows × context + 32);
+    # the prefix cache comes on top (stage.prefix_cache_mb)
+    rows = max(st.max_seqs, st.decode_tile) * m.sequence_len + st.prefill_rows * (m.sequence_len + 32)
+    kv = 2 * m.depth * rows * sp.plan.model.n_kv_head * sp.plan.model.head_dim * DTYPE_BYTES.get(cfg.hardware.dtype, 4)
+    kv_text = f"{kv / 2 ** 30:.2f} GiB" if kv >= 2 ** 30 else f"{kv / 2 ** 20:.1f} MiB"
+    return StagePlan(sp.plan, sp.rows + [
+        ("serve", f"http://{st.host}:{st.port if st.port else '<free port>'}/  (OpenAI API at /v1, "
+                  f"nanochat SSE at /chat/completions)"),
+        ("replicas", f"{len(devs)} × ({', '.join(devs)}), {cfg.hardware.dtype}"),
+        ("batching", f"{st.max_seqs} sequences per replica, a step computes the rows in use (at least "
+                     f"{st.decode_tile}), queue {st.max_queue} (then 429); prefill {st.prefill_rows} prompts × "
+                     f"{st.prefill_chunk} tokens per forward"),
+        ("prefix cache", f"{st.prefix_cache_mb:g} MiB per replica (16-token blocks, LRU)" if st.prefix_cache_mb
+                         else "off"),
+        ("streaming", f"tokens sent at most every {st.stream_interval_ms:g} ms, several per chunk"
+                      if st.stream_interval_ms else "a chunk per token"),
+        ("api key", "required (Authorization: Bearer) on /v1/* and /chat/completions"
+                    if (st.api_key or os.environ.get("NANOCHAT_API_KEY")) else "none (open)"),
+        ("context", f"{m.sequence_len} tokens; KV cache {kv_text} per replica"),
+        ("defaults", f"temperature {st.temperature}, top_k {st.top_k}, max_tokens {st.max_tokens}"),
+        ("limits", f"{st.max_messages} messages, {st.max_message_chars:,} chars each, {st.max_total_chars:,} total; "
+                   f"temperature ≤ {st.max_temperature}, top_k ≤ {st.max_top_k}, max_tokens ≤ {st.max_max_tokens}"),
+    ])
 
 
 def check_serve(cfg: Config) -> None:

@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import gc
 import json
@@ -60,8 +61,6 @@ CLIENT_LOG: list = []   # (pattern, k, prompt, sent, first token) of every reque
 def prepare_random_model(out: Path) -> None:
     """A demo-size GPT with random weights and a 4096-token tokenizer trained on the demo corpus, as a
     checkpoint (checkpoints/step_*/ as a run's) and the tokenizer beside it."""
-    import dataclasses
-
     import torch
 
     from nanochat.checkpoint import step_dir_name
@@ -159,8 +158,7 @@ def engine_tok_s(eng, args, prompt: list[int]) -> float:
     for _ in range(args.repeats):
         for k in (short, args.tokens):
             t0 = time.perf_counter()
-            for _ in eng.generate(prompt, max_tokens=k, temperature=0.0):
-                pass
+            list(eng.generate(prompt, max_tokens=k, temperature=0.0))   # run it to the end
             best[k] = min(best.get(k, float("inf")), time.perf_counter() - t0)
     return (args.tokens - short) / (best[args.tokens] - best[short])   # as the clients measure: by difference
 
@@ -194,8 +192,7 @@ async def one_stream(client, url: str, model: str, messages: list[dict], tokens:
     body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": tokens,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    first = None
-    n, text = 0, []
+    first, n, text = None, 0, []
     async with client.stream("POST", url + "v1/chat/completions", json=body) as resp:
         resp.raise_for_status()
         async for line in resp.aiter_lines():
@@ -326,8 +323,6 @@ def run_servers(servers: dict[str, list[str]], env: dict, work):
 
 def export_hf(args, out: Path) -> Path:
     """The same weights in transformers' format (our Hugging Face export's writer)."""
-    import dataclasses
-
     from nanochat.hf.export import write_hf_dir
     model, tok = load_model(args)
     out.mkdir(parents=True)

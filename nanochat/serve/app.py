@@ -19,6 +19,7 @@ its sequences, which free their KV-cache rows at the scheduler's next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import itertools
 import json
@@ -80,10 +81,8 @@ class _Mailbox:
                 return                      # a flush is already scheduled
             self.armed = True
             delay = 0.0 if urgent else self.interval - (time.monotonic() - self.last)
-        try:
+        with contextlib.suppress(RuntimeError):   # the event loop is gone (server stopped): nobody is listening
             self.loop.call_soon_threadsafe(self._arm, delay)
-        except RuntimeError:                # the event loop is gone (server stopped): nobody is listening
-            pass
 
     def _arm(self, delay: float) -> None:
         if delay > 0:
@@ -209,10 +208,8 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
 
     def check_key(request: Request) -> None:
         """401 unless the request carries the API key (constant-time comparison)."""
-        if key is None:
-            return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key):
+        if key is not None and (scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key)):
             raise RequestError("missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
                                None, "invalid_api_key", status=401, headers={"WWW-Authenticate": "Bearer"})
 
@@ -319,12 +316,11 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
         openapi_extra=_body("NanochatChatRequest"))
     async def nanochat_chat(request: Request):
         _, sub = await accept(request, one=True)
-        replica = sub.seqs[0].replica
+        seq = sub.seqs[0]
 
         def frame(ev: Event) -> str:
             if ev.kind != "done":
-                return _sse({"token": ev.text, "gpu": replica, "kind": ev.kind})
-            seq = sub.seqs[0]
+                return _sse({"token": ev.text, "gpu": seq.replica, "kind": ev.kind})
             n = len(seq.tokens)   # each one timed (first_token_at, last_token_at)
             took = seq.last_token_at - seq.first_token_at if n > 1 else 0
             tps = (n - 1) / took if took > 0 else None

@@ -20,8 +20,7 @@ class ServerMetrics:
     """The registry; schedulers count into it from their threads (prometheus-client is thread-safe)."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
+        self.registry = r = CollectorRegistry()
         self.requests = Counter("nanochat_requests", "Requests answered", ["route", "status"], registry=r)
         self.generated = Counter("nanochat_generated_tokens", "Tokens generated", registry=r)
         self.finished_seqs = Counter("nanochat_sequences_finished", "Sequences ended, by reason", ["reason"],

@@ -34,8 +34,7 @@ class PrefixCache:
         self.lru: OrderedDict[int, None] = OrderedDict()         # blocks in use, least recently used first
         self.free: list[int] = []
         self.block_bytes = 0
-        self.hits = self.misses = self.evictions = 0
-        self.reused_tokens = 0
+        self.hits = self.misses = self.evictions = self.reused_tokens = 0
 
     @property
     def used(self) -> int:

@@ -171,9 +171,8 @@ class Sequence:
         """Stream one generated token; returns True when a stop string was hit."""
         name = special_names.get(token)
         if name is not None:
-            tail = self._decoder.decode(b"", final=True)   # a special token ends any partial character
-            self._decoder.reset()
-            if self._out(tail):
+            # a special token ends any partial character (a final decode also empties the decoder)
+            if self._out(self._decoder.decode(b"", final=True)):
                 return True
             kind = TOOL_KINDS.get(name)
             if kind is None:
@@ -228,8 +227,7 @@ class Scheduler:
                  decode_tile: int = 1, prefill_rows: int = 16, prefill_chunk: int = 256,
                  prefix_cache_mb: float = 256.0, threads: Optional[int] = None, warmup: bool = False):
         """The sizes are checked where a user sets them (stage.* in nanochat/stages/serve.py)."""
-        self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.threads = threads
+        self.model, self.tokenizer, self.name, self.threads = model, tokenizer, name, threads
         self.engine = Engine(model, tokenizer)
         self.device = model.lm_head.weight.device
         self.context = model.config.sequence_len
@@ -253,8 +251,7 @@ class Scheduler:
         self.waiting: deque[_Group] = deque()
         self.special_names = {tokenizer.encode_special(n): n for n in tokenizer.get_special_tokens()}
         self._cv = threading.Condition()
-        self._stopping = False
-        self._accepting = True
+        self._stopping, self._accepting = False, True
         self._thread: Optional[threading.Thread] = None
         # idle-time warm-up (warmup=True): shapes left to run, smallest first (popped from the end)
         self._warm = (list(reversed(self._warm_shapes()))
@@ -364,8 +361,7 @@ class Scheduler:
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel everything in flight (their streams end with finish_reason 'cancelled') and join."""
         with self._cv:
-            self._accepting = False
-            self._stopping = True
+            self._accepting, self._stopping = False, True
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout)

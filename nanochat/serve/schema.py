@@ -78,12 +78,9 @@ class ChunkChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(ChatCompletion):   # id, created and model as a whole answer's
     """One `data:` event of a streamed answer (`stream` true); the stream ends with `data: [DONE]`."""
-    id: str
     object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
     choices: list[ChunkChoice]
     usage: Optional[Usage] = Field(None, description="last chunk only, with stream_options.include_usage")
 

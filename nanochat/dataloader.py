@@ -59,9 +59,8 @@ class DataLoader:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         if data_cfg.packing not in ("stream", "bestfit"):
             raise ValueError(f"data.packing={data_cfg.packing!r}: use stream or bestfit")
-        self.cfg, self.split, self.rank, self.device = data_cfg, split, rank, torch.device(device)
         base_dir = get_base_dir(None) if base_dir is None else Path(base_dir).expanduser()
-        self._pipe = _Pipeline(data_cfg, tokenizer, batch_size, seq_len, split, rank, world_size, self.device,
+        self._pipe = _Pipeline(data_cfg, tokenizer, batch_size, seq_len, split, rank, world_size, torch.device(device),
                                base_dir, buffer_size, max_epochs, seed)
         # what a saved state must match: exact resume needs the same stream of documents and rows
         self._identity = {"version": STATE_VERSION, "split": split, "rank": rank, "world_size": world_size,
@@ -85,7 +84,7 @@ class DataLoader:
             # the thread holds only the pipeline, never this object: an unreferenced loader is
             # garbage collected and its __del__ stops the thread
             self._thread = threading.Thread(target=self._pipe.produce, args=(self._state, self._stop, self._queue),
-                                            name=f"dataloader-{self.split}-r{self.rank}", daemon=True)
+                                            name=f"dataloader-{self._pipe.split}-r{self._pipe.rank}", daemon=True)
             self._thread.start()
         while True:
             try:
@@ -98,10 +97,10 @@ class DataLoader:
             self._queue.put(_END)  # stay exhausted
             raise StopIteration
         if isinstance(item, BaseException):
-            raise RuntimeError(f"data loader ({self.split}, rank {self.rank}) failed: {item}") from item
+            raise RuntimeError(f"data loader ({self._pipe.split}, rank {self._pipe.rank}) failed: {item}") from item
         inputs, targets, self._state = item
         self.batches_yielded += 1
-        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        return inputs.to(self._pipe.device, non_blocking=True), targets.to(self._pipe.device, non_blocking=True)
 
     def state_dict(self) -> dict:
         """JSON-serializable state after the last batch returned by `next()`."""
@@ -136,7 +135,7 @@ class DataLoader:
         indices internally; the saved state names shards by file name (buffered docs as references)."""
         docs = self._pipe.docs
         one, ref = ((docs.pos_out, lambda p: docs.pos_out(p, ref=True)) if out else (docs.pos_in, docs.pos_in))
-        key = "head" if self.cfg.packing == "stream" else "after"
+        key = "head" if self._pipe.cfg.packing == "stream" else "after"
         res = {"epoch": int(st.get("epoch", 0)), key: None if st.get(key) is None else one(st[key])}
         if key == "head":  # stream: tokens of the head document already used
             res["offset"] = int(st.get("offset", 0))

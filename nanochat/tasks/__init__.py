@@ -30,12 +30,11 @@ from nanochat.tasks.arc import ARC
 from nanochat.tasks.arithmetic import Arithmetic
 from nanochat.tasks.common import (Conversation, Task, TaskDataError, TaskMixture, TaskSequence, answers_match,
                                    assistant_text, extract_answer, render_mc)
-from nanochat.tasks.customjson import CustomJSON, identity_conversations
+from nanochat.tasks.conversations import (CustomJSON, HubConversations, SmolTalk, identity_conversations,
+                                          parse_hub_source)
 from nanochat.tasks.gsm8k import GSM8K
 from nanochat.tasks.humaneval import HumanEval
-from nanochat.tasks.hubtask import HubConversations, parse_hub_source
 from nanochat.tasks.mmlu import MMLU
-from nanochat.tasks.smoltalk import SmolTalk
 from nanochat.tasks.spellingbee import SimpleSpelling, SpellingBee
 
 __all__ = ["Task", "TaskMixture", "TaskSequence", "TaskDataError", "Conversation", "render_mc", "extract_answer",

@@ -66,18 +66,19 @@ class Task:
         return float(self.evaluate(conversation, completion))
 
     # slicing
+    def indices(self) -> range:
+        """The physical indices of the sliced view."""
+        return range(self.num_examples())[self.start:self.stop:self.step]
+
     def __len__(self) -> int:
-        stop = self.num_examples() if self.stop is None else min(self.stop, self.num_examples())
-        return max(0, (stop - self.start + self.step - 1) // self.step)
+        return len(self.indices())
 
     def __getitem__(self, index: int) -> Conversation:
         """The example at `index` of the sliced view; IndexError past the end (which also ends `for ex in task`)."""
-        n = len(self)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"{type(self).__name__} index {index} out of range (len {n})")
-        return self.get_example(self.start + index * self.step)
+        view = self.indices()
+        if not -len(view) <= index < len(view):
+            raise IndexError(f"{type(self).__name__} index {index} out of range (len {len(view)})")
+        return self.get_example(view[index])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(len={len(self)})"
@@ -111,8 +112,7 @@ class TaskMixture(Task):
 
     def task_of(self, index: int) -> Task:
         """The sub-task that example `index` (sliced view) came from: evaluate/reward through it."""
-        ti, _ = self.index_map[self.start + index * self.step]
-        return self.tasks[ti]
+        return self.tasks[self.index_map[self.indices()[index]][0]]
 
     def evaluate(self, conversation: Conversation, completion: str) -> bool | int:
         noun = type(self).__name__.removeprefix("Task").lower()
@@ -227,9 +227,7 @@ def answers_match(pred: str | None, ref: str | None) -> bool:
 
 def assistant_text(message_content: str | list) -> str:
     """Flatten assistant content (str or parts) to the text the model would see."""
-    if isinstance(message_content, str):
-        return message_content
-    return "".join(part["text"] for part in message_content)
+    return message_content if isinstance(message_content, str) else "".join(p["text"] for p in message_content)
 
 
 # ----------------------------------------------------------------------------- data through `datasets`

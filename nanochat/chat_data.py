@@ -32,14 +32,12 @@ class _ChatLoader:
         self.task, self.tok = task, tokenizer
         self.B, self.T, self.rank, self.world = batch_size, seq_len, rank, world
         self.device = torch.device(device)
-        state = state or {"cursor": rank, "epoch": 0}
-        self.cursor, self.epoch = state["cursor"], state["epoch"]
-        for k, default in self.state_defaults.items():
-            setattr(self, k, copy.deepcopy(state.get(k, default)))
+        state = {"cursor": rank, "epoch": 0, **self.state_defaults, **(state or {})}
+        for k in ("cursor", "epoch", *self.state_defaults):
+            setattr(self, k, copy.deepcopy(state[k]))
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "epoch": self.epoch,
-                **{k: copy.deepcopy(getattr(self, k)) for k in self.state_defaults}}
+        return {k: copy.deepcopy(getattr(self, k)) for k in ("cursor", "epoch", *self.state_defaults)}
 
     def _render_next(self, max_tokens: int) -> tuple[list[int], list[int]]:
         """This rank's next conversation as (ids, mask)."""

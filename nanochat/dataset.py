@@ -228,14 +228,13 @@ def _module_docs(path: Path, root: Path, max_doc_chars: int = 6000) -> list[str]
 
 
 def _group(parts: list[str], limit: int, sep: str) -> list[str]:
-    out, cur = [], ""
+    """Non-empty `parts` joined by `sep` into groups of at most `limit` chars (a longer part alone)."""
+    out: list[str] = []
     for p in parts:
-        if cur and len(cur) + len(sep) + len(p) > limit:
-            out.append(cur)
-            cur = ""
-        cur = p if not cur else cur + sep + p
-    if cur:
-        out.append(cur)
+        if out and len(out[-1]) + len(sep) + len(p) <= limit:
+            out[-1] += sep + p
+        else:
+            out.append(p)
     return out
 
 

@@ -9,8 +9,6 @@ of it says so, so train and test never share a problem.
 """
 from __future__ import annotations
 
-import random
-
 from nanochat.tasks.common import Conversation, Synthetic
 
 TEMPLATES = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}", "{a} {op} {b} = ?",
@@ -30,16 +28,13 @@ class Arithmetic(Synthetic):
             raise ValueError(f"Arithmetic style={style!r}: use 'tool' (calculator call) or 'plain' (answer only)")
         self.max_value, self.ops, self.style = max_value, ops, style
 
-    def problem(self, index: int) -> tuple[int, str, int, random.Random]:
+    def get_example(self, index: int) -> Conversation:
         rng = self.rng(index)
         while True:  # rejection-sample into the right split (~10% test, so a few draws at most)
             a, b = rng.randint(0, self.max_value), rng.randint(0, self.max_value)
             op = rng.choice(self.ops)
             if self.in_test(f"{a}{op}{b}") == (self.split == "test"):
-                return a, op, b, rng
-
-    def get_example(self, index: int) -> Conversation:
-        a, op, b, rng = self.problem(index)
+                break
         answer = OPS[op](a, b)
         question = rng.choice(TEMPLATES).format(a=a, op=op, b=b)
         if self.style == "tool":

@@ -41,11 +41,9 @@ class HumanEval(HubTask):
             "task_id": row.get("task_id", str(index)),
         }
 
-    def build_program(self, conversation: Conversation, completion: str) -> str:
+    def evaluate(self, conversation: Conversation, completion: str) -> bool:
         imports = extract_imports(conversation["messages"][0]["content"])
         fenced = _FENCE_RE.search(completion)  # the code in the first fenced block, else the whole completion
-        return "\n\n".join([imports, fenced.group(1) if fenced else completion, conversation["test"],
-                            f"check({conversation['entry_point']})\n"])
-
-    def evaluate(self, conversation: Conversation, completion: str) -> bool:
-        return execute_code(self.build_program(conversation, completion), timeout=self.timeout).success
+        program = "\n\n".join([imports, fenced.group(1) if fenced else completion, conversation["test"],
+                                f"check({conversation['entry_point']})\n"])
+        return execute_code(program, timeout=self.timeout).success

@@ -415,15 +415,14 @@ def _remote_shards(data_cfg: DataConfig, base_dir: Path, split: str, download: b
     """The split's shards in the hub cache; `download` fetches them (a file whose parquet footer pyarrow
     cannot read, e.g. a truncated one, is fetched again)."""
     commit, files = remote_listing(data_cfg, base_dir)
-    names = [files[i] for i in remote_shard_indices(data_cfg, split, len(files))]
     root = hub.snapshot_dir(remote_repo(data_cfg), commit)
-    paths = [root / n for n in names]
-    if download:
+    paths = [root / files[i] for i in remote_shard_indices(data_cfg, split, len(files))]
+    if download:  # the missing ones, download_workers at a time, under one progress bar
+        from huggingface_hub.utils import tqdm  # the hub's bars: HF_HUB_DISABLE_PROGRESS_BARS applies
         lazy = data_cfg.num_shards is None and split == "train"
-        want = names[:max(1, data_cfg.download_workers)] if lazy else names
-        missing = [n for n in want if not (root / n).is_file()]
-        hub.download_many(remote_repo(data_cfg), missing, commit, workers=data_cfg.download_workers,
-                          validate=pq.ParquetFile, desc=f"{data_cfg.source} {split} shards")
+        missing = [p for p in (paths[:max(1, data_cfg.download_workers)] if lazy else paths) if not p.is_file()]
+        list(tqdm(shards_on_disk(data_cfg, base_dir, missing), desc=f"{data_cfg.source} {split} shards", unit="file",
+                  total=len(missing), disable=len(missing) < 2))
     return paths
 
 

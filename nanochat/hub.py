@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 from urllib.parse import unquote, urlsplit
 
 REPO_TYPE = "dataset"  # everything nanochat fetches from the hub is a dataset repo
@@ -170,16 +170,6 @@ def download(repo_id: str, filename: str, revision: str = "main", *, validate: V
         return path
 
     return _with_retries(call, what, attempts, backoff)
-
-
-def download_many(repo_id: str, filenames: Sequence[str], revision: str = "main", *, workers: int = 4,
-                  validate: Validator | None = None, desc: str | None = None) -> list[Path]:
-    """Several files in parallel (`workers` threads) with one progress bar over the files."""
-    from huggingface_hub.utils import tqdm  # the hub's bars: HF_HUB_DISABLE_PROGRESS_BARS applies
-    from tqdm.contrib.concurrent import thread_map
-    return thread_map(lambda name: download(repo_id, name, revision, validate=validate), filenames,
-                      max_workers=max(1, workers), tqdm_class=tqdm, desc=desc or repo_id, unit="file",
-                      disable=len(filenames) < 2)
 
 
 def snapshot(repo_id: str, patterns: Iterable[str], revision: str = "main") -> list[Path]:

@@ -434,7 +434,6 @@ def download_shards(data_cfg: DataConfig, base_dir: str | Path, n_train: int) ->
 
 def ensure_shard(data_cfg: DataConfig, base_dir: str | Path, path: Path) -> Path:
     """Make sure a listed shard is on disk (no-op for local files and cached shards); fetch it if not."""
-    path = Path(path)
     if path.is_file() or data_cfg.source not in REMOTE_SOURCES:
         return path
     repo = remote_repo(data_cfg)
@@ -455,9 +454,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--base-dir", default=None)
     a = ap.parse_args(argv)
     cfg = DataConfig(name=a.source, source=a.source, repo=a.repo, revision=a.revision, download_workers=a.workers)
-    base = get_base_dir(a.base_dir)
     t0 = time.time()
-    paths = download_shards(cfg, base, a.num_shards)
+    paths = download_shards(cfg, get_base_dir(a.base_dir), a.num_shards)
     mb = sum(p.stat().st_size for p in paths) / 1e6
     dt = time.time() - t0
     print(f"{len(paths)} shards ({mb:.0f} MB) in {paths[0].parent} ({dt:.1f}s, {mb / max(dt, 1e-9):.1f} MB/s)")

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 from urllib.parse import unquote, urlsplit
 
 REPO_TYPE = "dataset"  # everything nanochat fetches from the hub is a dataset repo
@@ -111,8 +111,6 @@ def _with_retries(fn: Callable[[], Path], what: str, attempts: int, backoff: flo
     for attempt in range(1, attempts + 1):  # attempts >= 1: the last one raises
         try:
             return fn()
-        except HubError:
-            raise
         except Exception as e:  # classified: permanent ones are raised at once
             transient, err = _classify(e, what)
             if not transient or attempt == attempts:
@@ -172,10 +170,9 @@ def download(repo_id: str, filename: str, revision: str = "main", *, validate: V
     return _with_retries(call, what, attempts, backoff)
 
 
-def snapshot(repo_id: str, patterns: Iterable[str], revision: str = "main") -> list[Path]:
+def snapshot(repo_id: str, patterns: list[str], revision: str = "main") -> list[Path]:
     """The files of a repo matching `patterns` (fnmatch globs), via snapshot_download (cached, parallel)."""
     from huggingface_hub import snapshot_download
-    patterns = list(patterns)
     root = _with_retries(lambda: Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                                                         local_files_only=offline(), **_common_kwargs())),
                          f"{repo_id}@{revision} files {patterns}", attempts=4, backoff=1.0)

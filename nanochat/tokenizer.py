@@ -139,9 +139,7 @@ class Tokenizer:
             raise ValueError("render_for_completion expects the last message to be the assistant's "
                              f"(it is dropped and regenerated), got role {messages[-1]['role']!r}")
         conv = {**conversation, "messages": list(messages[:-1])}   # render_conversation does not mutate
-        ids, _ = self.render_conversation(conv, max_tokens=10**9)
-        ids.append(self.special_tokens["<|assistant_start|>"])
-        return ids
+        return self.render_conversation(conv, max_tokens=10**9)[0] + [self.special_tokens["<|assistant_start|>"]]
 
     # ------------------------------------------------------------------ io
     def token_byte_lengths(self) -> list[int]:

@@ -44,13 +44,11 @@ __all__ = ["Task", "TaskMixture", "TaskSequence", "TaskDataError", "Conversation
 
 def _held_out(split: str, have: tuple[str, ...]) -> str:
     """Map generic split names onto the ones a dataset has."""
-    if split in have:
-        return split
-    if split in ("val", "validation", "test", "dev"):
-        for s in ("validation", "test"):
-            if s in have:
-                return s
-    raise ValueError(f"split={split!r}: this task has splits {have}")
+    held_out = ["validation", "test"] if split in ("val", "validation", "test", "dev") else []
+    found = next((s for s in [split, *held_out] if s in have), None)
+    if found is None:
+        raise ValueError(f"split={split!r}: this task has splits {have}")
+    return found
 
 
 def _builder(cls: type[Task], **fixed) -> Callable[..., Task]:

@@ -205,8 +205,7 @@ def fetch_url(url: str, cache: str | os.PathLike, *, validate: Validator | None 
     """A file named by URL: hub files go through `download` (the hub cache); any other URL is fetched
     once into `cache`/<hash of url>/<name> by the hub library's HTTP transport, under a file lock,
     validated, then renamed into place (readers never see half a file)."""
-    ref = parse_hub_url(url)
-    if ref is not None:
+    if (ref := parse_hub_url(url)) is not None:
         repo_id, revision, filename = ref
         return download(repo_id, filename, revision, validate=validate, attempts=attempts, backoff=backoff)
     name = Path(urlsplit(url).path).name or "download"

@@ -95,9 +95,8 @@ class MixedDocs:
 
     def __init__(self, data_cfg: DataConfig, subs: list, seq_len: int, split: str, rank: int, world_size: int,
                  seed: int):
-        w = weights(data_cfg)
-        self.names, self.subs = [str(n) for n in data_cfg.mixture], subs
-        self.w = [w[n] for n in self.names]
+        w = weights(data_cfg)  # in data.mixture order
+        self.names, self.w, self.subs = list(w), list(w.values()), subs
         self.key = f"{seed}/{split}/{rank}/{world_size}"
         self.span = seq_len + 1  # jitter: one row of tokens
         # bestfit uses at most a row of a long document, and its crops report what they cut

@@ -209,9 +209,7 @@ _ANSWER_RE = re.compile(r"####\s*(-?[$0-9.,]+)")
 def extract_answer(text: str) -> str | None:
     """The final numeric answer written after '####' (GSM8K convention), normalized; None if absent."""
     matches = _ANSWER_RE.findall(text)
-    if not matches:
-        return None
-    ans = matches[-1].replace(",", "").replace("$", "").rstrip(".")
+    ans = matches[-1].replace(",", "").replace("$", "").rstrip(".") if matches else ""
     return ans or None
 
 

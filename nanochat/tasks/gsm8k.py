@@ -19,9 +19,7 @@ _CALL_RE = re.compile(r"(<<[^>]*>>)")
 def solution_to_parts(answer: str) -> list[dict]:
     """Split a GSM8K solution into text / python / python_output parts."""
     parts = []
-    for piece in _CALL_RE.split(answer):
-        if not piece:
-            continue
+    for piece in filter(None, _CALL_RE.split(answer)):  # no empty text between two calls
         if piece.startswith("<<") and piece.endswith(">>"):
             inner = piece[2:-2]
             expr, _, result = inner.rpartition("=") if "=" in inner else (inner, "", "")

@@ -47,8 +47,6 @@ def model_card(run_dir: Path, cfg: Any, meta: dict, kw: dict, remote_code: bool,
     plan = read_file(run_dir / "plan.json") or {}
     generation = plan.get("generation") or ("modern" if c.resid_lambdas else "seed")
     evals = eval_results(run_dir)
-    load = ("AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)" if remote_code
-            else "AutoModelForCausalLM.from_pretrained(path)")
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation",
         "license: other  # fill in", "tags: [nanochat, nanochat-hydra]", "---", "",
@@ -89,7 +87,8 @@ def model_card(run_dir: Path, cfg: Any, meta: dict, kw: dict, remote_code: bool,
             lines += [f"- lm-eval {task}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in m.items())
                       for task, m in ((r.harness or {}).get("results") or {}).items()]
     lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              f"model = {load}", "tok = AutoTokenizer.from_pretrained(path)",
+              f"model = AutoModelForCausalLM.from_pretrained(path{', trust_remote_code=True' if remote_code else ''})",
+              "tok = AutoTokenizer.from_pretrained(path)",
               "msgs = [{'role': 'user', 'content': 'Why is the sky blue?'}]",
               "ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors='pt', return_dict=True)",
               "out = model.generate(**ids, max_new_tokens=64, do_sample=False)",

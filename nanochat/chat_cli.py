@@ -21,11 +21,8 @@ CHAT_STAGES = ("rl", "sft", "mid")
 def find_latest_chat_run(root: str | Path, stages: tuple[str, ...] = CHAT_STAGES) -> Optional[Path]:
     """Newest completed run of the first stage in `stages` that has one (any tag)."""
     root = Path(root).expanduser()
-    for stage in stages:
-        done = [p.parent for p in (root / stage).glob("*/*/COMPLETED")] if (root / stage).is_dir() else []
-        if done:
-            return max(done, key=lambda p: (p / "COMPLETED").stat().st_mtime)
-    return None
+    done = next((d for s in stages if (d := [p.parent for p in (root / s).glob("*/*/COMPLETED")])), [])
+    return max(done, key=lambda p: (p / "COMPLETED").stat().st_mtime, default=None)
 
 
 class ChatSession:
@@ -37,9 +34,6 @@ class ChatSession:
         self.tok = tokenizer
         self.engine = Engine(model, tokenizer)
         self.temperature, self.top_k, self.max_tokens, self.seed = temperature, top_k, max_tokens, seed
-        self.sp = {n: tokenizer.encode_special(n) for n in
-                   ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")}
-        self.limit = getattr(model, "rotary_len", None) or model.config.sequence_len
         self.clear()
 
     def clear(self) -> None:
@@ -48,9 +42,9 @@ class ChatSession:
 
     def reply(self, text: str) -> Iterator[str]:
         """Add a user message; yield the assistant's answer as text pieces while it is sampled."""
-        self.tokens += [self.sp["<|user_start|>"], *self.tok.encode(text), self.sp["<|user_end|>"],
-                        self.sp["<|assistant_start|>"]]
-        budget = min(self.max_tokens, self.limit - len(self.tokens))
+        self.tokens += [*self.tok.encode(text, prepend="<|user_start|>", append="<|user_end|>"),
+                        self.tok.encode_special("<|assistant_start|>")]
+        budget = min(self.max_tokens, self.engine.model.rotary_len - len(self.tokens))
         if budget < 1:
             self.clear()
             yield "[the conversation is longer than the model's context; cleared it, ask again]"
@@ -62,11 +56,11 @@ class ChatSession:
                                               temperature=self.temperature, top_k=self.top_k,
                                               seed=self.seed + self.turn):
             token = column[0]
-            if token in (self.sp["<|assistant_end|>"], self.tok.get_bos_token_id()):
+            if token in (self.engine.assistant_end, self.engine.bos):
                 break
             out.append(token)
             yield decoder.decode(self.tok.enc.decode_single_token_bytes(token))
-        self.tokens += out + [self.sp["<|assistant_end|>"]]
+        self.tokens += out + [self.engine.assistant_end]
         self.turn += 1
         yield decoder.decode(b"", final=True)
 

@@ -27,15 +27,12 @@ DEFAULT_CHAT_TASKS = ["arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval",
 def score_categorical(model, tokenizer, task, indices: list[int], device, batch_size: int = 8,
                       progress: Optional[EvalProgress] = None) -> int:
     """Correct answers among `indices`: argmax over the answer letters' logits after the prompt."""
-    limit = getattr(model, "rotary_len", None)
     progress = progress or EvalProgress("categorical", len(indices), None)  # no lines: the stop check alone
     correct = 0
     for b0 in range(0, len(indices), batch_size):
         progress.step(b0)   # between batches: EvalInterrupted on a stop signal
         convs = [task[i] for i in indices[b0:b0 + batch_size]]
-        prompts = [tokenizer.render_for_completion(c) for c in convs]
-        if limit:
-            prompts = [p[-limit:] for p in prompts]
+        prompts = [tokenizer.render_for_completion(c)[-model.rotary_len:] for c in convs]
         ids = pad_sequence([torch.tensor(p, dtype=torch.long) for p in prompts], batch_first=True).to(device)
         logits = model(ids)  # (B, L, V); right padding: position len-1 only sees the prompt
         for r, (conv, p) in enumerate(zip(convs, prompts)):
@@ -46,8 +43,7 @@ def score_categorical(model, tokenizer, task, indices: list[int], device, batch_
                     raise ValueError(f"answer letter {letter!r} is {len(enc)} tokens in this tokenizer; "
                                      "categorical scoring needs single-token letters")
             scores = logits[r, len(p) - 1, [enc[0] for enc in letter_ids]]
-            pred = letters[int(scores.argmax())]
-            correct += bool(task.evaluate(conv, pred))
+            correct += bool(task.evaluate(conv, letters[int(scores.argmax())]))
     return correct
 
 
@@ -58,20 +54,18 @@ def score_generative(model, tokenizer, task, indices: list[int], *, num_samples:
     """Correct answers among `indices`: an example counts if any of its samples is right (pass@k)."""
     from nanochat.engine import Engine
     engine = Engine(model, tokenizer)
-    limit = getattr(model, "rotary_len", None) or model.config.sequence_len
     progress = progress or EvalProgress("generative", len(indices), None)  # no lines: the stop check alone
     correct = 0
     for n, i in enumerate(indices):
         progress.step(n)
         conv = task[i]
         prompt = tokenizer.render_for_completion(conv)
-        budget = min(max_new_tokens, limit - len(prompt))
+        budget = min(max_new_tokens, model.rotary_len - len(prompt))
         if budget < 1:
             continue  # the prompt alone fills the model's positions: counted as wrong
         seqs, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=budget,
                                         temperature=temperature, top_k=top_k, seed=seed + i)
-        completions = [tokenizer.decode(s[len(prompt):]) for s in seqs]
-        correct += any(bool(task.evaluate(conv, c)) for c in completions)
+        correct += any(bool(task.evaluate(conv, tokenizer.decode(s[len(prompt):]))) for s in seqs)
     return correct
 
 

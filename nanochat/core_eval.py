@@ -304,15 +304,12 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task_spec: TaskSpec, exampl
     if n == 0:
         raise ValueError(f"{task_spec.label}: no examples to evaluate (file {task_spec.data_path})")
     rank, world = rank_world()
-    max_len = getattr(model, "max_seq_len", None) or getattr(getattr(model, "config", None), "sequence_len", None)
-    pad_id = tokenizer.get_bos_token_id()
     correct = torch.zeros(n, dtype=torch.float32, device=device)
     for idx in range(rank, n, world):
         check_stop()  # a preemption is acted on between examples, not after the whole task
-        seqs, starts, ends = prepare_example(tokenizer, task_spec, pool, idx, max_len)
-        ok = score_example(model, seqs, starts, ends, task_spec.task_type, pool[idx].get("gold"), pad_id,
-                           device)
-        correct[idx] = float(ok)
+        seqs, starts, ends = prepare_example(tokenizer, task_spec, pool, idx, model.config.sequence_len)
+        correct[idx] = float(score_example(model, seqs, starts, ends, task_spec.task_type, pool[idx].get("gold"),
+                                           tokenizer.get_bos_token_id(), device))
         if on_example is not None:
             on_example()
     if world > 1:

@@ -233,17 +233,10 @@ def make_lm_class():
         def max_length(self) -> int:
             return int(self.model.config.sequence_len)
 
-        @property
-        def tokenizer_name(self) -> str:
-            return "nanochat"
-
         def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kw) -> list[int]:
             ids = self.tok.encode(string)
             bos = self.add_bos_token if add_special_tokens is None else add_special_tokens
-            return [self.bos] + ids if bos and (not ids or ids[0] != self.bos) else ids
-
-        def tok_decode(self, ids: list[int]) -> str:
-            return self.tok.decode(ids)
+            return [self.bos] + ids if bos else ids   # encode() never makes the <|bos|> id itself
 
         @torch.inference_mode()
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw) -> list[tuple[float, bool]]:
@@ -279,7 +272,6 @@ def make_lm_class():
             # a batch shares its generation settings (lm-eval gives a task's requests the same ones)
             key = lambda j: json.dumps(args[j][1], sort_keys=True, default=str)
             order = sorted(range(len(args)), key=lambda j: (key(j), -len(args[j][0])))
-            reach = int(getattr(self.model, "rotary_len", self.max_length))
             for _, same in itertools.groupby(order, key):
                 same = list(same)
                 kw = args[same[0]][1]
@@ -288,7 +280,7 @@ def make_lm_class():
                 temp = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) else 0.0
                 for b0 in range(0, len(same), self.batch_size_):
                     # prompts may run past sequence_len (few-shot): keep what the RoPE table reaches with the answer
-                    prompts = {j: self.tok_encode(args[j][0])[-max(1, reach - max_new):]
+                    prompts = {j: self.tok_encode(args[j][0])[-max(1, self.model.rotary_len - max_new):]
                                for j in same[b0:b0 + self.batch_size_]}
                     seqs, _ = self.engine.generate_batch(list(prompts.values()), max_tokens=max_new,
                                                          temperature=temp, seed=1234, stop=until)
@@ -347,21 +339,18 @@ def build_task(cfg: dict):
     from lm_eval.config.group import GroupConfig
     if "group" not in cfg:
         return ConfigurableTask(config=dict(cfg))
-    children = [ConfigurableTask(config=dict(c)) for c in cfg["task"]]
     group = Group.from_config(GroupConfig(group=cfg["group"], task=[c["task"] for c in cfg["task"]],
                                           aggregate_metric_list=cfg.get("aggregate_metric_list"),
                                           metadata=cfg.get("metadata")))
-    for child in children:
-        group.add(child)
+    for c in cfg["task"]:
+        group.add(ConfigurableTask(config=dict(c)))
     return group
 
 
 def summarize(res: dict, version: str) -> dict:
     """Each task's (and group's) metrics with stderr, lm-eval's version, each task's config hash."""
-    results = {}
-    for task, metrics in res["results"].items():
-        results[task] = {k: float(v) if k != "sample_len" else int(v) for k, v in metrics.items()
-                         if k != "alias" and isinstance(v, (int, float))}
+    results = {task: {k: float(v) if k != "sample_len" else int(v) for k, v in metrics.items()
+                      if k != "alias" and isinstance(v, (int, float))} for task, metrics in res["results"].items()}
     return {"lm_eval_version": version, "results": results,
             "config_hash": {t: config_hash(c) for t, c in (res.get("configs") or {}).items()},
             "n_samples": res.get("n-samples", {}), "versions": res.get("versions", {})}

@@ -209,14 +209,8 @@ class NanochatSource:
     stage: str                 # ours: pretrain | mid | sft | rl
     tag: str
     step: int
-
-    @property
-    def model_path(self) -> Path:
-        return step_files(self.ckpt_dir, self.step)[0]
-
-    @property
-    def meta_path(self) -> Path:
-        return step_files(self.ckpt_dir, self.step)[1]
+    model_path: Path           # <ckpt_dir>/model_NNNNNN.pt and meta_NNNNNN.json of `step` (step_files)
+    meta_path: Path
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -268,7 +262,7 @@ def locate(src: str | Path, stage: str = "auto", step: Optional[int] = None,
         step = steps[-1]
     elif step not in steps:
         raise InteropError(f"--step={step}: {ckpt_dir} holds steps {steps}")
-    return NanochatSource(base_dir=base, ckpt_dir=ckpt_dir, stage=stage, tag=ckpt_dir.name, step=step)
+    return NanochatSource(base, ckpt_dir, stage, ckpt_dir.name, step, *step_files(ckpt_dir, step))
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:

@@ -35,11 +35,7 @@ def eval_results(run_dir: Path) -> list[R.EvalResult]:
 
 
 def _fmt(x: Any) -> str:
-    if isinstance(x, float):
-        return f"{x:.4f}"
-    if isinstance(x, int):
-        return f"{x:,}"
-    return str(x)
+    return f"{x:.4f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)
 
 
 def model_card(run_dir: Path, cfg: Any, meta: dict, kw: dict, remote_code: bool, dtype: str) -> str:
@@ -50,11 +46,7 @@ def model_card(run_dir: Path, cfg: Any, meta: dict, kw: dict, remote_code: bool,
     c = GPTConfig(**kw)
     plan = read_file(run_dir / "plan.json") or {}
     generation = plan.get("generation") or ("modern" if c.resid_lambdas else "seed")
-    n_params = param_counts(c)["total"]
-    chain = lineage(run_dir)
     evals = eval_results(run_dir)
-    load = ("AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)" if remote_code
-            else "AutoModelForCausalLM.from_pretrained(path)")
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation",
         "license: other  # fill in", "tags: [nanochat, nanochat-hydra]", "---", "",
@@ -67,7 +59,7 @@ def model_card(run_dir: Path, cfg: Any, meta: dict, kw: dict, remote_code: bool,
            else "`nanochat` (transformers' NanoChatForCausalLM)"),
         f"- layers {c.n_layer}, width {c.n_embd}, heads {c.n_head} (KV heads {c.n_kv_head}, head dim {c.head_dim}), "
         f"vocab {c.vocab_size:,}, context {c.sequence_len}",
-        f"- parameters: {n_params:,} total",
+        f"- parameters: {param_counts(c)['total']:,} total",
         f"- RoPE base {c.rope_base:g}, logit soft cap {c.softcap:g}, QK norm, ReLU² MLP, untied embeddings",
     ]
     toggles = [t for t in ("value_embeds", "resid_lambdas", "x0_lambdas", "smear", "backout") if getattr(c, t)]
@@ -79,7 +71,7 @@ def model_card(run_dir: Path, cfg: Any, meta: dict, kw: dict, remote_code: bool,
                      "moves logits slightly (see the project README, 'Hugging Face ecosystem'); "
                      "`nanochat-export --remote-code` gives the exact model")
     lines += ["", "## Training", "", "| stage | run | tokens | val bpb | other |", "|---|---|---|---|---|"]
-    for stage, d, r in chain:
+    for stage, d, r in lineage(run_dir):
         bpb = r.final_val_bpb if isinstance(r, R.PretrainResult) else getattr(r, "val_bpb", None)  # eval: val_bpb
         tokens = r.tokens_seen if isinstance(r, R.TrainResult) and r.tokens_seen is not None else ""
         other = {k: v for k in ("final_val_loss", "mean_reward", "core", "chatcore")
@@ -95,7 +87,8 @@ def model_card(run_dir: Path, cfg: Any, meta: dict, kw: dict, remote_code: bool,
             lines += [f"- lm-eval {task}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in m.items())
                       for task, m in ((r.harness or {}).get("results") or {}).items()]
     lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              f"model = {load}", "tok = AutoTokenizer.from_pretrained(path)",
+              f"model = AutoModelForCausalLM.from_pretrained(path{', trust_remote_code=True' if remote_code else ''})",
+              "tok = AutoTokenizer.from_pretrained(path)",
               "msgs = [{'role': 'user', 'content': 'Why is the sky blue?'}]",
               "ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors='pt', return_dict=True)",
               "out = model.generate(**ids, max_new_tokens=64, do_sample=False)",

@@ -73,8 +73,7 @@ def _native_names(n_layer: int) -> dict[str, str]:
 def to_hf(kw: dict, state: dict[str, torch.Tensor], specials: dict[str, int], remote_code: bool) -> tuple[dict, dict]:
     """(config.json dict, state dict) for our remote-code model (any GPTConfig), or for transformers'
     NanoChatForCausalLM."""
-    blockers = [] if remote_code else native_blockers(kw)
-    if blockers:
+    if not remote_code and (blockers := native_blockers(kw)):
         raise InteropError("transformers' nanochat model type cannot express " + "; ".join(blockers)
                            + "; export with --remote-code (ships our model code, trust_remote_code=True)")
     from nanochat.gpt import GPTConfig
@@ -135,27 +134,22 @@ def seed_kwargs_from_native(config: dict) -> dict:
 
 
 def from_hf(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(GPTConfig kwargs, our fp32 state dict) from an exported dir's config.json + weights."""
+    """(GPTConfig kwargs, our fp32 state dict) from the config.json + weights of a nanochat or nanochat_hydra
+    dir (export.read_hf_dir refuses other model types)."""
     from nanochat.gpt import GPTConfig
-    mtype = config.get("model_type")
     record = (config.get("nanochat_hydra") or {}).get("gpt_config")
-    if mtype == REMOTE_TYPE:
+    if config.get("model_type") == REMOTE_TYPE:
         if record is None:
             raise InteropError("config.json has model_type nanochat_hydra but no nanochat_hydra.gpt_config")
-        stray = next((k for k in state if not k.startswith("model.")), None)
-        if stray is not None:
+        if (stray := next((k for k in state if not k.startswith("model.")), None)) is not None:
             raise InteropError(f"weight {stray!r} is not under 'model.' (expected our remote-code layout)")
         return dict(record), {k[len("model."):]: v.to(torch.float32).contiguous() for k, v in state.items()}
-    if mtype != NATIVE_TYPE:
-        raise InteropError(f"config.json model_type={mtype!r}: nanochat-import takes {NATIVE_TYPE!r} "
-                           f"(transformers' NanoChat) or {REMOTE_TYPE!r} (our remote code) dirs")
     kw = dict(record) if record is not None else seed_kwargs_from_native(config)
     c = GPTConfig(**kw)
     if native_blockers(kw):
         raise InteropError(f"config.json nanochat_hydra.gpt_config is not a native model: {native_blockers(kw)}")
     inverse = {theirs: ours for ours, theirs in _native_names(c.n_layer).items()}
-    unknown = next((k for k in state if k not in inverse), None)
-    if unknown is not None:
+    if (unknown := next((k for k in state if k not in inverse), None)) is not None:
         raise InteropError(f"weight {unknown!r} has no counterpart in our model")
     out = reorder_rope({inverse[k]: v for k, v in state.items()}, c.n_layer, c.n_head, c.n_kv_head,
                        True, torch.float32)

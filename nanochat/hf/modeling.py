@@ -35,12 +35,8 @@ class GrowingKVCache:
     def __init__(self) -> None:
         self.kv: Optional[KVCache] = None
 
-    @property
-    def length(self) -> int:
-        return 0 if self.kv is None else int(self.kv.pos.max())
-
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
+        return 0 if self.kv is None else int(self.kv.pos.max())
 
     def reserve(self, model: GPT, batch: int, need: int) -> KVCache:
         old = self.kv
@@ -96,7 +92,7 @@ class NanochatHydraForCausalLM(PreTrainedModel, GenerationMixin):
         kv = None
         if use_cache:
             cache = cache if isinstance(cache, GrowingKVCache) else GrowingKVCache()
-            kv = cache.reserve(self.model, input_ids.size(0), cache.length + input_ids.size(1))
+            kv = cache.reserve(self.model, input_ids.size(0), cache.get_seq_length() + input_ids.size(1))
         logits = self.model(input_ids, kv_cache=kv)
         loss = None
         if labels is not None:
@@ -106,5 +102,5 @@ class NanochatHydraForCausalLM(PreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, use_cache=True, **kwargs):
         if isinstance(cache, GrowingKVCache):
-            input_ids = input_ids[:, cache.length:]
+            input_ids = input_ids[:, cache.get_seq_length():]
         return {"input_ids": input_ids, "cache": cache, "attention_mask": attention_mask, "use_cache": use_cache}

@@ -26,8 +26,7 @@ from typing import Any
 
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
-BOS, EOS = "<|bos|>", "<|assistant_end|>"
-PAD = BOS
+BOS, EOS = "<|bos|>", "<|assistant_end|>"   # padding is <|bos|> too (as config.json's pad_token_id)
 
 CHAT_TEMPLATE = (
     "{%- set ns = namespace(sys='') -%}"
@@ -121,7 +120,7 @@ def to_hf_tokenizer(tok: Tokenizer):
     bos = tok.special_tokens[BOS]
     raw.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
                                                        special_tokens=[(BOS, bos)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+    hf = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=BOS, eos_token=EOS, pad_token=BOS,
                                  add_bos_token=True, add_eos_token=False, clean_up_tokenization_spaces=False,
                                  model_max_length=None)
     hf.chat_template = CHAT_TEMPLATE

@@ -26,12 +26,11 @@ def _f(x: Any, digits: int = 4) -> str:
 
 def wall_time_s(run_dir: Optional[str]) -> Optional[float]:
     """Seconds from the freeze of the run (resolved_config.yaml) to COMPLETED."""
-    if not run_dir:
+    d = Path(run_dir) if run_dir else None
+    try:
+        return max(0.0, (d / "COMPLETED").stat().st_mtime - (d / "resolved_config.yaml").stat().st_mtime)
+    except (OSError, TypeError):   # no run dir (None / ...), or one not frozen or not completed
         return None
-    start, end = Path(run_dir) / "resolved_config.yaml", Path(run_dir) / "COMPLETED"
-    if not (start.exists() and end.exists()):
-        return None
-    return max(0.0, end.stat().st_mtime - start.stat().st_mtime)
 
 
 def _tasks(acc: dict) -> str:

@@ -59,13 +59,6 @@ def _alive(run_dir: Path) -> bool:
     return time.time() - float(holder.get("heartbeat", 0)) < STALE_S
 
 
-def run_status(run_dir: Path) -> str:
-    status = read_status(run_dir)
-    if status != "completed" and _alive(run_dir):
-        return "running"
-    return status if status in STATUSES else "unknown"
-
-
 def _last_metrics(run_dir: Path) -> dict:
     """The newest step's metrics, merged (train and val rows share a step), from the file's tail."""
     rows = read_metrics(run_dir, tail_bytes=65536)
@@ -75,11 +68,10 @@ def _last_metrics(run_dir: Path) -> dict:
 
 def run_info(run_dir: Path) -> dict:
     """One row of `ls`: what the run is, how far it got, its headline figure."""
-    cfg = read_file(run_dir / "resolved_config.yaml") or {}
-    meta = read_file(run_dir / "meta.json") or {}
-    plan = read_file(run_dir / "plan.json") or {}
-    result = read_file(run_dir / "result.json") or {}
-    last = _last_metrics(run_dir)
+    cfg, meta, plan, result = (read_file(run_dir / name) or {} for name in
+                               ("resolved_config.yaml", "meta.json", "plan.json", "result.json"))
+    last, status = _last_metrics(run_dir), read_status(run_dir)
+    status = "running" if status != "completed" and _alive(run_dir) else status if status in STATUSES else "unknown"
     stage_cfg = cfg.get("stage") if isinstance(cfg, dict) else None
     stage = meta.get("stage") or (stage_cfg or {}).get("name") or "?"
     head = headline(stage)
@@ -87,7 +79,7 @@ def run_info(run_dir: Path) -> dict:
     git = meta.get("git") or {}
     sha = (git.get("sha") or "")[:8] + ("+dirty" if git.get("dirty") else "")
     wall = result.get("wall_time_s", last.get("elapsed_s"))
-    return {"dir": str(run_dir), "stage": stage, "tag": meta.get("tag") or "?", "status": run_status(run_dir),
+    return {"dir": str(run_dir), "stage": stage, "tag": meta.get("tag") or "?", "status": status,
             "step": result.get("step", last.get("step")), "total": plan.get("num_iterations"),
             "headline": head[0] if head else None, "value": value if isinstance(value, (int, float)) else None,
             "wall_time_s": wall, "git": sha or None, "created": meta.get("created"),
@@ -148,8 +140,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not infos:
         raise RunsError(f"no run dirs under {root} (a run dir holds resolved_config.yaml; runs go to run.root, "
                         f"default runs/)")
-    infos = [i for i in infos if (not args.stage or i["stage"] == args.stage) and
-             (not args.tag or i["tag"] == args.tag) and (not args.status or i["status"] == args.status)]
+    infos = [i for i in infos if all(getattr(args, k) in (None, "", i[k]) for k in ("stage", "tag", "status"))]
     infos.sort(key=lambda i: (i["created"] or "", i["dir"]))
     if args.json:
         print(json.dumps([{k: v for k, v in i.items() if k != "valid"} for i in infos], indent=1))

@@ -27,7 +27,7 @@ from nanochat.common import atomic_write_text
 from nanochat.plots import pyplot, save     # matplotlib itself is imported on first use
 from nanochat.report import fmt_time, md_table, wall_time_s
 from nanochat.results import PretrainResult, load_result
-from nanochat.runs import read_file
+from nanochat.runs import find_runs, read_file
 
 PARAM_KINDS = ("total", "non_embedding", "matmul")
 DEFAULT_KIND = "matmul"  # nanochat's "scaling params": transformer matrices + lm_head
@@ -90,10 +90,8 @@ def read_run(sweep_dir: Path, run_dir: Path) -> RunRecord:
 
 def read_sweep(sweep_dir: Path) -> list[RunRecord]:
     """Every run dir under the sweep dir (not checkpoints' or the report's own dir)."""
-    sweep_dir = Path(sweep_dir)
-    rels = [p.parent.relative_to(sweep_dir) for p in sorted(sweep_dir.glob("**/resolved_config.yaml"))]
-    return [read_run(sweep_dir, sweep_dir / r) for r in rels
-            if "checkpoints" not in r.parts and r.parts[:1] != ("scaling",)]
+    sweep_dir = Path(sweep_dir)   # find_runs never descends into a run dir, so never into its checkpoints
+    return [read_run(sweep_dir, d) for d in find_runs(sweep_dir) if d.relative_to(sweep_dir).parts[:1] != ("scaling",)]
 
 
 # --------------------------------------------------------------------------- prediction → command
@@ -382,13 +380,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        print(f"nanochat-scaling: {args.sweep_dir} is not a directory (pass a sweep dir: hydra.sweep.dir)",
-              file=sys.stderr)
-        return 2
-    if args.budget is not None and not args.budget > 0:
-        print(f"nanochat-scaling: --budget {args.budget}: must be a positive number of FLOPs, e.g. 1e19",
-              file=sys.stderr)
+    problem = (f"{args.sweep_dir} is not a directory (pass a sweep dir: hydra.sweep.dir)"
+               if not args.sweep_dir.is_dir() else f"--budget {args.budget}: must be a positive number of FLOPs, e.g. 1e19"
+               if args.budget is not None and not args.budget > 0 else None)
+    if problem:
+        print(f"nanochat-scaling: {problem}", file=sys.stderr)
         return 2
     path, res = write_report(args.sweep_dir, args.params, args.budget, args.bootstrap, args.seed)
     for line in summary_lines(res):

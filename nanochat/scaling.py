@@ -126,8 +126,7 @@ def group_by_budget(points: Sequence[Point]) -> dict[float, list[Point]]:
 
 def _tokens_at(points: Sequence[Point], n: float, budget: float) -> float:
     """D at size n on this budget's line: log D is linear in log N across its runs (D ≈ C/(k·N))."""
-    ns = np.log([p.params for p in points])
-    ds = np.log([p.tokens for p in points])
+    ns, ds = (np.log([getattr(p, k) for p in points]) for k in ("params", "tokens"))
     if len(set(ns.tolist())) >= 2:
         slope, icept = np.polyfit(ns, ds, 1)
         return float(math.exp(icept + slope * math.log(n)))

@@ -534,9 +534,8 @@ def optimizer_rows(p: Plan) -> list[tuple[str, str]]:
     ns = o["muon_ns"] + (f" (safety {o['muon_ns_safety']})" if o["muon_ns"] == "polar_express" else "")
     mom = f"{p.muon_momentum_start} → {p.muon_momentum_end} over {p.muon_momentum_steps}" + \
         (f", → {p.muon_momentum_final} through warmdown" if p.muon_momentum_final is not None else "")
-    groups = adamw_group_settings(p.embedding_lr, p.unembedding_lr, p.scalar_lr, o)
     return [("optimizer", f"{p.optimizer}: Muon {ns}" + (" + " + ", ".join(flags) if flags else "")),
             ("Muon lr / momentum", f"{p.matrix_lr:.4g} × sqrt(max(1, rows/cols)) / {mom}"),
             ("grad clip", f"{p.grad_clip:g}" if p.grad_clip > 0 else "off")] + \
         [(f"AdamW {name}", f"lr {g['lr']:.4g}, betas ({g['betas'][0]}, {g['betas'][1]}), wd {g['weight_decay']:g}")
-         for name, g in groups.items() if present[name]]
+         for name, g in adamw_group_settings(p.embedding_lr, p.unembedding_lr, p.scalar_lr, o).items() if present[name]]

@@ -255,13 +255,11 @@ def linear_layers(s: ModelShape) -> dict[str, tuple[int, int]]:
     d, kvd = s.n_embd, s.n_kv_head * s.head_dim
     out: dict[str, tuple[int, int]] = {}
     for i in range(s.n_layer):
-        a = f"transformer.h.{i}.attn"
+        a, mlp = f"transformer.h.{i}.attn", f"transformer.h.{i}.mlp"
         out.update({f"{a}.c_q": (d, s.n_head * s.head_dim), f"{a}.c_k": (d, kvd), f"{a}.c_v": (d, kvd),
-                    f"{a}.c_proj": (s.n_head * s.head_dim, d)})
+                    f"{a}.c_proj": (s.n_head * s.head_dim, d), f"{mlp}.c_fc": (d, 4 * d), f"{mlp}.c_proj": (4 * d, d)})
         if s.value_embeds and has_value_embed(i, s.n_layer):
             out[f"{a}.ve_gate"] = (VE_GATE_CHANNELS, s.n_kv_head)
-        out[f"transformer.h.{i}.mlp.c_fc"] = (d, 4 * d)
-        out[f"transformer.h.{i}.mlp.c_proj"] = (4 * d, d)
     out["lm_head"] = (d, s.padded_vocab_size)
     if s.smear:
         out["smear_gate"] = (SMEAR_GATE_CHANNELS, 1)
@@ -309,8 +307,7 @@ def _device_batch(cfg: Config, depth: int) -> int:
     if hw.device_batch_size is not None and hw.device_batch_size != "auto":
         return hw.device_batch_size
     table = {int(k): int(v) for k, v in (hw.device_batch_table or {}).items()}
-    fits = [k for k in table if k >= depth]
-    return table[min(fits)] if fits else (table[max(table)] if table else DEFAULT_DEVICE_BATCH)
+    return table[min((k for k in table if k >= depth), default=max(table))] if table else DEFAULT_DEVICE_BATCH
 
 
 def auto_batch_candidates(cfg: Config, total: int, seq: int, world: int) -> list[int]:
@@ -537,9 +534,8 @@ def optimizer_rows(p: Plan) -> list[tuple[str, str]]:
     ns = o["muon_ns"] + (f" (safety {o['muon_ns_safety']})" if o["muon_ns"] == "polar_express" else "")
     mom = f"{p.muon_momentum_start} → {p.muon_momentum_end} over {p.muon_momentum_steps}" + \
         (f", → {p.muon_momentum_final} through warmdown" if p.muon_momentum_final is not None else "")
-    groups = adamw_group_settings(p.embedding_lr, p.unembedding_lr, p.scalar_lr, o)
     return [("optimizer", f"{p.optimizer}: Muon {ns}" + (" + " + ", ".join(flags) if flags else "")),
             ("Muon lr / momentum", f"{p.matrix_lr:.4g} × sqrt(max(1, rows/cols)) / {mom}"),
             ("grad clip", f"{p.grad_clip:g}" if p.grad_clip > 0 else "off")] + \
         [(f"AdamW {name}", f"lr {g['lr']:.4g}, betas ({g['betas'][0]}, {g['betas'][1]}), wd {g['weight_decay']:g}")
-         for name, g in groups.items() if present[name]]
+         for name, g in adamw_group_settings(p.embedding_lr, p.unembedding_lr, p.scalar_lr, o).items() if present[name]]

@@ -96,14 +96,13 @@ def training_curves(run_dir: Path, out: Path, title: str) -> Optional[Path]:
     fig, axes = pyplot().subplots(2, ncols, figsize=(5.5 * ncols, 6), squeeze=False)
     for row, key in enumerate((train_key, val_key)):
         pts = [(r["step"], r[key]) for r in rows if key and key in r and "step" in r]
-        for col in range(ncols):
-            ax = axes[row][col]
+        for col, ax in enumerate(axes[row]):
             if not pts:
                 ax.set_visible(False)
                 continue
             if col == 1:  # FLOPs on a log axis: step 0 (no FLOPs yet) has no place on it
-                pts = [(s, v) for s, v in pts if s > 0] or pts
-            xs, ys = zip(*[(s if col == 0 else s * fps, v) for s, v in pts])
+                pts = [(s * fps, v) for s, v in pts if s > 0] or pts
+            xs, ys = zip(*pts)
             if row == 0:  # raw values faint, the debiased EMA as the curve
                 ax.plot(xs, ys, ".", ms=4, alpha=0.3, color="C0", label="raw")
                 ax.plot(xs, debiased_ema(ys), color="C0", lw=1.6, label="EMA (debiased, β=0.9)")

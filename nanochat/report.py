@@ -26,12 +26,11 @@ def _f(x: Any, digits: int = 4) -> str:
 
 def wall_time_s(run_dir: Optional[str]) -> Optional[float]:
     """Seconds from the freeze of the run (resolved_config.yaml) to COMPLETED."""
-    if not run_dir:
+    d = Path(run_dir) if run_dir else None
+    try:
+        return max(0.0, (d / "COMPLETED").stat().st_mtime - (d / "resolved_config.yaml").stat().st_mtime)
+    except (OSError, TypeError):   # no run dir (None / ...), or one not frozen or not completed
         return None
-    start, end = Path(run_dir) / "resolved_config.yaml", Path(run_dir) / "COMPLETED"
-    if not (start.exists() and end.exists()):
-        return None
-    return max(0.0, end.stat().st_mtime - start.stat().st_mtime)
 
 
 def _tasks(acc: dict) -> str:
@@ -83,9 +82,7 @@ def fmt_time(s: Optional[float]) -> str:
 
 def _rel(path: str | Path, base: Optional[Path]) -> str:
     """`path` relative to the report's dir, so a copied or moved runs folder keeps its links."""
-    if not path or base is None:
-        return str(path)
-    return os.path.relpath(Path(path).resolve(), Path(base).resolve())
+    return os.path.relpath(Path(path).resolve(), Path(base).resolve()) if path and base is not None else str(path)
 
 
 def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]] = ()) -> list[str]:
@@ -102,10 +99,8 @@ def to_markdown(rows: list[dict], title: str, base: Optional[Path] = None,
              ""] + md_table(("stage", "status", "wall time", "metrics", "run dir"),
                             ((r["stage"], r["status"], fmt_time(r["wall_s"]), r["metrics"].replace("|", "\\|"),
                               f"`{_rel(r['run_dir'], base)}`") for r in rows))
-    if curves:
-        lines += ["", "## Curves"]
-    for stage, path in curves:
-        lines += ["", f"### {stage}", "", f"![{stage} curves]({_rel(path, base)})"]
+    lines += (["", "## Curves"] if curves else []) + [
+        line for stage, path in curves for line in ("", f"### {stage}", "", f"![{stage} curves]({_rel(path, base)})")]
     return "\n".join(lines) + "\n"
 
 
@@ -150,8 +145,8 @@ def write_report(cfg: Any, results: list[dict]) -> Path:
     curves = write_curves(results)
     root = Path(cfg.run.root).expanduser()
     path = root / "report.md"
-    last = next((r["run_dir"] for r in reversed(rows) if r["run_dir"]), None)
-    for d in [root] + ([Path(last)] if last else []):  # each copy links relative to where it lies
+    last = [Path(r["run_dir"]) for r in reversed(rows) if r["run_dir"]][:1]   # the last stage's run dir, if any
+    for d in [root] + last:  # each copy links relative to where it lies
         markdown = to_markdown(rows, title, d, curves)
         atomic_write_text(d / "report.md", markdown)
         atomic_write_text(d / "report.html", to_html(markdown, title))

@@ -59,13 +59,6 @@ def _alive(run_dir: Path) -> bool:
     return time.time() - float(holder.get("heartbeat", 0)) < STALE_S
 
 
-def run_status(run_dir: Path) -> str:
-    status = read_status(run_dir)
-    if status != "completed" and _alive(run_dir):
-        return "running"
-    return status if status in STATUSES else "unknown"
-
-
 def _last_metrics(run_dir: Path) -> dict:
     """The newest step's metrics, merged (train and val rows share a step), from the file's tail."""
     rows = read_metrics(run_dir, tail_bytes=65536)
@@ -75,11 +68,10 @@ def _last_metrics(run_dir: Path) -> dict:
 
 def run_info(run_dir: Path) -> dict:
     """One row of `ls`: what the run is, how far it got, its headline figure."""
-    cfg = read_file(run_dir / "resolved_config.yaml") or {}
-    meta = read_file(run_dir / "meta.json") or {}
-    plan = read_file(run_dir / "plan.json") or {}
-    result = read_file(run_dir / "result.json") or {}
-    last = _last_metrics(run_dir)
+    cfg, meta, plan, result = (read_file(run_dir / name) or {} for name in
+                               ("resolved_config.yaml", "meta.json", "plan.json", "result.json"))
+    last, status = _last_metrics(run_dir), read_status(run_dir)
+    status = "running" if status != "completed" and _alive(run_dir) else status if status in STATUSES else "unknown"
     stage_cfg = cfg.get("stage") if isinstance(cfg, dict) else None
     stage = meta.get("stage") or (stage_cfg or {}).get("name") or "?"
     head = headline(stage)
@@ -87,7 +79,7 @@ def run_info(run_dir: Path) -> dict:
     git = meta.get("git") or {}
     sha = (git.get("sha") or "")[:8] + ("+dirty" if git.get("dirty") else "")
     wall = result.get("wall_time_s", last.get("elapsed_s"))
-    return {"dir": str(run_dir), "stage": stage, "tag": meta.get("tag") or "?", "status": run_status(run_dir),
+    return {"dir": str(run_dir), "stage": stage, "tag": meta.get("tag") or "?", "status": status,
             "step": result.get("step", last.get("step")), "total": plan.get("num_iterations"),
             "headline": head[0] if head else None, "value": value if isinstance(value, (int, float)) else None,
             "wall_time_s": wall, "git": sha or None, "created": meta.get("created"),
@@ -133,9 +125,8 @@ def _sweep_table(sweep: Path, infos: list[dict]) -> str:
     scored = [(i["value"], n) for n, i in enumerate(infos) if i["value"] is not None and math.isfinite(i["value"])]
     sense = (headline(infos[scored[0][1]]["stage"]) or ("", "min"))[1] if scored else "min"
     best = (min if sense == "min" else max)(scored)[1] if scored else None
-    rows = [[" ", *swept, *HEADER]]
-    for n, (info, p) in enumerate(zip(infos, parsed)):
-        rows.append(["*" if n == best else " ", *(p.get(k, "-") for k in swept), *_cells(info, sweep)])
+    rows = [[" ", *swept, *HEADER]] + [["*" if n == best else " ", *(p.get(k, "-") for k in swept),
+                                        *_cells(info, sweep)] for n, (info, p) in enumerate(zip(infos, parsed))]
     best_note = f"; * = best {infos[best]['headline']}" if best is not None else ""
     return f"sweep {sweep} ({len(infos)} jobs{best_note})\n" + _table(rows)
 
@@ -148,8 +139,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not infos:
         raise RunsError(f"no run dirs under {root} (a run dir holds resolved_config.yaml; runs go to run.root, "
                         f"default runs/)")
-    infos = [i for i in infos if (not args.stage or i["stage"] == args.stage) and
-             (not args.tag or i["tag"] == args.tag) and (not args.status or i["status"] == args.status)]
+    infos = [i for i in infos if all(getattr(args, k) in (None, "", i[k]) for k in ("stage", "tag", "status"))]
     infos.sort(key=lambda i: (i["created"] or "", i["dir"]))
     if args.json:
         print(json.dumps([{k: v for k, v in i.items() if k != "valid"} for i in infos], indent=1))
@@ -161,9 +151,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for i in infos:   # by the Hydra multirun dir (it holds multirun.yaml) a run belongs to, if any
         sweep = next((p for p in Path(i["dir"]).parents if (p / "multirun.yaml").is_file()), None)
         groups.setdefault(sweep, []).append(i)
-    out = []
-    if None in groups:
-        out.append(_table([HEADER, *(_cells(i, root) for i in groups.pop(None))]))
+    out = [_table([HEADER, *(_cells(i, root) for i in groups.pop(None))])] if None in groups else []
     out += [_sweep_table(s, g) for s, g in groups.items()]
     print("\n\n".join(out))
     broken = [i["dir"] for i in infos if not i["valid"]]
@@ -198,19 +186,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if not lines:
         print(f"no config or plan key differs between {a} and {b}")
         return 0
-    print(_table([["key", "A", "B"], *lines]))
-    print(f"A = {a}\nB = {b}")
+    print(_table([["key", "A", "B"], *lines]) + f"\nA = {a}\nB = {b}")
     return 0
-
-
-def _curve(run_dir: Path, metric: str, x: str) -> list[tuple[float, float]]:
-    """(x, value) points of one metric; x = step, or FLOPs = step × the plan's FLOPs per step."""
-    pts = [(r["step"], r[metric]) for r in read_metrics(run_dir)
-           if isinstance(r.get(metric), (int, float)) and isinstance(r.get("step"), int)]
-    per_step = _flops_per_step(run_dir) if x == "flops" and pts else 1.0
-    if per_step is None:
-        raise RunsError(f"--x flops: {run_dir}/plan.json has no flops_per_token × total_batch_size; use --x step")
-    return [(step * per_step, v) for step, v in pts if x == "step" or step > 0]  # a log axis has no 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -222,7 +199,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     out = Path(args.output or f"{args.metric.replace('/', '_')}.png").resolve()
     if inside := [r for r in runs if r in out.parents]:
         raise RunsError(f"-o {out}: inside the run dir {inside[0]}; nanochat-runs never writes into a run dir")
-    curves = {r: _curve(r, args.metric, args.x) for r in runs}
+    curves = {}
+    for r in runs:   # (x, value) points of the metric; x = step, or FLOPs = step × the plan's FLOPs per step
+        pts = [(row["step"], row[args.metric]) for row in read_metrics(r)
+               if isinstance(row.get(args.metric), (int, float)) and isinstance(row.get("step"), int)]
+        per_step = _flops_per_step(r) if args.x == "flops" and pts else 1.0
+        if per_step is None:
+            raise RunsError(f"--x flops: {r}/plan.json has no flops_per_token × total_batch_size; use --x step")
+        curves[r] = [(step * per_step, v) for step, v in pts if args.x == "step" or step > 0]  # a log axis has no 0
     if not any(curves.values()):
         names = sorted({k for r in runs for k, v in _last_metrics(r).items() if isinstance(v, (int, float))} - {"step"})
         raise RunsError(f"--metric {args.metric}: not in the metrics.jsonl of any of these runs; metrics they log: "

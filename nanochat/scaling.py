@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -126,8 +126,7 @@ def group_by_budget(points: Sequence[Point]) -> dict[float, list[Point]]:
 
 def _tokens_at(points: Sequence[Point], n: float, budget: float) -> float:
     """D at size n on this budget's line: log D is linear in log N across its runs (D ≈ C/(k·N))."""
-    ns = np.log([p.params for p in points])
-    ds = np.log([p.tokens for p in points])
+    ns, ds = (np.log([getattr(p, k) for p in points]) for k in ("params", "tokens"))
     if len(set(ns.tolist())) >= 2:
         slope, icept = np.polyfit(ns, ds, 1)
         return float(math.exp(icept + slope * math.log(n)))
@@ -188,15 +187,12 @@ def approach2(points: Sequence[Point], n_boot: int = 200, seed: int = 0) -> Appr
     if len(fits) < 2:
         out.notes.append(f"{len(fits)} FLOP budget(s): N_opt ∝ C^a needs at least 2; no exponents from approach 2")
         return out
-    cs = [f.budget for f in fits]
-    out.n_opt = fit_power_law(cs, [f.n_opt for f in fits])
-    out.d_opt = fit_power_law(cs, [f.d_opt for f in fits])
-    if n_boot > 0:
-        rng = np.random.default_rng(seed)
-        boots = [[fit_isoflop(c, [pts[i] for i in rng.integers(0, len(pts), len(pts))]) for c, pts in groups.items()]
-                 for _ in range(n_boot)]
-        out.n_opt.ci = _interval([fit_power_law(cs, [f.n_opt for f in bf]).exponent for bf in boots])
-        out.d_opt.ci = _interval([fit_power_law(cs, [f.d_opt for f in bf]).exponent for bf in boots])
+    cs, rng = [f.budget for f in fits], np.random.default_rng(seed)
+    boots = [[fit_isoflop(c, [pts[i] for i in rng.integers(0, len(pts), len(pts))]) for c, pts in groups.items()]
+             for _ in range(n_boot)]
+    for attr in ("n_opt", "d_opt"):   # N_opt(C), D_opt(C); their exponents' intervals from the resampled fits
+        law = lambda fs: fit_power_law(cs, [getattr(f, attr) for f in fs])
+        setattr(out, attr, replace(law(fits), ci=_interval([law(bf).exponent for bf in boots]) if boots else None))
     return out
 
 
@@ -314,9 +310,7 @@ def approach3(points: Sequence[Point], n_boot: int = 100, seed: int = 0, starts:
     pts = [p for p in points if p.params > 0 and p.tokens > 0 and p.loss > 0]
     if len(pts) < 5:
         return None
-    logn = np.log([p.params for p in pts])
-    logd = np.log([p.tokens for p in pts])
-    logl = np.log([p.loss for p in pts])
+    logn, logd, logl = (np.log([getattr(p, k) for p in pts]) for k in ("params", "tokens", "loss"))
     theta, fval = _lbfgs(_screen(logn, logd, logl, delta, starts), logn, logd, logl, delta)
     if theta is None:
         return None

@@ -27,7 +27,7 @@ from nanochat.common import atomic_write_text
 from nanochat.plots import pyplot, save     # matplotlib itself is imported on first use
 from nanochat.report import fmt_time, md_table, wall_time_s
 from nanochat.results import PretrainResult, load_result
-from nanochat.runs import read_file
+from nanochat.runs import find_runs, read_file
 
 PARAM_KINDS = ("total", "non_embedding", "matmul")
 DEFAULT_KIND = "matmul"  # nanochat's "scaling params": transformer matrices + lm_head
@@ -67,15 +67,12 @@ def read_run(sweep_dir: Path, run_dir: Path) -> RunRecord:
     plan = read_file(run_dir / "plan.json") or {}
     raw = load_result(run_dir)
     if rec.status != "completed" or raw is None:
-        err = status.get("error")
-        rec.skip_reason = f"{rec.status}" + (f": {err}" if err else "") if rec.status != "completed" \
-            else "completed but result.json is missing"
+        rec.skip_reason = "completed but result.json is missing" if rec.status == "completed" else \
+            f"{rec.status}" + (f": {status['error']}" if status.get("error") else "")
         return rec
     result = PretrainResult.from_dict(raw)
-    rec.params = result.params
-    if not rec.params and plan.get("model"):
-        from nanochat.plan import ModelShape, param_breakdown
-        rec.params = param_breakdown(ModelShape(**plan["model"]))
+    from nanochat.plan import ModelShape, param_breakdown   # older result.json: the counts from plan.json
+    rec.params = result.params or (param_breakdown(ModelShape(**plan["model"])) if plan.get("model") else {})
     rec.tokens, rec.flops, rec.val_bpb, rec.core = result.tokens_seen, result.flops, result.final_val_bpb, result.core
     rec.mixture, rec.by_source = result.mixture, result.val_bpb_by_source
     rec.wall_time_s = result.wall_time_s if result.wall_time_s is not None else wall_time_s(str(run_dir))
@@ -90,10 +87,8 @@ def read_run(sweep_dir: Path, run_dir: Path) -> RunRecord:
 
 def read_sweep(sweep_dir: Path) -> list[RunRecord]:
     """Every run dir under the sweep dir (not checkpoints' or the report's own dir)."""
-    sweep_dir = Path(sweep_dir)
-    rels = [p.parent.relative_to(sweep_dir) for p in sorted(sweep_dir.glob("**/resolved_config.yaml"))]
-    return [read_run(sweep_dir, sweep_dir / r) for r in rels
-            if "checkpoints" not in r.parts and r.parts[:1] != ("scaling",)]
+    sweep_dir = Path(sweep_dir)   # find_runs never descends into a run dir, so never into its checkpoints
+    return [read_run(sweep_dir, d) for d in find_runs(sweep_dir) if d.relative_to(sweep_dir).parts[:1] != ("scaling",)]
 
 
 # --------------------------------------------------------------------------- prediction → command
@@ -114,8 +109,7 @@ def suggest_run(template: RunRecord, kind: str, pred: S.Prediction, overrides: S
         cfg = load_config(str(template.run_dir / "resolved_config.yaml"))
     except Exception:  # an unreadable template: no command, the numbers stay in the report
         return None
-    plan0 = read_file(template.run_dir / "plan.json") or {}
-    vocab = (plan0.get("model") or {}).get("vocab_size")
+    vocab = ((read_file(template.run_dir / "plan.json") or {}).get("model") or {}).get("vocab_size")
     sizes = {}
     for d in range(1, max_depth + 1):
         try:
@@ -125,7 +119,6 @@ def suggest_run(template: RunRecord, kind: str, pred: S.Prediction, overrides: S
     if not sizes:
         return None
     depth = min(sizes, key=lambda d: abs(math.log(sizes[d] / pred.n_opt)))
-    n = sizes[depth]
     st = replace(cfg.stage, num_iterations=None, target_flops=pred.budget)
     try:
         plan = make_plan(replace(cfg, model=replace(cfg.model, depth=depth), stage=st), vocab)
@@ -133,7 +126,7 @@ def suggest_run(template: RunRecord, kind: str, pred: S.Prediction, overrides: S
         return None
     iters = max(1, round(pred.d_opt / plan.total_batch_size))
     args = ["stage=pretrain", *overrides, f"model.depth={depth}", f"stage.num_iterations={iters}"]
-    return dict(depth=depth, params=n, iterations=iters, batch=plan.total_batch_size,
+    return dict(depth=depth, params=sizes[depth], iterations=iters, batch=plan.total_batch_size,
                 iterations_at_budget=plan.num_iterations,
                 command="nanochat-run " + " ".join(shlex.quote(a) for a in args))
 
@@ -156,9 +149,8 @@ def fig_isoflop(a2: S.Approach2, pts: Sequence[S.Point], a3: Optional[S.Approach
         ns = [p.params for p in g]
         ax.scatter(ns, [p.loss for p in g], color=col, s=22, label=f"C = {fit.budget:.3g}")
         if fit.method == "quadratic":
-            c2, c1, c0 = fit.coef
             xq = np.linspace(math.log10(fit.fit_range[0]) - 0.1, math.log10(fit.fit_range[1]) + 0.1, 100)  # fitted
-            ax.plot(10 ** xq, c2 * xq ** 2 + c1 * xq + c0, color=col, lw=1.2, ls="--")
+            ax.plot(10 ** xq, np.polyval(fit.coef, xq), color=col, lw=1.2, ls="--")
         if a3 is not None:
             n = np.logspace(math.log10(min(ns)) - 0.1, math.log10(max(ns)) + 0.1, 100)
             ax.plot(n, a3.loss(n, fit.budget / (a3.flops_per_param_token * n)), color=col, lw=0.8, ls=":")
@@ -174,8 +166,7 @@ def fig_optimal(a2: S.Approach2, pred: Optional[S.Prediction], out: Path) -> Pat
     import numpy as np
     fig, axes = pyplot().subplots(1, 2, figsize=(10, 4))
     cs = [f.budget for f in a2.fits]
-    c_hi = max(cs + ([pred.budget] if pred else []))
-    grid = np.logspace(math.log10(min(cs)), math.log10(c_hi), 50)
+    grid = np.logspace(math.log10(min(cs)), math.log10(max(cs + ([pred.budget] if pred else []))), 50)
     for ax, attr, law, label in ((axes[0], "n_opt", a2.n_opt, "N_opt"), (axes[1], "d_opt", a2.d_opt, "D_opt")):
         ax.scatter(cs, [getattr(f, attr) for f in a2.fits], color="C0", zorder=3, label="per budget (approach 2)")
         if law is not None:
@@ -193,7 +184,7 @@ def fig_by(recs: Sequence[RunRecord], kind: str, x: str, out: Path) -> Path:
     """val bpb against depth (x='depth') or tokens per parameter (x='ratio'), one line per budget."""
     good = [r for r in recs if not r.skip_reason]
     budgets = sorted({r.budget for r in good if r.budget is not None})
-    colors = _budget_colors(budgets) if budgets else {}
+    colors = _budget_colors(budgets)
     fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
     key = (lambda r: r.depth or 0) if x == "depth" else (lambda r: r.tokens / r.params[kind])
     for c in budgets or [None]:
@@ -267,8 +258,7 @@ def render(res: dict, figures: dict) -> str:
         L += ["## Recommendation", "",
               f"At C = {pred.budget:.3g} FLOPs ({pred.source}): N_opt = {pred.n_opt:,.0f}, D_opt = {pred.d_opt:,.0f} "
               f"tokens, {pred.tokens_per_param:.1f} tokens per parameter."]
-        s = res["suggestion"]
-        if s:
+        if s := res["suggestion"]:
             L += ["", f"Nearest depth: **d{s['depth']}** ({s['params']:,} {kind} params), {s['iterations']:,} iterations "
                       f"of {s['batch']:,} tokens ({s['iterations_at_budget']:,} would spend exactly C):", "",
                   "```bash", s["command"], "```"]
@@ -382,13 +372,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        print(f"nanochat-scaling: {args.sweep_dir} is not a directory (pass a sweep dir: hydra.sweep.dir)",
-              file=sys.stderr)
-        return 2
-    if args.budget is not None and not args.budget > 0:
-        print(f"nanochat-scaling: --budget {args.budget}: must be a positive number of FLOPs, e.g. 1e19",
-              file=sys.stderr)
+    problem = (f"{args.sweep_dir} is not a directory (pass a sweep dir: hydra.sweep.dir)" if not args.sweep_dir.is_dir()
+               else f"--budget {args.budget}: must be a positive number of FLOPs, e.g. 1e19"
+               if args.budget is not None and not args.budget > 0 else None)
+    if problem:
+        print(f"nanochat-scaling: {problem}", file=sys.stderr)
         return 2
     path, res = write_report(args.sweep_dir, args.params, args.budget, args.bootstrap, args.seed)
     for line in summary_lines(res):

@@ -85,9 +85,7 @@ def mixture_rows(cfg: Config, train_tokens: Optional[int]) -> tuple[list[tuple[s
 
 def due_count(steps: int, every: int, at_zero: bool) -> int:
     """How many times an evaluation due every `every` steps and at the last one runs in [0, steps]."""
-    if every <= 0:
-        return 1
-    return steps // every + (1 if at_zero else 0) + (0 if steps % every == 0 else 1)
+    return 1 if every <= 0 else steps // every + int(at_zero) + int(steps % every > 0)
 
 
 def when(every: int) -> str:

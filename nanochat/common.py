@@ -123,8 +123,3 @@ def barrier() -> None:
     """dist.barrier() when running distributed; a no-op in a single process."""
     if dist := distributed():
         dist.barrier()
-
-
-def cleanup_distributed() -> None:
-    if dist := distributed():
-        dist.destroy_process_group()

@@ -69,8 +69,7 @@ def verify(ckpt_dir: str | Path) -> list[str]:
         path = ckpt_dir / name
         if not path.exists():
             problems.append(f"{name} is missing")
-            continue
-        if (size := path.stat().st_size) != rec["bytes"]:
+        elif (size := path.stat().st_size) != rec["bytes"]:
             problems.append(f"{name} has {size} bytes, {rec['bytes']} were written (truncated or replaced)")
         elif sha256_file(path) != rec["sha256"]:
             problems.append(f"{name} does not match its SHA-256 checksum (altered on disk)")

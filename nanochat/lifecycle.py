@@ -58,10 +58,6 @@ class StopFlag:
         self.signum = signum
 
     @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
 
@@ -84,10 +80,10 @@ class EvalInterrupted(Exception):
         self.signal_name = signal_name
 
 
-def check_stop(flag: StopFlag = STOP) -> None:
+def check_stop() -> None:
     """Call between batches of any long evaluation: raises EvalInterrupted if a stop signal arrived."""
-    if flag.requested:
-        raise EvalInterrupted(flag.name)
+    if STOP.signum is not None:
+        raise EvalInterrupted(STOP.name)
 
 
 class EvalProgress:
@@ -105,12 +101,12 @@ class EvalProgress:
             self.log("  " + plain_line(f"eval {self.label}", done, self.total, [f"{done / el:.1f}/s"], el, el / done))
 
 
-def stop_requested_all_ranks(flag: StopFlag = STOP) -> bool:
+def stop_requested_all_ranks() -> bool:
     """True on every rank if any rank got a stop signal (ranks must agree on the step)."""
     import torch
     if not (dist := distributed()):
-        return flag.requested
-    t = torch.tensor([float(flag.requested)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        return STOP.signum is not None
+    t = torch.tensor([float(STOP.signum is not None)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
@@ -132,10 +128,9 @@ def read_status(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     if (run_dir / "COMPLETED").exists():
         return "completed"
-    try:
+    with suppress(FileNotFoundError, ValueError, AttributeError):  # none yet, torn, or not ours (not a mapping)
         return read_json(run_dir / "status.json").get("status", "unknown")
-    except (FileNotFoundError, ValueError, AttributeError):  # none yet, torn, or not ours (not a mapping)
-        return "unknown"
+    return "unknown"
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -155,7 +155,7 @@ class Loop:
 
     def checkpoint_if_stopped(self) -> None:
         """At a step boundary: if any rank got a stop signal, every rank checkpoints, then Preempted."""
-        if not stop_requested_all_ranks(STOP):
+        if not stop_requested_all_ranks():
             return
         self.save()
         self.tracker.print(f"stop signal ({STOP.name or 'peer rank'}): checkpointed at step {self.state.step}")

@@ -99,13 +99,10 @@ def _sdpa_cpu_flops() -> dict:
     import torch
     aten = torch.ops.aten
 
-    def fwd(q, k, v, *a, out_shape=None, **kw):
+    def fwd(q, k, *a, **kw):   # shapes of (query, key, value, ...)
         return 4 * q[0] * q[1] * q[2] * k[2] * q[3]
-
-    def bwd(g, q, k, v, *a, out_shape=None, **kw):
-        return 8 * q[0] * q[1] * q[2] * k[2] * q[3]
-    return {aten._scaled_dot_product_flash_attention_for_cpu: fwd,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd}
+    return {aten._scaled_dot_product_flash_attention_for_cpu: fwd,   # backward: (grad_out, query, key, ...)
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, *a, **kw: 2 * fwd(q, k)}
 
 
 def count_flops(counter, model) -> float:

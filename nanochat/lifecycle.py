@@ -170,13 +170,6 @@ def die_with_parent_preexec(parent_pid: int):
     return preexec
 
 
-def _parent_is_torchrun(ppid: int) -> bool:
-    with suppress(OSError):
-        cmd = Path(f"/proc/{ppid}/cmdline").read_bytes().split(b"\0")
-        return any(b"torch.distributed.run" in c or c.endswith(b"torchrun") for c in cmd)
-    return False
-
-
 def guard_parent(poll_s: float = 1.0) -> bool:
     """In a worker started by the launcher (directly or via torchrun): die with the parent.
 
@@ -188,9 +181,12 @@ def guard_parent(poll_s: float = 1.0) -> bool:
     launcher = os.environ.get(LAUNCHER_PID_ENV)
     if launcher is None or not sys.platform.startswith("linux"):
         return False
-    ppid = os.getppid()
+    ppid, cmd = os.getppid(), b""
+    with suppress(OSError):
+        cmd = Path(f"/proc/{ppid}/cmdline").read_bytes()
+    parent_is_torchrun = any(b"torch.distributed.run" in c or c.endswith(b"torchrun") for c in cmd.split(b"\0"))
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
-    expected = (ppid if _parent_is_torchrun(ppid) else -1) if under_torchrun else int(launcher)
+    expected = (ppid if parent_is_torchrun else -1) if under_torchrun else int(launcher)
     die_with_parent_preexec(expected)()  # arms the death signal; an orphan already (parent died before it) dies now
 
     def watch() -> None:

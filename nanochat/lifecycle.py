@@ -41,11 +41,10 @@ class StopFlag:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def install(self) -> "StopFlag":
+    def install(self) -> None:
         for sig in STOP_SIGNALS:
             with suppress(ValueError):  # not the main thread: cannot install handlers, stay passive
                 self._previous[sig] = signal.signal(sig, self._handle)
-        return self
 
     def uninstall(self) -> None:
         for sig, prev in self._previous.items():

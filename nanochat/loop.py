@@ -252,12 +252,11 @@ class Loop:
                 # the bar and the plain line are both made from these stats (nanochat/tracking.py)
                 tracker.progress(state.step, stats={"step": state.step, "total": N, metric: smooth, "lrm": lrm,
                                                     "tok_per_sec": self.tok_per_sec, "mfu": self.mfu, "dt_s": dt})
-            for ev in evals:
-                if ev.final:
-                    try:
-                        self._evaluate(ev, state.step)
-                    except EvalInterrupted as e:  # trained and saved at step N: a resume only redoes these
-                        raise Preempted(state.step, e.signal_name) from None
+            try:
+                for ev in [e for e in evals if e.final]:
+                    self._evaluate(ev, state.step)
+            except EvalInterrupted as e:  # trained and saved at step N: a resume only redoes these
+                raise Preempted(state.step, e.signal_name) from None
         finally:
             tracker.close()
 

@@ -27,21 +27,6 @@ from nanochat.tokenizer import get_tokenizer
 VAL_PER_TASK = 200
 
 
-def val_mixture(specs: list, cfg: Config, base_dir: Path, log: Callable[[str], None]):
-    """Held-out conversations of the graded mixture tasks (at most VAL_PER_TASK each)."""
-    from nanochat.tasks import TaskDataError, TaskMixture, make_task
-    tasks = []
-    for spec in held_out_specs(specs):
-        try:
-            t = make_task(spec, "test", data_dir=cfg.paths.shared_data, base_dir=str(base_dir))
-        except (TaskDataError, OSError, ValueError) as e:
-            log(f"validation: skipping {spec!r} ({str(e)[:100]})")
-            continue
-        t.stop = t.start + min(len(t), VAL_PER_TASK) * t.step
-        tasks.append(t)
-    return TaskMixture(tasks, seed=cfg.run.seed) if tasks else None
-
-
 def warm_start_optimizer(optimizer: Any, source: str, rt: T.Runtime, log: Callable[[str], None]) -> bool:
     """Carry the source checkpoint's optimizer state (momentum, second moments, ...) into `optimizer`.
 
@@ -96,13 +81,23 @@ def train_step(model, optimizer, batches: list, rt: T.Runtime) -> tuple[float, i
 
 def train_chat(cfg: Config, run_dir: Path) -> ChatResult:
     """The mid/sft stage over the frozen plan: its model, data and evaluations over the one loop (nanochat/loop.py)."""
+    from nanochat.tasks import TaskDataError, TaskMixture, make_task
     loop = L.Loop(cfg, run_dir)
     rt, plan, log, st = loop.rt, loop.plan, loop.log, cfg.stage
     tokenizer = get_tokenizer(rt.base_dir, plan.stage.tokenizer or cfg.data.tokenizer)
     mix, names = build_mixture(st.mixture, [(s, True) for s in plan.stage.mixture], "train",
                                data_dir=cfg.paths.shared_data, base_dir=rt.base_dir, seed=cfg.run.seed,
                                max_per_task=st.max_examples_per_task, log=log)
-    val = val_mixture(names, cfg, rt.base_dir, log)
+    val_tasks = []   # held-out conversations of the graded mixture tasks (at most VAL_PER_TASK each)
+    for spec in held_out_specs(names):
+        try:
+            t = make_task(spec, "test", data_dir=cfg.paths.shared_data, base_dir=str(rt.base_dir))
+        except (TaskDataError, OSError, ValueError) as e:
+            log(f"validation: skipping {spec!r} ({str(e)[:100]})")
+            continue
+        t.stop = t.start + min(len(t), VAL_PER_TASK) * t.step
+        val_tasks.append(t)
+    val = TaskMixture(val_tasks, seed=cfg.run.seed) if val_tasks else None
     eval_specs = list(st.eval_tasks) if st.eval_tasks is not None else held_out_specs(names)
     if rt.master:
         atomic_write_json(loop.run_dir / "effective_plan.json", plan.to_dict())

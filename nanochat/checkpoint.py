@@ -28,7 +28,8 @@ from typing import Any, Optional
 
 import torch
 
-from nanochat.common import atomic_write_json, atomic_write_text, barrier, distributed, rank_world, read_json
+from nanochat.common import (atomic_write_bytes, atomic_write_json, atomic_write_text, barrier, distributed,
+                             rank_world, read_json)
 from nanochat.integrity import write_manifest, write_rank_manifest
 from nanochat.lifecycle import list_checkpoints
 
@@ -50,17 +51,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _torch_save(obj: Any, path: Path) -> None:
-    with open(path, "wb") as f:
-        try:
-            torch.save(obj, f)
-        except RuntimeError as e:
-            # torch turns a failed write into a RuntimeError without errno; the OSError (ENOSPC, EIO, ...)
-            # it raised in is its context: re-raise that, so the caller can say what went wrong
-            if isinstance(e.__context__, OSError):
-                raise e.__context__ from None
-            raise
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        atomic_write_bytes(path, lambda f: torch.save(obj, f))
+    except RuntimeError as e:
+        # torch turns a failed write into a RuntimeError without errno; the OSError (ENOSPC, EIO, ...)
+        # it raised in is its context: re-raise that, so the caller can say what went wrong
+        if isinstance(e.__context__, OSError):
+            raise e.__context__ from None
+        raise
 
 
 def _test_pause(point: str, step: int, ckpt_root: Path, rank: int) -> None:

@@ -10,7 +10,7 @@ import os
 import tempfile
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 
 def get_base_dir(base_dir: str | None = None) -> Path:
@@ -28,14 +28,15 @@ def shared_data_dir(configured: str | None = None) -> Path | None:
 
 # ----------------------------------------------------------------------------- atomic io
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp file in the same dir, fsync, then rename: readers never see half a file."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Any]) -> None:
+    """Write `data` (bytes, or a function that writes into the open file: torch.save) to a temp file in the
+    same dir, fsync, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(data) if isinstance(data, bytes) else data(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -123,8 +124,3 @@ def barrier() -> None:
     """dist.barrier() when running distributed; a no-op in a single process."""
     if dist := distributed():
         dist.barrier()
-
-
-def cleanup_distributed() -> None:
-    if dist := distributed():
-        dist.destroy_process_group()

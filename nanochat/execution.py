@@ -168,11 +168,6 @@ os._exit(0)
 '''
 
 
-def _read_capped(path: str) -> str:
-    with open(path, "rb") as f:
-        return f.read(_MAX_FILE_BYTES).decode("utf-8", errors="replace")
-
-
 def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int | None = 256 * 1024 * 1024) -> ExecutionResult:
     """Run `code` in a sandboxed, fresh Python process; never raises for anything the code does.
 
@@ -184,14 +179,12 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int | None =
     payload = json.dumps({"code": code, "timeout": float(timeout), "max_memory_bytes": max_memory_bytes,
                           "mark": _REPORT_MARK, "max_capture": _MAX_CAPTURE, "max_file_bytes": _MAX_FILE_BYTES})
     timed_out = False
-    with tempfile.TemporaryDirectory(prefix="nanochat_sandbox_", ignore_cleanup_errors=True) as work:
-        scratch = os.path.join(work, "scratch")
-        os.mkdir(scratch)
-        out_path, err_path = os.path.join(work, "stdout"), os.path.join(work, "stderr")
+    # the program's cwd is a scratch dir; its output goes to unnamed files outside it (read back capped)
+    with tempfile.TemporaryDirectory(prefix="nanochat_sandbox_", ignore_cleanup_errors=True) as scratch, \
+            tempfile.TemporaryFile() as fout, tempfile.TemporaryFile() as ferr:
         # -I: isolated mode (no user site, PYTHON* env vars ignored, cwd not on sys.path)
-        with open(out_path, "wb") as fout, open(err_path, "wb") as ferr, subprocess.Popen(
-                [sys.executable, "-I", "-c", _RUNNER], stdin=subprocess.PIPE, stdout=fout, stderr=ferr, cwd=scratch,
-                env={}, start_new_session=True, close_fds=True) as proc:
+        with subprocess.Popen([sys.executable, "-I", "-c", _RUNNER], stdin=subprocess.PIPE, stdout=fout, stderr=ferr,
+                              cwd=scratch, env={}, start_new_session=True, close_fds=True) as proc:
             # the child's own timer fires at `timeout`; the slack covers interpreter start-up
             # and code stuck in C (where Python signal handlers cannot run)
             try:
@@ -202,7 +195,7 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int | None =
                 os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(OSError):
                 proc.kill()
-        raw_out, raw_err = _read_capped(out_path), _read_capped(err_path)
+        raw_out, raw_err = (os.pread(f.fileno(), _MAX_FILE_BYTES, 0).decode("utf-8", "replace") for f in (fout, ferr))
 
     if timed_out:
         return ExecutionResult(False, error="TimeoutException: killed after the time limit", timeout=True)

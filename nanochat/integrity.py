@@ -69,8 +69,7 @@ def verify(ckpt_dir: str | Path) -> list[str]:
         path = ckpt_dir / name
         if not path.exists():
             problems.append(f"{name} is missing")
-            continue
-        if (size := path.stat().st_size) != rec["bytes"]:
+        elif (size := path.stat().st_size) != rec["bytes"]:
             problems.append(f"{name} has {size} bytes, {rec['bytes']} were written (truncated or replaced)")
         elif sha256_file(path) != rec["sha256"]:
             problems.append(f"{name} does not match its SHA-256 checksum (altered on disk)")
@@ -104,10 +103,9 @@ def select_resume_checkpoint(run_dir: Path, policy: str) -> Optional[Path]:
             fix = (f"use run.resume=auto to fall back to the previous checkpoint ({older[-1].name})" if older
                    else "no earlier checkpoint exists; move checkpoints/ away and start the run over")
             raise ConfigError("run.resume", policy, fix, f"checkpoint {ck} failed verification: {reason}")
-        moved, n = ck.with_name(f"corrupt_{ck.name}"), 1   # aside: nothing loads it, it can be inspected
-        while moved.exists():
+        n = 1   # moved aside: nothing loads it, it can be inspected (corrupt_step_X, then -2, -3 ...)
+        while (moved := ck.with_name(f"corrupt_{ck.name}" + (f"-{n}" if n > 1 else ""))).exists():
             n += 1
-            moved = ck.with_name(f"corrupt_{ck.name}-{n}")
         ck.rename(moved)
         _warn(f"checkpoint {ck.name} failed verification ({reason}); moved to {moved.name}, "
               f"{'trying ' + older[-1].name if older else 'no earlier checkpoint'}")

@@ -41,11 +41,10 @@ class StopFlag:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def install(self) -> "StopFlag":
+    def install(self) -> None:
         for sig in STOP_SIGNALS:
             with suppress(ValueError):  # not the main thread: cannot install handlers, stay passive
                 self._previous[sig] = signal.signal(sig, self._handle)
-        return self
 
     def uninstall(self) -> None:
         for sig, prev in self._previous.items():
@@ -56,10 +55,6 @@ class StopFlag:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
 
     @property
     def name(self) -> str:
@@ -84,10 +79,10 @@ class EvalInterrupted(Exception):
         self.signal_name = signal_name
 
 
-def check_stop(flag: StopFlag = STOP) -> None:
+def check_stop() -> None:
     """Call between batches of any long evaluation: raises EvalInterrupted if a stop signal arrived."""
-    if flag.requested:
-        raise EvalInterrupted(flag.name)
+    if STOP.signum is not None:
+        raise EvalInterrupted(STOP.name)
 
 
 class EvalProgress:
@@ -105,12 +100,12 @@ class EvalProgress:
             self.log("  " + plain_line(f"eval {self.label}", done, self.total, [f"{done / el:.1f}/s"], el, el / done))
 
 
-def stop_requested_all_ranks(flag: StopFlag = STOP) -> bool:
+def stop_requested_all_ranks() -> bool:
     """True on every rank if any rank got a stop signal (ranks must agree on the step)."""
     import torch
     if not (dist := distributed()):
-        return flag.requested
-    t = torch.tensor([float(flag.requested)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        return STOP.signum is not None
+    t = torch.tensor([float(STOP.signum is not None)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
@@ -132,10 +127,9 @@ def read_status(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     if (run_dir / "COMPLETED").exists():
         return "completed"
-    try:
+    with suppress(FileNotFoundError, ValueError, AttributeError):  # none yet, torn, or not ours (not a mapping)
         return read_json(run_dir / "status.json").get("status", "unknown")
-    except (FileNotFoundError, ValueError, AttributeError):  # none yet, torn, or not ours (not a mapping)
-        return "unknown"
+    return "unknown"
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -175,13 +169,6 @@ def die_with_parent_preexec(parent_pid: int):
     return preexec
 
 
-def _parent_is_torchrun(ppid: int) -> bool:
-    with suppress(OSError):
-        cmd = Path(f"/proc/{ppid}/cmdline").read_bytes().split(b"\0")
-        return any(b"torch.distributed.run" in c or c.endswith(b"torchrun") for c in cmd)
-    return False
-
-
 def guard_parent(poll_s: float = 1.0) -> bool:
     """In a worker started by the launcher (directly or via torchrun): die with the parent.
 
@@ -193,9 +180,12 @@ def guard_parent(poll_s: float = 1.0) -> bool:
     launcher = os.environ.get(LAUNCHER_PID_ENV)
     if launcher is None or not sys.platform.startswith("linux"):
         return False
-    ppid = os.getppid()
+    ppid, cmd = os.getppid(), b""
+    with suppress(OSError):
+        cmd = Path(f"/proc/{ppid}/cmdline").read_bytes()
+    parent_is_torchrun = any(b"torch.distributed.run" in c or c.endswith(b"torchrun") for c in cmd.split(b"\0"))
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
-    expected = (ppid if _parent_is_torchrun(ppid) else -1) if under_torchrun else int(launcher)
+    expected = (ppid if parent_is_torchrun else -1) if under_torchrun else int(launcher)
     die_with_parent_preexec(expected)()  # arms the death signal; an orphan already (parent died before it) dies now
 
     def watch() -> None:

@@ -155,7 +155,7 @@ class Loop:
 
     def checkpoint_if_stopped(self) -> None:
         """At a step boundary: if any rank got a stop signal, every rank checkpoints, then Preempted."""
-        if not stop_requested_all_ranks(STOP):
+        if not stop_requested_all_ranks():
             return
         self.save()
         self.tracker.print(f"stop signal ({STOP.name or 'peer rank'}): checkpointed at step {self.state.step}")
@@ -252,12 +252,11 @@ class Loop:
                 # the bar and the plain line are both made from these stats (nanochat/tracking.py)
                 tracker.progress(state.step, stats={"step": state.step, "total": N, metric: smooth, "lrm": lrm,
                                                     "tok_per_sec": self.tok_per_sec, "mfu": self.mfu, "dt_s": dt})
-            for ev in evals:
-                if ev.final:
-                    try:
-                        self._evaluate(ev, state.step)
-                    except EvalInterrupted as e:  # trained and saved at step N: a resume only redoes these
-                        raise Preempted(state.step, e.signal_name) from None
+            try:
+                for ev in [e for e in evals if e.final]:
+                    self._evaluate(ev, state.step)
+            except EvalInterrupted as e:  # trained and saved at step N: a resume only redoes these
+                raise Preempted(state.step, e.signal_name) from None
         finally:
             tracker.close()
 

@@ -26,9 +26,9 @@ import socket
 import sys
 import threading
 import time
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from nanochat.common import atomic_write_json, read_json
 from nanochat.config import ConfigError
@@ -82,10 +82,9 @@ def lock_holders(path: Path) -> list[int]:
 
 
 def read_holder(run_dir: Path) -> dict:
-    try:
+    with suppress(OSError, ValueError):
         return read_json(Path(run_dir) / HOLDER_NAME)
-    except (OSError, ValueError):
-        return {}
+    return {}
 
 
 def describe(holder: dict) -> str:
@@ -179,24 +178,17 @@ class RunLock:
         self.release()
 
 
-class WriterLock:
+@contextmanager
+def writer_lock(run_dir: str | Path, wait_s: float = 30.0) -> Iterator[None]:
     """A stage process's shared hold on writers.<host>.lock, for as long as it runs."""
-
-    def __init__(self, run_dir: str | Path, wait_s: float = 30.0):
-        self.path, self.wait_s = writers_lock_path(Path(run_dir)), wait_s
-        self._fd: Optional[int] = None
-
-    def __enter__(self) -> "WriterLock":
-        self._fd = _flock(self.path, fcntl.LOCK_SH, self.wait_s)  # a launcher checks for a moment
-        if self._fd is None:
-            raise RuntimeError(f"{self.path}: held exclusively for {self.wait_s:.0f}s by pids "
-                               f"{lock_holders(self.path)}; another launcher is checking this run dir")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+    path = writers_lock_path(Path(run_dir))
+    if (fd := _flock(path, fcntl.LOCK_SH, wait_s)) is None:  # a launcher checks for a moment
+        raise RuntimeError(f"{path}: held exclusively for {wait_s:.0f}s by pids {lock_holders(path)}; another "
+                           f"launcher is checking this run dir")
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def lock_run_dir(run_dir: str | Path, nnodes: int = 1) -> Optional[RunLock]:

@@ -99,24 +99,19 @@ def _sdpa_cpu_flops() -> dict:
     import torch
     aten = torch.ops.aten
 
-    def fwd(q, k, v, *a, out_shape=None, **kw):
+    def fwd(q, k, *a, **kw):   # shapes of (query, key, value, ...)
         return 4 * q[0] * q[1] * q[2] * k[2] * q[3]
-
-    def bwd(g, q, k, v, *a, out_shape=None, **kw):
-        return 8 * q[0] * q[1] * q[2] * k[2] * q[3]
-    return {aten._scaled_dot_product_flash_attention_for_cpu: fwd,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd}
+    return {aten._scaled_dot_product_flash_attention_for_cpu: fwd,   # backward: (grad_out, query, key, ...)
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, *a, **kw: 2 * fwd(q, k)}
 
 
 def count_flops(counter, model) -> float:
     """The counter's total with each window layer's attention at min(window, T) keys per query, as the
     GPU's windowed kernel computes it (the dense-mask CPU kernel computes all T)."""
-    ops = tuple(_sdpa_cpu_flops())   # CPU flash SDPA forward and backward
-    counts = counter.get_flop_counts()
-    T = model.config.sequence_len
+    counts, T = counter.get_flop_counts(), model.config.sequence_len
     total = counter.get_total_flops()
-    for i, span in enumerate(model.config.attention_spans()):
-        attn = sum(counts.get(f"GPT.transformer.h.{i}", {}).get(op, 0) for op in ops)
+    for i, span in enumerate(model.config.attention_spans()):   # its CPU flash SDPA ops, forward and backward
+        attn = sum(counts.get(f"GPT.transformer.h.{i}", {}).get(op, 0) for op in _sdpa_cpu_flops())
         total -= attn * (1 - min(span, T) / T)
     return total
 
@@ -245,12 +240,13 @@ def rehearse(cfg, plan, *, fake: bool = True, device_batch_size: Optional[int] =
     split = {CATEGORIES.get(getattr(k, "value", k), str(k)): v / GIB for k, v in snap.items()
              if getattr(k, "value", k) != "Total"}
     W = plan.world_size
-    bw = getattr(hw, "interconnect_gb_s", None)
+    bw, mem = getattr(hw, "interconnect_gb_s", None), getattr(hw, "gpu_memory_gb", None)
+    peak_gib = snap.get("Total", 0) / GIB
     moved = (traffic["reduce_scatter_bytes"] + traffic["all_gather_bytes"]) * (W - 1) / W   # ring: per rank
-    out = {
-        "peak_memory_gib": snap.get("Total", 0) / GIB,
+    return {
+        "peak_memory_gib": peak_gib,
         "memory_gib": split,
-        "gpu_memory_gib": getattr(hw, "gpu_memory_gb", None),
+        "gpu_memory_gib": mem,
         "flops_per_token_counted": count_flops(flops, model) / (B * seq),
         "flops_per_token_plan": plan.flops_per_token,
         "world_size": W, "device_batch_size": B, "grad_accum_steps": accum, "micro_steps_run": micro,
@@ -262,12 +258,9 @@ def rehearse(cfg, plan, *, fake: bool = True, device_batch_size: Optional[int] =
         "simulator_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
         "seconds": time.perf_counter() - t0,
         "differences": (list(DIFFERENCES) + [COMPILE_NOTE[bool(compile_blocks)]]) if fake else [],
+        **({} if fake else {"losses": [float(x) for x in losses]}),
+        "fits": None if not mem else peak_gib <= HEADROOM * mem,
     }
-    if not fake:
-        out["losses"] = [float(x) for x in losses]
-    mem = out["gpu_memory_gib"]
-    out["fits"] = None if not mem else out["peak_memory_gib"] <= HEADROOM * mem
-    return out
 
 
 # --------------------------------------------------------------------------- planning

@@ -108,34 +108,33 @@ class Tracker:
                  wandb_mode: str = "disabled", wandb_project: str = "nanochat", wandb_name: Optional[str] = None,
                  config: Optional[dict] = None, progress: bool = True, desc: str = "train",
                  log_interval_s: float = 30.0, tensorboard: bool = False, profile: Optional[tuple[int, int]] = None):
-        self.enabled = enabled
-        self.run_dir = Path(run_dir)
-        self.total_steps, self.start_step, self.desc = total_steps, start_step, desc
+        self.enabled, self.total_steps, self.desc = enabled, total_steps, desc
+        run_dir = Path(run_dir)
         self.t0 = time.time()
         self._file = self._wandb = self._tb = self._progress = self._task = self._plain = self._profiler = None
         self._pace_from: Optional[tuple] = None   # (time, step) of the first progress line: the ETA's pace
         self._history_until: Optional[int] = None
         if not enabled:
             return
-        path = self.run_dir / "metrics.jsonl"
+        path = run_dir / "metrics.jsonl"
         truncate_metrics(path, start_step)
         self._file = open(path, "a", buffering=1)
         if wandb_mode != "disabled":
             import wandb
             os.environ.setdefault("WANDB_SILENT", "true")
-            id_file = self.run_dir / "wandb_id.txt"   # stable per run dir: a resumed run continues the same wandb run
+            id_file = run_dir / "wandb_id.txt"   # stable per run dir: a resumed run continues the same wandb run
             if not id_file.exists():
                 id_file.write_text(uuid.uuid4().hex[:12])
-            self._wandb = wandb.init(mode=wandb_mode, project=wandb_project, dir=str(self.run_dir),
-                                     name=wandb_name or self.run_dir.name, config=config or {},
+            self._wandb = wandb.init(mode=wandb_mode, project=wandb_project, dir=str(run_dir),
+                                     name=wandb_name or run_dir.name, config=config or {},
                                      id=id_file.read_text().strip(), resume="allow")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
             # events in the run dir itself: `tensorboard --logdir runs/` names each run by its dir;
             # purge_step drops what a killed attempt logged past the checkpoint this one resumes from
-            self._tb = SummaryWriter(log_dir=str(self.run_dir), purge_step=start_step or None)
+            self._tb = SummaryWriter(log_dir=str(run_dir), purge_step=start_step or None)
         if profile is not None:
-            self._profiler = Profiler(self.run_dir, *profile, total=total_steps, log=self.print)
+            self._profiler = Profiler(run_dir, *profile, total=total_steps, log=self.print)
         self._history_until = start_step + 2   # CUDA allocations recorded for an OOM's snapshot until then
         if "torch" in sys.modules:
             from nanochat.batch_size import memory_history

@@ -7,14 +7,14 @@ evaluations, saving, preemption, logging, the result) is nanochat/loop.py.
 from __future__ import annotations
 
 import functools
-import time
+import timeit
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from nanochat.common import distributed, get_base_dir, init_distributed, read_json
+from nanochat.common import barrier, distributed, get_base_dir, init_distributed, read_json
 from nanochat.config import Config
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum, weight_decay_at
@@ -50,6 +50,15 @@ def setup_runtime(cfg: Config) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     precision = Precision.resolve(device.type, hw.dtype, embeddings=hw.embedding_dtype)
     return Runtime(rank, local_rank, world, device, precision, get_base_dir(cfg.paths.base_dir))
+
+
+def prepare_corpus(cfg: Config, rt: Runtime) -> None:
+    """Build / download the corpus's train and val shards once (rank 0), before the other ranks look for them."""
+    if rt.master:
+        from nanochat.dataset import list_shards
+        for split in ("train", "val"):
+            list_shards(cfg.data, rt.base_dir, split)
+    barrier()
 
 
 def load_plan(run_dir: Path) -> Plan:
@@ -130,12 +139,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     c = torch.mm(a, b)
     torch.mm(a, b, out=c)  # warm up (thread pool, caches) before timing
-    best = float("inf")
-    for _ in range(8):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=c)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return 2 * n ** 3 / min(timeit.repeat(lambda: torch.mm(a, b, out=c), number=1, repeat=8))
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -90,9 +90,10 @@ def test_nothing_outlives_a_sigkilled_parent(tmp_path, victim):
 
 _HOLD = textwrap.dedent("""
     import sys, time
-    from nanochat.runlock import RunLock, WriterLock
+    from nanochat.runlock import RunLock, writer_lock
     kind, run_dir = sys.argv[1], sys.argv[2]
-    lock = RunLock(run_dir).acquire() if kind == "launcher" else WriterLock(run_dir).__enter__()
+    lock = RunLock(run_dir).acquire() if kind == "launcher" else writer_lock(run_dir)
+    lock.__enter__()
     print("HELD", flush=True)
     time.sleep(600)
 """)

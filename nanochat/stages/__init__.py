@@ -47,8 +47,7 @@ class Stage:
         stage.init_stage alone when set; else the generation's default source, then the other
         sources (sft: a modern model starts from pretrain as chat_sft does, a seed one from mid);
         else all the sources at once (the newest run wins)."""
-        pick = cfg.stage.init_stage
-        if pick:
+        if pick := cfg.stage.init_stage:
             if pick not in self.sources:
                 raise ConfigError("stage.init_stage", pick, f"the {self.name} stage starts from a run of: "
                                   f"{', '.join(self.sources) or 'none'}", "a source stage this stage does not accept")
@@ -66,8 +65,7 @@ def stages() -> dict[str, Stage]:
         found = [importlib.import_module(f"{__name__}.{m.name}").STAGE
                  for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
         found += [ep.load() for ep in entry_points(group="nanochat.stages")]
-        bad = [st for st in found if not isinstance(st, Stage)]
-        if bad:
+        if bad := [st for st in found if not isinstance(st, Stage)]:
             raise TypeError(f"{bad[0]!r} is not a nanochat.stages.Stage")
         names = [st.name for st in found]
         if len(set(names)) < len(names):  # an installed package must not silently replace a stage

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from contextlib import ExitStack
 from pathlib import Path
 
-from nanochat.common import dist_env
+from nanochat.common import dist_env, distributed
 from nanochat.config import Config, load_config
 from nanochat.results import Result
-from nanochat.runlock import WriterLock
+from nanochat.runlock import writer_lock
 from nanochat.stages import stage
 from nanochat.lifecycle import (EXIT_PREEMPTED, STOP, EvalInterrupted, Preempted, guard_parent, mark_completed,
                                 write_status)
@@ -27,9 +28,9 @@ def execute(cfg: Config, run_dir: Path) -> int:
     rank = dist_env()[0]
     STOP.signum = None
     STOP.install()
-    writer = WriterLock(run_dir)  # a new launcher sees us as a live writer of this dir
+    held = ExitStack()
     try:
-        writer.__enter__()
+        held.enter_context(writer_lock(run_dir))  # a new launcher sees us as a live writer of this dir
         result = stage(cfg.stage.name).worker(cfg, Path(run_dir))
     except (Preempted, EvalInterrupted) as e:  # EvalInterrupted: a stage with no training state (eval), rerun it
         if rank == 0:
@@ -59,10 +60,9 @@ def execute(cfg: Config, run_dir: Path) -> int:
         return 0
     finally:
         STOP.uninstall()
-        if "torch" in sys.modules:
-            from nanochat.common import cleanup_distributed
-            cleanup_distributed()
-        writer.__exit__()
+        if "torch" in sys.modules and (dist := distributed()):
+            dist.destroy_process_group()
+        held.close()
 
 
 def main(argv: list[str] | None = None) -> int:

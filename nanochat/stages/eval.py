@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nanochat.common import atomic_write_text, barrier, shared_data_dir
+from nanochat.common import atomic_write_text, shared_data_dir
 from nanochat.config import Config, ConfigError, EvalStageConfig
 from nanochat.results import EvalResult
 from nanochat.stage_plan import model_plan
@@ -34,17 +34,13 @@ if TYPE_CHECKING:  # torch and what imports it load in the worker only: the laun
 
 def run_base(cfg: Config, run_dir: Path, rt: T.Runtime, model, tokenizer, tok_name: str, log) -> dict:
     from nanochat import training as T
-    from nanochat.dataset import list_shards
     from nanochat.loss_eval import split_bpb
     from nanochat.tokenizer import get_token_bytes
     st = cfg.stage
     plan = T.load_plan(run_dir)
     seq = min(plan.sequence_len, model.config.sequence_len)
     token_bytes = get_token_bytes(rt.base_dir, tok_name, rt.device)
-    if rt.master:
-        for split in ("train", "val"):
-            list_shards(cfg.data, rt.base_dir, split)
-    barrier()
+    T.prepare_corpus(cfg, rt)
     result: dict = {"mode": "base"}
     for split in ("train", "val"):
         bpb = split_bpb(model, cfg.data, rt, tokenizer, token_bytes, split, plan.device_batch_size, seq, st.bpb_tokens)

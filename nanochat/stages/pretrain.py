@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Optional
 
 from nanochat.batch_size import explain_oom
 from nanochat.config import Config, TrainStageConfig
-from nanochat.common import barrier
 from nanochat import mixture
 from nanochat.plan import param_breakdown
 from nanochat.results import PretrainResult
@@ -65,7 +64,6 @@ class SlotLoader:
 def run(cfg: Config, run_dir: Path) -> PretrainResult:
     import torch
     from nanochat import loop as L, training as T
-    from nanochat.dataset import list_shards
     from nanochat.loss_eval import split_bpb
     from nanochat.precision import convert_fp8, fp8_disabled
     loop = L.Loop(cfg, run_dir)
@@ -75,10 +73,7 @@ def run(cfg: Config, run_dir: Path) -> PretrainResult:
         raise ValueError(f"model.vocab_size={plan.model.vocab_size} is smaller than the tokenizer "
                          f"{cfg.data.tokenizer!r} ({tokenizer.get_vocab_size()} tokens); set model.vocab_size=null")
     token_bytes = get_token_bytes(rt.base_dir, cfg.data.tokenizer, rt.device)
-    if rt.master:  # build / download the corpus once, before the other ranks look for it
-        for split in ("train", "val"):
-            list_shards(cfg.data, rt.base_dir, split)
-    barrier()
+    T.prepare_corpus(cfg, rt)
 
     def fp8(model) -> None:   # before the optimizer and compile, as nanochat; the weights stay fp32 Parameters
         fp8_names = convert_fp8(model, cfg.model.fp8, emulate=cfg.model.fp8_emulate)

@@ -140,10 +140,8 @@ def run(cfg: Config, run_dir: Path) -> TokenizerResult:
         "tokenizer": cfg.data.tokenizer, "path": str(out), "vocab_size": tok.get_vocab_size(),
         "requested_vocab_size": st.vocab_size, "train_chars": m["train_chars"], "train_docs": m["train_docs"],
         "train_seconds": m["train_seconds"], "chars_per_sec": m["chars_per_sec"], "wall_seconds": round(wall, 3),
-        "compression": table, "notes": notes,
+        "compression": table, "notes": notes | ({"vocab": m["note"]} if "note" in m else {}),
     }
-    if "note" in m:
-        result["notes"]["vocab"] = m["note"]
     atomic_write_json(Path(run_dir) / "tokenizer_eval.json", result)
     return TokenizerResult(**result)
 

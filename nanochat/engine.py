@@ -139,10 +139,9 @@ class Engine:
                                  f"{cfg.sequence_len}; pass max_tokens explicitly")
         if max_tokens < 1:
             return
-        limit = getattr(self.model, "rotary_len", None)
-        if limit is not None and longest + max_tokens > limit:
+        if longest + max_tokens > self.model.rotary_len:
             raise ValueError(f"prompt ({longest}) + max_tokens ({max_tokens}) exceeds the model's "
-                             f"position limit {limit}; lower max_tokens")
+                             f"position limit {self.model.rotary_len}; lower max_tokens")
         device = self.model.lm_head.weight.device
         rng = torch.Generator(device=device).manual_seed(seed)
 

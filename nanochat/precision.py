@@ -36,14 +36,6 @@ MASTER_DTYPE = torch.float32
 OPTIMIZER_STATE_DTYPE = torch.float32
 
 
-def to_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"hardware.dtype={dtype!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
 @dataclass(frozen=True)
 class Precision:
     device_type: str                     # cuda | cpu | mps
@@ -52,14 +44,17 @@ class Precision:
     notes: tuple = field(default=(), compare=False)   # why the request was changed, if it was
 
     @classmethod
-    def resolve(cls, device_type: str, requested: torch.dtype | str,
-                bf16_supported: Optional[bool] = None, embeddings: torch.dtype | str = "float32") -> "Precision":
+    def resolve(cls, device_type: str, requested: str, bf16_supported: Optional[bool] = None,
+                embeddings: str = "float32") -> "Precision":
         """The policy for `requested` (hardware.dtype) and `embeddings` (hardware.embedding_dtype) on
         `device_type`, after the hardware rules.
 
         bf16_supported: None → ask the GPU (tests pass False to see the fp16 fallback).
         """
-        want, emb = to_dtype(requested), to_dtype(embeddings)
+        for key, value in (("hardware.dtype", requested), ("hardware.embedding_dtype", embeddings)):
+            if value not in DTYPES:
+                raise ValueError(f"{key}={value!r}: use one of {', '.join(DTYPES)}")
+        want, emb = DTYPES[requested], DTYPES[embeddings]
         notes = []
         if device_type != "cuda":
             notes += [f"{want} requested on {device_type}: running fp32"] if want != torch.float32 else []

@@ -645,10 +645,8 @@ class GPT(nn.Module):
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
-            if temperature > 0:
-                ids = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
-            else:
-                ids = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = (torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng) if temperature > 0
+                   else torch.argmax(logits, dim=-1, keepdim=True))
             yield int(ids.item())
 
 

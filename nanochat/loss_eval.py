@@ -11,6 +11,7 @@ both their loss and their (zero) bytes are left out. Targets of -1 (ignore_index
 from __future__ import annotations
 
 import math
+from contextlib import closing
 from typing import Iterable, Optional
 
 import torch
@@ -70,8 +71,5 @@ def split_bpb(model: torch.nn.Module, data, rt, tokenizer, token_bytes: torch.Te
     from nanochat.dataloader import DataLoader
     from nanochat.precision import fp8_disabled
     loader = DataLoader(data, tokenizer, batch, seq, split, rt.rank, rt.world, rt.device, base_dir=rt.base_dir)
-    try:
-        with rt.autocast(), fp8_disabled(model):
-            return evaluate_bpb(model, loader, max(1, tokens // (batch * seq * rt.world)), token_bytes)
-    finally:
-        loader.close()
+    with closing(loader), rt.autocast(), fp8_disabled(model):
+        return evaluate_bpb(model, loader, max(1, tokens // (batch * seq * rt.world)), token_bytes)

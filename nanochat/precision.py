@@ -117,12 +117,11 @@ class Precision:
 
     def check_optimizer_states(self, optimizer: Any) -> None:
         """Raise if a floating-point optimizer state tensor is not fp32 (bf16 embeddings': their dtype)."""
-        for g in optimizer.param_groups:
-            for p in g["params"]:
-                want = p.dtype if p.dtype == self.embedding_dtype else OPTIMIZER_STATE_DTYPE
-                for k, v in optimizer.state.get(p, {}).items():
-                    if torch.is_tensor(v) and v.is_floating_point() and v.dtype != want and k != "step":
-                        raise TypeError(f"optimizer state {k!r} is {v.dtype}, expected {want}")
+        for p, state in optimizer.state.items():
+            want = p.dtype if p.dtype == self.embedding_dtype else OPTIMIZER_STATE_DTYPE
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.is_floating_point() and v.dtype != want and k != "step":
+                    raise TypeError(f"optimizer state {k!r} is {v.dtype}, expected {want}")
 
     def describe(self) -> str:
         extra = f" ({'; '.join(self.notes)})" if self.notes else ""
@@ -157,8 +156,7 @@ def fp8_layer_names(model: nn.Module) -> list[str]:
 
 def fp8_supported(device: torch.device | str) -> bool:
     """fp8 matmuls (torch._scaled_mm): NVIDIA GPUs of compute capability 8.9+ (Ada, Hopper, Blackwell)."""
-    device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def is_fp8(mod: nn.Module) -> bool:

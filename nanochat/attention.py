@@ -80,24 +80,20 @@ def resolve_backend(preference: str, device_type: str) -> str:
 
 # ----------------------------------------------------------------------------- masks
 
-_MASKS: dict = {}   # (kind, T, window, device) → mask: built once, shared by every layer and step
-
-
 def window_mask(T: int, window: int, device=None) -> torch.Tensor:
-    """(T, T) bool: query i sees keys j with i - window < j <= i (window counts the query itself).
-    Cached per T/window/device (read-only: every caller shares it)."""
-    key = ("dense", T, window, str(device))
-    if key not in _MASKS:
-        i = torch.arange(T, device=device)
-        diff = i.unsqueeze(1) - i.unsqueeze(0)
-        _MASKS[key] = (diff >= 0) & (diff < window)
-    return _MASKS[key]
+    """(T, T) bool: query i sees keys j with i - window < j <= i (window counts the query itself)."""
+    i = torch.arange(T, device=device)
+    diff = i.unsqueeze(1) - i.unsqueeze(0)
+    return (diff >= 0) & (diff < window)
+
+
+_BLOCK_MASKS: dict = {}
 
 
 def block_mask(T: int, window: int, device) -> "torch.nn.attention.flex_attention.BlockMask":
     """FlexAttention block mask of a causal sliding window of `window` keys (cached per T/window/device)."""
-    key = ("block", T, window, str(device))
-    if key not in _MASKS:
+    key = (T, window, str(device))
+    if key not in _BLOCK_MASKS:
         from torch.nn.attention.flex_attention import create_block_mask
 
         def sliding(b, h, q_idx, kv_idx):
@@ -105,9 +101,9 @@ def block_mask(T: int, window: int, device) -> "torch.nn.attention.flex_attentio
         # built eagerly once; a compiled model then reads it from the cache. torch.compiler.disable
         # is applied here, not as a decorator: it imports torch._dynamo (~2 s on a small CPU), which
         # every process that imports this module would otherwise pay
-        _MASKS[key] = torch.compiler.disable(create_block_mask)(sliding, B=None, H=None, Q_LEN=T, KV_LEN=T,
-                                                                device=device)
-    return _MASKS[key]
+        _BLOCK_MASKS[key] = torch.compiler.disable(create_block_mask)(sliding, B=None, H=None, Q_LEN=T,
+                                                                      KV_LEN=T, device=device)
+    return _BLOCK_MASKS[key]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -142,10 +138,11 @@ def supports_backward(backend: str, device_type: str) -> bool:
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float,
-                     backend: str = "sdpa") -> torch.Tensor:
+                     backend: str = "sdpa", dense_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal attention of q (B, H, T, D) over k, v (B, Hkv, T, D), each query seeing `window` keys.
 
-    window >= T means full causal attention.
+    window >= T means full causal attention. dense_mask: the (T, T) window mask for the sdpa
+    backend (built by the caller once per forward); built here when not given.
     """
     T = q.size(-2)
     gqa = k.size(1) != q.size(1)
@@ -160,8 +157,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     if backend in ("flex", "flash") and not (dev == "cpu" and training):
         return _flex(q.to(dt), k.to(dt), v.to(dt), window, scale)   # flash in fp32 → flex
     # sdpa, or flex training on CPU (FlexAttention has no CPU backward): the dense window mask
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, window, q.device), scale=scale,
-                                          enable_gqa=gqa)
+    mask = window_mask(T, window, q.device) if dense_mask is None else dense_mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 def cached_window(positions: torch.Tensor, window: int, S: int,

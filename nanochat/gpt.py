@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nanochat.attention import cached_attention, cached_window, causal_attention, resolve_backend
+from nanochat.attention import cached_attention, cached_window, causal_attention, resolve_backend, window_mask
 from nanochat.shapes import SMEAR_GATE_CHANNELS, VE_GATE_CHANNELS, flops_per_token, has_value_embed
 from nanochat.shapes import attention_spans as shape_spans, left_windows as shape_windows
 
@@ -395,7 +395,7 @@ class CausalSelfAttention(nn.Module):
         scale = self.qk_scale ** 2 / math.sqrt(D)
         if kv_cache is None:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            y = causal_attention(q, k, v, window, scale, attn_mask["backend"])
+            y = causal_attention(q, k, v, window, scale, attn_mask["backend"], attn_mask.get(window))
         else:
             positions, S, li = attn_mask["positions"], attn_mask["S"], self.layer_idx
             rows = torch.arange(B, device=q.device).unsqueeze(1)
@@ -464,6 +464,7 @@ class GPT(nn.Module):
         # checkpoints). Left empty here: on the meta device that would import torch._dynamo (seconds of start-up)
         self.rotary_len = config.max_positions
         self.register_buffer("rope", torch.empty(self.rotary_len, config.head_dim // 2, 2), persistent=False)
+        self._mask_cache: dict = {}
         self.fused_loss = True       # chunked lm_head+softcap+CE on CPU (see _LinearSoftcapCrossEntropy)
         self.loss_chunk = 32
 
@@ -511,6 +512,7 @@ class GPT(nn.Module):
         """(Re)compute the RoPE buffers on the model's device (needed after to_empty)."""
         self.rope = rotary_tables(self.rotary_len, self.config.head_dim, self.config.rope_base,
                                   device=self.lm_head.weight.device, bf16=self.config.rope_bf16)
+        self._mask_cache = {}
 
     # ------------------------------------------------------------------ counts
     def num_params(self) -> int:
@@ -546,13 +548,20 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _attention_inputs(self, T: int, device: torch.device, kv_cache: Optional[KVCache]) -> tuple[torch.Tensor, dict]:
-        """The RoPE rows and the attention inputs of this forward. Without a cache: the kernel
-        nanochat/attention.py picks (it keeps the window masks). Cached inference puts each row's new
-        tokens at pos[b] + t, with one slot mask per distinct window (the layers with that window share it)."""
+        """The RoPE rows and the masks of this forward, one per distinct window (the layers with that
+        window share it). Without a cache nanochat/attention.py picks the kernel, and only the sdpa
+        backend needs dense window masks (kept per T/window/device); cached inference puts each row's
+        new tokens at pos[b] + t."""
         if kv_cache is None:
             if T > self.rotary_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the RoPE table ({self.rotary_len})")
-            return self.rope[None, :T, None], {"backend": resolve_backend(self.attn_backend, device.type)}
+            masks = {"backend": resolve_backend(self.attn_backend, device.type)}
+            for w in {w for w in self.windows if w < T and masks["backend"] == "sdpa"}:
+                key = (T, w, str(device))
+                if key not in self._mask_cache:
+                    self._mask_cache[key] = window_mask(T, w, device)
+                masks[w] = self._mask_cache[key]
+            return self.rope[None, :T, None], masks
         positions = kv_cache.pos.unsqueeze(1) + torch.arange(T, device=kv_cache.pos.device)   # (B, T)
         last = int(positions.max())
         S = max(last + 1, kv_cache.min_keys)   # slots past a row's position are masked

@@ -149,11 +149,6 @@ def fp8_filter(mod: nn.Module, fqn: str = "") -> bool:
             and min(mod.in_features, mod.out_features) >= FP8_MIN_DIM)
 
 
-def fp8_layer_names(model: nn.Module) -> list[str]:
-    """Names of the Linear layers `convert_fp8` converts."""
-    return [n for n, m in model.named_modules() if fp8_filter(m, n)]
-
-
 def fp8_supported(device: torch.device | str) -> bool:
     """fp8 matmuls (torch._scaled_mm): NVIDIA GPUs of compute capability 8.9+ (Ada, Hopper, Blackwell)."""
     return torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
@@ -172,7 +167,7 @@ def convert_fp8(model: nn.Module, recipe: str, emulate: bool = False) -> list[st
     import dataclasses
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training   # heavy: only when asked
     config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
-    names = fp8_layer_names(model)
+    names = [n for n, m in model.named_modules() if fp8_filter(m, n)]
     convert_to_float8_training(model, config=config, module_filter_fn=fp8_filter)
     return names
 

@@ -129,9 +129,7 @@ def _flash(q, k, v, window: int, scale: float) -> torch.Tensor:
     # flash takes (B, T, H, D); the transposes below are views of the projections' layout
     out = _flash_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
                         causal=True, window_size=(left, 0))
-    if isinstance(out, tuple):  # some FA3 builds return (out, lse)
-        out = out[0]
-    return out.transpose(1, 2)
+    return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)   # some FA3 builds return (out, lse)
 
 
 def supports_backward(backend: str, device_type: str) -> bool:

@@ -42,10 +42,9 @@ def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: f
         raise ValueError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
     if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
-    logits = logits.float()
     keep_k = top_k is not None and 0 < top_k < logits.size(-1)
     vals, idx = torch.topk(logits, top_k, dim=-1) if keep_k else (logits, None)
-    probs = F.softmax(vals / temperature, dim=-1)
+    probs = F.softmax(vals.float() / temperature, dim=-1)
     if top_p is not None and 0.0 < top_p < 1.0:
         probs, order = torch.sort(probs, dim=-1, descending=True)
         # drop a token when the tokens before it already reach top_p (the first one always stays)
@@ -77,8 +76,7 @@ class RowState:
     Shared by `Engine.generate` and the serving scheduler (nanochat/serve/scheduler.py): both
     feed each sampled token through `Engine.advance`, which applies the calculator tool."""
     forced: deque[int] = field(default_factory=deque)
-    in_python: bool = False
-    python_tokens: list[int] = field(default_factory=list)
+    python_tokens: Optional[list[int]] = None   # the open tool call's tokens so far; None outside a call
     done: bool = False
     end_token: Optional[int] = None
 
@@ -98,7 +96,7 @@ class Engine:
             if prompt[i] in (self.python_end, self.assistant_end, self.bos):
                 break
             if prompt[i] == self.python_start:
-                return RowState(in_python=True, python_tokens=list(prompt[i + 1:]))
+                return RowState(python_tokens=list(prompt[i + 1:]))
         return RowState()
 
     def advance(self, row: RowState, sampled: int) -> tuple[int, int]:
@@ -108,14 +106,13 @@ class Engine:
         if token in (self.assistant_end, self.bos):
             row.done, row.end_token = True, token
         elif token == self.python_start:
-            row.in_python, row.python_tokens = True, []
-        elif token == self.python_end and row.in_python:
-            row.in_python = False
+            row.python_tokens = []
+        elif token == self.python_end and row.python_tokens is not None:
             result = use_calculator(self.tokenizer.decode(row.python_tokens))   # None: the calculator refuses it
             if result is not None:
                 row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
-            row.python_tokens = []
-        elif row.in_python:
+            row.python_tokens = None
+        elif row.python_tokens is not None:
             row.python_tokens.append(token)
         return token, mask
 
@@ -131,18 +128,16 @@ class Engine:
         """
         prompts = _prompts(tokens, num_samples)
         longest = max(len(p) for p in prompts)
-        cfg = self.model.config
         if max_tokens is None:
-            max_tokens = cfg.sequence_len - longest
+            max_tokens = self.model.config.sequence_len - longest
             if max_tokens < 1:
                 raise ValueError(f"prompt of {longest} tokens fills the model's sequence_len="
-                                 f"{cfg.sequence_len}; pass max_tokens explicitly")
+                                 f"{self.model.config.sequence_len}; pass max_tokens explicitly")
         if max_tokens < 1:
             return
-        limit = getattr(self.model, "rotary_len", None)
-        if limit is not None and longest + max_tokens > limit:
+        if longest + max_tokens > self.model.rotary_len:
             raise ValueError(f"prompt ({longest}) + max_tokens ({max_tokens}) exceeds the model's "
-                             f"position limit {limit}; lower max_tokens")
+                             f"position limit {self.model.rotary_len}; lower max_tokens")
         device = self.model.lm_head.weight.device
         rng = torch.Generator(device=device).manual_seed(seed)
 
@@ -155,7 +150,6 @@ class Engine:
             last[p] = self.model(torch.tensor([p], dtype=torch.long, device=device), kv_cache=prefill)[:, -1, :]
             cache.copy_rows_from(prefill, src_row=0, dst_rows=[r for r, q in enumerate(keys) if q == p])
         logits = torch.cat([last[p] for p in keys])
-        del last
 
         rows = [self.new_row(p) for p in prompts]
         for step in range(max_tokens):

@@ -348,9 +348,7 @@ class KVCache:
         return view
 
     def copy_rows_from(self, src: "KVCache", src_row: int = 0, dst_rows=None) -> None:
-        """Copy row `src_row` of `src` (keys, values, position) into `dst_rows` (default: all rows)."""
-        if src.k.shape[::2] != self.k.shape[::2]:   # (layers, heads, head_dim)
-            raise ValueError("KVCache.copy_rows_from: layer/head/dim shapes differ between caches")
+        """Copy row `src_row` of `src` (a cache of the same model) into `dst_rows` (None: all): keys, values, pos."""
         rows = list(range(self.batch_size) if dst_rows is None else dst_rows)
         n = int(src.pos[src_row])
         if n > self.max_len:
@@ -462,9 +460,8 @@ class GPT(nn.Module):
         self.smear_lambda = nn.Parameter(torch.empty(1)) if config.smear else None
         self.backout_lambda = nn.Parameter(torch.empty(1)) if config.backout else None
         self.windows = config.window_sizes()
-        # RoPE tables: 10× the training length leaves room for long generations; non-persistent
-        # (computed by init_weights / init_rotary, never stored in checkpoints). Left empty here:
-        # computing them on the meta device would import torch._dynamo (seconds of start-up)
+        # RoPE tables over max_positions, non-persistent (computed by init_weights / init_rotary, never in
+        # checkpoints). Left empty here: on the meta device that would import torch._dynamo (seconds of start-up)
         self.rotary_len = config.max_positions
         self.register_buffer("rope", torch.empty(self.rotary_len, config.head_dim // 2, 2), persistent=False)
         self._mask_cache: dict = {}
@@ -537,17 +534,15 @@ class GPT(nn.Module):
         resid_scalar (resid_lambdas), x0_scalar (x0_lambdas), gate_scalar (smear gate + lambda,
         backout lambda): nanochat 92d63d4's setup_optimizer groups.
         """
-        def present(*params):
-            return [p for p in params if p is not None]
-        groups = {
+        groups = {name: [p for p in params if p is not None] for name, params in {
             "matrix": list(self.transformer.h.parameters()),
             "embedding": [self.transformer.wte.weight],
             "value_embed": [ve.weight for ve in self.value_embeds.values()],
             "lm_head": [self.lm_head.weight],
-            "resid_scalar": present(self.resid_lambdas),
-            "x0_scalar": present(self.x0_lambdas),
-            "gate_scalar": present(getattr(self.smear_gate, "weight", None), self.smear_lambda, self.backout_lambda),
-        }
+            "resid_scalar": [self.resid_lambdas],   # the optional ones: absent toggles are None
+            "x0_scalar": [self.x0_lambdas],
+            "gate_scalar": [getattr(self.smear_gate, "weight", None), self.smear_lambda, self.backout_lambda],
+        }.items()}
         assert sum(map(len, groups.values())) == len(list(self.parameters())), "param_groups misses a parameter"
         return groups
 
@@ -561,12 +556,11 @@ class GPT(nn.Module):
             if T > self.rotary_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the RoPE table ({self.rotary_len})")
             masks = {"backend": resolve_backend(self.attn_backend, device.type)}
-            for w in set(self.windows):
-                if w < T and masks["backend"] == "sdpa":
-                    key = (T, w, str(device))
-                    if key not in self._mask_cache:
-                        self._mask_cache[key] = window_mask(T, w, device)
-                    masks[w] = self._mask_cache[key]
+            for w in {w for w in self.windows if w < T and masks["backend"] == "sdpa"}:
+                key = (T, w, str(device))
+                if key not in self._mask_cache:
+                    self._mask_cache[key] = window_mask(T, w, device)
+                masks[w] = self._mask_cache[key]
             return self.rope[None, :T, None], masks
         positions = kv_cache.pos.unsqueeze(1) + torch.arange(T, device=kv_cache.pos.device)   # (B, T)
         last = int(positions.max())
@@ -655,10 +649,8 @@ class GPT(nn.Module):
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
-            if temperature > 0:
-                ids = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
-            else:
-                ids = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = (torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng) if temperature > 0
+                   else torch.argmax(logits, dim=-1, keepdim=True))
             yield int(ids.item())
 
 

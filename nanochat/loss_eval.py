@@ -11,6 +11,7 @@ both their loss and their (zero) bytes are left out. Targets of -1 (ignore_index
 from __future__ import annotations
 
 import math
+from contextlib import closing
 from typing import Iterable, Optional
 
 import torch
@@ -34,8 +35,7 @@ def evaluate_bpb(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, t
     if steps < 1:
         raise ValueError(f"evaluate_bpb: steps={steps}; it must be at least 1")
     it = iter(batches)
-    device = None
-    total_nats = total_count = None
+    total_nats = total_count = 0   # tensors on the batches' device from the first batch on (no sync per batch)
     progress = EvalProgress(label, steps, print if is_rank0() else None)
     for step in range(steps):
         progress.step(step)  # between batches: the stop check (a preemption does not wait), a line every 10 s
@@ -44,23 +44,16 @@ def evaluate_bpb(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, t
         except StopIteration:
             raise ValueError(f"evaluate_bpb: the batch iterator ran out after {step} of {steps} steps; "
                              f"lower the number of eval tokens or give it more data") from None
-        if device is None:
-            device = y.device
-            token_bytes = token_bytes.to(device) if token_bytes is not None else None
-            acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no fp64
-            total_nats = torch.zeros((), dtype=acc_dtype, device=device)
-            total_count = torch.zeros((), dtype=torch.int64, device=device)
+        acc_dtype = torch.float32 if y.device.type == "mps" else torch.float64  # mps has no fp64
         losses = model(x, y, loss_reduction="none").reshape(-1).float()
         y = y.reshape(-1)
         valid = y >= 0
-        if token_bytes is None:
-            count = valid.long()
-        else:
-            count = torch.where(valid, token_bytes[torch.where(valid, y, torch.zeros_like(y))],
-                                torch.zeros_like(y, dtype=token_bytes.dtype))
+        if token_bytes is not None:
+            token_bytes = token_bytes.to(y.device)   # copied on the first batch, a no-op after
+        count = valid.long() if token_bytes is None else token_bytes[y.clamp(min=0)] * valid
         # where() rather than a product: an ignored position may carry a nan/inf loss
-        total_nats += torch.where(count > 0, losses, torch.zeros_like(losses)).sum(dtype=acc_dtype)
-        total_count += count.sum(dtype=torch.int64)
+        total_nats = total_nats + torch.where(count > 0, losses, torch.zeros_like(losses)).sum(dtype=acc_dtype)
+        total_count = total_count + count.sum(dtype=torch.int64)
     from nanochat.training import dist_sum
     total_nats, total_count = dist_sum(total_nats), dist_sum(total_count)
     n = int(total_count.item())
@@ -78,8 +71,5 @@ def split_bpb(model: torch.nn.Module, data, rt, tokenizer, token_bytes: torch.Te
     from nanochat.dataloader import DataLoader
     from nanochat.precision import fp8_disabled
     loader = DataLoader(data, tokenizer, batch, seq, split, rt.rank, rt.world, rt.device, base_dir=rt.base_dir)
-    try:
-        with rt.autocast(), fp8_disabled(model):
-            return evaluate_bpb(model, loader, max(1, tokens // (batch * seq * rt.world)), token_bytes)
-    finally:
-        loader.close()
+    with closing(loader), rt.autocast(), fp8_disabled(model):
+        return evaluate_bpb(model, loader, max(1, tokens // (batch * seq * rt.world)), token_bytes)

@@ -30,13 +30,8 @@ _PACK_HINT = 16
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `pack_for_inference` would pack a model on this device and dtype."""
-    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight
-    except (AttributeError, RuntimeError):
-        return False
-    return True
+    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and all(hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight")))
 
 
 class PackedLinear(nn.Module):

@@ -36,14 +36,6 @@ MASTER_DTYPE = torch.float32
 OPTIMIZER_STATE_DTYPE = torch.float32
 
 
-def to_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"hardware.dtype={dtype!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
 @dataclass(frozen=True)
 class Precision:
     device_type: str                     # cuda | cpu | mps
@@ -52,14 +44,17 @@ class Precision:
     notes: tuple = field(default=(), compare=False)   # why the request was changed, if it was
 
     @classmethod
-    def resolve(cls, device_type: str, requested: torch.dtype | str,
-                bf16_supported: Optional[bool] = None, embeddings: torch.dtype | str = "float32") -> "Precision":
+    def resolve(cls, device_type: str, requested: str, bf16_supported: Optional[bool] = None,
+                embeddings: str = "float32") -> "Precision":
         """The policy for `requested` (hardware.dtype) and `embeddings` (hardware.embedding_dtype) on
         `device_type`, after the hardware rules.
 
         bf16_supported: None → ask the GPU (tests pass False to see the fp16 fallback).
         """
-        want, emb = to_dtype(requested), to_dtype(embeddings)
+        for key, value in (("hardware.dtype", requested), ("hardware.embedding_dtype", embeddings)):
+            if value not in DTYPES:
+                raise ValueError(f"{key}={value!r}: use one of {', '.join(DTYPES)}")
+        want, emb = DTYPES[requested], DTYPES[embeddings]
         notes = []
         if device_type != "cuda":
             notes += [f"{want} requested on {device_type}: running fp32"] if want != torch.float32 else []
@@ -122,12 +117,11 @@ class Precision:
 
     def check_optimizer_states(self, optimizer: Any) -> None:
         """Raise if a floating-point optimizer state tensor is not fp32 (bf16 embeddings': their dtype)."""
-        for g in optimizer.param_groups:
-            for p in g["params"]:
-                want = p.dtype if p.dtype == self.embedding_dtype else OPTIMIZER_STATE_DTYPE
-                for k, v in optimizer.state.get(p, {}).items():
-                    if torch.is_tensor(v) and v.is_floating_point() and v.dtype != want and k != "step":
-                        raise TypeError(f"optimizer state {k!r} is {v.dtype}, expected {want}")
+        for p, state in optimizer.state.items():
+            want = p.dtype if p.dtype == self.embedding_dtype else OPTIMIZER_STATE_DTYPE
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.is_floating_point() and v.dtype != want and k != "step":
+                    raise TypeError(f"optimizer state {k!r} is {v.dtype}, expected {want}")
 
     def describe(self) -> str:
         extra = f" ({'; '.join(self.notes)})" if self.notes else ""
@@ -155,15 +149,9 @@ def fp8_filter(mod: nn.Module, fqn: str = "") -> bool:
             and min(mod.in_features, mod.out_features) >= FP8_MIN_DIM)
 
 
-def fp8_layer_names(model: nn.Module) -> list[str]:
-    """Names of the Linear layers `convert_fp8` converts."""
-    return [n for n, m in model.named_modules() if fp8_filter(m, n)]
-
-
 def fp8_supported(device: torch.device | str) -> bool:
     """fp8 matmuls (torch._scaled_mm): NVIDIA GPUs of compute capability 8.9+ (Ada, Hopper, Blackwell)."""
-    device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def is_fp8(mod: nn.Module) -> bool:
@@ -179,7 +167,7 @@ def convert_fp8(model: nn.Module, recipe: str, emulate: bool = False) -> list[st
     import dataclasses
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training   # heavy: only when asked
     config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
-    names = fp8_layer_names(model)
+    names = [n for n, m in model.named_modules() if fp8_filter(m, n)]
     convert_to_float8_training(model, config=config, module_filter_fn=fp8_filter)
     return names
 

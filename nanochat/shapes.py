@@ -34,9 +34,7 @@ def left_windows(s: Any) -> list[Optional[int]]:
     """
     short = s.short_window if s.short_window is not None else default_short_window(s.sequence_len)
     pat = s.window_pattern.upper()
-    lefts = [short if pat[i % len(pat)] == "S" else s.long_window for i in range(s.n_layer)]
-    lefts[-1] = s.long_window
-    return lefts
+    return [short if pat[i % len(pat)] == "S" and i < s.n_layer - 1 else s.long_window for i in range(s.n_layer)]
 
 
 def attention_spans(s: Any) -> list[int]:

@@ -28,6 +28,10 @@ def shared_data_dir(configured: str | None = None) -> Path | None:
 
 # ----------------------------------------------------------------------------- atomic io
 
+UMASK = os.umask(0o022)   # read once, at import (setting it is process-wide): atomic writes honour it
+os.umask(UMASK)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Any]) -> None:
     """Write `data` (bytes, or a function that writes into the open file: torch.save) to a temp file in the
     same dir, fsync, then rename: readers never see half a file."""
@@ -35,6 +39,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[BinaryIO
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)   # mkstemp makes 0600: give the mode open() would (shared run dirs)
         with os.fdopen(fd, "wb") as f:
             f.write(data) if isinstance(data, bytes) else data(f)
             f.flush()

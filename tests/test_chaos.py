@@ -385,3 +385,17 @@ def test_manifest_catches_truncated_altered_and_missing_files(tmp_path):
     problems = " | ".join(verify(ck))
     assert "optim_rank0.pt does not match" in problems and "model.pt has 100 bytes" in problems
     assert "rng_rank0.pt is missing" in problems
+
+
+def test_atomic_writes_get_the_mode_open_gives(tmp_path):
+    """A checkpoint or run file written atomically (temp file, fsync, rename) is as readable as one
+    open() would make under the process's umask: the temp file's 0600 must not reach a shared run dir."""
+    from nanochat.common import UMASK, atomic_write_bytes, atomic_write_json
+    import torch
+    atomic_write_json(tmp_path / "result.json", {"a": 1})
+    atomic_write_bytes(tmp_path / "model.pt", lambda f: torch.save({"w": torch.zeros(2)}, f))
+    (tmp_path / "plain.txt").write_text("x")
+    want = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert want == 0o666 & ~UMASK
+    for name in ("result.json", "model.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == want, name

@@ -306,25 +306,31 @@ def sweep_jobs(argv: list[str]) -> tuple[str, list[list[str]]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     args = get_args_parser().parse_args(argv)
     name, parser = args.config_name or "config", OverridesParser.create()
-    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
-    fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
+    overrides = parser.parse_overrides([o for o in args.overrides if not o.lstrip("+~").startswith("hydra")])
+    for o in overrides:   # the Slurm launcher's fields (nodes, gpus_per_node, ...) are resolved ONCE from the
+        # master config: a sweep over hardware would submit every job with the first job's resources
+        if o.is_sweep_override() and o.key_or_group.split(".")[0] == "hardware":
+            raise ConfigError(o.key_or_group, o.input_line.partition("=")[2],
+                              "run one sweep per hardware setting (e.g. hardware=8gpu), or use the basic launcher",
+                              "cannot sweep hardware.* under hydra/launcher=slurm: Slurm resources "
+                              "(nodes, gpus_per_node) are fixed for the whole sweep")
+    fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         sweeper = compose(name, overrides=fixed, return_hydra_config=True).hydra.sweeper
     if not sweeper._target_.endswith("BasicSweeper"):
         return name, [fixed]
-    params = [f"{k}={v}" for k, v in (sweeper.params or {}).items()]
-    return name, [job for batch in BasicSweeper.split_arguments(parser.parse_overrides(params + overrides), None)
-                  for job in batch]
+    params = parser.parse_overrides([f"{k}={v}" for k, v in (sweeper.params or {}).items()])
+    return name, [job for batch in BasicSweeper.split_arguments(params + overrides, None) for job in batch]
 
 
 def check_before_submitting(argv: list[str]) -> None:
     """Under the Slurm launcher, plan every job of the sweep here, as its dry run would, before anything
-    is queued: a bad config or a device batch over the GPU's memory (launch/probe.py; the whole step is
-    rehearsed unless hardware.memory_check=false) is a ConfigError now, not a job that fails once Slurm
-    has given it the GPUs. The hardware itself is checked in the job (this host may have no GPU), and
-    each job's source run must exist when it is submitted."""
+    is queued: a bad config, a hardware sweep or a device batch over the GPU's memory (launch/probe.py; the
+    whole step is rehearsed unless hardware.memory_check=false) is a ConfigError now, not a job that fails
+    once Slurm has given it the GPUs. The hardware itself is checked in the job (this host may have no GPU),
+    and each job's source run must exist when it is submitted."""
     from hydra import compose, initialize_config_dir
-    if not (any(a in validate.MULTIRUN_FLAGS for a in argv)
+    if not (any(a in ("-m", "--multirun") for a in argv)
             and any(a.startswith("hydra/launcher=") and "slurm" in a for a in argv)):
         return
     name, jobs = sweep_jobs(argv)
@@ -349,7 +355,6 @@ def check_before_submitting(argv: list[str]) -> None:
 
 def main() -> None:
     try:
-        validate.check_slurm_sweep(sys.argv[1:])
         check_before_submitting(sys.argv[1:])
     except ConfigError as e:
         print_config_error(e)

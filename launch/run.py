@@ -62,7 +62,8 @@ def print_config_error(e: ConfigError) -> None:
     c.print(f"  [green]fix:[/] {escape(e.fix)}", soft_wrap=True)
 
 
-def print_plan(cfg: Config, rows: list[tuple[str, str]], run_dir: Optional[Path]) -> None:
+def print_plan(cfg: Config, rows: list[tuple[str, str]], run_dir: Optional[Path], config: bool = False) -> None:
+    """The plan table; config: the resolved config after it."""
     from rich.table import Table
     t = Table(title=f"nanochat plan: stage={cfg.stage.name} tag={rundir.run_tag(cfg)}", show_header=False)
     t.add_column("", style="cyan")
@@ -70,6 +71,8 @@ def print_plan(cfg: Config, rows: list[tuple[str, str]], run_dir: Optional[Path]
     for k, v in rows + ([("run dir", str(run_dir))] if run_dir is not None else []):
         t.add_row(k, v)
     _console().print(t)
+    if config:
+        _console().print(rundir.resolved_yaml(cfg))
 
 
 # --------------------------------------------------------------------------- one stage
@@ -129,9 +132,7 @@ def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[P
         print_plan(cfg, rows, None)
         return {"status": "dry_run", "run_dir": None, "simulation": run_simulation(cfg, plan, show=True)}
     if cfg.run.dry_run:
-        print_plan(cfg, rows, None)
-        if show_config:
-            _console().print(rundir.resolved_yaml(cfg))
+        print_plan(cfg, rows, None, show_config)
         return {"status": "dry_run", "run_dir": None, "config": cfg}
     run_dir = (Path(cfg.run.dir).expanduser() if cfg.run.dir else job_dir or rundir.new_run_dir(cfg)).resolve()
     if cfg.run.skip_if_done and (run_dir / "COMPLETED").exists():
@@ -146,9 +147,7 @@ def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[P
         cfg = replace(cfg, run=replace(cfg.run, dir=str(run_dir)))
         if node == 0:  # node 0 freezes the run dir, its global rank 0 writes the rest
             rundir.freeze(run_dir, cfg, plan or {}, hydra_info["overrides"], hydra_info["choices"], composed)
-        print_plan(cfg, rows, run_dir)
-        if cfg.run.print_config:
-            _console().print(rundir.resolved_yaml(cfg))
+        print_plan(cfg, rows, run_dir, cfg.run.print_config)
         rc = dispatch(cfg, run_dir, in_process=hydra_info["in_process"])
         if node > 0:
             # node 0 reports the run (Slurm: the launcher reads task 0's result); this node only says

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Optional
 
 from launch import rundir
-from nanochat.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+from launch.run import compose
+from nanochat.config import ConfigError, config_to_dict, load_config
 
 
 def _fail(msg: str) -> int:
@@ -41,16 +42,6 @@ def _fail(msg: str) -> int:
 
 
 # --------------------------------------------------------------------------- config
-
-def compose(overrides: list[str]) -> tuple[Config, dict]:
-    """Compose conf/ with Hydra exactly as nanochat-run would, from these overrides."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from launch.run import CONF_DIR
-    from launch.validate import resolved_tree
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        tree = resolved_tree(hydra_compose(config_name="config", overrides=overrides))
-    return config_from_dict(tree), tree
-
 
 def model_overrides(kw: dict) -> list[str]:
     """Our model config for the imported GPT: every field explicit, so nothing re-derives differently."""

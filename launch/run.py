@@ -225,6 +225,14 @@ def run_pipeline(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optiona
 
 # --------------------------------------------------------------------------- hydra glue
 
+def compose(overrides: list[str], name: str = "config") -> tuple[Config, dict]:
+    """Compose conf/ with Hydra in this process exactly as nanochat-run would: (the config, its resolved tree)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        tree = validate.resolved_tree(hydra_compose(name, overrides=overrides))
+    return config_from_dict(tree), tree
+
+
 def run_job(dcfg: DictConfig) -> dict:
     import os
     composed = validate.resolved_tree(dcfg)
@@ -299,7 +307,7 @@ def sweep_jobs(argv: list[str]) -> tuple[str, list[list[str]]]:
     basic sweeper expands them (command-line sweeps and `hydra.sweeper.params`, e.g. sweep=depths),
     without hydra.* overrides. Another sweeper (Optuna) draws its jobs as it goes: its one job here is
     the config without the swept keys."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose as hydra_compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -315,7 +323,7 @@ def sweep_jobs(argv: list[str]) -> tuple[str, list[list[str]]]:
                               "(nodes, gpus_per_node) are fixed for the whole sweep")
     fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        sweeper = compose(name, overrides=fixed, return_hydra_config=True).hydra.sweeper
+        sweeper = hydra_compose(name, overrides=fixed, return_hydra_config=True).hydra.sweeper
     if not sweeper._target_.endswith("BasicSweeper"):
         return name, [fixed]
     params = parser.parse_overrides([f"{k}={v}" for k, v in (sweeper.params or {}).items()])
@@ -328,28 +336,25 @@ def check_before_submitting(argv: list[str]) -> None:
     whole step is rehearsed unless hardware.memory_check=false) is a ConfigError now, not a job that fails
     once Slurm has given it the GPUs. The hardware itself is checked in the job (this host may have no GPU),
     and each job's source run must exist when it is submitted."""
-    from hydra import compose, initialize_config_dir
     if not (any(a in ("-m", "--multirun") for a in argv)
             and any(a.startswith("hydra/launcher=") and "slurm" in a for a in argv)):
         return
     name, jobs = sweep_jobs(argv)
     print(f"[nanochat] planning {len(jobs)} job(s) before submitting (a GPU job's step is rehearsed on fake "
           f"tensors: minutes the first time, then cached)", flush=True)
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        for i, job in enumerate(jobs):
-            composed = validate.resolved_tree(compose(name, overrides=job))
-            composed["run"]["dry_run"] = True
-            if composed["hardware"].get("memory_check") is None:   # null: rehearse GPU steps before queueing
-                composed["hardware"]["memory_check"] = True
+    for i, job in enumerate(jobs):
+        cfg, composed = compose([*job, "run.dry_run=true"], name)
+        if cfg.hardware.memory_check is None:   # null: rehearse GPU steps before queueing
+            composed["hardware"]["memory_check"] = True
             cfg = config_from_dict(composed)
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):   # the plan tables: the job prints them
-                    (run_pipeline if cfg.run.pipeline else run_stage)(
-                        cfg, composed, {"overrides": job, "choices": {}, "in_process": False}, None)
-            except ConfigError:
-                print(f"[nanochat] nothing submitted: job {i + 1} of {len(jobs)} ({' '.join(job) or 'no overrides'}) "
-                      f"fails its plan", flush=True)
-                raise
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):   # the plan tables: the job prints them
+                (run_pipeline if cfg.run.pipeline else run_stage)(
+                    cfg, composed, {"overrides": job, "choices": {}, "in_process": False}, None)
+        except ConfigError:
+            print(f"[nanochat] nothing submitted: job {i + 1} of {len(jobs)} ({' '.join(job) or 'no overrides'}) "
+                  f"fails its plan", flush=True)
+            raise
 
 
 def main() -> None:

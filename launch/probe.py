@@ -15,6 +15,7 @@ from typing import Optional
 from nanochat.config import Config, ConfigError
 from nanochat.plan import Plan, auto_batch_candidates
 
+
 def _json_process(module: str, request: dict, show: bool = False) -> tuple[subprocess.CompletedProcess, Optional[dict]]:
     """`python -m <module> <request as JSON>` in a clean environment (the launcher stays torch-free): the process
     and the last JSON line it printed (None without one). show: its stderr goes to this terminal."""

@@ -26,17 +26,9 @@ from nanochat.results import load_result
 FAILED_JOBS: list[str] = []  # read by launch.run.main to set the exit code
 
 
-def _flatten(prefix: str, obj: Any, out: dict) -> None:
-    """out[<prefix><dotted path>] = each scalar leaf of nested mappings (lists are left out)."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _flatten(f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}", v, out)
-    elif isinstance(obj, (int, float, str, bool)) or obj is None:
-        out[prefix.rstrip(".")] = obj
-
-
 def collect_sweep(sweep_dir: Path) -> list[dict]:
     """One row per run dir of the sweep: its status, overrides, size and result (nested fields flattened)."""
+    from nanochat.runs import _flat
     rows = []
     for cfg_path in sorted(sweep_dir.glob("**/resolved_config.yaml")):
         run_dir = cfg_path.parent
@@ -51,8 +43,9 @@ def collect_sweep(sweep_dir: Path) -> list[dict]:
             plan = read_json(run_dir / "plan.json")
             row.update({f"plan.{k}": plan.get(k) for k in ("num_params", "num_iterations", "total_flops")})
         result = load_result(run_dir)
-        if result is not None:
-            _flatten("result.", result.to_dict(), row)
+        if result is not None:   # each scalar leaf of nested mappings (lists are left out)
+            row.update({k: v for k, v in _flat(result.to_dict(), "result.").items()
+                        if v is None or isinstance(v, (int, float, str, bool))})
         rows.append(row)
     return rows
 

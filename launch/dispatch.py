@@ -40,9 +40,6 @@ def clean_env(env: Optional[dict] = None) -> dict:
     return env
 
 
-DEFAULT_RDZV_PORT = 29500
-
-
 def node_rank(cfg: Config) -> int:
     """This launcher's node in a multi-node job: hardware.node_rank, else $SLURM_NODEID, else 0 on one node."""
     hw = cfg.hardware
@@ -79,7 +76,7 @@ def rdzv_endpoint(cfg: Config) -> tuple[str, int]:
                           "on every node", f"hardware.nnodes={cfg.hardware.nnodes} without Slurm needs node 0's address")
     if port is None:
         job = os.environ.get("SLURM_JOB_ID", "")
-        port = DEFAULT_RDZV_PORT + (int(job) % 1000 if job.isdigit() else 0)
+        port = 29500 + (int(job) % 1000 if job.isdigit() else 0)
     return host, port
 
 
@@ -170,7 +167,6 @@ def dispatch(cfg: Config, run_dir: Path, in_process: bool) -> int:
         from launch.rundir import resolved_yaml
         from nanochat.common import atomic_write_text
         config_path = run_dir / "torchrun" / f"node{node}" / "frozen_config.yaml"
-        config_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(config_path, resolved_yaml(cfg))
     # one_process, e.g. serve: its replicas (one per GPU) are threads, not torchrun ranks
     world = 1 if stage(cfg.stage.name).one_process else cfg.hardware.nproc_per_node * cfg.hardware.nnodes

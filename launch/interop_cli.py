@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Optional
 
 from launch import rundir
-from nanochat.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+from launch.run import compose
+from nanochat.config import ConfigError, config_to_dict, load_config
 
 
 def _fail(msg: str) -> int:
@@ -41,16 +42,6 @@ def _fail(msg: str) -> int:
 
 
 # --------------------------------------------------------------------------- config
-
-def compose(overrides: list[str]) -> tuple[Config, dict]:
-    """Compose conf/ with Hydra exactly as nanochat-run would, from these overrides."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from launch.run import CONF_DIR
-    from launch.validate import resolved_tree
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        tree = resolved_tree(hydra_compose(config_name="config", overrides=overrides))
-    return config_from_dict(tree), tree
-
 
 def model_overrides(kw: dict) -> list[str]:
     """Our model config for the imported GPT: every field explicit, so nothing re-derives differently."""
@@ -87,15 +78,13 @@ def _read_nanochat(src: str, stage: str, step: Optional[int], tag: Optional[str]
     nc_meta = interop.load_meta(source.meta_path)
     kw, state = interop.from_nanochat(interop.load_state(source.model_path), nc_meta["model_config"])
     tok = interop.load_tokenizer(source.tokenizer_dir, kw["vocab_size"])
-    sources = source.files()
-    tok_sha = interop.file_sha256(sources["tokenizer"])
+    files = {k: {"path": str(p), "sha256": interop.file_sha256(p)} for k, p in source.files().items()}
     record = {"source": str(src), "base_dir": str(source.base_dir), "stage": source.stage, "tag": source.tag,
-              "step": source.step,
-              "files": {k: {"path": str(p), "sha256": interop.file_sha256(p)} for k, p in sources.items()},
+              "step": source.step, "files": files,
               "nanochat_meta": {k: v for k, v in nc_meta.items() if k != "dataloader_state_dict"}}
     extra = {"nanochat_val_bpb": nc_meta["val_bpb"]} if isinstance(nc_meta.get("val_bpb"), (int, float)) else {}
-    return (kw, state, tok, f"nanochat-{tok_sha[:12]}", source.stage, source.tag, source.step, record,
-            str(source.ckpt_dir), extra)
+    return (kw, state, tok, f"nanochat-{files['tokenizer']['sha256'][:12]}", source.stage, source.tag, source.step,
+            record, str(source.ckpt_dir), extra)
 
 
 def _read_hf(src: str, stage: str, step: Optional[int], tag: Optional[str]):
@@ -110,10 +99,9 @@ def _read_hf(src: str, stage: str, step: Optional[int], tag: Optional[str]):
     step = step if step is not None else int(rec.get("step", 0))
     files = {f: {"path": str(hf_dir / f), "sha256": interop.file_sha256(hf_dir / f)}
              for f in sorted(p.name for p in hf_dir.iterdir() if p.suffix in (".json", ".safetensors"))}
-    record = {"source": str(src), "stage": stage, "step": step, "model_type": config.get("model_type"),
-              "files": files}
-    tok_sha = interop.file_sha256(hf_dir / "tokenizer.json")
-    return (kw, state, tok, f"hf-{tok_sha[:12]}", stage, tag or f"d{kw['n_layer']}", step, record, str(hf_dir), {})
+    record = {"source": str(src), "stage": stage, "step": step, "model_type": config.get("model_type"), "files": files}
+    return (kw, state, tok, f"hf-{files['tokenizer.json']['sha256'][:12]}", stage, tag or f"d{kw['n_layer']}", step,
+            record, str(hf_dir), {})
 
 
 def import_checkpoint(src: str, stage: str = "auto", step: Optional[int] = None, tag: Optional[str] = None,

@@ -15,14 +15,24 @@ from typing import Optional
 from nanochat.config import Config, ConfigError
 from nanochat.plan import Plan, auto_batch_candidates
 
+
+def _json_process(module: str, request: dict, show: bool = False) -> tuple[subprocess.CompletedProcess, Optional[dict]]:
+    """`python -m <module> <request as JSON>` in a clean environment (the launcher stays torch-free): the process
+    and the last JSON line it printed (None without one). show: its stderr goes to this terminal."""
+    from launch.dispatch import clean_env
+    p = subprocess.run([sys.executable, "-m", module, json.dumps(request, default=str)], env=clean_env(),
+                       stdout=subprocess.PIPE, stderr=None if show else subprocess.PIPE, text=True)
+    results = [l for l in p.stdout.splitlines() if l.startswith("{")]
+    return p, (json.loads(results[-1]) if results else None)
+
+
 def probe_device_batch(cfg: Config, plan: Plan) -> dict:
     """Run `python -m nanochat.batch_size` for this run's model and batch; returns the probe result."""
-    from launch.dispatch import clean_env
     hw = cfg.hardware
     request = {
         "gpt_kwargs": plan.model.gpt_config_kwargs(),
         "seq_len": plan.sequence_len,
-        "candidates": auto_batch_candidates(cfg, plan.total_batch_size, plan.sequence_len, plan.world_size),
+        "candidates": auto_batch_candidates(plan.total_batch_size, plan.sequence_len, plan.world_size),
         "device": hw.device,
         "dtype": hw.dtype,
         "embedding_dtype": hw.embedding_dtype,
@@ -30,10 +40,8 @@ def probe_device_batch(cfg: Config, plan: Plan) -> dict:
         "memory_gb": hw.auto_batch_memory_gb,
     }
     print(f"[nanochat] hardware.device_batch_size=auto: probing {request['candidates']} on {hw.device}", flush=True)
-    p = subprocess.run([sys.executable, "-m", "nanochat.batch_size", json.dumps(request)], env=clean_env(),
-                       capture_output=True, text=True)
-    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
-    result = json.loads(lines[-1]) if lines else {"error": f"the probe exited {p.returncode}: {p.stderr[-2000:]}"}
+    p, result = _json_process("nanochat.batch_size", request)
+    result = result or {"error": f"the probe exited {p.returncode}: {p.stderr[-2000:]}"}
     if "error" in result:
         raise ConfigError("hardware.device_batch_size", "auto",
                           "set hardware.device_batch_size to an integer that fits, or fix the probe's error",
@@ -51,7 +59,6 @@ def run_simulation(cfg: Config, plan: dict, mode: str = "step", candidates: Opti
     """
     import hashlib
     from dataclasses import replace
-    from launch.dispatch import clean_env
     from nanochat.common import atomic_write_json, get_base_dir, read_json
     from nanochat.config import config_to_dict
     tree = config_to_dict(replace(cfg, run=replace(cfg.run, dry_run=False, simulate=False, dir=None)))
@@ -60,18 +67,13 @@ def run_simulation(cfg: Config, plan: dict, mode: str = "step", candidates: Opti
     cache = get_base_dir(cfg.paths.base_dir) / "simulate" / f"{key[:24]}.json"
     if not show and cache.exists():
         return read_json(cache)
-    cmd = [sys.executable, "-m", "nanochat.simulate", json.dumps(request, default=str)]
-    p = subprocess.run(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=None if show else subprocess.PIPE,
-                       text=True)
-    lines = p.stdout.splitlines()
+    p, out = _json_process("nanochat.simulate", request, show)
     if show:   # the table goes to the terminal (its errors too); the result is its last line
-        print("\n".join(l for l in lines if not l.startswith("{")), flush=True)
-    results = [l for l in lines if l.startswith("{")]
-    if p.returncode != 0 or not results:
+        print("\n".join(l for l in p.stdout.splitlines() if not l.startswith("{")), flush=True)
+    if p.returncode != 0 or out is None:
         raise RuntimeError(f"the simulator exited {p.returncode}: {(p.stderr or '')[-3000:]}")
     if show:
-        print(results[-1], flush=True)   # the last line printed is the JSON result
-    out = json.loads(results[-1])
+        print(json.dumps(out), flush=True)   # the last line printed is the JSON result
     atomic_write_json(cache, out)
     return out
 
@@ -103,9 +105,8 @@ def plan_memory(cfg: Config, source, sp, st):
     # no NVIDIA GPU on this machine (torch-free: the driver's device node): simulate the fit
     if sp.wants_probe and gpu and hw.gpu_memory_gb and not os.path.exists("/dev/nvidiactl"):
         check_request(cfg, "hardware.device_batch_size")
-        p = sp.plan
-        cands = auto_batch_candidates(cfg, p.total_batch_size, p.sequence_len, p.world_size)
-        res = run_simulation(cfg, p.to_dict(), "fit", cands)
+        cands = auto_batch_candidates(sp.plan.total_batch_size, sp.plan.sequence_len, sp.plan.world_size)
+        res = run_simulation(cfg, sp.plan.to_dict(), "fit", cands)
         if res["device_batch_size"] is None:
             raise ConfigError("hardware.device_batch_size", "auto", "use model.activation_checkpointing=full,"
                               " a shorter model.sequence_len, a smaller model or more GPU memory",
@@ -137,7 +138,7 @@ def plan_memory(cfg: Config, source, sp, st):
         problem = f"the simulated peak {res['peak_memory_gib']:.1f} GiB per rank"
     check_request(cfg, "hardware.device_batch_size")
     # a smaller device batch at the same total batch always accumulates (accum >= 2 in the floor)
-    cands = [b for b in auto_batch_candidates(cfg, p.total_batch_size, p.sequence_len, p.world_size)
+    cands = [b for b in auto_batch_candidates(p.total_batch_size, p.sequence_len, p.world_size)
              if b < p.device_batch_size and memory_floor(p.model, b, 2, p.world_size, **floor_bytes)["total"]
              <= budget * GIB]
     best = run_simulation(cfg, p.to_dict(), "fit", cands)["device_batch_size"] if cands else None

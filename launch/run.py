@@ -62,7 +62,8 @@ def print_config_error(e: ConfigError) -> None:
     c.print(f"  [green]fix:[/] {escape(e.fix)}", soft_wrap=True)
 
 
-def print_plan(cfg: Config, rows: list[tuple[str, str]], run_dir: Optional[Path]) -> None:
+def print_plan(cfg: Config, rows: list[tuple[str, str]], run_dir: Optional[Path], config: bool = False) -> None:
+    """The plan table; config: the resolved config after it."""
     from rich.table import Table
     t = Table(title=f"nanochat plan: stage={cfg.stage.name} tag={rundir.run_tag(cfg)}", show_header=False)
     t.add_column("", style="cyan")
@@ -70,6 +71,8 @@ def print_plan(cfg: Config, rows: list[tuple[str, str]], run_dir: Optional[Path]
     for k, v in rows + ([("run dir", str(run_dir))] if run_dir is not None else []):
         t.add_row(k, v)
     _console().print(t)
+    if config:
+        _console().print(rundir.resolved_yaml(cfg))
 
 
 # --------------------------------------------------------------------------- one stage
@@ -129,9 +132,7 @@ def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[P
         print_plan(cfg, rows, None)
         return {"status": "dry_run", "run_dir": None, "simulation": run_simulation(cfg, plan, show=True)}
     if cfg.run.dry_run:
-        print_plan(cfg, rows, None)
-        if show_config:
-            _console().print(rundir.resolved_yaml(cfg))
+        print_plan(cfg, rows, None, show_config)
         return {"status": "dry_run", "run_dir": None, "config": cfg}
     run_dir = (Path(cfg.run.dir).expanduser() if cfg.run.dir else job_dir or rundir.new_run_dir(cfg)).resolve()
     if cfg.run.skip_if_done and (run_dir / "COMPLETED").exists():
@@ -146,9 +147,7 @@ def run_stage(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optional[P
         cfg = replace(cfg, run=replace(cfg.run, dir=str(run_dir)))
         if node == 0:  # node 0 freezes the run dir, its global rank 0 writes the rest
             rundir.freeze(run_dir, cfg, plan or {}, hydra_info["overrides"], hydra_info["choices"], composed)
-        print_plan(cfg, rows, run_dir)
-        if cfg.run.print_config:
-            _console().print(rundir.resolved_yaml(cfg))
+        print_plan(cfg, rows, run_dir, cfg.run.print_config)
         rc = dispatch(cfg, run_dir, in_process=hydra_info["in_process"])
         if node > 0:
             # node 0 reports the run (Slurm: the launcher reads task 0's result); this node only says
@@ -226,6 +225,14 @@ def run_pipeline(cfg: Config, composed: dict, hydra_info: dict, job_dir: Optiona
 
 # --------------------------------------------------------------------------- hydra glue
 
+def compose(overrides: list[str], name: str = "config") -> tuple[Config, dict]:
+    """Compose conf/ with Hydra in this process exactly as nanochat-run would: (the config, its resolved tree)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        tree = validate.resolved_tree(hydra_compose(name, overrides=overrides))
+    return config_from_dict(tree), tree
+
+
 def run_job(dcfg: DictConfig) -> dict:
     import os
     composed = validate.resolved_tree(dcfg)
@@ -300,56 +307,58 @@ def sweep_jobs(argv: list[str]) -> tuple[str, list[list[str]]]:
     basic sweeper expands them (command-line sweeps and `hydra.sweeper.params`, e.g. sweep=depths),
     without hydra.* overrides. Another sweeper (Optuna) draws its jobs as it goes: its one job here is
     the config without the swept keys."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose as hydra_compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     args = get_args_parser().parse_args(argv)
     name, parser = args.config_name or "config", OverridesParser.create()
-    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
-    fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
+    overrides = parser.parse_overrides([o for o in args.overrides if not o.lstrip("+~").startswith("hydra")])
+    for o in overrides:   # the Slurm launcher's fields (nodes, gpus_per_node, ...) are resolved ONCE from the
+        # master config: a sweep over hardware would submit every job with the first job's resources
+        if o.is_sweep_override() and o.key_or_group.split(".")[0] == "hardware":
+            raise ConfigError(o.key_or_group, o.input_line.partition("=")[2],
+                              "run one sweep per hardware setting (e.g. hardware=8gpu), or use the basic launcher",
+                              "cannot sweep hardware.* under hydra/launcher=slurm: Slurm resources "
+                              "(nodes, gpus_per_node) are fixed for the whole sweep")
+    fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        sweeper = compose(name, overrides=fixed, return_hydra_config=True).hydra.sweeper
+        sweeper = hydra_compose(name, overrides=fixed, return_hydra_config=True).hydra.sweeper
     if not sweeper._target_.endswith("BasicSweeper"):
         return name, [fixed]
-    params = [f"{k}={v}" for k, v in (sweeper.params or {}).items()]
-    return name, [job for batch in BasicSweeper.split_arguments(parser.parse_overrides(params + overrides), None)
-                  for job in batch]
+    params = parser.parse_overrides([f"{k}={v}" for k, v in (sweeper.params or {}).items()])
+    return name, [job for batch in BasicSweeper.split_arguments(params + overrides, None) for job in batch]
 
 
 def check_before_submitting(argv: list[str]) -> None:
     """Under the Slurm launcher, plan every job of the sweep here, as its dry run would, before anything
-    is queued: a bad config or a device batch over the GPU's memory (launch/probe.py; the whole step is
-    rehearsed unless hardware.memory_check=false) is a ConfigError now, not a job that fails once Slurm
-    has given it the GPUs. The hardware itself is checked in the job (this host may have no GPU), and
-    each job's source run must exist when it is submitted."""
-    from hydra import compose, initialize_config_dir
-    if not (any(a in validate.MULTIRUN_FLAGS for a in argv)
+    is queued: a bad config, a hardware sweep or a device batch over the GPU's memory (launch/probe.py; the
+    whole step is rehearsed unless hardware.memory_check=false) is a ConfigError now, not a job that fails
+    once Slurm has given it the GPUs. The hardware itself is checked in the job (this host may have no GPU),
+    and each job's source run must exist when it is submitted."""
+    if not (any(a in ("-m", "--multirun") for a in argv)
             and any(a.startswith("hydra/launcher=") and "slurm" in a for a in argv)):
         return
     name, jobs = sweep_jobs(argv)
     print(f"[nanochat] planning {len(jobs)} job(s) before submitting (a GPU job's step is rehearsed on fake "
           f"tensors: minutes the first time, then cached)", flush=True)
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        for i, job in enumerate(jobs):
-            composed = validate.resolved_tree(compose(name, overrides=job))
-            composed["run"]["dry_run"] = True
-            if composed["hardware"].get("memory_check") is None:   # null: rehearse GPU steps before queueing
-                composed["hardware"]["memory_check"] = True
+    for i, job in enumerate(jobs):
+        cfg, composed = compose([*job, "run.dry_run=true"], name)
+        if cfg.hardware.memory_check is None:   # null: rehearse GPU steps before queueing
+            composed["hardware"]["memory_check"] = True
             cfg = config_from_dict(composed)
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):   # the plan tables: the job prints them
-                    (run_pipeline if cfg.run.pipeline else run_stage)(
-                        cfg, composed, {"overrides": job, "choices": {}, "in_process": False}, None)
-            except ConfigError:
-                print(f"[nanochat] nothing submitted: job {i + 1} of {len(jobs)} ({' '.join(job) or 'no overrides'}) "
-                      f"fails its plan", flush=True)
-                raise
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):   # the plan tables: the job prints them
+                (run_pipeline if cfg.run.pipeline else run_stage)(
+                    cfg, composed, {"overrides": job, "choices": {}, "in_process": False}, None)
+        except ConfigError:
+            print(f"[nanochat] nothing submitted: job {i + 1} of {len(jobs)} ({' '.join(job) or 'no overrides'}) "
+                  f"fails its plan", flush=True)
+            raise
 
 
 def main() -> None:
     try:
-        validate.check_slurm_sweep(sys.argv[1:])
         check_before_submitting(sys.argv[1:])
     except ConfigError as e:
         print_config_error(e)

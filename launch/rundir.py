@@ -155,7 +155,6 @@ def resolved_yaml(cfg: Config) -> str:
 def freeze(run_dir: Path, cfg: Config, plan: dict, overrides: list[str], choices: dict,
            composed: dict, argv: Optional[list[str]] = None) -> dict:
     """Write resolved_config.yaml, plan.json, meta.json, git.diff and .hydra/ atomically."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     text = resolved_yaml(cfg)
     assert "${" not in text, "resolved config still holds an interpolation"
     git = git_info()

@@ -1,4 +1,4 @@
-"""Checks that need the outside world (devices, argv, other runs), before anything runs.
+"""Checks that need the machine (devices, cores, packages), before anything runs.
 
 Schema checks (unknown keys, types, choices) live in nanochat/config.py; depth-dial
 checks (divisibility, heads) in nanochat/plan.py. All raise ConfigError.
@@ -6,32 +6,11 @@ checks (divisibility, heads) in nanochat/plan.py. All raise ConfigError.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 from typing import Optional
 
 from nanochat.config import Config, ConfigError
-
-MULTIRUN_FLAGS = ("-m", "--multirun")
-
-
-def check_slurm_sweep(argv: list[str]) -> None:
-    """Refuse sweeping hardware.* under the Slurm launcher.
-
-    The launcher's fields (nodes, gpus_per_node, ...) are resolved ONCE from the master
-    config, so a sweep over hardware would submit every job with the first job's resources.
-    """
-    if not (any(a in MULTIRUN_FLAGS for a in argv) and any(re.match(r"^hydra/launcher=.*slurm", a) for a in argv)):
-        return
-    for a in argv:
-        key, _, value = a.lstrip("+~").partition("=")
-        swept = "," in value or re.match(r"^\s*(range|choice|glob|interval)\(", value)
-        if (key == "hardware" or key.startswith("hardware.")) and swept:
-            raise ConfigError(key, value,
-                              "run one sweep per hardware setting (e.g. hardware=8gpu), or use the basic launcher",
-                              "cannot sweep hardware.* under hydra/launcher=slurm: Slurm resources "
-                              "(nodes, gpus_per_node) are fixed for the whole sweep")
 
 
 def command_output(cmd: list[str], timeout: float = 10, cwd: Optional[str] = None) -> Optional[str]:

@@ -1,7 +1,7 @@
 """The schema of the whole config, as plain dataclasses.
 
 Hydra composes YAML in `launch/`; everything in `nanochat/` only ever sees these
-dataclasses. `validate_tree` walks a plain dict (the composed config) against the
+dataclasses. `config_from_dict` walks a plain dict (the composed config) against the
 schema and raises `ConfigError` naming the key, the value and the fix, which is
 how typos such as `+model.typo=1` (that Hydra lets through) are caught.
 
@@ -17,7 +17,7 @@ import operator
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 
 class ConfigError(Exception):
@@ -37,7 +37,7 @@ class RunConfig:
     tag: Optional[str] = None          # derived from values: d<depth>
     dry_run: bool = False              # print the plan and exit, no run dir
     simulate: bool = False             # rehearse the planned training step on fake tensors, no run dir
-    resume: str = "auto"               # auto | must | never
+    resume: Literal["auto", "must", "never"] = "auto"
     skip_if_done: bool = False         # skip a job whose dir already holds COMPLETED
     seed: int = 42
     pipeline: Optional[list] = None    # list of stage names run one after another
@@ -58,7 +58,7 @@ class PathsConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "disabled"   # disabled | offline | online
+    mode: Literal["disabled", "offline", "online"] = "disabled"
     project: str = "nanochat"
     name: Optional[str] = None
 
@@ -70,7 +70,7 @@ class TrackingConfig:
 
 @dataclass
 class ModelConfig:
-    generation: str = "seed"          # seed (Dec 2025 nanochat) | modern (mid 2026)
+    generation: Literal["seed", "modern"] = "seed"   # Dec 2025 nanochat | mid 2026
     depth: int = 20
     aspect_ratio: int = 64            # n_embd = aspect_ratio * depth (rounded in modern)
     head_dim: int = 128
@@ -95,18 +95,19 @@ class ModelConfig:
     # Needs an fp8 GPU (compute capability >= 8.9) unless fp8_emulate (CPU tests). Checkpoints stay fp32.
     fp8: Optional[str] = None
     fp8_emulate: bool = False
-    activation_checkpointing: str = "none"   # none | full: recompute each block in backward (less memory)
+    activation_checkpointing: Literal["none", "full"] = "none"  # full: recompute each block in backward (less memory)
 
 
 @dataclass
 class HardwareConfig:
     name: str = "cpu"
-    device: str = "cpu"               # cpu | cuda | mps | auto
+    device: Literal["cpu", "cuda", "mps", "auto"] = "cpu"
     nproc_per_node: int = 1
     nnodes: int = 1
     gpus_per_node: Optional[int] = None  # what Slurm allocates per node (null on CPU: no GPU request)
-    dtype: str = "float32"            # float32 | bfloat16 | float16
-    embedding_dtype: str = "float32"  # bfloat16: wte + value embeddings stored in bf16 (CUDA, bf16 compute)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # bfloat16: wte + value embeddings stored in bf16 (CUDA, bf16 compute)
+    embedding_dtype: Literal["float32", "bfloat16"] = "float32"
     # null → table below / stage default; auto → the largest power of two that fits (a short
     # fwd+bwd+step probe at launch, nanochat/batch_size.py), recorded in plan.json
     device_batch_size: Optional[Union[int, str]] = None
@@ -115,7 +116,7 @@ class HardwareConfig:
     gpu_memory_gb: Optional[float] = None  # each GPU's memory: plan-time memory checks (nanochat/simulate.py)
     interconnect_gb_s: Optional[float] = None  # per-GPU bandwidth of the collectives, GB/s (traffic time)
     memory_check: Optional[bool] = None  # rehearse the step at plan time (true), before a Slurm submission (null), never (false)
-    attention: str = "auto"           # auto | sdpa | flex | flash (nanochat/attention.py)
+    attention: Literal["auto", "sdpa", "flex", "flash"] = "auto"   # nanochat/attention.py
     compile: bool = False
     num_threads: Optional[int] = None  # torch threads per rank on CPU; null → cores / nproc
     backend: Optional[str] = None     # gloo | nccl; null → by device
@@ -129,7 +130,7 @@ class HardwareConfig:
 @dataclass
 class DataConfig:
     name: str = "demo"
-    source: str = "demo"              # demo | fineweb_edu | climbmix | hub | local | mixture
+    source: Literal["demo", "fineweb_edu", "climbmix", "hub", "local", "mixture"] = "demo"
     path: Optional[str] = None        # local: dir or glob of parquet/jsonl/txt
     repo: Optional[str] = None        # hub: dataset repo <owner>/<name> of parquet shards (null → the source's)
     revision: str = "main"            # hub: branch, tag or commit of data.repo
@@ -138,7 +139,7 @@ class DataConfig:
     val_shard: Optional[int] = None   # remote: pinned validation shard index
     download_workers: int = 4
     tokenizer: str = "demo"           # name of the tokenizer artifact under <base_dir>/tokenizer/
-    packing: str = "stream"           # stream (seed) | bestfit (BOS-aligned best-fit)
+    packing: Literal["stream", "bestfit"] = "stream"   # stream (seed) | bestfit (BOS-aligned best-fit)
     tokenizer_threads: int = 2
     tokenizer_batch_size: int = 128
     demo_chars: int = 4_000_000       # data=demo: size of the corpus built from the stdlib
@@ -355,6 +356,11 @@ def _check_value(tp: Any, value: Any, key: str) -> Any:
             except ConfigError as e:
                 first = first or e
         raise first
+    if origin is typing.Literal:   # the field's choices
+        value = _check_value(str, value, key)
+        if value not in typing.get_args(tp):
+            raise ConfigError(key, value, f"use one of: {', '.join(typing.get_args(tp))}", "invalid choice")
+        return value
     if value is None:
         name = getattr(tp, "__name__", str(tp)).replace("typing.", "")
         raise ConfigError(key, value, f"set {key} to a {name} (null is not allowed here)", "missing value")
@@ -384,20 +390,6 @@ def _build(cls: type, tree: Any, prefix: str, schemas: Optional[dict] = None) ->
     # in the order of the fields: the first bad one is the one reported
     return cls(**{n: (_build if dataclasses.is_dataclass(hints[n]) else _check_value)(hints[n], tree[n], where + n)
                   for n in fields if n in tree})
-
-
-_CHOICES = {
-    "run.resume": ("auto", "must", "never"),
-    "model.generation": ("seed", "modern"),
-    "hardware.dtype": ("float32", "bfloat16", "float16"),
-    "hardware.embedding_dtype": ("float32", "bfloat16"),
-    "hardware.device": ("cpu", "cuda", "mps", "auto"),
-    "hardware.attention": ("auto", "sdpa", "flex", "flash"),
-    "model.activation_checkpointing": ("none", "full"),
-    "data.source": ("demo", "fineweb_edu", "climbmix", "hub", "local", "mixture"),
-    "data.packing": ("stream", "bestfit"),
-    "wandb.mode": ("disabled", "offline", "online"),
-}
 
 
 # Rules between keys, checked in this order after the ranges: (key, is its value bad, fix, problem)
@@ -446,10 +438,6 @@ def config_from_dict(tree: dict, frozen: bool = False) -> Config:
         tree["stage"] = {k: v for k, v in stage_tree.items() if k not in RETIRED_STAGE_KEYS}
     name = stage_tree.get("name", StageConfig.name)
     cfg = _build(Config, tree, "", {"stage": stage(name).schema})
-    for key, choices in _CHOICES.items():
-        v = operator.attrgetter(key)(cfg)
-        if v not in choices:
-            raise ConfigError(key, v, f"use one of: {', '.join(choices)}", "invalid choice")
     for group in ("model", "hardware", "data", "stage", "run"):   # every number finite, those in _RANGES in range
         for f in dataclasses.fields(getattr(cfg, group)):
             key, v = f"{group}.{f.name}", getattr(getattr(cfg, group), f.name)

@@ -310,7 +310,7 @@ def _device_batch(cfg: Config, depth: int) -> int:
     return table[min((k for k in table if k >= depth), default=max(table))] if table else DEFAULT_DEVICE_BATCH
 
 
-def auto_batch_candidates(cfg: Config, total: int, seq: int, world: int) -> list[int]:
+def auto_batch_candidates(total: int, seq: int, world: int) -> list[int]:
     """What hardware.device_batch_size=auto may pick (largest first); a ConfigError if nothing can."""
     cands = power_of_two_batches(total, seq, world)
     if not cands:
@@ -408,7 +408,7 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
 
     dbs = _device_batch(cfg, m.depth)
     if cfg.hardware.device_batch_size == "auto":
-        cands = auto_batch_candidates(cfg, total, seq, world)
+        cands = auto_batch_candidates(total, seq, world)
         if probe is not None:
             dbs = int(probe["device_batch_size"])
             peak = lambda t: f" ({t['peak_gib']:.2f} GiB peak)" if t.get("peak_gib") is not None else ""

@@ -15,7 +15,6 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, TINY, losses, only_run_dir, read_metrics, run_cli
 from launch.dispatch import clean_env
-from launch.validate import check_slurm_sweep
 from nanochat.config import ConfigError, config_from_dict
 from nanochat.plan import make_plan
 
@@ -141,12 +140,13 @@ def test_device_checks(base_dir, workdir):
 
 
 def test_slurm_hardware_sweep_refused():
+    from launch.run import check_before_submitting, sweep_jobs
     with pytest.raises(ConfigError, match="hardware"):
-        check_slurm_sweep(["-m", "hydra/launcher=slurm", "hardware.nproc_per_node=1,2"])
+        sweep_jobs(["-m", "hydra/launcher=slurm", "hardware.nproc_per_node=1,2"])
     with pytest.raises(ConfigError):
-        check_slurm_sweep(["-m", "hydra/launcher=slurm", "hardware=cpu,1gpu"])
-    check_slurm_sweep(["-m", "hydra/launcher=slurm", "model.depth=4,6", "hardware=cpu"])  # fine
-    check_slurm_sweep(["hardware.nproc_per_node=1,2"])  # not a multirun: Hydra itself complains
+        sweep_jobs(["-m", "hydra/launcher=slurm", "hardware=cpu,1gpu"])
+    sweep_jobs(["-m", "hydra/launcher=slurm", "model.depth=4,6", "hardware=cpu"])  # fine
+    check_before_submitting(["hardware.nproc_per_node=1,2"])  # not a multirun: Hydra itself complains
 
 
 def test_slurm_sweep_is_planned_before_anything_is_submitted(base_dir, workdir):

@@ -28,7 +28,7 @@ FAILED_JOBS: list[str] = []  # read by launch.run.main to set the exit code
 
 def collect_sweep(sweep_dir: Path) -> list[dict]:
     """One row per run dir of the sweep: its status, overrides, size and result (nested fields flattened)."""
-    from nanochat.runs import _flat
+    from nanochat.runs import flatten
     rows = []
     for cfg_path in sorted(sweep_dir.glob("**/resolved_config.yaml")):
         run_dir = cfg_path.parent
@@ -44,7 +44,7 @@ def collect_sweep(sweep_dir: Path) -> list[dict]:
             row.update({f"plan.{k}": plan.get(k) for k in ("num_params", "num_iterations", "total_flops")})
         result = load_result(run_dir)
         if result is not None:   # each scalar leaf of nested mappings (lists are left out)
-            row.update({k: v for k, v in _flat(result.to_dict(), "result.").items()
+            row.update({k: v for k, v in flatten(result.to_dict(), "result.").items()
                         if v is None or isinstance(v, (int, float, str, bool))})
         rows.append(row)
     return rows

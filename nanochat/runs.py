@@ -168,9 +168,9 @@ def _run_dir(arg: str) -> Path:
     return d
 
 
-def _flat(obj: Any, prefix: str = "") -> dict:
+def flatten(obj: Any, prefix: str = "") -> dict:
     if isinstance(obj, dict) and obj:
-        return {k: v for key, val in obj.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+        return {k: v for key, val in obj.items() for k, v in flatten(val, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): obj}
 
 
@@ -178,7 +178,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     a, b = _run_dir(args.run_a), _run_dir(args.run_b)
     lines = []
     for name, label in (("resolved_config.yaml", "config"), ("plan.json", "plan")):
-        fa, fb = _flat(read_file(a / name) or {}), _flat(read_file(b / name) or {})
+        fa, fb = flatten(read_file(a / name) or {}), flatten(read_file(b / name) or {})
         for k in sorted(set(fa) | set(fb)):
             va, vb = fa.get(k, "<absent>"), fb.get(k, "<absent>")
             if k != "run.dir" and va != vb:

@@ -355,7 +355,7 @@ def _check_value(tp: Any, value: Any, key: str) -> Any:
                 return _check_value(a, value, key)
             except ConfigError as e:
                 first = first or e
-        raise first
+        raise ConfigError(first.key, first.value, f"{first.fix}, or null", first.problem)
     if origin is typing.Literal:   # the field's choices
         value = _check_value(str, value, key)
         if value not in typing.get_args(tp):

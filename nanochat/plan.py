@@ -420,7 +420,7 @@ def make_plan(cfg: Config, vocab_size: Optional[int] = None, probe: Optional[dic
             notes.append(f"device_batch_size auto: probed on a real run (candidates {cands}); "
                          f"{dbs} shown until then")
     if dbs * seq * world > total:  # tiny runs: shrink the micro-batch instead of failing
-        valid = valid_device_batches(total, seq, world, limit=dbs)
+        valid = valid_device_batches(total, seq, world, limit=min(dbs, 1024))   # a scan: bounded
         if valid:
             notes.append(f"device_batch_size {dbs} → {valid[-1]} to fit total_batch_size={total}")
             dbs = valid[-1]

@@ -16,6 +16,8 @@ CASES = [
     (["model.aspect_ratio=2", "model.depth=1"], None),          # the smallest even width still plans
     # a huge drawn depth made _pick_heads scan every integer up to n_embd (hours)
     (["model.depth=1000003", "stage.num_iterations=1"], None),
+    # a huge device batch over the total batch made the shrink rule scan every batch up to it
+    (["hardware.device_batch_size=18446744073709551616"], None),
 ]
 
 

@@ -129,9 +129,9 @@ def trace(sched) -> dict:
     log: dict = {"steps": [], "seqs": []}
 
     def timed(f, kind):
-        def step(*a):
+        def step(*a, **kw):
             t0, waiting = time.perf_counter(), len(sched.waiting)
-            f(*a)
+            f(*a, **kw)
             log["steps"].append((kind, t0, time.perf_counter(), sched.active(), waiting))
         return step
 

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import os
@@ -241,3 +242,27 @@ def test_api_key_from_config_or_env_and_open_host_warning(monkeypatch, capsys):
     assert api_key(cfg("0.0.0.0", "k1")) == "k1" and "WARNING" not in capsys.readouterr().out
     monkeypatch.setenv("NANOCHAT_API_KEY", "k2")
     assert api_key(cfg("0.0.0.0")) == "k2" and api_key(cfg("::1", "k1")) == "k1"
+
+
+def test_first_tokens_posted_together_wake_the_event_loop_once():
+    """The first tokens of a prefill (posted urgent, one per stream) reach the event loop with one
+    wake-up, not one each; a first token posted after that flush wakes it again."""
+    from nanochat.serve.app import _Mailbox
+    from nanochat.serve.scheduler import Event
+    loop = asyncio.new_event_loop()
+    wakes = []
+    threadsafe = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *a: (wakes.append(a), threadsafe(*a))
+    try:
+        box = _Mailbox(loop, interval=0.05)
+        queues = [asyncio.Queue() for _ in range(5)]
+        poster = threading.Thread(target=lambda: [box.post(q, (0, Event("text", "x")), urgent=True) for q in queues])
+        poster.start()
+        poster.join()
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert len(wakes) == 1 and all(q.qsize() == 1 for q in queues)
+        box.post(queues[0], (0, Event("text", "y")), urgent=True)
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert len(wakes) == 2 and queues[0].qsize() == 2
+    finally:
+        loop.close()

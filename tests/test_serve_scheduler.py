@@ -305,25 +305,23 @@ def test_idle_warm_up_runs_every_prefill_shape_once(tok, model):
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to run the model on 2 threads")
-def test_prefill_with_a_core_fewer_while_requests_arrive_changes_nothing(tok, model, monkeypatch):
-    """While requests are arriving, a prefill runs with one intra-op thread fewer (the HTTP thread
-    gets a core): a start-up check on the scheduler thread verifies that this changes no bit, and
-    the logits are the same whichever thread count prefilled the prompt."""
-    import nanochat.serve.scheduler as S
+def test_prefill_with_a_core_fewer_while_requests_arrive_changes_nothing(tok, model):
+    """While requests are arriving, prefills and decode steps run with one intra-op thread fewer (the
+    HTTP thread gets a core): a start-up check on the scheduler thread verifies that this changes no
+    bit, and the logits are the same whichever thread count ran the prompt and its answer."""
     sched = LogitsRecorder(model, tok, max_seqs=8, threads=2).start()
     try:
         bos = tok.get_bos_token_id()
         prompts = [[bos] + tok.encode(f"prompt {i}: " + "abc def " * (3 * i + 1)) for i in range(8)]
         greedy = SamplingParams(max_tokens=8, temperature=0)
-        monkeypatch.setattr(S, "ARRIVING_S", 0.0)      # never: every prefill on 2 threads
-        sched.settle_s, sched.settle_max_s = 0.0, 0.0   # (new prompts: arrivals always paused)
+        sched.arriving_s = 0.0                          # never: every step on 2 threads
+        sched.settle_s = sched.burst_settle_s = sched.settle_max_s = 0.0   # (new prompts start at once)
         solo = []
         for p in prompts:                               # one at a time
             solo.append(_submit(sched, p, [greedy]))
             _collect(solo[-1][1][0])
         assert sched.yield_core                         # this CPU: prefill bitwise the same on 1 thread
-        monkeypatch.setattr(S, "ARRIVING_S", 3600.0)   # always: every prefill on 1 thread
-        sched.settle_s = 3600.0                         # (new prompts: arrivals never pause)
+        sched.arriving_s = 3600.0                       # always: every step on 1 thread
         together = [_submit(sched, p, [greedy]) for p in prompts]
         for seqs, sinks in together:
             _collect(sinks[0])
@@ -340,7 +338,8 @@ def test_a_burst_arriving_one_by_one_prefills_together(tok, model):
     each request's first token comes from it. Gaps here are 5 ms, the pause it waits for 0.3 s."""
     bos = tok.get_bos_token_id()
     sched = Scheduler(model, tok, max_seqs=8)
-    sched.settle_s, sched.settle_max_s = 0.3, 5.0
+    sched.settle_s = sched.burst_settle_s = 0.3
+    sched.settle_max_s = 5.0
     sched.start()
     try:
         greedy = SamplingParams(max_tokens=2, temperature=0)
@@ -350,5 +349,52 @@ def test_a_burst_arriving_one_by_one_prefills_together(tok, model):
             time.sleep(0.005)
         assert all(_collect(sinks[0])[1] == "length" for _, sinks in burst)
         assert sched.prefill_steps == 1
+    finally:
+        sched.stop()
+
+
+def test_a_request_being_received_holds_new_prompts(tok, model):
+    """While the HTTP side is still reading a request (receiving_request), prompts already queued do
+    not start: the request read next joins their prefill forward instead of waiting for it."""
+    bos = tok.get_bos_token_id()
+    sched = Scheduler(model, tok, max_seqs=8)
+    sched.settle_s = sched.burst_settle_s = 0.001
+    sched.settle_max_s = 5.0
+    sched.start()
+    try:
+        greedy = SamplingParams(max_tokens=2, temperature=0)
+        with sched.receiving_request():                 # the second request is being read ...
+            with sched.receiving_request():
+                first = _submit(sched, [bos] + tok.encode("first"), [greedy])
+            time.sleep(0.2)                             # ... far longer than any settle
+            assert sched.prefill_steps == 0 and first[0][0].first_token_at is None
+            second = _submit(sched, [bos] + tok.encode("second"), [greedy])
+        assert _collect(first[1][0])[1] == _collect(second[1][0])[1] == "length"
+        assert sched.prefill_steps == 1
+    finally:
+        sched.stop()
+
+
+def test_first_tokens_of_a_prefill_go_out_before_its_rows_are_copied(tok, model):
+    """Prompts that finish prefilling in one forward send every first token before any of their
+    keys/values are copied into decode rows (the last prompt of a burst would wait for every copy)."""
+    bos = tok.get_bos_token_id()
+    sched = Scheduler(model, tok, max_seqs=8)
+    sched.settle_s = sched.burst_settle_s = 0.2
+    seqs, sent_at_copy = [], []
+    copy = sched.cache.copy_rows_from
+
+    def spy(src, src_row=0, dst_rows=None):
+        if src is sched.pre:
+            sent_at_copy.append(sum(s.first_token_at is not None for s in seqs))
+        copy(src, src_row, dst_rows)
+    sched.cache.copy_rows_from = spy
+    sched.start()
+    try:
+        greedy = SamplingParams(max_tokens=3, temperature=0)
+        burst = [_submit(sched, [bos] + tok.encode(f"prompt {i}"), [greedy]) for i in range(5)]
+        seqs.extend(s for ss, _ in burst for s in ss)
+        assert all(_collect(sinks[0])[1] == "length" for _, sinks in burst)
+        assert sched.prefill_steps == 1 and sent_at_copy == [5] * 5
     finally:
         sched.stop()

@@ -72,14 +72,15 @@ class _Mailbox:
         self.lock = threading.Lock()
         self.pending: list[tuple[asyncio.Queue, tuple[int, Event]]] = []
         self.armed = False          # a flush is scheduled
+        self.soon = False           # ... for the loop's next turn (the first tokens of a prefill: one wake-up)
         self.last = 0.0             # time.monotonic() of the last flush
 
     def post(self, queue: asyncio.Queue, item: tuple[int, Event], urgent: bool = False) -> None:
         with self.lock:
             self.pending.append((queue, item))
-            if self.armed and not urgent:
-                return                      # a flush is already scheduled
-            self.armed = True
+            if self.soon or (self.armed and not urgent):
+                return                      # a flush is already scheduled, soon enough
+            self.armed, self.soon = True, urgent
             delay = 0.0 if urgent else self.interval - (time.monotonic() - self.last)
         with contextlib.suppress(RuntimeError):   # the event loop is gone (server stopped): nobody is listening
             self.loop.call_soon_threadsafe(self._arm, delay)
@@ -93,7 +94,7 @@ class _Mailbox:
     def _flush(self) -> None:
         with self.lock:
             items, self.pending = self.pending, []
-            self.armed, self.last = False, time.monotonic()
+            self.armed, self.soon, self.last = False, False, time.monotonic()
         for queue, item in items:
             queue.put_nowait(item)
 
@@ -217,6 +218,10 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
         """A chat route's request: key, body and limits checked, its sequences queued (`one`: a single
         answer whatever `n` says); raises RequestError (401, 400, 413, 429, 503)."""
         check_key(request)
+        with pool.receiving_request():
+            return await receive(request, one)
+
+    async def receive(request: Request, one: bool) -> tuple[ChatRequest, _Submission]:
         declared = request.headers.get("content-length", "")
         size = int(declared) if declared.isdigit() else 0
         if size <= limits.max_body_bytes:   # a declared size over the limit is refused unread

@@ -6,11 +6,12 @@ A background thread (which runs the model, with `threads` intra-op threads) loop
     1. drop cancelled sequences (client gone) and free their rows
     2. prefill: up to `prefill_rows` waiting prompts advance together by one chunk of at most
        `prefill_chunk` tokens in one forward (right-padded to the longest); a long prompt takes
-       several loop turns, so decode steps keep running between its chunks. A prompt starts from
-       the longest prefix the prefix cache holds for it (nanochat/serve/prefix_cache.py). When a
-       prompt is complete its keys/values are copied into free rows (one per choice), the first
-       token is sampled and sent, and then its new blocks go into the prefix cache. Prompts that
-       arrived meanwhile are started before the next decode step (time to first token)
+       several loop turns, so decode steps keep running between its chunks. New prompts start once
+       requests stop arriving (a burst prefills together: see _hold_s), from the longest prefix the
+       prefix cache holds for each (nanochat/serve/prefix_cache.py). When prompts are complete, every
+       choice gets a free row and its first token, sent; then their keys/values are copied into the
+       rows and their new blocks go into the prefix cache. Prompts that arrived meanwhile are
+       started before the next decode step (time to first token)
     3. one decode forward over the rows in use: every active sequence advances by one token
     4. per sequence: sample with its own generator and settings, apply the calculator tool
        (nanochat.engine.Engine.advance), stream the text; a finished sequence frees its row
@@ -53,6 +54,7 @@ plain threads (bench, tests); the FastAPI app hands them to its event loop.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import itertools
 import queue
 import sys
@@ -204,7 +206,6 @@ class _Group:
 # inputs); a block of fewer than MIN_ROWS queries takes a matrix-vector path with other rounding.
 Q_BLOCK, MIN_ROWS = 32, 4
 CHUNK_STEP = 8   # prefill chunks are padded to a multiple of this many tokens (>= MIN_ROWS)
-ARRIVING_S = 0.003  # a prefill this soon after a submit runs with a core fewer (requests still arriving; see _loop)
 SHORT_KEYS = 128   # key length of a prefill forward whose chunks all end within it (see _prefill_step)
 SWITCH_S = 2e-4    # the GIL's switch interval while a scheduler runs (Python's default: 5 ms; see start)
 
@@ -220,7 +221,8 @@ def _chunk_shape(tokens: int) -> int:
 class Scheduler:
     """Continuous batching over one model replica (see the module docstring)."""
 
-    settle_s, settle_max_s = 1e-3, 1e-2   # a new prefill waits for arrivals to pause this long, at most that (_settle)
+    settle_s, burst_settle_s, settle_max_s = 1e-3, 5e-3, 3e-2   # new prompts wait for arrivals to pause (_hold_s)
+    arriving_s = 5e-3   # a step this soon after a submit (or while one is being received) runs with a core fewer
 
     def __init__(self, model, tokenizer, max_seqs: int = 16, max_queue: int = 64,
                  observer: Optional[ServerMetrics] = None, name: str = "replica0", kv_bucket: int = 16,
@@ -257,6 +259,7 @@ class Scheduler:
         self._warm = (list(reversed(self._warm_shapes()))
                       if warmup and getattr(model, "packed_for_inference", False) else [])
         self._last_submit = 0.0
+        self.receiving = 0   # requests the HTTP side is reading (receiving_request)
         self.yield_core = False   # set on the scheduler thread (see _loop)
         self.steps = self.prefill_steps = self.generated = 0
 
@@ -282,16 +285,17 @@ class Scheduler:
 
     @torch.inference_mode()
     def _threads_are_interchangeable(self) -> bool:
-        """Is a prefill bitwise the same with one intra-op thread fewer? (Run on the scheduler thread:
-        a pool of several threads started on the HTTP thread would compete with this one's.)"""
+        """Are a prefill and a decode step bitwise the same with one intra-op thread fewer? (Run on the
+        scheduler thread: a pool of several threads started on the HTTP thread would compete with this one's.)"""
         g = torch.Generator(device="cpu").manual_seed(1)
-        ids = torch.randint(0, self.model.config.vocab_size, (3, 24), generator=g).to(self.device)
+        ids = torch.randint(0, self.model.config.vocab_size, (3, 25), generator=g).to(self.device)
         out = []
         for n in (self.threads, self.threads - 1):
             torch.set_num_threads(n)
             cache = KVCache.for_model(self.model, batch_size=3, max_len=32)
             cache.min_keys = 32
-            out.append((self.model(ids, kv_cache=cache), cache.k.clone(), cache.v.clone()))
+            pre = self.model(ids[:, :24], kv_cache=cache)
+            out.append((pre, self.model(ids[:, 24:], kv_cache=cache), cache.k.clone(), cache.v.clone()))
         torch.set_num_threads(self.threads)
         return all(torch.equal(a, b) for a, b in zip(*out))
 
@@ -391,43 +395,54 @@ class Scheduler:
                         self._warm_step()
                         continue
                     self._drop_cancelled()
-                    # new prompts start once a burst's arrivals paused; else (a long prompt's next chunk)
-                    # requests are arriving if one came in the last ARRIVING_S
-                    paused = (self._settle() if self._can_start()
-                              else time.perf_counter() - self._last_submit >= ARRIVING_S)
-                    if self.yield_core and not paused:
-                        # requests are still arriving: leave a core to the HTTP thread receiving them
-                        torch.set_num_threads(self.threads - 1)
-                        self._prefill_step()
-                        torch.set_num_threads(self.threads)
-                    else:
-                        self._prefill_step()
-                    if self._can_start():   # prompts arrived during that prefill: start them first (TTFT)
+                    hold = self._hold_s()   # > 0: new prompts wait for a burst's arrivals to pause
+                    if hold and not self.active() and not any(self.prefilling):
+                        with self._cv:   # nothing else to run meanwhile
+                            self._cv.wait(hold)
                         continue
-                    if self.active():
-                        self._decode_step()
+                    # requests still arriving: leave a core to the HTTP thread receiving them
+                    fewer = self.yield_core and (self.receiving > 0
+                                                 or time.perf_counter() - self._last_submit < self.arriving_s)
+                    if fewer:
+                        torch.set_num_threads(self.threads - 1)
+                    try:
+                        self._prefill_step(start=not hold)
+                        if not hold and self._can_start():   # prompts arrived during that prefill: start them first (TTFT)
+                            continue
+                        if self.active():
+                            self._decode_step()
+                    finally:
+                        if fewer:
+                            torch.set_num_threads(self.threads)
         except Exception as e:  # a bug must not hang every client: end their streams with the error
             self.stop_accepting()   # and refuse new ones (503; /health says "failed")
             self._fail_all(f"{type(e).__name__}: {e}")
             raise
         self._fail_all(None)
 
-    def _settle(self) -> bool:
-        """Before starting new prompts, wait until no request has come in for `settle_s` (at most
-        `settle_max_s` in all); True if arrivals paused. A burst reaches the scheduler one request at a
-        time, as the HTTP thread parses each; a prefill started at the first arrival takes the cores
-        that thread needs, so the rest wait a whole prefill and prefill in a second round
-        (bench/serve.py --trace: bursts of 16 split 8 + 8 or 3 + 3 + 10, their TTFT p95 over the
-        peer's). A lone request pays `settle_s`."""
-        deadline = time.perf_counter() + self.settle_max_s
+    def _hold_s(self) -> float:
+        """How much longer new prompts wait before they start prefilling (0: start now): until no request
+        has come in for `settle_s`, or `burst_settle_s` once several wait (a burst), and at most
+        `settle_max_s` after the oldest came in."""
         with self._cv:
-            while not self._stopping:
-                now = time.perf_counter()
-                quiet = now - self._last_submit
-                if quiet >= self.settle_s or now >= deadline:
-                    return quiet >= self.settle_s
-                self._cv.wait(min(self.settle_s - quiet, deadline - now))
-        return True
+            if not self._can_start():
+                return 0.0
+            now = time.perf_counter()
+            settle = self.burst_settle_s if len(self.waiting) > 1 else self.settle_s
+            until = max(self._last_submit + settle, now + self.settle_s if self.receiving else 0.0)
+            return max(0.0, min(until, self.waiting[0].seqs[0].submitted + self.settle_max_s) - now)
+
+    @contextlib.contextmanager
+    def receiving_request(self):
+        """Around the HTTP side's reading of a request that may submit work (see _hold_s)."""
+        with self._cv:
+            self.receiving += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self.receiving -= 1
+                self._cv.notify()
 
     def _warm_shapes(self) -> list[tuple[int, int]]:
         """Prefill shapes (rows, query length) to run once while idle: every chunk shape of one prompt,
@@ -484,11 +499,11 @@ class Scheduler:
         return True
 
     # -------------------------------------------------------------- prefill
-    def _prefill_step(self) -> None:
-        """Start waiting prompts (oldest first, while their rows are free), then advance every
-        prompt being prefilled by one chunk in one forward over the prefill cache."""
+    def _prefill_step(self, start: bool = True) -> None:
+        """Start waiting prompts (oldest first, while their rows are free; not if `start` is False), then
+        advance every prompt being prefilled by one chunk in one forward over the prefill cache."""
         with self._cv:
-            while self._can_start():
+            while start and self._can_start():
                 slot = self.prefilling.index(None)
                 self.prefilling[slot] = group = self.waiting.popleft()
                 self._start_prefill(group, slot)
@@ -513,11 +528,11 @@ class Scheduler:
         self.pre.pos[:n] = 0   # free rows go back to empty; busy rows are set below
         for i, g in busy:
             g.done += len(chunks[i])
-            self.pre.pos[i] = g.done
-            # right padding ran past the last real token: its embedding is what smear reads next
-            self.pre.last_x[i] = self.model.embed(self.pre.pos.new_tensor(g.prompt[g.done - 1]))
-            if g.done == len(g.prompt):
-                self._finish_prefill(g, i, logits[i, -1:])
+        slots = [i for i, _ in busy]
+        self.pre.pos[slots] = torch.tensor([g.done for _, g in busy], device=self.device)
+        # right padding ran past the last real token: its embedding is what smear reads next
+        self.pre.last_x[slots] = self.model.embed(torch.tensor([g.prompt[g.done - 1] for _, g in busy], device=self.device))
+        self._finish_prefill([(i, g) for i, g in busy if g.done == len(g.prompt)], logits)
 
     def _prefill_keys(self, end: int) -> int:
         """The key length of a prefill forward whose chunks end by `end`: a multiple of 32 up to
@@ -537,23 +552,30 @@ class Scheduler:
         self.pre.pos[slot] = n
         group.done = n
 
-    def _finish_prefill(self, group: _Group, slot: int, logits: torch.Tensor) -> None:
-        """The prompt is in the prefill row: copy it into one row per choice, sample, then cache it."""
-        greedy = int(logits.argmax(dim=-1))
-        for seq in group.seqs:
-            if seq.cancelled:
-                self._end(seq, "cancelled")
-                continue
-            row = self.rows.index(None)
-            self.cache.copy_rows_from(self.pre, src_row=slot, dst_rows=[row])
-            self.rows[row], seq.row = seq, row
-            seq.state = self.engine.new_row(group.prompt)
-            self._accept(seq, self._sample(seq, logits, greedy))
-        # cached after the first tokens went out (time to first token); only its new blocks are copied
-        L = len(group.prompt)
-        self.prefix.insert(group.prompt, self.pre.k[:, slot, :, :L], self.pre.v[:, slot, :, :L])
-        self.prefilling[slot] = None
-        self.pre.pos[slot] = 0
+    def _finish_prefill(self, done: list[tuple[int, _Group]], logits: torch.Tensor) -> None:
+        """Prompts now whole in their prefill rows ((slot, group)): every choice gets a decode row and its
+        first token, sent; then the rows' keys/values are copied in and the prompts go into the prefix
+        cache. First tokens first: the last prompt of a burst would otherwise wait for every copy."""
+        if not done:
+            return
+        greedy = logits[[slot for slot, _ in done], -1].argmax(dim=-1).tolist()
+        for (slot, group), best in zip(done, greedy):
+            for seq in group.seqs:
+                if seq.cancelled:
+                    self._end(seq, "cancelled")
+                    continue
+                row = self.rows.index(None)
+                self.rows[row], seq.row = seq, row
+                seq.state = self.engine.new_row(group.prompt)
+                self._accept(seq, self._sample(seq, logits[slot, -1:], best))
+        for slot, group in done:
+            for seq in group.seqs:
+                if seq.row is not None:   # (a choice that ended at its first token gave its row back)
+                    self.cache.copy_rows_from(self.pre, src_row=slot, dst_rows=[seq.row])
+            L = len(group.prompt)   # only the prompt's new blocks are copied
+            self.prefix.insert(group.prompt, self.pre.k[:, slot, :, :L], self.pre.v[:, slot, :, :L])
+            self.prefilling[slot] = None
+            self.pre.pos[slot] = 0
 
     def _sample(self, seq: Sequence, logits_row: torch.Tensor, greedy: int) -> int:
         p = seq.params
@@ -645,6 +667,15 @@ class ReplicaPool:
         for s in seqs:
             s.replica = k
         return seqs
+
+    @contextlib.contextmanager
+    def receiving_request(self):
+        """The HTTP side is reading a request that may submit work: every replica holds new prompts and
+        leaves a core meanwhile (Scheduler._hold_s)."""
+        with contextlib.ExitStack() as stack:
+            for s in self.schedulers:
+                stack.enter_context(s.receiving_request())
+            yield
 
     @property
     def warming(self) -> bool:

@@ -125,14 +125,18 @@ ARRIVED = contextvars.ContextVar("arrived", default=None)
 
 def trace(sched) -> dict:
     """Bench-only (--trace): when every scheduler step ran, and when each request was submitted, began
-    prefilling and got its first token (perf_counter: the clients' clock too, on one machine)."""
+    prefilling and got its first token (perf_counter: the clients' clock too, on one machine); per
+    step also its intra-op threads and the CPU time of its thread and of the whole process (a step
+    whose process time is twice its wall time had both cores, spinning or computing)."""
+    import torch
     log: dict = {"steps": [], "seqs": []}
 
     def timed(f, kind):
         def step(*a, **kw):
-            t0, waiting = time.perf_counter(), len(sched.waiting)
+            t0, c0, p0, waiting = time.perf_counter(), time.thread_time(), time.process_time(), len(sched.waiting)
             f(*a, **kw)
-            log["steps"].append((kind, t0, time.perf_counter(), sched.active(), waiting))
+            log["steps"].append((kind, t0, time.perf_counter(), sched.active(), waiting, torch.get_num_threads(),
+                                 time.thread_time() - c0, time.process_time() - p0))
         return step
 
     def submit(*a):
@@ -396,6 +400,8 @@ def main() -> None:
             models = {"ours": "bench"}
             if peer_cmd:
                 servers["peer"], models["peer"] = peer_cmd, str(hf)
+            gc.collect()
+            gc.freeze()   # the client's own full collections (this process holds torch and the model) stall its requests
             run_servers(servers, env, lambda urls: asyncio.run(
                 measure({k: (u, models[k]) for k, u in urls.items()}, args, prompts, figures)))
             if args.trace:

@@ -134,10 +134,18 @@ def trace(sched) -> dict:
     def timed(f, kind):
         def step(*a, **kw):
             t0, c0, p0, waiting = time.perf_counter(), time.thread_time(), time.process_time(), len(sched.waiting)
+            threads.clear()
             f(*a, **kw)
-            log["steps"].append((kind, t0, time.perf_counter(), sched.active(), waiting, torch.get_num_threads(),
+            log["steps"].append((kind, t0, time.perf_counter(), sched.active(), waiting, min(threads, default=0),
                                  time.thread_time() - c0, time.process_time() - p0))
         return step
+
+    threads, forward = [], sched.model.forward
+
+    def counted(*a, **kw):   # the intra-op threads each forward ran with
+        threads.append(torch.get_num_threads())
+        return forward(*a, **kw)
+    sched.model.forward = counted
 
     def submit(*a):
         seqs = submit_(*a)

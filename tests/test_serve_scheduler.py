@@ -398,3 +398,29 @@ def test_first_tokens_of_a_prefill_go_out_before_its_rows_are_copied(tok, model)
         assert sched.prefill_steps == 1 and sent_at_copy == [5] * 5
     finally:
         sched.stop()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to run the model on 2 threads")
+def test_decode_steps_leave_a_core_while_first_tokens_go_out(tok, model):
+    """A prefill once arrivals have paused runs on both threads; the decode steps right after it run
+    with one fewer, so the HTTP thread sending the first tokens it produced has a core."""
+    sched = Scheduler(model, tok, max_seqs=4, threads=2)
+    sched.settle_s, sched.settle_max_s, sched.arriving_s = 0.3, 1.0, 0.2   # the prefill starts after the arrival window
+    forward, ran = model.forward, []
+
+    def counted(ids, *a, **kw):
+        ran.append(("prefill" if ids.shape[1] > 1 else "decode", torch.get_num_threads()))
+        return forward(ids, *a, **kw)
+    model.forward = counted
+    try:
+        sched.start()
+        t0 = time.time()
+        while not sched.yield_core and time.time() - t0 < 30:   # the start-up checks ran
+            time.sleep(0.01)
+        del ran[:]
+        bos = tok.get_bos_token_id()
+        _collect(_submit(sched, [bos] + tok.encode("hello"), [SamplingParams(max_tokens=3, temperature=0)])[1][0])
+        assert ran == [("prefill", 2), ("decode", 1), ("decode", 1)]
+    finally:
+        model.forward = forward
+        sched.stop()

@@ -210,6 +210,20 @@ SHORT_KEYS = 128   # key length of a prefill forward whose chunks all end within
 SWITCH_S = 2e-4    # the GIL's switch interval while a scheduler runs (Python's default: 5 ms; see start)
 
 
+@contextlib.contextmanager
+def _threads(n: Optional[int]):
+    """Run the block with `n` intra-op threads on this thread (None: as set), then set them back."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _chunk_shape(tokens: int) -> int:
     """The query length a prefill chunk of `tokens` runs at: right-padded to a multiple of CHUNK_STEP.
     The attention kernel's query blocks (32 rows, 64 from 192) then never have fewer than MIN_ROWS
@@ -222,7 +236,7 @@ class Scheduler:
     """Continuous batching over one model replica (see the module docstring)."""
 
     settle_s, burst_settle_s, settle_max_s = 1e-3, 5e-3, 3e-2   # new prompts wait for arrivals to pause (_hold_s)
-    arriving_s = 5e-3   # a step this soon after a submit (or while one is being received) runs with a core fewer
+    arriving_s = 5e-3   # a forward this soon after a submit or a first token (or while a request is read) leaves a core
 
     def __init__(self, model, tokenizer, max_seqs: int = 16, max_queue: int = 64,
                  observer: Optional[ServerMetrics] = None, name: str = "replica0", kv_bucket: int = 16,
@@ -258,7 +272,7 @@ class Scheduler:
         # idle-time warm-up (warmup=True): shapes left to run, smallest first (popped from the end)
         self._warm = (list(reversed(self._warm_shapes()))
                       if warmup and getattr(model, "packed_for_inference", False) else [])
-        self._last_submit = 0.0
+        self._last_submit = self._last_first = 0.0   # when a request came in / a first token went out
         self.receiving = 0   # requests the HTTP side is reading (receiving_request)
         self.yield_core = False   # set on the scheduler thread (see _loop)
         self.steps = self.prefill_steps = self.generated = 0
@@ -400,25 +414,27 @@ class Scheduler:
                         with self._cv:   # nothing else to run meanwhile
                             self._cv.wait(hold)
                         continue
-                    # requests still arriving: leave a core to the HTTP thread receiving them
-                    fewer = self.yield_core and (self.receiving > 0
-                                                 or time.perf_counter() - self._last_submit < self.arriving_s)
-                    if fewer:
-                        torch.set_num_threads(self.threads - 1)
-                    try:
-                        self._prefill_step(start=not hold)
-                        if not hold and self._can_start():   # prompts arrived during that prefill: start them first (TTFT)
-                            continue
-                        if self.active():
-                            self._decode_step()
-                    finally:
-                        if fewer:
-                            torch.set_num_threads(self.threads)
+                    self._prefill_step(start=not hold)
+                    if not hold and self._can_start():   # prompts arrived during that prefill: start them first (TTFT)
+                        continue
+                    if self.active():
+                        self._decode_step()
         except Exception as e:  # a bug must not hang every client: end their streams with the error
             self.stop_accepting()   # and refuse new ones (503; /health says "failed")
             self._fail_all(f"{type(e).__name__}: {e}")
             raise
         self._fail_all(None)
+
+    def _cores(self, decode: bool = False):
+        """The intra-op threads of the next forward: one fewer (when that changes no bit: yield_core)
+        while requests arrive (one is being read, or came in the last `arriving_s`) and, for a decode
+        step, while first tokens go out (one was sent in the last `arriving_s`). Two threads computing
+        beside the HTTP thread take its core, and each op's barrier then spins for the thread it
+        displaced: a 5-prompt prefill took 40 ms instead of 9, the requests being read waited for it,
+        and first tokens waited 7-8 ms for the decode step after their prefill (bench/serve.py --trace)."""
+        recent = max(self._last_submit, self._last_first) if decode else self._last_submit
+        fewer = self.yield_core and (self.receiving > 0 or time.perf_counter() - recent < self.arriving_s)
+        return _threads(self.threads - 1 if fewer else None)
 
     def _hold_s(self) -> float:
         """How much longer new prompts wait before they start prefilling (0: start now): until no request
@@ -523,7 +539,8 @@ class Scheduler:
             last[i] = len(chunks[i]) - 1
         keys = self._prefill_keys(max(g.done for _, g in busy) + T)
         at = (last.unsqueeze(1) - torch.arange(MIN_ROWS - 1, -1, -1)).clamp(min=0)   # (n, MIN_ROWS), last one last
-        logits = self.model(ids.to(self.device), kv_cache=self.pre.rows(n, keys), logits_at=at.to(self.device))
+        with self._cores():
+            logits = self.model(ids.to(self.device), kv_cache=self.pre.rows(n, keys), logits_at=at.to(self.device))
         self.prefill_steps += 1
         self.pre.pos[:n] = 0   # free rows go back to empty; busy rows are set below
         for i, g in busy:
@@ -588,7 +605,7 @@ class Scheduler:
         token, _ = self.engine.advance(seq.state, sampled)
         now = time.perf_counter()
         if seq.first_token_at is None:
-            seq.first_token_at = now
+            seq.first_token_at = self._last_first = now
             self.observer.ttft.observe(now - seq.submitted)
         else:
             self.observer.itl.observe(now - seq.last_token_at)
@@ -635,7 +652,8 @@ class Scheduler:
         ids = torch.tensor(column, dtype=torch.long).unsqueeze(1).to(self.device)
         # a row holds its prompt and all but its last token (read on the host: no tensor reads per row)
         keys = self._padded_keys(max(len(s.prompt) + len(s.tokens) for _, s in active))
-        logits = self.model(ids, kv_cache=self.cache.rows(n, keys))[:, -1, :]
+        with self._cores(decode=True):
+            logits = self.model(ids, kv_cache=self.cache.rows(n, keys))[:, -1, :]
         if len(active) < n:   # idle rows (untiled, or a tile's spare rows) go back to empty
             keep = torch.zeros(n, dtype=torch.bool)
             keep[[r for r, _ in active]] = True

@@ -332,15 +332,20 @@ def test_prefill_with_a_core_fewer_while_requests_arrive_changes_nothing(tok, mo
         sched.stop()
 
 
+def _settling(tok, model, settle_s: float) -> Scheduler:
+    """A started scheduler whose new prompts wait for arrivals to pause `settle_s` (up to 5 s)."""
+    sched = Scheduler(model, tok, max_seqs=8)
+    sched.settle_s = sched.burst_settle_s = settle_s
+    sched.settle_max_s = 5.0
+    return sched.start()
+
+
 def test_a_burst_arriving_one_by_one_prefills_together(tok, model):
     """Requests of a burst reach the scheduler one at a time (the HTTP thread parses each): a new
     prefill waits for arrivals to pause (settle_s), so the whole burst is one prefill forward, and
     each request's first token comes from it. Gaps here are 5 ms, the pause it waits for 0.3 s."""
     bos = tok.get_bos_token_id()
-    sched = Scheduler(model, tok, max_seqs=8)
-    sched.settle_s = sched.burst_settle_s = 0.3
-    sched.settle_max_s = 5.0
-    sched.start()
+    sched = _settling(tok, model, 0.3)
     try:
         greedy = SamplingParams(max_tokens=2, temperature=0)
         burst = []
@@ -357,10 +362,7 @@ def test_a_request_being_received_holds_new_prompts(tok, model):
     """While the HTTP side is still reading a request (receiving_request), prompts already queued do
     not start: the request read next joins their prefill forward instead of waiting for it."""
     bos = tok.get_bos_token_id()
-    sched = Scheduler(model, tok, max_seqs=8)
-    sched.settle_s = sched.burst_settle_s = 0.001
-    sched.settle_max_s = 5.0
-    sched.start()
+    sched = _settling(tok, model, 0.001)
     try:
         greedy = SamplingParams(max_tokens=2, temperature=0)
         with sched.receiving_request():                 # the second request is being read ...

@@ -437,9 +437,16 @@ class Scheduler:
         return _threads(self.threads - 1 if fewer else None)
 
     def _hold_s(self) -> float:
-        """How much longer new prompts wait before they start prefilling (0: start now): until no request
-        has come in for `settle_s`, or `burst_settle_s` once several wait (a burst), and at most
-        `settle_max_s` after the oldest came in."""
+        """How much longer new prompts wait before they start prefilling (0: start now).
+
+        A burst reaches the scheduler one request at a time as the HTTP thread reads each, over 20-40 ms
+        when the client opens new connections (bench/serve.py --trace). A prefill started meanwhile
+        competes with that thread for the cores and the GIL (the forward re-takes it between ops), so
+        both slow down and the rest of the burst waits a whole prefill before its own. So new prompts
+        wait while a request is being read (receiving_request), and until none has come in for
+        `settle_s`, or `burst_settle_s` once several wait (a burst's requests can come a few ms apart);
+        at most `settle_max_s` after the oldest came in. A lone request pays `settle_s`; running
+        sequences keep decoding meanwhile."""
         with self._cv:
             if not self._can_start():
                 return 0.0

@@ -92,14 +92,14 @@ def plan_memory(cfg: Config, source, sp, st):
     """
     import os
     from nanochat.plan import grad_accum
-    from nanochat.shapes import memory_floor
+    from nanochat.shapes import DTYPE_BYTES, memory_floor
     from nanochat.simulate import GIB, HEADROOM, check_request, memory_rows, rehearsable
     hw = cfg.hardware
     gpu = hw.device == "cuda"
     # memory_floor's dtype arguments: the lookup tables are bf16 only where the precision policy stores
     # them so (bf16 compute); activations are in the compute dtype (autocast)
     floor_bytes = dict(embedding_bytes=2 if hw.embedding_dtype == "bfloat16" and hw.dtype == "bfloat16" else 4,
-                       activation_bytes=4 if hw.dtype == "float32" else 2,
+                       activation_bytes=DTYPE_BYTES[hw.dtype],
                        checkpointing=cfg.model.activation_checkpointing != "none")
     simulated = False
     # no NVIDIA GPU on this machine (torch-free: the driver's device node): simulate the fit

@@ -353,13 +353,8 @@ class KVCache:
         n = int(src.pos[src_row])
         if n > self.max_len:
             raise ValueError(f"KVCache.copy_rows_from: source holds {n} tokens > max_len={self.max_len}")
-        if len(rows) == 1:   # plain slices: a serving step copies one row at a time
-            r = rows[0]
-            self.k[:, r, :, :n] = src.k[:, src_row, :, :n]
-            self.v[:, r, :, :n] = src.v[:, src_row, :, :n]
-            self.pos[r] = n
-            self.last_x[r] = src.last_x[src_row]
-            return
+        if len(rows) == 1:   # a slice, not an index list: a serving step copies one row at a time
+            rows = slice(rows[0], rows[0] + 1)
         self.k[:, rows, :, :n] = src.k[:, src_row:src_row + 1, :, :n]
         self.v[:, rows, :, :n] = src.v[:, src_row:src_row + 1, :, :n]
         self.pos[rows] = n

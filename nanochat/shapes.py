@@ -14,6 +14,7 @@ VE_GATE_CHANNELS = 12     # nanochat 92d63d4: the value-embedding gate reads thi
 SMEAR_GATE_CHANNELS = 24  # ... and the smear gate this many of the embedding
 # GPT.param_groups' keys: who optimizes what (matrix → Muon, the rest → AdamW groups)
 ROLES = ("matrix", "embedding", "value_embed", "lm_head", "resid_scalar", "x0_scalar", "gate_scalar")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}   # hardware.dtype's choices, per element
 
 
 def default_short_window(sequence_len: int) -> int:

@@ -219,9 +219,9 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
         answer whatever `n` says); raises RequestError (401, 400, 413, 429, 503)."""
         check_key(request)
         with pool.receiving_request():
-            return await receive(request, one)
+            return await read_and_queue(request, one)
 
-    async def receive(request: Request, one: bool) -> tuple[ChatRequest, _Submission]:
+    async def read_and_queue(request: Request, one: bool) -> tuple[ChatRequest, _Submission]:
         declared = request.headers.get("content-length", "")
         size = int(declared) if declared.isdigit() else 0
         if size <= limits.max_body_bytes:   # a declared size over the limit is refused unread

@@ -305,12 +305,11 @@ class Scheduler:
         ids = torch.randint(0, self.model.config.vocab_size, (3, 25), generator=g).to(self.device)
         out = []
         for n in (self.threads, self.threads - 1):
-            torch.set_num_threads(n)
             cache = KVCache.for_model(self.model, batch_size=3, max_len=32)
             cache.min_keys = 32
-            pre = self.model(ids[:, :24], kv_cache=cache)
-            out.append((pre, self.model(ids[:, 24:], kv_cache=cache), cache.k.clone(), cache.v.clone()))
-        torch.set_num_threads(self.threads)
+            with _threads(n):
+                pre = self.model(ids[:, :24], kv_cache=cache)
+                out.append((pre, self.model(ids[:, 24:], kv_cache=cache), cache.k.clone(), cache.v.clone()))
         return all(torch.equal(a, b) for a, b in zip(*out))
 
     # -------------------------------------------------------------- public API (any thread)

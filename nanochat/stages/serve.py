@@ -22,6 +22,7 @@ from typing import Optional
 import uvicorn
 
 from nanochat.config import Config, ConfigError, ServeStageConfig
+from nanochat.shapes import DTYPE_BYTES
 from nanochat.stage_plan import SourceRun, StagePlan, model_plan
 from nanochat.stages import Stage
 
@@ -138,9 +139,6 @@ class _Server(uvicorn.Server):
 
 # --------------------------------------------------------------------------- the declaration
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
 def replica_devices(cfg: Config) -> list[str]:
     """One replica per GPU of the node (data parallel), a single one on CPU / MPS."""
     hw = cfg.hardware
@@ -155,7 +153,7 @@ def serve_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] =
     # (max(max_seqs, decode_tile) rows × context) and the prefill cache (prefill_rows rows × context + 32);
     # the prefix cache comes on top (stage.prefix_cache_mb)
     rows = max(st.max_seqs, st.decode_tile) * m.sequence_len + st.prefill_rows * (m.sequence_len + 32)
-    kv = 2 * m.depth * rows * sp.plan.model.n_kv_head * sp.plan.model.head_dim * DTYPE_BYTES.get(cfg.hardware.dtype, 4)
+    kv = 2 * m.depth * rows * sp.plan.model.n_kv_head * sp.plan.model.head_dim * DTYPE_BYTES[cfg.hardware.dtype]
     kv_text = f"{kv / 2 ** 30:.2f} GiB" if kv >= 2 ** 30 else f"{kv / 2 ** 20:.1f} MiB"
     return StagePlan(sp.plan, sp.rows + [
         ("serve", f"http://{st.host}:{st.port if st.port else '<free port>'}/  (OpenAI API at /v1, "

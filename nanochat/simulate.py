@@ -108,10 +108,10 @@ def _sdpa_cpu_flops() -> dict:
 def count_flops(counter, model) -> float:
     """The counter's total with each window layer's attention at min(window, T) keys per query, as the
     GPU's windowed kernel computes it (the dense-mask CPU kernel computes all T)."""
-    counts, T = counter.get_flop_counts(), model.config.sequence_len
+    counts, T, ops = counter.get_flop_counts(), model.config.sequence_len, tuple(_sdpa_cpu_flops())
     total = counter.get_total_flops()
     for i, span in enumerate(model.config.attention_spans()):   # its CPU flash SDPA ops, forward and backward
-        attn = sum(counts.get(f"GPT.transformer.h.{i}", {}).get(op, 0) for op in _sdpa_cpu_flops())
+        attn = sum(counts.get(f"GPT.transformer.h.{i}", {}).get(op, 0) for op in ops)
         total -= attn * (1 - min(span, T) / T)
     return total
 

@@ -361,6 +361,21 @@ class KVCache:
         self.last_x[rows] = src.last_x[src_row].clone()   # src may be this cache (row compaction): no aliasing
 
 
+@dataclass
+class Ragged:
+    """The real tokens of a padded (B, width) cached forward, run as one flat row (serving's prefill).
+
+    The model gets idx (1, N): token i < len(row) belongs at (row[i], col[i]) of the padded batch, i.e.
+    at position kv_cache.pos[row[i]] + col[i]; the tokens after them pad N (their outputs mean nothing).
+    Every op but attention is per token, and the linear layers (nearly all the work) then run over N
+    rows instead of B·width: prompts of mixed lengths no longer pay for the longest. Attention still
+    runs on the padded batch (queries scattered in, outputs gathered back), so each token's output is
+    bitwise the padded forward's wherever the linear layers are row-invariant (nanochat/packed.py)."""
+    row: torch.Tensor   # (n,) long
+    col: torch.Tensor   # (n,) long
+    width: int
+
+
 # ----------------------------------------------------------------------------- modules
 
 class CausalSelfAttention(nn.Module):
@@ -398,15 +413,22 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             y = causal_attention(q, k, v, window, scale, attn_mask["backend"], attn_mask.get(window))
-        else:
-            positions, S, li = attn_mask["positions"], attn_mask["S"], self.layer_idx
-            rows = torch.arange(B, device=q.device).unsqueeze(1)
-            # advanced indices (rows, positions) around a slice put (B, T) first: assign in (B, T, H, D)
-            kv_cache.k[li][rows, :, positions] = k.to(kv_cache.k.dtype)
-            kv_cache.v[li][rows, :, positions] = v.to(kv_cache.v.dtype)
-            y = cached_attention(q.transpose(1, 2), kv_cache.k[li, :, :, :S], kv_cache.v[li, :, :, :S], positions,
-                                 window, scale, attn_mask["slots"][window])
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
+        positions, S, li, rg = attn_mask["positions"], attn_mask["S"], self.layer_idx, attn_mask.get("ragged")
+        if rg is None:   # advanced indices (rows, positions) around a slice put (B, T) first: assign in (B, T, H, D)
+            at = (torch.arange(B, device=q.device).unsqueeze(1), positions)
+        else:            # the real tokens go to their rows and positions; the queries into the padded batch
+            n, at = rg.row.numel(), (rg.row, attn_mask["token_positions"])
+            k, v, real = k[0, :n], v[0, :n], q[0, :n]
+            q = q.new_zeros(positions.size(0), rg.width, H, D)
+            q[rg.row, rg.col] = real
+        kv_cache.k[li][at[0], :, at[1]] = k.to(kv_cache.k.dtype)
+        kv_cache.v[li][at[0], :, at[1]] = v.to(kv_cache.v.dtype)
+        y = cached_attention(q.transpose(1, 2), kv_cache.k[li, :, :, :S], kv_cache.v[li, :, :, :S], positions,
+                             window, scale, attn_mask["slots"][window]).transpose(1, 2)
+        if rg is not None:   # back to the flat row; the padding tokens get zeros
+            y = torch.cat([y[rg.row, rg.col], y.new_zeros(T - n, H, D)]).unsqueeze(0)
+        return self.c_proj(y.reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
@@ -549,11 +571,12 @@ class GPT(nn.Module):
         return groups
 
     # ------------------------------------------------------------------ forward
-    def _attention_inputs(self, T: int, device: torch.device, kv_cache: Optional[KVCache]) -> tuple[torch.Tensor, dict]:
+    def _attention_inputs(self, T: int, device: torch.device, kv_cache: Optional[KVCache],
+                          ragged: Optional[Ragged] = None) -> tuple[torch.Tensor, dict]:
         """The RoPE rows and the masks of this forward, one per distinct window (the layers with that
         window share it). Without a cache nanochat/attention.py picks the kernel, and only the sdpa
         backend needs dense window masks (kept per T/window/device); cached inference puts each row's
-        new tokens at pos[b] + t."""
+        new tokens at pos[b] + t (ragged: the flat row's tokens at their (row, col), see Ragged)."""
         if kv_cache is None:
             if T > self.rotary_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the RoPE table ({self.rotary_len})")
@@ -564,6 +587,7 @@ class GPT(nn.Module):
                     self._mask_cache[key] = window_mask(T, w, device)
                 masks[w] = self._mask_cache[key]
             return self.rope[None, :T, None], masks
+        N, T = T, ragged.width if ragged is not None else T
         positions = kv_cache.pos.unsqueeze(1) + torch.arange(T, device=kv_cache.pos.device)   # (B, T)
         last = int(positions.max())
         S = max(last + 1, kv_cache.min_keys)   # slots past a row's position are masked
@@ -573,19 +597,26 @@ class GPT(nn.Module):
             raise ValueError(f"position {last} exceeds the RoPE table ({self.rotary_len})")
         first = int(positions.min())   # per-row window masks
         slots = {w: cached_window(positions, w, S, first) for w in set(self.windows)}
-        return self.rope[positions].unsqueeze(2), {"positions": positions, "S": S, "slots": slots}
+        masks = {"positions": positions, "S": S, "slots": slots}
+        if ragged is None:
+            return self.rope[positions].unsqueeze(2), masks
+        tokens = positions[ragged.row, ragged.col]   # (n,); the padding tokens take position 0
+        masks.update(ragged=ragged, token_positions=tokens)
+        return self.rope[F.pad(tokens, (0, N - tokens.numel()))][None, :, None], masks
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 kv_cache: Optional[KVCache] = None, loss_reduction: str = "mean",
-                logits_at: Optional[torch.Tensor] = None):
+                logits_at: Optional[torch.Tensor] = None, ragged: Optional[Ragged] = None):
         """logits_at (B,) or (B, k): only each row's logits at those indices of T (B, k, V), e.g. a
-        prefill's last real token; the lm_head then skips the other positions."""
+        prefill's last real token; the lm_head then skips the other positions. ragged (with a kv_cache;
+        idx is (1, N)): a padded batch's real tokens as one flat row (see Ragged); logits_at then holds
+        indices of N, one row of them per output row."""
         B, T = idx.shape
         c = self.config
-        rope, masks = self._attention_inputs(T, idx.device, kv_cache)
+        rope, masks = self._attention_inputs(T, idx.device, kv_cache, ragged)
         x = self.embed(idx)
         if self.smear_gate is not None:
-            x = self._smear(x, kv_cache)
+            x = self._smear(x, kv_cache, masks.get("token_positions"), ragged)
         x0 = x
         recompute = self.activation_checkpointing == "full" and kv_cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
@@ -602,8 +633,10 @@ class GPT(nn.Module):
             x = x - self.backout_lambda * x_mid
         x = norm(x)
         if kv_cache is not None:
-            kv_cache.pos += T
-        if logits_at is not None:
+            kv_cache.pos += T if ragged is None else torch.bincount(ragged.row, minlength=kv_cache.batch_size)
+        if logits_at is not None and ragged is not None:
+            x = x[0, logits_at]
+        elif logits_at is not None:
             x = x[torch.arange(B, device=x.device).unsqueeze(1), logits_at.reshape(B, -1)]
 
         V = c.vocab_size
@@ -627,11 +660,21 @@ class GPT(nn.Module):
         """The normed token embeddings; also what a KV cache keeps of a row's last token (smear)."""
         return norm(self.transformer.wte(idx).float())   # bf16-stored tables (precision.py): fp32 residual
 
-    def _smear(self, x: torch.Tensor, kv_cache: Optional[KVCache]) -> torch.Tensor:
+    def _smear(self, x: torch.Tensor, kv_cache: Optional[KVCache], positions: Optional[torch.Tensor] = None,
+               ragged: Optional[Ragged] = None) -> torch.Tensor:
         """x[t] += λ·sigmoid(gate(x[t, :24]))·x[t-1]; position 0 of a sequence has no predecessor."""
         g = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_GATE_CHANNELS]))   # (B, T, 1)
         if kv_cache is None:
             return torch.cat([x[:, :1], x[:, 1:] + g[:, 1:] * x[:, :-1]], dim=1)
+        if ragged is not None:   # a row's first token follows its cache's last one; padding has none
+            n, (row, col), last_x = positions.numel(), (ragged.row, ragged.col), kv_cache.last_x.to(x.dtype)
+            prev = torch.cat([x[0, :1], x[0, :-1]])
+            prev[:n] = torch.where((col == 0).unsqueeze(1), last_x[row], prev[:n])
+            has_prev = F.pad(positions > 0, (0, x.size(1) - n))
+            ends = torch.ones_like(row, dtype=torch.bool)
+            ends[:-1] = row[1:] != row[:-1]   # each row's tokens are consecutive
+            kv_cache.last_x[row[ends]] = x[0, :n][ends].to(kv_cache.last_x.dtype)
+            return x + (g[0] * has_prev.unsqueeze(-1) * prev).unsqueeze(0)
         prev = torch.cat([kv_cache.last_x.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
         has_prev = (kv_cache.pos.unsqueeze(1) + torch.arange(x.size(1), device=x.device)) > 0   # (B, T)
         kv_cache.last_x.copy_(x[:, -1])

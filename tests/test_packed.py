@@ -4,13 +4,15 @@
 - a row's output is bitwise the same computed alone or among 1-17 rows (what lets the serving
   scheduler compute only the rows in use)
 - state_dict() is unchanged; packing twice is a no-op; a forward with gradients is refused
+- a cached forward of a padded batch's real tokens as one flat row (gpt.Ragged, serving's prefill)
+  gives every token bitwise the padded forward's logits, keys and values
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from nanochat.gpt import GPTConfig, KVCache, build_model
+from nanochat.gpt import GPTConfig, KVCache, Ragged, build_model
 from nanochat.packed import PackedLinear, pack_for_inference, packing_available
 
 pytestmark = pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.float32),
@@ -73,3 +75,52 @@ def test_packed_layers_refuse_training_and_other_dtypes():
         m(ids)
     bf16 = _model().to(torch.bfloat16)
     assert pack_for_inference(bf16) == 0 and not any(isinstance(x, PackedLinear) for x in bf16.modules())
+
+
+@pytest.mark.parametrize("modern", [False, True])
+def test_a_flat_row_of_real_tokens_equals_the_padded_batch(modern):
+    """Rows holding 3, 0, 0 and 9 tokens get chunks of 5, 13, 0 and 9 tokens: padded to 16 columns,
+    or as one flat row of 27 real tokens + 5 padding. Every real token's logits, keys and values are
+    bitwise the same; positions advance by the real lengths; with smear, each row's last_x is its last
+    real token's embedding."""
+    kw = dict(value_embeds=True, window_pattern="SL", smear=True, resid_lambdas=True, x0_lambdas=True,
+              backout=True) if modern else {}
+    m = _model(**kw)
+    pack_for_inference(m)
+    held, lens, T = [3, 0, 0, 9], [5, 13, 0, 9], 16
+    g = torch.Generator().manual_seed(1)
+    history = torch.randint(0, 300, (4, 9), generator=g)
+    chunks = [torch.randint(0, 300, (n,), generator=g) for n in lens]
+    L = torch.tensor(lens)
+    at = (L.unsqueeze(1) - torch.arange(4, 0, -1)).clamp(min=0)   # each row's last 4 tokens
+
+    def cache() -> KVCache:
+        c = KVCache.for_model(m, 4, 48)
+        for i, n in enumerate(held):
+            if n:
+                one = KVCache.for_model(m, 1, 48)
+                m(history[i:i + 1, :n], kv_cache=one)
+                c.copy_rows_from(one, 0, [i])
+        c.min_keys = 32
+        return c
+
+    with torch.inference_mode():
+        padded, flat = cache(), cache()
+        ids = torch.zeros(4, T, dtype=torch.long)
+        for i, chunk in enumerate(chunks):
+            ids[i, :len(chunk)] = chunk
+        want = m(ids, kv_cache=padded, logits_at=at)
+        row = torch.repeat_interleave(torch.arange(4), L)
+        col = torch.cat([torch.arange(n) for n in lens])
+        flat_ids = torch.cat([torch.cat(chunks), torch.zeros(5, dtype=torch.long)]).unsqueeze(0)
+        got = m(flat_ids, kv_cache=flat, logits_at=at + (L.cumsum(0) - L).unsqueeze(1), ragged=Ragged(row, col, T))
+    for i, (h, n) in enumerate(zip(held, lens)):
+        if n:
+            assert torch.equal(got[i], want[i])
+        end = h + n
+        assert torch.equal(flat.k[:, i, :, :end], padded.k[:, i, :, :end])
+        assert torch.equal(flat.v[:, i, :, :end], padded.v[:, i, :, :end])
+    assert flat.pos.tolist() == [h + n for h, n in zip(held, lens)]
+    if modern:   # smear's last_x: each row's last real token's embedding (padded: its last column's)
+        last = [chunks[i][-1] for i in range(4) if lens[i]]
+        assert torch.equal(flat.last_x[[i for i in range(4) if lens[i]]], m.embed(torch.stack(last)))

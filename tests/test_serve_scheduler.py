@@ -19,7 +19,7 @@ import torch
 
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig, build_model
-from nanochat.serve.scheduler import QueueFull, QueueSink, SamplingParams, Scheduler, Sequence
+from nanochat.serve.scheduler import QueueFull, QueueSink, SamplingParams, Scheduler, Sequence, _ragged_len
 from nanochat.tokenizer import train_tokenizer
 
 torch.set_num_threads(1)
@@ -288,8 +288,12 @@ def test_idle_warm_up_runs_every_prefill_shape_once(tok, model):
     try:
         assert not cold.warming and warm.warming and len(warm._warm) == len(warm._warm_shapes())
         shapes = warm._warm_shapes()
-        assert (1, 8) in shapes and all(T % 8 == 0 for _, T in shapes) and max(n for n, _ in shapes) == warm.prefill_rows
-        assert max(T for _, T in shapes) <= model.config.sequence_len
+        assert (1, 8, 8) in shapes and all(T % 8 == 0 for _, T, _ in shapes)
+        assert max(n for n, _, _ in shapes) == warm.prefill_rows and max(T for _, T, _ in shapes) <= model.config.sequence_len
+        # every flat row a burst of short prompts can make (see _prefill_forward) is warmed too
+        flat = {f for *_, f in shapes}
+        assert all(min(_ragged_len(t), n * T) in flat for n in range(1, warm.prefill_rows + 1)
+                   for T in (8, 16, 24, 32) for t in range(T - 7, n * T + 1))
         warm.start()
         greedy = SamplingParams(max_tokens=16, temperature=0)
         got = _collect(_submit(warm, p, [greedy])[1][0])          # served while (or after) warming
@@ -355,6 +359,29 @@ def test_a_burst_arriving_one_by_one_prefills_together(tok, model):
         assert all(_collect(sinks[0])[1] == "length" for _, sinks in burst)
         assert sched.prefill_steps == 1
     finally:
+        sched.stop()
+
+
+def test_a_burst_of_mixed_lengths_pays_for_its_tokens_not_for_the_longest(tok, model):
+    """One long prompt and five short ones prefill in one forward whose linear layers run over their
+    real tokens as one flat row (about the sum of their lengths, not 6 × the longest); each answer is
+    bitwise the one it gets alone."""
+    bos = tok.get_bos_token_id()
+    sched = _settling(tok, model, 0.3)
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[0].shape)))
+    try:
+        greedy = SamplingParams(max_tokens=4, temperature=0)
+        prompts = [[bos] + tok.encode("a long one " * 20)] + [[bos] + tok.encode(f"short {i}") for i in range(5)]
+        burst = [_submit(sched, p, [greedy]) for p in prompts]
+        together = [_collect(sinks[0]) for _, sinks in burst]
+        assert sched.prefill_steps == 1
+        total, longest = sum(map(len, prompts)), max(map(len, prompts))
+        prefill = [s for s in shapes if s[1] > 1]
+        assert prefill == [(1, prefill[0][1])] and total <= prefill[0][1] < total + total // 8 + 8 < 6 * longest
+        assert together == [_collect(_submit(sched, p, [greedy])[1][0]) for p in prompts]
+    finally:
+        hook.remove()
         sched.stop()
 
 

@@ -5,7 +5,8 @@ A background thread (which runs the model, with `threads` intra-op threads) loop
 
     1. drop cancelled sequences (client gone) and free their rows
     2. prefill: up to `prefill_rows` waiting prompts advance together by one chunk of at most
-       `prefill_chunk` tokens in one forward (right-padded to the longest); a long prompt takes
+       `prefill_chunk` tokens in one forward (their real tokens as one flat row through the linear
+       layers, attention on the chunks right-padded to the longest: nanochat.gpt.Ragged); a long prompt takes
        several loop turns, so decode steps keep running between its chunks. New prompts start once
        requests stop arriving (a burst prefills together: see _hold_s), from the longest prefix the
        prefix cache holds for each (nanochat/serve/prefix_cache.py). When prompts are complete, every
@@ -67,7 +68,7 @@ from typing import Callable, Optional
 import torch
 
 from nanochat.engine import Engine, RowState, sample_next_token
-from nanochat.gpt import KVCache
+from nanochat.gpt import KVCache, Ragged
 from nanochat.packed import pack_for_inference
 from nanochat.serve.metrics import ServerMetrics
 from nanochat.serve.prefix_cache import PrefixCache
@@ -230,6 +231,14 @@ def _chunk_shape(tokens: int) -> int:
     rows, so a token's keys/values are bitwise the same however the prompt was cut into chunks or
     batched with others; and the few distinct shapes are quick to warm up (see _warm_step)."""
     return -(-max(tokens, 1) // CHUNK_STEP) * CHUNK_STEP
+
+
+def _ragged_len(tokens: int) -> int:
+    """The length of a prefill's flat row of `tokens` real tokens: a multiple of CHUNK_STEP, coarser
+    as it grows (at most 1/8 padding), so the linear layers see few distinct row counts (a CPU product
+    builds its kernel on the first one of each: ~0.5 ms per layer shape, see _warm_shapes)."""
+    step = max(CHUNK_STEP, 1 << max(0, tokens.bit_length() - 4))
+    return -(-max(tokens, 1) // step) * step
 
 
 class Scheduler:
@@ -466,22 +475,24 @@ class Scheduler:
                 self.receiving -= 1
                 self._cv.notify()
 
-    def _warm_shapes(self) -> list[tuple[int, int]]:
-        """Prefill shapes (rows, query length) to run once while idle: every chunk shape of one prompt,
-        then short prompts prefilled together (the start-up self-check already ran every decode width)."""
+    def _warm_shapes(self) -> list[tuple[int, int, int]]:
+        """Prefill shapes (rows, query length, flat length; see _prefill_forward) to run once while idle:
+        every chunk shape of one prompt, then short prompts prefilled together, then every other flat
+        length a burst of short prompts can have (the start-up self-check already ran every decode width)."""
         one = sorted({_chunk_shape(t) for t in range(1, min(self.prefill_chunk, self.context - 1) + 1)})
         short = [T for T in one if T <= Q_BLOCK]
-        return [(1, T) for T in one] + [(n, T) for n in range(2, self.prefill_rows + 1) for T in short]
+        shapes = [(1, T, T) for T in one] + [(n, T, n * T) for n in range(2, self.prefill_rows + 1) for T in short]
+        if not self.tiled:
+            return shapes
+        flat = {_ragged_len(t) for t in range(1, self.prefill_rows * Q_BLOCK + 1)} - {f for *_, f in shapes}
+        return shapes + [(1, CHUNK_STEP, f) for f in sorted(flat)]
 
     def _warm_step(self) -> None:
         """One idle-time prefill forward of a shape not run yet (on the free prefill rows): CPU matrix
         products build their kernels on the first product of each shape (~3 ms per forward shape on
         the demo model), which would otherwise land on some request's time to first token."""
-        n, T = self._warm.pop()
-        keys = self._prefill_keys(T)
-        at = torch.arange(T - MIN_ROWS, T, device=self.device).clamp(min=0).expand(n, MIN_ROWS)
-        self.model(torch.zeros(n, T, dtype=torch.long, device=self.device),
-                   kv_cache=self.pre.rows(n, keys), logits_at=at)
+        n, T, flat = self._warm.pop()
+        self._prefill_forward({i: [0] * T for i in range(n)}, n, T, self._prefill_keys(T), flat)
         self.pre.pos[:n] = 0
 
     def _fail_all(self, error: Optional[str]) -> None:
@@ -534,21 +545,12 @@ class Scheduler:
         if not busy:
             return
         T = _chunk_shape(min(self.prefill_chunk, max(len(g.prompt) - g.done for _, g in busy)))
-        # rows [0, n) of the prefill cache; T >= MIN_ROWS keeps every matrix product at >= MIN_ROWS
-        # rows, and so does taking MIN_ROWS logits per row
-        n = busy[-1][0] + 1
-        ids = torch.zeros(n, T, dtype=torch.long)
-        last = torch.zeros(n, dtype=torch.long)   # each row's last real token: the logits it needs
         chunks = {i: g.prompt[g.done:g.done + min(T, self.prefill_chunk)] for i, g in busy}
-        for i, g in busy:
-            ids[i, :len(chunks[i])] = torch.tensor(chunks[i])
-            last[i] = len(chunks[i]) - 1
         keys = self._prefill_keys(max(g.done for _, g in busy) + T)
-        at = (last.unsqueeze(1) - torch.arange(MIN_ROWS - 1, -1, -1)).clamp(min=0)   # (n, MIN_ROWS), last one last
         with self._cores():
-            logits = self.model(ids.to(self.device), kv_cache=self.pre.rows(n, keys), logits_at=at.to(self.device))
+            logits = self._prefill_forward(chunks, busy[-1][0] + 1, T, keys)
         self.prefill_steps += 1
-        self.pre.pos[:n] = 0   # free rows go back to empty; busy rows are set below
+        self.pre.pos[:busy[-1][0] + 1] = 0   # free rows go back to empty; busy rows are set below
         for i, g in busy:
             g.done += len(chunks[i])
         slots = [i for i, _ in busy]
@@ -556,6 +558,30 @@ class Scheduler:
         # right padding ran past the last real token: its embedding is what smear reads next
         self.pre.last_x[slots] = self.model.embed(torch.tensor([g.prompt[g.done - 1] for _, g in busy], device=self.device))
         self._finish_prefill([(i, g) for i, g in busy if g.done == len(g.prompt)], logits)
+
+    def _prefill_forward(self, chunks: dict[int, list[int]], n: int, T: int, keys: int,
+                         flat_len: Optional[int] = None) -> torch.Tensor:
+        """One prefill forward over rows [0, n) of the prefill cache, chunk i into row i; the logits
+        (n, MIN_ROWS, V) at each row's last MIN_ROWS tokens (clamped to its first; free rows' mean
+        nothing). T (>= MIN_ROWS, a multiple of CHUNK_STEP) is the attention's padded width. With
+        row-invariant products (self.tiled) the real tokens run as one flat row of `flat_len` tokens
+        (default: _ragged_len of their count, at most n·T): a burst of mixed lengths pays for its tokens, not for
+        n times the longest. Every product keeps at least MIN_ROWS rows."""
+        lengths = torch.tensor([len(chunks.get(i, ())) for i in range(n)])
+        at = (lengths.unsqueeze(1) - torch.arange(MIN_ROWS, 0, -1)).clamp(min=0)   # (n, MIN_ROWS), last one last
+        if not self.tiled:   # the padded batch
+            ids = torch.zeros(n, T, dtype=torch.long)
+            for i, chunk in chunks.items():
+                ids[i, :len(chunk)] = torch.tensor(chunk)
+            return self.model(ids.to(self.device), kv_cache=self.pre.rows(n, keys), logits_at=at.to(self.device))
+        flat = [t for chunk in chunks.values() for t in chunk]
+        ids = torch.zeros(1, flat_len or min(_ragged_len(len(flat)), n * T), dtype=torch.long)
+        ids[0, :len(flat)] = torch.tensor(flat)
+        ragged = Ragged(torch.repeat_interleave(torch.arange(n), lengths).to(self.device),
+                        torch.cat([torch.arange(len(c)) for c in chunks.values()]).to(self.device), T)
+        at += (lengths.cumsum(0) - lengths).unsqueeze(1)   # each row's first token in the flat row
+        return self.model(ids.to(self.device), kv_cache=self.pre.rows(n, keys), logits_at=at.to(self.device),
+                          ragged=ragged)
 
     def _prefill_keys(self, end: int) -> int:
         """The key length of a prefill forward whose chunks end by `end`: a multiple of 32 up to

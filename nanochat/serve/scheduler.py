@@ -485,14 +485,15 @@ class Scheduler:
         if not self.tiled:
             return shapes
         flat = {_ragged_len(t) for t in range(1, self.prefill_rows * Q_BLOCK + 1)} - {f for *_, f in shapes}
-        return shapes + [(1, CHUNK_STEP, f) for f in sorted(flat)]
+        return shapes + [(self.prefill_rows, Q_BLOCK, f) for f in sorted(flat)]   # one short chunk, f long
 
     def _warm_step(self) -> None:
         """One idle-time prefill forward of a shape not run yet (on the free prefill rows): CPU matrix
         products build their kernels on the first product of each shape (~3 ms per forward shape on
         the demo model), which would otherwise land on some request's time to first token."""
         n, T, flat = self._warm.pop()
-        self._prefill_forward({i: [0] * T for i in range(n)}, n, T, self._prefill_keys(T), flat)
+        chunks = {i: [0] * T for i in range(n)} if flat == n * T else {0: [0] * CHUNK_STEP}
+        self._prefill_forward(chunks, n, T, self._prefill_keys(T), flat)
         self.pre.pos[:n] = 0
 
     def _fail_all(self, error: Optional[str]) -> None:
@@ -565,17 +566,18 @@ class Scheduler:
         (n, MIN_ROWS, V) at each row's last MIN_ROWS tokens (clamped to its first; free rows' mean
         nothing). T (>= MIN_ROWS, a multiple of CHUNK_STEP) is the attention's padded width. With
         row-invariant products (self.tiled) the real tokens run as one flat row of `flat_len` tokens
-        (default: _ragged_len of their count, at most n·T): a burst of mixed lengths pays for its tokens, not for
+        (default: _ragged_len of their count) when that is shorter than n·T: a burst of mixed lengths pays for its tokens, not for
         n times the longest. Every product keeps at least MIN_ROWS rows."""
         lengths = torch.tensor([len(chunks.get(i, ())) for i in range(n)])
         at = (lengths.unsqueeze(1) - torch.arange(MIN_ROWS, 0, -1)).clamp(min=0)   # (n, MIN_ROWS), last one last
-        if not self.tiled:   # the padded batch
+        flat = [t for chunk in chunks.values() for t in chunk]
+        flat_len = flat_len or _ragged_len(len(flat))
+        if not self.tiled or flat_len >= n * T:   # the padded batch (as cheap, and no scatter/gather)
             ids = torch.zeros(n, T, dtype=torch.long)
             for i, chunk in chunks.items():
                 ids[i, :len(chunk)] = torch.tensor(chunk)
             return self.model(ids.to(self.device), kv_cache=self.pre.rows(n, keys), logits_at=at.to(self.device))
-        flat = [t for chunk in chunks.values() for t in chunk]
-        ids = torch.zeros(1, flat_len or min(_ragged_len(len(flat)), n * T), dtype=torch.long)
+        ids = torch.zeros(1, flat_len, dtype=torch.long)
         ids[0, :len(flat)] = torch.tensor(flat)
         ragged = Ragged(torch.repeat_interleave(torch.arange(n), lengths).to(self.device),
                         torch.cat([torch.arange(len(c)) for c in chunks.values()]).to(self.device), T)

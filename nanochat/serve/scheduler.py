@@ -406,7 +406,10 @@ class Scheduler:
     def _loop(self) -> None:
         try:
             if self.threads:   # intra-op threads are set per OS thread: this one runs the model
-                torch.set_num_threads(self.threads)
+                # forwards get `threads` (_cores); the small ops around them (copies of keys/values,
+                # sampling) one: with two, each op's barrier waits for a thread the HTTP side displaced
+                # (prefix-cache reads took 15 ms per prompt while a burst arrived)
+                torch.set_num_threads(1)
                 self.yield_core = self.threads > 1 and self._threads_are_interchangeable()
             with torch.inference_mode():
                 while True:
@@ -447,7 +450,7 @@ class Scheduler:
         and first tokens waited 7-8 ms for the decode step after their prefill (bench/serve.py --trace)."""
         recent = max(self._last_submit, self._last_first) if decode else self._last_submit
         fewer = self.yield_core and (self._receiving() > 0 or time.perf_counter() - recent < self.arriving_s)
-        return _threads(self.threads - 1 if fewer else None)
+        return _threads(self.threads and self.threads - fewer)
 
     def _hold_s(self) -> float:
         """How much longer new prompts wait before they start prefilling (0: start now).
@@ -502,7 +505,8 @@ class Scheduler:
         the demo model), which would otherwise land on some request's time to first token."""
         n, T, flat = self._warm.pop()
         chunks = {i: [0] * T for i in range(n)} if flat == n * T else {0: [0] * CHUNK_STEP}
-        self._prefill_forward(chunks, n, T, self._prefill_keys(T), flat)
+        with _threads(self.threads):
+            self._prefill_forward(chunks, n, T, self._prefill_keys(T), flat)
         self.pre.pos[:n] = 0
 
     def _fail_all(self, error: Optional[str]) -> None:

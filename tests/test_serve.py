@@ -424,7 +424,6 @@ def test_dry_run_prints_serve_plan(stage_root, tmp_path):
     p = nanochat_run(env, "stage=serve", f"stage.init_from={pre}", "run.dry_run=true", "stage.max_seqs=8",
                      "hardware=8gpu", f"run.root={root}")
     assert "8 × (cuda:0" in p.stdout and "8 sequences per replica" in p.stdout and "KV cache" in p.stdout
-    assert "in a model process of their own" in p.stdout
     assert "tokens sent at most every 20 ms" in p.stdout and "16-token blocks" in p.stdout
     neg = subprocess.run([sys.executable, "-m", "launch.run", "stage=serve", "run.dry_run=true", f"run.root={root}",
                           f"stage.init_from={pre}", "stage.stream_interval_ms=-5"], cwd=REPO, env=env,

@@ -107,25 +107,19 @@ def test_answers_are_the_in_process_schedulers(remote):
 
 
 def test_a_request_being_read_here_holds_the_prefill_there(remote):
-    """While this process reads a request, prompts already queued in the model process wait (up to
-    settle_max_s, 5 s here); the request's submit ends its read, and both then prefill."""
     tok = remote.info["tokenizer"]
     greedy = [SamplingParams(max_tokens=3, temperature=0)]
 
     async def go():
-        first, second = _Collect(), _Collect()
-        with remote.receiving_request():                 # the second request is being read ...
-            with remote.receiving_request():
-                a = await remote.submit([tok.get_bos_token_id()] + tok.encode("first"), greedy, first)
-            await asyncio.sleep(0.3)                     # ... far longer than any settle
-            assert first.events == [] and a[0].first_token_at is None
-            b = await remote.submit([tok.get_bos_token_id()] + tok.encode("second"), greedy, second)
-            while not (a[0].finished and b[0].finished):   # its submit ended its read: no need to leave
-                await asyncio.sleep(0.005)
-        assert remote.reading.value == 0
-        return first, second
-    first, second = asyncio.run(go())
-    assert first.reasons() == second.reasons() == ["length"]
+        got = _Collect()
+        with remote.receiving_request():
+            seqs = await remote.submit([tok.get_bos_token_id()] + tok.encode("wait for it"), greedy, got)
+            await asyncio.sleep(0.3)   # far longer than any settle; the hold lasts up to settle_max_s (5 s here)
+            assert got.events == [] and seqs[0].first_token_at is None
+        while not seqs[0].finished:
+            await asyncio.sleep(0.005)
+        return got
+    assert asyncio.run(go()).reasons() == ["length"]
 
 
 def test_cancel_frees_the_row_and_a_full_queue_raises_here(remote):

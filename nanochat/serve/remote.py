@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import itertools
 import multiprocessing as mp
 import signal
@@ -38,7 +37,6 @@ from typing import Any, Callable, Optional
 from nanochat.serve.scheduler import Event, QueueFull, SamplingParams, ShuttingDown
 
 REFUSALS = {e.__name__: e for e in (QueueFull, ShuttingDown, ValueError)}
-_READING: contextvars.ContextVar = contextvars.ContextVar("reading", default=None)   # this task's receiving_request
 
 
 # --------------------------------------------------------------------------- the model process
@@ -171,6 +169,7 @@ class RemotePool:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.lost: Optional[str] = None   # why the model process is gone
         self.final: Optional[dict] = None   # its status when it stopped
+        self.generated = 0
 
     @classmethod
     def spawn(cls, factory: Callable, *args: Any, interval_s: float = 0.0) -> "RemotePool":
@@ -202,7 +201,6 @@ class RemotePool:
         self._requests[rid] = (seqs, [sink_for(i) for i in range(len(params))])
         reply = self._pending[rid] = self._loop.create_future()
         self._send(("submit", rid, list(prompt), params))
-        self._read_done()   # the model process need not hold its prefills while we wait for the reply
         try:
             replica = await reply
         except BaseException:
@@ -214,21 +212,11 @@ class RemotePool:
 
     @contextlib.contextmanager
     def receiving_request(self):
-        """The HTTP side is reading a request: the model process holds new prompts and leaves a core,
-        until the request is submitted (or refused) here."""
+        """The HTTP side is reading a request: the model process holds new prompts and leaves a core."""
         self.reading.value += 1
-        token = _READING.set([True])
         try:
             yield
         finally:
-            self._read_done()
-            _READING.reset(token)
-
-    def _read_done(self) -> None:
-        """This task's request (if inside receiving_request) is read: count it out, once."""
-        open_ = _READING.get()
-        if open_ and open_[0]:
-            open_[0] = False
             self.reading.value -= 1
 
     async def status(self) -> dict:
@@ -283,11 +271,11 @@ class RemotePool:
                 seqs, sinks = self._requests.get(rid, (None, None))
                 if seqs is None:
                     continue
-                if ev.kind == "done":
+                if done is not None:
                     s = seqs[i]
-                    if done is not None:   # (None only if it ended before its submit returned there)
-                        s.tokens, s.first_token_at, s.last_token_at = done
+                    s.tokens, s.first_token_at, s.last_token_at = done
                     s.finished = True
+                    self.generated += len(s.tokens)
                     if all(x.finished for x in seqs):
                         del self._requests[rid]
                 sinks[i](ev)

@@ -175,8 +175,7 @@ def serve_plan(cfg: Config, source: Optional[SourceRun], probe: Optional[dict] =
     return StagePlan(sp.plan, sp.rows + [
         ("serve", f"http://{st.host}:{st.port if st.port else '<free port>'}/  (OpenAI API at /v1, "
                   f"nanochat SSE at /chat/completions)"),
-        ("replicas", f"{len(devs)} × ({', '.join(devs)}), {cfg.hardware.dtype}, "
-                     + ("in a model process of their own" if st.model_process else "in the HTTP server's process")),
+        ("replicas", f"{len(devs)} × ({', '.join(devs)}), {cfg.hardware.dtype}"),
         ("batching", f"{st.max_seqs} sequences per replica, a step computes the rows in use (at least "
                      f"{st.decode_tile}), queue {st.max_queue} (then 429); prefill {st.prefill_rows} prompts × "
                      f"{st.prefill_chunk} tokens per forward"),

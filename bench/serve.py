@@ -91,60 +91,33 @@ def load_model(args):
 
 
 def serve_only(args) -> None:
-    """Our server process: one replica, max_seqs=16, on --port; the model in a process of its own as the
-    serve stage runs it (stage.model_process), or in a thread of this one (--one-process)."""
+    """Our server process: one replica, max_seqs=16, on --port."""
+    import torch
     import uvicorn
 
     from nanochat.serve.app import ServeSettings, build_app
     from nanochat.serve.metrics import ServerMetrics
-    from nanochat.serve.remote import RemotePool
-    if args.one_process:
-        metrics = ServerMetrics()
-        pool, info = bench_pool(args, metrics)
-        pool.start()
-    else:
-        metrics = ServerMetrics(model=False)
-        pool = RemotePool.spawn(bench_pool, args, interval_s=args.stream_interval_ms / 1000)
-        info = pool.info
-    app = build_app(pool, info["tokenizer"], ServeSettings(model_name="bench", stream_interval_ms=args.stream_interval_ms),
-                    metrics)
-    arrived: list[float] = []
-    if args.trace:   # uvicorn re-raises SIGTERM once it has stopped: then write the trace instead of dying
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-
-        async def app_(scope, receive, send, inner=app):   # when the request reached our app
-            arrived.append(time.perf_counter())
-            ARRIVED.set(arrived[-1])
-            await inner(scope, receive, send)
-    gc.freeze()   # as the serve stage does before serving (nanochat/stages/serve.py)
-    with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.run(app_ if args.trace else app, host="127.0.0.1", port=args.port, log_level="warning", lifespan="off")
-    pool.stop()   # writes the trace (bench_pool)
-    if args.trace:   # the HTTP side's arrivals too (in a model process, its requests do not know them)
-        log = json.loads(Path(args.trace).read_text())
-        Path(args.trace).write_text(json.dumps({**log, "arrivals": arrived}))
-
-
-def bench_pool(args, metrics=None):
-    """Our pool (not started) and what the HTTP side needs: run in the model process, or in this one."""
-    import torch
-
-    from nanochat.serve.metrics import ServerMetrics
     from nanochat.serve.scheduler import ReplicaPool, Scheduler
     torch.set_num_threads(1)   # as the serve stage: the scheduler's thread runs the model (nanochat/stages/serve.py)
     model, tok = load_model(args)
-    pool = ReplicaPool([Scheduler(model, tok, max_seqs=MAX_SEQS, max_queue=64, observer=metrics or ServerMetrics(http=False),
-                                  prefix_cache_mb=args.prefix_cache_mb, threads=args.threads, warmup=True)])
-    if args.trace:
-        log, stop = trace(pool.schedulers[0]), pool.stop
+    metrics = ServerMetrics()
+    pool = ReplicaPool([Scheduler(model, tok, max_seqs=MAX_SEQS, max_queue=64, observer=metrics,
+                                  prefix_cache_mb=args.prefix_cache_mb, threads=args.threads, warmup=True)]).start()
+    app = build_app(pool, tok, ServeSettings(model_name="bench", stream_interval_ms=args.stream_interval_ms), metrics)
+    log = trace(pool.schedulers[0]) if args.trace else None
+    if log:   # uvicorn re-raises SIGTERM once it has stopped: then write the trace instead of dying
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
-        def stop_and_write() -> None:
-            stop()
-            Path(args.trace).write_text(json.dumps({"steps": log["steps"], "seqs": [
-                {"text": tok.decode(s.prompt[-16:]), "arrived": s.arrived, "submitted": s.submitted,
-                 "started": s.started, "first": s.first_token_at} for s in log["seqs"]]}))
-        pool.stop = stop_and_write
-    return pool, {"tokenizer": tok}
+        async def app_(scope, receive, send, inner=app):   # when the request reached our app
+            ARRIVED.set(time.perf_counter())
+            await inner(scope, receive, send)
+    gc.freeze()   # as the serve stage does before serving (nanochat/stages/serve.py)
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.run(app_ if log else app, host="127.0.0.1", port=args.port, log_level="warning", lifespan="off")
+    if log:
+        Path(args.trace).write_text(json.dumps({"steps": log["steps"], "seqs": [
+            {"text": tok.decode(s.prompt[-16:]), "arrived": s.arrived, "submitted": s.submitted, "started": s.started,
+             "first": s.first_token_at} for s in log["seqs"]]}))
 
 
 ARRIVED = contextvars.ContextVar("arrived", default=None)
@@ -383,8 +356,6 @@ def main() -> None:
     ap.add_argument("--stagger-ms", type=float, default=20.0, help="staggered arrivals: one request every this many ms")
     ap.add_argument("--short", action="store_true", help="a quick pass: 8 tokens, 1 repeat, 1 and 4 streams, 3 turns")
     ap.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--one-process", action="store_true", help="our model in a thread of the HTTP server's "
-                    "process (stage.model_process=false) instead of a process of its own")
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--trace", metavar="DIR", help="write our server's step and request timestamps (and the "
@@ -418,7 +389,6 @@ def main() -> None:
         ours_cmd = [sys.executable, __file__, "--serve-only", "--port={port}", f"--threads={args.threads}",
                     f"--stream-interval-ms={args.stream_interval_ms}"]
         ours_cmd += [f"--run={args.run}"] if args.run else [f"--model-dir={tmp}"]
-        ours_cmd += ["--one-process"] if args.one_process else []
         peer_cmd = None
         if args.peer == "transformers":
             hf = export_hf(args, Path(tmp) / "hf")

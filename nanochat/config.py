@@ -293,7 +293,6 @@ class ServeStageConfig(StageConfig):
     prefill_chunk: int = 256          # prompt tokens per prefill forward (decode steps run between chunks)
     prefix_cache_mb: float = 256.0    # keys/values of earlier prompts reused by later ones; 0 = off
     stream_interval_ms: float = 20.0  # streamed tokens go out at most this often, joined per choice; 0 = each
-    model_process: bool = True        # the model in its own process (nanochat/serve/remote.py); false: a thread
     api_key: Optional[str] = None     # require `Authorization: Bearer <key>` on /v1/* and /chat/completions
     retry_after_s: int = 1            # Retry-After of a 429
     shutdown_grace_s: float = 5.0     # on SIGINT/SIGTERM: in-flight streams get this long to finish

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import inspect
 import itertools
 import json
 import os
@@ -141,26 +140,17 @@ def _merged(batch: list[tuple[int, Event]]) -> list[tuple[int, Event]]:
     return out
 
 
-async def _answer(value):
-    """A pool's answer: at once from a ReplicaPool, awaited from a RemotePool (the model in another process)."""
-    return await value if inspect.isawaitable(value) else value
-
-
 class _Submission:
     """The events of one request's sequences, delivered into the event loop."""
 
-    def __init__(self, prompt: list[int], mailbox: _Mailbox):
+    def __init__(self, pool: ReplicaPool, prompt: list[int], req: ChatRequest, seed_default: int, mailbox: _Mailbox):
         self.mailbox = mailbox
         self.queue: asyncio.Queue = asyncio.Queue()
         self.prompt_tokens = len(prompt)
-        self.seqs: list = []
-
-    async def submit(self, pool, prompt: list[int], req: ChatRequest, seed_default: int) -> "_Submission":
         base = seed_default if req.seed is None else req.seed
         params = [SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
                                  top_p=req.top_p, seed=base + i, stop=req.stop) for i in range(req.n)]
-        self.seqs = await _answer(pool.submit(prompt, params, self._sink_for))
-        return self
+        self.seqs = pool.submit(prompt, params, self._sink_for)
 
     def _sink_for(self, i: int):
         sent = itertools.count()   # a first token goes out at once
@@ -200,8 +190,7 @@ class _Submission:
 
 def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = None,
               metrics: Optional[ServerMetrics] = None) -> FastAPI:
-    """The HTTP face of a ReplicaPool (whose schedulers should share `metrics` as their observer), or of
-    a RemotePool (nanochat/serve/remote.py; `metrics` then counts requests only: model=False)."""
+    """The HTTP face of a ReplicaPool (whose schedulers should share `metrics` as their observer)."""
     settings = settings or ServeSettings()
     metrics = metrics or ServerMetrics()
     app = FastAPI(title="nanochat", description="OpenAI-compatible chat completions and nanochat's streaming "
@@ -256,7 +245,7 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
             prompt = render_prompt(tokenizer, req.messages, pool.context)
             if app.state.mailbox is None:
                 app.state.mailbox = _Mailbox(asyncio.get_running_loop(), settings.stream_interval_ms / 1000)
-            sub = await _Submission(prompt, app.state.mailbox).submit(pool, prompt, req, defaults.seed)
+            sub = _Submission(pool, prompt, req, defaults.seed, app.state.mailbox)
         except QueueFull as e:
             raise RequestError(str(e), None, "rate_limit_exceeded", status=429, type="rate_limit_error",
                                headers={"Retry-After": str(settings.retry_after_s)}) from None
@@ -349,11 +338,10 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
     @app.get("/health", responses={200: {"model": schema.Health, "description": "ready"},
                                    503: {"model": schema.Health, "description": "warming up (first start) or shutting down"}})
     async def health():
-        st = await _answer(pool.status())
-        keys = ("name", "device", "active", "free_rows", "waiting", "max_seqs")
-        reps = [{k: r[k] for k in keys} for r in st["replicas"]]
+        reps = [{"name": s.name, "device": str(s.device), "active": s.active(), "free_rows": s.free_rows(),
+                 "waiting": len(s.waiting), "max_seqs": s.max_seqs} for s in pool.schedulers]
         # while warming up, requests are served, just not at full speed
-        status = "draining" if app.state.draining else "failed" if st["failed"] else "warming" if st["warming"] else "ok"
+        status = "draining" if app.state.draining else "failed" if pool.failed else "warming" if pool.warming else "ok"
         metrics.request("/health", 200 if status == "ok" else 503)
         return JSONResponse({"status": status, "ready": status == "ok", "model": settings.model_name, "replicas": reps,
                              "free_slots": sum(r["free_rows"] for r in reps), "context": pool.context},
@@ -362,11 +350,9 @@ def build_app(pool: ReplicaPool, tokenizer, settings: Optional[ServeSettings] = 
     @app.get("/metrics", response_class=Response,
              responses={200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prom():
-        st = await _answer(pool.status())
-        if metrics.model:   # the schedulers count into this registry (else the model process's text follows)
-            metrics.queue.set(sum(r["waiting"] for r in st["replicas"]))
-            metrics.active.set(sum(r["active"] for r in st["replicas"]))
-        return Response(generate_latest(metrics.registry) + st.get("metrics", b""), media_type=CONTENT_TYPE_LATEST)
+        metrics.queue.set(sum(len(s.waiting) for s in pool.schedulers))
+        metrics.active.set(sum(s.active() for s in pool.schedulers))
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():

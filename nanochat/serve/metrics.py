@@ -17,19 +17,11 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class ServerMetrics:
-    """The registry; schedulers count into it from their threads (prometheus-client is thread-safe).
+    """The registry; schedulers count into it from their threads (prometheus-client is thread-safe)."""
 
-    With the model in its own process (nanochat/serve/remote.py) each side has its own part: the HTTP
-    process counts requests (`model=False`), the model process the rest (`http=False`); /metrics
-    shows both."""
-
-    def __init__(self, http: bool = True, model: bool = True) -> None:
+    def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.model = model
-        if http:
-            self.requests = Counter("nanochat_requests", "Requests answered", ["route", "status"], registry=r)
-        if not model:
-            return
+        self.requests = Counter("nanochat_requests", "Requests answered", ["route", "status"], registry=r)
         self.generated = Counter("nanochat_generated_tokens", "Tokens generated", registry=r)
         self.finished_seqs = Counter("nanochat_sequences_finished", "Sequences ended, by reason", ["reason"],
                                      registry=r)

@@ -283,8 +283,6 @@ class Scheduler:
                       if warmup and getattr(model, "packed_for_inference", False) else [])
         self._last_submit = self._last_first = 0.0   # when a request came in / a first token went out
         self.receiving = 0   # requests the HTTP side is reading (receiving_request)
-        self.reading = None  # ... or, in a model process, a shared count of those (nanochat/serve/remote.py)
-        self.flush: Callable[[], None] = lambda: None   # after a step's events went to their sinks (remote.py)
         self.yield_core = False   # set on the scheduler thread (see _loop)
         self.steps = self.prefill_steps = self.generated = 0
 
@@ -422,19 +420,16 @@ class Scheduler:
                         self._warm_step()
                         continue
                     self._drop_cancelled()
-                    self.flush()
                     hold = self._hold_s()   # > 0: new prompts wait for a burst's arrivals to pause
                     if hold and not self.active() and not any(self.prefilling):
                         with self._cv:   # nothing else to run meanwhile
                             self._cv.wait(hold)
                         continue
                     self._prefill_step(start=not hold)
-                    self.flush()
                     if not hold and self._can_start():   # prompts arrived during that prefill: start them first (TTFT)
                         continue
                     if self.active():
                         self._decode_step()
-                        self.flush()
         except Exception as e:  # a bug must not hang every client: end their streams with the error
             self.stop_accepting()   # and refuse new ones (503; /health says "failed")
             self._fail_all(f"{type(e).__name__}: {e}")
@@ -449,7 +444,7 @@ class Scheduler:
         displaced: a 5-prompt prefill took 40 ms instead of 9, the requests being read waited for it,
         and first tokens waited 7-8 ms for the decode step after their prefill (bench/serve.py --trace)."""
         recent = max(self._last_submit, self._last_first) if decode else self._last_submit
-        fewer = self.yield_core and (self._receiving() > 0 or time.perf_counter() - recent < self.arriving_s)
+        fewer = self.yield_core and (self.receiving > 0 or time.perf_counter() - recent < self.arriving_s)
         return _threads(self.threads and self.threads - fewer)
 
     def _hold_s(self) -> float:
@@ -468,12 +463,8 @@ class Scheduler:
                 return 0.0
             now = time.perf_counter()
             settle = self.burst_settle_s if len(self.waiting) > 1 else self.settle_s
-            until = max(self._last_submit + settle, now + self.settle_s if self._receiving() else 0.0)
+            until = max(self._last_submit + settle, now + self.settle_s if self.receiving else 0.0)
             return max(0.0, min(until, self.waiting[0].seqs[0].submitted + self.settle_max_s) - now)
-
-    def _receiving(self) -> int:
-        """Requests being read now: here (receiving_request), or by the HTTP process (`reading`)."""
-        return self.receiving + (self.reading.value if self.reading is not None else 0)
 
     @contextlib.contextmanager
     def receiving_request(self):
@@ -517,7 +508,6 @@ class Scheduler:
         for s in seqs:
             if s is not None:
                 self._end(s, "error" if error else "cancelled", error)
-        self.flush()
 
     def _end(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:
         if not seq.finished:
@@ -633,7 +623,6 @@ class Scheduler:
                 self.rows[row], seq.row = seq, row
                 seq.state = self.engine.new_row(group.prompt)
                 self._accept(seq, self._sample(seq, logits[slot, -1:], best))
-        self.flush()   # before the copies below
         for slot, group in done:
             for seq in group.seqs:
                 if seq.row is not None:   # (a choice that ended at its first token gave its row back)
@@ -743,13 +732,6 @@ class ReplicaPool:
             for s in self.schedulers:
                 stack.enter_context(s.receiving_request())
             yield
-
-    def status(self) -> dict:
-        """What /health and /metrics show: per replica its rows and queue, and the pool's state."""
-        reps = [{"name": s.name, "device": str(s.device), "active": s.active(), "free_rows": s.free_rows(),
-                 "waiting": len(s.waiting), "max_seqs": s.max_seqs, "generated": s.generated, "steps": s.steps}
-                for s in self.schedulers]
-        return {"replicas": reps, "warming": self.warming, "failed": self.failed}
 
     @property
     def warming(self) -> bool:

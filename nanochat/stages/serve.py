@@ -1,9 +1,8 @@
 """Stage `serve`: an HTTP chat server over the checkpoint in `stage.init_from` (see nanochat/serve/).
 
 One model replica per device of `hardware` (one per GPU of the node, one on CPU), each with its
-own batching Scheduler thread, in a model process of their own (`stage.model_process`, default;
-nanochat/serve/remote.py) or in this one; uvicorn runs the FastAPI app in the main thread. Prints
-the URL once it listens (`stage.port=0` picks a free port).
+own batching Scheduler thread; uvicorn runs the FastAPI app in the main thread. Prints the URL
+once it listens (`stage.port=0` picks a free port).
 
 SIGINT / SIGTERM: stop accepting (new connections are refused, requests on open connections get
 503), let in-flight streams finish for `stage.shutdown_grace_s`, then cancel what is left (those
@@ -50,7 +49,7 @@ def _same_names(st: ServeStageConfig, names) -> dict:
 
 
 def build_pool(cfg: Config, source: Path, metrics):
-    """Load one replica per device, each with its scheduler (not started): (pool, tokenizer, meta)."""
+    """Load one replica per device and start its scheduler: (pool, tokenizer, meta)."""
     import torch
     from nanochat.chat_cli import load
     from nanochat.serve.scheduler import ReplicaPool, Scheduler
@@ -70,14 +69,7 @@ def build_pool(cfg: Config, source: Path, metrics):
             model = model.to(getattr(torch, hw.dtype))
         schedulers.append(Scheduler(model, tokenizer, observer=metrics, name=f"replica{i}", threads=threads,
                                     warmup=True, **_same_names(st, SCHEDULER_KEYS)))
-    return ReplicaPool(schedulers), tokenizer, meta
-
-
-def model_side(cfg: Config, source: Path):
-    """The model process's pool (nanochat/serve/remote.py): the schedulers count into its own metrics."""
-    from nanochat.serve.metrics import ServerMetrics
-    pool, tokenizer, meta = build_pool(cfg, source, ServerMetrics(http=False))
-    return pool, {"tokenizer": tokenizer, "meta": meta}
+    return ReplicaPool(schedulers).start(), tokenizer, meta
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
@@ -89,15 +81,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     if not st.init_from:
         raise ValueError("stage.init_from is not set: the launcher resolves it to a run dir")
     source = Path(st.init_from)
-    if st.model_process:   # the schedulers in their own process: no GIL shared with the HTTP server
-        from nanochat.serve.remote import RemotePool
-        metrics = ServerMetrics(model=False)
-        pool = RemotePool.spawn(model_side, cfg, source, interval_s=st.stream_interval_ms / 1000)
-        tokenizer, meta = pool.info["tokenizer"], pool.info["meta"]
-    else:
-        metrics = ServerMetrics()
-        pool, tokenizer, meta = build_pool(cfg, source, metrics)
-        pool.start()
+    metrics = ServerMetrics()
+    pool, tokenizer, meta = build_pool(cfg, source, metrics)
     settings = ServeSettings(
         model_name=st.model_name or f"nanochat-{source.parent.name}-{meta.get('stage') or source.parent.parent.name}",
         retry_after_s=st.retry_after_s, stream_interval_ms=st.stream_interval_ms, api_key=api_key(cfg),
@@ -106,7 +91,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     app = build_app(pool, tokenizer, settings, metrics)
     server = _Server(uvicorn.Config(app, host=st.host, port=st.port, log_level="warning", access_log=False,
                                     timeout_graceful_shutdown=st.shutdown_grace_s + 2.0, lifespan="off"),
-                     app, pool, cfg, settings.model_name, source)
+                     app, pool, st.shutdown_grace_s, settings.model_name, source)
     # everything alive now (torch, the model, FastAPI) goes to the permanent generation: a full
     # collection then scans only what serving creates, ~0 ms instead of ~90-140 ms during which every
     # stream stalls (measured on the demo model)
@@ -116,20 +101,18 @@ def run(cfg: Config, run_dir: Path) -> dict:
         server.run()
     finally:
         pool.stop()
-    reps = (pool.final or {"replicas": []})["replicas"] if st.model_process else pool.status()["replicas"]
-    return {"model": settings.model_name, "source": str(source), "url": server.url, "replicas": len(reps),
-            "generated_tokens": sum(r["generated"] for r in reps), "decode_steps": sum(r["steps"] for r in reps),
-            "uptime_s": round(time.time() - started, 3), "stopped_by": server.stopped_by,
-            "model_process": st.model_process}
+    return {"model": settings.model_name, "source": str(source), "url": server.url,
+            "replicas": len(pool.schedulers), "generated_tokens": sum(s.generated for s in pool.schedulers),
+            "decode_steps": sum(s.steps for s in pool.schedulers), "uptime_s": round(time.time() - started, 3),
+            "stopped_by": server.stopped_by}
 
 
 class _Server(uvicorn.Server):
     """uvicorn.Server with the drain-then-cancel shutdown described in the module docstring."""
 
-    def __init__(self, config: uvicorn.Config, app, pool, cfg: Config, name: str, source: Path):
+    def __init__(self, config: uvicorn.Config, app, pool, grace: float, name: str, source: Path):
         super().__init__(config)
-        self.app, self.pool, self.cfg, self.name, self.source = app, pool, cfg, name, source
-        self.grace = cfg.stage.shutdown_grace_s
+        self.app, self.pool, self.grace, self.name, self.source = app, pool, grace, name, source
         self.url = self.stopped_by = None
 
     async def startup(self, sockets=None) -> None:
@@ -139,7 +122,7 @@ class _Server(uvicorn.Server):
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         self.url = f"http://{host}:{port}/"
         print(f"[nanochat] serving {self.name} ({self.source}) at {self.url}  (OpenAI API: {self.url}v1, "
-              f"{len(replica_devices(self.cfg))} replica(s) x {self.pool.max_seqs} sequences; Ctrl-C stops)", flush=True)
+              f"{len(self.pool.schedulers)} replica(s) x {self.pool.max_seqs} sequences; Ctrl-C stops)", flush=True)
 
     def handle_exit(self, sig, frame) -> None:
         if self.stopped_by is None:

@@ -363,14 +363,11 @@ class KVCache:
 
 @dataclass
 class Ragged:
-    """The real tokens of a padded (B, width) cached forward, run as one flat row (serving's prefill).
-
-    The model gets idx (1, N): token i < len(row) belongs at (row[i], col[i]) of the padded batch, i.e.
-    at position kv_cache.pos[row[i]] + col[i]; the tokens after them pad N (their outputs mean nothing).
-    Every op but attention is per token, and the linear layers (nearly all the work) then run over N
-    rows instead of B·width: prompts of mixed lengths no longer pay for the longest. Attention still
-    runs on the padded batch (queries scattered in, outputs gathered back), so each token's output is
-    bitwise the padded forward's wherever the linear layers are row-invariant (nanochat/packed.py)."""
+    """The real tokens of a padded (B, width) cached forward as one flat row, idx (1, N) (serving's prefill):
+    token i < len(row) sits at (row[i], col[i]), position kv_cache.pos[row[i]] + col[i]; the rest pad N.
+    The linear layers (nearly all the work) then run over N rows, not B·width; attention runs on the
+    padded batch (queries scattered in, outputs gathered back), so each token's output is bitwise the
+    padded forward's wherever the linear layers are row-invariant (nanochat/packed.py)."""
     row: torch.Tensor   # (n,) long
     col: torch.Tensor   # (n,) long
     width: int
@@ -608,9 +605,8 @@ class GPT(nn.Module):
                 kv_cache: Optional[KVCache] = None, loss_reduction: str = "mean",
                 logits_at: Optional[torch.Tensor] = None, ragged: Optional[Ragged] = None):
         """logits_at (B,) or (B, k): only each row's logits at those indices of T (B, k, V), e.g. a
-        prefill's last real token; the lm_head then skips the other positions. ragged (with a kv_cache;
-        idx is (1, N)): a padded batch's real tokens as one flat row (see Ragged); logits_at then holds
-        indices of N, one row of them per output row."""
+        prefill's last real token; the lm_head then skips the other positions. ragged (with a kv_cache):
+        idx is a flat row (see Ragged), and logits_at holds indices into it, a row of them per output row."""
         B, T = idx.shape
         c = self.config
         rope, masks = self._attention_inputs(T, idx.device, kv_cache, ragged)

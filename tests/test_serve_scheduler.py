@@ -19,7 +19,7 @@ import torch
 
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig, build_model
-from nanochat.serve.scheduler import QueueFull, QueueSink, SamplingParams, Scheduler, Sequence, _ragged_len
+from nanochat.serve.scheduler import QueueFull, QueueSink, SamplingParams, Scheduler, Sequence, _chunk_shape
 from nanochat.tokenizer import train_tokenizer
 
 torch.set_num_threads(1)
@@ -292,7 +292,7 @@ def test_idle_warm_up_runs_every_prefill_shape_once(tok, model):
         assert max(n for n, _, _ in shapes) == warm.prefill_rows and max(T for _, T, _ in shapes) <= model.config.sequence_len
         # every flat row a burst of short prompts can make (see _prefill_forward) is warmed too
         flat = {f for *_, f in shapes}
-        assert all(min(_ragged_len(t), n * T) in flat for n in range(1, warm.prefill_rows + 1)
+        assert all(min(_chunk_shape(t), n * T) in flat for n in range(1, warm.prefill_rows + 1)
                    for T in (8, 16, 24, 32) for t in range(T - 7, n * T + 1))
         warm.start()
         greedy = SamplingParams(max_tokens=16, temperature=0)

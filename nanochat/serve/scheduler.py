@@ -233,14 +233,6 @@ def _chunk_shape(tokens: int) -> int:
     return -(-max(tokens, 1) // CHUNK_STEP) * CHUNK_STEP
 
 
-def _ragged_len(tokens: int) -> int:
-    """The length of a prefill's flat row of `tokens` real tokens: a multiple of CHUNK_STEP, coarser
-    as it grows (at most 1/8 padding), so the linear layers see few distinct row counts (a CPU product
-    builds its kernel on the first one of each: ~0.5 ms per layer shape, see _warm_shapes)."""
-    step = max(CHUNK_STEP, 1 << max(0, tokens.bit_length() - 4))
-    return -(-max(tokens, 1) // step) * step
-
-
 class Scheduler:
     """Continuous batching over one model replica (see the module docstring)."""
 
@@ -404,9 +396,8 @@ class Scheduler:
     def _loop(self) -> None:
         try:
             if self.threads:   # intra-op threads are set per OS thread: this one runs the model
-                # forwards get `threads` (_cores); the small ops around them (copies of keys/values,
-                # sampling) one: with two, each op's barrier waits for a thread the HTTP side displaced
-                # (prefix-cache reads took 15 ms per prompt while a burst arrived)
+                # forwards get `threads` (_cores), the small ops around them (copies, sampling) one: with two, each
+                # op's barrier waited for a thread the HTTP side displaced (15 ms per prefix-cache read in a burst)
                 torch.set_num_threads(1)
                 self.yield_core = self.threads > 1 and self._threads_are_interchangeable()
             with torch.inference_mode():
@@ -479,15 +470,15 @@ class Scheduler:
                 self._cv.notify()
 
     def _warm_shapes(self) -> list[tuple[int, int, int]]:
-        """Prefill shapes (rows, query length, flat length; see _prefill_forward) to run once while idle:
-        every chunk shape of one prompt, then short prompts prefilled together, then every other flat
-        length a burst of short prompts can have (the start-up self-check already ran every decode width)."""
+        """Prefill shapes (rows, query length, flat length: _prefill_forward) to run once while idle: every
+        chunk shape of one prompt, short prompts prefilled together, then every other flat length a burst
+        of short prompts can have (the start-up self-check already ran every decode width)."""
         one = sorted({_chunk_shape(t) for t in range(1, min(self.prefill_chunk, self.context - 1) + 1)})
         short = [T for T in one if T <= Q_BLOCK]
         shapes = [(1, T, T) for T in one] + [(n, T, n * T) for n in range(2, self.prefill_rows + 1) for T in short]
         if not self.tiled:
             return shapes
-        flat = {_ragged_len(t) for t in range(1, self.prefill_rows * Q_BLOCK + 1)} - {f for *_, f in shapes}
+        flat = set(range(CHUNK_STEP, self.prefill_rows * Q_BLOCK, CHUNK_STEP)) - {f for *_, f in shapes}
         return shapes + [(self.prefill_rows, Q_BLOCK, f) for f in sorted(flat)]   # one short chunk, f long
 
     def _warm_step(self) -> None:
@@ -566,16 +557,15 @@ class Scheduler:
 
     def _prefill_forward(self, chunks: dict[int, list[int]], n: int, T: int, keys: int,
                          flat_len: Optional[int] = None) -> torch.Tensor:
-        """One prefill forward over rows [0, n) of the prefill cache, chunk i into row i; the logits
-        (n, MIN_ROWS, V) at each row's last MIN_ROWS tokens (clamped to its first; free rows' mean
-        nothing). T (>= MIN_ROWS, a multiple of CHUNK_STEP) is the attention's padded width. With
-        row-invariant products (self.tiled) the real tokens run as one flat row of `flat_len` tokens
-        (default: _ragged_len of their count) when that is shorter than n·T: a burst of mixed lengths pays for its tokens, not for
-        n times the longest. Every product keeps at least MIN_ROWS rows."""
+        """One prefill forward over rows [0, n) of the prefill cache, chunk i into row i: the logits (n,
+        MIN_ROWS, V) at each row's last MIN_ROWS tokens (free rows' mean nothing); T (>= MIN_ROWS: every
+        product has at least MIN_ROWS rows) is the attention's padded width. With row-invariant products
+        (self.tiled) the real tokens run as one flat row of `flat_len` (default: their count by
+        _chunk_shape) when shorter than n·T (gpt.Ragged): a burst pays for its tokens, not n × the longest."""
         lengths = torch.tensor([len(chunks.get(i, ())) for i in range(n)])
         at = (lengths.unsqueeze(1) - torch.arange(MIN_ROWS, 0, -1)).clamp(min=0)   # (n, MIN_ROWS), last one last
         flat = [t for chunk in chunks.values() for t in chunk]
-        flat_len = flat_len or _ragged_len(len(flat))
+        flat_len = flat_len or _chunk_shape(len(flat))
         if not self.tiled or flat_len >= n * T:   # the padded batch (as cheap, and no scatter/gather)
             ids = torch.zeros(n, T, dtype=torch.long)
             for i, chunk in chunks.items():

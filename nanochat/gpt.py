@@ -367,7 +367,8 @@ class Ragged:
     token i < len(row) sits at (row[i], col[i]), position kv_cache.pos[row[i]] + col[i]; the rest pad N.
     The linear layers (nearly all the work) then run over N rows, not B·width; attention runs on the
     padded batch (queries scattered in, outputs gathered back), so each token's output is bitwise the
-    padded forward's wherever the linear layers are row-invariant (nanochat/packed.py)."""
+    padded forward's wherever the linear layers are row-invariant (nanochat/packed.py). As after a padded
+    forward, smear's kv_cache.last_x of a row shorter than the width is its caller's to set."""
     row: torch.Tensor   # (n,) long
     col: torch.Tensor   # (n,) long
     width: int
@@ -612,7 +613,7 @@ class GPT(nn.Module):
         rope, masks = self._attention_inputs(T, idx.device, kv_cache, ragged)
         x = self.embed(idx)
         if self.smear_gate is not None:
-            x = self._smear(x, kv_cache, masks.get("token_positions"), ragged)
+            x = self._smear(x, kv_cache, ragged)
         x0 = x
         recompute = self.activation_checkpointing == "full" and kv_cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
@@ -656,21 +657,15 @@ class GPT(nn.Module):
         """The normed token embeddings; also what a KV cache keeps of a row's last token (smear)."""
         return norm(self.transformer.wte(idx).float())   # bf16-stored tables (precision.py): fp32 residual
 
-    def _smear(self, x: torch.Tensor, kv_cache: Optional[KVCache], positions: Optional[torch.Tensor] = None,
-               ragged: Optional[Ragged] = None) -> torch.Tensor:
+    def _smear(self, x: torch.Tensor, kv_cache: Optional[KVCache], ragged: Optional[Ragged] = None) -> torch.Tensor:
         """x[t] += λ·sigmoid(gate(x[t, :24]))·x[t-1]; position 0 of a sequence has no predecessor."""
+        if ragged is not None:   # on the padded batch (cheap: elementwise), then back to the flat row
+            n, pad = ragged.row.numel(), x.new_zeros(kv_cache.batch_size, ragged.width, x.size(-1))
+            pad[ragged.row, ragged.col] = x[0, :n]
+            return torch.cat([self._smear(pad, kv_cache)[ragged.row, ragged.col], x[0, n:]]).unsqueeze(0)
         g = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_GATE_CHANNELS]))   # (B, T, 1)
         if kv_cache is None:
             return torch.cat([x[:, :1], x[:, 1:] + g[:, 1:] * x[:, :-1]], dim=1)
-        if ragged is not None:   # a row's first token follows its cache's last one; padding has none
-            n, (row, col), last_x = positions.numel(), (ragged.row, ragged.col), kv_cache.last_x.to(x.dtype)
-            prev = torch.cat([x[0, :1], x[0, :-1]])
-            prev[:n] = torch.where((col == 0).unsqueeze(1), last_x[row], prev[:n])
-            has_prev = F.pad(positions > 0, (0, x.size(1) - n))
-            ends = torch.ones_like(row, dtype=torch.bool)
-            ends[:-1] = row[1:] != row[:-1]   # each row's tokens are consecutive
-            kv_cache.last_x[row[ends]] = x[0, :n][ends].to(kv_cache.last_x.dtype)
-            return x + (g[0] * has_prev.unsqueeze(-1) * prev).unsqueeze(0)
         prev = torch.cat([kv_cache.last_x.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
         has_prev = (kv_cache.pos.unsqueeze(1) + torch.arange(x.size(1), device=x.device)) > 0   # (B, T)
         kv_cache.last_x.copy_(x[:, -1])

@@ -81,8 +81,8 @@ def test_packed_layers_refuse_training_and_other_dtypes():
 def test_a_flat_row_of_real_tokens_equals_the_padded_batch(modern):
     """Rows holding 3, 0, 0 and 9 tokens get chunks of 5, 13, 0 and 9 tokens: padded to 16 columns,
     or as one flat row of 27 real tokens + 5 padding. Every real token's logits, keys and values are
-    bitwise the same; positions advance by the real lengths; with smear, each row's last_x is its last
-    real token's embedding."""
+    bitwise the same (smear included: rows 0 and 3 start after cached tokens); positions advance by the
+    real lengths."""
     kw = dict(value_embeds=True, window_pattern="SL", smear=True, resid_lambdas=True, x0_lambdas=True,
               backout=True) if modern else {}
     m = _model(**kw)
@@ -121,6 +121,3 @@ def test_a_flat_row_of_real_tokens_equals_the_padded_batch(modern):
         assert torch.equal(flat.k[:, i, :, :end], padded.k[:, i, :, :end])
         assert torch.equal(flat.v[:, i, :, :end], padded.v[:, i, :, :end])
     assert flat.pos.tolist() == [h + n for h, n in zip(held, lens)]
-    if modern:   # smear's last_x: each row's last real token's embedding (padded: its last column's)
-        last = [chunks[i][-1] for i in range(4) if lens[i]]
-        assert torch.equal(flat.last_x[[i for i in range(4) if lens[i]]], m.embed(torch.stack(last)))

@@ -479,16 +479,17 @@ class Scheduler:
         if not self.tiled:
             return shapes
         flat = set(range(CHUNK_STEP, self.prefill_rows * Q_BLOCK, CHUNK_STEP)) - {f for *_, f in shapes}
-        return shapes + [(self.prefill_rows, Q_BLOCK, f) for f in sorted(flat)]   # one short chunk, f long
+        return shapes + [(self.prefill_rows, Q_BLOCK, f) for f in sorted(flat)]   # f tokens in rows of 32
 
     def _warm_step(self) -> None:
         """One idle-time prefill forward of a shape not run yet (on the free prefill rows): CPU matrix
         products build their kernels on the first product of each shape (~3 ms per forward shape on
         the demo model), which would otherwise land on some request's time to first token."""
         n, T, flat = self._warm.pop()
-        chunks = {i: [0] * T for i in range(n)} if flat == n * T else {0: [0] * CHUNK_STEP}
+        # `flat` real tokens in rows of T: a flat row of that length where it is shorter than the rows
+        chunks = {i: [0] * min(T, flat - i * T) for i in range(-(-flat // T))}
         with _threads(self.threads):
-            self._prefill_forward(chunks, n, T, self._prefill_keys(T), flat)
+            self._prefill_forward(chunks, len(chunks), T, self._prefill_keys(T))
         self.pre.pos[:n] = 0
 
     def _fail_all(self, error: Optional[str]) -> None:
@@ -555,17 +556,16 @@ class Scheduler:
         self.pre.last_x[slots] = self.model.embed(torch.tensor([g.prompt[g.done - 1] for _, g in busy], device=self.device))
         self._finish_prefill([(i, g) for i, g in busy if g.done == len(g.prompt)], logits)
 
-    def _prefill_forward(self, chunks: dict[int, list[int]], n: int, T: int, keys: int,
-                         flat_len: Optional[int] = None) -> torch.Tensor:
+    def _prefill_forward(self, chunks: dict[int, list[int]], n: int, T: int, keys: int) -> torch.Tensor:
         """One prefill forward over rows [0, n) of the prefill cache, chunk i into row i: the logits (n,
         MIN_ROWS, V) at each row's last MIN_ROWS tokens (free rows' mean nothing); T (>= MIN_ROWS: every
         product has at least MIN_ROWS rows) is the attention's padded width. With row-invariant products
-        (self.tiled) the real tokens run as one flat row of `flat_len` (default: their count by
-        _chunk_shape) when shorter than n·T (gpt.Ragged): a burst pays for its tokens, not n × the longest."""
+        (self.tiled) the real tokens run as one flat row (their count by _chunk_shape) when shorter than
+        n·T (gpt.Ragged): a burst pays for its tokens, not n × the longest."""
         lengths = torch.tensor([len(chunks.get(i, ())) for i in range(n)])
         at = (lengths.unsqueeze(1) - torch.arange(MIN_ROWS, 0, -1)).clamp(min=0)   # (n, MIN_ROWS), last one last
         flat = [t for chunk in chunks.values() for t in chunk]
-        flat_len = flat_len or _chunk_shape(len(flat))
+        flat_len = _chunk_shape(len(flat))
         if not self.tiled or flat_len >= n * T:   # the padded batch (as cheap, and no scatter/gather)
             ids = torch.zeros(n, T, dtype=torch.long)
             for i, chunk in chunks.items():

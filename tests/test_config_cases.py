@@ -16,6 +16,8 @@ CASES = [
     (["model.aspect_ratio=2", "model.depth=1"], None),          # the smallest even width still plans
     # a huge drawn depth made _pick_heads scan every integer up to n_embd (hours)
     (["model.depth=1000003", "stage.num_iterations=1"], None),
+    # a depth of 9e102 (as a float) made every per-layer list (window sizes, FLOPs) run for ever
+    (["++model.depth=9.364324127439266e+102", "stage.final_lr_frac=3460342", "model=d6"], "model.depth"),
     # a huge device batch over the total batch made the shrink rule scan every batch up to it
     (["hardware.device_batch_size=18446744073709551616"], None),
 ]

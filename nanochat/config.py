@@ -392,11 +392,10 @@ def _build(cls: type, tree: Any, prefix: str, schemas: Optional[dict] = None) ->
                   for n in fields if n in tree})
 
 
-MAX_DEPTH = 2 ** 20
 # Rules between keys, checked in this order after the ranges: (key, is its value bad, fix, problem)
 _RULES = (
     # a per-layer list of a drawn depth of 9e102 never ended (tests/test_config_cases.py)
-    ("model.depth", lambda v, c: v is not None and v > MAX_DEPTH, f"use at most {MAX_DEPTH:,} layers", "too deep"),
+    ("model.depth", lambda v, c: v is not None and v > 2 ** 20, "use at most 1,048,576 (2**20) layers", "too deep"),
     ("model.fp8", lambda v, c: v not in (None, "tensorwise", "rowwise"),
      "use null, tensorwise (faster) or rowwise (more accurate)", "unknown fp8 recipe"),
     ("model.fp8_emulate", lambda v, c: v and c.model.fp8 is None,

@@ -631,10 +631,8 @@ class GPT(nn.Module):
         x = norm(x)
         if kv_cache is not None:
             kv_cache.pos += T if ragged is None else torch.bincount(ragged.row, minlength=kv_cache.batch_size)
-        if logits_at is not None and ragged is not None:
-            x = x[0, logits_at]
-        elif logits_at is not None:
-            x = x[torch.arange(B, device=x.device).unsqueeze(1), logits_at.reshape(B, -1)]
+        if logits_at is not None:   # ragged: indices into the flat row
+            x = x[0, logits_at] if ragged is not None else x[torch.arange(B, device=x.device).unsqueeze(1), logits_at.reshape(B, -1)]
 
         V = c.vocab_size
         W = self.lm_head.weight[:V] if V != c.padded_vocab_size else self.lm_head.weight

@@ -236,7 +236,7 @@ def _chunk_shape(tokens: int) -> int:
 class Scheduler:
     """Continuous batching over one model replica (see the module docstring)."""
 
-    settle_s, burst_settle_s, settle_max_s = 1e-3, 5e-3, 3e-2   # new prompts wait for arrivals to pause (_hold_s)
+    settle_s, burst_settle_s, settle_max_s = 1e-3, 2e-3, 8e-3   # new prompts wait for arrivals to pause (_hold_s)
     arriving_s = 5e-3   # a forward this soon after a submit or a first token (or while a request is read) leaves a core
 
     def __init__(self, model, tokenizer, max_seqs: int = 16, max_queue: int = 64,
@@ -447,8 +447,10 @@ class Scheduler:
         both slow down and the rest of the burst waits a whole prefill before its own. So new prompts
         wait while a request is being read (receiving_request), and until none has come in for
         `settle_s`, or `burst_settle_s` once several wait (a burst's requests can come a few ms apart);
-        at most `settle_max_s` after the oldest came in. A lone request pays `settle_s`; running
-        sequences keep decoding meanwhile."""
+        at most `settle_max_s` after the oldest came in: about what a prefill of a few prompts takes, since
+        waiting longer than a prefill would take cannot pay (a client that sends a burst over 40 ms, a
+        request every 3 ms, made a 30 ms cap fire as the rest arrived). A lone request pays `settle_s`;
+        running sequences keep decoding meanwhile."""
         with self._cv:
             if not self._can_start():
                 return 0.0

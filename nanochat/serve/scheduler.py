@@ -208,7 +208,7 @@ class _Group:
 Q_BLOCK, MIN_ROWS = 32, 4
 CHUNK_STEP = 8   # prefill chunks are padded to a multiple of this many tokens (>= MIN_ROWS)
 SHORT_KEYS = 128   # key length of a prefill forward whose chunks all end within it (see _prefill_step)
-SWITCH_S = 2e-4    # the GIL's switch interval while a scheduler runs (Python's default: 5 ms; see start)
+SWITCH_S = 1e-3    # the GIL's switch interval while a scheduler runs (Python's default: 5 ms; see start)
 
 
 @contextlib.contextmanager
@@ -319,7 +319,9 @@ class Scheduler:
         # run a switch interval (5 ms by default), and the model's forward re-takes it between ops: so
         # each socket call of the HTTP thread during a forward could wait 5 ms, and the forward each time
         # the HTTP thread held it. That spread a burst's arrivals over hundreds of ms, the tail of its
-        # time to first token (measured with bench/serve.py --trace; 0.2 ms roughly halved it).
+        # time to first token (measured with bench/serve.py --trace; 0.2 ms roughly halved it). Below 1 ms,
+        # on a CPU shared with other work, each forced switch waits for the other thread to be scheduled:
+        # side by side under load, 1 ms gave a burst TTFT p95 of 56-68 ms where 0.2 ms gave 88-134.
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_S))
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{self.name}", daemon=True)
         self._thread.start()

@@ -453,3 +453,55 @@ def test_decode_steps_leave_a_core_while_first_tokens_go_out(tok, model):
     finally:
         model.forward = forward
         sched.stop()
+
+
+def test_decode_steps_wait_while_new_prompts_are_held(tok, model):
+    """While a new prompt waits for a burst's arrivals to pause, running sequences do not take a decode
+    step: one begun just before the last arrival would delay the whole burst's prefill by a step."""
+    bos = tok.get_bos_token_id()
+    sched = Scheduler(model, tok, max_seqs=4)
+    sched.settle_s = sched.burst_settle_s = 0.0
+    sched.start()
+    try:
+        running, sinks = _submit(sched, [bos] + tok.encode("a long answer"), [SamplingParams(max_tokens=400, temperature=0)])
+        while len(running[0].tokens) < 3:
+            time.sleep(0.001)
+        sched.settle_s = sched.burst_settle_s = sched.settle_max_s = 0.3   # the next prompt is held 0.3 s
+        new, new_sinks = _submit(sched, [bos] + tok.encode("a new one"), [SamplingParams(max_tokens=2, temperature=0)])
+        steps = sched.steps
+        time.sleep(0.15)
+        assert sched.steps - steps <= 1 and new[0].first_token_at is None   # (at most the step under way)
+        assert _collect(new_sinks[0])[1] == "length"
+        assert sched.steps > steps + 1   # decoding resumed once the prompt started
+        running[0].cancel()
+    finally:
+        sched.stop()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to run the model on 2 threads")
+@pytest.mark.parametrize("lost", [False, True])
+def test_forwards_leave_a_core_after_one_lost_it(tok, model, lost):
+    """A forward on every thread whose own thread ran less than `shared_below` of its time (another
+    process had its core) makes the forwards of the next `shared_s` leave a core; one that kept its
+    core does not. (The share is set above 1 to stand for a lost core, and to 0 for a kept one.)"""
+    sched = Scheduler(model, tok, max_seqs=4, threads=2)
+    sched.settle_s, sched.arriving_s, sched.shared_s = 0.0, 0.0, 30.0
+    sched.shared_below = 1.01 if lost else 0.0
+    forward, ran = model.forward, []
+
+    def counted(ids, *a, **kw):
+        ran.append(("prefill" if ids.shape[1] > 1 else "decode", torch.get_num_threads()))
+        return forward(ids, *a, **kw)
+    model.forward = counted
+    try:
+        sched.start()
+        t0 = time.time()
+        while not sched.yield_core and time.time() - t0 < 30:   # the start-up checks ran
+            time.sleep(0.01)
+        del ran[:]
+        bos = tok.get_bos_token_id()
+        _collect(_submit(sched, [bos] + tok.encode("hello"), [SamplingParams(max_tokens=3, temperature=0)])[1][0])
+        assert ran == [("prefill", 2)] + [("decode", 1 if lost else 2)] * 2
+    finally:
+        model.forward = forward
+        sched.stop()

@@ -153,8 +153,8 @@ class _Submission:
         self.seqs = pool.submit(prompt, params, self._sink_for)
 
     def _sink_for(self, i: int):
-        sent = itertools.count()   # a first token goes out at once
-        return lambda ev: self.mailbox.post(self.queue, (i, ev), urgent=next(sent) == 0)
+        sent = itertools.count()   # a first token goes out at once, and the end (nothing follows it)
+        return lambda ev: self.mailbox.post(self.queue, (i, ev), urgent=next(sent) == 0 or ev.kind == "done")
 
     def cancel(self) -> None:
         for s in self.seqs:

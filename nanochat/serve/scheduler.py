@@ -237,6 +237,7 @@ class Scheduler:
     """Continuous batching over one model replica (see the module docstring)."""
 
     settle_s, burst_settle_s, settle_max_s = 1e-3, 2e-3, 8e-3   # new prompts wait for arrivals to pause (_hold_s)
+    shared_below, shared_s = 0.6, 1.0   # a forward on this thread less of its time: forwards leave a core (_cores)
     arriving_s = 5e-3   # a forward this soon after a submit or a first token (or while a request is read) leaves a core
 
     def __init__(self, model, tokenizer, max_seqs: int = 16, max_queue: int = 64,
@@ -275,6 +276,7 @@ class Scheduler:
                       if warmup and getattr(model, "packed_for_inference", False) else [])
         self._last_submit = self._last_first = 0.0   # when a request came in / a first token went out
         self.receiving = 0   # requests the HTTP side is reading (receiving_request)
+        self._shared_until = 0.0   # forwards leave a core until then (_cores)
         self.yield_core = False   # set on the scheduler thread (see _loop)
         self.steps = self.prefill_steps = self.generated = 0
 
@@ -414,8 +416,8 @@ class Scheduler:
                         continue
                     self._drop_cancelled()
                     hold = self._hold_s()   # > 0: new prompts wait for a burst's arrivals to pause
-                    if hold and not self.active() and not any(self.prefilling):
-                        with self._cv:   # nothing else to run meanwhile
+                    if hold and not any(self.prefilling):   # decode steps wait too (see _hold_s)
+                        with self._cv:
                             self._cv.wait(hold)
                         continue
                     self._prefill_step(start=not hold)
@@ -429,16 +431,27 @@ class Scheduler:
             raise
         self._fail_all(None)
 
+    @contextlib.contextmanager
     def _cores(self, decode: bool = False):
         """The intra-op threads of the next forward: one fewer (when that changes no bit: yield_core)
         while requests arrive (one is being read, or came in the last `arriving_s`) and, for a decode
         step, while first tokens go out (one was sent in the last `arriving_s`). Two threads computing
         beside the HTTP thread take its core, and each op's barrier then spins for the thread it
         displaced: a 5-prompt prefill took 40 ms instead of 9, the requests being read waited for it,
-        and first tokens waited 7-8 ms for the decode step after their prefill (bench/serve.py --trace)."""
+        and first tokens waited 7-8 ms for the decode step after their prefill (bench/serve.py --trace).
+        Also for `shared_s` after a forward on every thread that ran on this one less than `shared_below` of
+        its time: another process (or the HTTP thread) has a core, and a 10-prompt prefill on both took
+        80-120 ms, its threads taking turns at each barrier (one thread: 20-30 ms)."""
         recent = max(self._last_submit, self._last_first) if decode else self._last_submit
-        fewer = self.yield_core and (self.receiving > 0 or time.perf_counter() - recent < self.arriving_s)
-        return _threads(self.threads and self.threads - fewer)
+        now = time.perf_counter()
+        fewer = self.yield_core and (self.receiving > 0 or now - recent < self.arriving_s or now < self._shared_until)
+        n = self.threads and self.threads - fewer
+        cpu = time.thread_time()
+        with _threads(n):
+            yield
+        cpu, wall = time.thread_time() - cpu, time.perf_counter() - now
+        if self.yield_core and not fewer and cpu < self.shared_below * wall:   # this thread lost its core a while
+            self._shared_until = time.perf_counter() + self.shared_s
 
     def _hold_s(self) -> float:
         """How much longer new prompts wait before they start prefilling (0: start now).
@@ -451,8 +464,9 @@ class Scheduler:
         `settle_s`, or `burst_settle_s` once several wait (a burst's requests can come a few ms apart);
         at most `settle_max_s` after the oldest came in: about what a prefill of a few prompts takes, since
         waiting longer than a prefill would take cannot pay (a client that sends a burst over 40 ms, a
-        request every 3 ms, made a 30 ms cap fire as the rest arrived). A lone request pays `settle_s`;
-        running sequences keep decoding meanwhile."""
+        request every 3 ms, made a 30 ms cap fire as the rest arrived). A lone request pays `settle_s`.
+        Decode steps wait meanwhile: one started just before the last arrival (3-7 ms) delayed the whole
+        burst's prefill by a step."""
         with self._cv:
             if not self._can_start():
                 return 0.0

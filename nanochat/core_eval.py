@@ -196,9 +196,7 @@ def centered_accuracy(accuracy: float, random_baseline: float) -> float:
 def fewshot_indices(n: int, idx: int, k: int, seed: int = FEWSHOT_SEED) -> list[int]:
     """The k items shown before item `idx` (never itself), the same on every call and rank."""
     k = min(k, n - 1)
-    if k <= 0:
-        return []
-    return random.Random(seed + idx).sample([i for i in range(n) if i != idx], k)
+    return random.Random(seed + idx).sample([i for i in range(n) if i != idx], k) if k > 0 else []
 
 
 def render_prompts(task_type: str, item: dict, delimiter: str, fewshot: list[dict]) -> list[str]:
@@ -350,12 +348,9 @@ def evaluate_core(model: torch.nn.Module, tokenizer, bundle_dir: str | os.PathLi
             lines.label = f"CORE {spec.label}"
             acc = evaluate_task(model, tokenizer, spec, examples, device, max_per_task,
                                 on_example=lambda: lines.step(next(count)))
-            results[spec.label] = {
-                "accuracy": acc,
-                "centered": centered_accuracy(acc, spec.random_baseline),
-                "num_examples": num_evaluated(len(examples), max_per_task),
-                "random_baseline": spec.random_baseline,
-            }
+            results[spec.label] = {"accuracy": acc, "centered": centered_accuracy(acc, spec.random_baseline),
+                                   "num_examples": num_evaluated(len(examples), max_per_task),
+                                   "random_baseline": spec.random_baseline}
     finally:
         model.train(was_training)
     core = sum(r["centered"] for r in results.values()) / len(results)
@@ -377,10 +372,8 @@ def write_core_csv(results: dict, path: str | os.PathLike) -> None:
     `results` is what `evaluate_core` returned; skipped tasks get a row with empty numbers.
     """
     lines = ["task,accuracy,centered,num_examples,random_baseline"]
-    for label, r in results["results"].items():
-        lines.append(f"{label},{r['accuracy']:.6f},{r['centered']:.6f},{r['num_examples']},"
-                     f"{r.get('random_baseline', '')}")
-    for label in results.get("tasks_skipped", []):
-        lines.append(f"{label},,,0,")
+    lines += [f"{k},{r['accuracy']:.6f},{r['centered']:.6f},{r['num_examples']},{r.get('random_baseline', '')}"
+              for k, r in results["results"].items()]
+    lines += [f"{label},,,0," for label in results.get("tasks_skipped", [])]
     lines.append(f"CORE,,{results['core']:.6f},{results['tasks_evaluated']},")
     atomic_write_text(path, "\n".join(lines) + "\n")

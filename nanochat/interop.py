@@ -33,7 +33,7 @@ from typing import Any, Optional
 import torch
 
 from nanochat.integrity import sha256_file as file_sha256  # noqa: F401  (launch/interop_cli.py)
-from nanochat.plan import GENERATIONS
+from nanochat.plan import GENERATION_KEYS, GENERATIONS
 from nanochat.shapes import default_short_window
 
 STAGE_DIRS = {"pretrain": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
@@ -166,8 +166,7 @@ def to_nanochat(state: dict[str, torch.Tensor], cfg_kwargs: dict) -> tuple[dict,
     gen = "modern" if modern else "seed"
     # field → the values nanochat's model of this generation can take (None: the field's default)
     g = GENERATIONS[gen]
-    allowed = {k: (g[k],) for k in ("rope_base", "value_embeds", "resid_lambdas", "x0_lambdas", "smear", "backout",
-                                    "qk_scale", "pad_vocab_to")}
+    allowed = {k: (g[k],) for k in GENERATION_KEYS}
     allowed.update(softcap=(15.0,), short_window=(None, default_short_window(seq)) if seq else (None,),
                    # L layers bounded at sequence_len (nanochat modern) differ from unbounded only past it
                    long_window=(None, seq) if modern else (None,))

@@ -29,16 +29,11 @@ def _json_process(module: str, request: dict, show: bool = False) -> tuple[subpr
 def probe_device_batch(cfg: Config, plan: Plan) -> dict:
     """Run `python -m nanochat.batch_size` for this run's model and batch; returns the probe result."""
     hw = cfg.hardware
-    request = {
-        "gpt_kwargs": plan.model.gpt_config_kwargs(),
-        "seq_len": plan.sequence_len,
-        "candidates": auto_batch_candidates(plan.total_batch_size, plan.sequence_len, plan.world_size),
-        "device": hw.device,
-        "dtype": hw.dtype,
-        "embedding_dtype": hw.embedding_dtype,
-        "activation_checkpointing": cfg.model.activation_checkpointing,
-        "memory_gb": hw.auto_batch_memory_gb,
-    }
+    request = {"gpt_kwargs": plan.model.gpt_config_kwargs(), "seq_len": plan.sequence_len,
+               "candidates": auto_batch_candidates(plan.total_batch_size, plan.sequence_len, plan.world_size),
+               "device": hw.device, "dtype": hw.dtype, "embedding_dtype": hw.embedding_dtype,
+               "activation_checkpointing": cfg.model.activation_checkpointing,
+               "memory_gb": hw.auto_batch_memory_gb}
     print(f"[nanochat] hardware.device_batch_size=auto: probing {request['candidates']} on {hw.device}", flush=True)
     p, result = _json_process("nanochat.batch_size", request)
     result = result or {"error": f"the probe exited {p.returncode}: {p.stderr[-2000:]}"}

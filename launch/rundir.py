@@ -158,22 +158,12 @@ def freeze(run_dir: Path, cfg: Config, plan: dict, overrides: list[str], choices
     text = resolved_yaml(cfg)
     assert "${" not in text, "resolved config still holds an interpolation"
     git = git_info()
-    meta = {
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "run_dir": str(run_dir.resolve()),
-        "stage": cfg.stage.name,
-        "tag": run_tag(cfg),
-        "argv": list(argv if argv is not None else sys.argv),
-        "overrides": overrides,
-        "choices": choices,
-        "git": git,
-        "hostname": socket.gethostname(),
-        "user": getpass.getuser(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "packages": package_versions(),
-        "slurm": {k: os.environ[k] for k in SLURM_VARS if k in os.environ},
-    }
+    meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "run_dir": str(run_dir.resolve()),
+            "stage": cfg.stage.name, "tag": run_tag(cfg), "argv": list(argv if argv is not None else sys.argv),
+            "overrides": overrides, "choices": choices, "git": git, "hostname": socket.gethostname(),
+            "user": getpass.getuser(), "python": platform.python_version(), "platform": platform.platform(),
+            "packages": package_versions(),
+            "slurm": {k: os.environ[k] for k in SLURM_VARS if k in os.environ}}
     hydra_dir = run_dir / ".hydra"
     atomic_write_text(hydra_dir / "config.yaml", yaml.safe_dump(composed, sort_keys=False))
     atomic_write_text(hydra_dir / "overrides.yaml", yaml.safe_dump(overrides))

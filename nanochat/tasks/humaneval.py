@@ -31,15 +31,10 @@ class HumanEval(HubTask):
 
     def get_example(self, index: int) -> Conversation:
         row = self.rows[index]
-        return {
-            "messages": [
-                {"role": "user", "content": row["prompt"]},
-                {"role": "assistant", "content": f"{row['prompt']}\n{row['canonical_solution']}"},
-            ],
-            "entry_point": row["entry_point"],
-            "test": row["test"],
-            "task_id": row.get("task_id", str(index)),
-        }
+        messages = [{"role": "user", "content": row["prompt"]},
+                    {"role": "assistant", "content": f"{row['prompt']}\n{row['canonical_solution']}"}]
+        return {"messages": messages, "entry_point": row["entry_point"], "test": row["test"],
+                "task_id": row.get("task_id", str(index))}
 
     def evaluate(self, conversation: Conversation, completion: str) -> bool:
         imports = extract_imports(conversation["messages"][0]["content"])

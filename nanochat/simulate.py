@@ -243,24 +243,18 @@ def rehearse(cfg, plan, *, fake: bool = True, device_batch_size: Optional[int] =
     bw, mem = getattr(hw, "interconnect_gb_s", None), getattr(hw, "gpu_memory_gb", None)
     peak_gib = snap.get("Total", 0) / GIB
     moved = (traffic["reduce_scatter_bytes"] + traffic["all_gather_bytes"]) * (W - 1) / W   # ring: per rank
-    return {
-        "peak_memory_gib": peak_gib,
-        "memory_gib": split,
-        "gpu_memory_gib": mem,
-        "flops_per_token_counted": count_flops(flops, model) / (B * seq),
-        "flops_per_token_plan": plan.flops_per_token,
-        "world_size": W, "device_batch_size": B, "grad_accum_steps": accum, "micro_steps_run": micro,
-        "sequence_len": seq, "dtype": precision.name, "fp8": plan.fp8,
-        "activation_checkpointing": cfg.model.activation_checkpointing,
-        **traffic, "interconnect_gb_s": bw,
-        "comm_seconds_per_step": moved / (bw * 1e9) if bw and W > 1 else 0.0,
-        "compiled": compile_blocks, "fake": fake,
-        "simulator_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
-        "seconds": time.perf_counter() - t0,
-        "differences": (list(DIFFERENCES) + [COMPILE_NOTE[bool(compile_blocks)]]) if fake else [],
-        **({} if fake else {"losses": [float(x) for x in losses]}),
-        "fits": None if not mem else peak_gib <= HEADROOM * mem,
-    }
+    return {"peak_memory_gib": peak_gib, "memory_gib": split, "gpu_memory_gib": mem,
+            "flops_per_token_counted": count_flops(flops, model) / (B * seq),
+            "flops_per_token_plan": plan.flops_per_token, "world_size": W, "device_batch_size": B,
+            "grad_accum_steps": accum, "micro_steps_run": micro, "sequence_len": seq, "dtype": precision.name,
+            "fp8": plan.fp8, "activation_checkpointing": cfg.model.activation_checkpointing, **traffic,
+            "interconnect_gb_s": bw, "comm_seconds_per_step": moved / (bw * 1e9) if bw and W > 1 else 0.0,
+            "compiled": compile_blocks, "fake": fake,
+            "simulator_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+            "seconds": time.perf_counter() - t0,
+            "differences": (list(DIFFERENCES) + [COMPILE_NOTE[bool(compile_blocks)]]) if fake else [],
+            **({} if fake else {"losses": [float(x) for x in losses]}),
+            "fits": None if not mem else peak_gib <= HEADROOM * mem}
 
 
 # --------------------------------------------------------------------------- planning

@@ -22,12 +22,8 @@ from nanochat.tokenizer import get_token_bytes, get_tokenizer
 if TYPE_CHECKING:  # torch and what imports it load in the worker only: the launcher imports this module
     from nanochat import training as T
 
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-]
+SAMPLE_PROMPTS = ["The capital of France is", "def fibonacci(n):",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is"]
 
 
 class SlotLoader:

@@ -44,10 +44,9 @@ def bench(cfg: DataConfig, tok, base: str, B: int, T: int, n: int, world: int) -
         t = time.perf_counter()
         next(dl)
         costs.append(time.perf_counter() - t)
-    per_next = statistics.median(costs)
     for dl in loaders:
         dl.close()
-    return {"cold_s": cold, "tok_s": n * world * B * T / steady, "next_us": per_next * 1e6}
+    return {"cold_s": cold, "tok_s": n * world * B * T / steady, "next_us": statistics.median(costs) * 1e6}
 
 
 def main() -> None:

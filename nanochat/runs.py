@@ -183,10 +183,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
             va, vb = fa.get(k, "<absent>"), fb.get(k, "<absent>")
             if k != "run.dir" and va != vb:
                 lines.append([f"{label}.{k}", *(v if isinstance(v, str) else json.dumps(v) for v in (va, vb))])
-    if not lines:
-        print(f"no config or plan key differs between {a} and {b}")
-        return 0
-    print(_table([["key", "A", "B"], *lines]) + f"\nA = {a}\nB = {b}")
+    print(_table([["key", "A", "B"], *lines]) + f"\nA = {a}\nB = {b}" if lines else
+          f"no config or plan key differs between {a} and {b}")
     return 0
 
 

@@ -85,12 +85,6 @@ def read_run(sweep_dir: Path, run_dir: Path) -> RunRecord:
     return rec
 
 
-def read_sweep(sweep_dir: Path) -> list[RunRecord]:
-    """Every run dir under the sweep dir (not checkpoints' or the report's own dir)."""
-    sweep_dir = Path(sweep_dir)   # find_runs never descends into a run dir, so never into its checkpoints
-    return [read_run(sweep_dir, d) for d in find_runs(sweep_dir) if d.relative_to(sweep_dir).parts[:1] != ("scaling",)]
-
-
 # --------------------------------------------------------------------------- prediction → command
 
 def shared_overrides(recs: Sequence[RunRecord]) -> list[str]:
@@ -212,7 +206,8 @@ def analyse(sweep_dir: Path, kind: str = DEFAULT_KIND, budget: Optional[float] =
     """Read, fit and predict; returns everything the report shows (also what tests check)."""
     if kind not in PARAM_KINDS:
         raise ValueError(f"--params {kind!r}: use one of {', '.join(PARAM_KINDS)}")
-    recs = read_sweep(sweep_dir)
+    root = Path(sweep_dir)   # every run dir but the report's own (find_runs skips a run dir's checkpoints)
+    recs = [read_run(root, d) for d in find_runs(root) if d.relative_to(root).parts[:1] != ("scaling",)]
     good = [r for r in recs if not r.skip_reason]
     pts = [S.Point(params=float(r.params[kind]), tokens=float(r.tokens), loss=float(r.val_bpb), budget=r.budget,
                    flops=r.flops, depth=r.depth, name=r.job) for r in good]

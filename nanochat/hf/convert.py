@@ -85,22 +85,19 @@ def to_hf(kw: dict, state: dict[str, torch.Tensor], specials: dict[str, int], re
               "tie_word_embeddings": False, "use_cache": True, "bos_token_id": ids["bos_token_id"],
               "eos_token_id": ids["eos_token_id"][0], "pad_token_id": ids["pad_token_id"]}
     if remote_code:
-        config = {
-            # no "architectures": `transformers serve` looks those up as transformers attributes, and falls back
-            # to AutoModelForCausalLM (auto_map, trust_remote_code) only without them
-            "model_type": REMOTE_TYPE,
-            "auto_map": {"AutoConfig": f"{REMOTE_MODULE}.NanochatHydraConfig",
-                         "AutoModelForCausalLM": f"{REMOTE_MODULE}.{REMOTE_ARCH}"},
-            **shared, "max_position_embeddings": c.max_positions,
-        }
+        # no "architectures": `transformers serve` looks those up as transformers attributes, and falls back
+        # to AutoModelForCausalLM (auto_map, trust_remote_code) only without them
+        auto_map = {"AutoConfig": f"{REMOTE_MODULE}.NanochatHydraConfig",
+                    "AutoModelForCausalLM": f"{REMOTE_MODULE}.{REMOTE_ARCH}"}
+        config = {"model_type": REMOTE_TYPE, "auto_map": auto_map, **shared,
+                  "max_position_embeddings": c.max_positions}
         return config, {f"model.{k}": v for k, v in state.items()}
-    config = {
-        "architectures": ["NanoChatForCausalLM"], "model_type": NATIVE_TYPE, **shared,
-        "intermediate_size": 4 * c.n_embd, "max_position_embeddings": c.sequence_len, "hidden_act": "relu2",
-        "rms_norm_eps": FP32_EPS, "rope_parameters": {"rope_type": "default", "rope_theta": float(c.rope_base)},
-        "final_logit_softcapping": float(c.softcap) if c.softcap > 0 else None,
-        "attention_bias": False, "attention_dropout": 0.0,
-    }
+    config = {"architectures": ["NanoChatForCausalLM"], "model_type": NATIVE_TYPE, **shared,
+              "intermediate_size": 4 * c.n_embd, "max_position_embeddings": c.sequence_len,
+              "hidden_act": "relu2", "rms_norm_eps": FP32_EPS,
+              "rope_parameters": {"rope_type": "default", "rope_theta": float(c.rope_base)},
+              "final_logit_softcapping": float(c.softcap) if c.softcap > 0 else None,
+              "attention_bias": False, "attention_dropout": 0.0}
     names = _native_names(c.n_layer)
     unused = set(state) - set(names)
     if unused:

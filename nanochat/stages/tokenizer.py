@@ -136,12 +136,11 @@ def run(cfg: Config, run_dir: Path) -> TokenizerResult:
         print0(f"[tokenizer] {label:>20}: {row['bytes_per_token']:.3f} bytes/token  {refs}")
     for label, note in notes.items():
         print0(f"[tokenizer] {label}: {note}")
-    result = {
-        "tokenizer": cfg.data.tokenizer, "path": str(out), "vocab_size": tok.get_vocab_size(),
-        "requested_vocab_size": st.vocab_size, "train_chars": m["train_chars"], "train_docs": m["train_docs"],
-        "train_seconds": m["train_seconds"], "chars_per_sec": m["chars_per_sec"], "wall_seconds": round(wall, 3),
-        "compression": table, "notes": notes | ({"vocab": m["note"]} if "note" in m else {}),
-    }
+    result = {"tokenizer": cfg.data.tokenizer, "path": str(out), "vocab_size": tok.get_vocab_size(),
+              "requested_vocab_size": st.vocab_size, "train_chars": m["train_chars"],
+              "train_docs": m["train_docs"], "train_seconds": m["train_seconds"],
+              "chars_per_sec": m["chars_per_sec"], "wall_seconds": round(wall, 3), "compression": table,
+              "notes": notes | ({"vocab": m["note"]} if "note" in m else {})}
     atomic_write_json(Path(run_dir) / "tokenizer_eval.json", result)
     return TokenizerResult(**result)
 

@@ -239,11 +239,9 @@ def run_job(dcfg: DictConfig) -> dict:
     cfg = config_from_dict(composed)
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    hydra_info = {
-        "overrides": list(hc.overrides.task),
-        "choices": {k: v for k, v in dict(hc.runtime.choices).items() if not k.startswith("hydra/")},
-        "in_process": not multirun and "SLURM_JOB_ID" not in os.environ,   # Slurm: the launcher task
-    }
+    choices = {k: v for k, v in dict(hc.runtime.choices).items() if not k.startswith("hydra/")}
+    hydra_info = {"overrides": list(hc.overrides.task), "choices": choices,
+                  "in_process": not multirun and "SLURM_JOB_ID" not in os.environ}  # Slurm: the launcher task
     job_dir = Path(hc.runtime.output_dir) if multirun else None
     return (run_pipeline if cfg.run.pipeline else run_stage)(cfg, composed, hydra_info, job_dir)
 

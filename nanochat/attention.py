@@ -22,6 +22,7 @@ of the rows' windows).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import math
@@ -41,10 +42,8 @@ CHOICES = ("auto",) + BACKENDS
 def _flash_func() -> Optional[Callable]:
     """The installed flash-attention function (FA3 first), or None."""
     for module in ("flash_attn_interface", "flash_attn"):   # FA3 (Hopper), FA2 (Ampere+)
-        try:
+        with contextlib.suppress(ImportError):
             return importlib.import_module(module).flash_attn_func
-        except ImportError:
-            pass
     return None
 
 

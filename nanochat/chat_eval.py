@@ -118,9 +118,8 @@ def evaluate_chat_tasks(model, tokenizer, specs: list, device, *, max_per_task: 
     finally:
         model.train(was_training)
     tasks = out["tasks"]
-    out["chatcore"] = sum(r["centered"] for r in tasks.values()) / len(tasks) if tasks else None
-    out["chatcore_tasks"] = list(tasks)
-    return out
+    return {**out, "chatcore": sum(r["centered"] for r in tasks.values()) / len(tasks) if tasks else None,
+            "chatcore_tasks": list(tasks)}
 
 
 CHATCORE_TASKS = ["arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval"]  # as 92d63d4's chat_sft

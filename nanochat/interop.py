@@ -308,8 +308,7 @@ def load_tokenizer(tok_dir: Path, vocab_size: int):
         raise
     except Exception as e:
         raise InteropError(f"{pkl}: cannot unpickle a tiktoken Encoding ({type(e).__name__}: {e})") from None
-    ranks = dict(enc._mergeable_ranks)
-    specials = dict(enc._special_tokens)
+    ranks, specials = dict(enc._mergeable_ranks), dict(enc._special_tokens)
     want = {t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS)}
     if specials != want:
         raise InteropError(f"{pkl}: special tokens {specials} differ from nanochat's {want}")

@@ -255,8 +255,7 @@ def train_tokenizer(text_iterator: Iterable[str], vocab_size: int) -> Tokenizer:
         raise ValueError("tokenizer training got an empty corpus (no text): check data.* settings")
     ranks = {bytes(tok): rank for tok, rank in bpe.get_mergeable_ranks()}
     meta = {"train_seconds": round(seconds, 3), "train_chars": seen["chars"], "train_docs": seen["docs"],
-            "chars_per_sec": round(seen["chars"] / max(seconds, 1e-9), 1),
-            "requested_vocab_size": vocab_size}
+            "chars_per_sec": round(seen["chars"] / max(seconds, 1e-9), 1), "requested_vocab_size": vocab_size}
     tok = Tokenizer(ranks, pattern=bpe.get_pattern(), meta=meta)
     if tok.get_vocab_size() < vocab_size:
         # rustbpe stops early when the corpus has no more pairs to merge; say so rather than hide it

@@ -46,8 +46,7 @@ def setup_runtime(cfg: Config) -> Runtime:
     hw = cfg.hardware
     rank, local_rank, world, device = init_distributed(hw.device, hw.backend, hw.num_threads, hw.dist_timeout_s)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     precision = Precision.resolve(device.type, hw.dtype, embeddings=hw.embedding_dtype)
     return Runtime(rank, local_rank, world, device, precision, get_base_dir(cfg.paths.base_dir))
 

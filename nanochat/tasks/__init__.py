@@ -65,9 +65,7 @@ def _mmlu(split: str, **kw):
 _BUILDERS: dict[str, Callable[..., Task]] = {
     "arc_easy": _builder(ARC, subset="ARC-Easy"),
     "arc_challenge": _builder(ARC, subset="ARC-Challenge"),
-    "mmlu": _mmlu,
-    "mmlu_aux": _mmlu,
-    "mmlu_auxiliary_train": _mmlu,
+    "mmlu": _mmlu, "mmlu_aux": _mmlu, "mmlu_auxiliary_train": _mmlu,
     "gsm8k": _builder(GSM8K),
     "humaneval": _builder(HumanEval),
     "smoltalk": _builder(SmolTalk),

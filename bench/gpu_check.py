@@ -442,8 +442,7 @@ def main() -> int:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     precision = Precision.resolve(dev.type, "bfloat16")
     names = [n for n in args.only.split(",") if n] or list(CHECKS)
-    unknown = [n for n in names if n not in CHECKS]
-    if unknown:
+    if unknown := [n for n in names if n not in CHECKS]:
         print(f"--only: unknown check(s) {unknown}; choose from {', '.join(CHECKS)}", file=sys.stderr)
         return 2
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"

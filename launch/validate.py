@@ -51,8 +51,7 @@ def check_fp8(cfg: Config) -> None:
     if hw.device != "cuda":
         raise ConfigError("model.fp8", m.fp8, fix, f"fp8 training needs an NVIDIA GPU with fp8 matmuls "
                           f"(compute capability >= 8.9: Ada, Hopper, Blackwell); hardware.device={hw.device}")
-    old = [c for c in gpu_compute_caps() or [] if c < (8, 9)]
-    if old:
+    if old := [c for c in gpu_compute_caps() or [] if c < (8, 9)]:
         raise ConfigError("model.fp8", m.fp8, fix, f"this GPU (compute capability {old[0][0]}.{old[0][1]}) has "
                           f"no fp8 matmuls; they need 8.9 or newer (Ada, Hopper, Blackwell)")
 

@@ -325,8 +325,7 @@ def evaluate_core(model: torch.nn.Module, tokenizer, bundle_dir: str | os.PathLi
     """
     specs = load_core_tasks(bundle_dir)
     if tasks is not None:
-        unknown = [t for t in tasks if t not in {s.label for s in specs}]
-        if unknown:
+        if unknown := [t for t in tasks if t not in {s.label for s in specs}]:
             raise ValueError(f"unknown CORE task(s) {unknown}; valid labels: {', '.join(s.label for s in specs)}")
         specs = [s for s in specs if s.label in set(tasks)]
     skipped = [s.label for s in specs if not s.available]

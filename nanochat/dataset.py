@@ -294,8 +294,7 @@ def _local_files(path_spec: str | None) -> list[Path]:
         where = f"glob {path_spec!r}"
         if not files and not any(ch in str(path_spec) for ch in "*?["):
             raise FileNotFoundError(f"data.path={path_spec!r} does not exist (give a dir, a file or a glob)")
-    bad = [f for f in files if not f.name.endswith(_LOCAL_EXTS)]
-    if bad:
+    if bad := [f for f in files if not f.name.endswith(_LOCAL_EXTS)]:
         raise ValueError(f"data.path={path_spec!r}: unsupported file {bad[0]} "
                          f"(supported: {', '.join(_LOCAL_EXTS)})")
     if not files:

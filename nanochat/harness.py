@@ -168,8 +168,7 @@ def resolve_data_dir(data_dir: Optional[str], shared_data: Optional[str]) -> Opt
 
 def task_configs(names: list[str], data_dir: Optional[str]) -> list[dict]:
     """lm-eval config dicts for `names`, checked against the local data first (no torch, no lm_eval)."""
-    unknown = [n for n in names if n not in LOCAL_TASKS]
-    if unknown:
+    if unknown := [n for n in names if n not in LOCAL_TASKS]:
         raise HarnessError(f"stage.harness.tasks: {unknown} have no local definition here; "
                            f"use some of {sorted(LOCAL_TASKS)}")
     if data_dir is None:

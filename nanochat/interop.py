@@ -136,8 +136,7 @@ def from_nanochat(state: dict[str, Any], model_config: dict) -> tuple[dict, dict
 
     The generation is read off the weights (see the module docstring), the shape off model_config."""
     state = strip_prefixes(state)
-    missing = [k for k in NANOCHAT_SHAPE if k not in model_config]
-    if missing:
+    if missing := [k for k in NANOCHAT_SHAPE if k not in model_config]:
         raise InteropError(f"meta model_config lacks {missing}; a nanochat meta_NNNNNN.json has "
                            f"model_config with {list(NANOCHAT_SHAPE)}")
     mc = {k: int(model_config[k]) for k in NANOCHAT_SHAPE}

@@ -408,8 +408,7 @@ def build_optimizer(model, *, embedding_lr: float, unembedding_lr: float, matrix
     `opt.last_grad_norm`.
     """
     s = {k: v for k, v in (settings or {}).items() if v is not None}
-    unknown = set(s) - set(SETTING_KEYS)
-    if unknown:
+    if unknown := set(s) - set(SETTING_KEYS):
         raise ValueError(f"unknown optimizer setting(s) {sorted(unknown)}; known: {', '.join(SETTING_KEYS)}")
     pg = model.param_groups()
     adamw = adamw_group_settings(embedding_lr, unembedding_lr, scalar_lr, s, adam_betas, adamw_weight_decay)

@@ -154,8 +154,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     out = [_table([HEADER, *(_cells(i, root) for i in groups.pop(None))])] if None in groups else []
     out += [_sweep_table(s, g) for s, g in groups.items()]
     print("\n\n".join(out))
-    broken = [i["dir"] for i in infos if not i["valid"]]
-    if broken:
+    if broken := [i["dir"] for i in infos if not i["valid"]]:
         print(f"\n{len(broken)} dir(s) with a missing or unreadable resolved_config.yaml / meta.json (half-written, "
               f"or not made by nanochat-run): {', '.join(broken[:5])}")
     return 0

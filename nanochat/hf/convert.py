@@ -99,8 +99,7 @@ def to_hf(kw: dict, state: dict[str, torch.Tensor], specials: dict[str, int], re
               "final_logit_softcapping": float(c.softcap) if c.softcap > 0 else None,
               "attention_bias": False, "attention_dropout": 0.0}
     names = _native_names(c.n_layer)
-    unused = set(state) - set(names)
-    if unused:
+    if unused := set(state) - set(names):
         raise InteropError(f"weights {sorted(unused)} have no place in transformers' nanochat model")
     state = reorder_rope(state, c.n_layer, c.n_head, c.n_kv_head, to_interleaved=False)
     out = {theirs: state[ours] for ours, theirs in names.items()}

@@ -153,8 +153,7 @@ def load_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
         files = ["model.safetensors"]
     elif index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [f for f in files if not (hf_dir / f).is_file()]
-        if missing:
+        if missing := [f for f in files if not (hf_dir / f).is_file()]:
             raise ExportError(f"{hf_dir}: shards {missing} named in model.safetensors.index.json are missing")
     else:
         raise ExportError(f"{hf_dir}: no model.safetensors (or model.safetensors.index.json); "

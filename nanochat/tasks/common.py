@@ -244,8 +244,7 @@ def load_files(files: str | os.PathLike | Sequence[str | os.PathLike], kind: str
     `kind` defaults to the first file's extension (.gz aside; text if unknown)."""
     import datasets  # heavy (≈1 s): imported only when a task really loads data
     flat = [Path(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files)]
-    missing = [f for f in flat if not f.is_file()]
-    if missing:
+    if missing := [f for f in flat if not f.is_file()]:
         raise TaskDataError(f"{missing[0]} does not exist")
     kind = kind or {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}.get(
         Path(flat[0].name.lower().removesuffix(".gz")).suffix, "text")

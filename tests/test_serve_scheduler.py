@@ -429,12 +429,8 @@ def test_first_tokens_of_a_prefill_go_out_before_its_rows_are_copied(tok, model)
         sched.stop()
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to run the model on 2 threads")
-def test_decode_steps_leave_a_core_while_first_tokens_go_out(tok, model):
-    """A prefill once arrivals have paused runs on both threads; the decode steps right after it run
-    with one fewer, so the HTTP thread sending the first tokens it produced has a core."""
-    sched = Scheduler(model, tok, max_seqs=4, threads=2)
-    sched.settle_s, sched.settle_max_s, sched.arriving_s = 0.3, 1.0, 0.2   # the prefill starts after the arrival window
+def _threads_per_forward(sched: Scheduler, model, tok) -> list[tuple[str, int]]:
+    """Start `sched`, then run one 3-token request: (prefill or decode, intra-op threads) per forward."""
     forward, ran = model.forward, []
 
     def counted(ids, *a, **kw):
@@ -449,10 +445,19 @@ def test_decode_steps_leave_a_core_while_first_tokens_go_out(tok, model):
         del ran[:]
         bos = tok.get_bos_token_id()
         _collect(_submit(sched, [bos] + tok.encode("hello"), [SamplingParams(max_tokens=3, temperature=0)])[1][0])
-        assert ran == [("prefill", 2), ("decode", 1), ("decode", 1)]
+        return ran
     finally:
         model.forward = forward
         sched.stop()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to run the model on 2 threads")
+def test_decode_steps_leave_a_core_while_first_tokens_go_out(tok, model):
+    """A prefill once arrivals have paused runs on both threads; the decode steps right after it run
+    with one fewer, so the HTTP thread sending the first tokens it produced has a core."""
+    sched = Scheduler(model, tok, max_seqs=4, threads=2)
+    sched.settle_s, sched.settle_max_s, sched.arriving_s = 0.3, 1.0, 0.2   # the prefill starts after the arrival window
+    assert _threads_per_forward(sched, model, tok) == [("prefill", 2), ("decode", 1), ("decode", 1)]
 
 
 def test_decode_steps_wait_while_new_prompts_are_held(tok, model):
@@ -487,21 +492,4 @@ def test_forwards_leave_a_core_after_one_lost_it(tok, model, lost):
     sched = Scheduler(model, tok, max_seqs=4, threads=2)
     sched.settle_s, sched.arriving_s, sched.shared_s = 0.0, 0.0, 30.0
     sched.shared_below = 1.01 if lost else 0.0
-    forward, ran = model.forward, []
-
-    def counted(ids, *a, **kw):
-        ran.append(("prefill" if ids.shape[1] > 1 else "decode", torch.get_num_threads()))
-        return forward(ids, *a, **kw)
-    model.forward = counted
-    try:
-        sched.start()
-        t0 = time.time()
-        while not sched.yield_core and time.time() - t0 < 30:   # the start-up checks ran
-            time.sleep(0.01)
-        del ran[:]
-        bos = tok.get_bos_token_id()
-        _collect(_submit(sched, [bos] + tok.encode("hello"), [SamplingParams(max_tokens=3, temperature=0)])[1][0])
-        assert ran == [("prefill", 2)] + [("decode", 1 if lost else 2)] * 2
-    finally:
-        model.forward = forward
-        sched.stop()
+    assert _threads_per_forward(sched, model, tok) == [("prefill", 2)] + [("decode", 1 if lost else 2)] * 2

@@ -238,7 +238,7 @@ class Scheduler:
 
     settle_s, burst_settle_s, settle_max_s = 1e-3, 2e-3, 8e-3   # new prompts wait for arrivals to pause (_hold_s)
     shared_below, shared_s = 0.6, 1.0   # a forward on this thread less of its time: forwards leave a core (_cores)
-    arriving_s = 5e-3   # a forward this soon after a submit or a first token (or while a request is read) leaves a core
+    arriving_s = 15e-3   # a forward this soon after a submit or a first token (or while a request is read) leaves a core
 
     def __init__(self, model, tokenizer, max_seqs: int = 16, max_queue: int = 64,
                  observer: Optional[ServerMetrics] = None, name: str = "replica0", kv_bucket: int = 16,
@@ -439,7 +439,8 @@ class Scheduler:
         beside the HTTP thread take its core, and each op's barrier then spins for the thread it
         displaced: a 5-prompt prefill took 40 ms instead of 9, the requests being read waited for it,
         and first tokens waited 7-8 ms for the decode step after their prefill (bench/serve.py --trace).
-        Also for `shared_s` after a forward on every thread that ran on this one less than `shared_below` of
+        (`arriving_s` is 15 ms: a client sending a burst can pause 5-10 ms between requests, and at 5 ms a
+        2-prompt prefill on both threads began in such a pause and took 40 ms.) Also for `shared_s` after a forward on every thread that ran on this one less than `shared_below` of
         its time: another process (or the HTTP thread) has a core, and a 10-prompt prefill on both took
         80-120 ms, its threads taking turns at each barrier (one thread: 20-30 ms)."""
         recent = max(self._last_submit, self._last_first) if decode else self._last_submit

@@ -64,8 +64,8 @@ class _Mailbox:
     system call and a loop turn per token. Beyond that, the loop is woken at most once per
     `interval` seconds (stage.stream_interval_ms): the tokens that arrived meanwhile go out as one
     chunk per choice, so the HTTP work (here and in the client) follows the interval, not the token
-    rate, and stays off the cores the model runs on. A stream's first event is never held back
-    (time to first token)."""
+    rate, and stays off the cores the model runs on. A stream's first event (time to first token) and
+    its end (nothing follows it) are never held back."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, interval: float = 0.0):
         self.loop, self.interval = loop, interval

@@ -440,9 +440,10 @@ class Scheduler:
         displaced: a 5-prompt prefill took 40 ms instead of 9, the requests being read waited for it,
         and first tokens waited 7-8 ms for the decode step after their prefill (bench/serve.py --trace).
         (`arriving_s` is 15 ms: a client sending a burst can pause 5-10 ms between requests, and at 5 ms a
-        2-prompt prefill on both threads began in such a pause and took 40 ms.) Also for `shared_s` after a forward on every thread that ran on this one less than `shared_below` of
-        its time: another process (or the HTTP thread) has a core, and a 10-prompt prefill on both took
-        80-120 ms, its threads taking turns at each barrier (one thread: 20-30 ms)."""
+        2-prompt prefill on both threads began in such a pause and took 40 ms.) Also for `shared_s` after
+        a forward on every thread that ran on this one less than `shared_below` of its time: another
+        process (or the HTTP thread) has a core, and a 10-prompt prefill on both took 80-120 ms, its
+        threads taking turns at each barrier (one thread: 20-30 ms)."""
         recent = max(self._last_submit, self._last_first) if decode else self._last_submit
         now = time.perf_counter()
         fewer = self.yield_core and (self.receiving > 0 or now - recent < self.arriving_s or now < self._shared_until)

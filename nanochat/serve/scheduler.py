@@ -237,8 +237,7 @@ class Scheduler:
     """Continuous batching over one model replica (see the module docstring)."""
 
     settle_s, burst_settle_s, settle_max_s = 1e-3, 2e-3, 8e-3   # new prompts wait for arrivals to pause (_hold_s)
-    shared_below, process_below = 0.6, 0.7   # a forward that ran less of its time lost a core (_cores)
-    shared_s, shared_decode_s = 1.0, 0.1   # then prefills, and decode steps, leave a core this long (_cores)
+    shared_below, shared_s = 0.6, 1.0   # a forward on this thread less of its time: forwards leave a core (_cores)
     arriving_s = 15e-3   # a forward this soon after a submit or a first token (or while a request is read) leaves a core
 
     def __init__(self, model, tokenizer, max_seqs: int = 16, max_queue: int = 64,
@@ -277,7 +276,7 @@ class Scheduler:
                       if warmup and getattr(model, "packed_for_inference", False) else [])
         self._last_submit = self._last_first = 0.0   # when a request came in / a first token went out
         self.receiving = 0   # requests the HTTP side is reading (receiving_request)
-        self._shared_at = -1e9   # when a forward last lost a core (_cores)
+        self._shared_until = 0.0   # forwards leave a core until then (_cores)
         self.yield_core = False   # set on the scheduler thread (see _loop)
         self.steps = self.prefill_steps = self.generated = 0
 
@@ -441,27 +440,20 @@ class Scheduler:
         displaced: a 5-prompt prefill took 40 ms instead of 9, the requests being read waited for it,
         and first tokens waited 7-8 ms for the decode step after their prefill (bench/serve.py --trace).
         (`arriving_s` is 15 ms: a client sending a burst can pause 5-10 ms between requests, and at 5 ms a
-        2-prompt prefill on both threads began in such a pause and took 40 ms.) Also, for `shared_s`
-        (decode steps: `shared_decode_s`) after a forward on every thread that ran on this one less than
-        `shared_below` of its time while the process ran less than `process_below` of its threads' time:
-        another process has a core, and a 10-prompt prefill on both took 80-120 ms, its threads taking
-        turns at each barrier (one thread: 20-30 ms). Decode steps take their core back sooner: a step on both threads costs little when
-        the other process is still there (7 ms against 3.3), and another process often takes a core
-        for only a few ms. A single stream's steps ran on one thread for a second after each such blip,
-        3.2 ms a step against 2.6 on two. (Nor is a thread that only waited for the GIL, the HTTP thread
-        sending tokens, off a core: the process kept both.)"""
+        2-prompt prefill on both threads began in such a pause and took 40 ms.) Also for `shared_s` after
+        a forward on every thread that ran on this one less than `shared_below` of its time: another
+        process (or the HTTP thread) has a core, and a 10-prompt prefill on both took 80-120 ms, its
+        threads taking turns at each barrier (one thread: 20-30 ms)."""
         recent = max(self._last_submit, self._last_first) if decode else self._last_submit
         now = time.perf_counter()
-        shared = now - self._shared_at < (self.shared_decode_s if decode else self.shared_s)
-        fewer = self.yield_core and (self.receiving > 0 or now - recent < self.arriving_s or shared)
+        fewer = self.yield_core and (self.receiving > 0 or now - recent < self.arriving_s or now < self._shared_until)
         n = self.threads and self.threads - fewer
-        cpu, proc = time.thread_time(), time.process_time()
+        cpu = time.thread_time()
         with _threads(n):
             yield
-        cpu, proc, wall = time.thread_time() - cpu, time.process_time() - proc, time.perf_counter() - now
-        # this thread was off its core a while, and not for the GIL: the process ran on fewer cores than threads
-        if self.yield_core and not fewer and cpu < self.shared_below * wall and proc < self.process_below * n * wall:
-            self._shared_at = time.perf_counter()
+        cpu, wall = time.thread_time() - cpu, time.perf_counter() - now
+        if self.yield_core and not fewer and cpu < self.shared_below * wall:   # this thread lost its core a while
+            self._shared_until = time.perf_counter() + self.shared_s
 
     def _hold_s(self) -> float:
         """How much longer new prompts wait before they start prefilling (0: start now).

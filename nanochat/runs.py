@@ -182,8 +182,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
             va, vb = fa.get(k, "<absent>"), fb.get(k, "<absent>")
             if k != "run.dir" and va != vb:
                 lines.append([f"{label}.{k}", *(v if isinstance(v, str) else json.dumps(v) for v in (va, vb))])
-    print(_table([["key", "A", "B"], *lines]) + f"\nA = {a}\nB = {b}" if lines else
-          f"no config or plan key differs between {a} and {b}")
+    if lines:
+        print(_table([["key", "A", "B"], *lines]) + f"\nA = {a}\nB = {b}")
+    else:
+        print(f"no config or plan key differs between {a} and {b}")
     return 0
 
 

@@ -451,9 +451,9 @@ class Scheduler:
         cpu = time.thread_time()
         with _threads(n):
             yield
-        cpu, wall = time.thread_time() - cpu, time.perf_counter() - now
-        if self.yield_core and not fewer and cpu < self.shared_below * wall:   # this thread lost its core a while
-            self._shared_until = time.perf_counter() + self.shared_s
+        cpu, end = time.thread_time() - cpu, time.perf_counter()
+        if self.yield_core and not fewer and cpu < self.shared_below * (end - now):   # this thread lost its core a while
+            self._shared_until = end + self.shared_s
 
     def _hold_s(self) -> float:
         """How much longer new prompts wait before they start prefilling (0: start now).
